@@ -1,0 +1,477 @@
+"""Typed, frozen event models: one per Avro schema in ``schemas/``.
+
+Every event shares the envelope of :class:`Event`. The ``.avsc`` files are the
+contract; ``tests/unit/test_schema_parity.py`` holds these models to them field
+by field.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "ALL_EVENTS",
+    "MAX_MESSAGE_BYTES",
+    "AgentEvicted",
+    "AgentLoaded",
+    "AgentRetired",
+    "AgentSpawned",
+    "AutomationCreated",
+    "BudgetExceeded",
+    "BudgetUpdateRequested",
+    "DeadLetter",
+    "Event",
+    "FeedbackReceived",
+    "Identifier",
+    "ImprovementApplied",
+    "ImprovementAvailable",
+    "ImprovementRolledBack",
+    "LlmCallCompleted",
+    "PatternDiscovered",
+    "RequestReceived",
+    "RouteDecided",
+    "SpawnApproved",
+    "SpawnDenied",
+    "SpawnRequested",
+    "TaskAdmitted",
+    "TaskRequested",
+    "WorkflowAssessed",
+    "WorkflowCompleted",
+    "WorkflowFailed",
+    "WorkflowStarted",
+    "WorkflowVersionSaved",
+    "event_class",
+    "new_event_id",
+    "validate_identifier",
+    "validate_message",
+]
+
+MAX_MESSAGE_BYTES = 32 * 1024
+_IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}$")
+
+
+def new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _utcnow() -> datetime:
+    # Envelope default for callers at the edge; services pass their clock's time.
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def validate_identifier(value: str) -> str:
+    """Goal, user and agent ids: 1-128 chars of letters, digits and ``_.:@-``."""
+    if not _IDENT.match(value):
+        raise ValueError(
+            f"invalid identifier {value!r}: use 1-128 letters, digits or _ . : @ -,"
+            " starting with a letter or digit"
+        )
+    return value
+
+
+def validate_message(value: str) -> str:
+    if not value.strip():
+        raise ValueError("message is empty")
+    size = len(value.encode("utf-8"))
+    if size > MAX_MESSAGE_BYTES:
+        raise ValueError(f"message is {size} bytes; the limit is {MAX_MESSAGE_BYTES}")
+    return value
+
+
+def _optional_identifier(value: str | None) -> str | None:
+    return None if value is None else validate_identifier(value)
+
+
+Identifier = Annotated[str, AfterValidator(validate_identifier)]
+OptionalIdentifier = Annotated[str | None, AfterValidator(_optional_identifier)]
+Message = Annotated[str, AfterValidator(validate_message)]
+Tier = Literal["llm", "legacy_static", "keyword", "static_fallback", "automation_cache"]
+Limit = Literal["max_agents", "max_concurrent", "max_daily_cost"]
+
+
+class Event(BaseModel):
+    """The envelope every event carries.
+
+    ``topic`` names the topic (and Avro record) of a concrete event; ``key_field``
+    the envelope or body field its Kafka key is taken from.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    topic: ClassVar[str]
+    key_field: ClassVar[str]
+
+    event_id: str = Field(default_factory=new_event_id)
+    event_type: str
+    occurred_at: datetime = Field(default_factory=_utcnow)
+    source: str
+    run_id: str | None = None
+    goal_id: OptionalIdentifier = None
+    user_id: OptionalIdentifier = None
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _millis(cls, value: object) -> object:
+        # Avro timestamp-millis keeps milliseconds; truncate so a round trip is exact.
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=UTC)
+            value = value.astimezone(UTC)
+            return value.replace(microsecond=value.microsecond // 1000 * 1000)
+        return value
+
+    def key(self) -> bytes | None:
+        value = getattr(self, self.key_field)
+        return None if value is None else str(value).encode("utf-8")
+
+
+class RequestReceived(Event):
+    topic = "request_received"
+    key_field = "run_id"
+    event_type: Literal["request_received"] = "request_received"
+    run_id: str
+    goal_id: Identifier
+    user_id: Identifier
+    message: Message
+    context: dict[str, str] = Field(default_factory=dict)
+    deadline_at: datetime | None = None
+
+
+class RouteDecided(Event):
+    topic = "route_decided"
+    key_field = "run_id"
+    event_type: Literal["route_decided"] = "route_decided"
+    run_id: str
+    specialty: str
+    agent_id: str | None = None
+    action: Literal["reuse", "spawn", "wait", "automation", "degraded"]
+    scores: dict[str, float] = Field(default_factory=dict)
+    criteria: dict[str, float] = Field(default_factory=dict)
+    policy: str = "static"
+    policy_version: int = 0
+    probability: float = 1.0
+
+
+class SpawnRequested(Event):
+    topic = "spawn_requested"
+    key_field = "goal_id"
+    event_type: Literal["spawn_requested"] = "spawn_requested"
+    goal_id: Identifier
+    specialty: str
+    message: str = ""
+    context: dict[str, str] = Field(default_factory=dict)
+
+
+class SpawnApproved(Event):
+    topic = "spawn_approved"
+    key_field = "goal_id"
+    event_type: Literal["spawn_approved"] = "spawn_approved"
+    goal_id: Identifier
+    specialty: str
+    message: str = ""
+    context: dict[str, str] = Field(default_factory=dict)
+    agents_after: int = 0
+
+
+class SpawnDenied(Event):
+    topic = "spawn_denied"
+    key_field = "goal_id"
+    event_type: Literal["spawn_denied"] = "spawn_denied"
+    goal_id: Identifier
+    specialty: str
+    limit: Limit
+    detail: str
+
+
+class AgentSpawned(Event):
+    topic = "agent_spawned"
+    key_field = "agent_id"
+    event_type: Literal["agent_spawned"] = "agent_spawned"
+    agent_id: str
+    specialty: str
+    system_prompt: str
+    temperature: float
+    tools: list[str] = Field(default_factory=list)
+    model: str = ""
+    prompt_source: Literal["llm", "template"] = "template"
+    version: int = 1
+
+
+class TaskRequested(Event):
+    topic = "task_requested"
+    key_field = "goal_id"
+    event_type: Literal["task_requested"] = "task_requested"
+    run_id: str
+    goal_id: Identifier
+    agent_id: str
+    specialty: str
+    message: str
+    context: dict[str, str] = Field(default_factory=dict)
+    requested_at: datetime | None = None
+    deadline_at: datetime | None = None
+
+
+class TaskAdmitted(Event):
+    topic = "task_admitted"
+    key_field = "agent_id"
+    event_type: Literal["task_admitted"] = "task_admitted"
+    run_id: str
+    goal_id: Identifier
+    agent_id: str
+    specialty: str
+    message: str
+    context: dict[str, str] = Field(default_factory=dict)
+    requested_at: datetime | None = None
+    deadline_at: datetime | None = None
+
+
+class WorkflowStarted(Event):
+    topic = "workflow_started"
+    key_field = "run_id"
+    event_type: Literal["workflow_started"] = "workflow_started"
+    run_id: str
+    agent_id: str
+    specialty: str
+
+
+class LlmCallCompleted(Event):
+    topic = "llm_call_completed"
+    key_field = "goal_id"
+    event_type: Literal["llm_call_completed"] = "llm_call_completed"
+    goal_id: Identifier
+    agent_id: str | None = None
+    model: str
+    purpose: Literal["answer", "spawn_prompt", "judge", "improvement"] = "answer"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    ok: bool = True
+    error: str | None = None
+
+
+class WorkflowCompleted(Event):
+    """Terminal: the run answered. Keyed by goal_id so the budget owner sees it."""
+
+    topic = "workflow_completed"
+    key_field = "goal_id"
+    event_type: Literal["workflow_completed"] = "workflow_completed"
+    goal_id: Identifier
+    run_id: str
+    agent_id: str | None = None
+    specialty: str
+    text: str
+    cost_usd: float = 0.0
+    latency_ms: float = 0.0
+    degradation_tier: Tier = "llm"
+    quality: float | None = None
+    automation_id: str | None = None
+
+
+class WorkflowFailed(Event):
+    """Terminal: the run ended without an answer, and says why."""
+
+    topic = "workflow_failed"
+    key_field = "goal_id"
+    event_type: Literal["workflow_failed"] = "workflow_failed"
+    goal_id: Identifier
+    run_id: str
+    reason: Literal["budget_exceeded", "llm_failure", "timeout", "invalid", "no_agent", "internal"]
+    detail: str
+    limit: Limit | None = None
+    agent_id: str | None = None
+    specialty: str | None = None
+    latency_ms: float = 0.0
+    admitted: bool = False
+
+
+class AgentLoaded(Event):
+    topic = "agent_loaded"
+    key_field = "agent_id"
+    event_type: Literal["agent_loaded"] = "agent_loaded"
+    agent_id: str
+    specialty: str
+    active_agents: int = 0
+
+
+class AgentEvicted(Event):
+    topic = "agent_evicted"
+    key_field = "agent_id"
+    event_type: Literal["agent_evicted"] = "agent_evicted"
+    agent_id: str
+    specialty: str
+    reason: str = "lru"
+
+
+class AgentRetired(Event):
+    topic = "agent_retired"
+    key_field = "agent_id"
+    event_type: Literal["agent_retired"] = "agent_retired"
+    agent_id: str
+    specialty: str
+    reason: str = "idle"
+    idle_seconds: float = 0.0
+
+
+class BudgetExceeded(Event):
+    topic = "budget_exceeded"
+    key_field = "goal_id"
+    event_type: Literal["budget_exceeded"] = "budget_exceeded"
+    goal_id: Identifier
+    limit: Limit
+    current: float
+    maximum: float
+
+
+class BudgetUpdateRequested(Event):
+    topic = "budget_update_requested"
+    key_field = "goal_id"
+    event_type: Literal["budget_update_requested"] = "budget_update_requested"
+    goal_id: Identifier
+    max_agents: int | None = Field(default=None, ge=0)
+    max_concurrent: int | None = Field(default=None, ge=0)
+    max_daily_cost: float | None = Field(default=None, ge=0)
+
+
+class FeedbackReceived(Event):
+    topic = "feedback_received"
+    key_field = "run_id"
+    event_type: Literal["feedback_received"] = "feedback_received"
+    run_id: str
+    user_id: Identifier
+    score: int | None = Field(default=None, ge=1, le=5)
+    text: str = ""
+    channel: str = "sdk"
+
+
+class WorkflowAssessed(Event):
+    topic = "workflow_assessed"
+    key_field = "run_id"
+    event_type: Literal["workflow_assessed"] = "workflow_assessed"
+    run_id: str
+    agent_id: str | None = None
+    specialty: str
+    quality: float
+    method: Literal["judge", "heuristic", "world"] = "heuristic"
+
+
+class PatternDiscovered(Event):
+    topic = "pattern_discovered"
+    key_field = "signature"
+    event_type: Literal["pattern_discovered"] = "pattern_discovered"
+    signature: str
+    specialty: str
+    occurrences: int
+    example_message: str = ""
+
+
+class AutomationCreated(Event):
+    topic = "automation_created"
+    key_field = "signature"
+    event_type: Literal["automation_created"] = "automation_created"
+    automation_id: str
+    signature: str
+    kind: Literal["direct_route", "response_cache", "predictive_spawn"]
+    specialty: str
+    agent_id: str | None = None
+    ttl_seconds: int = 3600
+
+
+class ImprovementAvailable(Event):
+    topic = "improvement_available"
+    key_field = "workflow_id"
+    event_type: Literal["improvement_available"] = "improvement_available"
+    improvement_id: str
+    workflow_id: str
+    kind: str
+    proposal: str
+    reason: str = ""
+
+
+class ImprovementApplied(Event):
+    topic = "improvement_applied"
+    key_field = "workflow_id"
+    event_type: Literal["improvement_applied"] = "improvement_applied"
+    improvement_id: str
+    workflow_id: str
+    version: int
+    traffic_share: float = 1.0
+
+
+class ImprovementRolledBack(Event):
+    topic = "improvement_rolled_back"
+    key_field = "workflow_id"
+    event_type: Literal["improvement_rolled_back"] = "improvement_rolled_back"
+    workflow_id: str
+    from_version: int
+    to_version: int
+    reason: str
+
+
+class WorkflowVersionSaved(Event):
+    topic = "workflow_version_saved"
+    key_field = "workflow_id"
+    event_type: Literal["workflow_version_saved"] = "workflow_version_saved"
+    workflow_id: str
+    version: int
+    parent_version: int | None = None
+    changes: dict[str, str] = Field(default_factory=dict)
+    change_source: Literal["user", "system", "automated"] = "system"
+
+
+class DeadLetter(Event):
+    topic = "dead_letter"
+    key_field = "original_topic"
+    event_type: Literal["dead_letter"] = "dead_letter"
+    original_topic: str
+    partition: int = -1
+    offset: int = -1
+    original_key: bytes | None = None
+    payload: bytes = b""
+    reason: str
+    error_type: str = "DecodeError"
+
+
+ALL_EVENTS: tuple[type[Event], ...] = (
+    RequestReceived,
+    RouteDecided,
+    SpawnRequested,
+    SpawnApproved,
+    SpawnDenied,
+    AgentSpawned,
+    TaskRequested,
+    TaskAdmitted,
+    WorkflowStarted,
+    LlmCallCompleted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    AgentLoaded,
+    AgentEvicted,
+    AgentRetired,
+    BudgetExceeded,
+    BudgetUpdateRequested,
+    FeedbackReceived,
+    WorkflowAssessed,
+    PatternDiscovered,
+    AutomationCreated,
+    ImprovementAvailable,
+    ImprovementApplied,
+    ImprovementRolledBack,
+    WorkflowVersionSaved,
+    DeadLetter,
+)
+
+_BY_TYPE = {cls.topic: cls for cls in ALL_EVENTS}
+
+
+def event_class(event_type: str) -> type[Event]:
+    try:
+        return _BY_TYPE[event_type]
+    except KeyError:
+        raise KeyError(f"unknown event type {event_type!r}") from None

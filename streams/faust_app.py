@@ -1,0 +1,132 @@
+"""Faust app factory: the same Avro codec and catalog topics as the aiokafka helpers.
+
+A Faust agent built here reads and writes the typed events of ``streams.events``;
+bytes it cannot decode go to ``dead_letter`` with the reason and the agent goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import faust
+from faust.serializers import codecs
+from faust.types import AppT, Message
+
+from streams.codec import EventCodec, default_codec
+from streams.errors import DecodeError
+from streams.events import DeadLetter, Event
+from streams.kafka import KafkaSettings
+from streams.topics import spec_for
+
+__all__ = ["CODEC_NAME", "EventTopic", "create_app", "event_topic", "register_codec"]
+
+CODEC_NAME = "orch-avro"
+log = logging.getLogger(__name__)
+
+
+class _AvroEventCodec(codecs.Codec):
+    """Faust codec over :class:`streams.codec.EventCodec`."""
+
+    def __init__(self, codec: EventCodec) -> None:
+        super().__init__()
+        self._codec = codec
+
+    def _dumps(self, obj: Any) -> bytes:
+        if isinstance(obj, Event):
+            return self._codec.encode(obj)
+        raise TypeError(f"{CODEC_NAME} encodes events, not {type(obj).__name__}")
+
+    def _loads(self, s: bytes) -> Any:
+        return self._codec.decode(s)
+
+
+def register_codec(codec: EventCodec | None = None) -> None:
+    codecs.register(CODEC_NAME, _AvroEventCodec(codec or default_codec()))
+
+
+class EventTopic(faust.Topic):
+    """A catalog topic whose undecodable values are dead-lettered instead of crashing agents."""
+
+    def __init__(
+        self,
+        *args: Any,
+        event_source: str = "faust",
+        event_settings: KafkaSettings | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.source = event_source
+        self.settings = event_settings
+
+    def _clone_args(self) -> Mapping[str, Any]:
+        # Agents subscribe through clones; they must keep where dead letters go.
+        return {
+            **super()._clone_args(),
+            "event_source": self.source,
+            "event_settings": self.settings,
+        }
+
+    async def on_value_decode_error(self, exc: Exception, message: Message) -> None:
+        cause = exc.__cause__ if isinstance(exc.__cause__, DecodeError) else exc
+        reason = cause.reason if isinstance(cause, DecodeError) else str(exc)
+        physical = message.topic
+        logical = self.settings.logical(physical) if self.settings else physical
+        log.warning("dead letter from %s@%s: %s", physical, message.offset, reason)
+        dead = DeadLetter(
+            source=self.source,
+            original_topic=logical,
+            partition=message.partition,
+            offset=message.offset,
+            original_key=message.key if isinstance(message.key, bytes) else None,
+            payload=message.value if isinstance(message.value, bytes) else b"",
+            reason=reason,
+            error_type=type(cause).__name__,
+        )
+        prefix = self.settings.prefix if self.settings else ""
+        await self.app.send(prefix + "dead_letter", key=dead.key(), value=dead)
+
+
+def create_app(
+    name: str,
+    settings: KafkaSettings,
+    *,
+    store: str = "memory://",
+    **conf: Any,
+) -> faust.App:
+    """A Faust app on the platform's broker, codec and topic naming."""
+    register_codec()
+    broker = ";".join(f"kafka://{h.strip()}" for h in settings.bootstrap.split(","))
+    defaults: dict[str, Any] = {
+        "broker": broker,
+        "store": store,
+        "value_serializer": CODEC_NAME,
+        "key_serializer": "raw",
+        "topic_partitions": 4,
+        "topic_replication_factor": 1,
+        "web_enabled": False,
+        "producer_linger_ms": 0,
+        "producer_acks": -1,
+        "consumer_auto_offset_reset": "earliest",
+        "stream_wait_empty": False,
+        "broker_commit_every": 100,
+        "broker_commit_interval": 0.5,
+    }
+    defaults.update(conf)
+    return faust.App(settings.prefix + name, **defaults)
+
+
+def event_topic(app: AppT, name: str, settings: KafkaSettings, *, source: str) -> EventTopic:
+    """The catalog topic ``name`` as a Faust topic of typed events."""
+    spec = spec_for(name)
+    topic = EventTopic(
+        app,
+        topics=[settings.topic(spec.name)],
+        key_serializer="raw",
+        value_serializer=CODEC_NAME,
+        partitions=spec.partitions,
+        event_source=source,
+        event_settings=settings,
+    )
+    return topic

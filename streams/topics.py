@@ -1,0 +1,133 @@
+"""The topic catalog: every topic, its key, partitions, retention and event model, in one table.
+
+``python -m streams.topics create`` creates them all (idempotent);
+``python -m streams.topics list`` prints the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from streams import events as ev
+
+__all__ = ["CATALOG", "TopicSpec", "create_topics", "spec_for", "topic_names"]
+
+_DAY_MS = 24 * 3600 * 1000
+_PARTITIONS = int(os.environ.get("ORCH_TOPIC_PARTITIONS", "4"))
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    model: type[ev.Event]
+    partitions: int = _PARTITIONS
+    retention_ms: int = 7 * _DAY_MS
+    compact: bool = False
+
+    @property
+    def key(self) -> str:
+        return self.model.key_field
+
+    def config(self) -> dict[str, str]:
+        if self.compact:
+            return {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}
+        return {"cleanup.policy": "delete", "retention.ms": str(self.retention_ms)}
+
+
+_FOREVER = -1
+# Knowledge every instance rebuilds from the log (registry, versions, automations)
+# never expires; the request path keeps a week.
+CATALOG: tuple[TopicSpec, ...] = (
+    TopicSpec("request_received", ev.RequestReceived),
+    TopicSpec("route_decided", ev.RouteDecided, retention_ms=30 * _DAY_MS),
+    TopicSpec("spawn_requested", ev.SpawnRequested),
+    TopicSpec("spawn_approved", ev.SpawnApproved),
+    TopicSpec("spawn_denied", ev.SpawnDenied),
+    TopicSpec("agent_spawned", ev.AgentSpawned, compact=True),
+    TopicSpec("task_requested", ev.TaskRequested),
+    TopicSpec("task_admitted", ev.TaskAdmitted),
+    TopicSpec("workflow_started", ev.WorkflowStarted),
+    TopicSpec("llm_call_completed", ev.LlmCallCompleted),
+    TopicSpec("workflow_completed", ev.WorkflowCompleted, retention_ms=30 * _DAY_MS),
+    TopicSpec("workflow_failed", ev.WorkflowFailed, retention_ms=30 * _DAY_MS),
+    TopicSpec("agent_loaded", ev.AgentLoaded),
+    TopicSpec("agent_evicted", ev.AgentEvicted),
+    TopicSpec("agent_retired", ev.AgentRetired, compact=True),
+    TopicSpec("budget_exceeded", ev.BudgetExceeded),
+    TopicSpec("budget_update_requested", ev.BudgetUpdateRequested, retention_ms=_FOREVER),
+    TopicSpec("feedback_received", ev.FeedbackReceived, retention_ms=_FOREVER),
+    TopicSpec("workflow_assessed", ev.WorkflowAssessed, retention_ms=30 * _DAY_MS),
+    TopicSpec("pattern_discovered", ev.PatternDiscovered, retention_ms=_FOREVER),
+    TopicSpec("automation_created", ev.AutomationCreated, retention_ms=_FOREVER),
+    TopicSpec("improvement_available", ev.ImprovementAvailable, retention_ms=_FOREVER),
+    TopicSpec("improvement_applied", ev.ImprovementApplied, retention_ms=_FOREVER),
+    TopicSpec("improvement_rolled_back", ev.ImprovementRolledBack, retention_ms=_FOREVER),
+    TopicSpec("workflow_version_saved", ev.WorkflowVersionSaved, retention_ms=_FOREVER),
+    TopicSpec("dead_letter", ev.DeadLetter, retention_ms=30 * _DAY_MS),
+)
+
+_BY_NAME = {t.name: t for t in CATALOG}
+
+
+def spec_for(topic: str) -> TopicSpec:
+    return _BY_NAME[topic]
+
+
+def topic_names(prefix: str = "") -> list[str]:
+    return [prefix + t.name for t in CATALOG]
+
+
+async def create_topics(
+    bootstrap: str, *, prefix: str = "", specs: tuple[TopicSpec, ...] = CATALOG
+) -> list[str]:
+    """Create every topic that does not exist yet; returns the names created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(
+                name=prefix + s.name,
+                num_partitions=s.partitions,
+                replication_factor=1,
+                topic_configs=s.config(),
+            )
+            for s in specs
+            if prefix + s.name not in existing
+        ]
+        if not wanted:
+            return []
+        try:
+            await admin.create_topics(wanted)
+        except TopicAlreadyExistsError:
+            pass  # another process won the race; the topics exist, which is all we need
+        return [t.name for t in wanted]
+    finally:
+        await admin.close()
+
+
+def _main(argv: list[str]) -> int:
+    from streams.localkafka import bootstrap_servers
+
+    cmd = argv[0] if argv else "create"
+    if cmd == "list":
+        for s in CATALOG:
+            policy = "compact" if s.compact else f"retention {s.retention_ms} ms"
+            print(f"{s.name:26} key={s.key:14} partitions={s.partitions} {policy}")
+        return 0
+    if cmd == "create":
+        created = asyncio.run(create_topics(bootstrap_servers()))
+        print(f"topics: {len(created)} created, {len(CATALOG) - len(created)} already there")
+        return 0
+    print("usage: python -m streams.topics [create|list]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

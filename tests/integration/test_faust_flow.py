@@ -1,0 +1,65 @@
+"""A Faust agent built by the app factory reads typed events from the real broker into a table."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from streams.events import DeadLetter, TaskRequested
+from streams.faust_app import create_app, event_topic
+from streams.kafka import EventConsumer, EventProducer
+
+pytestmark = pytest.mark.broker
+
+
+async def test_faust_agent_updates_a_table_in_key_order(settings):
+    app = create_app(f"faust-test-{uuid.uuid4().hex[:6]}", settings)
+    tasks = event_topic(app, "task_requested", settings, source="faust-test")
+    seen = app.Table("seen", default=list, partitions=4)
+    done = asyncio.Event()
+    expected = 45
+
+    @app.agent(tasks)
+    async def count(stream):
+        total = 0
+        async for event in stream:
+            assert isinstance(event, TaskRequested)
+            seen[event.goal_id] = [*seen[event.goal_id], int(event.context["seq"])]
+            total += 1
+            if total == expected:
+                done.set()
+
+    events = [
+        TaskRequested(
+            source="test",
+            run_id=f"run-{i}",
+            goal_id=f"g{i % 3}",
+            agent_id="a1",
+            specialty="general",
+            message=f"task {i}",
+            context={"seq": str(i)},
+        )
+        for i in range(expected)
+    ]
+    await app.start()
+    try:
+        async with EventProducer(settings) as producer:
+            await producer.send_raw("task_requested", b"\x00garbage", key=b"g0")
+            await producer.send_many(events)
+        await asyncio.wait_for(done.wait(), 60)
+        for goal in ("g0", "g1", "g2"):
+            assert seen[goal] == [i for i in range(expected) if f"g{i % 3}" == goal]
+    finally:
+        await app.stop()
+
+    # The garbage value went to dead_letter with its reason; the agent kept going.
+    async with EventConsumer(settings, ["dead_letter"], group_id=None) as dead:
+        async for delivery in dead:
+            letter = delivery.event
+            break
+    assert isinstance(letter, DeadLetter)
+    assert letter.original_topic == "task_requested"
+    assert letter.source == "faust-test"
+    assert "header" in letter.reason

@@ -1,0 +1,53 @@
+"""Valid sample events of every type, built from the models' own field types."""
+
+from __future__ import annotations
+
+import types
+import typing
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args, get_origin
+
+from streams.events import Event
+
+
+def _value(name: str, ann: Any) -> Any:
+    origin = get_origin(ann)
+    if origin is typing.Annotated:
+        return _value(name, get_args(ann)[0])
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(ann) if a is not type(None)][0]
+        return _value(name, inner)
+    if origin is Literal:
+        return get_args(ann)[-1]
+    if origin is dict:
+        return {"k": _value(name, get_args(ann)[1])}
+    if origin is list:
+        return [_value(name, get_args(ann)[0])]
+    if ann is str:
+        return {"run_id": str(uuid.uuid4()), "goal_id": "goal-1", "user_id": "user-1"}.get(
+            name, f"{name}-value"
+        )
+    if ann is int:
+        return 3 if name != "score" else 4
+    if ann is float:
+        return 0.25
+    if ann is bool:
+        return True
+    if ann is bytes:
+        return b"\x00\xffraw"
+    if ann is datetime:
+        return datetime(2026, 11, 25, 12, 30, 1, 123000, tzinfo=UTC)
+    raise TypeError(f"no sample for {name}: {ann}")
+
+
+def sample_event(cls: type[Event], **overrides: Any) -> Event:
+    """An instance with every field set, optional ones included."""
+    values = {
+        name: _value(name, field.annotation)
+        for name, field in cls.model_fields.items()
+        if name not in ("event_type", "event_id", "occurred_at")
+    }
+    values["source"] = "test"
+    values.update(overrides)
+    return cls(**values)
