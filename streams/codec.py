@@ -83,7 +83,11 @@ class EventCodec:
     def from_directory(cls, directory: Path = SCHEMA_DIR, **kwargs: Any) -> EventCodec:
         schemas = {p.stem: load_schema_file(p) for p in sorted(directory.glob("*.avsc"))}
         history = directory / "history"
-        extra = [load_schema_file(p) for p in sorted(history.glob("*.avsc"))] if history.is_dir() else []
+        extra = (
+            [load_schema_file(p) for p in sorted(history.glob("*.avsc"))]
+            if history.is_dir()
+            else []
+        )
         return cls(schemas, extra_writers=[*extra, *kwargs.pop("extra_writers", ())], **kwargs)
 
     def register_writer(self, raw: Mapping[str, Any]) -> bytes:
@@ -116,9 +120,7 @@ class EventCodec:
             raise DecodeError(f"expected bytes, got {type(data).__name__}", topic=topic)
         data = bytes(data)
         if len(data) < _HEADER or data[:2] != MAGIC:
-            raise DecodeError(
-                "not Avro single-object encoding (missing C3 01 header)", topic=topic
-            )
+            raise DecodeError("not Avro single-object encoding (missing C3 01 header)", topic=topic)
         fp = data[2:_HEADER]
         writer = self._writers.get(fp)
         if writer is None:
@@ -129,7 +131,9 @@ class EventCodec:
                 io.BytesIO(data[_HEADER:]), writer.parsed, reader.parsed
             )
         except Exception as exc:  # fastavro raises many kinds on corrupt bodies
-            raise DecodeError(f"corrupt Avro body: {type(exc).__name__}: {exc}", topic=topic) from exc
+            raise DecodeError(
+                f"corrupt Avro body: {type(exc).__name__}: {exc}", topic=topic
+            ) from exc
         if not isinstance(record, dict):
             raise DecodeError("Avro body is not a record", topic=topic)
         return writer.full_name, record

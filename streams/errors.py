@@ -1,15 +1,15 @@
 """Every failure kind of the platform, in one tree.
 
-    OrchestratorError
-    ├── InvalidRequest            bad input refused before anything is sent
-    ├── DecodeError               bytes on a topic that cannot be decoded or validated
-    ├── UnknownSchemaError(DecodeError)  a fingerprint no known writer schema has
-    ├── RunFailed                 a run ended in workflow_failed
-    │   ├── BudgetExceededError   a goal limit stopped it (names the limit)
-    │   ├── LLMFailure            the LLM endpoint failed and no lower tier could answer
-    │   └── RunRejected           any other refusal (no agent, invalid, ...)
-    ├── RunTimeout                no terminal event arrived in time
-    └── StoreError                the analytics store refused or failed
+OrchestratorError
+├── InvalidRequest            bad input refused before anything is sent
+├── DecodeError               bytes on a topic that cannot be decoded or validated
+├── UnknownSchemaError(DecodeError)  a fingerprint no known writer schema has
+├── RunFailed                 a run ended in workflow_failed
+│   ├── BudgetExceededError   a goal limit stopped it (names the limit)
+│   ├── LLMFailure            the LLM endpoint failed and no lower tier could answer
+│   └── RunRejected           any other refusal (no agent, invalid, ...)
+├── RunTimeout                no terminal event arrived in time
+└── StoreError                the analytics store refused or failed
 """
 
 from __future__ import annotations
@@ -53,9 +53,7 @@ class UnknownSchemaError(DecodeError):
 class RunFailed(OrchestratorError):
     """A run ended in ``workflow_failed``."""
 
-    def __init__(
-        self, run_id: str, reason: str, detail: str, limit: str | None = None
-    ) -> None:
+    def __init__(self, run_id: str, reason: str, detail: str, limit: str | None = None) -> None:
         self.run_id = run_id
         self.reason = reason
         self.detail = detail

@@ -97,10 +97,15 @@ def create_app(
 ) -> faust.App:
     """A Faust app on the platform's broker, codec and topic naming."""
     register_codec()
+    from streams.localkafka import data_root
+
+    datadir = data_root() / "faust" / (settings.prefix + name)
+    datadir.mkdir(parents=True, exist_ok=True)
     broker = ";".join(f"kafka://{h.strip()}" for h in settings.bootstrap.split(","))
     defaults: dict[str, Any] = {
         "broker": broker,
         "store": store,
+        "datadir": str(datadir),
         "value_serializer": CODEC_NAME,
         "key_serializer": "raw",
         "topic_partitions": 4,

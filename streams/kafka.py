@@ -228,7 +228,13 @@ class EventConsumer:
 
     async def _dead_letter(self, record: ConsumerRecord[Any, Any], err: DecodeError) -> None:
         self.dead_lettered += 1
-        log.warning("dead letter from %s[%s]@%s: %s", record.topic, record.partition, record.offset, err.reason)
+        log.warning(
+            "dead letter from %s[%s]@%s: %s",
+            record.topic,
+            record.partition,
+            record.offset,
+            err.reason,
+        )
         if self._producer is None:
             return
         value = record.value if isinstance(record.value, bytes) else b""
@@ -255,7 +261,9 @@ class EventConsumer:
             return None
         return Delivery(event, logical, record.partition, record.offset)
 
-    async def batches(self, timeout_ms: int = 200, max_records: int = 500) -> AsyncIterator[list[Delivery]]:
+    async def batches(
+        self, timeout_ms: int = 200, max_records: int = 500
+    ) -> AsyncIterator[list[Delivery]]:
         """Decoded batches, forever; commit after handling each one for at-least-once."""
         while True:
             fetched = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)

@@ -1,4 +1,4 @@
-"""Typed events through the real broker: helpers -> plain aiokafka, and -> a Faust agent with a table."""
+"""Typed events through the real broker: helpers to plain aiokafka, and dead letters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaConsumer
 
 from streams.codec import default_codec
 from streams.events import DeadLetter, RequestReceived, TaskRequested
-from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+from streams.kafka import EventConsumer, EventProducer
 
 pytestmark = pytest.mark.broker
 

@@ -8,7 +8,7 @@ import io
 import fastavro
 import pytest
 
-from streams.codec import MAGIC, EventCodec, default_codec, load_schema_file, SCHEMA_DIR
+from streams.codec import MAGIC, SCHEMA_DIR, EventCodec, default_codec, load_schema_file
 from streams.errors import DecodeError, UnknownSchemaError
 from streams.events import ALL_EVENTS, RequestReceived, WorkflowCompleted
 from tests.samples import sample_event
@@ -84,7 +84,7 @@ def test_old_reader_reads_new_bytes_and_ignores_the_new_field():
     ("data", "reason"),
     [
         (b"", "missing C3 01 header"),
-        (b"{\"json\": true}", "missing C3 01 header"),
+        (b'{"json": true}', "missing C3 01 header"),
         (MAGIC + b"\x00" * 8 + b"body", "unknown writer schema fingerprint"),
     ],
 )
@@ -108,7 +108,9 @@ def test_valid_avro_that_breaks_a_rule_is_a_decode_error():
     # Write a record the model refuses (empty message) straight through fastavro.
     record = good.model_dump() | {"message": "   "}
     buf = io.BytesIO()
-    fastavro.schemaless_writer(buf, fastavro.parse_schema(codec.schema_for("request_received")), record)
+    fastavro.schemaless_writer(
+        buf, fastavro.parse_schema(codec.schema_for("request_received")), record
+    )
     data = MAGIC + codec.fingerprint_for("request_received") + buf.getvalue()
     with pytest.raises(DecodeError, match="message is empty"):
         codec.decode(data, topic="request_received")

@@ -1,0 +1,51 @@
+# Developer entry points: venv, local Kafka, tests, lint, the platform, benchmarks.
+
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv up down test lint run bench demo clean
+
+venv: $(STAMP)
+
+# The stamp makes the install re-run only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+up: venv
+	$(BIN)/python -m streams.localkafka up
+	$(BIN)/python -m streams.topics create
+
+down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m streams.localkafka down; fi
+
+# The broker is stopped whatever happens, and the first failing step's exit code is kept.
+test: venv
+	@rc=0; $(MAKE) --no-print-directory up && $(BIN)/pytest -q || rc=$$?; \
+	$(BIN)/python -m streams.localkafka down; \
+	exit $$rc
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy streams services
+
+run: venv
+	$(BIN)/orchestrator up
+
+# Every bench/*.py is a standalone script; modules starting with "_" are shared helpers.
+bench: up
+	@set -e; for f in bench/*.py; do \
+		case "$$(basename $$f)" in _*|\*.py) continue;; esac; \
+		echo "== $$f"; $(BIN)/python $$f; \
+	done
+
+demo: up
+	$(BIN)/orchestrator demo
+
+clean: down
+	rm -rf .local .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,0 +1,105 @@
+"""How a service process runs: settings from the environment, signals, logging, one stop event.
+
+Each service is a package ``services/<name>/`` whose ``__main__`` calls
+:func:`service_main` with its ``main(ctx, stop)`` coroutine. Instances of a
+service share the consumer group :meth:`ServiceContext.group`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from streams.clock import Clock, clock_from_env
+from streams.kafka import EventProducer, KafkaSettings
+
+__all__ = ["ServiceContext", "ServiceMain", "group_id", "run_service", "service_main"]
+
+log = logging.getLogger(__name__)
+
+
+def group_id(settings: KafkaSettings, service: str) -> str:
+    """The consumer group shared by all instances of a service."""
+    return f"{settings.prefix}orchestrator.{service}"
+
+
+@dataclass
+class ServiceContext:
+    """What a service gets: its name, where Kafka is, a clock and a started producer."""
+
+    name: str
+    settings: KafkaSettings
+    clock: Clock
+    producer: EventProducer
+    instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    @property
+    def group(self) -> str:
+        return group_id(self.settings, self.name)
+
+
+ServiceMain = Callable[[ServiceContext, asyncio.Event], Awaitable[None]]
+
+
+async def run_service(
+    name: str,
+    main: ServiceMain,
+    *,
+    settings: KafkaSettings | None = None,
+    clock: Clock | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run ``main`` until it returns or ``stop`` is set; the producer is shared and closed after."""
+    settings = settings or KafkaSettings.from_env()
+    stop = stop or asyncio.Event()
+    producer = EventProducer(settings, client_id=f"orchestrator.{name}")
+    await producer.start()
+    ctx = ServiceContext(name, settings, clock or clock_from_env(), producer)
+    task = asyncio.create_task(main(ctx, stop), name=f"{name}-main")
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # a crashed service exits non-zero, with its error
+        else:
+            task.cancel()
+            try:
+                await asyncio.wait_for(task, 10)
+            except (asyncio.CancelledError, TimeoutError):
+                pass
+    finally:
+        stopper.cancel()
+        await producer.stop()
+
+
+def configure_logging() -> None:
+    level = os.environ.get("ORCH_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("aiokafka", "kafka", "httpx", "openai", "faust", "mode"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def service_main(name: str, main: ServiceMain) -> None:
+    """Process entry point: SIGTERM and SIGINT stop the service cleanly."""
+    configure_logging()
+
+    async def _run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("%s starting (pid %s)", name, os.getpid())
+        await run_service(name, main, stop=stop)
+        log.info("%s stopped", name)
+
+    asyncio.run(_run())

@@ -1,0 +1,97 @@
+"""The local broker launcher's configuration and its failures, without starting a broker."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streams import localkafka
+from streams.localkafka import LocalKafkaError, bootstrap_servers, ensure_broker, stop_broker
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    monkeypatch.delenv("ORCH_KAFKA_PORT", raising=False)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("ORCH_KAFKA_LIBS", str(tmp_path / "libs"))
+    return tmp_path
+
+
+@pytest.fixture
+def free_port(monkeypatch: pytest.MonkeyPatch) -> int:
+    for _ in range(20):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port: int = a.getsockname()[1]
+        with socket.socket() as b:
+            try:
+                b.bind(("127.0.0.1", port + 1))  # the controller port must be free too
+            except OSError:
+                continue
+        monkeypatch.setenv("ORCH_KAFKA_PORT", str(port))
+        return port
+    pytest.fail("no pair of free ports found")
+
+
+@pytest.fixture
+def foreign_process() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_bootstrap_servers_follows_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert bootstrap_servers() == "127.0.0.1:9092"
+    monkeypatch.setenv("ORCH_KAFKA_PORT", "19092")
+    assert bootstrap_servers() == "127.0.0.1:19092"
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "broker-a:9092,broker-b:9092")
+    assert bootstrap_servers() == "broker-a:9092,broker-b:9092"
+
+
+def test_rendered_properties_use_the_ports_and_data_dir(isolated: Path) -> None:
+    text = localkafka.render_properties(19092).read_text()
+    assert "${" not in text
+    assert "listeners=PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093" in text
+    assert "controller.quorum.voters=1@127.0.0.1:19093" in text
+    assert f"log.dirs={isolated / 'kafka' / 'data'}" in text
+
+
+def test_port_taken_by_something_else_is_named(free_port: int) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", free_port))
+        squatter.listen()
+        with pytest.raises(LocalKafkaError, match=rf"port {free_port} .*ORCH_KAFKA_PORT"):
+            ensure_broker(timeout=5)
+
+
+def test_missing_java_is_explained(free_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(LocalKafkaError, match="openjdk-17-jre-headless"):
+        ensure_broker(timeout=5)
+
+
+def test_missing_mvn_is_explained(free_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    def which(name: str) -> str | None:
+        return "/usr/bin/java" if name == "java" else None
+
+    monkeypatch.setattr(shutil, "which", which)
+    with pytest.raises(LocalKafkaError, match="mvn not found"):
+        ensure_broker(timeout=5)
+
+
+def test_stop_never_kills_a_process_that_is_not_our_broker(
+    isolated: Path, foreign_process: subprocess.Popen[bytes]
+) -> None:
+    pid_file = isolated / "kafka" / "broker.pid"
+    pid_file.parent.mkdir(parents=True)
+    pid_file.write_text(f"{foreign_process.pid}\n")
+    assert stop_broker(timeout=1) is False
+    assert foreign_process.poll() is None
+    assert not pid_file.exists()
