@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 
 from streams.codec import EventCodec, default_codec
 from streams.errors import DecodeError
@@ -27,6 +33,7 @@ __all__ = [
     "EventProducer",
     "Handler",
     "KafkaSettings",
+    "OffsetTracker",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,9 +147,31 @@ class Delivery:
     topic: str
     partition: int
     offset: int
+    physical_topic: str = ""
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.physical_topic or self.topic, self.partition)
 
 
 Handler = Callable[[Event, Delivery], Awaitable[None]]
+
+
+class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Commit what is finished before partitions move, then forget them."""
+
+    def __init__(self, consumer: EventConsumer) -> None:
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        try:
+            await self._consumer.commit_tracked()
+        except Exception:  # a failed commit only means some records are replayed
+            log.warning("commit before rebalance failed", exc_info=True)
+        self._consumer.tracker.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        return None
 
 
 class EventConsumer:
@@ -178,6 +207,7 @@ class EventConsumer:
             bootstrap_servers=settings.bootstrap, group_id=group_id, **opts
         )
         self.dead_lettered = 0
+        self.tracker = OffsetTracker()
 
     @property
     def raw(self) -> AIOKafkaConsumer:
@@ -187,7 +217,7 @@ class EventConsumer:
         await self._consumer.start()
         physical = [self.settings.topic(t) for t in self.topics]
         if self.group_id is not None:
-            self._consumer.subscribe(physical)
+            self._consumer.subscribe(physical, listener=_Revocations(self))
             return
         parts: list[TopicPartition] = []
         for name in physical:
@@ -226,6 +256,57 @@ class EventConsumer:
         if self.group_id is not None:
             await self._consumer.commit()
 
+    async def commit_tracked(self) -> None:
+        """Commit what the tracker says is finished (for out-of-order handling)."""
+        if self.group_id is None:
+            return
+        offsets = self.tracker.committable()
+        if offsets:
+            await self._consumer.commit(offsets)
+            self.tracker.committed(offsets)
+
+    async def run_concurrently(
+        self,
+        handler: Handler,
+        *,
+        max_in_flight: int = 1000,
+        commit_every: float = 0.2,
+    ) -> None:
+        """Handle each event in its own task; commit below the oldest unfinished one.
+
+        At least once: a crash replays everything not finished, never skips it.
+        """
+        slots = asyncio.Semaphore(max_in_flight)
+        running: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        last_commit = loop.time()
+
+        async def _one(delivery: Delivery) -> None:
+            try:
+                await handler(delivery.event, delivery)
+            except Exception:
+                log.exception(
+                    "%s: handler failed on %s@%s", self.source, delivery.topic, delivery.offset
+                )
+            finally:
+                self.tracker.finish(delivery.tp, delivery.offset)
+                slots.release()
+
+        try:
+            async for batch in self.batches(timeout_ms=100):
+                for delivery in batch:
+                    await slots.acquire()
+                    self.tracker.start(delivery.tp, delivery.offset)
+                    task = asyncio.create_task(_one(delivery))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if loop.time() - last_commit >= commit_every:
+                    await self.commit_tracked()
+                    last_commit = loop.time()
+        finally:
+            for task in running:
+                task.cancel()
+
     async def _dead_letter(self, record: ConsumerRecord[Any, Any], err: DecodeError) -> None:
         self.dead_lettered += 1
         log.warning(
@@ -259,7 +340,7 @@ class EventConsumer:
         except DecodeError as err:
             await self._dead_letter(record, err)
             return None
-        return Delivery(event, logical, record.partition, record.offset)
+        return Delivery(event, logical, record.partition, record.offset, record.topic)
 
     async def batches(
         self, timeout_ms: int = 200, max_records: int = 500
@@ -281,6 +362,26 @@ class EventConsumer:
             for delivery in batch:
                 yield delivery
 
+    async def follow(self, apply: Callable[[Event], None], ready: asyncio.Event) -> None:
+        """Fold every event into ``apply`` forever; set ``ready`` once caught up with the log.
+
+        For views read outside a group (registry, learned knowledge): a service
+        waits for ``ready`` before it serves, so it never acts on a partial view.
+        """
+        ends = await self._consumer.end_offsets(list(self._consumer.assignment()))
+        pending = {tp for tp, end in ends.items() if end > 0}
+        if not pending:
+            ready.set()
+        async for batch in self.batches(timeout_ms=100):
+            for delivery in batch:
+                apply(delivery.event)
+            if pending:
+                for tp in list(pending):
+                    if await self._consumer.position(tp) >= ends[tp]:
+                        pending.discard(tp)
+                if not pending:
+                    ready.set()
+
     async def run(self, handler: Handler, *, stop: asyncio.Event | None = None) -> None:
         """Handle every event at least once: commit after each handled batch."""
         async for batch in self.batches():
@@ -289,3 +390,46 @@ class EventConsumer:
             await self.commit()
             if stop is not None and stop.is_set():
                 return
+
+
+class OffsetTracker:
+    """Commit only below the oldest record still being handled, per partition.
+
+    Records may finish out of order (concurrent LLM calls, requests waiting for a
+    spawn); committing past an unfinished one would lose it on a crash.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[TopicPartition, set[int]] = {}
+        self._high: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    def start(self, tp: TopicPartition, offset: int) -> None:
+        self._open.setdefault(tp, set()).add(offset)
+        self._high[tp] = max(self._high.get(tp, -1), offset)
+
+    def finish(self, tp: TopicPartition, offset: int) -> None:
+        self._open.get(tp, set()).discard(offset)
+
+    def pending(self) -> int:
+        return sum(len(v) for v in self._open.values())
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Offsets to commit now (next offset to read), only where they moved."""
+        out: dict[TopicPartition, int] = {}
+        for tp, high in self._high.items():
+            still = self._open.get(tp)
+            nxt = min(still) if still else high + 1
+            if nxt > self._committed.get(tp, -1):
+                out[tp] = nxt
+        return out
+
+    def committed(self, offsets: dict[TopicPartition, int]) -> None:
+        self._committed.update(offsets)
+
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Partitions revoked in a rebalance: their records are another instance's now."""
+        for tp in partitions:
+            self._open.pop(tp, None)
+            self._high.pop(tp, None)
+            self._committed.pop(tp, None)

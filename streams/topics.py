@@ -107,9 +107,24 @@ async def create_topics(
             await admin.create_topics(wanted)
         except TopicAlreadyExistsError:
             pass  # another process won the race; the topics exist, which is all we need
+        await _wait_for_leaders(admin, [t.name for t in wanted])
         return [t.name for t in wanted]
     finally:
         await admin.close()
+
+
+async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    """New topics answer "not leader" for a moment; clients should not see that."""
+    for _ in range(100):
+        described = await admin.describe_topics(names)
+        if all(
+            t.get("error_code", 0) == 0
+            and t.get("partitions")
+            and all(p.get("leader", -1) >= 0 for p in t["partitions"])
+            for t in described
+        ):
+            return
+        await asyncio.sleep(0.05)
 
 
 def _main(argv: list[str]) -> int:

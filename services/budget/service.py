@@ -1,0 +1,71 @@
+"""The budget service: a Faust table of per-goal budget state, one writer per goal.
+
+Every event that changes a goal's budget is keyed by goal_id and read by one
+agent from one multi-topic subscription, so a goal's events are applied in order
+by the one instance that owns its partition; the table follows the partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from services.budget.state import BudgetDefaults, BudgetState
+from streams.events import Event
+from streams.faust_app import EventTopic, create_app
+from streams.service import ServiceContext
+
+__all__ = ["APP_NAME", "BUDGET_TOPICS", "TABLE_NAME", "main"]
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "orchestrator.budget"
+TABLE_NAME = "budget"
+BUDGET_TOPICS = (
+    "spawn_requested",
+    "task_requested",
+    "llm_call_completed",
+    "workflow_completed",
+    "workflow_failed",
+    "budget_update_requested",
+)
+
+
+async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
+    defaults = BudgetDefaults.from_env()
+    app = create_app(APP_NAME, ctx.settings)
+    table = app.Table(TABLE_NAME, default=None, partitions=4)
+    topic = EventTopic(
+        app,
+        topics=[ctx.settings.topic(t) for t in BUDGET_TOPICS],
+        key_serializer="raw",
+        value_serializer="orch-avro",
+        event_source="budget",
+        event_settings=ctx.settings,
+    )
+
+    async def _apply(event: Event) -> None:
+        assert event.goal_id is not None
+        raw = table.get(event.goal_id)
+        state = BudgetState.from_dict(raw) if raw else BudgetState.new(event.goal_id, defaults)
+        decision = state.handle(event, ctx.clock.now(), defaults)
+        table[event.goal_id] = state.to_dict()
+        if decision.events:
+            await ctx.producer.send_many(decision.events)
+
+    @app.agent(topic)
+    async def apply(stream: Any) -> None:
+        async for event in stream:
+            if not isinstance(event, Event) or event.goal_id is None:
+                continue
+            try:
+                await _apply(event)
+            except Exception:  # one bad event must not stop every goal's budget
+                log.exception("budget failed on %s %s", event.event_type, event.event_id)
+
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()

@@ -1,0 +1,400 @@
+"""The loader: runs admitted tasks on lazily loaded agents through the LLM, and answers.
+
+``task_admitted`` is keyed by agent_id, so an agent lives on one loader at a
+time. Each task ends in exactly one terminal event whose event_id is derived
+from the run_id: a task replayed after a crash produces the same event id, and
+every reader (client, budget, analytics) treats the two as one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections import OrderedDict
+from datetime import datetime
+
+from aiokafka.partitioner import murmur2
+
+from services.loader.pool import AgentInstance, AgentPool
+from services.loader.tiers import keyword_answer, static_answer
+from streams.clock import Clock
+from streams.events import (
+    AgentEvicted,
+    AgentLoaded,
+    AgentRetired,
+    Event,
+    LlmCallCompleted,
+    TaskAdmitted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowStarted,
+)
+from streams.kafka import Delivery, EventConsumer
+from streams.llm import LLMClient, LLMRejected, LLMSettings, LLMUnavailable, create_llm
+from streams.registry import RegistryView
+from streams.service import ServiceContext
+from streams.specialties import profile_for
+from streams.topics import spec_for
+
+__all__ = ["Breaker", "Loader", "main", "terminal_event_id"]
+
+log = logging.getLogger(__name__)
+SOURCE = "loader"
+_NS = uuid.UUID("0f3e9a8c-2d41-4c6b-9a77-3b1d5e2f8c90")
+
+
+def terminal_event_id(run_id: str) -> str:
+    return str(uuid.uuid5(_NS, f"{run_id}:terminal"))
+
+
+class Breaker:
+    """Stop calling an LLM that keeps failing; probe it again after a cool-down."""
+
+    def __init__(self, clock: Clock, threshold: int = 3, cooldown: float = 15.0) -> None:
+        self.clock = clock
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.open_until = 0.0
+
+    def allow(self) -> bool:
+        return self.clock.monotonic() >= self.open_until
+
+    def success(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = self.clock.monotonic() + self.cooldown
+
+
+class Loader:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        llm: LLMClient | None,
+        llm_settings: LLMSettings,
+        *,
+        capacity: int | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.llm = llm
+        self.llm_settings = llm_settings
+        env = os.environ.get
+        self.pool = AgentPool(capacity or int(env("ORCH_LOADER_CAPACITY", "50")))
+        self.registry = RegistryView()
+        self.idle_seconds = float(env("ORCH_AGENT_IDLE_SECONDS", str(24 * 3600)))
+        self.max_tokens = int(env("ORCH_LLM_MAX_TOKENS", "512"))
+        self.degrade = env("ORCH_DEGRADED_ANSWERS", "1") != "0"
+        self.breaker = Breaker(
+            ctx.clock, cooldown=float(env("ORCH_LLM_BREAKER_COOLDOWN_SECONDS", "15"))
+        )
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._partitions = spec_for("task_admitted").partitions
+        self.owned_partitions: set[int] | None = None  # None: all (no group yet)
+
+    # -- registry -----------------------------------------------------------
+    def learn(self, event: Event) -> None:
+        self.registry.apply(event)
+
+    def _owns(self, agent_id: str) -> bool:
+        if self.owned_partitions is None:
+            return True
+        part = (murmur2(agent_id.encode()) & 0x7FFFFFFF) % self._partitions
+        return part in self.owned_partitions
+
+    async def retire_idle(self) -> list[AgentRetired]:
+        """Retire agents of this loader's partitions that sat idle too long."""
+        now = self.ctx.clock.now()
+        candidates = [r for r in self.registry.live() if self._owns(r.agent_id)]
+        out: list[Event] = []
+        retired: list[AgentRetired] = []
+        for record, idle in self.pool.idle(candidates, now, self.idle_seconds):
+            if self.pool.drop(record.agent_id) is not None:
+                out.append(self._evicted(record.agent_id, record.specialty, "retired", now))
+            event = AgentRetired(
+                source=SOURCE,
+                goal_id=record.goal_id,
+                agent_id=record.agent_id,
+                specialty=record.specialty,
+                reason=f"idle {idle / 3600:.1f} h",
+                idle_seconds=idle,
+                occurred_at=now,
+            )
+            record.retired = True
+            out.append(event)
+            retired.append(event)
+        if out:
+            await self.ctx.producer.send_many(out)
+        return retired
+
+    def _evicted(self, agent_id: str, specialty: str, reason: str, now: datetime) -> AgentEvicted:
+        record = self.registry.get(agent_id)
+        return AgentEvicted(
+            source=SOURCE,
+            goal_id=record.goal_id if record else None,
+            agent_id=agent_id,
+            specialty=specialty,
+            reason=reason,
+            occurred_at=now,
+        )
+
+    # -- tasks ---------------------------------------------------------------
+    async def handle(self, event: Event, delivery: Delivery | None = None) -> None:
+        if not isinstance(event, TaskAdmitted):
+            return
+        if event.run_id in self._finished:
+            return  # this loader already answered it; a redelivery changes nothing
+        try:
+            terminal = await self._run(event)
+        except Exception as exc:  # an answer must come even when this code has a bug
+            log.exception("task %s failed inside the loader", event.run_id)
+            terminal = self._failure(
+                event, "internal", f"loader error: {type(exc).__name__}: {exc}"
+            )
+        await self.ctx.producer.send(terminal)
+        self._finished[event.run_id] = None
+        if len(self._finished) > 50_000:
+            self._finished.popitem(last=False)
+
+    def _latency(self, task: TaskAdmitted) -> float:
+        if task.requested_at is None:
+            return 0.0
+        return max(0.0, (self.ctx.clock.now() - task.requested_at).total_seconds() * 1000.0)
+
+    def _failure(self, task: TaskAdmitted, reason: str, detail: str) -> WorkflowFailed:
+        return WorkflowFailed(
+            event_id=terminal_event_id(task.run_id),
+            source=SOURCE,
+            run_id=task.run_id,
+            goal_id=task.goal_id,
+            user_id=task.user_id,
+            reason=reason,  # type: ignore[arg-type]
+            detail=detail,
+            agent_id=task.agent_id,
+            specialty=task.specialty,
+            latency_ms=self._latency(task),
+            admitted=True,
+            occurred_at=self.ctx.clock.now(),
+        )
+
+    def _answer(self, task: TaskAdmitted, text: str, tier: str, cost: float) -> WorkflowCompleted:
+        return WorkflowCompleted(
+            event_id=terminal_event_id(task.run_id),
+            source=SOURCE,
+            run_id=task.run_id,
+            goal_id=task.goal_id,
+            user_id=task.user_id,
+            agent_id=task.agent_id,
+            specialty=task.specialty,
+            text=text,
+            cost_usd=cost,
+            latency_ms=self._latency(task),
+            degradation_tier=tier,  # type: ignore[arg-type]
+            occurred_at=self.ctx.clock.now(),
+        )
+
+    async def _run(self, task: TaskAdmitted) -> Event:
+        now = self.ctx.clock.now()
+        if task.deadline_at is not None and task.deadline_at <= now:
+            return self._failure(task, "timeout", "deadline passed before the task could start")
+        record = self.registry.get(task.agent_id)
+        if record is None:
+            # The registry view may lag the spawn by a moment; give it a short chance.
+            for _ in range(50):
+                await asyncio.sleep(0.05)
+                record = self.registry.get(task.agent_id)
+                if record is not None:
+                    break
+        if record is None:
+            return self._failure(task, "no_agent", f"agent {task.agent_id} is not in the registry")
+        instance, change = self.pool.acquire(record, now)
+        notices: list[Event] = [
+            WorkflowStarted(
+                source=SOURCE,
+                run_id=task.run_id,
+                goal_id=task.goal_id,
+                user_id=task.user_id,
+                agent_id=task.agent_id,
+                specialty=task.specialty,
+                occurred_at=now,
+            )
+        ]
+        if change.loaded is not None:
+            notices.append(
+                AgentLoaded(
+                    source=SOURCE,
+                    goal_id=record.goal_id,
+                    agent_id=record.agent_id,
+                    specialty=record.specialty,
+                    active_agents=len(self.pool),
+                    occurred_at=now,
+                )
+            )
+        notices += [
+            self._evicted(i.record.agent_id, i.record.specialty, "lru", now) for i in change.evicted
+        ]
+        # Notices need not be acknowledged before the LLM call starts.
+        sent = asyncio.create_task(self.ctx.producer.send_many(notices))
+        try:
+            return await self._answer_with_tiers(task, instance)
+        finally:
+            await sent
+
+    async def _call(
+        self, task: TaskAdmitted, instance: AgentInstance, *, legacy: bool
+    ) -> tuple[str, float]:
+        assert self.llm is not None
+        record = instance.record
+        if legacy:
+            profile = profile_for(record.specialty)
+            messages = [
+                {
+                    "role": "system",
+                    "content": f"You are a {record.specialty.replace('_', ' ')} specialist:"
+                    f" you {profile.description}.",
+                },
+                {"role": "user", "content": task.message},
+            ]
+            model, temperature = self.llm_settings.model, profile.temperature
+        else:
+            messages = instance.messages(task.message, task.context)
+            model, temperature = record.model or self.llm_settings.model, record.temperature
+        started = self.ctx.clock.now()
+        try:
+            done = await self.llm.complete(
+                messages, temperature=temperature, model=model, max_tokens=self.max_tokens
+            )
+        except (LLMUnavailable, LLMRejected) as exc:
+            await self.ctx.producer.send(
+                LlmCallCompleted(
+                    source=SOURCE,
+                    run_id=task.run_id,
+                    goal_id=task.goal_id,
+                    user_id=task.user_id,
+                    agent_id=task.agent_id,
+                    model=model,
+                    purpose="answer",
+                    ok=False,
+                    error=f"{type(exc).__name__}: {exc}"[:500],
+                    latency_ms=(self.ctx.clock.now() - started).total_seconds() * 1000.0,
+                    occurred_at=self.ctx.clock.now(),
+                )
+            )
+            raise
+        await self.ctx.producer.send(
+            LlmCallCompleted(
+                event_id=str(uuid.uuid5(_NS, f"{task.run_id}:llm:{int(legacy)}")),
+                source=SOURCE,
+                run_id=task.run_id,
+                goal_id=task.goal_id,
+                user_id=task.user_id,
+                agent_id=task.agent_id,
+                model=done.model,
+                purpose="answer",
+                prompt_tokens=done.prompt_tokens,
+                completion_tokens=done.completion_tokens,
+                cost_usd=done.cost_usd,
+                latency_ms=done.latency_ms,
+                ok=True,
+                occurred_at=self.ctx.clock.now(),
+            )
+        )
+        return done.text, done.cost_usd
+
+    async def _answer_with_tiers(self, task: TaskAdmitted, instance: AgentInstance) -> Event:
+        why = "no LLM endpoint is configured"
+        if self.llm is not None and self.breaker.allow():
+            try:
+                text, cost = await self._call(task, instance, legacy=False)
+                self.breaker.success()
+                return self._answer(task, text, "llm", cost)
+            except LLMRejected as exc:
+                # The agent's own config was refused (model, prompt): its specialty's
+                # default agent still may answer.
+                why = f"the agent's configuration was refused: {exc}"
+                try:
+                    text, cost = await self._call(task, instance, legacy=True)
+                    return self._answer(task, text, "legacy_static", cost)
+                except (LLMUnavailable, LLMRejected) as exc2:
+                    why = f"the default agent failed too: {exc2}"
+            except LLMUnavailable as exc:
+                self.breaker.failure()
+                why = str(exc)
+        elif self.llm is not None:
+            why = "the LLM endpoint failed repeatedly; calls are paused for a moment"
+        if not self.degrade:
+            return self._failure(task, "llm_failure", why)
+        hint = keyword_answer(task.specialty, task.message)
+        if hint is not None:
+            return self._answer(task, hint, "keyword", 0.0)
+        return self._answer(task, static_answer(task.run_id), "static_fallback", 0.0)
+
+
+async def _sweep(loader: Loader, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        try:
+            retired = await loader.retire_idle()
+            if retired:
+                log.info("retired %d idle agents", len(retired))
+        except Exception:
+            log.exception("idle sweep failed")
+
+
+async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
+    settings = LLMSettings.from_env()
+    llm = create_llm(settings, ctx.clock)
+    if llm is None:
+        log.warning("no LLM endpoint configured: answers come from the degraded tiers")
+    loader = Loader(ctx, llm, settings)
+    registry = EventConsumer(
+        ctx.settings,
+        ["agent_spawned", "agent_retired"],
+        group_id=None,
+        producer=ctx.producer,
+        source=SOURCE,
+    )
+    tasks = EventConsumer(
+        ctx.settings,
+        ["task_admitted"],
+        group_id=ctx.group,
+        producer=ctx.producer,
+        source=SOURCE,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=500,
+    )
+    await registry.start()
+    ready = asyncio.Event()
+    follower = asyncio.create_task(registry.follow(loader.learn, ready))
+    sweeper: asyncio.Task[None] | None = None
+    try:
+        await asyncio.wait_for(ready.wait(), 120)
+        await tasks.start()
+        loader.owned_partitions = set()
+
+        async def _track_assignment() -> None:
+            while True:
+                loader.owned_partitions = {tp.partition for tp in tasks.raw.assignment()}
+                await asyncio.sleep(1.0)
+
+        tracker = asyncio.create_task(_track_assignment())
+        sweeper = asyncio.create_task(
+            _sweep(loader, float(os.environ.get("ORCH_RETIRE_SWEEP_SECONDS", "60")))
+        )
+        try:
+            await tasks.run_concurrently(loader.handle)
+        finally:
+            tracker.cancel()
+            await tasks.stop()
+    finally:
+        if sweeper is not None:
+            sweeper.cancel()
+        follower.cancel()
+        await registry.stop()
+        if llm is not None:
+            await llm.aclose()

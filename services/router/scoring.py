@@ -1,0 +1,142 @@
+"""Agent selection: the six criteria, their weights, and the outcome statistics behind them.
+
+Criteria (each in 0..1): specialty match, context relevance, past performance,
+resource availability, cost efficiency and user preference. The weights come
+from configuration; the statistics are folded in from outcome events, so a
+learned policy can replace or extend them without changing the router.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from streams.registry import AgentRecord
+from streams.specialties import profile_for, tokens
+
+__all__ = ["CRITERIA", "AgentStats", "OutcomeStats", "Weights", "score_agent"]
+
+CRITERIA = (
+    "specialty_match",
+    "context_relevance",
+    "past_performance",
+    "resource_availability",
+    "cost_efficiency",
+    "user_preference",
+)
+
+
+@dataclass(frozen=True)
+class Weights:
+    specialty_match: float = 0.35
+    context_relevance: float = 0.15
+    past_performance: float = 0.2
+    resource_availability: float = 0.1
+    cost_efficiency: float = 0.1
+    user_preference: float = 0.1
+
+    @classmethod
+    def from_env(cls) -> Weights:
+        raw = os.environ.get("ORCH_ROUTER_WEIGHTS")
+        if not raw:
+            return cls()
+        values = json.loads(raw)
+        unknown = set(values) - set(CRITERIA)
+        if unknown:
+            raise ValueError(f"ORCH_ROUTER_WEIGHTS: unknown criteria {sorted(unknown)}")
+        return cls(**{k: float(v) for k, v in values.items()})
+
+    def as_dict(self) -> dict[str, float]:
+        return {c: getattr(self, c) for c in CRITERIA}
+
+
+@dataclass
+class AgentStats:
+    runs: int = 0
+    successes: int = 0
+    quality_sum: float = 0.0
+    quality_n: int = 0
+    cost_sum: float = 0.0
+    in_flight: int = 0
+
+    def performance(self) -> float:
+        # Beta(1,1) prior on success, blended with mean quality once there is some.
+        success = (self.successes + 1) / (self.runs + 2)
+        if self.quality_n:
+            return 0.5 * success + 0.5 * (self.quality_sum / self.quality_n)
+        return success
+
+    def mean_cost(self) -> float:
+        return self.cost_sum / self.runs if self.runs else 0.0
+
+
+@dataclass
+class OutcomeStats:
+    """What the router has seen of each agent and each user's experience with it."""
+
+    agents: dict[str, AgentStats] = field(default_factory=lambda: defaultdict(AgentStats))
+    # (user_id, agent_id) -> [score sum, count]
+    preference: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    run_agent: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def completed(
+        self, run_id: str, agent_id: str | None, user_id: str | None, cost: float, ok: bool
+    ) -> None:
+        if not agent_id:
+            return
+        st = self.agents[agent_id]
+        st.runs += 1
+        st.successes += int(ok)
+        st.cost_sum += cost
+        self.run_agent[run_id] = (agent_id, user_id or "")
+        if len(self.run_agent) > 100_000:
+            self.run_agent.pop(next(iter(self.run_agent)))
+
+    def assessed(self, agent_id: str | None, quality: float) -> None:
+        if agent_id:
+            st = self.agents[agent_id]
+            st.quality_sum += quality
+            st.quality_n += 1
+
+    def feedback(self, run_id: str, user_id: str, score: int | None) -> None:
+        known = self.run_agent.get(run_id)
+        if known is None or score is None or known[1] != user_id:
+            return
+        entry = self.preference.setdefault((user_id, known[0]), [0.0, 0.0])
+        entry[0] += (score - 1) / 4
+        entry[1] += 1
+
+    def user_preference(self, user_id: str, agent_id: str) -> float:
+        entry = self.preference.get((user_id, agent_id))
+        return entry[0] / entry[1] if entry and entry[1] else 0.5
+
+
+def score_agent(
+    agent: AgentRecord,
+    specialty: str,
+    message: str,
+    user_id: str,
+    stats: OutcomeStats,
+    weights: Weights,
+    max_in_flight: int = 10,
+) -> tuple[float, dict[str, float]]:
+    """Total weighted score of one candidate and its per-criterion values."""
+    st = stats.agents.get(agent.agent_id) or AgentStats()
+    words = tokens(message)
+    profile_words = profile_for(agent.specialty).keywords | tokens(agent.system_prompt)
+    relevance = len(words & profile_words) / len(words) if words else 0.0
+    all_costs = [s.mean_cost() for s in stats.agents.values() if s.runs]
+    top_cost = max(all_costs, default=0.0)
+    criteria = {
+        "specialty_match": 1.0 if agent.specialty == specialty else 0.0,
+        "context_relevance": min(1.0, relevance),
+        "past_performance": st.performance(),
+        "resource_availability": max(0.0, 1.0 - st.in_flight / max_in_flight),
+        "cost_efficiency": 1.0 - (st.mean_cost() / top_cost) if top_cost > 0 else 1.0,
+        "user_preference": stats.user_preference(user_id, agent.agent_id),
+    }
+    w = weights.as_dict()
+    total = sum(w[c] * criteria[c] for c in CRITERIA)
+    return total, criteria

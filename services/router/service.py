@@ -1,0 +1,252 @@
+"""The router: picks a specialty and an agent for each request, or asks for a spawn.
+
+Requests come from the router group (``request_received``, keyed by run_id).
+What every instance must know (the registry, spawn denials, outcomes to learn
+from) is read by each instance from all partitions, outside the group. A request
+that waits for a spawn keeps its offset uncommitted until it is resolved, so a
+crash replays it instead of losing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from services.router.scoring import OutcomeStats, Weights, score_agent
+from streams.events import (
+    AgentRetired,
+    AgentSpawned,
+    Event,
+    FeedbackReceived,
+    RequestReceived,
+    RouteDecided,
+    SpawnDenied,
+    SpawnRequested,
+    TaskRequested,
+    WorkflowAssessed,
+    WorkflowCompleted,
+    WorkflowFailed,
+)
+from streams.kafka import Delivery, EventConsumer
+from streams.registry import AgentRecord, RegistryView
+from streams.service import ServiceContext
+from streams.specialties import classify
+
+__all__ = ["Router", "main"]
+
+log = logging.getLogger(__name__)
+SOURCE = "router"
+KNOWLEDGE_TOPICS = (
+    "agent_spawned",
+    "agent_retired",
+    "spawn_denied",
+    "workflow_completed",
+    "workflow_failed",
+    "workflow_assessed",
+    "feedback_received",
+)
+
+
+@dataclass
+class _Waiter:
+    request: RequestReceived
+    future: asyncio.Future[AgentRecord | SpawnDenied] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Router:
+    """Routing decisions; I/O is the producer passed in, state is rebuilt from events."""
+
+    def __init__(self, ctx: ServiceContext, weights: Weights | None = None) -> None:
+        self.ctx = ctx
+        self.weights = weights or Weights.from_env()
+        self.registry = RegistryView()
+        self.stats = OutcomeStats()
+        self.spawn_timeout = float(os.environ.get("ORCH_SPAWN_TIMEOUT", "30"))
+        # (goal_id, specialty) -> requests waiting for that agent to exist
+        self._waiting: dict[tuple[str, str], list[_Waiter]] = defaultdict(list)
+        self._dispatched: dict[str, str] = {}  # run_id -> agent_id, until its outcome
+
+    # -- knowledge -----------------------------------------------------------
+    def learn(self, event: Event) -> None:
+        record = self.registry.apply(event)
+        if isinstance(event, AgentSpawned) and record is not None:
+            for waiter in self._waiting.pop((record.goal_id, record.specialty), []):
+                if not waiter.future.done():
+                    waiter.future.set_result(record)
+        elif isinstance(event, AgentRetired):
+            pass
+        elif isinstance(event, SpawnDenied) and event.goal_id:
+            for waiter in self._waiting.pop((event.goal_id, event.specialty), []):
+                if not waiter.future.done():
+                    waiter.future.set_result(event)
+        elif isinstance(event, WorkflowCompleted | WorkflowFailed):
+            agent_id = self._dispatched.pop(event.run_id, None) or event.agent_id
+            if agent_id and agent_id in self.stats.agents:
+                self.stats.agents[agent_id].in_flight = max(
+                    0, self.stats.agents[agent_id].in_flight - 1
+                )
+            cost = event.cost_usd if isinstance(event, WorkflowCompleted) else 0.0
+            self.stats.completed(
+                event.run_id, agent_id, event.user_id, cost, isinstance(event, WorkflowCompleted)
+            )
+        elif isinstance(event, WorkflowAssessed):
+            self.stats.assessed(event.agent_id, event.quality)
+        elif isinstance(event, FeedbackReceived):
+            self.stats.feedback(event.run_id, event.user_id, event.score)
+
+    # -- requests --------------------------------------------------------------
+    def choose(self, request: RequestReceived) -> tuple[str, AgentRecord | None, RouteDecided]:
+        specialty, keyword_scores = classify(request.message, request.context)
+        candidates = self.registry.live(goal_id=request.goal_id)
+        scored = [
+            (
+                *score_agent(
+                    a, specialty, request.message, request.user_id, self.stats, self.weights
+                ),
+                a,
+            )
+            for a in candidates
+        ]
+        matching = [s for s in scored if s[1]["specialty_match"] >= 1.0]
+        best = max(matching, key=lambda s: s[0], default=None)
+        decision = RouteDecided(
+            source=SOURCE,
+            run_id=request.run_id,
+            goal_id=request.goal_id,
+            user_id=request.user_id,
+            specialty=specialty,
+            agent_id=best[2].agent_id if best else None,
+            action="reuse" if best else "spawn",
+            scores={s[2].agent_id: round(s[0], 6) for s in scored}
+            or {f"specialty:{k}": round(v, 6) for k, v in keyword_scores.items()},
+            criteria={k: round(v, 6) for k, v in best[1].items()} if best else {},
+            policy="weighted_criteria",
+            policy_version=1,
+            probability=1.0,
+            occurred_at=self.ctx.clock.now(),
+        )
+        return specialty, (best[2] if best else None), decision
+
+    def _task(self, request: RequestReceived, agent: AgentRecord) -> TaskRequested:
+        st = self.stats.agents[agent.agent_id]
+        st.in_flight += 1
+        self._dispatched[request.run_id] = agent.agent_id
+        return TaskRequested(
+            source=SOURCE,
+            run_id=request.run_id,
+            goal_id=request.goal_id,
+            user_id=request.user_id,
+            agent_id=agent.agent_id,
+            specialty=agent.specialty,
+            message=request.message,
+            context=dict(request.context),
+            requested_at=request.occurred_at,
+            deadline_at=request.deadline_at,
+            occurred_at=self.ctx.clock.now(),
+        )
+
+    def _failed(
+        self,
+        request: RequestReceived,
+        reason: str,
+        detail: str,
+        limit: str | None = None,
+        specialty: str | None = None,
+    ) -> WorkflowFailed:
+        return WorkflowFailed(
+            source=SOURCE,
+            run_id=request.run_id,
+            goal_id=request.goal_id,
+            user_id=request.user_id,
+            reason=reason,  # type: ignore[arg-type]
+            detail=detail,
+            limit=limit,  # type: ignore[arg-type]
+            specialty=specialty,
+            occurred_at=self.ctx.clock.now(),
+        )
+
+    async def handle(self, event: Event, delivery: Delivery) -> None:
+        if not isinstance(event, RequestReceived):
+            return
+        producer = self.ctx.producer
+        now = self.ctx.clock.now()
+        if event.deadline_at is not None and event.deadline_at <= now:
+            await producer.send(self._failed(event, "timeout", "deadline passed before routing"))
+            return
+        specialty, agent, decision = self.choose(event)
+        if agent is not None:
+            await producer.send_many([self._task(event, agent), decision])
+            return
+        key = (event.goal_id, specialty)
+        waiter = _Waiter(event)
+        first = not self._waiting.get(key)
+        self._waiting[key].append(waiter)
+        if first:
+            spawn = SpawnRequested(
+                source=SOURCE,
+                goal_id=event.goal_id,
+                run_id=event.run_id,
+                user_id=event.user_id,
+                specialty=specialty,
+                message=event.message,
+                context=dict(event.context),
+                occurred_at=now,
+            )
+            await producer.send_many([spawn, decision])
+        else:
+            await producer.send(decision.model_copy(update={"action": "wait"}))
+        try:
+            outcome = await asyncio.wait_for(asyncio.shield(waiter.future), self.spawn_timeout)
+        except TimeoutError:
+            if waiter in self._waiting.get(key, []):
+                self._waiting[key].remove(waiter)
+            await producer.send(
+                self._failed(
+                    event,
+                    "no_agent",
+                    f"no {specialty} agent became available within {self.spawn_timeout:g} s",
+                    specialty=specialty,
+                )
+            )
+            return
+        if isinstance(outcome, SpawnDenied):
+            await producer.send(
+                self._failed(
+                    event,
+                    "budget_exceeded",
+                    outcome.detail,
+                    limit=outcome.limit,
+                    specialty=specialty,
+                )
+            )
+            return
+        await producer.send(self._task(event, outcome))
+
+
+async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
+    router = Router(ctx)
+    knowledge = EventConsumer(
+        ctx.settings, KNOWLEDGE_TOPICS, group_id=None, producer=ctx.producer, source=SOURCE
+    )
+    requests = EventConsumer(
+        ctx.settings, ["request_received"], group_id=ctx.group, producer=ctx.producer, source=SOURCE
+    )
+    await knowledge.start()
+    ready = asyncio.Event()
+    follower = asyncio.create_task(knowledge.follow(router.learn, ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 120)
+        log.info("router caught up: %d agents known", len(router.registry.agents))
+        await requests.start()
+        try:
+            await requests.run_concurrently(router.handle)
+        finally:
+            await requests.stop()
+    finally:
+        follower.cancel()
+        await knowledge.stop()

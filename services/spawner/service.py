@@ -1,0 +1,99 @@
+"""The spawner: turns approved spawns into agent configs in the registry table.
+
+The registry is a Faust table keyed by agent_id (changelog-backed); every change
+is also published as ``agent_spawned`` for the views other services build.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from services.spawner.design import agent_id_for, design_agent, spawned_event_id
+from streams.events import AgentSpawned, LlmCallCompleted, SpawnApproved
+from streams.faust_app import create_app, event_topic
+from streams.llm import LLMSettings, create_llm
+from streams.service import ServiceContext
+
+__all__ = ["APP_NAME", "main"]
+
+log = logging.getLogger(__name__)
+APP_NAME = "orchestrator.spawner"
+SOURCE = "spawner"
+
+
+async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
+    settings = LLMSettings.from_env()
+    llm = create_llm(settings, ctx.clock)
+    app = create_app(APP_NAME, ctx.settings)
+    registry = app.Table("registry", default=None, partitions=4, use_partitioner=True)
+    approvals = event_topic(app, "spawn_approved", ctx.settings, source=SOURCE)
+
+    async def _spawn(event: SpawnApproved) -> None:
+        agent_id = agent_id_for(event.specialty, event.event_id)
+        known = registry.get(agent_id)
+        if known is not None:
+            spawned = AgentSpawned.model_validate(known)
+        else:
+            design = await design_agent(event.specialty, event.message, event.context, llm)
+            now = ctx.clock.now()
+            spawned = AgentSpawned(
+                event_id=spawned_event_id(agent_id, 1),
+                source=SOURCE,
+                run_id=event.run_id,
+                goal_id=event.goal_id,
+                user_id=event.user_id,
+                agent_id=agent_id,
+                specialty=event.specialty,
+                system_prompt=design.system_prompt,
+                temperature=design.temperature,
+                tools=design.tools,
+                model=settings.model,
+                prompt_source=design.prompt_source,  # type: ignore[arg-type]
+                version=1,
+                occurred_at=now,
+            )
+            if design.prompt_source == "llm" or design.error:
+                await ctx.producer.send(
+                    LlmCallCompleted(
+                        source=SOURCE,
+                        run_id=event.run_id,
+                        goal_id=event.goal_id,
+                        agent_id=agent_id,
+                        model=design.model or settings.model,
+                        purpose="spawn_prompt",
+                        prompt_tokens=design.prompt_tokens,
+                        completion_tokens=design.completion_tokens,
+                        cost_usd=design.cost_usd,
+                        latency_ms=design.latency_ms,
+                        ok=design.error is None,
+                        error=design.error,
+                        occurred_at=now,
+                    )
+                )
+            registry[agent_id] = spawned.model_dump(mode="json")
+        # Sent again after a crash between table write and send: same event_id, so
+        # every reader treats it as the same event.
+        await ctx.producer.send(spawned)
+        log.info(
+            "spawned %s for goal %s (%s prompt)", agent_id, event.goal_id, spawned.prompt_source
+        )
+
+    @app.agent(approvals)
+    async def spawn(stream: Any) -> None:
+        async for event in stream:
+            if not isinstance(event, SpawnApproved):
+                continue
+            try:
+                await _spawn(event)
+            except Exception:  # a failed spawn is logged; the router times the wait out
+                log.exception("spawn failed for %s", event.event_id)
+
+    await app.start()
+    try:
+        await stop.wait()
+    finally:
+        await app.stop()
+        if llm is not None:
+            await llm.aclose()

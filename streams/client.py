@@ -1,0 +1,239 @@
+"""The client SDK: ask the platform and await the answer, give feedback, set budgets.
+
+``OrchestratorClient.ask`` produces ``request_received`` and waits for the one
+terminal event of its run. Replies come through one consumer per client that
+is assigned every partition of the terminal topics and positioned at their end
+before the first request leaves, so no call pays for a group rebalance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+from pydantic import ValidationError
+
+from streams.clock import Clock, SystemClock
+from streams.errors import (
+    BudgetExceededError,
+    InvalidRequest,
+    LLMFailure,
+    RunFailed,
+    RunRejected,
+    RunTimeout,
+)
+from streams.events import (
+    BudgetUpdateRequested,
+    Event,
+    FeedbackReceived,
+    RequestReceived,
+    WorkflowCompleted,
+    WorkflowFailed,
+)
+from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+
+__all__ = ["Answer", "OrchestratorClient", "invalid_request"]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a run answered, and how."""
+
+    run_id: str
+    agent_id: str | None
+    specialty: str
+    text: str
+    cost_usd: float
+    latency_ms: float
+    degradation_tier: str
+
+    @classmethod
+    def from_event(cls, event: WorkflowCompleted, latency_ms: float) -> Answer:
+        return cls(
+            run_id=event.run_id,
+            agent_id=event.agent_id,
+            specialty=event.specialty,
+            text=event.text,
+            cost_usd=event.cost_usd,
+            latency_ms=latency_ms,
+            degradation_tier=event.degradation_tier,
+        )
+
+
+def invalid_request(exc: ValidationError) -> InvalidRequest:
+    """One readable line per problem, without pydantic's internals."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}")
+    return InvalidRequest("; ".join(parts))
+
+
+def _failure(event: WorkflowFailed) -> RunFailed:
+    if event.reason == "budget_exceeded":
+        return BudgetExceededError(event.run_id, event.reason, event.detail, event.limit)
+    if event.reason == "llm_failure":
+        return LLMFailure(event.run_id, event.reason, event.detail)
+    return RunRejected(event.run_id, event.reason, event.detail, event.limit)
+
+
+class OrchestratorClient:
+    """Async client of the platform; use as ``async with OrchestratorClient() as c``."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings | None = None,
+        *,
+        source: str = "sdk",
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings or KafkaSettings.from_env()
+        self.source = source
+        self.clock = clock or SystemClock()
+        self._producer = EventProducer(self.settings, client_id=f"orchestrator.{source}")
+        self._replies = EventConsumer(
+            self.settings,
+            ["workflow_completed", "workflow_failed"],
+            group_id=None,
+            from_end=True,
+            source=source,
+            fetch_max_wait_ms=20,
+        )
+        self._waiting: dict[str, asyncio.Future[Event]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._producer.start()
+        await self._replies.start()
+        self._reader = asyncio.create_task(self._read_replies(), name="orchestrator-replies")
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._replies.stop()
+        await self._producer.stop()
+
+    async def __aenter__(self) -> OrchestratorClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _read_replies(self) -> None:
+        async for batch in self._replies.batches(timeout_ms=1000):
+            for delivery in batch:
+                run_id = delivery.event.run_id
+                future = self._waiting.get(run_id) if run_id else None
+                if future is not None and not future.done():
+                    future.set_result(delivery.event)
+
+    def request(
+        self,
+        message: str,
+        *,
+        goal_id: str,
+        user_id: str,
+        context: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> RequestReceived:
+        """The validated request event, or :class:`InvalidRequest` before anything is sent."""
+        now = self.clock.now()
+        try:
+            return RequestReceived(
+                source=self.source,
+                run_id=str(uuid.uuid4()),
+                goal_id=goal_id,
+                user_id=user_id,
+                message=message,
+                context={str(k): str(v) for k, v in (context or {}).items()},
+                occurred_at=now,
+                deadline_at=now + timedelta(seconds=timeout),
+            )
+        except ValidationError as exc:
+            raise invalid_request(exc) from None
+
+    async def ask(
+        self,
+        message: str,
+        *,
+        goal_id: str,
+        user_id: str,
+        context: dict[str, str] | None = None,
+        timeout: float = 30.0,
+    ) -> Answer:
+        """Send a request and wait for its answer; a failed run raises a typed error."""
+        request = self.request(
+            message, goal_id=goal_id, user_id=user_id, context=context, timeout=timeout
+        )
+        assert request.run_id is not None
+        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._waiting[request.run_id] = future
+        started = self.clock.monotonic()
+        try:
+            await self._producer.send(request)
+            try:
+                event = await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                raise RunTimeout(request.run_id, timeout) from None
+        finally:
+            self._waiting.pop(request.run_id, None)
+        latency_ms = (self.clock.monotonic() - started) * 1000.0
+        if isinstance(event, WorkflowCompleted):
+            return Answer.from_event(event, latency_ms)
+        assert isinstance(event, WorkflowFailed)
+        raise _failure(event)
+
+    async def feedback(
+        self,
+        run_id: str,
+        *,
+        user_id: str,
+        score: int | None = None,
+        text: str = "",
+        channel: str = "sdk",
+    ) -> FeedbackReceived:
+        """Tell the platform how a run went (``/improve``); returns the event sent."""
+        try:
+            event = FeedbackReceived(
+                source=self.source,
+                run_id=run_id,
+                user_id=user_id,
+                score=score,
+                text=text,
+                channel=channel,
+                occurred_at=self.clock.now(),
+            )
+        except ValidationError as exc:
+            raise invalid_request(exc) from None
+        await self._producer.send(event)
+        return event
+
+    async def set_budget(self, goal_id: str, **limits: Any) -> BudgetUpdateRequested:
+        """Change a goal's limits: max_agents, max_concurrent, max_daily_cost."""
+        allowed = {"max_agents", "max_concurrent", "max_daily_cost"}
+        unknown = sorted(set(limits) - allowed)
+        if unknown:
+            raise InvalidRequest(
+                f"unknown budget field(s) {', '.join(unknown)}; use {', '.join(sorted(allowed))}"
+            )
+        if not any(v is not None for v in limits.values()):
+            raise InvalidRequest("give at least one of max_agents, max_concurrent, max_daily_cost")
+        try:
+            event = BudgetUpdateRequested(
+                source=self.source, goal_id=goal_id, occurred_at=self.clock.now(), **limits
+            )
+        except ValidationError as exc:
+            raise invalid_request(exc) from None
+        await self._producer.send(event)
+        return event

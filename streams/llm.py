@@ -1,0 +1,479 @@
+"""The LLM endpoint seam: settings, prices, the OpenAI-compatible adapter and an in-memory fake."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Protocol, cast, runtime_checkable
+
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+
+from streams.clock import Clock, SystemClock
+from streams.errors import OrchestratorError
+
+__all__ = [
+    "DEFAULT_PRICES",
+    "META_FIELD",
+    "Completion",
+    "InMemoryLLM",
+    "LLMCall",
+    "LLMClient",
+    "LLMError",
+    "LLMRejected",
+    "LLMSettings",
+    "LLMUnavailable",
+    "ModelPrice",
+    "OpenAILLM",
+    "PriceTable",
+    "Reply",
+    "cost_usd",
+    "create_llm",
+    "default_answer",
+    "estimate_tokens",
+]
+
+META_FIELD = "x_orchestrator"
+"""Top-level response field whose string values become :attr:`Completion.meta`."""
+
+_OPENAI_URL = "https://api.openai.com/v1"
+# Local compatible servers ignore the key, but the openai client refuses to start without one.
+_PLACEHOLDER_KEY = "not-needed"
+
+
+class LLMError(OrchestratorError):
+    """The LLM endpoint did not produce an answer (base of the LLM failures)."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)
+
+
+class LLMUnavailable(LLMError):
+    """Not configured, unreachable, timed out, rate limited or 5xx after the retries."""
+
+
+class LLMRejected(LLMError):
+    """The endpoint refused this request (4xx other than 429): retrying cannot help."""
+
+
+# ---------------------------------------------------------------------------------------
+# Prices
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """USD per one million input (prompt) and output (completion) tokens."""
+
+    input_per_m: float
+    output_per_m: float
+
+
+DEFAULT_PRICES: Mapping[str, ModelPrice] = {
+    "gpt-4o-mini": ModelPrice(0.15, 0.60),
+    "gpt-4o": ModelPrice(2.50, 10.00),
+    "gpt-4.1": ModelPrice(2.00, 8.00),
+    "gpt-4.1-mini": ModelPrice(0.40, 1.60),
+    "gpt-4.1-nano": ModelPrice(0.10, 0.40),
+    "o3-mini": ModelPrice(1.10, 4.40),
+    "gpt-3.5-turbo": ModelPrice(0.50, 1.50),
+}
+# Unknown models are priced like a large model: over-counting keeps budgets safe,
+# under-counting would let a goal overspend.
+_DEFAULT_PRICE = ModelPrice(2.50, 10.00)
+
+
+@dataclass(frozen=True, eq=False)
+class PriceTable:
+    """Prices by model name; a dated snapshot (``gpt-4o-2024-08-06``) takes its family's price."""
+
+    prices: Mapping[str, ModelPrice] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+    default: ModelPrice = _DEFAULT_PRICE
+
+    @classmethod
+    def from_json(cls, text: str) -> PriceTable:
+        """The built-in table overridden by ``{"model": [in, out] | {"input": x, "output": y}}``.
+
+        The key ``"default"`` replaces the price of unknown models.
+        """
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"ORCH_LLM_PRICES is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ValueError("ORCH_LLM_PRICES must be a JSON object of model -> price")
+        prices = dict(DEFAULT_PRICES)
+        default = _DEFAULT_PRICE
+        for name, value in raw.items():
+            price = _parse_price(name, value)
+            if name == "default":
+                default = price
+            else:
+                prices[name] = price
+        return cls(prices, default)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PriceTable:
+        text = (os.environ if environ is None else environ).get("ORCH_LLM_PRICES", "")
+        return _table_for(text)
+
+    def price(self, model: str) -> ModelPrice:
+        found = self.prices.get(model)
+        if found is not None:
+            return found
+        # Longest prefix wins, so "gpt-4o-mini-2024-07-18" is not priced as "gpt-4o".
+        family = max((name for name in self.prices if model.startswith(name)), key=len, default="")
+        return self.prices[family] if family else self.default
+
+    def cost_usd(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
+        price = self.price(model)
+        return (prompt_tokens * price.input_per_m + completion_tokens * price.output_per_m) / 1e6
+
+
+def _parse_price(name: str, value: object) -> ModelPrice:
+    if isinstance(value, dict):
+        value = [value.get("input"), value.get("output")]
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        return ModelPrice(float(value[0]), float(value[1]))
+    raise ValueError(
+        f"ORCH_LLM_PRICES[{name!r}]: want [input, output] or "
+        f'{{"input": x, "output": y}} in USD per 1M tokens, got {value!r}'
+    )
+
+
+@lru_cache(maxsize=8)
+def _table_for(text: str) -> PriceTable:
+    # Cached by the variable's text: cost_usd runs per call, the JSON changes almost never.
+    return PriceTable.from_json(text) if text.strip() else PriceTable()
+
+
+def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float:
+    """Cost of one call with the built-in prices, overridden by ``ORCH_LLM_PRICES``."""
+    return PriceTable.from_env().cost_usd(model, prompt_tokens, completion_tokens)
+
+
+# ---------------------------------------------------------------------------------------
+# Settings
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class LLMSettings:
+    """Where the OpenAI-compatible endpoint is and how patiently to call it.
+
+    ``timeout_s`` bounds a whole call; within it the client retries connection
+    errors, 429 and 5xx up to ``max_retries`` times with backoff (honouring
+    ``Retry-After``).
+    """
+
+    base_url: str | None = None
+    api_key: str | None = None
+    model: str = "gpt-4o-mini"
+    timeout_s: float = 30.0
+    max_retries: int = 2
+    prices: PriceTable = field(default_factory=PriceTable)
+
+    @property
+    def configured(self) -> bool:
+        """False when neither a base URL nor a key is set: the platform then runs degraded."""
+        return bool(self.base_url or self.api_key)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LLMSettings:
+        env = os.environ if environ is None else environ
+        retries = _env_number(env, "ORCH_LLM_MAX_RETRIES", 2)
+        if retries != int(retries):
+            raise ValueError(f"ORCH_LLM_MAX_RETRIES must be a whole number, got {retries}")
+        return cls(
+            base_url=env.get("OPENAI_BASE_URL", "").strip() or None,
+            api_key=env.get("OPENAI_API_KEY", "").strip() or None,
+            model=env.get("ORCH_LLM_MODEL", "").strip() or "gpt-4o-mini",
+            timeout_s=_env_number(env, "ORCH_LLM_TIMEOUT", 30.0),
+            max_retries=int(retries),
+            prices=PriceTable.from_env(env),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The seam
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One answer from the endpoint, with what it cost."""
+
+    text: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    latency_ms: float
+    raw_finish_reason: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+    """Hidden fields a simulated endpoint sends in the response's ``x_orchestrator`` object."""
+
+
+@runtime_checkable
+class LLMClient(Protocol):
+    """A chat-completion endpoint.
+
+    ``complete`` returns a :class:`Completion` or raises :class:`LLMUnavailable`
+    (worth degrading or retrying later) or :class:`LLMRejected` (this request is wrong).
+    """
+
+    async def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        temperature: float = 0.7,
+        model: str | None = None,
+        max_tokens: int | None = None,
+    ) -> Completion: ...
+
+    async def aclose(self) -> None: ...
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters a token: the usual rule of thumb for English text."""
+    return math.ceil(len(text) / 4)
+
+
+def _estimate_prompt(messages: Sequence[Mapping[str, str]]) -> int:
+    return sum(estimate_tokens(m.get("content", "")) for m in messages)
+
+
+def default_answer(messages: Sequence[Mapping[str, str]], model: str) -> str:
+    """A deterministic answer that shows which model, system prompt and question produced it."""
+    system = next((m.get("content", "") for m in messages if m.get("role") == "system"), "")
+    question = next(
+        (m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), ""
+    )
+    # crc32, not hash(): the answer must be the same in every process.
+    persona = f" (system {zlib.crc32(system.encode()):08x})" if system else ""
+    return f"[{model}]{persona} answer to: {question[:80]}"
+
+
+class OpenAILLM:
+    """The real adapter: any OpenAI-compatible endpoint through ``openai.AsyncOpenAI``."""
+
+    def __init__(self, settings: LLMSettings, clock: Clock | None = None) -> None:
+        if not settings.configured:
+            raise LLMUnavailable("no LLM endpoint configured (OPENAI_BASE_URL / OPENAI_API_KEY)")
+        self.settings = settings
+        self._clock = clock or SystemClock()
+        self._client = openai.AsyncOpenAI(
+            base_url=settings.base_url or _OPENAI_URL,
+            api_key=settings.api_key or _PLACEHOLDER_KEY,
+            timeout=settings.timeout_s,
+            max_retries=settings.max_retries,
+        )
+
+    async def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        temperature: float = 0.7,
+        model: str | None = None,
+        max_tokens: int | None = None,
+    ) -> Completion:
+        wanted = model or self.settings.model
+        extra: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
+        started = self._clock.monotonic()
+        timeout_s = self.settings.timeout_s
+        try:
+            # The client's own timeout is per attempt; this one bounds the retries too,
+            # so a caller waits about timeout_s at most, whatever the endpoint does.
+            async with asyncio.timeout(timeout_s):
+                response = await self._client.chat.completions.create(
+                    model=wanted,
+                    messages=cast(list[ChatCompletionMessageParam], messages),
+                    temperature=temperature,
+                    **extra,
+                )
+        except openai.APIStatusError as exc:
+            raise _status_error(exc) from exc
+        except (TimeoutError, openai.APITimeoutError) as exc:
+            raise LLMUnavailable(f"LLM endpoint timed out after {timeout_s:g} s") from exc
+        except openai.APIConnectionError as exc:
+            raise LLMUnavailable(f"LLM endpoint unreachable: {exc.__cause__ or exc}") from exc
+        except openai.OpenAIError as exc:
+            raise LLMUnavailable(f"LLM endpoint answered unusably: {exc}") from exc
+        latency_ms = (self._clock.monotonic() - started) * 1000.0
+        if not response.choices:
+            raise LLMUnavailable("LLM endpoint answered without choices")
+        choice = response.choices[0]
+        text = choice.message.content or ""
+        answered_by = response.model or wanted
+        if response.usage is not None:
+            prompt_tokens = response.usage.prompt_tokens
+            completion_tokens = response.usage.completion_tokens
+        else:
+            # Some compatible servers omit usage; an estimate keeps budgets counting.
+            prompt_tokens = _estimate_prompt(messages)
+            completion_tokens = estimate_tokens(text)
+        return Completion(
+            text=text,
+            model=answered_by,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=self.settings.prices.cost_usd(answered_by, prompt_tokens, completion_tokens),
+            latency_ms=latency_ms,
+            raw_finish_reason=choice.finish_reason,
+            meta=_meta(response.model_extra),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _status_error(exc: openai.APIStatusError) -> LLMError:
+    status = exc.status_code
+    message = f"LLM endpoint answered HTTP {status}: {exc.message}"
+    # 408 and 429 are the endpoint's capacity, not the request's fault.
+    if status in (408, 429) or status >= 500:
+        return LLMUnavailable(message, status_code=status)
+    return LLMRejected(message, status_code=status)
+
+
+def _meta(extra: Mapping[str, Any] | None) -> dict[str, str]:
+    hidden = (extra or {}).get(META_FIELD)
+    if not isinstance(hidden, dict):
+        return {}
+    return {str(key): str(value) for key, value in hidden.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# In-memory fake
+
+Reply = str | tuple[str, Mapping[str, str]]
+"""What a scripted or computed in-memory reply is: the text, optionally with meta."""
+
+
+@dataclass(frozen=True)
+class LLMCall:
+    """One call an :class:`InMemoryLLM` received."""
+
+    messages: list[dict[str, str]]
+    temperature: float
+    model: str
+    max_tokens: int | None
+
+
+class InMemoryLLM:
+    """An :class:`LLMClient` without a network, for unit tests.
+
+    ``replies`` is a script (texts, ``(text, meta)`` pairs or :class:`LLMError`
+    instances to raise, consumed in order) or a function of the messages; by default
+    it answers :func:`default_answer`. Tokens are estimated from text length.
+    """
+
+    def __init__(
+        self,
+        replies: Iterable[Reply | LLMError] | Callable[[list[dict[str, str]]], Reply] | None = None,
+        *,
+        model: str = "gpt-4o-mini",
+        fail_times: int = 0,
+        delay_s: float = 0.0,
+        prices: PriceTable | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self._script: list[Reply | LLMError] | None = None
+        self._function: Callable[[list[dict[str, str]]], Reply] | None = None
+        if callable(replies):
+            self._function = replies
+        elif replies is not None:
+            self._script = list(replies)
+        self.model = model
+        self.delay_s = delay_s
+        self.calls: list[LLMCall] = []
+        self.closed = False
+        self._fail_times = fail_times
+        self._prices = prices or PriceTable()
+        self._clock = clock or SystemClock()
+
+    def fail_next(self, times: int) -> None:
+        """Raise :class:`LLMUnavailable` on the next ``times`` calls."""
+        self._fail_times = times
+
+    async def complete(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        temperature: float = 0.7,
+        model: str | None = None,
+        max_tokens: int | None = None,
+    ) -> Completion:
+        if self.closed:
+            raise RuntimeError("InMemoryLLM used after aclose()")
+        wanted = model or self.model
+        self.calls.append(LLMCall([dict(m) for m in messages], temperature, wanted, max_tokens))
+        started = self._clock.monotonic()
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self._fail_times > 0:
+            self._fail_times -= 1
+            raise LLMUnavailable("InMemoryLLM: configured failure")
+        reply = self._next_reply(messages, wanted)
+        text, meta = (reply, {}) if isinstance(reply, str) else (reply[0], dict(reply[1]))
+        prompt_tokens = _estimate_prompt(messages)
+        completion_tokens = estimate_tokens(text)
+        if max_tokens is not None and completion_tokens > max_tokens:
+            text = text[: max_tokens * 4]
+            completion_tokens = max_tokens
+            finish = "length"
+        else:
+            finish = "stop"
+        return Completion(
+            text=text,
+            model=wanted,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=self._prices.cost_usd(wanted, prompt_tokens, completion_tokens),
+            latency_ms=(self._clock.monotonic() - started) * 1000.0,
+            raw_finish_reason=finish,
+            meta=meta,
+        )
+
+    def _next_reply(self, messages: list[dict[str, str]], model: str) -> Reply:
+        if self._function is not None:
+            return self._function(messages)
+        if self._script is None:
+            return default_answer(messages, model)
+        if not self._script:
+            # A test that runs out of script has a wrong expectation; say so loudly.
+            raise RuntimeError(f"InMemoryLLM: no scripted reply left for call {len(self.calls)}")
+        reply = self._script.pop(0)
+        if isinstance(reply, LLMError):
+            raise reply
+        return reply
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def create_llm(settings: LLMSettings | None = None, clock: Clock | None = None) -> LLMClient | None:
+    """The configured endpoint, or None when none is configured (the platform then degrades)."""
+    settings = settings or LLMSettings.from_env()
+    return OpenAILLM(settings, clock) if settings.configured else None

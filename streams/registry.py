@@ -1,0 +1,142 @@
+"""The agent registry view every instance builds from ``agent_spawned`` and ``agent_retired``.
+
+The spawner owns the registry; everyone else (router, loader, CLI) folds the
+registry's events into this view, read outside any consumer group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streams.codec import default_codec
+from streams.errors import DecodeError
+from streams.events import AgentRetired, AgentSpawned, Event
+from streams.kafka import KafkaSettings
+
+__all__ = ["AgentRecord", "RegistryView", "read_topics_to_end"]
+
+REGISTRY_TOPICS = ("agent_spawned", "agent_retired")
+
+
+@dataclass
+class AgentRecord:
+    """An agent's configuration as the registry holds it."""
+
+    agent_id: str
+    goal_id: str
+    specialty: str
+    system_prompt: str
+    temperature: float
+    tools: list[str]
+    model: str
+    prompt_source: str
+    version: int
+    spawned_at: datetime
+    retired: bool = False
+
+    @classmethod
+    def from_event(cls, e: AgentSpawned) -> AgentRecord:
+        return cls(
+            agent_id=e.agent_id,
+            goal_id=e.goal_id or "",
+            specialty=e.specialty,
+            system_prompt=e.system_prompt,
+            temperature=e.temperature,
+            tools=list(e.tools),
+            model=e.model,
+            prompt_source=e.prompt_source,
+            version=e.version,
+            spawned_at=e.occurred_at,
+        )
+
+
+@dataclass
+class RegistryView:
+    """Agents by id, with a per-goal, per-specialty index of the live ones."""
+
+    agents: dict[str, AgentRecord] = field(default_factory=dict)
+
+    def apply(self, event: Event) -> AgentRecord | None:
+        """Fold one registry event in; returns the record it touched."""
+        if isinstance(event, AgentSpawned):
+            known = self.agents.get(event.agent_id)
+            if known is not None and known.version > event.version:
+                return known  # an older config arriving late never overrides a newer one
+            record = AgentRecord.from_event(event)
+            if known is not None:
+                record.retired = known.retired
+            self.agents[event.agent_id] = record
+            return record
+        if isinstance(event, AgentRetired):
+            record = self.agents.get(event.agent_id)
+            if record is not None:
+                record.retired = True
+            return record
+        return None
+
+    def live(self, goal_id: str | None = None, specialty: str | None = None) -> list[AgentRecord]:
+        return [
+            a
+            for a in self.agents.values()
+            if not a.retired
+            and (goal_id is None or a.goal_id == goal_id)
+            and (specialty is None or a.specialty == specialty)
+        ]
+
+    def get(self, agent_id: str) -> AgentRecord | None:
+        return self.agents.get(agent_id)
+
+    @classmethod
+    async def load(cls, settings: KafkaSettings) -> RegistryView:
+        view = cls()
+        for event in await read_topics_to_end(settings, REGISTRY_TOPICS):
+            view.apply(event)
+        return view
+
+
+async def read_topics_to_end(
+    settings: KafkaSettings, topics: Iterable[str], *, timeout: float = 30.0
+) -> list[Event]:
+    """Every decodable event now in ``topics``, read from the beginning, outside any group."""
+    codec = default_codec()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50
+    )
+    await consumer.start()
+    out: list[Event] = []
+    try:
+        parts: list[TopicPartition] = []
+        for name in topics:
+            physical = settings.topic(name)
+            found = consumer.partitions_for_topic(physical)
+            if not found:
+                await consumer._client.force_metadata_update()  # noqa: SLF001
+                found = consumer.partitions_for_topic(physical) or set()
+            parts.extend(TopicPartition(physical, p) for p in sorted(found))
+        if not parts:
+            return out
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        remaining = {tp for tp in parts if ends[tp] > 0}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while remaining and loop.time() < deadline:
+            batch = await consumer.getmany(*remaining, timeout_ms=200)
+            for tp, records in batch.items():
+                for r in records:
+                    try:
+                        out.append(codec.decode(r.value, topic=settings.logical(tp.topic)))
+                    except DecodeError:
+                        continue  # the owning service dead-letters it; a view skips it
+            for tp in list(remaining):
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return out
+    finally:
+        await consumer.stop()

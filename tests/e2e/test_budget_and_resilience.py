@@ -1,0 +1,193 @@
+"""Budgets under concurrency, LRU loading, degradation and crashes, all through real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from streams.errors import BudgetExceededError
+from streams.events import DeadLetter, LlmCallCompleted
+
+from services.budget.view import read_budget
+
+pytestmark = pytest.mark.e2e
+
+
+async def _set_budget(platform, client, goal: str, **limits) -> dict:
+    await client.set_budget(goal, **limits)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        view = await read_budget(platform.settings, goal)
+        if view and all(view[k] == v for k, v in limits.items()):
+            return view
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"budget of {goal} never showed {limits}")
+
+
+async def test_fifty_concurrent_asks_spawn_exactly_max_agents(platform, client):
+    goal = "g-max-agents"
+    await _set_budget(platform, client, goal, max_agents=3)
+    results = await asyncio.gather(
+        *[
+            client.ask(f"task {i}", goal_id=goal, user_id="u1", context={"specialty": f"s{i}"})
+            for i in range(50)
+        ],
+        return_exceptions=True,
+    )
+    answers = [r for r in results if not isinstance(r, BaseException)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert len(answers) == 3
+    assert len(failures) == 47
+    assert all(isinstance(f, BudgetExceededError) and f.limit == "max_agents" for f in failures)
+    assert all("max_agents is 3" in f.detail for f in failures)
+    spawned = [e for e in await platform.events("agent_spawned") if e.goal_id == goal]
+    assert len(spawned) == 3
+    assert (await read_budget(platform.settings, goal))["agents"] == 3
+
+
+async def test_max_concurrent_holds_under_a_burst(platform, client):
+    goal = "g-concurrent"
+    await _set_budget(platform, client, goal, max_concurrent=2)
+    platform.llm.configure(latency_ms=150)
+    try:
+        answers = await asyncio.gather(
+            *[
+                client.ask(f"Explain the history of topic {i}", goal_id=goal, user_id="u1")
+                for i in range(12)
+            ]
+        )
+    finally:
+        platform.llm.configure(latency_ms=0)
+    assert len(answers) == 12 and all(a.degradation_tier == "llm" for a in answers)
+    runs = {a.run_id for a in answers}
+    admitted = {
+        e.run_id: e.occurred_at for e in await platform.events("task_admitted") if e.run_id in runs
+    }
+    ended = {
+        e.run_id: e.occurred_at
+        for e in await platform.events("workflow_completed")
+        if e.run_id in runs
+    }
+    assert set(admitted) == set(ended) == runs
+    # At every admission, fewer than 2 other runs of the goal were admitted and not yet ended.
+    for run, start in admitted.items():
+        overlapping = [r for r in runs if r != run and admitted[r] <= start < ended[r]]
+        assert len(overlapping) <= 1, (run, overlapping)
+
+
+async def test_redelivered_llm_cost_is_charged_once(platform, client):
+    goal = f"g-redeliver-{uuid.uuid4().hex[:6]}"
+    await _set_budget(platform, client, goal, max_agents=5)
+    call = LlmCallCompleted(
+        source="test", run_id="r-1", goal_id=goal, model="gpt-4o-mini", cost_usd=0.25
+    )
+    producer = client._producer  # the SDK's own producer; the event is sent twice as is
+    await producer.send(call)
+    await producer.send(call)
+    # Same key, same partition: once this marker is counted, the duplicate was seen too.
+    marker = call.model_copy(update={"event_id": str(uuid.uuid4()), "cost_usd": 0.5})
+    await producer.send(marker)
+    deadline = time.monotonic() + 20
+    while True:
+        view = await read_budget(platform.settings, goal)
+        if (view and view["spent_today"] >= 0.75) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert view["spent_today"] == pytest.approx(0.75)
+
+
+async def test_lru_evicts_the_least_recently_used_and_reloads_it_lazily(platform, client):
+    goal = "g-lru"
+    first = await client.ask("hello", goal_id=goal, user_id="u1", context={"specialty": "lru0"})
+    for i in range(1, 51):
+        await client.ask("hello", goal_id=goal, user_id="u1", context={"specialty": f"lru{i}"})
+    evicted = [e.agent_id for e in await platform.events("agent_evicted")]
+    assert first.agent_id in evicted
+    again = await client.ask(
+        "hello again", goal_id=goal, user_id="u1", context={"specialty": "lru0"}
+    )
+    assert again.agent_id == first.agent_id  # the same agent, from the registry
+    loads = [e for e in await platform.events("agent_loaded") if e.agent_id == first.agent_id]
+    assert len(loads) == 2
+    assert all(e.active_agents <= 50 for e in await platform.events("agent_loaded"))
+
+
+async def test_llm_down_answers_from_a_lower_tier_and_says_so(platform, client):
+    platform.llm.configure(mode="down")
+    try:
+        keyword = await client.ask("I need a refund for my order", goal_id="g-down", user_id="u1")
+        static = await client.ask("hello there", goal_id="g-down", user_id="u1")
+    finally:
+        platform.llm.configure(mode="ok")
+    assert keyword.degradation_tier == "keyword"
+    assert keyword.text.startswith("[degraded: keyword tier")
+    assert keyword.cost_usd == 0
+    assert static.degradation_tier == "static_fallback"
+    assert static.text.startswith("[degraded: static fallback")
+    await asyncio.sleep(1.2)  # the breaker's cool-down in this platform
+    back = await client.ask("hello there", goal_id="g-down", user_id="u1")
+    assert back.degradation_tier == "llm"
+
+
+async def test_bad_bytes_go_to_dead_letter_and_the_router_keeps_serving(platform, client):
+    await client._producer.send_raw("request_received", b"\x00\x01 not an event", key=b"junk")
+    answer = await client.ask("still there?", goal_id="g-dead", user_id="u1")
+    assert answer.text
+    letters = [
+        e for e in await platform.events("dead_letter") if e.payload == b"\x00\x01 not an event"
+    ]
+    assert len(letters) == 1 and isinstance(letters[0], DeadLetter)
+    assert letters[0].source == "router" and "C3 01" in letters[0].reason
+
+
+async def test_loader_killed_mid_request_still_ends_in_exactly_one_terminal_event(platform, client):
+    platform.llm.configure(latency_ms=2500)
+    ask = asyncio.create_task(
+        client.ask("Explain why the sky is blue", goal_id="g-crash", user_id="u1", timeout=60)
+    )
+    try:
+        deadline = time.monotonic() + 20
+        started = []
+        while not started and time.monotonic() < deadline:
+            await asyncio.sleep(0.3)
+            started = [
+                e for e in await platform.events("workflow_started") if e.goal_id == "g-crash"
+            ]
+        assert started, "the task never reached the loader"
+        platform.kill("loader")
+        platform.llm.configure(latency_ms=0)
+        platform.start("loader")
+        answer = await ask
+    finally:
+        platform.llm.configure(latency_ms=0)
+    assert answer.degradation_tier == "llm"
+    terminals = [
+        *await platform.events("workflow_completed", run_id=answer.run_id),
+        *await platform.events("workflow_failed", run_id=answer.run_id),
+    ]
+    assert len(terminals) == 1
+
+
+async def test_daily_cost_stops_a_goal_and_the_next_utc_day_reopens_it(platform, client):
+    goal = "g-daily"
+    await _set_budget(platform, client, goal, max_daily_cost=0.08)
+    stopped = None
+    for i in range(12):
+        try:
+            await client.ask(f"Write a short poem number {i}", goal_id=goal, user_id="u1")
+        except BudgetExceededError as exc:
+            stopped = exc
+            break
+    assert stopped is not None and stopped.limit == "max_daily_cost"
+    view = await read_budget(platform.settings, goal)
+    assert view["spent_today"] <= 0.08
+    platform.move_clock(86400)
+    try:
+        await asyncio.sleep(0.5)
+        answer = await client.ask("Write one more poem", goal_id=goal, user_id="u1")
+        assert answer.degradation_tier == "llm"
+    finally:
+        platform.move_clock(-86400)

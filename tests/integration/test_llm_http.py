@@ -1,0 +1,388 @@
+"""The real openai client path over HTTP against the fake OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from streams.fake_openai import (
+    FakeOpenAIServer,
+    Usage,
+    remote_control,
+    remote_stats,
+    subprocess_server,
+)
+from streams.llm import (
+    InMemoryLLM,
+    LLMClient,
+    LLMRejected,
+    LLMSettings,
+    LLMUnavailable,
+    OpenAILLM,
+    PriceTable,
+    default_answer,
+)
+
+ASK = [
+    {"role": "system", "content": "You are a billing specialist."},
+    {"role": "user", "content": "Why was I charged twice this month?"},
+]
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FakeOpenAIServer]:
+    async with FakeOpenAIServer(port=0) as srv:
+        yield srv
+
+
+def llm_for(srv: FakeOpenAIServer, *, timeout_s: float = 5.0, max_retries: int = 2) -> OpenAILLM:
+    return OpenAILLM(
+        LLMSettings(base_url=srv.base_url, timeout_s=timeout_s, max_retries=max_retries)
+    )
+
+
+Connect = Callable[..., OpenAILLM]
+
+
+@pytest.fixture
+async def connect(server: FakeOpenAIServer) -> AsyncIterator[Connect]:
+    """``connect(timeout_s=..., max_retries=...)``: adapters to the server, closed after."""
+    made: list[OpenAILLM] = []
+
+    def make(**options: Any) -> OpenAILLM:
+        made.append(llm_for(server, **options))
+        return made[-1]
+
+    yield make
+    for llm in made:
+        await llm.aclose()
+
+
+# -- one contract, both adapters ----------------------------------------------------------
+
+
+@dataclass
+class Harness:
+    llm: LLMClient
+    fail: Callable[[], None]  # every call fails until recover()
+    recover: Callable[[], None]
+    answer_with: Callable[[str, dict[str, str]], None]
+
+
+@pytest.fixture(params=["in_memory", "openai_http"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    if request.param == "in_memory":
+        script: dict[str, Any] = {}
+        memory = InMemoryLLM(
+            lambda messages: script.get("reply") or default_answer(messages, "gpt-4o-mini")
+        )
+        yield Harness(
+            memory,
+            fail=lambda: memory.fail_next(10**6),
+            recover=lambda: memory.fail_next(0),
+            answer_with=lambda text, meta: script.update(reply=(text, meta)),
+        )
+        await memory.aclose()
+        return
+    async with FakeOpenAIServer(port=0) as srv:
+        llm = llm_for(srv, max_retries=0)
+
+        def fail() -> None:
+            srv.configure(mode="error500")
+
+        def recover() -> None:
+            srv.configure(mode="ok")
+
+        def answer_with(text: str, meta: dict[str, str]) -> None:
+            srv.responder = lambda body: (text, None, meta)
+
+        yield Harness(llm, fail, recover, answer_with)
+        await llm.aclose()
+
+
+async def test_contract_answer_is_deterministic_and_costed(harness: Harness) -> None:
+    first = await harness.llm.complete(ASK, temperature=0.0)
+    again = await harness.llm.complete(ASK, temperature=0.0)
+    assert first.text == again.text == default_answer(ASK, "gpt-4o-mini")
+    assert first.model == "gpt-4o-mini"
+    assert first.prompt_tokens > 0 and first.completion_tokens > 0
+    expected = PriceTable().cost_usd("gpt-4o-mini", first.prompt_tokens, first.completion_tokens)
+    assert first.cost_usd == pytest.approx(expected)
+    assert first.raw_finish_reason == "stop"
+    assert first.meta == {}
+
+
+async def test_contract_failing_endpoint_is_unavailable_then_recovers(harness: Harness) -> None:
+    harness.fail()
+    with pytest.raises(LLMUnavailable):
+        await harness.llm.complete(ASK)
+    harness.recover()
+    assert (await harness.llm.complete(ASK)).text == default_answer(ASK, "gpt-4o-mini")
+
+
+async def test_contract_hidden_meta_reaches_the_completion(harness: Harness) -> None:
+    harness.answer_with("a careful answer", {"quality": "0.75"})
+    completion = await harness.llm.complete(ASK)
+    assert (completion.text, completion.meta) == ("a careful answer", {"quality": "0.75"})
+
+
+# -- the HTTP path in detail --------------------------------------------------------------
+
+
+async def test_answer_with_usage_and_cost(connect: Connect, server: FakeOpenAIServer) -> None:
+    llm = connect()
+    completion = await llm.complete(ASK)
+    text = default_answer(ASK, "gpt-4o-mini")
+    assert completion.text == text
+    # The fake counts words: 5 in the system prompt, 7 in the question.
+    assert completion.prompt_tokens == 12
+    assert completion.completion_tokens == len(text.split())
+    assert completion.cost_usd == pytest.approx(
+        (12 * 0.15 + completion.completion_tokens * 0.60) / 1e6
+    )
+    assert 0 < completion.latency_ms < 5000
+    assert server.stats()["by_status"] == {"200": 1}
+
+
+async def test_options_and_hidden_fields_cross_the_wire(
+    connect: Connect, server: FakeOpenAIServer
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def world(body: dict[str, Any]) -> tuple[str, Usage | None, dict[str, str]]:
+        seen.append(body)
+        return "hidden answer", Usage(11, 4), {"quality": "0.92", "topic": "billing"}
+
+    server.responder = world
+    llm = connect()
+    completion = await llm.complete(ASK, temperature=0.2, model="gpt-4.1-nano", max_tokens=50)
+    assert completion.text == "hidden answer"
+    assert completion.meta == {"quality": "0.92", "topic": "billing"}
+    assert (completion.prompt_tokens, completion.completion_tokens) == (11, 4)
+    assert completion.model == "gpt-4.1-nano"
+    assert completion.cost_usd == pytest.approx((11 * 0.10 + 4 * 0.40) / 1e6)
+    (body,) = seen
+    assert body["messages"] == ASK
+    assert (body["model"], body["temperature"], body["max_tokens"]) == ("gpt-4.1-nano", 0.2, 50)
+
+
+@pytest.mark.parametrize(
+    ("changes", "statuses", "at_least_s"),
+    [
+        ({"fail_next": 2}, {"200": 1, "500": 2}, 0.0),
+        ({"fail_next": 1, "fail_status": 429, "retry_after_ms": 300}, {"200": 1, "429": 1}, 0.3),
+    ],
+    ids=["500", "429_retry_after"],
+)
+async def test_retried_until_success(
+    connect: Connect,
+    server: FakeOpenAIServer,
+    changes: dict[str, Any],
+    statuses: dict[str, int],
+    at_least_s: float,
+) -> None:
+    server.configure(**changes)
+    llm = connect(max_retries=2)
+    started = time.monotonic()
+    completion = await llm.complete(ASK)
+    assert at_least_s <= time.monotonic() - started < 3.0
+    assert completion.text == default_answer(ASK, "gpt-4o-mini")
+    assert server.stats()["by_status"] == statuses
+    assert server.requests == sum(statuses.values())
+
+
+@pytest.mark.parametrize(
+    ("changes", "max_retries", "status"),
+    [({"fail_next": 5}, 1, 500), ({"mode": "error429", "retry_after_ms": 50}, 2, 429)],
+)
+async def test_unavailable_after_the_retries(
+    connect: Connect,
+    server: FakeOpenAIServer,
+    changes: dict[str, Any],
+    max_retries: int,
+    status: int,
+) -> None:
+    server.configure(**changes)
+    with pytest.raises(LLMUnavailable) as caught:
+        await connect(max_retries=max_retries).complete(ASK)
+    assert caught.value.status_code == status
+    assert server.requests == max_retries + 1
+
+
+async def test_streaming_is_refused_clearly(server: FakeOpenAIServer) -> None:
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="not-needed", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="does not stream"):
+        await client.chat.completions.create(model="m", messages=ASK, stream=True)  # type: ignore[arg-type]
+    await client.close()
+
+
+@pytest.mark.parametrize("cause", ["mode", "empty_messages"])
+async def test_400_is_rejected_without_retry(
+    connect: Connect, server: FakeOpenAIServer, cause: str
+) -> None:
+    llm = connect(max_retries=2)
+    messages: list[dict[str, str]] = ASK
+    if cause == "mode":
+        server.configure(mode="error400")
+    else:
+        messages = []
+    with pytest.raises(LLMRejected) as caught:
+        await llm.complete(messages)
+    assert caught.value.status_code == 400
+    assert server.requests == 1
+
+
+async def test_hang_is_unavailable_within_the_timeout(
+    connect: Connect, server: FakeOpenAIServer
+) -> None:
+    server.configure(mode="hang")
+    llm = connect(timeout_s=0.5, max_retries=2)
+    started = time.monotonic()
+    with pytest.raises(LLMUnavailable, match="timed out after 0.5 s"):
+        await llm.complete(ASK)
+    elapsed = time.monotonic() - started
+    # The deadline covers the retries too, so the caller waits about timeout_s, not 3x.
+    assert 0.45 <= elapsed < 1.0
+    assert server.stats()["by_status"] == {"hang": 1}
+
+
+async def test_nothing_listening_is_unavailable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    llm = OpenAILLM(LLMSettings(base_url=f"http://127.0.0.1:{port}/v1", max_retries=1))
+    started = time.monotonic()
+    with pytest.raises(LLMUnavailable, match="unreachable"):
+        await llm.complete(ASK)
+    await llm.aclose()
+    assert time.monotonic() - started < 3.0
+
+
+async def test_down_mode_resets_connections(connect: Connect, server: FakeOpenAIServer) -> None:
+    server.configure(mode="down")
+    llm = connect(max_retries=1)
+    with pytest.raises(LLMUnavailable, match="unreachable"):
+        await llm.complete(ASK)
+    assert server.stats()["by_status"] == {"reset": 2}
+
+
+async def test_injected_latency_and_small_server_time(
+    connect: Connect, server: FakeOpenAIServer
+) -> None:
+    llm = connect()
+    for _ in range(20):
+        await llm.complete(ASK)
+    server.configure(latency_ms=100)
+    slow = await llm.complete(ASK)
+    assert slow.latency_ms >= 100
+    stats = server.stats()
+    assert stats["requests"] == 21
+    # Handler time excludes the injected delay and stays far below a millisecond.
+    assert stats["server_us"]["count"] == 21
+    assert stats["server_us"]["p50"] < 1000
+
+
+async def test_models_endpoint(server: FakeOpenAIServer) -> None:
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="not-needed")
+    models = await client.models.list()
+    await client.close()
+    assert [m.id for m in models.data] == ["fake"]
+
+
+async def test_control_endpoint_over_http(connect: Connect, server: FakeOpenAIServer) -> None:
+    async with httpx.AsyncClient(base_url=server.root_url) as http:
+        changed = await http.post("/_control", json={"mode": "error500", "latency_ms": 5})
+        assert changed.status_code == 200
+        assert changed.json()["mode"] == "error500"
+        assert changed.json()["latency_ms"] == 5.0
+        refused = await http.post("/_control", json={"mode": "sideways", "fail_next": 1})
+        assert refused.status_code == 400
+        assert "mode must be one of" in refused.json()["error"]["message"]
+        # A refused change changes nothing, not even its valid part.
+        current = (await http.get("/_control")).json()
+        assert (current["mode"], current["fail_next"]) == ("error500", 0)
+        assert (await http.post("/_control", json={"colour": "red"})).status_code == 400
+
+        llm = connect(max_retries=0)
+        with pytest.raises(LLMUnavailable):
+            await llm.complete(ASK)
+        assert (await http.get("/_stats")).json()["by_status"] == {"500": 1}
+
+        await http.post("/_control", json={"mode": "ok", "reset_stats": True})
+        assert (await http.get("/_stats")).json()["requests"] == 0
+
+
+# -- sync use: a thread, another process --------------------------------------------------
+
+
+def test_server_in_a_thread_serves_sync_clients() -> None:
+    srv = FakeOpenAIServer().start_in_thread()
+    stats_url = f"{srv.root_url}/_stats"
+    try:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="not-needed", max_retries=0)
+        reply = client.chat.completions.create(model="gpt-4o-mini", messages=ASK)  # type: ignore[arg-type]
+        assert reply.choices[0].message.content == default_answer(ASK, "gpt-4o-mini")
+        remote_control(srv.base_url, mode="error500")
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="gpt-4o-mini", messages=ASK)  # type: ignore[arg-type]
+        assert remote_stats(srv.base_url)["by_status"] == {"200": 1, "500": 1}
+        client.close()
+    finally:
+        srv.stop()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(stats_url)
+
+
+def test_stop_releases_a_hanging_request_quickly() -> None:
+    with FakeOpenAIServer(port=0) as srv:
+        srv.configure(mode="hang")
+        statuses: list[int] = []
+        caller = threading.Thread(
+            target=lambda: statuses.append(
+                httpx.post(
+                    f"{srv.base_url}/chat/completions",
+                    json={"model": "m", "messages": ASK},
+                    timeout=30,
+                ).status_code
+            )
+        )
+        caller.start()
+        while srv.requests == 0:
+            time.sleep(0.01)
+        started = time.monotonic()
+    assert time.monotonic() - started < 3.0
+    caller.join(5)
+    assert statuses == [504]
+
+
+def test_a_taken_port_fails_to_start() -> None:
+    with FakeOpenAIServer(port=0) as first:
+        taken = FakeOpenAIServer(port=first.port)
+        with pytest.raises(OSError):
+            taken.start_in_thread()
+
+
+def test_command_line_server_is_controlled_from_another_process() -> None:
+    with subprocess_server("--latency-ms", "30") as base_url:
+        started = time.monotonic()
+        ok = httpx.post(f"{base_url}/chat/completions", json={"model": "m", "messages": ASK})
+        assert ok.status_code == 200
+        assert time.monotonic() - started >= 0.03
+        assert ok.json()["choices"][0]["message"]["content"] == default_answer(ASK, "m")
+        assert ok.json()["usage"] == {
+            "prompt_tokens": 12,
+            "completion_tokens": len(default_answer(ASK, "m").split()),
+            "total_tokens": 12 + len(default_answer(ASK, "m").split()),
+        }
+        assert remote_control(base_url, fail_next=1)["fail_next"] == 1
+        failed = httpx.post(f"{base_url}/chat/completions", json={"model": "m", "messages": ASK})
+        assert failed.status_code == 500
+        assert remote_stats(base_url)["by_status"] == {"200": 1, "500": 1}

@@ -1,0 +1,130 @@
+"""Budget rules of one goal: agents, concurrency, daily cost, idempotency, a moved clock."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from streams.clock import FakeClock
+from streams.events import (
+    BudgetExceeded,
+    BudgetUpdateRequested,
+    LlmCallCompleted,
+    SpawnApproved,
+    SpawnDenied,
+    SpawnRequested,
+    TaskAdmitted,
+    TaskRequested,
+    WorkflowCompleted,
+    WorkflowFailed,
+)
+
+from services.budget.state import BudgetDefaults, BudgetState
+
+DEFAULTS = BudgetDefaults(task_reserve_usd=0.01)
+
+
+def _state(**limits) -> BudgetState:
+    state = BudgetState.new("g1", DEFAULTS)
+    for k, v in limits.items():
+        setattr(state, k, v)
+    return state
+
+
+def _task(i: int) -> TaskRequested:
+    return TaskRequested(
+        source="router",
+        run_id=f"r{i}",
+        goal_id="g1",
+        user_id="u1",
+        agent_id="a1",
+        specialty="code",
+        message=f"task {i}",
+    )
+
+
+def _done(i: int) -> WorkflowCompleted:
+    return WorkflowCompleted(
+        source="loader", run_id=f"r{i}", goal_id="g1", specialty="code", text="ok"
+    )
+
+
+def _cost(i: int, usd: float, when: datetime) -> LlmCallCompleted:
+    return LlmCallCompleted(
+        source="loader", run_id=f"r{i}", goal_id="g1", model="m", cost_usd=usd, occurred_at=when
+    )
+
+
+def test_spawns_stop_at_max_agents_with_the_limit_named():
+    clock = FakeClock()
+    state = _state(max_agents=3)
+    out = []
+    for i in range(10):
+        req = SpawnRequested(source="router", goal_id="g1", run_id=f"r{i}", specialty=f"s{i}")
+        out.extend(state.handle(req, clock.now(), DEFAULTS).events)
+    approved = [e for e in out if isinstance(e, SpawnApproved)]
+    denied = [e for e in out if isinstance(e, SpawnDenied)]
+    assert len(approved) == 3 and len(denied) == 7
+    assert all(d.limit == "max_agents" for d in denied)
+    assert sum(isinstance(e, BudgetExceeded) for e in out) == 7
+
+
+def test_concurrency_queues_beyond_the_limit_and_admits_on_release():
+    clock = FakeClock()
+    state = _state(max_concurrent=2)
+    admitted = []
+    for i in range(5):
+        admitted += [e for e in state.handle(_task(i), clock.now(), DEFAULTS).events]
+    assert [e.run_id for e in admitted] == ["r0", "r1"]
+    assert all(isinstance(e, TaskAdmitted) for e in admitted)
+    assert len(state.queue) == 3
+    nxt = state.handle(_done(0), clock.now(), DEFAULTS).events
+    assert [e.run_id for e in nxt] == ["r2"] and len(state.in_flight) == 2
+    # A redelivered terminal event releases nothing more.
+    assert state.handle(_done(0), clock.now(), DEFAULTS).events == []
+    assert len(state.in_flight) == 2
+
+
+def test_redelivered_llm_cost_is_charged_once():
+    clock = FakeClock()
+    state = _state()
+    call = _cost(1, 0.5, clock.now())
+    state.handle(call, clock.now(), DEFAULTS)
+    state.handle(call, clock.now(), DEFAULTS)
+    assert state.spent_today(clock.now()) == 0.5
+
+
+def test_daily_cost_stops_the_goal_and_the_next_utc_day_reopens_it():
+    clock = FakeClock(datetime(2026, 3, 1, 23, 0, tzinfo=UTC))
+    state = _state(max_daily_cost=1.0)
+    state.handle(_cost(0, 0.995, clock.now()), clock.now(), DEFAULTS)
+    out = state.handle(_task(1), clock.now(), DEFAULTS).events
+    failed = [e for e in out if isinstance(e, WorkflowFailed)]
+    assert failed and failed[0].limit == "max_daily_cost" and failed[0].reason == "budget_exceeded"
+    clock.advance(3600)  # past midnight UTC
+    out = state.handle(_task(2), clock.now(), DEFAULTS).events
+    assert [type(e) for e in out] == [TaskAdmitted]
+
+
+def test_reservations_keep_concurrent_tasks_inside_the_daily_cost():
+    clock = FakeClock()
+    state = _state(max_daily_cost=0.035, max_concurrent=10)
+    out = []
+    for i in range(10):
+        out += state.handle(_task(i), clock.now(), DEFAULTS).events
+    admitted = [e for e in out if isinstance(e, TaskAdmitted)]
+    # 0.01 held per task: only three fit under 0.035 even though none has cost anything yet.
+    assert len(admitted) == 3
+    assert all(e.limit == "max_daily_cost" for e in out if isinstance(e, WorkflowFailed))
+
+
+def test_limits_change_by_event_and_state_survives_a_round_trip():
+    clock = FakeClock()
+    state = _state(max_concurrent=1)
+    state.handle(_task(0), clock.now(), DEFAULTS)
+    state.handle(_task(1), clock.now(), DEFAULTS)
+    upd = BudgetUpdateRequested(source="cli", goal_id="g1", max_concurrent=5)
+    out = state.handle(upd, clock.now(), DEFAULTS).events
+    assert [e.run_id for e in out] == ["r1"]
+    copy = BudgetState.from_dict(state.to_dict())
+    assert copy.to_dict() == state.to_dict()
+    assert copy.handle(upd, clock.now(), DEFAULTS).events == []  # seen ids survive too
