@@ -156,6 +156,8 @@ class RouteDecided(Event):
     policy: str = "static"
     policy_version: int = 0
     probability: float = 1.0
+    # What the policy saw, so its state can be rebuilt and replayed from the log.
+    features: list[str] = Field(default_factory=list)
 
 
 class SpawnRequested(Event):
@@ -272,6 +274,8 @@ class WorkflowCompleted(Event):
     degradation_tier: Tier = "llm"
     quality: float | None = None
     automation_id: str | None = None
+    # What the endpoint said besides the text (e.g. a simulated world's hidden quality).
+    meta: dict[str, str] = Field(default_factory=dict)
 
 
 class WorkflowFailed(Event):

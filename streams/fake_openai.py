@@ -17,11 +17,10 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any, Literal, get_args
 
-import httpx
 from aiohttp import web
 
 from streams.llm import META_FIELD, default_answer
@@ -42,6 +41,7 @@ log = logging.getLogger(__name__)
 
 Mode = Literal["ok", "error400", "error429", "error500", "hang", "down"]
 _MODES: tuple[str, ...] = get_args(Mode)
+_MODE_STATUS = {"error400": 400, "error429": 429, "error500": 500}
 
 
 @dataclass(frozen=True)
@@ -82,14 +82,7 @@ class FakeBehaviour:
             setattr(self, name, value)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "latency_ms": self.latency_ms,
-            "fail_next": self.fail_next,
-            "fail_status": self.fail_status,
-            "retry_after_ms": self.retry_after_ms,
-            "hang_s": self.hang_s,
-        }
+        return asdict(self)
 
 
 def _check_field(name: str, value: Any) -> Any:
@@ -391,8 +384,8 @@ class FakeOpenAIServer:
         return response
 
     def _answer(self, raw: bytes, mode: Mode | int, behaviour: FakeBehaviour) -> web.Response:
-        status = {"error400": 400, "error429": 429, "error500": 500}.get(str(mode), mode)
-        if isinstance(status, int):
+        status = mode if isinstance(mode, int) else _MODE_STATUS.get(mode)
+        if status is not None:
             return self._failure(status, behaviour)
         try:
             body = json.loads(raw)
@@ -472,20 +465,23 @@ def _root(base_url: str) -> str:
     return base_url.rstrip("/").removesuffix("/v1")
 
 
-def remote_control(base_url: str, **changes: Any) -> dict[str, Any]:
-    """Change a fake server's behaviour over HTTP (``base_url`` with or without ``/v1``)."""
-    response = httpx.post(f"{_root(base_url)}/_control", json=changes, timeout=5.0)
+def _remote(method: str, base_url: str, path: str, body: Any = None) -> dict[str, Any]:
+    import httpx  # only callers in other processes need it
+
+    response = httpx.request(method, f"{_root(base_url)}{path}", json=body, timeout=5.0)
     response.raise_for_status()
     result: dict[str, Any] = response.json()
     return result
+
+
+def remote_control(base_url: str, **changes: Any) -> dict[str, Any]:
+    """Change a fake server's behaviour over HTTP (``base_url`` with or without ``/v1``)."""
+    return _remote("POST", base_url, "/_control", changes)
 
 
 def remote_stats(base_url: str) -> dict[str, Any]:
     """A fake server's ``/_stats`` over HTTP."""
-    response = httpx.get(f"{_root(base_url)}/_stats", timeout=5.0)
-    response.raise_for_status()
-    result: dict[str, Any] = response.json()
-    return result
+    return _remote("GET", base_url, "/_stats")
 
 
 @contextmanager
@@ -553,16 +549,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     behaviour = FakeBehaviour()
     try:
-        behaviour.update(
-            {
-                "mode": args.mode,
-                "latency_ms": args.latency_ms,
-                "fail_next": args.fail_next,
-                "fail_status": args.fail_status,
-                "retry_after_ms": args.retry_after_ms,
-                "hang_s": args.hang_s,
-            }
-        )
+        # The flags are named after the fields, so every field has its flag.
+        behaviour.update({name: getattr(args, name) for name in behaviour.to_json()})
     except ValueError as exc:
         parser.error(str(exc))
     responder = _load_responder(args.responder) if args.responder else None

@@ -10,13 +10,15 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Protocol, cast, runtime_checkable
-
-import openai
-from openai.types.chat import ChatCompletionMessageParam
+from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from streams.clock import Clock, SystemClock
 from streams.errors import OrchestratorError
+
+if TYPE_CHECKING:
+    # Imported where used at run time: openai takes over a second to import, and the
+    # fake server, the in-memory fake and degraded services never need it.
+    import openai
 
 __all__ = [
     "DEFAULT_PRICES",
@@ -206,11 +208,14 @@ class LLMSettings:
         retries = _env_number(env, "ORCH_LLM_MAX_RETRIES", 2)
         if retries != int(retries):
             raise ValueError(f"ORCH_LLM_MAX_RETRIES must be a whole number, got {retries}")
+        timeout_s = _env_number(env, "ORCH_LLM_TIMEOUT", 30.0)
+        if timeout_s == 0:
+            raise ValueError("ORCH_LLM_TIMEOUT must be more than 0 seconds")
         return cls(
             base_url=env.get("OPENAI_BASE_URL", "").strip() or None,
             api_key=env.get("OPENAI_API_KEY", "").strip() or None,
             model=env.get("ORCH_LLM_MODEL", "").strip() or "gpt-4o-mini",
-            timeout_s=_env_number(env, "ORCH_LLM_TIMEOUT", 30.0),
+            timeout_s=timeout_s,
             max_retries=int(retries),
             prices=PriceTable.from_env(env),
         )
@@ -281,6 +286,8 @@ class OpenAILLM:
     def __init__(self, settings: LLMSettings, clock: Clock | None = None) -> None:
         if not settings.configured:
             raise LLMUnavailable("no LLM endpoint configured (OPENAI_BASE_URL / OPENAI_API_KEY)")
+        import openai
+
         self.settings = settings
         self._clock = clock or SystemClock()
         self._client = openai.AsyncOpenAI(
@@ -298,6 +305,8 @@ class OpenAILLM:
         model: str | None = None,
         max_tokens: int | None = None,
     ) -> Completion:
+        import openai
+
         wanted = model or self.settings.model
         extra: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
         started = self._clock.monotonic()
@@ -308,7 +317,7 @@ class OpenAILLM:
             async with asyncio.timeout(timeout_s):
                 response = await self._client.chat.completions.create(
                     model=wanted,
-                    messages=cast(list[ChatCompletionMessageParam], messages),
+                    messages=cast("list[openai.types.chat.ChatCompletionMessageParam]", messages),
                     temperature=temperature,
                     **extra,
                 )

@@ -182,7 +182,14 @@ class Loader:
             occurred_at=self.ctx.clock.now(),
         )
 
-    def _answer(self, task: TaskAdmitted, text: str, tier: str, cost: float) -> WorkflowCompleted:
+    def _answer(
+        self,
+        task: TaskAdmitted,
+        text: str,
+        tier: str,
+        cost: float,
+        meta: dict[str, str] | None = None,
+    ) -> WorkflowCompleted:
         return WorkflowCompleted(
             event_id=terminal_event_id(task.run_id),
             source=SOURCE,
@@ -195,6 +202,7 @@ class Loader:
             cost_usd=cost,
             latency_ms=self._latency(task),
             degradation_tier=tier,  # type: ignore[arg-type]
+            meta=meta or {},
             occurred_at=self.ctx.clock.now(),
         )
 
@@ -247,7 +255,7 @@ class Loader:
 
     async def _call(
         self, task: TaskAdmitted, instance: AgentInstance, *, legacy: bool
-    ) -> tuple[str, float]:
+    ) -> tuple[str, float, dict[str, str]]:
         assert self.llm is not None
         record = instance.record
         if legacy:
@@ -304,22 +312,22 @@ class Loader:
                 occurred_at=self.ctx.clock.now(),
             )
         )
-        return done.text, done.cost_usd
+        return done.text, done.cost_usd, dict(done.meta)
 
     async def _answer_with_tiers(self, task: TaskAdmitted, instance: AgentInstance) -> Event:
         why = "no LLM endpoint is configured"
         if self.llm is not None and self.breaker.allow():
             try:
-                text, cost = await self._call(task, instance, legacy=False)
+                text, cost, meta = await self._call(task, instance, legacy=False)
                 self.breaker.success()
-                return self._answer(task, text, "llm", cost)
+                return self._answer(task, text, "llm", cost, meta)
             except LLMRejected as exc:
                 # The agent's own config was refused (model, prompt): its specialty's
                 # default agent still may answer.
                 why = f"the agent's configuration was refused: {exc}"
                 try:
-                    text, cost = await self._call(task, instance, legacy=True)
-                    return self._answer(task, text, "legacy_static", cost)
+                    text, cost, meta = await self._call(task, instance, legacy=True)
+                    return self._answer(task, text, "legacy_static", cost, meta)
                 except (LLMUnavailable, LLMRejected) as exc2:
                     why = f"the default agent failed too: {exc2}"
             except LLMUnavailable as exc:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
+from services.router.policy import Features, Policy, features_of, make_policy
 from services.router.scoring import OutcomeStats, Weights, score_agent
 from streams.events import (
     AgentRetired,
@@ -33,13 +34,14 @@ from streams.events import (
 from streams.kafka import Delivery, EventConsumer
 from streams.registry import AgentRecord, RegistryView
 from streams.service import ServiceContext
-from streams.specialties import classify
+from streams.specialties import PROFILES
 
 __all__ = ["Router", "main"]
 
 log = logging.getLogger(__name__)
 SOURCE = "router"
 KNOWLEDGE_TOPICS = (
+    "route_decided",
     "agent_spawned",
     "agent_retired",
     "spawn_denied",
@@ -61,9 +63,16 @@ class _Waiter:
 class Router:
     """Routing decisions; I/O is the producer passed in, state is rebuilt from events."""
 
-    def __init__(self, ctx: ServiceContext, weights: Weights | None = None) -> None:
+    def __init__(
+        self, ctx: ServiceContext, weights: Weights | None = None, policy: Policy | None = None
+    ) -> None:
         self.ctx = ctx
         self.weights = weights or Weights.from_env()
+        self.policy = policy or make_policy()
+        arms = os.environ.get("ORCH_ROUTER_ARMS", "")
+        self.arms = [a.strip() for a in arms.split(",") if a.strip()] or list(PROFILES)
+        # run_id -> what the policy saw and chose, until the outcome's quality is known
+        self._decisions: OrderedDict[str, tuple[Features, str]] = OrderedDict()
         self.registry = RegistryView()
         self.stats = OutcomeStats()
         self.spawn_timeout = float(os.environ.get("ORCH_SPAWN_TIMEOUT", "30"))
@@ -74,7 +83,15 @@ class Router:
     # -- knowledge -----------------------------------------------------------
     def learn(self, event: Event) -> None:
         record = self.registry.apply(event)
-        if isinstance(event, AgentSpawned) and record is not None:
+        if isinstance(event, RouteDecided):
+            if event.features and event.policy != "forced":
+                self._decisions[event.run_id] = (
+                    Features.from_list(event.features),
+                    event.specialty,
+                )
+                if len(self._decisions) > 100_000:
+                    self._decisions.popitem(last=False)
+        elif isinstance(event, AgentSpawned) and record is not None:
             for waiter in self._waiting.pop((record.goal_id, record.specialty), []):
                 if not waiter.future.done():
                     waiter.future.set_result(record)
@@ -96,13 +113,24 @@ class Router:
             )
         elif isinstance(event, WorkflowAssessed):
             self.stats.assessed(event.agent_id, event.quality)
+            decided = self._decisions.pop(event.run_id, None)
+            if decided is not None:
+                self.policy.update(decided[0], decided[1], event.quality)
         elif isinstance(event, FeedbackReceived):
             self.stats.feedback(event.run_id, event.user_id, event.score)
 
     # -- requests --------------------------------------------------------------
     def choose(self, request: RequestReceived) -> tuple[str, AgentRecord | None, RouteDecided]:
-        specialty, keyword_scores = classify(request.message, request.context)
-        candidates = self.registry.live(goal_id=request.goal_id)
+        asked = request.context.get("specialty", "").strip().lower()
+        features = features_of(request.message)
+        if asked:
+            specialty, probability, policy, version = asked, 1.0, "forced", 0
+            arm_scores: dict[str, float] = {asked: 1.0}
+        else:
+            choice = self.policy.choose(features, self.arms)
+            specialty, probability = choice.specialty, choice.probability
+            policy, version, arm_scores = self.policy.name, self.policy.version, choice.scores
+        candidates = self.registry.live(goal_id=request.goal_id, specialty=specialty)
         scored = [
             (
                 *score_agent(
@@ -112,8 +140,7 @@ class Router:
             )
             for a in candidates
         ]
-        matching = [s for s in scored if s[1]["specialty_match"] >= 1.0]
-        best = max(matching, key=lambda s: s[0], default=None)
+        best = max(scored, key=lambda s: s[0], default=None)
         decision = RouteDecided(
             source=SOURCE,
             run_id=request.run_id,
@@ -122,12 +149,15 @@ class Router:
             specialty=specialty,
             agent_id=best[2].agent_id if best else None,
             action="reuse" if best else "spawn",
-            scores={s[2].agent_id: round(s[0], 6) for s in scored}
-            or {f"specialty:{k}": round(v, 6) for k, v in keyword_scores.items()},
+            scores={
+                **{f"specialty:{k}": round(v, 6) for k, v in arm_scores.items()},
+                **{s[2].agent_id: round(s[0], 6) for s in scored},
+            },
             criteria={k: round(v, 6) for k, v in best[1].items()} if best else {},
-            policy="weighted_criteria",
-            policy_version=1,
-            probability=1.0,
+            policy=policy,
+            policy_version=version,
+            probability=probability,
+            features=features.as_list(),
             occurred_at=self.ctx.clock.now(),
         )
         return specialty, (best[2] if best else None), decision

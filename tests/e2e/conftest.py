@@ -43,6 +43,8 @@ class Platform:
             "ORCH_TOPIC_PREFIX": settings.prefix,
             "ORCH_DATA_DIR": str(data_dir),
             "ORCH_LLM_BREAKER_COOLDOWN_SECONDS": "1",
+            # Routing by keywords keeps these tests deterministic; learning has its own tests.
+            "ORCH_ROUTER_POLICY": "static",
             # Dear tokens make budget limits reachable in a few requests.
             "ORCH_LLM_PRICES": '{"gpt-4o-mini": [200, 200]}',
             "OPENAI_BASE_URL": llm.base_url,

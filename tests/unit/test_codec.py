@@ -121,3 +121,13 @@ def test_event_on_the_wrong_topic_is_refused():
     data = codec.encode(sample_event(RequestReceived))
     with pytest.raises(DecodeError, match="does not belong on this topic"):
         codec.decode(data, topic="workflow_completed")
+
+
+def test_events_written_before_meta_was_added_still_decode():
+    # schemas/history keeps every released version a reader may meet on a topic.
+    v1 = load_schema_file(SCHEMA_DIR / "history" / "workflow_completed.v1.avsc")
+    old_writer = EventCodec({"workflow_completed": v1})
+    event = sample_event(WorkflowCompleted, meta={})
+    decoded = default_codec().decode(old_writer.encode(event), topic="workflow_completed")
+    assert decoded.meta == {}
+    assert decoded.model_dump(exclude={"meta"}) == event.model_dump(exclude={"meta"})

@@ -1,0 +1,178 @@
+"""Routing policies: which specialty serves a request. Static keywords, or learned from outcomes.
+
+A policy sees the request's features (its words and the keyword guess) and the
+specialties it may choose, and returns a choice with the probability it had of
+making it. Logging that probability on ``route_decided`` is what lets
+``replay`` score another policy on the recorded log without calling any LLM.
+
+The learned policy is epsilon-greedy over a per-word estimate of each
+specialty's reward: exploration is explicit, so propensities are exact.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from streams.specialties import classify, tokens
+
+__all__ = [
+    "Choice",
+    "Features",
+    "LearnedPolicy",
+    "Policy",
+    "StaticPolicy",
+    "features_of",
+    "make_policy",
+]
+
+_STOP = frozenset(
+    "a an the and or of to in on for with is are be it this that my me i you your we our"
+    " please can could would should how what why when do does from at by as about".split()
+)
+_DIGITS = re.compile(r"^\d+$")
+
+
+@dataclass(frozen=True)
+class Features:
+    words: frozenset[str]
+    keyword_guess: str
+
+    def as_list(self) -> list[str]:
+        return [f"kw:{self.keyword_guess}", *sorted(self.words)]
+
+    @classmethod
+    def from_list(cls, items: list[str]) -> Features:
+        guess = next((i[3:] for i in items if i.startswith("kw:")), "general")
+        return cls(frozenset(i for i in items if not i.startswith("kw:")), guess)
+
+
+def features_of(message: str) -> Features:
+    words = frozenset(w for w in tokens(message) if w not in _STOP and not _DIGITS.match(w))
+    guess, _ = classify(message)
+    return Features(words, guess)
+
+
+@dataclass(frozen=True)
+class Choice:
+    specialty: str
+    probability: float
+    scores: dict[str, float]
+
+
+class Policy(Protocol):
+    name: str
+
+    @property
+    def version(self) -> int: ...
+
+    def choose(self, features: Features, arms: list[str]) -> Choice: ...
+
+    def update(self, features: Features, arm: str, reward: float) -> None: ...
+
+
+class StaticPolicy:
+    """The keyword classifier, always: the baseline the learned policy has to beat."""
+
+    name = "static"
+    version = 1
+
+    def choose(self, features: Features, arms: list[str]) -> Choice:
+        guess = features.keyword_guess
+        pick = guess if guess in arms or not arms else _fallback(arms)
+        return Choice(pick, 1.0, {a: float(a == pick) for a in arms})
+
+    def update(self, features: Features, arm: str, reward: float) -> None:
+        return None
+
+
+def _fallback(arms: list[str]) -> str:
+    return "general" if "general" in arms else sorted(arms)[0]
+
+
+@dataclass
+class _Stat:
+    n: float = 0.0
+    total: float = 0.0
+
+
+@dataclass
+class LearnedPolicy:
+    """Epsilon-greedy over per-(word, specialty) mean rewards, shrunk toward each arm's mean."""
+
+    name: str = "learned"
+    epsilon0: float = 0.2
+    epsilon_min: float = 0.03
+    shrink: float = 2.0
+    keyword_prior: float = 0.05
+    rng: random.Random = field(default_factory=random.Random)
+    updates: int = 0
+    _arm: dict[str, _Stat] = field(default_factory=lambda: defaultdict(_Stat))
+    _word: dict[tuple[str, str], _Stat] = field(default_factory=lambda: defaultdict(_Stat))
+
+    @property
+    def version(self) -> int:
+        """Grows with what was learned, so a decision names the state it came from."""
+        return 1 + self.updates
+
+    def epsilon(self) -> float:
+        return max(self.epsilon_min, self.epsilon0 / math.sqrt(1.0 + self.updates / 50.0))
+
+    def estimate(self, features: Features, arm: str) -> float:
+        base = self._arm.get(arm)
+        arm_mean = (base.total + 0.5) / (base.n + 1.0) if base else 0.5
+        words = [w for w in features.words if (w, arm) in self._word]
+        if not words:
+            value = arm_mean
+        else:
+            parts = []
+            for w in words:
+                st = self._word[(w, arm)]
+                # Few observations lean on the arm's overall mean.
+                parts.append((st.total + self.shrink * arm_mean) / (st.n + self.shrink))
+            value = sum(parts) / len(parts)
+        seen = base.n if base else 0.0
+        prior = self.keyword_prior / (1.0 + seen / 10.0)
+        return value + (prior if arm == features.keyword_guess else 0.0)
+
+    def choose(self, features: Features, arms: list[str]) -> Choice:
+        if not arms:
+            return Choice(features.keyword_guess, 1.0, {})
+        scores = {a: self.estimate(features, a) for a in arms}
+        best = max(arms, key=lambda a: (scores[a], a == features.keyword_guess))
+        eps = self.epsilon()
+        k = len(arms)
+        if self.rng.random() < eps:
+            pick = self.rng.choice(arms)
+        else:
+            pick = best
+        probability = eps / k + (1.0 - eps if pick == best else 0.0)
+        return Choice(pick, probability, {a: round(v, 6) for a, v in scores.items()})
+
+    def update(self, features: Features, arm: str, reward: float) -> None:
+        self.updates += 1
+        st = self._arm[arm]
+        st.n += 1
+        st.total += reward
+        for w in features.words:
+            ws = self._word[(w, arm)]
+            ws.n += 1
+            ws.total += reward
+
+
+def make_policy(name: str | None = None, seed: int | None = None) -> Policy:
+    """``ORCH_ROUTER_POLICY``: ``learned`` (default) or ``static``."""
+    chosen = (name or os.environ.get("ORCH_ROUTER_POLICY", "learned")).strip().lower()
+    if chosen == "static":
+        return StaticPolicy()
+    if chosen == "learned":
+        env_seed = os.environ.get("ORCH_ROUTER_SEED")
+        rng = random.Random(seed if seed is not None else (int(env_seed) if env_seed else None))
+        eps = os.environ.get("ORCH_ROUTER_EPSILON")
+        return LearnedPolicy(rng=rng, epsilon0=float(eps)) if eps else LearnedPolicy(rng=rng)
+    raise ValueError(f"unknown routing policy {chosen!r}; use learned or static")

@@ -1,0 +1,43 @@
+"""Run signatures: the normalized intent of a request, shared by the pattern learner and the router.
+
+Two requests with the same signature are "the same kind of work": same
+specialty, same content words (order, case, numbers and stop words ignored).
+``exact_key`` is stricter: identical requests, for a response cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+__all__ = ["exact_key", "intent_words", "signature_of"]
+
+_WORD = re.compile(r"[a-z][a-z0-9_']*")
+_STOP = frozenset(
+    "a an the and or of to in on for with is are be it this that my me i you your we our"
+    " please can could would should how what why when do does from at by as about hi hello"
+    " there some any just".split()
+)
+
+
+def intent_words(message: str, limit: int = 8) -> list[str]:
+    """The first ``limit`` distinct content words, sorted."""
+    seen: list[str] = []
+    for w in _WORD.findall(message.lower()):
+        if w not in _STOP and w not in seen:
+            seen.append(w)
+        if len(seen) == limit:
+            break
+    return sorted(seen)
+
+
+def signature_of(message: str, specialty: str, steps: str = "answer") -> str:
+    """``specialty|steps|word word ...`` hashed to a short, stable id."""
+    text = f"{specialty}|{steps}|{' '.join(intent_words(message))}"
+    return "sig_" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def exact_key(message: str, specialty: str) -> str:
+    """Identical requests (whitespace and case folded) to the same specialty."""
+    norm = " ".join(message.lower().split())
+    return "req_" + hashlib.sha256(f"{specialty}|{norm}".encode()).hexdigest()[:16]

@@ -1,0 +1,48 @@
+"""Routing policies: the static baseline, and a learned policy that finds the better specialty."""
+
+from __future__ import annotations
+
+import random
+
+from services.router.policy import Features, LearnedPolicy, StaticPolicy, features_of
+
+
+def test_features_drop_stop_words_and_keep_the_keyword_guess():
+    f = features_of("Why does my Python function raise an error?")
+    assert "python" in f.words and "why" not in f.words
+    assert f.keyword_guess == "code"
+    assert Features.from_list(f.as_list()) == f
+
+
+def test_static_policy_follows_keywords_with_certainty():
+    choice = StaticPolicy().choose(features_of("fix this python bug"), ["code", "writing"])
+    assert choice.specialty == "code" and choice.probability == 1.0
+
+
+def test_learned_policy_finds_the_specialty_that_serves_a_request_type_best():
+    # Hidden truth: "invoice" requests are served best by research, whatever keywords say.
+    rng = random.Random(7)
+    policy = LearnedPolicy(rng=random.Random(1))
+    arms = ["customer_support", "research", "writing"]
+    quality = {"customer_support": 0.4, "research": 0.9, "writing": 0.2}
+    for _ in range(600):
+        f = features_of(f"question about invoice {rng.randint(0, 9)} billing")
+        choice = policy.choose(f, arms)
+        assert 0 < choice.probability <= 1
+        policy.update(f, choice.specialty, quality[choice.specialty] + rng.uniform(-0.1, 0.1))
+    picks = [
+        policy.choose(features_of("invoice billing question"), arms).specialty for _ in range(200)
+    ]
+    assert picks.count("research") / len(picks) > 0.9
+    assert policy.epsilon() < 0.1
+    assert policy.version == 601
+
+
+def test_propensity_is_exact_for_epsilon_greedy():
+    policy = LearnedPolicy(rng=random.Random(3), epsilon0=0.3)
+    arms = ["a", "b", "c"]
+    f = Features(frozenset({"x"}), "a")
+    choice = policy.choose(f, arms)
+    eps = policy.epsilon()
+    greedy_p = 1 - eps + eps / 3
+    assert choice.probability in (greedy_p, eps / 3)
