@@ -158,6 +158,9 @@ class RouteDecided(Event):
     probability: float = 1.0
     # What the policy saw, so its state can be rebuilt and replayed from the log.
     features: list[str] = Field(default_factory=list)
+    # streams.signatures keys of the request: exact (response cache) and pattern.
+    request_key: str = ""
+    signature: str = ""
 
 
 class SpawnRequested(Event):

@@ -15,6 +15,7 @@ import os
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
+from services.router.automations import AutomationHit, Automations
 from services.router.policy import Features, Policy, features_of, make_policy
 from services.router.scoring import OutcomeStats, Weights, score_agent
 from streams.events import (
@@ -34,6 +35,7 @@ from streams.events import (
 from streams.kafka import Delivery, EventConsumer
 from streams.registry import AgentRecord, RegistryView
 from streams.service import ServiceContext
+from streams.signatures import exact_key, signature_of
 from streams.specialties import PROFILES
 
 __all__ = ["Router", "main"]
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 SOURCE = "router"
 KNOWLEDGE_TOPICS = (
     "route_decided",
+    "automation_created",
     "agent_spawned",
     "agent_retired",
     "spawn_denied",
@@ -74,6 +77,7 @@ class Router:
         # run_id -> what the policy saw and chose, until the outcome's quality is known
         self._decisions: OrderedDict[str, tuple[Features, str]] = OrderedDict()
         self.registry = RegistryView()
+        self.automations = Automations()
         self.stats = OutcomeStats()
         self.spawn_timeout = float(os.environ.get("ORCH_SPAWN_TIMEOUT", "30"))
         # (goal_id, specialty) -> requests waiting for that agent to exist
@@ -83,8 +87,9 @@ class Router:
     # -- knowledge -----------------------------------------------------------
     def learn(self, event: Event) -> None:
         record = self.registry.apply(event)
+        self.automations.learn(event)
         if isinstance(event, RouteDecided):
-            if event.features and event.policy != "forced":
+            if event.features and event.policy not in ("forced", "automation"):
                 self._decisions[event.run_id] = (
                     Features.from_list(event.features),
                     event.specialty,
@@ -120,17 +125,26 @@ class Router:
             self.stats.feedback(event.run_id, event.user_id, event.score)
 
     # -- requests --------------------------------------------------------------
-    def choose(self, request: RequestReceived) -> tuple[str, AgentRecord | None, RouteDecided]:
+    def choose(
+        self, request: RequestReceived
+    ) -> tuple[str, AgentRecord | None, RouteDecided, AutomationHit | None]:
         asked = request.context.get("specialty", "").strip().lower()
         features = features_of(request.message)
+        hit = None if asked else self.automations.lookup(request.message, self.ctx.clock.now())
         if asked:
             specialty, probability, policy, version = asked, 1.0, "forced", 0
             arm_scores: dict[str, float] = {asked: 1.0}
+        elif hit is not None:
+            specialty, probability, policy, version = hit.specialty, 1.0, "automation", 0
+            arm_scores = {hit.specialty: 1.0}
         else:
             choice = self.policy.choose(features, self.arms)
             specialty, probability = choice.specialty, choice.probability
             policy, version, arm_scores = self.policy.name, self.policy.version, choice.scores
         candidates = self.registry.live(goal_id=request.goal_id, specialty=specialty)
+        if hit is not None and hit.automation.agent_id:
+            pinned = [a for a in candidates if a.agent_id == hit.automation.agent_id]
+            candidates = pinned or candidates
         scored = [
             (
                 *score_agent(
@@ -158,9 +172,35 @@ class Router:
             policy_version=version,
             probability=probability,
             features=features.as_list(),
+            request_key=exact_key(request.message, specialty),
+            signature=signature_of(request.message, specialty),
             occurred_at=self.ctx.clock.now(),
         )
-        return specialty, (best[2] if best else None), decision
+        if hit is not None:
+            decision = decision.model_copy(update={"action": "automation"})
+        return specialty, (best[2] if best else None), decision, hit
+
+    def _from_cache(self, request: RequestReceived, hit: AutomationHit) -> WorkflowCompleted:
+        cached = hit.cached
+        assert cached is not None
+        latency = 0.0
+        if request.occurred_at is not None:
+            latency = (self.ctx.clock.now() - request.occurred_at).total_seconds() * 1000.0
+        return WorkflowCompleted(
+            source=SOURCE,
+            run_id=request.run_id,
+            goal_id=request.goal_id,
+            user_id=request.user_id,
+            agent_id=cached.agent_id,
+            specialty=hit.specialty,
+            text=cached.text,
+            cost_usd=0.0,
+            latency_ms=max(0.0, latency),
+            degradation_tier="automation_cache",
+            automation_id=hit.automation.automation_id,
+            meta={**cached.meta, "cached_from_run": cached.run_id},
+            occurred_at=self.ctx.clock.now(),
+        )
 
     def _task(self, request: RequestReceived, agent: AgentRecord) -> TaskRequested:
         st = self.stats.agents[agent.agent_id]
@@ -208,7 +248,10 @@ class Router:
         if event.deadline_at is not None and event.deadline_at <= now:
             await producer.send(self._failed(event, "timeout", "deadline passed before routing"))
             return
-        specialty, agent, decision = self.choose(event)
+        specialty, agent, decision, hit = self.choose(event)
+        if hit is not None and hit.cached is not None:
+            await producer.send_many([decision, self._from_cache(event, hit)])
+            return
         if agent is not None:
             await producer.send_many([self._task(event, agent), decision])
             return

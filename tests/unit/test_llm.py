@@ -87,6 +87,7 @@ def test_configured_needs_a_base_url_or_a_key(env: dict[str, str], configured: b
     [
         ("ORCH_LLM_TIMEOUT", "soon"),
         ("ORCH_LLM_TIMEOUT", "-1"),
+        ("ORCH_LLM_TIMEOUT", "0"),
         ("ORCH_LLM_MAX_RETRIES", "1.5"),
         ("ORCH_LLM_PRICES", "{not json"),
         ("ORCH_LLM_PRICES", '{"gpt-4o": [1]}'),

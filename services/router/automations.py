@@ -1,0 +1,73 @@
+"""Automations the router serves: cached answers to identical requests, and direct routes.
+
+The improvement service decides what to automate (``automation_created``); the
+router keeps what it needs to act on it, folded from the log like the rest of its
+knowledge: which run had which request key (``route_decided``) and what the
+LLM answered it (``workflow_completed``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from streams.events import AutomationCreated, Event, RouteDecided, WorkflowCompleted
+from streams.signatures import exact_key, signature_of
+
+__all__ = ["AutomationHit", "Automations"]
+
+
+@dataclass(frozen=True)
+class AutomationHit:
+    automation: AutomationCreated
+    specialty: str
+    cached: WorkflowCompleted | None = None  # set for a response-cache hit
+
+
+class Automations:
+    def __init__(self, max_answers: int = 20_000) -> None:
+        self._by_signature: dict[str, AutomationCreated] = {}
+        self._expires: dict[str, datetime] = {}
+        self._specialties: set[str] = set()
+        self._run_keys: OrderedDict[str, str] = OrderedDict()
+        self._answers: OrderedDict[str, WorkflowCompleted] = OrderedDict()
+        self._max = max_answers
+
+    def __len__(self) -> int:
+        return len(self._by_signature)
+
+    def learn(self, event: Event) -> None:
+        if isinstance(event, AutomationCreated):
+            self._by_signature[f"{event.kind}:{event.signature}"] = event
+            self._expires[f"{event.kind}:{event.signature}"] = event.occurred_at + timedelta(
+                seconds=event.ttl_seconds
+            )
+            self._specialties.add(event.specialty)
+        elif isinstance(event, RouteDecided) and event.request_key:
+            self._run_keys[event.run_id] = event.request_key
+            if len(self._run_keys) > self._max:
+                self._run_keys.popitem(last=False)
+        elif isinstance(event, WorkflowCompleted) and event.degradation_tier == "llm":
+            key = self._run_keys.pop(event.run_id, None)
+            if key is not None:
+                self._answers[key] = event
+                self._answers.move_to_end(key)
+                if len(self._answers) > self._max:
+                    self._answers.popitem(last=False)
+
+    def lookup(self, message: str, now: datetime) -> AutomationHit | None:
+        """The automation that serves this request now, if any; a cache hit first."""
+        direct: AutomationHit | None = None
+        for specialty in sorted(self._specialties):
+            sig = signature_of(message, specialty)
+            cache = self._by_signature.get(f"response_cache:{sig}")
+            if cache is not None and now < self._expires[f"response_cache:{sig}"]:
+                answer = self._answers.get(exact_key(message, specialty))
+                if answer is not None:
+                    return AutomationHit(cache, specialty, answer)
+            route = self._by_signature.get(f"direct_route:{sig}")
+            if direct is None and route is not None and route.agent_id:
+                if now < self._expires[f"direct_route:{sig}"]:
+                    direct = AutomationHit(route, specialty)
+        return direct
