@@ -73,10 +73,10 @@ class RegistryView:
             self.agents[event.agent_id] = record
             return record
         if isinstance(event, AgentRetired):
-            record = self.agents.get(event.agent_id)
-            if record is not None:
-                record.retired = True
-            return record
+            found = self.agents.get(event.agent_id)
+            if found is not None:
+                found.retired = True
+            return found
         return None
 
     def live(self, goal_id: str | None = None, specialty: str | None = None) -> list[AgentRecord]:

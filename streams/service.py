@@ -13,7 +13,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 from dataclasses import dataclass, field
 
 from streams.clock import Clock, clock_from_env
@@ -44,7 +45,7 @@ class ServiceContext:
         return group_id(self.settings, self.name)
 
 
-ServiceMain = Callable[[ServiceContext, asyncio.Event], Awaitable[None]]
+ServiceMain = Callable[[ServiceContext, asyncio.Event], Coroutine[Any, Any, None]]
 
 
 async def run_service(

@@ -24,8 +24,10 @@ class AgentInstance:
     last_used: datetime
     calls: int = 0
 
-    def messages(self, message: str, context: dict[str, str]) -> list[dict[str, str]]:
-        out = [{"role": "system", "content": self.record.system_prompt}]
+    def messages(
+        self, message: str, context: dict[str, str], system_prompt: str | None = None
+    ) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": system_prompt or self.record.system_prompt}]
         extra = {k: v for k, v in context.items() if k != "specialty"}
         if extra:
             out.append(

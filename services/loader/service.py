@@ -19,6 +19,7 @@ from aiokafka.partitioner import murmur2
 
 from services.loader.pool import AgentInstance, AgentPool
 from services.loader.tiers import keyword_answer, static_answer
+from services.loader.versions import Served, WorkflowVersions
 from streams.clock import Clock
 from streams.events import (
     AgentEvicted,
@@ -87,6 +88,7 @@ class Loader:
         env = os.environ.get
         self.pool = AgentPool(capacity or int(env("ORCH_LOADER_CAPACITY", "50")))
         self.registry = RegistryView()
+        self.versions = WorkflowVersions()
         self.idle_seconds = float(env("ORCH_AGENT_IDLE_SECONDS", str(24 * 3600)))
         self.max_tokens = int(env("ORCH_LLM_MAX_TOKENS", "512"))
         self.degrade = env("ORCH_DEGRADED_ANSWERS", "1") != "0"
@@ -100,6 +102,7 @@ class Loader:
     # -- registry -----------------------------------------------------------
     def learn(self, event: Event) -> None:
         self.registry.apply(event)
+        self.versions.learn(event)
 
     def _owns(self, agent_id: str) -> bool:
         if self.owned_partitions is None:
@@ -258,6 +261,7 @@ class Loader:
     ) -> tuple[str, float, dict[str, str]]:
         assert self.llm is not None
         record = instance.record
+        served = Served(1, None)
         if legacy:
             profile = profile_for(record.specialty)
             messages = [
@@ -270,7 +274,8 @@ class Loader:
             ]
             model, temperature = self.llm_settings.model, profile.temperature
         else:
-            messages = instance.messages(task.message, task.context)
+            served = self.versions.serve(record.specialty, task.run_id)
+            messages = instance.messages(task.message, task.context, served.system_prompt)
             model, temperature = record.model or self.llm_settings.model, record.temperature
         started = self.ctx.clock.now()
         try:
@@ -312,7 +317,10 @@ class Loader:
                 occurred_at=self.ctx.clock.now(),
             )
         )
-        return done.text, done.cost_usd, dict(done.meta)
+        meta = dict(done.meta)
+        if not legacy:
+            meta["workflow_version"] = str(served.version)
+        return done.text, done.cost_usd, meta
 
     async def _answer_with_tiers(self, task: TaskAdmitted, instance: AgentInstance) -> Event:
         why = "no LLM endpoint is configured"
@@ -362,7 +370,13 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     loader = Loader(ctx, llm, settings)
     registry = EventConsumer(
         ctx.settings,
-        ["agent_spawned", "agent_retired"],
+        [
+            "agent_spawned",
+            "agent_retired",
+            "workflow_version_saved",
+            "improvement_applied",
+            "improvement_rolled_back",
+        ],
         group_id=None,
         producer=ctx.producer,
         source=SOURCE,

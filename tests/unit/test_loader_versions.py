@@ -1,0 +1,62 @@
+"""Workflow versions at the loader: canary share by stable hash, promotion, rollback."""
+
+from __future__ import annotations
+
+from services.loader.versions import WorkflowVersions, share_of
+from streams.events import ImprovementApplied, ImprovementRolledBack, WorkflowVersionSaved
+
+
+def _saved(v: int, prompt: str) -> WorkflowVersionSaved:
+    return WorkflowVersionSaved(
+        source="improvement",
+        workflow_id="code",
+        version=v,
+        parent_version=v - 1,
+        changes={"system_prompt": prompt},
+    )
+
+
+def test_canary_serves_its_share_and_rollback_restores_the_parent():
+    versions = WorkflowVersions()
+    assert versions.serve("code", "r1").version == 1
+    versions.learn(_saved(2, "better prompt"))
+    versions.learn(
+        ImprovementApplied(
+            source="improvement",
+            improvement_id="i1",
+            workflow_id="code",
+            version=2,
+            traffic_share=0.3,
+        )
+    )
+    runs = [f"run-{i}" for i in range(2000)]
+    served = [versions.serve("code", r) for r in runs]
+    canary = [s for s in served if s.version == 2]
+    assert 0.25 < len(canary) / len(runs) < 0.35
+    assert all(s.system_prompt == "better prompt" for s in canary)
+    assert all(s.system_prompt is None for s in served if s.version == 1)
+    # The same run always gets the same version (a replay after a crash too).
+    assert [versions.serve("code", r).version for r in runs] == [s.version for s in served]
+
+    versions.learn(
+        ImprovementRolledBack(
+            source="improvement", workflow_id="code", from_version=2, to_version=1, reason="worse"
+        )
+    )
+    assert {versions.serve("code", r).version for r in runs} == {1}
+
+
+def test_promotion_makes_the_version_the_base_for_everyone():
+    versions = WorkflowVersions()
+    versions.learn(_saved(2, "v2 prompt"))
+    versions.learn(
+        ImprovementApplied(
+            source="improvement",
+            improvement_id="i1",
+            workflow_id="code",
+            version=2,
+            traffic_share=1.0,
+        )
+    )
+    assert {versions.serve("code", f"r{i}").version for i in range(50)} == {2}
+    assert 0.0 <= share_of("x") < 1.0
