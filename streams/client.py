@@ -13,7 +13,6 @@ import contextlib
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from types import TracebackType
 from typing import Any
 
 from pydantic import ValidationError
@@ -35,7 +34,7 @@ from streams.events import (
     WorkflowCompleted,
     WorkflowFailed,
 )
-from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+from streams.kafka import AsyncLifecycle, EventConsumer, EventProducer, KafkaSettings
 
 __all__ = ["Answer", "OrchestratorClient", "invalid_request"]
 
@@ -83,7 +82,7 @@ def _failure(event: WorkflowFailed) -> RunFailed:
     return RunRejected(event.run_id, event.reason, event.detail, event.limit)
 
 
-class OrchestratorClient:
+class OrchestratorClient(AsyncLifecycle):
     """Async client of the platform; use as ``async with OrchestratorClient() as c``."""
 
     def __init__(
@@ -121,13 +120,7 @@ class OrchestratorClient:
         await self._replies.stop()
         await self._producer.stop()
 
-    async def __aenter__(self) -> OrchestratorClient:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    async def stop(self) -> None:
         await self.close()
 
     async def _read_replies(self) -> None:

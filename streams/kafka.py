@@ -13,7 +13,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from aiokafka import (
     AIOKafkaConsumer,
@@ -28,6 +28,7 @@ from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 
 __all__ = [
+    "AsyncLifecycle",
     "Delivery",
     "EventConsumer",
     "EventProducer",
@@ -80,7 +81,26 @@ _CONSUMER_DEFAULTS: dict[str, Any] = {
 }
 
 
-class EventProducer:
+class AsyncLifecycle:
+    """``async with`` for anything with ``start()`` and ``stop()``."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class EventProducer(AsyncLifecycle):
     """Sends typed events to the topic of their type, keyed as the catalog says."""
 
     def __init__(
@@ -105,14 +125,6 @@ class EventProducer:
     async def stop(self) -> None:
         await self._producer.stop()
 
-    async def __aenter__(self) -> EventProducer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def send(self, event: Event) -> None:
         """Send and wait until the broker has it."""
@@ -174,7 +186,7 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
         return None
 
 
-class EventConsumer:
+class EventConsumer(AsyncLifecycle):
     """Reads typed events from catalog topics; bad bytes go to ``dead_letter``.
 
     With ``group_id`` the consumer joins a group (instances share partitions);
@@ -243,14 +255,6 @@ class EventConsumer:
     async def stop(self) -> None:
         await self._consumer.stop()
 
-    async def __aenter__(self) -> EventConsumer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     async def commit(self) -> None:
         if self.group_id is not None:
