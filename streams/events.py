@@ -34,6 +34,7 @@ __all__ = [
     "LlmCallCompleted",
     "PatternDiscovered",
     "RequestReceived",
+    "RollbackRequested",
     "RouteDecided",
     "SpawnApproved",
     "SpawnDenied",
@@ -432,6 +433,17 @@ class WorkflowVersionSaved(Event):
     change_source: Literal["user", "system", "automated"] = "system"
 
 
+class RollbackRequested(Event):
+    """Command: serve ``to_version`` of a workflow again (``orchestrator rollback``)."""
+
+    topic = "rollback_requested"
+    key_field = "workflow_id"
+    event_type: Literal["rollback_requested"] = "rollback_requested"
+    workflow_id: str
+    to_version: int
+    reason: str = ""
+
+
 class DeadLetter(Event):
     topic = "dead_letter"
     key_field = "original_topic"
@@ -471,6 +483,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     ImprovementApplied,
     ImprovementRolledBack,
     WorkflowVersionSaved,
+    RollbackRequested,
     DeadLetter,
 )
 

@@ -14,8 +14,8 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from streams.clock import Clock, clock_from_env
 from streams.kafka import EventProducer, KafkaSettings

@@ -69,6 +69,7 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("improvement_applied", ev.ImprovementApplied, retention_ms=_FOREVER),
     TopicSpec("improvement_rolled_back", ev.ImprovementRolledBack, retention_ms=_FOREVER),
     TopicSpec("workflow_version_saved", ev.WorkflowVersionSaved, retention_ms=_FOREVER),
+    TopicSpec("rollback_requested", ev.RollbackRequested, retention_ms=_FOREVER),
     TopicSpec("dead_letter", ev.DeadLetter, retention_ms=30 * _DAY_MS),
 )
 
@@ -137,7 +138,8 @@ def _main(argv: list[str]) -> int:
             print(f"{s.name:26} key={s.key:14} partitions={s.partitions} {policy}")
         return 0
     if cmd == "create":
-        created = asyncio.run(create_topics(bootstrap_servers()))
+        prefix = os.environ.get("ORCH_TOPIC_PREFIX", "")
+        created = asyncio.run(create_topics(bootstrap_servers(), prefix=prefix))
         print(f"topics: {len(created)} created, {len(CATALOG) - len(created)} already there")
         return 0
     print("usage: python -m streams.topics [create|list]", file=sys.stderr)

@@ -67,7 +67,10 @@ class WorkflowVersions:
         flow = self._flows.get(workflow_id)
         if flow is None:
             return Served(1, None)
-        version = flow.base
-        if flow.canary is not None and share_of(run_id) < flow.share:
-            version = flow.canary
+        version = flow.base if flow.base == 1 or flow.base in flow.prompts else 1
+        canary = flow.canary
+        # A canary whose prompt has not arrived yet (another topic) is not served: a run
+        # labelled with a version must really have had that version's prompt.
+        if canary is not None and canary in flow.prompts and share_of(run_id) < flow.share:
+            version = canary
         return Served(version, flow.prompts.get(version) if version > 1 else None)

@@ -12,7 +12,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from streams.events import AutomationCreated, Event, RouteDecided, WorkflowCompleted
+from streams.events import (
+    AutomationCreated,
+    Event,
+    RouteDecided,
+    WorkflowAssessed,
+    WorkflowCompleted,
+)
 from streams.signatures import exact_key, signature_of
 
 __all__ = ["AutomationHit", "Automations"]
@@ -26,13 +32,17 @@ class AutomationHit:
 
 
 class Automations:
-    def __init__(self, max_answers: int = 20_000) -> None:
+    def __init__(self, max_answers: int = 20_000, min_quality: float = 0.6) -> None:
         self._by_signature: dict[str, AutomationCreated] = {}
         self._expires: dict[str, datetime] = {}
         self._specialties: set[str] = set()
         self._run_keys: OrderedDict[str, str] = OrderedDict()
         self._answers: OrderedDict[str, WorkflowCompleted] = OrderedDict()
+        self._quality: dict[str, float] = {}
+        # run_id -> (request key, answer) until the answer's quality is known
+        self._unassessed: OrderedDict[str, tuple[str, WorkflowCompleted]] = OrderedDict()
         self._max = max_answers
+        self.min_quality = min_quality
 
     def __len__(self) -> int:
         return len(self._by_signature)
@@ -51,13 +61,30 @@ class Automations:
         elif isinstance(event, WorkflowCompleted) and event.degradation_tier == "llm":
             key = self._run_keys.pop(event.run_id, None)
             if key is not None:
-                self._answers[key] = event
+                self._unassessed[event.run_id] = (key, event)
+                if len(self._unassessed) > self._max:
+                    self._unassessed.popitem(last=False)
+        elif isinstance(event, WorkflowAssessed):
+            pending = self._unassessed.pop(event.run_id, None)
+            if pending is None or event.quality < self.min_quality:
+                return
+            key, answer = pending
+            # Keep the best answer seen for an identical request, not merely the latest.
+            if event.quality >= self._quality.get(key, -1.0):
+                self._answers[key] = answer
+                self._quality[key] = event.quality
                 self._answers.move_to_end(key)
                 if len(self._answers) > self._max:
-                    self._answers.popitem(last=False)
+                    old, _ = self._answers.popitem(last=False)
+                    self._quality.pop(old, None)
 
-    def lookup(self, message: str, now: datetime) -> AutomationHit | None:
-        """The automation that serves this request now, if any; a cache hit first."""
+    def lookup(
+        self, message: str, now: datetime, goal_id: str | None = None
+    ) -> AutomationHit | None:
+        """The automation that serves this request now, if any; a cache hit first.
+
+        A direct route pins an agent of one goal, so it serves only that goal.
+        """
         direct: AutomationHit | None = None
         for specialty in sorted(self._specialties):
             sig = signature_of(message, specialty)
@@ -67,7 +94,12 @@ class Automations:
                 if answer is not None:
                     return AutomationHit(cache, specialty, answer)
             route = self._by_signature.get(f"direct_route:{sig}")
-            if direct is None and route is not None and route.agent_id:
+            if (
+                direct is None
+                and route is not None
+                and route.agent_id
+                and (route.goal_id is None or route.goal_id == goal_id)
+            ):
                 if now < self._expires[f"direct_route:{sig}"]:
                     direct = AutomationHit(route, specialty)
         return direct

@@ -130,7 +130,11 @@ class Router:
     ) -> tuple[str, AgentRecord | None, RouteDecided, AutomationHit | None]:
         asked = request.context.get("specialty", "").strip().lower()
         features = features_of(request.message)
-        hit = None if asked else self.automations.lookup(request.message, self.ctx.clock.now())
+        hit = (
+            None
+            if asked
+            else self.automations.lookup(request.message, self.ctx.clock.now(), request.goal_id)
+        )
         if asked:
             specialty, probability, policy, version = asked, 1.0, "forced", 0
             arm_scores: dict[str, float] = {asked: 1.0}

@@ -46,6 +46,22 @@ def test_canary_serves_its_share_and_rollback_restores_the_parent():
     assert {versions.serve("code", r).version for r in runs} == {1}
 
 
+def test_a_canary_is_not_served_before_its_prompt_arrives():
+    versions = WorkflowVersions()
+    versions.learn(
+        ImprovementApplied(
+            source="improvement",
+            improvement_id="i1",
+            workflow_id="code",
+            version=2,
+            traffic_share=1.0,
+        )
+    )
+    assert {versions.serve("code", f"r{i}").version for i in range(50)} == {1}
+    versions.learn(_saved(2, "v2 prompt"))
+    assert {versions.serve("code", f"r{i}").version for i in range(50)} == {2}
+
+
 def test_promotion_makes_the_version_the_base_for_everyone():
     versions = WorkflowVersions()
     versions.learn(_saved(2, "v2 prompt"))

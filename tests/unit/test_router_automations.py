@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from streams.events import AutomationCreated, RouteDecided, WorkflowCompleted
-from streams.signatures import exact_key, signature_of
-
 from services.router.automations import Automations
+from streams.events import AutomationCreated, RouteDecided, WorkflowAssessed, WorkflowCompleted
+from streams.signatures import exact_key, signature_of
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 MSG = "Reset my account password please"
@@ -39,6 +38,12 @@ def _answer(run: str, tier: str = "llm") -> WorkflowCompleted:
     )
 
 
+def _assessed(run: str, quality: float = 0.9) -> WorkflowAssessed:
+    return WorkflowAssessed(
+        source="improvement", run_id=run, specialty="customer_support", quality=quality
+    )
+
+
 def _automation(kind: str, ttl: int = 600) -> AutomationCreated:
     return AutomationCreated(
         source="improvement",
@@ -47,6 +52,7 @@ def _automation(kind: str, ttl: int = 600) -> AutomationCreated:
         signature=signature_of(MSG, "customer_support"),
         specialty="customer_support",
         agent_id="cs_1",
+        goal_id="g",
         ttl_seconds=ttl,
         occurred_at=T0,
     )
@@ -56,6 +62,7 @@ def test_identical_request_is_served_from_cache_only_with_an_automation():
     auto = Automations()
     auto.learn(_decided("r1", MSG, "customer_support"))
     auto.learn(_answer("r1"))
+    auto.learn(_assessed("r1"))
     assert auto.lookup(MSG, T0) is None  # an answer alone is not an automation
     auto.learn(_automation("response_cache"))
     hit = auto.lookup("  reset my ACCOUNT password please ", T0 + timedelta(seconds=5))
@@ -71,8 +78,15 @@ def test_cache_expires_and_degraded_answers_are_never_cached():
     auto.learn(_decided("r1", MSG, "customer_support"))
     auto.learn(_answer("r1", tier="keyword"))
     assert auto.lookup(MSG, T0) is None
+    auto.learn(_assessed("r1"))
     auto.learn(_decided("r2", MSG, "customer_support"))
     auto.learn(_answer("r2"))
+    assert auto.lookup(MSG, T0) is None  # not assessed yet
+    auto.learn(_assessed("r2", quality=0.4))
+    assert auto.lookup(MSG, T0) is None  # too poor to repeat
+    auto.learn(_decided("r3", MSG, "customer_support"))
+    auto.learn(_answer("r3"))
+    auto.learn(_assessed("r3", quality=0.8))
     assert auto.lookup(MSG, T0 + timedelta(seconds=30)) is not None
     assert auto.lookup(MSG, T0 + timedelta(seconds=61)) is None
 
@@ -80,6 +94,7 @@ def test_cache_expires_and_degraded_answers_are_never_cached():
 def test_direct_route_pins_the_agent():
     auto = Automations()
     auto.learn(_automation("direct_route"))
-    hit = auto.lookup("reset my account password", T0)
+    hit = auto.lookup("reset my account password", T0, goal_id="g")
     assert hit is not None and hit.cached is None
     assert hit.automation.agent_id == "cs_1"
+    assert auto.lookup("reset my account password", T0, goal_id="other") is None

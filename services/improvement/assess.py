@@ -1,0 +1,146 @@
+"""Quality of a finished workflow in 0..1: the world's truth, an LLM judge or a heuristic.
+
+Order of methods, first that applies wins:
+
+1. ``world``: the endpoint put ``meta["quality"]`` on the answer (a simulated
+   world's hidden truth); it is read as a float and clamped to 0..1.
+2. ``judge``: an LLM is configured and the answer came from a model (tier
+   ``llm``, ``legacy_static`` or ``automation_cache``). The judge grades the
+   answer 1-10 for the request; grade g becomes (g - 1) / 9. A failed call or a
+   reply without a grade falls back to the heuristic.
+3. ``heuristic``:
+   - degraded tiers score what they are worth: ``keyword`` 0.3 (a prepared hint),
+     ``static_fallback`` 0.1 (no answer at all);
+   - a model's answer scores 0.2 + 0.4 * length + 0.4 * overlap, where length is
+     min(1, words / 40) and overlap is the share of the request's content words
+     (``intent_words``) that the answer uses (0.5 when the request has none);
+     an empty answer scores 0.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from streams.events import WorkflowCompleted
+from streams.llm import Completion, LLMClient, LLMError
+from streams.signatures import intent_words
+
+__all__ = [
+    "DEGRADED_QUALITY",
+    "Assessment",
+    "Assessor",
+    "heuristic_quality",
+    "judge_messages",
+    "parse_grade",
+    "world_quality",
+]
+
+Method = Literal["world", "judge", "heuristic"]
+
+DEGRADED_QUALITY: dict[str, float] = {"keyword": 0.3, "static_fallback": 0.1}
+_WORD = re.compile(r"[a-z][a-z0-9_']*")
+_LENGTH_WORDS = 40
+# Grades as models write them: "7", "7/10", "Grade: 8.5", "**9**".
+_OUT_OF_TEN = re.compile(r"(?<![\d.])(\d{1,2}(?:\.\d+)?)\s*/\s*10(?![\d])")
+_LABELLED = re.compile(r"(?:grade|score|rating)\s*[:=]?\s*\**\s*(\d{1,2}(?:\.\d+)?)", re.I)
+_NUMBER = re.compile(r"(?<![\d.])(\d{1,2}(?:\.\d+)?)(?![\d])")
+
+
+@dataclass(frozen=True)
+class Assessment:
+    quality: float
+    method: Method
+    judge_call: Completion | None = None
+    judge_error: str | None = None
+
+
+def _clamp(value: float) -> float:
+    return min(1.0, max(0.0, value))
+
+
+def world_quality(meta: dict[str, str]) -> float | None:
+    """The simulated world's hidden quality, if the answer carries a usable one."""
+    raw = meta.get("quality")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return _clamp(value) if math.isfinite(value) else None
+
+
+def heuristic_quality(tier: str, message: str, answer: str) -> float:
+    """The documented rule of this module, rounded to 4 places."""
+    if tier in DEGRADED_QUALITY:
+        return DEGRADED_QUALITY[tier]
+    words = _WORD.findall(answer.lower())
+    if not words:
+        return 0.0
+    length = min(1.0, len(words) / _LENGTH_WORDS)
+    asked = intent_words(message, limit=16)
+    overlap = len(set(asked) & set(words)) / len(asked) if asked else 0.5
+    return round(_clamp(0.2 + 0.4 * length + 0.4 * overlap), 4)
+
+
+def judge_messages(message: str, answer: str) -> list[dict[str, str]]:
+    return [
+        {
+            "role": "system",
+            "content": "You grade answers to user requests for correctness, completeness and"
+            " usefulness. Reply with one integer from 1 (useless) to 10 (excellent), nothing else.",
+        },
+        {
+            "role": "user",
+            "content": f"Request:\n{message[:4000]}\n\nAnswer:\n{answer[:8000]}\n\nGrade (1-10):",
+        },
+    ]
+
+
+def parse_grade(text: str) -> float | None:
+    """A 1-10 grade from a judge's reply, or None when it holds none."""
+    for pattern in (_OUT_OF_TEN, _LABELLED, _NUMBER):
+        found = pattern.search(text)
+        if found is not None:
+            grade = float(found.group(1))
+            return grade if 1.0 <= grade <= 10.0 else None
+    return None
+
+
+class Assessor:
+    """Assesses completed workflows; ``llm`` None means no judge (world or heuristic only)."""
+
+    def __init__(self, llm: LLMClient | None, *, model: str | None = None) -> None:
+        self.llm = llm
+        self.model = model
+
+    def needs_message(self, event: WorkflowCompleted) -> bool:
+        """False when the world's truth decides: that path must not wait for anything."""
+        return world_quality(event.meta) is None and event.degradation_tier not in DEGRADED_QUALITY
+
+    async def assess(self, event: WorkflowCompleted, message: str) -> Assessment:
+        world = world_quality(event.meta)
+        if world is not None:
+            return Assessment(world, "world")
+        heuristic = heuristic_quality(event.degradation_tier, message, event.text)
+        # A degraded answer's worth is known; asking a model to grade it would cost money.
+        if self.llm is None or event.degradation_tier in DEGRADED_QUALITY:
+            return Assessment(heuristic, "heuristic")
+        try:
+            call = await self.llm.complete(
+                judge_messages(message, event.text),
+                temperature=0.0,
+                model=self.model,
+                max_tokens=16,
+            )
+        except LLMError as exc:
+            return Assessment(heuristic, "heuristic", judge_error=f"{type(exc).__name__}: {exc}")
+        grade = parse_grade(call.text)
+        if grade is None:
+            return Assessment(
+                heuristic, "heuristic", call, judge_error=f"no grade in {call.text[:80]!r}"
+            )
+        return Assessment(round((grade - 1.0) / 9.0, 4), "judge", call)

@@ -1,0 +1,152 @@
+"""Feedback over HTTP on loopback: ``POST /improve`` (JSON) and Slack's ``/improve`` (slack-bolt).
+
+``POST /improve`` takes ``{"run_id", "user_id", "text", "score"?}`` and answers
+202 ``{"event_id", "run_id"}`` once ``feedback_received`` is on Kafka; 400 for
+bad input, 404 for an unknown run, 403 when ``user_id`` does not own the run.
+The endpoint trusts the ``user_id`` its caller states: it listens on loopback,
+and whatever exposes it further must authenticate users first.
+
+``POST /slack/commands`` is a slack-bolt ``AsyncApp`` (enabled when
+``SLACK_SIGNING_SECRET`` is set): Bolt refuses a request whose
+``X-Slack-Signature`` is wrong or stale with 401. ``/improve RUN_ID [score] text``
+is given by the platform user ``ORCH_SLACK_USERS[slack_user_id]``
+(``U123=alice,U456=bob``) or else ``slack:<slack_user_id>``; the reply is
+ephemeral text. No bot token is needed: the answer goes back in the HTTP
+response, so authorization is local and makes no call to Slack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from services.improvement.errors import NotRunOwner, UnknownRun
+from services.improvement.feedback import parse_slack_command, slack_platform_user
+from streams.errors import InvalidRequest
+from streams.events import FeedbackReceived
+
+__all__ = ["FeedbackSink", "SlackSettings", "build_app"]
+
+log = logging.getLogger(__name__)
+_MAX_BODY = 64 * 1024
+
+
+class FeedbackSink(Protocol):
+    """Checks feedback (raises InvalidRequest, UnknownRun, NotRunOwner) and sends it."""
+
+    async def submit(
+        self, run_id: str, user_id: str, score: int | None, text: str, channel: str
+    ) -> FeedbackReceived: ...
+
+
+class SlackSettings:
+    def __init__(
+        self, signing_secret: str, bot_token: str | None = None, users: dict[str, str] | None = None
+    ) -> None:
+        self.signing_secret = signing_secret
+        self.bot_token = bot_token
+        self.users = dict(users or {})
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def _parse(body: Any) -> tuple[str, str, int | None, str]:
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object")
+    run_id, user_id = body.get("run_id"), body.get("user_id")
+    text, score = body.get("text", ""), body.get("score")
+    if not isinstance(run_id, str) or not run_id.strip():
+        raise InvalidRequest("run_id must be a non-empty string")
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise InvalidRequest("user_id must be a non-empty string")
+    if not isinstance(text, str):
+        raise InvalidRequest("text must be a string")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, int)):
+        raise InvalidRequest("score must be an integer from 1 to 5")
+    if not text.strip() and score is None:
+        raise InvalidRequest("give feedback text or a score")
+    return run_id, user_id, score, text
+
+
+def _improve_handler(sink: FeedbackSink) -> Any:
+    async def improve(request: web.Request) -> web.Response:
+        try:
+            body = json.loads(await request.text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "body must be JSON")
+        try:
+            run_id, user_id, score, text = _parse(body)
+            event = await sink.submit(run_id, user_id, score, text, "http")
+        except InvalidRequest as exc:
+            return _error(400, str(exc))
+        except UnknownRun as exc:
+            return _error(404, str(exc))
+        except NotRunOwner as exc:
+            return _error(403, str(exc))
+        return web.json_response({"event_id": event.event_id, "run_id": event.run_id}, status=202)
+
+    return improve
+
+
+def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
+    from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+    from slack_bolt.async_app import AsyncAck, AsyncApp
+    from slack_bolt.authorization import AuthorizeResult
+
+    async def authorize(
+        enterprise_id: str | None, team_id: str | None, user_id: str | None
+    ) -> AuthorizeResult:
+        # Slash commands answer in the HTTP response: nothing to look up at Slack.
+        return AuthorizeResult(
+            enterprise_id=enterprise_id,
+            team_id=team_id,
+            user_id=user_id,
+            bot_token=slack.bot_token,
+        )
+
+    bolt = AsyncApp(
+        signing_secret=slack.signing_secret,
+        authorize=authorize,
+        process_before_response=True,
+        ssl_check_enabled=True,
+    )
+
+    @bolt.command("/improve")
+    async def on_improve(ack: AsyncAck, command: dict[str, Any]) -> None:
+        try:
+            parsed = parse_slack_command(str(command.get("text", "")))
+            user = slack_platform_user(str(command.get("user_id", "")), slack.users)
+            event = await sink.submit(parsed.run_id, user, parsed.score, parsed.text, "slack")
+        except (InvalidRequest, ValueError, UnknownRun, NotRunOwner) as exc:
+            await ack(text=f"Feedback not recorded: {exc}")
+            return
+        await ack(text=f"Thanks: feedback on run {event.run_id} recorded (event {event.event_id}).")
+
+    async def slack_commands(request: web.Request) -> web.Response:
+        return await to_aiohttp_response(await bolt.async_dispatch(await to_bolt_request(request)))
+
+    return slack_commands
+
+
+def build_app(sink: FeedbackSink, slack: SlackSettings | None) -> web.Application:
+    app = web.Application(client_max_size=_MAX_BODY)
+    app.router.add_post("/improve", _improve_handler(sink))
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "slack": slack is not None})
+
+    app.router.add_get("/health", health)
+    if slack is not None:
+        app.router.add_post("/slack/commands", _slack_handler(sink, slack))
+    else:
+
+        async def disabled(_: web.Request) -> web.Response:
+            return _error(404, "Slack is not configured: set SLACK_SIGNING_SECRET")
+
+        app.router.add_post("/slack/commands", disabled)
+    return app

@@ -1,0 +1,252 @@
+"""The pattern learner: recurring run signatures in a sliding window, and the automations they earn.
+
+A run's signature is ``signature_of(message, specialty)``. A signature seen
+``threshold`` times within ``window_s`` (by the injected clock) is a pattern:
+one ``pattern_discovered``, ever. A pattern whose runs keep succeeding earns one
+``automation_created`` per kind, ever:
+
+- ``response_cache``: the router answers a request identical to one of the
+  pattern's runs (same ``exact_key(message, specialty)``) from the last good
+  answer, for ``ttl_seconds``, with no LLM call. The event's ``signature`` is
+  the pattern's; the router computes ``exact_key`` per request itself.
+- ``direct_route``: requests with this signature go straight to ``agent_id``,
+  the agent with the best mean quality on the pattern (of goal ``goal_id``).
+- ``predictive_spawn`` (opt-in): keep an agent of the specialty ready ahead of demand.
+
+"Keep succeeding" means: at least ``min_successes`` assessed runs in the window,
+their mean quality at least ``min_quality``, and no failure among the last
+``recent`` outcomes. Nothing here does I/O; :meth:`PatternLearner.evaluate`
+returns the events to send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from streams.clock import Clock
+from streams.events import AutomationCreated, Event, PatternDiscovered
+from streams.signatures import signature_of
+
+__all__ = [
+    "AUTOMATION_KINDS",
+    "PatternLearner",
+    "PatternSettings",
+    "automation_id",
+]
+
+SOURCE = "improvement"
+AUTOMATION_KINDS = ("response_cache", "direct_route", "predictive_spawn")
+_NS = uuid.UUID("5b0c6f0e-8f7a-4b59-9d1e-2c4a7e3b9a01")
+
+
+def automation_id(signature: str, kind: str) -> str:
+    return "auto_" + hashlib.sha256(f"{signature}|{kind}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PatternSettings:
+    window_s: float = 24 * 3600.0
+    threshold: int = 3
+    min_successes: int = 3
+    min_quality: float = 0.6
+    recent: int = 5
+    ttl_seconds: int = 3600
+    kinds: tuple[str, ...] = ("response_cache", "direct_route")
+
+    @classmethod
+    def from_env(cls) -> PatternSettings:
+        env = os.environ.get
+        kinds = tuple(
+            k.strip()
+            for k in env("ORCH_AUTOMATION_KINDS", "response_cache,direct_route").split(",")
+            if k.strip()
+        )
+        unknown = sorted(set(kinds) - set(AUTOMATION_KINDS))
+        if unknown:
+            raise ValueError(
+                f"ORCH_AUTOMATION_KINDS: unknown kind(s) {', '.join(unknown)};"
+                f" use {', '.join(AUTOMATION_KINDS)}"
+            )
+        return cls(
+            window_s=float(env("ORCH_PATTERN_WINDOW_S", str(24 * 3600))),
+            threshold=int(env("ORCH_PATTERN_THRESHOLD", "3")),
+            min_successes=int(env("ORCH_AUTOMATION_MIN_RUNS", "3")),
+            min_quality=float(env("ORCH_AUTOMATION_MIN_QUALITY", "0.6")),
+            ttl_seconds=int(env("ORCH_AUTOMATION_TTL_S", "3600")),
+            kinds=kinds,
+        )
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    at: datetime
+    run_id: str
+    agent_id: str | None
+    goal_id: str | None
+    quality: float | None  # None: the run failed
+
+
+@dataclass
+class _Pattern:
+    signature: str
+    specialty: str
+    example: str
+    seen: deque[tuple[datetime, str]] = field(default_factory=deque)
+    runs: set[str] = field(default_factory=set)
+    outcomes: deque[_Outcome] = field(default_factory=lambda: deque(maxlen=200))
+    discovered: bool = False
+    automated: set[str] = field(default_factory=set)
+
+
+class PatternLearner:
+    """Counts signatures and decides on patterns and automations; state folds from events."""
+
+    def __init__(self, settings: PatternSettings, clock: Clock) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._patterns: dict[str, _Pattern] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._patterns))
+
+    def _get(self, signature: str, specialty: str = "", example: str = "") -> _Pattern:
+        found = self._patterns.get(signature)
+        if found is None:
+            found = self._patterns[signature] = _Pattern(signature, specialty, example)
+        return found
+
+    # -- folding ---------------------------------------------------------------
+    def observe(self, run_id: str, message: str, specialty: str, at: datetime) -> str:
+        """One finished run (completed or failed); returns its signature. Idempotent per run."""
+        signature = signature_of(message, specialty)
+        pattern = self._get(signature, specialty, message)
+        if run_id not in pattern.runs:
+            pattern.runs.add(run_id)
+            pattern.seen.append((at, run_id))
+            pattern.example = message
+        return signature
+
+    def outcome(
+        self,
+        signature: str,
+        run_id: str,
+        *,
+        agent_id: str | None,
+        goal_id: str | None,
+        quality: float | None,
+        at: datetime,
+    ) -> None:
+        """How a run of the pattern went: its assessed quality, or None when it failed."""
+        self._get(signature).outcomes.append(_Outcome(at, run_id, agent_id, goal_id, quality))
+
+    def learn(self, event: Event) -> None:
+        """Our own earlier decisions, read back from the log: never made twice."""
+        if isinstance(event, PatternDiscovered):
+            self._get(event.signature, event.specialty, event.example_message).discovered = True
+        elif isinstance(event, AutomationCreated):
+            self._get(event.signature, event.specialty).automated.add(event.kind)
+
+    # -- deciding --------------------------------------------------------------
+    def occurrences(self, signature: str) -> int:
+        pattern = self._patterns.get(signature)
+        if pattern is None:
+            return 0
+        self._prune(pattern)
+        return len(pattern.seen)
+
+    def _prune(self, pattern: _Pattern) -> None:
+        since = self.clock.now() - timedelta(seconds=self.settings.window_s)
+        # Runs arrive from many partitions, not in time order: filter, do not pop the left.
+        if any(at < since for at, _ in pattern.seen):
+            kept = [(at, run) for at, run in pattern.seen if at >= since]
+            pattern.runs = {run for _, run in kept}
+            pattern.seen = deque(kept)
+        if any(o.at < since for o in pattern.outcomes):
+            kept_outcomes = [o for o in pattern.outcomes if o.at >= since]
+            pattern.outcomes.clear()
+            pattern.outcomes.extend(kept_outcomes)
+
+    def sweep(self) -> int:
+        """Forget signatures with no run left in the window that earned nothing; how many."""
+        idle = []
+        for signature, pattern in self._patterns.items():
+            self._prune(pattern)
+            if not pattern.seen and not pattern.discovered and not pattern.automated:
+                idle.append(signature)
+        for signature in idle:
+            del self._patterns[signature]
+        return len(idle)
+
+    def evaluate(self, signature: str) -> list[Event]:
+        """Events this signature has earned and not yet had; marks them as had."""
+        pattern = self._patterns.get(signature)
+        if pattern is None:
+            return []
+        self._prune(pattern)
+        now = self.clock.now()
+        out: list[Event] = []
+        if not pattern.discovered and len(pattern.seen) >= self.settings.threshold:
+            pattern.discovered = True
+            out.append(
+                PatternDiscovered(
+                    event_id=str(uuid.uuid5(_NS, f"{signature}:discovered")),
+                    source=SOURCE,
+                    signature=signature,
+                    specialty=pattern.specialty,
+                    occurrences=len(pattern.seen),
+                    example_message=pattern.example[:500],
+                    occurred_at=now,
+                )
+            )
+        wanted = [k for k in self.settings.kinds if k not in pattern.automated]
+        if pattern.discovered and wanted and self._succeeding(pattern):
+            agent_id, goal_id = self._best_agent(pattern)
+            for kind in wanted:
+                pattern.automated.add(kind)
+                out.append(
+                    AutomationCreated(
+                        event_id=str(uuid.uuid5(_NS, f"{signature}:{kind}")),
+                        source=SOURCE,
+                        goal_id=goal_id,
+                        automation_id=automation_id(signature, kind),
+                        signature=signature,
+                        kind=kind,  # type: ignore[arg-type]
+                        specialty=pattern.specialty,
+                        agent_id=agent_id,
+                        ttl_seconds=self.settings.ttl_seconds,
+                        occurred_at=now,
+                    )
+                )
+        return out
+
+    def _succeeding(self, pattern: _Pattern) -> bool:
+        ordered = sorted(pattern.outcomes, key=lambda o: o.at)
+        recent = ordered[-self.settings.recent :]
+        if any(o.quality is None for o in recent):
+            return False
+        qualities = [o.quality for o in ordered if o.quality is not None]
+        if len(qualities) < self.settings.min_successes:
+            return False
+        return sum(qualities) / len(qualities) >= self.settings.min_quality
+
+    @staticmethod
+    def _best_agent(pattern: _Pattern) -> tuple[str | None, str | None]:
+        by_agent: dict[str, list[float]] = {}
+        goals: dict[str, str | None] = {}
+        for o in pattern.outcomes:
+            if o.agent_id and o.quality is not None:
+                by_agent.setdefault(o.agent_id, []).append(o.quality)
+                goals[o.agent_id] = o.goal_id
+        if not by_agent:
+            return None, None
+        # Best mean quality; more runs breaks a tie (better evidence), then the id.
+        best = max(
+            by_agent, key=lambda a: (sum(by_agent[a]) / len(by_agent[a]), len(by_agent[a]), a)
+        )
+        return best, goals[best]

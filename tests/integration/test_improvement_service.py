@@ -1,0 +1,344 @@
+"""The improvement service on the real broker: assessment, patterns, feedback, versions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from services.improvement import list_versions, request_rollback
+from services.improvement.http import SlackSettings
+from services.improvement.service import ImprovementConfig, serve
+from services.improvement.versions import CanaryPolicy
+from streams.clock import SystemClock
+from streams.errors import InvalidRequest
+from streams.events import (
+    AutomationCreated,
+    DeadLetter,
+    Event,
+    FeedbackReceived,
+    ImprovementApplied,
+    ImprovementAvailable,
+    ImprovementRolledBack,
+    LlmCallCompleted,
+    PatternDiscovered,
+    RequestReceived,
+    RollbackRequested,
+    WorkflowAssessed,
+    WorkflowCompleted,
+    WorkflowVersionSaved,
+)
+from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+from streams.llm import InMemoryLLM
+from streams.service import run_service
+from tests.slack import slash_command
+
+pytestmark = pytest.mark.broker
+
+SECRET = "test-signing-secret"
+OUTPUTS = (
+    "workflow_assessed",
+    "pattern_discovered",
+    "automation_created",
+    "dead_letter",
+    "feedback_received",
+    "improvement_available",
+    "workflow_version_saved",
+    "improvement_applied",
+    "improvement_rolled_back",
+    "llm_call_completed",
+)
+
+
+@dataclass
+class Instance:
+    task: asyncio.Task[None]
+    stop: asyncio.Event
+    port_file: Path
+
+
+@dataclass
+class Platform:
+    settings: KafkaSettings
+    producer: EventProducer
+    port: int
+    instances: list[Instance]
+    seen: list[Event] = field(default_factory=list)
+
+    def of(self, kind: type[Event]) -> list[Event]:
+        return [e for e in self.seen if isinstance(e, kind)]
+
+    async def until(self, check: Callable[[], bool], timeout: float = 15.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not check():
+            assert loop.time() < deadline, f"timed out; saw {[e.event_type for e in self.seen]}"
+            await asyncio.sleep(0.05)
+
+    async def run(
+        self, run_id: str, message: str, *, user: str = "u1", goal: str = "g1", **done: object
+    ) -> None:
+        """A request and its completion, as the router and loader would send them."""
+        await self.producer.send(
+            RequestReceived(source="t", run_id=run_id, goal_id=goal, user_id=user, message=message)
+        )
+        fields: dict[str, object] = {
+            "agent_id": "a1",
+            "specialty": "code",
+            "text": f"answer about {message}",
+            "meta": {"workflow_version": "1"},
+        }
+        fields.update(done)
+        await self.producer.send(
+            WorkflowCompleted(source="t", run_id=run_id, goal_id=goal, user_id=user, **fields)  # type: ignore[arg-type]
+        )
+
+
+def _judge_or_rewrite(messages: list[dict[str, str]]) -> str:
+    if "grade" in messages[0]["content"].lower():
+        return "Grade: 8"
+    return "You are a meticulous coder: always include a runnable example and a test."
+
+
+def _start(settings: KafkaSettings, port_file: Path, llm: InMemoryLLM | None) -> Instance:
+    config = ImprovementConfig(
+        http_port=0,
+        port_file=port_file,
+        slack=SlackSettings(SECRET),
+        canary=CanaryPolicy(share=0.5, min_runs=10, promote_runs=1000),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        run_service(
+            "improvement",
+            partial(serve, config=config, llm=llm),
+            settings=settings,
+            clock=SystemClock(),
+            stop=stop,
+        )
+    )
+    return Instance(task, stop, port_file)
+
+
+@asynccontextmanager
+async def _platform(
+    settings: KafkaSettings, tmp_path: Path, llm: InMemoryLLM | None, instances: int = 1
+) -> AsyncIterator[Platform]:
+    started = [_start(settings, tmp_path / f"port{i}", llm) for i in range(instances)]
+    watcher = EventConsumer(settings, OUTPUTS, group_id=None, source="test")
+    await watcher.start()
+    async with EventProducer(settings) as producer:
+        for _ in range(300):  # the port is written once the service is ready
+            if all(i.port_file.exists() or i.task.done() for i in started):
+                break
+            await asyncio.sleep(0.05)
+        assert not any(i.task.done() for i in started), started
+        plat = Platform(settings, producer, int(started[0].port_file.read_text()), started)
+
+        async def _watch() -> None:
+            async for batch in watcher.batches(timeout_ms=50):
+                plat.seen.extend(d.event for d in batch)
+
+        watching = asyncio.create_task(_watch())
+        try:
+            yield plat
+        finally:
+            watching.cancel()
+            for instance in started:
+                instance.stop.set()
+            await asyncio.wait_for(asyncio.gather(*(i.task for i in started)), 20)
+            await watcher.stop()
+
+
+@pytest.fixture
+async def platform(settings: KafkaSettings, tmp_path: Path) -> AsyncIterator[Platform]:
+    async with _platform(settings, tmp_path, None) as plat:
+        yield plat
+
+
+@pytest.fixture
+async def platform_llm(settings: KafkaSettings, tmp_path: Path) -> AsyncIterator[Platform]:
+    """The service with an in-memory LLM that judges ("Grade: 8") and rewrites prompts."""
+    async with _platform(settings, tmp_path, InMemoryLLM(_judge_or_rewrite)) as plat:
+        yield plat
+
+
+async def test_assessments_patterns_and_automations(platform: Platform):
+    message = "How do I write a python decorator with arguments?"
+    for i in range(3):
+        await platform.run(f"p{i}", message, meta={"quality": "0.9", "workflow_version": "1"})
+    await platform.run("k1", "anything", degradation_tier="keyword", meta={})
+    await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 4)
+    assessed = {e.run_id: e for e in platform.of(WorkflowAssessed)}
+    assert {(a.quality, a.method) for r, a in assessed.items() if r.startswith("p")} == {
+        (0.9, "world")
+    }
+    assert (assessed["k1"].quality, assessed["k1"].method) == (0.3, "heuristic")
+    await platform.until(lambda: len(platform.of(AutomationCreated)) == 2)
+    (found,) = platform.of(PatternDiscovered)
+    assert isinstance(found, PatternDiscovered) and found.occurrences == 3
+    autos = platform.of(AutomationCreated)
+    assert {(a.kind, a.agent_id, a.signature) for a in autos} == {  # type: ignore[attr-defined]
+        ("response_cache", "a1", found.signature),
+        ("direct_route", "a1", found.signature),
+    }
+    # More runs of the same pattern: assessed, but never discovered or automated again.
+    await platform.run("p3", message, meta={"quality": "0.95"})
+    await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 5)
+    await asyncio.sleep(1.5)
+    assert len(platform.of(PatternDiscovered)) == 1 and len(platform.of(AutomationCreated)) == 2
+
+
+async def test_feedback_ownership_http_and_slack(platform: Platform):
+    await platform.run("r1", "Fix the flaky test in my parser", meta={"quality": "0.5"})
+    await platform.run("r2", "Explain list comprehensions", user="slack:U123")
+    await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 2)
+
+    # Through the SDK's path, straight onto the topic: not the owner, so dead-lettered.
+    foreign = FeedbackReceived(source="sdk", run_id="r1", user_id="u2", score=1, text="bad")
+    await platform.producer.send(foreign)
+    await platform.until(lambda: len(platform.of(DeadLetter)) == 1)
+    (dead,) = platform.of(DeadLetter)
+    assert isinstance(dead, DeadLetter)
+    assert dead.original_topic == "feedback_received" and dead.error_type == "NotRunOwner"
+    assert "does not own run 'r1'" in dead.reason
+
+    url = f"http://127.0.0.1:{platform.port}"
+    async with aiohttp.ClientSession() as http:
+
+        async def improve(body: dict[str, object]) -> tuple[int, dict[str, str]]:
+            async with http.post(f"{url}/improve", json=body) as resp:
+                return resp.status, json.loads(await resp.text())
+
+        assert (await improve({"run_id": "r1", "user_id": "u2", "score": 1}))[0] == 403
+        assert (await improve({"run_id": "nope", "user_id": "u1", "score": 1}))[0] == 404
+        assert (await improve({"run_id": "r1", "user_id": "u1"}))[0] == 400
+        status, body = await improve(
+            {"run_id": "r1", "user_id": "u1", "score": 1, "text": "Always add a runnable example"}
+        )
+        assert status == 202, body
+
+        signed, headers = slash_command(SECRET, "r2 4 nice, thanks")
+        async with http.post(f"{url}/slack/commands", data=signed, headers=headers) as resp:
+            assert resp.status == 200 and "recorded" in await resp.text()
+        unsigned, headers = slash_command("wrong-secret", "r2 1 bad")
+        async with http.post(f"{url}/slack/commands", data=unsigned, headers=headers) as resp:
+            assert resp.status == 401
+
+    await platform.until(lambda: len(platform.of(ImprovementApplied)) == 1)
+    sent = {(e.channel, e.user_id) for e in platform.of(FeedbackReceived)}  # type: ignore[attr-defined]
+    assert sent == {("sdk", "u2"), ("http", "u1"), ("slack", "slack:U123")}
+    (available,) = platform.of(ImprovementAvailable)
+    assert isinstance(available, ImprovementAvailable)
+    assert available.workflow_id == "code" and available.run_id == "r1"
+    assert available.proposal.endswith(
+        "Users asked for this; follow it: Always add a runnable example"
+    )
+    (saved,) = platform.of(WorkflowVersionSaved)
+    assert isinstance(saved, WorkflowVersionSaved)
+    assert (saved.version, saved.parent_version, saved.change_source) == (2, 1, "user")
+    assert saved.changes["system_prompt"] == available.proposal
+    (applied,) = platform.of(ImprovementApplied)
+    assert isinstance(applied, ImprovementApplied)
+    assert (applied.version, applied.traffic_share) == (2, 0.5)
+    # The refused feedback changed nothing: one improvement, from the owner's feedback.
+    assert len(platform.of(DeadLetter)) == 1
+
+
+async def test_canary_rolled_back_automatically_then_manual_rollback(platform_llm: Platform):
+    platform = platform_llm
+    await platform.run("c0", "Parse ISO dates in python")  # no world truth: the judge grades it
+    await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 1)
+    (judged,) = platform.of(WorkflowAssessed)
+    assert isinstance(judged, WorkflowAssessed)
+    assert (judged.method, judged.quality) == ("judge", round(7 / 9, 4))
+    await platform.until(lambda: len(platform.of(LlmCallCompleted)) == 1)
+    (judge_call,) = platform.of(LlmCallCompleted)
+    assert isinstance(judge_call, LlmCallCompleted)
+    assert (judge_call.purpose, judge_call.goal_id, judge_call.ok) == ("judge", "g1", True)
+
+    await platform.producer.send(
+        FeedbackReceived(source="sdk", run_id="c0", user_id="u1", score=2, text="too vague")
+    )
+    await platform.until(lambda: len(platform.of(ImprovementApplied)) == 1)
+    (saved,) = platform.of(WorkflowVersionSaved)
+    assert saved.changes["system_prompt"].startswith("You are a meticulous coder")  # type: ignore[attr-defined]
+
+    # The loader would now serve v2 to half the runs; v2 is clearly worse.
+    rng = random.Random(5)
+    for i in range(12):
+        q2, q1 = 0.35 + rng.uniform(-0.1, 0.1), 0.8 + rng.uniform(-0.1, 0.1)
+        await platform.run(
+            f"v2-{i}", f"task {i}", meta={"quality": f"{q2}", "workflow_version": "2"}
+        )
+        await platform.run(
+            f"v1-{i}", f"task {i}", meta={"quality": f"{q1}", "workflow_version": "1"}
+        )
+    await platform.until(lambda: len(platform.of(ImprovementRolledBack)) == 1)
+    (rolled,) = platform.of(ImprovementRolledBack)
+    assert isinstance(rolled, ImprovementRolledBack)
+    assert (rolled.from_version, rolled.to_version) == (2, 1) and "p=" in rolled.reason
+    await platform.until(lambda: len(platform.of(ImprovementApplied)) == 2)
+    restore = platform.of(ImprovementApplied)[-1]
+    assert (restore.version, restore.traffic_share) == (1, 1.0)  # type: ignore[attr-defined]
+
+    await platform.until(lambda: len(platform.of(WorkflowVersionSaved)) == 2)
+    rows = await list_versions(platform.settings, "code")
+    assert [(r["version"], r["status"]) for r in rows] == [
+        (1, "base"),
+        (2, "rolled_back"),
+        (3, "rollback_record"),
+    ]
+    assert rows[2]["change_source"] == "automated"
+
+    with pytest.raises(InvalidRequest):
+        await request_rollback(platform.settings, "code", 9, "ops")
+    # Sent around the check, a rollback to a version that does not exist is dead-lettered.
+    await platform.producer.send(
+        RollbackRequested(source="t", user_id="ops", workflow_id="code", to_version=9)
+    )
+    await platform.until(lambda: len(platform.of(DeadLetter)) == 1)
+    assert platform.of(DeadLetter)[0].error_type == "UnknownVersion"  # type: ignore[attr-defined]
+    asked = await request_rollback(platform.settings, "code", 2, "ops", reason="try it again")
+    assert isinstance(asked, RollbackRequested)
+    await platform.until(lambda: len(platform.of(ImprovementRolledBack)) == 2)
+    manual = platform.of(ImprovementRolledBack)[-1]
+    assert (manual.from_version, manual.to_version, manual.user_id) == (1, 2, "ops")  # type: ignore[attr-defined]
+    await platform.until(lambda: len(platform.of(WorkflowVersionSaved)) == 3)
+    rows = await list_versions(platform.settings, "code")
+    assert {r["version"]: r["status"] for r in rows}[2] == "base"
+    assert rows[-1]["change_source"] == "user" and rows[-1]["user_id"] == "ops"
+
+
+async def test_two_instances_share_the_work_and_decide_once(
+    settings: KafkaSettings, tmp_path: Path
+):
+    """Runs of many goals land on both instances; each run is assessed once, the pattern found
+    once; with one instance stopped, the other takes over its partitions."""
+    message = "Summarize this quarterly sales csv by region"
+    async with _platform(settings, tmp_path, None, instances=2) as platform:
+        for i in range(8):
+            await platform.run(f"m{i}", message, goal=f"goal{i}", meta={"quality": "0.8"})
+        await platform.until(lambda: len(platform.of(AutomationCreated)) == 2)
+        await asyncio.sleep(1.0)  # time for a duplicate to show up, if there were one
+        assert sorted(e.run_id or "" for e in platform.of(WorkflowAssessed)) == sorted(
+            f"m{i}" for i in range(8)
+        )
+        assert len(platform.of(PatternDiscovered)) == 1
+        assert len(platform.of(AutomationCreated)) == 2
+
+        first = platform.instances[0]
+        first.stop.set()
+        await asyncio.wait_for(first.task, 20)
+        for i in range(8, 16):
+            await platform.run(f"m{i}", "Draft a polite reminder email", goal=f"goal{i}")
+        await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 16, timeout=25)
+        await platform.until(lambda: len(platform.of(PatternDiscovered)) == 2)

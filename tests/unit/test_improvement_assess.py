@@ -1,0 +1,90 @@
+"""The assessor: world truth, the heuristic's numbers, the LLM judge and its fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.improvement.assess import Assessor, heuristic_quality, parse_grade, world_quality
+from streams.events import WorkflowCompleted
+from streams.llm import InMemoryLLM, LLMUnavailable
+
+
+def _done(text: str, tier: str = "llm", **meta: str) -> WorkflowCompleted:
+    return WorkflowCompleted(
+        source="test",
+        run_id="r1",
+        goal_id="g1",
+        user_id="u1",
+        agent_id="a1",
+        specialty="code",
+        text=text,
+        degradation_tier=tier,  # type: ignore[arg-type]
+        meta=dict(meta),
+    )
+
+
+def test_heuristic_numbers():
+    assert heuristic_quality("keyword", "fix my python bug", "anything") == 0.3
+    assert heuristic_quality("static_fallback", "fix my python bug", "anything") == 0.1
+    assert heuristic_quality("llm", "fix my python bug", "   ") == 0.0
+    # 3 content words asked (bug, fix, python), 2 used; 8 words of 40: 0.2 + 0.4*0.2 + 0.4*2/3
+    answer = "Fix it by reading the python traceback first"
+    assert heuristic_quality("llm", "fix my python bug", answer) == pytest.approx(0.5467, abs=1e-4)
+    long = " ".join(["python bug fix explained"] * 20)
+    assert heuristic_quality("llm", "fix my python bug", long) == 1.0
+    # A request without content words counts overlap as 0.5.
+    assert heuristic_quality("llm", "hi there", " ".join(["word"] * 40)) == pytest.approx(0.8)
+
+
+def test_world_quality_is_read_and_clamped():
+    assert world_quality({"quality": "0.83"}) == 0.83
+    assert world_quality({"quality": "1.7"}) == 1.0
+    assert world_quality({"quality": "nan"}) is None
+    assert world_quality({"quality": "high"}) is None
+    assert world_quality({}) is None
+
+
+@pytest.mark.parametrize(
+    ("reply", "grade"),
+    [
+        ("7", 7.0),
+        ("8/10", 8.0),
+        ("Grade: 9", 9.0),
+        ("**6**", 6.0),
+        ("I'd give it a 4 out of 10 because of 3 errors", 4.0),
+        ("Score = 8.5", 8.5),
+        ("excellent", None),
+        ("42", None),
+    ],
+)
+def test_parse_grade(reply: str, grade: float | None):
+    assert parse_grade(reply) == grade
+
+
+async def test_world_wins_and_never_calls_the_judge():
+    llm = InMemoryLLM(["9"])
+    result = await Assessor(llm).assess(_done("x", quality="0.25"), "")
+    assert (result.quality, result.method) == (0.25, "world")
+    assert llm.calls == []
+
+
+async def test_judge_grades_and_falls_back():
+    llm = InMemoryLLM(["Grade: 10", "no idea", LLMUnavailable("down")])
+    assessor = Assessor(llm)
+    first = await assessor.assess(_done("an answer"), "a question")
+    assert (first.quality, first.method) == (1.0, "judge")
+    assert first.judge_call is not None and first.judge_call.cost_usd > 0
+    assert "a question" in llm.calls[0].messages[1]["content"]
+    unparsable = await assessor.assess(_done("an answer"), "a question")
+    assert unparsable.method == "heuristic" and unparsable.judge_error
+    failed = await assessor.assess(_done("an answer"), "a question")
+    assert failed.method == "heuristic" and "down" in (failed.judge_error or "")
+    # Degraded answers are not worth a judge call.
+    degraded = await assessor.assess(_done("hint", tier="keyword"), "q")
+    assert (degraded.quality, degraded.method) == (0.3, "heuristic")
+    assert len(llm.calls) == 3
+
+
+async def test_no_llm_means_heuristic():
+    result = await Assessor(None).assess(_done("", tier="static_fallback"), "q")
+    assert (result.quality, result.method) == (0.1, "heuristic")

@@ -1,0 +1,185 @@
+"""The pattern learner: sliding window, one discovery, one automation per kind, what they save."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.improvement.patterns import PatternLearner, PatternSettings, automation_id
+from streams.clock import FakeClock
+from streams.events import AutomationCreated, PatternDiscovered
+from streams.signatures import exact_key, signature_of
+
+MSG = "Explain python decorators with an example"
+
+
+def _run(
+    learner: PatternLearner,
+    clock: FakeClock,
+    i: int,
+    *,
+    message: str = MSG,
+    agent: str = "a1",
+    quality: float | None = 0.9,
+    specialty: str = "code",
+) -> str:
+    sig = learner.observe(f"r{i}", message, specialty, clock.now())
+    learner.outcome(sig, f"r{i}", agent_id=agent, goal_id="g1", quality=quality, at=clock.now())
+    return sig
+
+
+def test_three_runs_make_one_pattern_and_one_automation_per_kind():
+    clock = FakeClock()
+    learner = PatternLearner(PatternSettings(), clock)
+    sig = ""
+    emitted = []
+    for i in range(6):
+        sig = _run(learner, clock, i, agent="a1" if i % 2 else "a2", quality=0.9 if i % 2 else 0.7)
+        emitted += learner.evaluate(sig)
+        clock.advance(60)
+        if i == 1:
+            assert emitted == []  # two runs are not a pattern yet
+    found = [e for e in emitted if isinstance(e, PatternDiscovered)]
+    autos = [e for e in emitted if isinstance(e, AutomationCreated)]
+    assert len(found) == 1 and found[0].signature == sig == signature_of(MSG, "code")
+    assert found[0].occurrences == 3 and found[0].specialty == "code"
+    assert sorted(a.kind for a in autos) == ["direct_route", "response_cache"]
+    assert {a.agent_id for a in autos} == {"a1"}  # the better agent of the two
+    assert {a.automation_id for a in autos} == {
+        automation_id(sig, "direct_route"),
+        automation_id(sig, "response_cache"),
+    }
+    assert learner.evaluate(sig) == []
+
+
+def test_window_forgets_old_runs():
+    clock = FakeClock()
+    learner = PatternLearner(PatternSettings(window_s=3600), clock)
+    sig = _run(learner, clock, 1)
+    clock.advance(3000)
+    _run(learner, clock, 2)
+    clock.advance(1000)  # the first run is now outside the hour
+    _run(learner, clock, 3)
+    assert learner.occurrences(sig) == 2
+    assert learner.evaluate(sig) == []
+    _run(learner, clock, 4)
+    assert [e.event_type for e in learner.evaluate(sig)][0] == "pattern_discovered"
+
+
+def test_failures_or_low_quality_earn_no_automation():
+    clock = FakeClock()
+    learner = PatternLearner(PatternSettings(), clock)
+    for i in range(3):
+        sig = _run(learner, clock, i, quality=None if i == 2 else 0.9)
+        clock.advance(1)
+    assert [e.event_type for e in learner.evaluate(sig)] == ["pattern_discovered"]
+    for i in range(3, 7):  # good runs again, but the failure is among the last five
+        _run(learner, clock, i)
+        clock.advance(1)
+        assert learner.evaluate(sig) == []
+    _run(learner, clock, 7)  # now the last five runs all succeeded
+    assert {e.event_type for e in learner.evaluate(sig)} == {"automation_created"}
+
+    poor = PatternLearner(PatternSettings(), clock)
+    for i in range(5):
+        sig2 = _run(poor, clock, 100 + i, message="sort a csv file by date", quality=0.4)
+    assert [e.event_type for e in poor.evaluate(sig2)] == ["pattern_discovered"]
+
+
+def test_sweep_forgets_idle_signatures_but_not_patterns():
+    clock = FakeClock()
+    learner = PatternLearner(PatternSettings(window_s=60), clock)
+    for i in range(3):
+        pattern = _run(learner, clock, i)
+    learner.evaluate(pattern)
+    once = _run(learner, clock, 9, message="a one-off question about rust lifetimes")
+    clock.advance(120)
+    assert learner.sweep() == 1
+    assert set(learner) == {pattern} and once not in set(learner)
+
+
+def test_history_read_back_prevents_a_second_emission():
+    clock = FakeClock()
+    first = PatternLearner(PatternSettings(), clock)
+    for i in range(3):
+        sig = _run(first, clock, i)
+    emitted = first.evaluate(sig)
+    restarted = PatternLearner(PatternSettings(), clock)
+    for e in emitted:
+        restarted.learn(e)
+    for i in range(3):
+        _run(restarted, clock, i)
+    assert restarted.evaluate(sig) == []
+
+
+def test_predictive_spawn_is_opt_in():
+    clock = FakeClock()
+    learner = PatternLearner(PatternSettings(kinds=("predictive_spawn",)), clock)
+    for i in range(3):
+        sig = _run(learner, clock, i)
+    kinds = [e.kind for e in learner.evaluate(sig) if isinstance(e, AutomationCreated)]
+    assert kinds == ["predictive_spawn"]
+
+
+def _replay(kinds: tuple[str, ...]) -> dict[str, float]:
+    """A repetitive workload replayed the way the router applies automations.
+
+    Five questions asked 20 times each, interleaved; every LLM answer costs 0.002 USD.
+    Agent a1 answers at quality 0.9, a2 at 0.6, and without automations the router
+    still explores a2 on a third of the requests. response_cache: an identical
+    request within the TTL gets the best assessed answer for it, at zero cost.
+    direct_route: the pattern's requests go to the best agent.
+    """
+    clock = FakeClock()
+    learner = PatternLearner(PatternSettings(kinds=kinds), clock)
+    questions = [f"{w} python decorators" for w in ("alpha", "beta", "gamma", "delta", "omega")]
+    cost, quality = 0.002, {"a1": 0.9, "a2": 0.6}
+    automated: dict[str, dict[str, AutomationCreated]] = {}
+    best_answer: dict[str, float] = {}  # exact_key -> quality of the best answer seen
+    m = dict.fromkeys(("base_cost", "cost", "base_q", "q", "cached", "routed"), 0.0)
+    for i in range(100):
+        message = questions[i % 5]
+        sig, key = signature_of(message, "code"), exact_key(message, "code")
+        explore = "a2" if i % 3 == 0 else "a1"
+        m["base_cost"] += cost
+        m["base_q"] += quality[explore] / 100
+        done = automated.get(sig, {})
+        if "response_cache" in done and key in best_answer:
+            m["cached"] += 1
+            m["q"] += best_answer[key] / 100
+        else:
+            agent = explore
+            if "direct_route" in done:
+                agent = done["direct_route"].agent_id or explore
+                m["routed"] += agent != explore
+            m["cost"] += cost
+            m["q"] += quality[agent] / 100
+            best_answer[key] = max(best_answer.get(key, 0.0), quality[agent])
+            _run(learner, clock, i, message=message, agent=agent, quality=quality[agent])
+            for e in learner.evaluate(sig):
+                if isinstance(e, AutomationCreated):
+                    automated.setdefault(sig, {})[e.kind] = e
+        clock.advance(30)
+    return m
+
+
+def test_what_automations_save_on_a_repetitive_workload():
+    """Each kind alone, then both: cost avoided per automated request, and quality kept."""
+    cache = _replay(("response_cache",))
+    route = _replay(("direct_route",))
+    both = _replay(("response_cache", "direct_route"))
+    saved = cache["base_cost"] - cache["cost"]
+    print(
+        f"\nresponse_cache: {cache['cached']:.0f}/100 requests cached,"
+        f" {saved / cache['cached']:.4f} USD avoided per cached request,"
+        f" LLM cost -{saved / cache['base_cost']:.0%}, quality {cache['q']:.3f} vs"
+        f" {cache['base_q']:.3f}\ndirect_route: {route['routed']:.0f}/100 requests moved to the"
+        f" best agent, +{(route['q'] - route['base_q']) * 100 / route['routed']:.2f} quality per"
+        f" routed request, cost unchanged\nboth: LLM cost"
+        f" -{1 - both['cost'] / both['base_cost']:.0%},"
+        f" quality {both['q']:.3f} vs {both['base_q']:.3f}"
+    )
+    assert saved / cache["cached"] == pytest.approx(0.002)  # a cache hit avoids one LLM call
+    assert saved / cache["base_cost"] >= 0.30 and cache["q"] >= cache["base_q"]
+    assert route["routed"] > 0 and route["cost"] == pytest.approx(route["base_cost"])
+    assert route["q"] > route["base_q"]
+    assert both["cost"] <= 0.7 * both["base_cost"] and both["q"] >= both["base_q"]
