@@ -117,6 +117,9 @@ def create_app(
         "stream_wait_empty": False,
         "broker_commit_every": 100,
         "broker_commit_interval": 0.5,
+        # A crashed instance should hand its partitions over in seconds, not a minute.
+        "broker_session_timeout": 10.0,
+        "broker_heartbeat_interval": 1.0,
     }
     defaults.update(conf)
     return faust.App(settings.prefix + name, **defaults)

@@ -91,7 +91,11 @@ class AsyncLifecycle:
         raise NotImplementedError
 
     async def __aenter__(self) -> Self:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # a half-started client must not leak its connections
+            raise
         return self
 
     async def __aexit__(
@@ -170,12 +174,15 @@ Handler = Callable[[Event, Delivery], Awaitable[None]]
 
 
 class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Commit what is finished before partitions move, then forget them."""
+    """Finish and commit what is running before partitions move, then forget them."""
 
     def __init__(self, consumer: EventConsumer) -> None:
         self._consumer = consumer
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # The next owner starts at the committed offset: a handler still running here
+        # would otherwise run there a second time (two answers for one request).
+        await self._consumer.settle()
         try:
             await self._consumer.commit_tracked()
         except Exception:  # a failed commit only means some records are replayed
@@ -220,6 +227,9 @@ class EventConsumer(AsyncLifecycle):
         )
         self.dead_lettered = 0
         self.tracker = OffsetTracker()
+        self.drain_s = 5.0
+        self._running: set[asyncio.Task[None]] = set()
+        self._generation = 0  # moves when partitions are revoked
 
     @property
     def raw(self) -> AIOKafkaConsumer:
@@ -269,6 +279,12 @@ class EventConsumer(AsyncLifecycle):
             await self._consumer.commit(offsets)
             self.tracker.committed(offsets)
 
+    async def settle(self) -> None:
+        """Stop starting handlers and give the running ones ``drain_s`` to finish."""
+        self._generation += 1
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=self.drain_s)
+
     async def run_concurrently(
         self,
         handler: Handler,
@@ -279,9 +295,11 @@ class EventConsumer(AsyncLifecycle):
         """Handle each event in its own task; commit below the oldest unfinished one.
 
         At least once: a crash replays everything not finished, never skips it.
+        A clean stop (cancellation) or a rebalance first lets running handlers
+        finish and commits them, so another instance does not repeat their work.
         """
         slots = asyncio.Semaphore(max_in_flight)
-        running: set[asyncio.Task[None]] = set()
+        running = self._running
         loop = asyncio.get_running_loop()
         last_commit = loop.time()
 
@@ -297,9 +315,14 @@ class EventConsumer(AsyncLifecycle):
                 slots.release()
 
         try:
-            async for batch in self.batches(timeout_ms=100):
+            async for batch in self.batches(timeout_ms=100, idle=True):
+                generation = self._generation
                 for delivery in batch:
                     await slots.acquire()
+                    if generation != self._generation:
+                        # Revoked meanwhile: the partitions' next owner reads these again.
+                        slots.release()
+                        break
                     self.tracker.start(delivery.tp, delivery.offset)
                     task = asyncio.create_task(_one(delivery))
                     running.add(task)
@@ -307,6 +330,13 @@ class EventConsumer(AsyncLifecycle):
                 if loop.time() - last_commit >= commit_every:
                     await self.commit_tracked()
                     last_commit = loop.time()
+        except asyncio.CancelledError:
+            await self.settle()
+            try:
+                await self.commit_tracked()
+            except Exception:  # what is not committed is replayed: at least once still holds
+                log.warning("%s: commit on stop failed", self.source, exc_info=True)
+            raise
         finally:
             for task in running:
                 task.cancel()
@@ -343,13 +373,21 @@ class EventConsumer(AsyncLifecycle):
             event = self.codec.decode(record.value, topic=logical)
         except DecodeError as err:
             await self._dead_letter(record, err)
+            # Dead-lettered is handled: let the committed offset move past it.
+            tp = TopicPartition(record.topic, record.partition)
+            self.tracker.start(tp, record.offset)
+            self.tracker.finish(tp, record.offset)
             return None
         return Delivery(event, logical, record.partition, record.offset, record.topic)
 
     async def batches(
-        self, timeout_ms: int = 200, max_records: int = 500
+        self, timeout_ms: int = 200, max_records: int = 500, *, idle: bool = False
     ) -> AsyncIterator[list[Delivery]]:
-        """Decoded batches, forever; commit after handling each one for at-least-once."""
+        """Decoded batches, forever; commit after handling each one for at-least-once.
+
+        With ``idle`` an empty batch is yielded after each quiet poll, so a caller
+        can do periodic work (commit what finished) while nothing arrives.
+        """
         while True:
             fetched = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
             out: list[Delivery] = []
@@ -358,7 +396,7 @@ class EventConsumer(AsyncLifecycle):
                     delivery = await self.decode(record)
                     if delivery is not None:
                         out.append(delivery)
-            if out or fetched:
+            if out or fetched or idle:
                 yield out
 
     async def __aiter__(self) -> AsyncIterator[Delivery]:

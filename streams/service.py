@@ -103,4 +103,15 @@ def service_main(name: str, main: ServiceMain) -> None:
         await run_service(name, main, stop=stop)
         log.info("%s stopped", name)
 
-    asyncio.run(_run())
+    code = 0
+    try:
+        asyncio.run(_run())
+    except Exception:
+        log.exception("%s crashed", name)
+        code = 1
+    # Faust (mode) leaves a non-daemon thread behind even after a clean stop; ours
+    # are all closed by now, so leave without waiting for it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

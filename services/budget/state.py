@@ -32,6 +32,7 @@ __all__ = ["BudgetDefaults", "BudgetState", "Decision"]
 
 SOURCE = "budget"
 _SEEN_LIMIT = 5000
+_SPAWN_HOLD_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class BudgetState:
     agents: list[str] = field(default_factory=list)
     # run_id -> [admitted_at ISO, reserved USD]
     in_flight: dict[str, list[Any]] = field(default_factory=dict)
+    # approved spawns whose prompt-writing cost is not known yet: run_id -> [at, USD]
+    spawn_holds: dict[str, list[Any]] = field(default_factory=dict)
     queue: list[dict[str, Any]] = field(default_factory=list)
     spend: dict[str, float] = field(default_factory=dict)
     seen: deque[str] = field(default_factory=lambda: deque(maxlen=_SEEN_LIMIT))
@@ -92,6 +95,7 @@ class BudgetState:
             "max_daily_cost": self.max_daily_cost,
             "agents": list(self.agents),
             "in_flight": dict(self.in_flight),
+            "spawn_holds": dict(self.spawn_holds),
             "queue": list(self.queue),
             "spend": dict(self.spend),
             "seen": list(self.seen),
@@ -107,6 +111,7 @@ class BudgetState:
             max_daily_cost=float(data["max_daily_cost"]),
             agents=list(data.get("agents", [])),
             in_flight={k: list(v) for k, v in data.get("in_flight", {}).items()},
+            spawn_holds={k: list(v) for k, v in data.get("spawn_holds", {}).items()},
             queue=list(data.get("queue", [])),
             spend={k: float(v) for k, v in data.get("spend", {}).items()},
             largest_task_cost=float(data.get("largest_task_cost", 0.0)),
@@ -119,7 +124,8 @@ class BudgetState:
         return self.spend.get(utc_day(now), 0.0)
 
     def reserved(self) -> float:
-        return sum(float(v[1]) for v in self.in_flight.values())
+        held = [*self.in_flight.values(), *self.spawn_holds.values()]
+        return sum(float(v[1]) for v in held)
 
     def summary(self, now: datetime) -> dict[str, Any]:
         return {
@@ -142,7 +148,7 @@ class BudgetState:
         self.seen.append(event.event_id)
         self._expire(now, defaults)
         if isinstance(event, SpawnRequested):
-            return self._spawn(event, now)
+            return self._spawn(event, now, defaults)
         if isinstance(event, TaskRequested):
             return self._task(event, now, defaults)
         if isinstance(event, LlmCallCompleted):
@@ -166,7 +172,25 @@ class BudgetState:
             occurred_at=now,
         )
 
-    def _spawn(self, e: SpawnRequested, now: datetime) -> Decision:
+    def _spawn(self, e: SpawnRequested, now: datetime, defaults: BudgetDefaults) -> Decision:
+        if self._cost_blocked(now, defaults):
+            spent = self.spent_today(now)
+            return Decision(
+                [
+                    self._exceeded("max_daily_cost", spent, self.max_daily_cost, e.run_id, now),
+                    SpawnDenied(
+                        source=SOURCE,
+                        goal_id=self.goal_id,
+                        run_id=e.run_id,
+                        user_id=e.user_id,
+                        specialty=e.specialty,
+                        limit="max_daily_cost",
+                        detail=f"goal {self.goal_id} spent {spent:.6f} USD today; "
+                        f"max_daily_cost is {self.max_daily_cost:.6f} USD",
+                        occurred_at=now,
+                    ),
+                ]
+            )
         if len(self.agents) >= self.max_agents:
             detail = (
                 f"goal {self.goal_id} has {len(self.agents)} agents; "
@@ -188,6 +212,9 @@ class BudgetState:
                 ]
             )
         self.agents.append(e.event_id)
+        if e.run_id:
+            # The spawner may ask the LLM to write the prompt; hold its cost until known.
+            self.spawn_holds[e.run_id] = [now.isoformat(), self._reserve(defaults)]
         return Decision(
             [
                 SpawnApproved(
@@ -306,8 +333,12 @@ class BudgetState:
     def _charge(self, e: LlmCallCompleted, now: datetime, defaults: BudgetDefaults) -> Decision:
         day = utc_day(e.occurred_at)
         self.spend[day] = self.spend.get(day, 0.0) + e.cost_usd
-        if e.run_id and e.purpose == "answer":
+        if e.purpose in ("answer", "spawn_prompt"):
+            # Holds must cover the dearest call the goal has made, whichever kind.
             self.largest_task_cost = max(self.largest_task_cost, e.cost_usd)
+        if e.run_id and e.purpose == "spawn_prompt":
+            self.spawn_holds.pop(e.run_id, None)
+        if e.run_id and e.purpose == "answer":
             held = self.in_flight.get(e.run_id)
             if held is not None:
                 held[1] = 0.0  # the real cost is now in spend
@@ -333,6 +364,10 @@ class BudgetState:
         return Decision(self._drain(now, defaults))
 
     def _expire(self, now: datetime, defaults: BudgetDefaults) -> None:
+        # A spawn written from a template reports no cost; its hold lapses quickly.
+        for run_id, (held_at, _) in list(self.spawn_holds.items()):
+            if (now - datetime.fromisoformat(held_at)).total_seconds() > _SPAWN_HOLD_SECONDS:
+                del self.spawn_holds[run_id]
         # A task whose loader vanished must not hold a slot forever.
         for run_id, (admitted_at, _) in list(self.in_flight.items()):
             age = (now - datetime.fromisoformat(admitted_at)).total_seconds()

@@ -303,13 +303,15 @@ class ImprovementService:
         *,
         cause: str,
     ) -> LlmCallCompleted:
-        # Judging and rewriting prompts cost money too: the budget service charges the goal.
+        # Judging and rewriting prompts is the platform's own learning, not the user's
+        # work: it is charged to the platform's goal (ORCH_PLATFORM_GOAL), where spend per
+        # goal shows it, and never eats into a user goal's daily budget.
         return LlmCallCompleted(
             # One call per causing event: a redelivered cause does not count its cost twice.
             event_id=str(uuid.uuid5(_NS, f"{cause}:{purpose}")),
             source=SOURCE,
             run_id=run_id,
-            goal_id=goal_id,
+            goal_id=os.environ.get("ORCH_PLATFORM_GOAL", "platform"),
             model=call.model if call else (self.config.judge_model or "unknown"),
             purpose=purpose,
             prompt_tokens=call.prompt_tokens if call else 0,
@@ -556,9 +558,8 @@ class ImprovementService:
 
     async def run(self) -> None:
         ctx = self.ctx
-        view = EventConsumer(
-            ctx.settings, VIEW_TOPICS, group_id=None, producer=ctx.producer, source=SOURCE
-        )
+        # A view only skips bytes it cannot decode; the topic's own consumers dead-letter them.
+        view = EventConsumer(ctx.settings, VIEW_TOPICS, group_id=None, source=SOURCE)
         work = EventConsumer(
             ctx.settings, WORK_TOPICS, group_id=ctx.group, producer=ctx.producer, source=SOURCE
         )

@@ -378,7 +378,6 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             "improvement_rolled_back",
         ],
         group_id=None,
-        producer=ctx.producer,
         source=SOURCE,
     )
     tasks = EventConsumer(

@@ -307,9 +307,7 @@ class Router:
 
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     router = Router(ctx)
-    knowledge = EventConsumer(
-        ctx.settings, KNOWLEDGE_TOPICS, group_id=None, producer=ctx.producer, source=SOURCE
-    )
+    knowledge = EventConsumer(ctx.settings, KNOWLEDGE_TOPICS, group_id=None, source=SOURCE)
     requests = EventConsumer(
         ctx.settings, ["request_received"], group_id=ctx.group, producer=ctx.producer, source=SOURCE
     )

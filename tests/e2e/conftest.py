@@ -25,7 +25,7 @@ from streams.kafka import EventConsumer, KafkaSettings
 from streams.topics import create_topics
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("budget", "spawner", "loader", "router")
+SERVICES = ("budget", "spawner", "loader", "router", "improvement")
 
 
 class Platform:
@@ -53,6 +53,7 @@ class Platform:
             "ORCH_LLM_MAX_RETRIES": "1",
             "ORCH_RETIRE_SWEEP_SECONDS": "0.5",
             "ORCH_LOG_LEVEL": "INFO",
+            "ORCH_IMPROVE_PORT": "0",
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -126,11 +127,30 @@ def fake_llm() -> Iterator[FakeOpenAIServer]:
 def platform(
     kafka_bootstrap: str, fake_llm: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Platform]:
+    yield from _running(kafka_bootstrap, fake_llm, tmp_path_factory, dict.fromkeys(SERVICES, 1))
+
+
+@pytest.fixture(scope="module")
+def scaled_platform(
+    kafka_bootstrap: str, fake_llm: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Platform]:
+    """Two instances each of the router, the budget and the loader, one consumer group each."""
+    instances = {"budget": 2, "spawner": 1, "loader": 2, "router": 2}
+    yield from _running(kafka_bootstrap, fake_llm, tmp_path_factory, instances)
+
+
+def _running(
+    kafka_bootstrap: str,
+    fake_llm: FakeOpenAIServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    instances: dict[str, int],
+) -> Iterator[Platform]:
     settings = KafkaSettings(kafka_bootstrap, f"e2e{uuid.uuid4().hex[:8]}.")
     asyncio.run(create_topics(kafka_bootstrap, prefix=settings.prefix))
     plat = Platform(settings, tmp_path_factory.mktemp("platform"), fake_llm)
     for name in SERVICES:
-        plat.start(name)
+        for _ in range(instances.get(name, 1)):
+            plat.start(name)
     try:
         asyncio.run(_warm_up(plat))
         yield plat

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from services.budget.state import BudgetDefaults, BudgetState
 from streams.clock import FakeClock
 from streams.events import (
     BudgetExceeded,
@@ -17,8 +18,6 @@ from streams.events import (
     WorkflowCompleted,
     WorkflowFailed,
 )
-
-from services.budget.state import BudgetDefaults, BudgetState
 
 DEFAULTS = BudgetDefaults(task_reserve_usd=0.01)
 
@@ -128,3 +127,29 @@ def test_limits_change_by_event_and_state_survives_a_round_trip():
     copy = BudgetState.from_dict(state.to_dict())
     assert copy.to_dict() == state.to_dict()
     assert copy.handle(upd, clock.now(), DEFAULTS).events == []  # seen ids survive too
+
+
+def test_spawns_hold_their_prompt_cost_and_stop_at_the_daily_cost():
+    clock = FakeClock()
+    state = _state(max_daily_cost=0.025)
+    out = []
+    for i in range(4):
+        req = SpawnRequested(source="router", goal_id="g1", run_id=f"r{i}", specialty=f"s{i}")
+        out += state.handle(req, clock.now(), DEFAULTS).events
+    # 0.01 held per approved spawn: two fit under 0.025, the others are denied by cost.
+    assert sum(isinstance(e, SpawnApproved) for e in out) == 2
+    denied = [e for e in out if isinstance(e, SpawnDenied)]
+    assert [d.limit for d in denied] == ["max_daily_cost", "max_daily_cost"]
+    prompt = LlmCallCompleted(
+        source="spawner",
+        run_id="r0",
+        goal_id="g1",
+        model="m",
+        cost_usd=0.001,
+        purpose="spawn_prompt",
+    )
+    state.handle(prompt, clock.now(), DEFAULTS)
+    assert state.reserved() == 0.01  # r0's hold gave way to its real cost
+    clock.advance(120)
+    state.handle(_task(9), clock.now(), DEFAULTS)  # any event lets stale holds lapse
+    assert "r1" not in state.spawn_holds

@@ -1,0 +1,60 @@
+"""The platform learns from its own events: a recurring request becomes a cached automation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from streams.fake_openai import Usage
+from streams.llm import default_answer
+
+pytestmark = pytest.mark.e2e
+
+
+def _good_answers(body: dict) -> tuple[str, Usage, dict[str, str]]:
+    """A real HTTP answer that also says its (simulated) quality, as a world would."""
+    text = default_answer(body["messages"], body.get("model", "m"))
+    return text, Usage(prompt_tokens=40, completion_tokens=20), {"quality": "0.9"}
+
+
+async def _wait_for(platform, topic: str, predicate, timeout: float = 20.0) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in await platform.events(topic) if predicate(e)]
+        if found or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.3)
+
+
+async def test_a_recurring_request_is_answered_from_cache_at_no_llm_cost(platform, client):
+    platform.llm.responder = _good_answers
+    try:
+        goal, message = "g-auto", "How do I reset my account password?"
+        first = [await client.ask(message, goal_id=goal, user_id="u1") for _ in range(3)]
+        assert all(a.degradation_tier == "llm" and a.cost_usd > 0 for a in first)
+        assessed = await _wait_for(
+            platform, "workflow_assessed", lambda e: e.run_id == first[-1].run_id
+        )
+        assert assessed and assessed[0].method == "world" and assessed[0].quality == 0.9
+        patterns = await _wait_for(
+            platform, "pattern_discovered", lambda e: e.specialty == first[0].specialty
+        )
+        assert len(patterns) == 1 and patterns[0].occurrences >= 3
+        caches = await _wait_for(
+            platform, "automation_created", lambda e: e.kind == "response_cache"
+        )
+        assert len(caches) == 1
+        await asyncio.sleep(0.5)  # the router folds the automation in from the log
+
+        llm_calls_before = platform.llm.requests
+        cached = await client.ask(message, goal_id=goal, user_id="u1")
+        assert cached.degradation_tier == "automation_cache"
+        assert cached.cost_usd == 0
+        assert cached.text == first[0].text
+        assert platform.llm.requests == llm_calls_before  # no LLM call was made
+        completed = await platform.events("workflow_completed", run_id=cached.run_id)
+        assert completed[0].automation_id == caches[0].automation_id
+    finally:
+        platform.llm.responder = None
