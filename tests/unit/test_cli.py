@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,7 +33,8 @@ def no_kafka(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def invoke(*args: str) -> Any:
-    return runner.invoke(cli.app, list(args))
+    # Wide enough that no message is wrapped inside the usage-error box.
+    return runner.invoke(cli.app, list(args), env={"COLUMNS": "300"})
 
 
 @pytest.mark.parametrize(
@@ -144,7 +146,7 @@ def test_ask_timeout_exits_3(monkeypatch: pytest.MonkeyPatch) -> None:
         (["g1", "--max-daily-cost", "-0.5"], "--max-daily-cost must be >= 0"),
         (["bad goal", "--max-agents", "3"], "invalid identifier"),
         (["g1", "--max-tokens", "3"], "No such option"),
-        (["g1", "--max-agents", "three"], "is not a valid integer"),
+        (["g1", "--max-agents", "three"], "Invalid value for '--max-agents'"),
     ],
 )
 def test_budget_set_refuses_bad_input(args: list[str], expected: str, no_kafka: list[str]) -> None:
@@ -163,7 +165,7 @@ def test_budget_show_refuses_a_malformed_goal() -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["run-1", "better", "--user", "u1", "--score", "6"], "6"),
+        (["run-1", "better", "--user", "u1", "--score", "6"], "less than or equal to 5"),
         (["run-1", "", "--user", "u1"], "give feedback text or a --score"),
         (["run-1", "better", "--user", "not valid"], "invalid identifier"),
     ],
@@ -191,7 +193,24 @@ def test_up_only_unknown_service_is_refused_before_starting_anything() -> None:
 def test_sql_refuses_an_unknown_format() -> None:
     result = invoke("sql", "SELECT 1", "--format", "xml")
     assert result.exit_code == 2
-    assert "table, json or csv" in result.output
+    assert "--format must be one of table, json, csv" in result.output
+
+
+def test_sql_without_a_running_sink_says_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
+    result = invoke("sql", "SELECT 1")
+    assert result.exit_code == 1
+    assert "the analytics sink is not running" in result.output
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_metrics_refuses_a_bad_duration(as_json: bool) -> None:
+    result = invoke("metrics", "--since", "yesterday", *(["--json"] if as_json else []))
+    assert result.exit_code == 2
+    assert "invalid duration 'yesterday'" in result.output
 
 
 def test_restart_backoff_doubles_up_to_a_cap() -> None:

@@ -1,0 +1,53 @@
+-- The full event log: one row per event, deduplicated by event_id.
+-- Applied at every sink start; every statement is idempotent.
+--
+-- Deduplication: ReplacingMergeTree collapses rows with equal sorting keys. The key
+-- (event_type, occurred_at, event_key) starts with the filters every metric uses and
+-- still identifies an event, because an event is immutable: a redelivered event has
+-- the same type and time, and event_key is a 128-bit hash of its event_id (FINAL reads
+-- 16 fixed bytes per row instead of a 36-character id; a collision would need two
+-- events of one type in one millisecond whose ids share 128 bits of hash).
+-- Events arrive roughly in time order, so the parts of successive inserts cover
+-- nearly disjoint key ranges and FINAL has little left to merge. Until a merge runs,
+-- duplicates exist on disk; queries that must count each event once read
+-- `events FINAL` (or the views of 002_metrics.sql).
+--
+-- Typed columns: each one takes the event's field of the same name when the event
+-- type has one (see services/analytics/_ingest.py). Add a column here and every
+-- event type with such a field fills it from the next insert on.
+CREATE TABLE IF NOT EXISTS events
+(
+    event_id         String,
+    event_type       LowCardinality(String),
+    occurred_at      DateTime64(3, 'UTC'),
+    source           LowCardinality(String),
+    run_id           String,
+    goal_id          String,
+    user_id          String,
+    agent_id         String,
+    specialty        LowCardinality(String),
+    model            LowCardinality(String),
+    cost_usd         Nullable(Float64),
+    latency_ms       Nullable(Float64),
+    prompt_tokens    Nullable(Int64),
+    completion_tokens Nullable(Int64),
+    degradation_tier LowCardinality(String),
+    quality          Nullable(Float64),
+    score            Nullable(Int64),
+    reason           String,
+    signature        String,
+    automation_id    String,
+    workflow_id      String,
+    -- The whole event as JSON, as the event model writes it (bytes fields in base64).
+    payload          String CODEC(ZSTD(1)),
+    ingested_at      DateTime64(3, 'UTC') DEFAULT now64(3),
+    event_key        UInt128 MATERIALIZED reinterpretAsUInt128(sipHash128(event_id)),
+    -- A row outside these bounds is refused and dead-lettered by the sink: a broken
+    -- clock would otherwise scatter partitions and a wild score would skew satisfaction.
+    CONSTRAINT occurred_at_in_range CHECK occurred_at >= toDateTime64('2000-01-01 00:00:00', 3, 'UTC')
+        AND occurred_at < toDateTime64('2200-01-01 00:00:00', 3, 'UTC'),
+    CONSTRAINT score_in_range CHECK score IS NULL OR (score >= 1 AND score <= 5)
+)
+ENGINE = ReplacingMergeTree
+PARTITION BY toYYYYMM(occurred_at)
+ORDER BY (event_type, occurred_at, event_key);

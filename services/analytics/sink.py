@@ -1,0 +1,425 @@
+"""The analytics sink: every catalog topic into the ClickHouse event log, committed after insert."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from services.analytics._ingest import HEADER_LEN
+from services.analytics.query_server import QueryServer
+from services.analytics.store import (
+    ClickHouseStore,
+    EncodedEvent,
+    EventStore,
+    Rejection,
+    StoreUnavailable,
+    open_store,
+)
+from streams.codec import MAGIC, EventCodec, default_codec
+from streams.events import DeadLetter
+from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+from streams.service import ServiceContext
+from streams.topics import CATALOG
+
+__all__ = ["SinkConfig", "SinkStats", "main", "run_sink"]
+
+log = logging.getLogger(__name__)
+
+# Kafka fetches sized for draining a backlog (the broker still answers as soon as one
+# byte is there); a fetch response is also the most the consumer buffers ahead.
+_CONSUMER_OVERRIDES: dict[str, Any] = {
+    "max_partition_fetch_bytes": 2 * 1024 * 1024,
+    "fetch_max_bytes": 32 * 1024 * 1024,
+}
+_SHUTDOWN_FLUSH_S = 5.0
+_PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class SinkConfig:
+    """Batching and retry policy.
+
+    A batch is written once it holds ``batch_rows`` rows or its oldest row is
+    ``batch_wait`` seconds old. One insert runs at a time; while it runs, rows keep
+    arriving into the next batch up to ``max_batch_rows``, so under a backlog each
+    insert grows and its fixed cost is paid less often. Past that bound the sink
+    pauses its partitions: memory stays bounded by two batches (about 120 MB at
+    100,000 rows of a few hundred bytes).
+    """
+
+    batch_rows: int = 5000
+    batch_wait: float = 0.2
+    max_batch_rows: int = 100_000
+    backoff_initial: float = 0.1
+    backoff_max: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_rows <= self.max_batch_rows:
+            raise ValueError("need 1 <= batch_rows <= max_batch_rows")
+        if self.batch_wait <= 0 or self.backoff_initial <= 0 or self.backoff_max <= 0:
+            raise ValueError("batch_wait and backoff times must be positive")
+
+    @classmethod
+    def from_env(cls) -> SinkConfig:
+        """From ``ORCH_SINK_BATCH_ROWS``, ``ORCH_SINK_BATCH_MS``, ``ORCH_SINK_MAX_BATCH_ROWS``
+        and ``ORCH_SINK_BACKOFF_MAX_MS``."""
+        env = os.environ
+        batch_rows = int(env.get("ORCH_SINK_BATCH_ROWS", cls.batch_rows))
+        return cls(
+            batch_rows=batch_rows,
+            batch_wait=float(env.get("ORCH_SINK_BATCH_MS", cls.batch_wait * 1000)) / 1000,
+            max_batch_rows=int(
+                env.get("ORCH_SINK_MAX_BATCH_ROWS", max(cls.max_batch_rows, batch_rows))
+            ),
+            backoff_max=float(env.get("ORCH_SINK_BACKOFF_MAX_MS", cls.backoff_max * 1000)) / 1000,
+        )
+
+
+@dataclass
+class SinkStats:
+    """What the sink has done, for logs, tests and the benchmark."""
+
+    consumed: int = 0
+    stored: int = 0
+    inserts: int = 0
+    rejected: int = 0
+    undecodable: int = 0
+    reencoded: int = 0
+    retries: int = 0
+    commits_failed: int = 0
+    largest_batch: int = 0
+    paused: bool = False
+
+
+@dataclass
+class _Batch:
+    rows: list[EncodedEvent] = field(default_factory=list)
+    # First and last offset read per partition, open in the consumer's offset tracker
+    # until the insert succeeds: nothing at or past them is committed before that.
+    marks: list[tuple[TopicPartition, int]] = field(default_factory=list)
+    started: float = 0.0
+
+    @property
+    def empty(self) -> bool:
+        return not self.marks
+
+
+class _Sink:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        producer: EventProducer,
+        group: str,
+        store: EventStore,
+        config: SinkConfig,
+        stats: SinkStats,
+        codec: EventCodec,
+    ) -> None:
+        self._producer = producer
+        self._store = store
+        self._config = config
+        self._stats = stats
+        self._codec = codec
+        topics = [spec.name for spec in CATALOG]
+        self._consumer = EventConsumer(
+            settings,
+            topics,
+            group_id=group,
+            producer=producer,
+            codec=codec,
+            source="analytics",
+            **_CONSUMER_OVERRIDES,
+        )
+        # A record whose header names its topic's current schema goes to ClickHouse as
+        # it is; anything else takes the codec's path (older writers, bad bytes).
+        self._headers = {settings.topic(t): MAGIC + codec.fingerprint_for(t) for t in topics}
+        self._logical = {settings.topic(t): t for t in topics}
+        self._batch = _Batch()
+        self._inflight: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._last_progress = (time.monotonic(), 0)
+
+    # -- main loop ------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
+        await self._consumer.start()
+        try:
+            while not stop.is_set():
+                fetched = await self._consumer.raw.getmany(
+                    timeout_ms=self._poll_timeout_ms(), max_records=self._room()
+                )
+                await self._add(fetched)
+                await self._maybe_flush()
+                self._progress()
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        # Write what was read, briefly: anything left uncommitted is read again next time.
+        flush = asyncio.ensure_future(self._final_flush())
+        try:
+            await asyncio.wait_for(asyncio.shield(flush), _SHUTDOWN_FLUSH_S)
+        except TimeoutError:
+            flush.cancel()
+            log.warning("analytics: stopped before the last batch was stored; it will be re-read")
+        except Exception:
+            log.exception("analytics: the last batch could not be stored; it will be re-read")
+        await self._consumer.stop()
+
+    def _inserting(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
+
+    def _room(self) -> int:
+        # Idle store: fill to batch_rows and write at once. Busy store: keep reading up
+        # to the cap, so the next insert is larger and its fixed cost is paid once.
+        limit = self._config.max_batch_rows if self._inserting() else self._config.batch_rows
+        return max(1, limit - len(self._batch.rows))
+
+    def _poll_timeout_ms(self) -> int:
+        if self._batch.empty:
+            return int(self._config.batch_wait * 1000)
+        if self._inserting():
+            return 20  # come back soon: the next insert starts when this one ends
+        age = time.monotonic() - self._batch.started
+        return max(0, int((self._config.batch_wait - age) * 1000))
+
+    async def _add(self, fetched: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        batch = self._batch
+        if fetched and batch.empty:
+            batch.started = time.monotonic()
+        rows = batch.rows
+        for tp, records in fetched.items():
+            header = self._headers.get(tp.topic)
+            topic = self._logical.get(tp.topic, tp.topic)
+            slow: list[ConsumerRecord[Any, Any]] = []
+            for record in records:
+                value = record.value
+                if header is not None and value is not None and value[:HEADER_LEN] == header:
+                    rows.append(EncodedEvent(topic, value, tp.partition, record.offset, record.key))
+                else:
+                    slow.append(record)
+            for record in slow:
+                row = await self._reencode(record, topic)
+                if row is not None:
+                    rows.append(row)
+            if records:
+                for offset in {records[0].offset, records[-1].offset}:
+                    self._consumer.tracker.start(tp, offset)
+                    batch.marks.append((tp, offset))
+                self._stats.consumed += len(records)
+
+    async def _reencode(self, record: ConsumerRecord[Any, Any], topic: str) -> EncodedEvent | None:
+        # The codec resolves older writer schemas and dead-letters what it cannot read.
+        delivery = await self._consumer.decode(record)
+        if delivery is None:
+            self._stats.undecodable += 1
+            return None
+        self._stats.reencoded += 1
+        value = self._codec.encode(delivery.event)
+        return EncodedEvent(topic, value, record.partition, record.offset, record.key)
+
+    def _due(self) -> bool:
+        batch = self._batch
+        if batch.empty:
+            return False
+        if len(batch.rows) >= self._config.batch_rows:
+            return True
+        return time.monotonic() - batch.started >= self._config.batch_wait
+
+    async def _maybe_flush(self) -> None:
+        if not self._due():
+            return
+        inflight = self._inflight
+        if inflight is not None and not inflight.done():
+            if len(self._batch.rows) < self._config.max_batch_rows:
+                return  # keep filling while the previous insert runs
+            if not await self._wait_paused(inflight):
+                return  # stopping: the shutdown flush takes over
+        self._launch()
+
+    def _launch(self) -> None:
+        previous = self._inflight
+        if previous is not None:
+            previous.result()  # a failed write is a bug: crash loudly, redelivery dedupes
+        batch, self._batch = self._batch, _Batch()
+        self._stats.largest_batch = max(self._stats.largest_batch, len(batch.rows))
+        self._inflight = asyncio.create_task(self._write(batch), name="analytics-write")
+
+    async def _wait_paused(self, inflight: asyncio.Task[None]) -> bool:
+        """Stop fetching until the running insert ends (True) or the sink stops (False).
+
+        Polling goes on meanwhile, so the group does not drop this member.
+        """
+        raw = self._consumer.raw
+        self._stats.paused = True
+        raw.pause(*raw.assignment())
+        try:
+            while not inflight.done():
+                done, _ = await asyncio.wait({inflight}, timeout=1.0)
+                if done:
+                    break
+                if self._stop.is_set():
+                    return False
+                # A long outage outlasts max_poll_interval_ms unless we poll; partitions a
+                # rebalance just assigned are paused too, and a fetch that slipped in is kept.
+                raw.pause(*raw.assignment())
+                await self._add(await raw.getmany(timeout_ms=0))
+        finally:
+            raw.resume(*raw.assignment())
+            self._stats.paused = False
+        return True
+
+    async def _final_flush(self) -> None:
+        if self._inflight is not None:
+            await self._inflight
+            self._inflight = None
+        if not self._batch.empty:
+            batch, self._batch = self._batch, _Batch()
+            await self._write(batch)
+
+    # -- writing --------------------------------------------------------------
+    async def _write(self, batch: _Batch) -> None:
+        delay = self._config.backoff_initial
+        attempts = 0
+        while True:
+            try:
+                rejected = await asyncio.to_thread(self._store.insert, batch.rows)
+                break
+            except StoreUnavailable as err:
+                attempts += 1
+                self._stats.retries += 1
+                log.warning(
+                    "analytics store unavailable (attempt %d, %d rows waiting): %s;"
+                    " retrying in %.1f s",
+                    attempts,
+                    len(batch.rows),
+                    err,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._config.backoff_max)
+        if attempts:
+            log.info("analytics store is back after %d failed attempts", attempts)
+        for rejection in rejected:
+            await self._dead_letter(rejection)
+        self._stats.inserts += 1
+        self._stats.stored += len(batch.rows) - len(rejected)
+        for tp, offset in batch.marks:
+            self._consumer.tracker.finish(tp, offset)
+        await self._commit()
+
+    async def _dead_letter(self, rejection: Rejection) -> None:
+        row = rejection.row
+        self._stats.rejected += 1
+        if row.topic == DeadLetter.topic:
+            # Re-sending a refused dead letter would loop forever; say it loudly instead.
+            log.error(
+                "a dead letter was refused by the table and is not stored: %s (%s[%d]@%d)",
+                rejection.reason,
+                row.topic,
+                row.partition,
+                row.offset,
+            )
+            return
+        log.warning("row refused by the table, dead-lettered: %s", rejection.reason)
+        await self._producer.send(
+            DeadLetter(
+                source="analytics",
+                original_topic=row.topic,
+                partition=row.partition,
+                offset=row.offset,
+                original_key=row.key,
+                payload=row.value,
+                reason=rejection.reason,
+                error_type="RowRejected",
+            )
+        )
+
+    async def _commit(self) -> None:
+        # The tracker commits below the oldest batch still open, per partition, and has
+        # forgotten partitions a rebalance took away (its listener commits before they go).
+        try:
+            await self._consumer.commit_tracked()
+        except KafkaError as err:
+            self._stats.commits_failed += 1
+            log.warning(
+                "offset commit failed (%s); those events will be read again and deduplicated",
+                err,
+            )
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        last_time, last_stored = self._last_progress
+        if now - last_time < _PROGRESS_EVERY_S:
+            return
+        stats = self._stats
+        if stats.stored != last_stored:
+            rate = (stats.stored - last_stored) / (now - last_time)
+            log.info(
+                "analytics: %d events stored (%.0f/s), %d inserts, %d refused, %d undecodable",
+                stats.stored,
+                rate,
+                stats.inserts,
+                stats.rejected,
+                stats.undecodable,
+            )
+        self._last_progress = (now, stats.stored)
+
+
+async def run_sink(
+    ctx: ServiceContext,
+    stop: asyncio.Event,
+    store: EventStore,
+    *,
+    config: SinkConfig | None = None,
+    stats: SinkStats | None = None,
+    codec: EventCodec | None = None,
+) -> None:
+    """Consume every catalog topic in group ``ctx.group`` into ``store`` until ``stop`` is set."""
+    sink = _Sink(
+        ctx.settings,
+        ctx.producer,
+        ctx.group,
+        store,
+        config or SinkConfig.from_env(),
+        stats if stats is not None else SinkStats(),
+        codec or default_codec(),
+    )
+    await sink.run(stop)
+
+
+async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
+    """The service: open the store, apply the schema, serve read-only SQL when embedded, sink."""
+    store = open_store()
+    log.info("analytics: writing to %s", store.describe())
+    try:
+        await _apply_schema(store, embedded=store.embedded)
+        server = QueryServer(store).start() if store.embedded else None
+        try:
+            await run_sink(ctx, stop, store)
+        finally:
+            if server is not None:
+                server.close()
+    finally:
+        await asyncio.to_thread(store.close)
+
+
+async def _apply_schema(store: ClickHouseStore, *, embedded: bool) -> None:
+    delay = 0.5
+    while True:
+        try:
+            await asyncio.to_thread(store.apply_schema)
+            return
+        except StoreUnavailable as err:
+            if embedded:
+                raise  # a locked or unreadable data directory will not fix itself
+            log.warning("ClickHouse not reachable (%s); retrying in %.1f s", err, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)

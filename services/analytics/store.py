@@ -1,0 +1,492 @@
+"""The analytics store seam: the event log behind one interface, on ClickHouse or in memory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from urllib.parse import urlsplit
+
+from services.analytics import _ingest
+from streams.codec import EventCodec, default_codec
+from streams.errors import DecodeError, StoreError
+from streams.events import Event
+from streams.localkafka import ROOT, data_root
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+__all__ = [
+    "DDL_DIR",
+    "TABLE",
+    "ClickHouseStore",
+    "EncodedEvent",
+    "EventStore",
+    "MemoryEventStore",
+    "QueryResult",
+    "Rejection",
+    "SqlSource",
+    "StoreUnavailable",
+    "clickhouse_path",
+    "ddl_statements",
+    "open_store",
+]
+
+DDL_DIR = ROOT / "infra" / "clickhouse"
+TABLE = "events"
+
+# ClickHouse error codes that blame the rows, not the store: parse and conversion
+# failures, a violated constraint, a corrupt Avro body. Anything else (server down,
+# disk full, too many parts, a missing table) is retried, never dead-lettered.
+_ROW_ERRORS = frozenset(
+    {6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 407, 469, 748}
+)
+_AVRO_EXCEPTION = 748
+
+
+class StoreUnavailable(StoreError):
+    """The store takes no writes now (down, disk full, locked); the same insert may work later."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """One event as it travels on Kafka: single-object Avro with its topic's current writer schema.
+
+    ``partition``, ``offset`` and ``key`` say where it came from, for dead-lettering.
+    """
+
+    topic: str
+    value: bytes
+    partition: int = -1
+    offset: int = -1
+    key: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A row the table refused, and ClickHouse's reason."""
+
+    row: EncodedEvent
+    reason: str
+
+
+class QueryResult(NamedTuple):
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+
+class SqlSource(Protocol):
+    """Anything that answers SQL over the event log: a store, or the sink's query server."""
+
+    def query(self, sql: str, *, readonly: bool = True) -> QueryResult:
+        """Run one statement; ``readonly`` makes ClickHouse refuse anything but reads."""
+        ...
+
+
+class EventStore(SqlSource, Protocol):
+    """Where the sink writes the event log.
+
+    ``insert`` is idempotent by event_id (a row inserted twice is seen once by
+    queries); it returns the rows the table refused, with the reason, and raises
+    :class:`StoreUnavailable` when nothing could be written and a retry may work.
+    """
+
+    def apply_schema(self) -> None: ...
+
+    def insert(self, rows: Sequence[EncodedEvent]) -> list[Rejection]: ...
+
+    def count(self) -> int:
+        """Events stored, each event_id once."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def clickhouse_path() -> Path:
+    """Where the embedded engine keeps its data: ``<ORCH_DATA_DIR or .local>/clickhouse``."""
+    return data_root() / "clickhouse"
+
+
+def open_store() -> ClickHouseStore:
+    """``CLICKHOUSE_URL`` set: that server; else the embedded engine at :func:`clickhouse_path`."""
+    url = os.environ.get("CLICKHOUSE_URL")
+    return ClickHouseStore(url=url) if url else ClickHouseStore(path=clickhouse_path())
+
+
+def ddl_statements(directory: Path = DDL_DIR) -> list[str]:
+    """The statements of ``NNN_*.sql`` in file order; each ends with ``;`` at the end of a line."""
+    statements: list[str] = []
+    for path in sorted(directory.glob("*.sql")):
+        chunk: list[str] = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            chunk.append(line)
+            if line.rstrip().endswith(";"):
+                statements.extend(_statement(chunk))
+                chunk = []
+        statements.extend(_statement(chunk))
+    return statements
+
+
+def _statement(lines: list[str]) -> list[str]:
+    # Leading comments document the file, not the statement; drop them.
+    while lines and (not lines[0].strip() or lines[0].strip().startswith("--")):
+        lines = lines[1:]
+    if not lines:
+        return []
+    return ["\n".join(lines).strip().rstrip(";").strip()]
+
+
+def _clean(sql: str) -> str:
+    # The client appends its own FORMAT clause; a trailing ';' would end the statement before it.
+    return sql.strip().rstrip(";").rstrip()
+
+
+class _RowsRefused(Exception):
+    def __init__(self, reason: str, code: int | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class MemoryEventStore:
+    """The event log in a dict, for tests of whatever writes to a store.
+
+    Deduplicates by event_id like the real table. ``reject`` refuses rows the way a
+    table constraint would; ``available = False`` makes every insert fail with
+    :class:`StoreUnavailable` until it is set back. It runs no SQL.
+    """
+
+    def __init__(
+        self,
+        *,
+        codec: EventCodec | None = None,
+        reject: Callable[[Event], str | None] | None = None,
+    ) -> None:
+        self._codec = codec or default_codec()
+        self._reject = reject
+        self._events: dict[str, Event] = {}
+        self._lock = threading.Lock()
+        self.available = True
+        self.failed_attempts = 0
+        self.inserted_rows = 0
+        self.schema_applied = 0
+        self.closed = False
+
+    def apply_schema(self) -> None:
+        self.schema_applied += 1
+
+    def insert(self, rows: Sequence[EncodedEvent]) -> list[Rejection]:
+        with self._lock:
+            if not self.available:
+                self.failed_attempts += 1
+                raise StoreUnavailable("in-memory store made unavailable")
+            rejected: list[Rejection] = []
+            for row in rows:
+                try:
+                    event = self._codec.decode(row.value, topic=row.topic)
+                except DecodeError as err:
+                    rejected.append(Rejection(row, err.reason))
+                    continue
+                reason = self._reject(event) if self._reject else None
+                if reason is not None:
+                    rejected.append(Rejection(row, reason))
+                    continue
+                self._events.setdefault(event.event_id, event)
+                self.inserted_rows += 1
+            return rejected
+
+    def query(self, sql: str, *, readonly: bool = True) -> QueryResult:
+        raise StoreError("the in-memory store runs no SQL; use ClickHouseStore for queries")
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._events)
+
+    def events(self) -> list[Event]:
+        with self._lock:
+            return list(self._events.values())
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class ClickHouseStore:
+    """The event log in ClickHouse through clickhouse-connect: embedded chdb or a server.
+
+    ``path`` opens the embedded engine (one process owns a data directory);
+    ``url`` (``http://user:pass@host:8123/db``) connects to a server. Writes go
+    through one client; reads through another whose session has ``readonly=1``,
+    so ClickHouse itself refuses anything but reads there.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | Path | None = None,
+        url: str | None = None,
+        database: str | None = None,
+        codec: EventCodec | None = None,
+        ddl_dir: Path = DDL_DIR,
+    ) -> None:
+        if (path is None) == (url is None):
+            raise ValueError("give exactly one of path (embedded chdb) or url (ClickHouse server)")
+        self.path = Path(path) if path is not None else None
+        self.url = url
+        self.database = database
+        self._codec = codec or default_codec()
+        self._ddl_dir = ddl_dir
+        self._lock = threading.Lock()
+        self._writer: Client | None = None
+        self._reader: Client | None = None
+        self._columns: list[_ingest.Column] | None = None
+        self._structures: dict[str, str] = {}
+        self._tmp: Path | None = None
+        self._closed = False
+
+    @property
+    def embedded(self) -> bool:
+        return self.path is not None
+
+    def describe(self) -> str:
+        """Where the data is, without credentials."""
+        if self.path is not None:
+            return f"embedded ClickHouse (chdb) at {self.path}"
+        parts = urlsplit(self.url or "")
+        return f"ClickHouse at {parts.scheme}://{parts.hostname}:{parts.port or 8123}{parts.path}"
+
+    # -- clients ----------------------------------------------------------------
+    def _client(self, *, readonly: bool) -> Client:
+        with self._lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            if readonly:
+                # Reading alone (the CLI) opens no writing session at all.
+                if self._reader is None:
+                    self._reader = self._connect(readonly=True, database=self.database)
+                return self._reader
+            if self._writer is None:
+                self._writer = self._connect(readonly=False, database=None)
+                if self.database:
+                    self._writer.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
+                    self._writer.database = self.database
+            return self._writer
+
+    def _connect(self, *, readonly: bool, database: str | None) -> Client:
+        import clickhouse_connect
+
+        settings: dict[str, Any] = {"readonly": 1} if readonly else {}
+        kwargs: dict[str, Any] = {"settings": settings}
+        if database:
+            kwargs["database"] = database
+        try:
+            if self.path is not None:
+                self.path.mkdir(parents=True, exist_ok=True)
+                path = str(self.path)
+                return clickhouse_connect.get_client(interface="chdb", path=path, **kwargs)
+            return clickhouse_connect.get_client(dsn=self.url, **kwargs)
+        except Exception as exc:
+            raise StoreUnavailable(f"cannot open {self.describe()}: {exc}") from exc
+
+    # -- schema -----------------------------------------------------------------
+    def apply_schema(self) -> None:
+        """Create the table and views (idempotent) and learn the table's typed columns."""
+        from clickhouse_connect.driver.exceptions import DatabaseError
+
+        writer = self._client(readonly=False)
+        for statement in ddl_statements(self._ddl_dir):
+            try:
+                writer.command(statement)
+            except DatabaseError as exc:
+                raise StoreError(f"schema statement failed: {exc}\n{statement}") from exc
+        self._columns = self._load_columns(writer)
+
+    def _load_columns(self, client: Client) -> list[_ingest.Column]:
+        result = client.query(
+            "SELECT name, type FROM system.columns WHERE database = currentDatabase()"
+            f" AND table = '{TABLE}' AND default_kind = '' ORDER BY position"
+        )
+        columns = [_ingest.Column(str(n), str(t)) for n, t in result.result_rows]
+        if not columns:
+            raise StoreError(f"table {TABLE!r} does not exist; apply_schema() first")
+        return [c for c in columns if c.name != "payload"]
+
+    def _structure(self, topic: str) -> str:
+        if topic not in self._structures:
+            fields = _ingest.structure(self._codec.schema_for(topic))
+            self._structures[topic] = ", ".join(f"{c.name} {c.type}" for c in fields)
+        return self._structures[topic]
+
+    # -- writes -----------------------------------------------------------------
+    def insert(self, rows: Sequence[EncodedEvent]) -> list[Rejection]:
+        """Insert in one statement; on a row error, halve the batch until bad rows stand alone."""
+        if not rows:
+            return []
+        try:
+            self._insert(rows)
+            return []
+        except _RowsRefused as refused:
+            if len(rows) == 1:
+                self._confirm_refusal(rows[0], refused)
+                return [Rejection(rows[0], refused.reason)]
+        mid = len(rows) // 2
+        return self.insert(rows[:mid]) + self.insert(rows[mid:])
+
+    def _confirm_refusal(self, row: EncodedEvent, refused: _RowsRefused) -> None:
+        # ClickHouse failing to read Avro that Python reads is our bug, not the event's:
+        # stall loudly rather than dead-letter every event.
+        if refused.code != _AVRO_EXCEPTION:
+            return
+        try:
+            self._codec.decode(row.value, topic=row.topic)
+        except DecodeError:
+            return
+        raise StoreUnavailable(
+            f"ClickHouse cannot read an event the codec decodes ({row.topic}): {refused.reason}"
+        )
+
+    def _insert(self, rows: Sequence[EncodedEvent]) -> None:
+        from clickhouse_connect.driver.exceptions import DatabaseError
+
+        writer = self._client(readonly=False)
+        if self._columns is None:
+            self._columns = self._load_columns(writer)
+        by_topic: dict[str, list[bytes]] = {}
+        for row in rows:
+            by_topic.setdefault(row.topic, []).append(row.value[_ingest.HEADER_LEN :])
+        try:
+            with self._sources(by_topic) as (selects, external):
+                sql = _ingest.insert_statement(TABLE, self._columns, selects)
+                writer.command(sql, external_data=external)
+        except DatabaseError as exc:
+            if exc.code in _ROW_ERRORS:
+                raise _RowsRefused(str(exc), exc.code) from exc
+            raise StoreUnavailable(str(exc)) from exc
+        except OSError as exc:  # the container files could not be written (disk full)
+            raise StoreUnavailable(f"cannot stage a batch: {exc}") from exc
+
+    def _sources(self, by_topic: dict[str, list[bytes]]) -> _Sources:
+        assert self._columns is not None
+        return _Sources(self, by_topic, self._columns)
+
+    def _tmpdir(self) -> Path:
+        # Beside the data, one directory per process: a sink killed mid-insert leaves
+        # its batch files behind, and the next one to start removes them.
+        if self._tmp is None:
+            assert self.path is not None
+            base = self.path.parent / f"{self.path.name}-ingest"
+            base.mkdir(parents=True, exist_ok=True)
+            for old in base.iterdir():
+                pid = old.name.split("-", 1)[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    shutil.rmtree(old, ignore_errors=True)
+            self._tmp = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
+        self._tmp.mkdir(parents=True, exist_ok=True)  # a cleaner may have removed it
+        return self._tmp
+
+    # -- reads ------------------------------------------------------------------
+    def query(self, sql: str, *, readonly: bool = True) -> QueryResult:
+        from clickhouse_connect.driver.exceptions import DatabaseError
+
+        client = self._client(readonly=readonly)
+        try:
+            result = client.query(_clean(sql))
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+        return QueryResult(list(result.column_names), [tuple(r) for r in result.result_rows])
+
+    def query_text(self, sql: str, clickhouse_format: str) -> str:
+        """A read-only query rendered by ClickHouse in one of its output formats."""
+        from clickhouse_connect.driver.exceptions import DatabaseError
+
+        client = self._client(readonly=True)
+        try:
+            data = client.raw_query(_clean(sql), fmt=clickhouse_format)
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+        return data.decode("utf-8", errors="replace")
+
+    def count(self) -> int:
+        result = self.query(f"SELECT count() FROM {TABLE} FINAL")
+        return int(result.rows[0][0])
+
+    def execute(self, statement: str) -> None:
+        """Run one statement with write access: maintenance, backfills, benchmarks."""
+        from clickhouse_connect.driver.exceptions import DatabaseError
+
+        try:
+            self._client(readonly=False).command(_clean(statement))
+        except DatabaseError as exc:
+            raise StoreError(str(exc)) from exc
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            clients = [c for c in (self._reader, self._writer) if c is not None]
+            self._reader = self._writer = None
+        for client in clients:
+            client.close()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Sources:
+    """The per-type SELECTs of one insert and their Avro data: chdb files or external tables."""
+
+    def __init__(
+        self,
+        store: ClickHouseStore,
+        by_topic: dict[str, list[bytes]],
+        columns: list[_ingest.Column],
+    ) -> None:
+        self._store = store
+        self._by_topic = by_topic
+        self._columns = columns
+        self._files: list[Path] = []
+
+    def __enter__(self) -> tuple[list[str], Any]:
+        from clickhouse_connect.driver.external import ExternalData
+
+        store = self._store
+        selects: list[str] = []
+        external: ExternalData | None = None
+        for topic, bodies in self._by_topic.items():
+            schema = store._codec.schema_for(topic)  # noqa: SLF001
+            data = _ingest.avro_container(schema, bodies)
+            structure = store._structure(topic)  # noqa: SLF001
+            if store.embedded:
+                # chdb reads local files; a server gets the same bytes as external tables.
+                fd, name = tempfile.mkstemp(suffix=f".{topic}.avro", dir=store._tmpdir())  # noqa: SLF001
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                self._files.append(Path(name))
+                source = (
+                    f"file({_ingest.quote_string(name)}, 'Avro', {_ingest.quote_string(structure)})"
+                )
+            else:
+                external = external or ExternalData()
+                source = f"in_{topic}"
+                external.add_file(
+                    file_name=f"{source}.avro", data=data, fmt="Avro", structure=structure
+                )
+            selects.append(_ingest.select_for(schema, self._columns, source))
+        return selects, external
+
+    def __exit__(self, *exc: object) -> None:
+        for path in self._files:
+            path.unlink(missing_ok=True)

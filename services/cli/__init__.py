@@ -1,0 +1,3 @@
+"""The `orchestrator` command line and the supervisor that runs the services."""
+
+__all__: list[str] = []

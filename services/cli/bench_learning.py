@@ -1,0 +1,687 @@
+"""`orchestrator bench learning`: the platform on a simulated world, learned vs static routing.
+
+Each policy gets its own platform (every service a subprocess, a fresh topic
+prefix and data dir, the real broker) and the same requests, sent by the SDK.
+An answer's reward is the quality the world gave it (``meta["quality"]`` on
+``workflow_completed``); the oracle's is what the world's best specialty scores
+on the same message, read from the world with no run at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+from aiokafka.admin import AIOKafkaAdminClient
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from services.cli.supervisor import available_services, service_module
+from streams.client import OrchestratorClient
+from streams.errors import OrchestratorError
+from streams.events import AutomationCreated, RouteDecided, WorkflowAssessed, WorkflowCompleted
+from streams.fake_openai import FakeOpenAIServer
+from streams.kafka import EventConsumer, KafkaSettings
+from streams.localkafka import ROOT, data_root, ensure_broker
+from streams.topics import create_topics, topic_names
+from streams.world import Request, World
+
+__all__ = [
+    "BASELINE",
+    "POLICIES",
+    "Outcome",
+    "RunSpec",
+    "bench_app",
+    "default_runs",
+    "learning_command",
+    "print_report",
+    "run_learning",
+    "summarize",
+]
+
+POLICIES = ("learned", "static")
+BASELINE = "learned_no_automations"
+# The request path plus the service that turns answers into assessments to learn from.
+_SERVICES = ("budget", "spawner", "loader", "router", "improvement")
+_GOAL = "bench"
+_USERS = 8
+# Answers from these tiers never reached the world's LLM: the world gives them nothing.
+_DEGRADED = frozenset({"keyword", "static_fallback"})
+
+Observer = Callable[[str, "Outcome", int], None]
+"""``observer(run_name, outcome, automations_created_so_far)``, called as each answer comes."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One platform run: its name in the results, the routing policy, automations on or off."""
+
+    name: str
+    policy: str
+    automations: bool = True
+
+
+def default_runs(automation_baseline: bool = True) -> list[RunSpec]:
+    runs = [RunSpec(p, p) for p in POLICIES]
+    if automation_baseline:
+        runs.append(RunSpec(BASELINE, "learned", automations=False))
+    return runs
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one request got: its reward, what the oracle would have got, and what it cost."""
+
+    index: int
+    run_id: str
+    request_type: str
+    repeat: bool
+    specialty: str
+    reward: float
+    oracle: float
+    cost_usd: float
+    tier: str
+    automation: str  # "" (the policy routed it), "cache" (a cached answer) or "route" (pinned)
+    failed: bool
+    latency_ms: float
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+class _Services:
+    """The platform's service processes for one run; their logs stay in the run's data dir."""
+
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env = env
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def start(self, names: list[str]) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+            self._logs.append(log)
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", service_module(name)],
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def dead(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is not None]
+
+    def tail(self, name: str, chars: int = 2000) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for log in self._logs:
+            log.close()
+
+
+@contextlib.contextmanager
+def _world_llm(world: World, seed: int) -> Iterator[FakeOpenAIServer]:
+    server = FakeOpenAIServer(responder=world.responder(seed)).start_in_thread()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _delete_topics(bootstrap: str, prefix: str) -> None:
+    # Every run makes a full set of topics; a long benchmark would pile them up on the broker.
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        doomed = [t for t in topic_names(prefix) if t in existing]
+        if doomed:
+            await admin.delete_topics(doomed)
+    finally:
+        await admin.close()
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+
+class _Tracker:
+    """Follows the run's answers, assessments and automations as they happen."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.consumer = EventConsumer(
+            settings,
+            ["route_decided", "workflow_completed", "workflow_assessed", "automation_created"],
+            group_id=None,
+            from_end=True,
+            source="bench",
+            fetch_max_wait_ms=20,
+        )
+        self.completed: dict[str, WorkflowCompleted] = {}
+        self.assessed: dict[str, WorkflowAssessed] = {}
+        self.automations: list[AutomationCreated] = []
+        self.automated_runs: set[str] = set()  # routed by an automation, not by the policy
+        self._waiting: dict[str, asyncio.Future[WorkflowCompleted]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.consumer.start()
+        self._task = asyncio.create_task(self._read())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.consumer.stop()
+
+    async def _read(self) -> None:
+        async for batch in self.consumer.batches(timeout_ms=500):
+            for delivery in batch:
+                event = delivery.event
+                if isinstance(event, WorkflowCompleted):
+                    self.completed[event.run_id] = event
+                    future = self._waiting.pop(event.run_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(event)
+                elif isinstance(event, WorkflowAssessed):
+                    self.assessed[event.run_id] = event
+                elif isinstance(event, AutomationCreated):
+                    self.automations.append(event)
+                elif isinstance(event, RouteDecided) and event.policy == "automation":
+                    self.automated_runs.add(event.run_id)
+
+    async def completion(self, run_id: str, timeout: float = 10.0) -> WorkflowCompleted:
+        if run_id in self.completed:
+            return self.completed[run_id]
+        future = self._waiting.setdefault(run_id, asyncio.get_running_loop().create_future())
+        return await asyncio.wait_for(future, timeout)
+
+
+def _reward(world: World, seed: int, request: Request, event: WorkflowCompleted) -> float:
+    if "quality" in event.meta:
+        return float(event.meta["quality"])
+    if event.degradation_tier in _DEGRADED:
+        return 0.0
+    # An automation's answer (e.g. a cached one) is the answer that specialty gave this
+    # very message before: the world scores it the same, deterministically.
+    judged = world.quality_of(request.message, event.specialty, seed)
+    return judged[1] if judged else 0.0
+
+
+async def _warm_up(
+    client: OrchestratorClient, tracker: _Tracker, world: World, services: _Services
+) -> None:
+    """Until one request goes all the way round (answer, then its assessment)."""
+    deadline = time.monotonic() + 120
+    learning = "improvement" in services.procs
+    while True:
+        dead = services.dead()
+        if dead:
+            raise RuntimeError(f"{dead[0]} died at start:\n{services.tail(dead[0])}")
+        try:
+            # A forced specialty: the policy does not learn from the warm-up.
+            answer = await client.ask(
+                "warm up",
+                goal_id=f"{_GOAL}-warmup",
+                user_id="warmup",
+                context={"specialty": world.specialties[0]},
+                timeout=15,
+            )
+            while learning and answer.run_id not in tracker.assessed:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no workflow_assessed came for the warm-up request")
+                await asyncio.sleep(0.1)
+            return
+        except OrchestratorError:
+            if time.monotonic() > deadline:
+                raise
+
+
+async def _run_one(
+    world: World,
+    requests: list[Request],
+    oracle: list[float],
+    spec: RunSpec,
+    *,
+    seed: int,
+    concurrency: int,
+    bootstrap: str,
+    llm_url: str,
+    run_dir: Path,
+    keep: bool,
+    observer: Observer | None,
+) -> dict[str, Any]:
+    prefix = f"learn{uuid.uuid4().hex[:8]}."
+    settings = KafkaSettings(bootstrap, prefix)
+    await create_topics(bootstrap, prefix=prefix)
+    names = [n for n in _SERVICES if n in available_services()]
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "ORCH_TOPIC_PREFIX": prefix,
+        "ORCH_DATA_DIR": str(run_dir),
+        "OPENAI_BASE_URL": llm_url,
+        "OPENAI_API_KEY": "simulated-world",
+        "ORCH_ROUTER_POLICY": spec.policy,
+        "ORCH_ROUTER_ARMS": ",".join(world.specialties),
+        "ORCH_ROUTER_SEED": str(seed),
+        "ORCH_LOG_LEVEL": os.environ.get("ORCH_LOG_LEVEL", "WARNING"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if not spec.automations:
+        env["ORCH_AUTOMATION_KINDS"] = ""  # the improvement service then creates none
+    services = _Services(env, run_dir / "logs")
+    tracker = _Tracker(settings)
+    outcomes: list[Outcome | None] = [None] * len(requests)
+    started = time.monotonic()
+    wall = 0.0
+    try:
+        services.start(names)
+        await tracker.start()
+        async with OrchestratorClient(settings, source="bench") as client:
+            await _warm_up(client, tracker, world, services)
+            began = time.monotonic()
+            pending = iter(range(len(requests)))
+
+            async def worker() -> None:
+                for i in pending:
+                    outcome = await _one(client, tracker, world, seed, i, requests[i], oracle[i])
+                    outcomes[i] = outcome
+                    if observer is not None:
+                        observer(spec.name, outcome, len(tracker.automations))
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            wall = time.monotonic() - began
+            # Assessments trail the answers a little; count the ones that arrive soon after.
+            await asyncio.sleep(1.0)
+    finally:
+        await tracker.stop()
+        services.stop()
+        if not keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(Exception):
+                await _delete_topics(bootstrap, prefix)
+    kinds: dict[str, int] = defaultdict(int)
+    for automation in tracker.automations:
+        kinds[automation.kind] += 1
+    done = [
+        replace(o, automation="route")
+        if not o.automation and o.run_id in tracker.automated_runs
+        else o
+        for o in outcomes
+        if o is not None
+    ]
+    return {
+        "outcomes": done,
+        "services": names,
+        "assessed": sum(1 for e in tracker.assessed.values() if e.method == "world"),
+        "automations_created": len(tracker.automations),
+        "automation_kinds": dict(sorted(kinds.items())),
+        "wall_s": round(wall, 2),
+        "setup_s": round(time.monotonic() - started - wall, 2),
+    }
+
+
+async def _one(
+    client: OrchestratorClient,
+    tracker: _Tracker,
+    world: World,
+    seed: int,
+    index: int,
+    request: Request,
+    oracle: float,
+) -> Outcome:
+    user = f"user{index % _USERS}"
+    t0 = time.monotonic()
+    try:
+        answer = await client.ask(request.message, goal_id=_GOAL, user_id=user, timeout=60)
+        event = await tracker.completion(answer.run_id)
+    except (OrchestratorError, TimeoutError):
+        return Outcome(
+            index=index,
+            run_id="",
+            request_type=request.request_type,
+            repeat=request.repeat,
+            specialty="",
+            reward=0.0,
+            oracle=oracle,
+            cost_usd=0.0,
+            tier="failed",
+            automation="",
+            failed=True,
+            latency_ms=(time.monotonic() - t0) * 1000.0,
+        )
+    reward = _reward(world, seed, request, event)
+    score = world.feedback_score(f"{index}", reward, seed)
+    if score is not None:
+        await client.feedback(answer.run_id, user_id=user, score=score, channel="sdk")
+    return Outcome(
+        index=index,
+        run_id=answer.run_id,
+        request_type=request.request_type,
+        repeat=request.repeat,
+        specialty=event.specialty,
+        reward=reward,
+        oracle=oracle,
+        cost_usd=event.cost_usd,
+        tier=event.degradation_tier,
+        # A direct route shows on route_decided, read once the run is over.
+        automation="cache" if event.degradation_tier == "automation_cache" else "",
+        failed=False,
+        latency_ms=answer.latency_ms,
+    )
+
+
+# -- the numbers ------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else 0.0
+
+
+def _curve(values: list[float], window: int) -> list[float]:
+    return [round(_mean(values[i : i + window]), 4) for i in range(0, len(values), window)]
+
+
+def summarize(
+    world: World,
+    requests: list[Request],
+    oracle: list[float],
+    runs: dict[str, dict[str, Any]],
+    *,
+    seed: int,
+    window: int,
+    final_window: int,
+) -> dict[str, Any]:
+    """The machine-readable result: curves, final means, costs, and what was measured how."""
+    final_oracle = _mean(oracle[-final_window:])
+    result: dict[str, Any] = {
+        "world": world.name,
+        "requests": len(requests),
+        "seed": seed,
+        "window": window,
+        "final_window": final_window,
+        "repeats": sum(r.repeat for r in requests),
+        "oracle": {
+            "curve": _curve(oracle, window),
+            "final": round(final_oracle, 4),
+            "expected": round(world.oracle_reward(), 4),
+        },
+        "runs": {},
+        "notes": [],
+    }
+    for name, run in runs.items():
+        outcomes: list[Outcome] = run["outcomes"]
+        rewards = [o.reward for o in outcomes]
+        last = outcomes[-final_window:]
+        final = _mean([o.reward for o in last])
+        result["runs"][name] = {
+            "curve": _curve(rewards, window),
+            "final": round(final, 4),
+            "vs_oracle": round(final / final_oracle, 4) if final_oracle else 0.0,
+            "mean": round(_mean(rewards), 4),
+            "cost_per_request_usd": round(_mean([o.cost_usd for o in outcomes]), 8),
+            "cached_answers": sum(o.automation == "cache" for o in outcomes),
+            "direct_routed": sum(o.automation == "route" for o in outcomes),
+            "automations_created": run["automations_created"],
+            "automation_kinds": run["automation_kinds"],
+            "assessed_by_world": run["assessed"],
+            "failed": sum(o.failed for o in outcomes),
+            "degraded": sum(o.tier in _DEGRADED for o in outcomes),
+            "p50_latency_ms": round(statistics.median([o.latency_ms for o in outcomes]), 1)
+            if outcomes
+            else 0.0,
+            "wall_s": run["wall_s"],
+            "setup_s": run["setup_s"],
+            "services": run["services"],
+            "specialty_share": {
+                s: round(sum(o.specialty == s for o in last) / max(1, len(last)), 3)
+                for s in world.specialties
+            },
+        }
+        if "improvement" not in run["services"]:
+            result["notes"].append(
+                f"{name}: the improvement service is not installed, so no answer was assessed"
+                " and the router had nothing to learn from"
+            )
+    result["automations"] = _automation_effect(result["runs"], result["notes"])
+    return result
+
+
+def _automation_effect(runs: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Learned routing with automations against the same without them: both measured."""
+    with_, without = runs.get("learned"), runs.get(BASELINE)
+    if with_ is None or without is None:
+        notes.append("cost without automations was not measured (no run without automations)")
+        return {}
+    if with_["cached_answers"] + with_["direct_routed"] == 0:
+        notes.append(
+            "no answer came from an automation in the learned run: automations saved nothing here"
+        )
+    cost, base = with_["cost_per_request_usd"], without["cost_per_request_usd"]
+    return {
+        "cost_per_request_usd": {"with": cost, "without": base},
+        "cost_saving": round(1 - cost / base, 4) if base else 0.0,
+        "final_reward": {"with": with_["final"], "without": without["final"]},
+    }
+
+
+def run_learning(
+    world_path: str | Path | World,
+    requests: int,
+    seed: int = 0,
+    *,
+    runs: list[RunSpec] | None = None,
+    concurrency: int = 1,
+    window: int = 100,
+    final_window: int | None = None,
+    observer: Observer | None = None,
+    parallel: bool = False,
+    progress: bool = False,
+    keep: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the whole platform once per run spec on the world's requests; see :func:`summarize`.
+
+    ``runs`` defaults to learned, static and learned without automations. ``final_window``:
+    the last requests the final mean is taken over (default: the last quarter, at most
+    500). ``parallel`` runs the platforms at the same time instead of one after another.
+    ``keep`` leaves each run's topics and data dir behind for a post-mortem.
+    """
+    world = world_path if isinstance(world_path, World) else World.load(world_path)
+    if requests < 1:
+        raise ValueError("requests must be at least 1")
+    specs = runs if runs is not None else default_runs()
+    final_window = final_window or min(500, max(1, requests // 4))
+    sample = world.sample_requests(requests, seed)
+    oracle = [_oracle(world, r, seed) for r in sample]
+    bootstrap = ensure_broker()
+    root = data_root() / "bench" / "learning"
+    bar = _progress(console) if progress else None
+    watch = observer
+    if bar is not None:
+        tasks = {
+            spec.name: bar.add_task(f"{world.name} {spec.name}", total=requests) for spec in specs
+        }
+
+        def watch(name: str, outcome: Outcome, automations: int) -> None:
+            assert bar is not None
+            bar.advance(tasks[name])
+            if observer is not None:
+                observer(name, outcome, automations)
+
+    def one(spec: RunSpec, llm_url: str) -> Coroutine[Any, Any, dict[str, Any]]:
+        return _run_one(
+            world,
+            sample,
+            oracle,
+            spec,
+            seed=seed,
+            concurrency=concurrency,
+            bootstrap=bootstrap,
+            llm_url=llm_url,
+            run_dir=root / f"{world.name}-{spec.name}-{uuid.uuid4().hex[:6]}",
+            keep=keep,
+            observer=watch,
+        )
+
+    async def together(llm_url: str) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(one(spec, llm_url) for spec in specs)))
+
+    with _world_llm(world, seed) as llm, bar or contextlib.nullcontext():
+        if parallel:
+            outputs = asyncio.run(together(llm.base_url))
+        else:
+            outputs = [asyncio.run(one(spec, llm.base_url)) for spec in specs]
+    results = {spec.name: out for spec, out in zip(specs, outputs, strict=True)}
+    return summarize(
+        world, sample, oracle, results, seed=seed, window=window, final_window=final_window
+    )
+
+
+def _oracle(world: World, request: Request, seed: int) -> float:
+    judged = world.quality_of(request.message, world.best_specialty(request.request_type), seed)
+    return judged[1] if judged else 0.0
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console or Console(stderr=True),
+    )
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _per_1k(value: float) -> str:
+    return f"${value * 1000:.4f}"
+
+
+def print_report(result: dict[str, Any], console: Console | None = None) -> None:
+    """The learning curve and the summary, as tables."""
+    out = console or Console()
+    runs = result["runs"]
+    window = result["window"]
+    curve = Table(title=f"{result['world']}: mean reward per {window} requests")
+    curve.add_column("requests", justify="right")
+    for name in runs:
+        curve.add_column(name.replace("_", " "), justify="right")
+    curve.add_column("oracle", justify="right")
+    for i, value in enumerate(result["oracle"]["curve"]):
+        span = f"{i * window + 1}-{min(result['requests'], (i + 1) * window)}"
+        cells = [f"{r['curve'][i]:.3f}" if i < len(r["curve"]) else "-" for r in runs.values()]
+        curve.add_row(span, *cells, f"{value:.3f}")
+    out.print(curve)
+    summary = Table(title=f"last {result['final_window']} requests (seed {result['seed']})")
+    columns = ("run", "reward", "of oracle", "$ per 1k req", "automations", "cached", "routed")
+    for column in columns:
+        summary.add_column(column, justify="left" if column == "run" else "right")
+    for name, stats in runs.items():
+        summary.add_row(
+            name.replace("_", " "),
+            f"{stats['final']:.3f}",
+            f"{stats['vs_oracle'] * 100:.1f}%",
+            _per_1k(stats["cost_per_request_usd"]),
+            str(stats["automations_created"]),
+            str(stats["cached_answers"]),
+            str(stats["direct_routed"]),
+        )
+    summary.add_row("oracle", f"{result['oracle']['final']:.3f}", "100.0%", "", "", "", "")
+    out.print(summary)
+    effect = result.get("automations") or {}
+    if effect:
+        cost = effect["cost_per_request_usd"]
+        out.print(
+            f"automations: cost per request {_per_1k(cost['with'])} vs {_per_1k(cost['without'])}"
+            f" per 1k without ({effect['cost_saving'] * 100:.1f}% saved); final reward"
+            f" {effect['final_reward']['with']:.3f} vs {effect['final_reward']['without']:.3f}"
+        )
+    failed = {n: r["failed"] for n, r in runs.items() if r["failed"]}
+    if failed:
+        out.print(f"[red]failed requests (reward 0):[/] {failed}")
+    for note in result["notes"]:
+        out.print(f"[yellow]note:[/] {note}")
+
+
+# -- the command ------------------------------------------------------------------------------
+
+bench_app = typer.Typer(help="Benchmarks that run the whole platform.", no_args_is_help=True)
+
+
+@bench_app.command("learning")
+def learning_command(
+    world: Annotated[
+        Path, typer.Option("--world", help="A world file (see docs/worlds.md).", exists=True)
+    ],
+    requests: Annotated[int, typer.Option("--requests", min=1, help="Requests per run.")],
+    seed: Annotated[int, typer.Option("--seed", help="Traffic, noise and exploration.")] = 0,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, max=16, help="Requests in flight.")
+    ] = 1,
+    baseline: Annotated[
+        bool,
+        typer.Option(
+            "--automation-baseline/--no-automation-baseline",
+            help="Also run learned routing without automations, to measure what they save.",
+        ),
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")] = False,
+) -> None:
+    """Learned vs static routing vs the oracle on a simulated world: the learning curve."""
+    for name in ("aiokafka", "kafka"):
+        # A new topic's first offset lookups fail for a moment; aiokafka logs each retry.
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    result = run_learning(
+        world,
+        requests,
+        seed,
+        runs=default_runs(baseline),
+        concurrency=concurrency,
+        progress=not as_json,
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        print_report(result)

@@ -1,0 +1,178 @@
+"""`orchestrator demo`: watch the platform learn a simulated world live, then keep the picture."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from services.cli.bench_learning import Outcome, RunSpec, print_report, run_learning
+from streams.localkafka import ROOT, data_root
+from streams.world import World
+
+__all__ = ["DEFAULT_WORLD", "demo_command", "plot", "run_demo"]
+
+DEFAULT_WORLD = ROOT / "bench" / "worlds" / "support-desk.json"
+_RUNS = [RunSpec("learned", "learned"), RunSpec("static", "static")]
+
+
+@dataclass
+class _Watch:
+    """What the live table shows; the runs' observers write it, the display reads it."""
+
+    world: World
+    requests: int
+    window: int
+    oracle: list[float]
+    outcomes: dict[str, list[Outcome]] = field(default_factory=dict)
+    automations: dict[str, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def see(self, run: str, outcome: Outcome, automations: int) -> None:
+        with self.lock:
+            self.outcomes.setdefault(run, []).append(outcome)
+            self.automations[run] = automations
+
+    def _windows(self, run: str) -> list[list[Outcome]]:
+        done = sorted(self.outcomes.get(run, []), key=lambda o: o.index)
+        return [done[i : i + self.window] for i in range(0, len(done), self.window)]
+
+    def render(self) -> Group:
+        with self.lock:
+            table = Table(
+                title=f"the platform learns [bold]{self.world.name}[/]: mean reward per "
+                f"{self.window} requests",
+                caption="oracle: the world's best specialty for each request (hidden from the "
+                "router); static: keyword routing",
+            )
+            table.add_column("requests", justify="right")
+            for run in (s.name for s in _RUNS):
+                table.add_column(run, justify="right")
+            table.add_column("oracle", justify="right")
+            table.add_column("learned/oracle", justify="right")
+            windows = {s.name: self._windows(s.name) for s in _RUNS}
+            rows = max(len(w) for w in windows.values())
+            for i in range(rows):
+                span = self.oracle[i * self.window : (i + 1) * self.window]
+                cells = []
+                for run in windows:
+                    chunk = windows[run][i] if i < len(windows[run]) else []
+                    cells.append(
+                        f"{statistics.fmean(o.reward for o in chunk):.3f}" if chunk else ""
+                    )
+                learned = windows["learned"][i] if i < len(windows["learned"]) else []
+                oracle = statistics.fmean(span[: len(learned)] or span)
+                ratio = statistics.fmean(o.reward for o in learned) / oracle if learned else None
+                table.add_row(
+                    f"{i * self.window + 1}-{min(self.requests, (i + 1) * self.window)}",
+                    *cells,
+                    f"{oracle:.3f}",
+                    f"{ratio * 100:.0f}%" if ratio is not None else "",
+                )
+            lines = []
+            for run in (s.name for s in _RUNS):
+                done = self.outcomes.get(run, [])
+                cost = statistics.fmean(o.cost_usd for o in done) * 1000 if done else 0.0
+                cached = sum(o.automation == "cache" for o in done)
+                lines.append(
+                    f"{run:>8}: {len(done):4d}/{self.requests} answered, "
+                    f"{self.automations.get(run, 0):3d} automations created, "
+                    f"{cached:4d} answers from the cache, ${cost:.4f} per 1k requests"
+                )
+            return Group(table, Text("\n".join(lines)))
+
+
+def plot(watch: _Watch, path: Path) -> Path:
+    """Reward per window against the oracle, and cost per request with automations created."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    ends: list[int] = []
+    for run, colour in (("learned", "tab:blue"), ("static", "tab:orange")):
+        windows = watch._windows(run)
+        ends = [w[-1].index + 1 for w in windows]
+        top.plot(ends, [statistics.fmean(o.reward for o in w) for w in windows], "o-", c=colour)
+        bottom.plot(
+            ends, [statistics.fmean(o.cost_usd for o in w) * 1000 for w in windows], "o-", c=colour
+        )
+    oracle = [
+        statistics.fmean(watch.oracle[i : i + watch.window])
+        for i in range(0, len(watch.oracle), watch.window)
+    ]
+    top.plot(ends[: len(oracle)], oracle[: len(ends)], "k--")
+    top.legend(["learned routing", "static keyword routing", "oracle"], loc="lower right")
+    top.set_ylabel(f"mean reward per {watch.window} requests")
+    top.set_ylim(0, 1)
+    top.set_title(f"{watch.world.name}: the learned router closes the gap to the oracle")
+    autos = ", ".join(f"{r} {n}" for r, n in watch.automations.items())
+    bottom.set_ylabel("LLM cost, $ per 1k requests")
+    bottom.set_xlabel(f"requests (automations created: {autos})")
+    bottom.set_ylim(bottom=0)
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_demo(
+    world_path: Path = DEFAULT_WORLD,
+    requests: int = 400,
+    seed: int = 1,
+    window: int = 50,
+    console: Console | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Learned and static routing on two platforms at once, a live table, then the PNG."""
+    console = console or Console()
+    world = World.load(world_path)
+    oracle = [
+        (world.quality_of(r.message, world.best_specialty(r.request_type), seed) or ("", 0.0))[1]
+        for r in world.sample_requests(requests, seed)
+    ]
+    watch = _Watch(world, requests, window, oracle)
+    console.print(
+        f"starting two platforms (learned and static routing) on [bold]{world.name}[/]: "
+        f"{world.description}"
+    )
+    with Live(console=console, get_renderable=watch.render, refresh_per_second=4):
+        result = run_learning(
+            world,
+            requests,
+            seed,
+            runs=_RUNS,
+            window=window,
+            observer=watch.see,
+            parallel=True,
+        )
+    path = plot(watch, data_root() / "demo" / "learning.png")
+    return result, path
+
+
+def demo_command(
+    world: Annotated[
+        Path, typer.Option("--world", exists=True, help="A world file (docs/worlds.md).")
+    ] = DEFAULT_WORLD,
+    requests: Annotated[int, typer.Option("--requests", min=50, help="Requests per run.")] = 400,
+    seed: Annotated[int, typer.Option("--seed")] = 1,
+) -> None:
+    """Watch the platform learn a simulated world: a live table, then a saved picture."""
+    for name in ("aiokafka", "kafka"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    console = Console()
+    result, path = run_demo(world, requests, seed, console=console)
+    print_report(result, console)
+    console.print(f"picture: {path}")

@@ -1,0 +1,539 @@
+"""The analytics sink on the real broker and the real ClickHouse engine (chdb).
+
+chdb lets one process own one data directory, so the sink runs here the way it
+runs in production: as ``python -m services.analytics`` subprocesses, each with
+its own data directory, queried through their read-only query servers. The
+in-process tests use one engine path for the whole module (a process cannot
+switch paths while a client is open) and one database per test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from services.analytics.metrics import compute_metrics
+from services.analytics.query_server import RemoteQueries, query_rows, query_server_file, query_sql
+from services.analytics.sink import SinkConfig, SinkStats, run_sink
+from services.analytics.store import ClickHouseStore, MemoryEventStore
+from streams import events as ev
+from streams.clock import SystemClock
+from streams.codec import default_codec
+from streams.errors import StoreError
+from streams.kafka import EventProducer, KafkaSettings
+from streams.service import ServiceContext, group_id
+from streams.topics import CATALOG, create_topics
+from tests.samples import sample_event
+from tests.unit.test_analytics_store import ANCIENT, EventStoreContract, encoded
+
+pytestmark = pytest.mark.broker
+
+ROOT = Path(__file__).resolve().parents[2]
+TYPED = ("goal_id", "agent_id", "specialty", "cost_usd", "latency_ms", "score", "quality")
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except StoreError as err:
+            last = err
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+class SinkProcess:
+    """``python -m services.analytics`` against a topic prefix, with its own data directory."""
+
+    def __init__(self, settings: KafkaSettings, data_dir: Path, **env: str) -> None:
+        self.settings = settings
+        self.data_dir = data_dir
+        self.env = {
+            **{k: v for k, v in os.environ.items() if k != "CLICKHOUSE_URL"},
+            "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap,
+            "ORCH_TOPIC_PREFIX": settings.prefix,
+            "ORCH_DATA_DIR": str(data_dir),
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.queries = RemoteQueries(info_file=query_server_file(data_dir), timeout=30)
+
+    def start(self) -> SinkProcess:
+        log = (self.data_dir / "sink.log").open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.analytics"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        proc = self.proc
+
+        def ready() -> bool:
+            assert proc.poll() is None, f"sink exited early:\n{self.logs()}"
+            if not self.queries.info_file.exists():
+                return False
+            info = json.loads(self.queries.info_file.read_text())
+            return bool(info["pid"] == proc.pid and self.scalar("SELECT 1") == 1)
+
+        wait_until(ready, 60, "the sink's query server")
+        return self
+
+    def scalar(self, sql: str) -> Any:
+        return self.queries.query(sql).rows[0][0]
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def logs(self) -> str:
+        return (self.data_dir / "sink.log").read_text(errors="replace")
+
+
+class Offsets:
+    """How far the sink's consumer group has committed, against the end of every catalog topic."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self.settings = settings
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
+        self.parts = [
+            TopicPartition(settings.topic(spec.name), p)
+            for spec in CATALOG
+            for p in range(spec.partitions)
+        ]
+
+    async def __aenter__(self) -> Offsets:
+        await self.admin.start()
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.consumer.stop()
+        await self.admin.close()
+
+    async def lag(self) -> int:
+        """Messages not yet committed by the sink's group (so not yet stored)."""
+        group = group_id(self.settings, "analytics")
+        committed = await self.admin.list_consumer_group_offsets(group)
+        end = await self.consumer.end_offsets(self.parts)
+        return sum(end[tp] - (committed[tp].offset if tp in committed else 0) for tp in self.parts)
+
+    async def wait_caught_up(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while (remaining := await self.lag()) > 0:
+            assert time.monotonic() < deadline, f"sink still {remaining} messages behind"
+            await asyncio.sleep(0.1)
+
+
+async def lag(settings: KafkaSettings) -> int:
+    async with Offsets(settings) as offsets:
+        return await offsets.lag()
+
+
+async def wait_caught_up(settings: KafkaSettings, timeout: float = 30) -> None:
+    async with Offsets(settings) as offsets:
+        await offsets.wait_caught_up(timeout)
+
+
+async def produce(settings: KafkaSettings, events: list[ev.Event]) -> None:
+    async with EventProducer(settings) as producer:
+        await producer.send_many(events)
+
+
+def from_payload(cls: type[ev.Event], payload: str) -> ev.Event:
+    data = json.loads(payload)
+    for name, field in cls.model_fields.items():  # bytes travel as base64 in JSON
+        if "bytes" in str(field.annotation) and data.get(name) is not None:
+            data[name] = base64.b64decode(data[name])
+    return cls.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def shared(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SinkProcess]:
+    """One sink for the tests that tag their events and never look at global numbers."""
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    asyncio.run(create_topics(kafka_bootstrap, prefix=prefix))
+    sink = SinkProcess(KafkaSettings(kafka_bootstrap, prefix), tmp_path_factory.mktemp("shared"))
+    sink.start()
+    yield sink
+    sink.stop()
+
+
+# -- the sink process: rows, redelivery, refusals, read-only SQL ------------------------
+
+
+async def test_n_events_give_n_rows_and_again_still_n(shared: SinkProcess) -> None:
+    tag = f"src-{uuid.uuid4().hex[:8]}"
+    events = [sample_event(cls, source=tag) for cls in ev.ALL_EVENTS for _ in range(4)]
+    n = len(events)
+    await produce(shared.settings, events)
+
+    count = f"SELECT count() FROM events FINAL WHERE source = '{tag}'"
+    wait_until(lambda: shared.scalar(count) == n, 30, f"{n} rows")
+
+    # Every type lands with its typed columns filled and the whole event in payload.
+    cols = ", ".join(TYPED)
+    found = shared.queries.query(
+        f"SELECT event_id, {cols}, payload FROM events FINAL WHERE source = '{tag}'"
+    )
+    rows = {r[0]: r for r in found.rows}
+    for event in events:
+        row = rows[event.event_id]
+        assert from_payload(type(event), row[-1]) == event
+        for i, col in enumerate(TYPED, start=1):
+            expected = getattr(event, col, None)
+            if col in ("goal_id", "agent_id", "specialty") and expected is None:
+                expected = ""
+            assert row[i] == expected, (event.topic, col)
+
+    await produce(shared.settings, events)  # the same events, delivered again
+    await wait_caught_up(shared.settings)
+    assert shared.scalar(count) == n
+    assert shared.scalar(f"SELECT uniqExact(event_id) FROM events WHERE source = '{tag}'") == n
+    assert shared.scalar(f"SELECT count() FROM events_final WHERE source = '{tag}'") == n
+
+
+async def test_a_row_the_table_refuses_goes_to_dead_letter(shared: SinkProcess) -> None:
+    tag = f"src-{uuid.uuid4().hex[:8]}"
+    good = [sample_event(ev.WorkflowCompleted, source=tag) for _ in range(30)]
+    bad = sample_event(ev.WorkflowCompleted, source=tag, occurred_at=ANCIENT)
+    await produce(shared.settings, [*good[:15], bad, *good[15:]])
+
+    dead = (
+        "SELECT reason, JSONExtractString(payload, 'payload') FROM events FINAL"
+        " WHERE event_type = 'dead_letter'"
+        " AND JSONExtractString(payload, 'error_type') = 'RowRejected'"
+    )
+
+    def refused() -> list[tuple[Any, ...]]:
+        return [
+            r
+            for r in shared.queries.query(dead).rows
+            if default_codec().decode(base64.b64decode(r[1])).event_id == bad.event_id
+        ]
+
+    rows = wait_until(refused, 30, "the refused row in dead_letter")
+    assert "VIOLATED_CONSTRAINT" in rows[0][0]
+    assert "occurred_at_in_range" in rows[0][0]
+    await wait_caught_up(shared.settings)
+    assert shared.scalar(f"SELECT count() FROM events FINAL WHERE source = '{tag}'") == 30
+
+
+async def test_undecodable_bytes_are_dead_lettered_and_passed(shared: SinkProcess) -> None:
+    garbage = b"not avro " + uuid.uuid4().hex.encode()
+    async with EventProducer(shared.settings) as producer:
+        await producer.send_raw("workflow_completed", garbage)
+    sql = (
+        "SELECT reason FROM events FINAL WHERE event_type = 'dead_letter'"
+        " AND JSONExtractString(payload, 'original_topic') = 'workflow_completed'"
+        f" AND JSONExtractString(payload, 'payload') = '{base64.b64encode(garbage).decode()}'"
+    )
+    reason = wait_until(lambda: shared.queries.query(sql).rows, 30, "the dead letter")[0][0]
+    assert "single-object" in reason
+    await wait_caught_up(shared.settings)
+
+
+def test_sql_path_is_read_only_by_clickhouse(
+    shared: SinkProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCH_DATA_DIR", str(shared.data_dir))
+    monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
+    before = shared.scalar("SELECT count() FROM events")
+
+    for write in (
+        "INSERT INTO events (event_id, event_type, occurred_at) VALUES ('x', 'y', now64(3))",
+        "CREATE TABLE hacked (a Int8) ENGINE = Memory",
+        "DROP TABLE events",
+        "ALTER TABLE events DELETE WHERE 1",
+        "SELECT 1 SETTINGS readonly = 0",
+    ):
+        with pytest.raises(StoreError) as refused:
+            query_sql(write)
+        assert "READONLY" in str(refused.value), write
+        assert "Code: 164" in str(refused.value)
+    with pytest.raises(StoreError, match=r"Code: 62\. DB::Exception: Syntax error"):
+        query_sql("SELEC 1")
+
+    assert shared.scalar("SELECT count() FROM events") >= before
+    assert query_sql("SELECT 41 + 1 AS answer;", "csv") == '"answer"\n42\n'
+    assert json.loads(query_sql("SELECT 42 AS answer", "json"))["data"] == [{"answer": 42}]
+    assert "answer" in query_sql("SELECT 42 AS answer") and "42" in query_sql("SELECT 42 AS answer")
+    assert query_rows("SELECT 1 AS a, 'x' AS b") == (["a", "b"], [(1, "x")])
+
+
+def test_sql_without_a_running_sink_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
+    with pytest.raises(StoreError, match="analytics sink is not running"):
+        query_sql("SELECT 1")
+
+
+# -- metrics against a hand-computed expectation ---------------------------------------
+
+# A month ago at noon: the other tests' events (stamped now) fall after every window.
+NOW = (datetime.now(UTC) - timedelta(days=30)).replace(hour=12, minute=0, second=0, microsecond=0)
+
+
+def known_sequence() -> list[ev.Event]:
+    def at(**delta: float) -> dict[str, Any]:
+        return {"source": "test", "occurred_at": NOW - timedelta(**delta)}
+
+    def spawned(agent: str, **delta: float) -> ev.Event:
+        return ev.AgentSpawned(
+            **at(**delta), agent_id=agent, specialty="math", system_prompt="p", temperature=0.2
+        )
+
+    def llm(goal: str, cost: float, **delta: float) -> ev.Event:
+        return ev.LlmCallCompleted(**at(**delta), goal_id=goal, model="m", cost_usd=cost)
+
+    def done(spec: str, latency: float, tier: str, **delta: float) -> ev.Event:
+        return ev.WorkflowCompleted(
+            **at(**delta),
+            goal_id="g1",
+            run_id=str(uuid.uuid4()),
+            specialty=spec,
+            text="answer",
+            latency_ms=latency,
+            degradation_tier=tier,  # type: ignore[arg-type]
+        )
+
+    def feedback(score: int | None, **delta: float) -> ev.Event:
+        return ev.FeedbackReceived(**at(**delta), run_id="r", user_id="u1", score=score)
+
+    return [
+        spawned("a1", hours=2),
+        spawned("a2", days=1, hours=1),
+        spawned("a3", minutes=30),
+        spawned("a4", hours=-1),  # after NOW: outside every window
+        ev.AgentLoaded(**at(hours=1), agent_id="a2", specialty="math"),
+        ev.AgentRetired(**at(minutes=10), agent_id="a1", specialty="math"),
+        ev.PatternDiscovered(**at(hours=3), signature="sig-A", specialty="math", occurrences=3),
+        ev.PatternDiscovered(**at(hours=2), signature="sig-A", specialty="math", occurrences=4),
+        ev.PatternDiscovered(**at(days=5), signature="sig-B", specialty="code", occurrences=3),
+        ev.AutomationCreated(
+            **at(hours=1), automation_id="x1", signature="sig-A", kind="direct_route", specialty="m"
+        ),
+        ev.AutomationCreated(
+            **at(days=3), automation_id="x2", signature="sig-B", kind="direct_route", specialty="c"
+        ),
+        feedback(5, hours=1),
+        feedback(4, hours=2),
+        feedback(2, days=2),
+        feedback(3, hours=5),
+        feedback(None, hours=1),
+        llm("g1", 0.10, hours=1),
+        llm("g2", 0.05, hours=2),
+        llm("g1", 0.20, days=1),
+        llm("g2", 0.30, days=3),
+        done("math", 100, "llm", hours=1),
+        done("math", 200, "llm", hours=2),
+        done("math", 300, "keyword", days=2),
+        done("code", 400, "llm", hours=3),
+        done("code", 1000, "static_fallback", hours=4),
+        ev.WorkflowFailed(
+            **at(hours=1), goal_id="g1", run_id="r9", reason="timeout", detail="d", specialty="math"
+        ),
+    ]
+
+
+async def test_metrics_equal_a_hand_computed_expectation(shared: SinkProcess) -> None:
+    events = known_sequence()
+    # One completed run delivered twice must still count once.
+    await produce(shared.settings, [*events, events[20]])
+    await wait_caught_up(shared.settings)
+    window = f"occurred_at < '{NOW:%Y-%m-%d %H:%M:%S}'"
+    assert shared.scalar(f"SELECT count() FROM events FINAL WHERE {window}") == len(events) - 1
+
+    metrics = compute_metrics(shared.queries, now=NOW, since=timedelta(days=30))
+    day = [(NOW - timedelta(days=d)).date().isoformat() for d in range(6, -1, -1)]
+    assert metrics == {
+        "window": {"since": (NOW - timedelta(days=30)).isoformat(), "until": NOW.isoformat()},
+        "agents_spawned_today": 2,  # a1, a3 (a2 was yesterday, a4 is after now)
+        "active_agents": 2,  # a2 (loaded), a3; a1 retired
+        "patterns_discovered": 2,  # sig-A twice counts once
+        "automations_created": 2,
+        "user_feedback_items": 5,
+        "cost_today_usd": pytest.approx(0.15),
+        "cost_trend": [
+            {"day": day[0], "cost_usd": 0.0},
+            {"day": day[1], "cost_usd": 0.0},
+            {"day": day[2], "cost_usd": 0.0},
+            {"day": day[3], "cost_usd": pytest.approx(0.30)},
+            {"day": day[4], "cost_usd": 0.0},
+            {"day": day[5], "cost_usd": pytest.approx(0.20)},
+            {"day": day[6], "cost_usd": pytest.approx(0.15)},
+        ],
+        "cost_change_vs_yesterday_pct": pytest.approx(-25.0),
+        "response_time_ms": {"answers": 5, "avg": pytest.approx(400.0), "p95": 1000.0},
+        "user_satisfaction": {"scored": 4, "satisfied": 2, "share": 0.5},
+        "success_rate_by_specialty": [
+            {"specialty": "code", "completed": 2, "failed": 0, "success_rate": 1.0},
+            {"specialty": "math", "completed": 3, "failed": 1, "success_rate": 0.75},
+        ],
+        "spend_by_goal": [
+            {"goal_id": "g2", "spend_usd": pytest.approx(0.35), "llm_calls": 2},
+            {"goal_id": "g1", "spend_usd": pytest.approx(0.30), "llm_calls": 2},
+        ],
+        "answers_by_tier": {"llm": 3, "keyword": 1, "static_fallback": 1},
+    }
+
+    last_day = compute_metrics(shared.queries, now=NOW, since=timedelta(hours=24))
+    assert last_day["patterns_discovered"] == 1
+    assert last_day["automations_created"] == 1
+    assert last_day["user_feedback_items"] == 4
+    assert last_day["response_time_ms"]["answers"] == 4
+    assert last_day["user_satisfaction"] == {"scored": 3, "satisfied": 2, "share": 2 / 3}
+    assert last_day["answers_by_tier"] == {"llm": 3, "static_fallback": 1}
+
+
+# -- kill -9 mid-stream ----------------------------------------------------------------
+
+
+async def test_sink_killed_mid_batch_loses_and_doubles_nothing(
+    settings: KafkaSettings, tmp_path: Path
+) -> None:
+    n = 3000
+    events = [
+        ev.WorkflowCompleted(
+            source="test",
+            goal_id=f"g{i % 7}",
+            run_id=f"run-{i}",
+            specialty="s",
+            text="t",
+            latency_ms=float(i),
+        )
+        for i in range(n)
+    ]
+    await produce(settings, events)
+    # Small batches: many inserts, so the kill lands while one is being built or written.
+    env = {
+        "ORCH_SINK_BATCH_ROWS": "100",
+        "ORCH_SINK_MAX_BATCH_ROWS": "200",
+        "ORCH_SINK_BATCH_MS": "20",
+    }
+    sink = SinkProcess(settings, tmp_path, **env).start()
+    try:
+        stored = wait_until(
+            lambda: (c := sink.scalar("SELECT count() FROM events")) >= 500 and c, 30, "progress"
+        )
+        sink.kill()
+        assert stored < n, "the sink finished before it could be killed"
+        assert await lag(settings) > 0
+
+        sink.start()  # rejoins the group once the killed member's session times out
+        total = "SELECT count() FROM events FINAL"
+        wait_until(lambda: sink.scalar(total) == n, 45, f"{n} rows after the restart")
+        await wait_caught_up(settings)
+        assert sink.scalar(total) == n
+        assert sink.scalar("SELECT uniqExact(event_id) FROM events") == n
+        assert sink.scalar("SELECT sum(latency_ms) FROM events FINAL") == sum(range(n))
+    finally:
+        sink.stop()
+
+
+# -- the sink loop in process, with the in-memory store --------------------------------
+
+
+async def test_store_outage_pauses_consumption_then_catches_up(settings: KafkaSettings) -> None:
+    store = MemoryEventStore()
+    store.available = False
+    config = SinkConfig(batch_rows=100, batch_wait=0.05, max_batch_rows=300, backoff_max=0.2)
+    stats = SinkStats()
+    events = [sample_event(ev.LlmCallCompleted, source="test") for _ in range(2000)]
+    await produce(settings, events)
+    stop = asyncio.Event()
+    async with EventProducer(settings) as producer:
+        ctx = ServiceContext("analytics", settings, SystemClock(), producer)
+        task = asyncio.create_task(run_sink(ctx, stop, store, config=config, stats=stats))
+        try:
+            deadline = time.monotonic() + 30
+            while store.failed_attempts < 5:
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+            # Nothing is committed while nothing is stored, and reading stopped at two batches.
+            assert store.count() == 0
+            assert await lag(settings) == len(events)
+            assert stats.paused
+            consumed = stats.consumed
+            assert consumed <= 2 * config.max_batch_rows + 100
+            await asyncio.sleep(0.5)
+            assert stats.consumed == consumed
+
+            store.available = True
+            deadline = time.monotonic() + 30
+            while store.count() < len(events):
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+            await wait_caught_up(settings)
+            assert store.count() == len(events)
+            assert stats.retries >= 5
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+
+
+# -- the ClickHouse adapter in process: the contract, on the real engine ----------------
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("chdb") / "clickhouse"
+    keeper = ClickHouseStore(path=path)  # keeps the engine up between tests
+    keeper.query("SELECT 1")
+    yield path
+    keeper.close()
+
+
+class TestClickHouseStore(EventStoreContract):
+    @pytest.fixture
+    def store(self, engine: Path) -> Iterator[ClickHouseStore]:
+        store = ClickHouseStore(path=engine, database=f"t_{uuid.uuid4().hex[:8]}")
+        store.apply_schema()
+        yield store
+        store.close()
+
+    def test_reads_refuse_writes_with_clickhouses_error(self, store: ClickHouseStore) -> None:
+        store.insert([encoded(e) for e in [sample_event(ev.WorkflowCompleted)]])
+        with pytest.raises(StoreError, match=r"Code: 164.*READONLY"):
+            store.query("INSERT INTO events (event_id) VALUES ('x')")
+        with pytest.raises(StoreError, match="READONLY"):
+            store.query_text("DROP TABLE events", "CSV")
+        assert store.count() == 1
+        assert store.query_text("SELECT count() AS n FROM events FINAL", "CSVWithNames") == (
+            '"n"\n1\n'
+        )
