@@ -236,11 +236,10 @@ class _Sink:
     async def _maybe_flush(self) -> None:
         if not self._due():
             return
-        inflight = self._inflight
-        if inflight is not None and not inflight.done():
+        if self._inflight is not None and self._inserting():
             if len(self._batch.rows) < self._config.max_batch_rows:
                 return  # keep filling while the previous insert runs
-            if not await self._wait_paused(inflight):
+            if not await self._wait_paused(self._inflight):
                 return  # stopping: the shutdown flush takes over
         self._launch()
 
