@@ -263,7 +263,8 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
     await platform.until(lambda: len(platform.of(LlmCallCompleted)) == 1)
     (judge_call,) = platform.of(LlmCallCompleted)
     assert isinstance(judge_call, LlmCallCompleted)
-    assert (judge_call.purpose, judge_call.goal_id, judge_call.ok) == ("judge", "platform", True)  # learning is the platform's cost
+    # Judging is the platform's own learning, charged to its own goal.
+    assert (judge_call.purpose, judge_call.goal_id, judge_call.ok) == ("judge", "platform", True)
 
     await platform.producer.send(
         FeedbackReceived(source="sdk", run_id="c0", user_id="u1", score=2, text="too vague")
