@@ -8,10 +8,9 @@ import uuid
 
 import pytest
 
+from services.budget.view import read_budget
 from streams.errors import BudgetExceededError
 from streams.events import DeadLetter, LlmCallCompleted
-
-from services.budget.view import read_budget
 
 pytestmark = pytest.mark.e2e
 
