@@ -129,7 +129,6 @@ class EventProducer(AsyncLifecycle):
     async def stop(self) -> None:
         await self._producer.stop()
 
-
     async def send(self, event: Event) -> None:
         """Send and wait until the broker has it."""
         await self._producer.send_and_wait(
@@ -264,7 +263,6 @@ class EventConsumer(AsyncLifecycle):
 
     async def stop(self) -> None:
         await self._consumer.stop()
-
 
     async def commit(self) -> None:
         if self.group_id is not None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from services.budget.state import BudgetDefaults, BudgetState
 from streams.events import Event
-from streams.faust_app import EventTopic, create_app
+from streams.faust_app import CODEC_NAME, EventTopic, create_app
 from streams.service import ServiceContext
 
 __all__ = ["APP_NAME", "BUDGET_TOPICS", "TABLE_NAME", "main"]
@@ -45,14 +45,28 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         event_settings=ctx.settings,
     )
 
+    outputs: dict[str, Any] = {}
+
+    def _output(name: str) -> Any:
+        if name not in outputs:
+            outputs[name] = app.topic(
+                ctx.settings.topic(name), key_serializer="raw", value_serializer=CODEC_NAME
+            )
+        return outputs[name]
+
     async def _apply(event: Event) -> None:
         assert event.goal_id is not None
         raw = table.get(event.goal_id)
         state = BudgetState.from_dict(raw) if raw else BudgetState.new(event.goal_id, defaults)
         decision = state.handle(event, ctx.clock.now(), defaults)
         table[event.goal_id] = state.to_dict()
-        if decision.events:
-            await ctx.producer.send_many(decision.events)
+        # Faust's producer, without waiting for the broker: one agent handles every
+        # goal's events one at a time, so waiting here put a broker round trip between
+        # any two decisions. Faust flushes this producer before it commits the offsets
+        # of the events that caused these (a crash replays them: at least once), and
+        # one producer keeps each partition's events in the order they were decided.
+        for out in decision.events:
+            await _output(out.topic).send(key=out.key(), value=out)
 
     @app.agent(topic)
     async def apply(stream: Any) -> None:

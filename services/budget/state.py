@@ -31,7 +31,9 @@ from streams.events import (
 __all__ = ["BudgetDefaults", "BudgetState", "Decision"]
 
 SOURCE = "budget"
-_SEEN_LIMIT = 5000
+# Redeliveries after a crash come from the last uncommitted stretch; a thousand ids
+# covers it, and the whole record is rewritten on every event, so it must stay small.
+_SEEN_LIMIT = 1000
 _SPAWN_HOLD_SECONDS = 60.0
 
 
