@@ -16,6 +16,7 @@ import logging
 import random
 import statistics
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from rich.table import Table
 
 from services.cli.bench_learning import default_runs, print_report, run_learning
 from services.router.policy import LearnedPolicy, Policy, StaticPolicy, features_of
+from streams.signatures import signature_of
 from streams.world import World
 
 __all__ = ["simulate", "simulate_world"]
@@ -34,10 +36,16 @@ TARGET = 0.90
 RANDOM_SEEDS = (101, 102)
 
 
-def simulate(world: World, policy: Policy, requests: int, seed: int) -> list[float]:
-    """The rewards a policy earns when it learns from every answer at once, with no platform."""
+def simulate(world: World, policy: Policy, requests: int, seed: int) -> tuple[list[float], float]:
+    """Rewards of a policy that learns from every answer at once, with no platform; and the
+    share of completion tokens a response cache consulted *after* the policy's choice would
+    save (an identical message answered before by the chosen specialty, whose signature has
+    the improvement service's default pattern: 3 runs, mean quality >= 0.6)."""
     arms = list(world.specialties)
     rewards = []
+    answered: set[tuple[str, str]] = set()
+    runs: dict[str, list[float]] = defaultdict(list)
+    tokens = saved = 0
     for request in world.sample_requests(requests, seed):
         features = features_of(request.message)
         arm = policy.choose(features, arms).specialty
@@ -45,18 +53,23 @@ def simulate(world: World, policy: Policy, requests: int, seed: int) -> list[flo
         reward = judged[1] if judged else 0.0
         policy.update(features, arm, reward)
         rewards.append(reward)
-    return rewards
+        signature = signature_of(request.message, arm)
+        past = runs[signature]
+        tokens += world.cost[arm]
+        if (request.message, arm) in answered and len(past) >= 3 and statistics.fmean(past) >= 0.6:
+            saved += world.cost[arm]
+        answered.add((request.message, arm))
+        past.append(reward)
+    return rewards, saved / tokens if tokens else 0.0
 
 
 def simulate_world(world: World, requests: int, seed: int, **policy_args: Any) -> dict[str, Any]:
     """Offline counterpart of ``run_learning``'s result: final means over the last quarter."""
     final = min(500, max(1, requests // 4))
-    oracle = [
-        (world.quality_of(r.message, world.best_specialty(r.request_type), seed) or ("", 0.0))[1]
-        for r in world.sample_requests(requests, seed)
-    ]
-    learned = simulate(world, LearnedPolicy(rng=random.Random(seed), **policy_args), requests, seed)
-    static = simulate(world, StaticPolicy(), requests, seed)
+    oracle = [world.oracle_quality(r, seed) for r in world.sample_requests(requests, seed)]
+    policy = LearnedPolicy(rng=random.Random(seed), **policy_args)
+    learned, cache_saving = simulate(world, policy, requests, seed)
+    static, _ = simulate(world, StaticPolicy(), requests, seed)
     best = statistics.fmean(oracle[-final:])
     runs = {
         name: {"final": statistics.fmean(values[-final:])}
@@ -64,7 +77,12 @@ def simulate_world(world: World, requests: int, seed: int, **policy_args: Any) -
     }
     for stats in runs.values():
         stats["vs_oracle"] = stats["final"] / best
-    return {"world": world.name, "oracle": {"final": best}, "runs": runs, "automations": {}}
+    return {
+        "world": world.name,
+        "oracle": {"final": best},
+        "runs": runs,
+        "automations": {"cache_after_policy_token_saving": cache_saving},
+    }
 
 
 def _worlds(paths: list[str], random_seeds: list[int]) -> list[World]:
@@ -78,7 +96,9 @@ def _table(results: list[dict[str, Any]], requests: int, offline: bool) -> Table
     table = Table(title=f"learning: mean reward over the last {final} of {requests} ({how})")
     for column in ("world", "learned", "static", "oracle", "learned/oracle", "static/oracle"):
         table.add_column(column, justify="left" if column == "world" else "right")
-    if not offline:
+    if offline:
+        table.add_column("cache after policy saves", justify="right")
+    else:
         table.add_column("$/1k req", justify="right")
         table.add_column("$/1k w/o autom.", justify="right")
         table.add_column("saved", justify="right")
@@ -93,7 +113,9 @@ def _table(results: list[dict[str, Any]], requests: int, offline: bool) -> Table
             f"{learned['vs_oracle'] * 100:.1f}%",
             f"{static['vs_oracle'] * 100:.1f}%",
         ]
-        if not offline:
+        if offline:
+            row.append(f"{r['automations']['cache_after_policy_token_saving'] * 100:.1f}%")
+        else:
             effect = r.get("automations") or {}
             cost = effect.get("cost_per_request_usd", {})
             row += [

@@ -328,6 +328,12 @@ class World:
         sample = _stable_rng(self.name, seed, specialty, message).gauss(mean, self.noise)
         return request_type, min(1.0, max(0.0, sample))
 
+    def oracle_quality(self, request: Request, seed: int = 0) -> float:
+        """What the type's best specialty scores on this very message (the same noise draw)."""
+        best = self.best_specialty(request.request_type)
+        judged = self.quality_of(request.message, best, seed)
+        return judged[1] if judged else self.quality[request.request_type][best]
+
     def feedback_score(self, run_key: str, quality: float, seed: int = 0) -> int | None:
         """The 1-5 score a user gives (quality with a little doubt), or None for no feedback."""
         rng = _stable_rng(self.name, seed, "feedback", run_key)

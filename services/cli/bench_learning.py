@@ -1,7 +1,8 @@
 """`orchestrator bench learning`: the platform on a simulated world, learned vs static routing.
 
-Each policy gets its own platform (every service a subprocess, a fresh topic
-prefix and data dir, the real broker) and the same requests, sent by the SDK.
+Each run (learned, static, learned without automations) gets its own platform:
+every service a subprocess, a fresh topic prefix and data dir, the real broker.
+All runs get the same requests, sent by the SDK one at a time by default.
 An answer's reward is the quality the world gave it (``meta["quality"]`` on
 ``workflow_completed``); the oracle's is what the world's best specialty scores
 on the same message, read from the world with no run at all.
@@ -124,7 +125,7 @@ class _Services:
     def start(self, names: list[str]) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
-            log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+            log = open(self.log_dir / f"{name}.log", "ab")  # closed in stop()
             self._logs.append(log)
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", service_module(name)],
@@ -532,7 +533,7 @@ def run_learning(
     specs = runs if runs is not None else default_runs()
     final_window = final_window or min(500, max(1, requests // 4))
     sample = world.sample_requests(requests, seed)
-    oracle = [_oracle(world, r, seed) for r in sample]
+    oracle = [world.oracle_quality(r, seed) for r in sample]
     bootstrap = ensure_broker()
     root = data_root() / "bench" / "learning"
     bar = _progress(console) if progress else None
@@ -577,11 +578,6 @@ def run_learning(
     )
 
 
-def _oracle(world: World, request: Request, seed: int) -> float:
-    judged = world.quality_of(request.message, world.best_specialty(request.request_type), seed)
-    return judged[1] if judged else 0.0
-
-
 def _progress(console: Console | None) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -599,9 +595,7 @@ def _per_1k(value: float) -> str:
     return f"${value * 1000:.4f}"
 
 
-def print_report(result: dict[str, Any], console: Console | None = None) -> None:
-    """The learning curve and the summary, as tables."""
-    out = console or Console()
+def _curve_table(result: dict[str, Any]) -> Table:
     runs = result["runs"]
     window = result["window"]
     curve = Table(title=f"{result['world']}: mean reward per {window} requests")
@@ -613,7 +607,17 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
         span = f"{i * window + 1}-{min(result['requests'], (i + 1) * window)}"
         cells = [f"{r['curve'][i]:.3f}" if i < len(r["curve"]) else "-" for r in runs.values()]
         curve.add_row(span, *cells, f"{value:.3f}")
-    out.print(curve)
+    return curve
+
+
+def print_report(
+    result: dict[str, Any], console: Console | None = None, *, curve: bool = True
+) -> None:
+    """The learning curve (unless ``curve`` is false) and the summary, as tables."""
+    out = console or Console()
+    runs = result["runs"]
+    if curve:
+        out.print(_curve_table(result))
     summary = Table(title=f"last {result['final_window']} requests (seed {result['seed']})")
     columns = ("run", "reward", "of oracle", "$ per 1k req", "automations", "cached", "routed")
     for column in columns:

@@ -19,7 +19,7 @@ from services.cli.bench_learning import Outcome, RunSpec, print_report, run_lear
 from streams.localkafka import ROOT, data_root
 from streams.world import World
 
-__all__ = ["DEFAULT_WORLD", "demo_command", "plot", "run_demo"]
+__all__ = ["DEFAULT_WORLD", "demo_command", "run_demo"]
 
 DEFAULT_WORLD = ROOT / "bench" / "worlds" / "support-desk.json"
 _RUNS = [RunSpec("learned", "learned"), RunSpec("static", "static")]
@@ -35,12 +35,16 @@ class _Watch:
     oracle: list[float]
     outcomes: dict[str, list[Outcome]] = field(default_factory=dict)
     automations: dict[str, int] = field(default_factory=dict)
+    # run -> (requests answered, automations created by then), for the picture
+    trace: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def see(self, run: str, outcome: Outcome, automations: int) -> None:
         with self.lock:
-            self.outcomes.setdefault(run, []).append(outcome)
+            done = self.outcomes.setdefault(run, [])
+            done.append(outcome)
             self.automations[run] = automations
+            self.trace.setdefault(run, []).append((len(done), automations))
 
     def _windows(self, run: str) -> list[list[Outcome]]:
         done = sorted(self.outcomes.get(run, []), key=lambda o: o.index)
@@ -91,7 +95,7 @@ class _Watch:
             return Group(table, Text("\n".join(lines)))
 
 
-def plot(watch: _Watch, path: Path) -> Path:
+def _plot(watch: _Watch, path: Path) -> Path:
     """Reward per window against the oracle, and cost per request with automations created."""
     import matplotlib
 
@@ -115,11 +119,16 @@ def plot(watch: _Watch, path: Path) -> Path:
     top.legend(["learned routing", "static keyword routing", "oracle"], loc="lower right")
     top.set_ylabel(f"mean reward per {watch.window} requests")
     top.set_ylim(0, 1)
-    top.set_title(f"{watch.world.name}: the learned router closes the gap to the oracle")
-    autos = ", ".join(f"{r} {n}" for r, n in watch.automations.items())
+    top.set_title(f"{watch.world.name}: learned and static routing against the oracle")
     bottom.set_ylabel("LLM cost, $ per 1k requests")
-    bottom.set_xlabel(f"requests (automations created: {autos})")
+    bottom.set_xlabel("requests")
     bottom.set_ylim(bottom=0)
+    created = bottom.twinx()
+    for run, colour in (("learned", "tab:blue"), ("static", "tab:orange")):
+        points = watch.trace.get(run, [])
+        created.step([p[0] for p in points], [p[1] for p in points], ":", c=colour, where="post")
+    created.set_ylabel("automations created (dotted)")
+    created.set_ylim(bottom=0)
     for axis in (top, bottom):
         axis.grid(alpha=0.3)
     fig.tight_layout()
@@ -139,10 +148,7 @@ def run_demo(
     """Learned and static routing on two platforms at once, a live table, then the PNG."""
     console = console or Console()
     world = World.load(world_path)
-    oracle = [
-        (world.quality_of(r.message, world.best_specialty(r.request_type), seed) or ("", 0.0))[1]
-        for r in world.sample_requests(requests, seed)
-    ]
+    oracle = [world.oracle_quality(r, seed) for r in world.sample_requests(requests, seed)]
     watch = _Watch(world, requests, window, oracle)
     console.print(
         f"starting two platforms (learned and static routing) on [bold]{world.name}[/]: "
@@ -158,7 +164,8 @@ def run_demo(
             observer=watch.see,
             parallel=True,
         )
-    path = plot(watch, data_root() / "demo" / "learning.png")
+    console.print()
+    path = _plot(watch, data_root() / "demo" / "learning.png")
     return result, path
 
 
@@ -174,5 +181,5 @@ def demo_command(
         logging.getLogger(name).setLevel(logging.CRITICAL)
     console = Console()
     result, path = run_demo(world, requests, seed, console=console)
-    print_report(result, console)
+    print_report(result, console, curve=False)
     console.print(f"picture: {path}")

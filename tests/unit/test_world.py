@@ -207,3 +207,10 @@ async def test_the_fake_server_plays_the_world_through_the_openai_client():
     expected = world.quality_of(request.message, "research", 0)
     assert expected is not None and float(done.meta["quality"]) == pytest.approx(expected[1], 1e-3)
     assert done.completion_tokens == world.cost["research"]
+
+
+def test_the_oracle_scores_the_best_specialty_on_the_same_message():
+    world = World.load(ROOT / "bench/worlds/research-lab.json")
+    for request in world.sample_requests(50, seed=4):
+        best = world.best_specialty(request.request_type)
+        assert world.oracle_quality(request, 4) == world.quality_of(request.message, best, 4)[1]  # type: ignore[index]
