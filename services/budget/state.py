@@ -174,45 +174,45 @@ class BudgetState:
             occurred_at=now,
         )
 
+    def _deny_spawn(
+        self,
+        e: SpawnRequested,
+        limit: Any,
+        current: float,
+        maximum: float,
+        detail: str,
+        now: datetime,
+    ) -> Decision:
+        return Decision(
+            [
+                self._exceeded(limit, current, maximum, e.run_id, now),
+                SpawnDenied(
+                    source=SOURCE,
+                    goal_id=self.goal_id,
+                    run_id=e.run_id,
+                    user_id=e.user_id,
+                    specialty=e.specialty,
+                    limit=limit,
+                    detail=detail,
+                    occurred_at=now,
+                ),
+            ]
+        )
+
     def _spawn(self, e: SpawnRequested, now: datetime, defaults: BudgetDefaults) -> Decision:
         if self._cost_blocked(now, defaults):
             spent = self.spent_today(now)
-            return Decision(
-                [
-                    self._exceeded("max_daily_cost", spent, self.max_daily_cost, e.run_id, now),
-                    SpawnDenied(
-                        source=SOURCE,
-                        goal_id=self.goal_id,
-                        run_id=e.run_id,
-                        user_id=e.user_id,
-                        specialty=e.specialty,
-                        limit="max_daily_cost",
-                        detail=f"goal {self.goal_id} spent {spent:.6f} USD today; "
-                        f"max_daily_cost is {self.max_daily_cost:.6f} USD",
-                        occurred_at=now,
-                    ),
-                ]
+            detail = (
+                f"goal {self.goal_id} spent {spent:.6f} USD today; "
+                f"max_daily_cost is {self.max_daily_cost:.6f} USD"
             )
+            return self._deny_spawn(e, "max_daily_cost", spent, self.max_daily_cost, detail, now)
         if len(self.agents) >= self.max_agents:
             detail = (
                 f"goal {self.goal_id} has {len(self.agents)} agents; "
                 f"max_agents is {self.max_agents}"
             )
-            return Decision(
-                [
-                    self._exceeded("max_agents", len(self.agents), self.max_agents, e.run_id, now),
-                    SpawnDenied(
-                        source=SOURCE,
-                        goal_id=self.goal_id,
-                        run_id=e.run_id,
-                        user_id=e.user_id,
-                        specialty=e.specialty,
-                        limit="max_agents",
-                        detail=detail,
-                        occurred_at=now,
-                    ),
-                ]
-            )
+            return self._deny_spawn(e, "max_agents", len(self.agents), self.max_agents, detail, now)
         self.agents.append(e.event_id)
         if e.run_id:
             # The spawner may ask the LLM to write the prompt; hold its cost until known.
