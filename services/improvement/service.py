@@ -280,7 +280,6 @@ class ImprovementService:
         if result.judge_call is not None or result.judge_error is not None:
             out.append(
                 self._llm_call(
-                    event.goal_id,
                     event.run_id,
                     "judge",
                     result.judge_call,
@@ -295,7 +294,6 @@ class ImprovementService:
 
     def _llm_call(
         self,
-        goal_id: str,
         run_id: str,
         purpose: Literal["judge", "improvement"],
         call: Completion | None,
@@ -401,9 +399,7 @@ class ImprovementService:
                 error = f"{type(exc).__name__}: {exc}"
             if run.goal_id:
                 out.append(
-                    self._llm_call(
-                        run.goal_id, run.run_id, "improvement", call, error, cause=event.event_id
-                    )
+                    self._llm_call(run.run_id, "improvement", call, error, cause=event.event_id)
                 )
         proposal = proposal or template_prompt(current, event.text)
         if proposal is None:
