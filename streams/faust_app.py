@@ -18,9 +18,9 @@ from streams.codec import EventCodec, default_codec
 from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 from streams.kafka import KafkaSettings
-from streams.topics import spec_for
+from streams.topics import create_compacted_topics, spec_for
 
-__all__ = ["CODEC_NAME", "EventTopic", "create_app", "event_topic", "register_codec"]
+__all__ = ["CODEC_NAME", "EventTopic", "create_app", "event_topic", "register_codec", "start_app"]
 
 CODEC_NAME = "orch-avro"
 log = logging.getLogger(__name__)
@@ -138,3 +138,11 @@ def event_topic(app: AppT, name: str, settings: KafkaSettings, *, source: str) -
         event_settings=settings,
     )
     return topic
+
+
+async def start_app(app: faust.App, settings: KafkaSettings) -> None:
+    """Start ``app`` once its tables' changelog topics exist with their leaders."""
+    changelogs = {t.changelog_topic_name: t.partitions or 4 for t in app.tables.values()}
+    if changelogs:
+        await create_compacted_topics(settings.bootstrap, changelogs)
+    await app.start()

@@ -16,7 +16,14 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from streams import events as ev
 
-__all__ = ["CATALOG", "TopicSpec", "create_topics", "spec_for", "topic_names"]
+__all__ = [
+    "CATALOG",
+    "TopicSpec",
+    "create_compacted_topics",
+    "create_topics",
+    "spec_for",
+    "topic_names",
+]
 
 _DAY_MS = 24 * 3600 * 1000
 _PARTITIONS = int(os.environ.get("ORCH_TOPIC_PARTITIONS", "4"))
@@ -88,11 +95,9 @@ async def create_topics(
     bootstrap: str, *, prefix: str = "", specs: tuple[TopicSpec, ...] = CATALOG
 ) -> list[str]:
     """Create every topic that does not exist yet; returns the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        wanted = [
+    return await _ensure(
+        bootstrap,
+        [
             NewTopic(
                 name=prefix + s.name,
                 num_partitions=s.partitions,
@@ -100,15 +105,44 @@ async def create_topics(
                 topic_configs=s.config(),
             )
             for s in specs
-            if prefix + s.name not in existing
-        ]
-        if not wanted:
-            return []
-        try:
-            await admin.create_topics(wanted)
-        except TopicAlreadyExistsError:
-            pass  # another process won the race; the topics exist, which is all we need
-        await _wait_for_leaders(admin, [t.name for t in wanted])
+        ],
+    )
+
+
+async def create_compacted_topics(bootstrap: str, partitions: dict[str, int]) -> list[str]:
+    """Create compacted topics (full names -> partitions), e.g. a Faust table's changelog.
+
+    A Faust app that creates its own changelog while starting can cache the new
+    topic with no partitions yet and then refuse every table write; creating the
+    topic first, and waiting for its leaders, leaves nothing to race.
+    """
+    return await _ensure(
+        bootstrap,
+        [
+            NewTopic(
+                name=name,
+                num_partitions=n,
+                replication_factor=1,
+                topic_configs={"cleanup.policy": "compact"},
+            )
+            for name, n in partitions.items()
+        ],
+    )
+
+
+async def _ensure(bootstrap: str, topics: list[NewTopic]) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [t for t in topics if t.name not in existing]
+        if wanted:
+            try:
+                await admin.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race; the topics exist, which is all we need
+        # Topics another process created a moment ago may still lack leaders, too.
+        await _wait_for_leaders(admin, [t.name for t in topics])
         return [t.name for t in wanted]
     finally:
         await admin.close()

@@ -13,7 +13,7 @@ from typing import Any
 
 from services.budget.state import BudgetDefaults, BudgetState
 from streams.events import Event
-from streams.faust_app import CODEC_NAME, EventTopic, create_app
+from streams.faust_app import CODEC_NAME, EventTopic, create_app, start_app
 from streams.service import ServiceContext
 
 __all__ = ["APP_NAME", "BUDGET_TOPICS", "TABLE_NAME", "main"]
@@ -78,7 +78,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             except Exception:  # one bad event must not stop every goal's budget
                 log.exception("budget failed on %s %s", event.event_type, event.event_id)
 
-    await app.start()
+    await start_app(app, ctx.settings)
     try:
         await stop.wait()
     finally:

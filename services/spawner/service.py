@@ -12,7 +12,7 @@ from typing import Any
 
 from services.spawner.design import agent_id_for, design_agent, spawned_event_id
 from streams.events import AgentSpawned, LlmCallCompleted, SpawnApproved
-from streams.faust_app import create_app, event_topic
+from streams.faust_app import create_app, event_topic, start_app
 from streams.llm import LLMSettings, create_llm
 from streams.service import ServiceContext
 
@@ -90,7 +90,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             except Exception:  # a failed spawn is logged; the router times the wait out
                 log.exception("spawn failed for %s", event.event_id)
 
-    await app.start()
+    await start_app(app, ctx.settings)
     try:
         await stop.wait()
     finally:

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from streams.events import DeadLetter, TaskRequested
-from streams.faust_app import create_app, event_topic
+from streams.faust_app import create_app, event_topic, start_app
 from streams.kafka import EventConsumer, EventProducer
 
 pytestmark = pytest.mark.broker
@@ -43,8 +43,11 @@ async def test_faust_agent_updates_a_table_in_key_order(settings):
         )
         for i in range(expected)
     ]
-    await app.start()
+    await start_app(app, settings)
     try:
+        # The table's changelog was created ahead of the app, with the table's partitions.
+        consumer = app.consumer
+        assert consumer.topic_partitions(seen.changelog_topic_name) == 4
         async with EventProducer(settings) as producer:
             await producer.send_raw("task_requested", b"\x00garbage", key=b"g0")
             await producer.send_many(events)
