@@ -226,7 +226,7 @@ class _Tracker:
                     self.assessed[event.run_id] = event
                 elif isinstance(event, AutomationCreated):
                     self.automations.append(event)
-                elif isinstance(event, RouteDecided) and event.policy == "automation":
+                elif isinstance(event, RouteDecided) and event.action == "automation":
                     self.automated_runs.add(event.run_id)
 
     async def completion(self, run_id: str, timeout: float = 10.0) -> WorkflowCompleted:

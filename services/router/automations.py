@@ -79,27 +79,29 @@ class Automations:
                     self._quality.pop(old, None)
 
     def lookup(
-        self, message: str, now: datetime, goal_id: str | None = None
+        self, message: str, specialty: str, now: datetime, goal_id: str | None = None
     ) -> AutomationHit | None:
-        """The automation that serves this request now, if any; a cache hit first.
+        """The automation that serves this request in ``specialty`` now, if any; a cache hit first.
 
-        A direct route pins an agent of one goal, so it serves only that goal.
+        The routing policy picks the specialty before this is asked, so an automation
+        only ever saves the cost of the answer the policy chose, never replaces it
+        with another specialty's. A direct route pins an agent of one goal, so it
+        serves only that goal.
         """
-        direct: AutomationHit | None = None
-        for specialty in sorted(self._specialties):
-            sig = signature_of(message, specialty)
-            cache = self._by_signature.get(f"response_cache:{sig}")
-            if cache is not None and now < self._expires[f"response_cache:{sig}"]:
-                answer = self._answers.get(exact_key(message, specialty))
-                if answer is not None:
-                    return AutomationHit(cache, specialty, answer)
-            route = self._by_signature.get(f"direct_route:{sig}")
-            if (
-                direct is None
-                and route is not None
-                and route.agent_id
-                and (route.goal_id is None or route.goal_id == goal_id)
-            ):
-                if now < self._expires[f"direct_route:{sig}"]:
-                    direct = AutomationHit(route, specialty)
-        return direct
+        if specialty not in self._specialties:
+            return None
+        sig = signature_of(message, specialty)
+        cache = self._by_signature.get(f"response_cache:{sig}")
+        if cache is not None and now < self._expires[f"response_cache:{sig}"]:
+            answer = self._answers.get(exact_key(message, specialty))
+            if answer is not None:
+                return AutomationHit(cache, specialty, answer)
+        route = self._by_signature.get(f"direct_route:{sig}")
+        if (
+            route is not None
+            and route.agent_id
+            and (route.goal_id is None or route.goal_id == goal_id)
+            and now < self._expires[f"direct_route:{sig}"]
+        ):
+            return AutomationHit(route, specialty)
+        return None

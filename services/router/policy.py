@@ -6,7 +6,8 @@ making it. Logging that probability on ``route_decided`` is what lets
 ``replay`` score another policy on the recorded log without calling any LLM.
 
 The learned policy is epsilon-greedy over a per-word estimate of each
-specialty's reward: exploration is explicit, so propensities are exact.
+specialty's reward plus an optimism bonus for what it has seen little of:
+exploration is explicit and the bonus deterministic, so propensities are exact.
 """
 
 from __future__ import annotations
@@ -103,13 +104,20 @@ class _Stat:
 
 @dataclass
 class LearnedPolicy:
-    """Epsilon-greedy over per-(word, specialty) mean rewards, shrunk toward each arm's mean."""
+    """Epsilon-greedy over per-(word, specialty) mean rewards, shrunk toward each arm's mean.
+
+    ``bonus`` scales an upper-confidence term, ``bonus * sqrt(ln(2 + updates) / (1 + n))``
+    with ``n`` the mean number of times the request's words were seen with the
+    specialty: a specialty rarely tried on these words gets tried again before the
+    estimate settles, which random exploration alone does too slowly for rare words.
+    """
 
     name: str = "learned"
     epsilon0: float = 0.2
     epsilon_min: float = 0.03
     shrink: float = 2.0
     keyword_prior: float = 0.05
+    bonus: float = 0.1
     rng: random.Random = field(default_factory=random.Random)
     updates: int = 0
     _arm: dict[str, _Stat] = field(default_factory=lambda: defaultdict(_Stat))
@@ -138,7 +146,24 @@ class LearnedPolicy:
             value = sum(parts) / len(parts)
         seen = base.n if base else 0.0
         prior = self.keyword_prior / (1.0 + seen / 10.0)
-        return value + (prior if arm == features.keyword_guess else 0.0)
+        return (
+            value
+            + (prior if arm == features.keyword_guess else 0.0)
+            + self._optimism(features, arm)
+        )
+
+    def _optimism(self, features: Features, arm: str) -> float:
+        if self.bonus <= 0:
+            return 0.0
+        if features.words:
+            counts = [
+                self._word[(w, arm)].n if (w, arm) in self._word else 0.0 for w in features.words
+            ]
+            n = sum(counts) / len(counts)
+        else:
+            base = self._arm.get(arm)
+            n = base.n if base else 0.0
+        return self.bonus * math.sqrt(math.log(2.0 + self.updates) / (1.0 + n))
 
     def choose(self, features: Features, arms: list[str]) -> Choice:
         if not arms:

@@ -65,7 +65,12 @@ class ReplayResult:
 
 
 def join_log(events: list[Event], since: datetime | None = None) -> list[Logged]:
-    """Decisions that had a real choice (not forced, not automated) joined to their quality."""
+    """Decisions the policy made (not forced) joined to their quality.
+
+    Older routers logged automation-served runs as policy ``automation`` with no
+    real propensity; those are left out. Now an automation only serves the
+    specialty the policy chose, and the decision carries the policy's probability.
+    """
     quality = {e.run_id: e.quality for e in events if isinstance(e, WorkflowAssessed)}
     out = []
     for e in events:

@@ -89,6 +89,8 @@ class Router:
         record = self.registry.apply(event)
         self.automations.learn(event)
         if isinstance(event, RouteDecided):
+            # Automation-served runs teach the policy too: the policy chose their
+            # specialty, and a cached answer scores what that specialty answered.
             if event.features and event.policy not in ("forced", "automation"):
                 self._decisions[event.run_id] = (
                     Features.from_list(event.features),
@@ -130,21 +132,22 @@ class Router:
     ) -> tuple[str, AgentRecord | None, RouteDecided, AutomationHit | None]:
         asked = request.context.get("specialty", "").strip().lower()
         features = features_of(request.message)
-        hit = (
-            None
-            if asked
-            else self.automations.lookup(request.message, self.ctx.clock.now(), request.goal_id)
-        )
         if asked:
             specialty, probability, policy, version = asked, 1.0, "forced", 0
             arm_scores: dict[str, float] = {asked: 1.0}
-        elif hit is not None:
-            specialty, probability, policy, version = hit.specialty, 1.0, "automation", 0
-            arm_scores = {hit.specialty: 1.0}
         else:
             choice = self.policy.choose(features, self.arms)
             specialty, probability = choice.specialty, choice.probability
             policy, version, arm_scores = self.policy.name, self.policy.version, choice.scores
+        # An automation only serves the specialty the policy chose: it saves cost,
+        # it never overrides what the policy learned about quality.
+        hit = (
+            None
+            if asked
+            else self.automations.lookup(
+                request.message, specialty, self.ctx.clock.now(), request.goal_id
+            )
+        )
         candidates = self.registry.live(goal_id=request.goal_id, specialty=specialty)
         if hit is not None and hit.automation.agent_id:
             pinned = [a for a in candidates if a.agent_id == hit.automation.agent_id]

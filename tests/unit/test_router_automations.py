@@ -10,6 +10,7 @@ from streams.signatures import exact_key, signature_of
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 MSG = "Reset my account password please"
+CS = "customer_support"
 
 
 def _decided(run: str, message: str, specialty: str) -> RouteDecided:
@@ -63,13 +64,13 @@ def test_identical_request_is_served_from_cache_only_with_an_automation():
     auto.learn(_decided("r1", MSG, "customer_support"))
     auto.learn(_answer("r1"))
     auto.learn(_assessed("r1"))
-    assert auto.lookup(MSG, T0) is None  # an answer alone is not an automation
+    assert auto.lookup(MSG, CS, T0) is None  # an answer alone is not an automation
     auto.learn(_automation("response_cache"))
-    hit = auto.lookup("  reset my ACCOUNT password please ", T0 + timedelta(seconds=5))
+    hit = auto.lookup("  reset my ACCOUNT password please ", CS, T0 + timedelta(seconds=5))
     assert hit is not None and hit.cached is not None
     assert hit.cached.text == "Use the reset link." and hit.specialty == "customer_support"
     # Same intent, different words order: not identical, so no cached answer.
-    assert auto.lookup("password account reset my please", T0) is None
+    assert auto.lookup("password account reset my please", CS, T0) is None
 
 
 def test_cache_expires_and_degraded_answers_are_never_cached():
@@ -77,24 +78,35 @@ def test_cache_expires_and_degraded_answers_are_never_cached():
     auto.learn(_automation("response_cache", ttl=60))
     auto.learn(_decided("r1", MSG, "customer_support"))
     auto.learn(_answer("r1", tier="keyword"))
-    assert auto.lookup(MSG, T0) is None
+    assert auto.lookup(MSG, CS, T0) is None
     auto.learn(_assessed("r1"))
     auto.learn(_decided("r2", MSG, "customer_support"))
     auto.learn(_answer("r2"))
-    assert auto.lookup(MSG, T0) is None  # not assessed yet
+    assert auto.lookup(MSG, CS, T0) is None  # not assessed yet
     auto.learn(_assessed("r2", quality=0.4))
-    assert auto.lookup(MSG, T0) is None  # too poor to repeat
+    assert auto.lookup(MSG, CS, T0) is None  # too poor to repeat
     auto.learn(_decided("r3", MSG, "customer_support"))
     auto.learn(_answer("r3"))
     auto.learn(_assessed("r3", quality=0.8))
-    assert auto.lookup(MSG, T0 + timedelta(seconds=30)) is not None
-    assert auto.lookup(MSG, T0 + timedelta(seconds=61)) is None
+    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=30)) is not None
+    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=61)) is None
 
 
 def test_direct_route_pins_the_agent():
     auto = Automations()
     auto.learn(_automation("direct_route"))
-    hit = auto.lookup("reset my account password", T0, goal_id="g")
+    hit = auto.lookup("reset my account password", CS, T0, goal_id="g")
     assert hit is not None and hit.cached is None
     assert hit.automation.agent_id == "cs_1"
-    assert auto.lookup("reset my account password", T0, goal_id="other") is None
+    assert auto.lookup("reset my account password", CS, T0, goal_id="other") is None
+
+
+def test_an_automation_serves_only_the_specialty_the_policy_chose():
+    auto = Automations()
+    auto.learn(_automation("response_cache"))
+    auto.learn(_decided("r1", MSG, CS))
+    auto.learn(_answer("r1"))
+    auto.learn(_assessed("r1"))
+    assert auto.lookup(MSG, CS, T0) is not None
+    # The policy now prefers another specialty: the cached answer must not override it.
+    assert auto.lookup(MSG, "research", T0) is None

@@ -46,3 +46,24 @@ def test_propensity_is_exact_for_epsilon_greedy():
     eps = policy.epsilon()
     greedy_p = 1 - eps + eps / 3
     assert choice.probability in (greedy_p, eps / 3)
+
+
+def test_optimism_tries_a_specialty_the_words_were_never_seen_with():
+    # No random exploration at all: only the confidence bonus can pick "b" here.
+    policy = LearnedPolicy(rng=random.Random(0), epsilon0=0.0, epsilon_min=0.0, keyword_prior=0.0)
+    f = Features(frozenset({"ledger", "audit"}), "a")
+    for _ in range(5):
+        policy.update(f, "a", 0.55)
+    choice = policy.choose(f, ["a", "b"])
+    assert choice.specialty == "b" and choice.probability == 1.0
+    # Once "b" has been tried and did worse, the words' record decides again.
+    for _ in range(5):
+        policy.update(f, "b", 0.2)
+    assert policy.choose(f, ["a", "b"]).specialty == "a"
+    # Without the bonus, the untried specialty would never be picked.
+    plain = LearnedPolicy(
+        rng=random.Random(0), epsilon0=0.0, epsilon_min=0.0, keyword_prior=0.0, bonus=0.0
+    )
+    for _ in range(5):
+        plain.update(f, "a", 0.55)
+    assert plain.choose(f, ["a", "b"]).specialty == "a"
