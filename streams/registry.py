@@ -88,6 +88,20 @@ class RegistryView:
             and (specialty is None or a.specialty == specialty)
         ]
 
+    def retired(self, goal_id: str, specialty: str) -> list[AgentRecord]:
+        """Retired agents of a goal and specialty: configs whose instances were unloaded.
+
+        Retirement frees the loader's memory, not the agent: a request that finds
+        no live agent of its specialty revives one of these (the loader rebuilds
+        it from the registry) instead of spawning, so the goal's agent count
+        (``max_agents``) and the agent's improvements stay as they were.
+        """
+        return [
+            a
+            for a in self.agents.values()
+            if a.retired and a.goal_id == goal_id and a.specialty == specialty
+        ]
+
     def get(self, agent_id: str) -> AgentRecord | None:
         return self.agents.get(agent_id)
 

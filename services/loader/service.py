@@ -223,6 +223,11 @@ class Loader:
                     break
         if record is None:
             return self._failure(task, "no_agent", f"agent {task.agent_id} is not in the registry")
+        if record.retired:
+            # The router revived a retired agent rather than spawning another one;
+            # it is live again here, and idle again 24 h after this task.
+            record.retired = False
+            log.info("reviving retired agent %s for run %s", record.agent_id, task.run_id)
         instance, change = self.pool.acquire(record, now)
         notices: list[Event] = [
             WorkflowStarted(

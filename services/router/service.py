@@ -148,7 +148,9 @@ class Router:
                 request.message, specialty, self.ctx.clock.now(), request.goal_id
             )
         )
-        candidates = self.registry.live(goal_id=request.goal_id, specialty=specialty)
+        candidates = self.registry.live(
+            goal_id=request.goal_id, specialty=specialty
+        ) or self.registry.retired(request.goal_id, specialty)
         if hit is not None and hit.automation.agent_id:
             pinned = [a for a in candidates if a.agent_id == hit.automation.agent_id]
             candidates = pinned or candidates

@@ -9,8 +9,10 @@ import uuid
 import pytest
 
 from services.budget.view import read_budget
+from streams.client import OrchestratorClient
+from streams.clock import OffsetFileClock
 from streams.errors import BudgetExceededError
-from streams.events import DeadLetter, LlmCallCompleted
+from streams.events import AgentRetired, DeadLetter, LlmCallCompleted
 
 pytestmark = pytest.mark.e2e
 
@@ -190,3 +192,46 @@ async def test_daily_cost_stops_a_goal_and_the_next_utc_day_reopens_it(platform,
         assert answer.degradation_tier == "llm"
     finally:
         platform.move_clock(-86400)
+
+
+async def test_an_agent_idle_24_hours_is_retired_and_revived_without_a_new_spawn(platform):
+    # This test's loader and client read the moved clock too (deadlines stay consistent).
+    platform.kill("loader")
+    platform.start("loader", ORCH_CLOCK_FILE=str(platform.clock_file))
+    goal = "g-idle"
+    moved = OrchestratorClient(
+        platform.settings, source="e2e-idle", clock=OffsetFileClock(str(platform.clock_file))
+    )
+    moved_by = 0.0
+    try:
+        async with moved as client:
+            await _set_budget(platform, client, goal, max_agents=1)
+            first = await client.ask(
+                "Write a short poem about rain", goal_id=goal, user_id="u1", timeout=40
+            )
+            assert first.agent_id is not None
+            platform.move_clock(25 * 3600)
+            moved_by = 25 * 3600
+            retired: list[AgentRetired] = []
+            deadline = time.monotonic() + 20
+            while not retired and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                retired = [
+                    e
+                    for e in await platform.events("agent_retired")
+                    if e.agent_id == first.agent_id
+                ]
+            assert retired, "the idle agent was never retired"
+            assert retired[0].idle_seconds >= 24 * 3600 and retired[0].goal_id == goal
+            # The next request of that specialty revives the same agent: with
+            # max_agents=1 a second spawn would have been refused.
+            again = await client.ask("Write a short poem about snow", goal_id=goal, user_id="u1")
+            assert again.agent_id == first.agent_id and again.degradation_tier == "llm"
+            spawned = [e for e in await platform.events("agent_spawned") if e.goal_id == goal]
+            assert len(spawned) == 1
+            view = await read_budget(platform.settings, goal)
+            assert view is not None and view["agents"] == 1
+    finally:
+        platform.kill("loader")
+        platform.move_clock(-moved_by)
+        platform.start("loader")
