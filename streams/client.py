@@ -98,7 +98,7 @@ class OrchestratorClient(AsyncLifecycle):
         self._producer = EventProducer(self.settings, client_id=f"orchestrator.{source}")
         self._replies = EventConsumer(
             self.settings,
-            ["workflow_completed", "workflow_failed"],
+            [WorkflowCompleted.topic, WorkflowFailed.topic],
             group_id=None,
             from_end=True,
             source=source,

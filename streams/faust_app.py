@@ -85,7 +85,7 @@ class EventTopic(faust.Topic):
             error_type=type(cause).__name__,
         )
         prefix = self.settings.prefix if self.settings else ""
-        await self.app.send(prefix + "dead_letter", key=dead.key(), value=dead)
+        await self.app.send(prefix + DeadLetter.topic, key=dead.key(), value=dead)
 
 
 def create_app(

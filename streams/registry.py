@@ -20,7 +20,7 @@ from streams.kafka import KafkaSettings
 
 __all__ = ["AgentRecord", "RegistryView", "read_topics_to_end"]
 
-REGISTRY_TOPICS = ("agent_spawned", "agent_retired")
+REGISTRY_TOPICS = (AgentSpawned.topic, AgentRetired.topic)
 
 
 @dataclass

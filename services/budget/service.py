@@ -12,7 +12,15 @@ import logging
 from typing import Any
 
 from services.budget.state import BudgetDefaults, BudgetState
-from streams.events import Event
+from streams.events import (
+    BudgetUpdateRequested,
+    Event,
+    LlmCallCompleted,
+    SpawnRequested,
+    TaskRequested,
+    WorkflowCompleted,
+    WorkflowFailed,
+)
 from streams.faust_app import CODEC_NAME, EventTopic, create_app, start_app
 from streams.service import ServiceContext
 
@@ -23,12 +31,12 @@ log = logging.getLogger(__name__)
 APP_NAME = "orchestrator.budget"
 TABLE_NAME = "budget"
 BUDGET_TOPICS = (
-    "spawn_requested",
-    "task_requested",
-    "llm_call_completed",
-    "workflow_completed",
-    "workflow_failed",
-    "budget_update_requested",
+    SpawnRequested.topic,
+    TaskRequested.topic,
+    LlmCallCompleted.topic,
+    WorkflowCompleted.topic,
+    WorkflowFailed.topic,
+    BudgetUpdateRequested.topic,
 )
 
 

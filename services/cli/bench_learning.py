@@ -189,7 +189,12 @@ class _Tracker:
     def __init__(self, settings: KafkaSettings) -> None:
         self.consumer = EventConsumer(
             settings,
-            ["route_decided", "workflow_completed", "workflow_assessed", "automation_created"],
+            [
+                RouteDecided.topic,
+                WorkflowCompleted.topic,
+                WorkflowAssessed.topic,
+                AutomationCreated.topic,
+            ],
             group_id=None,
             from_end=True,
             source="bench",

@@ -51,14 +51,21 @@ from services.improvement.state import ImprovementState, RunInfo
 from services.improvement.versions import VERSION_TOPICS, CanaryPolicy, ChangeSource
 from streams.errors import InvalidRequest
 from streams.events import (
+    AgentRetired,
+    AgentSpawned,
+    AutomationCreated,
     DeadLetter,
     Event,
     FeedbackReceived,
     ImprovementAvailable,
     LlmCallCompleted,
+    PatternDiscovered,
+    RequestReceived,
     RollbackRequested,
+    RouteDecided,
     WorkflowAssessed,
     WorkflowCompleted,
+    WorkflowFailed,
 )
 from streams.kafka import Delivery, EventConsumer
 from streams.llm import Completion, LLMClient, LLMError, LLMSettings, create_llm
@@ -69,19 +76,19 @@ __all__ = ["ImprovementConfig", "ImprovementService", "main", "serve"]
 log = logging.getLogger(__name__)
 SOURCE = "improvement"
 VIEW_TOPICS = (
-    "request_received",
-    "route_decided",
-    "workflow_completed",
-    "workflow_failed",
-    "workflow_assessed",
-    "agent_spawned",
-    "agent_retired",
-    "pattern_discovered",
-    "automation_created",
+    RequestReceived.topic,
+    RouteDecided.topic,
+    WorkflowCompleted.topic,
+    WorkflowFailed.topic,
+    WorkflowAssessed.topic,
+    AgentSpawned.topic,
+    AgentRetired.topic,
+    PatternDiscovered.topic,
+    AutomationCreated.topic,
     *VERSION_TOPICS,
 )
-WORK_TOPICS = ("workflow_completed", "feedback_received")
-COMMAND_TOPICS = ("improvement_available", "rollback_requested")
+WORK_TOPICS = (WorkflowCompleted.topic, FeedbackReceived.topic)
+COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 
 

@@ -53,7 +53,7 @@ __all__ = [
 
 SOURCE = "improvement"
 ORIGINAL_VERSION = 1
-VERSION_TOPICS = ("workflow_version_saved", "improvement_applied", "improvement_rolled_back")
+VERSION_TOPICS = (WorkflowVersionSaved.topic, ImprovementApplied.topic, ImprovementRolledBack.topic)
 ChangeSource = Literal["user", "system", "automated"]
 _NS = uuid.UUID("a4f1d2c3-6b7e-4e8f-9a0b-1c2d3e4f5a6b")
 _MAX_OBSERVATIONS = 5000

@@ -25,12 +25,16 @@ from streams.events import (
     AgentEvicted,
     AgentLoaded,
     AgentRetired,
+    AgentSpawned,
     Event,
+    ImprovementApplied,
+    ImprovementRolledBack,
     LlmCallCompleted,
     TaskAdmitted,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowStarted,
+    WorkflowVersionSaved,
 )
 from streams.kafka import Delivery, EventConsumer
 from streams.llm import LLMClient, LLMRejected, LLMSettings, LLMUnavailable, create_llm
@@ -96,7 +100,7 @@ class Loader:
             ctx.clock, cooldown=float(env("ORCH_LLM_BREAKER_COOLDOWN_SECONDS", "15"))
         )
         self._finished: OrderedDict[str, None] = OrderedDict()
-        self._partitions = spec_for("task_admitted").partitions
+        self._partitions = spec_for(TaskAdmitted.topic).partitions
         self.owned_partitions: set[int] | None = None  # None: all (no group yet)
 
     # -- registry -----------------------------------------------------------
@@ -376,18 +380,18 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     registry = EventConsumer(
         ctx.settings,
         [
-            "agent_spawned",
-            "agent_retired",
-            "workflow_version_saved",
-            "improvement_applied",
-            "improvement_rolled_back",
+            AgentSpawned.topic,
+            AgentRetired.topic,
+            WorkflowVersionSaved.topic,
+            ImprovementApplied.topic,
+            ImprovementRolledBack.topic,
         ],
         group_id=None,
         source=SOURCE,
     )
     tasks = EventConsumer(
         ctx.settings,
-        ["task_admitted"],
+        [TaskAdmitted.topic],
         group_id=ctx.group,
         producer=ctx.producer,
         source=SOURCE,

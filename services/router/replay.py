@@ -142,5 +142,5 @@ async def replay_from_log(
     arms: list[str],
     since: datetime | None = None,
 ) -> ReplayResult:
-    events = await read_topics_to_end(settings, ["route_decided", "workflow_assessed"])
+    events = await read_topics_to_end(settings, [RouteDecided.topic, WorkflowAssessed.topic])
     return evaluate(join_log(events, since), candidate, arms)

@@ -21,6 +21,7 @@ from services.router.scoring import OutcomeStats, Weights, score_agent
 from streams.events import (
     AgentRetired,
     AgentSpawned,
+    AutomationCreated,
     Event,
     FeedbackReceived,
     RequestReceived,
@@ -43,15 +44,15 @@ __all__ = ["Router", "main"]
 log = logging.getLogger(__name__)
 SOURCE = "router"
 KNOWLEDGE_TOPICS = (
-    "route_decided",
-    "automation_created",
-    "agent_spawned",
-    "agent_retired",
-    "spawn_denied",
-    "workflow_completed",
-    "workflow_failed",
-    "workflow_assessed",
-    "feedback_received",
+    RouteDecided.topic,
+    AutomationCreated.topic,
+    AgentSpawned.topic,
+    AgentRetired.topic,
+    SpawnDenied.topic,
+    WorkflowCompleted.topic,
+    WorkflowFailed.topic,
+    WorkflowAssessed.topic,
+    FeedbackReceived.topic,
 )
 
 
@@ -314,7 +315,11 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     router = Router(ctx)
     knowledge = EventConsumer(ctx.settings, KNOWLEDGE_TOPICS, group_id=None, source=SOURCE)
     requests = EventConsumer(
-        ctx.settings, ["request_received"], group_id=ctx.group, producer=ctx.producer, source=SOURCE
+        ctx.settings,
+        [RequestReceived.topic],
+        group_id=ctx.group,
+        producer=ctx.producer,
+        source=SOURCE,
     )
     await knowledge.start()
     ready = asyncio.Event()

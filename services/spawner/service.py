@@ -28,7 +28,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     llm = create_llm(settings, ctx.clock)
     app = create_app(APP_NAME, ctx.settings)
     registry = app.Table("registry", default=None, partitions=4, use_partitioner=True)
-    approvals = event_topic(app, "spawn_approved", ctx.settings, source=SOURCE)
+    approvals = event_topic(app, SpawnApproved.topic, ctx.settings, source=SOURCE)
 
     async def _spawn(event: SpawnApproved) -> None:
         agent_id = agent_id_for(event.specialty, event.event_id)
