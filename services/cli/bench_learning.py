@@ -465,6 +465,7 @@ def summarize(
             "vs_oracle": round(final / final_oracle, 4) if final_oracle else 0.0,
             "mean": round(_mean(rewards), 4),
             "cost_per_request_usd": round(_mean([o.cost_usd for o in outcomes]), 8),
+            "by_route": _by_route(outcomes),
             "cached_answers": sum(o.automation == "cache" for o in outcomes),
             "direct_routed": sum(o.automation == "route" for o in outcomes),
             "automations_created": run["automations_created"],
@@ -490,6 +491,26 @@ def summarize(
             )
     result["automations"] = _automation_effect(result["runs"], result["notes"])
     return result
+
+
+_ROUTES = {"": "policy", "cache": "response_cache", "route": "direct_route"}
+
+
+def _by_route(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
+    """What each way of answering cost, took and scored: the policy's LLM runs and each
+    automation kind, side by side in the same run, so each kind's saving is measured."""
+    out: dict[str, dict[str, float]] = {}
+    for mark, name in _ROUTES.items():
+        group = [o for o in outcomes if o.automation == mark and not o.failed]
+        if not group:
+            continue
+        out[name] = {
+            "requests": len(group),
+            "cost_per_request_usd": round(_mean([o.cost_usd for o in group]), 8),
+            "p50_latency_ms": round(statistics.median([o.latency_ms for o in group]), 1),
+            "mean_reward": round(_mean([o.reward for o in group]), 4),
+        }
+    return out
 
 
 def _automation_effect(runs: dict[str, Any], notes: list[str]) -> dict[str, Any]:
@@ -647,6 +668,20 @@ def print_report(
             f" per 1k without ({effect['cost_saving'] * 100:.1f}% saved); final reward"
             f" {effect['final_reward']['with']:.3f} vs {effect['final_reward']['without']:.3f}"
         )
+    routes = (runs.get("learned") or {}).get("by_route") or {}
+    if len(routes) > 1:
+        kinds = Table(title="learned run: each way of answering, measured side by side")
+        for column in ("answered by", "requests", "$ per 1k req", "p50 ms", "reward"):
+            kinds.add_column(column, justify="left" if column == "answered by" else "right")
+        for name, row in routes.items():
+            kinds.add_row(
+                name.replace("_", " "),
+                str(row["requests"]),
+                _per_1k(row["cost_per_request_usd"]),
+                f"{row['p50_latency_ms']:.1f}",
+                f"{row['mean_reward']:.3f}",
+            )
+        out.print(kinds)
     failed = {n: r["failed"] for n, r in runs.items() if r["failed"]}
     if failed:
         out.print(f"[red]failed requests (reward 0):[/] {failed}")
