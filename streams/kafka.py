@@ -35,6 +35,7 @@ __all__ = [
     "Handler",
     "KafkaSettings",
     "OffsetTracker",
+    "failed_letter",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,29 @@ class EventProducer(AsyncLifecycle):
 
     async def flush(self) -> None:
         await self._producer.flush()
+
+
+def failed_letter(
+    event: Event,
+    exc: BaseException,
+    *,
+    source: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    codec: EventCodec,
+) -> DeadLetter:
+    """The dead letter of an event that decoded but that its handler failed on."""
+    return DeadLetter(
+        source=source,
+        original_topic=topic,
+        partition=partition,
+        offset=offset,
+        original_key=event.key(),
+        payload=codec.encode(event),
+        reason=f"handler failed: {type(exc).__name__}: {exc}"[:2000],
+        error_type=type(exc).__name__,
+    )
 
 
 @dataclass(frozen=True)
@@ -304,10 +328,11 @@ class EventConsumer(AsyncLifecycle):
         async def _one(delivery: Delivery) -> None:
             try:
                 await handler(delivery.event, delivery)
-            except Exception:
+            except Exception as exc:
                 log.exception(
                     "%s: handler failed on %s@%s", self.source, delivery.topic, delivery.offset
                 )
+                await self._handler_failed(delivery, exc)
             finally:
                 self.tracker.finish(delivery.tp, delivery.offset)
                 slots.release()
@@ -363,6 +388,25 @@ class EventConsumer(AsyncLifecycle):
                 error_type=type(err).__name__,
             )
         )
+
+    async def _handler_failed(self, delivery: Delivery, exc: Exception) -> None:
+        """A handler that raised leaves its event on ``dead_letter`` with the reason."""
+        self.dead_lettered += 1
+        if self._producer is None:
+            return
+        letter = failed_letter(
+            delivery.event,
+            exc,
+            source=self.source,
+            topic=delivery.topic,
+            partition=delivery.partition,
+            offset=delivery.offset,
+            codec=self.codec,
+        )
+        try:
+            await self._producer.send(letter)
+        except Exception:  # the log line above still names the event
+            log.warning("%s: could not dead-letter a failed event", self.source, exc_info=True)
 
     async def decode(self, record: ConsumerRecord[Any, Any]) -> Delivery | None:
         """The typed delivery, or None after sending the record to dead_letter."""

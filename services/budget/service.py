@@ -11,9 +11,13 @@ import asyncio
 import logging
 from typing import Any
 
+from faust import current_event
+
 from services.budget.state import BudgetDefaults, BudgetState
+from streams.codec import default_codec
 from streams.events import (
     BudgetUpdateRequested,
+    DeadLetter,
     Event,
     LlmCallCompleted,
     SpawnRequested,
@@ -22,6 +26,7 @@ from streams.events import (
     WorkflowFailed,
 )
 from streams.faust_app import CODEC_NAME, EventTopic, create_app, start_app
+from streams.kafka import failed_letter
 from streams.service import ServiceContext
 
 __all__ = ["APP_NAME", "BUDGET_TOPICS", "TABLE_NAME", "main"]
@@ -76,6 +81,21 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         for out in decision.events:
             await _output(out.topic).send(key=out.key(), value=out)
 
+    async def _dead_letter(event: Event, exc: Exception) -> None:
+        """The event stays on ``dead_letter`` with the reason, not only in a log line."""
+        current = current_event()
+        message = current.message if current is not None else None
+        letter = failed_letter(
+            event,
+            exc,
+            source="budget",
+            topic=ctx.settings.logical(message.topic) if message else event.topic,
+            partition=message.partition if message else -1,
+            offset=message.offset if message else -1,
+            codec=default_codec(),
+        )
+        await _output(DeadLetter.topic).send(key=letter.key(), value=letter)
+
     @app.agent(topic)
     async def apply(stream: Any) -> None:
         async for event in stream:
@@ -83,8 +103,9 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
                 continue
             try:
                 await _apply(event)
-            except Exception:  # one bad event must not stop every goal's budget
+            except Exception as exc:  # one bad event must not stop every goal's budget
                 log.exception("budget failed on %s %s", event.event_type, event.event_id)
+                await _dead_letter(event, exc)
 
     await start_app(app, ctx.settings)
     try:

@@ -253,6 +253,16 @@ class Router:
     async def handle(self, event: Event, delivery: Delivery) -> None:
         if not isinstance(event, RequestReceived):
             return
+        try:
+            await self._route(event)
+        except Exception as exc:
+            # The request still ends, and says why; the consumer dead-letters the event.
+            await self.ctx.producer.send(
+                self._failed(event, "internal", f"routing failed: {type(exc).__name__}: {exc}")
+            )
+            raise
+
+    async def _route(self, event: RequestReceived) -> None:
         producer = self.ctx.producer
         now = self.ctx.clock.now()
         if event.deadline_at is not None and event.deadline_at <= now:

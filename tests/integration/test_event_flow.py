@@ -15,6 +15,15 @@ from streams.kafka import EventConsumer, EventProducer
 pytestmark = pytest.mark.broker
 
 
+async def _first_dead_letter(settings) -> DeadLetter:
+    dead = EventConsumer(settings, ["dead_letter"], group_id=None)
+    async with dead:
+        async for delivery in dead:
+            assert isinstance(delivery.event, DeadLetter)
+            return delivery.event
+    raise AssertionError("dead_letter ended without a letter")
+
+
 def _requests(n: int, goals: list[str]) -> list[RequestReceived]:
     return [
         RequestReceived(
@@ -96,13 +105,48 @@ async def test_consumer_dead_letters_bad_bytes_and_keeps_going(settings):
         }
         assert consumer.dead_lettered == 1
 
-    dead = EventConsumer(settings, ["dead_letter"], group_id=None)
-    async with dead:
-        async for delivery in dead:
-            letter = delivery.event
-            break
-    assert isinstance(letter, DeadLetter)
+    letter = await _first_dead_letter(settings)
     assert letter.original_topic == "request_received"
     assert letter.payload == b"not avro at all"
     assert letter.original_key == b"run-x"
     assert "missing C3 01 header" in letter.reason
+
+
+async def test_an_event_its_handler_fails_on_goes_to_dead_letter_and_the_rest_are_handled(
+    settings,
+):
+    events = _requests(4, ["g1", "g2"])
+    handled: list[str] = []
+    done = asyncio.Event()
+
+    async def handler(event, delivery):
+        if event.run_id == "run-2":
+            raise ValueError("cannot route this one")
+        handled.append(event.run_id)
+        if len(handled) == 3:
+            done.set()
+
+    async with EventProducer(settings) as producer:
+        await producer.send_many(events)
+        consumer = EventConsumer(
+            settings,
+            ["request_received"],
+            group_id=f"handler-test-{uuid.uuid4().hex[:6]}",
+            producer=producer,
+            source="handler-test",
+        )
+        async with consumer:
+            task = asyncio.create_task(consumer.run_concurrently(handler))
+            try:
+                await asyncio.wait_for(done.wait(), 30)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        assert sorted(handled) == ["run-0", "run-1", "run-3"]
+
+    letter = await _first_dead_letter(settings)
+    assert letter.source == "handler-test" and letter.error_type == "ValueError"
+    assert letter.reason == "handler failed: ValueError: cannot route this one"
+    assert letter.original_topic == "request_received" and letter.original_key == b"run-2"
+    # The payload is the event itself: it can be read back and replayed.
+    assert default_codec().decode(letter.payload, topic="request_received") == events[2]

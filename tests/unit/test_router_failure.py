@@ -1,0 +1,41 @@
+"""A request the router fails on still ends, with a terminal event that says why."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from services.router.service import Router
+from streams.clock import FakeClock
+from streams.events import Event, RequestReceived, WorkflowFailed
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.sent: list[Event] = []
+
+    async def send(self, event: Event) -> None:
+        self.sent.append(event)
+
+    async def send_many(self, events: list[Event]) -> None:
+        self.sent.extend(events)
+
+
+async def test_a_routing_bug_ends_the_request_as_an_internal_failure_and_is_raised():
+    producer = _Recorder()
+    router = Router(SimpleNamespace(producer=producer, clock=FakeClock()))  # type: ignore[arg-type]
+
+    def broken(request: RequestReceived) -> None:
+        raise KeyError("scores")
+
+    router.choose = broken  # type: ignore[method-assign]
+    request = RequestReceived(
+        source="test", run_id="r1", goal_id="g1", user_id="u1", message="hello"
+    )
+    with pytest.raises(KeyError):  # the consumer then dead-letters the request
+        await router.handle(request, None)  # type: ignore[arg-type]
+    [failed] = producer.sent
+    assert isinstance(failed, WorkflowFailed)
+    assert failed.run_id == "r1" and failed.reason == "internal"
+    assert "KeyError" in failed.detail
