@@ -24,6 +24,7 @@ from aiokafka import (
 )
 
 from streams.codec import EventCodec, default_codec
+from streams.config import env_int
 from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 
@@ -72,7 +73,7 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 _CONSUMER_DEFAULTS: dict[str, Any] = {
     "fetch_min_bytes": 1,
-    "fetch_max_wait_ms": int(os.environ.get("ORCH_FETCH_MAX_WAIT_MS", "100")),
+    "fetch_max_wait_ms": env_int("ORCH_FETCH_MAX_WAIT_MS", 100, minimum=0),
     "enable_auto_commit": False,
     "auto_offset_reset": "earliest",
     "session_timeout_ms": 10000,

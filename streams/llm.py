@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from streams.clock import Clock, SystemClock
+from streams.config import env_float, env_str
 from streams.errors import OrchestratorError
 
 if TYPE_CHECKING:
@@ -168,19 +169,6 @@ def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float:
 # Settings
 
 
-def _env_number(env: Mapping[str, str], name: str, default: float) -> float:
-    text = env.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{name} must be a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number, got {text!r}")
-    return value
-
-
 @dataclass(frozen=True, eq=False)
 class LLMSettings:
     """Where the OpenAI-compatible endpoint is and how patiently to call it.
@@ -205,16 +193,16 @@ class LLMSettings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LLMSettings:
         env = os.environ if environ is None else environ
-        retries = _env_number(env, "ORCH_LLM_MAX_RETRIES", 2)
+        retries = env_float("ORCH_LLM_MAX_RETRIES", 2, minimum=0, environ=env)
         if retries != int(retries):
             raise ValueError(f"ORCH_LLM_MAX_RETRIES must be a whole number, got {retries}")
-        timeout_s = _env_number(env, "ORCH_LLM_TIMEOUT", 30.0)
+        timeout_s = env_float("ORCH_LLM_TIMEOUT", 30.0, minimum=0, environ=env)
         if timeout_s == 0:
             raise ValueError("ORCH_LLM_TIMEOUT must be more than 0 seconds")
         return cls(
-            base_url=env.get("OPENAI_BASE_URL", "").strip() or None,
-            api_key=env.get("OPENAI_API_KEY", "").strip() or None,
-            model=env.get("ORCH_LLM_MODEL", "").strip() or "gpt-4o-mini",
+            base_url=env_str("OPENAI_BASE_URL", "", env) or None,
+            api_key=env_str("OPENAI_API_KEY", "", env) or None,
+            model=env_str("ORCH_LLM_MODEL", "gpt-4o-mini", env),
             timeout_s=timeout_s,
             max_retries=int(retries),
             prices=PriceTable.from_env(env),

@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from streams.config import env_int
+
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra" / "kafka"
 DEFAULT_PORT = 9092
@@ -72,7 +74,7 @@ def _broker_log() -> Path:
 
 
 def kafka_port() -> int:
-    return int(os.environ.get("ORCH_KAFKA_PORT", DEFAULT_PORT))
+    return env_int("ORCH_KAFKA_PORT", DEFAULT_PORT, minimum=1, maximum=65535)
 
 
 def bootstrap_servers() -> str:

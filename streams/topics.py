@@ -15,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from streams import events as ev
+from streams.config import env_int
 
 __all__ = [
     "CATALOG",
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 _DAY_MS = 24 * 3600 * 1000
-_PARTITIONS = int(os.environ.get("ORCH_TOPIC_PARTITIONS", "4"))
+_PARTITIONS = env_int("ORCH_TOPIC_PARTITIONS", 4, minimum=1)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from services.analytics.store import (
     open_store,
 )
 from streams.codec import MAGIC, EventCodec, default_codec
+from streams.config import env_float, env_int
 from streams.events import DeadLetter
 from streams.kafka import EventConsumer, EventProducer, KafkaSettings
 from streams.service import ServiceContext
@@ -70,15 +70,14 @@ class SinkConfig:
     def from_env(cls) -> SinkConfig:
         """From ``ORCH_SINK_BATCH_ROWS``, ``ORCH_SINK_BATCH_MS``, ``ORCH_SINK_MAX_BATCH_ROWS``
         and ``ORCH_SINK_BACKOFF_MAX_MS``."""
-        env = os.environ
-        batch_rows = int(env.get("ORCH_SINK_BATCH_ROWS", cls.batch_rows))
+        batch_rows = env_int("ORCH_SINK_BATCH_ROWS", cls.batch_rows, minimum=1)
         return cls(
             batch_rows=batch_rows,
-            batch_wait=float(env.get("ORCH_SINK_BATCH_MS", cls.batch_wait * 1000)) / 1000,
-            max_batch_rows=int(
-                env.get("ORCH_SINK_MAX_BATCH_ROWS", max(cls.max_batch_rows, batch_rows))
+            batch_wait=env_float("ORCH_SINK_BATCH_MS", cls.batch_wait * 1000) / 1000,
+            max_batch_rows=env_int(
+                "ORCH_SINK_MAX_BATCH_ROWS", max(cls.max_batch_rows, batch_rows), minimum=1
             ),
-            backoff_max=float(env.get("ORCH_SINK_BACKOFF_MAX_MS", cls.backoff_max * 1000)) / 1000,
+            backoff_max=env_float("ORCH_SINK_BACKOFF_MAX_MS", cls.backoff_max * 1000) / 1000,
         )
 
 

@@ -7,13 +7,13 @@ order. Each rule returns the events to emit; redelivered events change nothing.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from streams.clock import utc_day
+from streams.config import env_float, env_int
 from streams.events import (
     BudgetExceeded,
     BudgetUpdateRequested,
@@ -50,14 +50,14 @@ class BudgetDefaults:
 
     @classmethod
     def from_env(cls) -> BudgetDefaults:
-        env = os.environ.get
+        # 0 is a valid limit: the rules deny every spawn or task past it.
         return cls(
-            max_agents=int(env("ORCH_BUDGET_MAX_AGENTS", "100")),
-            max_concurrent=int(env("ORCH_BUDGET_MAX_CONCURRENT", "10")),
-            max_daily_cost=float(env("ORCH_BUDGET_MAX_DAILY_COST", "10.0")),
-            task_reserve_usd=float(env("ORCH_BUDGET_TASK_RESERVE_USD", "0.002")),
-            max_queue=int(env("ORCH_BUDGET_MAX_QUEUE", "1000")),
-            lease_seconds=float(env("ORCH_BUDGET_LEASE_SECONDS", "600")),
+            max_agents=env_int("ORCH_BUDGET_MAX_AGENTS", 100, minimum=0),
+            max_concurrent=env_int("ORCH_BUDGET_MAX_CONCURRENT", 10, minimum=0),
+            max_daily_cost=env_float("ORCH_BUDGET_MAX_DAILY_COST", 10.0, minimum=0),
+            task_reserve_usd=env_float("ORCH_BUDGET_TASK_RESERVE_USD", 0.002, minimum=0),
+            max_queue=env_int("ORCH_BUDGET_MAX_QUEUE", 1000, minimum=0),
+            lease_seconds=env_float("ORCH_BUDGET_LEASE_SECONDS", 600.0, minimum=0),
         )
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from streams.config import env_int
 from streams.localkafka import ROOT, data_root
 
 __all__ = [
@@ -135,7 +136,7 @@ def fake_llm_spec(port: int | None = None) -> ChildSpec:
     if importlib.util.find_spec(_FAKE_LLM_MODULE) is None:
         raise SupervisorError(f"--fake-llm needs {_FAKE_LLM_MODULE}, which is not installed yet")
     if port is None:
-        port = int(os.environ.get("ORCH_FAKE_LLM_PORT", "0")) or _free_port()
+        port = env_int("ORCH_FAKE_LLM_PORT", 0, minimum=0, maximum=65535) or _free_port()
     return ChildSpec(FAKE_LLM, _FAKE_LLM_MODULE, ("--port", str(port)), announces_url=True)
 
 

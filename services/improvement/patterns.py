@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from streams.clock import Clock
+from streams.config import env_float, env_int
 from streams.events import AutomationCreated, Event, PatternDiscovered
 from streams.signatures import signature_of
 
@@ -74,11 +75,11 @@ class PatternSettings:
                 f" use {', '.join(AUTOMATION_KINDS)}"
             )
         return cls(
-            window_s=float(env("ORCH_PATTERN_WINDOW_S", str(24 * 3600))),
-            threshold=int(env("ORCH_PATTERN_THRESHOLD", "3")),
-            min_successes=int(env("ORCH_AUTOMATION_MIN_RUNS", "3")),
-            min_quality=float(env("ORCH_AUTOMATION_MIN_QUALITY", "0.6")),
-            ttl_seconds=int(env("ORCH_AUTOMATION_TTL_S", "3600")),
+            window_s=env_float("ORCH_PATTERN_WINDOW_S", 24 * 3600.0, minimum=0),
+            threshold=env_int("ORCH_PATTERN_THRESHOLD", 3, minimum=0),
+            min_successes=env_int("ORCH_AUTOMATION_MIN_RUNS", 3, minimum=0),
+            min_quality=env_float("ORCH_AUTOMATION_MIN_QUALITY", 0.6, minimum=0, maximum=1),
+            ttl_seconds=env_int("ORCH_AUTOMATION_TTL_S", 3600, minimum=0),
             kinds=kinds,
         )
 

@@ -49,6 +49,7 @@ from services.improvement.http import SlackSettings, build_app
 from services.improvement.patterns import PatternSettings
 from services.improvement.state import ImprovementState, RunInfo
 from services.improvement.versions import VERSION_TOPICS, CanaryPolicy, ChangeSource
+from streams.config import env_int
 from streams.errors import InvalidRequest
 from streams.events import (
     AgentRetired,
@@ -96,10 +97,10 @@ def _env_port() -> int | None:
     text = os.environ.get("ORCH_IMPROVE_PORT", "8787").strip().lower()
     if text in ("off", "none", ""):
         return None
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"ORCH_IMPROVE_PORT must be 0-65535 or 'off', got {text}")
-    return port
+    try:
+        return env_int("ORCH_IMPROVE_PORT", 8787, minimum=0, maximum=65535)
+    except ValueError:
+        raise ValueError(f"ORCH_IMPROVE_PORT must be 0-65535 or 'off', got {text!r}") from None
 
 
 def _slack_users(text: str) -> dict[str, str]:

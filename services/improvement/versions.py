@@ -24,7 +24,6 @@ so it does not depend on the order topics are read in.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from services.improvement.stats import mean, welch
+from streams.config import env_float, env_int
 from streams.events import (
     Event,
     ImprovementApplied,
@@ -70,14 +70,13 @@ class CanaryPolicy:
 
     @classmethod
     def from_env(cls) -> CanaryPolicy:
-        env = os.environ.get
         policy = cls(
-            share=float(env("ORCH_CANARY_SHARE", "0.5")),
-            min_runs=int(env("ORCH_CANARY_MIN_RUNS", "10")),
-            promote_runs=int(env("ORCH_CANARY_PROMOTE_RUNS", "20")),
-            max_runs=int(env("ORCH_CANARY_MAX_RUNS", "200")),
-            alpha=float(env("ORCH_CANARY_ALPHA", "0.05")),
-            margin=float(env("ORCH_CANARY_MARGIN", "0.05")),
+            share=env_float("ORCH_CANARY_SHARE", 0.5),
+            min_runs=env_int("ORCH_CANARY_MIN_RUNS", 10),
+            promote_runs=env_int("ORCH_CANARY_PROMOTE_RUNS", 20, minimum=0),
+            max_runs=env_int("ORCH_CANARY_MAX_RUNS", 200, minimum=0),
+            alpha=env_float("ORCH_CANARY_ALPHA", 0.05, minimum=0, maximum=1),
+            margin=env_float("ORCH_CANARY_MARGIN", 0.05),
         )
         if not 0.0 < policy.share <= 1.0:
             raise ValueError(f"ORCH_CANARY_SHARE must be in (0, 1], got {policy.share}")

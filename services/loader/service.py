@@ -21,6 +21,7 @@ from services.loader.pool import AgentInstance, AgentPool
 from services.loader.tiers import keyword_answer, static_answer
 from services.loader.versions import Served, WorkflowVersions
 from streams.clock import Clock
+from streams.config import env_float, env_int
 from streams.events import (
     AgentEvicted,
     AgentLoaded,
@@ -90,14 +91,14 @@ class Loader:
         self.llm = llm
         self.llm_settings = llm_settings
         env = os.environ.get
-        self.pool = AgentPool(capacity or int(env("ORCH_LOADER_CAPACITY", "50")))
+        self.pool = AgentPool(capacity or env_int("ORCH_LOADER_CAPACITY", 50, minimum=1))
         self.registry = RegistryView()
         self.versions = WorkflowVersions()
-        self.idle_seconds = float(env("ORCH_AGENT_IDLE_SECONDS", str(24 * 3600)))
-        self.max_tokens = int(env("ORCH_LLM_MAX_TOKENS", "512"))
+        self.idle_seconds = env_float("ORCH_AGENT_IDLE_SECONDS", 24 * 3600.0, minimum=0)
+        self.max_tokens = env_int("ORCH_LLM_MAX_TOKENS", 512, minimum=1)
         self.degrade = env("ORCH_DEGRADED_ANSWERS", "1") != "0"
         self.breaker = Breaker(
-            ctx.clock, cooldown=float(env("ORCH_LLM_BREAKER_COOLDOWN_SECONDS", "15"))
+            ctx.clock, cooldown=env_float("ORCH_LLM_BREAKER_COOLDOWN_SECONDS", 15.0, minimum=0)
         )
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._partitions = spec_for(TaskAdmitted.topic).partitions
@@ -414,7 +415,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
 
         tracker = asyncio.create_task(_track_assignment())
         sweeper = asyncio.create_task(
-            _sweep(loader, float(os.environ.get("ORCH_RETIRE_SWEEP_SECONDS", "60")))
+            _sweep(loader, env_float("ORCH_RETIRE_SWEEP_SECONDS", 60.0, minimum=0))
         )
         try:
             await tasks.run_concurrently(loader.handle)

@@ -20,6 +20,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from streams.config import env_float, env_int
 from streams.specialties import classify, tokens
 
 __all__ = [
@@ -196,8 +197,7 @@ def make_policy(name: str | None = None, seed: int | None = None) -> Policy:
     if chosen == "static":
         return StaticPolicy()
     if chosen == "learned":
-        env_seed = os.environ.get("ORCH_ROUTER_SEED")
-        rng = random.Random(seed if seed is not None else (int(env_seed) if env_seed else None))
-        eps = os.environ.get("ORCH_ROUTER_EPSILON")
-        return LearnedPolicy(rng=rng, epsilon0=float(eps)) if eps else LearnedPolicy(rng=rng)
+        rng = random.Random(seed if seed is not None else env_int("ORCH_ROUTER_SEED", None))
+        eps = env_float("ORCH_ROUTER_EPSILON", LearnedPolicy.epsilon0, minimum=0)
+        return LearnedPolicy(rng=rng, epsilon0=eps)
     raise ValueError(f"unknown routing policy {chosen!r}; use learned or static")

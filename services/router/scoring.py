@@ -42,11 +42,24 @@ class Weights:
         raw = os.environ.get("ORCH_ROUTER_WEIGHTS")
         if not raw:
             return cls()
-        values = json.loads(raw)
+        try:
+            values = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"ORCH_ROUTER_WEIGHTS is not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"ORCH_ROUTER_WEIGHTS must be a JSON object, got {raw!r}")
         unknown = set(values) - set(CRITERIA)
         if unknown:
             raise ValueError(f"ORCH_ROUTER_WEIGHTS: unknown criteria {sorted(unknown)}")
-        return cls(**{k: float(v) for k, v in values.items()})
+        weights: dict[str, float] = {}
+        for k, v in values.items():
+            try:
+                weights[k] = float(v)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"ORCH_ROUTER_WEIGHTS[{k!r}] must be a number, got {v!r}"
+                ) from None
+        return cls(**weights)
 
     def as_dict(self) -> dict[str, float]:
         return {c: getattr(self, c) for c in CRITERIA}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from services.router.automations import AutomationHit, Automations
 from services.router.policy import Features, Policy, features_of, make_policy
 from services.router.scoring import OutcomeStats, Weights, score_agent
+from streams.config import env_float
 from streams.events import (
     AgentRetired,
     AgentSpawned,
@@ -80,7 +81,7 @@ class Router:
         self.registry = RegistryView()
         self.automations = Automations()
         self.stats = OutcomeStats()
-        self.spawn_timeout = float(os.environ.get("ORCH_SPAWN_TIMEOUT", "30"))
+        self.spawn_timeout = env_float("ORCH_SPAWN_TIMEOUT", 30.0, minimum=0)
         # (goal_id, specialty) -> requests waiting for that agent to exist
         self._waiting: dict[tuple[str, str], list[_Waiter]] = defaultdict(list)
         self._dispatched: dict[str, str] = {}  # run_id -> agent_id, until its outcome
