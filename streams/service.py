@@ -13,11 +13,13 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from streams.clock import Clock, clock_from_env
+from streams.config import env_float
 from streams.kafka import EventProducer, KafkaSettings
 
 __all__ = ["ServiceContext", "ServiceMain", "group_id", "run_service", "service_main"]
@@ -90,6 +92,26 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+STOP_GRACE_S = env_float("ORCH_STOP_GRACE_SECONDS", 30.0, minimum=0)
+
+
+def _exit_if_stuck(name: str, grace: float) -> None:
+    """A stop that has not ended after ``grace`` seconds ends the process anyway.
+
+    A Faust app stopping under cancellation can wait forever on its own tasks or
+    threads; what was not committed is replayed by the next owner (at least once).
+    """
+
+    def _expire() -> None:
+        sys.stderr.write(f"{name}: clean stop took over {grace:g} s; exiting\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(grace, _expire)
+    timer.daemon = True
+    timer.start()
+
+
 def service_main(name: str, main: ServiceMain) -> None:
     """Process entry point: SIGTERM and SIGINT stop the service cleanly."""
     configure_logging()
@@ -97,8 +119,14 @@ def service_main(name: str, main: ServiceMain) -> None:
     async def _run() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def _on_signal() -> None:
+            if not stop.is_set():
+                _exit_if_stuck(name, STOP_GRACE_S)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, _on_signal)
         log.info("%s starting (pid %s)", name, os.getpid())
         await run_service(name, main, stop=stop)
         log.info("%s stopped", name)
