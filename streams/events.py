@@ -385,7 +385,7 @@ class AutomationCreated(Event):
     event_type: Literal["automation_created"] = "automation_created"
     automation_id: str
     signature: str
-    kind: Literal["direct_route", "response_cache", "predictive_spawn"]
+    kind: Literal["direct_route", "response_cache"]
     specialty: str
     agent_id: str | None = None
     ttl_seconds: int = 3600

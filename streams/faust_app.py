@@ -18,7 +18,7 @@ from streams.codec import EventCodec, default_codec
 from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 from streams.kafka import KafkaSettings
-from streams.topics import create_compacted_topics, spec_for
+from streams.topics import PARTITIONS, create_compacted_topics, spec_for
 
 __all__ = ["CODEC_NAME", "EventTopic", "create_app", "event_topic", "register_codec", "start_app"]
 
@@ -108,7 +108,7 @@ def create_app(
         "datadir": str(datadir),
         "value_serializer": CODEC_NAME,
         "key_serializer": "raw",
-        "topic_partitions": 4,
+        "topic_partitions": PARTITIONS,
         "topic_replication_factor": 1,
         "web_enabled": False,
         "producer_linger_ms": 0,
@@ -142,7 +142,7 @@ def event_topic(app: AppT, name: str, settings: KafkaSettings, *, source: str) -
 
 async def start_app(app: faust.App, settings: KafkaSettings) -> None:
     """Start ``app`` once its tables' changelog topics exist with their leaders."""
-    changelogs = {t.changelog_topic_name: t.partitions or 4 for t in app.tables.values()}
+    changelogs = {t.changelog_topic_name: t.partitions or PARTITIONS for t in app.tables.values()}
     if changelogs:
         await create_compacted_topics(settings.bootstrap, changelogs)
     await app.start()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streams.clock import Clock, clock_from_env
-from streams.config import env_float
+from streams.config import env_float, env_str
 from streams.kafka import EventProducer, KafkaSettings
 
 __all__ = ["ServiceContext", "ServiceMain", "group_id", "run_service", "service_main"]
@@ -82,7 +82,11 @@ async def run_service(
 
 
 def configure_logging() -> None:
-    level = os.environ.get("ORCH_LOG_LEVEL", "INFO").upper()
+    level = env_str("ORCH_LOG_LEVEL", "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(
+            f"ORCH_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}"
+        )
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -19,6 +19,7 @@ from streams.config import env_int
 
 __all__ = [
     "CATALOG",
+    "PARTITIONS",
     "TopicSpec",
     "create_compacted_topics",
     "create_topics",
@@ -27,14 +28,15 @@ __all__ = [
 ]
 
 _DAY_MS = 24 * 3600 * 1000
-_PARTITIONS = env_int("ORCH_TOPIC_PARTITIONS", 4, minimum=1)
+# Every topic, and every Faust table built on them, has this many partitions.
+PARTITIONS = env_int("ORCH_TOPIC_PARTITIONS", 4, minimum=1)
 
 
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
     model: type[ev.Event]
-    partitions: int = _PARTITIONS
+    partitions: int = PARTITIONS
     retention_ms: int = 7 * _DAY_MS
     compact: bool = False
 

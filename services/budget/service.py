@@ -28,6 +28,7 @@ from streams.events import (
 from streams.faust_app import CODEC_NAME, EventTopic, create_app, start_app
 from streams.kafka import failed_letter
 from streams.service import ServiceContext
+from streams.topics import PARTITIONS
 
 __all__ = ["APP_NAME", "BUDGET_TOPICS", "TABLE_NAME", "main"]
 
@@ -48,7 +49,7 @@ BUDGET_TOPICS = (
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     defaults = BudgetDefaults.from_env()
     app = create_app(APP_NAME, ctx.settings)
-    table = app.Table(TABLE_NAME, default=None, partitions=4)
+    table = app.Table(TABLE_NAME, default=None, partitions=PARTITIONS)
     topic = EventTopic(
         app,
         topics=[ctx.settings.topic(t) for t in BUDGET_TOPICS],

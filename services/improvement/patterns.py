@@ -11,7 +11,6 @@ one ``pattern_discovered``, ever. A pattern whose runs keep succeeding earns one
   the pattern's; the router computes ``exact_key`` per request itself.
 - ``direct_route``: requests with this signature go straight to ``agent_id``,
   the agent with the best mean quality on the pattern (of goal ``goal_id``).
-- ``predictive_spawn`` (opt-in): keep an agent of the specialty ready ahead of demand.
 
 "Keep succeeding" means: at least ``min_successes`` assessed runs in the window,
 their mean quality at least ``min_quality``, and no failure among the last
@@ -42,7 +41,7 @@ __all__ = [
 ]
 
 SOURCE = "improvement"
-AUTOMATION_KINDS = ("response_cache", "direct_route", "predictive_spawn")
+AUTOMATION_KINDS = ("response_cache", "direct_route")
 _NS = uuid.UUID("5b0c6f0e-8f7a-4b59-9d1e-2c4a7e3b9a01")
 
 

@@ -13,14 +13,13 @@ exploration is explicit and the bonus deterministic, so propensities are exact.
 from __future__ import annotations
 
 import math
-import os
 import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from streams.config import env_float, env_int
+from streams.config import env_float, env_int, env_str
 from streams.specialties import classify, tokens
 
 __all__ = [
@@ -193,11 +192,11 @@ class LearnedPolicy:
 
 def make_policy(name: str | None = None, seed: int | None = None) -> Policy:
     """``ORCH_ROUTER_POLICY``: ``learned`` (default) or ``static``."""
-    chosen = (name or os.environ.get("ORCH_ROUTER_POLICY", "learned")).strip().lower()
+    chosen = (name or env_str("ORCH_ROUTER_POLICY", "learned")).strip().lower()
     if chosen == "static":
         return StaticPolicy()
     if chosen == "learned":
         rng = random.Random(seed if seed is not None else env_int("ORCH_ROUTER_SEED", None))
         eps = env_float("ORCH_ROUTER_EPSILON", LearnedPolicy.epsilon0, minimum=0)
         return LearnedPolicy(rng=rng, epsilon0=eps)
-    raise ValueError(f"unknown routing policy {chosen!r}; use learned or static")
+    raise ValueError(f"ORCH_ROUTER_POLICY must be learned or static, got {chosen!r}")

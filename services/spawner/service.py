@@ -15,6 +15,7 @@ from streams.events import AgentSpawned, LlmCallCompleted, SpawnApproved
 from streams.faust_app import create_app, event_topic, start_app
 from streams.llm import LLMSettings, create_llm
 from streams.service import ServiceContext
+from streams.topics import PARTITIONS
 
 __all__ = ["APP_NAME", "main"]
 
@@ -27,7 +28,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     settings = LLMSettings.from_env()
     llm = create_llm(settings, ctx.clock)
     app = create_app(APP_NAME, ctx.settings)
-    registry = app.Table("registry", default=None, partitions=4, use_partitioner=True)
+    registry = app.Table("registry", default=None, partitions=PARTITIONS, use_partitioner=True)
     approvals = event_topic(app, SpawnApproved.topic, ctx.settings, source=SOURCE)
 
     async def _spawn(event: SpawnApproved) -> None:

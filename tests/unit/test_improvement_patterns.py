@@ -111,13 +111,16 @@ def test_history_read_back_prevents_a_second_emission():
     assert restarted.evaluate(sig) == []
 
 
-def test_predictive_spawn_is_opt_in():
+def test_only_kinds_the_router_serves_can_be_configured(monkeypatch):
     clock = FakeClock()
-    learner = PatternLearner(PatternSettings(kinds=("predictive_spawn",)), clock)
+    learner = PatternLearner(PatternSettings(kinds=("response_cache",)), clock)
     for i in range(3):
         sig = _run(learner, clock, i)
     kinds = [e.kind for e in learner.evaluate(sig) if isinstance(e, AutomationCreated)]
-    assert kinds == ["predictive_spawn"]
+    assert kinds == ["response_cache"]
+    monkeypatch.setenv("ORCH_AUTOMATION_KINDS", "response_cache,predictive_spawn")
+    with pytest.raises(ValueError, match="unknown kind.*predictive_spawn"):
+        PatternSettings.from_env()
 
 
 def _replay(kinds: tuple[str, ...]) -> dict[str, float]:
