@@ -31,16 +31,24 @@ class AutomationHit:
     cached: WorkflowCompleted | None = None  # set for a response-cache hit
 
 
+@dataclass
+class _Run:
+    key: str | None = None
+    answer: WorkflowCompleted | None = None
+    quality: float | None = None
+
+
 class Automations:
     def __init__(self, max_answers: int = 20_000, min_quality: float = 0.6) -> None:
         self._by_signature: dict[str, AutomationCreated] = {}
         self._expires: dict[str, datetime] = {}
         self._specialties: set[str] = set()
-        self._run_keys: OrderedDict[str, str] = OrderedDict()
         self._answers: OrderedDict[str, WorkflowCompleted] = OrderedDict()
         self._quality: dict[str, float] = {}
-        # run_id -> (request key, answer) until the answer's quality is known
-        self._unassessed: OrderedDict[str, tuple[str, WorkflowCompleted]] = OrderedDict()
+        # run_id -> what is known of the run so far (its request key, its LLM answer, the
+        # answer's quality), until all three are: the topics are read side by side, so
+        # after a restart they arrive in any order.
+        self._runs: OrderedDict[str, _Run] = OrderedDict()
         self._max = max_answers
         self.min_quality = min_quality
 
@@ -55,28 +63,40 @@ class Automations:
             )
             self._specialties.add(event.specialty)
         elif isinstance(event, RouteDecided) and event.request_key:
-            self._run_keys[event.run_id] = event.request_key
-            if len(self._run_keys) > self._max:
-                self._run_keys.popitem(last=False)
-        elif isinstance(event, WorkflowCompleted) and event.degradation_tier == "llm":
-            key = self._run_keys.pop(event.run_id, None)
-            if key is not None:
-                self._unassessed[event.run_id] = (key, event)
-                if len(self._unassessed) > self._max:
-                    self._unassessed.popitem(last=False)
-        elif isinstance(event, WorkflowAssessed):
-            pending = self._unassessed.pop(event.run_id, None)
-            if pending is None or event.quality < self.min_quality:
+            self._run(event.run_id).key = event.request_key
+            self._complete(event.run_id)
+        elif isinstance(event, WorkflowCompleted):
+            if event.degradation_tier != "llm":
+                self._runs.pop(event.run_id, None)  # never cached: not an LLM answer
                 return
-            key, answer = pending
-            # Keep the best answer seen for an identical request, not merely the latest.
-            if event.quality >= self._quality.get(key, -1.0):
-                self._answers[key] = answer
-                self._quality[key] = event.quality
-                self._answers.move_to_end(key)
-                if len(self._answers) > self._max:
-                    old, _ = self._answers.popitem(last=False)
-                    self._quality.pop(old, None)
+            self._run(event.run_id).answer = event
+            self._complete(event.run_id)
+        elif isinstance(event, WorkflowAssessed):
+            self._run(event.run_id).quality = event.quality
+            self._complete(event.run_id)
+
+    def _run(self, run_id: str) -> _Run:
+        run = self._runs.get(run_id)
+        if run is None:
+            run = self._runs[run_id] = _Run()
+            if len(self._runs) > self._max:
+                self._runs.popitem(last=False)
+        return run
+
+    def _complete(self, run_id: str) -> None:
+        run = self._runs[run_id]
+        if run.key is None or run.answer is None or run.quality is None:
+            return
+        del self._runs[run_id]
+        key, quality = run.key, run.quality
+        # Keep the best answer seen for an identical request, not merely the latest.
+        if quality >= self.min_quality and quality >= self._quality.get(key, -1.0):
+            self._answers[key] = run.answer
+            self._quality[key] = quality
+            self._answers.move_to_end(key)
+            if len(self._answers) > self._max:
+                old, _ = self._answers.popitem(last=False)
+                self._quality.pop(old, None)
 
     def lookup(
         self, message: str, specialty: str, now: datetime, goal_id: str | None = None

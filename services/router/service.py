@@ -78,6 +78,8 @@ class Router:
         self.arms = [a.strip() for a in arms.split(",") if a.strip()] or list(PROFILES)
         # run_id -> what the policy saw and chose, until the outcome's quality is known
         self._decisions: OrderedDict[str, tuple[Features, str]] = OrderedDict()
+        # run_id -> quality of an assessment read before its decision
+        self._early_quality: OrderedDict[str, float] = OrderedDict()
         self.registry = RegistryView()
         self.automations = Automations()
         self.stats = OutcomeStats()
@@ -94,12 +96,14 @@ class Router:
             # Automation-served runs teach the policy too: the policy chose their
             # specialty, and a cached answer scores what that specialty answered.
             if event.features and event.policy not in ("forced", "automation"):
-                self._decisions[event.run_id] = (
-                    Features.from_list(event.features),
-                    event.specialty,
-                )
-                if len(self._decisions) > 100_000:
-                    self._decisions.popitem(last=False)
+                features = Features.from_list(event.features)
+                quality = self._early_quality.pop(event.run_id, None)
+                if quality is not None:
+                    self.policy.update(features, event.specialty, quality)
+                else:
+                    self._decisions[event.run_id] = (features, event.specialty)
+                    if len(self._decisions) > 100_000:
+                        self._decisions.popitem(last=False)
         elif isinstance(event, AgentSpawned) and record is not None:
             for waiter in self._waiting.pop((record.goal_id, record.specialty), []):
                 if not waiter.future.done():
@@ -125,6 +129,12 @@ class Router:
             decided = self._decisions.pop(event.run_id, None)
             if decided is not None:
                 self.policy.update(decided[0], decided[1], event.quality)
+            else:
+                # Catching up after a restart reads the topics side by side: the
+                # assessment may come before its decision. Keep it until then.
+                self._early_quality[event.run_id] = event.quality
+                if len(self._early_quality) > 100_000:
+                    self._early_quality.popitem(last=False)
         elif isinstance(event, FeedbackReceived):
             self.stats.feedback(event.run_id, event.user_id, event.score)
 
