@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,13 @@ def _history() -> list[Event]:
     ]
 
 
+def _start_router(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.router"], cwd=ROOT, env=env, stdout=out, stderr=out
+        )
+
+
 async def test_a_router_started_on_a_log_has_learned_from_all_of_it(settings, tmp_path):
     async with EventProducer(settings) as producer:
         await producer.send_many(_history())
@@ -66,10 +74,7 @@ async def test_a_router_started_on_a_log_has_learned_from_all_of_it(settings, tm
         "ORCH_ROUTER_EPSILON": "0.03",
         "ORCH_ROUTER_ARMS": "research,writing,customer_support",
     }
-    log = open(tmp_path / "router.log", "wb")  # noqa: SIM115
-    router = subprocess.Popen(
-        [sys.executable, "-m", "services.router"], cwd=ROOT, env=env, stdout=log, stderr=log
-    )
+    router = _start_router(env, tmp_path / "router.log")
     try:
         run_id = f"new-{uuid.uuid4().hex[:6]}"
         request = RequestReceived(
@@ -103,4 +108,3 @@ async def test_a_router_started_on_a_log_has_learned_from_all_of_it(settings, tm
     finally:
         router.terminate()
         router.wait(20)
-        log.close()
