@@ -77,7 +77,7 @@ class Router:
         arms = os.environ.get("ORCH_ROUTER_ARMS", "")
         self.arms = [a.strip() for a in arms.split(",") if a.strip()] or list(PROFILES)
         # run_id -> what the policy saw and chose, until the outcome's quality is known
-        self._decisions: OrderedDict[str, tuple[Features, str]] = OrderedDict()
+        self._decisions: OrderedDict[str, tuple[Features, str] | None] = OrderedDict()
         # run_id -> quality of an assessment read before its decision
         self._early_quality: OrderedDict[str, float] = OrderedDict()
         self.registry = RegistryView()
@@ -95,15 +95,17 @@ class Router:
         if isinstance(event, RouteDecided):
             # Automation-served runs teach the policy too: the policy chose their
             # specialty, and a cached answer scores what that specialty answered.
-            if event.features and event.policy not in ("forced", "automation"):
-                features = Features.from_list(event.features)
-                quality = self._early_quality.pop(event.run_id, None)
-                if quality is not None:
-                    self.policy.update(features, event.specialty, quality)
-                else:
-                    self._decisions[event.run_id] = (features, event.specialty)
-                    if len(self._decisions) > 100_000:
-                        self._decisions.popitem(last=False)
+            quality = self._early_quality.pop(event.run_id, None)
+            teaches = event.features and event.policy not in ("forced", "automation")
+            if teaches and quality is not None:
+                self.policy.update(Features.from_list(event.features), event.specialty, quality)
+            elif quality is None:
+                # None: the run's decision is known and teaches the policy nothing.
+                self._decisions[event.run_id] = (
+                    (Features.from_list(event.features), event.specialty) if teaches else None
+                )
+                if len(self._decisions) > 100_000:
+                    self._decisions.popitem(last=False)
         elif isinstance(event, AgentSpawned) and record is not None:
             for waiter in self._waiting.pop((record.goal_id, record.specialty), []):
                 if not waiter.future.done():
@@ -126,9 +128,10 @@ class Router:
             )
         elif isinstance(event, WorkflowAssessed):
             self.stats.assessed(event.agent_id, event.quality)
-            decided = self._decisions.pop(event.run_id, None)
-            if decided is not None:
-                self.policy.update(decided[0], decided[1], event.quality)
+            if event.run_id in self._decisions:
+                decided = self._decisions.pop(event.run_id)
+                if decided is not None:
+                    self.policy.update(decided[0], decided[1], event.quality)
             else:
                 # Catching up after a restart reads the topics side by side: the
                 # assessment may come before its decision. Keep it until then.
