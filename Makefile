@@ -40,7 +40,7 @@ run: venv
 bench: up
 	@set -e; for f in bench/*.py; do \
 		case "$$(basename $$f)" in _*|\*.py) continue;; esac; \
-		echo "== $$f"; $(BIN)/python $$f; \
+		echo "== $$f"; $(BIN)/python -m bench.$$(basename $$f .py); \
 	done
 
 demo: up

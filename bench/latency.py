@@ -21,9 +21,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench._platform import BenchPlatform, parse_instances
-from bench.llm_baseline import measure_direct
-from streams.client import OrchestratorClient
+# Runs as `python bench/latency.py` too (as `make bench` used to), not only with -m.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._platform import BenchPlatform, parse_instances  # noqa: E402
+from bench.llm_baseline import measure_direct  # noqa: E402
+from streams.client import OrchestratorClient  # noqa: E402
 
 # A pipe or a log file gets a table wide enough to keep its columns on one line.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
