@@ -137,6 +137,16 @@ class EventProducer(AsyncLifecycle):
             self.settings.topic(event.topic), self.codec.encode(event), key=event.key()
         )
 
+    async def enqueue(self, event: Event) -> asyncio.Future[Any]:
+        """Hand the event to the producer; the returned future resolves once the broker has it.
+
+        Events to one partition reach the broker in the order they were enqueued.
+        """
+        future: asyncio.Future[Any] = await self._producer.send(
+            self.settings.topic(event.topic), self.codec.encode(event), key=event.key()
+        )
+        return future
+
     async def send_many(self, events: Iterable[Event]) -> None:
         """Send several events at once and wait for all of them."""
         futures = [

@@ -14,6 +14,7 @@ import os
 import uuid
 from collections import OrderedDict
 from datetime import datetime
+from typing import Any
 
 from aiokafka.partitioner import murmur2
 
@@ -101,6 +102,7 @@ class Loader:
             ctx.clock, cooldown=env_float("ORCH_LLM_BREAKER_COOLDOWN_SECONDS", 15.0, minimum=0)
         )
         self._finished: OrderedDict[str, None] = OrderedDict()
+        self._acks: dict[str, list[asyncio.Future[Any]]] = {}  # run_id -> unacknowledged sends
         self._partitions = spec_for(TaskAdmitted.topic).partitions
         self.owned_partitions: set[int] | None = None  # None: all (no group yet)
 
@@ -164,10 +166,15 @@ class Loader:
             terminal = self._failure(
                 event, "internal", f"loader error: {type(exc).__name__}: {exc}"
             )
+        # The LLM call's cost event went out before the answer without waiting for the
+        # broker; both are acknowledged before the task counts as done (at least once).
+        pending = self._acks.pop(event.run_id, [])
         await self.ctx.producer.send(terminal)
         self._finished[event.run_id] = None
         if len(self._finished) > 50_000:
             self._finished.popitem(last=False)
+        if pending:
+            await asyncio.gather(*pending)
 
     def _latency(self, task: TaskAdmitted) -> float:
         if task.requested_at is None:
@@ -309,7 +316,7 @@ class Loader:
                 )
             )
             raise
-        await self.ctx.producer.send(
+        ack = await self.ctx.producer.enqueue(
             LlmCallCompleted(
                 event_id=str(uuid.uuid5(_NS, f"{task.run_id}:llm:{int(legacy)}")),
                 source=SOURCE,
@@ -327,6 +334,7 @@ class Loader:
                 occurred_at=self.ctx.clock.now(),
             )
         )
+        self._acks.setdefault(task.run_id, []).append(ack)
         meta = dict(done.meta)
         if not legacy:
             meta["workflow_version"] = str(served.version)
