@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from services.cli.environment import service_env
 from streams.client import OrchestratorClient
 from streams.fake_openai import remote_stats, subprocess_server
 from streams.kafka import KafkaSettings
@@ -139,19 +140,23 @@ class BenchPlatform:
             for _ in range(self.instances.get(name, 1)):
                 self.start_service(name)
 
-    def service_env(self) -> dict[str, str]:
+    def service_env(self, name: str) -> dict[str, str]:
+        """What an instance of ``name`` sees: its share of the environment, as `up` gives it."""
         assert self.data_dir is not None
-        return {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": self.settings.bootstrap,
-            "ORCH_TOPIC_PREFIX": self.settings.prefix,
-            "ORCH_DATA_DIR": str(self.data_dir),
-            "OPENAI_BASE_URL": self.base_url,
-            "OPENAI_API_KEY": "bench-key",
-            "ORCH_LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-            **self.env,
-        }
+        return service_env(
+            name,
+            {
+                **os.environ,
+                "KAFKA_BOOTSTRAP_SERVERS": self.settings.bootstrap,
+                "ORCH_TOPIC_PREFIX": self.settings.prefix,
+                "ORCH_DATA_DIR": str(self.data_dir),
+                "OPENAI_BASE_URL": self.base_url,
+                "OPENAI_API_KEY": "bench-key",
+                "ORCH_LOG_LEVEL": "WARNING",
+                "PYTHONUNBUFFERED": "1",
+                **self.env,
+            },
+        )
 
     def start_service(self, name: str) -> ServiceProcess:
         """One more instance of ``name`` in the service's consumer group."""
@@ -167,7 +172,7 @@ class BenchPlatform:
             argv = [sys.executable, "-m", module]
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                argv, cwd=ROOT, env=self.service_env(), stdout=out, stderr=subprocess.STDOUT
+                argv, cwd=ROOT, env=self.service_env(name), stdout=out, stderr=subprocess.STDOUT
             )
         started = ServiceProcess(name, index, proc, log)
         self.procs.append(started)

@@ -40,6 +40,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from services.cli.environment import service_env
 from services.cli.supervisor import available_services, service_module
 from streams.client import OrchestratorClient
 from streams.errors import OrchestratorError
@@ -130,7 +131,7 @@ class _Services:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, "-m", service_module(name)],
                 cwd=ROOT,
-                env=self.env,
+                env=service_env(name, self.env),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from services.cli.environment import service_env
 from streams.config import env_int
 from streams.localkafka import ROOT, data_root
 
@@ -113,7 +114,11 @@ def restart_delay(failures: int, *, base: float = 0.5, cap: float = 30.0) -> flo
 
 @dataclass(frozen=True)
 class ChildSpec:
-    """One child process: ``python -m module args`` with extra environment."""
+    """One child process: ``python -m module args``.
+
+    Its environment is what :func:`services.cli.environment.service_env` lets a
+    process called ``name`` see, plus ``env``.
+    """
 
     name: str
     module: str
@@ -380,7 +385,9 @@ class Supervisor:
     # -- children ------------------------------------------------------------------
 
     def _start(self, child: _Child, *, note: str) -> None:
-        env = {**self.env, **child.spec.env}
+        # Each child sees only its share of the environment: a secret reaches only
+        # the services that use it (services/cli/environment.py has the table).
+        env = {**service_env(child.spec.name, self.env), **child.spec.env}
         log = child.log
         with open(log, "ab") as out:
             stamp = datetime.now(UTC).isoformat(timespec="seconds")
@@ -398,8 +405,8 @@ class Supervisor:
             url = _announced_url(child.log)
             if url is not None:
                 self.llm_url = url
-                # The children that follow get the fake endpoint; its key is a placeholder
-                # so a real key is never sent to it.
+                # The children that follow and call the LLM get the fake endpoint; its key
+                # is a placeholder so a real key is never sent to it.
                 self.env["OPENAI_BASE_URL"] = url
                 self.env["OPENAI_API_KEY"] = "fake-llm"
                 return

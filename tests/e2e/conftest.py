@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from services.cli.environment import service_env
 from streams.client import OrchestratorClient
 from streams.fake_openai import FakeOpenAIServer
 from streams.kafka import EventConsumer, KafkaSettings
@@ -58,13 +59,16 @@ class Platform:
         }
 
     def start(self, name: str, **env: str) -> subprocess.Popen[bytes]:
-        """Start one more instance of a service; only the budget reads the moved clock."""
+        """Start one more instance of a service; only the budget reads the moved clock.
+
+        The service sees its share of the environment only, as under `orchestrator up`.
+        """
         extra = {"ORCH_CLOCK_FILE": str(self.clock_file)} if name == "budget" else {}
         log = open(self.data_dir / f"{name}-{len(self.procs.get(name, []))}.log", "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{name}"],
             cwd=ROOT,
-            env={**self.env, **extra, **env},
+            env=service_env(name, {**self.env, **extra, **env}),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

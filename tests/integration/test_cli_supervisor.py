@@ -36,6 +36,10 @@ async def main(ctx, stop):
 
 service_main("probe", main)
 '''
+# Stand-ins named like real services: the supervisor decides a child's environment by its
+# name, so these get what the real ones would. They only wait to be stopped.
+_STAND_INS = ("analytics", "loader", "router")
+_STAND_IN_MAIN = "import time\n\ntime.sleep(600)\n"
 
 
 @pytest.fixture
@@ -46,6 +50,10 @@ def cli_env(tmp_path: Path, settings: KafkaSettings) -> Iterator[dict[str, str]]
     (probe.parent / "__init__.py").write_text("")
     (probe / "__init__.py").write_text("")
     (probe / "__main__.py").write_text(_PROBE_MAIN)
+    for name in _STAND_INS:
+        (probe.parent / name).mkdir()
+        (probe.parent / name / "__init__.py").write_text("")
+        (probe.parent / name / "__main__.py").write_text(_STAND_IN_MAIN)
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap,
@@ -153,3 +161,40 @@ def test_up_status_restart_down(cli_env: dict[str, str], kafka_bootstrap: str) -
     assert list((Path(cli_env["ORCH_DATA_DIR"]) / "run").glob("*.pid")) == []
     # An external broker (KAFKA_BOOTSTRAP_SERVERS) is never stopped by `down`.
     assert kafka_answers(kafka_bootstrap)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {name: value for name, _, value in pairs}
+
+
+def test_each_child_gets_only_its_share_of_the_environment(cli_env: dict[str, str]) -> None:
+    secrets = {
+        "OPENAI_API_KEY": "sk-supervisor-test-0123456789",
+        "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "CLICKHOUSE_URL": "http://orch:ch-secret@127.0.0.1:9/db",
+        "SLACK_BOT_TOKEN": "xoxb-not-for-anyone-here",
+        "UNRELATED_TOKEN": "not-for-any-service",
+    }
+    env = {**cli_env, **secrets}
+    _cli(env, "up", "--detach", "--only", ",".join(_STAND_INS), "--wait", "0")
+    seen = {}
+    for name in _STAND_INS:
+        pid = _pid_file(env, name)
+        assert pid is not None and _alive(pid), name
+        seen[name] = _environ(pid)
+
+    analytics, loader, router = seen["analytics"], seen["loader"], seen["router"]
+    assert "OPENAI_API_KEY" not in analytics and "OPENAI_BASE_URL" not in analytics
+    assert analytics["CLICKHOUSE_URL"] == secrets["CLICKHOUSE_URL"]
+    assert loader["OPENAI_API_KEY"] == secrets["OPENAI_API_KEY"]
+    assert loader["OPENAI_BASE_URL"] == secrets["OPENAI_BASE_URL"]
+    assert "CLICKHOUSE_URL" not in loader
+    assert not {"OPENAI_API_KEY", "CLICKHOUSE_URL"} & router.keys()
+    for name, child in seen.items():
+        assert "SLACK_BOT_TOKEN" not in child and "UNRELATED_TOKEN" not in child, name
+        # What every service needs to run still arrives.
+        assert child["KAFKA_BOOTSTRAP_SERVERS"] == env["KAFKA_BOOTSTRAP_SERVERS"], name
+        assert child["ORCH_TOPIC_PREFIX"] == env["ORCH_TOPIC_PREFIX"], name
+        assert child["PYTHONPATH"] == env["PYTHONPATH"] and child["PATH"] == env["PATH"], name
