@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +35,14 @@ __all__ = [
     "LLMUnavailable",
     "ModelPrice",
     "OpenAILLM",
+    "REDACTED",
     "PriceTable",
     "Reply",
     "cost_usd",
     "create_llm",
     "default_answer",
     "estimate_tokens",
+    "redact_secrets",
 ]
 
 META_FIELD = "x_orchestrator"
@@ -309,14 +312,10 @@ class OpenAILLM:
                     temperature=temperature,
                     **extra,
                 )
-        except openai.APIStatusError as exc:
-            raise _status_error(exc) from exc
-        except (TimeoutError, openai.APITimeoutError) as exc:
-            raise LLMUnavailable(f"LLM endpoint timed out after {timeout_s:g} s") from exc
-        except openai.APIConnectionError as exc:
-            raise LLMUnavailable(f"LLM endpoint unreachable: {exc.__cause__ or exc}") from exc
-        except openai.OpenAIError as exc:
-            raise LLMUnavailable(f"LLM endpoint answered unusably: {exc}") from exc
+        except (TimeoutError, openai.OpenAIError) as exc:
+            # Not chained: the endpoint's own error may echo the key, and a chained
+            # cause would carry it into any traceback that is logged.
+            raise self._failure(exc) from None
         latency_ms = (self._clock.monotonic() - started) * 1000.0
         if not response.choices:
             raise LLMUnavailable("LLM endpoint answered without choices")
@@ -344,14 +343,58 @@ class OpenAILLM:
     async def aclose(self) -> None:
         await self._client.close()
 
+    def _failure(self, exc: BaseException) -> LLMError:
+        """The error a failed call raises; its message has no key in it (see redact_secrets)."""
+        import openai
 
-def _status_error(exc: openai.APIStatusError) -> LLMError:
-    status = exc.status_code
-    message = f"LLM endpoint answered HTTP {status}: {exc.message}"
-    # 408 and 429 are the endpoint's capacity, not the request's fault.
-    if status in (408, 429) or status >= 500:
-        return LLMUnavailable(message, status_code=status)
-    return LLMRejected(message, status_code=status)
+        def scrubbed(text: str) -> str:
+            return redact_secrets(text, [self.settings.api_key or ""])
+
+        if isinstance(exc, openai.APIStatusError):
+            status = exc.status_code
+            message = scrubbed(f"LLM endpoint answered HTTP {status}: {exc.message}")
+            # 408 and 429 are the endpoint's capacity, not the request's fault.
+            if status in (408, 429) or status >= 500:
+                return LLMUnavailable(message, status_code=status)
+            return LLMRejected(message, status_code=status)
+        if isinstance(exc, TimeoutError | openai.APITimeoutError):
+            return LLMUnavailable(f"LLM endpoint timed out after {self.settings.timeout_s:g} s")
+        if isinstance(exc, openai.APIConnectionError):
+            return LLMUnavailable(scrubbed(f"LLM endpoint unreachable: {exc.__cause__ or exc}"))
+        return LLMUnavailable(scrubbed(f"LLM endpoint answered unusably: {exc}"))
+
+
+REDACTED = "[redacted]"
+# A configured key shorter than this is not searched for by value: replacing every
+# occurrence of a short string would mangle the message. Real keys are far longer.
+_MIN_SECRET_CHARS = 8
+_CREDENTIAL_PATTERNS = (
+    # An Authorization header or field, whatever its scheme: `Authorization: Bearer x`,
+    # `'authorization': 'Basic x'`, `Authorization=x`.
+    re.compile(
+        r"""(?i)(\bauthorization["']?\s*[:=]\s*["']?)(?:(?:bearer|basic|token)\s+)?[^\s"',;}&]+"""
+    ),
+    # A bearer token on its own.
+    re.compile(r"(?i)(\bbearer\s+)[A-Za-z0-9\-._~+/]+=*"),
+    # api_key=x, api-key: x, "apiKey": "x", x-api-key: x, key=x in a query string.
+    re.compile(r"""(?i)(\b(?:x-)?api[_-]?key["']?\s*[:=]\s*["']?)[^\s"',;}&]+"""),
+    re.compile(r"(?i)([?&]key=)[^\s&\"']+"),
+    # OpenAI-style secret keys, also partly masked ones (`sk-proj-abc***wxyz`).
+    re.compile(r"\bsk-[A-Za-z0-9_\-*]{6,}"),
+)
+
+
+def redact_secrets(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with each of ``secrets`` and anything that looks like a credential replaced.
+
+    For error texts that leave the process (events, logs): an endpoint's error body
+    may echo the key it was sent.
+    """
+    for secret in sorted({s for s in secrets if len(s) >= _MIN_SECRET_CHARS}, key=len)[::-1]:
+        text = text.replace(secret, REDACTED)
+    for pattern in _CREDENTIAL_PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + REDACTED, text)
+    return text
 
 
 def _meta(extra: Mapping[str, Any] | None) -> dict[str, str]:

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from aiohttp import web
 
 from streams.fake_openai import (
     FakeOpenAIServer,
@@ -386,3 +387,55 @@ def test_command_line_server_is_controlled_from_another_process() -> None:
         failed = httpx.post(f"{base_url}/chat/completions", json={"model": "m", "messages": ASK})
         assert failed.status_code == 500
         assert remote_stats(base_url)["by_status"] == {"200": 1, "500": 1}
+
+
+# -- an endpoint that echoes the key in its error ---------------------------------------
+
+_SECRET = "sk-live-Q2w9e8r7t6y5u4i3o2p1"
+
+
+@pytest.fixture
+async def echoing_endpoint() -> AsyncIterator[tuple[str, list[int]]]:
+    """Answers each call with the next status of ``statuses``, its body echoing the key."""
+    statuses: list[int] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        sent = request.headers.get("Authorization", "")
+        body = {
+            "error": {
+                "message": f"Incorrect API key provided: {sent.removeprefix('Bearer ')}. "
+                f"Request headers: {{'Authorization': '{sent}'}}; retry with api_key=<yours>",
+                "type": "invalid_request_error",
+            }
+        }
+        return web.json_response(body, status=statuses.pop(0) if statuses else 401)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/v1", statuses
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(("status", "error"), [(401, LLMRejected), (503, LLMUnavailable)])
+async def test_an_error_body_that_echoes_the_key_is_scrubbed(
+    echoing_endpoint: tuple[str, list[int]], status: int, error: type[Exception]
+) -> None:
+    url, statuses = echoing_endpoint
+    statuses.append(status)
+    llm = OpenAILLM(LLMSettings(base_url=url, api_key=_SECRET, max_retries=0))
+    try:
+        with pytest.raises(error) as caught:
+            await llm.complete(ASK)
+    finally:
+        await llm.aclose()
+    message = str(caught.value)
+    assert f"HTTP {status}" in message and "Incorrect API key provided: [redacted]" in message
+    assert _SECRET not in message and "Q2w9e8r7" not in message
+    assert "Bearer" not in message and "api_key=[redacted]" in message
+    # Nothing chained either: a logged traceback must not show the raw body.
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__

@@ -21,6 +21,7 @@ from streams.llm import (
     create_llm,
     default_answer,
     estimate_tokens,
+    redact_secrets,
 )
 
 _ENV_VARS = (
@@ -263,3 +264,36 @@ async def test_create_llm_builds_the_openai_adapter_from_env(
 def test_openai_adapter_refuses_missing_configuration() -> None:
     with pytest.raises(LLMUnavailable, match="no LLM endpoint configured"):
         OpenAILLM(LLMSettings())
+
+
+# -- no key in error texts ----------------------------------------------------------------
+
+_KEY = "sk-proj-Zx81kLmQ0vT4nB7cR2yW"
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        (f"Incorrect API key provided: {_KEY}.", "Incorrect API key provided: "),
+        ("Incorrect API key provided: sk-proj-Zx81********************2yW.", "provided: "),
+        (f"{{'Authorization': 'Bearer {_KEY}'}}", "{'Authorization': '"),
+        ("Authorization: Basic dXNlcjpwYXNzd29yZA==", "Authorization: "),
+        ("header authorization=opaque-token-value-123 rejected", " rejected"),
+        ("auth failed for bearer eyJhbGciOiJIUzI1NiJ9.e30.c2lnbmF0dXJl", "auth failed for "),
+        ("POST /v1/chat?api_key=abc123secret&x=1 failed", "&x=1 failed"),
+        ('{"apiKey": "abc123secret", "ok": false}', '"ok": false'),
+        ("x-api-key: abc123secret", "x-api-key: "),
+        ("GET /models?key=abc123secret", "GET /models?key="),
+        ("the key my-own-endpoint-key-42 is not allowed", "is not allowed"),
+    ],
+)
+def test_redact_secrets_removes_keys_and_credential_shapes(text: str, kept: str) -> None:
+    out = redact_secrets(text, ["my-own-endpoint-key-42"])
+    assert "[redacted]" in out and kept in out
+    for leaked in (_KEY, "Zx81", "abc123secret", "dXNlcjpw", "opaque-token", "eyJhbG", "own-end"):
+        assert leaked not in out
+
+
+def test_redact_secrets_leaves_ordinary_text_and_short_keys_alone() -> None:
+    text = "LLM endpoint answered HTTP 400: model 'gpt-x' does not exist (task key k-1)"
+    assert redact_secrets(text, ["k", "", "gpt"]) == text
