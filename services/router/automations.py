@@ -4,6 +4,10 @@ The improvement service decides what to automate (``automation_created``); the
 router keeps what it needs to act on it, folded from the log like the rest of its
 knowledge: which run had which request key (``route_decided``) and what the
 LLM answered it (``workflow_completed``).
+
+Answers never cross goals: a cached answer is kept under its goal and the request
+key, and only a request of that same goal is served it. A direct route pins an
+agent, and an agent belongs to one goal, so it serves only that goal.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from streams.events import (
     WorkflowAssessed,
     WorkflowCompleted,
 )
+from streams.registry import RegistryView
 from streams.signatures import exact_key, signature_of
 
 __all__ = ["AutomationHit", "Automations"]
@@ -34,8 +39,13 @@ class AutomationHit:
 @dataclass
 class _Run:
     key: str | None = None
+    goal_id: str | None = None  # the goal the request was routed for
     answer: WorkflowCompleted | None = None
     quality: float | None = None
+
+
+# (goal_id, request key): one goal's answer is never another's.
+_AnswerKey = tuple[str, str]
 
 
 class Automations:
@@ -43,8 +53,8 @@ class Automations:
         self._by_signature: dict[str, AutomationCreated] = {}
         self._expires: dict[str, datetime] = {}
         self._specialties: set[str] = set()
-        self._answers: OrderedDict[str, WorkflowCompleted] = OrderedDict()
-        self._quality: dict[str, float] = {}
+        self._answers: OrderedDict[_AnswerKey, WorkflowCompleted] = OrderedDict()
+        self._quality: dict[_AnswerKey, float] = {}
         # run_id -> what is known of the run so far (its request key, its LLM answer, the
         # answer's quality), until all three are: the topics are read side by side, so
         # after a restart they arrive in any order.
@@ -63,7 +73,8 @@ class Automations:
             )
             self._specialties.add(event.specialty)
         elif isinstance(event, RouteDecided) and event.request_key:
-            self._run(event.run_id).key = event.request_key
+            run = self._run(event.run_id)
+            run.key, run.goal_id = event.request_key, event.goal_id
             self._complete(event.run_id)
         elif isinstance(event, WorkflowCompleted):
             if event.degradation_tier != "llm":
@@ -88,7 +99,10 @@ class Automations:
         if run.key is None or run.answer is None or run.quality is None:
             return
         del self._runs[run_id]
-        key, quality = run.key, run.quality
+        goal_id = run.answer.goal_id
+        if goal_id is None or goal_id != run.goal_id:
+            return  # whose answer it is is unclear: it serves nobody
+        key, quality = (goal_id, run.key), run.quality
         # Keep the best answer seen for an identical request, not merely the latest.
         if quality >= self.min_quality and quality >= self._quality.get(key, -1.0):
             self._answers[key] = run.answer
@@ -99,29 +113,42 @@ class Automations:
                 self._quality.pop(old, None)
 
     def lookup(
-        self, message: str, specialty: str, now: datetime, goal_id: str | None = None
+        self,
+        message: str,
+        specialty: str,
+        now: datetime,
+        goal_id: str | None,
+        registry: RegistryView | None = None,
     ) -> AutomationHit | None:
-        """The automation that serves this request in ``specialty`` now, if any; a cache hit first.
+        """The automation that serves this request of ``goal_id`` in ``specialty`` now, if any.
 
-        The routing policy picks the specialty before this is asked, so an automation
-        only ever saves the cost of the answer the policy chose, never replaces it
-        with another specialty's. A direct route pins an agent of one goal, so it
-        serves only that goal.
+        A cache hit first: only an answer computed for ``goal_id`` itself. The routing
+        policy picks the specialty before this is asked, so an automation only ever
+        saves the cost of the answer the policy chose, never replaces it with another
+        specialty's. A direct route serves only the goal its agent belongs to: the
+        ``registry`` says whose the agent is; without it, the route's own ``goal_id``.
         """
-        if specialty not in self._specialties:
+        if goal_id is None or specialty not in self._specialties:
             return None
         sig = signature_of(message, specialty)
         cache = self._by_signature.get(f"response_cache:{sig}")
         if cache is not None and now < self._expires[f"response_cache:{sig}"]:
-            answer = self._answers.get(exact_key(message, specialty))
-            if answer is not None:
+            answer = self._answers.get((goal_id, exact_key(message, specialty)))
+            if answer is not None and answer.goal_id == goal_id:
                 return AutomationHit(cache, specialty, answer)
         route = self._by_signature.get(f"direct_route:{sig}")
         if (
             route is not None
             and route.agent_id
-            and (route.goal_id is None or route.goal_id == goal_id)
+            and route.goal_id in (None, goal_id)
+            and _owner(route, registry) == goal_id
             and now < self._expires[f"direct_route:{sig}"]
         ):
             return AutomationHit(route, specialty)
         return None
+
+
+def _owner(route: AutomationCreated, registry: RegistryView | None) -> str | None:
+    """The goal of the route's agent: the registry's word, else what the route says."""
+    agent = registry.get(route.agent_id) if registry is not None and route.agent_id else None
+    return agent.goal_id if agent is not None else route.goal_id

@@ -160,7 +160,7 @@ class Router:
             None
             if asked
             else self.automations.lookup(
-                request.message, specialty, self.ctx.clock.now(), request.goal_id
+                request.message, specialty, self.ctx.clock.now(), request.goal_id, self.registry
             )
         )
         candidates = self.registry.live(

@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 from services.router.automations import Automations
-from streams.events import AutomationCreated, RouteDecided, WorkflowAssessed, WorkflowCompleted
+from services.router.policy import make_policy
+from services.router.service import Router
+from streams.clock import FakeClock
+from streams.events import (
+    AgentSpawned,
+    AutomationCreated,
+    Event,
+    RequestReceived,
+    RouteDecided,
+    WorkflowAssessed,
+    WorkflowCompleted,
+)
+from streams.registry import RegistryView
 from streams.signatures import exact_key, signature_of
 
 T0 = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -13,11 +26,11 @@ MSG = "Reset my account password please"
 CS = "customer_support"
 
 
-def _decided(run: str, message: str, specialty: str) -> RouteDecided:
+def _decided(run: str, message: str, specialty: str, goal: str = "g") -> RouteDecided:
     return RouteDecided(
         source="router",
         run_id=run,
-        goal_id="g",
+        goal_id=goal,
         specialty=specialty,
         action="reuse",
         request_key=exact_key(message, specialty),
@@ -25,14 +38,16 @@ def _decided(run: str, message: str, specialty: str) -> RouteDecided:
     )
 
 
-def _answer(run: str, tier: str = "llm") -> WorkflowCompleted:
+def _answer(
+    run: str, tier: str = "llm", goal: str = "g", text: str = "Use the reset link."
+) -> WorkflowCompleted:
     return WorkflowCompleted(
         source="loader",
         run_id=run,
-        goal_id="g",
-        agent_id="cs_1",
+        goal_id=goal,
+        agent_id=f"cs_{goal}",
         specialty="customer_support",
-        text="Use the reset link.",
+        text=text,
         cost_usd=0.02,
         degradation_tier=tier,
         meta={"quality": "0.9"},
@@ -45,15 +60,17 @@ def _assessed(run: str, quality: float = 0.9) -> WorkflowAssessed:
     )
 
 
-def _automation(kind: str, ttl: int = 600) -> AutomationCreated:
+def _automation(
+    kind: str, ttl: int = 600, goal: str | None = "g", agent: str = "cs_1"
+) -> AutomationCreated:
     return AutomationCreated(
         source="improvement",
         automation_id=f"auto-{kind}",
         kind=kind,
         signature=signature_of(MSG, "customer_support"),
         specialty="customer_support",
-        agent_id="cs_1",
-        goal_id="g",
+        agent_id=agent,
+        goal_id=goal,
         ttl_seconds=ttl,
         occurred_at=T0,
     )
@@ -64,13 +81,13 @@ def test_identical_request_is_served_from_cache_only_with_an_automation():
     auto.learn(_decided("r1", MSG, "customer_support"))
     auto.learn(_answer("r1"))
     auto.learn(_assessed("r1"))
-    assert auto.lookup(MSG, CS, T0) is None  # an answer alone is not an automation
+    assert auto.lookup(MSG, CS, T0, "g") is None  # an answer alone is not an automation
     auto.learn(_automation("response_cache"))
-    hit = auto.lookup("  reset my ACCOUNT password please ", CS, T0 + timedelta(seconds=5))
+    hit = auto.lookup("  reset my ACCOUNT password please ", CS, T0 + timedelta(seconds=5), "g")
     assert hit is not None and hit.cached is not None
     assert hit.cached.text == "Use the reset link." and hit.specialty == "customer_support"
     # Same intent, different words order: not identical, so no cached answer.
-    assert auto.lookup("password account reset my please", CS, T0) is None
+    assert auto.lookup("password account reset my please", CS, T0, "g") is None
 
 
 def test_cache_expires_and_degraded_answers_are_never_cached():
@@ -78,18 +95,18 @@ def test_cache_expires_and_degraded_answers_are_never_cached():
     auto.learn(_automation("response_cache", ttl=60))
     auto.learn(_decided("r1", MSG, "customer_support"))
     auto.learn(_answer("r1", tier="keyword"))
-    assert auto.lookup(MSG, CS, T0) is None
+    assert auto.lookup(MSG, CS, T0, "g") is None
     auto.learn(_assessed("r1"))
     auto.learn(_decided("r2", MSG, "customer_support"))
     auto.learn(_answer("r2"))
-    assert auto.lookup(MSG, CS, T0) is None  # not assessed yet
+    assert auto.lookup(MSG, CS, T0, "g") is None  # not assessed yet
     auto.learn(_assessed("r2", quality=0.4))
-    assert auto.lookup(MSG, CS, T0) is None  # too poor to repeat
+    assert auto.lookup(MSG, CS, T0, "g") is None  # too poor to repeat
     auto.learn(_decided("r3", MSG, "customer_support"))
     auto.learn(_answer("r3"))
     auto.learn(_assessed("r3", quality=0.8))
-    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=30)) is not None
-    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=61)) is None
+    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=30), "g") is not None
+    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=61), "g") is None
 
 
 def test_direct_route_pins_the_agent():
@@ -107,6 +124,125 @@ def test_an_automation_serves_only_the_specialty_the_policy_chose():
     auto.learn(_decided("r1", MSG, CS))
     auto.learn(_answer("r1"))
     auto.learn(_assessed("r1"))
-    assert auto.lookup(MSG, CS, T0) is not None
+    assert auto.lookup(MSG, CS, T0, "g") is not None
     # The policy now prefers another specialty: the cached answer must not override it.
-    assert auto.lookup(MSG, "research", T0) is None
+    assert auto.lookup(MSG, "research", T0, "g") is None
+
+
+# -- answers never cross goals --------------------------------------------------------
+
+
+def _served(auto: Automations, goal: str) -> WorkflowCompleted | None:
+    hit = auto.lookup(MSG, CS, T0, goal)
+    return hit.cached if hit is not None else None
+
+
+def _learn_run(auto: Automations, run: str, goal: str, text: str, quality: float = 0.9) -> None:
+    auto.learn(_decided(run, MSG, CS, goal=goal))
+    auto.learn(_answer(run, goal=goal, text=text))
+    auto.learn(_assessed(run, quality))
+
+
+def test_one_goal_is_never_served_another_goals_answer():
+    auto = Automations()
+    auto.learn(_automation("response_cache"))
+    _learn_run(auto, "a1", "goal-a", "A's answer")
+    served = _served(auto, "goal-a")
+    assert served is not None and served.run_id == "a1"  # a goal hits its own cache
+    assert _served(auto, "goal-b") is None  # the same message from another goal does not
+
+    # A better answer of B's own fills B's entry and leaves A's as it was.
+    _learn_run(auto, "b1", "goal-b", "B's answer", quality=0.95)
+    a, b = _served(auto, "goal-a"), _served(auto, "goal-b")
+    assert a is not None and a.run_id == "a1" and a.text == "A's answer"
+    assert b is not None and b.run_id == "b1" and b.text == "B's answer"
+    assert _served(auto, "goal-c") is None
+
+
+def test_an_answer_whose_goal_is_unclear_is_never_cached():
+    auto = Automations()
+    auto.learn(_automation("response_cache"))
+    # Decided for A, answered as B's: a mismatch, so nobody gets it.
+    auto.learn(_decided("r1", MSG, CS, goal="goal-a"))
+    auto.learn(_answer("r1", goal="goal-b"))
+    auto.learn(_assessed("r1"))
+    # Decided without a goal at all.
+    auto.learn(_decided("r2", MSG, CS).model_copy(update={"goal_id": None}))
+    auto.learn(_answer("r2", goal="goal-a"))
+    auto.learn(_assessed("r2"))
+    assert _served(auto, "goal-a") is None and _served(auto, "goal-b") is None
+
+
+def test_events_in_any_order_keep_answers_apart():
+    runs: list[Event] = []
+    for run, goal in (("a1", "goal-a"), ("b1", "goal-b")):
+        runs += [_decided(run, MSG, CS, goal=goal), _answer(run, goal=goal, text=goal)]
+        runs += [_assessed(run)]
+    for order in (runs, runs[::-1], sorted(runs, key=lambda e: type(e).__name__)):
+        auto = Automations()
+        auto.learn(_automation("response_cache"))
+        for event in order:
+            auto.learn(event)
+        for goal in ("goal-a", "goal-b"):
+            served = _served(auto, goal)
+            assert served is not None and served.goal_id == goal and served.text == goal
+
+
+def _registry(agent: str, goal: str) -> RegistryView:
+    view = RegistryView()
+    view.apply(
+        AgentSpawned(
+            source="spawner",
+            agent_id=agent,
+            goal_id=goal,
+            specialty=CS,
+            system_prompt="p",
+            temperature=0.2,
+            model="gpt-4o-mini",
+            prompt_source="template",
+            version=1,
+        )
+    )
+    return view
+
+
+def test_a_direct_route_without_a_goal_serves_only_its_agents_goal():
+    auto = Automations()
+    auto.learn(_automation("direct_route", goal=None, agent="cs_a"))
+    registry = _registry("cs_a", "goal-a")
+    hit = auto.lookup(MSG, CS, T0, "goal-a", registry)
+    assert hit is not None and hit.automation.agent_id == "cs_a"
+    assert auto.lookup(MSG, CS, T0, "goal-b", registry) is None
+    # Whose agent it is unknown: no goal is served.
+    assert auto.lookup(MSG, CS, T0, "goal-a") is None
+    assert auto.lookup(MSG, CS, T0, "goal-a", RegistryView()) is None
+
+
+def test_a_direct_route_naming_a_goal_its_agent_does_not_belong_to_serves_nobody():
+    auto = Automations()
+    auto.learn(_automation("direct_route", goal="goal-b", agent="cs_a"))
+    registry = _registry("cs_a", "goal-a")
+    assert auto.lookup(MSG, CS, T0, "goal-a", registry) is None
+    assert auto.lookup(MSG, CS, T0, "goal-b", registry) is None
+
+
+def test_the_router_asks_for_the_requests_own_goal():
+    ctx = SimpleNamespace(producer=None, clock=FakeClock(T0))
+    router = Router(ctx, policy=make_policy("static"))  # type: ignore[arg-type]
+    router.learn(_automation("response_cache"))
+    for event in (_decided("a1", MSG, CS, goal="goal-a"), _answer("a1", goal="goal-a")):
+        router.learn(event)
+    router.learn(_assessed("a1"))
+
+    def ask(goal: str) -> WorkflowCompleted | None:
+        request = RequestReceived(
+            source="sdk", run_id=f"{goal}-run", goal_id=goal, user_id="u", message=MSG
+        )
+        specialty, _, decision, hit = router.choose(request)
+        assert specialty == CS
+        assert (decision.action == "automation") == (hit is not None)
+        return hit.cached if hit is not None else None
+
+    served = ask("goal-a")
+    assert served is not None and served.run_id == "a1"
+    assert ask("goal-b") is None

@@ -91,7 +91,7 @@ def test_assessments_read_before_their_decisions_still_teach_the_policy_and_the_
     for arm in set(SPECIALTIES):
         assert in_order.policy.estimate(probe, arm) == reordered.policy.estimate(probe, arm)
     for router in (in_order, reordered):
-        hit = router.automations.lookup(MESSAGES[0], SPECIALTIES[0], T0)
+        hit = router.automations.lookup(MESSAGES[0], SPECIALTIES[0], T0, "g")
         assert hit is not None and hit.cached is not None
         # The best of the two identical requests' answers is the one kept.
         assert hit.cached.text == "answer 3"
