@@ -22,19 +22,28 @@ from streams.errors import (
     BudgetExceededError,
     InvalidRequest,
     LLMFailure,
+    NoVerdict,
     RunFailed,
     RunRejected,
     RunTimeout,
+    refusal,
 )
 from streams.events import (
+    ApiKeyIssued,
+    ApiKeyRevoked,
     BudgetUpdateRequested,
     Event,
+    FeedbackDecided,
     FeedbackReceived,
+    PromotionDecided,
+    PromotionRequested,
     RequestReceived,
+    Role,
     WorkflowCompleted,
     WorkflowFailed,
 )
 from streams.kafka import AsyncLifecycle, EventConsumer, EventProducer, KafkaSettings
+from streams.keys import mint_key
 
 __all__ = ["Answer", "OrchestratorClient", "invalid_request"]
 
@@ -98,7 +107,12 @@ class OrchestratorClient(AsyncLifecycle):
         self._producer = EventProducer(self.settings, client_id=f"orchestrator.{source}")
         self._replies = EventConsumer(
             self.settings,
-            [WorkflowCompleted.topic, WorkflowFailed.topic],
+            [
+                WorkflowCompleted.topic,
+                WorkflowFailed.topic,
+                FeedbackDecided.topic,
+                PromotionDecided.topic,
+            ],
             group_id=None,
             from_end=True,
             source=source,
@@ -126,7 +140,13 @@ class OrchestratorClient(AsyncLifecycle):
     async def _read_replies(self) -> None:
         async for batch in self._replies.batches(timeout_ms=1000):
             for delivery in batch:
-                run_id = delivery.event.run_id
+                event = delivery.event
+                if isinstance(event, FeedbackDecided):
+                    run_id: str | None = event.feedback_id
+                elif isinstance(event, PromotionDecided):
+                    run_id = event.request_id
+                else:
+                    run_id = event.run_id
                 future = self._waiting.get(run_id) if run_id else None
                 if future is not None and not future.done():
                     future.set_result(delivery.event)
@@ -187,6 +207,22 @@ class OrchestratorClient(AsyncLifecycle):
         assert isinstance(event, WorkflowFailed)
         raise _failure(event)
 
+    async def _verdict(self, event: Event, timeout: float) -> Event:
+        """Send a command and wait for the verdict that names its event id."""
+        future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._waiting[event.event_id] = future
+        try:
+            await self._producer.send(event)
+            try:
+                return await asyncio.wait_for(future, timeout)
+            except TimeoutError:
+                raise NoVerdict(
+                    f"{event.event_type} {event.event_id} was sent, but no verdict came within"
+                    f" {timeout:g} s; is the improvement service running?"
+                ) from None
+        finally:
+            self._waiting.pop(event.event_id, None)
+
     async def feedback(
         self,
         run_id: str,
@@ -195,8 +231,15 @@ class OrchestratorClient(AsyncLifecycle):
         score: int | None = None,
         text: str = "",
         channel: str = "sdk",
-    ) -> FeedbackReceived:
-        """Tell the platform how a run went (``/improve``); returns the event sent."""
+        timeout: float = 30.0,
+    ) -> FeedbackDecided:
+        """Tell the platform how a run went (``/improve``) and wait for its verdict.
+
+        Returns the accepted verdict (its ``reason`` says what will change, its
+        ``improvement_id`` the change proposed, if any). Raises a
+        :class:`~streams.errors.FeedbackRefused` subclass (``UnknownRun``,
+        ``NotRunOwner``, ``RateLimited``) when refused, ``NoVerdict`` on timeout.
+        """
         try:
             event = FeedbackReceived(
                 source=self.source,
@@ -209,6 +252,48 @@ class OrchestratorClient(AsyncLifecycle):
             )
         except ValidationError as exc:
             raise invalid_request(exc) from None
+        verdict = await self._verdict(event, timeout)
+        assert isinstance(verdict, FeedbackDecided)
+        if not verdict.accepted:
+            raise refusal(verdict.error_type, verdict.reason)
+        return verdict
+
+    async def approve(
+        self, improvement_id: str, *, user_id: str, reason: str = "", timeout: float = 30.0
+    ) -> PromotionDecided:
+        """Ask for a goal's improvement to serve every goal; ``user_id`` must be an operator.
+
+        Raises ``NotOperator`` or ``PromotionRefused`` when refused, ``NoVerdict`` on timeout.
+        """
+        try:
+            event = PromotionRequested(
+                source=self.source,
+                user_id=user_id,
+                improvement_id=improvement_id,
+                reason=reason,
+                occurred_at=self.clock.now(),
+            )
+        except ValidationError as exc:
+            raise invalid_request(exc) from None
+        verdict = await self._verdict(event, timeout)
+        assert isinstance(verdict, PromotionDecided)
+        if not verdict.accepted:
+            raise refusal(verdict.error_type, verdict.reason)
+        return verdict
+
+    async def create_key(
+        self, goal_id: str, user_id: str, role: Role = "user", *, label: str = ""
+    ) -> tuple[str, ApiKeyIssued]:
+        """A new API key for the HTTP surfaces; the key is returned once and kept nowhere."""
+        try:
+            key, event = mint_key(goal_id, user_id, role, source=self.source, label=label)
+        except ValidationError as exc:
+            raise invalid_request(exc) from None
+        await self._producer.send(event)
+        return key, event
+
+    async def revoke_key(self, key_id: str, *, user_id: str | None = None) -> ApiKeyRevoked:
+        event = ApiKeyRevoked(source=self.source, key_id=key_id, user_id=user_id)
         await self._producer.send(event)
         return event
 

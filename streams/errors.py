@@ -9,7 +9,17 @@ OrchestratorError
 │   ├── LLMFailure            the LLM endpoint failed and no lower tier could answer
 │   └── RunRejected           any other refusal (no agent, invalid, ...)
 ├── RunTimeout                no terminal event arrived in time
+├── Refused                   a well-formed command the platform will not act on
+│   ├── FeedbackRefused       feedback that changes nothing (reason says why)
+│   │   ├── UnknownRun        no request with this run id is in the log
+│   │   ├── NotRunOwner       the user giving feedback is not the one who asked
+│   │   └── RateLimited       the user sent more feedback than the limit allows
+│   ├── PromotionRefused      an improvement that may not be made platform-wide
+│   └── NotOperator           the command needs an operator and the caller is not one
+├── Unauthorized              no valid API key
+├── NoVerdict                 a command was sent and no verdict came in time
 └── StoreError                the analytics store refused or failed
+    └── QueryRefused          the SQL surface refused a statement (names what)
 """
 
 from __future__ import annotations
@@ -19,12 +29,23 @@ __all__ = [
     "DecodeError",
     "InvalidRequest",
     "LLMFailure",
+    "FeedbackRefused",
+    "NoVerdict",
+    "NotOperator",
+    "NotRunOwner",
     "OrchestratorError",
+    "QueryRefused",
+    "PromotionRefused",
+    "RateLimited",
+    "Refused",
+    "Unauthorized",
+    "UnknownRun",
     "RunFailed",
     "RunRejected",
     "RunTimeout",
     "StoreError",
     "UnknownSchemaError",
+    "refusal",
 ]
 
 
@@ -82,5 +103,69 @@ class RunTimeout(OrchestratorError, TimeoutError):
         super().__init__(f"run {run_id}: no answer within {timeout:g} s")
 
 
+class Refused(OrchestratorError):
+    """A well-formed command the platform will not act on; the message says why."""
+
+
+class FeedbackRefused(Refused):
+    """Feedback that is well formed but may not change anything."""
+
+
+class UnknownRun(FeedbackRefused):
+    """No request with this run id was seen."""
+
+
+class NotRunOwner(FeedbackRefused):
+    """The user (or the key's goal) does not own the run."""
+
+
+class RateLimited(FeedbackRefused):
+    """The user sent more feedback than the limit allows."""
+
+
+_REFUSALS: dict[str, type[Refused]] = {}
+
+
+def refusal(error_type: str | None, reason: str) -> Refused:
+    """The typed error a verdict names (``FeedbackRefused`` when the name is not known)."""
+    cls = _REFUSALS.get(error_type or "", FeedbackRefused)
+    return cls(reason)
+
+
+class PromotionRefused(Refused):
+    """An improvement that may not be promoted to every goal."""
+
+
+class NotOperator(Refused):
+    """The command needs an operator's identity."""
+
+
+class Unauthorized(OrchestratorError):
+    """No valid API key came with the request."""
+
+
+_REFUSALS.update(
+    {
+        cls.__name__: cls
+        for cls in (
+            FeedbackRefused,
+            UnknownRun,
+            NotRunOwner,
+            RateLimited,
+            PromotionRefused,
+            NotOperator,
+        )
+    }
+)
+
+
+class NoVerdict(OrchestratorError, TimeoutError):
+    """A command was sent, and its service gave no verdict in time (is it running?)."""
+
+
 class StoreError(OrchestratorError):
     """The analytics store failed."""
+
+
+class QueryRefused(StoreError):
+    """The SQL surface refused a statement before it ran; the message names what, and why."""

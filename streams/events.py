@@ -18,6 +18,8 @@ __all__ = [
     "ALL_EVENTS",
     "MAX_MESSAGE_BYTES",
     "AgentEvicted",
+    "ApiKeyIssued",
+    "ApiKeyRevoked",
     "AgentLoaded",
     "AgentRetired",
     "AgentSpawned",
@@ -26,6 +28,7 @@ __all__ = [
     "BudgetUpdateRequested",
     "DeadLetter",
     "Event",
+    "FeedbackDecided",
     "FeedbackReceived",
     "Identifier",
     "ImprovementApplied",
@@ -33,7 +36,10 @@ __all__ = [
     "ImprovementRolledBack",
     "LlmCallCompleted",
     "PatternDiscovered",
+    "PromotionDecided",
+    "PromotionRequested",
     "RequestReceived",
+    "Role",
     "RollbackRequested",
     "RouteDecided",
     "SpawnApproved",
@@ -444,6 +450,69 @@ class RollbackRequested(Event):
     reason: str = ""
 
 
+Role = Literal["user", "operator"]
+
+
+class ApiKeyIssued(Event):
+    """An API key for the HTTP surfaces: only its SHA-256 is kept, never the key itself."""
+
+    topic = "api_key_issued"
+    key_field = "key_id"
+    event_type: Literal["api_key_issued"] = "api_key_issued"
+    goal_id: Identifier
+    user_id: Identifier
+    key_id: str
+    key_hash: str
+    role: Role = "user"
+    label: str = ""
+
+
+class ApiKeyRevoked(Event):
+    topic = "api_key_revoked"
+    key_field = "key_id"
+    event_type: Literal["api_key_revoked"] = "api_key_revoked"
+    key_id: str
+    reason: str = ""
+
+
+class FeedbackDecided(Event):
+    """The improvement service's verdict on one ``feedback_received`` (``feedback_id``)."""
+
+    topic = "feedback_decided"
+    key_field = "run_id"
+    event_type: Literal["feedback_decided"] = "feedback_decided"
+    run_id: str
+    feedback_id: str
+    accepted: bool
+    reason: str = ""
+    error_type: str | None = None  # the refusal's kind (streams.errors), when refused
+    improvement_id: str | None = None
+
+
+class PromotionRequested(Event):
+    """Command: make a goal's improvement serve every goal (``orchestrator improve approve``)."""
+
+    topic = "promotion_requested"
+    key_field = "improvement_id"
+    event_type: Literal["promotion_requested"] = "promotion_requested"
+    improvement_id: str
+    reason: str = ""
+
+
+class PromotionDecided(Event):
+    """The verdict on a ``promotion_requested`` (``request_id``)."""
+
+    topic = "promotion_decided"
+    key_field = "improvement_id"
+    event_type: Literal["promotion_decided"] = "promotion_decided"
+    improvement_id: str
+    request_id: str
+    accepted: bool
+    reason: str = ""
+    error_type: str | None = None
+    workflow_id: str | None = None
+
+
 class DeadLetter(Event):
     topic = "dead_letter"
     key_field = "original_topic"
@@ -484,6 +553,11 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     ImprovementRolledBack,
     WorkflowVersionSaved,
     RollbackRequested,
+    ApiKeyIssued,
+    ApiKeyRevoked,
+    FeedbackDecided,
+    PromotionRequested,
+    PromotionDecided,
     DeadLetter,
 )
 

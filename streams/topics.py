@@ -80,6 +80,11 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("improvement_rolled_back", ev.ImprovementRolledBack, retention_ms=_FOREVER),
     TopicSpec("workflow_version_saved", ev.WorkflowVersionSaved, retention_ms=_FOREVER),
     TopicSpec("rollback_requested", ev.RollbackRequested, retention_ms=_FOREVER),
+    TopicSpec("api_key_issued", ev.ApiKeyIssued, compact=True),
+    TopicSpec("api_key_revoked", ev.ApiKeyRevoked, compact=True),
+    TopicSpec("feedback_decided", ev.FeedbackDecided, retention_ms=30 * _DAY_MS),
+    TopicSpec("promotion_requested", ev.PromotionRequested, retention_ms=_FOREVER),
+    TopicSpec("promotion_decided", ev.PromotionDecided, retention_ms=_FOREVER),
     TopicSpec("dead_letter", ev.DeadLetter, retention_ms=30 * _DAY_MS),
 )
 

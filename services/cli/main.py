@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict
@@ -42,15 +43,27 @@ from streams.errors import (
     BudgetExceededError,
     InvalidRequest,
     LLMFailure,
+    NoVerdict,
     OrchestratorError,
+    Refused,
     RunFailed,
     RunTimeout,
     StoreError,
 )
-from streams.events import BudgetUpdateRequested, FeedbackReceived, validate_identifier
+from streams.events import (
+    ApiKeyIssued,
+    ApiKeyRevoked,
+    BudgetUpdateRequested,
+    FeedbackDecided,
+    FeedbackReceived,
+    PromotionDecided,
+    Role,
+    validate_identifier,
+)
 from streams.kafka import KafkaSettings
+from streams.keys import KeyRegistry
 from streams.localkafka import LocalKafkaError, ensure_broker, kafka_answers, stop_broker
-from streams.registry import RegistryView
+from streams.registry import RegistryView, read_topics_to_end
 from streams.topics import create_topics
 
 __all__ = ["app"]
@@ -69,6 +82,8 @@ app = typer.Typer(
 )
 budget_app = typer.Typer(help="Show or change a goal's budget.", no_args_is_help=True)
 app.add_typer(budget_app, name="budget")
+keys_app = typer.Typer(help="API keys of the HTTP surfaces.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 _out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
@@ -467,13 +482,24 @@ def ask(
 
 @app.command()
 def improve(
-    run_id: Annotated[str, typer.Argument(help="The run the feedback is about.")],
-    text: Annotated[str, typer.Argument(help="What should be better.")],
-    user: Annotated[str, typer.Option("--user", help="Who gives the feedback.")],
+    run_id: Annotated[
+        str, typer.Argument(help="The run the feedback is about (or `approve`, see below).")
+    ],
+    text: Annotated[str, typer.Argument(help="What should be better (or the improvement id).")],
+    user: Annotated[str, typer.Option("--user", help="Who gives the feedback (or approves).")],
     score: Annotated[int | None, typer.Option(min=1, max=5, help="1 (bad) to 5 (great).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the verdict.")] = 30.0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Give feedback on a run (`/improve`); the improvement service learns from it."""
+    """Give feedback on a run (`/improve`) and print the improvement service's verdict.
+
+    `orchestrator improve approve IMPROVEMENT_ID --user OPERATOR` makes a goal's
+    improvement serve every goal (OPERATOR must hold an operator key).
+    Exit 0 when accepted, 1 when refused (the reason is printed), 3 with no verdict.
+    """
+    if run_id == "approve":
+        _approve(text, user, timeout, as_json)
+        return
     if not run_id.strip():
         _fail("run id is empty", EXIT_INVALID, as_json=as_json)
     if not text.strip() and score is None:
@@ -484,14 +510,146 @@ def improve(
         _fail(f"invalid feedback: {invalid_request(exc)}", EXIT_INVALID, as_json=as_json)
     settings = _settings()
 
-    async def send(client: OrchestratorClient) -> FeedbackReceived:
-        return await client.feedback(run_id, user_id=user, score=score, text=text, channel="cli")
+    async def send(client: OrchestratorClient) -> FeedbackDecided:
+        return await client.feedback(
+            run_id, user_id=user, score=score, text=text, channel="cli", timeout=timeout
+        )
 
-    event = _run(_with_client(settings, send), settings, as_json=as_json)
+    verdict = _decided(_with_client(settings, send), settings, as_json)
     if as_json:
-        _print_json({"sent": True, "event_id": event.event_id, "run_id": run_id})
+        _print_json(
+            {
+                "accepted": True,
+                "run_id": run_id,
+                "reason": verdict.reason,
+                "improvement_id": verdict.improvement_id,
+                "event_id": verdict.feedback_id,
+            }
+        )
     else:
-        _out.print(f"feedback on run {escape(run_id)} sent (event {event.event_id})")
+        _out.print(f"feedback on run {escape(run_id)} accepted: {escape(verdict.reason)}")
+
+
+def _decided(coro: Coroutine[Any, Any, T], settings: KafkaSettings, as_json: bool) -> T:
+    """Run a command that waits for a verdict; a refusal or silence ends the CLI non-zero."""
+    try:
+        return _run(coro, settings, as_json=as_json)
+    except Refused as exc:
+        _fail(f"refused: {exc}", EXIT_FAILED, as_json=as_json, error_type=type(exc).__name__)
+    except NoVerdict as exc:
+        _fail(str(exc), EXIT_TIMEOUT, as_json=as_json)
+
+
+def _approve(improvement_id: str, user: str, timeout: float, as_json: bool) -> None:
+    user = _checked_id(user, "--user", as_json=as_json)
+    if not improvement_id.strip():
+        _fail("give the improvement id to approve", EXIT_INVALID, as_json=as_json)
+    settings = _settings()
+
+    async def send(client: OrchestratorClient) -> PromotionDecided:
+        return await client.approve(improvement_id, user_id=user, timeout=timeout)
+
+    verdict = _decided(_with_client(settings, send), settings, as_json)
+    if as_json:
+        _print_json(
+            {
+                "accepted": True,
+                "improvement_id": improvement_id,
+                "workflow_id": verdict.workflow_id,
+                "reason": verdict.reason,
+            }
+        )
+    else:
+        _out.print(f"approved: {escape(verdict.reason)}")
+
+
+@keys_app.command("create")
+def keys_create(
+    goal: Annotated[str, typer.Option("--goal", help="The goal the key speaks for.")],
+    user: Annotated[str, typer.Option("--user", help="The user the key speaks for.")],
+    role: Annotated[str, typer.Option("--role", help="user or operator.")] = "user",
+    label: Annotated[str, typer.Option("--label", help="A note for `keys list`.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API key; it is printed once (last line, or `key` in JSON) and stored hashed."""
+    goal = _checked_id(goal, "--goal", as_json=as_json)
+    user = _checked_id(user, "--user", as_json=as_json)
+    if role not in ("user", "operator"):
+        _fail(f"--role must be user or operator, not {role!r}", EXIT_INVALID, as_json=as_json)
+    settings = _settings()
+    chosen: Role = "operator" if role == "operator" else "user"
+
+    async def send(client: OrchestratorClient) -> tuple[str, ApiKeyIssued]:
+        return await client.create_key(goal, user, chosen, label=label)
+
+    key, event = _run(_with_client(settings, send), settings, as_json=as_json)
+    if as_json:
+        _print_json(
+            {"key_id": event.key_id, "goal_id": goal, "user_id": user, "role": role, "key": key}
+        )
+        return
+    _err.print(
+        f"key {event.key_id} for user {escape(user)} of goal {escape(goal)} ({role});"
+        " it is shown once, keep it now:"
+    )
+    sys.stdout.write(key + "\n")
+
+
+@keys_app.command("list")
+def keys_list(as_json: JsonOpt = False) -> None:
+    """Every API key (never the key itself), with who it speaks for and whether it is revoked."""
+    settings = _settings()
+    _require_kafka(settings, as_json=as_json)
+
+    async def load() -> KeyRegistry:
+        registry = KeyRegistry()
+        for event in await read_topics_to_end(settings, (ApiKeyIssued.topic, ApiKeyRevoked.topic)):
+            registry.apply(event)
+        return registry
+
+    rows = _run(load(), settings, as_json=as_json).listing()
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title=f"API keys ({len(rows)})")
+    for column in ("key id", "goal", "user", "role", "label", "created", "revoked"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            *(
+                str(r[k] or "")
+                for k in (
+                    "key_id",
+                    "goal_id",
+                    "user_id",
+                    "role",
+                    "label",
+                    "created_at",
+                    "revoked_at",
+                )
+            )
+        )
+    _out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id (from `keys list`).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke an API key for good; HTTP surfaces refuse it as soon as they read the event."""
+    if not re.fullmatch(r"[0-9a-f]{16}", key_id):
+        _fail(f"not a key id: {key_id!r} (16 hex digits)", EXIT_INVALID, as_json=as_json)
+    settings = _settings()
+
+    async def send(client: OrchestratorClient) -> ApiKeyRevoked:
+        return await client.revoke_key(key_id)
+
+    _run(_with_client(settings, send), settings, as_json=as_json)
+    if as_json:
+        _print_json({"revoked": True, "key_id": key_id})
+    else:
+        _out.print(f"key {key_id} revoked")
 
 
 # -- inspecting -----------------------------------------------------------------------------

@@ -121,13 +121,16 @@ class Assessor:
         """False when the world's truth decides: that path must not wait for anything."""
         return world_quality(event.meta) is None and event.degradation_tier not in DEGRADED_QUALITY
 
-    async def assess(self, event: WorkflowCompleted, message: str) -> Assessment:
+    async def assess(
+        self, event: WorkflowCompleted, message: str, *, may_spend: bool = True
+    ) -> Assessment:
+        """``may_spend`` False: the run's goal cannot pay for a judge today (heuristic)."""
         world = world_quality(event.meta)
         if world is not None:
             return Assessment(world, "world")
         heuristic = heuristic_quality(event.degradation_tier, message, event.text)
         # A degraded answer's worth is known; asking a model to grade it would cost money.
-        if self.llm is None or event.degradation_tier in DEGRADED_QUALITY:
+        if self.llm is None or not may_spend or event.degradation_tier in DEGRADED_QUALITY:
             return Assessment(heuristic, "heuristic")
         try:
             call = await self.llm.complete(

@@ -1,10 +1,9 @@
-"""Feedback rules: when it asks for a change, the prompt it proposes, and Slack's command text.
+"""Feedback rules: when it asks for a change, the template prompt, and Slack's command text.
 
 An improvement is wanted when the score is 2 or less, or the text asks for a
-change (words such as "should", "instead", "shorter", "don't"). Without an LLM
-the new system prompt is the current one plus one instruction taken from the
-feedback (the template rule); with one, the LLM rewrites the prompt from the
-feedback and the template rule is the fallback.
+change (words such as "should", "instead", "shorter", "don't"). What the change
+is comes from :mod:`services.improvement.instructions`: user text never becomes
+part of a prompt itself.
 """
 
 from __future__ import annotations
@@ -20,26 +19,17 @@ __all__ = [
     "SlackCommand",
     "asks_for_change",
     "base_prompt",
-    "clean_proposal",
-    "improvement_messages",
     "parse_slack_command",
     "slack_platform_user",
-    "template_prompt",
     "wants_improvement",
 ]
 
 LOW_SCORE = 2
-MAX_PROMPT_CHARS = 6000
 _CHANGE = re.compile(
     r"\b(should|shouldn't|must|instead|please|prefer|rather|more|less|too|shorter|longer"
     r"|add|include|avoid|stop|don't|do not|never|always|wrong|incorrect|missing|improve"
     r"|better|use|explain)\b",
     re.I,
-)
-_FENCE = re.compile(r"^```[a-z]*\s*|\s*```$", re.I)
-_LOW_SCORE_RULE = (
-    "Recent answers in this area were rated poorly: be accurate and specific, answer"
-    " every part of the request, and say what you are unsure of."
 )
 
 
@@ -55,48 +45,6 @@ def base_prompt(specialty: str) -> str:
     """The specialty's template prompt, when neither a version nor an agent gives one."""
     profile = profile_for(specialty)
     return f"You are a {specialty.replace('_', ' ')} specialist who {profile.description}."
-
-
-def _instruction(text: str) -> str:
-    said = " ".join(text.split())[:300].strip()
-    if not said:
-        return _LOW_SCORE_RULE
-    return f"Users asked for this; follow it: {said}"
-
-
-def template_prompt(current: str, text: str) -> str | None:
-    """The current prompt plus the feedback's instruction; None when it already says it."""
-    rule = _instruction(text)
-    if rule in current:
-        return None
-    return f"{current.rstrip()}\n\n{rule}"[:MAX_PROMPT_CHARS]
-
-
-def improvement_messages(
-    specialty: str, current: str, score: int | None, text: str
-) -> list[dict[str, str]]:
-    rated = f" (score {score}/5)" if score is not None else ""
-    return [
-        {
-            "role": "system",
-            "content": "You improve the system prompts of AI specialists from user feedback."
-            " Keep what works, address the feedback, stay under 300 words. Reply with the"
-            " new system prompt only.",
-        },
-        {
-            "role": "user",
-            "content": f"Specialty: {specialty}\n\nCurrent system prompt:\n{current}\n\n"
-            f"User feedback{rated}:\n{text or '(no text; the answer was rated poorly)'}",
-        },
-    ]
-
-
-def clean_proposal(text: str) -> str | None:
-    """The LLM's proposed prompt without fences or quotes; None when unusable."""
-    cleaned = _FENCE.sub("", text.strip()).strip().strip('"').strip()
-    if len(cleaned) < 20 or len(cleaned) > MAX_PROMPT_CHARS:
-        return None
-    return cleaned
 
 
 @dataclass(frozen=True)

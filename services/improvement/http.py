@@ -1,10 +1,19 @@
-"""Feedback over HTTP on loopback: ``POST /improve`` (JSON) and Slack's ``/improve`` (slack-bolt).
+"""Feedback over HTTP: ``POST /improve`` (JSON, API key) and Slack's ``/improve`` (slack-bolt).
 
-``POST /improve`` takes ``{"run_id", "user_id", "text", "score"?}`` and answers
-202 ``{"event_id", "run_id"}`` once ``feedback_received`` is on Kafka; 400 for
-bad input, 404 for an unknown run, 403 when ``user_id`` does not own the run.
-The endpoint trusts the ``user_id`` its caller states: it listens on loopback,
-and whatever exposes it further must authenticate users first.
+Every JSON route needs ``Authorization: Bearer <API key>`` (``orchestrator keys
+create``); the key, not the body, says who speaks: its user and its goal. 401 for
+a missing, unknown or revoked key.
+
+``POST /improve`` takes ``{"run_id", "text", "score"?}`` (a ``user_id``, if given,
+must be the key's) and answers with the improvement service's verdict: 200
+``{"accepted": true, "reason", "improvement_id", "event_id", "run_id"}``, 422
+``{"accepted": false, "error"}`` when the change it asks for is refused, or 202
+``{"status": "pending"}`` when no verdict came in time. 400 for bad input, 404 for
+an unknown run, 403 when the key's user does not own the run (or the run is
+another goal's), 429 past the per-user feedback limit.
+
+``POST /improvements/<id>/approve`` (operator keys only, else 403) asks for a
+goal's improvement to serve every goal; the verdict comes back the same way.
 
 ``POST /slack/commands`` is a slack-bolt ``AsyncApp`` (enabled when
 ``SLACK_SIGNING_SECRET`` is set): Bolt refuses a request whose
@@ -23,10 +32,16 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from services.improvement.errors import NotRunOwner, UnknownRun
 from services.improvement.feedback import parse_slack_command, slack_platform_user
-from streams.errors import InvalidRequest
-from streams.events import FeedbackReceived
+from streams.errors import (
+    InvalidRequest,
+    NotRunOwner,
+    PromotionRefused,
+    RateLimited,
+    UnknownRun,
+)
+from streams.events import FeedbackDecided, FeedbackReceived, PromotionDecided, PromotionRequested
+from streams.keys import Identity
 
 __all__ = ["FeedbackSink", "SlackSettings", "build_app"]
 
@@ -35,11 +50,25 @@ _MAX_BODY = 64 * 1024
 
 
 class FeedbackSink(Protocol):
-    """Checks feedback (raises InvalidRequest, UnknownRun, NotRunOwner) and sends it."""
+    """Checks feedback (raises InvalidRequest, UnknownRun, NotRunOwner, RateLimited), sends it."""
+
+    def identify(self, key: str) -> Identity | None: ...
 
     async def submit(
-        self, run_id: str, user_id: str, score: int | None, text: str, channel: str
+        self,
+        run_id: str,
+        user_id: str,
+        score: int | None,
+        text: str,
+        channel: str,
+        goal_id: str | None = None,
     ) -> FeedbackReceived: ...
+
+    async def approve(self, improvement_id: str, user_id: str) -> PromotionRequested: ...
+
+    async def verdict(
+        self, request_id: str, timeout: float
+    ) -> FeedbackDecided | PromotionDecided | None: ...
 
 
 class SlackSettings:
@@ -55,15 +84,15 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
-def _parse(body: Any) -> tuple[str, str, int | None, str]:
+def _parse(body: Any) -> tuple[str, str | None, int | None, str]:
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object")
     run_id, user_id = body.get("run_id"), body.get("user_id")
     text, score = body.get("text", ""), body.get("score")
     if not isinstance(run_id, str) or not run_id.strip():
         raise InvalidRequest("run_id must be a non-empty string")
-    if not isinstance(user_id, str) or not user_id.strip():
-        raise InvalidRequest("user_id must be a non-empty string")
+    if user_id is not None and (not isinstance(user_id, str) or not user_id.strip()):
+        raise InvalidRequest("user_id, when given, must be a non-empty string")
     if not isinstance(text, str):
         raise InvalidRequest("text must be a string")
     if score is not None and (isinstance(score, bool) or not isinstance(score, int)):
@@ -73,24 +102,81 @@ def _parse(body: Any) -> tuple[str, str, int | None, str]:
     return run_id, user_id, score, text
 
 
+_VERDICT_WAIT_S = 15.0
+
+
+def _identity(sink: FeedbackSink, request: web.Request) -> Identity | None:
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return None
+    return sink.identify(key.strip())
+
+
+_NO_KEY = "a valid API key is required: Authorization: Bearer <key> (orchestrator keys create)"
+
+
+async def _answer(sink: FeedbackSink, request_id: str, run_id: str | None) -> web.Response:
+    verdict = await sink.verdict(request_id, _VERDICT_WAIT_S)
+    if verdict is None:
+        return web.json_response(
+            {"status": "pending", "event_id": request_id, "run_id": run_id}, status=202
+        )
+    if not verdict.accepted:
+        return web.json_response(
+            {"accepted": False, "error": verdict.reason, "event_id": request_id}, status=422
+        )
+    body: dict[str, Any] = {"accepted": True, "reason": verdict.reason, "event_id": request_id}
+    if isinstance(verdict, FeedbackDecided):
+        body.update(run_id=verdict.run_id, improvement_id=verdict.improvement_id)
+    else:
+        body.update(improvement_id=verdict.improvement_id, workflow_id=verdict.workflow_id)
+    return web.json_response(body, status=200)
+
+
 def _improve_handler(sink: FeedbackSink) -> Any:
     async def improve(request: web.Request) -> web.Response:
+        who = _identity(sink, request)
+        if who is None:
+            return _error(401, _NO_KEY)
         try:
             body = json.loads(await request.text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "body must be JSON")
         try:
             run_id, user_id, score, text = _parse(body)
-            event = await sink.submit(run_id, user_id, score, text, "http")
+            if user_id is not None and user_id != who.user_id:
+                raise NotRunOwner(f"the key speaks for {who.user_id!r}, not {user_id!r}")
+            event = await sink.submit(run_id, who.user_id, score, text, "http", who.goal_id)
         except InvalidRequest as exc:
             return _error(400, str(exc))
         except UnknownRun as exc:
             return _error(404, str(exc))
         except NotRunOwner as exc:
             return _error(403, str(exc))
-        return web.json_response({"event_id": event.event_id, "run_id": event.run_id}, status=202)
+        except RateLimited as exc:
+            return _error(429, str(exc))
+        return await _answer(sink, event.event_id, event.run_id)
 
     return improve
+
+
+def _approve_handler(sink: FeedbackSink) -> Any:
+    async def approve(request: web.Request) -> web.Response:
+        who = _identity(sink, request)
+        if who is None:
+            return _error(401, _NO_KEY)
+        if not who.is_operator:
+            return _error(
+                403,
+                f"approving an improvement needs an operator key; {who.user_id!r}'s is a user key",
+            )
+        try:
+            event = await sink.approve(request.match_info["improvement_id"], who.user_id)
+        except PromotionRefused as exc:
+            return _error(404, str(exc))
+        return await _answer(sink, event.event_id, None)
+
+    return approve
 
 
 def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
@@ -122,7 +208,7 @@ def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
             parsed = parse_slack_command(str(command.get("text", "")))
             user = slack_platform_user(str(command.get("user_id", "")), slack.users)
             event = await sink.submit(parsed.run_id, user, parsed.score, parsed.text, "slack")
-        except (InvalidRequest, ValueError, UnknownRun, NotRunOwner) as exc:
+        except (InvalidRequest, ValueError, UnknownRun, NotRunOwner, RateLimited) as exc:
             await ack(text=f"Feedback not recorded: {exc}")
             return
         await ack(text=f"Thanks: feedback on run {event.run_id} recorded (event {event.event_id}).")
@@ -136,6 +222,7 @@ def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
 def build_app(sink: FeedbackSink, slack: SlackSettings | None) -> web.Application:
     app = web.Application(client_max_size=_MAX_BODY)
     app.router.add_post("/improve", _improve_handler(sink))
+    app.router.add_post("/improvements/{improvement_id}/approve", _approve_handler(sink))
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"ok": True, "slack": slack is not None})

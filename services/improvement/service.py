@@ -29,6 +29,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -38,29 +39,44 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.partitioner import murmur2
 
 from services.improvement.assess import Assessor
-from services.improvement.errors import FeedbackRefused, NotRunOwner, UnknownRun
-from services.improvement.feedback import (
-    clean_proposal,
-    improvement_messages,
-    template_prompt,
-    wants_improvement,
-)
+from services.improvement.feedback import wants_improvement
 from services.improvement.http import SlackSettings, build_app
+from services.improvement.instructions import (
+    ADJUSTMENTS,
+    clean_instruction,
+    guard_instruction,
+    instruction_messages,
+    match_adjustments,
+)
 from services.improvement.patterns import PatternSettings
 from services.improvement.state import ImprovementState, RunInfo
 from services.improvement.versions import VERSION_TOPICS, CanaryPolicy, ChangeSource
-from streams.config import env_int
-from streams.errors import InvalidRequest
+from streams.config import env_float, env_int
+from streams.errors import (
+    FeedbackRefused,
+    InvalidRequest,
+    NotRunOwner,
+    PromotionRefused,
+    RateLimited,
+    UnknownRun,
+)
 from streams.events import (
     AgentRetired,
     AgentSpawned,
+    ApiKeyIssued,
+    ApiKeyRevoked,
     AutomationCreated,
+    BudgetExceeded,
+    BudgetUpdateRequested,
     DeadLetter,
     Event,
+    FeedbackDecided,
     FeedbackReceived,
     ImprovementAvailable,
     LlmCallCompleted,
     PatternDiscovered,
+    PromotionDecided,
+    PromotionRequested,
     RequestReceived,
     RollbackRequested,
     RouteDecided,
@@ -69,8 +85,10 @@ from streams.events import (
     WorkflowFailed,
 )
 from streams.kafka import Delivery, EventConsumer
+from streams.keys import Identity
 from streams.llm import Completion, LLMClient, LLMError, LLMSettings, create_llm
 from streams.service import ServiceContext
+from streams.workflows import goal_of, goal_workflow, join_instructions
 
 __all__ = ["ImprovementConfig", "ImprovementService", "main", "serve"]
 
@@ -86,9 +104,16 @@ VIEW_TOPICS = (
     AgentRetired.topic,
     PatternDiscovered.topic,
     AutomationCreated.topic,
+    ApiKeyIssued.topic,
+    ApiKeyRevoked.topic,
+    FeedbackDecided.topic,
+    LlmCallCompleted.topic,
+    BudgetUpdateRequested.topic,
+    BudgetExceeded.topic,
+    ImprovementAvailable.topic,
     *VERSION_TOPICS,
 )
-WORK_TOPICS = (WorkflowCompleted.topic, FeedbackReceived.topic)
+WORK_TOPICS = (WorkflowCompleted.topic, FeedbackReceived.topic, PromotionRequested.topic)
 COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 
@@ -120,6 +145,11 @@ class ImprovementConfig:
     canary: CanaryPolicy = field(default_factory=CanaryPolicy)
     judge_model: str | None = None
     view_wait_s: float = 2.0
+    feedback_limit: int = 20  # feedback per user and window; more is refused
+    feedback_window_s: float = 3600.0
+    llm_reserve_usd: float = 0.002  # what a judge or rewrite call may cost, held against the goal
+    promote_goals: int = 3  # goals whose canary of a change must win before every goal gets it
+    operators: frozenset[str] = frozenset()  # users trusted as operators without a key
 
     @classmethod
     def from_env(cls) -> ImprovementConfig:
@@ -147,6 +177,13 @@ class ImprovementConfig:
             patterns=PatternSettings.from_env(),
             canary=CanaryPolicy.from_env(),
             judge_model=os.environ.get("ORCH_JUDGE_MODEL", "").strip() or None,
+            feedback_limit=env_int("ORCH_FEEDBACK_PER_WINDOW", 20, minimum=1),
+            feedback_window_s=env_float("ORCH_FEEDBACK_WINDOW_SECONDS", 3600.0, minimum=1.0),
+            llm_reserve_usd=env_float("ORCH_PLATFORM_CALL_RESERVE_USD", 0.002, minimum=0.0),
+            promote_goals=env_int("ORCH_PROMOTE_GOALS", 3, minimum=1),
+            operators=frozenset(
+                u.strip() for u in os.environ.get("ORCH_OPERATORS", "").split(",") if u.strip()
+            ),
         )
 
 
@@ -223,6 +260,7 @@ class ImprovementService:
         self._view: _LogView | None = None
         self._commands: EventConsumer | None = None
         self._owned: frozenset[int] = frozenset()
+        self._waiters: dict[str, asyncio.Future[FeedbackDecided | PromotionDecided]] = {}
         self.http_port: int | None = None
 
     # -- knowledge -------------------------------------------------------------
@@ -261,6 +299,10 @@ class ImprovementService:
         return changed
 
     # -- assessment --------------------------------------------------------------
+    def may_spend(self, goal_id: str | None) -> bool:
+        """Whether the platform may make an LLM call charged to ``goal_id`` now."""
+        return self.state.spend.allows(goal_id, self.ctx.clock.now(), self.config.llm_reserve_usd)
+
     async def assess(self, event: WorkflowCompleted) -> list[Event]:
         known = self.state.run(event.run_id)
         if event.run_id in self._assessed or (known is not None and known.quality is not None):
@@ -269,7 +311,8 @@ class ImprovementService:
         if self.assessor.needs_message(event):
             run = await self._run_known(event.run_id, lambda r: r.message is not None)
             message = (run.message or "") if run is not None else ""
-        result = await self.assessor.assess(event, message)
+        # The judge is paid by the goal whose answer it grades; a goal at its limit gets none.
+        result = await self.assessor.assess(event, message, may_spend=self.may_spend(event.goal_id))
         now = self.ctx.clock.now()
         out: list[Event] = [
             WorkflowAssessed(
@@ -289,6 +332,7 @@ class ImprovementService:
             out.append(
                 self._llm_call(
                     event.run_id,
+                    event.goal_id,
                     "judge",
                     result.judge_call,
                     result.judge_error,
@@ -303,21 +347,21 @@ class ImprovementService:
     def _llm_call(
         self,
         run_id: str,
+        goal_id: str,
         purpose: Literal["judge", "improvement"],
         call: Completion | None,
         error: str | None,
         *,
         cause: str,
     ) -> LlmCallCompleted:
-        # Judging and rewriting prompts is the platform's own learning, not the user's
-        # work: it is charged to the platform's goal (ORCH_PLATFORM_GOAL), where spend per
-        # goal shows it, and never eats into a user goal's daily budget.
-        return LlmCallCompleted(
+        # Judging an answer and rewriting feedback serve one goal's run: that goal pays,
+        # within its max_daily_cost, like its own answers.
+        event = LlmCallCompleted(
             # One call per causing event: a redelivered cause does not count its cost twice.
             event_id=str(uuid.uuid5(_NS, f"{cause}:{purpose}")),
             source=SOURCE,
             run_id=run_id,
-            goal_id=os.environ.get("ORCH_PLATFORM_GOAL", "platform"),
+            goal_id=goal_id,
             model=call.model if call else (self.config.judge_model or "unknown"),
             purpose=purpose,
             prompt_tokens=call.prompt_tokens if call else 0,
@@ -328,20 +372,78 @@ class ImprovementService:
             error=None if call is not None else (error or "")[:500],
             occurred_at=self.ctx.clock.now(),
         )
+        self.state.spend.apply(event)  # at once: the next call must see this one's cost
+        return event
 
     # -- feedback ----------------------------------------------------------------
     async def check_owner(self, run_id: str, user_id: str) -> RunInfo:
         run = await self._run_known(run_id, lambda r: r.user_id is not None)
         if run is None or run.user_id is None:
-            raise UnknownRun(run_id)
+            raise UnknownRun(f"unknown run {run_id!r}: no request with this run id was seen")
         if run.user_id != user_id:
-            raise NotRunOwner(run_id, user_id)
+            raise NotRunOwner(f"user {user_id!r} does not own run {run_id!r}; only its owner may")
         return run
 
+    def check_rate(self, user_id: str, feedback_id: str, at: datetime) -> None:
+        window = timedelta(seconds=self.config.feedback_window_s)
+        recent = self.state.feedback_count(user_id, at - window, excluding=feedback_id)
+        if recent >= self.config.feedback_limit:
+            raise RateLimited(
+                f"user {user_id!r} sent {self.config.feedback_limit} feedback in the last"
+                f" {self.config.feedback_window_s / 60:g} minutes, the limit; try again later"
+            )
+
+    def identify(self, key: str) -> Identity | None:
+        return self.state.keys.authenticate(key)
+
+    def _view_event(self, event: Event) -> None:
+        self.state.apply(event)
+        if isinstance(event, FeedbackDecided | PromotionDecided):
+            waiter = self._waiters.get(
+                event.feedback_id if isinstance(event, FeedbackDecided) else event.request_id
+            )
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event)
+
+    async def verdict(
+        self, request_id: str, timeout: float
+    ) -> FeedbackDecided | PromotionDecided | None:
+        """The verdict on a feedback or promotion request, once the view has read it."""
+        waiter = self._waiters.setdefault(request_id, asyncio.get_running_loop().create_future())
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self._waiters.pop(request_id, None)
+
+    async def approve(self, improvement_id: str, user_id: str) -> PromotionRequested:
+        """HTTP: an operator asks for a goal's improvement to serve every goal."""
+        if self.state.improvement(improvement_id) is None:
+            raise PromotionRefused(f"unknown improvement {improvement_id!r}")
+        event = PromotionRequested(
+            source=SOURCE,
+            user_id=user_id,
+            improvement_id=improvement_id,
+            occurred_at=self.ctx.clock.now(),
+        )
+        self._waiters[event.event_id] = asyncio.get_running_loop().create_future()
+        await self.ctx.producer.send(event)
+        return event
+
     async def submit(
-        self, run_id: str, user_id: str, score: int | None, text: str, channel: str
+        self,
+        run_id: str,
+        user_id: str,
+        score: int | None,
+        text: str,
+        channel: str,
+        goal_id: str | None = None,
     ) -> FeedbackReceived:
-        """HTTP and Slack: refuse early with the reason, else send ``feedback_received``."""
+        """HTTP and Slack: refuse early with the reason, else send ``feedback_received``.
+
+        ``goal_id``: the caller's key is for this goal; a run of another goal is refused.
+        """
         from pydantic import ValidationError
 
         try:
@@ -360,7 +462,12 @@ class ImprovementService:
             )
             raise InvalidRequest(problems) from None
         run = await self.check_owner(run_id, user_id)
+        if goal_id is not None and run.goal_id != goal_id:
+            raise NotRunOwner(f"run {run_id!r} is not of goal {goal_id!r}, the key's goal")
+        self.check_rate(user_id, event.event_id, event.occurred_at)
         event = event.model_copy(update={"goal_id": run.goal_id})
+        # Waiting starts before sending: the verdict may be read before send() returns.
+        self._waiters[event.event_id] = asyncio.get_running_loop().create_future()
         await self.ctx.producer.send(event)
         return event
 
@@ -380,38 +487,100 @@ class ImprovementService:
             occurred_at=self.ctx.clock.now(),
         )
 
+    def _verdict(
+        self,
+        event: FeedbackReceived,
+        accepted: bool,
+        reason: str,
+        goal_id: str | None = None,
+        improvement_id: str | None = None,
+        error_type: str | None = None,
+    ) -> FeedbackDecided:
+        return FeedbackDecided(
+            event_id=str(uuid.uuid5(_NS, f"{event.event_id}:decided")),
+            source=SOURCE,
+            run_id=event.run_id,
+            goal_id=goal_id,
+            user_id=event.user_id,
+            feedback_id=event.event_id,
+            accepted=accepted,
+            reason=reason[:1000],
+            error_type=error_type,
+            improvement_id=improvement_id,
+            occurred_at=self.ctx.clock.now(),
+        )
+
+    async def _instructions(
+        self, event: FeedbackReceived, run: RunInfo, specialty: str, out: list[Event]
+    ) -> tuple[list[str], str]:
+        """The vetted instructions this feedback asks for, and how they were found.
+
+        With an LLM (and budget left on the run's goal) the model turns the feedback into
+        one short instruction; otherwise only the named adjustments apply. User text never
+        reaches a system prompt itself. Raises FeedbackRefused when the guard says no.
+        """
+        if self.llm is not None and run.goal_id and self.may_spend(run.goal_id):
+            call: Completion | None = None
+            error: str | None = None
+            instruction: str | None = None
+            try:
+                call = await self.llm.complete(
+                    instruction_messages(specialty, event.score, event.text),
+                    temperature=0.0,
+                    max_tokens=120,
+                )
+                instruction = clean_instruction(call.text)
+            except LLMError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            out.append(
+                self._llm_call(
+                    run.run_id, run.goal_id, "improvement", call, error, cause=event.event_id
+                )
+            )
+            if call is not None:
+                if instruction is None:
+                    return [], "llm"
+                verdict = guard_instruction(instruction)
+                if not verdict.ok:
+                    raise FeedbackRefused(f"the change it asks for was refused: {verdict.reason}")
+                return [instruction], "llm"
+        names = match_adjustments(event.text, event.score)
+        return [ADJUSTMENTS[n] for n in names], "named adjustments " + ", ".join(names)
+
     async def on_feedback(self, event: FeedbackReceived, delivery: Delivery) -> list[Event]:
         try:
             run = await self.check_owner(event.run_id, event.user_id)
+            self.check_rate(event.user_id, event.event_id, event.occurred_at)
         except FeedbackRefused as exc:
             log.warning("feedback %s refused: %s", event.event_id, exc)
-            return [self._dead_letter(event, delivery, str(exc), type(exc).__name__)]
-        workflow = run.workflow_id
-        if not wants_improvement(event.score, event.text) or not workflow:
-            return []
-        current = self.state.current_prompt(workflow, run.agent_id)
+            return [
+                self._verdict(event, False, str(exc), error_type=type(exc).__name__),
+                self._dead_letter(event, delivery, str(exc), type(exc).__name__),
+            ]
+        self.state.note_feedback(event.user_id, event.event_id, event.occurred_at)
+        specialty = run.workflow_id
+        if not wants_improvement(event.score, event.text) or not specialty or not run.goal_id:
+            return [self._verdict(event, True, "recorded; it asks for no change", run.goal_id)]
         out: list[Event] = []
-        proposal, how = None, "template"
-        if self.llm is not None:
-            call: Completion | None = None
-            error: str | None = None
-            try:
-                call = await self.llm.complete(
-                    improvement_messages(workflow, current, event.score, event.text),
-                    temperature=0.3,
-                    max_tokens=600,
-                )
-                proposal = clean_proposal(call.text)
-                how = "llm" if proposal else "template"
-            except LLMError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            if run.goal_id:
-                out.append(
-                    self._llm_call(run.run_id, "improvement", call, error, cause=event.event_id)
-                )
-        proposal = proposal or template_prompt(current, event.text)
-        if proposal is None:
-            return out  # the prompt already says what this feedback asks
+        try:
+            instructions, how = await self._instructions(event, run, specialty, out)
+        except FeedbackRefused as exc:
+            log.warning("feedback %s refused: %s", event.event_id, exc)
+            verdict = self._verdict(
+                event, False, str(exc), run.goal_id, error_type=type(exc).__name__
+            )
+            return [*out, verdict]
+        workflow = goal_workflow(run.goal_id, specialty)
+        current = self.state.current_instructions(workflow)
+        added = [i for i in instructions if i not in current]
+        if not added:
+            why = (
+                "recorded; its goal's prompt already says what it asks"
+                if instructions
+                else ("recorded; no change could be drawn from it")
+            )
+            return [*out, self._verdict(event, True, why, run.goal_id)]
+        improvement_id = f"imp_{uuid.uuid5(_NS, event.event_id).hex[:16]}"
         scored = f"score {event.score}" if event.score is not None else "no score"
         out.append(
             ImprovementAvailable(
@@ -420,23 +589,92 @@ class ImprovementService:
                 run_id=run.run_id,
                 goal_id=run.goal_id,
                 user_id=event.user_id,
-                improvement_id=f"imp_{uuid.uuid5(_NS, event.event_id).hex[:16]}",
+                improvement_id=improvement_id,
                 workflow_id=workflow,
-                kind="system_prompt",
-                proposal=proposal,
-                reason=f"{how} rule from feedback on run {run.run_id} ({scored}): {event.text}"[
-                    :1000
-                ],
+                kind="instructions",
+                proposal=join_instructions(added),
+                reason=f"{how} from feedback on run {run.run_id} ({scored})"[:1000],
                 occurred_at=self.ctx.clock.now(),
             )
         )
+        said = "; ".join(added)
+        out.append(
+            self._verdict(
+                event,
+                True,
+                f"improvement {improvement_id} proposed for goal {run.goal_id} ({specialty}):"
+                f" {said}",
+                run.goal_id,
+                improvement_id,
+            )
+        )
         return out
+
+    def is_operator(self, user_id: str | None) -> bool:
+        return user_id is not None and (
+            user_id in self.config.operators or self.state.keys.is_operator(user_id)
+        )
+
+    async def on_promotion(self, event: PromotionRequested) -> list[Event]:
+        """An operator makes a goal's improvement serve every goal (as a canary first)."""
+
+        def decided(
+            accepted: bool,
+            reason: str,
+            error_type: str | None = None,
+            workflow_id: str | None = None,
+        ) -> Event:
+            return PromotionDecided(
+                event_id=str(uuid.uuid5(_NS, f"{event.event_id}:decided")),
+                source=SOURCE,
+                user_id=event.user_id,
+                improvement_id=event.improvement_id,
+                request_id=event.event_id,
+                accepted=accepted,
+                reason=reason[:1000],
+                error_type=error_type,
+                workflow_id=workflow_id,
+                occurred_at=self.ctx.clock.now(),
+            )
+
+        if not self.is_operator(event.user_id):
+            return [decided(False, _not_operator(event.user_id), "NotOperator")]
+        assert self._view is not None
+        await self._view.sync(VERSION_TOPICS)
+        saved = self.state.improvement(event.improvement_id)
+        if saved is None:
+            return [
+                decided(False, f"unknown improvement {event.improvement_id!r}", "PromotionRefused")
+            ]
+        goal, specialty = goal_of(saved.workflow_id)
+        added = saved.changes.get("added", "")
+        if goal is None or not added:
+            why = f"{event.improvement_id} already serves every goal of {specialty}"
+            return [decided(False, why, "PromotionRefused")]
+        return [
+            ImprovementAvailable(
+                event_id=str(uuid.uuid5(_NS, f"{event.event_id}:available")),
+                source=SOURCE,
+                user_id=event.user_id,
+                improvement_id=f"{event.improvement_id}-all",
+                workflow_id=specialty,
+                kind="approved",
+                proposal=added,
+                reason=f"approved by operator {event.user_id}: {event.reason}"[:1000],
+                occurred_at=self.ctx.clock.now(),
+            ),
+            decided(
+                True, f"{event.improvement_id} goes to every goal of {specialty}", None, specialty
+            ),
+        ]
 
     async def handle_work(self, event: Event, delivery: Delivery) -> None:
         if isinstance(event, WorkflowCompleted):
             out = await self.assess(event)
         elif isinstance(event, FeedbackReceived):
             out = await self.on_feedback(event, delivery)
+        elif isinstance(event, PromotionRequested):
+            out = await self.on_promotion(event)
         else:
             return
         if out:
@@ -454,17 +692,76 @@ class ImprovementService:
                     self.state.apply(e)  # at once: the next decision must see this one
         return events
 
+    def _changes(self, event: ImprovementAvailable) -> dict[str, str] | str:
+        """What a proposed version holds, or why it may not be saved.
+
+        ``instructions`` (a goal's, from feedback), ``approved`` (an operator made a
+        goal's change platform-wide) and ``goal_win`` (enough goals' canaries of it won)
+        add vetted instructions to the workflow's current ones; the guard checks them
+        again here, where they are written. ``system_prompt`` replaces the prompt.
+        """
+        if event.kind == "system_prompt":
+            return {"system_prompt": event.proposal}
+        added = [line for line in event.proposal.split("\n") if line.strip()]
+        for line in added:
+            verdict = guard_instruction(line)
+            if not verdict.ok:
+                return f"instruction refused: {verdict.reason}"
+        goal, _ = goal_of(event.workflow_id)
+        if event.kind == "instructions" and goal is None:
+            return "feedback instructions only change the goal they came from"
+        if event.kind in ("approved", "goal_win") and goal is not None:
+            return f"{event.kind} changes apply to platform-wide workflows only"
+        if event.kind not in ("instructions", "approved", "goal_win"):
+            return f"unknown improvement kind {event.kind!r}"
+        current = self.state.current_instructions(event.workflow_id)
+        fresh = [line for line in added if line not in current]
+        if not fresh:
+            return "the workflow already has these instructions"
+        changes = {"instructions": join_instructions([*current, *fresh]), "added": "\n".join(fresh)}
+        if event.kind == "goal_win":
+            goals = self.state.wins.get((event.workflow_id, event.proposal), set())
+            if len(goals) < self.config.promote_goals:
+                return (
+                    f"won on {len(goals)} goal(s); {self.config.promote_goals} are needed"
+                    " before every goal gets it"
+                )
+            changes["goals"] = ",".join(sorted(goals))
+        return changes
+
     async def handle_command(self, event: Event, delivery: Delivery) -> None:
         now = self.ctx.clock.now
         if isinstance(event, ImprovementAvailable):
             ledger = self.state.flow(event.workflow_id)
-            source: ChangeSource = "user" if event.user_id else "system"
-            done = await self._write(
-                lambda: ledger.propose(
-                    event, now=now(), share=self.config.canary.share, source=source
-                ),
+            source: ChangeSource = (
+                "automated" if event.kind == "goal_win" else "user" if event.user_id else "system"
             )
-            if not done and ledger.state.canary is not None:
+            if event.kind == "goal_win":
+                self.state.apply(event)  # count the win before deciding on it
+            refusal: list[str] = []
+
+            def decide() -> list[Event]:
+                changes = self._changes(event)
+                if isinstance(changes, str):
+                    refusal.append(changes)
+                    return []
+                return ledger.propose(
+                    event,
+                    now=now(),
+                    share=self.config.canary.share,
+                    source=source,
+                    changes=changes,
+                )
+
+            done = await self._write(decide)
+            if refusal:
+                log.info(
+                    "improvement %s on %s not saved: %s",
+                    event.improvement_id,
+                    event.workflow_id,
+                    refusal[0],
+                )
+            elif not done and ledger.state.canary is not None:
                 # One canary at a time, or neither could be measured; the proposal stays
                 # in the log as improvement_available for a person to look at.
                 log.info(
@@ -514,7 +811,36 @@ class ImprovementService:
 
     def _judge(self, workflow_id: str) -> Callable[[], list[Event]]:
         ledger = self.state.flow(workflow_id)
-        return lambda: ledger.evaluate(self.ctx.clock.now(), self.config.canary)[1]
+
+        def decide() -> list[Event]:
+            canary = ledger.state.canary
+            verdict, events = ledger.evaluate(self.ctx.clock.now(), self.config.canary)
+            goal, specialty = goal_of(workflow_id)
+            saved = ledger.versions.get(canary) if canary is not None else None
+            added = saved.changes.get("added") if saved is not None else None
+            beat = (
+                verdict is not None
+                and verdict.action == "promote"
+                and verdict.canary_mean > verdict.control_mean
+            )
+            if verdict is not None and beat and goal is not None and added:
+                # A goal's change that beat its baseline counts towards every goal having it.
+                events.append(
+                    ImprovementAvailable(
+                        event_id=str(uuid.uuid5(_NS, f"{workflow_id}:win:{canary}")),
+                        source=SOURCE,
+                        goal_id=goal,
+                        improvement_id=f"win_{uuid.uuid5(_NS, f'{specialty}:{added}').hex[:16]}",
+                        workflow_id=specialty,
+                        kind="goal_win",
+                        proposal=added,
+                        reason=f"goal {goal}: {verdict.reason}"[:1000],
+                        occurred_at=self.ctx.clock.now(),
+                    )
+                )
+            return events
+
+        return decide
 
     async def _evaluate_forever(self, sweep_every_s: float = 300.0) -> None:
         assert self._view is not None
@@ -576,7 +902,7 @@ class ImprovementService:
             # Partition p of both command topics on one instance: one writer per workflow.
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
-        self._view = _LogView(view, self.state.apply)
+        self._view = _LogView(view, self._view_event)
         self._commands = commands
         tasks: list[asyncio.Task[None]] = []
         runner: web.AppRunner | None = None
@@ -639,3 +965,9 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     finally:
         if llm is not None:
             await llm.aclose()
+
+
+def _not_operator(user_id: str | None) -> str:
+    return (
+        f"approving an improvement needs an operator; {user_id or 'nobody'!r} holds no operator key"
+    )

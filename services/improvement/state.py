@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 
 from services.improvement.feedback import base_prompt
 from services.improvement.patterns import PatternLearner, PatternSettings
@@ -19,10 +19,17 @@ from streams.clock import Clock
 from streams.events import (
     AgentRetired,
     AgentSpawned,
+    ApiKeyIssued,
+    ApiKeyRevoked,
     AutomationCreated,
+    BudgetExceeded,
+    BudgetUpdateRequested,
     Event,
+    FeedbackDecided,
     ImprovementApplied,
+    ImprovementAvailable,
     ImprovementRolledBack,
+    LlmCallCompleted,
     PatternDiscovered,
     RequestReceived,
     RouteDecided,
@@ -31,9 +38,11 @@ from streams.events import (
     WorkflowFailed,
     WorkflowVersionSaved,
 )
+from streams.keys import KeyRegistry
 from streams.registry import RegistryView
+from streams.workflows import goal_of, split_instructions
 
-__all__ = ["ImprovementState", "RunInfo"]
+__all__ = ["GoalSpend", "ImprovementState", "RunInfo"]
 
 _MAX_RUNS = 200_000
 
@@ -50,6 +59,7 @@ class RunInfo:
     completed_at: datetime | None = None
     failed_at: datetime | None = None
     version_label: str | None = None
+    version_flow: str | None = None  # the workflow whose version served it
     quality: float | None = None
     signature: str | None = None
     outcome_done: bool = False
@@ -70,6 +80,12 @@ class ImprovementState:
         self.flows: dict[str, WorkflowLedger] = {}
         self.dirty_signatures: set[str] = set()
         self.dirty_flows: set[str] = set()
+        self.keys = KeyRegistry()
+        self.spend = GoalSpend()
+        # user -> feedback_id -> when its verdict was given, for the per-user rate limit
+        self.feedback: dict[str, OrderedDict[str, datetime]] = {}
+        # (specialty, instruction) -> goals whose canary of it beat their baseline
+        self.wins: dict[tuple[str, str], set[str]] = {}
 
     def run(self, run_id: str) -> RunInfo | None:
         return self.runs.get(run_id)
@@ -88,7 +104,39 @@ class ImprovementState:
             found = self.flows[workflow_id] = WorkflowLedger(workflow_id)
         return found
 
+    def note_feedback(self, user_id: str, feedback_id: str, at: datetime) -> None:
+        seen = self.feedback.setdefault(user_id, OrderedDict())
+        seen[feedback_id] = at
+        while len(seen) > 1000:
+            seen.popitem(last=False)
+
+    def feedback_count(self, user_id: str, since: datetime, *, excluding: str) -> int:
+        seen: dict[str, datetime] = self.feedback.get(user_id, {})
+        return sum(1 for fid, at in seen.items() if at >= since and fid != excluding)
+
+    def improvement(self, improvement_id: str) -> WorkflowVersionSaved | None:
+        """The version an improvement saved, in whichever workflow it went."""
+        for ledger in self.flows.values():
+            for saved in ledger.versions.values():
+                if saved.changes.get("improvement_id") == improvement_id:
+                    return saved
+        return None
+
     def apply(self, event: Event) -> None:
+        if isinstance(event, ApiKeyIssued | ApiKeyRevoked):
+            self.keys.apply(event)
+            return
+        if isinstance(event, LlmCallCompleted | BudgetUpdateRequested | BudgetExceeded):
+            self.spend.apply(event)
+            return
+        if isinstance(event, FeedbackDecided):
+            if event.user_id is not None and event.accepted:
+                self.note_feedback(event.user_id, event.feedback_id, event.occurred_at)
+            return
+        if isinstance(event, ImprovementAvailable):
+            if event.kind == "goal_win" and event.goal_id is not None:
+                self.wins.setdefault((event.workflow_id, event.proposal), set()).add(event.goal_id)
+            return
         if isinstance(event, AgentSpawned | AgentRetired):
             self.registry.apply(event)
             return
@@ -115,6 +163,7 @@ class ImprovementState:
             run.specialty, run.agent_id = event.specialty, event.agent_id
             run.completed_at = event.occurred_at
             run.version_label = event.meta.get("workflow_version")
+            run.version_flow = event.meta.get("workflow_id") or event.specialty
         elif isinstance(event, WorkflowFailed):
             run.failed_at = event.occurred_at
             run.specialty = run.specialty or event.specialty
@@ -150,13 +199,20 @@ class ImprovementState:
             and run.specialty
         ):
             run.version_done = True
-            self.flow(run.specialty).observe(
-                run.run_id, run.version_label, run.quality, run.completed_at
-            )
-            self.dirty_flows.add(run.specialty)
+            flow = run.version_flow or run.specialty
+            self.flow(flow).observe(run.run_id, run.version_label, run.quality, run.completed_at)
+            self.dirty_flows.add(flow)
+
+    def current_instructions(self, workflow_id: str) -> list[str]:
+        """A goal workflow's vetted instructions in the version that serves everyone now."""
+        ledger = self.flow(workflow_id)
+        saved = ledger.versions.get(ledger.state.base)
+        return split_instructions(saved.changes.get("instructions")) if saved else []
 
     def current_prompt(self, workflow_id: str, agent_id: str | None) -> str:
         """The prompt an improvement starts from: the serving version's, the agent's, a template."""
+        _, specialty = goal_of(workflow_id)
+        workflow_id = specialty  # a goal's versions only add instructions to the platform's
         ledger = self.flow(workflow_id)
         prompt = ledger.prompt_of(ledger.state.base)
         if prompt:
@@ -165,3 +221,58 @@ class ImprovementState:
         if agent is not None and agent.system_prompt:
             return agent.system_prompt
         return base_prompt(workflow_id)
+
+
+class GoalSpend:
+    """Each goal's LLM spend per UTC day and its cost limit, as the budget's events tell them.
+
+    The budget service is the authority; this copy only keeps the platform's own
+    calls (the judge, prompt rewrites) from spending what a goal no longer has.
+    """
+
+    def __init__(self, default_limit: float | None = None) -> None:
+        from streams.config import env_float
+
+        self.default_limit = (
+            default_limit
+            if default_limit is not None
+            else env_float("ORCH_BUDGET_MAX_DAILY_COST", 10.0, minimum=0)
+        )
+        self._spent: dict[tuple[str, date], float] = {}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._limits: dict[str, tuple[datetime, float]] = {}
+        self._exceeded: set[tuple[str, date]] = set()
+
+    def apply(self, event: Event) -> None:
+        if event.goal_id is None:
+            return
+        if isinstance(event, LlmCallCompleted):
+            if event.event_id in self._seen:
+                return
+            self._seen[event.event_id] = None
+            if len(self._seen) > 100_000:
+                self._seen.popitem(last=False)
+            day = (event.goal_id, event.occurred_at.date())
+            self._spent[day] = self._spent.get(day, 0.0) + event.cost_usd
+        elif isinstance(event, BudgetUpdateRequested) and event.max_daily_cost is not None:
+            known = self._limits.get(event.goal_id)
+            if known is None or known[0] <= event.occurred_at:  # the latest update wins
+                self._limits[event.goal_id] = (event.occurred_at, event.max_daily_cost)
+        elif isinstance(event, BudgetExceeded) and event.limit == "max_daily_cost":
+            self._exceeded.add((event.goal_id, event.occurred_at.date()))
+
+    def limit(self, goal_id: str) -> float:
+        known = self._limits.get(goal_id)
+        return known[1] if known is not None else self.default_limit
+
+    def spent(self, goal_id: str, day: date) -> float:
+        return self._spent.get((goal_id, day), 0.0)
+
+    def allows(self, goal_id: str | None, now: datetime, reserve: float) -> bool:
+        """Whether ``goal_id`` may still pay ``reserve`` USD today (None: nobody to charge)."""
+        if goal_id is None:
+            return False
+        day = now.date()
+        if (goal_id, day) in self._exceeded:
+            return False
+        return self.spent(goal_id, day) + reserve <= self.limit(goal_id) + 1e-12

@@ -40,6 +40,7 @@ from streams.events import (
     ImprovementRolledBack,
     WorkflowVersionSaved,
 )
+from streams.workflows import goal_of
 
 __all__ = [
     "ORIGINAL_VERSION",
@@ -248,13 +249,18 @@ class WorkflowLedger:
         now: datetime,
         share: float,
         source: ChangeSource,
+        changes: dict[str, str] | None = None,
     ) -> list[Event]:
-        """Save and apply an improvement as the next version; nothing while a canary runs."""
+        """Save and apply an improvement as the next version; nothing while a canary runs.
+
+        ``changes`` say what the version holds (default: the proposal as the whole
+        system prompt); the improvement id and reason are added to them.
+        """
         if self.state.canary is not None or self.has_improvement(improvement.improvement_id):
             return []
         version, parent = self.next_version(), self.state.base
         changes = {
-            "system_prompt": improvement.proposal,
+            **(changes if changes is not None else {"system_prompt": improvement.proposal}),
             "improvement_id": improvement.improvement_id,
         }
         if improvement.reason:
@@ -265,6 +271,7 @@ class WorkflowLedger:
                 source=SOURCE,
                 run_id=improvement.run_id,
                 user_id=improvement.user_id,
+                goal_id=goal_of(self.workflow_id)[0],
                 workflow_id=self.workflow_id,
                 version=version,
                 parent_version=parent,

@@ -44,6 +44,7 @@ from streams.registry import RegistryView
 from streams.service import ServiceContext
 from streams.specialties import profile_for
 from streams.topics import spec_for
+from streams.workflows import with_adjustments
 
 __all__ = ["Breaker", "Loader", "main", "terminal_event_id"]
 
@@ -291,8 +292,11 @@ class Loader:
             ]
             model, temperature = self.llm_settings.model, profile.temperature
         else:
-            served = self.versions.serve(record.specialty, task.run_id)
-            messages = instance.messages(task.message, task.context, served.system_prompt)
+            served = self.versions.serve_for(task.goal_id, record.specialty, task.run_id)
+            prompt = served.system_prompt or record.system_prompt
+            messages = instance.messages(
+                task.message, task.context, with_adjustments(prompt, served.instructions)
+            )
             model, temperature = record.model or self.llm_settings.model, record.temperature
         started = self.ctx.clock.now()
         try:
@@ -338,6 +342,7 @@ class Loader:
         meta = dict(done.meta)
         if not legacy:
             meta["workflow_version"] = str(served.version)
+            meta["workflow_id"] = served.workflow_id
         return done.text, done.cost_usd, meta
 
     async def _answer_with_tiers(self, task: TaskAdmitted, instance: AgentInstance) -> Event:

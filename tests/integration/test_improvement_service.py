@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 from collections.abc import AsyncIterator, Callable
@@ -20,11 +21,15 @@ from services.improvement.service import ImprovementConfig, serve
 from services.improvement.versions import CanaryPolicy
 from streams.clock import SystemClock
 from streams.errors import InvalidRequest
+from services.improvement.instructions import ADJUSTMENTS
 from streams.events import (
     AutomationCreated,
     DeadLetter,
     Event,
+    FeedbackDecided,
     FeedbackReceived,
+    PromotionDecided,
+    PromotionRequested,
     ImprovementApplied,
     ImprovementAvailable,
     ImprovementRolledBack,
@@ -37,6 +42,7 @@ from streams.events import (
     WorkflowVersionSaved,
 )
 from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+from streams.keys import mint_key
 from streams.llm import InMemoryLLM
 from streams.service import run_service
 from tests.slack import slash_command
@@ -55,6 +61,8 @@ OUTPUTS = (
     "improvement_applied",
     "improvement_rolled_back",
     "llm_call_completed",
+    "feedback_decided",
+    "promotion_decided",
 )
 
 
@@ -105,11 +113,17 @@ class Platform:
 def _judge_or_rewrite(messages: list[dict[str, str]]) -> str:
     if "grade" in messages[0]["content"].lower():
         return "Grade: 8"
-    return "You are a meticulous coder: always include a runnable example and a test."
+    return "Always include a runnable example and a test."
 
 
-def _start(settings: KafkaSettings, port_file: Path, llm: InMemoryLLM | None) -> Instance:
-    config = ImprovementConfig(
+def _start(
+    settings: KafkaSettings,
+    port_file: Path,
+    llm: InMemoryLLM | None,
+    config: ImprovementConfig | None = None,
+) -> Instance:
+    config = dataclasses.replace(
+        config or ImprovementConfig(),
         http_port=0,
         port_file=port_file,
         slack=SlackSettings(SECRET),
@@ -130,9 +144,13 @@ def _start(settings: KafkaSettings, port_file: Path, llm: InMemoryLLM | None) ->
 
 @asynccontextmanager
 async def _platform(
-    settings: KafkaSettings, tmp_path: Path, llm: InMemoryLLM | None, instances: int = 1
+    settings: KafkaSettings,
+    tmp_path: Path,
+    llm: InMemoryLLM | None,
+    instances: int = 1,
+    config: ImprovementConfig | None = None,
 ) -> AsyncIterator[Platform]:
-    started = [_start(settings, tmp_path / f"port{i}", llm) for i in range(instances)]
+    started = [_start(settings, tmp_path / f"port{i}", llm, config) for i in range(instances)]
     watcher = EventConsumer(settings, OUTPUTS, group_id=None, source="test")
     await watcher.start()
     async with EventProducer(settings) as producer:
@@ -202,7 +220,8 @@ async def test_feedback_ownership_http_and_slack(platform: Platform):
     await platform.run("r2", "Explain list comprehensions", user="slack:U123")
     await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 2)
 
-    # Through the SDK's path, straight onto the topic: not the owner, so dead-lettered.
+    # Through the SDK's path, straight onto the topic: not the owner, so refused with a
+    # verdict that says why (and dead-lettered).
     foreign = FeedbackReceived(source="sdk", run_id="r1", user_id="u2", score=1, text="bad")
     await platform.producer.send(foreign)
     await platform.until(lambda: len(platform.of(DeadLetter)) == 1)
@@ -210,21 +229,39 @@ async def test_feedback_ownership_http_and_slack(platform: Platform):
     assert isinstance(dead, DeadLetter)
     assert dead.original_topic == "feedback_received" and dead.error_type == "NotRunOwner"
     assert "does not own run 'r1'" in dead.reason
+    await platform.until(lambda: len(platform.of(FeedbackDecided)) == 1)
+    (refused,) = platform.of(FeedbackDecided)
+    assert isinstance(refused, FeedbackDecided)
+    assert (refused.feedback_id, refused.accepted, refused.error_type) == (
+        foreign.event_id,
+        False,
+        "NotRunOwner",
+    )
 
+    key_u1, issued = mint_key("g1", "u1", source="test")
+    key_u2, issued2 = mint_key("g1", "u2", source="test")
+    await platform.producer.send_many([issued, issued2])
     url = f"http://127.0.0.1:{platform.port}"
     async with aiohttp.ClientSession() as http:
 
-        async def improve(body: dict[str, object]) -> tuple[int, dict[str, str]]:
-            async with http.post(f"{url}/improve", json=body) as resp:
+        async def improve(body: dict[str, object], key: str = key_u1) -> tuple[int, dict[str, str]]:
+            headers = {"Authorization": f"Bearer {key}"}
+            async with http.post(f"{url}/improve", json=body, headers=headers) as resp:
                 return resp.status, json.loads(await resp.text())
 
-        assert (await improve({"run_id": "r1", "user_id": "u2", "score": 1}))[0] == 403
-        assert (await improve({"run_id": "nope", "user_id": "u1", "score": 1}))[0] == 404
-        assert (await improve({"run_id": "r1", "user_id": "u1"}))[0] == 400
+        for _ in range(100):  # the service reads the key's event from the log
+            if (await improve({"run_id": "nope", "score": 1}))[0] != 401:
+                break
+            await asyncio.sleep(0.05)
+        assert (await improve({"run_id": "r1", "score": 1}, "orch_bad"))[0] == 401
+        assert (await improve({"run_id": "r1", "score": 1}, key_u2))[0] == 403
+        assert (await improve({"run_id": "nope", "score": 1}))[0] == 404
+        assert (await improve({"run_id": "r1"}))[0] == 400
         status, body = await improve(
-            {"run_id": "r1", "user_id": "u1", "score": 1, "text": "Always add a runnable example"}
+            {"run_id": "r1", "score": 1, "text": "Always add a runnable example"}
         )
-        assert status == 202, body
+        assert status == 200, body
+        assert body["accepted"] and body["improvement_id"].startswith("imp_")
 
         signed, headers = slash_command(SECRET, "r2 4 nice, thanks")
         async with http.post(f"{url}/slack/commands", data=signed, headers=headers) as resp:
@@ -238,19 +275,63 @@ async def test_feedback_ownership_http_and_slack(platform: Platform):
     assert sent == {("sdk", "u2"), ("http", "u1"), ("slack", "slack:U123")}
     (available,) = platform.of(ImprovementAvailable)
     assert isinstance(available, ImprovementAvailable)
-    assert available.workflow_id == "code" and available.run_id == "r1"
-    assert available.proposal.endswith(
-        "Users asked for this; follow it: Always add a runnable example"
+    # Without an LLM only named adjustments apply: the platform's words, never the user's.
+    assert (available.workflow_id, available.run_id, available.kind) == (
+        "g1/code",
+        "r1",
+        "instructions",
     )
+    assert available.proposal == ADJUSTMENTS["examples"]
     (saved,) = platform.of(WorkflowVersionSaved)
     assert isinstance(saved, WorkflowVersionSaved)
     assert (saved.version, saved.parent_version, saved.change_source) == (2, 1, "user")
-    assert saved.changes["system_prompt"] == available.proposal
+    assert saved.changes["instructions"] == ADJUSTMENTS["examples"]
+    assert "system_prompt" not in saved.changes
+    assert "runnable example" not in json.dumps(saved.changes)
     (applied,) = platform.of(ImprovementApplied)
     assert isinstance(applied, ImprovementApplied)
-    assert (applied.version, applied.traffic_share) == (2, 0.5)
+    assert (applied.workflow_id, applied.version, applied.traffic_share) == ("g1/code", 2, 0.5)
     # The refused feedback changed nothing: one improvement, from the owner's feedback.
     assert len(platform.of(DeadLetter)) == 1
+
+    # Approving it for every goal needs an operator.
+    ask = PromotionRequested(source="t", user_id="u1", improvement_id=available.improvement_id)
+    await platform.producer.send(ask)
+    await platform.until(lambda: len(platform.of(PromotionDecided)) == 1)
+    (no,) = platform.of(PromotionDecided)
+    assert isinstance(no, PromotionDecided)
+    assert (no.request_id, no.accepted, no.error_type) == (ask.event_id, False, "NotOperator")
+    _, ops = mint_key("ops", "admin", "operator", source="test")
+    await platform.producer.send(ops)
+    await asyncio.sleep(0.5)
+    yes = PromotionRequested(source="t", user_id="admin", improvement_id=available.improvement_id)
+    await platform.producer.send(yes)
+    await platform.until(lambda: len(platform.of(PromotionDecided)) == 2)
+    assert platform.of(PromotionDecided)[1].accepted  # type: ignore[attr-defined]
+    await platform.until(lambda: len(platform.of(WorkflowVersionSaved)) == 2)
+    everyone = platform.of(WorkflowVersionSaved)[1]
+    assert isinstance(everyone, WorkflowVersionSaved)
+    assert everyone.workflow_id == "code" and everyone.goal_id is None
+    assert everyone.changes["instructions"] == ADJUSTMENTS["examples"]
+
+
+async def test_feedback_is_rate_limited_per_user(settings: KafkaSettings, tmp_path: Path):
+    config = ImprovementConfig(http_port=None, feedback_limit=2, feedback_window_s=3600)
+    async with _platform(settings, tmp_path, None, config=config) as platform:
+        await platform.run("r1", "Summarise this paper", meta={"quality": "0.7"})
+        await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 1)
+        sent = [
+            FeedbackReceived(source="sdk", run_id="r1", user_id="u1", score=4, text=f"ok {i}")
+            for i in range(4)
+        ]
+        for event in sent:
+            await platform.producer.send(event)
+        await platform.until(lambda: len(platform.of(FeedbackDecided)) == 4)
+        verdicts = {e.feedback_id: e for e in platform.of(FeedbackDecided)}  # type: ignore[attr-defined]
+        accepted = [e for e in sent if verdicts[e.event_id].accepted]
+        limited = [verdicts[e.event_id] for e in sent if not verdicts[e.event_id].accepted]
+        assert len(accepted) == 2 and len(limited) == 2
+        assert {v.error_type for v in limited} == {"RateLimited"}  # type: ignore[attr-defined]
 
 
 async def test_canary_rolled_back_automatically_then_manual_rollback(platform_llm: Platform):
@@ -263,25 +344,29 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
     await platform.until(lambda: len(platform.of(LlmCallCompleted)) == 1)
     (judge_call,) = platform.of(LlmCallCompleted)
     assert isinstance(judge_call, LlmCallCompleted)
-    # Judging is the platform's own learning, charged to its own goal.
-    assert (judge_call.purpose, judge_call.goal_id, judge_call.ok) == ("judge", "platform", True)
+    # The judge served goal g1's run: g1 pays for it, within its budget.
+    assert (judge_call.purpose, judge_call.goal_id, judge_call.ok) == ("judge", "g1", True)
 
     await platform.producer.send(
         FeedbackReceived(source="sdk", run_id="c0", user_id="u1", score=2, text="too vague")
     )
     await platform.until(lambda: len(platform.of(ImprovementApplied)) == 1)
     (saved,) = platform.of(WorkflowVersionSaved)
-    assert saved.changes["system_prompt"].startswith("You are a meticulous coder")  # type: ignore[attr-defined]
+    assert isinstance(saved, WorkflowVersionSaved) and saved.workflow_id == "g1/code"
+    assert saved.changes["instructions"] == "Always include a runnable example and a test."
+    rewrite = [e for e in platform.of(LlmCallCompleted) if e.purpose == "improvement"]  # type: ignore[attr-defined]
+    assert [e.goal_id for e in rewrite] == ["g1"]
 
-    # The loader would now serve v2 to half the runs; v2 is clearly worse.
+    # The loader would now serve v2 to half of g1's runs; v2 is clearly worse.
     rng = random.Random(5)
     for i in range(12):
         q2, q1 = 0.35 + rng.uniform(-0.1, 0.1), 0.8 + rng.uniform(-0.1, 0.1)
+        flow = {"workflow_id": "g1/code"}
         await platform.run(
-            f"v2-{i}", f"task {i}", meta={"quality": f"{q2}", "workflow_version": "2"}
+            f"v2-{i}", f"task {i}", meta={"quality": f"{q2}", "workflow_version": "2", **flow}
         )
         await platform.run(
-            f"v1-{i}", f"task {i}", meta={"quality": f"{q1}", "workflow_version": "1"}
+            f"v1-{i}", f"task {i}", meta={"quality": f"{q1}", "workflow_version": "1", **flow}
         )
     await platform.until(lambda: len(platform.of(ImprovementRolledBack)) == 1)
     (rolled,) = platform.of(ImprovementRolledBack)
@@ -292,7 +377,7 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
     assert (restore.version, restore.traffic_share) == (1, 1.0)  # type: ignore[attr-defined]
 
     await platform.until(lambda: len(platform.of(WorkflowVersionSaved)) == 2)
-    rows = await list_versions(platform.settings, "code")
+    rows = await list_versions(platform.settings, "g1/code")
     assert [(r["version"], r["status"]) for r in rows] == [
         (1, "base"),
         (2, "rolled_back"),
@@ -301,20 +386,20 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
     assert rows[2]["change_source"] == "automated"
 
     with pytest.raises(InvalidRequest):
-        await request_rollback(platform.settings, "code", 9, "ops")
+        await request_rollback(platform.settings, "g1/code", 9, "ops")
     # Sent around the check, a rollback to a version that does not exist is dead-lettered.
     await platform.producer.send(
-        RollbackRequested(source="t", user_id="ops", workflow_id="code", to_version=9)
+        RollbackRequested(source="t", user_id="ops", workflow_id="g1/code", to_version=9)
     )
     await platform.until(lambda: len(platform.of(DeadLetter)) == 1)
     assert platform.of(DeadLetter)[0].error_type == "UnknownVersion"  # type: ignore[attr-defined]
-    asked = await request_rollback(platform.settings, "code", 2, "ops", reason="try it again")
+    asked = await request_rollback(platform.settings, "g1/code", 2, "ops", reason="try it again")
     assert isinstance(asked, RollbackRequested)
     await platform.until(lambda: len(platform.of(ImprovementRolledBack)) == 2)
     manual = platform.of(ImprovementRolledBack)[-1]
     assert (manual.from_version, manual.to_version, manual.user_id) == (1, 2, "ops")  # type: ignore[attr-defined]
     await platform.until(lambda: len(platform.of(WorkflowVersionSaved)) == 3)
-    rows = await list_versions(platform.settings, "code")
+    rows = await list_versions(platform.settings, "g1/code")
     assert {r["version"]: r["status"] for r in rows}[2] == "base"
     assert rows[-1]["change_source"] == "user" and rows[-1]["user_id"] == "ops"
 

@@ -7,27 +7,29 @@ from datetime import timedelta
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from services.improvement.errors import NotRunOwner, UnknownRun
 from services.improvement.feedback import (
-    clean_proposal,
     parse_slack_command,
     slack_platform_user,
-    template_prompt,
     wants_improvement,
 )
 from services.improvement.http import SlackSettings, build_app
 from services.improvement.patterns import PatternSettings
 from services.improvement.state import ImprovementState
 from streams.clock import FakeClock
-from streams.errors import InvalidRequest
+from streams.errors import InvalidRequest, NotRunOwner, PromotionRefused, RateLimited, UnknownRun
 from streams.events import (
+    ApiKeyRevoked,
+    FeedbackDecided,
     FeedbackReceived,
+    PromotionDecided,
+    PromotionRequested,
     RequestReceived,
     RouteDecided,
     WorkflowAssessed,
     WorkflowCompleted,
     WorkflowFailed,
 )
+from streams.keys import Identity, KeyRegistry, mint_key
 from tests.slack import slash_command
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -40,19 +42,6 @@ def test_when_feedback_asks_for_an_improvement():
     assert wants_improvement(4, "answers should be shorter")
     assert wants_improvement(None, "please include an example")
     assert not wants_improvement(None, "ok")
-
-
-def test_template_rule_appends_one_instruction_once():
-    new = template_prompt("You are a coder.", "Always include a runnable example")
-    assert new == (
-        "You are a coder.\n\nUsers asked for this; follow it: Always include a runnable example"
-    )
-    assert template_prompt(new, "Always include a runnable example") is None
-    assert "rated poorly" in (template_prompt("You are a coder.", "") or "")
-    assert clean_proposal("```\nYou are a precise coder who shows tests.\n```") == (
-        "You are a precise coder who shows tests."
-    )
-    assert clean_proposal("ok") is None
 
 
 def test_slack_command_text_and_user_mapping():
@@ -115,54 +104,189 @@ def test_runs_join_in_any_order():
 
 
 class _Sink:
-    """Owns run r1 (user u1) and slack:U123's run r2; everything else is unknown."""
+    """Owns run r1 (user u1 of goal g1) and slack:U123's run r2; everything else is unknown.
+
+    Feedback whose text says "refuse me" gets a refusing verdict, like the guard's.
+    """
 
     def __init__(self) -> None:
         self.sent: list[FeedbackReceived] = []
+        self.keys = KeyRegistry()
+        self.verdicts: dict[str, FeedbackDecided | PromotionDecided] = {}
+        self.limited: set[str] = set()
+
+    def key(self, goal: str, user: str, role: str = "user") -> str:
+        key, event = mint_key(goal, user, "operator" if role == "operator" else "user", source="t")
+        self.keys.apply(event)
+        return key
+
+    def identify(self, key: str) -> Identity | None:
+        return self.keys.authenticate(key)
 
     async def submit(
-        self, run_id: str, user_id: str, score: int | None, text: str, channel: str
+        self,
+        run_id: str,
+        user_id: str,
+        score: int | None,
+        text: str,
+        channel: str,
+        goal_id: str | None = None,
     ) -> FeedbackReceived:
-        owners = {"r1": "u1", "r2": "slack:U123"}
+        owners = {"r1": ("u1", "g1"), "r2": ("slack:U123", "g2")}
         if run_id not in owners:
-            raise UnknownRun(run_id)
-        if owners[run_id] != user_id:
-            raise NotRunOwner(run_id, user_id)
+            raise UnknownRun(f"unknown run {run_id!r}")
+        if owners[run_id][0] != user_id:
+            raise NotRunOwner(f"user {user_id!r} does not own run {run_id!r}")
+        if goal_id is not None and owners[run_id][1] != goal_id:
+            raise NotRunOwner(f"run {run_id!r} is not of goal {goal_id!r}")
+        if user_id in self.limited:
+            raise RateLimited(f"user {user_id!r} sent too much feedback")
         if score is not None and not 1 <= score <= 5:
             raise InvalidRequest("score: must be 1-5")
         event = FeedbackReceived(
             source="t", run_id=run_id, user_id=user_id, score=score, text=text, channel=channel
         )
         self.sent.append(event)
+        refused = "refuse me" in text
+        self.verdicts[event.event_id] = FeedbackDecided(
+            source="t",
+            run_id=run_id,
+            feedback_id=event.event_id,
+            accepted=not refused,
+            reason="the change it asks for was refused: test" if refused else "proposed imp_1",
+            improvement_id=None if refused else "imp_1",
+        )
         return event
+
+    async def approve(self, improvement_id: str, user_id: str) -> PromotionRequested:
+        if improvement_id != "imp_1":
+            raise PromotionRefused(f"unknown improvement {improvement_id!r}")
+        event = PromotionRequested(source="t", user_id=user_id, improvement_id=improvement_id)
+        self.verdicts[event.event_id] = PromotionDecided(
+            source="t",
+            improvement_id=improvement_id,
+            request_id=event.event_id,
+            accepted=True,
+            workflow_id="code",
+        )
+        return event
+
+    async def verdict(
+        self, request_id: str, timeout: float
+    ) -> FeedbackDecided | PromotionDecided | None:
+        return self.verdicts.get(request_id)
 
 
 async def test_http_improve_statuses():
     sink = _Sink()
+    u1 = {"Authorization": f"Bearer {sink.key('g1', 'u1')}"}
     async with TestClient(TestServer(build_app(sink, None))) as client:
-        ok = await client.post("/improve", json={"run_id": "r1", "user_id": "u1", "text": "hi"})
-        assert ok.status == 202
-        assert (await ok.json())["event_id"] == sink.sent[0].event_id
-        assert (
-            await client.post("/improve", json={"run_id": "r1", "user_id": "u2", "score": 1})
-        ).status == 403
-        assert (
-            await client.post("/improve", json={"run_id": "zz", "user_id": "u1", "score": 1})
-        ).status == 404
+
+        async def post(body: object, headers: dict[str, str] | None = None) -> int:
+            return (await client.post("/improve", json=body, headers=headers or u1)).status
+
+        ok = await client.post("/improve", json={"run_id": "r1", "text": "hi"}, headers=u1)
+        assert ok.status == 200
+        answer = await ok.json()
+        assert answer["event_id"] == sink.sent[0].event_id
+        assert (answer["accepted"], answer["improvement_id"]) == (True, "imp_1")
+        refused = await client.post(
+            "/improve", json={"run_id": "r1", "text": "refuse me"}, headers=u1
+        )
+        assert refused.status == 422 and "refused" in (await refused.json())["error"]
+        # The key says who speaks: a body naming someone else is refused.
+        assert await post({"run_id": "r1", "user_id": "u2", "score": 1}) == 403
+        assert await post({"run_id": "zz", "score": 1}) == 404
+        u2 = {"Authorization": f"Bearer {sink.key('g1', 'u2')}"}
+        assert await post({"run_id": "r1", "score": 1}, u2) == 403
+        other_goal = {"Authorization": f"Bearer {sink.key('g9', 'u1')}"}
+        assert await post({"run_id": "r1", "score": 1}, other_goal) == 403
         for bad in (
-            {"run_id": "r1", "user_id": "u1"},
             {"run_id": "r1"},
+            {"score": 1},
             [1],
-            {"run_id": "r1", "user_id": "u1", "score": "5"},
+            {"run_id": "r1", "score": "5"},
+            {"run_id": "r1", "score": 9},
         ):
-            assert (await client.post("/improve", json=bad)).status == 400
-        assert (await client.post("/improve", data=b"{not json")).status == 400
-        assert (
-            await client.post("/improve", json={"run_id": "r1", "user_id": "u1", "score": 9})
-        ).status == 400
+            assert await post(bad) == 400
+        assert (await client.post("/improve", data=b"{not json", headers=u1)).status == 400
+        sink.limited.add("u1")
+        assert await post({"run_id": "r1", "score": 1}) == 429
         disabled = await client.post("/slack/commands", data=b"x")
         assert disabled.status == 404 and "SLACK_SIGNING_SECRET" in await disabled.text()
-    assert len(sink.sent) == 1
+    assert len(sink.sent) == 2
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        "Basic dTE6cHc=",
+        "Bearer orch_0000000000000000_AAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "Bearer not-a-key",
+        "bearer orch_' OR 1=1 --",
+    ],
+)
+async def test_http_improve_needs_a_valid_key(header: str | None):
+    sink = _Sink()
+    sink.key("g1", "u1")
+    headers = {"Authorization": header} if header is not None else {}
+    async with TestClient(TestServer(build_app(sink, None))) as client:
+        resp = await client.post("/improve", json={"run_id": "r1", "score": 1}, headers=headers)
+        assert resp.status == 401 and "API key" in (await resp.json())["error"]
+    assert sink.sent == []
+
+
+async def test_a_revoked_or_altered_key_is_refused():
+    sink = _Sink()
+    key = sink.key("g1", "u1")
+    key_id = key.split("_")[1]
+    async with TestClient(TestServer(build_app(sink, None))) as client:
+        altered = key[:-1] + ("A" if key[-1] != "A" else "B")
+        for bad in (altered, key.upper(), key + "x"):
+            resp = await client.post(
+                "/improve",
+                json={"run_id": "r1", "score": 1},
+                headers={"Authorization": f"Bearer {bad}"},
+            )
+            assert resp.status == 401
+        sink.keys.apply(ApiKeyRevoked(source="t", key_id=key_id))
+        resp = await client.post(
+            "/improve",
+            json={"run_id": "r1", "score": 1},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert resp.status == 401
+    assert sink.sent == []
+
+
+async def test_only_an_operator_key_approves():
+    sink = _Sink()
+    user = {"Authorization": f"Bearer {sink.key('g1', 'u1')}"}
+    ops = {"Authorization": f"Bearer {sink.key('ops', 'admin', 'operator')}"}
+    async with TestClient(TestServer(build_app(sink, None))) as client:
+        assert (await client.post("/improvements/imp_1/approve")).status == 401
+        assert (await client.post("/improvements/imp_1/approve", headers=user)).status == 403
+        assert (await client.post("/improvements/nope/approve", headers=ops)).status == 404
+        ok = await client.post("/improvements/imp_1/approve", headers=ops)
+        assert ok.status == 200 and (await ok.json())["workflow_id"] == "code"
+
+
+def test_key_registry_stores_only_a_hash_and_knows_operators():
+    registry = KeyRegistry()
+    key, issued = mint_key("g1", "alice", "operator", source="t")
+    assert key not in issued.model_dump_json() and issued.key_hash != key
+    registry.apply(ApiKeyRevoked(source="t", key_id="ffffffffffffffff"))  # before its issue
+    registry.apply(issued)
+    who = registry.authenticate(key)
+    assert who is not None and (who.goal_id, who.user_id, who.is_operator) == ("g1", "alice", True)
+    assert registry.is_operator("alice") and not registry.is_operator("bob")
+    registry.apply(ApiKeyRevoked(source="t", key_id=issued.key_id))
+    assert registry.authenticate(key) is None and not registry.is_operator("alice")
+    assert all("hash" not in row for row in [dict(r) for r in registry.listing()])
 
 
 async def test_slack_signed_command_is_accepted_and_a_bad_signature_refused():

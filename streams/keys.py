@@ -1,0 +1,127 @@
+"""API keys of the HTTP surfaces: minting, hashing, and the registry folded from the key topics.
+
+A key reads ``orch_<key_id>_<secret>``: the id says which record to check, the
+secret is 32 random bytes. Only the SHA-256 of the whole key travels in
+``api_key_issued`` (a compacted topic); a fast hash is enough because the secret
+is random, not a password a person chose. A key maps to one goal, one user and a
+role (``user`` or ``operator``); ``api_key_revoked`` ends it for good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from streams.events import ApiKeyIssued, ApiKeyRevoked, Event, Role
+
+__all__ = ["Identity", "KeyRegistry", "hash_key", "mint_key"]
+
+_KEY = re.compile(r"^orch_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}$")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a key speaks for."""
+
+    key_id: str
+    goal_id: str
+    user_id: str
+    role: Role
+
+    @property
+    def is_operator(self) -> bool:
+        return self.role == "operator"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def mint_key(
+    goal_id: str, user_id: str, role: Role = "user", *, source: str, label: str = ""
+) -> tuple[str, ApiKeyIssued]:
+    """A new key and the event that registers it; the key itself is shown once, never stored."""
+    key_id = secrets.token_hex(8)
+    key = f"orch_{key_id}_{secrets.token_urlsafe(32)}"
+    event = ApiKeyIssued(
+        source=source,
+        goal_id=goal_id,
+        user_id=user_id,
+        key_id=key_id,
+        key_hash=hash_key(key),
+        role=role,
+        label=label,
+    )
+    return key, event
+
+
+@dataclass
+class _Record:
+    issued: ApiKeyIssued
+    revoked_at: datetime | None = None
+
+
+class KeyRegistry:
+    """Every key issued and revoked, folded from the log in any order."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, _Record] = {}
+        self._revoked: dict[str, datetime] = {}
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, ApiKeyIssued):
+            self._keys[event.key_id] = _Record(event, self._revoked.get(event.key_id))
+        elif isinstance(event, ApiKeyRevoked):
+            # A revocation may be read before its issue (topics are read side by side).
+            self._revoked.setdefault(event.key_id, event.occurred_at)
+            record = self._keys.get(event.key_id)
+            if record is not None and record.revoked_at is None:
+                record.revoked_at = event.occurred_at
+
+    def authenticate(self, key: str) -> Identity | None:
+        """The identity of a valid, unrevoked key; None for anything else."""
+        match = _KEY.match(key.strip())
+        if match is None:
+            return None
+        record = self._keys.get(match.group(1))
+        if record is None or record.revoked_at is not None:
+            return None
+        if not hmac.compare_digest(record.issued.key_hash, hash_key(key.strip())):
+            return None
+        return _identity(record.issued)
+
+    def is_operator(self, user_id: str | None) -> bool:
+        """Whether ``user_id`` holds an unrevoked operator key."""
+        return user_id is not None and any(
+            r.revoked_at is None and r.issued.role == "operator" and r.issued.user_id == user_id
+            for r in self._keys.values()
+        )
+
+    def known(self, key_id: str) -> bool:
+        return key_id in self._keys
+
+    def listing(self) -> list[dict[str, object]]:
+        """Every key without its hash, oldest first (``orchestrator keys list``)."""
+        rows: list[dict[str, object]] = []
+        for record in sorted(self._keys.values(), key=lambda r: r.issued.occurred_at):
+            issued = record.issued
+            rows.append(
+                {
+                    "key_id": issued.key_id,
+                    "goal_id": issued.goal_id,
+                    "user_id": issued.user_id,
+                    "role": issued.role,
+                    "label": issued.label,
+                    "created_at": issued.occurred_at.isoformat(),
+                    "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
+                }
+            )
+        return rows
+
+
+def _identity(issued: ApiKeyIssued) -> Identity:
+    return Identity(issued.key_id, issued.goal_id, issued.user_id, issued.role)

@@ -1,0 +1,54 @@
+"""Workflow ids and how a goal's vetted adjustments join a system prompt.
+
+A specialty's platform-wide workflow is named by the specialty (``general``);
+a goal's own workflow of that specialty is ``<goal_id>/<specialty>`` (``/`` never
+appears in an identifier, so the split is unambiguous). Versions carry only
+instructions that the improvement service vetted, never user text; the loader adds
+the platform's and then the goal's to the agent's own prompt, so a goal never
+changes what another goal sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "ADJUSTMENTS_HEADER",
+    "MAX_ADJUSTMENTS",
+    "goal_of",
+    "goal_workflow",
+    "join_instructions",
+    "split_instructions",
+    "with_adjustments",
+]
+
+ADJUSTMENTS_HEADER = "Adjustments learned from users' feedback (vetted by the platform):"
+MAX_ADJUSTMENTS = 8
+_MAX_PROMPT_CHARS = 6000
+
+
+def goal_workflow(goal_id: str, specialty: str) -> str:
+    return f"{goal_id}/{specialty}"
+
+
+def goal_of(workflow_id: str) -> tuple[str | None, str]:
+    """``(goal_id, specialty)`` of a workflow id; goal_id is None for a platform-wide one."""
+    goal, sep, specialty = workflow_id.rpartition("/")
+    return (goal, specialty) if sep else (None, workflow_id)
+
+
+def join_instructions(instructions: Sequence[str]) -> str:
+    return "\n".join(instructions)
+
+
+def split_instructions(text: str | None) -> list[str]:
+    return [line for line in (text or "").split("\n") if line.strip()]
+
+
+def with_adjustments(base: str, instructions: Sequence[str]) -> str:
+    """``base`` plus the labelled block of adjustments (deduplicated, at most 8, bounded)."""
+    unique = list(dict.fromkeys(i.strip() for i in instructions if i.strip()))[-MAX_ADJUSTMENTS:]
+    if not unique:
+        return base
+    block = "\n".join(f"- {i}" for i in unique)
+    return f"{base.rstrip()}\n\n{ADJUSTMENTS_HEADER}\n{block}"[:_MAX_PROMPT_CHARS]
