@@ -9,6 +9,7 @@ import pytest
 
 from streams.fake_openai import Usage
 from streams.llm import default_answer
+from streams.signatures import signature_of
 
 pytestmark = pytest.mark.e2e
 
@@ -56,5 +57,61 @@ async def test_a_recurring_request_is_answered_from_cache_at_no_llm_cost(platfor
         assert platform.llm.requests == llm_calls_before  # no LLM call was made
         completed = await platform.events("workflow_completed", run_id=cached.run_id)
         assert completed[0].automation_id == caches[0].automation_id
+    finally:
+        platform.llm.responder = None
+
+
+async def test_a_cached_answer_is_served_only_to_the_goal_it_was_computed_for(platform, client):
+    platform.llm.responder = _good_answers
+    try:
+        message = "Where do I change the billing address on my invoices?"
+        goal_a, goal_b = "g-cache-a", "g-cache-b"
+        first = [await client.ask(message, goal_id=goal_a, user_id="u1") for _ in range(3)]
+        assert all(a.degradation_tier == "llm" for a in first)
+        signature = signature_of(message, first[0].specialty)
+        caches = await _wait_for(
+            platform,
+            "automation_created",
+            lambda e: e.kind == "response_cache" and e.signature == signature,
+        )
+        assert len(caches) == 1
+        a_runs = {a.run_id for a in first}
+
+        async def cached_from(answer) -> str | None:
+            (done,) = await platform.events("workflow_completed", run_id=answer.run_id)
+            return done.meta.get("cached_from_run")
+
+        # Goal A is served from its own cache once the router has folded the automation in.
+        deadline = time.monotonic() + 20
+        while True:
+            again = await client.ask(message, goal_id=goal_a, user_id="u1")
+            if again.degradation_tier == "automation_cache" or time.monotonic() > deadline:
+                break
+            a_runs.add(again.run_id)
+            await asyncio.sleep(0.3)
+        assert again.degradation_tier == "automation_cache"
+        assert await cached_from(again) in a_runs
+
+        # Goal B sends the same message again and again: never A's answer. Once one of
+        # B's own answers is assessed, B is served from B's cache.
+        b_runs: set[str] = set()
+        b_hits: list[str | None] = []
+        deadline = time.monotonic() + 30
+        while not b_hits and time.monotonic() < deadline:
+            answer = await client.ask(message, goal_id=goal_b, user_id="u2")
+            source = await cached_from(answer)
+            assert source not in a_runs, "goal B was served goal A's answer"
+            assert answer.agent_id != first[0].agent_id  # A's agent belongs to goal A
+            if answer.degradation_tier == "automation_cache":
+                b_hits.append(source)
+            else:
+                assert answer.degradation_tier == "llm" and answer.cost_usd > 0
+                b_runs.add(answer.run_id)
+            await asyncio.sleep(0.3)
+        assert b_runs, "B's first answer must come from the LLM, not from A's cache"
+        assert b_hits and b_hits[0] in b_runs
+        # A is still served A's own answer.
+        last = await client.ask(message, goal_id=goal_a, user_id="u1")
+        assert last.degradation_tier == "automation_cache" and await cached_from(last) in a_runs
     finally:
         platform.llm.responder = None
