@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from services.analytics import _ingest
 from streams.codec import EventCodec, default_codec
+from streams.config import env_float, env_int
 from streams.errors import DecodeError, StoreError
 from streams.events import Event
 from streams.localkafka import ROOT, data_root
@@ -28,6 +29,7 @@ __all__ = [
     "EncodedEvent",
     "EventStore",
     "MemoryEventStore",
+    "QueryLimits",
     "QueryResult",
     "Rejection",
     "SqlSource",
@@ -73,6 +75,69 @@ class Rejection:
 
     row: EncodedEvent
     reason: str
+
+
+_MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class QueryLimits:
+    """ClickHouse limits on every query of the surface; each raises when passed.
+
+    ``from_env`` reads ``ORCH_SQL_*`` (docs/configuration.md).
+    """
+
+    max_seconds: float = 30.0
+    max_memory_bytes: int = 1024 * _MB
+    max_rows_to_read: int = 500_000_000
+    max_bytes_to_read: int = 50 * 1024 * _MB
+    max_result_rows: int = 1_000_000
+    max_result_bytes: int = 100 * _MB
+    max_threads: int = 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> QueryLimits:
+        d = cls()
+        return cls(
+            max_seconds=env_float(
+                "ORCH_SQL_MAX_SECONDS", d.max_seconds, minimum=0.001, environ=environ
+            ),
+            max_memory_bytes=_MB
+            * env_int(
+                "ORCH_SQL_MAX_MEMORY_MB", d.max_memory_bytes // _MB, minimum=1, environ=environ
+            ),
+            max_rows_to_read=env_int(
+                "ORCH_SQL_MAX_READ_ROWS", d.max_rows_to_read, minimum=1, environ=environ
+            ),
+            max_bytes_to_read=_MB
+            * env_int(
+                "ORCH_SQL_MAX_READ_MB", d.max_bytes_to_read // _MB, minimum=1, environ=environ
+            ),
+            max_result_rows=env_int(
+                "ORCH_SQL_MAX_RESULT_ROWS", d.max_result_rows, minimum=1, environ=environ
+            ),
+            max_result_bytes=_MB
+            * env_int(
+                "ORCH_SQL_MAX_RESULT_MB", d.max_result_bytes // _MB, minimum=1, environ=environ
+            ),
+            max_threads=env_int("ORCH_SQL_MAX_THREADS", d.max_threads, minimum=1, environ=environ),
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The session settings, ``readonly=1`` last: once it is set nothing can change them."""
+        return {
+            "max_execution_time": self.max_seconds,
+            "timeout_overflow_mode": "throw",
+            "max_memory_usage": self.max_memory_bytes,
+            "max_rows_to_read": self.max_rows_to_read,
+            "max_bytes_to_read": self.max_bytes_to_read,
+            "read_overflow_mode": "throw",
+            "max_result_rows": self.max_result_rows,
+            "max_result_bytes": self.max_result_bytes,
+            "result_overflow_mode": "throw",
+            "max_threads": self.max_threads,
+            "readonly": 1,
+        }
 
 
 class QueryResult(NamedTuple):
@@ -220,8 +285,10 @@ class ClickHouseStore:
 
     ``path`` opens the embedded engine (one process owns a data directory);
     ``url`` (``http://user:pass@host:8123/db``) connects to a server. Writes go
-    through one client; reads through another whose session has ``readonly=1``,
-    so ClickHouse itself refuses anything but reads there.
+    through one client; the platform's own reads through another whose session
+    has ``readonly=1``. The SQL surface (``services.analytics.sqlguard``, the
+    only caller of ``query_limited`` and ``text_limited``) has two more, whose
+    sessions set ``limits`` and then ``readonly=1``: one parses, one runs.
     """
 
     def __init__(
@@ -232,6 +299,7 @@ class ClickHouseStore:
         database: str | None = None,
         codec: EventCodec | None = None,
         ddl_dir: Path = DDL_DIR,
+        limits: QueryLimits | None = None,
     ) -> None:
         if (path is None) == (url is None):
             raise ValueError("give exactly one of path (embedded chdb) or url (ClickHouse server)")
@@ -243,6 +311,8 @@ class ClickHouseStore:
         self._lock = threading.Lock()
         self._writer: Client | None = None
         self._reader: Client | None = None
+        self._limited: dict[bool, Client] = {}  # parsing? -> its client
+        self.limits = limits or QueryLimits.from_env()
         self._columns: list[_ingest.Column] | None = None
         self._structures: dict[str, str] = {}
         self._tmp: Path | None = None
@@ -267,19 +337,19 @@ class ClickHouseStore:
             if readonly:
                 # Reading alone (the CLI) opens no writing session at all.
                 if self._reader is None:
-                    self._reader = self._connect(readonly=True, database=self.database)
+                    self._reader = self._connect(settings={"readonly": 1}, database=self.database)
                 return self._reader
             if self._writer is None:
-                self._writer = self._connect(readonly=False, database=None)
+                self._writer = self._connect(settings={}, database=None)
                 if self.database:
                     self._writer.command(f"CREATE DATABASE IF NOT EXISTS `{self.database}`")
                     self._writer.database = self.database
             return self._writer
 
-    def _connect(self, *, readonly: bool, database: str | None) -> Client:
+    def _connect(self, *, settings: dict[str, Any], database: str | None) -> Client:
         import clickhouse_connect
 
-        settings: dict[str, Any] = {"readonly": 1} if readonly else {}
+        # Settings are applied in order: ``readonly`` last, or it would refuse the others.
         kwargs: dict[str, Any] = {"settings": settings}
         if database:
             kwargs["database"] = database
@@ -410,6 +480,52 @@ class ClickHouseStore:
             raise StoreError(str(exc)) from exc
         return data.decode("utf-8", errors="replace")
 
+    # -- the SQL surface's sessions ------------------------------------------------
+    def _limited_client(self, parsing: bool) -> Client:
+        with self._lock:
+            if self._closed:
+                raise StoreError("the store is closed")
+            client = self._limited.get(parsing)
+            if client is None:
+                client = self._connect(settings=self.limits.settings(), database=self.database)
+                self._limited[parsing] = client
+            return client
+
+    def _drop_limited(self, parsing: bool, client: Client) -> None:
+        # After a query fails mid-result, chdb hands the rest of that result to the next
+        # query on the same connection; a failed session is never used again.
+        with self._lock:
+            if self._limited.get(parsing) is client:
+                del self._limited[parsing]
+        client.close()
+
+    def query_limited(
+        self, sql: str, parameters: Mapping[str, str] | None = None, *, parsing: bool = False
+    ) -> QueryResult:
+        """A read on a limited session (``limits``, then ``readonly=1``); ``sql`` is not checked.
+
+        ``parsing`` picks the session the guard parses on, apart from the one queries run on.
+        """
+        client = self._limited_client(parsing)
+        try:
+            result = client.query(_clean(sql), parameters=dict(parameters or {}))
+            return QueryResult(list(result.column_names), [tuple(r) for r in result.result_rows])
+        except Exception as exc:
+            self._drop_limited(parsing, client)
+            raise StoreError(str(exc)) from exc
+
+    def text_limited(
+        self, sql: str, clickhouse_format: str | None, *, parsing: bool = False
+    ) -> str:
+        """:meth:`query_limited` rendered by ClickHouse; ``None``: its default, TabSeparated."""
+        client = self._limited_client(parsing)
+        try:
+            data = client.raw_query(_clean(sql), fmt=clickhouse_format)
+        except Exception as exc:
+            self._drop_limited(parsing, client)
+            raise StoreError(str(exc)) from exc
+        return data.decode("utf-8", errors="replace")
+
     def count(self) -> int:
         result = self.query(f"SELECT count() FROM {TABLE} FINAL")
         return int(result.rows[0][0])
@@ -427,7 +543,9 @@ class ClickHouseStore:
         with self._lock:
             self._closed = True
             clients = [c for c in (self._reader, self._writer) if c is not None]
+            clients.extend(self._limited.values())
             self._reader = self._writer = None
+            self._limited = {}
         for client in clients:
             client.close()
         if self._tmp is not None:

@@ -1,0 +1,557 @@
+"""What the analytics SQL surface runs: reads of the event log, within limits, and nothing else.
+
+ClickHouse's ``readonly=1`` refuses writes to tables, but the embedded engine still
+reads files (``file('/etc/passwd')``), writes them (``INTO OUTFILE``) and runs any
+table function the build has. So every statement that comes through the surface
+(``orchestrator sql``, ``orchestrator metrics``, the sink's query server) is
+decided here before it runs:
+
+1. ClickHouse's own parser checks it is exactly one statement: the text goes in
+   as a bound *parameter* of ``formatQuery``, so it is data, never code. The
+   statement that later runs is the one ``formatQuery`` returned.
+2. ``EXPLAIN AST`` of that one statement (it parses, it does not execute) gives
+   the syntax tree, which is walked against allowlists: statement kinds, node
+   kinds, tables (the event log's own, from ``infra/clickhouse``) and functions
+   (ClickHouse's own list minus everything that reaches files, the network,
+   processes, other servers, settings or the environment).
+3. It runs on a session whose limits (:class:`QueryLimits`) are set before
+   ``readonly=1``, so the statement cannot lift them.
+
+Comments, letter case and quoting never reach the tree walk: the parser has
+removed or normalised them.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from services.analytics.store import QueryLimits, QueryResult, ddl_statements
+from streams.errors import QueryRefused, StoreError
+
+__all__ = [
+    "Catalog",
+    "GuardEngine",
+    "GuardedQueries",
+    "QueryLimits",
+    "QueryRefused",
+    "check_query",
+    "event_tables",
+    "load_catalog",
+    "parse_ast",
+]
+
+
+class GuardEngine(Protocol):
+    """What the guard needs from a store (``ClickHouseStore`` has it)."""
+
+    def query(self, sql: str, *, readonly: bool = True) -> QueryResult:
+        """A trusted internal read (the catalog, the current database's tables)."""
+        ...
+
+    def query_limited(
+        self, sql: str, parameters: Mapping[str, str] | None = None, *, parsing: bool = False
+    ) -> QueryResult:
+        """A read on a limited session; ``parsing``: the session the guard parses on."""
+        ...
+
+    def text_limited(
+        self, sql: str, clickhouse_format: str | None, *, parsing: bool = False
+    ) -> str:
+        """As :meth:`query_limited`, rendered; ``None``: the engine's default TabSeparated."""
+        ...
+
+    def close(self) -> None: ...
+
+
+# -- the event log's tables -----------------------------------------------------------
+
+_DDL_NAME = re.compile(
+    r"^\s*CREATE\s+(?:OR\s+REPLACE\s+)?(?:TABLE|VIEW)\s+(?:IF\s+NOT\s+EXISTS\s+)?`?(\w+)`?",
+    re.IGNORECASE,
+)
+
+
+def event_tables(statements: list[str] | None = None) -> frozenset[str]:
+    """The tables and views our own DDL (``infra/clickhouse``) creates: all a query may read."""
+    if statements is None:
+        statements = ddl_statements()
+    names = {m.group(1) for s in statements if (m := _DDL_NAME.match(s))}
+    if not names:
+        raise StoreError("no table in the ClickHouse DDL; is infra/clickhouse there?")
+    return frozenset(names)
+
+
+# -- functions --------------------------------------------------------------------------
+
+_OUTSIDE = "reaches outside the event log"
+_SERVER = "reads the server's settings, identity or environment"
+_LOOKUP = "reads tables or dictionaries other than the event log"
+
+# Lower-case names (and prefixes, ending in '*') refused with the reason, whether
+# ClickHouse knows them as ordinary or table functions. An alias is refused with
+# the function it stands for.
+_DENIED: dict[str, str] = {
+    **dict.fromkeys(
+        [
+            "file",
+            "filecluster",
+            "url",
+            "urlcluster",
+            "s3*",
+            "hdfs*",
+            "azure*",
+            "gcs",
+            "oss",
+            "cosn",
+            "remote",
+            "remotesecure",
+            "cluster",
+            "clusterallreplicas",
+            "mysql",
+            "postgresql",
+            "odbc",
+            "jdbc",
+            "mongodb",
+            "redis",
+            "sqlite",
+            "ytsaurus",
+            "bigquery",
+            "iceberg*",
+            "deltalake*",
+            "hudi*",
+            "paimon*",
+            "executable*",
+            "input",
+            "format",
+            "filesystem*",
+            "python",
+            "arrowstream",
+            "prometheus*",
+            "shell",
+            "ai*",
+            "naivebayesclassifier*",
+            "catboostevaluate",
+            "getclienthttpheader",
+            "showcertificate",
+            "generateserialid",
+            "logtrace",
+        ],
+        _OUTSIDE,
+    ),
+    **dict.fromkeys(
+        [
+            "getsetting",
+            "getsettingordefault",
+            "getserversetting",
+            "getmergetreesetting",
+            "getmacro",
+            "hostname",
+            "fqdn",
+            "getoskernelversion",
+            "buildid",
+            "revision",
+            "version",
+            "uptime",
+            "serveruuid",
+            "getserverport",
+            "tcpport",
+            "displayname",
+            "currentuser",
+            "authenticateduser",
+            "currentprofiles",
+            "enabledprofiles",
+            "defaultprofiles",
+            "currentroles",
+            "enabledroles",
+            "defaultroles",
+            "globalvariable",
+            "zookeepersessionuptime",
+            "transactionid",
+            "transactionlatestsnapshot",
+            "transactionoldestsnapshot",
+            "getmaxtablenamelengthfordatabase",
+            "addresstoline",
+            "addresstolinewithinlines",
+            "addresstosymbol",
+            "demangle",
+            "tid",
+            "currentrequesturl",
+        ],
+        _SERVER,
+    ),
+    **dict.fromkeys(
+        ["dict*", "dictionary", "joinget*", "hascolumnintable", "region*", "merge", "view*"],
+        _LOOKUP,
+    ),
+    "sleep": "holds a query thread idle",
+    "sleepeachrow": "holds a query thread idle",
+    "__*": "is internal to ClickHouse",
+}
+_DENIED_EXACT = {k: v for k, v in _DENIED.items() if not k.endswith("*")}
+_DENIED_PREFIX = [(k[:-1], v) for k, v in _DENIED.items() if k.endswith("*")]
+
+# Parser-made functions ClickHouse does not list.
+_SYNTAX_FUNCTIONS = frozenset({"lambda"})
+# in, notIn, globalNotNullIn, notInIgnoreSet, ...: `x IN name` reads the table `name`.
+_IN_FUNCTION = re.compile(r"^(global)?(not)?(null)?in(ignoreset)?$", re.IGNORECASE)
+
+
+def _denial(name: str) -> str | None:
+    low = name.lower()
+    if low in _DENIED_EXACT:
+        return _DENIED_EXACT[low]
+    for prefix, reason in _DENIED_PREFIX:
+        if low.startswith(prefix):
+            return reason
+    return None
+
+
+@dataclass
+class Catalog:
+    """The functions the surface allows, from the engine's own ``system.functions``."""
+
+    exact: frozenset[str]
+    case_insensitive: frozenset[str]  # lower-case
+    aggregates: frozenset[str]
+    combinators: tuple[str, ...]
+    aliases: dict[str, str] = field(default_factory=dict)  # name -> the function it stands for
+    tables: frozenset[str] = field(default_factory=event_tables)
+    _seen: dict[str, bool] = field(default_factory=dict, repr=False)
+
+    def refusal(self, name: str) -> str | None:
+        """Why function ``name`` is refused, or None when it may run."""
+        target = self.aliases.get(name) or self.aliases.get(name.lower(), "")
+        reason = _denial(name) or _denial(target)
+        if reason is not None:
+            return f"refused: function {name}() {reason}"
+        if self._known(name):
+            return None
+        return f"refused: function {name}() is not one of the functions the surface allows"
+
+    def _known(self, name: str) -> bool:
+        if name in self._seen:
+            return self._seen[name]
+        known = (
+            name in self.exact
+            or name.lower() in self.case_insensitive
+            or name in _SYNTAX_FUNCTIONS
+            or self._aggregate(name)
+        )
+        self._seen[name] = known
+        return known
+
+    def _aggregate(self, name: str) -> bool:
+        # countIf, sumArrayIf, quantileExactOrNull: an allowed aggregate plus combinators.
+        if name in self.aggregates:
+            return True
+        return any(
+            name.endswith(c) and len(name) > len(c) and self._aggregate(name[: -len(c)])
+            for c in self.combinators
+        )
+
+
+def load_catalog(engine: GuardEngine, tables: frozenset[str] | None = None) -> Catalog:
+    """Allowed functions: the engine's built-in ones minus :data:`_DENIED` (names and aliases)."""
+    rows = engine.query(
+        "SELECT name, is_aggregate, case_insensitive, alias_to FROM system.functions"
+        " WHERE origin = 'System'"
+    ).rows
+    aliases = {str(r[0]): str(r[3]) for r in rows if r[3]}
+    aliases.update({str(r[0]).lower(): str(r[3]) for r in rows if r[3] and r[2]})
+
+    def allowed(name: str) -> bool:
+        return _denial(name) is None and _denial(aliases.get(name, "")) is None
+
+    names = [r for r in rows if allowed(str(r[0]))]
+    combinators = engine.query("SELECT name FROM system.aggregate_function_combinators").rows
+    return Catalog(
+        exact=frozenset(str(r[0]) for r in names),
+        case_insensitive=frozenset(str(r[0]).lower() for r in names if r[2]),
+        aggregates=frozenset(str(r[0]) for r in names if r[1]),
+        combinators=tuple(sorted((str(r[0]) for r in combinators), key=len, reverse=True)),
+        aliases=aliases,
+        tables=tables if tables is not None else event_tables(),
+    )
+
+
+# -- the syntax tree --------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """One line of ``EXPLAIN AST``: ``<indent><Kind> [<text>] [(alias a)] [(children n)]``."""
+
+    kind: str
+    text: str
+    children: list[Node] = field(default_factory=list)
+
+    def walk(self) -> Iterator[Node]:
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+_LINE = re.compile(r"^( *)(\S+)(?: +(.*?))?(?: +\(children \d+\))?$")
+_NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?: \(alias .*\))?$")
+_TABLE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?(?: \(alias .*\))?$")
+
+
+def parse_ast(text: str) -> Node:
+    """The tree of ``EXPLAIN AST`` output (TabSeparated: one node per line, one space per level)."""
+    root: Node | None = None
+    stack: list[tuple[int, Node]] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        match = _LINE.match(line)
+        if match is None:
+            raise QueryRefused(f"refused: unexpected parser output {line.strip()!r}")
+        depth = len(match.group(1))
+        node = Node(match.group(2), (match.group(3) or "").strip())
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        if stack:
+            if depth != stack[-1][0] + 1:
+                raise QueryRefused("refused: unexpected parser output (indentation)")
+            stack[-1][1].children.append(node)
+        elif root is None and depth == 0:
+            root = node
+        else:
+            raise QueryRefused("refused: more than one statement")
+        stack.append((depth, node))
+    if root is None:
+        raise QueryRefused("refused: the parser found no statement")
+    return root
+
+
+# Node kinds a read of the event log is made of. Function and table nodes are checked
+# by name; anything not listed (APPLY transformers, dictionaries, ...) is refused.
+_STRUCTURE = frozenset(
+    {
+        "SelectWithUnionQuery", "SelectIntersectExceptQuery", "SelectQuery", "ExpressionList",
+        "TablesInSelectQuery", "TablesInSelectQueryElement", "TableExpression", "TableJoin",
+        "ArrayJoin", "Subquery", "WithElement", "Asterisk", "QualifiedAsterisk",
+        "ColumnsTransformerList", "ColumnsExceptTransformer", "ColumnsReplaceTransformer",
+        "ColumnsReplaceTransformer::Replacement", "ColumnsRegexpMatcher", "ColumnsListMatcher",
+        "QualifiedColumnsRegexpMatcher", "QualifiedColumnsListMatcher", "OrderByElement",
+        "WindowDefinition", "WindowListElement", "InterpolateElement", "SampleRatio",
+        "Literal", "Identifier", "QueryParameter",
+    }
+)  # fmt: skip
+_STATEMENTS = {
+    "InsertQuery": "INSERT",
+    "Set": "SET",
+    "Explain": "EXPLAIN",
+    "ShowTables": "SHOW",
+    "CreateQuery": "CREATE",
+    "DropQuery": "DROP",
+    "AlterQuery": "ALTER",
+    "SystemQuery": "SYSTEM",
+    "UseQuery": "USE",
+    "KillQueryQuery": "KILL",
+}
+_HIDDEN = {"ColumnsApplyTransformer": "APPLY(<function>), which hides the function it calls,"}
+_TRAILERS = {"Literal": "INTO OUTFILE", "Identifier": "a FORMAT clause", "Set": "a SETTINGS clause"}
+_SETTINGS = "refused: a SETTINGS clause; the surface's limits and readonly cannot be changed"
+
+
+def _statement_name(kind: str) -> str:
+    if kind in _STATEMENTS:
+        return _STATEMENTS[kind]
+    return re.sub(r"Query$", "", kind).upper() or kind
+
+
+class _Walker:
+    def __init__(self, catalog: Catalog, local_tables: frozenset[str]) -> None:
+        self.catalog = catalog
+        self.local_tables = local_tables
+
+    def statement(self, root: Node) -> None:
+        if root.kind == "SelectWithUnionQuery":
+            self.select(root)
+        elif root.kind == "DescribeQuery":
+            # DESCRIBE <table or subquery>: one TableExpression, checked like a FROM.
+            extra = [c for c in root.children if c.kind != "TableExpression"]
+            if extra:
+                raise QueryRefused(f"refused: {_TRAILERS.get(extra[0].kind, extra[0].kind)}")
+            self.children(root)
+        else:
+            raise QueryRefused(
+                f"refused: a {_statement_name(root.kind)} statement; only SELECT (with WITH,"
+                " UNION, INTERSECT, EXCEPT) and DESCRIBE of the event log run here"
+            )
+
+    def select(self, node: Node) -> None:
+        # A SELECT's clauses sit under its first child; anything after it is INTO OUTFILE
+        # (a path literal), FORMAT (an identifier) or SETTINGS.
+        for extra in node.children[1:]:
+            if extra.kind == "Set":
+                raise QueryRefused(_SETTINGS)
+            what = _TRAILERS.get(extra.kind, extra.kind)
+            raise QueryRefused(f"refused: {what}; the surface chooses where results go")
+        self.children(node)
+
+    def children(self, node: Node) -> None:
+        for child in node.children:
+            self.node(child, node)
+
+    def node(self, node: Node, parent: Node) -> None:
+        kind = node.kind
+        if kind == "SelectWithUnionQuery":
+            self.select(node)
+            return
+        if kind == "Set":
+            raise QueryRefused(_SETTINGS)
+        if kind == "Function":
+            self.function(node, table=parent.kind == "TableExpression")
+            return
+        if kind == "TableIdentifier":
+            self.table(_table_name(node))
+            return
+        if kind not in _STRUCTURE:
+            what = _HIDDEN.get(kind, kind)
+            raise QueryRefused(f"refused: {what} is not allowed on this surface")
+        self.children(node)
+
+    def function(self, node: Node, *, table: bool) -> None:
+        match = _NAME.match(node.text)
+        if match is None:
+            raise QueryRefused(f"refused: function name {node.text!r}")
+        name = match.group(1)
+        if table:
+            if name in self.catalog.tables:
+                self.children(node)  # a parameterised view of the event log
+                return
+            reason = _denial(name)
+            if reason is not None:
+                raise QueryRefused(f"refused: table function {name}() {reason}")
+            raise QueryRefused(
+                f"refused: table function {name}() is not the event log; read "
+                f"{_tables_hint(self.catalog.tables)}"
+            )
+        refusal = self.catalog.refusal(name)
+        if refusal is not None:
+            raise QueryRefused(refusal)
+        if _IN_FUNCTION.match(name):
+            args = node.children[0].children if node.children else []
+            if len(args) == 2 and args[1].kind == "Identifier":
+                self.table(_table_name(args[1]))
+        self.children(node)
+
+    def table(self, name: tuple[str | None, str]) -> None:
+        database, table = name
+        if database is not None:
+            full = f"{database}.{table}"
+            if database.lower() in ("system", "information_schema"):
+                raise QueryRefused(f"refused: system table {full} is outside the event log")
+            raise QueryRefused(
+                f"refused: table {full} names a database; the event log is "
+                f"{_tables_hint(self.catalog.tables)} in the current one"
+            )
+        if table in self.catalog.tables:
+            return
+        # Any other bare name is a WITH name of this query (its body is checked where it
+        # is defined) unless a table of the current database has it: the engine would
+        # read that table, so it must be one of ours.
+        if table in self.local_tables:
+            raise QueryRefused(f"refused: table {table} is not part of the event log")
+
+
+def _table_name(node: Node) -> tuple[str | None, str]:
+    match = _TABLE.match(node.text)
+    if match is None:
+        raise QueryRefused(f"refused: table name {node.text!r}")
+    if match.group(2) is None:
+        return None, match.group(1)
+    return match.group(1), match.group(2)
+
+
+def _tables_hint(tables: frozenset[str]) -> str:
+    plain = sorted(t for t in tables if not t.startswith("metric_"))
+    views = " and the metric_* views" if any(t.startswith("metric_") for t in tables) else ""
+    return ", ".join(plain) + views
+
+
+# -- the check ------------------------------------------------------------------------
+
+
+def _syntax_error(err: StoreError) -> StoreError:
+    # ClickHouse names the wrapper query in its message; the user wrote only the statement.
+    message = re.sub(r" ?: In scope SELECT formatQuery\(.*\)\.", ".", str(err), flags=re.DOTALL)
+    return StoreError(message)
+
+
+def check_query(sql: str, engine: GuardEngine, catalog: Catalog | None = None) -> str:
+    """The one statement to run for ``sql``, or :class:`QueryRefused` naming what was refused.
+
+    ``engine`` parses (see the module doc); ``catalog`` defaults to :func:`load_catalog`.
+    A syntax error is a :class:`StoreError` with ClickHouse's message.
+    """
+    if not sql.strip():
+        raise QueryRefused("refused: an empty statement")
+    try:
+        formatted = engine.query_limited(
+            "SELECT formatQuery({q:String})", {"q": sql}, parsing=True
+        ).rows
+    except StoreError as err:
+        if "Multi-statements are not allowed" in str(err):
+            raise QueryRefused("refused: more than one statement; send one at a time") from None
+        raise _syntax_error(err) from None
+    statement = str(formatted[0][0])
+    try:
+        tree = parse_ast(engine.text_limited(f"EXPLAIN AST {statement}", None, parsing=True))
+    except QueryRefused:
+        raise
+    except StoreError as err:
+        # Applying a SETTINGS clause is the one thing EXPLAIN does besides parsing.
+        if "READONLY" in str(err) or "UNKNOWN_SETTING" in str(err):
+            raise QueryRefused(_SETTINGS) from None
+        raise
+    catalog = catalog or load_catalog(engine)
+    local = frozenset(
+        str(r[0])
+        for r in engine.query(
+            "SELECT name FROM system.tables WHERE database = currentDatabase()"
+        ).rows
+    )
+    _Walker(catalog, local).statement(tree)
+    return statement
+
+
+class GuardedQueries:
+    """The SQL surface over a store: every statement checked, run on the limited session.
+
+    A :class:`~services.analytics.store.SqlSource` for ``compute_metrics``.
+    """
+
+    def __init__(self, store: GuardEngine, *, owns_store: bool = False) -> None:
+        self.store = store
+        self._owns = owns_store
+        self._catalog: Catalog | None = None
+        self._lock = threading.Lock()
+
+    def catalog(self) -> Catalog:
+        with self._lock:
+            if self._catalog is None:
+                self._catalog = load_catalog(self.store)
+            return self._catalog
+
+    def check(self, sql: str) -> str:
+        return check_query(sql, self.store, self.catalog())
+
+    def query(self, sql: str, *, readonly: bool = True) -> QueryResult:
+        if not readonly:
+            raise QueryRefused("refused: the SQL surface only reads")
+        return self.store.query_limited(self.check(sql))
+
+    def text(self, sql: str, clickhouse_format: str) -> str:
+        """The result rendered by ClickHouse in ``clickhouse_format``."""
+        return self.store.text_limited(self.check(sql), clickhouse_format)
+
+    def close(self) -> None:
+        if self._owns:
+            self.store.close()
