@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,7 +44,7 @@ from streams.events import (
     WorkflowFailed,
 )
 from streams.kafka import AsyncLifecycle, EventConsumer, EventProducer, KafkaSettings
-from streams.keys import mint_key
+from streams.keys import DEFAULT_OPERATORS, mint_key
 
 __all__ = ["Answer", "OrchestratorClient", "invalid_request"]
 
@@ -297,8 +298,15 @@ class OrchestratorClient(AsyncLifecycle):
         await self._producer.send(event)
         return event
 
-    async def set_budget(self, goal_id: str, **limits: Any) -> BudgetUpdateRequested:
-        """Change a goal's limits: max_agents, max_concurrent, max_daily_cost."""
+    async def set_budget(
+        self, goal_id: str, *, user_id: str | None = None, **limits: Any
+    ) -> BudgetUpdateRequested:
+        """Change a goal's limits: max_agents, max_concurrent, max_daily_cost.
+
+        ``user_id`` (default ``ORCH_OPERATOR_USER``, else ``operator``) must be an operator:
+        named in the budget service's ``ORCH_OPERATORS`` or holding an operator key.
+        """
+        user_id = user_id or os.environ.get("ORCH_OPERATOR_USER", DEFAULT_OPERATORS)
         allowed = {"max_agents", "max_concurrent", "max_daily_cost"}
         unknown = sorted(set(limits) - allowed)
         if unknown:
@@ -309,7 +317,11 @@ class OrchestratorClient(AsyncLifecycle):
             raise InvalidRequest("give at least one of max_agents, max_concurrent, max_daily_cost")
         try:
             event = BudgetUpdateRequested(
-                source=self.source, goal_id=goal_id, occurred_at=self.clock.now(), **limits
+                source=self.source,
+                goal_id=goal_id,
+                user_id=user_id,
+                occurred_at=self.clock.now(),
+                **limits,
             )
         except ValidationError as exc:
             raise invalid_request(exc) from None

@@ -9,16 +9,32 @@ role (``user`` or ``operator``); ``api_key_revoked`` ends it for good.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from streams.events import ApiKeyIssued, ApiKeyRevoked, Event, Role
+from aiokafka import TopicPartition
 
-__all__ = ["Identity", "KeyRegistry", "hash_key", "mint_key"]
+from streams.events import ApiKeyIssued, ApiKeyRevoked, Event, Role
+from streams.kafka import EventConsumer, KafkaSettings
+
+__all__ = [
+    "KEY_TOPICS",
+    "Identity",
+    "KeyRegistry",
+    "KeyView",
+    "hash_key",
+    "mint_key",
+    "operators_from",
+]
+
+KEY_TOPICS = (ApiKeyIssued.topic, ApiKeyRevoked.topic)
 
 _KEY = re.compile(r"^orch_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}$")
 
@@ -125,3 +141,82 @@ class KeyRegistry:
 
 def _identity(issued: ApiKeyIssued) -> Identity:
     return Identity(issued.key_id, issued.goal_id, issued.user_id, issued.role)
+
+
+DEFAULT_OPERATORS = "operator"
+
+
+def operators_from(text: str | None = None) -> frozenset[str]:
+    """``ORCH_OPERATORS`` (default ``operator``, the local CLI's identity): users trusted as
+    operators without a key. Inside the Kafka boundary producers are trusted; on a shared
+    cluster set it empty and give operators keys."""
+    import os
+
+    if text is None:
+        text = os.environ.get("ORCH_OPERATORS", DEFAULT_OPERATORS)
+    return frozenset(u.strip() for u in text.split(",") if u.strip())
+
+
+class KeyView:
+    """A :class:`KeyRegistry` kept current from the key topics, for a service that checks keys.
+
+    It reads every partition outside any group; :meth:`is_operator` of a user it does
+    not know yet first catches up with what is on the topics now (a key created a
+    moment before its first use).
+    """
+
+    def __init__(self, settings: KafkaSettings, *, operators: Iterable[str] = ()) -> None:
+        self.registry = KeyRegistry()
+        self.operators = frozenset(operators)
+        self._consumer = EventConsumer(settings, KEY_TOPICS, group_id=None, source="keys")
+        self._task: asyncio.Task[None] | None = None
+        self._read: dict[TopicPartition, int] = {}
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        self._task = asyncio.create_task(self._run(), name="key-view")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._consumer.stop()
+
+    async def _run(self) -> None:
+        raw = self._consumer.raw
+        while True:
+            fetched = await raw.getmany(timeout_ms=500, max_records=500)
+            for tp, records in fetched.items():
+                for record in records:
+                    delivery = await self._consumer.decode(record)
+                    if delivery is not None:
+                        self.registry.apply(delivery.event)
+                    self._read[tp] = record.offset + 1
+
+    async def sync(self, timeout: float = 5.0) -> None:
+        """Wait until what is on the key topics now has been read (or ``timeout``)."""
+        raw = self._consumer.raw
+        ends = await raw.end_offsets(list(raw.assignment()))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await self._reached(ends):
+            if loop.time() > deadline:
+                return
+            await asyncio.sleep(0.02)
+
+    async def _reached(self, ends: dict[TopicPartition, int]) -> bool:
+        raw = self._consumer.raw
+        for tp, end in ends.items():
+            # Position covers offsets that hold no record (compaction, transaction markers).
+            if self._read.get(tp, 0) < end and await raw.position(tp) < end:
+                return False
+        return True
+
+    async def is_operator(self, user_id: str | None) -> bool:
+        if user_id is None:
+            return False
+        if user_id in self.operators or self.registry.is_operator(user_id):
+            return True
+        await self.sync()
+        return self.registry.is_operator(user_id)

@@ -15,6 +15,7 @@ from faust import current_event
 
 from services.budget.state import BudgetDefaults, BudgetState
 from streams.codec import default_codec
+from streams.errors import NotOperator
 from streams.events import (
     BudgetUpdateRequested,
     DeadLetter,
@@ -27,6 +28,7 @@ from streams.events import (
 )
 from streams.faust_app import CODEC_NAME, EventTopic, create_app, start_app
 from streams.kafka import failed_letter
+from streams.keys import KeyView, operators_from
 from streams.service import ServiceContext
 from streams.topics import PARTITIONS
 
@@ -68,8 +70,16 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             )
         return outputs[name]
 
+    keys = KeyView(ctx.settings, operators=operators_from())
+
     async def _apply(event: Event) -> None:
         assert event.goal_id is not None
+        if isinstance(event, BudgetUpdateRequested) and not await keys.is_operator(event.user_id):
+            # Checked again here, whoever produced it: limits change only for an operator.
+            raise NotOperator(
+                f"changing goal {event.goal_id}'s budget needs an operator;"
+                f" {event.user_id or 'nobody'!r} is not one"
+            )
         raw = table.get(event.goal_id)
         state = BudgetState.from_dict(raw) if raw else BudgetState.new(event.goal_id, defaults)
         decision = state.handle(event, ctx.clock.now(), defaults)
@@ -108,8 +118,12 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
                 log.exception("budget failed on %s %s", event.event_type, event.event_id)
                 await _dead_letter(event, exc)
 
-    await start_app(app, ctx.settings)
+    await keys.start()
     try:
-        await stop.wait()
+        await start_app(app, ctx.settings)
+        try:
+            await stop.wait()
+        finally:
+            await app.stop()
     finally:
-        await app.stop()
+        await keys.stop()

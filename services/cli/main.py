@@ -486,20 +486,29 @@ def improve(
         str, typer.Argument(help="The run the feedback is about (or `approve`, see below).")
     ],
     text: Annotated[str, typer.Argument(help="What should be better (or the improvement id).")],
-    user: Annotated[str, typer.Option("--user", help="Who gives the feedback (or approves).")],
+    user: Annotated[
+        str | None,
+        typer.Option(
+            "--user",
+            help="Who gives the feedback (required); for `approve`, the operator"
+            " (default $ORCH_OPERATOR_USER, else `operator`).",
+        ),
+    ] = None,
     score: Annotated[int | None, typer.Option(min=1, max=5, help="1 (bad) to 5 (great).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the verdict.")] = 30.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Give feedback on a run (`/improve`) and print the improvement service's verdict.
 
-    `orchestrator improve approve IMPROVEMENT_ID --user OPERATOR` makes a goal's
-    improvement serve every goal (OPERATOR must hold an operator key).
+    `orchestrator improve approve IMPROVEMENT_ID [--user OPERATOR]` makes a goal's
+    improvement serve every goal (OPERATOR: in ORCH_OPERATORS or holding an operator key).
     Exit 0 when accepted, 1 when refused (the reason is printed), 3 with no verdict.
     """
     if run_id == "approve":
-        _approve(text, user, timeout, as_json)
+        _approve(text, user or os.environ.get("ORCH_OPERATOR_USER", "operator"), timeout, as_json)
         return
+    if user is None:
+        _fail("--user is required: who gives the feedback", EXIT_INVALID, as_json=as_json)
     if not run_id.strip():
         _fail("run id is empty", EXIT_INVALID, as_json=as_json)
     if not text.strip() and score is None:
@@ -734,6 +743,14 @@ def budget_set(
     max_agents: Annotated[int | None, typer.Option(help="Agents the goal may have.")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Tasks running at once.")] = None,
     max_daily_cost: Annotated[float | None, typer.Option(help="USD per UTC day.")] = None,
+    as_user: Annotated[
+        str | None,
+        typer.Option(
+            "--as",
+            help="The operator asking (default $ORCH_OPERATOR_USER, else `operator`); the budget"
+            " service applies changes from operators only (ORCH_OPERATORS or an operator key).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Change a goal's limits (sent as an event; the budget service applies it)."""
@@ -764,7 +781,8 @@ def budget_set(
     settings = _settings()
 
     async def send(client: OrchestratorClient) -> BudgetUpdateRequested:
-        return await client.set_budget(goal, **limits)
+        asked: dict[str, Any] = dict(limits)
+        return await client.set_budget(goal, user_id=as_user, **asked)
 
     event = _run(_with_client(settings, send), settings, as_json=as_json)
     if as_json:

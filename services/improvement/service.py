@@ -85,7 +85,7 @@ from streams.events import (
     WorkflowFailed,
 )
 from streams.kafka import Delivery, EventConsumer
-from streams.keys import Identity
+from streams.keys import Identity, operators_from
 from streams.llm import Completion, LLMClient, LLMError, LLMSettings, create_llm
 from streams.service import ServiceContext
 from streams.workflows import goal_of, goal_workflow, join_instructions
@@ -181,9 +181,7 @@ class ImprovementConfig:
             feedback_window_s=env_float("ORCH_FEEDBACK_WINDOW_SECONDS", 3600.0, minimum=1.0),
             llm_reserve_usd=env_float("ORCH_PLATFORM_CALL_RESERVE_USD", 0.002, minimum=0.0),
             promote_goals=env_int("ORCH_PROMOTE_GOALS", 3, minimum=1),
-            operators=frozenset(
-                u.strip() for u in os.environ.get("ORCH_OPERATORS", "").split(",") if u.strip()
-            ),
+            operators=operators_from(),
         )
 
 

@@ -136,3 +136,29 @@ async def test_the_judge_is_paid_by_the_goal_it_grades(platform, client):
         assert spent == pytest.approx(expected, abs=1e-6)
     finally:
         platform.llm.responder = None
+
+
+async def test_only_an_operator_changes_a_budget(platform, client):
+    from services.budget.view import read_budget
+
+    goal = "tenant-limits"
+    await client.ask("hello there", goal_id=goal, user_id="ul")
+    before = await read_budget(platform.settings, goal)
+    assert before is not None
+    refused = await client.set_budget(goal, user_id="mallory", max_concurrent=77)
+    letters = await _until(
+        platform, "dead_letter", lambda e: e.error_type == "NotOperator" and goal in e.reason
+    )
+    assert letters and "mallory" in letters[0].reason
+    assert (await read_budget(platform.settings, goal) or {})["max_concurrent"] == before[
+        "max_concurrent"
+    ]
+    assert refused.user_id == "mallory"
+
+    # An operator key makes its holder an operator for the service that acts, too.
+    await client.create_key("ops", "ops-bob", "operator")
+    await client.set_budget(goal, user_id="ops-bob", max_concurrent=7)
+    deadline = time.monotonic() + 20
+    while (await read_budget(platform.settings, goal) or {}).get("max_concurrent") != 7:
+        assert time.monotonic() < deadline, "the operator's change was not applied"
+        await asyncio.sleep(0.3)
