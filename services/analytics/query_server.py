@@ -1,10 +1,12 @@
-"""Read-only SQL over the event log: the sink's loopback query server, and the client the CLI calls.
+"""The SQL surface over the event log: the sink's loopback query server and the CLI's client.
 
 With the embedded engine only the sink process can open the data directory, so
 the sink serves queries on 127.0.0.1 (port and token in a file next to the
-data) and :func:`query_sql` goes there. With ``CLICKHOUSE_URL`` set, the client
-talks to that server itself. Either way ClickHouse refuses writes, because the
-session runs with ``readonly=1``; no SQL is parsed here.
+data) and :func:`query_sql` goes there. With ``CLICKHOUSE_URL`` (or
+``CLICKHOUSE_READ_URL``) set, the client talks to that server itself. Either
+way every statement goes through :mod:`services.analytics.sqlguard`: it must be
+one read of the event log's tables, and it runs within the limits of
+``ORCH_SQL_*`` on a ``readonly=1`` session.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from services.analytics.sqlguard import GuardedQueries
 from services.analytics.store import ClickHouseStore, QueryResult
-from streams.errors import StoreError
+from streams.errors import QueryRefused, StoreError
 from streams.localkafka import data_root
 
 __all__ = [
@@ -54,11 +57,12 @@ def query_server_file(base: Path | None = None) -> Path:
 
 
 class QueryServer:
-    """Serves read-only queries on the store over loopback HTTP, one thread per request.
+    """Serves the SQL surface of the store over loopback HTTP, one thread per request.
 
     ``POST /query`` with ``{"sql": ..., "format": "table|json|csv|tsv|rows"}`` and
     ``Authorization: Bearer <token>`` answers 200 with the rendered result, or 400
-    with ``{"error": <ClickHouse's message>}``.
+    with ``{"error": <the guard's or ClickHouse's message>}`` (and ``"refused": true``
+    when the guard refused the statement).
     """
 
     def __init__(self, store: ClickHouseStore, *, info_file: Path | None = None) -> None:
@@ -66,7 +70,8 @@ class QueryServer:
         base = store.path.parent if store.path is not None else None
         self.info_file = info_file or query_server_file(base)
         self._token = secrets.token_urlsafe(24)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(store, self._token))
+        surface = GuardedQueries(store)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(surface, self._token))
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="analytics-query-server", daemon=True
@@ -100,7 +105,7 @@ class QueryServer:
             pass
 
 
-def _handler(store: ClickHouseStore, token: str) -> type[BaseHTTPRequestHandler]:
+def _handler(surface: GuardedQueries, token: str) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "orchestrator-analytics"
 
@@ -131,7 +136,10 @@ def _handler(store: ClickHouseStore, token: str) -> type[BaseHTTPRequestHandler]
                 self._reply(HTTPStatus.BAD_REQUEST, {"error": f"unknown format {fmt!r}"})
                 return
             try:
-                text = store.query_text(sql, clickhouse_format)
+                text = surface.text(sql, clickhouse_format)
+            except QueryRefused as err:
+                self._reply(HTTPStatus.BAD_REQUEST, {"error": str(err), "refused": True})
+                return
             except StoreError as err:
                 self._reply(HTTPStatus.BAD_REQUEST, {"error": str(err)})
                 return
@@ -142,7 +150,7 @@ def _handler(store: ClickHouseStore, token: str) -> type[BaseHTTPRequestHandler]
             self.end_headers()
             self.wfile.write(body)
 
-        def _reply(self, status: HTTPStatus, payload: dict[str, str]) -> None:
+        def _reply(self, status: HTTPStatus, payload: dict[str, str | bool]) -> None:
             body = json.dumps(payload).encode("utf-8")
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -188,10 +196,11 @@ class RemoteQueries:
         except urllib.error.HTTPError as err:
             detail = err.read().decode("utf-8", errors="replace")
             try:
-                message = str(json.loads(detail)["error"])
-            except (ValueError, KeyError, TypeError):
-                message = detail or str(err)
-            raise StoreError(message) from None
+                answer = json.loads(detail)
+                message, refused = str(answer["error"]), answer.get("refused") is True
+            except (ValueError, KeyError, TypeError, AttributeError):
+                message, refused = detail or str(err), False
+            raise (QueryRefused if refused else StoreError)(message) from None
         except (urllib.error.URLError, OSError) as err:
             raise StoreError(
                 f"no analytics query server answers at {url} ({err}); is the analytics"
@@ -213,38 +222,40 @@ def _parse_rows(text: str) -> QueryResult:
     return QueryResult(columns, [tuple(row) for row in data.get("data", [])])
 
 
-def query_source(*, timeout: float = 60.0) -> ClickHouseStore | RemoteQueries:
-    """Where reads go: the server of ``CLICKHOUSE_URL``, or the running sink's query server.
+def query_source(*, timeout: float = 60.0) -> GuardedQueries | RemoteQueries:
+    """Where reads go: the server of ``CLICKHOUSE_READ_URL`` (else ``CLICKHOUSE_URL``)
+    through the guard, or the running sink's query server (which guards them itself).
 
     Pass it to :func:`services.analytics.metrics.compute_metrics`; ``close()`` it after.
     """
-    url = os.environ.get("CLICKHOUSE_URL")
+    url = os.environ.get("CLICKHOUSE_READ_URL") or os.environ.get("CLICKHOUSE_URL")
     if url:
-        return ClickHouseStore(url=url)
+        return GuardedQueries(ClickHouseStore(url=url), owns_store=True)
     return RemoteQueries(timeout=timeout)
 
 
 def query_sql(sql: str, fmt: str = "table", *, timeout: float = 60.0) -> str:
-    """Run one read-only statement and return ClickHouse's rendering of the result.
+    """Run one read of the event log and return ClickHouse's rendering of the result.
 
     ``fmt``: ``table`` (PrettyCompact), ``json`` (ClickHouse JSON: meta, data,
     rows, statistics), ``csv`` or ``tsv`` (with a header row). Raises
-    :class:`~streams.errors.StoreError` with ClickHouse's own message when the
-    statement is refused (a write under readonly=1, a syntax error, ...).
+    :class:`~streams.errors.QueryRefused` naming what the guard refused, or
+    :class:`~streams.errors.StoreError` with ClickHouse's own message (a syntax
+    error, a limit reached, ...).
     """
     if fmt not in FORMATS:
         raise StoreError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     source = query_source(timeout=timeout)
     try:
-        if isinstance(source, ClickHouseStore):
-            return source.query_text(sql, FORMATS[fmt])
+        if isinstance(source, GuardedQueries):
+            return source.text(sql, FORMATS[fmt])
         return source.text(sql, fmt)
     finally:
         source.close()
 
 
 def query_rows(sql: str, *, timeout: float = 60.0) -> QueryResult:
-    """Run one read-only statement and return its column names and rows."""
+    """Run one read of the event log (through the guard) and return its columns and rows."""
     source = query_source(timeout=timeout)
     try:
         return source.query(sql)

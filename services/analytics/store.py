@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from services.analytics import _ingest
@@ -49,6 +49,7 @@ _ROW_ERRORS = frozenset(
     {6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 407, 469, 748}
 )
 _AVRO_EXCEPTION = 748
+T = TypeVar("T")
 
 
 class StoreUnavailable(StoreError):
@@ -312,6 +313,7 @@ class ClickHouseStore:
         self._writer: Client | None = None
         self._reader: Client | None = None
         self._limited: dict[bool, Client] = {}  # parsing? -> its client
+        self._limited_locks = {True: threading.Lock(), False: threading.Lock()}
         self.limits = limits or QueryLimits.from_env()
         self._columns: list[_ingest.Column] | None = None
         self._structures: dict[str, str] = {}
@@ -491,13 +493,20 @@ class ClickHouseStore:
                 self._limited[parsing] = client
             return client
 
-    def _drop_limited(self, parsing: bool, client: Client) -> None:
-        # After a query fails mid-result, chdb hands the rest of that result to the next
-        # query on the same connection; a failed session is never used again.
-        with self._lock:
-            if self._limited.get(parsing) is client:
-                del self._limited[parsing]
-        client.close()
+    def _limited_call(self, parsing: bool, call: Callable[[Client], T]) -> T:
+        # One query at a time per session (chdb would serialise them anyway), so a
+        # failed session is closed with nobody else waiting on it.
+        with self._limited_locks[parsing]:
+            client = self._limited_client(parsing)
+            try:
+                return call(client)
+            except Exception as exc:
+                # After a query fails mid-result, chdb hands the rest of that result to the
+                # next query on the same connection: a failed session is never used again.
+                with self._lock:
+                    self._limited.pop(parsing, None)
+                client.close()
+                raise StoreError(str(exc)) from exc
 
     def query_limited(
         self, sql: str, parameters: Mapping[str, str] | None = None, *, parsing: bool = False
@@ -506,25 +515,23 @@ class ClickHouseStore:
 
         ``parsing`` picks the session the guard parses on, apart from the one queries run on.
         """
-        client = self._limited_client(parsing)
-        try:
+
+        def run(client: Client) -> QueryResult:
             result = client.query(_clean(sql), parameters=dict(parameters or {}))
             return QueryResult(list(result.column_names), [tuple(r) for r in result.result_rows])
-        except Exception as exc:
-            self._drop_limited(parsing, client)
-            raise StoreError(str(exc)) from exc
+
+        return self._limited_call(parsing, run)
 
     def text_limited(
         self, sql: str, clickhouse_format: str | None, *, parsing: bool = False
     ) -> str:
         """:meth:`query_limited` rendered by ClickHouse; ``None``: its default, TabSeparated."""
-        client = self._limited_client(parsing)
-        try:
+
+        def run(client: Client) -> str:
             data = client.raw_query(_clean(sql), fmt=clickhouse_format)
-        except Exception as exc:
-            self._drop_limited(parsing, client)
-            raise StoreError(str(exc)) from exc
-        return data.decode("utf-8", errors="replace")
+            return data.decode("utf-8", errors="replace")
+
+        return self._limited_call(parsing, run)
 
     def count(self) -> int:
         result = self.query(f"SELECT count() FROM {TABLE} FINAL")

@@ -797,10 +797,13 @@ def budget_set(
 
 @app.command()
 def sql(
-    query: Annotated[str, typer.Argument(help="A read-only ClickHouse query.")],
+    query: Annotated[
+        str, typer.Argument(help="One ClickHouse SELECT (or DESCRIBE) over the event log.")
+    ],
     fmt: Annotated[str, typer.Option("--format", help="table, json, csv or tsv.")] = "table",
 ) -> None:
-    """Run read-only SQL on the event log (ClickHouse refuses writes)."""
+    """Query the event log: one SELECT of its tables and views, within limits; files, URLs,
+    system tables, settings and writes are refused (docs/architecture.md)."""
     # Imported here: only these two commands need the analytics store.
     from services.analytics.query_server import FORMATS, query_sql
 

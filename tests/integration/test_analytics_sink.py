@@ -13,8 +13,10 @@ import asyncio
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -33,7 +35,7 @@ from services.analytics.store import ClickHouseStore, MemoryEventStore
 from streams import events as ev
 from streams.clock import SystemClock
 from streams.codec import default_codec
-from streams.errors import StoreError
+from streams.errors import QueryRefused, StoreError
 from streams.kafka import EventProducer, KafkaSettings
 from streams.service import ServiceContext, group_id
 from streams.topics import CATALOG, create_topics
@@ -266,24 +268,32 @@ async def test_undecodable_bytes_are_dead_lettered_and_passed(shared: SinkProces
     await wait_caught_up(shared.settings)
 
 
-def test_sql_path_is_read_only_by_clickhouse(
+def test_sql_path_refuses_all_but_reads_of_the_event_log(
     shared: SinkProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ORCH_DATA_DIR", str(shared.data_dir))
     monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
+    monkeypatch.delenv("CLICKHOUSE_READ_URL", raising=False)
     before = shared.scalar("SELECT count() FROM events")
 
-    for write in (
-        "INSERT INTO events (event_id, event_type, occurred_at) VALUES ('x', 'y', now64(3))",
-        "CREATE TABLE hacked (a Int8) ENGINE = Memory",
-        "DROP TABLE events",
-        "ALTER TABLE events DELETE WHERE 1",
-        "SELECT 1 SETTINGS readonly = 0",
-    ):
-        with pytest.raises(StoreError) as refused:
-            query_sql(write)
-        assert "READONLY" in str(refused.value), write
-        assert "Code: 164" in str(refused.value)
+    for statement, named in (
+        ("INSERT INTO events (event_id, event_type, occurred_at) VALUES ('x', 'y', now64(3))",
+         "INSERT statement"),
+        ("CREATE TABLE hacked (a Int8) ENGINE = Memory", "CREATE statement"),
+        ("DROP TABLE events", "DROP statement"),
+        ("ALTER TABLE events DELETE WHERE 1", "ALTER statement"),
+        ("SELECT 1 SETTINGS readonly = 0", "SETTINGS clause"),
+        ("SELECT file('/proc/self/environ')", "function file()"),
+        ("SELECT * FROM system.processes", "system table system.processes"),
+        ("SELECT 1; SELECT 2", "more than one statement"),
+    ):  # fmt: skip
+        for fmt in ("table", "csv"):
+            with pytest.raises(QueryRefused) as refused:
+                query_sql(statement, fmt)
+            assert str(refused.value).startswith("refused: "), statement
+            assert named in str(refused.value), statement
+        with pytest.raises(QueryRefused, match=re.escape(named)):
+            query_rows(statement)
     with pytest.raises(StoreError, match=r"Code: 62\. DB::Exception: Syntax error"):
         query_sql("SELEC 1")
 
@@ -301,6 +311,66 @@ def test_sql_without_a_running_sink_says_so(
     monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
     with pytest.raises(StoreError, match="analytics sink is not running"):
         query_sql("SELECT 1")
+
+
+def test_cli_sql_prints_the_refusal_and_fails(shared: SinkProcess) -> None:
+    env = {**shared.env, "COLUMNS": "300"}
+    cli = [sys.executable, "-m", "services.cli.main", "sql"]
+    done = subprocess.run(
+        [*cli, "SELECT FiLe('/etc/passwd')"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "error: refused: function FiLe() reaches outside the event log" in done.stderr
+    assert "root:" not in done.stdout + done.stderr
+    done = subprocess.run(
+        [*cli, "SELECT 42 AS answer", "--format", "csv"], cwd=ROOT, env=env, capture_output=True
+    )
+    assert (done.returncode, done.stdout) == (0, b'"answer"\n42\n')
+
+
+async def test_a_heavy_query_is_limited_while_ingestion_completes(
+    settings: KafkaSettings, tmp_path: Path
+) -> None:
+    sink = SinkProcess(settings, tmp_path, ORCH_SQL_MAX_SECONDS="1", ORCH_SQL_MAX_MEMORY_MB="256")
+    sink.start()
+    try:
+        tag = f"src-{uuid.uuid4().hex[:8]}"
+        first = [sample_event(ev.LlmCallCompleted, source=tag) for _ in range(3000)]
+        later = [sample_event(ev.WorkflowCompleted, source=tag) for _ in range(20_000)]
+        count = f"SELECT count() FROM events FINAL WHERE source = '{tag}'"
+        await produce(settings, first)
+        await asyncio.to_thread(wait_until, lambda: sink.scalar(count) == len(first), 60, "rows")
+
+        # Allowed by the guard (the event log only), but 3000^3 rows of join: the limit ends it.
+        heavy = "SELECT count() FROM events AS a, events AS b, events AS c"
+        outcomes: list[str] = []
+        stop = threading.Event()
+
+        def hammer() -> None:
+            while not stop.is_set():
+                try:
+                    outcomes.append(f"answered {sink.queries.query(heavy).rows}")
+                except StoreError as err:
+                    outcomes.append(str(err))
+
+        thread = threading.Thread(target=hammer, daemon=True)
+        thread.start()
+        try:
+            await asyncio.to_thread(wait_until, lambda: outcomes, 60, "a heavy query's end")
+            # From here on a heavy query is always running while the sink ingests.
+            await produce(settings, later)
+            total = len(first) + len(later)
+            await asyncio.to_thread(wait_until, lambda: sink.scalar(count) == total, 120, "rows")
+            assert thread.is_alive()
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join, 60)
+        assert outcomes and all("(TIMEOUT_EXCEEDED)" in o for o in outcomes), outcomes[:3]
+        await wait_caught_up(settings)
+        assert sink.scalar(count) == total
+        assert sink.proc is not None and sink.proc.poll() is None
+    finally:
+        sink.stop()
 
 
 # -- metrics against a hand-computed expectation ---------------------------------------
