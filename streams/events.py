@@ -45,6 +45,8 @@ __all__ = [
     "SpawnApproved",
     "SpawnDenied",
     "SpawnRequested",
+    "SpendDecided",
+    "SpendRequested",
     "TaskAdmitted",
     "TaskRequested",
     "WorkflowAssessed",
@@ -513,6 +515,29 @@ class PromotionDecided(Event):
     workflow_id: str | None = None
 
 
+class SpendRequested(Event):
+    """Command: hold back ``amount_usd`` of a goal's day for one LLM call the platform makes."""
+
+    topic = "spend_requested"
+    key_field = "goal_id"
+    event_type: Literal["spend_requested"] = "spend_requested"
+    goal_id: Identifier
+    purpose: Literal["judge", "improvement"]
+    amount_usd: float = Field(ge=0)
+
+
+class SpendDecided(Event):
+    """The budget's answer to a ``spend_requested`` (``request_id``): held back, or refused."""
+
+    topic = "spend_decided"
+    key_field = "goal_id"
+    event_type: Literal["spend_decided"] = "spend_decided"
+    goal_id: Identifier
+    request_id: str
+    approved: bool
+    reason: str = ""
+
+
 class DeadLetter(Event):
     topic = "dead_letter"
     key_field = "original_topic"
@@ -558,6 +583,8 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     FeedbackDecided,
     PromotionRequested,
     PromotionDecided,
+    SpendRequested,
+    SpendDecided,
     DeadLetter,
 )
 

@@ -43,6 +43,7 @@ __all__ = [
     "default_answer",
     "estimate_tokens",
     "redact_secrets",
+    "worst_case_usd",
 ]
 
 META_FIELD = "x_orchestrator"
@@ -249,6 +250,15 @@ class LLMClient(Protocol):
     ) -> Completion: ...
 
     async def aclose(self) -> None: ...
+
+
+def worst_case_usd(
+    prices: PriceTable, model: str, messages: Sequence[Mapping[str, str]], max_tokens: int
+) -> float:
+    """The most a call can cost: a prompt token per byte (a byte-level tokenizer never does
+    worse) plus a few per message, and every one of ``max_tokens`` generated."""
+    prompt = sum(len(m.get("content", "").encode("utf-8")) + 8 for m in messages)
+    return prices.cost_usd(model, prompt, max_tokens)
 
 
 def estimate_tokens(text: str) -> int:

@@ -85,6 +85,8 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("feedback_decided", ev.FeedbackDecided, retention_ms=30 * _DAY_MS),
     TopicSpec("promotion_requested", ev.PromotionRequested, retention_ms=_FOREVER),
     TopicSpec("promotion_decided", ev.PromotionDecided, retention_ms=_FOREVER),
+    TopicSpec("spend_requested", ev.SpendRequested),
+    TopicSpec("spend_decided", ev.SpendDecided),
     TopicSpec("dead_letter", ev.DeadLetter, retention_ms=30 * _DAY_MS),
 )
 

@@ -22,6 +22,7 @@ from streams.events import (
     Event,
     LlmCallCompleted,
     SpawnRequested,
+    SpendRequested,
     TaskRequested,
     WorkflowCompleted,
     WorkflowFailed,
@@ -45,6 +46,7 @@ BUDGET_TOPICS = (
     WorkflowCompleted.topic,
     WorkflowFailed.topic,
     BudgetUpdateRequested.topic,
+    SpendRequested.topic,
 )
 
 

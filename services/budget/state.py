@@ -7,6 +7,7 @@ order. Each rule returns the events to emit; redelivered events change nothing.
 
 from __future__ import annotations
 
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,6 +23,8 @@ from streams.events import (
     SpawnApproved,
     SpawnDenied,
     SpawnRequested,
+    SpendDecided,
+    SpendRequested,
     TaskAdmitted,
     TaskRequested,
     WorkflowCompleted,
@@ -31,6 +34,7 @@ from streams.events import (
 __all__ = ["BudgetDefaults", "BudgetState", "Decision"]
 
 SOURCE = "budget"
+_NS = uuid.UUID("5b0c7e2a-91d4-4f3e-8a6b-2c1d0e9f8a7b")
 # Redeliveries after a crash come from the last uncommitted stretch; a thousand ids
 # covers it, and the whole record is rewritten on every event, so it must stay small.
 _SEEN_LIMIT = 1000
@@ -159,7 +163,39 @@ class BudgetState:
             return self._release(event.run_id, now, defaults)
         if isinstance(event, BudgetUpdateRequested):
             return self._update(event, now, defaults)
+        if isinstance(event, SpendRequested):
+            return self._hold(event, now)
         return Decision()
+
+    def _hold(self, e: SpendRequested, now: datetime) -> Decision:
+        """A platform call (judge, feedback instruction) for this goal: hold its worst case."""
+        committed = self.spent_today(now) + self.reserved()
+        approved = committed + e.amount_usd <= self.max_daily_cost + 1e-12
+        out: list[Event] = []
+        if approved:
+            self.spawn_holds[_platform_hold(e.purpose, e.run_id)] = [now.isoformat(), e.amount_usd]
+            reason = f"held {e.amount_usd:.6f} USD"
+        else:
+            reason = (
+                f"goal {self.goal_id} has {committed:.6f} USD spent or held today; "
+                f"{e.amount_usd:.6f} more would pass max_daily_cost {self.max_daily_cost:.6f} USD"
+            )
+            out.append(
+                self._exceeded("max_daily_cost", committed, self.max_daily_cost, e.run_id, now)
+            )
+        out.append(
+            SpendDecided(
+                event_id=str(uuid.uuid5(_NS, f"{e.event_id}:decided")),
+                source=SOURCE,
+                run_id=e.run_id,
+                goal_id=self.goal_id,
+                request_id=e.event_id,
+                approved=approved,
+                reason=reason,
+                occurred_at=now,
+            )
+        )
+        return Decision(out)
 
     def _exceeded(
         self, limit: Any, current: float, maximum: float, run_id: str | None, now: datetime
@@ -340,6 +376,8 @@ class BudgetState:
             self.largest_task_cost = max(self.largest_task_cost, e.cost_usd)
         if e.run_id and e.purpose == "spawn_prompt":
             self.spawn_holds.pop(e.run_id, None)
+        if e.purpose in ("judge", "improvement"):
+            self.spawn_holds.pop(_platform_hold(e.purpose, e.run_id), None)
         if e.run_id and e.purpose == "answer":
             held = self.in_flight.get(e.run_id)
             if held is not None:
@@ -375,3 +413,8 @@ class BudgetState:
             age = (now - datetime.fromisoformat(admitted_at)).total_seconds()
             if age > defaults.lease_seconds:
                 del self.in_flight[run_id]
+
+
+def _platform_hold(purpose: str, run_id: str | None) -> str:
+    # Beside the spawn holds (keyed by run id) without colliding with them.
+    return f"{purpose}:{run_id or ''}"

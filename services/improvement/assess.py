@@ -30,6 +30,7 @@ from streams.signatures import intent_words
 
 __all__ = [
     "DEGRADED_QUALITY",
+    "JUDGE_MAX_TOKENS",
     "Assessment",
     "Assessor",
     "heuristic_quality",
@@ -55,6 +56,9 @@ class Assessment:
     method: Method
     judge_call: Completion | None = None
     judge_error: str | None = None
+
+
+JUDGE_MAX_TOKENS = 16
 
 
 def _clamp(value: float) -> float:
@@ -137,7 +141,7 @@ class Assessor:
                 judge_messages(message, event.text),
                 temperature=0.0,
                 model=self.model,
-                max_tokens=16,
+                max_tokens=JUDGE_MAX_TOKENS,
             )
         except LLMError as exc:
             return Assessment(heuristic, "heuristic", judge_error=f"{type(exc).__name__}: {exc}")

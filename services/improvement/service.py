@@ -38,7 +38,7 @@ from aiokafka import TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.partitioner import murmur2
 
-from services.improvement.assess import Assessor
+from services.improvement.assess import JUDGE_MAX_TOKENS, Assessor, judge_messages
 from services.improvement.feedback import wants_improvement
 from services.improvement.http import SlackSettings, build_app
 from services.improvement.instructions import (
@@ -80,13 +80,23 @@ from streams.events import (
     RequestReceived,
     RollbackRequested,
     RouteDecided,
+    SpendDecided,
+    SpendRequested,
     WorkflowAssessed,
     WorkflowCompleted,
     WorkflowFailed,
 )
 from streams.kafka import Delivery, EventConsumer
-from streams.keys import Identity, operators_from
-from streams.llm import Completion, LLMClient, LLMError, LLMSettings, create_llm
+from streams.keys import DEFAULT_OPERATORS, Identity, operators_from
+from streams.llm import (
+    Completion,
+    LLMClient,
+    LLMError,
+    LLMSettings,
+    PriceTable,
+    create_llm,
+    worst_case_usd,
+)
 from streams.service import ServiceContext
 from streams.workflows import goal_of, goal_workflow, join_instructions
 
@@ -111,6 +121,7 @@ VIEW_TOPICS = (
     BudgetUpdateRequested.topic,
     BudgetExceeded.topic,
     ImprovementAvailable.topic,
+    SpendDecided.topic,
     *VERSION_TOPICS,
 )
 WORK_TOPICS = (WorkflowCompleted.topic, FeedbackReceived.topic, PromotionRequested.topic)
@@ -149,7 +160,9 @@ class ImprovementConfig:
     feedback_window_s: float = 3600.0
     llm_reserve_usd: float = 0.002  # what a judge or rewrite call may cost, held against the goal
     promote_goals: int = 3  # goals whose canary of a change must win before every goal gets it
-    operators: frozenset[str] = frozenset()  # users trusted as operators without a key
+    # users trusted as operators without a key (ORCH_OPERATORS; the local CLI's identity)
+    operators: frozenset[str] = frozenset({DEFAULT_OPERATORS})
+    spend_wait_s: float = 5.0  # how long a platform call waits for the budget's hold
 
     @classmethod
     def from_env(cls) -> ImprovementConfig:
@@ -259,6 +272,10 @@ class ImprovementService:
         self._commands: EventConsumer | None = None
         self._owned: frozenset[int] = frozenset()
         self._waiters: dict[str, asyncio.Future[FeedbackDecided | PromotionDecided]] = {}
+        self._holds: dict[str, asyncio.Future[SpendDecided]] = {}
+        self._decided: OrderedDict[str, bool] = OrderedDict()  # spend request -> approved
+        self.prices = PriceTable.from_env()
+        self.model = LLMSettings.from_env().model
         self.http_port: int | None = None
 
     # -- knowledge -------------------------------------------------------------
@@ -297,9 +314,52 @@ class ImprovementService:
         return changed
 
     # -- assessment --------------------------------------------------------------
-    def may_spend(self, goal_id: str | None) -> bool:
-        """Whether the platform may make an LLM call charged to ``goal_id`` now."""
-        return self.state.spend.allows(goal_id, self.ctx.clock.now(), self.config.llm_reserve_usd)
+    async def hold(
+        self,
+        goal_id: str | None,
+        run_id: str,
+        purpose: Literal["judge", "improvement"],
+        messages: list[dict[str, str]],
+        max_tokens: int,
+        *,
+        cause: str,
+    ) -> bool:
+        """Whether the budget held back the worst case of this call on ``goal_id``.
+
+        The call is the goal's: it is made only once the budget service (the one writer
+        of the goal's spend) has set its worst case aside, so it cannot push the day
+        past ``max_daily_cost``. No answer in ``spend_wait_s``: no call.
+        """
+        if goal_id is None or self.llm is None:
+            return False
+        model = (self.config.judge_model if purpose == "judge" else None) or self.model
+        amount = worst_case_usd(self.prices, model, messages, max_tokens)
+        if not self.state.spend.allows(goal_id, self.ctx.clock.now(), amount):
+            return False  # the log already says the goal cannot pay: skip the round trip
+        request = SpendRequested(
+            # One hold per causing event: a redelivered cause asks again with the same id.
+            event_id=str(uuid.uuid5(_NS, f"{cause}:{purpose}:hold")),
+            source=SOURCE,
+            run_id=run_id,
+            goal_id=goal_id,
+            purpose=purpose,
+            amount_usd=amount,
+            occurred_at=self.ctx.clock.now(),
+        )
+        if request.event_id in self._decided:
+            return self._decided[request.event_id]
+        waiter = self._holds.setdefault(
+            request.event_id, asyncio.get_running_loop().create_future()
+        )
+        try:
+            await self.ctx.producer.send(request)
+            decided = await asyncio.wait_for(asyncio.shield(waiter), self.config.spend_wait_s)
+            return decided.approved
+        except TimeoutError:
+            log.warning("no spend decision for %s on goal %s: no %s call", run_id, goal_id, purpose)
+            return False
+        finally:
+            self._holds.pop(request.event_id, None)
 
     async def assess(self, event: WorkflowCompleted) -> list[Event]:
         known = self.state.run(event.run_id)
@@ -310,7 +370,15 @@ class ImprovementService:
             run = await self._run_known(event.run_id, lambda r: r.message is not None)
             message = (run.message or "") if run is not None else ""
         # The judge is paid by the goal whose answer it grades; a goal at its limit gets none.
-        result = await self.assessor.assess(event, message, may_spend=self.may_spend(event.goal_id))
+        may_spend = self.assessor.needs_message(event) and await self.hold(
+            event.goal_id,
+            event.run_id,
+            "judge",
+            judge_messages(message, event.text),
+            JUDGE_MAX_TOKENS,
+            cause=event.event_id,
+        )
+        result = await self.assessor.assess(event, message, may_spend=may_spend)
         now = self.ctx.clock.now()
         out: list[Event] = [
             WorkflowAssessed(
@@ -395,6 +463,14 @@ class ImprovementService:
         return self.state.keys.authenticate(key)
 
     def _view_event(self, event: Event) -> None:
+        if isinstance(event, SpendDecided):
+            self._decided[event.request_id] = event.approved
+            if len(self._decided) > 10_000:
+                self._decided.popitem(last=False)
+            hold = self._holds.get(event.request_id)
+            if hold is not None and not hold.done():
+                hold.set_result(event)
+            return
         self.state.apply(event)
         if isinstance(event, FeedbackDecided | PromotionDecided):
             waiter = self._waiters.get(
@@ -517,16 +593,16 @@ class ImprovementService:
         one short instruction; otherwise only the named adjustments apply. User text never
         reaches a system prompt itself. Raises FeedbackRefused when the guard says no.
         """
-        if self.llm is not None and run.goal_id and self.may_spend(run.goal_id):
+        messages = instruction_messages(specialty, event.score, event.text)
+        if self.llm is not None and await self.hold(
+            run.goal_id, run.run_id, "improvement", messages, 120, cause=event.event_id
+        ):
+            assert run.goal_id is not None
             call: Completion | None = None
             error: str | None = None
             instruction: str | None = None
             try:
-                call = await self.llm.complete(
-                    instruction_messages(specialty, event.score, event.text),
-                    temperature=0.0,
-                    max_tokens=120,
-                )
+                call = await self.llm.complete(messages, temperature=0.0, max_tokens=120)
                 instruction = clean_instruction(call.text)
             except LLMError as exc:
                 error = f"{type(exc).__name__}: {exc}"
@@ -769,6 +845,13 @@ class ImprovementService:
                     ledger.state.canary,
                 )
         elif isinstance(event, RollbackRequested):
+            if not self.is_operator(event.user_id):
+                reason = _not_operator(event.user_id, "rolling a workflow back")
+                log.warning("rollback refused: %s", reason)
+                await self.ctx.producer.send(
+                    self._dead_letter(event, delivery, reason, "NotOperator")
+                )
+                return
             ledger = self.state.flow(event.workflow_id)
             if not ledger.knows(event.to_version):
                 reason = f"workflow {event.workflow_id!r} has no version {event.to_version}"
@@ -965,7 +1048,5 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             await llm.aclose()
 
 
-def _not_operator(user_id: str | None) -> str:
-    return (
-        f"approving an improvement needs an operator; {user_id or 'nobody'!r} holds no operator key"
-    )
+def _not_operator(user_id: str | None, what: str = "approving an improvement") -> str:
+    return f"{what} needs an operator; {user_id or 'nobody'!r} is not one"

@@ -37,6 +37,8 @@ from streams.events import (
     PatternDiscovered,
     RequestReceived,
     RollbackRequested,
+    SpendDecided,
+    SpendRequested,
     WorkflowAssessed,
     WorkflowCompleted,
     WorkflowVersionSaved,
@@ -80,6 +82,8 @@ class Platform:
     port: int
     instances: list[Instance]
     seen: list[Event] = field(default_factory=list)
+    spend_asked: list[SpendRequested] = field(default_factory=list)
+    broke_goals: set[str] = field(default_factory=set)  # goals whose holds are refused
 
     def of(self, kind: type[Event]) -> list[Event]:
         return [e for e in self.seen if isinstance(e, kind)]
@@ -165,10 +169,32 @@ async def _platform(
             async for batch in watcher.batches(timeout_ms=50):
                 plat.seen.extend(d.event for d in batch)
 
+        async def _budget() -> None:
+            """The budget's side of a platform call's hold: approved, like a goal with money."""
+            async for batch in holds.batches(timeout_ms=50):
+                for d in batch:
+                    asked = d.event
+                    assert isinstance(asked, SpendRequested)
+                    plat.spend_asked.append(asked)
+                    await producer.send(
+                        SpendDecided(
+                            source="budget",
+                            run_id=asked.run_id,
+                            goal_id=asked.goal_id,
+                            request_id=asked.event_id,
+                            approved=asked.goal_id not in plat.broke_goals,
+                        )
+                    )
+
+        holds = EventConsumer(settings, ["spend_requested"], group_id=None, source="test")
+        await holds.start()
         watching = asyncio.create_task(_watch())
+        budget = asyncio.create_task(_budget())
         try:
             yield plat
         finally:
+            budget.cancel()
+            await holds.stop()
             watching.cancel()
             for instance in started:
                 instance.stop.set()
@@ -344,8 +370,18 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
     await platform.until(lambda: len(platform.of(LlmCallCompleted)) == 1)
     (judge_call,) = platform.of(LlmCallCompleted)
     assert isinstance(judge_call, LlmCallCompleted)
-    # The judge served goal g1's run: g1 pays for it, within its budget.
+    # The judge served goal g1's run: g1 pays for it, within its budget, which held its
+    # worst case back first.
     assert (judge_call.purpose, judge_call.goal_id, judge_call.ok) == ("judge", "g1", True)
+    (hold,) = platform.spend_asked
+    assert (hold.goal_id, hold.run_id, hold.purpose) == ("g1", "c0", "judge")
+    assert hold.amount_usd >= judge_call.cost_usd > 0
+    # A goal the budget refuses gets no judge call: its run is assessed by the heuristic.
+    platform.broke_goals.add("g-broke")
+    await platform.run("b0", "Parse ISO dates in python", goal="g-broke")
+    await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 2)
+    assert platform.of(WorkflowAssessed)[1].method == "heuristic"  # type: ignore[attr-defined]
+    assert len(platform.spend_asked) == 2 and len(platform.of(LlmCallCompleted)) == 1
 
     await platform.producer.send(
         FeedbackReceived(source="sdk", run_id="c0", user_id="u1", score=2, text="too vague")
@@ -386,22 +422,30 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
     assert rows[2]["change_source"] == "automated"
 
     with pytest.raises(InvalidRequest):
-        await request_rollback(platform.settings, "g1/code", 9, "ops")
+        await request_rollback(platform.settings, "g1/code", 9, "operator")
     # Sent around the check, a rollback to a version that does not exist is dead-lettered.
     await platform.producer.send(
-        RollbackRequested(source="t", user_id="ops", workflow_id="g1/code", to_version=9)
+        RollbackRequested(source="t", user_id="operator", workflow_id="g1/code", to_version=9)
     )
     await platform.until(lambda: len(platform.of(DeadLetter)) == 1)
     assert platform.of(DeadLetter)[0].error_type == "UnknownVersion"  # type: ignore[attr-defined]
-    asked = await request_rollback(platform.settings, "g1/code", 2, "ops", reason="try it again")
+    # A rollback is an operator's decision, checked where it is acted on.
+    await platform.producer.send(
+        RollbackRequested(source="t", user_id="mallory", workflow_id="g1/code", to_version=2)
+    )
+    await platform.until(lambda: len(platform.of(DeadLetter)) == 2)
+    assert platform.of(DeadLetter)[1].error_type == "NotOperator"  # type: ignore[attr-defined]
+    asked = await request_rollback(
+        platform.settings, "g1/code", 2, "operator", reason="try it again"
+    )
     assert isinstance(asked, RollbackRequested)
     await platform.until(lambda: len(platform.of(ImprovementRolledBack)) == 2)
     manual = platform.of(ImprovementRolledBack)[-1]
-    assert (manual.from_version, manual.to_version, manual.user_id) == (1, 2, "ops")  # type: ignore[attr-defined]
+    assert (manual.from_version, manual.to_version, manual.user_id) == (1, 2, "operator")  # type: ignore[attr-defined]
     await platform.until(lambda: len(platform.of(WorkflowVersionSaved)) == 3)
     rows = await list_versions(platform.settings, "g1/code")
     assert {r["version"]: r["status"] for r in rows}[2] == "base"
-    assert rows[-1]["change_source"] == "user" and rows[-1]["user_id"] == "ops"
+    assert rows[-1]["change_source"] == "user" and rows[-1]["user_id"] == "operator"
 
 
 async def test_two_instances_share_the_work_and_decide_once(

@@ -13,6 +13,8 @@ from streams.events import (
     SpawnApproved,
     SpawnDenied,
     SpawnRequested,
+    SpendDecided,
+    SpendRequested,
     TaskAdmitted,
     TaskRequested,
     WorkflowCompleted,
@@ -153,3 +155,40 @@ def test_spawns_hold_their_prompt_cost_and_stop_at_the_daily_cost():
     clock.advance(120)
     state.handle(_task(9), clock.now(), DEFAULTS)  # any event lets stale holds lapse
     assert "r1" not in state.spawn_holds
+
+
+def test_a_platform_call_is_held_before_it_is_made_and_refused_past_the_cap():
+    clock = FakeClock()
+    state = _state(max_daily_cost=0.10)
+    state.handle(_task(1), clock.now(), DEFAULTS)  # holds 0.01 for the running task
+    state.handle(_cost(0, 0.05, clock.now()), clock.now(), DEFAULTS)
+    judge = SpendRequested(
+        source="improvement", run_id="r1", goal_id="g1", purpose="judge", amount_usd=0.03
+    )
+    (decided,) = state.handle(judge, clock.now(), DEFAULTS).events
+    assert isinstance(decided, SpendDecided) and decided.approved
+    assert decided.request_id == judge.event_id
+    assert state.reserved() == 0.04  # the task's 0.01 and the judge's worst case
+    # A redelivered request changes nothing and decides nothing again.
+    assert state.handle(judge, clock.now(), DEFAULTS).events == []
+    # 0.05 spent + 0.04 held: another 0.02 would pass 0.10.
+    rewrite = SpendRequested(
+        source="improvement", run_id="r1", goal_id="g1", purpose="improvement", amount_usd=0.02
+    )
+    exceeded, refused = state.handle(rewrite, clock.now(), DEFAULTS).events
+    assert isinstance(refused, SpendDecided) and not refused.approved
+    assert "max_daily_cost" in refused.reason
+    assert isinstance(exceeded, BudgetExceeded) and exceeded.limit == "max_daily_cost"
+    # The judge's real cost replaces its hold.
+    paid = LlmCallCompleted(
+        source="improvement",
+        run_id="r1",
+        goal_id="g1",
+        model="m",
+        purpose="judge",
+        cost_usd=0.012,
+        occurred_at=clock.now(),
+    )
+    state.handle(paid, clock.now(), DEFAULTS)
+    assert state.reserved() == 0.01
+    assert state.spent_today(clock.now()) == 0.062
