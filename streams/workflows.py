@@ -15,6 +15,7 @@ from collections.abc import Sequence
 __all__ = [
     "ADJUSTMENTS_HEADER",
     "MAX_ADJUSTMENTS",
+    "MAX_PROMPT_CHARS",
     "goal_of",
     "goal_workflow",
     "join_instructions",
@@ -24,7 +25,7 @@ __all__ = [
 
 ADJUSTMENTS_HEADER = "Adjustments learned from users' feedback (vetted by the platform):"
 MAX_ADJUSTMENTS = 8
-_MAX_PROMPT_CHARS = 6000
+MAX_PROMPT_CHARS = 6000
 
 
 def goal_workflow(goal_id: str, specialty: str) -> str:
@@ -45,10 +46,30 @@ def split_instructions(text: str | None) -> list[str]:
     return [line for line in (text or "").split("\n") if line.strip()]
 
 
+def _key(instruction: str) -> str:
+    return " ".join(instruction.casefold().split()).rstrip(".!;: ")
+
+
 def with_adjustments(base: str, instructions: Sequence[str]) -> str:
-    """``base`` plus the labelled block of adjustments (deduplicated, at most 8, bounded)."""
-    unique = list(dict.fromkeys(i.strip() for i in instructions if i.strip()))[-MAX_ADJUSTMENTS:]
-    if not unique:
-        return base
-    block = "\n".join(f"- {i}" for i in unique)
-    return f"{base.rstrip()}\n\n{ADJUSTMENTS_HEADER}\n{block}"[:_MAX_PROMPT_CHARS]
+    """``base`` plus the labelled block of adjustments.
+
+    Duplicates (ignoring case, spacing and end punctuation) count once, first place
+    kept. At most MAX_ADJUSTMENTS are kept, the most recent (last) ones, and fewer if
+    the prompt would pass MAX_PROMPT_CHARS. A block already in ``base`` is replaced.
+    """
+    head = base.split(ADJUSTMENTS_HEADER, 1)[0].rstrip()[:MAX_PROMPT_CHARS]
+    unique: dict[str, str] = {}
+    for instruction in instructions:
+        if instruction.strip():
+            unique.setdefault(_key(instruction), instruction.strip())
+    kept: list[str] = []
+    size = len(head) + 2 + len(ADJUSTMENTS_HEADER)
+    for line in reversed(list(unique.values())):
+        if len(kept) == MAX_ADJUSTMENTS or size + len(line) + 3 > MAX_PROMPT_CHARS:
+            break
+        kept.insert(0, line)
+        size += len(line) + 3
+    if not kept:
+        return head
+    block = "\n".join([ADJUSTMENTS_HEADER, *(f"- {line}" for line in kept)])
+    return f"{head}\n\n{block}" if head else block

@@ -8,6 +8,13 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from streams.workflows import (
+    ADJUSTMENTS_HEADER,
+    MAX_ADJUSTMENTS,
+    MAX_PROMPT_CHARS,
+    with_adjustments,
+)
+
 __all__ = [
     "ADJUSTMENTS",
     "ADJUSTMENTS_HEADER",
@@ -24,9 +31,6 @@ __all__ = [
 
 _LOW_SCORE = 2
 MAX_INSTRUCTION_CHARS = 240
-MAX_ADJUSTMENTS = 8
-MAX_PROMPT_CHARS = 6000
-ADJUSTMENTS_HEADER = "Adjustments for this goal, learned from its users' feedback:"
 
 # The platform's own words; feedback text never reaches a prompt through this table.
 ADJUSTMENTS: dict[str, str] = {
@@ -622,28 +626,10 @@ def _key(instruction: str) -> str:
 
 
 def compose_prompt(base: str, instructions: Sequence[str]) -> str:
-    """``base`` plus the vetted adjustments block; ValueError if any instruction is refused.
-
-    Duplicates (ignoring case, spacing and end punctuation) count once, first place
-    kept. At most MAX_ADJUSTMENTS are kept, the most recent (last) ones, and fewer if
-    the prompt would pass MAX_PROMPT_CHARS. A block already in ``base`` is replaced.
-    """
+    """``base`` plus the vetted adjustments block (see ``with_adjustments``); ValueError if
+    any instruction is refused by the guard, so no caller can forget it."""
     for i, instruction in enumerate(instructions):
         verdict = guard_instruction(instruction)
         if not verdict.ok:
             raise ValueError(f"instruction {i}: {verdict.reason}")
-    head = base.split(ADJUSTMENTS_HEADER, 1)[0].rstrip()[:MAX_PROMPT_CHARS]
-    unique: dict[str, str] = {}
-    for instruction in instructions:
-        unique.setdefault(_key(instruction), instruction.strip())
-    kept: list[str] = []
-    size = len(head) + 2 + len(ADJUSTMENTS_HEADER)
-    for line in reversed(list(unique.values())):
-        if len(kept) == MAX_ADJUSTMENTS or size + len(line) + 3 > MAX_PROMPT_CHARS:
-            break
-        kept.insert(0, line)
-        size += len(line) + 3
-    if not kept:
-        return head
-    block = "\n".join([ADJUSTMENTS_HEADER, *(f"- {line}" for line in kept)])
-    return f"{head}\n\n{block}" if head else block
+    return with_adjustments(base, instructions)

@@ -127,11 +127,10 @@ def _start(
     config: ImprovementConfig | None = None,
 ) -> Instance:
     config = dataclasses.replace(
-        config or ImprovementConfig(),
+        config or ImprovementConfig(canary=CanaryPolicy(share=0.5, min_runs=10, promote_runs=1000)),
         http_port=0,
         port_file=port_file,
         slack=SlackSettings(SECRET),
-        canary=CanaryPolicy(share=0.5, min_runs=10, promote_runs=1000),
     )
     stop = asyncio.Event()
     task = asyncio.create_task(
@@ -358,6 +357,56 @@ async def test_feedback_is_rate_limited_per_user(settings: KafkaSettings, tmp_pa
         limited = [verdicts[e.event_id] for e in sent if not verdicts[e.event_id].accepted]
         assert len(accepted) == 2 and len(limited) == 2
         assert {v.error_type for v in limited} == {"RateLimited"}  # type: ignore[attr-defined]
+
+
+async def test_a_change_that_wins_on_three_goals_is_proposed_to_every_goal(
+    settings: KafkaSettings, tmp_path: Path
+):
+    canary = CanaryPolicy(share=0.5, min_runs=6, promote_runs=6, max_runs=1000)
+    config = ImprovementConfig(canary=canary, promote_goals=3)
+    async with _platform(settings, tmp_path, None, config=config) as platform:
+        rng = random.Random(11)
+        for n, goal in enumerate(("g1", "g2", "g3")):
+            await platform.run(f"{goal}-r0", "Explain python generators", goal=goal)
+            await platform.producer.send(
+                FeedbackReceived(
+                    source="sdk",
+                    run_id=f"{goal}-r0",
+                    user_id="u1",
+                    score=2,
+                    text="more examples please",
+                )
+            )
+            await platform.until(lambda n=n: len(platform.of(ImprovementApplied)) == 2 * n + 1)
+            flow = {"workflow_id": f"{goal}/code"}
+            for i in range(8):  # the goal's canary clearly beats its baseline
+                for version, q in (("2", 0.9), ("1", 0.5)):
+                    quality = f"{q + rng.uniform(-0.05, 0.05):.3f}"
+                    meta = {"quality": quality, "workflow_version": version, **flow}
+                    await platform.run(f"{goal}-v{version}-{i}", f"task {i}", goal=goal, meta=meta)
+            await platform.until(lambda n=n: len(platform.of(ImprovementApplied)) == 2 * n + 2)
+            promoted = platform.of(ImprovementApplied)[-1]
+            assert (promoted.workflow_id, promoted.version, promoted.traffic_share) == (  # type: ignore[attr-defined]
+                f"{goal}/code",
+                2,
+                1.0,
+            )
+            platform_wide = [
+                e for e in platform.of(WorkflowVersionSaved) if e.workflow_id == "code"
+            ]  # type: ignore[attr-defined]
+            if n < 2:  # one or two goals are not evidence enough
+                await asyncio.sleep(0.5)
+                assert platform_wide == []
+        await platform.until(
+            lambda: any(e.workflow_id == "code" for e in platform.of(WorkflowVersionSaved))  # type: ignore[attr-defined]
+        )
+        (everyone,) = [e for e in platform.of(WorkflowVersionSaved) if e.workflow_id == "code"]  # type: ignore[attr-defined]
+        assert isinstance(everyone, WorkflowVersionSaved)
+        assert everyone.changes["instructions"] == ADJUSTMENTS["examples"]
+        assert everyone.changes["goals"] == "g1,g2,g3"
+        assert everyone.change_source == "automated"
+        wins = [e for e in platform.of(ImprovementAvailable) if e.kind == "goal_win"]  # type: ignore[attr-defined]
+        assert sorted(e.goal_id or "" for e in wins) == ["g1", "g2", "g3"]
 
 
 async def test_canary_rolled_back_automatically_then_manual_rollback(platform_llm: Platform):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from services.loader.versions import WorkflowVersions, share_of
 from streams.events import ImprovementApplied, ImprovementRolledBack, WorkflowVersionSaved
+from streams.workflows import with_adjustments
 
 
 def _saved(v: int, prompt: str) -> WorkflowVersionSaved:
@@ -76,3 +77,50 @@ def test_promotion_makes_the_version_the_base_for_everyone():
     )
     assert {versions.serve("code", f"r{i}").version for i in range(50)} == {2}
     assert 0.0 <= share_of("x") < 1.0
+
+
+def test_a_goal_version_serves_only_that_goals_runs_on_top_of_the_platform():
+    versions = WorkflowVersions()
+    versions.learn(
+        WorkflowVersionSaved(
+            source="improvement",
+            workflow_id="g1/code",
+            version=2,
+            parent_version=1,
+            changes={"instructions": "Include an example."},
+        )
+    )
+    versions.learn(
+        ImprovementApplied(
+            source="improvement", improvement_id="i1", workflow_id="g1/code", version=2
+        )
+    )
+    mine, other = versions.serve_for("g1", "code", "r1"), versions.serve_for("g2", "code", "r1")
+    assert (mine.workflow_id, mine.version, mine.instructions) == (
+        "g1/code",
+        2,
+        ("Include an example.",),
+    )
+    assert (other.workflow_id, other.version, other.instructions) == ("code", 1, ())
+    # A platform-wide version reaches every goal, and a goal's own instructions come after.
+    versions.learn(
+        WorkflowVersionSaved(
+            source="improvement",
+            workflow_id="code",
+            version=2,
+            parent_version=1,
+            changes={"instructions": "Be concise."},
+        )
+    )
+    versions.learn(
+        ImprovementApplied(source="improvement", improvement_id="i2", workflow_id="code", version=2)
+    )
+    assert versions.serve_for("g2", "code", "r1").instructions == ("Be concise.",)
+    assert versions.serve_for("g1", "code", "r1").instructions == (
+        "Be concise.",
+        "Include an example.",
+    )
+    prompt = with_adjustments(
+        "You are a coder.", versions.serve_for("g1", "code", "r1").instructions
+    )
+    assert prompt.startswith("You are a coder.\n\n") and prompt.endswith("- Include an example.")
