@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -288,11 +288,6 @@ class Node:
     kind: str
     text: str
     children: list[Node] = field(default_factory=list)
-
-    def walk(self) -> Iterator[Node]:
-        yield self
-        for child in self.children:
-            yield from child.walk()
 
 
 _LINE = re.compile(r"^( *)(\S+)(?: +(.*?))?(?: +\(children \d+\))?$")
