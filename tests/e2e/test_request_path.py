@@ -25,12 +25,12 @@ async def test_ask_gets_an_llm_answer_with_cost_and_tier(platform, client):
     assert len(completed) == 1 and completed[0].text == answer.text
     calls = await platform.events("llm_call_completed", run_id=answer.run_id)
     # This run spawned the goal's code agent, whose system prompt the LLM wrote first;
-    # the improvement service's judge graded the answer, on the platform's own goal.
+    # the improvement service's judge graded the answer, paid by the answer's goal.
     by_purpose = {c.purpose: c for c in calls}
     assert {"answer", "spawn_prompt"} <= set(by_purpose) <= {"answer", "spawn_prompt", "judge"}
     assert by_purpose["spawn_prompt"].goal_id == "g-basic"
     if "judge" in by_purpose:
-        assert by_purpose["judge"].goal_id == "platform"
+        assert by_purpose["judge"].goal_id == "g-basic"  # the judge is paid by its run's goal
     answer_call = next(c for c in calls if c.purpose == "answer")
     assert answer_call.cost_usd == pytest.approx(answer.cost_usd)
     assert answer_call.prompt_tokens > 0 and answer_call.completion_tokens > 0

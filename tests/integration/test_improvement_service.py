@@ -17,24 +17,24 @@ import pytest
 
 from services.improvement import list_versions, request_rollback
 from services.improvement.http import SlackSettings
+from services.improvement.instructions import ADJUSTMENTS
 from services.improvement.service import ImprovementConfig, serve
 from services.improvement.versions import CanaryPolicy
 from streams.clock import SystemClock
 from streams.errors import InvalidRequest
-from services.improvement.instructions import ADJUSTMENTS
 from streams.events import (
     AutomationCreated,
     DeadLetter,
     Event,
     FeedbackDecided,
     FeedbackReceived,
-    PromotionDecided,
-    PromotionRequested,
     ImprovementApplied,
     ImprovementAvailable,
     ImprovementRolledBack,
     LlmCallCompleted,
     PatternDiscovered,
+    PromotionDecided,
+    PromotionRequested,
     RequestReceived,
     RollbackRequested,
     SpendDecided,
