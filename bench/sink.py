@@ -156,9 +156,18 @@ def baseline_python_decode(rows: list[EncodedEvent]) -> float:
 
 
 async def drain_with_sink(
-    settings: KafkaSettings, path: Path, n: int, config: SinkConfig
+    settings: KafkaSettings,
+    path: Path,
+    n: int,
+    config: SinkConfig,
+    store: ClickHouseStore | None = None,
 ) -> tuple[float, float, SinkStats, int]:
-    store = ClickHouseStore(path=path, database="bench_sink")
+    """Run the sink until it has stored ``n`` events; rates from the first read and from start.
+
+    ``store`` defaults to a fresh database at ``path``, closed at the end.
+    """
+    own = store is None
+    store = store or ClickHouseStore(path=path, database="bench_sink")
     await asyncio.to_thread(store.apply_schema)
     stats = SinkStats()
     stop = asyncio.Event()
@@ -186,7 +195,8 @@ async def drain_with_sink(
         stop.set()
         await task
     stored = await asyncio.to_thread(store.count)
-    await asyncio.to_thread(store.close)
+    if own:
+        await asyncio.to_thread(store.close)
     sustained = n / (done - (first_read or started))
     overall = n / (done - started)
     return sustained, overall, stats, stored
