@@ -56,6 +56,7 @@ __all__ = [
     "WorkflowVersionSaved",
     "event_class",
     "new_event_id",
+    "terminal_event_id",
     "validate_identifier",
     "validate_message",
 ]
@@ -66,6 +67,19 @@ _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}$")
 
 def new_event_id() -> str:
     return str(uuid.uuid4())
+
+
+_TERMINAL_NS = uuid.UUID("0f3e9a8c-2d41-4c6b-9a77-3b1d5e2f8c90")
+
+
+def terminal_event_id(run_id: str) -> str:
+    """The one event id every terminal event of a run carries, whoever sends it.
+
+    A replayed or raced terminal event (``workflow_completed`` or ``workflow_failed``)
+    therefore has the same id as the first, and every reader (client, budget,
+    analytics) keeps one outcome per run.
+    """
+    return str(uuid.uuid5(_TERMINAL_NS, f"{run_id}:terminal"))
 
 
 def _utcnow() -> datetime:

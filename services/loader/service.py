@@ -37,6 +37,7 @@ from streams.events import (
     WorkflowFailed,
     WorkflowStarted,
     WorkflowVersionSaved,
+    terminal_event_id,
 )
 from streams.kafka import Delivery, EventConsumer
 from streams.llm import LLMClient, LLMRejected, LLMSettings, LLMUnavailable, create_llm
@@ -46,15 +47,11 @@ from streams.specialties import profile_for
 from streams.topics import spec_for
 from streams.workflows import with_adjustments
 
-__all__ = ["Breaker", "Loader", "main", "terminal_event_id"]
+__all__ = ["Breaker", "Loader", "main"]
 
 log = logging.getLogger(__name__)
 SOURCE = "loader"
 _NS = uuid.UUID("0f3e9a8c-2d41-4c6b-9a77-3b1d5e2f8c90")
-
-
-def terminal_event_id(run_id: str) -> str:
-    return str(uuid.uuid5(_NS, f"{run_id}:terminal"))
 
 
 class Breaker:
