@@ -16,13 +16,22 @@ import sys
 import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from streams.clock import Clock, clock_from_env
 from streams.config import env_float, env_str
 from streams.kafka import EventProducer, KafkaSettings
 
-__all__ = ["ServiceContext", "ServiceMain", "group_id", "run_service", "service_main"]
+__all__ = [
+    "ServiceContext",
+    "ServiceMain",
+    "announce_url",
+    "announced_urls",
+    "group_id",
+    "run_service",
+    "service_main",
+]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +39,29 @@ log = logging.getLogger(__name__)
 def group_id(settings: KafkaSettings, service: str) -> str:
     """The consumer group shared by all instances of a service."""
     return f"{settings.prefix}orchestrator.{service}"
+
+
+def _url_dir(service: str) -> Path:
+    from streams.localkafka import data_root
+
+    return data_root() / "run" / f"{service}-urls"
+
+
+def announce_url(service: str, url: str, port: int) -> Path:
+    """Record that an instance of ``service`` serves ``url`` (one file per port); returns the
+    file, which the instance removes when it stops. ``orchestrator status`` lists them."""
+    path = _url_dir(service) / f"{port}.url"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(url + "\n")
+    return path
+
+
+def announced_urls(service: str) -> list[str]:
+    """The URLs instances of ``service`` on this data dir announced (live or not: check)."""
+    folder = _url_dir(service)
+    if not folder.is_dir():
+        return []
+    return sorted({p.read_text().strip() for p in folder.glob("*.url")} - {""})
 
 
 @dataclass

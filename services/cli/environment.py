@@ -85,6 +85,7 @@ SERVICE_GRANTS: Mapping[str, frozenset[str]] = {
     "loader": frozenset({"llm"}),  # answers
     "router": frozenset(),
     "improvement": frozenset({"llm", "slack"}),  # the judge and prompt rewrites; /improve
+    "gateway": frozenset(),  # HTTP in front of the SDK: no LLM key, no ClickHouse
     "fake-llm": frozenset(),
 }
 """The table: which grants each service process gets on top of :data:`COMMON`."""

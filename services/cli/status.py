@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.request
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from aiokafka.protocol.api import Request
 from streams.kafka import KafkaSettings
 from streams.localkafka import kafka_answers
 from streams.registry import RegistryView
-from streams.service import group_id
+from streams.service import announced_urls, group_id
 from streams.topics import CATALOG
 
 __all__ = [
@@ -80,6 +81,8 @@ class ServiceStatus:
     topics: list[str] = field(default_factory=list)
     pid: int | None = None
     restarts: int = 0
+    # Where an HTTP service (the gateway) serves; one URL per live instance.
+    urls: list[str] = field(default_factory=list)
 
     @property
     def state(self) -> str:
@@ -99,6 +102,7 @@ class PlatformStatus:
     agents_by_specialty: dict[str, int] = field(default_factory=dict)
     supervisor_pid: int | None = None
     llm_url: str | None = None
+    gateway_urls: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -214,7 +218,28 @@ def collect_status(
         )
     if status.broker_answers:
         asyncio.run(_fill_from_kafka(settings, status, timeout))
+    _fill_http(status)
     return status
+
+
+def _answers(url: str, timeout: float = 1.0) -> bool:
+    """Whether the instance behind ``url`` (``http://host:port/v1``) says it is healthy."""
+    health = url.rstrip("/").removesuffix("/v1") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout) as response:  # noqa: S310
+            return bool(response.status == 200)
+    except (OSError, ValueError):
+        return False
+
+
+def _fill_http(status: PlatformStatus) -> None:
+    # The gateway joins no consumer group: its instances are the URLs that answer.
+    for svc in status.services:
+        if svc.name != "gateway":
+            continue
+        svc.urls = [u for u in announced_urls(svc.name) if _answers(u)]
+        svc.instances = len(svc.urls)
+        status.gateway_urls = svc.urls
 
 
 async def _await_members(settings: KafkaSettings, groups: list[str], timeout: float) -> list[str]:

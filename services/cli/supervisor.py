@@ -43,9 +43,10 @@ __all__ = [
     "supervisor_pid",
 ]
 
-# Start order: the sink first so it sees everything, the router (the request intake) last
-# but one; improvement learns from what the others produce.
-SERVICE_ORDER = ("analytics", "budget", "spawner", "loader", "router", "improvement")
+# Start order: the sink first so it sees everything, the router (the request intake) after
+# the services it feeds; improvement learns from what the others produce; the HTTP gateway
+# last, so apps reach it only once the platform behind it runs.
+SERVICE_ORDER = ("analytics", "budget", "spawner", "loader", "router", "improvement", "gateway")
 FAKE_LLM = "fake-llm"
 _FAKE_LLM_MODULE = "streams.fake_openai"
 _NOT_SERVICES = frozenset({"cli"})

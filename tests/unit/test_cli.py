@@ -219,4 +219,12 @@ def test_restart_backoff_doubles_up_to_a_cap() -> None:
 
 
 def test_service_order_is_the_documented_one() -> None:
-    assert SERVICE_ORDER == ("analytics", "budget", "spawner", "loader", "router", "improvement")
+    assert SERVICE_ORDER == (
+        "analytics",
+        "budget",
+        "spawner",
+        "loader",
+        "router",
+        "improvement",
+        "gateway",
+    )

@@ -69,6 +69,7 @@ EXPECTED = {
     "loader": COMMON | LLM | PROXY,
     "router": COMMON,
     "improvement": COMMON | LLM | SLACK | PROXY,
+    "gateway": COMMON,
     FAKE_LLM: COMMON,
     "some_new_service": COMMON,
 }

@@ -1,0 +1,452 @@
+"""The gateway's HTTP surface: OpenAI's chat completions and models, plus ``/v1/feedback``.
+
+Every ``/v1`` route needs ``Authorization: Bearer <API key>`` (``orchestrator keys
+create``): the key, never the body, says which goal and user a request is for.
+Statuses: 200 answer (a degraded one too: its tier is in ``x-orchestrator-tier``),
+400 invalid request, 401 unknown or revoked key, 403 another user's or goal's run,
+404 unknown run, 413 body too large, 429 budget exceeded (``code`` names the limit,
+``Retry-After`` says when it can pass) or feedback rate, 502 the LLM failed and no
+lower tier answered, 503 the gateway or platform cannot take the request now
+(in-flight limit, stopping, Kafka unreachable), 504 no answer before the deadline.
+Errors use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from aiohttp import web
+from aiokafka.errors import KafkaError
+
+from services.gateway.chat import (
+    ChatRequest,
+    Limits,
+    completion,
+    completion_chunks,
+    error_body,
+    model_list,
+    parse_chat,
+)
+from streams.client import Answer
+from streams.errors import (
+    BudgetExceededError,
+    FeedbackRefused,
+    InvalidRequest,
+    LLMFailure,
+    NotRunOwner,
+    NoVerdict,
+    RateLimited,
+    RunFailed,
+    RunTimeout,
+    UnknownRun,
+)
+from streams.events import FeedbackDecided
+from streams.keys import Identity
+
+__all__ = ["Backend", "GatewayApp", "build_app"]
+
+log = logging.getLogger(__name__)
+
+_TIMEOUT_HEADER = "x-orchestrator-timeout"
+_NO_KEY = (
+    "a valid API key is required: Authorization: Bearer <key> "
+    "(create one with `orchestrator keys create --goal G --user U`)"
+)
+_FEEDBACK_WAIT_S = 15.0
+
+
+class Backend(Protocol):
+    """What the HTTP layer needs from the platform (the SDK, the key and run views)."""
+
+    async def identify(self, key: str) -> Identity | None: ...
+
+    async def ask(
+        self, message: str, *, goal_id: str, user_id: str, context: dict[str, str], timeout: float
+    ) -> Answer: ...
+
+    async def run_goal(self, run_id: str) -> str | None: ...
+
+    def note_run(self, run_id: str, goal_id: str) -> None: ...
+
+    async def feedback(
+        self, run_id: str, *, user_id: str, score: int | None, text: str, timeout: float
+    ) -> FeedbackDecided: ...
+
+    def now(self) -> datetime: ...
+
+
+class _Refusal(Exception):
+    """An error answer, in OpenAI's shape, with its status and extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.code = code
+        self.headers = headers or {}
+
+    def response(self) -> web.Response:
+        return web.json_response(
+            error_body(self.message, self.kind, self.code),
+            status=self.status,
+            headers=self.headers,
+        )
+
+
+def _invalid(message: str, code: str | None = None) -> _Refusal:
+    return _Refusal(400, message, "invalid_request_error", code)
+
+
+def _seconds_to_next_utc_day(now: datetime) -> int:
+    now = now.astimezone(UTC)
+    tomorrow = datetime(now.year, now.month, now.day, tzinfo=UTC) + timedelta(days=1)
+    return max(1, int((tomorrow - now).total_seconds() + 0.999))
+
+
+def _failure(exc: RunFailed, now: datetime) -> _Refusal:
+    headers = {"x-orchestrator-run-id": exc.run_id}
+    if isinstance(exc, BudgetExceededError):
+        limit = exc.limit or "budget"
+        if limit == "max_daily_cost":
+            headers["Retry-After"] = str(_seconds_to_next_utc_day(now))
+            headers["x-should-retry"] = "false"  # the openai client would retry at once
+        elif limit == "max_concurrent":
+            headers["Retry-After"] = "1"
+        else:
+            headers["x-should-retry"] = "false"  # waiting does not free an agent slot
+        return _Refusal(
+            429, f"budget exceeded ({limit}): {exc.detail}", "budget_exceeded", limit, headers
+        )
+    if isinstance(exc, LLMFailure):
+        return _Refusal(502, f"the LLM endpoint failed: {exc.detail}", "llm_failure", None, headers)
+    if exc.reason == "timeout":
+        headers["x-should-retry"] = "false"
+        return _Refusal(504, f"no answer in time: {exc.detail}", "timeout", "timeout", headers)
+    if exc.reason == "invalid":
+        return _Refusal(400, exc.detail, "invalid_request_error", "invalid", headers)
+    if exc.reason == "no_agent":
+        return _Refusal(503, exc.detail, "unavailable", "no_agent", headers)
+    return _Refusal(500, exc.detail, "server_error", exc.reason, headers)
+
+
+def _answer_headers(answer: Answer) -> dict[str, str]:
+    return {
+        "x-orchestrator-run-id": answer.run_id,
+        "x-orchestrator-agent-id": answer.agent_id or "",
+        "x-orchestrator-specialty": answer.specialty,
+        "x-orchestrator-tier": answer.degradation_tier,
+        "x-orchestrator-cost-usd": f"{answer.cost_usd:.6f}",
+    }
+
+
+class GatewayApp:
+    """The routes, the in-flight bound and the graceful stop of one gateway process."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_in_flight: int = 256,
+        timeout_s: float = 60.0,
+        max_body: int = 1024 * 1024,
+        limits: Limits | None = None,
+    ) -> None:
+        self.backend = backend
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout_s
+        self.max_body = max_body
+        self.limits = limits or Limits()
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._abort = asyncio.Event()
+
+    # -- admission and stop --------------------------------------------------------
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        if self.draining:
+            raise _Refusal(
+                503,
+                "this gateway is stopping; send the request again (to another instance)",
+                "unavailable",
+                "stopping",
+                {"Retry-After": "1", "Connection": "close"},
+            )
+        if self.in_flight >= self.max_in_flight:
+            raise _Refusal(
+                503,
+                f"this gateway has {self.in_flight} requests in flight, its limit; try again",
+                "unavailable",
+                "overloaded",
+                {"Retry-After": "1"},
+            )
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new requests, let those in flight finish for ``grace`` s, then answer the
+        rest with 503; returns how many were still in flight at the deadline."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+            return 0
+        except TimeoutError:
+            left = self.in_flight
+            self._abort.set()
+            await asyncio.wait_for(self._idle.wait(), 1.0)
+            return left
+
+    async def _until_answered(self, work: Awaitable[Answer]) -> Answer:
+        task = asyncio.ensure_future(work)
+        abort = asyncio.ensure_future(self._abort.wait())
+        try:
+            await asyncio.wait({task, abort}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abort.cancel()
+        if not task.done():
+            task.cancel()
+            raise _Refusal(
+                503,
+                "this gateway stopped before the answer came; the run goes on in the platform",
+                "unavailable",
+                "stopping",
+                {"Connection": "close"},
+            )
+        return task.result()
+
+    # -- shared pieces -------------------------------------------------------------
+
+    async def _identity(self, request: web.Request) -> Identity:
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        key = key.strip()
+        who = await self.backend.identify(key) if scheme.lower() == "bearer" and key else None
+        if who is None:
+            raise _Refusal(401, _NO_KEY, "invalid_request_error", "invalid_api_key")
+        return who
+
+    async def _json(self, request: web.Request) -> Any:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _Refusal(
+                413,
+                f"the body is larger than {self.max_body} bytes",
+                "invalid_request_error",
+                "body_too_large",
+            ) from None
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise _invalid("the body must be JSON", "invalid_json") from None
+
+    def _timeout(self, request: web.Request) -> float:
+        text = request.headers.get(_TIMEOUT_HEADER)
+        if text is None:
+            return self.timeout_s
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 < value <= self.timeout_s:
+            raise _invalid(
+                f"{_TIMEOUT_HEADER} must be seconds, more than 0 and at most {self.timeout_s:g}"
+            )
+        return value
+
+    # -- routes --------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        with self._admitted():
+            who = await self._identity(request)
+            timeout = self._timeout(request)
+            try:
+                chat = parse_chat(await self._json(request), self.limits)
+            except InvalidRequest as exc:
+                raise _invalid(str(exc)) from None
+            if chat.user is not None and chat.user != who.user_id:
+                raise _Refusal(
+                    403,
+                    f"the key speaks for user {who.user_id!r}, not {chat.user!r}: leave `user`"
+                    " out or use that user's key",
+                    "permission_denied",
+                    "user_mismatch",
+                )
+            answer = await self._ask(chat, who, timeout)
+            self.backend.note_run(answer.run_id, who.goal_id)
+            if chat.stream:
+                return await self._stream(request, chat, answer)
+            return web.json_response(completion(chat, answer), headers=_answer_headers(answer))
+
+    async def _ask(self, chat: ChatRequest, who: Identity, timeout: float) -> Answer:
+        work = self.backend.ask(
+            chat.message,
+            goal_id=who.goal_id,
+            user_id=who.user_id,
+            context=chat.context,
+            timeout=timeout,
+        )
+        try:
+            return await self._until_answered(work)
+        except InvalidRequest as exc:
+            raise _invalid(str(exc)) from None
+        except RunFailed as exc:
+            self.backend.note_run(exc.run_id, who.goal_id)
+            raise _failure(exc, self.backend.now()) from None
+        except RunTimeout as exc:
+            raise _Refusal(
+                504,
+                f"no answer within {exc.timeout:g} s; the run goes on in the platform",
+                "timeout",
+                "timeout",
+                {"x-orchestrator-run-id": exc.run_id, "x-should-retry": "false"},
+            ) from None
+        except KafkaError as exc:
+            raise _Refusal(
+                503, f"the platform cannot take requests now: {exc}", "unavailable", "kafka"
+            ) from None
+
+    async def _stream(
+        self, request: web.Request, chat: ChatRequest, answer: Answer
+    ) -> web.StreamResponse:
+        # Headers go out once the answer is known, so a refusal is still a real status.
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                **_answer_headers(answer),
+            },
+        )
+        await response.prepare(request)
+        for chunk in completion_chunks(chat, answer):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def models(self, request: web.Request) -> web.Response:
+        await self._identity(request)
+        return web.json_response(model_list())
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        with self._admitted():
+            who = await self._identity(request)
+            run_id, score, text = _feedback_fields(await self._json(request), who)
+            goal = await self.backend.run_goal(run_id)
+            if goal is None:
+                raise _Refusal(404, f"unknown run {run_id!r}", "not_found", "unknown_run")
+            if goal != who.goal_id:
+                raise _Refusal(
+                    403,
+                    f"run {run_id!r} is not of goal {who.goal_id!r}, the key's goal",
+                    "permission_denied",
+                    "not_run_owner",
+                )
+            try:
+                verdict = await self.backend.feedback(
+                    run_id, user_id=who.user_id, score=score, text=text, timeout=_FEEDBACK_WAIT_S
+                )
+            except InvalidRequest as exc:
+                raise _invalid(str(exc)) from None
+            except UnknownRun as exc:
+                raise _Refusal(404, str(exc), "not_found", "unknown_run") from None
+            except NotRunOwner as exc:
+                raise _Refusal(403, str(exc), "permission_denied", "not_run_owner") from None
+            except RateLimited as exc:
+                raise _Refusal(429, str(exc), "rate_limit_exceeded", "feedback_rate") from None
+            except FeedbackRefused as exc:
+                raise _Refusal(422, str(exc), "feedback_refused", "refused") from None
+            except NoVerdict:
+                return web.json_response({"status": "pending", "run_id": run_id}, status=202)
+            except KafkaError as exc:
+                raise _Refusal(
+                    503, f"the platform cannot take feedback now: {exc}", "unavailable", "kafka"
+                ) from None
+            return web.json_response(
+                {
+                    "accepted": True,
+                    "reason": verdict.reason,
+                    "improvement_id": verdict.improvement_id,
+                    "run_id": verdict.run_id,
+                    "event_id": verdict.feedback_id,
+                }
+            )
+
+    async def health(self, _: web.Request) -> web.Response:
+        status = 503 if self.draining else 200
+        return web.json_response(
+            {"ok": not self.draining, "in_flight": self.in_flight}, status=status
+        )
+
+
+def _feedback_fields(body: Any, who: Identity) -> tuple[str, int | None, str]:
+    if not isinstance(body, dict):
+        raise _invalid("the body must be a JSON object")
+    run_id, score, text = body.get("run_id"), body.get("score"), body.get("text", "")
+    if not isinstance(run_id, str) or not run_id.strip() or len(run_id) > 200:
+        raise _invalid("run_id must be a non-empty string (x-orchestrator-run-id of an answer)")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, int)):
+        raise _invalid("score must be a whole number from 1 to 5")
+    if not isinstance(text, str):
+        raise _invalid("text must be a string")
+    if not text.strip() and score is None:
+        raise _invalid("give feedback text or a score")
+    user = body.get("user_id", body.get("user"))
+    if user is not None and user != who.user_id:
+        raise _Refusal(
+            403, f"the key speaks for user {who.user_id!r}", "permission_denied", "user_mismatch"
+        )
+    return run_id.strip(), score, text
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _refusals(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except _Refusal as refusal:
+        return refusal.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "not_found" if exc.status == 404 else "invalid_request_error"
+        return web.json_response(
+            error_body(exc.reason, kind, None), status=exc.status, headers=_allow(exc)
+        )
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+def build_app(gateway: GatewayApp) -> web.Application:
+    app = web.Application(client_max_size=gateway.max_body, middlewares=[_refusals])
+    app.router.add_post("/v1/chat/completions", gateway.chat)
+    app.router.add_get("/v1/models", gateway.models)
+    app.router.add_post("/v1/feedback", gateway.feedback)
+    app.router.add_get("/health", gateway.health)
+    return app

@@ -1,0 +1,149 @@
+"""The gateway process: one SDK client (one reply path), the key and run views, the HTTP server.
+
+It reads no topic in a consumer group: the SDK's reply consumer is assigned every
+partition of the terminal topics, the key view and the run index read theirs
+outside any group, so starting or stopping a gateway never rebalances anything.
+On SIGTERM it keeps listening but refuses new requests with 503, answers those in
+flight for up to ``ORCH_GATEWAY_DRAIN_SECONDS``, then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from aiohttp import web
+
+from services.gateway.chat import Limits
+from services.gateway.http import GatewayApp, build_app
+from services.gateway.runs import RunIndex
+from streams.client import Answer, OrchestratorClient
+from streams.clock import Clock
+from streams.config import env_float, env_int, env_str
+from streams.events import FeedbackDecided
+from streams.keys import Identity, KeyView, operators_from
+from streams.service import ServiceContext, announce_url
+
+__all__ = ["GatewayConfig", "PlatformBackend", "main"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = "gateway"
+_KEY_ID = re.compile(r"^orch_([0-9a-f]{16})_")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 8400
+    max_in_flight: int = 256
+    timeout_s: float = 60.0
+    drain_s: float = 8.0
+    max_body: int = 1024 * 1024
+    run_lookback: timedelta = timedelta(hours=24)
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_env(cls) -> GatewayConfig:
+        """The ``ORCH_GATEWAY_*`` settings (docs/configuration.md)."""
+        return cls(
+            host=env_str("ORCH_GATEWAY_HOST", "127.0.0.1"),
+            port=env_int("ORCH_GATEWAY_PORT", 8400, minimum=0, maximum=65535),
+            max_in_flight=env_int("ORCH_GATEWAY_MAX_IN_FLIGHT", 256, minimum=1),
+            timeout_s=env_float("ORCH_GATEWAY_TIMEOUT_SECONDS", 60.0, minimum=0.1),
+            drain_s=env_float("ORCH_GATEWAY_DRAIN_SECONDS", 8.0, minimum=0.0, maximum=8.0),
+            max_body=env_int("ORCH_GATEWAY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
+            run_lookback=timedelta(
+                hours=env_float("ORCH_GATEWAY_RUN_LOOKBACK_HOURS", 24.0, minimum=0.0)
+            ),
+            limits=Limits(max_messages=env_int("ORCH_GATEWAY_MAX_MESSAGES", 256, minimum=1)),
+        )
+
+
+class PlatformBackend:
+    """The platform as the HTTP layer sees it: the SDK client plus the key and run views."""
+
+    def __init__(
+        self, client: OrchestratorClient, keys: KeyView, runs: RunIndex, clock: Clock
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.runs = runs
+        self.clock = clock
+
+    async def identify(self, key: str) -> Identity | None:
+        who = self.keys.registry.authenticate(key)
+        match = _KEY_ID.match(key)
+        if who is None and match is not None and not self.keys.registry.known(match.group(1)):
+            # A key created a moment ago may not have been read yet.
+            await self.keys.sync(timeout=2.0)
+            who = self.keys.registry.authenticate(key)
+        return who
+
+    async def ask(
+        self, message: str, *, goal_id: str, user_id: str, context: dict[str, str], timeout: float
+    ) -> Answer:
+        return await self.client.ask(
+            message, goal_id=goal_id, user_id=user_id, context=context, timeout=timeout
+        )
+
+    async def run_goal(self, run_id: str) -> str | None:
+        return await self.runs.lookup(run_id)
+
+    def note_run(self, run_id: str, goal_id: str) -> None:
+        self.runs.note(run_id, goal_id)
+
+    async def feedback(
+        self, run_id: str, *, user_id: str, score: int | None, text: str, timeout: float
+    ) -> FeedbackDecided:
+        return await self.client.feedback(
+            run_id, user_id=user_id, score=score, text=text, channel="gateway", timeout=timeout
+        )
+
+    def now(self) -> datetime:
+        return self.clock.now()
+
+
+async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
+    config = GatewayConfig.from_env()
+    client = OrchestratorClient(ctx.settings, source=SOURCE, clock=ctx.clock)
+    keys = KeyView(ctx.settings, operators=operators_from())
+    runs = RunIndex(ctx.settings, lookback=config.run_lookback, source=SOURCE)
+    gateway = GatewayApp(
+        PlatformBackend(client, keys, runs, ctx.clock),
+        max_in_flight=config.max_in_flight,
+        timeout_s=config.timeout_s,
+        max_body=config.max_body,
+        limits=config.limits,
+    )
+    runner = web.AppRunner(build_app(gateway), access_log=None, shutdown_timeout=1.0)
+    url_file: Path | None = None
+    try:
+        await client.start()
+        await keys.start()
+        await keys.sync(timeout=30.0)
+        await runs.start(ctx.clock.now())
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port, backlog=1024)
+        await site.start()
+        port = int(runner.addresses[0][1])  # the real one when asked for port 0
+        url = f"http://{config.host}:{port}/v1"
+        url_file = announce_url(SOURCE, url, port)
+        log.info("gateway serving OpenAI-compatible API on %s", url)
+        await stop.wait()
+    finally:
+        # SIGTERM cancels this task; the drain below still runs (within the service's stop).
+        left = await gateway.drain(config.drain_s)
+        if left:
+            log.warning("gateway stopped with %d requests unanswered (503 sent)", left)
+        if url_file is not None:
+            url_file.unlink(missing_ok=True)
+        await runner.cleanup()
+        await runs.stop()
+        await keys.stop()
+        await client.close()
+        log.info("gateway stopped")

@@ -1,0 +1,158 @@
+"""The gateway's HTTP layer over a scripted platform: failure statuses, the in-flight bound,
+and the stop that answers what is in flight. The real platform's tests are in tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from services.gateway.http import GatewayApp, build_app
+from streams.client import Answer
+from streams.errors import BudgetExceededError, LLMFailure, RunRejected
+from streams.events import FeedbackDecided
+from streams.keys import Identity
+
+KEY = "orch_0123456789abcdef_secret-secret-secret-secret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BODY = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+NOW = datetime(2026, 3, 1, 22, 0, 0, tzinfo=UTC)
+
+
+class Scripted:
+    """A platform whose answer to each ask is what the test puts in ``outcome``."""
+
+    def __init__(self) -> None:
+        self.outcome: Any = None
+        self.release = asyncio.Event()
+        self.release.set()
+        self.asked: list[dict[str, Any]] = []
+        self.entered = asyncio.Semaphore(0)  # one release per ask that started
+
+    async def identify(self, key: str) -> Identity | None:
+        return Identity("0123456789abcdef", "g1", "u1", "user") if key == KEY else None
+
+    async def ask(self, message: str, **kwargs: Any) -> Answer:
+        self.asked.append({"message": message, **kwargs})
+        self.entered.release()
+        await self.release.wait()
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return Answer("r1", "a1", "general", f"answer to {message}", 0.001, 5.0, "keyword")
+
+    async def run_goal(self, run_id: str) -> str | None:
+        return None
+
+    def note_run(self, run_id: str, goal_id: str) -> None:
+        pass
+
+    async def feedback(self, run_id: str, **kwargs: Any) -> FeedbackDecided:
+        raise AssertionError("not used")
+
+    def now(self) -> datetime:
+        return NOW
+
+
+@pytest.fixture
+async def setup() -> Any:
+    backend = Scripted()
+    gateway = GatewayApp(backend, max_in_flight=2, timeout_s=5.0)
+    async with TestClient(TestServer(build_app(gateway))) as http:
+        yield backend, gateway, http
+
+
+async def _post(http: TestClient, body: Any = BODY, **headers: str) -> tuple[int, Any, Any]:
+    response = await http.post("/v1/chat/completions", json=body, headers={**AUTH, **headers})
+    return response.status, await response.json(), response.headers
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (LLMFailure("r1", "llm_failure", "endpoint 500"), 502, None),
+        (RunRejected("r1", "timeout", "deadline passed"), 504, "timeout"),
+        (RunRejected("r1", "no_agent", "no agent in time"), 503, "no_agent"),
+        (RunRejected("r1", "internal", "router raised"), 500, "internal"),
+        (BudgetExceededError("r1", "budget_exceeded", "spent", "max_agents"), 429, "max_agents"),
+    ],
+)
+async def test_each_failed_run_has_its_status_and_run_id(setup, error, status, code) -> None:
+    backend, _, http = setup
+    backend.outcome = error
+    got, body, headers = await _post(http)
+    assert got == status
+    assert body["error"]["code"] == code and error.detail in body["error"]["message"]
+    assert headers["x-orchestrator-run-id"] == "r1"
+
+
+async def test_the_daily_cost_limit_says_when_the_next_utc_day_starts(setup) -> None:
+    backend, _, http = setup
+    backend.outcome = BudgetExceededError("r1", "budget_exceeded", "spent", "max_daily_cost")
+    status, body, headers = await _post(http)
+    assert status == 429 and body["error"]["code"] == "max_daily_cost"
+    assert headers["Retry-After"] == str(2 * 3600)  # 22:00 UTC -> midnight
+    assert headers["x-should-retry"] == "false"
+
+
+async def test_a_degraded_answer_is_200_and_names_its_tier(setup) -> None:
+    _, _, http = setup
+    status, body, headers = await _post(http)
+    assert status == 200 and headers["x-orchestrator-tier"] == "keyword"
+    assert body["system_fingerprint"] == "tier:keyword"
+
+
+async def test_beyond_the_in_flight_limit_the_answer_is_503_at_once(setup) -> None:
+    backend, gateway, http = setup
+    backend.release.clear()
+    held = [asyncio.create_task(_post(http)) for _ in range(2)]
+    for _ in held:
+        await backend.entered.acquire()
+    status, body, headers = await _post(http)
+    assert status == 503 and body["error"]["code"] == "overloaded"
+    assert headers["Retry-After"] == "1"
+    backend.release.set()
+    assert [s for s, _, _ in await asyncio.gather(*held)] == [200, 200]
+
+
+async def test_a_stop_answers_what_is_in_flight_and_refuses_what_comes_after(setup) -> None:
+    backend, gateway, http = setup
+    backend.release.clear()
+    held = asyncio.create_task(_post(http))
+    await backend.entered.acquire()
+    drained = asyncio.create_task(gateway.drain(5.0))
+    await asyncio.sleep(0.05)
+    status, body, _ = await _post(http)
+    assert status == 503 and body["error"]["code"] == "stopping"
+    backend.release.set()
+    assert (await held)[0] == 200
+    assert await drained == 0
+
+
+async def test_what_outlives_the_drain_gets_503_not_silence(setup) -> None:
+    backend, gateway, http = setup
+    backend.release.clear()
+    held = asyncio.create_task(_post(http))
+    await backend.entered.acquire()
+    assert await gateway.drain(0.2) == 1
+    status, body, _ = await held
+    assert status == 503 and "run goes on in the platform" in body["error"]["message"]
+
+
+async def test_the_timeout_header_is_bounded_by_the_setting(setup) -> None:
+    backend, _, http = setup
+    assert (await _post(http, **{"x-orchestrator-timeout": "2.5"}))[0] == 200
+    assert backend.asked[-1]["timeout"] == 2.5
+    for bad in ("0", "-1", "nan", "99", "soon"):
+        status, body, _ = await _post(http, **{"x-orchestrator-timeout": bad})
+        assert status == 400 and "x-orchestrator-timeout" in body["error"]["message"]
+
+
+async def test_unknown_routes_and_methods_answer_in_openai_shape(setup) -> None:
+    _, _, http = setup
+    response = await http.get("/v1/chat/completions", headers=AUTH)
+    assert response.status == 405 and "error" in await response.json()
+    response = await http.get("/v1/nothing", headers=AUTH)
+    assert response.status == 404 and (await response.json())["error"]["type"] == "not_found"
