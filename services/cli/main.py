@@ -38,6 +38,7 @@ from services.cli.supervisor import (
     stop_recorded,
     supervisor_pid,
 )
+from services.cli.workflows import workflows_app
 from streams.client import Answer, OrchestratorClient, invalid_request
 from streams.errors import (
     BudgetExceededError,
@@ -845,9 +846,10 @@ def metrics(
         _out.print(Text(format_metrics(result)), soft_wrap=True)
 
 
-# The learning benchmark and the demo live in their own modules.
+# The learning benchmark, the demo and the workflow commands live in their own modules.
 app.add_typer(bench_app, name="bench")
 app.command("demo")(demo_command)
+app.add_typer(workflows_app)  # versions, rollback, replay
 
 
 if __name__ == "__main__":
