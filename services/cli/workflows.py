@@ -165,7 +165,10 @@ def versions(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Each workflow's versions: traffic share, canary state and measured quality."""
+    """Each workflow's versions: traffic share, canary state and measured quality.
+
+    Quality: each version's runs (workflow_completed) and their mean workflow_assessed.
+    """
     if workflow is not None:
         workflow = _workflow_id(workflow, as_json)
     settings = KafkaSettings.from_env()
