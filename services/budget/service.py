@@ -13,7 +13,7 @@ from typing import Any
 
 from faust import current_event
 
-from services.budget.state import BudgetDefaults, BudgetState
+from services.budget.state import BudgetDefaults, BudgetState, RunStore
 from streams.codec import default_codec
 from streams.errors import NotOperator
 from streams.events import (
@@ -33,12 +33,17 @@ from streams.keys import KeyView, operators_from
 from streams.service import ServiceContext
 from streams.topics import PARTITIONS
 
-__all__ = ["APP_NAME", "BUDGET_TOPICS", "TABLE_NAME", "main"]
+__all__ = ["APP_NAME", "BUDGET_TOPICS", "RUNS_TABLE_NAME", "TABLE_NAME", "main"]
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "orchestrator.budget"
 TABLE_NAME = "budget"
+# Queued and running tasks by run id, outside the goal's record (which stays small).
+# Faust writes a table's changelog to the partition of the event being processed
+# (Table.partition_for_key without use_partitioner), so a run's entry sits on its
+# goal's partition and moves with it.
+RUNS_TABLE_NAME = "budget-runs"
 BUDGET_TOPICS = (
     SpawnRequested.topic,
     TaskRequested.topic,
@@ -54,6 +59,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     defaults = BudgetDefaults.from_env()
     app = create_app(APP_NAME, ctx.settings)
     table = app.Table(TABLE_NAME, default=None, partitions=PARTITIONS)
+    runs = RunStore(app.Table(RUNS_TABLE_NAME, default=None, partitions=PARTITIONS))
     topic = EventTopic(
         app,
         topics=[ctx.settings.topic(t) for t in BUDGET_TOPICS],
@@ -83,7 +89,10 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
                 f" {event.user_id or 'nobody'!r} is not one"
             )
         raw = table.get(event.goal_id)
-        state = BudgetState.from_dict(raw) if raw else BudgetState.new(event.goal_id, defaults)
+        if raw:
+            state = BudgetState.from_dict(raw, runs, defaults)
+        else:
+            state = BudgetState.new(event.goal_id, defaults, runs)
         decision = state.handle(event, ctx.clock.now(), defaults)
         table[event.goal_id] = state.to_dict()
         # Faust's producer, without waiting for the broker: one agent handles every

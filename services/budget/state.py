@@ -1,16 +1,41 @@
-"""Budget state of one goal and the pure rules that change it (no I/O, clock passed in).
+"""Budget state of one goal and the pure rules that change it (no I/O, clocks passed in).
 
 The budget service is the single writer of this state per goal: every event that
 changes it arrives keyed by goal_id, so one instance sees a goal's events in
-order. Each rule returns the events to emit; redelivered events change nothing.
+order. Each rule returns the events to emit.
+
+Crash safety: the service writes the state (a Faust table, through its changelog)
+and sends the events a rule returned without atomicity, and commits the input's
+offset only after both. A crash in between replays the input, which the state has
+already applied (``seen``). So every event the budget sends has an id derived from
+what caused it, and a replayed input sends again what the state says it decided:
+the run's admission while the run is in flight, its failure while the run is in the
+bounded record of runs the budget ended, the spawn's approval or denial, the spend's
+decision. Readers drop the copies by event id.
+
+Two clocks, each for one thing:
+
+- *Budget time* for money: spend is filed under the UTC day of the budget's own
+  clock when it processes the cost, and every check compares that day's spend plus
+  every hold against ``max_daily_cost``. Holds do not belong to a day, so a cost that
+  lands after midnight was already counted against the new day while it was held.
+- *Lease time* for slots: a slot is taken back only once both the budget's clock and
+  the goal's event time (the newest ``occurred_at`` the budget has read for the goal)
+  are past the task's deadline plus the LLM timeout plus a grace. The loader never
+  starts a task past its deadline and its call ends within the LLM timeout, so the
+  run can no longer be running; a budget outage (its clock moved, the backlog's event
+  times did not) or a producer with a clock ahead (event time moved, the budget's did
+  not) alone expires nothing.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 from streams.clock import utc_day
@@ -29,16 +54,39 @@ from streams.events import (
     TaskRequested,
     WorkflowCompleted,
     WorkflowFailed,
+    terminal_event_id,
 )
+from streams.llm import ModelPrice, PriceTable, worst_case_usd
+from streams.workflows import MAX_PROMPT_CHARS
 
-__all__ = ["BudgetDefaults", "BudgetState", "Decision"]
+__all__ = ["BudgetDefaults", "BudgetState", "Decision", "RunStore"]
 
 SOURCE = "budget"
 _NS = uuid.UUID("5b0c7e2a-91d4-4f3e-8a6b-2c1d0e9f8a7b")
-# Redeliveries after a crash come from the last uncommitted stretch; a thousand ids
-# covers it, and the whole record is rewritten on every event, so it must stay small.
+# Redeliveries after a crash come from the last uncommitted stretch (Faust commits
+# every few seconds); a thousand ids covers it. The whole record is rewritten on every
+# event, so every list in it is bounded: at most ~40 bytes an id, the record stays
+# under ~200 KB whatever the input (queue 1000 ids, seen 1000, ended 1000).
 _SEEN_LIMIT = 1000
+# Runs that ended, so that a replayed or re-routed task_requested is not admitted
+# again; a run the budget failed keeps how, to send the same failure again.
+_ENDED_LIMIT = 1000
+# Spawn denials and spend decisions kept to be sent again on a replay.
+_DECISIONS_LIMIT = 200
 _SPAWN_HOLD_SECONDS = 60.0
+# Beyond the deadline and the LLM timeout, before a slot is taken back.
+_LEASE_GRACE_SECONDS = 30.0
+# The spawner's prompt-writing call (services/spawner/design.py): at most 300
+# completion tokens; its prompt is a fixed instruction, the specialty's description
+# and tools, and the first 500 characters of the request (4 bytes each at most).
+_SPAWN_MAX_TOKENS = 300
+_SPAWN_PROMPT_BYTES = 1500
+_ID_MAX = 64
+
+
+def _ref(value: str) -> str:
+    """Ids as kept in the record: a long one (ids are not length-checked) by its digest."""
+    return value if len(value) <= _ID_MAX else str(uuid.uuid5(_NS, value))
 
 
 @dataclass(frozen=True)
@@ -46,11 +94,20 @@ class BudgetDefaults:
     max_agents: int = 100
     max_concurrent: int = 10
     max_daily_cost: float = 10.0
-    # Cost held back per admitted task until its real cost is known, so that
-    # concurrent tasks can never push a day's spend past max_daily_cost.
+    # The least held back per admitted task or approved spawn; the hold is the call's
+    # worst case (see task_worst_case) when that is more.
     task_reserve_usd: float = 0.002
     max_queue: int = 1000
+    # A task without a deadline keeps its slot this long past its admission.
     lease_seconds: float = 600.0
+    # What a call can cost at most: every one of max_tokens generated and a token per
+    # byte of the prompt, at the dearest price the table knows (see dearest_prices).
+    prices: PriceTable = field(default_factory=lambda: PriceTable.from_env({}))
+    max_tokens: int = 512
+    # Tokens the system prompt may take: the loader cuts it to MAX_PROMPT_CHARS
+    # characters, and a character is at most 4 UTF-8 bytes.
+    system_prompt_tokens: int = 4 * MAX_PROMPT_CHARS
+    llm_timeout_s: float = 30.0
 
     @classmethod
     def from_env(cls) -> BudgetDefaults:
@@ -62,7 +119,71 @@ class BudgetDefaults:
             task_reserve_usd=env_float("ORCH_BUDGET_TASK_RESERVE_USD", 0.002, minimum=0),
             max_queue=env_int("ORCH_BUDGET_MAX_QUEUE", 1000, minimum=0),
             lease_seconds=env_float("ORCH_BUDGET_LEASE_SECONDS", 600.0, minimum=0),
+            prices=PriceTable.from_env(),
+            max_tokens=env_int("ORCH_LLM_MAX_TOKENS", 512, minimum=1),
+            system_prompt_tokens=env_int(
+                "ORCH_BUDGET_SYSTEM_PROMPT_TOKENS", 4 * MAX_PROMPT_CHARS, minimum=0
+            ),
+            llm_timeout_s=env_float("ORCH_LLM_TIMEOUT", 30.0, minimum=0),
         )
+
+    @cached_property
+    def dearest_prices(self) -> PriceTable:
+        """Every model at the dearest input and output price of the table.
+
+        The budget cannot see which model a call will use: an agent keeps the model it
+        was spawned with after ``ORCH_LLM_MODEL`` changes, and the loader prices a call
+        by the model the endpoint reports, an unknown one at the table's default. The
+        dearest price covers all of them.
+        """
+        known = [*self.prices.prices.values(), self.prices.default]
+        top = ModelPrice(max(p.input_per_m for p in known), max(p.output_per_m for p in known))
+        return PriceTable({}, top)
+
+    @cached_property
+    def _system_placeholder(self) -> dict[str, str]:
+        return {"role": "system", "content": "x" * self.system_prompt_tokens}
+
+    def task_worst_case(self, message: str, context: dict[str, str]) -> float:
+        """The most an answer to ``message`` can cost: the loader's messages, bounded."""
+        messages = [
+            self._system_placeholder,
+            {"role": "system", "content": "Request context: " + _context_text(context)},
+            {"role": "user", "content": message},
+        ]
+        worst = worst_case_usd(self.dearest_prices, "any", messages, self.max_tokens)
+        return max(self.task_reserve_usd, worst)
+
+    def spawn_worst_case(self, specialty: str) -> float:
+        messages = [{"role": "user", "content": "x" * (_SPAWN_PROMPT_BYTES + len(specialty))}]
+        worst = worst_case_usd(self.dearest_prices, "any", messages, _SPAWN_MAX_TOKENS)
+        return max(self.task_reserve_usd, worst)
+
+
+def _context_text(context: dict[str, str]) -> str:
+    return "; ".join(f"{k}={v}" for k, v in sorted(context.items()))
+
+
+class RunStore:
+    """Queued and running tasks by run id, outside the goal's record.
+
+    A dict in tests; in the service a Faust table whose writes go to the changelog
+    partition of the event being processed, i.e. the goal's.
+    """
+
+    def __init__(self, data: MutableMapping[str, Any] | None = None) -> None:
+        self.data: MutableMapping[str, Any] = {} if data is None else data
+
+    def get(self, run: str) -> dict[str, Any] | None:
+        found = self.data.get(run) if run in self.data else None
+        return found if isinstance(found, dict) else None
+
+    def put(self, run: str, value: dict[str, Any]) -> None:
+        self.data[run] = value
+
+    def delete(self, run: str) -> None:
+        if run in self.data:
+            del self.data[run]
 
 
 @dataclass
@@ -78,20 +199,41 @@ class BudgetState:
     max_agents: int
     max_concurrent: int
     max_daily_cost: float
-    agents: list[str] = field(default_factory=list)
-    # run_id -> [admitted_at ISO, reserved USD]
+    # approved spawn request id -> [approved_at ISO, agents after it]
+    agents: dict[str, list[Any]] = field(default_factory=dict)
+    # denied spawn request id -> [limit, current, maximum, at ISO]
+    denied: OrderedDict[str, list[Any]] = field(default_factory=OrderedDict)
+    # run -> [admitted_at ISO (budget clock), held USD, lease end ISO, causing event id]
     in_flight: dict[str, list[Any]] = field(default_factory=dict)
-    # approved spawns whose prompt-writing cost is not known yet: run_id -> [at, USD]
+    # ended runs whose answer's cost is not known yet: run -> [held USD, lapse ISO]
+    pending: dict[str, list[Any]] = field(default_factory=dict)
+    # approved spawns and platform calls whose cost is not known yet: key -> [at, USD]
     spawn_holds: dict[str, list[Any]] = field(default_factory=dict)
-    queue: list[dict[str, Any]] = field(default_factory=list)
+    # run ids waiting for a slot, oldest first; their tasks live in the RunStore
+    queue: list[str] = field(default_factory=list)
+    # run -> "" (ended by another service) or the budget's failure:
+    # [causing event id, reason, limit, current, maximum, at ISO]
+    ended: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+    # spend request id -> [approved, at ISO, committed USD]
+    spends: OrderedDict[str, list[Any]] = field(default_factory=OrderedDict)
     spend: dict[str, float] = field(default_factory=dict)
     seen: deque[str] = field(default_factory=lambda: deque(maxlen=_SEEN_LIMIT))
-    largest_task_cost: float = 0.0
+    # newest occurred_at read for the goal (lease time)
+    event_time: str = ""
+    runs: RunStore = field(default_factory=RunStore, repr=False, compare=False)
 
     # -- persistence (Faust table value, JSON) ------------------------------
     @classmethod
-    def new(cls, goal_id: str, defaults: BudgetDefaults) -> BudgetState:
-        return cls(goal_id, defaults.max_agents, defaults.max_concurrent, defaults.max_daily_cost)
+    def new(
+        cls, goal_id: str, defaults: BudgetDefaults, runs: RunStore | None = None
+    ) -> BudgetState:
+        return cls(
+            goal_id,
+            defaults.max_agents,
+            defaults.max_concurrent,
+            defaults.max_daily_cost,
+            runs=runs or RunStore(),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,28 +241,60 @@ class BudgetState:
             "max_agents": self.max_agents,
             "max_concurrent": self.max_concurrent,
             "max_daily_cost": self.max_daily_cost,
-            "agents": list(self.agents),
+            "agents": dict(self.agents),
+            "denied": [[k, v] for k, v in self.denied.items()],
             "in_flight": dict(self.in_flight),
+            "pending": dict(self.pending),
             "spawn_holds": dict(self.spawn_holds),
             "queue": list(self.queue),
+            "ended": [[k, v] for k, v in self.ended.items()],
+            "spends": [[k, v] for k, v in self.spends.items()],
             "spend": dict(self.spend),
             "seen": list(self.seen),
-            "largest_task_cost": self.largest_task_cost,
+            "event_time": self.event_time,
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BudgetState:
+    def from_dict(
+        cls,
+        data: dict[str, Any],
+        runs: RunStore | None = None,
+        defaults: BudgetDefaults | None = None,
+    ) -> BudgetState:
+        runs = runs or RunStore()
+        lease = (defaults or BudgetDefaults()).lease_seconds
+        raw_agents = data.get("agents", {})
+        if isinstance(raw_agents, list):  # records written before agents kept their time
+            raw_agents = {a: ["", i + 1] for i, a in enumerate(raw_agents)}
+        in_flight: dict[str, list[Any]] = {}
+        for run, held in data.get("in_flight", {}).items():
+            entry = list(held)
+            if len(entry) == 2:  # [admitted_at, USD] of older records
+                end = datetime.fromisoformat(entry[0]) + timedelta(seconds=lease)
+                entry += [end.isoformat(), ""]
+            in_flight[run] = entry
+        queue: list[str] = []
+        for q in data.get("queue", []):
+            if isinstance(q, dict):  # older records kept whole tasks here
+                runs.put(_ref(q["run_id"]), {"task": q})
+                q = _ref(q["run_id"])
+            queue.append(q)
         state = cls(
             goal_id=data["goal_id"],
             max_agents=int(data["max_agents"]),
             max_concurrent=int(data["max_concurrent"]),
             max_daily_cost=float(data["max_daily_cost"]),
-            agents=list(data.get("agents", [])),
-            in_flight={k: list(v) for k, v in data.get("in_flight", {}).items()},
+            agents={k: list(v) for k, v in raw_agents.items()},
+            denied=OrderedDict((k, list(v)) for k, v in data.get("denied", [])),
+            in_flight=in_flight,
+            pending={k: list(v) for k, v in data.get("pending", {}).items()},
             spawn_holds={k: list(v) for k, v in data.get("spawn_holds", {}).items()},
-            queue=list(data.get("queue", [])),
+            queue=queue,
+            ended=OrderedDict((k, v) for k, v in data.get("ended", [])),
+            spends=OrderedDict((k, list(v)) for k, v in data.get("spends", [])),
             spend={k: float(v) for k, v in data.get("spend", {}).items()},
-            largest_task_cost=float(data.get("largest_task_cost", 0.0)),
+            event_time=str(data.get("event_time", "")),
+            runs=runs,
         )
         state.seen.extend(data.get("seen", []))
         return state
@@ -130,8 +304,10 @@ class BudgetState:
         return self.spend.get(utc_day(now), 0.0)
 
     def reserved(self) -> float:
-        held = [*self.in_flight.values(), *self.spawn_holds.values()]
-        return sum(float(v[1]) for v in held)
+        held = [h[1] for h in self.in_flight.values()]
+        held += [h[0] for h in self.pending.values()]
+        held += [h[1] for h in self.spawn_holds.values()]
+        return sum(float(v) for v in held)
 
     def summary(self, now: datetime) -> dict[str, Any]:
         return {
@@ -143,155 +319,78 @@ class BudgetState:
             "in_flight": len(self.in_flight),
             "queued": len(self.queue),
             "spent_today": round(self.spent_today(now), 6),
+            "held": round(self.reserved(), 6),
             "day": utc_day(now),
         }
 
     # -- rules ---------------------------------------------------------------
     def handle(self, event: Event, now: datetime, defaults: BudgetDefaults) -> Decision:
-        """Apply one event; a redelivered one (same event_id) is ignored."""
-        if event.event_id in self.seen:
-            return Decision()
-        self.seen.append(event.event_id)
+        """Apply one event; a replayed one (same event_id) sends what it decided again."""
+        if _ref(event.event_id) in self.seen:
+            return Decision(self._replay(event))
+        self.seen.append(_ref(event.event_id))
+        if not self.event_time or event.occurred_at > datetime.fromisoformat(self.event_time):
+            self.event_time = event.occurred_at.isoformat()
+        cause = _ref(event.event_id)
         self._expire(now, defaults)
-        if isinstance(event, SpawnRequested):
-            return self._spawn(event, now, defaults)
-        if isinstance(event, TaskRequested):
-            return self._task(event, now, defaults)
-        if isinstance(event, LlmCallCompleted):
-            return self._charge(event, now, defaults)
-        if isinstance(event, WorkflowCompleted | WorkflowFailed):
-            return self._release(event.run_id, now, defaults)
-        if isinstance(event, BudgetUpdateRequested):
-            return self._update(event, now, defaults)
-        if isinstance(event, SpendRequested):
-            return self._hold(event, now)
-        return Decision()
-
-    def _hold(self, e: SpendRequested, now: datetime) -> Decision:
-        """A platform call (judge, feedback instruction) for this goal: hold its worst case."""
-        committed = self.spent_today(now) + self.reserved()
-        approved = committed + e.amount_usd <= self.max_daily_cost + 1e-12
         out: list[Event] = []
-        if approved:
-            self.spawn_holds[_platform_hold(e.purpose, e.run_id)] = [now.isoformat(), e.amount_usd]
-            reason = f"held {e.amount_usd:.6f} USD"
-        else:
-            reason = (
-                f"goal {self.goal_id} has {committed:.6f} USD spent or held today; "
-                f"{e.amount_usd:.6f} more would pass max_daily_cost {self.max_daily_cost:.6f} USD"
-            )
-            out.append(
-                self._exceeded("max_daily_cost", committed, self.max_daily_cost, e.run_id, now)
-            )
-        out.append(
-            SpendDecided(
-                event_id=str(uuid.uuid5(_NS, f"{e.event_id}:decided")),
-                source=SOURCE,
-                run_id=e.run_id,
-                goal_id=self.goal_id,
-                request_id=e.event_id,
-                approved=approved,
-                reason=reason,
-                occurred_at=now,
-            )
-        )
-        return Decision(out)
+        if isinstance(event, SpawnRequested):
+            out = self._spawn(event, now, defaults)
+        elif isinstance(event, TaskRequested):
+            out = self._task(event, now, defaults)
+        elif isinstance(event, LlmCallCompleted):
+            self._charge(event, now)
+        elif isinstance(event, WorkflowCompleted | WorkflowFailed):
+            self._release(event, defaults)
+        elif isinstance(event, BudgetUpdateRequested):
+            self._update(event)
+        elif isinstance(event, SpendRequested):
+            out = self._hold(event, now)
+        # Any event may have freed a slot or money (a release, a cost, a lapse, a limit).
+        return Decision(out + self._drain(cause, now, defaults))
 
-    def _exceeded(
-        self, limit: Any, current: float, maximum: float, run_id: str | None, now: datetime
-    ) -> BudgetExceeded:
-        return BudgetExceeded(
-            source=SOURCE,
-            goal_id=self.goal_id,
-            run_id=run_id,
-            limit=limit,
-            current=current,
-            maximum=maximum,
-            occurred_at=now,
-        )
+    def _lease_now(self, now: datetime) -> datetime:
+        """Lease time: the earlier of the budget's clock and the goal's event time."""
+        if not self.event_time:
+            return now
+        return min(now, datetime.fromisoformat(self.event_time))
 
-    def _deny_spawn(
-        self,
-        e: SpawnRequested,
-        limit: Any,
-        current: float,
-        maximum: float,
-        detail: str,
-        now: datetime,
-    ) -> Decision:
-        return Decision(
-            [
-                self._exceeded(limit, current, maximum, e.run_id, now),
-                SpawnDenied(
-                    source=SOURCE,
-                    goal_id=self.goal_id,
-                    run_id=e.run_id,
-                    user_id=e.user_id,
-                    specialty=e.specialty,
-                    limit=limit,
-                    detail=detail,
-                    occurred_at=now,
-                ),
-            ]
-        )
+    # -- sending what was decided, the first time and on a replay -------------
+    def _replay(self, e: Event) -> list[Event]:
+        cause = _ref(e.event_id)
+        out: list[Event] = []
+        if isinstance(e, TaskRequested) and _ref(e.run_id) in self.queue:
+            # Queued: nothing was sent. Its task is stored again in case the store's
+            # write was lost in the crash (the goal's record and the store are two writes).
+            if self.runs.get(_ref(e.run_id)) is None:
+                self.runs.put(_ref(e.run_id), {"task": e.model_dump(mode="json")})
+        for run, (at, _held, _end, by) in self.in_flight.items():
+            if by == cause:
+                task = e if isinstance(e, TaskRequested) and _ref(e.run_id) == run else None
+                if task is None:
+                    kept = self.runs.get(run)
+                    if kept is not None and isinstance(kept.get("task"), dict):
+                        task = TaskRequested.model_validate(kept["task"])
+                if task is not None:
+                    out.append(self._admission(task, datetime.fromisoformat(at)))
+        for run, failure in self.ended.items():
+            if failure and failure[0] == cause:
+                task = e if isinstance(e, TaskRequested) and _ref(e.run_id) == run else None
+                out += self._failure_events(run, failure, task)
+        if isinstance(e, SpawnRequested):
+            approved = self.agents.get(cause)
+            if approved is not None:
+                out.append(self._approval(e, approved))
+            refused = self.denied.get(cause)
+            if refused is not None:
+                out += self._denial(e, refused)
+        if isinstance(e, SpendRequested) and cause in self.spends:
+            out += self._spend_decision(e, self.spends[cause])
+        return out
 
-    def _spawn(self, e: SpawnRequested, now: datetime, defaults: BudgetDefaults) -> Decision:
-        if self._cost_blocked(now, defaults):
-            spent = self.spent_today(now)
-            detail = (
-                f"goal {self.goal_id} spent {spent:.6f} USD today; "
-                f"max_daily_cost is {self.max_daily_cost:.6f} USD"
-            )
-            return self._deny_spawn(e, "max_daily_cost", spent, self.max_daily_cost, detail, now)
-        if len(self.agents) >= self.max_agents:
-            detail = (
-                f"goal {self.goal_id} has {len(self.agents)} agents; "
-                f"max_agents is {self.max_agents}"
-            )
-            return self._deny_spawn(e, "max_agents", len(self.agents), self.max_agents, detail, now)
-        self.agents.append(e.event_id)
-        if e.run_id:
-            # The spawner may ask the LLM to write the prompt; hold its cost until known.
-            self.spawn_holds[e.run_id] = [now.isoformat(), self._reserve(defaults)]
-        return Decision(
-            [
-                SpawnApproved(
-                    source=SOURCE,
-                    goal_id=self.goal_id,
-                    run_id=e.run_id,
-                    user_id=e.user_id,
-                    specialty=e.specialty,
-                    message=e.message,
-                    context=dict(e.context),
-                    agents_after=len(self.agents),
-                    occurred_at=now,
-                )
-            ]
-        )
-
-    def _reserve(self, defaults: BudgetDefaults) -> float:
-        return max(defaults.task_reserve_usd, self.largest_task_cost)
-
-    def _fail(
-        self, t: dict[str, Any] | TaskRequested, limit: Any, detail: str, now: datetime
-    ) -> WorkflowFailed:
-        task = t if isinstance(t, TaskRequested) else TaskRequested.model_validate(t)
-        return WorkflowFailed(
-            source=SOURCE,
-            run_id=task.run_id,
-            goal_id=self.goal_id,
-            user_id=task.user_id,
-            reason="budget_exceeded",
-            limit=limit,
-            detail=detail,
-            agent_id=task.agent_id,
-            specialty=task.specialty,
-            occurred_at=now,
-        )
-
-    def _admit(self, task: TaskRequested, now: datetime, defaults: BudgetDefaults) -> Event:
-        self.in_flight[task.run_id] = [now.isoformat(), self._reserve(defaults)]
+    def _admission(self, task: TaskRequested, at: datetime) -> TaskAdmitted:
         return TaskAdmitted(
+            event_id=str(uuid.uuid5(_NS, f"{task.run_id}:admitted")),
             source=SOURCE,
             run_id=task.run_id,
             goal_id=self.goal_id,
@@ -302,117 +401,345 @@ class BudgetState:
             context=dict(task.context),
             requested_at=task.requested_at,
             deadline_at=task.deadline_at,
-            occurred_at=now,
+            occurred_at=at,
         )
 
-    def _cost_blocked(self, now: datetime, defaults: BudgetDefaults) -> bool:
-        committed = self.spent_today(now) + self.reserved()
-        return committed + self._reserve(defaults) > self.max_daily_cost + 1e-12
+    def _exceeded(
+        self, key: str, limit: Any, current: float, maximum: float, run_id: str | None, at: str
+    ) -> BudgetExceeded:
+        return BudgetExceeded(
+            event_id=str(uuid.uuid5(_NS, f"{key}:exceeded")),
+            source=SOURCE,
+            goal_id=self.goal_id,
+            run_id=run_id,
+            limit=limit,
+            current=current,
+            maximum=maximum,
+            occurred_at=datetime.fromisoformat(at),
+        )
 
-    def _task(self, e: TaskRequested, now: datetime, defaults: BudgetDefaults) -> Decision:
-        if e.run_id in self.in_flight or any(q.get("run_id") == e.run_id for q in self.queue):
-            return Decision()
-        if self._cost_blocked(now, defaults):
-            spent = self.spent_today(now)
-            detail = (
-                f"goal {self.goal_id} spent {spent:.6f} USD today (plus {self.reserved():.6f} held "
-                f"for running tasks); max_daily_cost is {self.max_daily_cost:.6f} USD"
+    def _detail(self, reason: str, limit: str, current: float, maximum: float) -> str:
+        if reason == "timeout":
+            return "deadline passed while waiting for a max_concurrent slot"
+        if limit == "max_daily_cost":
+            return (
+                f"goal {self.goal_id} has {current:.6f} USD spent or held today; this task's"
+                f" worst case would pass max_daily_cost {maximum:.6f} USD"
             )
-            return Decision(
-                [
-                    self._exceeded("max_daily_cost", spent, self.max_daily_cost, e.run_id, now),
-                    self._fail(e, "max_daily_cost", detail, now),
-                ]
-            )
-        if len(self.in_flight) < self.max_concurrent and not self.queue:
-            return Decision([self._admit(e, now, defaults)])
-        if len(self.queue) >= defaults.max_queue or self.max_concurrent == 0:
-            detail = (
-                f"goal {self.goal_id} runs {len(self.in_flight)} tasks with {len(self.queue)} "
-                f"waiting; max_concurrent is {self.max_concurrent}"
-            )
-            return Decision(
-                [
-                    self._exceeded(
-                        "max_concurrent", len(self.in_flight), self.max_concurrent, e.run_id, now
-                    ),
-                    self._fail(e, "max_concurrent", detail, now),
-                ]
-            )
-        self.queue.append(e.model_dump(mode="json"))
-        return Decision()
+        return (
+            f"goal {self.goal_id} runs {int(current)} tasks and its queue is full;"
+            f" max_concurrent is {int(maximum)}"
+        )
 
-    def _drain(self, now: datetime, defaults: BudgetDefaults) -> list[Event]:
+    def _failure_events(
+        self, run: str, failure: list[Any], task: TaskRequested | None
+    ) -> list[Event]:
+        _cause, reason, limit, current, maximum, at = failure
+        info: dict[str, Any] = {}
+        if task is not None:
+            info = {"user_id": task.user_id, "agent_id": task.agent_id, "specialty": task.specialty}
+            run_id = task.run_id
+        else:
+            kept = self.runs.get(run) or {}
+            info = dict(kept.get("info") or {})
+            run_id = str(kept.get("run_id") or run)
         out: list[Event] = []
-        while self.queue and len(self.in_flight) < self.max_concurrent:
-            task = TaskRequested.model_validate(self.queue.pop(0))
-            if task.deadline_at is not None and task.deadline_at <= now:
-                out.append(
-                    WorkflowFailed(
-                        source=SOURCE,
-                        run_id=task.run_id,
-                        goal_id=self.goal_id,
-                        user_id=task.user_id,
-                        reason="timeout",
-                        detail="deadline passed while waiting for a max_concurrent slot",
-                        agent_id=task.agent_id,
-                        specialty=task.specialty,
-                        occurred_at=now,
-                    )
-                )
-                continue
-            if self._cost_blocked(now, defaults):
-                detail = f"goal {self.goal_id} reached max_daily_cost {self.max_daily_cost:.6f} USD"
-                out.append(self._fail(task, "max_daily_cost", detail, now))
-                continue
-            out.append(self._admit(task, now, defaults))
+        if reason == "budget_exceeded":
+            out.append(self._exceeded(run_id, limit, current, maximum, run_id, at))
+        out.append(
+            WorkflowFailed(
+                event_id=terminal_event_id(run_id),
+                source=SOURCE,
+                run_id=run_id,
+                goal_id=self.goal_id,
+                reason=reason,
+                limit=limit or None,
+                detail=self._detail(reason, limit, current, maximum),
+                occurred_at=datetime.fromisoformat(at),
+                **info,
+            )
+        )
         return out
 
-    def _charge(self, e: LlmCallCompleted, now: datetime, defaults: BudgetDefaults) -> Decision:
-        day = utc_day(e.occurred_at)
+    def _fail(
+        self,
+        cause: str,
+        task: TaskRequested,
+        reason: str,
+        limit: str,
+        current: float,
+        maximum: float,
+        now: datetime,
+    ) -> list[Event]:
+        run = _ref(task.run_id)
+        failure = [cause, reason, limit, round(current, 9), maximum, now.isoformat()]
+        self._end(run, failure)
+        return self._failure_events(run, failure, task)
+
+    def _end(self, run: str, failure: list[Any] | None = None) -> None:
+        if run in self.ended:
+            if failure is not None and not self.ended[run]:
+                self.ended[run] = failure
+            return
+        self.ended[run] = failure or ""
+        while len(self.ended) > _ENDED_LIMIT:
+            old, _ = self.ended.popitem(last=False)
+            self.runs.delete(old)
+
+    # -- platform calls ------------------------------------------------------
+    def _hold(self, e: SpendRequested, now: datetime) -> list[Event]:
+        """A platform call (judge, feedback instruction) for this goal: hold its worst case."""
+        committed = self.spent_today(now) + self.reserved()
+        approved = committed + e.amount_usd <= self.max_daily_cost + 1e-12
+        if approved:
+            self.spawn_holds[_platform_hold(e.purpose, e.run_id)] = [now.isoformat(), e.amount_usd]
+        decision = [approved, now.isoformat(), round(committed, 9)]
+        self.spends[_ref(e.event_id)] = decision
+        while len(self.spends) > _DECISIONS_LIMIT:
+            self.spends.popitem(last=False)
+        return self._spend_decision(e, decision)
+
+    def _spend_decision(self, e: SpendRequested, decision: list[Any]) -> list[Event]:
+        approved, at, committed = decision
+        out: list[Event] = []
+        if approved:
+            reason = f"held {e.amount_usd:.6f} USD"
+        else:
+            reason = (
+                f"goal {self.goal_id} has {committed:.6f} USD spent or held today; "
+                f"{e.amount_usd:.6f} more would pass max_daily_cost {self.max_daily_cost:.6f} USD"
+            )
+            out.append(
+                self._exceeded(
+                    e.event_id, "max_daily_cost", committed, self.max_daily_cost, e.run_id, at
+                )
+            )
+        out.append(
+            SpendDecided(
+                event_id=str(uuid.uuid5(_NS, f"{e.event_id}:decided")),
+                source=SOURCE,
+                run_id=e.run_id,
+                goal_id=self.goal_id,
+                request_id=e.event_id,
+                approved=approved,
+                reason=reason,
+                occurred_at=datetime.fromisoformat(at),
+            )
+        )
+        return out
+
+    # -- spawns ----------------------------------------------------------------
+    def _approval(self, e: SpawnRequested, approved: list[Any]) -> SpawnApproved:
+        at, after = approved
+        return SpawnApproved(
+            # The spawner derives the agent's id from this id: it must not change.
+            event_id=str(uuid.uuid5(_NS, f"{e.event_id}:approved")),
+            source=SOURCE,
+            goal_id=self.goal_id,
+            run_id=e.run_id,
+            user_id=e.user_id,
+            specialty=e.specialty,
+            message=e.message,
+            context=dict(e.context),
+            agents_after=int(after),
+            occurred_at=datetime.fromisoformat(at) if at else e.occurred_at,
+        )
+
+    def _denial(self, e: SpawnRequested, refused: list[Any]) -> list[Event]:
+        limit, current, maximum, at = refused
+        if limit == "max_daily_cost":
+            detail = (
+                f"goal {self.goal_id} has {current:.6f} USD spent or held today; "
+                f"max_daily_cost is {maximum:.6f} USD"
+            )
+        else:
+            detail = f"goal {self.goal_id} has {int(current)} agents; max_agents is {int(maximum)}"
+        return [
+            self._exceeded(e.event_id, limit, current, maximum, e.run_id, at),
+            SpawnDenied(
+                event_id=str(uuid.uuid5(_NS, f"{e.event_id}:denied")),
+                source=SOURCE,
+                goal_id=self.goal_id,
+                run_id=e.run_id,
+                user_id=e.user_id,
+                specialty=e.specialty,
+                limit=limit,
+                detail=detail,
+                occurred_at=datetime.fromisoformat(at),
+            ),
+        ]
+
+    def _spawn(self, e: SpawnRequested, now: datetime, defaults: BudgetDefaults) -> list[Event]:
+        cause = _ref(e.event_id)
+        worst = defaults.spawn_worst_case(e.specialty)
+        committed = self.spent_today(now) + self.reserved()
+        refused: list[Any] | None = None
+        if committed + worst > self.max_daily_cost + 1e-12:
+            refused = ["max_daily_cost", round(committed, 9), self.max_daily_cost]
+        elif len(self.agents) >= self.max_agents:
+            refused = ["max_agents", len(self.agents), self.max_agents]
+        if refused is not None:
+            self.denied[cause] = [*refused, now.isoformat()]
+            while len(self.denied) > _DECISIONS_LIMIT:
+                self.denied.popitem(last=False)
+            return self._denial(e, self.denied[cause])
+        self.agents[cause] = [now.isoformat(), len(self.agents) + 1]
+        if e.run_id:
+            # The spawner may ask the LLM to write the prompt; hold its cost until known.
+            self.spawn_holds[e.run_id] = [now.isoformat(), worst]
+        return [self._approval(e, self.agents[cause])]
+
+    # -- tasks -----------------------------------------------------------------
+    def _task(self, e: TaskRequested, now: datetime, defaults: BudgetDefaults) -> list[Event]:
+        run = _ref(e.run_id)
+        if run in self.in_flight or run in self.ended or run in self.pending or run in self.queue:
+            # Admitted, waiting or over already: a re-routed request changes nothing.
+            return []
+        cause = _ref(e.event_id)
+        worst = defaults.task_worst_case(e.message, e.context)
+        spent = self.spent_today(now)
+        if spent + worst > self.max_daily_cost + 1e-12:
+            # Not even an idle goal could pay for this call today.
+            return self._fail(
+                cause, e, "budget_exceeded", "max_daily_cost", spent, self.max_daily_cost, now
+            )
+        committed = spent + self.reserved()
+        fits = committed + worst <= self.max_daily_cost + 1e-12
+        if fits and len(self.in_flight) < self.max_concurrent and not self.queue:
+            return [self._admit(e, cause, worst, now, defaults)]
+        if len(self.queue) >= defaults.max_queue or self.max_concurrent == 0:
+            return self._fail(
+                cause,
+                e,
+                "budget_exceeded",
+                "max_concurrent",
+                len(self.in_flight),
+                self.max_concurrent,
+                now,
+            )
+        # Waits for a slot, or for running tasks' holds to settle to their real cost.
+        self.runs.put(run, {"task": e.model_dump(mode="json")})
+        self.queue.append(run)
+        return []
+
+    def _admit(
+        self,
+        task: TaskRequested,
+        cause: str,
+        worst: float,
+        now: datetime,
+        defaults: BudgetDefaults,
+    ) -> TaskAdmitted:
+        if task.deadline_at is not None:
+            end = task.deadline_at
+        else:
+            end = self._lease_now(now) + timedelta(seconds=defaults.lease_seconds)
+        end += timedelta(seconds=defaults.llm_timeout_s + _LEASE_GRACE_SECONDS)
+        self.in_flight[_ref(task.run_id)] = [now.isoformat(), worst, end.isoformat(), cause]
+        return self._admission(task, now)
+
+    def _drain(self, cause: str, now: datetime, defaults: BudgetDefaults) -> list[Event]:
+        out: list[Event] = []
+        while self.queue and len(self.in_flight) < self.max_concurrent:
+            run = self.queue[0]
+            kept = self.runs.get(run)
+            if kept is None or not isinstance(kept.get("task"), dict):
+                self.queue.pop(0)  # its task was never stored: nothing to admit
+                continue
+            task = TaskRequested.model_validate(kept["task"])
+            worst = defaults.task_worst_case(task.message, task.context)
+            spent = self.spent_today(now)
+            limit = ""
+            if task.deadline_at is not None and task.deadline_at <= self._lease_now(now):
+                reason = "timeout"
+            elif spent + worst > self.max_daily_cost + 1e-12:
+                reason, limit = "budget_exceeded", "max_daily_cost"
+            elif spent + self.reserved() + worst > self.max_daily_cost + 1e-12:
+                break  # first in, first served: wait until holds settle
+            else:
+                self.queue.pop(0)
+                out.append(self._admit(task, cause, worst, now, defaults))
+                continue
+            self.queue.pop(0)
+            # Only what its failure needs to be sent again stays.
+            self.runs.put(
+                run,
+                {
+                    "run_id": task.run_id,
+                    "info": {
+                        "user_id": task.user_id,
+                        "agent_id": task.agent_id,
+                        "specialty": task.specialty,
+                    },
+                },
+            )
+            out += self._fail(cause, task, reason, limit, spent, self.max_daily_cost, now)
+        return out
+
+    # -- costs and ends ----------------------------------------------------------
+    def _charge(self, e: LlmCallCompleted, now: datetime) -> None:
+        # Budget time: the day of the budget's clock now, as every check uses.
+        day = utc_day(now)
         self.spend[day] = self.spend.get(day, 0.0) + e.cost_usd
-        if e.purpose in ("answer", "spawn_prompt"):
-            # Holds must cover the dearest call the goal has made, whichever kind.
-            self.largest_task_cost = max(self.largest_task_cost, e.cost_usd)
         if e.run_id and e.purpose == "spawn_prompt":
             self.spawn_holds.pop(e.run_id, None)
         if e.purpose in ("judge", "improvement"):
             self.spawn_holds.pop(_platform_hold(e.purpose, e.run_id), None)
-        if e.run_id and e.purpose == "answer":
-            held = self.in_flight.get(e.run_id)
+        if e.run_id and e.purpose == "answer" and (e.ok or e.cost_usd > 0):
+            # A refused call (ok=False, no cost) may be followed by a paid one.
+            run = _ref(e.run_id)
+            held = self.in_flight.get(run)
             if held is not None:
                 held[1] = 0.0  # the real cost is now in spend
+            self.pending.pop(run, None)
         # Keep a few days of history only.
         for old in sorted(self.spend)[:-7]:
             del self.spend[old]
-        return Decision()
 
-    def _release(self, run_id: str, now: datetime, defaults: BudgetDefaults) -> Decision:
-        self.in_flight.pop(run_id, None)
-        self.queue = [q for q in self.queue if q.get("run_id") != run_id]
-        return Decision(self._drain(now, defaults))
+    def _release(self, e: WorkflowCompleted | WorkflowFailed, defaults: BudgetDefaults) -> None:
+        run = _ref(e.run_id)
+        held = self.in_flight.pop(run, None)
+        if held is not None:
+            self.runs.delete(run)
+            no_cost = isinstance(e, WorkflowCompleted) and e.cost_usd <= 0
+            if float(held[1]) > 0 and not no_cost:
+                # The answer's cost may still be on its way: its hold stays until it comes.
+                self._keep_pending(run, held, defaults)
+        elif run in self.queue:
+            self.queue.remove(run)
+            self.runs.delete(run)
+        self._end(run)
 
-    def _update(
-        self, e: BudgetUpdateRequested, now: datetime, defaults: BudgetDefaults
-    ) -> Decision:
+    def _keep_pending(self, run: str, held: list[Any], defaults: BudgetDefaults) -> None:
+        lapse = datetime.fromisoformat(held[2]) + timedelta(seconds=defaults.lease_seconds)
+        self.pending[run] = [float(held[1]), lapse.isoformat()]
+
+    def _update(self, e: BudgetUpdateRequested) -> None:
         if e.max_agents is not None:
             self.max_agents = e.max_agents
         if e.max_concurrent is not None:
             self.max_concurrent = e.max_concurrent
         if e.max_daily_cost is not None:
             self.max_daily_cost = e.max_daily_cost
-        return Decision(self._drain(now, defaults))
 
     def _expire(self, now: datetime, defaults: BudgetDefaults) -> None:
+        t = self._lease_now(now)
         # A spawn written from a template reports no cost; its hold lapses quickly.
-        for run_id, (held_at, _) in list(self.spawn_holds.items()):
-            if (now - datetime.fromisoformat(held_at)).total_seconds() > _SPAWN_HOLD_SECONDS:
-                del self.spawn_holds[run_id]
-        # A task whose loader vanished must not hold a slot forever.
-        for run_id, (admitted_at, _) in list(self.in_flight.items()):
-            age = (now - datetime.fromisoformat(admitted_at)).total_seconds()
-            if age > defaults.lease_seconds:
-                del self.in_flight[run_id]
+        for key, (held_at, _) in list(self.spawn_holds.items()):
+            if (t - datetime.fromisoformat(held_at)).total_seconds() > _SPAWN_HOLD_SECONDS:
+                del self.spawn_holds[key]
+        # A task past its deadline and the LLM timeout cannot be running any more: its
+        # slot comes back (the queue drains after this), its money stays held a while.
+        for run, held in list(self.in_flight.items()):
+            if t > datetime.fromisoformat(held[2]):
+                del self.in_flight[run]
+                self.runs.delete(run)
+                if float(held[1]) > 0:
+                    self._keep_pending(run, held, defaults)
+                self._end(run)
+        for run, (_, lapse) in list(self.pending.items()):
+            if t > datetime.fromisoformat(lapse):
+                del self.pending[run]
 
 
 def _platform_hold(purpose: str, run_id: str | None) -> str:

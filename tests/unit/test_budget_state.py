@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import json
+from datetime import UTC, datetime, timedelta
 
-from services.budget.state import BudgetDefaults, BudgetState
+from services.budget.state import BudgetDefaults, BudgetState, RunStore
 from streams.clock import FakeClock
 from streams.events import (
     BudgetExceeded,
@@ -19,9 +20,13 @@ from streams.events import (
     TaskRequested,
     WorkflowCompleted,
     WorkflowFailed,
+    terminal_event_id,
 )
+from streams.llm import ModelPrice, PriceTable, worst_case_usd
+from streams.workflows import MAX_PROMPT_CHARS
 
-DEFAULTS = BudgetDefaults(task_reserve_usd=0.01)
+# Free tokens: every hold is the 0.01 floor, which keeps the arithmetic readable.
+DEFAULTS = BudgetDefaults(task_reserve_usd=0.01, prices=PriceTable({}, ModelPrice(0.0, 0.0)))
 
 
 def _state(**limits) -> BudgetState:
@@ -169,8 +174,9 @@ def test_a_platform_call_is_held_before_it_is_made_and_refused_past_the_cap():
     assert isinstance(decided, SpendDecided) and decided.approved
     assert decided.request_id == judge.event_id
     assert state.reserved() == 0.04  # the task's 0.01 and the judge's worst case
-    # A redelivered request changes nothing and decides nothing again.
-    assert state.handle(judge, clock.now(), DEFAULTS).events == []
+    # A redelivered request changes nothing and sends the same decision again.
+    assert state.handle(judge, clock.now(), DEFAULTS).events == [decided]
+    assert state.reserved() == 0.04
     # 0.05 spent + 0.04 held: another 0.02 would pass 0.10.
     rewrite = SpendRequested(
         source="improvement", run_id="r1", goal_id="g1", purpose="improvement", amount_usd=0.02
@@ -192,3 +198,217 @@ def test_a_platform_call_is_held_before_it_is_made_and_refused_past_the_cap():
     state.handle(paid, clock.now(), DEFAULTS)
     assert state.reserved() == 0.01
     assert state.spent_today(clock.now()) == 0.062
+
+
+# -- crash safety: every output is re-derivable and deterministic ----------------------
+
+
+def _at(clock: FakeClock, i: int, **fields) -> TaskRequested:
+    return _task(i).model_copy(update={"occurred_at": clock.now(), **fields})
+
+
+def test_a_replayed_task_sends_its_admission_again_with_the_same_id():
+    clock = FakeClock()
+    runs = RunStore()
+    state = _state(max_concurrent=1)
+    state.runs = runs
+    task = _at(clock, 0)
+    (first,) = state.handle(task, clock.now(), DEFAULTS).events
+    assert isinstance(first, TaskAdmitted)
+    # The service died after writing the state and before sending: a fresh instance
+    # reads the state back and the input again.
+    again = BudgetState.from_dict(state.to_dict(), runs, DEFAULTS)
+    clock.advance(5)
+    assert again.handle(task, clock.now(), DEFAULTS).events == [first]
+    # Another budget deciding the same input names the admission the same way.
+    other = _state(max_concurrent=1)
+    assert other.handle(task, clock.now(), DEFAULTS).events[0].event_id == first.event_id
+
+
+def test_a_replayed_release_sends_the_admission_it_drained_again():
+    clock = FakeClock()
+    runs = RunStore()
+    state = _state(max_concurrent=1)
+    state.runs = runs
+    state.handle(_at(clock, 0), clock.now(), DEFAULTS)
+    queued = _at(clock, 1)
+    assert state.handle(queued, clock.now(), DEFAULTS).events == []
+    assert "task 1" not in json.dumps(state.to_dict())  # the task waits outside the record
+    done = _done(0).model_copy(update={"event_id": terminal_event_id("r0")})
+    (drained,) = state.handle(done, clock.now(), DEFAULTS).events
+    assert isinstance(drained, TaskAdmitted) and drained.run_id == "r1"
+    again = BudgetState.from_dict(state.to_dict(), runs, DEFAULTS)
+    assert again.handle(done, clock.now(), DEFAULTS).events == [drained]
+    # A queued task replayed sends nothing: nothing was decided yet.
+    assert again.handle(_at(clock, 2), clock.now(), DEFAULTS).events == []
+    assert again.handle(_at(clock, 2), clock.now(), DEFAULTS).events == []
+
+
+def test_a_replayed_refusal_sends_the_same_terminal_event_again():
+    clock = FakeClock()
+    state = _state(max_concurrent=0)
+    task = _at(clock, 0)
+    out = state.handle(task, clock.now(), DEFAULTS).events
+    failed = [e for e in out if isinstance(e, WorkflowFailed)]
+    assert failed and failed[0].event_id == terminal_event_id("r0")
+    again = BudgetState.from_dict(state.to_dict(), RunStore(), DEFAULTS)
+    clock.advance(3)
+    assert again.handle(task, clock.now(), DEFAULTS).events == out
+
+
+def test_a_replayed_spawn_sends_the_same_approval_or_denial_again():
+    clock = FakeClock()
+    state = _state(max_agents=1)
+    first = SpawnRequested(source="router", goal_id="g1", run_id="r0", specialty="s0")
+    second = SpawnRequested(source="router", goal_id="g1", run_id="r1", specialty="s1")
+    (approved,) = state.handle(first, clock.now(), DEFAULTS).events
+    denied = state.handle(second, clock.now(), DEFAULTS).events
+    assert isinstance(approved, SpawnApproved) and isinstance(denied[-1], SpawnDenied)
+    # The spawner derives the agent id from the approval's id: another budget deciding
+    # the same request must name it the same.
+    assert _state().handle(first, clock.now(), DEFAULTS).events[0].event_id == approved.event_id
+    again = BudgetState.from_dict(state.to_dict(), RunStore(), DEFAULTS)
+    clock.advance(7)
+    assert again.handle(first, clock.now(), DEFAULTS).events == [approved]
+    assert again.handle(second, clock.now(), DEFAULTS).events == denied
+
+
+def test_a_replayed_spend_request_sends_the_same_decision_again():
+    clock = FakeClock()
+    state = _state(max_daily_cost=0.05)
+    ask = SpendRequested(
+        source="improvement", run_id="r1", goal_id="g1", purpose="judge", amount_usd=0.04
+    )
+    first = state.handle(ask, clock.now(), DEFAULTS).events
+    again = BudgetState.from_dict(state.to_dict(), RunStore(), DEFAULTS)
+    assert again.handle(ask, clock.now(), DEFAULTS).events == first
+
+
+# -- slots: a run that ended is never admitted again; leases drain the queue -------------
+
+
+def test_a_rerouted_task_of_a_run_that_ended_is_not_admitted_again():
+    clock = FakeClock()
+    state = _state(max_concurrent=1)
+    state.handle(_at(clock, 0), clock.now(), DEFAULTS)
+    state.handle(_done(0), clock.now(), DEFAULTS)
+    # The router replayed the request after a restart: a new task_requested id, same run.
+    assert state.handle(_at(clock, 0), clock.now(), DEFAULTS).events == []
+    assert state.in_flight == {}
+
+
+def test_an_expired_lease_frees_its_slot_and_admits_the_queue():
+    clock = FakeClock()
+    state = _state(max_concurrent=1)
+    deadline = clock.now() + timedelta(seconds=10)
+    state.handle(_at(clock, 0, deadline_at=deadline), clock.now(), DEFAULTS)
+    state.handle(_at(clock, 1), clock.now(), DEFAULTS)
+    assert list(state.in_flight) == ["r0"] and state.queue == ["r1"]
+    # r0's loader vanished; past its deadline plus the LLM timeout it cannot be running.
+    clock.advance(10 + DEFAULTS.llm_timeout_s + 31)
+    out = state.handle(_at(clock, 2), clock.now(), DEFAULTS).events
+    assert [(type(e), e.run_id) for e in out] == [(TaskAdmitted, "r1")]
+    assert list(state.in_flight) == ["r1"] and state.queue == ["r2"]
+
+
+def test_a_budget_outage_alone_expires_no_lease():
+    clock = FakeClock()
+    state = _state(max_concurrent=1)
+    sent = clock.now()
+    state.handle(_at(clock, 0, deadline_at=sent + timedelta(seconds=60)), sent, DEFAULTS)
+    # The budget was down two hours: its clock moved, the backlog's event times did not.
+    clock.advance(7200)
+    late = _at(clock, 1).model_copy(update={"occurred_at": sent + timedelta(seconds=5)})
+    assert state.handle(late, clock.now(), DEFAULTS).events == []
+    assert list(state.in_flight) == ["r0"] and state.queue == ["r1"]
+
+
+# -- daily cost is a hard cap: the worst case is held before the call --------------------
+
+
+PRICED = BudgetDefaults(
+    task_reserve_usd=0.0,
+    prices=PriceTable({"cheap": ModelPrice(0.1, 0.1)}, ModelPrice(1.0, 2.0)),
+    max_tokens=100,
+)
+
+
+def test_a_task_holds_its_worst_case_at_the_dearest_price():
+    clock = FakeClock()
+    state = _state(max_daily_cost=1.0)
+    task = _at(clock, 0, context={"lang": "en"})
+    state.handle(task, clock.now(), PRICED)
+    messages = [
+        {"content": "x" * (4 * MAX_PROMPT_CHARS)},
+        {"content": "Request context: lang=en"},
+        {"content": task.message},
+    ]
+    dearest = PriceTable({}, ModelPrice(1.0, 2.0))
+    assert state.reserved() == worst_case_usd(dearest, "cheap", messages, 100)
+
+
+def test_the_first_burst_cannot_pass_the_daily_cost_and_waits_for_holds_to_settle():
+    clock = FakeClock()
+    worst = PRICED.task_worst_case("task 0", {})
+    state = _state(max_daily_cost=worst * 1.5, max_concurrent=10)
+    out = []
+    for i in range(5):
+        out += state.handle(_at(clock, i), clock.now(), PRICED).events
+    # Nothing has cost anything yet, yet only one worst case fits: the rest wait.
+    assert [e.run_id for e in out] == ["r0"] and len(state.queue) == 4
+    paid = _cost(0, worst * 0.1, clock.now())
+    out = state.handle(paid, clock.now(), PRICED).events
+    assert [e.run_id for e in out] == ["r1"]
+    assert state.spent_today(clock.now()) + state.reserved() <= state.max_daily_cost
+
+
+def test_a_runs_hold_stays_until_its_cost_arrives_even_after_its_end():
+    clock = FakeClock()
+    worst = PRICED.task_worst_case("task 0", {})
+    state = _state(max_daily_cost=worst * 1.5, max_concurrent=10)
+    state.handle(_at(clock, 0), clock.now(), PRICED)
+    done = _done(0).model_copy(update={"cost_usd": worst})
+    state.handle(done, clock.now(), PRICED)  # the terminal event outran the cost event
+    assert state.in_flight == {} and state.reserved() == worst
+    assert state.handle(_at(clock, 1), clock.now(), PRICED).events == []  # must wait
+    out = state.handle(_cost(0, worst, clock.now()), clock.now(), PRICED).events
+    assert state.spent_today(clock.now()) == worst and state.reserved() == 0
+    # worst spent + another worst case would pass 1.5 worst: r1 can never fit today.
+    assert [type(e) for e in out] == [BudgetExceeded, WorkflowFailed]
+
+
+def test_a_degraded_answer_frees_its_hold_at_once():
+    clock = FakeClock()
+    state = _state()
+    state.handle(_at(clock, 0), clock.now(), PRICED)
+    state.handle(_done(0), clock.now(), PRICED)  # cost_usd 0: no cost is coming
+    assert state.reserved() == 0
+
+
+def test_costs_are_filed_under_the_budgets_clock_not_the_senders():
+    clock = FakeClock(datetime(2026, 3, 2, 0, 0, 10, tzinfo=UTC))
+    state = _state(max_daily_cost=1.0)
+    sent_yesterday = datetime(2026, 3, 1, 23, 59, 59, tzinfo=UTC)
+    state.handle(_cost(0, 0.995, sent_yesterday), clock.now(), DEFAULTS)
+    assert state.spent_today(clock.now()) == 0.995
+    out = state.handle(_at(clock, 1), clock.now(), DEFAULTS).events
+    assert [type(e) for e in out] == [BudgetExceeded, WorkflowFailed]
+
+
+# -- bounded records -----------------------------------------------------------------
+
+
+def test_the_goal_record_stays_small_whatever_the_input():
+    clock = FakeClock()
+    state = _state(max_concurrent=1)
+    big = "x" * 30_000
+    for i in range(3000):
+        task = _at(clock, i).model_copy(
+            update={"message": big, "context": {"blob": big}, "run_id": f"r{i}" + "z" * 300}
+        )
+        state.handle(task, clock.now(), DEFAULTS)
+        done = _done(i).model_copy(update={"run_id": f"gone{i}" + "z" * 300})
+        state.handle(done, clock.now(), DEFAULTS)
+    assert len(state.queue) == DEFAULTS.max_queue
+    size = len(json.dumps(state.to_dict()))
+    assert size < 300_000, size
