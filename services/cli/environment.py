@@ -72,6 +72,9 @@ _PROXIES = frozenset(
 GRANTS: Mapping[str, Vars] = {
     # The LLM endpoint and its key, the model settings, and the HTTP proxies to reach it.
     "llm": Vars(names=_PROXIES, prefixes=("OPENAI_", "ORCH_LLM_", "ORCH_JUDGE_")),
+    # What an LLM call may cost, without the endpoint or its key: the budget holds a
+    # call's worst case (its max_tokens and prompt at the dearest price) before it runs.
+    "prices": Vars(names=frozenset({"ORCH_LLM_PRICES", "ORCH_LLM_MAX_TOKENS", "ORCH_LLM_TIMEOUT"})),
     # The ClickHouse server (CLICKHOUSE_URL carries its password) and the client's settings.
     "clickhouse": Vars(names=_PROXIES, prefixes=("CLICKHOUSE_",)),
     # Slack's signing secret and bot token, and who may use /improve.
@@ -80,7 +83,7 @@ GRANTS: Mapping[str, Vars] = {
 
 SERVICE_GRANTS: Mapping[str, frozenset[str]] = {
     "analytics": frozenset({"clickhouse"}),
-    "budget": frozenset(),
+    "budget": frozenset({"prices"}),  # worst-case holds; never the LLM key
     "spawner": frozenset({"llm"}),  # writes a new agent's prompt
     "loader": frozenset({"llm"}),  # answers
     "router": frozenset(),
