@@ -17,7 +17,7 @@ from faust.types import AppT, Message
 from streams.codec import EventCodec, default_codec
 from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
-from streams.kafka import KafkaSettings
+from streams.kafka import KafkaSettings, dead_letter
 from streams.topics import PARTITIONS, create_compacted_topics, spec_for
 
 __all__ = ["CODEC_NAME", "EventTopic", "create_app", "event_topic", "register_codec", "start_app"]
@@ -74,12 +74,12 @@ class EventTopic(faust.Topic):
         physical = message.topic
         logical = self.settings.logical(physical) if self.settings else physical
         log.warning("dead letter from %s@%s: %s", physical, message.offset, reason)
-        dead = DeadLetter(
+        dead = dead_letter(
             source=self.source,
-            original_topic=logical,
+            topic=logical,
             partition=message.partition,
             offset=message.offset,
-            original_key=message.key if isinstance(message.key, bytes) else None,
+            key=message.key if isinstance(message.key, bytes) else None,
             payload=message.value if isinstance(message.value, bytes) else b"",
             reason=reason,
             error_type=type(cause).__name__,

@@ -36,6 +36,7 @@ __all__ = [
     "Handler",
     "KafkaSettings",
     "OffsetTracker",
+    "dead_letter",
     "failed_letter",
 ]
 
@@ -177,15 +178,50 @@ def failed_letter(
     codec: EventCodec,
 ) -> DeadLetter:
     """The dead letter of an event that decoded but that its handler failed on."""
+    return dead_letter(
+        source=source,
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        key=event.key(),
+        payload=codec.encode(event),
+        reason=f"handler failed: {type(exc).__name__}: {exc}",
+        error_type=type(exc).__name__,
+    )
+
+
+DEAD_LETTER_EXCERPT = 64 * 1024
+"""Bytes of the original record a dead letter carries; (topic, partition, offset) point
+at the whole of it. A record just under Kafka's 1 MB limit plus the letter's own fields
+would pass the limit, and the consumer would fail on it again at every restart."""
+_KEY_EXCERPT = 1024
+_REASON_CHARS = 2000
+
+
+def dead_letter(
+    *,
+    source: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    payload: bytes,
+    reason: str,
+    error_type: str,
+) -> DeadLetter:
+    """A dead letter of bounded size: an excerpt of the record and where the whole one is."""
+    if len(payload) > DEAD_LETTER_EXCERPT:
+        cut = f"payload cut to {DEAD_LETTER_EXCERPT} of {len(payload)} bytes"
+        reason = f"{reason[:_REASON_CHARS]} ({cut})"
     return DeadLetter(
         source=source,
         original_topic=topic,
         partition=partition,
         offset=offset,
-        original_key=event.key(),
-        payload=codec.encode(event),
-        reason=f"handler failed: {type(exc).__name__}: {exc}"[:2000],
-        error_type=type(exc).__name__,
+        original_key=None if key is None else key[:_KEY_EXCERPT],
+        payload=payload[:DEAD_LETTER_EXCERPT],
+        reason=reason[: _REASON_CHARS + 80],
+        error_type=error_type[:200],
     )
 
 
@@ -388,12 +424,12 @@ class EventConsumer(AsyncLifecycle):
             return
         value = record.value if isinstance(record.value, bytes) else b""
         await self._producer.send(
-            DeadLetter(
+            dead_letter(
                 source=self.source,
-                original_topic=self.settings.logical(record.topic),
+                topic=self.settings.logical(record.topic),
                 partition=record.partition,
                 offset=record.offset,
-                original_key=record.key,
+                key=record.key,
                 payload=value,
                 reason=err.reason,
                 error_type=type(err).__name__,
