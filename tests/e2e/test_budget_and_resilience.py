@@ -8,11 +8,13 @@ import uuid
 
 import pytest
 
+from services.budget.state import BudgetDefaults
 from services.budget.view import read_budget
 from streams.client import OrchestratorClient
 from streams.clock import OffsetFileClock
 from streams.errors import BudgetExceededError
 from streams.events import AgentRetired, DeadLetter, LlmCallCompleted
+from streams.llm import PriceTable
 
 pytestmark = pytest.mark.e2e
 
@@ -174,9 +176,14 @@ async def test_loader_killed_mid_request_still_ends_in_exactly_one_terminal_even
 
 async def test_daily_cost_stops_a_goal_and_the_next_utc_day_reopens_it(platform, client):
     goal = "g-daily"
-    await _set_budget(platform, client, goal, max_daily_cost=0.08)
+    # Each task holds its worst case (512 tokens and the prompt bound at the platform's
+    # dear price) until its cost is known: the cap leaves room for that plus a few answers.
+    prices = PriceTable.from_json(platform.env["ORCH_LLM_PRICES"])
+    worst = BudgetDefaults(prices=prices).task_worst_case("Write a short poem number 10", {})
+    cap = round(worst + 0.08, 6)
+    await _set_budget(platform, client, goal, max_daily_cost=cap)
     stopped = None
-    for i in range(12):
+    for i in range(40):
         try:
             await client.ask(f"Write a short poem number {i}", goal_id=goal, user_id="u1")
         except BudgetExceededError as exc:
@@ -184,7 +191,8 @@ async def test_daily_cost_stops_a_goal_and_the_next_utc_day_reopens_it(platform,
             break
     assert stopped is not None and stopped.limit == "max_daily_cost"
     view = await read_budget(platform.settings, goal)
-    assert view["spent_today"] <= 0.08
+    # Never more than the cap, and what was admitted could never have passed it.
+    assert view["spent_today"] + worst + 0.02 > cap >= view["spent_today"] + view["held"]
     platform.move_clock(86400)
     try:
         await asyncio.sleep(0.5)
