@@ -150,6 +150,8 @@ def _answer_headers(answer: Answer) -> dict[str, str]:
         "x-orchestrator-specialty": answer.specialty,
         "x-orchestrator-tier": answer.degradation_tier,
         "x-orchestrator-cost-usd": f"{answer.cost_usd:.6f}",
+        # From sending the request to Kafka to reading its answer: the platform's part.
+        "x-orchestrator-latency-ms": f"{answer.latency_ms:.1f}",
     }
 
 
@@ -175,6 +177,9 @@ class GatewayApp:
         self._idle = asyncio.Event()
         self._idle.set()
         self._abort = asyncio.Event()
+        # Called when a stop begins: closes the server's connections once their requests end,
+        # so no client sends on a kept-alive connection that is about to go.
+        self.on_drain: Callable[[], None] | None = None
 
     # -- admission and stop --------------------------------------------------------
 
@@ -209,6 +214,9 @@ class GatewayApp:
         """Refuse new requests, let those in flight finish for ``grace`` s, then answer the
         rest with 503; returns how many were still in flight at the deadline."""
         self.draining = True
+        log.info("gateway stopping: %d requests in flight", self.in_flight)
+        if self.on_drain is not None:
+            self.on_drain()
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
             return 0

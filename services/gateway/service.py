@@ -108,6 +108,12 @@ class PlatformBackend:
         return self.clock.now()
 
 
+def _close_connections(runner: web.AppRunner) -> None:
+    # Each connection closes once its request is answered; idle ones close now.
+    for connection in runner.server.connections if runner.server is not None else []:
+        connection.close()
+
+
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     config = GatewayConfig.from_env()
     client = OrchestratorClient(ctx.settings, source=SOURCE, clock=ctx.clock)
@@ -121,7 +127,20 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         limits=config.limits,
     )
     runner = web.AppRunner(build_app(gateway), access_log=None, shutdown_timeout=1.0)
-    url_file: Path | None = None
+    url_file: list[Path] = []
+
+    async def close() -> None:
+        left = await gateway.drain(config.drain_s)
+        if left:
+            log.warning("gateway stopped with %d requests unanswered (503 sent)", left)
+        for path in url_file:
+            path.unlink(missing_ok=True)
+        await runner.cleanup()
+        await runs.stop()
+        await keys.stop()
+        await client.close()
+        log.info("gateway stopped")
+
     try:
         await client.start()
         await keys.start()
@@ -130,20 +149,19 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         await runner.setup()
         site = web.TCPSite(runner, config.host, config.port, backlog=1024)
         await site.start()
+        gateway.on_drain = lambda: _close_connections(runner)
         port = int(runner.addresses[0][1])  # the real one when asked for port 0
         url = f"http://{config.host}:{port}/v1"
-        url_file = announce_url(SOURCE, url, port)
+        url_file.append(announce_url(SOURCE, url, port))
         log.info("gateway serving OpenAI-compatible API on %s", url)
         await stop.wait()
     finally:
-        # SIGTERM cancels this task; the drain below still runs (within the service's stop).
-        left = await gateway.drain(config.drain_s)
-        if left:
-            log.warning("gateway stopped with %d requests unanswered (503 sent)", left)
-        if url_file is not None:
-            url_file.unlink(missing_ok=True)
-        await runner.cleanup()
-        await runs.stop()
-        await keys.stop()
-        await client.close()
-        log.info("gateway stopped")
+        # The service's stop cancels this task as soon as stop is set: the drain goes on
+        # through that first cancellation (it is bounded by ORCH_GATEWAY_DRAIN_SECONDS, under
+        # the 10 s a stopping service gets); a second one ends it.
+        closing = asyncio.ensure_future(close())
+        try:
+            await asyncio.shield(closing)
+        except asyncio.CancelledError:
+            await closing
+            raise
