@@ -736,3 +736,40 @@ def learning_command(
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
         print_report(result)
+
+
+@bench_app.command("chaos")
+def chaos_command(
+    minutes: Annotated[float, typer.Option("--minutes", min=0.1, help="Traffic time.")] = 3.0,
+    seed: Annotated[int, typer.Option("--seed", help="Fault schedule and LLM weather.")] = 1,
+    rate: Annotated[float, typer.Option("--rate", min=0.1, help="Requests per second.")] = 3.0,
+    faults_per_target: Annotated[
+        int, typer.Option("--faults-per-target", min=0, help="0: max(2, minutes / 2).")
+    ] = 0,
+    settle: Annotated[float, typer.Option("--settle", help="Seconds to wait for outcomes.")] = 90.0,
+    broker_faults: Annotated[
+        bool | None,
+        typer.Option(
+            "--broker-faults/--no-broker-faults",
+            help="Kill and pause the broker too (default: yes, on the bench's own broker).",
+        ),
+    ] = None,
+    shared_broker: Annotated[
+        bool, typer.Option("--shared-broker", help="Use the shared broker; no broker faults.")
+    ] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the Kafka and ClickHouse data.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")] = False,
+) -> None:
+    """Invariants 1-3 under kills, pauses and broker outages (runs bench/chaos.py)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # bench/ lives beside the installed packages
+    from bench.chaos import main as chaos_main
+
+    argv = [f"--minutes={minutes}", f"--seed={seed}", f"--rate={rate}", f"--settle={settle}"]
+    argv.append(f"--faults-per-target={faults_per_target}")
+    if broker_faults is not None:
+        argv.append("--broker-faults" if broker_faults else "--no-broker-faults")
+    argv += ["--shared-broker"] * shared_broker + ["--keep"] * keep + ["--json"] * as_json
+    raise typer.Exit(chaos_main(argv))
