@@ -156,3 +156,18 @@ async def test_unknown_routes_and_methods_answer_in_openai_shape(setup) -> None:
     assert response.status == 405 and "error" in await response.json()
     response = await http.get("/v1/nothing", headers=AUTH)
     assert response.status == 404 and (await response.json())["error"]["type"] == "not_found"
+
+
+async def test_status_lists_the_gateways_that_answer(setup, tmp_path, monkeypatch) -> None:
+    from services.cli.status import PlatformStatus, ServiceStatus, _fill_http
+    from streams.service import announce_url
+
+    _, _, http = setup
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    live = f"http://127.0.0.1:{http.port}/v1"
+    announce_url("gateway", live, http.port)
+    announce_url("gateway", "http://127.0.0.1:9/v1", 9)  # a file left by a dead instance
+    status = PlatformStatus("kafka:9092", True, [ServiceStatus("gateway", True, "g")])
+    await asyncio.to_thread(_fill_http, status)
+    assert status.gateway_urls == [live] and status.services[0].instances == 1
+    assert status.services[0].state == "running"
