@@ -22,6 +22,7 @@ from aiokafka import (
     ConsumerRecord,
     TopicPartition,
 )
+from aiokafka.errors import KafkaError
 
 from streams.codec import EventCodec, default_codec
 from streams.config import env_int
@@ -158,6 +159,25 @@ class EventProducer(AsyncLifecycle):
         ]
         if futures:
             await asyncio.gather(*futures)
+
+    async def deliver(self, events: Iterable[Event], *, what: str = "events") -> None:
+        """Send until the broker has every one of ``events``, however long that takes.
+
+        For what a request's outcome depends on (its terminal event, its cost): the
+        handler does not finish, so its offset is not committed, until the broker has
+        them; if the process dies first, the next owner replays the record and sends
+        the same (deterministic) ids again. Only cancellation stops the retries.
+        """
+        pending = list(events)
+        delay = 0.2
+        while pending:
+            try:
+                await self.send_many(pending)
+                return
+            except (KafkaError, OSError) as exc:
+                log.warning("%s not acknowledged (%s); retrying in %.1f s", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
         """Bytes as they are: for tests and tools that must write what a codec would refuse."""

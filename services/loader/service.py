@@ -23,6 +23,7 @@ from services.loader.tiers import keyword_answer, static_answer
 from services.loader.versions import Served, WorkflowVersions
 from streams.clock import Clock
 from streams.config import env_float, env_int
+from streams.ended import EndedRuns, follow_recent
 from streams.events import (
     AgentEvicted,
     AgentLoaded,
@@ -100,7 +101,9 @@ class Loader:
             ctx.clock, cooldown=env_float("ORCH_LLM_BREAKER_COOLDOWN_SECONDS", 15.0, minimum=0)
         )
         self._finished: OrderedDict[str, None] = OrderedDict()
-        self._acks: dict[str, list[asyncio.Future[Any]]] = {}  # run_id -> unacknowledged sends
+        # run_id -> cost events sent without waiting, and their acknowledgements
+        self._acks: dict[str, list[tuple[LlmCallCompleted, asyncio.Future[Any]]]] = {}
+        self.ended = EndedRuns(ctx.clock)
         self._partitions = spec_for(TaskAdmitted.topic).partitions
         self.owned_partitions: set[int] | None = None  # None: all (no group yet)
 
@@ -155,8 +158,10 @@ class Loader:
     async def handle(self, event: Event, delivery: Delivery | None = None) -> None:
         if not isinstance(event, TaskAdmitted):
             return
-        if event.run_id in self._finished:
-            return  # this loader already answered it; a redelivery changes nothing
+        if event.run_id in self._finished or self.ended.has(event.run_id):
+            # Answered already, here or by an earlier owner of this agent's partition
+            # (a replay after a crash or a rebalance): no second LLM call, no second answer.
+            return
         try:
             terminal = await self._run(event)
         except Exception as exc:  # an answer must come even when this code has a bug
@@ -167,12 +172,22 @@ class Loader:
         # The LLM call's cost event went out before the answer without waiting for the
         # broker; both are acknowledged before the task counts as done (at least once).
         pending = self._acks.pop(event.run_id, [])
-        await self.ctx.producer.send(terminal)
+        if self.ended.has(event.run_id):
+            # Another owner answered it while this one worked (it was paused, or lost the
+            # partition): its answer stands; the cost of this call is still counted.
+            log.warning(
+                "run %s was answered elsewhere meanwhile; this answer is dropped", event.run_id
+            )
+        else:
+            await self.ctx.producer.deliver([terminal], what=f"the answer of run {event.run_id}")
         self._finished[event.run_id] = None
         if len(self._finished) > 50_000:
             self._finished.popitem(last=False)
-        if pending:
-            await asyncio.gather(*pending)
+        for cost, ack in pending:
+            try:
+                await ack
+            except Exception:  # not acknowledged: send it again (same id) until it is
+                await self.ctx.producer.deliver([cost], what=f"the cost of run {event.run_id}")
 
     def _latency(self, task: TaskAdmitted) -> float:
         if task.requested_at is None:
@@ -317,25 +332,24 @@ class Loader:
                 )
             )
             raise
-        ack = await self.ctx.producer.enqueue(
-            LlmCallCompleted(
-                event_id=str(uuid.uuid5(_NS, f"{task.run_id}:llm:{int(legacy)}")),
-                source=SOURCE,
-                run_id=task.run_id,
-                goal_id=task.goal_id,
-                user_id=task.user_id,
-                agent_id=task.agent_id,
-                model=done.model,
-                purpose="answer",
-                prompt_tokens=done.prompt_tokens,
-                completion_tokens=done.completion_tokens,
-                cost_usd=done.cost_usd,
-                latency_ms=done.latency_ms,
-                ok=True,
-                occurred_at=self.ctx.clock.now(),
-            )
+        cost = LlmCallCompleted(
+            event_id=str(uuid.uuid5(_NS, f"{task.run_id}:llm:{int(legacy)}")),
+            source=SOURCE,
+            run_id=task.run_id,
+            goal_id=task.goal_id,
+            user_id=task.user_id,
+            agent_id=task.agent_id,
+            model=done.model,
+            purpose="answer",
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            cost_usd=done.cost_usd,
+            latency_ms=done.latency_ms,
+            ok=True,
+            occurred_at=self.ctx.clock.now(),
         )
-        self._acks.setdefault(task.run_id, []).append(ack)
+        ack = await self.ctx.producer.enqueue(cost)
+        self._acks.setdefault(task.run_id, []).append((cost, ack))
         meta = dict(done.meta)
         if not legacy:
             meta["workflow_version"] = str(served.version)
@@ -409,12 +423,27 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         session_timeout_ms=6000,
         heartbeat_interval_ms=500,
     )
+    # A rebalance waits for running tasks to end (a task's LLM call is bounded by the
+    # LLM deadline), so the partition's next owner never runs a task this one still runs.
+    tasks.drain_s = settings.timeout_s + 10.0
     await registry.start()
     ready = asyncio.Event()
     follower = asyncio.create_task(registry.follow(loader.learn, ready))
+    ended_ready = asyncio.Event()
+    ended = asyncio.create_task(
+        follow_recent(
+            ctx.settings,
+            loader.ended,
+            ended_ready,
+            window_s=env_float("ORCH_ENDED_WINDOW_SECONDS", 3600.0, minimum=0),
+            source=SOURCE,
+        )
+    )
     sweeper: asyncio.Task[None] | None = None
     try:
         await asyncio.wait_for(ready.wait(), 120)
+        # What an earlier owner already answered is known before any task is taken.
+        await asyncio.wait_for(ended_ready.wait(), 120)
         await tasks.start()
         loader.owned_partitions = set()
 
@@ -436,6 +465,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         if sweeper is not None:
             sweeper.cancel()
         follower.cancel()
+        ended.cancel()
         await registry.stop()
         if llm is not None:
             await llm.aclose()

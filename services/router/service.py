@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from services.router.automations import AutomationHit, Automations
 from services.router.policy import Features, Policy, features_of, make_policy
 from services.router.scoring import OutcomeStats, Weights, score_agent
 from streams.config import env_float
+from streams.ended import EndedRuns
 from streams.events import (
     AgentRetired,
     AgentSpawned,
@@ -33,6 +35,7 @@ from streams.events import (
     WorkflowAssessed,
     WorkflowCompleted,
     WorkflowFailed,
+    terminal_event_id,
 )
 from streams.kafka import Delivery, EventConsumer
 from streams.registry import AgentRecord, RegistryView
@@ -44,6 +47,14 @@ __all__ = ["Router", "main"]
 
 log = logging.getLogger(__name__)
 SOURCE = "router"
+_NS = uuid.UUID("c2d9e4f1-7a3b-4c5d-8e6f-a1b2c3d4e5f6")
+
+
+def _id(run_id: str, what: str) -> str:
+    """An id derived from the run: a request routed again after a crash sends the same ids."""
+    return str(uuid.uuid5(_NS, f"{run_id}:{what}"))
+
+
 KNOWLEDGE_TOPICS = (
     RouteDecided.topic,
     AutomationCreated.topic,
@@ -72,6 +83,7 @@ class Router:
         self, ctx: ServiceContext, weights: Weights | None = None, policy: Policy | None = None
     ) -> None:
         self.ctx = ctx
+        self.ended = EndedRuns(ctx.clock)
         self.weights = weights or Weights.from_env()
         self.policy = policy or make_policy()
         arms = os.environ.get("ORCH_ROUTER_ARMS", "")
@@ -90,6 +102,7 @@ class Router:
 
     # -- knowledge -----------------------------------------------------------
     def learn(self, event: Event) -> None:
+        self.ended.apply(event)
         record = self.registry.apply(event)
         self.automations.learn(event)
         if isinstance(event, RouteDecided):
@@ -180,6 +193,7 @@ class Router:
         ]
         best = max(scored, key=lambda s: s[0], default=None)
         decision = RouteDecided(
+            event_id=_id(request.run_id, "route"),
             source=SOURCE,
             run_id=request.run_id,
             goal_id=request.goal_id,
@@ -211,6 +225,7 @@ class Router:
         if request.occurred_at is not None:
             latency = (self.ctx.clock.now() - request.occurred_at).total_seconds() * 1000.0
         return WorkflowCompleted(
+            event_id=terminal_event_id(request.run_id),
             source=SOURCE,
             run_id=request.run_id,
             goal_id=request.goal_id,
@@ -231,6 +246,7 @@ class Router:
         st.in_flight += 1
         self._dispatched[request.run_id] = agent.agent_id
         return TaskRequested(
+            event_id=_id(request.run_id, "task"),
             source=SOURCE,
             run_id=request.run_id,
             goal_id=request.goal_id,
@@ -253,6 +269,7 @@ class Router:
         specialty: str | None = None,
     ) -> WorkflowFailed:
         return WorkflowFailed(
+            event_id=terminal_event_id(request.run_id),
             source=SOURCE,
             run_id=request.run_id,
             goal_id=request.goal_id,
@@ -267,27 +284,36 @@ class Router:
     async def handle(self, event: Event, delivery: Delivery) -> None:
         if not isinstance(event, RequestReceived):
             return
+        if self.ended.has(event.run_id):
+            return  # routed and answered before a restart or rebalance: nothing to do again
         try:
             await self._route(event)
         except Exception as exc:
             # The request still ends, and says why; the consumer dead-letters the event.
-            await self.ctx.producer.send(
+            await self._end(
                 self._failed(event, "internal", f"routing failed: {type(exc).__name__}: {exc}")
             )
             raise
+
+    async def _end(self, terminal: Event, *others: Event) -> None:
+        """Send a run's terminal event (and what goes with it) until the broker has it."""
+        await self.ctx.producer.deliver(
+            [*others, terminal], what=f"the end of run {terminal.run_id}"
+        )
 
     async def _route(self, event: RequestReceived) -> None:
         producer = self.ctx.producer
         now = self.ctx.clock.now()
         if event.deadline_at is not None and event.deadline_at <= now:
-            await producer.send(self._failed(event, "timeout", "deadline passed before routing"))
+            await self._end(self._failed(event, "timeout", "deadline passed before routing"))
             return
         specialty, agent, decision, hit = self.choose(event)
         if hit is not None and hit.cached is not None:
-            await producer.send_many([decision, self._from_cache(event, hit)])
+            await self._end(self._from_cache(event, hit), decision)
             return
         if agent is not None:
-            await producer.send_many([self._task(event, agent), decision])
+            # The task is what the run's outcome depends on: it must reach the budget.
+            await producer.deliver([self._task(event, agent), decision], what="a task")
             return
         key = (event.goal_id, specialty)
         waiter = _Waiter(event)
@@ -295,6 +321,7 @@ class Router:
         self._waiting[key].append(waiter)
         if first:
             spawn = SpawnRequested(
+                event_id=_id(event.run_id, "spawn"),
                 source=SOURCE,
                 goal_id=event.goal_id,
                 run_id=event.run_id,
@@ -312,7 +339,7 @@ class Router:
         except TimeoutError:
             if waiter in self._waiting.get(key, []):
                 self._waiting[key].remove(waiter)
-            await producer.send(
+            await self._end(
                 self._failed(
                     event,
                     "no_agent",
@@ -322,7 +349,7 @@ class Router:
             )
             return
         if isinstance(outcome, SpawnDenied):
-            await producer.send(
+            await self._end(
                 self._failed(
                     event,
                     "budget_exceeded",
@@ -332,7 +359,7 @@ class Router:
                 )
             )
             return
-        await producer.send(self._task(event, outcome))
+        await producer.deliver([self._task(event, outcome)], what="a task")
 
 
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:

@@ -8,7 +8,13 @@ import pytest
 
 from services.router.service import Router
 from streams.clock import FakeClock
-from streams.events import Event, RequestReceived, WorkflowFailed
+from streams.events import (
+    Event,
+    RequestReceived,
+    WorkflowCompleted,
+    WorkflowFailed,
+    terminal_event_id,
+)
 
 
 class _Recorder:
@@ -19,6 +25,9 @@ class _Recorder:
         self.sent.append(event)
 
     async def send_many(self, events: list[Event]) -> None:
+        self.sent.extend(events)
+
+    async def deliver(self, events: list[Event], *, what: str = "") -> None:
         self.sent.extend(events)
 
 
@@ -39,3 +48,20 @@ async def test_a_routing_bug_ends_the_request_as_an_internal_failure_and_is_rais
     assert isinstance(failed, WorkflowFailed)
     assert failed.run_id == "r1" and failed.reason == "internal"
     assert "KeyError" in failed.detail
+    assert failed.event_id == terminal_event_id("r1")  # a replay sends the same outcome
+
+
+async def test_a_request_that_already_ended_is_not_routed_again():
+    producer = _Recorder()
+    router = Router(SimpleNamespace(producer=producer, clock=FakeClock()))  # type: ignore[arg-type]
+    request = RequestReceived(
+        source="test", run_id="r1", goal_id="g1", user_id="u1", message="hello"
+    )
+    # Replayed after a restart: its answer is already in the log the router folded.
+    router.learn(
+        WorkflowCompleted(
+            source="loader", run_id="r1", goal_id="g1", specialty="general", text="hi"
+        )
+    )
+    await router.handle(request, None)  # type: ignore[arg-type]
+    assert producer.sent == []

@@ -1,0 +1,81 @@
+"""Which runs already have their terminal event: the record a service consults before it acts.
+
+A task replayed after a crash or a rebalance must not be answered (or paid for) a
+second time. Services that act on runs keep an :class:`EndedRuns` fed from the
+terminal topics (``workflow_completed``, ``workflow_failed``), read outside any
+group from a recent point in time (:func:`follow_recent`), so a restarted instance
+knows what its predecessor finished before it takes any work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from datetime import timedelta
+
+from aiokafka import TopicPartition
+
+from streams.clock import Clock
+from streams.events import Event, WorkflowCompleted, WorkflowFailed
+from streams.kafka import EventConsumer, KafkaSettings
+
+__all__ = ["TERMINAL_TOPICS", "EndedRuns", "follow_recent"]
+
+log = logging.getLogger(__name__)
+TERMINAL_TOPICS = (WorkflowCompleted.topic, WorkflowFailed.topic)
+
+
+class EndedRuns:
+    """Run ids with a terminal event, the newest ``limit`` of them."""
+
+    def __init__(self, clock: Clock, limit: int = 500_000) -> None:
+        self.clock = clock
+        self._runs: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, WorkflowCompleted | WorkflowFailed):
+            self.add(event.run_id)
+
+    def add(self, run_id: str) -> None:
+        self._runs[run_id] = None
+        self._runs.move_to_end(run_id)
+        if len(self._runs) > self._limit:
+            self._runs.popitem(last=False)
+
+    def has(self, run_id: str) -> bool:
+        return run_id in self._runs
+
+
+async def follow_recent(
+    settings: KafkaSettings,
+    ended: EndedRuns,
+    ready: asyncio.Event,
+    *,
+    window_s: float,
+    source: str,
+) -> None:
+    """Fold the terminal topics from ``window_s`` ago into ``ended`` forever.
+
+    ``ready`` is set once what was on the topics at the start has been read.
+    Records older than the window are not read: a run admitted that long ago is
+    past any deadline.
+    """
+    consumer = EventConsumer(settings, TERMINAL_TOPICS, group_id=None, source=source)
+    await consumer.start()
+    try:
+        raw = consumer.raw
+        parts: list[TopicPartition] = list(raw.assignment())
+        since = int((ended.clock.now() - timedelta(seconds=window_s)).timestamp() * 1000)
+        found = await raw.offsets_for_times(dict.fromkeys(parts, since))
+        ends = await raw.end_offsets(parts)
+        for tp in parts:
+            at = found.get(tp)
+            raw.seek(tp, at.offset if at is not None else ends[tp])
+        await consumer.follow(ended.apply, ready)
+    finally:
+        await consumer.stop()

@@ -1,0 +1,104 @@
+"""A loader that takes over tasks an earlier owner already answered calls no LLM and answers
+nothing twice: the state a SIGKILL leaves (answer on Kafka, offset not committed), on the real
+broker with a real HTTP LLM endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from services.loader.service import main as loader_main
+from streams.clock import SystemClock
+from streams.events import (
+    AgentSpawned,
+    TaskAdmitted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    terminal_event_id,
+)
+from streams.fake_openai import FakeOpenAIServer
+from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+from streams.service import run_service
+
+pytestmark = pytest.mark.broker
+
+
+def _task(run_id: str) -> TaskAdmitted:
+    now = datetime.now(UTC)
+    return TaskAdmitted(
+        source="budget",
+        run_id=run_id,
+        goal_id="g1",
+        user_id="u1",
+        agent_id="code_replay1",
+        specialty="code",
+        message=f"question of {run_id}",
+        requested_at=now,
+        deadline_at=now + timedelta(seconds=60),
+    )
+
+
+async def test_a_replayed_task_that_was_answered_is_not_answered_or_paid_again(
+    settings: KafkaSettings, monkeypatch: pytest.MonkeyPatch
+):
+    llm = FakeOpenAIServer(port=0).start_in_thread()
+    monkeypatch.setenv("OPENAI_BASE_URL", llm.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    answered, fresh = _task("r-answered"), _task("r-fresh")
+    earlier = WorkflowCompleted(
+        event_id=terminal_event_id("r-answered"),
+        source="loader",
+        run_id="r-answered",
+        goal_id="g1",
+        agent_id="code_replay1",
+        specialty="code",
+        text="the earlier owner's answer",
+    )
+    async with EventProducer(settings) as producer:
+        await producer.send(
+            AgentSpawned(
+                source="spawner",
+                goal_id="g1",
+                agent_id="code_replay1",
+                specialty="code",
+                system_prompt="You are a coder.",
+                temperature=0.2,
+            )
+        )
+        # What a loader killed after answering and before committing leaves behind.
+        await producer.send_many([answered, earlier, fresh])
+    watcher = EventConsumer(
+        settings, [WorkflowCompleted.topic, WorkflowFailed.topic], group_id=None, source="t"
+    )
+    await watcher.start()
+    stop = asyncio.Event()
+    service = asyncio.create_task(
+        run_service("loader", loader_main, settings=settings, clock=SystemClock(), stop=stop)
+    )
+    seen: list[WorkflowCompleted | WorkflowFailed] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 40
+        while not any(e.run_id == "r-fresh" for e in seen):
+            assert loop.time() < deadline, f"no answer for the fresh task; saw {seen}"
+            assert not service.done(), service
+            async for batch in watcher.batches(timeout_ms=200, idle=True):
+                seen.extend(d.event for d in batch)  # type: ignore[misc]
+                break
+        await asyncio.sleep(1.0)  # time for a second answer to show up, if there were one
+        async for batch in watcher.batches(timeout_ms=500, idle=True):
+            seen.extend(d.event for d in batch)  # type: ignore[misc]
+            break
+    finally:
+        stop.set()
+        await asyncio.wait_for(service, 60)
+        await watcher.stop()
+        llm.stop()
+    by_run = {run: [e for e in seen if e.run_id == run] for run in ("r-answered", "r-fresh")}
+    assert [e.text for e in by_run["r-answered"]] == ["the earlier owner's answer"]  # type: ignore[union-attr]
+    assert len(by_run["r-fresh"]) == 1 and by_run["r-fresh"][0].event_id == terminal_event_id(
+        "r-fresh"
+    )
+    assert llm.requests == 1  # only the fresh task was sent to the LLM
