@@ -1,16 +1,16 @@
 -- The full event log: one row per event, deduplicated by event_id.
 -- Applied at every sink start; every statement is idempotent.
 --
--- Deduplication: ReplacingMergeTree collapses rows with equal sorting keys. The key
--- (event_type, occurred_at, event_key) starts with the filters every metric uses and
--- still identifies an event, because an event is immutable: a redelivered event has
--- the same type and time, and event_key is a 128-bit hash of its event_id (FINAL reads
--- 16 fixed bytes per row instead of a 36-character id; a collision would need two
--- events of one type in one millisecond whose ids share 128 bits of hash).
--- Events arrive roughly in time order, so the parts of successive inserts cover
--- nearly disjoint key ranges and FINAL has little left to merge. Until a merge runs,
--- duplicates exist on disk; queries that must count each event once read
--- `events FINAL` (or the views of 002_metrics.sql).
+-- Deduplication: ReplacingMergeTree collapses rows with equal sorting keys within a
+-- partition. The key (event_type, event_key) identifies an event whatever its
+-- occurred_at: an event re-created by a replay (after a crash, the same event id sent
+-- again with a later time) is the same row. event_key is a 128-bit hash of the
+-- event_id (FINAL reads 16 fixed bytes per row instead of a 36-character id). There
+-- is no partitioning by time for the same reason: two copies of one event in two
+-- months' partitions would never be merged. Until a merge runs, duplicates exist on
+-- disk; queries that must count each event once read `events FINAL` (or the views of
+-- 002_metrics.sql). A table made with the earlier key (event_type, occurred_at,
+-- event_key) is moved to this one when the sink starts (services/analytics/store.py).
 --
 -- Typed columns: each one takes the event's field of the same name when the event
 -- type has one (see services/analytics/_ingest.py). Add a column here and every
@@ -49,5 +49,4 @@ CREATE TABLE IF NOT EXISTS events
     CONSTRAINT score_in_range CHECK score IS NULL OR (score >= 1 AND score <= 5)
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
-ORDER BY (event_type, occurred_at, event_key);
+ORDER BY (event_type, event_key);

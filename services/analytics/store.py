@@ -370,12 +370,34 @@ class ClickHouseStore:
         from clickhouse_connect.driver.exceptions import DatabaseError
 
         writer = self._client(readonly=False)
+        moved = self._set_aside_old_table(writer)
         for statement in ddl_statements(self._ddl_dir):
             try:
                 writer.command(statement)
             except DatabaseError as exc:
                 raise StoreError(f"schema statement failed: {exc}\n{statement}") from exc
         self._columns = self._load_columns(writer)
+        if moved:
+            names = ", ".join(c.name for c in [*self._columns, _ingest.Column("payload", "")])
+            writer.command(f"INSERT INTO {TABLE} ({names}) SELECT {names} FROM {moved}")
+            writer.command(f"DROP TABLE {moved}")
+
+    def _set_aside_old_table(self, client: Client) -> str | None:
+        """Rename an event table made with an earlier sorting key; its rows move after DDL.
+
+        The key decides what deduplicates, so a table whose key still holds
+        occurred_at would count a re-created event twice.
+        """
+        found = client.query(
+            "SELECT sorting_key FROM system.tables WHERE database = currentDatabase()"
+            f" AND name = '{TABLE}'"
+        ).result_rows
+        if not found or str(found[0][0]).replace(" ", "") == "event_type,event_key":
+            return None
+        old = f"{TABLE}_before_key_change"
+        client.command(f"DROP TABLE IF EXISTS {old}")
+        client.command(f"RENAME TABLE {TABLE} TO {old}")
+        return old
 
     def _load_columns(self, client: Client) -> list[_ingest.Column]:
         result = client.query(

@@ -359,6 +359,8 @@ def _print_status(result: PlatformStatus) -> None:
         _out.print(f"local supervisor pid {result.supervisor_pid}")
     if result.llm_url:
         _out.print(f"fake LLM: {result.llm_url}")
+    for url in result.gateway_urls:
+        _out.print(f"OpenAI-compatible gateway: {url}/v1")
 
 
 @app.command()

@@ -31,7 +31,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from services.analytics.metrics import compute_metrics
 from services.analytics.query_server import RemoteQueries, query_rows, query_server_file, query_sql
 from services.analytics.sink import SinkConfig, SinkStats, run_sink
-from services.analytics.store import ClickHouseStore, MemoryEventStore
+from services.analytics.store import DDL_DIR, ClickHouseStore, MemoryEventStore
 from streams import events as ev
 from streams.clock import SystemClock
 from streams.codec import default_codec
@@ -40,7 +40,7 @@ from streams.kafka import EventProducer, KafkaSettings
 from streams.service import ServiceContext, group_id
 from streams.topics import CATALOG, create_topics
 from tests.samples import sample_event
-from tests.unit.test_analytics_store import ANCIENT, EventStoreContract, encoded
+from tests.unit.test_analytics_store import ANCIENT, EventStoreContract, encoded, mixed
 
 pytestmark = pytest.mark.broker
 
@@ -596,6 +596,40 @@ class TestClickHouseStore(EventStoreContract):
         store.apply_schema()
         yield store
         store.close()
+
+    def test_a_table_with_the_earlier_key_is_moved_with_its_rows(
+        self, engine: Path, tmp_path: Path
+    ) -> None:
+        # The table as the sink made it before deduplication ignored occurred_at.
+        old_ddl = tmp_path / "ddl"
+        old_ddl.mkdir()
+        for path in DDL_DIR.glob("*.sql"):
+            text = path.read_text(encoding="utf-8").replace(
+                "ENGINE = ReplacingMergeTree\nORDER BY (event_type, event_key);",
+                "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM(occurred_at)\n"
+                "ORDER BY (event_type, occurred_at, event_key);",
+            )
+            (old_ddl / path.name).write_text(text, encoding="utf-8")
+        database = f"t_{uuid.uuid4().hex[:8]}"
+        old = ClickHouseStore(path=engine, database=database, ddl_dir=old_ddl)
+        old.apply_schema()
+        events = mixed(12)
+        old.insert([encoded(e) for e in events])
+        old.close()
+        store = ClickHouseStore(path=engine, database=database)
+        try:
+            store.apply_schema()
+            key = store.query(
+                "SELECT sorting_key FROM system.tables"
+                " WHERE database = currentDatabase() AND name = 'events'"
+            )
+            assert key.rows == [("event_type, event_key",)]
+            assert store.count() == 12
+            later = events[0].model_copy(update={"occurred_at": datetime.now(UTC)})
+            store.insert([encoded(later)])
+            assert store.count() == 12
+        finally:
+            store.close()
 
     def test_reads_refuse_writes_with_clickhouses_error(self, store: ClickHouseStore) -> None:
         store.insert([encoded(e) for e in [sample_event(ev.WorkflowCompleted)]])

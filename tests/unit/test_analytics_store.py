@@ -74,6 +74,17 @@ class EventStoreContract:
         store.apply_schema()
         assert store.count() == 3
 
+    def test_an_event_sent_again_later_counts_once(self, store: EventStore) -> None:
+        # A replay re-creates an event with the same id and a later time (a crash
+        # between sending and committing): it is still one event.
+        first = sample_event(
+            ev.WorkflowCompleted, occurred_at=datetime(2026, 11, 30, 23, 59, tzinfo=UTC)
+        )
+        again = first.model_copy(update={"occurred_at": datetime(2026, 12, 1, 0, 1, tzinfo=UTC)})
+        store.insert([encoded(first)])
+        store.insert([encoded(again)])
+        assert store.count() == 1
+
     def test_empty_insert_is_a_no_op(self, store: EventStore) -> None:
         assert store.insert([]) == []
         assert store.count() == 0
