@@ -1013,6 +1013,13 @@ async def run_chaos(cfg: ChaosConfig, console: Console) -> dict[str, Any]:
             "OPENAI_API_KEY": "chaos-key",
             "ORCH_LLM_MODEL": "gpt-4o-mini",
             "ORCH_LLM_PRICES": json.dumps(PRICES),
+            # The budget holds each call's worst case before it is made: max_tokens of
+            # output plus a token per prompt byte, a system prompt assumed at its longest.
+            # The fake LLM bills PROMPT_TOKENS whatever the prompt, so a bound of 200
+            # system-prompt tokens is still true here, and keeps a hold near a call's
+            # real price instead of 70 times it (caps of a few dollars would refuse all).
+            "ORCH_LLM_MAX_TOKENS": "64",
+            "ORCH_BUDGET_SYSTEM_PROMPT_TOKENS": "200",
             "ORCH_LLM_TIMEOUT": "10",
             "ORCH_LLM_MAX_RETRIES": "1",
             "ORCH_LLM_BREAKER_COOLDOWN_SECONDS": "2",
