@@ -25,6 +25,7 @@ __all__ = [
     "AgentSpawned",
     "AutomationCreated",
     "BudgetExceeded",
+    "BudgetTicked",
     "BudgetUpdateRequested",
     "DeadLetter",
     "Event",
@@ -552,6 +553,15 @@ class SpendDecided(Event):
     reason: str = ""
 
 
+class BudgetTicked(Event):
+    """The budget's clock for one goal: lets waiting tasks time out with no other event."""
+
+    topic = "budget_ticked"
+    key_field = "goal_id"
+    event_type: Literal["budget_ticked"] = "budget_ticked"
+    goal_id: Identifier
+
+
 class DeadLetter(Event):
     topic = "dead_letter"
     key_field = "original_topic"
@@ -599,6 +609,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     PromotionDecided,
     SpendRequested,
     SpendDecided,
+    BudgetTicked,
     DeadLetter,
 )
 

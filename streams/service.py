@@ -82,6 +82,34 @@ class ServiceContext:
 ServiceMain = Callable[[ServiceContext, asyncio.Event], Coroutine[Any, Any, None]]
 
 
+async def _start_when_the_broker_answers(
+    settings: KafkaSettings, name: str, stop: asyncio.Event
+) -> EventProducer:
+    """A started producer, after waiting for the broker as long as it takes (a broker
+    outage or a restart order must not make a service exit at start)."""
+    from aiokafka.errors import KafkaError
+
+    delay = 0.5
+    while True:
+        producer = EventProducer(settings, client_id=f"orchestrator.{name}")
+        try:
+            await producer.start()
+            return producer
+        except (KafkaError, OSError) as exc:
+            if stop.is_set():
+                raise
+            log.warning(
+                "%s: Kafka at %s does not answer (%s); trying again in %.1f s",
+                name,
+                settings.bootstrap,
+                exc,
+                delay,
+            )
+            await producer.stop()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 async def run_service(
     name: str,
     main: ServiceMain,
@@ -93,8 +121,7 @@ async def run_service(
     """Run ``main`` until it returns or ``stop`` is set; the producer is shared and closed after."""
     settings = settings or KafkaSettings.from_env()
     stop = stop or asyncio.Event()
-    producer = EventProducer(settings, client_id=f"orchestrator.{name}")
-    await producer.start()
+    producer = await _start_when_the_broker_answers(settings, name, stop)
     ctx = ServiceContext(name, settings, clock or clock_from_env(), producer)
     task = asyncio.create_task(main(ctx, stop), name=f"{name}-main")
     stopper = asyncio.create_task(stop.wait())

@@ -87,6 +87,7 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("promotion_decided", ev.PromotionDecided, retention_ms=_FOREVER),
     TopicSpec("spend_requested", ev.SpendRequested),
     TopicSpec("spend_decided", ev.SpendDecided),
+    TopicSpec("budget_ticked", ev.BudgetTicked, retention_ms=_DAY_MS),
     TopicSpec("dead_letter", ev.DeadLetter, retention_ms=30 * _DAY_MS),
 )
 

@@ -15,8 +15,10 @@ from faust import current_event
 
 from services.budget.state import BudgetDefaults, BudgetState, RunStore
 from streams.codec import default_codec
+from streams.config import env_float
 from streams.errors import NotOperator
 from streams.events import (
+    BudgetTicked,
     BudgetUpdateRequested,
     DeadLetter,
     Event,
@@ -52,6 +54,7 @@ BUDGET_TOPICS = (
     WorkflowFailed.topic,
     BudgetUpdateRequested.topic,
     SpendRequested.topic,
+    BudgetTicked.topic,
 )
 
 
@@ -117,6 +120,24 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             codec=default_codec(),
         )
         await _output(DeadLetter.topic).send(key=letter.key(), value=letter)
+
+    tick_every = env_float("ORCH_BUDGET_TICK_SECONDS", 1.0, minimum=0.05)
+
+    @app.timer(interval=tick_every)  # type: ignore[untyped-decorator]
+    async def tick() -> None:
+        """A tick for each goal of this instance's partitions with tasks queued or running.
+
+        The ticks go through the goal's own partition like every other event, so a
+        task waiting past its deadline ends (and a lapsed lease frees its slot) even
+        when nothing else happens to its goal.
+        """
+        ticks = [
+            BudgetTicked(source="budget", goal_id=goal)
+            for goal, raw in list(table.items())
+            if raw and (raw.get("queue") or raw.get("in_flight"))
+        ]
+        for event in ticks[:10_000]:
+            await _output(BudgetTicked.topic).send(key=event.key(), value=event)
 
     @app.agent(topic)
     async def apply(stream: Any) -> None:

@@ -42,6 +42,7 @@ from streams.clock import utc_day
 from streams.config import env_float, env_int
 from streams.events import (
     BudgetExceeded,
+    BudgetTicked,
     BudgetUpdateRequested,
     Event,
     LlmCallCompleted,
@@ -326,6 +327,10 @@ class BudgetState:
     # -- rules ---------------------------------------------------------------
     def handle(self, event: Event, now: datetime, defaults: BudgetDefaults) -> Decision:
         """Apply one event; a replayed one (same event_id) sends what it decided again."""
+        if isinstance(event, BudgetTicked):
+            # Only the budget's clock moved: expire and drain, nothing to remember.
+            self._expire(now, defaults)
+            return Decision(self._drain(_ref(event.event_id), now, defaults))
         if _ref(event.event_id) in self.seen:
             return Decision(self._replay(event))
         self.seen.append(_ref(event.event_id))
@@ -640,41 +645,55 @@ class BudgetState:
 
     def _drain(self, cause: str, now: datetime, defaults: BudgetDefaults) -> list[Event]:
         out: list[Event] = []
+        spent = self.spent_today(now)
+        # A waiting task times out by the budget's clock, whether or not a slot is free:
+        # its client gave up by then, and failing it frees no slot a running task needs.
+        for run in list(self.queue):
+            task = self._queued(run)
+            if task is not None and task.deadline_at is not None and task.deadline_at <= now:
+                self.queue.remove(run)
+                out += self._end_queued(cause, task, "timeout", "", spent, now)
         while self.queue and len(self.in_flight) < self.max_concurrent:
             run = self.queue[0]
-            kept = self.runs.get(run)
-            if kept is None or not isinstance(kept.get("task"), dict):
+            task = self._queued(run)
+            if task is None:
                 self.queue.pop(0)  # its task was never stored: nothing to admit
                 continue
-            task = TaskRequested.model_validate(kept["task"])
             worst = defaults.task_worst_case(task.message, task.context)
-            spent = self.spent_today(now)
-            limit = ""
-            if task.deadline_at is not None and task.deadline_at <= self._lease_now(now):
-                reason = "timeout"
-            elif spent + worst > self.max_daily_cost + 1e-12:
-                reason, limit = "budget_exceeded", "max_daily_cost"
+            if spent + worst > self.max_daily_cost + 1e-12:
+                self.queue.pop(0)
+                out += self._end_queued(
+                    cause, task, "budget_exceeded", "max_daily_cost", spent, now
+                )
             elif spent + self.reserved() + worst > self.max_daily_cost + 1e-12:
                 break  # first in, first served: wait until holds settle
             else:
                 self.queue.pop(0)
                 out.append(self._admit(task, cause, worst, now, defaults))
-                continue
-            self.queue.pop(0)
-            # Only what its failure needs to be sent again stays.
-            self.runs.put(
-                run,
-                {
-                    "run_id": task.run_id,
-                    "info": {
-                        "user_id": task.user_id,
-                        "agent_id": task.agent_id,
-                        "specialty": task.specialty,
-                    },
-                },
-            )
-            out += self._fail(cause, task, reason, limit, spent, self.max_daily_cost, now)
         return out
+
+    def _queued(self, run: str) -> TaskRequested | None:
+        kept = self.runs.get(run)
+        if kept is None or not isinstance(kept.get("task"), dict):
+            return None
+        return TaskRequested.model_validate(kept["task"])
+
+    def _end_queued(
+        self, cause: str, task: TaskRequested, reason: str, limit: str, spent: float, now: datetime
+    ) -> list[Event]:
+        # Only what its failure needs to be sent again stays.
+        self.runs.put(
+            _ref(task.run_id),
+            {
+                "run_id": task.run_id,
+                "info": {
+                    "user_id": task.user_id,
+                    "agent_id": task.agent_id,
+                    "specialty": task.specialty,
+                },
+            },
+        )
+        return self._fail(cause, task, reason, limit, spent, self.max_daily_cost, now)
 
     # -- costs and ends ----------------------------------------------------------
     def _charge(self, e: LlmCallCompleted, now: datetime) -> None:

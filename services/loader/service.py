@@ -332,8 +332,9 @@ class Loader:
                 )
             )
             raise
+        # A fresh id per call: a call made again after a crash was paid again, so it
+        # counts again; a redelivery of this record keeps its id and counts once.
         cost = LlmCallCompleted(
-            event_id=str(uuid.uuid5(_NS, f"{task.run_id}:llm:{int(legacy)}")),
             source=SOURCE,
             run_id=task.run_id,
             goal_id=task.goal_id,

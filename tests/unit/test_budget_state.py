@@ -9,6 +9,7 @@ from services.budget.state import BudgetDefaults, BudgetState, RunStore
 from streams.clock import FakeClock
 from streams.events import (
     BudgetExceeded,
+    BudgetTicked,
     BudgetUpdateRequested,
     LlmCallCompleted,
     SpawnApproved,
@@ -309,6 +310,25 @@ def test_an_expired_lease_frees_its_slot_and_admits_the_queue():
     out = state.handle(_at(clock, 2), clock.now(), DEFAULTS).events
     assert [(type(e), e.run_id) for e in out] == [(TaskAdmitted, "r1")]
     assert list(state.in_flight) == ["r1"] and state.queue == ["r2"]
+
+
+def test_a_waiting_task_past_its_deadline_ends_on_a_tick_with_nothing_else_happening():
+    clock = FakeClock()
+    state = _state(max_concurrent=1)
+    state.handle(_at(clock, 0), clock.now(), DEFAULTS)
+    waiting = _at(clock, 1, deadline_at=clock.now() + timedelta(seconds=5))
+    state.handle(waiting, clock.now(), DEFAULTS)
+    assert state.queue == ["r1"]
+    tick = BudgetTicked(source="budget", goal_id="g1")
+    assert state.handle(tick, clock.now(), DEFAULTS).events == []  # not due yet
+    clock.advance(6)
+    (failed,) = [e for e in state.handle(tick, clock.now(), DEFAULTS).events]
+    assert isinstance(failed, WorkflowFailed)
+    assert (failed.run_id, failed.reason) == ("r1", "timeout")
+    assert failed.event_id == terminal_event_id("r1")
+    assert state.queue == [] and list(state.in_flight) == ["r0"]
+    # Ticks are not remembered as applied events: they would push real ids out.
+    assert all("tick" not in ref for ref in state.seen)
 
 
 def test_a_budget_outage_alone_expires_no_lease():
