@@ -23,6 +23,7 @@ __all__ = [
     "TopicSpec",
     "create_compacted_topics",
     "create_topics",
+    "delete_prefixed_topics",
     "spec_for",
     "topic_names",
 ]
@@ -118,6 +119,26 @@ async def create_topics(
             for s in specs
         ],
     )
+
+
+async def delete_prefixed_topics(bootstrap: str, prefix: str) -> list[str]:
+    """Delete every topic whose name starts with ``prefix`` (a test's or a bench's own
+    namespace, Faust changelogs included); returns the names deleted.
+
+    Each partition keeps files open on the broker: namespaces left behind add up to
+    the broker's open-file limit, and it stops.
+    """
+    if not prefix:
+        raise ValueError("refusing to delete every topic: give a non-empty prefix")
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if names:
+            await admin.delete_topics(names)
+        return names
+    finally:
+        await admin.close()
 
 
 async def create_compacted_topics(bootstrap: str, partitions: dict[str, int]) -> list[str]:

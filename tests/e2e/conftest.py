@@ -23,7 +23,7 @@ from services.cli.environment import service_env
 from streams.client import OrchestratorClient
 from streams.fake_openai import FakeOpenAIServer
 from streams.kafka import EventConsumer, KafkaSettings
-from streams.topics import create_topics
+from streams.topics import create_topics, delete_prefixed_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = ("budget", "spawner", "loader", "router", "improvement")
@@ -164,6 +164,7 @@ def _running(
         raise
     finally:
         plat.stop()
+        asyncio.run(delete_prefixed_topics(kafka_bootstrap, settings.prefix))
 
 
 async def _warm_up(plat: Platform) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
 from streams.kafka import KafkaSettings
-from streams.topics import create_topics
+from streams.topics import create_topics, delete_prefixed_topics
 
 
 @pytest.fixture
-async def settings(kafka_bootstrap: str) -> KafkaSettings:
+async def settings(kafka_bootstrap: str) -> AsyncIterator[KafkaSettings]:
     prefix = f"t{uuid.uuid4().hex[:8]}."
     await create_topics(kafka_bootstrap, prefix=prefix)
-    return KafkaSettings(kafka_bootstrap, prefix)
+    yield KafkaSettings(kafka_bootstrap, prefix)
+    # Every partition holds files open on the broker; a whole suite's worth would not fit.
+    await delete_prefixed_topics(kafka_bootstrap, prefix)

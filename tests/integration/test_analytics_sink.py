@@ -38,7 +38,7 @@ from streams.codec import default_codec
 from streams.errors import QueryRefused, StoreError
 from streams.kafka import EventProducer, KafkaSettings
 from streams.service import ServiceContext, group_id
-from streams.topics import CATALOG, create_topics
+from streams.topics import CATALOG, create_topics, delete_prefixed_topics
 from tests.samples import sample_event
 from tests.unit.test_analytics_store import ANCIENT, EventStoreContract, encoded, mixed
 
@@ -192,6 +192,7 @@ def shared(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> It
     sink.start()
     yield sink
     sink.stop()
+    asyncio.run(delete_prefixed_topics(kafka_bootstrap, prefix))
 
 
 # -- the sink process: rows, redelivery, refusals, read-only SQL ------------------------
