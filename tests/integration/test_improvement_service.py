@@ -368,6 +368,10 @@ async def test_a_change_that_wins_on_three_goals_is_proposed_to_every_goal(
         rng = random.Random(11)
         for n, goal in enumerate(("g1", "g2", "g3")):
             await platform.run(f"{goal}-r0", "Explain python generators", goal=goal)
+            # Feedback on a run the service has read (else "unknown run" after 2 s).
+            await platform.until(
+                lambda g=goal: any(e.run_id == f"{g}-r0" for e in platform.of(WorkflowAssessed))
+            )
             await platform.producer.send(
                 FeedbackReceived(
                     source="sdk",

@@ -143,8 +143,9 @@ def test_ddl_is_idempotent_and_defines_the_deduplicating_table():
     statements = ddl_statements()
     table = next(s for s in statements if "TABLE IF NOT EXISTS events" in s)
     assert "ENGINE = ReplacingMergeTree" in table
-    assert "PARTITION BY toYYYYMM(occurred_at)" in table
-    assert "ORDER BY (event_type, occurred_at, event_key)" in table
+    # Deduplication ignores occurred_at: no time partitions, no time in the key.
+    assert "PARTITION BY" not in table
+    assert "ORDER BY (event_type, event_key)" in table
     assert "UInt128 MATERIALIZED reinterpretAsUInt128(sipHash128(event_id))" in table
     assert "payload" in table
     for statement in statements:
