@@ -206,3 +206,54 @@ async def test_replay_scores_policies_on_the_recorded_log(settings: KafkaSetting
 
     code, refused, _ = await _cli(settings, "replay", "--policy", "greedy", "--json")
     assert code == 2 and "static and learned" in refused["error"]
+
+
+async def test_improve_reports_the_verdict_and_keys_are_created_listed_and_revoked(
+    settings: KafkaSettings, tmp_path: Path
+):
+    async with _platform(settings, tmp_path, None) as platform:
+        await platform.run("r1", "Explain python generators", user="alice")
+        await platform.until(lambda: any(e.run_id == "r1" for e in platform.of(WorkflowAssessed)))
+        # Someone else's run, and a run nobody made: refused, exit 1, the reason printed.
+        code, out, _ = await _cli(
+            settings, "improve", "r1", "more detail", "--user", "bob", "--json"
+        )
+        assert code == 1 and out["error_type"] == "NotRunOwner" and "does not own" in out["error"]
+        code, out, _ = await _cli(
+            settings, "improve", "nope", "more detail", "--user", "alice", "--json"
+        )
+        assert code == 1 and out["error_type"] == "UnknownRun"
+        code, out, _ = await _cli(
+            settings,
+            "improve",
+            "r1",
+            "more detail please",
+            "--user",
+            "alice",
+            "--score",
+            "2",
+            "--json",
+        )
+        assert code == 0 and out["accepted"] and out["improvement_id"].startswith("imp_")
+        # A user cannot approve it for every goal; the local operator identity can.
+        code, out, _ = await _cli(
+            settings, "improve", "approve", out["improvement_id"], "--user", "alice", "--json"
+        )
+        assert code == 1 and out["error_type"] == "NotOperator"
+
+        code, made, _ = await _cli(
+            settings, "keys", "create", "--goal", "g1", "--user", "alice", "--json"
+        )
+        assert code == 0 and made["key"].startswith(f"orch_{made['key_id']}_")
+        code, text, _ = await _cli(settings, "keys", "create", "--goal", "g1", "--user", "bob")
+        assert code == 0 and text.strip().splitlines()[-1].startswith("orch_")
+        code, rows, _ = await _cli(settings, "keys", "list", "--json")
+        assert code == 0 and {r["user_id"] for r in rows} == {"alice", "bob"}
+        assert all("hash" not in str(r) and "orch_" not in str(r) for r in rows)
+        code, _, _ = await _cli(settings, "keys", "revoke", made["key_id"], "--json")
+        assert code == 0
+        code, rows, _ = await _cli(settings, "keys", "list", "--json")
+        revoked = {r["key_id"]: r["revoked_at"] for r in rows}
+        assert revoked[made["key_id"]] is not None
+        code, _, err = await _cli(settings, "keys", "revoke", "../../etc", "--json")
+        assert code == 2
