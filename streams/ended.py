@@ -17,13 +17,14 @@ from datetime import timedelta
 from aiokafka import TopicPartition
 
 from streams.clock import Clock
-from streams.events import Event, WorkflowCompleted, WorkflowFailed
+from streams.events import Event, WorkflowCompleted, WorkflowFailed, WorkflowStarted
 from streams.kafka import EventConsumer, KafkaSettings
 
-__all__ = ["TERMINAL_TOPICS", "EndedRuns", "follow_recent"]
+__all__ = ["ATTEMPT_TOPICS", "TERMINAL_TOPICS", "EndedRuns", "follow_recent"]
 
 log = logging.getLogger(__name__)
 TERMINAL_TOPICS = (WorkflowCompleted.topic, WorkflowFailed.topic)
+ATTEMPT_TOPICS = (WorkflowStarted.topic,)
 
 
 class EndedRuns:
@@ -32,6 +33,8 @@ class EndedRuns:
     def __init__(self, clock: Clock, limit: int = 500_000) -> None:
         self.clock = clock
         self._runs: OrderedDict[str, None] = OrderedDict()
+        # run id -> ids of the workflow_started events of its attempts (each a possible call)
+        self._attempts: OrderedDict[str, list[str]] = OrderedDict()
         self._limit = limit
 
     def __len__(self) -> int:
@@ -40,6 +43,17 @@ class EndedRuns:
     def apply(self, event: Event) -> None:
         if isinstance(event, WorkflowCompleted | WorkflowFailed):
             self.add(event.run_id)
+            self._attempts.pop(event.run_id, None)
+        elif isinstance(event, WorkflowStarted) and event.run_id not in self._runs:
+            seen = self._attempts.setdefault(event.run_id, [])
+            if event.event_id not in seen:
+                seen.append(event.event_id)
+            if len(self._attempts) > self._limit:
+                self._attempts.popitem(last=False)
+
+    def attempts(self, run_id: str) -> list[str]:
+        """The ids of the ``workflow_started`` events of a run that has not ended."""
+        return list(self._attempts.get(run_id, ()))
 
     def add(self, run_id: str) -> None:
         self._runs[run_id] = None
@@ -58,14 +72,17 @@ async def follow_recent(
     *,
     window_s: float,
     source: str,
+    attempts: bool = False,
 ) -> None:
-    """Fold the terminal topics from ``window_s`` ago into ``ended`` forever.
+    """Fold the terminal topics (and with ``attempts`` the started ones) from ``window_s``
+    ago into ``ended`` forever.
 
     ``ready`` is set once what was on the topics at the start has been read.
     Records older than the window are not read: a run admitted that long ago is
     past any deadline.
     """
-    consumer = EventConsumer(settings, TERMINAL_TOPICS, group_id=None, source=source)
+    topics = TERMINAL_TOPICS + (ATTEMPT_TOPICS if attempts else ())
+    consumer = EventConsumer(settings, topics, group_id=None, source=source)
     await consumer.start()
     try:
         raw = consumer.raw

@@ -55,6 +55,10 @@ SOURCE = "loader"
 _NS = uuid.UUID("0f3e9a8c-2d41-4c6b-9a77-3b1d5e2f8c90")
 
 
+def _cost_id(attempt: str, legacy: bool) -> str:
+    return str(uuid.uuid5(_NS, f"{attempt}:cost:{int(legacy)}"))
+
+
 class Breaker:
     """Stop calling an LLM that keeps failing; probe it again after a cool-down."""
 
@@ -104,6 +108,10 @@ class Loader:
         # run_id -> cost events sent without waiting, and their acknowledgements
         self._acks: dict[str, list[tuple[LlmCallCompleted, asyncio.Future[Any]]]] = {}
         self.ended = EndedRuns(ctx.clock)
+        # This process's attempts (workflow_started ids), and per running task: its
+        # attempt and the earlier attempts of the same run that may have paid a call.
+        self._own_attempts: set[str] = set()
+        self._attempt: dict[str, tuple[str, list[str]]] = {}
         self._partitions = spec_for(TaskAdmitted.topic).partitions
         self.owned_partitions: set[int] | None = None  # None: all (no group yet)
 
@@ -181,6 +189,8 @@ class Loader:
         else:
             await self.ctx.producer.deliver([terminal], what=f"the answer of run {event.run_id}")
         self._finished[event.run_id] = None
+        own, _ = self._attempt.pop(event.run_id, ("", []))
+        self._own_attempts.discard(own)
         if len(self._finished) > 50_000:
             self._finished.popitem(last=False)
         for cost, ack in pending:
@@ -254,17 +264,21 @@ class Loader:
             record.retired = False
             log.info("reviving retired agent %s for run %s", record.agent_id, task.run_id)
         instance, change = self.pool.acquire(record, now)
-        notices: list[Event] = [
-            WorkflowStarted(
-                source=SOURCE,
-                run_id=task.run_id,
-                goal_id=task.goal_id,
-                user_id=task.user_id,
-                agent_id=task.agent_id,
-                specialty=task.specialty,
-                occurred_at=now,
-            )
-        ]
+        # Attempts before this one (an owner killed or cut off mid-task) may have paid for
+        # an LLM call whose cost never reached the budget.
+        lost = [a for a in self.ended.attempts(task.run_id) if a not in self._own_attempts]
+        started = WorkflowStarted(
+            source=SOURCE,
+            run_id=task.run_id,
+            goal_id=task.goal_id,
+            user_id=task.user_id,
+            agent_id=task.agent_id,
+            specialty=task.specialty,
+            occurred_at=now,
+        )
+        self._own_attempts.add(started.event_id)
+        self._attempt[task.run_id] = (started.event_id, lost)
+        notices: list[Event] = [started]
         if change.loaded is not None:
             notices.append(
                 AgentLoaded(
@@ -332,9 +346,11 @@ class Loader:
                 )
             )
             raise
-        # A fresh id per call: a call made again after a crash was paid again, so it
-        # counts again; a redelivery of this record keeps its id and counts once.
+        # One id per attempt and kind of call: a call made again after a crash was paid
+        # again, so it counts again; this record sent twice counts once.
+        attempt, lost = self._attempt.get(task.run_id, (task.run_id, []))
         cost = LlmCallCompleted(
+            event_id=_cost_id(attempt, legacy),
             source=SOURCE,
             run_id=task.run_id,
             goal_id=task.goal_id,
@@ -349,8 +365,24 @@ class Loader:
             ok=True,
             occurred_at=self.ctx.clock.now(),
         )
-        ack = await self.ctx.producer.enqueue(cost)
-        self._acks.setdefault(task.run_id, []).append((cost, ack))
+        charges = [cost]
+        if not legacy:
+            # An earlier attempt of this run that started and never answered may have paid
+            # for the same call: counted at this call's cost under that attempt's own cost
+            # id, so if its loader comes back and reports the real cost, it counts once.
+            charges += [
+                cost.model_copy(
+                    update={
+                        "event_id": _cost_id(earlier, False),
+                        "error": "an earlier attempt of this run stopped without reporting"
+                        " its cost; counted at the cost of the same call made again",
+                    }
+                )
+                for earlier in lost
+            ]
+        for charge in charges:
+            ack = await self.ctx.producer.enqueue(charge)
+            self._acks.setdefault(task.run_id, []).append((charge, ack))
         meta = dict(done.meta)
         if not legacy:
             meta["workflow_version"] = str(served.version)
@@ -438,6 +470,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             ended_ready,
             window_s=env_float("ORCH_ENDED_WINDOW_SECONDS", 3600.0, minimum=0),
             source=SOURCE,
+            attempts=True,
         )
     )
     sweeper: asyncio.Task[None] | None = None

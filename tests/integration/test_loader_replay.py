@@ -13,9 +13,12 @@ from services.loader.service import main as loader_main
 from streams.clock import SystemClock
 from streams.events import (
     AgentSpawned,
+    Event,
+    LlmCallCompleted,
     TaskAdmitted,
     WorkflowCompleted,
     WorkflowFailed,
+    WorkflowStarted,
     terminal_event_id,
 )
 from streams.fake_openai import FakeOpenAIServer
@@ -46,7 +49,11 @@ async def test_a_replayed_task_that_was_answered_is_not_answered_or_paid_again(
     llm = FakeOpenAIServer(port=0).start_in_thread()
     monkeypatch.setenv("OPENAI_BASE_URL", llm.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "test")
-    answered, fresh = _task("r-answered"), _task("r-fresh")
+    answered, fresh, lost = _task("r-answered"), _task("r-fresh"), _task("r-lost")
+    # An attempt that started (and may have paid for its call) when its loader was killed.
+    cut_off = WorkflowStarted(
+        source="loader", run_id="r-lost", goal_id="g1", agent_id="code_replay1", specialty="code"
+    )
     earlier = WorkflowCompleted(
         event_id=terminal_event_id("r-answered"),
         source="loader",
@@ -68,37 +75,51 @@ async def test_a_replayed_task_that_was_answered_is_not_answered_or_paid_again(
             )
         )
         # What a loader killed after answering and before committing leaves behind.
-        await producer.send_many([answered, earlier, fresh])
+        await producer.send_many([answered, earlier, fresh, cut_off, lost])
     watcher = EventConsumer(
-        settings, [WorkflowCompleted.topic, WorkflowFailed.topic], group_id=None, source="t"
+        settings,
+        [WorkflowCompleted.topic, WorkflowFailed.topic, LlmCallCompleted.topic],
+        group_id=None,
+        source="t",
     )
     await watcher.start()
     stop = asyncio.Event()
     service = asyncio.create_task(
         run_service("loader", loader_main, settings=settings, clock=SystemClock(), stop=stop)
     )
-    seen: list[WorkflowCompleted | WorkflowFailed] = []
+    seen: list[Event] = []
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 40
-        while not any(e.run_id == "r-fresh" for e in seen):
+        while not {"r-fresh", "r-lost"} <= {
+            e.run_id for e in seen if not isinstance(e, LlmCallCompleted)
+        }:
             assert loop.time() < deadline, f"no answer for the fresh task; saw {seen}"
             assert not service.done(), service
             async for batch in watcher.batches(timeout_ms=200, idle=True):
-                seen.extend(d.event for d in batch)  # type: ignore[misc]
+                seen.extend(d.event for d in batch)
                 break
         await asyncio.sleep(1.0)  # time for a second answer to show up, if there were one
         async for batch in watcher.batches(timeout_ms=500, idle=True):
-            seen.extend(d.event for d in batch)  # type: ignore[misc]
+            seen.extend(d.event for d in batch)
             break
     finally:
         stop.set()
         await asyncio.wait_for(service, 60)
         await watcher.stop()
         llm.stop()
+    costs = [e for e in seen if isinstance(e, LlmCallCompleted)]
+    seen = [e for e in seen if not isinstance(e, LlmCallCompleted)]
     by_run = {run: [e for e in seen if e.run_id == run] for run in ("r-answered", "r-fresh")}
     assert [e.text for e in by_run["r-answered"]] == ["the earlier owner's answer"]  # type: ignore[union-attr]
     assert len(by_run["r-fresh"]) == 1 and by_run["r-fresh"][0].event_id == terminal_event_id(
         "r-fresh"
     )
-    assert llm.requests == 1  # only the fresh task was sent to the LLM
+    assert llm.requests == 2  # the fresh task and the cut-off one, not the answered one
+    # The cut-off attempt may have paid for its call: it is counted, at the repeat's cost,
+    # under an id of its own attempt (so its loader's own report would count once).
+    lost_costs = [c for c in costs if c.run_id == "r-lost"]
+    assert len(lost_costs) == 2 and len({c.event_id for c in lost_costs}) == 2
+    assert len({c.cost_usd for c in lost_costs}) == 1 and lost_costs[0].cost_usd > 0
+    assert sum("earlier attempt" in (c.error or "") for c in lost_costs) == 1
+    assert [c.run_id for c in costs].count("r-fresh") == 1
