@@ -360,7 +360,7 @@ def _print_status(result: PlatformStatus) -> None:
     if result.llm_url:
         _out.print(f"fake LLM: {result.llm_url}")
     for url in result.gateway_urls:
-        _out.print(f"OpenAI-compatible gateway: {url}/v1")
+        _out.print(f"OpenAI-compatible gateway: {url}")
 
 
 @app.command()

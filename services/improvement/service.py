@@ -613,13 +613,12 @@ class ImprovementService:
             )
             if call is not None:
                 if instruction is None:
-                    return [], "llm"
+                    return _named(event)  # nothing usable from the model: these still apply
                 verdict = guard_instruction(instruction)
                 if not verdict.ok:
                     raise FeedbackRefused(f"the change it asks for was refused: {verdict.reason}")
                 return [instruction], "llm"
-        names = match_adjustments(event.text, event.score)
-        return [ADJUSTMENTS[n] for n in names], "named adjustments " + ", ".join(names)
+        return _named(event)
 
     async def on_feedback(self, event: FeedbackReceived, delivery: Delivery) -> list[Event]:
         try:
@@ -1046,6 +1045,12 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     finally:
         if llm is not None:
             await llm.aclose()
+
+
+def _named(event: FeedbackReceived) -> tuple[list[str], str]:
+    """The platform's own named adjustments the feedback asks for, and how they were found."""
+    names = match_adjustments(event.text, event.score)
+    return [ADJUSTMENTS[n] for n in names], "named adjustments " + ", ".join(names)
 
 
 def _not_operator(user_id: str | None, what: str = "approving an improvement") -> str:

@@ -399,7 +399,9 @@ class WorkflowLedger:
                 "changes": {},
                 "user_id": None,
                 "saved_at": None,
-                "note": "each agent's own system prompt",
+                "note": "each agent's own system prompt"
+                if goal_of(self.workflow_id)[0] is None
+                else "what the platform serves for the specialty",
             }
         ]
         for v in sorted(self.versions.values(), key=lambda e: e.version):
