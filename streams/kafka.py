@@ -356,17 +356,35 @@ class EventConsumer(AsyncLifecycle):
         await self._consumer.stop()
 
     async def commit(self) -> None:
-        if self.group_id is not None:
+        if self.group_id is None:
+            return
+        try:
             await self._consumer.commit()
+        except KafkaError as exc:  # see commit_tracked: the next owner replays the rest
+            log.warning(
+                "%s: commit refused (%s); the next owner replays the rest", self.source, exc
+            )
 
     async def commit_tracked(self) -> None:
-        """Commit what the tracker says is finished (for out-of-order handling)."""
+        """Commit what the tracker says is finished (for out-of-order handling).
+
+        A commit the group refuses (this member was paused or cut off and its
+        partitions went to another) is not an error of the service: what it did not
+        commit is replayed by the next owner, which every handler tolerates.
+        """
         if self.group_id is None:
             return
         offsets = self.tracker.committable()
-        if offsets:
+        if not offsets:
+            return
+        try:
             await self._consumer.commit(offsets)
-            self.tracker.committed(offsets)
+        except KafkaError as exc:
+            log.warning(
+                "%s: commit refused (%s); the next owner replays the rest", self.source, exc
+            )
+            return
+        self.tracker.committed(offsets)
 
     async def settle(self) -> None:
         """Stop starting handlers and give the running ones ``drain_s`` to finish."""
