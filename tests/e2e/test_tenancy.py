@@ -4,6 +4,7 @@ refusals reach the SDK as typed errors, and the judge is paid by the goal it ser
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import pytest
@@ -12,6 +13,7 @@ from streams.errors import NotRunOwner, UnknownRun
 from streams.fake_openai import Usage
 from streams.llm import default_answer
 from streams.workflows import ADJUSTMENTS_HEADER
+from tests.e2e.test_self_improvement import _wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -39,13 +41,8 @@ class _Recorder:
         return text, Usage(prompt_tokens=40, completion_tokens=20), meta
 
 
-async def _until(platform, topic: str, predicate, timeout: float = 30.0) -> list:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in await platform.events(topic) if predicate(e)]
-        if found or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.3)
+# Events on a topic that match, waiting for them a while (the platform works in the background).
+_until = functools.partial(_wait_for, timeout=30.0)
 
 
 async def test_feedback_of_one_goal_never_reaches_another(platform, client):
