@@ -12,13 +12,11 @@ import re
 from dataclasses import dataclass
 
 from streams.events import validate_identifier
-from streams.specialties import profile_for
 
 __all__ = [
     "LOW_SCORE",
     "SlackCommand",
     "asks_for_change",
-    "base_prompt",
     "parse_slack_command",
     "slack_platform_user",
     "wants_improvement",
@@ -39,12 +37,6 @@ def asks_for_change(text: str) -> bool:
 
 def wants_improvement(score: int | None, text: str) -> bool:
     return (score is not None and score <= LOW_SCORE) or asks_for_change(text)
-
-
-def base_prompt(specialty: str) -> str:
-    """The specialty's template prompt, when neither a version nor an agent gives one."""
-    profile = profile_for(specialty)
-    return f"You are a {specialty.replace('_', ' ')} specialist who {profile.description}."
 
 
 @dataclass(frozen=True)

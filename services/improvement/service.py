@@ -61,8 +61,6 @@ from streams.errors import (
     UnknownRun,
 )
 from streams.events import (
-    AgentRetired,
-    AgentSpawned,
     ApiKeyIssued,
     ApiKeyRevoked,
     AutomationCreated,
@@ -110,8 +108,6 @@ VIEW_TOPICS = (
     WorkflowCompleted.topic,
     WorkflowFailed.topic,
     WorkflowAssessed.topic,
-    AgentSpawned.topic,
-    AgentRetired.topic,
     PatternDiscovered.topic,
     AutomationCreated.topic,
     ApiKeyIssued.topic,

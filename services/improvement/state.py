@@ -12,13 +12,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import date, datetime
 
-from services.improvement.feedback import base_prompt
 from services.improvement.patterns import PatternLearner, PatternSettings
 from services.improvement.versions import WorkflowLedger
 from streams.clock import Clock
 from streams.events import (
-    AgentRetired,
-    AgentSpawned,
     ApiKeyIssued,
     ApiKeyRevoked,
     AutomationCreated,
@@ -39,8 +36,7 @@ from streams.events import (
     WorkflowVersionSaved,
 )
 from streams.keys import KeyRegistry
-from streams.registry import RegistryView
-from streams.workflows import goal_of, split_instructions
+from streams.workflows import split_instructions
 
 __all__ = ["GoalSpend", "ImprovementState", "RunInfo"]
 
@@ -71,11 +67,10 @@ class RunInfo:
 
 
 class ImprovementState:
-    """Runs, the registry, patterns and workflow ledgers; ``dirty_*`` say what to re-evaluate."""
+    """Runs, patterns and workflow ledgers; ``dirty_*`` say what to re-evaluate."""
 
     def __init__(self, patterns: PatternSettings, clock: Clock) -> None:
         self.runs: OrderedDict[str, RunInfo] = OrderedDict()
-        self.registry = RegistryView()
         self.learner = PatternLearner(patterns, clock)
         self.flows: dict[str, WorkflowLedger] = {}
         self.dirty_signatures: set[str] = set()
@@ -136,9 +131,6 @@ class ImprovementState:
         if isinstance(event, ImprovementAvailable):
             if event.kind == "goal_win" and event.goal_id is not None:
                 self.wins.setdefault((event.workflow_id, event.proposal), set()).add(event.goal_id)
-            return
-        if isinstance(event, AgentSpawned | AgentRetired):
-            self.registry.apply(event)
             return
         if isinstance(event, PatternDiscovered | AutomationCreated):
             self.learner.learn(event)
@@ -204,23 +196,10 @@ class ImprovementState:
             self.dirty_flows.add(flow)
 
     def current_instructions(self, workflow_id: str) -> list[str]:
-        """A goal workflow's vetted instructions in the version that serves everyone now."""
+        """A workflow's vetted instructions in the version that serves everyone now."""
         ledger = self.flow(workflow_id)
         saved = ledger.versions.get(ledger.state.base)
         return split_instructions(saved.changes.get("instructions")) if saved else []
-
-    def current_prompt(self, workflow_id: str, agent_id: str | None) -> str:
-        """The prompt an improvement starts from: the serving version's, the agent's, a template."""
-        _, specialty = goal_of(workflow_id)
-        workflow_id = specialty  # a goal's versions only add instructions to the platform's
-        ledger = self.flow(workflow_id)
-        prompt = ledger.prompt_of(ledger.state.base)
-        if prompt:
-            return prompt
-        agent = self.registry.get(agent_id) if agent_id else None
-        if agent is not None and agent.system_prompt:
-            return agent.system_prompt
-        return base_prompt(workflow_id)
 
 
 class GoalSpend:
