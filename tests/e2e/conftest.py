@@ -48,6 +48,9 @@ class Platform:
             "ORCH_ROUTER_POLICY": "static",
             # Dear tokens make budget limits reachable in a few requests.
             "ORCH_LLM_PRICES": '{"gpt-4o-mini": [200, 200]}',
+            # At these prices a task holds its worst case (~$5) until its cost is known; the
+            # tests that want a cost cap set one per goal, the rest must not meet the default.
+            "ORCH_BUDGET_MAX_DAILY_COST": "1000",
             "OPENAI_BASE_URL": llm.base_url,
             "OPENAI_API_KEY": "test-key",
             "ORCH_LLM_TIMEOUT": "3",
