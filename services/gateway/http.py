@@ -177,8 +177,8 @@ class GatewayApp:
         self._idle = asyncio.Event()
         self._idle.set()
         self._abort = asyncio.Event()
-        # Called when a stop begins: closes the server's connections once their requests end,
-        # so no client sends on a kept-alive connection that is about to go.
+        # Called when a drain ends: closes the server's idle connections (busy ones close
+        # once their request is answered).
         self.on_drain: Callable[[], None] | None = None
 
     # -- admission and stop --------------------------------------------------------
@@ -210,21 +210,30 @@ class GatewayApp:
             if self.in_flight == 0:
                 self._idle.set()
 
-    async def drain(self, grace: float) -> int:
+    async def drain(self, grace: float, linger: float = 1.0) -> int:
         """Refuse new requests, let those in flight finish for ``grace`` s, then answer the
-        rest with 503; returns how many were still in flight at the deadline."""
+        rest with 503; returns how many were still in flight at the deadline.
+
+        Every response sent while draining says ``Connection: close``, so a client stops
+        reusing its connections to this process. Idle keep-alive connections are not cut at
+        once: a client may be writing a request on one at that very moment, and a cut
+        connection tells it nothing. They stay open for ``linger`` s after the last request in
+        flight ended (within ``grace``), answering 503 to whatever comes, and close after."""
         self.draining = True
         log.info("gateway stopping: %d requests in flight", self.in_flight)
-        if self.on_drain is not None:
-            self.on_drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        left = 0
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
-            return 0
         except TimeoutError:
             left = self.in_flight
             self._abort.set()
             await asyncio.wait_for(self._idle.wait(), 1.0)
-            return left
+        await asyncio.sleep(max(0.0, min(linger, deadline - loop.time())))
+        if self.on_drain is not None:
+            self.on_drain()
+        return left
 
     async def _until_answered(self, work: Awaitable[Answer]) -> Answer:
         task = asyncio.ensure_future(work)
@@ -453,6 +462,13 @@ def _allow(exc: web.HTTPException) -> dict[str, str]:
 
 def build_app(gateway: GatewayApp) -> web.Application:
     app = web.Application(client_max_size=gateway.max_body, middlewares=[_refusals])
+
+    async def _close_while_draining(_: web.Request, response: web.StreamResponse) -> None:
+        if gateway.draining:  # the client reuses no connection to this process
+            response.force_close()
+            response.headers["Connection"] = "close"  # the hook runs after headers are made
+
+    app.on_response_prepare.append(_close_while_draining)
     app.router.add_post("/v1/chat/completions", gateway.chat)
     app.router.add_get("/v1/models", gateway.models)
     app.router.add_post("/v1/feedback", gateway.feedback)

@@ -122,13 +122,21 @@ async def test_a_stop_answers_what_is_in_flight_and_refuses_what_comes_after(set
     backend.release.clear()
     held = asyncio.create_task(_post(http))
     await backend.entered.acquire()
-    drained = asyncio.create_task(gateway.drain(5.0))
+    closed_at: list[float] = []
+    gateway.on_drain = lambda: closed_at.append(asyncio.get_running_loop().time())
+    drained = asyncio.create_task(gateway.drain(5.0, linger=0.3))
     await asyncio.sleep(0.05)
-    status, body, _ = await _post(http)
+    status, body, headers = await _post(http)
     assert status == 503 and body["error"]["code"] == "stopping"
+    assert headers["Connection"] == "close"
     backend.release.set()
-    assert (await held)[0] == 200
+    status, _, headers = await held
+    # The answer in flight comes, and tells the client not to reuse the connection.
+    assert status == 200 and headers["Connection"] == "close"
+    answered = asyncio.get_running_loop().time()
+    assert not closed_at  # idle connections stay for the linger, answering 503
     assert await drained == 0
+    assert closed_at and closed_at[0] - answered >= 0.25
 
 
 async def test_what_outlives_the_drain_gets_503_not_silence(setup) -> None:
