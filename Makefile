@@ -16,22 +16,22 @@ $(STAMP): pyproject.toml
 	touch $@
 
 up: venv
-	$(BIN)/python -m streams.localkafka up
+	$(BIN)/python -m local.localkafka up
 	$(BIN)/python -m streams.topics create
 
 down:
-	@if [ -x $(BIN)/python ]; then $(BIN)/python -m streams.localkafka down; fi
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m local.localkafka down; fi
 
 # The broker is stopped whatever happens, and the first failing step's exit code is kept.
 test: venv
 	@rc=0; $(MAKE) --no-print-directory up && $(BIN)/pytest -q || rc=$$?; \
-	$(BIN)/python -m streams.localkafka down; \
+	$(BIN)/python -m local.localkafka down; \
 	exit $$rc
 
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy streams services
+	$(BIN)/mypy streams services local
 
 run: venv
 	$(BIN)/orchestrator up

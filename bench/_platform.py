@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from local.fake_openai import remote_stats, subprocess_server
+from local.localkafka import ensure_broker
 from services.cli.environment import service_env
 from streams.client import OrchestratorClient
-from streams.fake_openai import remote_stats, subprocess_server
 from streams.kafka import KafkaSettings
-from streams.localkafka import ensure_broker
 from streams.topics import create_topics
 
 __all__ = [

@@ -473,7 +473,7 @@ class LlmLedger:
         self.calls: list[LlmCall] = []
 
     def respond(self, body: dict[str, Any]) -> tuple[str, Any, dict[str, str]]:
-        from streams.fake_openai import Usage
+        from local.fake_openai import Usage
         from streams.llm import default_answer
 
         messages = [
@@ -556,7 +556,7 @@ def _free_port_pair() -> int:
 
 
 class OwnBroker:
-    """A KRaft broker for this run only: its own port and data dir, via streams.localkafka."""
+    """A KRaft broker for this run only: its own port and data dir, via local.localkafka."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -567,7 +567,7 @@ class OwnBroker:
         self.starts = 0
 
     def _launcher(self, command: str, timeout: float = 120.0) -> None:
-        argv = [sys.executable, "-m", "streams.localkafka", command, "--timeout", str(timeout)]
+        argv = [sys.executable, "-m", "local.localkafka", command, "--timeout", str(timeout)]
         done = subprocess.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"localkafka {command} failed: {done.stderr[-2000:]}")
@@ -970,9 +970,10 @@ def _progress(console: Console) -> Progress:
 
 async def run_chaos(cfg: ChaosConfig, console: Console) -> dict[str, Any]:
     """One chaos run; the report of :func:`compute_report` plus what was done."""
-    from streams.fake_openai import FakeOpenAIServer
+    from local.fake_openai import FakeOpenAIServer
+    from local.localkafka import ensure_broker
+    from streams.config import data_root
     from streams.kafka import KafkaSettings
-    from streams.localkafka import data_root, ensure_broker
     from streams.topics import create_topics
 
     broker_faults = cfg.own_broker if cfg.broker_faults is None else cfg.broker_faults

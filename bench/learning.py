@@ -23,10 +23,10 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from local.world import World
 from services.cli.bench_learning import default_runs, print_report, run_learning
 from services.router.policy import LearnedPolicy, Policy, StaticPolicy, features_of
 from streams.signatures import signature_of
-from streams.world import World
 
 __all__ = ["simulate", "simulate_world"]
 

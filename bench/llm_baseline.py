@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import openai
 
-from streams.fake_openai import remote_stats, subprocess_server
+from local.fake_openai import remote_stats, subprocess_server
 
 __all__ = ["measure_direct", "measure_server", "summarize"]
 

@@ -28,13 +28,13 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from local.localkafka import ensure_broker  # noqa: E402
 from services.router.policy import features_of  # noqa: E402
 from services.router.service import KNOWLEDGE_TOPICS, Router  # noqa: E402
 from streams import events as ev  # noqa: E402
 from streams.clock import SystemClock  # noqa: E402
 from streams.codec import default_codec  # noqa: E402
 from streams.kafka import EventConsumer, EventProducer, KafkaSettings  # noqa: E402
-from streams.localkafka import ensure_broker  # noqa: E402
 from streams.signatures import exact_key, signature_of  # noqa: E402
 from streams.topics import create_topics  # noqa: E402
 

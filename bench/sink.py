@@ -33,6 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from local.localkafka import ensure_broker  # noqa: E402
 from services.analytics.metrics import metric_queries  # noqa: E402
 from services.analytics.sink import SinkConfig, SinkStats, run_sink  # noqa: E402
 from services.analytics.store import ClickHouseStore, EncodedEvent  # noqa: E402
@@ -40,8 +41,7 @@ from streams import events as ev  # noqa: E402
 from streams.clock import SystemClock  # noqa: E402
 from streams.codec import default_codec  # noqa: E402
 from streams.kafka import EventProducer, KafkaSettings  # noqa: E402
-from streams.localkafka import ensure_broker  # noqa: E402
-from streams.service import ServiceContext  # noqa: E402
+from streams.runtime import ServiceContext  # noqa: E402
 from streams.topics import create_topics  # noqa: E402
 
 TARGET_EVENTS_PER_S = 50_000

@@ -34,13 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.sink import drain_with_sink, make_events, produce, say  # noqa: E402
+from local.localkafka import ensure_broker  # noqa: E402
 from services.analytics.sink import SinkConfig  # noqa: E402
 from services.analytics.sqlguard import GuardedQueries  # noqa: E402
 from services.analytics.store import ClickHouseStore, QueryLimits  # noqa: E402
 from streams import events as ev  # noqa: E402
 from streams.errors import QueryRefused, StoreError  # noqa: E402
 from streams.kafka import KafkaSettings  # noqa: E402
-from streams.localkafka import ensure_broker  # noqa: E402
 from streams.topics import create_topics  # noqa: E402
 
 HEAVY = "SELECT count() FROM events AS a, events AS b WHERE a.event_id < b.event_id"

@@ -11,9 +11,23 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TypeVar, overload
 
-__all__ = ["env_float", "env_int", "env_str"]
+__all__ = [
+    "DEFAULT_KAFKA_PORT",
+    "ROOT",
+    "bootstrap_servers",
+    "data_root",
+    "env_float",
+    "env_int",
+    "env_str",
+    "kafka_port",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+"""The project's checkout (where ``.local/`` lives unless ``ORCH_DATA_DIR`` says otherwise)."""
+DEFAULT_KAFKA_PORT = 9092
 
 _N = TypeVar("_N", int, float)
 
@@ -108,3 +122,20 @@ def _parse(
     if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
         raise ValueError(f"{name} must be {expected}, got {text!r}")
     return value
+
+
+def data_root() -> Path:
+    """Where the platform keeps local data: ``ORCH_DATA_DIR`` or ``<project>/.local``."""
+    base = os.environ.get("ORCH_DATA_DIR")
+    return Path(base) if base else ROOT / ".local"
+
+
+def kafka_port() -> int:
+    """The local broker's port: ``ORCH_KAFKA_PORT`` (default 9092)."""
+    return env_int("ORCH_KAFKA_PORT", DEFAULT_KAFKA_PORT, minimum=1, maximum=65535)
+
+
+def bootstrap_servers() -> str:
+    """``KAFKA_BOOTSTRAP_SERVERS`` when set, else the local broker on 127.0.0.1."""
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    return external or f"127.0.0.1:{kafka_port()}"

@@ -15,6 +15,7 @@ from faust.serializers import codecs
 from faust.types import AppT, Message
 
 from streams.codec import EventCodec, default_codec
+from streams.config import data_root
 from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 from streams.kafka import KafkaSettings, dead_letter
@@ -97,8 +98,6 @@ def create_app(
 ) -> faust.App:
     """A Faust app on the platform's broker, codec and topic naming."""
     register_codec()
-    from streams.localkafka import data_root
-
     datadir = data_root() / "faust" / (settings.prefix + name)
     datadir.mkdir(parents=True, exist_ok=True)
     broker = ";".join(f"kafka://{h.strip()}" for h in settings.bootstrap.split(","))

@@ -25,7 +25,7 @@ from aiokafka import (
 from aiokafka.errors import KafkaError
 
 from streams.codec import EventCodec, default_codec
-from streams.config import env_int
+from streams.config import bootstrap_servers, env_int
 from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 
@@ -53,8 +53,6 @@ class KafkaSettings:
 
     @classmethod
     def from_env(cls) -> KafkaSettings:
-        from streams.localkafka import bootstrap_servers
-
         return cls(bootstrap_servers(), os.environ.get("ORCH_TOPIC_PREFIX", ""))
 
     def topic(self, name: str) -> str:

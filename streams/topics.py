@@ -15,7 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from streams import events as ev
-from streams.config import env_int
+from streams.config import bootstrap_servers, env_int
 
 __all__ = [
     "CATALOG",
@@ -195,8 +195,6 @@ async def _wait_for_leaders(admin: AIOKafkaAdminClient, names: list[str]) -> Non
 
 
 def _main(argv: list[str]) -> int:
-    from streams.localkafka import bootstrap_servers
-
     cmd = argv[0] if argv else "create"
     if cmd == "list":
         for s in CATALOG:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from streams.localkafka import ensure_broker
+from local.localkafka import ensure_broker
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,8 @@ from typing import Any
 
 from services.analytics.sqlguard import GuardedQueries
 from services.analytics.store import ClickHouseStore, QueryResult
+from streams.config import data_root
 from streams.errors import QueryRefused, StoreError
-from streams.localkafka import data_root
 
 __all__ = [
     "FORMATS",

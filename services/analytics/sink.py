@@ -25,7 +25,7 @@ from streams.codec import MAGIC, EventCodec, default_codec
 from streams.config import env_float, env_int
 from streams.events import DeadLetter
 from streams.kafka import EventConsumer, EventProducer, KafkaSettings
-from streams.service import ServiceContext
+from streams.runtime import ServiceContext
 from streams.topics import CATALOG
 
 __all__ = ["SinkConfig", "SinkStats", "main", "run_sink"]

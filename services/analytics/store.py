@@ -14,10 +14,9 @@ from urllib.parse import urlsplit
 
 from services.analytics import _ingest
 from streams.codec import EventCodec, default_codec
-from streams.config import env_float, env_int
+from streams.config import ROOT, data_root, env_float, env_int
 from streams.errors import DecodeError, StoreError
 from streams.events import Event
-from streams.localkafka import ROOT, data_root
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

@@ -32,7 +32,7 @@ from streams.events import (
 from streams.faust_app import CODEC_NAME, EventTopic, create_app, start_app
 from streams.kafka import failed_letter
 from streams.keys import KeyView, operators_from
-from streams.service import ServiceContext
+from streams.runtime import ServiceContext
 from streams.topics import PARTITIONS
 
 __all__ = ["APP_NAME", "BUDGET_TOPICS", "RUNS_TABLE_NAME", "TABLE_NAME", "main"]

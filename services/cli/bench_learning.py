@@ -40,16 +40,17 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from local.fake_openai import FakeOpenAIServer
+from local.localkafka import ensure_broker
+from local.world import Request, World
 from services.cli.environment import service_env
 from services.cli.supervisor import available_services, service_module
 from streams.client import OrchestratorClient
+from streams.config import ROOT, data_root
 from streams.errors import NoVerdict, OrchestratorError, Refused
 from streams.events import AutomationCreated, RouteDecided, WorkflowAssessed, WorkflowCompleted
-from streams.fake_openai import FakeOpenAIServer
 from streams.kafka import EventConsumer, KafkaSettings
-from streams.localkafka import ROOT, data_root, ensure_broker
 from streams.topics import create_topics, topic_names
-from streams.world import Request, World
 
 log = logging.getLogger(__name__)
 __all__ = [

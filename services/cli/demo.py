@@ -15,9 +15,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from local.world import World
 from services.cli.bench_learning import Outcome, RunSpec, print_report, run_learning
-from streams.localkafka import ROOT, data_root
-from streams.world import World
+from streams.config import ROOT, data_root
 
 __all__ = ["DEFAULT_WORLD", "demo_command", "run_demo"]
 

@@ -56,7 +56,7 @@ COMMON = Vars(
             # TLS trust: which CAs to accept is not a secret.
             "SSL_CERT_FILE",
             "SSL_CERT_DIR",
-            # The broker every service talks to (streams/localkafka.py reads it).
+            # The broker every service talks to (local/localkafka.py reads it).
             "KAFKA_BOOTSTRAP_SERVERS",
         }
     ),

@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from local.localkafka import LocalKafkaError, ensure_broker, kafka_answers, stop_broker
 from services.cli.bench_learning import bench_app
 from services.cli.demo import demo_command
 from services.cli.status import PlatformStatus, collect_status, wait_until_joined
@@ -63,7 +64,6 @@ from streams.events import (
 )
 from streams.kafka import KafkaSettings
 from streams.keys import KeyRegistry
-from streams.localkafka import LocalKafkaError, ensure_broker, kafka_answers, stop_broker
 from streams.registry import RegistryView, read_topics_to_end
 from streams.topics import create_topics
 

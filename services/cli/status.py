@@ -21,10 +21,10 @@ from aiokafka.protocol.admin import (
 )
 from aiokafka.protocol.api import Request
 
+from local.localkafka import kafka_answers
 from streams.kafka import KafkaSettings
-from streams.localkafka import kafka_answers
 from streams.registry import RegistryView
-from streams.service import announced_urls, group_id
+from streams.runtime import announced_urls, group_id
 from streams.topics import CATALOG
 
 __all__ = [

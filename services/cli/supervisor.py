@@ -22,8 +22,7 @@ from types import FrameType
 from typing import IO, Any
 
 from services.cli.environment import service_env
-from streams.config import env_int
-from streams.localkafka import ROOT, data_root
+from streams.config import ROOT, data_root, env_int
 
 __all__ = [
     "FAKE_LLM",
@@ -48,7 +47,7 @@ __all__ = [
 # last, so apps reach it only once the platform behind it runs.
 SERVICE_ORDER = ("analytics", "budget", "spawner", "loader", "router", "improvement", "gateway")
 FAKE_LLM = "fake-llm"
-_FAKE_LLM_MODULE = "streams.fake_openai"
+_FAKE_LLM_MODULE = "local.fake_openai"
 _NOT_SERVICES = frozenset({"cli"})
 _SUPERVISOR = "supervisor"
 _URL_LINE = re.compile(r"(https?://\S+)")

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from local.localkafka import kafka_answers
 from services.improvement.admin import list_versions, request_rollback
 from services.improvement.versions import VERSION_TOPICS, WorkflowLedger
 from services.router.replay import ReplayResult, evaluate, join_log
@@ -34,7 +35,6 @@ from streams.events import (
 )
 from streams.kafka import EventConsumer, KafkaSettings
 from streams.keys import DEFAULT_OPERATORS
-from streams.localkafka import kafka_answers
 from streams.registry import read_topics_to_end
 from streams.workflows import goal_of
 

@@ -1,6 +1,6 @@
 """Run the gateway: ``python -m services.gateway``."""
 
 from services.gateway.service import main
-from streams.service import service_main
+from streams.runtime import service_main
 
 service_main("gateway", main)

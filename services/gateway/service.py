@@ -26,7 +26,7 @@ from streams.clock import Clock
 from streams.config import env_float, env_int, env_str
 from streams.events import FeedbackDecided
 from streams.keys import Identity, KeyView, operators_from
-from streams.service import ServiceContext, announce_url
+from streams.runtime import ServiceContext, announce_url
 
 __all__ = ["GatewayConfig", "PlatformBackend", "main"]
 

@@ -51,7 +51,7 @@ from services.improvement.instructions import (
 from services.improvement.patterns import PatternSettings
 from services.improvement.state import ImprovementState, RunInfo
 from services.improvement.versions import VERSION_TOPICS, CanaryPolicy, ChangeSource
-from streams.config import env_float, env_int
+from streams.config import data_root, env_float, env_int
 from streams.errors import (
     FeedbackRefused,
     InvalidRequest,
@@ -95,7 +95,7 @@ from streams.llm import (
     create_llm,
     worst_case_usd,
 )
-from streams.service import ServiceContext
+from streams.runtime import ServiceContext
 from streams.workflows import goal_of, goal_workflow, join_instructions
 
 __all__ = ["ImprovementConfig", "ImprovementService", "main", "serve"]
@@ -166,8 +166,6 @@ class ImprovementConfig:
         ``off`` = none), the port written to ``<data_root>/run/improvement.port``;
         ``SLACK_SIGNING_SECRET`` (enables Slack), ``SLACK_BOT_TOKEN``, ``ORCH_SLACK_USERS``;
         ``ORCH_JUDGE_MODEL``; pattern and canary settings (see their modules)."""
-        from streams.localkafka import data_root
-
         secret = os.environ.get("SLACK_SIGNING_SECRET", "").strip()
         slack = (
             SlackSettings(

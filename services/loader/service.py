@@ -43,7 +43,7 @@ from streams.events import (
 from streams.kafka import Delivery, EventConsumer
 from streams.llm import LLMClient, LLMRejected, LLMSettings, LLMUnavailable, create_llm
 from streams.registry import RegistryView
-from streams.service import ServiceContext
+from streams.runtime import ServiceContext
 from streams.specialties import profile_for
 from streams.topics import spec_for
 from streams.workflows import with_adjustments

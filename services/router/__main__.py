@@ -1,6 +1,6 @@
 """Run the router: ``python -m services.router``."""
 
 from services.router.service import main
-from streams.service import service_main
+from streams.runtime import service_main
 
 service_main("router", main)

@@ -39,7 +39,7 @@ from streams.events import (
 )
 from streams.kafka import Delivery, EventConsumer
 from streams.registry import AgentRecord, RegistryView
-from streams.service import ServiceContext
+from streams.runtime import ServiceContext
 from streams.signatures import exact_key, signature_of
 from streams.specialties import PROFILES
 

@@ -14,7 +14,7 @@ from services.spawner.design import agent_id_for, design_agent, spawned_event_id
 from streams.events import AgentSpawned, LlmCallCompleted, SpawnApproved
 from streams.faust_app import create_app, event_topic, start_app
 from streams.llm import LLMSettings, create_llm
-from streams.service import ServiceContext
+from streams.runtime import ServiceContext
 from streams.topics import PARTITIONS
 
 __all__ = ["APP_NAME", "main"]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from local.fake_openai import FakeOpenAIServer
 from services.cli.environment import service_env
 from streams.client import OrchestratorClient
-from streams.fake_openai import FakeOpenAIServer
 from streams.kafka import EventConsumer, KafkaSettings
 from streams.topics import create_topics, delete_prefixed_topics
 

@@ -13,7 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from services.cli.status import describe_groups
 from streams.client import Answer, OrchestratorClient
-from streams.service import group_id
+from streams.runtime import group_id
 
 pytestmark = pytest.mark.e2e
 

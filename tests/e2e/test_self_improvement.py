@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from streams.fake_openai import Usage
+from local.fake_openai import Usage
 from streams.llm import default_answer
 from streams.signatures import signature_of
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from local.fake_openai import Usage
 from streams.errors import NotRunOwner, UnknownRun
-from streams.fake_openai import Usage
 from streams.llm import default_answer
 from streams.workflows import ADJUSTMENTS_HEADER
 from tests.e2e.test_self_improvement import _wait_for

@@ -37,7 +37,7 @@ from streams.clock import SystemClock
 from streams.codec import default_codec
 from streams.errors import QueryRefused, StoreError
 from streams.kafka import EventProducer, KafkaSettings
-from streams.service import ServiceContext, group_id
+from streams.runtime import ServiceContext, group_id
 from streams.topics import CATALOG, create_topics, delete_prefixed_topics
 from tests.samples import sample_event
 from tests.unit.test_analytics_store import ANCIENT, EventStoreContract, encoded, mixed

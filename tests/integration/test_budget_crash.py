@@ -32,7 +32,7 @@ _DIES_BEFORE_SENDING = textwrap.dedent(
     from faust.topics import Topic
     from services.budget.service import main
     from streams.events import TaskAdmitted
-    from streams.service import service_main
+    from streams.runtime import service_main
 
     original = Topic.send
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from local.localkafka import kafka_answers
+from streams.config import ROOT
 from streams.kafka import KafkaSettings
-from streams.localkafka import ROOT, kafka_answers
 
 pytestmark = pytest.mark.broker
 
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.broker
 _PROBE_MAIN = '''
 """A probe service for the supervisor test."""
 from streams.kafka import EventConsumer
-from streams.service import service_main
+from streams.runtime import service_main
 
 
 async def main(ctx, stop):

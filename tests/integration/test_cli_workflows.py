@@ -15,6 +15,7 @@ import pytest
 
 from services.improvement.versions import WorkflowLedger
 from services.router.replay import evaluate, join_log
+from streams.config import ROOT
 from streams.events import (
     Event,
     ImprovementAvailable,
@@ -22,7 +23,6 @@ from streams.events import (
     WorkflowCompleted,
 )
 from streams.kafka import EventProducer, KafkaSettings
-from streams.localkafka import ROOT
 from tests.integration.test_improvement_service import _platform
 from tests.unit.test_replay import ARMS
 from tests.unit.test_replay import _log as replay_log

@@ -46,7 +46,7 @@ from streams.events import (
 from streams.kafka import EventConsumer, EventProducer, KafkaSettings
 from streams.keys import mint_key
 from streams.llm import InMemoryLLM
-from streams.service import run_service
+from streams.runtime import run_service
 from tests.slack import slash_command
 
 pytestmark = pytest.mark.broker

@@ -14,7 +14,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from streams.fake_openai import (
+from local.fake_openai import (
     FakeOpenAIServer,
     Usage,
     remote_control,

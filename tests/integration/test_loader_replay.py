@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from local.fake_openai import FakeOpenAIServer
 from services.loader.service import main as loader_main
 from streams.clock import SystemClock
 from streams.events import (
@@ -21,9 +22,8 @@ from streams.events import (
     WorkflowStarted,
     terminal_event_id,
 )
-from streams.fake_openai import FakeOpenAIServer
 from streams.kafka import EventConsumer, EventProducer, KafkaSettings
-from streams.service import run_service
+from streams.runtime import run_service
 
 pytestmark = pytest.mark.broker
 

@@ -8,7 +8,7 @@ import time
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streams.localkafka import broker_status, ensure_broker
+from local.localkafka import broker_status, ensure_broker
 
 pytestmark = pytest.mark.broker
 

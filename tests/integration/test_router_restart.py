@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from services.router.policy import features_of
+from streams.config import ROOT
 from streams.events import Event, RequestReceived, RouteDecided, WorkflowAssessed
 from streams.kafka import EventConsumer, EventProducer
-from streams.localkafka import ROOT
 
 pytestmark = pytest.mark.broker
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _STUCK = textwrap.dedent(
     """
     import asyncio, time
-    from streams.service import service_main
+    from streams.runtime import service_main
 
     async def main(ctx, stop):
         print("serving", flush=True)

@@ -168,7 +168,7 @@ async def test_unknown_routes_and_methods_answer_in_openai_shape(setup) -> None:
 
 async def test_status_lists_the_gateways_that_answer(setup, tmp_path, monkeypatch) -> None:
     from services.cli.status import PlatformStatus, ServiceStatus, _fill_http
-    from streams.service import announce_url
+    from streams.runtime import announce_url
 
     _, _, http = setup
     monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from streams import localkafka
-from streams.localkafka import LocalKafkaError, bootstrap_servers, ensure_broker, stop_broker
+from local import localkafka
+from local.localkafka import LocalKafkaError, ensure_broker, stop_broker
+from streams.config import bootstrap_servers
 
 
 @pytest.fixture(autouse=True)

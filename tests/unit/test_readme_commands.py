@@ -7,7 +7,7 @@ import re
 import typer.main
 
 from services.cli.main import app
-from streams.localkafka import ROOT
+from streams.config import ROOT
 
 
 def _readme_commands() -> set[tuple[str, ...]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 
 from streams.codec import MAGIC, default_codec
+from streams.config import ROOT
 from streams.events import RequestReceived
-from streams.localkafka import ROOT
 
 
 def test_the_documented_fingerprints_are_the_codecs():

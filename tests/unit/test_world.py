@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from streams.fake_openai import FakeOpenAIServer
+from local.fake_openai import FakeOpenAIServer
+from local.world import World, WorldError
 from streams.llm import LLMSettings, OpenAILLM
-from streams.world import World, WorldError
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "bench" / "worlds").glob("*.json"))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from streams.fake_openai import Responder, Usage
+from local.fake_openai import Responder, Usage
 from streams.llm import estimate_tokens
 from streams.specialties import PROFILES
 
@@ -393,7 +393,7 @@ class World:
     # -- the fake LLM --------------------------------------------------------------------
 
     def responder(self, seed: int = 0) -> Responder:
-        """A :data:`streams.fake_openai.Responder` that plays this world."""
+        """A :data:`local.fake_openai.Responder` that plays this world."""
 
         def respond(request: dict[str, Any]) -> tuple[str, Usage | None, dict[str, str]]:
             messages: Sequence[Mapping[str, Any]] = request.get("messages") or []

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from streams.clock import Clock, clock_from_env
-from streams.config import env_float, env_str
+from streams.config import data_root, env_float, env_str
 from streams.kafka import EventProducer, KafkaSettings
 
 __all__ = [
@@ -42,8 +42,6 @@ def group_id(settings: KafkaSettings, service: str) -> str:
 
 
 def _url_dir(service: str) -> Path:
-    from streams.localkafka import data_root
-
     return data_root() / "run" / f"{service}-urls"
 
 

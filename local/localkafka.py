@@ -1,4 +1,4 @@
-"""Local single-node KRaft Kafka broker launcher: `python -m streams.localkafka up|down|status`."""
+"""Local single-node KRaft Kafka broker launcher: `python -m local.localkafka up|down|status`."""
 
 from __future__ import annotations
 
@@ -26,11 +26,10 @@ from typing import Any, TypeVar
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from streams.config import env_int
+from streams.config import DEFAULT_KAFKA_PORT, ROOT, bootstrap_servers, data_root, kafka_port
 
-ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra" / "kafka"
-DEFAULT_PORT = 9092
+DEFAULT_PORT = DEFAULT_KAFKA_PORT
 JAVA_HINT = "install OpenJDK 17+: apt-get install openjdk-17-jre-headless"
 MVN_HINT = "install Maven: apt-get install maven"
 
@@ -39,12 +38,6 @@ T = TypeVar("T")
 
 class LocalKafkaError(RuntimeError):
     """The local broker could not be started, reached or stopped."""
-
-
-def data_root() -> Path:
-    """Where the platform keeps local data: ``ORCH_DATA_DIR`` or ``<project>/.local``."""
-    base = os.environ.get("ORCH_DATA_DIR")
-    return Path(base) if base else ROOT / ".local"
 
 
 def _kafka_dir() -> Path:
@@ -71,15 +64,6 @@ def _pid_path() -> Path:
 
 def _broker_log() -> Path:
     return _kafka_dir() / "broker.log"
-
-
-def kafka_port() -> int:
-    return env_int("ORCH_KAFKA_PORT", DEFAULT_PORT, minimum=1, maximum=65535)
-
-
-def bootstrap_servers() -> str:
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    return external or f"127.0.0.1:{kafka_port()}"
 
 
 def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -328,7 +312,7 @@ def ensure_broker(timeout: float = 90.0) -> str:
             if running != port:
                 raise LocalKafkaError(
                     f"our broker already runs on port {running}, not {port}; "
-                    "run `python -m streams.localkafka down` first or unset ORCH_KAFKA_PORT"
+                    "run `python -m local.localkafka down` first or unset ORCH_KAFKA_PORT"
                 )
             _wait_ready(bootstrap, pid, timeout)
             return bootstrap
@@ -384,7 +368,7 @@ def broker_status() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m streams.localkafka", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m local.localkafka", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--timeout", type=float, default=90.0)
     args = parser.parse_args(argv)

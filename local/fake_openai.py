@@ -486,11 +486,11 @@ def remote_stats(base_url: str) -> dict[str, Any]:
 
 @contextmanager
 def subprocess_server(*args: str, start_timeout_s: float = 30.0) -> Iterator[str]:
-    """Run ``python -m streams.fake_openai --port 0 *args`` and yield its base URL.
+    """Run ``python -m local.fake_openai --port 0 *args`` and yield its base URL.
 
     A separate process keeps the server's CPU off the measured client's core and GIL.
     """
-    command = [sys.executable, "-m", "streams.fake_openai", "--port", "0", *args]
+    command = [sys.executable, "-m", "local.fake_openai", "--port", "0", *args]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
         try:
             out = proc.stdout
@@ -535,7 +535,7 @@ async def _serve(server: FakeOpenAIServer) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m streams.fake_openai", description=__doc__.strip() if __doc__ else None
+        prog="python -m local.fake_openai", description=__doc__.strip() if __doc__ else None
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8199, help="0 picks a free port")
