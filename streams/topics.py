@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from streams import events as ev
 from streams.config import bootstrap_servers, env_int
@@ -97,6 +98,17 @@ _BY_NAME = {t.name: t for t in CATALOG}
 
 def spec_for(topic: str) -> TopicSpec:
     return _BY_NAME[topic]
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a record keyed ``key`` (murmur2).
+
+    Whoever owns that partition of a topic keyed this way owns the key: the loader decides
+    which agents it retires this way, the improvement service which commands it answers.
+    """
+    if partitions < 1:
+        raise ValueError(f"a topic has at least one partition, got {partitions}")
+    return int(murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def topic_names(prefix: str = "") -> list[str]:

@@ -36,7 +36,6 @@ from typing import Literal
 from aiohttp import web
 from aiokafka import TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.partitioner import murmur2
 
 from services.improvement.assess import JUDGE_MAX_TOKENS, Assessor, judge_messages
 from services.improvement.feedback import wants_improvement
@@ -96,6 +95,7 @@ from streams.llm import (
     worst_case_usd,
 )
 from streams.runtime import ServiceContext
+from streams.topics import partition_for
 from streams.workflows import goal_of, goal_workflow, join_instructions
 
 __all__ = ["ImprovementConfig", "ImprovementService", "main", "serve"]
@@ -294,7 +294,7 @@ class ImprovementService:
         if not count:
             return False
         # Kafka's default partitioner, so the owner is the one that gets the key's commands.
-        return (murmur2(key.encode()) & 0x7FFFFFFF) % count in self._owned
+        return partition_for(key, count) in self._owned
 
     def _refresh_ownership(self) -> bool:
         if self._commands is None:

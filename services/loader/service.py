@@ -16,8 +16,6 @@ from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
-from aiokafka.partitioner import murmur2
-
 from services.loader.pool import AgentInstance, AgentPool
 from services.loader.tiers import keyword_answer, static_answer
 from services.loader.versions import Served, WorkflowVersions
@@ -45,7 +43,7 @@ from streams.llm import LLMClient, LLMRejected, LLMSettings, LLMUnavailable, cre
 from streams.registry import RegistryView
 from streams.runtime import ServiceContext
 from streams.specialties import profile_for
-from streams.topics import spec_for
+from streams.topics import partition_for, spec_for
 from streams.workflows import with_adjustments
 
 __all__ = ["Breaker", "Loader", "main"]
@@ -123,8 +121,7 @@ class Loader:
     def _owns(self, agent_id: str) -> bool:
         if self.owned_partitions is None:
             return True
-        part = (murmur2(agent_id.encode()) & 0x7FFFFFFF) % self._partitions
-        return part in self.owned_partitions
+        return partition_for(agent_id, self._partitions) in self.owned_partitions
 
     async def retire_idle(self) -> list[AgentRetired]:
         """Retire agents of this loader's partitions that sat idle too long."""
