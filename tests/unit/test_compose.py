@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.cli.environment import service_env
+from local.environment import service_env
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

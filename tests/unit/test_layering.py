@@ -1,7 +1,8 @@
 """Who may import whom: the event layer stands alone, services talk only through it.
 
 - ``streams`` (events, codec, Kafka, runtime, SDK) imports neither a service nor the local
-  tooling (``local``: broker launcher, fake LLM, simulated worlds).
+  tooling (``local``: broker launcher, fake LLM, simulated worlds, process launcher).
+- ``local`` imports no service: it runs them as processes.
 - A service (``services/<name>``) imports no other service; the CLI is a client of the
   platform, not a service, and is checked by the house rules of its own.
 """
@@ -54,3 +55,8 @@ def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
     # The walker must find imports inside functions too, or the rules above prove nothing.
     (tmp_path / "m.py").write_text("def f():\n    from services.router import policy\n")
     assert _imports(tmp_path / "m.py") >= {"services.router", "services.router.policy"}
+
+
+def test_the_local_tooling_imports_no_service() -> None:
+    # It runs services as processes (`python -m services.<name>`); it never loads their code.
+    assert _offences(ROOT / "local", ("services",)) == []

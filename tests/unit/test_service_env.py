@@ -1,4 +1,4 @@
-"""Each service process gets only its share of the environment (services/cli/environment.py)."""
+"""Each service process gets only its share of the environment (local/environment.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.environment import GRANTS, SERVICE_GRANTS, grants_of, service_env
-from services.cli.supervisor import FAKE_LLM, SERVICE_ORDER
+from local.environment import GRANTS, SERVICE_GRANTS, grants_of, service_env
+from local.platform import FAKE_LLM, SERVICE_ORDER
 
 ROOT = Path(__file__).resolve().parents[2]
 
