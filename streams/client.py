@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from streams.clock import Clock, SystemClock
+from streams.config import OperatorSettings
 from streams.errors import (
     BudgetExceededError,
     InvalidRequest,
@@ -44,7 +44,7 @@ from streams.events import (
     WorkflowFailed,
 )
 from streams.kafka import AsyncLifecycle, EventConsumer, EventProducer, KafkaSettings
-from streams.keys import DEFAULT_OPERATORS, mint_key
+from streams.keys import mint_key
 
 __all__ = ["Answer", "OrchestratorClient", "invalid_request"]
 
@@ -306,7 +306,7 @@ class OrchestratorClient(AsyncLifecycle):
         ``user_id`` (default ``ORCH_OPERATOR_USER``, else ``operator``) must be an operator:
         named in the budget service's ``ORCH_OPERATORS`` or holding an operator key.
         """
-        user_id = user_id or os.environ.get("ORCH_OPERATOR_USER", DEFAULT_OPERATORS)
+        user_id = user_id or OperatorSettings.read("operator_user")
         allowed = {"max_agents", "max_concurrent", "max_daily_cost"}
         unknown = sorted(set(limits) - allowed)
         if unknown:

@@ -88,7 +88,7 @@ class OffsetFileClock:
 
 def clock_from_env() -> Clock:
     """``ORCH_CLOCK_FILE`` set: an :class:`OffsetFileClock`; else the system clock."""
-    import os
+    from streams.config import ProcessSettings
 
-    path = os.environ.get("ORCH_CLOCK_FILE")
+    path: str | None = ProcessSettings.read("clock_file")
     return OffsetFileClock(path) if path else SystemClock()

@@ -12,10 +12,20 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar, overload
+from typing import ClassVar, TypeVar, overload
+
+from pydantic import field_validator
+
+from streams.settings import EnvSettings, setting
+from streams.workflows import MAX_PROMPT_CHARS
 
 __all__ = [
+    "BrokerSettings",
+    "BudgetSettings",
     "DEFAULT_KAFKA_PORT",
+    "LauncherSettings",
+    "OperatorSettings",
+    "ProcessSettings",
     "ROOT",
     "bootstrap_servers",
     "data_root",
@@ -124,18 +134,254 @@ def _parse(
     return value
 
 
+class BrokerSettings(EnvSettings):
+    title: ClassVar[str] = "Kafka and the local broker"
+
+    external: str | None = setting(
+        "KAFKA_BOOTSTRAP_SERVERS",
+        None,
+        "Comma-separated `host:port` list of an existing cluster. When set, no local broker is "
+        "started and `orchestrator down` leaves the broker alone.",
+        read_by="every service, CLI, SDK, `local.localkafka`, `streams.topics`",
+        shown="`127.0.0.1:` + `ORCH_KAFKA_PORT`",
+    )
+    port: int = setting(
+        "ORCH_KAFKA_PORT",
+        DEFAULT_KAFKA_PORT,
+        "Port of the local broker, 1-65535; its KRaft controller takes the next port.",
+        read_by="as above, when `KAFKA_BOOTSTRAP_SERVERS` is unset",
+        ge=1,
+        le=65535,
+    )
+    kafka_libs: Path | None = setting(
+        "ORCH_KAFKA_LIBS",
+        None,
+        "Where Maven puts the broker jars on first start. Not under `ORCH_DATA_DIR`: one "
+        "download serves every data dir.",
+        read_by="`local.localkafka`",
+        shown="`<project>/.local/kafka/libs`",
+    )
+    prefix: str = setting(
+        "ORCH_TOPIC_PREFIX",
+        "",
+        "Prefix of every topic and consumer group name (e.g. `tenant1.`), to isolate tenants "
+        "or runs. Used as given, blanks included.",
+        read_by="every service, CLI, SDK, `streams.topics`",
+        blank="keep",
+    )
+    partitions: int = setting(
+        "ORCH_TOPIC_PARTITIONS",
+        4,
+        "Partitions of each topic when it is created; >= 1. The budget and spawner tables use "
+        "it too, and the loader works out which agents it owns from it, so give every process "
+        "the value the topics were created with.",
+        read_by="topic creation (`orchestrator up`, `make up`), loader, spawner",
+        ge=1,
+    )
+    fetch_max_wait_ms: int = setting(
+        "ORCH_FETCH_MAX_WAIT_MS",
+        100,
+        "How long the broker may hold a consumer's fetch that finds no data (aiokafka "
+        "`fetch_max_wait_ms`); >= 0. `docs/performance.md` shows why 100 stays.",
+        read_by="router, loader, improvement, analytics, SDK",
+        ge=0,
+    )
+
+    @property
+    def bootstrap(self) -> str:
+        """``KAFKA_BOOTSTRAP_SERVERS`` when set, else the local broker on 127.0.0.1."""
+        return self.external or f"127.0.0.1:{self.port}"
+
+    @property
+    def libs(self) -> Path:
+        # Jars are the same for every data dir; fetch them once per checkout.
+        return self.kafka_libs or ROOT / ".local" / "kafka" / "libs"
+
+
+class ProcessSettings(EnvSettings):
+    title: ClassVar[str] = "Processes"
+
+    log_level: str = setting(
+        "ORCH_LOG_LEVEL",
+        "INFO",
+        "`DEBUG`, `INFO`, `WARNING`, `ERROR` or `CRITICAL`, case ignored. Empty means the "
+        "default; an unknown value stops the service with an error naming the variable. "
+        "`orchestrator bench learning` runs its services at `WARNING` unless this is set.",
+        read_by="every service",
+    )
+    data_dir: Path = setting(
+        "ORCH_DATA_DIR",
+        ROOT / ".local",
+        "Where local data lives: broker data (`kafka/`), Faust table stores (`faust/`), "
+        "embedded ClickHouse (`clickhouse/`), service logs (`logs/`), pid and port files "
+        "(`run/`). One supervisor runs per data dir.",
+        read_by="budget, spawner, improvement, analytics, CLI, `local.localkafka`",
+        shown="`<project>/.local`",
+    )
+    stop_grace_s: float = setting(
+        "ORCH_STOP_GRACE_SECONDS",
+        30.0,
+        "After SIGTERM or SIGINT, a service whose clean stop takes longer than this exits "
+        "anyway, with status 1 (what it had not committed is replayed by the next owner); "
+        ">= 0. Under `orchestrator up`, the supervisor's `--stop-timeout` (15 s) kills it "
+        "sooner.",
+        read_by="every service",
+        ge=0,
+    )
+    clock_file: str | None = setting(
+        "ORCH_CLOCK_FILE",
+        None,
+        "Test only: a file holding a number of seconds added to the service's clock, read "
+        "again whenever it changes (a missing file counts as 0), so tests move time in other "
+        "processes. Its content is not checked at start.",
+        read_by="every service",
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(
+                f"ORCH_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}"
+            )
+        return level
+
+
 def data_root() -> Path:
     """Where the platform keeps local data: ``ORCH_DATA_DIR`` or ``<project>/.local``."""
-    base = os.environ.get("ORCH_DATA_DIR")
-    return Path(base) if base else ROOT / ".local"
+    path: Path = ProcessSettings.read("data_dir")
+    return path
 
 
 def kafka_port() -> int:
     """The local broker's port: ``ORCH_KAFKA_PORT`` (default 9092)."""
-    return env_int("ORCH_KAFKA_PORT", DEFAULT_KAFKA_PORT, minimum=1, maximum=65535)
+    port: int = BrokerSettings.read("port")
+    return port
 
 
 def bootstrap_servers() -> str:
     """``KAFKA_BOOTSTRAP_SERVERS`` when set, else the local broker on 127.0.0.1."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    external: str | None = BrokerSettings.read("external")
     return external or f"127.0.0.1:{kafka_port()}"
+
+
+class OperatorSettings(EnvSettings):
+    title: ClassVar[str] = "Operators"
+
+    operators: str = setting(
+        "ORCH_OPERATORS",
+        "operator",
+        "Comma-separated users trusted as operators without a key (budget changes, rollbacks, "
+        "approving an improvement for every goal). `operator` is the local CLI's identity; on a "
+        "shared cluster set it empty and give operators keys (`orchestrator keys create --role "
+        "operator`). Set but empty means none.",
+        read_by="improvement, budget",
+        blank="keep",
+    )
+    operator_user: str = setting(
+        "ORCH_OPERATOR_USER",
+        "operator",
+        "The user the CLI's `budget set`, `rollback`, `improve approve` and the SDK's "
+        "`set_budget` send as, unless told otherwise (`--as`, `--user`, `user_id=`).",
+        read_by="CLI, SDK",
+    )
+
+
+class BudgetSettings(EnvSettings):
+    """The budget's limits; here because the improvement service reads the daily cap too."""
+
+    title: ClassVar[str] = "Budget defaults"
+
+    max_agents: int = setting(
+        "ORCH_BUDGET_MAX_AGENTS",
+        100,
+        "Agents a goal may have; a spawn past it is denied. >= 0 (0 denies every spawn).",
+        read_by="budget",
+        ge=0,
+    )
+    max_concurrent: int = setting(
+        "ORCH_BUDGET_MAX_CONCURRENT",
+        10,
+        "Tasks of a goal running at once; more wait in the goal's queue. >= 0 (0 fails every "
+        "task).",
+        read_by="budget",
+        ge=0,
+    )
+    max_daily_cost: float = setting(
+        "ORCH_BUDGET_MAX_DAILY_COST",
+        10.0,
+        "USD a goal may spend on LLM calls per UTC day (of the budget's clock), held amounts "
+        "included: a hard cap. A task whose worst case does not fit beside today's spend "
+        "fails; one that does not fit beside the running tasks' holds waits for them to "
+        "settle. >= 0.",
+        read_by="budget, improvement (its own calls stay within it)",
+        ge=0,
+    )
+    task_reserve_usd: float = setting(
+        "ORCH_BUDGET_TASK_RESERVE_USD",
+        0.002,
+        "Least USD held for each admitted task or approved spawn until its real cost is known; "
+        'the hold is the call\'s worst case when that is more (see "Daily cost is reserved" '
+        "in docs/architecture.md). >= 0.",
+        read_by="budget",
+        ge=0,
+    )
+    system_prompt_tokens: int = setting(
+        "ORCH_BUDGET_SYSTEM_PROMPT_TOKENS",
+        4 * MAX_PROMPT_CHARS,
+        "Prompt tokens a task's hold allows for the system prompt (the loader cuts it to 6000 "
+        "characters; 4 UTF-8 bytes each, a token per byte at most). Lower it only if you know "
+        "your prompts' tokens: a prompt larger than this can make a call cost more than its "
+        "hold. >= 0.",
+        read_by="budget",
+        ge=0,
+    )
+    max_queue: int = setting(
+        "ORCH_BUDGET_MAX_QUEUE",
+        1000,
+        "Tasks a goal may have waiting for a concurrency slot; one more fails with "
+        "`budget_exceeded` (limit `max_concurrent`). >= 0.",
+        read_by="budget",
+        ge=0,
+    )
+    lease_seconds: float = setting(
+        "ORCH_BUDGET_LEASE_SECONDS",
+        600.0,
+        "For a task without a deadline, how long past its admission it keeps its slot without "
+        "finishing (a task with one keeps it until its deadline plus `ORCH_LLM_TIMEOUT` plus "
+        "30 s); also how long after that an ended task's hold waits for its cost. Measured on "
+        "the earlier of the budget's clock and the goal's event time. >= 0.",
+        read_by="budget",
+        ge=0,
+    )
+    tick_seconds: float = setting(
+        "ORCH_BUDGET_TICK_SECONDS",
+        1.0,
+        "Seconds between the budget's ticks of each goal with tasks queued or running (so a "
+        "task waiting past its deadline ends and a lapsed lease frees its slot); >= 0.05.",
+        read_by="budget",
+        ge=0.05,
+    )
+
+
+class LauncherSettings(EnvSettings):
+    """What the process launcher (``local.platform``) reads; declared here, beside the rest."""
+
+    title: ClassVar[str] = "Launcher"
+
+    fake_llm_port: int = setting(
+        "ORCH_FAKE_LLM_PORT",
+        0,
+        "Port of the fake OpenAI-compatible server, 0-65535; 0 picks a free port when `up` "
+        "starts, kept when the fake is restarted.",
+        read_by="CLI `up --fake-llm`",
+        ge=0,
+        le=65535,
+    )
+    services_package: str = setting(
+        "ORCH_SERVICES_PACKAGE",
+        "services",
+        "Test only: the package whose sub-packages are the services, so tests can bring their own.",
+        read_by="CLI (`up`, `status`, `service`, `bench learning`)",
+    )

@@ -2,6 +2,7 @@
 
 OrchestratorError
 ├── InvalidRequest            bad input refused before anything is sent
+├── InvalidSetting            an environment variable that does not parse or is out of range
 ├── DecodeError               bytes on a topic that cannot be decoded or validated
 ├── UnknownSchemaError(DecodeError)  a fingerprint no known writer schema has
 ├── RunFailed                 a run ended in workflow_failed
@@ -28,6 +29,7 @@ __all__ = [
     "BudgetExceededError",
     "DecodeError",
     "InvalidRequest",
+    "InvalidSetting",
     "LLMFailure",
     "FeedbackRefused",
     "NoVerdict",
@@ -55,6 +57,10 @@ class OrchestratorError(Exception):
 
 class InvalidRequest(OrchestratorError, ValueError):
     """Input refused before anything was sent."""
+
+
+class InvalidSetting(OrchestratorError, ValueError):
+    """A setting's variable does not parse or is out of range (the message names it)."""
 
 
 class DecodeError(OrchestratorError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -25,7 +24,7 @@ from aiokafka import (
 from aiokafka.errors import KafkaError
 
 from streams.codec import EventCodec, default_codec
-from streams.config import bootstrap_servers, env_int
+from streams.config import BrokerSettings
 from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 
@@ -53,7 +52,9 @@ class KafkaSettings:
 
     @classmethod
     def from_env(cls) -> KafkaSettings:
-        return cls(bootstrap_servers(), os.environ.get("ORCH_TOPIC_PREFIX", ""))
+        """The broker and prefix :class:`~streams.config.BrokerSettings` name."""
+        broker = BrokerSettings.from_env()
+        return cls(broker.bootstrap, broker.prefix)
 
     def topic(self, name: str) -> str:
         return self.prefix + name
@@ -73,7 +74,7 @@ _PRODUCER_DEFAULTS: dict[str, Any] = {
 }
 _CONSUMER_DEFAULTS: dict[str, Any] = {
     "fetch_min_bytes": 1,
-    "fetch_max_wait_ms": env_int("ORCH_FETCH_MAX_WAIT_MS", 100, minimum=0),
+    "fetch_max_wait_ms": BrokerSettings.read("fetch_max_wait_ms"),
     "enable_auto_commit": False,
     "auto_offset_reset": "earliest",
     "session_timeout_ms": 10000,

@@ -21,6 +21,7 @@ from datetime import datetime
 
 from aiokafka import TopicPartition
 
+from streams.config import OperatorSettings
 from streams.events import ApiKeyIssued, ApiKeyRevoked, Event, Role
 from streams.kafka import EventConsumer, KafkaSettings
 
@@ -143,17 +144,15 @@ def _identity(issued: ApiKeyIssued) -> Identity:
     return Identity(issued.key_id, issued.goal_id, issued.user_id, issued.role)
 
 
-DEFAULT_OPERATORS = "operator"
+DEFAULT_OPERATORS: str = OperatorSettings.model_fields["operators"].default
 
 
 def operators_from(text: str | None = None) -> frozenset[str]:
     """``ORCH_OPERATORS`` (default ``operator``, the local CLI's identity): users trusted as
     operators without a key. Inside the Kafka boundary producers are trusted; on a shared
     cluster set it empty and give operators keys."""
-    import os
-
     if text is None:
-        text = os.environ.get("ORCH_OPERATORS", DEFAULT_OPERATORS)
+        text = OperatorSettings.read("operators")
     return frozenset(u.strip() for u in text.split(",") if u.strip())
 
 

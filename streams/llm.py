@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import re
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast, runtime_checkable
+
+from pydantic import field_validator
 
 from streams.clock import Clock, SystemClock
-from streams.config import env_float, env_str
 from streams.errors import OrchestratorError
+from streams.settings import EnvSettings, setting
 
 if TYPE_CHECKING:
     # Imported where used at run time: openai takes over a second to import, and the
@@ -127,8 +128,9 @@ class PriceTable:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> PriceTable:
-        text = (os.environ if environ is None else environ).get("ORCH_LLM_PRICES", "")
-        return _table_for(text)
+        """``ORCH_LLM_PRICES`` (:class:`LLMSettings`) read alone."""
+        prices: PriceTable = LLMSettings.read("prices", environ)
+        return prices
 
     def price(self, model: str) -> ModelPrice:
         found = self.prices.get(model)
@@ -173,8 +175,7 @@ def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float:
 # Settings
 
 
-@dataclass(frozen=True, eq=False)
-class LLMSettings:
+class LLMSettings(EnvSettings):
     """Where the OpenAI-compatible endpoint is and how patiently to call it.
 
     ``timeout_s`` bounds a whole call; within it the client retries connection
@@ -182,35 +183,85 @@ class LLMSettings:
     ``Retry-After``).
     """
 
-    base_url: str | None = None
-    api_key: str | None = None
-    model: str = "gpt-4o-mini"
-    timeout_s: float = 30.0
-    max_retries: int = 2
-    prices: PriceTable = field(default_factory=PriceTable)
+    title: ClassVar[str] = "LLM endpoint"
+
+    base_url: str | None = setting(
+        "OPENAI_BASE_URL",
+        None,
+        "Base URL of any OpenAI-compatible endpoint; with only `OPENAI_API_KEY` set, "
+        "`https://api.openai.com/v1`. With neither set the platform makes no LLM call and runs "
+        "degraded. `orchestrator up --fake-llm` sets both for its services, pointing at the "
+        "fake.",
+        read_by="spawner, loader, improvement; CLI `up` (only to warn)",
+    )
+    api_key: str | None = setting(
+        "OPENAI_API_KEY",
+        None,
+        "Key sent to the endpoint; with only `OPENAI_BASE_URL` set, the placeholder "
+        "`not-needed` is sent.",
+        read_by="as above",
+    )
+    model: str = setting(
+        "ORCH_LLM_MODEL",
+        "gpt-4o-mini",
+        "The platform's model: the spawner gives it to each new agent, the loader uses it for "
+        "an agent without one and for a specialty's default agent, the improvement service "
+        "rewrites prompts with it (and judges with it unless `ORCH_JUDGE_MODEL` is set).",
+        read_by="spawner, loader, improvement",
+    )
+    timeout_s: float = setting(
+        "ORCH_LLM_TIMEOUT",
+        30.0,
+        "Seconds one call may take, its retries included; must be more than 0. The budget "
+        "takes a task's slot back only past its deadline plus this plus 30 s.",
+        read_by="spawner, loader, improvement, budget",
+        gt=0,
+    )
+    max_retries: int = setting(
+        "ORCH_LLM_MAX_RETRIES",
+        2,
+        "Retries of a call after a connection error, 429 or 5xx, with backoff honouring "
+        "`Retry-After`; a whole number >= 0.",
+        read_by="spawner, loader, improvement",
+        ge=0,
+    )
+    prices: PriceTable = setting(
+        "ORCH_LLM_PRICES",
+        PriceTable(),
+        'JSON object overriding prices in USD per 1M tokens: `{"model": [input, output]}` or '
+        '`{"model": {"input": x, "output": y}}`, numbers >= 0. The key `default` prices unknown '
+        "models (built in: 2.50 input, 10.00 output). A dated model name takes the price of its "
+        "longest known prefix.",
+        read_by="spawner, loader, improvement, budget (its dearest price prices every hold)",
+        shown="unset (the built-in table, `DEFAULT_PRICES` in `streams/llm.py`)",
+    )
+    max_tokens: int = setting(
+        "ORCH_LLM_MAX_TOKENS",
+        512,
+        "`max_tokens` of each answer call; the budget holds this many completion tokens of each "
+        "task before admitting it. Set it the same for both (`orchestrator up` does). >= 1.",
+        read_by="loader, budget",
+        ge=1,
+    )
+    breaker_cooldown_s: float = setting(
+        "ORCH_LLM_BREAKER_COOLDOWN_SECONDS",
+        15.0,
+        "After 3 calls in a row fail as unavailable (e.g. unreachable, timed out, 429 or 5xx), "
+        "the loader makes no LLM call for this many seconds and answers from the lower tiers; "
+        ">= 0.",
+        read_by="loader",
+        ge=0,
+    )
+
+    @field_validator("prices", mode="before")
+    @classmethod
+    def _prices(cls, value: object) -> object:
+        return _table_for(value) if isinstance(value, str) else value
 
     @property
     def configured(self) -> bool:
         """False when neither a base URL nor a key is set: the platform then runs degraded."""
         return bool(self.base_url or self.api_key)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> LLMSettings:
-        env = os.environ if environ is None else environ
-        retries = env_float("ORCH_LLM_MAX_RETRIES", 2, minimum=0, environ=env)
-        if retries != int(retries):
-            raise ValueError(f"ORCH_LLM_MAX_RETRIES must be a whole number, got {retries}")
-        timeout_s = env_float("ORCH_LLM_TIMEOUT", 30.0, minimum=0, environ=env)
-        if timeout_s == 0:
-            raise ValueError("ORCH_LLM_TIMEOUT must be more than 0 seconds")
-        return cls(
-            base_url=env_str("OPENAI_BASE_URL", "", env) or None,
-            api_key=env_str("OPENAI_API_KEY", "", env) or None,
-            model=env_str("ORCH_LLM_MODEL", "gpt-4o-mini", env),
-            timeout_s=timeout_s,
-            max_retries=int(retries),
-            prices=PriceTable.from_env(env),
-        )
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from streams.clock import Clock, clock_from_env
-from streams.config import data_root, env_float, env_str
+from streams.config import ProcessSettings, data_root
 from streams.kafka import EventProducer, KafkaSettings
 
 __all__ = [
@@ -139,11 +139,7 @@ async def run_service(
 
 
 def configure_logging() -> None:
-    level = env_str("ORCH_LOG_LEVEL", "INFO").upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ValueError(
-            f"ORCH_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {level!r}"
-        )
+    level: str = ProcessSettings.read("log_level")
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -153,7 +149,7 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
-STOP_GRACE_S = env_float("ORCH_STOP_GRACE_SECONDS", 30.0, minimum=0)
+STOP_GRACE_S: float = ProcessSettings.read("stop_grace_s")
 
 
 def _exit_if_stuck(name: str, grace: float) -> None:

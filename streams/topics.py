@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from streams import events as ev
-from streams.config import bootstrap_servers, env_int
+from streams.config import BrokerSettings
 
 __all__ = [
     "CATALOG",
@@ -31,7 +30,7 @@ __all__ = [
 
 _DAY_MS = 24 * 3600 * 1000
 # Every topic, and every Faust table built on them, has this many partitions.
-PARTITIONS = env_int("ORCH_TOPIC_PARTITIONS", 4, minimum=1)
+PARTITIONS: int = BrokerSettings.read("partitions")
 
 
 @dataclass(frozen=True)
@@ -214,8 +213,8 @@ def _main(argv: list[str]) -> int:
             print(f"{s.name:26} key={s.key:14} partitions={s.partitions} {policy}")
         return 0
     if cmd == "create":
-        prefix = os.environ.get("ORCH_TOPIC_PREFIX", "")
-        created = asyncio.run(create_topics(bootstrap_servers(), prefix=prefix))
+        broker = BrokerSettings.from_env()
+        created = asyncio.run(create_topics(broker.bootstrap, prefix=broker.prefix))
         print(f"topics: {len(created)} created, {len(CATALOG) - len(created)} already there")
         return 0
     print("usage: python -m streams.topics [create|list]", file=sys.stderr)

@@ -1,0 +1,101 @@
+"""The settings mechanism: typed variables, errors naming them, the page listing them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from services.settings import CATALOG, DOC
+from streams.errors import InvalidSetting
+from streams.settings import EnvSettings, rewrite_doc, setting
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _Example(EnvSettings):
+    title: ClassVar[str] = "Example"
+
+    count: int = setting("ORCH_X_COUNT", 7, "A count.", read_by="tests", ge=1)
+    port: int = setting("ORCH_X_PORT", 80, "A port.", read_by="tests", ge=0, le=65535)
+    share: float = setting("ORCH_X_SHARE", 0.5, "A share.", read_by="tests", gt=0, le=1)
+    cost: float = setting("ORCH_X_COST", 1.0, "A cost.", read_by="tests", ge=0)
+    seed: int | None = setting("ORCH_X_SEED", None, "A seed.", read_by="tests")
+    name: str = setting("ORCH_X_NAME", "dflt", "A name.", read_by="tests")
+    prefix: str = setting("ORCH_X_PREFIX", "", "A prefix.", read_by="tests", blank="keep")
+
+
+@pytest.mark.parametrize("environ", [{}, {"ORCH_X_COUNT": "", "ORCH_X_NAME": "  "}])
+def test_unset_or_blank_gives_the_default(environ: dict[str, str]) -> None:
+    assert _Example.from_env(environ) == _Example()
+    assert _Example.from_env(environ).seed is None
+
+
+def test_values_parse_without_surrounding_blanks() -> None:
+    got = _Example.from_env(
+        {"ORCH_X_COUNT": " 42 ", "ORCH_X_COST": "1e3", "ORCH_X_NAME": " v ", "ORCH_X_SEED": "-3"}
+    )
+    assert (got.count, got.cost, got.name, got.seed) == (42, 1000.0, "v", -3)
+
+
+def test_a_kept_blank_is_taken_as_given() -> None:
+    assert _Example.from_env({"ORCH_X_PREFIX": " "}).prefix == " "
+
+
+def test_keyword_arguments_read_no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_X_COUNT", "12")
+    assert _Example(port=1).count == 7
+    assert _Example.from_env().count == 12
+    assert _Example.read("count") == 12
+    assert _Example.from_env(count=3).count == 3
+
+
+def test_read_checks_only_its_own_variable() -> None:
+    assert _Example.read("count", {"ORCH_X_COUNT": "2", "ORCH_X_PORT": "bad"}) == 2
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ORCH_X_COUNT": "abc"}, "ORCH_X_COUNT must be a whole number >= 1, got 'abc'"),
+        ({"ORCH_X_COUNT": "1.5"}, "ORCH_X_COUNT must be a whole number >= 1, got '1.5'"),
+        ({"ORCH_X_COUNT": "0"}, "ORCH_X_COUNT must be a whole number >= 1, got '0'"),
+        (
+            {"ORCH_X_PORT": "70000"},
+            "ORCH_X_PORT must be a whole number between 0 and 65535, got '70000'",
+        ),
+        ({"ORCH_X_COST": "-0.5"}, "ORCH_X_COST must be a finite number >= 0, got '-0.5'"),
+        ({"ORCH_X_COST": "nan"}, "ORCH_X_COST must be a finite number >= 0, got 'nan'"),
+        ({"ORCH_X_COST": "inf"}, "ORCH_X_COST must be a finite number >= 0, got 'inf'"),
+        ({"ORCH_X_SHARE": "0"}, "ORCH_X_SHARE must be a finite number > 0 and <= 1, got '0'"),
+        ({"ORCH_X_SEED": "soon"}, "ORCH_X_SEED must be a whole number, got 'soon'"),
+    ],
+)
+def test_a_bad_value_names_the_variable_and_what_it_takes(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(InvalidSetting) as err:
+        _Example.from_env(env)
+    assert str(err.value) == message
+    assert isinstance(err.value, ValueError)
+
+
+def test_every_bad_variable_is_named() -> None:
+    with pytest.raises(ValueError) as err:
+        _Example.from_env({"ORCH_X_COUNT": "x", "ORCH_X_PORT": "y"})
+    assert "ORCH_X_COUNT" in str(err.value) and "ORCH_X_PORT" in str(err.value)
+
+
+# -- the one source ----------------------------------------------------------------------
+
+
+def test_the_committed_page_is_the_generated_one() -> None:
+    # Fails when a settings class changed and `python -m services.settings --write` was not run.
+    text = DOC.read_text()
+    assert rewrite_doc(text, CATALOG) == text
+
+
+def test_each_variable_is_declared_once() -> None:
+    names = [env for cls in CATALOG for env in cls.env_names()]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
