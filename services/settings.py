@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+from services.router.settings import RouterSettings
 from streams.config import (
     ROOT,
     BrokerSettings,
@@ -30,6 +31,7 @@ CATALOG: tuple[type[EnvSettings], ...] = (
     BrokerSettings,
     LLMSettings,
     BudgetSettings,
+    RouterSettings,
     OperatorSettings,
     ProcessSettings,
     LauncherSettings,
