@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+from services.gateway.settings import GatewaySettings
 from services.router.settings import RouterSettings
 from streams.config import (
     ROOT,
@@ -32,6 +33,7 @@ CATALOG: tuple[type[EnvSettings], ...] = (
     LLMSettings,
     BudgetSettings,
     RouterSettings,
+    GatewaySettings,
     OperatorSettings,
     ProcessSettings,
     LauncherSettings,

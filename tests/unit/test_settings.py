@@ -127,3 +127,19 @@ def test_router_settings() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             RouterSettings.from_env(env)
+
+
+def test_gateway_settings() -> None:
+    from datetime import timedelta
+
+    from services.gateway.settings import GatewaySettings
+
+    got = GatewaySettings.from_env(
+        {"ORCH_GATEWAY_RUN_LOOKBACK_HOURS": "2", "ORCH_GATEWAY_MAX_MESSAGES": "3"}
+    )
+    assert got.run_lookback == timedelta(hours=2) and got.limits.max_messages == 3
+    with pytest.raises(ValueError) as err:
+        GatewaySettings.from_env({"ORCH_GATEWAY_DRAIN_SECONDS": "9"})
+    assert str(err.value) == (
+        "ORCH_GATEWAY_DRAIN_SECONDS must be a finite number between 0.0 and 8.0, got '9'"
+    )
