@@ -34,9 +34,10 @@ from services.router.service import KNOWLEDGE_TOPICS, Router  # noqa: E402
 from streams import events as ev  # noqa: E402
 from streams.clock import SystemClock  # noqa: E402
 from streams.codec import default_codec  # noqa: E402
-from streams.kafka import EventConsumer, EventProducer, KafkaSettings  # noqa: E402
+from streams.kafka import EventProducer, KafkaSettings  # noqa: E402
 from streams.signatures import exact_key, signature_of  # noqa: E402
 from streams.topics import create_topics  # noqa: E402
+from streams.views import TopicView  # noqa: E402
 
 SPECIALTIES = ["customer_support", "code", "research", "writing", "math"]
 WORDS = "invoice refund login python error proof essay travel budget contract loop vector".split()
@@ -142,8 +143,6 @@ def baselines(events: list[ev.Event]) -> tuple[float, float]:
 
 async def through_kafka(settings: KafkaSettings, expected: int) -> tuple[float, int, Router]:
     router = _fresh_router()
-    consumer = EventConsumer(settings, KNOWLEDGE_TOPICS, group_id=None, source="bench")
-    ready = asyncio.Event()
     count = 0
 
     def learn(event: ev.Event) -> None:
@@ -153,16 +152,14 @@ async def through_kafka(settings: KafkaSettings, expected: int) -> tuple[float, 
         if count % 20_000 == 0:
             say(f"  folded {count:,} of {expected:,}")
 
+    view = TopicView(settings, KNOWLEDGE_TOPICS, learn, source="bench")
     started = time.perf_counter()
-    await consumer.start()
-    follower = asyncio.create_task(consumer.follow(learn, ready))
+    await view.start()
     try:
-        await asyncio.wait_for(ready.wait(), 3600)
+        await asyncio.wait_for(view.ready.wait(), 3600)
         elapsed = time.perf_counter() - started
     finally:
-        follower.cancel()
-        await asyncio.gather(follower, return_exceptions=True)
-        await consumer.stop()
+        await view.stop()
     return elapsed, count, router
 
 

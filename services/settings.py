@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import sys
 
-from services.gateway.settings import GatewaySettings
-from services.router.settings import RouterSettings
 from streams.config import (
     ROOT,
     BrokerSettings,
@@ -32,8 +30,6 @@ CATALOG: tuple[type[EnvSettings], ...] = (
     BrokerSettings,
     LLMSettings,
     BudgetSettings,
-    RouterSettings,
-    GatewaySettings,
     OperatorSettings,
     ProcessSettings,
     LauncherSettings,

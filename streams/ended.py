@@ -14,11 +14,10 @@ import logging
 from collections import OrderedDict
 from datetime import timedelta
 
-from aiokafka import TopicPartition
-
 from streams.clock import Clock
 from streams.events import Event, WorkflowCompleted, WorkflowFailed, WorkflowStarted
-from streams.kafka import EventConsumer, KafkaSettings
+from streams.kafka import KafkaSettings
+from streams.views import TopicView
 
 __all__ = ["ATTEMPT_TOPICS", "TERMINAL_TOPICS", "EndedRuns", "follow_recent"]
 
@@ -82,17 +81,12 @@ async def follow_recent(
     past any deadline.
     """
     topics = TERMINAL_TOPICS + (ATTEMPT_TOPICS if attempts else ())
-    consumer = EventConsumer(settings, topics, group_id=None, source=source)
-    await consumer.start()
+    since = ended.clock.now() - timedelta(seconds=window_s)
+    view = TopicView(settings, topics, ended.apply, source=source, since=lambda: since)
+    await view.start()
     try:
-        raw = consumer.raw
-        parts: list[TopicPartition] = list(raw.assignment())
-        since = int((ended.clock.now() - timedelta(seconds=window_s)).timestamp() * 1000)
-        found = await raw.offsets_for_times(dict.fromkeys(parts, since))
-        ends = await raw.end_offsets(parts)
-        for tp in parts:
-            at = found.get(tp)
-            raw.seek(tp, at.offset if at is not None else ends[tp])
-        await consumer.follow(ended.apply, ready)
+        await view.ready.wait()
+        ready.set()
+        await view.wait()
     finally:
-        await consumer.stop()
+        await view.stop()

@@ -530,26 +530,6 @@ class EventConsumer(AsyncLifecycle):
             for delivery in batch:
                 yield delivery
 
-    async def follow(self, apply: Callable[[Event], None], ready: asyncio.Event) -> None:
-        """Fold every event into ``apply`` forever; set ``ready`` once caught up with the log.
-
-        For views read outside a group (registry, learned knowledge): a service
-        waits for ``ready`` before it serves, so it never acts on a partial view.
-        """
-        ends = await self._consumer.end_offsets(list(self._consumer.assignment()))
-        pending = {tp for tp, end in ends.items() if end > 0}
-        if not pending:
-            ready.set()
-        async for batch in self.batches(timeout_ms=100):
-            for delivery in batch:
-                apply(delivery.event)
-            if pending:
-                for tp in list(pending):
-                    if await self._consumer.position(tp) >= ends[tp]:
-                        pending.discard(tp)
-                if not pending:
-                    ready.set()
-
     async def run(self, handler: Handler, *, stop: asyncio.Event | None = None) -> None:
         """Handle every event at least once: commit after each handled batch."""
         async for batch in self.batches():

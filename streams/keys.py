@@ -9,8 +9,6 @@ role (``user`` or ``operator``); ``api_key_revoked`` ends it for good.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import hmac
 import re
@@ -19,11 +17,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from aiokafka import TopicPartition
-
 from streams.config import OperatorSettings
 from streams.events import ApiKeyIssued, ApiKeyRevoked, Event, Role
-from streams.kafka import EventConsumer, KafkaSettings
+from streams.kafka import KafkaSettings
+from streams.views import TopicView
 
 __all__ = [
     "KEY_TOPICS",
@@ -167,50 +164,17 @@ class KeyView:
     def __init__(self, settings: KafkaSettings, *, operators: Iterable[str] = ()) -> None:
         self.registry = KeyRegistry()
         self.operators = frozenset(operators)
-        self._consumer = EventConsumer(settings, KEY_TOPICS, group_id=None, source="keys")
-        self._task: asyncio.Task[None] | None = None
-        self._read: dict[TopicPartition, int] = {}
+        self._view = TopicView(settings, KEY_TOPICS, self.registry.apply, source="keys")
 
     async def start(self) -> None:
-        await self._consumer.start()
-        self._task = asyncio.create_task(self._run(), name="key-view")
+        await self._view.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._consumer.stop()
-
-    async def _run(self) -> None:
-        raw = self._consumer.raw
-        while True:
-            fetched = await raw.getmany(timeout_ms=500, max_records=500)
-            for tp, records in fetched.items():
-                for record in records:
-                    delivery = await self._consumer.decode(record)
-                    if delivery is not None:
-                        self.registry.apply(delivery.event)
-                    self._read[tp] = record.offset + 1
+        await self._view.stop()
 
     async def sync(self, timeout: float = 5.0) -> None:
         """Wait until what is on the key topics now has been read (or ``timeout``)."""
-        raw = self._consumer.raw
-        ends = await raw.end_offsets(list(raw.assignment()))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not await self._reached(ends):
-            if loop.time() > deadline:
-                return
-            await asyncio.sleep(0.02)
-
-    async def _reached(self, ends: dict[TopicPartition, int]) -> bool:
-        raw = self._consumer.raw
-        for tp, end in ends.items():
-            # Position covers offsets that hold no record (compaction, transaction markers).
-            if self._read.get(tp, 0) < end and await raw.position(tp) < end:
-                return False
-        return True
+        await self._view.sync(timeout=timeout)
 
     async def is_operator(self, user_id: str | None) -> bool:
         if user_id is None:

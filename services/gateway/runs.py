@@ -8,15 +8,12 @@ user asked it. The index reads the terminal topics outside any group, from
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections import OrderedDict
 from datetime import datetime, timedelta
 
-from aiokafka import TopicPartition
-
 from streams.events import Event, WorkflowCompleted, WorkflowFailed
-from streams.kafka import EventConsumer, KafkaSettings
+from streams.kafka import KafkaSettings
+from streams.views import TopicView
 
 __all__ = ["RunIndex"]
 
@@ -32,17 +29,12 @@ class RunIndex:
         capacity: int = 200_000,
         source: str = "gateway",
     ) -> None:
+        self.settings = settings
         self.lookback = lookback
         self.capacity = capacity
+        self.source = source
         self._goals: OrderedDict[str, str] = OrderedDict()
-        self._consumer = EventConsumer(
-            settings,
-            (WorkflowCompleted.topic, WorkflowFailed.topic),
-            group_id=None,
-            source=source,
-        )
-        self._task: asyncio.Task[None] | None = None
-        self.ready = asyncio.Event()
+        self._view: TopicView | None = None
 
     def note(self, run_id: str, goal_id: str) -> None:
         """Record a run's goal (the gateway records the runs it answered at once)."""
@@ -59,42 +51,23 @@ class RunIndex:
             self.note(event.run_id, event.goal_id)
 
     async def start(self, now: datetime) -> None:
-        await self._consumer.start()
-        raw = self._consumer.raw
-        parts = list(raw.assignment())
-        since = int((now - self.lookback).timestamp() * 1000)
-        found = await raw.offsets_for_times(dict.fromkeys(parts, since))
-        ends = await raw.end_offsets(parts)
-        for tp in parts:
-            at = found.get(tp)
-            raw.seek(tp, at.offset if at is not None else ends[tp])
-        self._task = asyncio.create_task(self._follow(ends), name="gateway-runs")
-
-    async def _follow(self, ends: dict[TopicPartition, int]) -> None:
-        pending = dict(ends)
-        raw = self._consumer.raw
-        async for batch in self._consumer.batches(timeout_ms=200, idle=True):
-            for delivery in batch:
-                self._apply(delivery.event)
-            for tp, end in list(pending.items()):
-                if await raw.position(tp) >= end:
-                    del pending[tp]
-            if not pending:
-                self.ready.set()
+        self._view = TopicView(
+            self.settings,
+            (WorkflowCompleted.topic, WorkflowFailed.topic),
+            self._apply,
+            source=self.source,
+            since=lambda: now - self.lookback,
+            poll_ms=200,
+        )
+        await self._view.start()
 
     async def lookup(self, run_id: str, wait: float = 2.0) -> str | None:
         """The run's goal; waits up to ``wait`` for the index to catch up when not known yet."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
-            goal = self.goal_of(run_id)
-            if goal is not None or loop.time() >= deadline:
-                return goal
-            await asyncio.sleep(0.05)
+        goal = self.goal_of(run_id)
+        if goal is not None or self._view is None:
+            return goal
+        return await self._view.wait_for(lambda: self.goal_of(run_id), wait)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._consumer.stop()
+        if self._view is not None:
+            await self._view.stop()

@@ -27,14 +27,13 @@ import logging
 import os
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
 from aiohttp import web
-from aiokafka import TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from services.improvement.assess import JUDGE_MAX_TOKENS, Assessor, judge_messages
@@ -96,6 +95,7 @@ from streams.llm import (
 )
 from streams.runtime import ServiceContext
 from streams.topics import partition_for
+from streams.views import TopicView
 from streams.workflows import goal_of, goal_workflow, join_instructions
 
 __all__ = ["ImprovementConfig", "ImprovementService", "main", "serve"]
@@ -192,63 +192,6 @@ class ImprovementConfig:
         )
 
 
-class _LogView:
-    """Folds the view topics and knows how far it has applied each partition."""
-
-    def __init__(self, consumer: EventConsumer, apply: Callable[[Event], None]) -> None:
-        self.consumer = consumer
-        self._apply = apply
-        self._applied: dict[TopicPartition, int] = {}
-        self._busy = False
-        self.ready = asyncio.Event()
-        self.changed = asyncio.Event()
-
-    async def run(self) -> None:
-        raw = self.consumer.raw
-        start_ends = await raw.end_offsets(list(raw.assignment()))
-        while True:
-            if not self.ready.is_set() and await self._reached(start_ends):
-                self.ready.set()
-            fetched = await raw.getmany(timeout_ms=100, max_records=1000)
-            self._busy = True
-            try:
-                for tp, records in fetched.items():
-                    for record in records:
-                        # Undecodable records go to dead_letter inside decode() and still count
-                        # as read, so sync() never waits for a record it will never apply.
-                        delivery = await self.consumer.decode(record)
-                        if delivery is not None:
-                            try:
-                                self._apply(delivery.event)
-                            except Exception:  # one odd event must not stop the view
-                                log.exception("view failed on %s@%s", tp, record.offset)
-                        self._applied[tp] = record.offset + 1
-            finally:
-                self._busy = False
-            if fetched:
-                self.changed.set()
-
-    async def _reached(self, ends: dict[TopicPartition, int]) -> bool:
-        raw = self.consumer.raw
-        for tp, end in ends.items():
-            # Position covers offsets that hold no record (transaction markers, compaction).
-            if self._applied.get(tp, 0) < end and (self._busy or await raw.position(tp) < end):
-                return False
-        return True
-
-    async def sync(self, topics: Iterable[str], timeout: float = 10.0) -> None:
-        """Wait until every record now in ``topics`` has been applied."""
-        raw = self.consumer.raw
-        physical = {self.consumer.settings.topic(t) for t in topics}
-        ends = await raw.end_offsets([tp for tp in raw.assignment() if tp.topic in physical])
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not await self._reached(ends):
-            if loop.time() > deadline:
-                raise TimeoutError(f"view did not catch up with {sorted(physical)}")
-            await asyncio.sleep(0.01)
-
-
 class ImprovementService:
     """Handlers and decisions; Kafka is the context's producer and the consumers given to run()."""
 
@@ -262,7 +205,7 @@ class ImprovementService:
         self.state = ImprovementState(config.patterns, ctx.clock)
         self._assessed: OrderedDict[str, None] = OrderedDict()
         self._write_lock = asyncio.Lock()
-        self._view: _LogView | None = None
+        self._view: TopicView | None = None
         self._commands: EventConsumer | None = None
         self._owned: frozenset[int] = frozenset()
         self._waiters: dict[str, asyncio.Future[FeedbackDecided | PromotionDecided]] = {}
@@ -275,15 +218,15 @@ class ImprovementService:
     # -- knowledge -------------------------------------------------------------
     async def _run_known(self, run_id: str, ready: Callable[[RunInfo], bool]) -> RunInfo | None:
         """The run once the view has what ``ready`` needs; the view may lag the caller a moment."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.view_wait_s
-        while True:
+
+        def known() -> RunInfo | None:
             run = self.state.run(run_id)
-            if run is not None and ready(run):
-                return run
-            if loop.time() >= deadline:
-                return run
-            await asyncio.sleep(0.02)
+            return run if run is not None and ready(run) else None
+
+        found = known()
+        if found is None and self._view is not None:
+            found = await self._view.wait_for(known, self.config.view_wait_s)
+        return found or self.state.run(run_id)
 
     def owns(self, key: str) -> bool:
         """Whether this instance decides for ``key`` (a signature or workflow id)."""
@@ -707,7 +650,7 @@ class ImprovementService:
         if not self.is_operator(event.user_id):
             return [decided(False, _not_operator(event.user_id), "NotOperator")]
         assert self._view is not None
-        await self._view.sync(VERSION_TOPICS)
+        await self._sync_versions()
         saved = self.state.improvement(event.improvement_id)
         if saved is None:
             return [
@@ -748,10 +691,14 @@ class ImprovementService:
             await self.ctx.producer.send_many(out)
 
     # -- versions (single writer per workflow) ----------------------------------------
+    async def _sync_versions(self) -> None:
+        assert self._view is not None
+        if not await self._view.sync(VERSION_TOPICS, timeout=10.0):
+            raise TimeoutError(f"view did not catch up with {sorted(VERSION_TOPICS)}")
+
     async def _write(self, decide: Callable[[], list[Event]]) -> list[Event]:
         async with self._write_lock:
-            assert self._view is not None
-            await self._view.sync(VERSION_TOPICS)
+            await self._sync_versions()
             events = decide()
             if events:
                 await self.ctx.producer.send_many(events)
@@ -924,11 +871,8 @@ class ImprovementService:
                 last_sweep = self.ctx.clock.monotonic()
                 forgotten = self.state.learner.sweep()
                 log.debug("forgot %d signatures with no recent runs", forgotten)
-            try:
-                await asyncio.wait_for(self._view.changed.wait(), 1.0)
-            except TimeoutError:
-                pass  # a rebalance changes ownership without any new event
-            self._view.changed.clear()
+            # At least once a second: a rebalance changes ownership without any new event.
+            await self._view.changed(1.0)
             try:
                 await self.evaluate()
             except Exception:
@@ -963,7 +907,7 @@ class ImprovementService:
     async def run(self) -> None:
         ctx = self.ctx
         # A view only skips bytes it cannot decode; the topic's own consumers dead-letter them.
-        view = EventConsumer(ctx.settings, VIEW_TOPICS, group_id=None, source=SOURCE)
+        view = TopicView(ctx.settings, VIEW_TOPICS, self._view_event, source=SOURCE)
         work = EventConsumer(
             ctx.settings, WORK_TOPICS, group_id=ctx.group, producer=ctx.producer, source=SOURCE
         )
@@ -976,14 +920,14 @@ class ImprovementService:
             # Partition p of both command topics on one instance: one writer per workflow.
             partition_assignment_strategy=(RangePartitionAssignor,),
         )
-        self._view = _LogView(view, self._view_event)
+        self._view = view
         self._commands = commands
         tasks: list[asyncio.Task[None]] = []
         runner: web.AppRunner | None = None
         try:
             await view.start()
-            tasks.append(asyncio.create_task(self._view.run(), name="improvement-view"))
-            await asyncio.wait_for(self._view.ready.wait(), 120)
+            tasks.append(asyncio.create_task(view.wait(), name="improvement-view"))
+            await asyncio.wait_for(view.ready.wait(), 120)
             log.info(
                 "improvement caught up: %d runs, %d workflows",
                 len(self.state.runs),

@@ -44,6 +44,7 @@ from streams.registry import RegistryView
 from streams.runtime import ServiceContext
 from streams.specialties import profile_for
 from streams.topics import partition_for, spec_for
+from streams.views import TopicView
 from streams.workflows import with_adjustments
 
 __all__ = ["Breaker", "Loader", "main"]
@@ -432,7 +433,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     if llm is None:
         log.warning("no LLM endpoint configured: answers come from the degraded tiers")
     loader = Loader(ctx, llm, settings)
-    registry = EventConsumer(
+    registry = TopicView(
         ctx.settings,
         [
             AgentSpawned.topic,
@@ -441,7 +442,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             ImprovementApplied.topic,
             ImprovementRolledBack.topic,
         ],
-        group_id=None,
+        loader.learn,
         source=SOURCE,
     )
     tasks = EventConsumer(
@@ -457,8 +458,6 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     # LLM deadline), so the partition's next owner never runs a task this one still runs.
     tasks.drain_s = settings.timeout_s + 10.0
     await registry.start()
-    ready = asyncio.Event()
-    follower = asyncio.create_task(registry.follow(loader.learn, ready))
     ended_ready = asyncio.Event()
     ended = asyncio.create_task(
         follow_recent(
@@ -472,7 +471,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     )
     sweeper: asyncio.Task[None] | None = None
     try:
-        await asyncio.wait_for(ready.wait(), 120)
+        await asyncio.wait_for(registry.ready.wait(), 120)
         # What an earlier owner already answered is known before any task is taken.
         await asyncio.wait_for(ended_ready.wait(), 120)
         await tasks.start()
@@ -495,7 +494,6 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     finally:
         if sweeper is not None:
             sweeper.cancel()
-        follower.cancel()
         ended.cancel()
         await registry.stop()
         if llm is not None:

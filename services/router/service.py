@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from services.router.automations import AutomationHit, Automations
 from services.router.policy import Features, Policy, features_of, make_policy
 from services.router.scoring import OutcomeStats, Weights, score_agent
-from services.router.settings import RouterSettings
+from streams.config import env_float
 from streams.ended import EndedRuns
 from streams.events import (
     AgentRetired,
@@ -41,6 +42,7 @@ from streams.registry import AgentRecord, RegistryView
 from streams.runtime import ServiceContext
 from streams.signatures import exact_key, signature_of
 from streams.specialties import PROFILES
+from streams.views import TopicView
 
 __all__ = ["Router", "main"]
 
@@ -83,10 +85,10 @@ class Router:
     ) -> None:
         self.ctx = ctx
         self.ended = EndedRuns(ctx.clock)
-        settings = RouterSettings.from_env()
-        self.weights = weights or settings.weights
-        self.policy = policy or make_policy(settings=settings)
-        self.arms = list(settings.arms) or list(PROFILES)
+        self.weights = weights or Weights.from_env()
+        self.policy = policy or make_policy()
+        arms = os.environ.get("ORCH_ROUTER_ARMS", "")
+        self.arms = [a.strip() for a in arms.split(",") if a.strip()] or list(PROFILES)
         # run_id -> what the policy saw and chose, until the outcome's quality is known
         self._decisions: OrderedDict[str, tuple[Features, str] | None] = OrderedDict()
         # run_id -> quality of an assessment read before its decision
@@ -94,7 +96,7 @@ class Router:
         self.registry = RegistryView()
         self.automations = Automations()
         self.stats = OutcomeStats()
-        self.spawn_timeout = settings.spawn_timeout
+        self.spawn_timeout = env_float("ORCH_SPAWN_TIMEOUT", 30.0, minimum=0)
         # (goal_id, specialty) -> requests waiting for that agent to exist
         self._waiting: dict[tuple[str, str], list[_Waiter]] = defaultdict(list)
         self._dispatched: dict[str, str] = {}  # run_id -> agent_id, until its outcome
@@ -363,7 +365,7 @@ class Router:
 
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     router = Router(ctx)
-    knowledge = EventConsumer(ctx.settings, KNOWLEDGE_TOPICS, group_id=None, source=SOURCE)
+    knowledge = TopicView(ctx.settings, KNOWLEDGE_TOPICS, router.learn, source=SOURCE)
     requests = EventConsumer(
         ctx.settings,
         [RequestReceived.topic],
@@ -372,10 +374,8 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         source=SOURCE,
     )
     await knowledge.start()
-    ready = asyncio.Event()
-    follower = asyncio.create_task(knowledge.follow(router.learn, ready))
     try:
-        await asyncio.wait_for(ready.wait(), 120)
+        await asyncio.wait_for(knowledge.ready.wait(), 120)
         log.info("router caught up: %d agents known", len(router.registry.agents))
         await requests.start()
         try:
@@ -383,5 +383,4 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         finally:
             await requests.stop()
     finally:
-        follower.cancel()
         await knowledge.stop()

@@ -29,7 +29,7 @@ def _free_port() -> int:
 async def _start_gateway(platform, **env: str):
     """A gateway process on a free port; returns (process, base URL) once it answers."""
     port = _free_port()
-    proc = platform.start_service("gateway", ORCH_GATEWAY_PORT=str(port), **env)
+    proc = platform.start("gateway", ORCH_GATEWAY_PORT=str(port), **env)
     root = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     async with aiohttp.ClientSession() as http:
@@ -315,14 +315,19 @@ async def test_feedback_through_the_gateway_gets_the_verdict(platform, client, g
 async def test_a_gateway_stopped_mid_traffic_answers_or_refuses_every_request(platform, client):
     """Two gateways behind a client that fails over: one gets SIGTERM while requests are in
     flight. Each request it accepted is answered; each it refused says 503 (or the connection
-    is refused once it is gone), and the retry on the other gateway is answered."""
+    is refused once it is gone), and the retry on the other gateway is answered.
+
+    A request written on a kept-alive connection at the moment the stopping gateway closes
+    it is cut off before the gateway read it (the same race as any server's keep-alive
+    timeout); the client fails over as on a refusal. That the gateway never read such a
+    request is checked in the platform: every request that reached it was answered once."""
     goal = "gw-failover"
     key = await _key(client, goal)
     proc_a, url_a = await _start_gateway(platform)
     proc_b, url_b = await _start_gateway(platform)
     outcomes: Counter[str] = Counter()
     t0 = [time.monotonic()]  # then: when A got its SIGTERM
-    lost: list[str] = []
+    cut: dict[int, str] = {}  # request -> where and when its connection was cut
     first: dict[int, str] = {}  # what the first gateway a request went to said
     answered: list[str] = []
 
@@ -346,10 +351,10 @@ async def test_a_gateway_stopped_mid_traffic_answers_or_refuses_every_request(pl
                     assert response.status == 503, out
                     assert out["error"]["code"] == "stopping"
                     outcomes[f"503 {where}"] += 1
-            except aiohttp.ServerDisconnectedError:
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 where = "a" if url == url_a else "b"
-                lost.append(f"request {i} cut off by {where} at {time.monotonic() - t0[-1]:+.2f} s")
-                return
+                cut[i] = f"{where} at {time.monotonic() - t0[-1]:+.2f} s"
+                outcomes[f"cut {where}"] += 1
             except aiohttp.ClientConnectorError:
                 first.setdefault(i, "refused connection")
                 outcomes["refused connection"] += 1
@@ -370,7 +375,9 @@ async def test_a_gateway_stopped_mid_traffic_answers_or_refuses_every_request(pl
         platform.llm.configure(latency_ms=0)
         proc_b.terminate()
     assert proc_a.wait(20) == 0
-    assert not lost, lost
+    # Only the stopping gateway cuts, and only requests sent after its signal: what it had
+    # in flight before was answered.
+    assert all(i >= 20 and where.startswith("a ") for i, where in cut.items()), cut
     proc_b.wait(20)
     assert len(answered) == len(set(answered)) == 60
     # A answered everything sent to it well before its SIGTERM (>= 150 ms: at 400 ms an
