@@ -894,7 +894,7 @@ async def read_log(settings: Any, timeout: float = 180.0) -> tuple[list[Event], 
 
 def read_clickhouse(info_file: Path) -> dict[str, tuple[int, int]]:
     """event_id -> (rows, rows seen through FINAL), through the sink's query server."""
-    from services.analytics.query_server import RemoteQueries
+    from streams.sql import RemoteQueries
 
     source = RemoteQueries(info_file=info_file, timeout=120.0)
     raw = source.query("SELECT event_id, count() FROM events GROUP BY event_id")

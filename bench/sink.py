@@ -34,9 +34,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from local.localkafka import ensure_broker  # noqa: E402
-from services.analytics.metrics import metric_queries  # noqa: E402
 from services.analytics.sink import SinkConfig, SinkStats, run_sink  # noqa: E402
 from services.analytics.store import ClickHouseStore, EncodedEvent  # noqa: E402
+from services.cli.dashboard import metric_queries  # noqa: E402
 from streams import events as ev  # noqa: E402
 from streams.clock import SystemClock  # noqa: E402
 from streams.codec import default_codec  # noqa: E402

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import sys
 
+from services.gateway.settings import GatewaySettings
+from services.router.settings import RouterSettings
 from streams.config import (
     ROOT,
     BrokerSettings,
@@ -30,6 +32,8 @@ CATALOG: tuple[type[EnvSettings], ...] = (
     BrokerSettings,
     LLMSettings,
     BudgetSettings,
+    RouterSettings,
+    GatewaySettings,
     OperatorSettings,
     ProcessSettings,
     LauncherSettings,

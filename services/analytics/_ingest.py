@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streams.codec import MAGIC
+from streams.sql import quote_string
 
 __all__ = [
     "HEADER_LEN",
@@ -88,11 +89,6 @@ def clickhouse_type(avro_type: Any) -> str:
 def structure(schema: Mapping[str, Any]) -> list[Column]:
     """The fields of an Avro record schema as ClickHouse columns, in schema order."""
     return [Column(f["name"], clickhouse_type(f["type"])) for f in schema["fields"]]
-
-
-def quote_string(text: str) -> str:
-    """A ClickHouse string literal."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _is_bytes(avro_type: Any) -> bool:

@@ -1,12 +1,11 @@
-"""The SQL surface over the event log: the sink's loopback query server and the CLI's client.
+"""The SQL surface over the event log: the sink's loopback query server.
 
-With the embedded engine only the sink process can open the data directory, so
-the sink serves queries on 127.0.0.1 (port and token in a file next to the
-data) and :func:`query_sql` goes there. With ``CLICKHOUSE_URL`` (or
-``CLICKHOUSE_READ_URL``) set, the client talks to that server itself. Either
-way every statement goes through :mod:`services.analytics.sqlguard`: it must be
-one read of the event log's tables, and it runs within the limits of
-``ORCH_SQL_*`` on a ``readonly=1`` session.
+The sink serves queries on 127.0.0.1 (port and token in a file next to the data),
+whichever engine it writes to: the embedded one, which only the sink's process can
+open, or the server of ``CLICKHOUSE_URL`` (read with ``CLICKHOUSE_READ_URL``'s
+credentials when set). Its client is :mod:`streams.sql`. Every statement goes through
+:mod:`services.analytics.sqlguard`: it must be one read of the event log's tables, and
+it runs within the limits of ``ORCH_SQL_*`` on a ``readonly=1`` session.
 """
 
 from __future__ import annotations
@@ -16,44 +15,22 @@ import logging
 import os
 import secrets
 import threading
-import urllib.error
-import urllib.request
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from services.analytics.sqlguard import GuardedQueries
-from services.analytics.store import ClickHouseStore, QueryResult
-from streams.config import data_root
+from services.analytics.store import ClickHouseStore
 from streams.errors import QueryRefused, StoreError
+from streams.sql import FORMATS, query_server_file
 
-__all__ = [
-    "FORMATS",
-    "QueryServer",
-    "RemoteQueries",
-    "query_rows",
-    "query_server_file",
-    "query_source",
-    "query_sql",
-]
+__all__ = ["QueryServer"]
 
 log = logging.getLogger(__name__)
 
-# What `orchestrator sql --format` offers, as ClickHouse output formats.
-FORMATS = {
-    "table": "PrettyCompactMonoBlock",
-    "json": "JSON",
-    "csv": "CSVWithNames",
-    "tsv": "TSVWithNames",
-}
 _ROWS_FORMAT = "JSONCompact"
 _MAX_BODY = 1024 * 1024
-
-
-def query_server_file(base: Path | None = None) -> Path:
-    """Where the running sink says how to reach its query server."""
-    return (base or data_root()) / "clickhouse-query.json"
 
 
 class QueryServer:
@@ -159,105 +136,3 @@ def _handler(surface: GuardedQueries, token: str) -> type[BaseHTTPRequestHandler
             self.wfile.write(body)
 
     return Handler
-
-
-class RemoteQueries:
-    """A :class:`~services.analytics.store.SqlSource` answered by the sink's query server."""
-
-    def __init__(self, *, info_file: Path | None = None, timeout: float = 60.0) -> None:
-        self.info_file = info_file or query_server_file()
-        self.timeout = timeout
-
-    def _endpoint(self) -> tuple[str, str]:
-        try:
-            info = json.loads(self.info_file.read_text(encoding="utf-8"))
-            return str(info["url"]), str(info["token"])
-        except FileNotFoundError:
-            raise StoreError(
-                f"the analytics sink is not running (no {self.info_file}); start the platform"
-                " with `make run` or the service with `python -m services.analytics`, or set"
-                " CLICKHOUSE_URL if the platform writes to a ClickHouse server"
-            ) from None
-        except (OSError, ValueError, KeyError) as exc:
-            raise StoreError(f"cannot read {self.info_file}: {exc}") from exc
-
-    def text(self, sql: str, fmt: str) -> str:
-        """The result rendered by ClickHouse: ``fmt`` is a key of :data:`FORMATS` or ``rows``."""
-        url, token = self._endpoint()
-        request = urllib.request.Request(
-            url + "/query",
-            data=json.dumps({"sql": sql, "format": fmt}).encode("utf-8"),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-            method="POST",
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return bytes(response.read()).decode("utf-8")
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode("utf-8", errors="replace")
-            try:
-                answer = json.loads(detail)
-                message, refused = str(answer["error"]), answer.get("refused") is True
-            except (ValueError, KeyError, TypeError, AttributeError):
-                message, refused = detail or str(err), False
-            raise (QueryRefused if refused else StoreError)(message) from None
-        except (urllib.error.URLError, OSError) as err:
-            raise StoreError(
-                f"no analytics query server answers at {url} ({err}); is the analytics"
-                f" service running? ({self.info_file} may be left from a stopped sink)"
-            ) from None
-
-    def query(self, sql: str, *, readonly: bool = True) -> QueryResult:
-        if not readonly:
-            raise StoreError("the query server only runs read-only queries")
-        return _parse_rows(self.text(sql, "rows"))
-
-    def close(self) -> None:
-        """Nothing to release: each query is one HTTP request."""
-
-
-def _parse_rows(text: str) -> QueryResult:
-    data = json.loads(text)
-    columns = [str(m["name"]) for m in data.get("meta", [])]
-    return QueryResult(columns, [tuple(row) for row in data.get("data", [])])
-
-
-def query_source(*, timeout: float = 60.0) -> GuardedQueries | RemoteQueries:
-    """Where reads go: the server of ``CLICKHOUSE_READ_URL`` (else ``CLICKHOUSE_URL``)
-    through the guard, or the running sink's query server (which guards them itself).
-
-    Pass it to :func:`services.analytics.metrics.compute_metrics`; ``close()`` it after.
-    """
-    url = os.environ.get("CLICKHOUSE_READ_URL") or os.environ.get("CLICKHOUSE_URL")
-    if url:
-        return GuardedQueries(ClickHouseStore(url=url), owns_store=True)
-    return RemoteQueries(timeout=timeout)
-
-
-def query_sql(sql: str, fmt: str = "table", *, timeout: float = 60.0) -> str:
-    """Run one read of the event log and return ClickHouse's rendering of the result.
-
-    ``fmt``: ``table`` (PrettyCompact), ``json`` (ClickHouse JSON: meta, data,
-    rows, statistics), ``csv`` or ``tsv`` (with a header row). Raises
-    :class:`~streams.errors.QueryRefused` naming what the guard refused, or
-    :class:`~streams.errors.StoreError` with ClickHouse's own message (a syntax
-    error, a limit reached, ...).
-    """
-    if fmt not in FORMATS:
-        raise StoreError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    source = query_source(timeout=timeout)
-    try:
-        if isinstance(source, GuardedQueries):
-            return source.text(sql, FORMATS[fmt])
-        return source.text(sql, fmt)
-    finally:
-        source.close()
-
-
-def query_rows(sql: str, *, timeout: float = 60.0) -> QueryResult:
-    """Run one read of the event log (through the guard) and return its columns and rows."""
-    source = query_source(timeout=timeout)
-    try:
-        return source.query(sql)
-    finally:
-        source.close()

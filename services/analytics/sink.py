@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -394,18 +395,22 @@ async def run_sink(
 
 
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
-    """The service: open the store, apply the schema, serve read-only SQL when embedded, sink."""
+    """The service: open the store, apply the schema, serve read-only SQL, sink."""
     store = open_store()
     log.info("analytics: writing to %s", store.describe())
+    # The SQL surface reads with the reader's credentials when a server has them.
+    read_url = None if store.embedded else os.environ.get("CLICKHOUSE_READ_URL")
+    reader = ClickHouseStore(url=read_url) if read_url else store
     try:
         await _apply_schema(store, embedded=store.embedded)
-        server = QueryServer(store).start() if store.embedded else None
+        server = QueryServer(reader).start()
         try:
             await run_sink(ctx, stop, store)
         finally:
-            if server is not None:
-                server.close()
+            server.close()
     finally:
+        if reader is not store:
+            await asyncio.to_thread(reader.close)
         await asyncio.to_thread(store.close)
 
 

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from services.analytics import _ingest
@@ -17,6 +17,7 @@ from streams.codec import EventCodec, default_codec
 from streams.config import ROOT, data_root, env_float, env_int
 from streams.errors import DecodeError, StoreError
 from streams.events import Event
+from streams.sql import QueryResult, SqlSource
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -138,19 +139,6 @@ class QueryLimits:
             "max_threads": self.max_threads,
             "readonly": 1,
         }
-
-
-class QueryResult(NamedTuple):
-    columns: list[str]
-    rows: list[tuple[Any, ...]]
-
-
-class SqlSource(Protocol):
-    """Anything that answers SQL over the event log: a store, or the sink's query server."""
-
-    def query(self, sql: str, *, readonly: bool = True) -> QueryResult:
-        """Run one statement; ``readonly`` makes ClickHouse refuse anything but reads."""
-        ...
 
 
 class EventStore(SqlSource, Protocol):

@@ -5,22 +5,29 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import typer
-from aiokafka.errors import KafkaError
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from local.localkafka import kafka_answers
-from services.improvement.admin import list_versions, request_rollback
-from services.improvement.versions import VERSION_TOPICS, WorkflowLedger
-from services.router.replay import ReplayResult, evaluate, join_log
+from services.cli.common import (
+    EXIT_INVALID,
+    EXIT_TIMEOUT,
+    JsonOpt,
+    fail,
+    kafka_settings,
+    out,
+    parse_duration,
+    print_json,
+    require_kafka,
+    run,
+)
 from streams.codec import default_codec
 from streams.errors import DecodeError, InvalidRequest, NoVerdict
 from streams.events import (
@@ -28,7 +35,6 @@ from streams.events import (
     Event,
     ImprovementRolledBack,
     RollbackRequested,
-    RouteDecided,
     WorkflowAssessed,
     WorkflowCompleted,
     validate_identifier,
@@ -36,41 +42,13 @@ from streams.events import (
 from streams.kafka import EventConsumer, KafkaSettings
 from streams.keys import DEFAULT_OPERATORS
 from streams.registry import read_topics_to_end
+from streams.versions import VERSION_TOPICS, VersionLedger, list_versions, request_rollback
 from streams.workflows import goal_of
 
 __all__ = ["VersionQuality", "measured_quality", "version_rows", "workflows_app"]
 
-T = TypeVar("T")
-
 # Merged into the main app: these are top-level commands, not a group.
 workflows_app = typer.Typer()
-
-_out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False)
-_INVALID, _TIMEOUT = 2, 3
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")]
-
-
-def _stop(message: str, code: int = 1, *, as_json: bool, **extra: Any) -> NoReturn:
-    if as_json:
-        sys.stdout.write(json.dumps({"error": message, **extra}, indent=2) + "\n")
-    else:
-        _err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _on_kafka(coro: Coroutine[Any, Any, T], as_json: bool) -> T:
-    """Run ``coro`` against the broker; one clear line when the broker is not there."""
-    settings = KafkaSettings.from_env()
-    where = f"cannot reach Kafka at {settings.bootstrap}"
-    if not kafka_answers(settings.bootstrap, timeout=3.0):
-        coro.close()
-        _stop(f"{where}; is the platform up? (`orchestrator up`)", as_json=as_json)
-    try:
-        return asyncio.run(coro)
-    except (KafkaError, ConnectionError) as exc:
-        _stop(f"{where} ({exc})", as_json=as_json)
 
 
 def _workflow_id(value: str, as_json: bool) -> str:
@@ -79,9 +57,9 @@ def _workflow_id(value: str, as_json: bool) -> str:
         for part in (specialty,) if goal is None else (goal, specialty):
             validate_identifier(part)
     except ValueError as exc:
-        _stop(
+        fail(
             f"workflow: {exc} (a workflow is SPECIALTY or GOAL/SPECIALTY)",
-            _INVALID,
+            EXIT_INVALID,
             as_json=as_json,
         )
     return value
@@ -130,14 +108,14 @@ def measured_quality(events: Iterable[Event]) -> dict[tuple[str, int], VersionQu
 
 def version_rows(events: list[Event], workflow_id: str | None) -> list[dict[str, Any]]:
     """Every version of ``workflow_id`` (or of every workflow on the version topics)."""
-    ledgers: dict[str, WorkflowLedger] = {}
+    ledgers: dict[str, VersionLedger] = {}
     if workflow_id is not None:
-        ledgers[workflow_id] = WorkflowLedger(workflow_id)
+        ledgers[workflow_id] = VersionLedger(workflow_id)
     for e in events:
         flow = getattr(e, "workflow_id", None)
         if e.topic in VERSION_TOPICS and isinstance(flow, str):
             if workflow_id is None or flow == workflow_id:
-                ledgers.setdefault(flow, WorkflowLedger(flow)).apply(e)
+                ledgers.setdefault(flow, VersionLedger(flow)).apply(e)
     quality = measured_quality(events)
     rows = []
     for flow in sorted(ledgers):
@@ -171,15 +149,16 @@ def versions(
     """
     if workflow is not None:
         workflow = _workflow_id(workflow, as_json)
-    settings = KafkaSettings.from_env()
+    settings = kafka_settings()
     topics = [*VERSION_TOPICS, WorkflowCompleted.topic, WorkflowAssessed.topic]
-    events = _on_kafka(read_topics_to_end(settings, topics), as_json)
+    require_kafka(settings, as_json=as_json)
+    events = run(read_topics_to_end(settings, topics), settings, as_json=as_json)
     rows = version_rows(events, workflow)
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
+        print_json(rows)
         return
     if not rows:
-        _out.print("no workflow has versions yet (each agent serves its own prompt, version 1)")
+        out.print("no workflow has versions yet (each agent serves its own prompt, version 1)")
         return
     table = Table(title="workflow versions")
     for column in ("workflow", "v", "status", "share", "source", "runs", "quality", "change"):
@@ -198,7 +177,7 @@ def versions(
             quality,
             escape(_change(r)),
         )
-    _out.print(table)
+    out.print(table)
 
 
 # -- rollback ---------------------------------------------------------------------------
@@ -297,18 +276,19 @@ def rollback(
     try:
         user = validate_identifier(user)
     except ValueError as exc:
-        _stop(f"--as: {exc}", _INVALID, as_json=as_json)
-    settings = KafkaSettings.from_env()
+        fail(f"--as: {exc}", EXIT_INVALID, as_json=as_json)
+    settings = kafka_settings()
     try:
-        asked, outcome = _on_kafka(
-            _rollback(settings, workflow, to, user, reason, timeout), as_json
+        require_kafka(settings, as_json=as_json)
+        asked, outcome = run(
+            _rollback(settings, workflow, to, user, reason, timeout), settings, as_json=as_json
         )
     except InvalidRequest as exc:
-        _stop(str(exc), _INVALID, as_json=as_json)
+        fail(str(exc), EXIT_INVALID, as_json=as_json)
     except NoVerdict as exc:
-        _stop(str(exc), _TIMEOUT, as_json=as_json)
+        fail(str(exc), EXIT_TIMEOUT, as_json=as_json)
     if isinstance(outcome, DeadLetter):
-        _stop(
+        fail(
             f"refused: {outcome.reason}",
             as_json=as_json,
             error_type=outcome.error_type,
@@ -324,9 +304,9 @@ def rollback(
         "event_id": asked.event_id,
     }
     if as_json:
-        sys.stdout.write(json.dumps(done, indent=2) + "\n")
+        print_json(done)
     else:
-        _out.print(
+        out.print(
             f"{escape(workflow)}: version {outcome.to_version} serves everyone again"
             f" (was {outcome.from_version}); asked by {escape(user)}"
         )
@@ -335,12 +315,23 @@ def rollback(
 # -- replay -----------------------------------------------------------------------------
 
 
-async def _replay(
-    settings: KafkaSettings, policies: list[str], arms: list[str], since: datetime | None
-) -> list[ReplayResult]:
-    events = await read_topics_to_end(settings, [RouteDecided.topic, WorkflowAssessed.topic])
-    log = join_log(events, since)
-    return [evaluate(log, policy, arms) for policy in policies]
+def _replay(policies: list[str], arms: list[str], since: datetime | None, as_json: bool) -> Any:
+    """The router's own offline replay (``python -m services.router.replay``), as JSON.
+
+    The policies it scores are the router's learning code; the CLI runs the router's
+    command the way it runs a service, instead of importing it.
+    """
+    require_kafka(kafka_settings(), as_json=as_json)
+    argv = [sys.executable, "-m", "services.router.replay", "--arms", ",".join(arms)]
+    for name in policies:
+        argv += ["--policy", name]
+    if since is not None:
+        argv += ["--since", since.isoformat()]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        fail(lines[-1] if lines else f"replay exited {done.returncode}", as_json=as_json)
+    return json.loads(done.stdout)
 
 
 @workflows_app.command()
@@ -364,36 +355,35 @@ def replay(
 ) -> None:
     """Score routing policies on the recorded log, offline: IPS and SNIPS estimates of each
     one's mean quality, beside what the live policy earned (no LLM call)."""
-    from services.analytics.metrics import parse_duration
-
     chosen = policy or ["static", "learned"]
     for name in chosen:
         if name not in ("static", "learned"):
-            _stop(f"--policy {name!r}: replay knows static and learned", _INVALID, as_json=as_json)
+            fail(
+                f"--policy {name!r}: replay knows static and learned", EXIT_INVALID, as_json=as_json
+            )
     try:
         window = datetime.now(UTC) - parse_duration(since) if since is not None else None
     except ValueError as exc:
-        _stop(f"--since: {exc}", _INVALID, as_json=as_json)
+        fail(f"--since: {exc}", EXIT_INVALID, as_json=as_json)
     choices = [a.strip() for a in (arms or "").split(",") if a.strip()]
-    settings = KafkaSettings.from_env()
-    results = _on_kafka(_replay(settings, chosen, choices, window), as_json)
+    results = _replay(chosen, choices, window, as_json)
     if as_json:
-        sys.stdout.write(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+        print_json(results)
         return
-    if not results[0].decisions:
-        _out.print("no assessed routing decision in the log yet: nothing to replay")
+    if not results[0]["decisions"]:
+        out.print("no assessed routing decision in the log yet: nothing to replay")
         return
-    table = Table(title=f"replay over {results[0].decisions} logged decisions")
+    table = Table(title=f"replay over {results[0]['decisions']} logged decisions")
     for column in ("policy", "matched", "IPS", "SNIPS", "± stderr", "live", "beats live"):
         table.add_column(column, justify="left" if column == "policy" else "right")
     for r in results:
         table.add_row(
-            r.candidate,
-            str(r.matched),
-            f"{r.ips:.3f}",
-            f"{r.snips:.3f}",
-            f"{r.stderr:.3f}",
-            f"{r.live_mean:.3f} ({escape(r.live_policy)})",
-            "[green]yes[/]" if r.beats_live else "no",
+            r["candidate"],
+            str(r["matched"]),
+            f"{r['ips']:.3f}",
+            f"{r['snips']:.3f}",
+            f"{r['stderr']:.3f}",
+            f"{r['live_mean']:.3f} ({escape(r['live_policy'])})",
+            "[green]yes[/]" if r["beats_live"] else "no",
         )
-    _out.print(table)
+    out.print(table)

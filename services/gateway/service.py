@@ -12,56 +12,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from aiohttp import web
 
-from services.gateway.chat import Limits
 from services.gateway.http import GatewayApp, build_app
 from services.gateway.runs import RunIndex
+from services.gateway.settings import GatewaySettings
 from streams.client import Answer, OrchestratorClient
 from streams.clock import Clock
-from streams.config import env_float, env_int, env_str
 from streams.events import FeedbackDecided
 from streams.keys import Identity, KeyView, operators_from
 from streams.runtime import ServiceContext, announce_url
 
-__all__ = ["GatewayConfig", "PlatformBackend", "main"]
+__all__ = ["PlatformBackend", "main"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = "gateway"
 _KEY_ID = re.compile(r"^orch_([0-9a-f]{16})_")
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    host: str = "127.0.0.1"
-    port: int = 8400
-    max_in_flight: int = 256
-    timeout_s: float = 60.0
-    drain_s: float = 8.0
-    max_body: int = 1024 * 1024
-    run_lookback: timedelta = timedelta(hours=24)
-    limits: Limits = field(default_factory=Limits)
-
-    @classmethod
-    def from_env(cls) -> GatewayConfig:
-        """The ``ORCH_GATEWAY_*`` settings (docs/configuration.md)."""
-        return cls(
-            host=env_str("ORCH_GATEWAY_HOST", "127.0.0.1"),
-            port=env_int("ORCH_GATEWAY_PORT", 8400, minimum=0, maximum=65535),
-            max_in_flight=env_int("ORCH_GATEWAY_MAX_IN_FLIGHT", 256, minimum=1),
-            timeout_s=env_float("ORCH_GATEWAY_TIMEOUT_SECONDS", 60.0, minimum=0.1),
-            drain_s=env_float("ORCH_GATEWAY_DRAIN_SECONDS", 8.0, minimum=0.0, maximum=8.0),
-            max_body=env_int("ORCH_GATEWAY_MAX_BODY_BYTES", 1024 * 1024, minimum=1024),
-            run_lookback=timedelta(
-                hours=env_float("ORCH_GATEWAY_RUN_LOOKBACK_HOURS", 24.0, minimum=0.0)
-            ),
-            limits=Limits(max_messages=env_int("ORCH_GATEWAY_MAX_MESSAGES", 256, minimum=1)),
-        )
 
 
 class PlatformBackend:
@@ -115,7 +85,7 @@ def _close_connections(runner: web.AppRunner) -> None:
 
 
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
-    config = GatewayConfig.from_env()
+    config = GatewaySettings.from_env()
     client = OrchestratorClient(ctx.settings, source=SOURCE, clock=ctx.clock)
     keys = KeyView(ctx.settings, operators=operators_from())
     runs = RunIndex(ctx.settings, lookback=config.run_lookback, source=SOURCE)

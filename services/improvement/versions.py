@@ -1,8 +1,9 @@
-"""Workflow versions of one specialty: the ledger folded from events, canary statistics, rollback.
+"""The single writer's side of workflow versions: canary statistics, promotion, rollback.
 
-Version 1 is each agent's own prompt (never saved as an event). An improvement
-saves version ``max + 1`` (parent: the version serving now) and applies it to
-``share`` of runs; the loader labels each run's ``workflow_completed`` with
+The fold of the version events is :class:`streams.versions.VersionLedger`. Version 1
+is each agent's own prompt (never saved as an event). An improvement saves version
+``max + 1`` (parent: the version serving now) and applies it to ``share`` of runs;
+the loader labels each run's ``workflow_completed`` with
 ``meta["workflow_version"]``. Runs served by the canary are compared with runs
 served by the base since the canary started (Welch's t-test, one-sided):
 
@@ -18,8 +19,7 @@ A rollback (automatic or ``rollback_requested``) emits ``improvement_rolled_back
 a ``workflow_version_saved`` that records it (a new version number whose
 ``changes`` name ``rollback_from``/``rollback_to``; it carries no prompt), and
 ``improvement_applied(to_version, 1.0)`` so the latest ``improvement_applied``
-alone tells a reader what serves. The fold orders events by time, then by kind,
-so it does not depend on the order topics are read in.
+alone tells a reader what serves.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from services.improvement.stats import mean, welch
 from streams.config import env_float, env_int
@@ -40,6 +40,7 @@ from streams.events import (
     ImprovementRolledBack,
     WorkflowVersionSaved,
 )
+from streams.versions import ORIGINAL_VERSION, VERSION_TOPICS, FlowState, VersionLedger
 from streams.workflows import goal_of
 
 __all__ = [
@@ -53,8 +54,6 @@ __all__ = [
 ]
 
 SOURCE = "improvement"
-ORIGINAL_VERSION = 1
-VERSION_TOPICS = (WorkflowVersionSaved.topic, ImprovementApplied.topic, ImprovementRolledBack.topic)
 ChangeSource = Literal["user", "system", "automated"]
 _NS = uuid.UUID("a4f1d2c3-6b7e-4e8f-9a0b-1c2d3e4f5a6b")
 _MAX_OBSERVATIONS = 5000
@@ -133,19 +132,6 @@ def judge_canary(
     return verdict("wait", f"undecided (p={worse.p_less:.4g})", worse.p_less)
 
 
-@dataclass
-class FlowState:
-    """What serves now, derived from the ledger's events."""
-
-    base: int = ORIGINAL_VERSION
-    canary: int | None = None
-    share: float = 0.0
-    canary_since: datetime | None = None
-    canary_improvement: str | None = None
-    applied: set[int] = field(default_factory=set)
-    rolled_back: dict[int, str] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class _Observation:
     at: datetime
@@ -153,90 +139,18 @@ class _Observation:
     quality: float
 
 
-def _rank(event: Event) -> int:
-    # Same-millisecond events of one decision: save, start a canary, roll back, then apply fully.
-    if isinstance(event, WorkflowVersionSaved):
-        return 0
-    if isinstance(event, ImprovementApplied):
-        return 1 if event.traffic_share < 1.0 else 3
-    return 2
-
-
-class WorkflowLedger:
-    """The versions of one workflow (a specialty) and the runs each version served."""
+class WorkflowLedger(VersionLedger):
+    """The versions of one workflow, the runs each version served, and the decisions."""
 
     def __init__(self, workflow_id: str) -> None:
-        self.workflow_id = workflow_id
-        self._events: dict[str, Event] = {}
-        self._state: FlowState | None = None
+        super().__init__(workflow_id)
         self._observations: OrderedDict[str, _Observation] = OrderedDict()
-
-    # -- folding ---------------------------------------------------------------
-    def apply(self, event: Event) -> bool:
-        """Fold a version event in; False when already known (our own, read back)."""
-        if not isinstance(event, WorkflowVersionSaved | ImprovementApplied | ImprovementRolledBack):
-            return False
-        if event.event_id in self._events:
-            return False
-        self._events[event.event_id] = event
-        self._state = None
-        return True
 
     def observe(self, run_id: str, label: str, quality: float, at: datetime) -> None:
         """A run this workflow served: its version label and assessed quality."""
         self._observations[run_id] = _Observation(at, label, quality)
         if len(self._observations) > _MAX_OBSERVATIONS:
             self._observations.popitem(last=False)
-
-    @property
-    def state(self) -> FlowState:
-        if self._state is None:
-            self._state = self._fold()
-        return self._state
-
-    def _fold(self) -> FlowState:
-        st = FlowState()
-        ordered = sorted(self._events.values(), key=lambda e: (e.occurred_at, _rank(e)))
-        for e in ordered:
-            if isinstance(e, ImprovementApplied):
-                st.applied.add(e.version)
-                if e.traffic_share >= 1.0:
-                    st.base, st.canary, st.share = e.version, None, 0.0
-                    st.canary_since = st.canary_improvement = None
-                else:
-                    st.canary, st.share = e.version, e.traffic_share
-                    st.canary_since, st.canary_improvement = e.occurred_at, e.improvement_id
-            elif isinstance(e, ImprovementRolledBack):
-                st.rolled_back[e.from_version] = e.reason
-                if st.canary == e.from_version:
-                    st.canary, st.share, st.canary_since, st.canary_improvement = (
-                        None,
-                        0.0,
-                        None,
-                        None,
-                    )
-                if st.base == e.from_version:
-                    st.base = e.to_version
-        return st
-
-    @property
-    def versions(self) -> dict[int, WorkflowVersionSaved]:
-        return {e.version: e for e in self._events.values() if isinstance(e, WorkflowVersionSaved)}
-
-    def next_version(self) -> int:
-        return max([ORIGINAL_VERSION, *self.versions]) + 1
-
-    def knows(self, version: int) -> bool:
-        return version == ORIGINAL_VERSION or version in self.versions
-
-    def has_improvement(self, improvement_id: str) -> bool:
-        return any(
-            v.changes.get("improvement_id") == improvement_id for v in self.versions.values()
-        )
-
-    def prompt_of(self, version: int) -> str | None:
-        saved = self.versions.get(version)
-        return saved.changes.get("system_prompt") if saved is not None else None
 
     # -- deciding --------------------------------------------------------------
     def _id(self, what: str) -> str:
@@ -385,51 +299,3 @@ class WorkflowLedger:
                 )
             ]
         return verdict, []
-
-    # -- reading ---------------------------------------------------------------
-    def listing(self) -> list[dict[str, Any]]:
-        """Every version, oldest first, with what it is now (for ``orchestrator versions``)."""
-        st = self.state
-        rows: list[dict[str, Any]] = [
-            {
-                "workflow_id": self.workflow_id,
-                "version": ORIGINAL_VERSION,
-                "parent_version": None,
-                "change_source": "system",
-                "changes": {},
-                "user_id": None,
-                "saved_at": None,
-                "note": "each agent's own system prompt"
-                if goal_of(self.workflow_id)[0] is None
-                else "what the platform serves for the specialty",
-            }
-        ]
-        for v in sorted(self.versions.values(), key=lambda e: e.version):
-            rows.append(
-                {
-                    "workflow_id": self.workflow_id,
-                    "version": v.version,
-                    "parent_version": v.parent_version,
-                    "change_source": v.change_source,
-                    "changes": dict(v.changes),
-                    "user_id": v.user_id,
-                    "saved_at": v.occurred_at.isoformat(),
-                    "note": v.changes.get("reason", ""),
-                }
-            )
-        for row in rows:
-            version = row["version"]
-            if version == st.canary:
-                row["status"], row["traffic_share"] = "canary", st.share
-            elif version == st.base:
-                row["status"], row["traffic_share"] = "base", 1.0 - st.share
-            elif version in st.rolled_back:
-                row["status"], row["traffic_share"] = "rolled_back", 0.0
-                row["note"] = st.rolled_back[version]
-            elif "rollback_from" in row["changes"]:
-                row["status"], row["traffic_share"] = "rollback_record", 0.0
-            elif version in st.applied or version == ORIGINAL_VERSION:
-                row["status"], row["traffic_share"] = "superseded", 0.0
-            else:
-                row["status"], row["traffic_share"] = "saved", 0.0
-        return rows

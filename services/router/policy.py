@@ -19,7 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from streams.config import env_float, env_int, env_str
+from services.router.settings import RouterSettings
 from streams.specialties import classify, tokens
 
 __all__ = [
@@ -113,7 +113,7 @@ class LearnedPolicy:
     """
 
     name: str = "learned"
-    epsilon0: float = 0.2
+    epsilon0: float = RouterSettings.model_fields["epsilon"].default
     epsilon_min: float = 0.03
     shrink: float = 2.0
     keyword_prior: float = 0.05
@@ -190,13 +190,17 @@ class LearnedPolicy:
             ws.total += reward
 
 
-def make_policy(name: str | None = None, seed: int | None = None) -> Policy:
-    """``ORCH_ROUTER_POLICY``: ``learned`` (default) or ``static``."""
-    chosen = (name or env_str("ORCH_ROUTER_POLICY", "learned")).strip().lower()
+def make_policy(
+    name: str | None = None, seed: int | None = None, settings: RouterSettings | None = None
+) -> Policy:
+    """``name``, else ``ORCH_ROUTER_POLICY``: ``learned`` (default) or ``static``."""
+    if name is None:
+        settings = settings or RouterSettings.from_env()
+    chosen = (name or (settings.policy if settings else "")).strip().lower()
     if chosen == "static":
         return StaticPolicy()
     if chosen == "learned":
-        rng = random.Random(seed if seed is not None else env_int("ORCH_ROUTER_SEED", None))
-        eps = env_float("ORCH_ROUTER_EPSILON", LearnedPolicy.epsilon0, minimum=0)
-        return LearnedPolicy(rng=rng, epsilon0=eps)
+        settings = settings or RouterSettings.from_env()
+        rng = random.Random(seed if seed is not None else settings.seed)
+        return LearnedPolicy(rng=rng, epsilon0=settings.epsilon)
     raise ValueError(f"ORCH_ROUTER_POLICY must be learned or static, got {chosen!r}")

@@ -7,14 +7,24 @@ also have made by 1/probability, which gives an unbiased estimate of the candida
 mean reward; the self-normalised variant (SNIPS) trades a little bias for much less
 variance. A candidate that learns is trained on the log in time order, and scored on
 each decision before it sees that decision's reward.
+
+``python -m services.router.replay [--policy NAME]... [--arms A,B] [--since ISO]`` scores
+policies on the log of ``KAFKA_BOOTSTRAP_SERVERS`` and prints the results as JSON: the
+router's own command, which ``orchestrator replay`` runs.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import math
 import random
+import sys
 from dataclasses import dataclass
 from datetime import datetime
+
+from aiokafka.errors import KafkaError
 
 from services.router.policy import Features, LearnedPolicy, Policy, StaticPolicy
 from streams.events import Event, RouteDecided, WorkflowAssessed
@@ -138,9 +148,34 @@ def evaluate(log: list[Logged], candidate: str, arms: list[str], seed: int = 0) 
 
 async def replay_from_log(
     settings: KafkaSettings,
-    candidate: str,
+    candidates: list[str],
     arms: list[str],
     since: datetime | None = None,
-) -> ReplayResult:
+) -> list[ReplayResult]:
+    """Each candidate scored on the log now on the broker (read once)."""
     events = await read_topics_to_end(settings, [RouteDecided.topic, WorkflowAssessed.topic])
-    return evaluate(join_log(events, since), candidate, arms)
+    log = join_log(events, since)
+    return [evaluate(log, candidate, arms) for candidate in candidates]
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.router.replay")
+    parser.add_argument("--policy", action="append", choices=("static", "learned"))
+    parser.add_argument("--arms", default="", help="comma-separated specialties")
+    parser.add_argument("--since", type=datetime.fromisoformat, default=None)
+    args = parser.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    settings = KafkaSettings.from_env()
+    try:
+        results = asyncio.run(
+            replay_from_log(settings, args.policy or ["static", "learned"], arms, args.since)
+        )
+    except (KafkaError, OSError) as exc:
+        print(f"cannot reach Kafka at {settings.bootstrap} ({exc})", file=sys.stderr)
+        return 1
+    sys.stdout.write(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

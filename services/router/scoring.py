@@ -8,8 +8,6 @@ learned policy can replace or extend them without changing the router.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -36,30 +34,6 @@ class Weights:
     resource_availability: float = 0.1
     cost_efficiency: float = 0.1
     user_preference: float = 0.1
-
-    @classmethod
-    def from_env(cls) -> Weights:
-        raw = os.environ.get("ORCH_ROUTER_WEIGHTS")
-        if not raw:
-            return cls()
-        try:
-            values = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"ORCH_ROUTER_WEIGHTS is not valid JSON: {exc}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"ORCH_ROUTER_WEIGHTS must be a JSON object, got {raw!r}")
-        unknown = set(values) - set(CRITERIA)
-        if unknown:
-            raise ValueError(f"ORCH_ROUTER_WEIGHTS: unknown criteria {sorted(unknown)}")
-        weights: dict[str, float] = {}
-        for k, v in values.items():
-            try:
-                weights[k] = float(v)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"ORCH_ROUTER_WEIGHTS[{k!r}] must be a number, got {v!r}"
-                ) from None
-        return cls(**weights)
 
     def as_dict(self) -> dict[str, float]:
         return {c: getattr(self, c) for c in CRITERIA}

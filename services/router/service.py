@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from services.router.automations import AutomationHit, Automations
 from services.router.policy import Features, Policy, features_of, make_policy
 from services.router.scoring import OutcomeStats, Weights, score_agent
-from streams.config import env_float
+from services.router.settings import RouterSettings
 from streams.ended import EndedRuns
 from streams.events import (
     AgentRetired,
@@ -85,10 +84,10 @@ class Router:
     ) -> None:
         self.ctx = ctx
         self.ended = EndedRuns(ctx.clock)
-        self.weights = weights or Weights.from_env()
-        self.policy = policy or make_policy()
-        arms = os.environ.get("ORCH_ROUTER_ARMS", "")
-        self.arms = [a.strip() for a in arms.split(",") if a.strip()] or list(PROFILES)
+        settings = RouterSettings.from_env()
+        self.weights = weights or settings.weights
+        self.policy = policy or make_policy(settings=settings)
+        self.arms = list(settings.arms) or list(PROFILES)
         # run_id -> what the policy saw and chose, until the outcome's quality is known
         self._decisions: OrderedDict[str, tuple[Features, str] | None] = OrderedDict()
         # run_id -> quality of an assessment read before its decision
@@ -96,7 +95,7 @@ class Router:
         self.registry = RegistryView()
         self.automations = Automations()
         self.stats = OutcomeStats()
-        self.spawn_timeout = env_float("ORCH_SPAWN_TIMEOUT", 30.0, minimum=0)
+        self.spawn_timeout = settings.spawn_timeout
         # (goal_id, specialty) -> requests waiting for that agent to exist
         self._waiting: dict[tuple[str, str], list[_Waiter]] = defaultdict(list)
         self._dispatched: dict[str, str] = {}  # run_id -> agent_id, until its outcome

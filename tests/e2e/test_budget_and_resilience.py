@@ -162,7 +162,7 @@ async def test_loader_killed_mid_request_still_ends_in_exactly_one_terminal_even
         assert started, "the task never reached the loader"
         platform.kill("loader")
         platform.llm.configure(latency_ms=0)
-        platform.start("loader")
+        platform.start_service("loader")
         answer = await ask
     finally:
         platform.llm.configure(latency_ms=0)
@@ -178,7 +178,7 @@ async def test_daily_cost_stops_a_goal_and_the_next_utc_day_reopens_it(platform,
     goal = "g-daily"
     # Each task holds its worst case (512 tokens and the prompt bound at the platform's
     # dear price) until its cost is known: the cap leaves room for that plus a few answers.
-    prices = PriceTable.from_json(platform.env["ORCH_LLM_PRICES"])
+    prices = PriceTable.from_json(platform.environ["ORCH_LLM_PRICES"])
     worst = BudgetDefaults(prices=prices).task_worst_case("Write a short poem number 10", {})
     cap = round(worst + 0.08, 6)
     await _set_budget(platform, client, goal, max_daily_cost=cap)
@@ -205,7 +205,7 @@ async def test_daily_cost_stops_a_goal_and_the_next_utc_day_reopens_it(platform,
 async def test_an_agent_idle_24_hours_is_retired_and_revived_without_a_new_spawn(platform):
     # This test's loader and client read the moved clock too (deadlines stay consistent).
     platform.kill("loader")
-    platform.start("loader", ORCH_CLOCK_FILE=str(platform.clock_file))
+    platform.start_service("loader", ORCH_CLOCK_FILE=str(platform.clock_file))
     goal = "g-idle"
     moved = OrchestratorClient(
         platform.settings, source="e2e-idle", clock=OffsetFileClock(str(platform.clock_file))
@@ -242,4 +242,4 @@ async def test_an_agent_idle_24_hours_is_retired_and_revived_without_a_new_spawn
     finally:
         platform.kill("loader")
         platform.move_clock(-moved_by)
-        platform.start("loader")
+        platform.start_service("loader")

@@ -29,7 +29,7 @@ def _free_port() -> int:
 async def _start_gateway(platform, **env: str):
     """A gateway process on a free port; returns (process, base URL) once it answers."""
     port = _free_port()
-    proc = platform.start("gateway", ORCH_GATEWAY_PORT=str(port), **env)
+    proc = platform.start_service("gateway", ORCH_GATEWAY_PORT=str(port), **env)
     root = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     async with aiohttp.ClientSession() as http:

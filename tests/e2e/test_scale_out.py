@@ -93,9 +93,8 @@ async def test_stopping_one_loader_and_one_router_mid_traffic_loses_no_request(
         return answer
 
     async def stop_one(name: str) -> int | None:
-        victim = next(p for p in scaled_platform.procs[name] if p.poll() is None)
-        victim.send_signal(signal.SIGTERM)
-        return await asyncio.to_thread(victim.wait, 30)
+        victim = await asyncio.to_thread(scaled_platform.stop_one, name, signal.SIGTERM, 30)
+        return victim.returncode
 
     start = loop.time()
     tasks: list[asyncio.Task[Answer]] = []

@@ -28,16 +28,16 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from services.analytics.metrics import compute_metrics
-from services.analytics.query_server import RemoteQueries, query_rows, query_server_file, query_sql
 from services.analytics.sink import SinkConfig, SinkStats, run_sink
 from services.analytics.store import DDL_DIR, ClickHouseStore, MemoryEventStore
+from services.cli.dashboard import compute_metrics
 from streams import events as ev
 from streams.clock import SystemClock
 from streams.codec import default_codec
 from streams.errors import QueryRefused, StoreError
 from streams.kafka import EventProducer, KafkaSettings
 from streams.runtime import ServiceContext, group_id
+from streams.sql import RemoteQueries, query_rows, query_server_file, query_sql
 from streams.topics import CATALOG, create_topics, delete_prefixed_topics
 from tests.samples import sample_event
 from tests.unit.test_analytics_store import ANCIENT, EventStoreContract, encoded, mixed

@@ -15,7 +15,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.improvement import list_versions, request_rollback
 from services.improvement.http import SlackSettings
 from services.improvement.instructions import ADJUSTMENTS
 from services.improvement.service import ImprovementConfig, serve
@@ -47,6 +46,7 @@ from streams.kafka import EventConsumer, EventProducer, KafkaSettings
 from streams.keys import mint_key
 from streams.llm import InMemoryLLM
 from streams.runtime import run_service
+from streams.versions import list_versions, request_rollback
 from tests.slack import slash_command
 
 pytestmark = pytest.mark.broker

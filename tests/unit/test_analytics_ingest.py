@@ -9,8 +9,8 @@ import fastavro
 import pytest
 
 from services.analytics import _ingest
-from services.analytics.metrics import metric_queries
 from services.analytics.store import ddl_statements
+from services.cli.dashboard import metric_queries
 from streams.codec import default_codec
 from streams.events import ALL_EVENTS
 from tests.samples import sample_event

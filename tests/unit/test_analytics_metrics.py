@@ -8,14 +8,10 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from services.analytics.metrics import (
-    compute_metrics,
-    format_metrics,
-    metric_queries,
-    parse_duration,
-)
-from services.analytics.store import QueryResult
+from services.cli.common import parse_duration
+from services.cli.dashboard import compute_metrics, format_metrics, metric_queries
 from streams.clock import FakeClock
+from streams.sql import QueryResult
 
 NOW = datetime(2026, 11, 20, 15, 30, 0, 250000, tzinfo=UTC)
 

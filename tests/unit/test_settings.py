@@ -99,3 +99,47 @@ def test_the_committed_page_is_the_generated_one() -> None:
 def test_each_variable_is_declared_once() -> None:
     names = [env for cls in CATALOG for env in cls.env_names()]
     assert sorted(n for n in set(names) if names.count(n) > 1) == []
+
+
+# -- each owner's settings ---------------------------------------------------------------
+
+
+def test_router_settings() -> None:
+    from services.router.scoring import Weights
+    from services.router.settings import RouterSettings
+
+    got = RouterSettings.from_env(
+        {
+            "ORCH_ROUTER_POLICY": " Static ",
+            "ORCH_ROUTER_ARMS": "math, ,code",
+            "ORCH_ROUTER_SEED": "4",
+        }
+    )
+    assert (got.policy, got.arms, got.seed) == ("static", ("math", "code"), 4)
+    weights = RouterSettings.from_env({"ORCH_ROUTER_WEIGHTS": '{"cost_efficiency": 1}'}).weights
+    assert weights == Weights(cost_efficiency=1.0)
+    for env, message in [
+        ({"ORCH_ROUTER_POLICY": "smart"}, "ORCH_ROUTER_POLICY must be learned or static"),
+        ({"ORCH_ROUTER_WEIGHTS": "{"}, "ORCH_ROUTER_WEIGHTS is not valid JSON"),
+        ({"ORCH_ROUTER_WEIGHTS": '{"luck": 1}'}, "unknown criteria"),
+        ({"ORCH_ROUTER_WEIGHTS": '{"cost_efficiency": "x"}'}, "must be a number"),
+        ({"ORCH_ROUTER_EPSILON": "-1"}, "ORCH_ROUTER_EPSILON must be a finite number >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            RouterSettings.from_env(env)
+
+
+def test_gateway_settings() -> None:
+    from datetime import timedelta
+
+    from services.gateway.settings import GatewaySettings
+
+    got = GatewaySettings.from_env(
+        {"ORCH_GATEWAY_RUN_LOOKBACK_HOURS": "2", "ORCH_GATEWAY_MAX_MESSAGES": "3"}
+    )
+    assert got.run_lookback == timedelta(hours=2) and got.limits.max_messages == 3
+    with pytest.raises(ValueError) as err:
+        GatewaySettings.from_env({"ORCH_GATEWAY_DRAIN_SECONDS": "9"})
+    assert str(err.value) == (
+        "ORCH_GATEWAY_DRAIN_SECONDS must be a finite number between 0.0 and 8.0, got '9'"
+    )

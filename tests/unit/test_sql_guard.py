@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from services.analytics.metrics import compute_metrics, metric_queries
 from services.analytics.sqlguard import (
     GuardedQueries,
     QueryRefused,
@@ -23,6 +22,7 @@ from services.analytics.sqlguard import (
     parse_ast,
 )
 from services.analytics.store import ClickHouseStore, QueryLimits
+from services.cli.dashboard import compute_metrics, metric_queries
 from streams import events as ev
 from streams.errors import StoreError
 from tests.samples import sample_event

@@ -1,35 +1,22 @@
-"""The seed dashboard from the event log: one SQL view per metric, nothing counted on the side."""
+"""The dashboard of `orchestrator metrics`: one SQL view of the event log per metric.
+
+The views (``metric_*``, infra/clickhouse/002_metrics.sql) are what the analytics sink
+publishes for reading; the queries go to its SQL surface, nothing is counted on the side.
+"""
 
 from __future__ import annotations
 
 import math
-import re
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from services.analytics._ingest import quote_string
-from services.analytics.store import SqlSource
 from streams.clock import Clock, SystemClock
+from streams.sql import SqlSource, quote_string
 
-__all__ = [
-    "compute_metrics",
-    "format_metrics",
-    "metric_queries",
-    "parse_duration",
-]
+__all__ = ["compute_metrics", "format_metrics", "metric_queries"]
 
 # The table refuses events before this instant, so "all time" starts here.
 _BEGINNING = datetime(2000, 1, 1, tzinfo=UTC)
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``30m``, ``24h``, ``7d``, ``2w`` (also ``ms``) as a timedelta."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"invalid duration {text!r}: use a number and one of ms, s, m, h, d, w")
-    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def _ts(when: datetime) -> str:

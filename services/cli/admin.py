@@ -1,0 +1,214 @@
+"""`orchestrator keys` and `budget`: an operator's API keys and goals' budgets."""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.markup import escape
+from rich.table import Table
+
+from services.cli.common import (
+    EXIT_INVALID,
+    JsonOpt,
+    checked_id,
+    err,
+    fail,
+    kafka_settings,
+    out,
+    print_json,
+    require_kafka,
+    run,
+    with_client,
+)
+from streams.client import OrchestratorClient, invalid_request
+from streams.events import (
+    ApiKeyIssued,
+    ApiKeyRevoked,
+    BudgetUpdateRequested,
+    Role,
+)
+from streams.keys import KeyRegistry
+from streams.registry import read_topics_to_end
+
+__all__ = ["budget_app", "keys_app"]
+
+budget_app = typer.Typer(help="Show or change a goal's budget.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys of the HTTP surfaces.", no_args_is_help=True)
+
+
+@keys_app.command("create")
+def keys_create(
+    goal: Annotated[str, typer.Option("--goal", help="The goal the key speaks for.")],
+    user: Annotated[str, typer.Option("--user", help="The user the key speaks for.")],
+    role: Annotated[str, typer.Option("--role", help="user or operator.")] = "user",
+    label: Annotated[str, typer.Option("--label", help="A note for `keys list`.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an API key; it is printed once (last line, or `key` in JSON) and stored hashed."""
+    goal = checked_id(goal, "--goal", as_json=as_json)
+    user = checked_id(user, "--user", as_json=as_json)
+    if role not in ("user", "operator"):
+        fail(f"--role must be user or operator, not {role!r}", EXIT_INVALID, as_json=as_json)
+    settings = kafka_settings()
+    chosen: Role = "operator" if role == "operator" else "user"
+
+    async def send(client: OrchestratorClient) -> tuple[str, ApiKeyIssued]:
+        return await client.create_key(goal, user, chosen, label=label)
+
+    key, event = run(with_client(settings, send), settings, as_json=as_json)
+    if as_json:
+        print_json(
+            {"key_id": event.key_id, "goal_id": goal, "user_id": user, "role": role, "key": key}
+        )
+        return
+    err.print(
+        f"key {event.key_id} for user {escape(user)} of goal {escape(goal)} ({role});"
+        " it is shown once, keep it now:"
+    )
+    sys.stdout.write(key + "\n")
+
+
+@keys_app.command("list")
+def keys_list(as_json: JsonOpt = False) -> None:
+    """Every API key (never the key itself), with who it speaks for and whether it is revoked."""
+    settings = kafka_settings()
+    require_kafka(settings, as_json=as_json)
+
+    async def load() -> KeyRegistry:
+        registry = KeyRegistry()
+        for event in await read_topics_to_end(settings, (ApiKeyIssued.topic, ApiKeyRevoked.topic)):
+            registry.apply(event)
+        return registry
+
+    rows = run(load(), settings, as_json=as_json).listing()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title=f"API keys ({len(rows)})")
+    for column in ("key id", "goal", "user", "role", "label", "created", "revoked"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            *(
+                str(r[k] or "")
+                for k in (
+                    "key_id",
+                    "goal_id",
+                    "user_id",
+                    "role",
+                    "label",
+                    "created_at",
+                    "revoked_at",
+                )
+            )
+        )
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id (from `keys list`).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke an API key for good; HTTP surfaces refuse it as soon as they read the event."""
+    if not re.fullmatch(r"[0-9a-f]{16}", key_id):
+        fail(f"not a key id: {key_id!r} (16 hex digits)", EXIT_INVALID, as_json=as_json)
+    settings = kafka_settings()
+
+    async def send(client: OrchestratorClient) -> ApiKeyRevoked:
+        return await client.revoke_key(key_id)
+
+    run(with_client(settings, send), settings, as_json=as_json)
+    if as_json:
+        print_json({"revoked": True, "key_id": key_id})
+    else:
+        out.print(f"key {key_id} revoked")
+
+
+@budget_app.command("show")
+def budget_show(
+    goal: Annotated[str, typer.Argument(help="Goal id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """A goal's limits and what it uses now."""
+    goal = checked_id(goal, "goal", as_json=as_json)
+    settings = kafka_settings()
+    require_kafka(settings, as_json=as_json)
+    # Imported here: the budget view pulls in Faust, which most commands do not need.
+    from services.budget.view import read_budget
+
+    budget = run(read_budget(settings, goal), settings, as_json=as_json)
+    if as_json:
+        print_json(budget)
+        return
+    if budget is None:
+        out.print(
+            f"goal {goal}: no budget state yet (the budget service has not seen it; defaults apply)"
+        )
+        return
+    table = Table(title=f"budget of {goal}", show_header=False)
+    table.add_column("field")
+    table.add_column("value", justify="right")
+    for key, value in budget.items():
+        if key != "goal_id":
+            table.add_row(key, str(value))
+    out.print(table)
+
+
+@budget_app.command("set")
+def budget_set(
+    goal: Annotated[str, typer.Argument(help="Goal id.")],
+    max_agents: Annotated[int | None, typer.Option(help="Agents the goal may have.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(help="Tasks running at once.")] = None,
+    max_daily_cost: Annotated[float | None, typer.Option(help="USD per UTC day.")] = None,
+    as_user: Annotated[
+        str | None,
+        typer.Option(
+            "--as",
+            help="The operator asking (default $ORCH_OPERATOR_USER, else `operator`); the budget"
+            " service applies changes from operators only (ORCH_OPERATORS or an operator key).",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Change a goal's limits (sent as an event; the budget service applies it)."""
+    given = {
+        "max_agents": max_agents,
+        "max_concurrent": max_concurrent,
+        "max_daily_cost": max_daily_cost,
+    }
+    limits = {k: v for k, v in given.items() if v is not None}
+    if not limits:
+        fail(
+            "nothing to set: give --max-agents, --max-concurrent and/or --max-daily-cost",
+            EXIT_INVALID,
+            as_json=as_json,
+        )
+    for key, value in limits.items():
+        if value < 0:
+            fail(
+                f"--{key.replace('_', '-')} must be >= 0, got {value:g}",
+                EXIT_INVALID,
+                as_json=as_json,
+            )
+    goal = checked_id(goal, "goal", as_json=as_json)
+    try:
+        BudgetUpdateRequested.model_validate({"source": "cli", "goal_id": goal, **limits})
+    except ValidationError as exc:
+        fail(f"invalid budget: {invalid_request(exc)}", EXIT_INVALID, as_json=as_json)
+    settings = kafka_settings()
+
+    async def send(client: OrchestratorClient) -> BudgetUpdateRequested:
+        asked: dict[str, Any] = dict(limits)
+        return await client.set_budget(goal, user_id=as_user, **asked)
+
+    event = run(with_client(settings, send), settings, as_json=as_json)
+    if as_json:
+        print_json({"sent": True, "event_id": event.event_id, "goal_id": goal, **limits})
+    else:
+        shown = ", ".join(f"{k}={v:g}" for k, v in limits.items())
+        out.print(f"budget update for {goal} sent: {shown}")

@@ -1,0 +1,127 @@
+"""What every command of the CLI shares: output, exit codes, the broker, the SDK client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import timedelta
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from aiokafka.errors import KafkaError
+from rich.console import Console
+from rich.markup import escape
+
+from local.localkafka import kafka_answers
+from streams.client import OrchestratorClient
+from streams.errors import OrchestratorError
+from streams.events import validate_identifier
+from streams.kafka import KafkaSettings
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INVALID",
+    "EXIT_TIMEOUT",
+    "JsonOpt",
+    "checked_id",
+    "err",
+    "fail",
+    "kafka_settings",
+    "out",
+    "parse_duration",
+    "print_json",
+    "require_kafka",
+    "run",
+    "with_client",
+]
+
+EXIT_FAILED = 1
+EXIT_INVALID = 2
+EXIT_TIMEOUT = 3
+
+T = TypeVar("T")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")]
+
+
+# -- output helpers ---------------------------------------------------------------------
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def fail(message: str, code: int = EXIT_FAILED, *, as_json: bool = False, **extra: Any) -> NoReturn:
+    if as_json:
+        print_json({"error": message, **extra})
+    else:
+        err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def run(coro: Coroutine[Any, Any, T], settings: KafkaSettings, *, as_json: bool = False) -> T:
+    """Run ``coro``; a broker that cannot be reached ends the command with one clear line."""
+    try:
+        return asyncio.run(coro)
+    except (typer.Exit, OrchestratorError):
+        raise  # the command's own outcome (RunTimeout is an OSError too)
+    except (KafkaError, OSError) as exc:
+        _unreachable(settings, f" ({exc})", as_json=as_json)
+    except RuntimeError as exc:  # the SDK's word for "the topics are not there"
+        fail(f"{exc} (or start the platform: `orchestrator up`)", as_json=as_json)
+
+
+def kafka_settings() -> KafkaSettings:
+    return KafkaSettings.from_env()
+
+
+def require_kafka(settings: KafkaSettings, *, as_json: bool) -> None:
+    # The registry and budget readers would leave half-started clients behind (and
+    # their warnings) on a broker that is not there; one cheap probe first.
+    if not kafka_answers(settings.bootstrap, timeout=3.0):
+        _unreachable(settings, "", as_json=as_json)
+
+
+def _unreachable(settings: KafkaSettings, detail: str, *, as_json: bool) -> NoReturn:
+    fail(
+        f"cannot reach Kafka at {settings.bootstrap}{detail}; is the platform up? "
+        "(`orchestrator up`)",
+        as_json=as_json,
+    )
+
+
+def checked_id(value: str, what: str, *, as_json: bool = False) -> str:
+    try:
+        return validate_identifier(value)
+    except ValueError as exc:
+        fail(f"{what}: {exc}", EXIT_INVALID, as_json=as_json)
+
+
+async def with_client(
+    settings: KafkaSettings, action: Callable[[OrchestratorClient], Awaitable[T]]
+) -> T:
+    client = OrchestratorClient(settings, source="cli")
+    try:
+        await client.start()
+        return await action(client)
+    finally:
+        # Also after a failed start: `async with` would not close what start half-opened.
+        await client.close()
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``30m``, ``24h``, ``7d``, ``2w`` (also ``ms``) as a timedelta."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"invalid duration {text!r}: use a number and one of ms, s, m, h, d, w")
+    return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])

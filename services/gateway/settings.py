@@ -1,0 +1,95 @@
+"""The gateway's settings: where it listens, how much it takes on, how long it waits."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import ClassVar
+
+from services.gateway.chat import Limits
+from streams.settings import EnvSettings, setting
+
+__all__ = ["GatewaySettings"]
+
+
+class GatewaySettings(EnvSettings):
+    title: ClassVar[str] = "Gateway (OpenAI-compatible HTTP)"
+
+    host: str = setting(
+        "ORCH_GATEWAY_HOST",
+        "127.0.0.1",
+        "Address the HTTP server listens on. Keep it on loopback unless a TLS proxy is in "
+        "front: keys travel in the `Authorization` header.",
+        read_by="gateway",
+    )
+    port: int = setting(
+        "ORCH_GATEWAY_PORT",
+        8400,
+        "Port, 0-65535 (0 picks a free one). The URL is written to "
+        "`<ORCH_DATA_DIR>/run/gateway-urls/<port>.url` while the instance runs; `orchestrator "
+        "status --json` lists the ones that answer (`gateway_urls`). A port already taken "
+        "stops the instance with an error.",
+        read_by="gateway",
+        ge=0,
+        le=65535,
+    )
+    max_in_flight: int = setting(
+        "ORCH_GATEWAY_MAX_IN_FLIGHT",
+        256,
+        "Chat and feedback requests one process handles at once; one more is answered 503 "
+        "(`code: overloaded`, `Retry-After: 1`) at once. >= 1.",
+        read_by="gateway",
+        ge=1,
+    )
+    timeout_s: float = setting(
+        "ORCH_GATEWAY_TIMEOUT_SECONDS",
+        60.0,
+        "How long a request waits for its answer before 504 (the run goes on in the platform "
+        "and its id is in `x-orchestrator-run-id`). A request may ask for less with the header "
+        "`x-orchestrator-timeout: <seconds>`, never more. >= 0.1.",
+        read_by="gateway",
+        ge=0.1,
+    )
+    drain_s: float = setting(
+        "ORCH_GATEWAY_DRAIN_SECONDS",
+        8.0,
+        "After SIGTERM: how long requests in flight get to be answered while new ones get 503 "
+        "(`code: stopping`); what is still waiting then gets 503. 0-8 (a stopping service gets "
+        "10 s before it is cancelled).",
+        read_by="gateway",
+        ge=0.0,
+        le=8.0,
+    )
+    max_body: int = setting(
+        "ORCH_GATEWAY_MAX_BODY_BYTES",
+        1024 * 1024,
+        "Largest request body; a larger one gets 413 before it is parsed. >= 1024.",
+        read_by="gateway",
+        ge=1024,
+    )
+    max_messages: int = setting(
+        "ORCH_GATEWAY_MAX_MESSAGES",
+        Limits.max_messages,
+        "Most items in `messages`; more is 400. >= 1. (The last user message may be 32 KiB; "
+        "earlier turns are passed on as at most 8,000 characters of context, newest first, the "
+        "system message as at most 4,000.)",
+        read_by="gateway",
+        ge=1,
+    )
+    run_lookback_hours: float = setting(
+        "ORCH_GATEWAY_RUN_LOOKBACK_HOURS",
+        24.0,
+        "`POST /v1/feedback` checks that the run belongs to the key's goal from the runs that "
+        "ended this long before the gateway started (and every one since); feedback on an "
+        "older run gets 404 here (the CLI and the improvement service's own endpoint still "
+        "take it). >= 0.",
+        read_by="gateway",
+        ge=0.0,
+    )
+
+    @property
+    def run_lookback(self) -> timedelta:
+        return timedelta(hours=self.run_lookback_hours)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_messages=self.max_messages)

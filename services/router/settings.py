@@ -1,0 +1,109 @@
+"""The router's settings: which policy routes, how it explores, how agents are ranked."""
+
+from __future__ import annotations
+
+import json
+from typing import ClassVar
+
+from pydantic import field_validator
+
+from services.router.scoring import CRITERIA, Weights
+from streams.settings import EnvSettings, setting
+
+__all__ = ["RouterSettings"]
+
+
+class RouterSettings(EnvSettings):
+    title: ClassVar[str] = "Router and learned policy"
+
+    policy: str = setting(
+        "ORCH_ROUTER_POLICY",
+        "learned",
+        "`learned` (epsilon-greedy, learns from assessed outcomes) or `static` (the keyword "
+        "classifier), case ignored. Set but empty means the default; anything else is refused "
+        "with an error naming the variable.",
+        read_by="router",
+    )
+    epsilon: float = setting(
+        "ORCH_ROUTER_EPSILON",
+        0.2,
+        "Starting exploration rate of the learned policy. It decays as "
+        "`epsilon / sqrt(1 + updates / 50)` and never goes below 0.03, even when set to 0. "
+        ">= 0.",
+        read_by="router",
+        shown="`0.2` (`LearnedPolicy.epsilon0`)",
+        ge=0,
+    )
+    seed: int | None = setting(
+        "ORCH_ROUTER_SEED",
+        None,
+        "Whole number seeding the learned policy's exploration, for repeatable runs; unset, "
+        "the seed comes from the system.",
+        read_by="router",
+    )
+    arms: tuple[str, ...] = setting(
+        "ORCH_ROUTER_ARMS",
+        (),
+        "Comma-separated specialties the policy chooses from. The built-in ones are `code`, "
+        "`data_analysis`, `math`, `writing`, `research`, `customer_support`, `general`; names "
+        "are not checked.",
+        read_by="router",
+        shown="empty: all built-in specialties",
+    )
+    weights: Weights = setting(
+        "ORCH_ROUTER_WEIGHTS",
+        Weights(),
+        "JSON object of weights that rank agents within the chosen specialty: "
+        "`specialty_match` 0.35, `context_relevance` 0.15, `past_performance` 0.2, "
+        "`resource_availability` 0.1, `cost_efficiency` 0.1, `user_preference` 0.1. A "
+        "criterion left out keeps its weight; unknown criteria and non-numbers are refused.",
+        read_by="router",
+        shown="unset (the weights below)",
+    )
+    spawn_timeout: float = setting(
+        "ORCH_SPAWN_TIMEOUT",
+        30.0,
+        "Seconds a request waits for a spawned agent (or the denial) before it fails with "
+        "`no_agent`; >= 0.",
+        read_by="router",
+        ge=0,
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        chosen = value.strip().lower()
+        if chosen not in ("learned", "static"):
+            raise ValueError(f"ORCH_ROUTER_POLICY must be learned or static, got {chosen!r}")
+        return chosen
+
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _arms(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(a.strip() for a in value.split(",") if a.strip())
+        return value
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights(cls, value: object) -> object:
+        return _weights(value) if isinstance(value, str) else value
+
+
+def _weights(raw: str) -> Weights:
+    try:
+        values = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"ORCH_ROUTER_WEIGHTS is not valid JSON: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"ORCH_ROUTER_WEIGHTS must be a JSON object, got {raw!r}")
+    unknown = set(values) - set(CRITERIA)
+    if unknown:
+        raise ValueError(f"ORCH_ROUTER_WEIGHTS: unknown criteria {sorted(unknown)}")
+    weights: dict[str, float] = {}
+    for k, v in values.items():
+        try:
+            weights[k] = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"ORCH_ROUTER_WEIGHTS[{k!r}] must be a number, got {v!r}") from None
+    return Weights(**weights)
