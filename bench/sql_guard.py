@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.sink import drain_with_sink, make_events, produce, say  # noqa: E402
 from local.localkafka import ensure_broker  # noqa: E402
+from services.analytics.settings import AnalyticsSettings  # noqa: E402
 from services.analytics.sink import SinkConfig  # noqa: E402
 from services.analytics.sqlguard import GuardedQueries  # noqa: E402
 from services.analytics.store import ClickHouseStore, QueryLimits  # noqa: E402
@@ -150,7 +151,7 @@ def main() -> int:
 
 async def _run(n: int, preload: int, heavy_seconds: float, rounds: int, path: Path) -> int:
     cpus = os.cpu_count() or 1
-    limits = replace(QueryLimits.from_env(), max_seconds=heavy_seconds)
+    limits = replace(AnalyticsSettings.from_env().query_limits(), max_seconds=heavy_seconds)
     say(f"== sink ingestion vs the SQL surface: {n:,} events per phase; engine at {path}")
     say(f"   {cpus} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     say(f"   limits: {limits}")

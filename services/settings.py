@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+from services.analytics.settings import AnalyticsSettings
 from services.gateway.settings import GatewaySettings
 from services.router.settings import RouterSettings
 from streams.config import (
@@ -33,6 +34,7 @@ CATALOG: tuple[type[EnvSettings], ...] = (
     LLMSettings,
     BudgetSettings,
     RouterSettings,
+    AnalyticsSettings,
     GatewaySettings,
     OperatorSettings,
     ProcessSettings,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +13,7 @@ from aiokafka.errors import KafkaError
 
 from services.analytics._ingest import HEADER_LEN
 from services.analytics.query_server import QueryServer
+from services.analytics.settings import AnalyticsSettings, SinkConfig
 from services.analytics.store import (
     ClickHouseStore,
     EncodedEvent,
@@ -23,7 +23,6 @@ from services.analytics.store import (
     open_store,
 )
 from streams.codec import MAGIC, EventCodec, default_codec
-from streams.config import env_float, env_int
 from streams.events import DeadLetter
 from streams.kafka import EventConsumer, EventProducer, KafkaSettings
 from streams.runtime import ServiceContext
@@ -41,45 +40,6 @@ _CONSUMER_OVERRIDES: dict[str, Any] = {
 }
 _SHUTDOWN_FLUSH_S = 5.0
 _PROGRESS_EVERY_S = 10.0
-
-
-@dataclass(frozen=True)
-class SinkConfig:
-    """Batching and retry policy.
-
-    A batch is written once it holds ``batch_rows`` rows or its oldest row is
-    ``batch_wait`` seconds old. One insert runs at a time; while it runs, rows keep
-    arriving into the next batch up to ``max_batch_rows``, so under a backlog each
-    insert grows and its fixed cost is paid less often. Past that bound the sink
-    pauses its partitions: memory stays bounded by two batches (about 120 MB at
-    100,000 rows of a few hundred bytes).
-    """
-
-    batch_rows: int = 5000
-    batch_wait: float = 0.2
-    max_batch_rows: int = 100_000
-    backoff_initial: float = 0.1
-    backoff_max: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.batch_rows <= self.max_batch_rows:
-            raise ValueError("need 1 <= batch_rows <= max_batch_rows")
-        if self.batch_wait <= 0 or self.backoff_initial <= 0 or self.backoff_max <= 0:
-            raise ValueError("batch_wait and backoff times must be positive")
-
-    @classmethod
-    def from_env(cls) -> SinkConfig:
-        """From ``ORCH_SINK_BATCH_ROWS``, ``ORCH_SINK_BATCH_MS``, ``ORCH_SINK_MAX_BATCH_ROWS``
-        and ``ORCH_SINK_BACKOFF_MAX_MS``."""
-        batch_rows = env_int("ORCH_SINK_BATCH_ROWS", cls.batch_rows, minimum=1)
-        return cls(
-            batch_rows=batch_rows,
-            batch_wait=env_float("ORCH_SINK_BATCH_MS", cls.batch_wait * 1000) / 1000,
-            max_batch_rows=env_int(
-                "ORCH_SINK_MAX_BATCH_ROWS", max(cls.max_batch_rows, batch_rows), minimum=1
-            ),
-            backoff_max=env_float("ORCH_SINK_BACKOFF_MAX_MS", cls.backoff_max * 1000) / 1000,
-        )
 
 
 @dataclass
@@ -387,7 +347,7 @@ async def run_sink(
         ctx.producer,
         ctx.group,
         store,
-        config or SinkConfig.from_env(),
+        config or AnalyticsSettings.from_env().sink_config(),
         stats if stats is not None else SinkStats(),
         codec or default_codec(),
     )
@@ -399,7 +359,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     store = open_store()
     log.info("analytics: writing to %s", store.describe())
     # The SQL surface reads with the reader's credentials when a server has them.
-    read_url = None if store.embedded else os.environ.get("CLICKHOUSE_READ_URL")
+    read_url = None if store.embedded else AnalyticsSettings.read("clickhouse_read_url")
     reader = ClickHouseStore(url=read_url) if read_url else store
     try:
         await _apply_schema(store, embedded=store.embedded)

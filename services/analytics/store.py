@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from services.analytics import _ingest
+from services.analytics.settings import AnalyticsSettings, QueryLimits
 from streams.codec import EventCodec, default_codec
-from streams.config import ROOT, data_root, env_float, env_int
+from streams.config import ROOT, data_root
 from streams.errors import DecodeError, StoreError
 from streams.events import Event
 from streams.sql import QueryResult, SqlSource
@@ -78,69 +79,6 @@ class Rejection:
     reason: str
 
 
-_MB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class QueryLimits:
-    """ClickHouse limits on every query of the surface; each raises when passed.
-
-    ``from_env`` reads ``ORCH_SQL_*`` (docs/configuration.md).
-    """
-
-    max_seconds: float = 30.0
-    max_memory_bytes: int = 1024 * _MB
-    max_rows_to_read: int = 500_000_000
-    max_bytes_to_read: int = 50 * 1024 * _MB
-    max_result_rows: int = 1_000_000
-    max_result_bytes: int = 100 * _MB
-    max_threads: int = 1
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> QueryLimits:
-        d = cls()
-        return cls(
-            max_seconds=env_float(
-                "ORCH_SQL_MAX_SECONDS", d.max_seconds, minimum=0.001, environ=environ
-            ),
-            max_memory_bytes=_MB
-            * env_int(
-                "ORCH_SQL_MAX_MEMORY_MB", d.max_memory_bytes // _MB, minimum=1, environ=environ
-            ),
-            max_rows_to_read=env_int(
-                "ORCH_SQL_MAX_READ_ROWS", d.max_rows_to_read, minimum=1, environ=environ
-            ),
-            max_bytes_to_read=_MB
-            * env_int(
-                "ORCH_SQL_MAX_READ_MB", d.max_bytes_to_read // _MB, minimum=1, environ=environ
-            ),
-            max_result_rows=env_int(
-                "ORCH_SQL_MAX_RESULT_ROWS", d.max_result_rows, minimum=1, environ=environ
-            ),
-            max_result_bytes=_MB
-            * env_int(
-                "ORCH_SQL_MAX_RESULT_MB", d.max_result_bytes // _MB, minimum=1, environ=environ
-            ),
-            max_threads=env_int("ORCH_SQL_MAX_THREADS", d.max_threads, minimum=1, environ=environ),
-        )
-
-    def settings(self) -> dict[str, Any]:
-        """The session settings, ``readonly=1`` last: once it is set nothing can change them."""
-        return {
-            "max_execution_time": self.max_seconds,
-            "timeout_overflow_mode": "throw",
-            "max_memory_usage": self.max_memory_bytes,
-            "max_rows_to_read": self.max_rows_to_read,
-            "max_bytes_to_read": self.max_bytes_to_read,
-            "read_overflow_mode": "throw",
-            "max_result_rows": self.max_result_rows,
-            "max_result_bytes": self.max_result_bytes,
-            "result_overflow_mode": "throw",
-            "max_threads": self.max_threads,
-            "readonly": 1,
-        }
-
-
 class EventStore(SqlSource, Protocol):
     """Where the sink writes the event log.
 
@@ -167,7 +105,7 @@ def clickhouse_path() -> Path:
 
 def open_store() -> ClickHouseStore:
     """``CLICKHOUSE_URL`` set: that server; else the embedded engine at :func:`clickhouse_path`."""
-    url = os.environ.get("CLICKHOUSE_URL")
+    url = AnalyticsSettings.read("clickhouse_url")
     return ClickHouseStore(url=url) if url else ClickHouseStore(path=clickhouse_path())
 
 
@@ -301,7 +239,7 @@ class ClickHouseStore:
         self._reader: Client | None = None
         self._limited: dict[bool, Client] = {}  # parsing? -> its client
         self._limited_locks = {True: threading.Lock(), False: threading.Lock()}
-        self.limits = limits or QueryLimits.from_env()
+        self.limits = limits or AnalyticsSettings.from_env().query_limits()
         self._columns: list[_ingest.Column] | None = None
         self._structures: dict[str, str] = {}
         self._tmp: Path | None = None

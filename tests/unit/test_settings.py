@@ -143,3 +143,22 @@ def test_gateway_settings() -> None:
     assert str(err.value) == (
         "ORCH_GATEWAY_DRAIN_SECONDS must be a finite number between 0.0 and 8.0, got '9'"
     )
+
+
+def test_analytics_settings() -> None:
+    from services.analytics.settings import AnalyticsSettings
+
+    sink = AnalyticsSettings.from_env({"ORCH_SINK_BATCH_ROWS": "200000"}).sink_config()
+    assert (sink.batch_rows, sink.max_batch_rows) == (200_000, 200_000)
+    both = {"CLICKHOUSE_URL": "http://w@h/db", "CLICKHOUSE_READ_URL": "http://r@h/db"}
+    assert AnalyticsSettings.from_env(both).read_url == "http://r@h/db"
+    assert AnalyticsSettings.from_env({"CLICKHOUSE_URL": "http://w@h/db"}).read_url == (
+        "http://w@h/db"
+    )
+    with pytest.raises(ValueError) as err:
+        AnalyticsSettings.from_env({"ORCH_SINK_BATCH_ROWS": "10", "ORCH_SINK_MAX_BATCH_ROWS": "5"})
+    assert (
+        str(err.value) == "ORCH_SINK_BATCH_ROWS (10) must be at most ORCH_SINK_MAX_BATCH_ROWS (5)"
+    )
+    with pytest.raises(ValueError, match="ORCH_SINK_BATCH_MS must be a finite number > 0"):
+        AnalyticsSettings.from_env({"ORCH_SINK_BATCH_MS": "0"})

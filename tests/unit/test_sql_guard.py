@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from services.analytics.settings import AnalyticsSettings
 from services.analytics.sqlguard import (
     GuardedQueries,
     QueryRefused,
@@ -407,7 +408,7 @@ def test_heavy_query_is_stopped_by_a_limit_and_the_surface_still_answers(
 
 
 def test_limits_come_from_the_environment() -> None:
-    limits = QueryLimits.from_env(
+    limits = AnalyticsSettings.from_env(
         {
             "ORCH_SQL_MAX_SECONDS": "2.5",
             "ORCH_SQL_MAX_MEMORY_MB": "64",
@@ -417,7 +418,7 @@ def test_limits_come_from_the_environment() -> None:
             "ORCH_SQL_MAX_RESULT_MB": "1",
             "ORCH_SQL_MAX_THREADS": "2",
         }
-    )
+    ).query_limits()
     settings = limits.settings()
     assert settings["max_execution_time"] == 2.5
     assert settings["max_memory_usage"] == 64 * 1024 * 1024
@@ -428,11 +429,11 @@ def test_limits_come_from_the_environment() -> None:
     assert settings["max_threads"] == 2
     assert settings["result_overflow_mode"] == "throw"
     assert list(settings)[-1] == "readonly" and settings["readonly"] == 1
-    assert QueryLimits.from_env({}) == QueryLimits()
+    assert AnalyticsSettings.from_env({}).query_limits() == QueryLimits()
     with pytest.raises(ValueError, match="ORCH_SQL_MAX_SECONDS"):
-        QueryLimits.from_env({"ORCH_SQL_MAX_SECONDS": "0"})
+        AnalyticsSettings.from_env({"ORCH_SQL_MAX_SECONDS": "0"})
     with pytest.raises(ValueError, match="ORCH_SQL_MAX_RESULT_ROWS"):
-        QueryLimits.from_env({"ORCH_SQL_MAX_RESULT_ROWS": "lots"})
+        AnalyticsSettings.from_env({"ORCH_SQL_MAX_RESULT_ROWS": "lots"})
 
 
 def test_the_event_tables_are_the_ddls() -> None:
