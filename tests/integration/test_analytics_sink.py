@@ -39,6 +39,7 @@ from streams.kafka import EventProducer, KafkaSettings
 from streams.runtime import ServiceContext, group_id
 from streams.sql import RemoteQueries, query_rows, query_server_file, query_sql
 from streams.topics import CATALOG, create_topics, delete_prefixed_topics
+from tests.infra import ContainerInfra, infra_mode
 from tests.samples import sample_event
 from tests.unit.test_analytics_store import ANCIENT, EventStoreContract, encoded, mixed
 
@@ -590,10 +591,22 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     keeper.close()
 
 
+# The embedded engine always; a ClickHouse server too when the session has one
+# (ORCH_TEST_INFRA=containers: tests/infra.py).
+ENGINES = ["embedded", "server"] if infra_mode() == "containers" else ["embedded"]
+
+
 class TestClickHouseStore(EventStoreContract):
-    @pytest.fixture
-    def store(self, engine: Path) -> Iterator[ClickHouseStore]:
-        store = ClickHouseStore(path=engine, database=f"t_{uuid.uuid4().hex[:8]}")
+    @pytest.fixture(params=ENGINES)
+    def store(
+        self, request: pytest.FixtureRequest, containers: ContainerInfra | None
+    ) -> Iterator[ClickHouseStore]:
+        if request.param == "server":
+            assert containers is not None
+            store = ClickHouseStore(url=containers.fresh_database())
+        else:
+            engine = request.getfixturevalue("engine")
+            store = ClickHouseStore(path=engine, database=f"t_{uuid.uuid4().hex[:8]}")
         store.apply_schema()
         yield store
         store.close()
