@@ -15,6 +15,9 @@ import sys
 
 from services.analytics.settings import AnalyticsSettings
 from services.gateway.settings import GatewaySettings
+from services.improvement.patterns import PatternSettings
+from services.improvement.settings import ImprovementSettings
+from services.improvement.versions import CanaryPolicy
 from services.router.settings import RouterSettings
 from streams.config import (
     ROOT,
@@ -34,6 +37,9 @@ CATALOG: tuple[type[EnvSettings], ...] = (
     LLMSettings,
     BudgetSettings,
     RouterSettings,
+    PatternSettings,
+    CanaryPolicy,
+    ImprovementSettings,
     AnalyticsSettings,
     GatewaySettings,
     OperatorSettings,

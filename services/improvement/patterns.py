@@ -21,16 +21,18 @@ returns the events to send.
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import ClassVar
+
+from pydantic import field_validator
 
 from streams.clock import Clock
-from streams.config import env_float, env_int
 from streams.events import AutomationCreated, Event, PatternDiscovered
+from streams.settings import EnvSettings, setting
 from streams.signatures import signature_of
 
 __all__ = [
@@ -49,38 +51,76 @@ def automation_id(signature: str, kind: str) -> str:
     return "auto_" + hashlib.sha256(f"{signature}|{kind}".encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class PatternSettings:
-    window_s: float = 24 * 3600.0
-    threshold: int = 3
-    min_successes: int = 3
-    min_quality: float = 0.6
-    recent: int = 5
-    ttl_seconds: int = 3600
-    kinds: tuple[str, ...] = ("response_cache", "direct_route")
+class PatternSettings(EnvSettings):
+    """When runs of one signature make a pattern, and when a pattern earns automations."""
 
+    title: ClassVar[str] = "Patterns and automations"
+
+    window_s: float = setting(
+        "ORCH_PATTERN_WINDOW_S",
+        24 * 3600.0,
+        "Sliding window, in seconds, in which runs of one signature and their outcomes count; "
+        ">= 0.",
+        read_by="improvement",
+        shown="`24 * 3600.0`",
+        ge=0,
+    )
+    threshold: int = setting(
+        "ORCH_PATTERN_THRESHOLD",
+        3,
+        "Runs of one signature within the window that make it a pattern "
+        "(`pattern_discovered`, once); >= 0.",
+        read_by="improvement",
+        ge=0,
+    )
+    min_successes: int = setting(
+        "ORCH_AUTOMATION_MIN_RUNS",
+        3,
+        "Assessed runs a pattern needs in the window before it earns automations; >= 0.",
+        read_by="improvement",
+        ge=0,
+    )
+    min_quality: float = setting(
+        "ORCH_AUTOMATION_MIN_QUALITY",
+        0.6,
+        "Mean assessed quality those runs need, 0-1; the last 5 outcomes must also hold no "
+        "failure.",
+        read_by="improvement",
+        ge=0,
+        le=1,
+    )
+    ttl_seconds: int = setting(
+        "ORCH_AUTOMATION_TTL_S",
+        3600,
+        "Seconds an automation stays in force after it is created; a whole number >= 0.",
+        read_by="improvement (the router applies it)",
+        ge=0,
+    )
+    kinds: tuple[str, ...] = setting(
+        "ORCH_AUTOMATION_KINDS",
+        AUTOMATION_KINDS,
+        "Comma-separated kinds a pattern may earn: `response_cache`, `direct_route`; other "
+        "names are refused. Set but empty means none.",
+        read_by="improvement",
+        shown="`response_cache,direct_route`",
+        blank="keep",
+    )
+    recent: ClassVar[int] = 5
+    """The last outcomes of a pattern that must hold no failure."""
+
+    @field_validator("kinds", mode="before")
     @classmethod
-    def from_env(cls) -> PatternSettings:
-        env = os.environ.get
-        kinds = tuple(
-            k.strip()
-            for k in env("ORCH_AUTOMATION_KINDS", "response_cache,direct_route").split(",")
-            if k.strip()
-        )
+    def _kinds(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        kinds = tuple(k.strip() for k in value.split(",") if k.strip())
         unknown = sorted(set(kinds) - set(AUTOMATION_KINDS))
         if unknown:
             raise ValueError(
                 f"ORCH_AUTOMATION_KINDS: unknown kind(s) {', '.join(unknown)};"
                 f" use {', '.join(AUTOMATION_KINDS)}"
             )
-        return cls(
-            window_s=env_float("ORCH_PATTERN_WINDOW_S", 24 * 3600.0, minimum=0),
-            threshold=env_int("ORCH_PATTERN_THRESHOLD", 3, minimum=0),
-            min_successes=env_int("ORCH_AUTOMATION_MIN_RUNS", 3, minimum=0),
-            min_quality=env_float("ORCH_AUTOMATION_MIN_QUALITY", 0.6, minimum=0, maximum=1),
-            ttl_seconds=env_int("ORCH_AUTOMATION_TTL_S", 3600, minimum=0),
-            kinds=kinds,
-        )
+        return kinds
 
 
 @dataclass(frozen=True)

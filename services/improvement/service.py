@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -47,9 +46,10 @@ from services.improvement.instructions import (
     match_adjustments,
 )
 from services.improvement.patterns import PatternSettings
+from services.improvement.settings import ImprovementSettings
 from services.improvement.state import ImprovementState, RunInfo
 from services.improvement.versions import VERSION_TOPICS, CanaryPolicy, ChangeSource
-from streams.config import data_root, env_float, env_int
+from streams.config import data_root
 from streams.errors import (
     FeedbackRefused,
     InvalidRequest,
@@ -125,24 +125,9 @@ COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 
 
-def _env_port() -> int | None:
-    text = os.environ.get("ORCH_IMPROVE_PORT", "8787").strip().lower()
-    if text in ("off", "none", ""):
-        return None
-    try:
-        return env_int("ORCH_IMPROVE_PORT", 8787, minimum=0, maximum=65535)
-    except ValueError:
-        raise ValueError(f"ORCH_IMPROVE_PORT must be 0-65535 or 'off', got {text!r}") from None
-
-
-def _slack_users(text: str) -> dict[str, str]:
-    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
-    return {k.strip(): v.strip() for k, v in pairs if k.strip() and v.strip()}
-
-
 @dataclass(frozen=True)
 class ImprovementConfig:
-    """Settings of one instance; :meth:`from_env` documents the variables."""
+    """Settings of one instance; :meth:`from_env` reads them from the environment."""
 
     http_host: str = "127.0.0.1"
     http_port: int | None = 8787  # 0: any free port; None: no HTTP endpoint
@@ -162,32 +147,26 @@ class ImprovementConfig:
 
     @classmethod
     def from_env(cls) -> ImprovementConfig:
-        """``ORCH_IMPROVE_HOST``/``ORCH_IMPROVE_PORT`` (default 127.0.0.1:8787, 0 = free port,
-        ``off`` = none), the port written to ``<data_root>/run/improvement.port``;
-        ``SLACK_SIGNING_SECRET`` (enables Slack), ``SLACK_BOT_TOKEN``, ``ORCH_SLACK_USERS``;
-        ``ORCH_JUDGE_MODEL``; pattern and canary settings (see their modules)."""
-        secret = os.environ.get("SLACK_SIGNING_SECRET", "").strip()
-        slack = (
-            SlackSettings(
-                secret,
-                os.environ.get("SLACK_BOT_TOKEN", "").strip() or None,
-                _slack_users(os.environ.get("ORCH_SLACK_USERS", "")),
-            )
-            if secret
-            else None
-        )
+        """From :class:`ImprovementSettings`, :class:`PatternSettings` and :class:`CanaryPolicy`;
+        the port in use is written to ``<data_root>/run/improvement.port``."""
+        settings = ImprovementSettings.from_env()
+        secret = settings.slack_signing_secret
         return cls(
-            http_host=os.environ.get("ORCH_IMPROVE_HOST", "127.0.0.1"),
-            http_port=_env_port(),
+            http_host=settings.http_host,
+            http_port=settings.http_port,
             port_file=data_root() / "run" / "improvement.port",
-            slack=slack,
+            slack=(
+                SlackSettings(secret, settings.slack_bot_token, settings.slack_user_map)
+                if secret
+                else None
+            ),
             patterns=PatternSettings.from_env(),
             canary=CanaryPolicy.from_env(),
-            judge_model=os.environ.get("ORCH_JUDGE_MODEL", "").strip() or None,
-            feedback_limit=env_int("ORCH_FEEDBACK_PER_WINDOW", 20, minimum=1),
-            feedback_window_s=env_float("ORCH_FEEDBACK_WINDOW_SECONDS", 3600.0, minimum=1.0),
-            llm_reserve_usd=env_float("ORCH_PLATFORM_CALL_RESERVE_USD", 0.002, minimum=0.0),
-            promote_goals=env_int("ORCH_PROMOTE_GOALS", 3, minimum=1),
+            judge_model=settings.judge_model,
+            feedback_limit=settings.feedback_limit,
+            feedback_window_s=settings.feedback_window_s,
+            llm_reserve_usd=settings.llm_reserve_usd,
+            promote_goals=settings.promote_goals,
             operators=operators_from(),
         )
 

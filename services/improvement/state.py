@@ -15,6 +15,7 @@ from datetime import date, datetime
 from services.improvement.patterns import PatternLearner, PatternSettings
 from services.improvement.versions import WorkflowLedger
 from streams.clock import Clock
+from streams.config import BudgetSettings
 from streams.events import (
     ApiKeyIssued,
     ApiKeyRevoked,
@@ -210,12 +211,8 @@ class GoalSpend:
     """
 
     def __init__(self, default_limit: float | None = None) -> None:
-        from streams.config import env_float
-
-        self.default_limit = (
-            default_limit
-            if default_limit is not None
-            else env_float("ORCH_BUDGET_MAX_DAILY_COST", 10.0, minimum=0)
+        self.default_limit: float = (
+            default_limit if default_limit is not None else BudgetSettings.read("max_daily_cost")
         )
         self._spent: dict[tuple[str, date], float] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()

@@ -29,10 +29,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import ClassVar, Literal
 
 from services.improvement.stats import mean, welch
-from streams.config import env_float, env_int
 from streams.events import (
     Event,
     ImprovementApplied,
@@ -40,6 +39,7 @@ from streams.events import (
     ImprovementRolledBack,
     WorkflowVersionSaved,
 )
+from streams.settings import EnvSettings, setting
 from streams.versions import ORIGINAL_VERSION, VERSION_TOPICS, FlowState, VersionLedger
 from streams.workflows import goal_of
 
@@ -59,30 +59,57 @@ _NS = uuid.UUID("a4f1d2c3-6b7e-4e8f-9a0b-1c2d3e4f5a6b")
 _MAX_OBSERVATIONS = 5000
 
 
-@dataclass(frozen=True)
-class CanaryPolicy:
-    share: float = 0.5
-    min_runs: int = 10
-    promote_runs: int = 20
-    max_runs: int = 200
-    alpha: float = 0.05
-    margin: float = 0.05
+class CanaryPolicy(EnvSettings):
+    """How a new version is measured against the base, and when it is kept or rolled back."""
 
-    @classmethod
-    def from_env(cls) -> CanaryPolicy:
-        policy = cls(
-            share=env_float("ORCH_CANARY_SHARE", 0.5),
-            min_runs=env_int("ORCH_CANARY_MIN_RUNS", 10),
-            promote_runs=env_int("ORCH_CANARY_PROMOTE_RUNS", 20, minimum=0),
-            max_runs=env_int("ORCH_CANARY_MAX_RUNS", 200, minimum=0),
-            alpha=env_float("ORCH_CANARY_ALPHA", 0.05, minimum=0, maximum=1),
-            margin=env_float("ORCH_CANARY_MARGIN", 0.05),
-        )
-        if not 0.0 < policy.share <= 1.0:
-            raise ValueError(f"ORCH_CANARY_SHARE must be in (0, 1], got {policy.share}")
-        if policy.min_runs < 2:
-            raise ValueError("ORCH_CANARY_MIN_RUNS must be at least 2 (a t-test needs variance)")
-        return policy
+    title: ClassVar[str] = "Canary and rollback"
+
+    share: float = setting(
+        "ORCH_CANARY_SHARE",
+        0.5,
+        "Share of runs a new version serves while it is measured; more than 0 and at most 1 "
+        "(1 makes it the base at once, with no canary).",
+        read_by="improvement",
+        gt=0,
+        le=1,
+    )
+    min_runs: int = setting(
+        "ORCH_CANARY_MIN_RUNS",
+        10,
+        "Runs needed on each side before any verdict; at least 2 (a t-test needs variance).",
+        read_by="improvement",
+        ge=2,
+    )
+    promote_runs: int = setting(
+        "ORCH_CANARY_PROMOTE_RUNS",
+        20,
+        "Canary runs needed before it can be promoted (shown not worse than the base by more "
+        "than `ORCH_CANARY_MARGIN`); >= 0.",
+        read_by="improvement",
+        ge=0,
+    )
+    max_runs: int = setting(
+        "ORCH_CANARY_MAX_RUNS",
+        200,
+        "Canary runs after which a test still undecided keeps the version with the higher mean "
+        "quality; >= 0.",
+        read_by="improvement",
+        ge=0,
+    )
+    alpha: float = setting(
+        "ORCH_CANARY_ALPHA",
+        0.05,
+        "Significance level of the rollback and promotion tests; 0-1.",
+        read_by="improvement",
+        ge=0,
+        le=1,
+    )
+    margin: float = setting(
+        "ORCH_CANARY_MARGIN",
+        0.05,
+        "Quality a canary may lose against the base and still be promoted; any number.",
+        read_by="improvement",
+    )
 
 
 @dataclass(frozen=True)

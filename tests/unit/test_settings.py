@@ -162,3 +162,30 @@ def test_analytics_settings() -> None:
     )
     with pytest.raises(ValueError, match="ORCH_SINK_BATCH_MS must be a finite number > 0"):
         AnalyticsSettings.from_env({"ORCH_SINK_BATCH_MS": "0"})
+
+
+@pytest.mark.parametrize(
+    ("text", "port"), [("8000", 8000), ("0", 0), (" OFF ", None), ("none", None), ("", None)]
+)
+def test_the_feedback_port_may_be_off(text: str, port: int | None) -> None:
+    from services.improvement.settings import ImprovementSettings
+
+    assert ImprovementSettings.from_env({"ORCH_IMPROVE_PORT": text}).http_port == port
+    assert ImprovementSettings.from_env({}).http_port == 8787
+
+
+def test_improvement_settings() -> None:
+    from services.improvement.patterns import PatternSettings
+    from services.improvement.settings import ImprovementSettings
+    from services.improvement.versions import CanaryPolicy
+
+    with pytest.raises(ValueError, match="ORCH_IMPROVE_PORT must be 0-65535 or 'off', got 'x'"):
+        ImprovementSettings.from_env({"ORCH_IMPROVE_PORT": "x"})
+    got = ImprovementSettings.from_env({"ORCH_SLACK_USERS": "U1=alice, junk ,U2 = bob"})
+    assert got.slack_user_map == {"U1": "alice", "U2": "bob"}
+    assert ImprovementSettings.from_env({"ORCH_IMPROVE_HOST": ""}).http_host == ""
+    assert PatternSettings.from_env({"ORCH_AUTOMATION_KINDS": ""}).kinds == ()
+    with pytest.raises(ValueError, match="ORCH_CANARY_MIN_RUNS must be a whole number >= 2"):
+        CanaryPolicy.from_env({"ORCH_CANARY_MIN_RUNS": "1"})
+    with pytest.raises(ValueError, match="ORCH_CANARY_SHARE must be a finite number > 0 and <= 1"):
+        CanaryPolicy.from_env({"ORCH_CANARY_SHARE": "0"})

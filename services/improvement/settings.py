@@ -1,0 +1,125 @@
+"""The improvement service's settings: the feedback endpoint, Slack, the judge, feedback limits.
+
+Patterns and canaries have their own settings (:class:`~services.improvement.patterns.
+PatternSettings`, :class:`~services.improvement.versions.CanaryPolicy`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import field_validator
+
+from streams.settings import EnvSettings, setting
+
+__all__ = ["ImprovementSettings"]
+
+
+class ImprovementSettings(EnvSettings):
+    title: ClassVar[str] = "Feedback endpoint, Slack and the judge"
+
+    http_host: str = setting(
+        "ORCH_IMPROVE_HOST",
+        "127.0.0.1",
+        "Address of the feedback HTTP endpoint. Every JSON route needs an API key "
+        "(`orchestrator keys create`); the key, not the body, says who speaks. Serve it over "
+        "TLS (a proxy in front) before listening beyond loopback. Set but empty listens on "
+        "every interface.",
+        read_by="improvement",
+        blank="keep",
+    )
+    http_port: int | None = setting(
+        "ORCH_IMPROVE_PORT",
+        8787,
+        "Its port, 0-65535; `0` a free port, `off` or `none` no endpoint. Set but empty also "
+        "means no endpoint. The port in use is written to "
+        "`<ORCH_DATA_DIR>/run/improvement.port`; a port already taken is logged and the "
+        "service runs without the endpoint.",
+        read_by="improvement",
+        blank="keep",
+    )
+    slack_signing_secret: str | None = setting(
+        "SLACK_SIGNING_SECRET",
+        None,
+        "Enables Slack's `/improve` command at `POST /slack/commands` (needs the endpoint "
+        "above); a request whose signature does not match this secret is refused.",
+        read_by="improvement",
+    )
+    slack_bot_token: str | None = setting(
+        "SLACK_BOT_TOKEN",
+        None,
+        "Handed to slack-bolt as the bot token. Not needed: `/improve` answers in the HTTP "
+        "response and the platform calls no Slack API.",
+        read_by="improvement",
+    )
+    slack_users: str = setting(
+        "ORCH_SLACK_USERS",
+        "",
+        "Slack user ids to platform users, `U123=alice,U456=bob`; an unmapped Slack user gives "
+        "feedback as `slack:<slack_user_id>`. Items without `=` are ignored.",
+        read_by="improvement",
+    )
+    judge_model: str | None = setting(
+        "ORCH_JUDGE_MODEL",
+        None,
+        "Model that grades LLM answers, when an LLM is configured and no simulated world gives "
+        "their quality.",
+        read_by="improvement",
+        shown="unset: `ORCH_LLM_MODEL`",
+    )
+    llm_reserve_usd: float = setting(
+        "ORCH_PLATFORM_CALL_RESERVE_USD",
+        0.002,
+        "What a judge or feedback-instruction call may cost, in USD. Such a call is charged to "
+        "the goal whose run it serves and is made only while that goal's spend today plus this "
+        "amount stays within its `max_daily_cost` (otherwise the heuristic assesses, and named "
+        "adjustments stand in for the LLM); >= 0.",
+        read_by="improvement",
+        ge=0.0,
+    )
+    feedback_limit: int = setting(
+        "ORCH_FEEDBACK_PER_WINDOW",
+        20,
+        "Feedback one user may give per window; more is refused (HTTP 429, `RateLimited` in "
+        "the SDK, exit 1 in the CLI); >= 1.",
+        read_by="improvement",
+        ge=1,
+    )
+    feedback_window_s: float = setting(
+        "ORCH_FEEDBACK_WINDOW_SECONDS",
+        3600.0,
+        "That window, in seconds, by the feedback's event time; >= 1.",
+        read_by="improvement",
+        shown="`3600`",
+        ge=1.0,
+    )
+    promote_goals: int = setting(
+        "ORCH_PROMOTE_GOALS",
+        3,
+        "Distinct goals whose canary of the same change must beat their baseline before it is "
+        "proposed to every goal (as a platform-wide canary); >= 1.",
+        read_by="improvement",
+        ge=1,
+    )
+
+    @field_validator("http_port", mode="before")
+    @classmethod
+    def _port(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip().lower()
+        if text in ("off", "none", ""):
+            return None
+        try:
+            port = int(text)
+        except ValueError:
+            port = -1
+        if not 0 <= port <= 65535:
+            raise ValueError(f"ORCH_IMPROVE_PORT must be 0-65535 or 'off', got {text!r}")
+        return port
+
+    @property
+    def slack_user_map(self) -> dict[str, str]:
+        """``ORCH_SLACK_USERS`` as Slack user id -> platform user."""
+        pairs = (item.split("=", 1) for item in self.slack_users.split(",") if "=" in item)
+        return {k.strip(): v.strip() for k, v in pairs if k.strip() and v.strip()}
