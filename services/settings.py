@@ -18,6 +18,7 @@ from services.gateway.settings import GatewaySettings
 from services.improvement.patterns import PatternSettings
 from services.improvement.settings import ImprovementSettings
 from services.improvement.versions import CanaryPolicy
+from services.loader.settings import LoaderSettings
 from services.router.settings import RouterSettings
 from streams.config import (
     ROOT,
@@ -37,6 +38,7 @@ CATALOG: tuple[type[EnvSettings], ...] = (
     LLMSettings,
     BudgetSettings,
     RouterSettings,
+    LoaderSettings,
     PatternSettings,
     CanaryPolicy,
     ImprovementSettings,

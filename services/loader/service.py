@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import uuid
 from collections import OrderedDict
 from datetime import datetime
 from typing import Any
 
 from services.loader.pool import AgentInstance, AgentPool
+from services.loader.settings import LoaderSettings
 from services.loader.tiers import keyword_answer, static_answer
 from services.loader.versions import Served, WorkflowVersions
 from streams.clock import Clock
-from streams.config import env_float, env_int
 from streams.ended import EndedRuns, follow_recent
 from streams.events import (
     AgentEvicted,
@@ -93,16 +92,14 @@ class Loader:
         self.ctx = ctx
         self.llm = llm
         self.llm_settings = llm_settings
-        env = os.environ.get
-        self.pool = AgentPool(capacity or env_int("ORCH_LOADER_CAPACITY", 50, minimum=1))
+        self.settings = LoaderSettings.from_env()
+        self.pool = AgentPool(capacity or self.settings.capacity)
         self.registry = RegistryView()
         self.versions = WorkflowVersions()
-        self.idle_seconds = env_float("ORCH_AGENT_IDLE_SECONDS", 24 * 3600.0, minimum=0)
-        self.max_tokens = env_int("ORCH_LLM_MAX_TOKENS", 512, minimum=1)
-        self.degrade = env("ORCH_DEGRADED_ANSWERS", "1") != "0"
-        self.breaker = Breaker(
-            ctx.clock, cooldown=env_float("ORCH_LLM_BREAKER_COOLDOWN_SECONDS", 15.0, minimum=0)
-        )
+        self.idle_seconds = self.settings.idle_seconds
+        self.max_tokens = llm_settings.max_tokens
+        self.degrade = self.settings.degraded_answers
+        self.breaker = Breaker(ctx.clock, cooldown=llm_settings.breaker_cooldown_s)
         self._finished: OrderedDict[str, None] = OrderedDict()
         # run_id -> cost events sent without waiting, and their acknowledgements
         self._acks: dict[str, list[tuple[LlmCallCompleted, asyncio.Future[Any]]]] = {}
@@ -464,7 +461,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             ctx.settings,
             loader.ended,
             ended_ready,
-            window_s=env_float("ORCH_ENDED_WINDOW_SECONDS", 3600.0, minimum=0),
+            window_s=loader.settings.ended_window_seconds,
             source=SOURCE,
             attempts=True,
         )
@@ -483,9 +480,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
                 await asyncio.sleep(1.0)
 
         tracker = asyncio.create_task(_track_assignment())
-        sweeper = asyncio.create_task(
-            _sweep(loader, env_float("ORCH_RETIRE_SWEEP_SECONDS", 60.0, minimum=0))
-        )
+        sweeper = asyncio.create_task(_sweep(loader, loader.settings.sweep_seconds))
         try:
             await tasks.run_concurrently(loader.handle)
         finally:

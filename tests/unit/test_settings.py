@@ -189,3 +189,12 @@ def test_improvement_settings() -> None:
         CanaryPolicy.from_env({"ORCH_CANARY_MIN_RUNS": "1"})
     with pytest.raises(ValueError, match="ORCH_CANARY_SHARE must be a finite number > 0 and <= 1"):
         CanaryPolicy.from_env({"ORCH_CANARY_SHARE": "0"})
+
+
+@pytest.mark.parametrize(
+    ("text", "degrade"), [("0", False), ("1", True), ("no", True), (" ", True)]
+)
+def test_only_0_turns_degraded_answers_off(text: str, degrade: bool) -> None:
+    from services.loader.settings import LoaderSettings
+
+    assert LoaderSettings.from_env({"ORCH_DEGRADED_ANSWERS": text}).degraded_answers is degrade
