@@ -3,37 +3,627 @@
     python bench/learning.py                      # the whole platform, 2,000 requests a world
     python bench/learning.py --offline            # the routing policy alone, no Kafka (seconds)
     python bench/learning.py --worlds bench/worlds/support-desk.json --random 0 --requests 400
+    orchestrator bench learning --world bench/worlds/support-desk.json --requests 400
 
 Target (issue 5): after 2,000 requests the learned router's mean reward over the last
 500 is at least 90% of the oracle's on every world, shipped or unseen.
+
+On the whole platform, each run (learned, static, learned without automations) gets its
+own platform, started by the platform launcher: every service a process, a fresh topic
+prefix and data dir, the real broker. All runs get the same requests, sent by the SDK one
+at a time by default. An answer's reward is the quality the world gave it
+(``meta["quality"]`` on ``workflow_completed``); the oracle's is what the world's best
+specialty scores on the same message, read from the world with no run at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
+import os
 import random
+import shutil
 import statistics
 import sys
+import time
+import uuid
 from collections import defaultdict
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from local.world import World
-from services.cli.bench_learning import default_runs, print_report, run_learning
+from local.fake_openai import FakeOpenAIServer
+from local.localkafka import ensure_broker
+from local.platform import Launcher, available_services
+from local.world import Request, World
 from services.router.policy import LearnedPolicy, Policy, StaticPolicy, features_of
+from streams.client import OrchestratorClient
+from streams.config import ROOT, data_root
+from streams.errors import NoVerdict, OrchestratorError, Refused
+from streams.events import (
+    AutomationCreated,
+    Event,
+    RouteDecided,
+    WorkflowAssessed,
+    WorkflowCompleted,
+)
+from streams.kafka import KafkaSettings
 from streams.signatures import signature_of
+from streams.topics import create_topics, delete_prefixed_topics
+from streams.views import TopicView
 
-__all__ = ["simulate", "simulate_world"]
+log = logging.getLogger(__name__)
+__all__ = [
+    "BASELINE",
+    "POLICIES",
+    "Outcome",
+    "RunSpec",
+    "bench_world",
+    "default_runs",
+    "main",
+    "print_report",
+    "run_learning",
+    "simulate",
+    "simulate_world",
+    "summarize",
+]
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.90
 # Seeds of the unseen worlds: nothing in the router was tuned on them.
 RANDOM_SEEDS = (101, 102)
+POLICIES = ("learned", "static")
+BASELINE = "learned_no_automations"
+# The request path plus the service that turns answers into assessments to learn from.
+_SERVICES = ("budget", "spawner", "loader", "router", "improvement")
+_GOAL = "bench"
+_USERS = 8
+# Answers from these tiers never reached the world's LLM: the world gives them nothing.
+_DEGRADED = frozenset({"keyword", "static_fallback"})
+
+Observer = Callable[[str, "Outcome", int], None]
+"""``observer(run_name, outcome, automations_created_so_far)``, called as each answer comes."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One platform run: its name in the results, the routing policy, automations on or off."""
+
+    name: str
+    policy: str
+    automations: bool = True
+
+
+def default_runs(automation_baseline: bool = True) -> list[RunSpec]:
+    runs = [RunSpec(p, p) for p in POLICIES]
+    if automation_baseline:
+        runs.append(RunSpec(BASELINE, "learned", automations=False))
+    return runs
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one request got: its reward, what the oracle would have got, and what it cost."""
+
+    index: int
+    run_id: str
+    request_type: str
+    repeat: bool
+    specialty: str
+    reward: float
+    oracle: float
+    cost_usd: float
+    tier: str
+    automation: str  # "" (the policy routed it), "cache" (a cached answer) or "route" (pinned)
+    failed: bool
+    latency_ms: float
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _world_llm(world: World, seed: int) -> Iterator[FakeOpenAIServer]:
+    server = FakeOpenAIServer(responder=world.responder(seed)).start_in_thread()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# -- one run ----------------------------------------------------------------------------------
+
+
+class _Tracker:
+    """Follows the run's answers, assessments and automations as they happen."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        topics = [
+            RouteDecided.topic,
+            WorkflowCompleted.topic,
+            WorkflowAssessed.topic,
+            AutomationCreated.topic,
+        ]
+        self.view = TopicView(settings, topics, self._apply, source="bench")
+        self.completed: dict[str, WorkflowCompleted] = {}
+        self.assessed: dict[str, WorkflowAssessed] = {}
+        self.automations: list[AutomationCreated] = []
+        self.automated_runs: set[str] = set()  # routed by an automation, not by the policy
+
+    async def start(self) -> None:
+        await self.view.start()
+
+    async def stop(self) -> None:
+        await self.view.stop()
+
+    def _apply(self, event: Event) -> None:
+        if isinstance(event, WorkflowCompleted):
+            self.completed[event.run_id] = event
+        elif isinstance(event, WorkflowAssessed):
+            self.assessed[event.run_id] = event
+        elif isinstance(event, AutomationCreated):
+            self.automations.append(event)
+        elif isinstance(event, RouteDecided) and event.action == "automation":
+            self.automated_runs.add(event.run_id)
+
+    async def completion(self, run_id: str, timeout: float = 10.0) -> WorkflowCompleted:
+        event = await self.view.wait_for(lambda: self.completed.get(run_id), timeout)
+        if event is None:
+            raise TimeoutError(f"no workflow_completed for {run_id} within {timeout:g}s")
+        return event
+
+
+def _reward(world: World, seed: int, request: Request, event: WorkflowCompleted) -> float:
+    if "quality" in event.meta:
+        return float(event.meta["quality"])
+    if event.degradation_tier in _DEGRADED:
+        return 0.0
+    # An automation's answer (e.g. a cached one) is the answer that specialty gave this
+    # very message before: the world scores it the same, deterministically.
+    judged = world.quality_of(request.message, event.specialty, seed)
+    return judged[1] if judged else 0.0
+
+
+async def _warm_up(
+    launcher: Launcher, settings: KafkaSettings, tracker: _Tracker, world: World
+) -> None:
+    """Until one request goes all the way round (answer, then its assessment)."""
+    # A forced specialty: the policy does not learn from the warm-up.
+    (answer,) = await launcher.warm_up(
+        settings,
+        [("warm up", f"{_GOAL}-warmup")],
+        context={"specialty": world.specialties[0]},
+        timeout=120,
+    )
+    if launcher.alive("improvement"):
+        assessed = await tracker.view.wait_for(lambda: tracker.assessed.get(answer.run_id), 60)
+        if assessed is None:
+            raise RuntimeError("no workflow_assessed came for the warm-up request")
+
+
+async def _run_one(
+    world: World,
+    requests: list[Request],
+    oracle: list[float],
+    spec: RunSpec,
+    *,
+    seed: int,
+    concurrency: int,
+    bootstrap: str,
+    llm_url: str,
+    run_dir: Path,
+    keep: bool,
+    observer: Observer | None,
+) -> dict[str, Any]:
+    prefix = f"learn{uuid.uuid4().hex[:8]}."
+    settings = KafkaSettings(bootstrap, prefix)
+    await create_topics(bootstrap, prefix=prefix)
+    names = [n for n in _SERVICES if n in available_services()]
+    env = {
+        "OPENAI_BASE_URL": llm_url,
+        "OPENAI_API_KEY": "simulated-world",
+        "ORCH_ROUTER_POLICY": spec.policy,
+        "ORCH_ROUTER_ARMS": ",".join(world.specialties),
+        "ORCH_ROUTER_SEED": str(seed),
+        # Simulated users give feedback far faster than people: no per-user rate limit here.
+        "ORCH_FEEDBACK_PER_WINDOW": "1000000000",
+        "ORCH_LOG_LEVEL": os.environ.get("ORCH_LOG_LEVEL", "WARNING"),
+    }
+    if not spec.automations:
+        env["ORCH_AUTOMATION_KINDS"] = ""  # the improvement service then creates none
+    launcher = Launcher(run_dir / "logs", settings=settings, data_dir=run_dir, env=env)
+    tracker = _Tracker(settings)
+    outcomes: list[Outcome | None] = [None] * len(requests)
+    started = time.monotonic()
+    wall = 0.0
+    try:
+        launcher.start_all(names)
+        await tracker.start()
+        async with OrchestratorClient(settings, source="bench") as client:
+            await _warm_up(launcher, settings, tracker, world)
+            began = time.monotonic()
+            pending = iter(range(len(requests)))
+
+            async def worker() -> None:
+                for i in pending:
+                    outcome = await _one(client, tracker, world, seed, i, requests[i], oracle[i])
+                    outcomes[i] = outcome
+                    if observer is not None:
+                        observer(spec.name, outcome, len(tracker.automations))
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            wall = time.monotonic() - began
+            # Assessments trail the answers a little; count the ones that arrive soon after.
+            await asyncio.sleep(1.0)
+    finally:
+        await tracker.stop()
+        await asyncio.to_thread(launcher.stop_all)
+        if not keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            # Every run makes a full set of topics; a long benchmark would pile them up.
+            with contextlib.suppress(Exception):
+                await delete_prefixed_topics(bootstrap, prefix)
+    kinds: dict[str, int] = defaultdict(int)
+    for automation in tracker.automations:
+        kinds[automation.kind] += 1
+    done = [
+        replace(o, automation="route")
+        if not o.automation and o.run_id in tracker.automated_runs
+        else o
+        for o in outcomes
+        if o is not None
+    ]
+    return {
+        "outcomes": done,
+        "services": names,
+        "assessed": sum(1 for e in tracker.assessed.values() if e.method == "world"),
+        "automations_created": len(tracker.automations),
+        "automation_kinds": dict(sorted(kinds.items())),
+        "wall_s": round(wall, 2),
+        "setup_s": round(time.monotonic() - started - wall, 2),
+    }
+
+
+async def _one(
+    client: OrchestratorClient,
+    tracker: _Tracker,
+    world: World,
+    seed: int,
+    index: int,
+    request: Request,
+    oracle: float,
+) -> Outcome:
+    user = f"user{index % _USERS}"
+    t0 = time.monotonic()
+    try:
+        answer = await client.ask(request.message, goal_id=_GOAL, user_id=user, timeout=60)
+        event = await tracker.completion(answer.run_id)
+    except (OrchestratorError, TimeoutError):
+        return Outcome(
+            index=index,
+            run_id="",
+            request_type=request.request_type,
+            repeat=request.repeat,
+            specialty="",
+            reward=0.0,
+            oracle=oracle,
+            cost_usd=0.0,
+            tier="failed",
+            automation="",
+            failed=True,
+            latency_ms=(time.monotonic() - t0) * 1000.0,
+        )
+    reward = _reward(world, seed, request, event)
+    score = world.feedback_score(f"{index}", reward, seed)
+    if score is not None:
+        try:
+            await client.feedback(answer.run_id, user_id=user, score=score, channel="sdk")
+        except (Refused, NoVerdict) as exc:  # the answer still counts; its feedback did not
+            log.warning("feedback on %s not taken: %s", answer.run_id, exc)
+    return Outcome(
+        index=index,
+        run_id=answer.run_id,
+        request_type=request.request_type,
+        repeat=request.repeat,
+        specialty=event.specialty,
+        reward=reward,
+        oracle=oracle,
+        cost_usd=event.cost_usd,
+        tier=event.degradation_tier,
+        # A direct route shows on route_decided, read once the run is over.
+        automation="cache" if event.degradation_tier == "automation_cache" else "",
+        failed=False,
+        latency_ms=answer.latency_ms,
+    )
+
+
+# -- the numbers ------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else 0.0
+
+
+def _curve(values: list[float], window: int) -> list[float]:
+    return [round(_mean(values[i : i + window]), 4) for i in range(0, len(values), window)]
+
+
+def summarize(
+    world: World,
+    requests: list[Request],
+    oracle: list[float],
+    runs: dict[str, dict[str, Any]],
+    *,
+    seed: int,
+    window: int,
+    final_window: int,
+) -> dict[str, Any]:
+    """The machine-readable result: curves, final means, costs, and what was measured how."""
+    final_oracle = _mean(oracle[-final_window:])
+    result: dict[str, Any] = {
+        "world": world.name,
+        "requests": len(requests),
+        "seed": seed,
+        "window": window,
+        "final_window": final_window,
+        "repeats": sum(r.repeat for r in requests),
+        "oracle": {
+            "curve": _curve(oracle, window),
+            "final": round(final_oracle, 4),
+            "expected": round(world.oracle_reward(), 4),
+        },
+        "runs": {},
+        "notes": [],
+    }
+    for name, run in runs.items():
+        outcomes: list[Outcome] = run["outcomes"]
+        rewards = [o.reward for o in outcomes]
+        last = outcomes[-final_window:]
+        final = _mean([o.reward for o in last])
+        result["runs"][name] = {
+            "curve": _curve(rewards, window),
+            "final": round(final, 4),
+            "vs_oracle": round(final / final_oracle, 4) if final_oracle else 0.0,
+            "mean": round(_mean(rewards), 4),
+            "cost_per_request_usd": round(_mean([o.cost_usd for o in outcomes]), 8),
+            "by_route": _by_route(outcomes),
+            "cached_answers": sum(o.automation == "cache" for o in outcomes),
+            "direct_routed": sum(o.automation == "route" for o in outcomes),
+            "automations_created": run["automations_created"],
+            "automation_kinds": run["automation_kinds"],
+            "assessed_by_world": run["assessed"],
+            "failed": sum(o.failed for o in outcomes),
+            "degraded": sum(o.tier in _DEGRADED for o in outcomes),
+            "p50_latency_ms": round(statistics.median([o.latency_ms for o in outcomes]), 1)
+            if outcomes
+            else 0.0,
+            "wall_s": run["wall_s"],
+            "setup_s": run["setup_s"],
+            "services": run["services"],
+            "specialty_share": {
+                s: round(sum(o.specialty == s for o in last) / max(1, len(last)), 3)
+                for s in world.specialties
+            },
+        }
+        if "improvement" not in run["services"]:
+            result["notes"].append(
+                f"{name}: the improvement service is not installed, so no answer was assessed"
+                " and the router had nothing to learn from"
+            )
+    result["automations"] = _automation_effect(result["runs"], result["notes"])
+    return result
+
+
+_ROUTES = {"": "policy", "cache": "response_cache", "route": "direct_route"}
+
+
+def _by_route(outcomes: list[Outcome]) -> dict[str, dict[str, float]]:
+    """What each way of answering cost, took and scored: the policy's LLM runs and each
+    automation kind, side by side in the same run, so each kind's saving is measured."""
+    out: dict[str, dict[str, float]] = {}
+    for mark, name in _ROUTES.items():
+        group = [o for o in outcomes if o.automation == mark and not o.failed]
+        if not group:
+            continue
+        out[name] = {
+            "requests": len(group),
+            "cost_per_request_usd": round(_mean([o.cost_usd for o in group]), 8),
+            "p50_latency_ms": round(statistics.median([o.latency_ms for o in group]), 1),
+            "mean_reward": round(_mean([o.reward for o in group]), 4),
+        }
+    return out
+
+
+def _automation_effect(runs: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """Learned routing with automations against the same without them: both measured."""
+    with_, without = runs.get("learned"), runs.get(BASELINE)
+    if with_ is None or without is None:
+        notes.append("cost without automations was not measured (no run without automations)")
+        return {}
+    if with_["cached_answers"] + with_["direct_routed"] == 0:
+        notes.append(
+            "no answer came from an automation in the learned run: automations saved nothing here"
+        )
+    cost, base = with_["cost_per_request_usd"], without["cost_per_request_usd"]
+    return {
+        "cost_per_request_usd": {"with": cost, "without": base},
+        "cost_saving": round(1 - cost / base, 4) if base else 0.0,
+        "final_reward": {"with": with_["final"], "without": without["final"]},
+    }
+
+
+def run_learning(
+    world_path: str | Path | World,
+    requests: int,
+    seed: int = 0,
+    *,
+    runs: list[RunSpec] | None = None,
+    concurrency: int = 1,
+    window: int = 100,
+    final_window: int | None = None,
+    observer: Observer | None = None,
+    parallel: bool = False,
+    progress: bool = False,
+    keep: bool = False,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the whole platform once per run spec on the world's requests; see :func:`summarize`.
+
+    ``runs`` defaults to learned, static and learned without automations. ``final_window``:
+    the last requests the final mean is taken over (default: the last quarter, at most
+    500). ``parallel`` runs the platforms at the same time instead of one after another.
+    ``keep`` leaves each run's topics and data dir behind for a post-mortem.
+    """
+    world = world_path if isinstance(world_path, World) else World.load(world_path)
+    if requests < 1:
+        raise ValueError("requests must be at least 1")
+    specs = runs if runs is not None else default_runs()
+    final_window = final_window or min(500, max(1, requests // 4))
+    sample = world.sample_requests(requests, seed)
+    oracle = [world.oracle_quality(r, seed) for r in sample]
+    bootstrap = ensure_broker()
+    root = data_root() / "bench" / "learning"
+    bar = _progress(console) if progress else None
+    watch = observer
+    if bar is not None:
+        tasks = {
+            spec.name: bar.add_task(f"{world.name} {spec.name}", total=requests) for spec in specs
+        }
+
+        def watch(name: str, outcome: Outcome, automations: int) -> None:
+            assert bar is not None
+            bar.advance(tasks[name])
+            if observer is not None:
+                observer(name, outcome, automations)
+
+    def one(spec: RunSpec, llm_url: str) -> Coroutine[Any, Any, dict[str, Any]]:
+        return _run_one(
+            world,
+            sample,
+            oracle,
+            spec,
+            seed=seed,
+            concurrency=concurrency,
+            bootstrap=bootstrap,
+            llm_url=llm_url,
+            run_dir=root / f"{world.name}-{spec.name}-{uuid.uuid4().hex[:6]}",
+            keep=keep,
+            observer=watch,
+        )
+
+    async def together(llm_url: str) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(one(spec, llm_url) for spec in specs)))
+
+    with _world_llm(world, seed) as llm, bar or contextlib.nullcontext():
+        if parallel:
+            outputs = asyncio.run(together(llm.base_url))
+        else:
+            outputs = [asyncio.run(one(spec, llm.base_url)) for spec in specs]
+    results = {spec.name: out for spec, out in zip(specs, outputs, strict=True)}
+    return summarize(
+        world, sample, oracle, results, seed=seed, window=window, final_window=final_window
+    )
+
+
+def _progress(console: Console | None) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console or Console(stderr=True),
+    )
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def _per_1k(value: float) -> str:
+    return f"${value * 1000:.4f}"
+
+
+def _curve_table(result: dict[str, Any]) -> Table:
+    runs = result["runs"]
+    window = result["window"]
+    curve = Table(title=f"{result['world']}: mean reward per {window} requests")
+    curve.add_column("requests", justify="right")
+    for name in runs:
+        curve.add_column(name.replace("_", " "), justify="right")
+    curve.add_column("oracle", justify="right")
+    for i, value in enumerate(result["oracle"]["curve"]):
+        span = f"{i * window + 1}-{min(result['requests'], (i + 1) * window)}"
+        cells = [f"{r['curve'][i]:.3f}" if i < len(r["curve"]) else "-" for r in runs.values()]
+        curve.add_row(span, *cells, f"{value:.3f}")
+    return curve
+
+
+def print_report(
+    result: dict[str, Any], console: Console | None = None, *, curve: bool = True
+) -> None:
+    """The learning curve (unless ``curve`` is false) and the summary, as tables."""
+    out = console or Console()
+    runs = result["runs"]
+    if curve:
+        out.print(_curve_table(result))
+    summary = Table(title=f"last {result['final_window']} requests (seed {result['seed']})")
+    columns = ("run", "reward", "of oracle", "$ per 1k req", "automations", "cached", "routed")
+    for column in columns:
+        summary.add_column(column, justify="left" if column == "run" else "right")
+    for name, stats in runs.items():
+        summary.add_row(
+            name.replace("_", " "),
+            f"{stats['final']:.3f}",
+            f"{stats['vs_oracle'] * 100:.1f}%",
+            _per_1k(stats["cost_per_request_usd"]),
+            str(stats["automations_created"]),
+            str(stats["cached_answers"]),
+            str(stats["direct_routed"]),
+        )
+    summary.add_row("oracle", f"{result['oracle']['final']:.3f}", "100.0%", "", "", "", "")
+    out.print(summary)
+    effect = result.get("automations") or {}
+    if effect:
+        cost = effect["cost_per_request_usd"]
+        out.print(
+            f"automations: cost per request {_per_1k(cost['with'])} vs {_per_1k(cost['without'])}"
+            f" per 1k without ({effect['cost_saving'] * 100:.1f}% saved); final reward"
+            f" {effect['final_reward']['with']:.3f} vs {effect['final_reward']['without']:.3f}"
+        )
+    routes = (runs.get("learned") or {}).get("by_route") or {}
+    if len(routes) > 1:
+        kinds = Table(title="learned run: each way of answering, measured side by side")
+        for column in ("answered by", "requests", "$ per 1k req", "p50 ms", "reward"):
+            kinds.add_column(column, justify="left" if column == "answered by" else "right")
+        for name, row in routes.items():
+            kinds.add_row(
+                name.replace("_", " "),
+                str(row["requests"]),
+                _per_1k(row["cost_per_request_usd"]),
+                f"{row['p50_latency_ms']:.1f}",
+                f"{row['mean_reward']:.3f}",
+            )
+        out.print(kinds)
+    failed = {n: r["failed"] for n, r in runs.items() if r["failed"]}
+    if failed:
+        out.print(f"[red]failed requests (reward 0):[/] {failed}")
+    for note in result["notes"]:
+        out.print(f"[yellow]note:[/] {note}")
+
+
+# -- the policy alone, and every world -------------------------------------------------------
 
 
 def simulate(world: World, policy: Policy, requests: int, seed: int) -> tuple[list[float], float]:
@@ -126,6 +716,33 @@ def _table(results: list[dict[str, Any]], requests: int, offline: bool) -> Table
         row.append("met" if learned["vs_oracle"] >= TARGET else "MISSED")
         table.add_row(*row)
     return table
+
+
+def bench_world(
+    world: Path,
+    requests: int,
+    seed: int = 0,
+    *,
+    concurrency: int = 1,
+    automation_baseline: bool = True,
+    as_json: bool = False,
+) -> None:
+    """One world on the whole platform: the report, or JSON only (`orchestrator bench learning`)."""
+    for name in ("aiokafka", "kafka"):
+        # A new topic's first offset lookups fail for a moment; aiokafka logs each retry.
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    result = run_learning(
+        world,
+        requests,
+        seed,
+        runs=default_runs(automation_baseline),
+        concurrency=concurrency,
+        progress=not as_json,
+    )
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        print_report(result)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import statistics
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console, Group
@@ -16,13 +16,17 @@ from rich.table import Table
 from rich.text import Text
 
 from local.world import World
-from services.cli.bench_learning import Outcome, RunSpec, print_report, run_learning
+from services.cli.bench import on_bench_path
 from streams.config import ROOT, data_root
+
+if TYPE_CHECKING:
+    from bench.learning import Outcome
 
 __all__ = ["DEFAULT_WORLD", "demo_command", "run_demo"]
 
 DEFAULT_WORLD = ROOT / "bench" / "worlds" / "support-desk.json"
-_RUNS = [RunSpec("learned", "learned"), RunSpec("static", "static")]
+# Each a run of the learning benchmark (bench/learning.py): its name and routing policy.
+_RUNS = ("learned", "static")
 
 
 @dataclass
@@ -59,11 +63,11 @@ class _Watch:
                 "router); static: keyword routing",
             )
             table.add_column("requests", justify="right")
-            for run in (s.name for s in _RUNS):
+            for run in _RUNS:
                 table.add_column(run, justify="right")
             table.add_column("oracle", justify="right")
             table.add_column("learned/oracle", justify="right")
-            windows = {s.name: self._windows(s.name) for s in _RUNS}
+            windows = {run: self._windows(run) for run in _RUNS}
             rows = max(len(w) for w in windows.values())
             for i in range(rows):
                 span = self.oracle[i * self.window : (i + 1) * self.window]
@@ -83,7 +87,7 @@ class _Watch:
                     f"{ratio * 100:.0f}%" if ratio is not None else "",
                 )
             lines = []
-            for run in (s.name for s in _RUNS):
+            for run in _RUNS:
                 done = self.outcomes.get(run, [])
                 cost = statistics.fmean(o.cost_usd for o in done) * 1000 if done else 0.0
                 cached = sum(o.automation == "cache" for o in done)
@@ -146,6 +150,9 @@ def run_demo(
     console: Console | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Learned and static routing on two platforms at once, a live table, then the PNG."""
+    on_bench_path()
+    from bench.learning import RunSpec, run_learning
+
     console = console or Console()
     world = World.load(world_path)
     oracle = [world.oracle_quality(r, seed) for r in world.sample_requests(requests, seed)]
@@ -159,7 +166,7 @@ def run_demo(
             world,
             requests,
             seed,
-            runs=_RUNS,
+            runs=[RunSpec(run, run) for run in _RUNS],
             window=window,
             observer=watch.see,
             parallel=True,
@@ -181,5 +188,7 @@ def demo_command(
         logging.getLogger(name).setLevel(logging.CRITICAL)
     console = Console()
     result, path = run_demo(world, requests, seed, console=console)
+    from bench.learning import print_report  # on the path since run_demo
+
     print_report(result, console, curve=False)
     console.print(f"picture: {path}")

@@ -8,7 +8,7 @@ import typer
 
 from services.cli.admin import budget_app, keys_app
 from services.cli.analytics import metrics, sql
-from services.cli.bench_learning import bench_app
+from services.cli.bench import bench_app
 from services.cli.demo import demo_command
 from services.cli.platform import agents, down, service, status, up
 from services.cli.requests import ask, improve
@@ -37,7 +37,7 @@ for command in (up, down, status, service, ask, improve, agents, sql, metrics):
 app.command("demo")(demo_command)
 app.add_typer(budget_app, name="budget")
 app.add_typer(keys_app, name="keys")
-# The learning benchmark, the demo and the workflow commands live in their own modules.
+# The benchmark commands call into bench/; the demo and the workflow commands have modules.
 app.add_typer(bench_app, name="bench")
 app.add_typer(workflows_app)  # versions, rollback, replay
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli.bench_learning import RunSpec, run_learning
+from bench.learning import RunSpec, run_learning
 
 pytestmark = [pytest.mark.e2e, pytest.mark.broker]
 

@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from services.cli.bench_learning import Outcome, _by_route, print_report
+from bench.learning import Outcome, _by_route, print_report
 
 
 def _outcome(i: int, automation: str, cost: float, latency: float, reward: float) -> Outcome:

@@ -1,0 +1,91 @@
+"""`orchestrator bench`: thin commands over the benchmarks in bench/ (learning, chaos)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from streams.config import ROOT
+
+__all__ = ["bench_app", "chaos_command", "learning_command", "on_bench_path"]
+
+
+def on_bench_path() -> None:
+    """Make ``bench`` importable: it lives in the checkout beside the installed packages."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
+bench_app = typer.Typer(help="Benchmarks that run the whole platform.", no_args_is_help=True)
+
+
+@bench_app.command("learning")
+def learning_command(
+    world: Annotated[
+        Path, typer.Option("--world", help="A world file (see docs/worlds.md).", exists=True)
+    ],
+    requests: Annotated[int, typer.Option("--requests", min=1, help="Requests per run.")],
+    seed: Annotated[int, typer.Option("--seed", help="Traffic, noise and exploration.")] = 0,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, max=16, help="Requests in flight.")
+    ] = 1,
+    baseline: Annotated[
+        bool,
+        typer.Option(
+            "--automation-baseline/--no-automation-baseline",
+            help="Also run learned routing without automations, to measure what they save.",
+        ),
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")] = False,
+) -> None:
+    """Learned vs static routing vs the oracle on a simulated world: the learning curve."""
+    on_bench_path()
+    from bench.learning import bench_world
+
+    bench_world(
+        world,
+        requests,
+        seed,
+        concurrency=concurrency,
+        automation_baseline=baseline,
+        as_json=as_json,
+    )
+
+
+@bench_app.command("chaos")
+def chaos_command(
+    minutes: Annotated[float, typer.Option("--minutes", min=0.1, help="Traffic time.")] = 3.0,
+    seed: Annotated[int, typer.Option("--seed", help="Fault schedule and LLM weather.")] = 1,
+    rate: Annotated[float, typer.Option("--rate", min=0.1, help="Requests per second.")] = 3.0,
+    faults_per_target: Annotated[
+        int, typer.Option("--faults-per-target", min=0, help="0: max(2, minutes / 2).")
+    ] = 0,
+    settle: Annotated[float, typer.Option("--settle", help="Seconds to wait for outcomes.")] = 90.0,
+    broker_faults: Annotated[
+        bool | None,
+        typer.Option(
+            "--broker-faults/--no-broker-faults",
+            help="Kill and pause the broker too (default: yes, on the bench's own broker).",
+        ),
+    ] = None,
+    shared_broker: Annotated[
+        bool, typer.Option("--shared-broker", help="Use the shared broker; no broker faults.")
+    ] = False,
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Keep the Kafka and ClickHouse data.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")] = False,
+) -> None:
+    """Invariants 1-3 under kills, pauses and broker outages (runs bench/chaos.py)."""
+    on_bench_path()
+    from bench.chaos import main as chaos_main
+
+    argv = [f"--minutes={minutes}", f"--seed={seed}", f"--rate={rate}", f"--settle={settle}"]
+    argv.append(f"--faults-per-target={faults_per_target}")
+    if broker_faults is not None:
+        argv.append("--broker-faults" if broker_faults else "--no-broker-faults")
+    argv += ["--shared-broker"] * shared_broker + ["--keep"] * keep + ["--json"] * as_json
+    raise typer.Exit(chaos_main(argv))
