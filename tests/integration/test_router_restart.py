@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
+from local.platform import Launcher
 from services.router.policy import features_of
-from streams.config import ROOT
 from streams.events import Event, RequestReceived, RouteDecided, WorkflowAssessed
 from streams.kafka import EventConsumer, EventProducer
 
@@ -54,27 +50,17 @@ def _history() -> list[Event]:
     ]
 
 
-def _start_router(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.router"], cwd=ROOT, env=env, stdout=out, stderr=out
-        )
-
-
 async def test_a_router_started_on_a_log_has_learned_from_all_of_it(settings, tmp_path):
     async with EventProducer(settings) as producer:
         await producer.send_many(_history())
     env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap,
-        "ORCH_TOPIC_PREFIX": settings.prefix,
-        "ORCH_DATA_DIR": str(tmp_path),
         "ORCH_ROUTER_POLICY": "learned",
         "ORCH_ROUTER_SEED": "1",
         "ORCH_ROUTER_EPSILON": "0.03",
         "ORCH_ROUTER_ARMS": "research,writing,customer_support",
     }
-    router = _start_router(env, tmp_path / "router.log")
+    launcher = Launcher(tmp_path, settings=settings, data_dir=tmp_path, env=env, stop_timeout=20)
+    launcher.start("router")
     try:
         run_id = f"new-{uuid.uuid4().hex[:6]}"
         request = RequestReceived(
@@ -106,5 +92,4 @@ async def test_a_router_started_on_a_log_has_learned_from_all_of_it(settings, tm
         )
         assert best == "specialty:research"
     finally:
-        router.terminate()
-        router.wait(20)
+        launcher.stop_all()
