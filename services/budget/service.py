@@ -15,7 +15,7 @@ from faust import current_event
 
 from services.budget.state import BudgetDefaults, BudgetState, RunStore
 from streams.codec import default_codec
-from streams.config import env_float
+from streams.config import BudgetSettings
 from streams.errors import NotOperator
 from streams.events import (
     BudgetTicked,
@@ -121,7 +121,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         )
         await _output(DeadLetter.topic).send(key=letter.key(), value=letter)
 
-    tick_every = env_float("ORCH_BUDGET_TICK_SECONDS", 1.0, minimum=0.05)
+    tick_every = BudgetSettings.read("tick_seconds")
 
     @app.timer(interval=tick_every)  # type: ignore[untyped-decorator]
     async def tick() -> None:
