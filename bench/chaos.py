@@ -914,7 +914,7 @@ async def _terminal_runs(settings: Any) -> set[str]:
 
 async def _apply_budgets(settings: Any, cfg: ChaosConfig, timeout: float = 120.0) -> None:
     """Send every goal's limits and wait until the budget service's view shows them."""
-    from services.budget.view import read_budget
+    from streams.budgets import read_budget
     from streams.client import OrchestratorClient
 
     async with OrchestratorClient(settings, source="bench-chaos") as client:
@@ -943,7 +943,7 @@ async def _apply_budgets(settings: Any, cfg: ChaosConfig, timeout: float = 120.0
 
 
 async def _budget_views(settings: Any, cfg: ChaosConfig) -> dict[str, dict[str, Any] | None]:
-    from services.budget.view import read_budget
+    from streams.budgets import read_budget
 
     out: dict[str, dict[str, Any] | None] = {}
     for g in cfg.goals:

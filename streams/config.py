@@ -363,6 +363,15 @@ class BudgetSettings(EnvSettings):
         read_by="budget",
         ge=0.05,
     )
+    report_seconds: float = setting(
+        "ORCH_BUDGET_REPORT_SECONDS",
+        0.5,
+        "Seconds between the budget's reports of the goals whose record changed "
+        "(`budget_reported`, what `orchestrator budget show` prints): at most one per goal "
+        "per interval, off the request path; a limit change is reported at once. >= 0.05.",
+        read_by="budget",
+        ge=0.05,
+    )
 
 
 class LauncherSettings(EnvSettings):

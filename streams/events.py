@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -25,12 +25,12 @@ __all__ = [
     "AgentSpawned",
     "AutomationCreated",
     "BudgetExceeded",
+    "BudgetReported",
     "BudgetTicked",
     "BudgetUpdateRequested",
     "DeadLetter",
     "Event",
     "FeedbackDecided",
-    "FailureReason",
     "FeedbackReceived",
     "Identifier",
     "ImprovementApplied",
@@ -119,13 +119,6 @@ Message = Annotated[str, AfterValidator(validate_message)]
 Tier = Literal["llm", "legacy_static", "keyword", "static_fallback", "automation_cache"]
 Limit = Literal["max_agents", "max_concurrent", "max_daily_cost"]
 
-FailureReason = Literal[
-    "budget_exceeded", "llm_failure", "timeout", "invalid", "no_agent", "internal"
-]
-"""Why a run ended without an answer (``WorkflowFailed.reason``)."""
-
-# Fields every event sets for itself, never taken from its cause.
-_OWN_FIELDS = frozenset({"event_id", "event_type", "occurred_at", "source"})
 
 class Event(BaseModel):
     """The envelope every event carries.
@@ -162,18 +155,6 @@ class Event(BaseModel):
         value = getattr(self, self.key_field)
         return None if value is None else str(value).encode("utf-8")
 
-
-    @classmethod
-    def caused_by(cls, cause: Event, /, **fields: Any) -> Self:
-        """An event of this type that follows from ``cause``.
-
-        The envelope (run, goal, user) and every other field the two types share (agent,
-        specialty, message, context, deadlines...) come from ``cause``; ``fields`` give the
-        rest (event_id, source, occurred_at, what is new) and override any of them.
-        """
-        mine, theirs = cls.model_fields, type(cause).model_fields
-        shared = {n: getattr(cause, n) for n in mine if n in theirs and n not in _OWN_FIELDS}
-        return cls(**(shared | fields))
 
 class RequestReceived(Event):
     topic = "request_received"
@@ -252,9 +233,10 @@ class AgentSpawned(Event):
     version: int = 1
 
 
-class _Task(Event):
-    """A task for one agent: what the router asks for and the budget lets through alike."""
-
+class TaskRequested(Event):
+    topic = "task_requested"
+    key_field = "goal_id"
+    event_type: Literal["task_requested"] = "task_requested"
     run_id: str
     goal_id: Identifier
     agent_id: str
@@ -265,18 +247,18 @@ class _Task(Event):
     deadline_at: datetime | None = None
 
 
-class TaskRequested(_Task):
-    topic = "task_requested"
-    key_field = "goal_id"
-    event_type: Literal["task_requested"] = "task_requested"
-
-
-class TaskAdmitted(_Task):
-    """A :class:`TaskRequested` the budget admitted (``TaskAdmitted.caused_by(request)``)."""
-
+class TaskAdmitted(Event):
     topic = "task_admitted"
     key_field = "agent_id"
     event_type: Literal["task_admitted"] = "task_admitted"
+    run_id: str
+    goal_id: Identifier
+    agent_id: str
+    specialty: str
+    message: str
+    context: dict[str, str] = Field(default_factory=dict)
+    requested_at: datetime | None = None
+    deadline_at: datetime | None = None
 
 
 class WorkflowStarted(Event):
@@ -332,7 +314,7 @@ class WorkflowFailed(Event):
     event_type: Literal["workflow_failed"] = "workflow_failed"
     goal_id: Identifier
     run_id: str
-    reason: FailureReason
+    reason: Literal["budget_exceeded", "llm_failure", "timeout", "invalid", "no_agent", "internal"]
     detail: str
     limit: Limit | None = None
     agent_id: str | None = None
@@ -581,6 +563,30 @@ class BudgetTicked(Event):
     goal_id: Identifier
 
 
+class BudgetReported(Event):
+    """The budget's view of one goal now: its limits and what it uses (the latest per goal).
+
+    A read model the budget service publishes, coalesced (at most one per goal per
+    ``ORCH_BUDGET_REPORT_SECONDS``, and at once when a limit changes); ``spent_today``
+    is the spend filed under ``day`` (UTC), ``held`` the worst cases held back for calls
+    not yet paid.
+    """
+
+    topic = "budget_reported"
+    key_field = "goal_id"
+    event_type: Literal["budget_reported"] = "budget_reported"
+    goal_id: Identifier
+    max_agents: int
+    max_concurrent: int
+    max_daily_cost: float
+    agents: int
+    in_flight: int
+    queued: int
+    spent_today: float
+    held: float
+    day: str
+
+
 class DeadLetter(Event):
     topic = "dead_letter"
     key_field = "original_topic"
@@ -629,6 +635,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     SpendRequested,
     SpendDecided,
     BudgetTicked,
+    BudgetReported,
     DeadLetter,
 )
 

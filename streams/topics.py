@@ -89,6 +89,7 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("spend_requested", ev.SpendRequested),
     TopicSpec("spend_decided", ev.SpendDecided),
     TopicSpec("budget_ticked", ev.BudgetTicked, retention_ms=_DAY_MS),
+    TopicSpec("budget_reported", ev.BudgetReported, compact=True),
     TopicSpec("dead_letter", ev.DeadLetter, retention_ms=30 * _DAY_MS),
 )
 

@@ -81,10 +81,10 @@ class AnalyticsSettings(EnvSettings):
     clickhouse_url: str | None = setting(
         "CLICKHOUSE_URL",
         None,
-        "A ClickHouse server, `http://user:pass@host:8123/db`: the sink writes there and the "
-        "CLI reads there. Unset, the sink uses the embedded engine (chdb) in "
-        "`<ORCH_DATA_DIR>/clickhouse` and the CLI asks the running sink.",
-        read_by="analytics, CLI `sql` and `metrics`",
+        "A ClickHouse server, `http://user:pass@host:8123/db`: the sink writes there. Unset, "
+        "the sink uses the embedded engine (chdb) in `<ORCH_DATA_DIR>/clickhouse`. Either way "
+        "the CLI asks the running sink's query server.",
+        read_by="analytics",
     )
     batch_rows: int = setting(
         "ORCH_SINK_BATCH_ROWS",
@@ -120,9 +120,10 @@ class AnalyticsSettings(EnvSettings):
     clickhouse_read_url: str | None = setting(
         "CLICKHOUSE_READ_URL",
         None,
-        "The server the CLI reads from, when it should use other credentials than the sink's "
-        "writing ones (a read-only user, below). Ignored when neither is set.",
-        read_by="CLI `sql` and `metrics`",
+        "What the sink's query server (`orchestrator sql` and `metrics`) reads with, when it "
+        "should use other credentials than the sink's writing ones (a read-only user, below). "
+        "Ignored without `CLICKHOUSE_URL`.",
+        read_by="analytics (query server)",
         shown="unset: `CLICKHOUSE_URL`",
     )
     sql_max_seconds: float = setting(
@@ -130,7 +131,7 @@ class AnalyticsSettings(EnvSettings):
         _LIMITS.max_seconds,
         "`max_execution_time` of each query of the SQL surface (`orchestrator sql`, "
         "`orchestrator metrics`); more than 0.",
-        read_by="analytics (query server), CLI with `CLICKHOUSE_URL`",
+        read_by="analytics (query server)",
         gt=0,
     )
     sql_max_memory_mb: int = setting(
@@ -188,7 +189,7 @@ class AnalyticsSettings(EnvSettings):
 
     @property
     def read_url(self) -> str | None:
-        """Where the CLI reads: ``CLICKHOUSE_READ_URL``, else ``CLICKHOUSE_URL``."""
+        """Where the SQL surface reads: ``CLICKHOUSE_READ_URL``, else ``CLICKHOUSE_URL``."""
         return self.clickhouse_read_url or self.clickhouse_url
 
     def sink_config(self) -> SinkConfig:

@@ -18,6 +18,7 @@ from streams.codec import default_codec
 from streams.config import BudgetSettings
 from streams.errors import NotOperator
 from streams.events import (
+    BudgetReported,
     BudgetTicked,
     BudgetUpdateRequested,
     DeadLetter,
@@ -82,6 +83,15 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         return outputs[name]
 
     keys = KeyView(ctx.settings, operators=operators_from())
+    changed: set[str] = set()  # goals whose record changed since their last report
+
+    async def _report(goal: str) -> None:
+        """The goal's view on ``budget_reported`` (compacted), read by `budget show`."""
+        raw = table.get(goal)
+        if raw:  # None when the goal's partition moved to another instance meanwhile
+            view = BudgetState.from_dict(raw, runs, defaults).summary(ctx.clock.now())
+            report = BudgetReported(source="budget", occurred_at=ctx.clock.now(), **view)
+            await _output(BudgetReported.topic).send(key=report.key(), value=report)
 
     async def _apply(event: Event) -> None:
         assert event.goal_id is not None
@@ -98,6 +108,10 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             state = BudgetState.new(event.goal_id, defaults, runs)
         decision = state.handle(event, ctx.clock.now(), defaults)
         table[event.goal_id] = state.to_dict()
+        if isinstance(event, BudgetUpdateRequested):
+            await _report(event.goal_id)  # a limit shows at once
+        else:
+            changed.add(event.goal_id)  # coalesced: reported by the timer below
         # Faust's producer, without waiting for the broker: one agent handles every
         # goal's events one at a time, so waiting here put a broker round trip between
         # any two decisions. Faust flushes this producer before it commits the offsets
@@ -138,6 +152,16 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         ]
         for event in ticks[:10_000]:
             await _output(BudgetTicked.topic).send(key=event.key(), value=event)
+
+    report_every = BudgetSettings.read("report_seconds")
+
+    @app.timer(interval=report_every)  # type: ignore[untyped-decorator]
+    async def report() -> None:
+        """At most one report per changed goal per interval, off the request path."""
+        goals = list(changed)
+        changed.clear()
+        for goal in goals:
+            await _report(goal)
 
     @app.agent(topic)
     async def apply(stream: Any) -> None:

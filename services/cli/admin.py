@@ -24,6 +24,7 @@ from services.cli.common import (
     run,
     with_client,
 )
+from streams.budgets import read_budget
 from streams.client import OrchestratorClient, invalid_request
 from streams.events import (
     ApiKeyIssued,
@@ -138,9 +139,6 @@ def budget_show(
     goal = checked_id(goal, "goal", as_json=as_json)
     settings = kafka_settings()
     require_kafka(settings, as_json=as_json)
-    # Imported here: the budget view pulls in Faust, which most commands do not need.
-    from services.budget.view import read_budget
-
     budget = run(read_budget(settings, goal), settings, as_json=as_json)
     if as_json:
         print_json(budget)

@@ -190,9 +190,8 @@ class ImprovementService:
         self._waiters: dict[str, asyncio.Future[FeedbackDecided | PromotionDecided]] = {}
         self._holds: dict[str, asyncio.Future[SpendDecided]] = {}
         self._decided: OrderedDict[str, bool] = OrderedDict()  # spend request -> approved
-        llm_settings = LLMSettings.from_env()
-        self.prices: PriceTable = llm_settings.prices
-        self.model = llm_settings.model
+        self.prices = PriceTable.from_env()
+        self.model = LLMSettings.from_env().model
         self.http_port: int | None = None
 
     # -- knowledge -------------------------------------------------------------

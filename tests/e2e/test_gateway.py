@@ -228,7 +228,7 @@ async def test_hostile_input_is_refused_clearly(platform, client, gateway):
 
 
 async def test_the_budget_refusal_is_429_with_the_limit_and_retry_after(platform, client, gateway):
-    from services.budget.view import read_budget
+    from streams.budgets import read_budget
 
     goal = "gw-budget"
     key = await _key(client, goal)

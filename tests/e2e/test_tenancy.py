@@ -104,7 +104,7 @@ async def test_feedback_of_one_goal_never_reaches_another(platform, client):
 
 
 async def test_the_judge_is_paid_by_the_goal_it_grades(platform, client):
-    from services.budget.view import read_budget
+    from streams.budgets import read_budget
 
     platform.llm.responder = _Recorder()
     try:
@@ -136,7 +136,7 @@ async def test_the_judge_is_paid_by_the_goal_it_grades(platform, client):
 
 
 async def test_only_an_operator_changes_a_budget(platform, client):
-    from services.budget.view import read_budget
+    from streams.budgets import read_budget
 
     goal = "tenant-limits"
     await client.ask("hello there", goal_id=goal, user_id="ul")

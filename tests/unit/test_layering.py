@@ -3,8 +3,10 @@
 - ``streams`` (events, codec, Kafka, runtime, SDK) imports neither a service nor the local
   tooling (``local``: broker launcher, fake LLM, simulated worlds, process launcher).
 - ``local`` imports no service: it runs them as processes.
-- A service (``services/<name>``) imports no other service; the CLI is a client of the
-  platform, not a service, and is checked by the house rules of its own.
+- A service (``services/<name>``) imports no other service.
+- The CLI (``services/cli``) is a client of the platform: it imports no service either,
+  and reaches the platform only through events, read models the owning services publish
+  and the analytics query server's client (``streams.sql``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def test_the_event_layer_imports_no_service_and_no_local_tooling() -> None:
 def test_a_service_imports_no_other_service(service: str) -> None:
     others = tuple(f"services.{s}" for s in SERVICES if s != service)
     assert _offences(ROOT / "services" / service, others) == []
+
+
+def test_the_cli_imports_no_service() -> None:
+    services = tuple(f"services.{s}" for s in SERVICES if s != "cli")
+    assert _offences(ROOT / "services" / "cli", services) == []
 
 
 def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
