@@ -370,9 +370,14 @@ def summarize(
     seed: int,
     window: int,
     final_window: int,
+    upper: list[float] | None = None,
 ) -> dict[str, Any]:
-    """The machine-readable result: curves, final means, costs, and what was measured how."""
+    """The machine-readable result: curves, final means, costs, and what was measured how.
+
+    ``upper``: per request, the best any choice would have scored (the upper bound); each
+    run's ``vs_upper`` is its final mean against that one's."""
     final_oracle = _mean(oracle[-final_window:])
+    final_upper = _mean(upper[-final_window:]) if upper else 0.0
     result: dict[str, Any] = {
         "world": world.name,
         "requests": len(requests),
@@ -388,6 +393,8 @@ def summarize(
         "runs": {},
         "notes": [],
     }
+    if upper:
+        result["upper_bound"] = {"curve": _curve(upper, window), "final": round(final_upper, 4)}
     for name, run in runs.items():
         outcomes: list[Outcome] = run["outcomes"]
         rewards = [o.reward for o in outcomes]
@@ -397,6 +404,7 @@ def summarize(
             "curve": _curve(rewards, window),
             "final": round(final, 4),
             "vs_oracle": round(final / final_oracle, 4) if final_oracle else 0.0,
+            "vs_upper": round(final / final_upper, 4) if final_upper else 0.0,
             "mean": round(_mean(rewards), 4),
             "cost_per_request_usd": round(_mean([o.cost_usd for o in outcomes]), 8),
             "by_route": _by_route(outcomes),
@@ -494,6 +502,7 @@ def run_learning(
     final_window = final_window or min(500, max(1, requests // 4))
     sample = world.sample_requests(requests, seed)
     oracle = [world.oracle_quality(r, seed) for r in sample]
+    upper = [world.upper_bound_quality(r, seed) for r in sample]
     bootstrap = ensure_broker()
     root = data_root() / "bench" / "learning"
     bar = _progress(console) if progress else None
@@ -534,7 +543,14 @@ def run_learning(
             outputs = [asyncio.run(one(spec, llm.base_url)) for spec in specs]
     results = {spec.name: out for spec, out in zip(specs, outputs, strict=True)}
     return summarize(
-        world, sample, oracle, results, seed=seed, window=window, final_window=final_window
+        world,
+        sample,
+        oracle,
+        results,
+        seed=seed,
+        window=window,
+        final_window=final_window,
+        upper=upper,
     )
 
 
@@ -579,7 +595,16 @@ def print_report(
     if curve:
         out.print(_curve_table(result))
     summary = Table(title=f"last {result['final_window']} requests (seed {result['seed']})")
-    columns = ("run", "reward", "of oracle", "$ per 1k req", "automations", "cached", "routed")
+    columns = (
+        "run",
+        "reward",
+        "of oracle",
+        "of upper bound",
+        "$ per 1k req",
+        "automations",
+        "cached",
+        "routed",
+    )
     for column in columns:
         summary.add_column(column, justify="left" if column == "run" else "right")
     for name, stats in runs.items():
@@ -587,12 +612,19 @@ def print_report(
             name.replace("_", " "),
             f"{stats['final']:.3f}",
             f"{stats['vs_oracle'] * 100:.1f}%",
+            f"{stats['vs_upper'] * 100:.1f}%" if "vs_upper" in stats else "-",
             _per_1k(stats["cost_per_request_usd"]),
             str(stats["automations_created"]),
             str(stats["cached_answers"]),
             str(stats["direct_routed"]),
         )
-    summary.add_row("oracle", f"{result['oracle']['final']:.3f}", "100.0%", "", "", "", "")
+    bound = result.get("upper_bound")
+    of_bound = f"{result['oracle']['final'] / bound['final'] * 100:.1f}%" if bound else "-"
+    summary.add_row(
+        "oracle", f"{result['oracle']['final']:.3f}", "100.0%", of_bound, "", "", "", ""
+    )
+    if bound:
+        summary.add_row("upper bound", f"{bound['final']:.3f}", "", "100.0%", "", "", "", "")
     out.print(summary)
     effect = result.get("automations") or {}
     if effect:
@@ -656,20 +688,25 @@ def simulate(world: World, policy: Policy, requests: int, seed: int) -> tuple[li
 def simulate_world(world: World, requests: int, seed: int, **policy_args: Any) -> dict[str, Any]:
     """Offline counterpart of ``run_learning``'s result: final means over the last quarter."""
     final = min(500, max(1, requests // 4))
-    oracle = [world.oracle_quality(r, seed) for r in world.sample_requests(requests, seed)]
+    sample = world.sample_requests(requests, seed)
+    oracle = [world.oracle_quality(r, seed) for r in sample]
+    upper = [world.upper_bound_quality(r, seed) for r in sample]
     policy = LearnedPolicy(rng=random.Random(seed), **policy_args)
     learned, cache_saving = simulate(world, policy, requests, seed)
     static, _ = simulate(world, StaticPolicy(), requests, seed)
     best = statistics.fmean(oracle[-final:])
+    bound = statistics.fmean(upper[-final:])
     runs = {
         name: {"final": statistics.fmean(values[-final:])}
         for name, values in (("learned", learned), ("static", static))
     }
     for stats in runs.values():
         stats["vs_oracle"] = stats["final"] / best
+        stats["vs_upper"] = stats["final"] / bound
     return {
         "world": world.name,
         "oracle": {"final": best},
+        "upper_bound": {"final": bound},
         "runs": runs,
         "automations": {"cache_after_policy_token_saving": cache_saving},
     }
@@ -684,7 +721,8 @@ def _table(results: list[dict[str, Any]], requests: int, offline: bool) -> Table
     final = min(500, max(1, requests // 4))
     how = "policy alone, offline" if offline else "whole platform"
     table = Table(title=f"learning: mean reward over the last {final} of {requests} ({how})")
-    for column in ("world", "learned", "static", "oracle", "learned/oracle", "static/oracle"):
+    columns = ("world", "learned", "static", "oracle", "learned/oracle", "static/oracle")
+    for column in (*columns, "upper bound", "learned/upper"):
         table.add_column(column, justify="left" if column == "world" else "right")
     if offline:
         table.add_column("cache after policy saves", justify="right")
@@ -703,6 +741,10 @@ def _table(results: list[dict[str, Any]], requests: int, offline: bool) -> Table
             f"{learned['vs_oracle'] * 100:.1f}%",
             f"{static['vs_oracle'] * 100:.1f}%",
         ]
+        bound = r.get("upper_bound")
+        row += (
+            [f"{bound['final']:.3f}", f"{learned['vs_upper'] * 100:.1f}%"] if bound else ["-", "-"]
+        )
         if offline:
             row.append(f"{r['automations']['cache_after_policy_token_saving'] * 100:.1f}%")
         else:

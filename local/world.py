@@ -334,6 +334,13 @@ class World:
         judged = self.quality_of(request.message, best, seed)
         return judged[1] if judged else self.quality[request.request_type][best]
 
+    def upper_bound_quality(self, request: Request, seed: int = 0) -> float:
+        """The best any choice scores on this very message: the max over every specialty of
+        its draw. No router can beat it; the oracle (the type's best on average) can be
+        beaten where a message's draw is learnable (a repeated message)."""
+        draws = [self.quality_of(request.message, s, seed) for s in self.specialties]
+        return max((d[1] for d in draws if d is not None), default=self.oracle_quality(request))
+
     def feedback_score(self, run_key: str, quality: float, seed: int = 0) -> int | None:
         """The 1-5 score a user gives (quality with a little doubt), or None for no feedback."""
         rng = _stable_rng(self.name, seed, "feedback", run_key)

@@ -214,3 +214,13 @@ def test_the_oracle_scores_the_best_specialty_on_the_same_message():
     for request in world.sample_requests(50, seed=4):
         best = world.best_specialty(request.request_type)
         assert world.oracle_quality(request, 4) == world.quality_of(request.message, best, 4)[1]  # type: ignore[index]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_the_upper_bound_is_the_best_draw_and_never_below_the_oracle(path: Path):
+    world = World.load(path)
+    for request in world.sample_requests(200, seed=3):
+        bound = world.upper_bound_quality(request, 3)
+        draws = [world.quality_of(request.message, s, 3)[1] for s in world.specialties]  # type: ignore[index]
+        assert bound == max(draws)
+        assert bound >= world.oracle_quality(request, 3)
