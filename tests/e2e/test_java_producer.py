@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from streams.budgets import read_budget
-from tests.e2e.conftest import ROOT, Platform
+from services.budget.view import read_budget
+from streams.config import ROOT
+from tests.e2e.conftest import Platform
 
 pytestmark = pytest.mark.e2e
 
