@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from services.budget.view import read_budget
+from streams.budgets import read_budget
 from streams.config import ROOT
 from tests.e2e.conftest import Platform
 
