@@ -210,8 +210,8 @@ class Instance:
 
     @property
     def crashed(self) -> bool:
-        """It exited without the launcher asking it to."""
-        return not self.stopping and self.returncode is not None
+        """It exited without the launcher asking it to, and not as a clean stop would."""
+        return not self.stopping and self.returncode not in (None, 0, -signal.SIGTERM)
 
     def cpu_s(self) -> float:
         return process_cpu_s(self.proc.pid) if self.proc is not None else 0.0
