@@ -26,7 +26,14 @@ from typing import Any, TypeVar
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from streams.config import DEFAULT_KAFKA_PORT, ROOT, bootstrap_servers, data_root, kafka_port
+from streams.config import (
+    DEFAULT_KAFKA_PORT,
+    ROOT,
+    BrokerSettings,
+    bootstrap_servers,
+    data_root,
+    kafka_port,
+)
 
 INFRA = ROOT / "infra" / "kafka"
 DEFAULT_PORT = DEFAULT_KAFKA_PORT
@@ -45,9 +52,8 @@ def _kafka_dir() -> Path:
 
 
 def _libs_dir() -> Path:
-    # Jars are the same for every data dir; fetch them once per checkout.
-    libs = os.environ.get("ORCH_KAFKA_LIBS")
-    return Path(libs) if libs else ROOT / ".local" / "kafka" / "libs"
+    libs: Path = BrokerSettings.from_env().libs
+    return libs
 
 
 def _log_dir() -> Path:
@@ -300,7 +306,7 @@ def ensure_broker(timeout: float = 90.0) -> str:
     With KAFKA_BOOTSTRAP_SERVERS set, only waits for that cluster. `timeout` bounds the
     wait for the broker to answer, not the one-time jar download.
     """
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    external: str | None = BrokerSettings.read("external")
     if external:
         return _wait_external(external, timeout)
     port = kafka_port()
@@ -356,7 +362,7 @@ def stop_broker(timeout: float = 30.0) -> bool:
 
 def broker_status() -> dict[str, Any]:
     """Whether the broker answers, with its pid (None when external), bootstrap and data dir."""
-    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    external: str | None = BrokerSettings.read("external")
     if external:
         running = kafka_answers(external)
         return {"running": running, "pid": None, "bootstrap": external, "data_dir": None}

@@ -42,6 +42,7 @@ from services.cli.supervisor import (
     stop_recorded,
     supervisor_pid,
 )
+from streams.config import BrokerSettings
 from streams.kafka import KafkaSettings
 from streams.registry import RegistryView
 from streams.topics import create_topics
@@ -197,7 +198,7 @@ def down(
     stopped = stop_recorded(report=_report)
     if not stopped:
         out.print("no orchestrator process was running")
-    if keep_broker or os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+    if keep_broker or BrokerSettings.read("external"):
         return
     try:
         was_running = stop_broker()

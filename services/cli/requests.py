@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Coroutine, Sequence
 from dataclasses import asdict
 from typing import Annotated, Any, TypeVar
@@ -26,6 +25,7 @@ from services.cli.common import (
     with_client,
 )
 from streams.client import Answer, OrchestratorClient, invalid_request
+from streams.config import OperatorSettings
 from streams.errors import (
     BudgetExceededError,
     InvalidRequest,
@@ -161,7 +161,7 @@ def improve(
     Exit 0 when accepted, 1 when refused (the reason is printed), 3 with no verdict.
     """
     if run_id == "approve":
-        _approve(text, user or os.environ.get("ORCH_OPERATOR_USER", "operator"), timeout, as_json)
+        _approve(text, user or OperatorSettings.read("operator_user"), timeout, as_json)
         return
     if user is None:
         fail("--user is required: who gives the feedback", EXIT_INVALID, as_json=as_json)

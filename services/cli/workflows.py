@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -29,6 +28,7 @@ from services.cli.common import (
     run,
 )
 from streams.codec import default_codec
+from streams.config import OperatorSettings
 from streams.errors import DecodeError, InvalidRequest, NoVerdict
 from streams.events import (
     DeadLetter,
@@ -40,7 +40,6 @@ from streams.events import (
     validate_identifier,
 )
 from streams.kafka import EventConsumer, KafkaSettings
-from streams.keys import DEFAULT_OPERATORS
 from streams.registry import read_topics_to_end
 from streams.versions import VERSION_TOPICS, VersionLedger, list_versions, request_rollback
 from streams.workflows import goal_of
@@ -272,7 +271,7 @@ def rollback(
     3 no outcome in time.
     """
     workflow = _workflow_id(workflow, as_json)
-    user = as_user or os.environ.get("ORCH_OPERATOR_USER") or DEFAULT_OPERATORS
+    user = as_user or OperatorSettings.read("operator_user")
     try:
         user = validate_identifier(user)
     except ValueError as exc:
