@@ -140,6 +140,8 @@ async def test_only_an_operator_changes_a_budget(platform, client):
 
     goal = "tenant-limits"
     await client.ask("hello there", goal_id=goal, user_id="ul")
+    # The budget reports a goal a moment after its record changes.
+    assert await _until(platform, "budget_reported", lambda e: e.goal_id == goal)
     before = await read_budget(platform.settings, goal)
     assert before is not None
     refused = await client.set_budget(goal, user_id="mallory", max_concurrent=77)
