@@ -126,12 +126,6 @@ class PriceTable:
                 prices[name] = price
         return cls(prices, default)
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> PriceTable:
-        """``ORCH_LLM_PRICES`` (:class:`LLMSettings`) read alone."""
-        prices: PriceTable = LLMSettings.read("prices", environ)
-        return prices
-
     def price(self, model: str) -> ModelPrice:
         found = self.prices.get(model)
         if found is not None:
@@ -168,7 +162,8 @@ def _table_for(text: str) -> PriceTable:
 
 def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float:
     """Cost of one call with the built-in prices, overridden by ``ORCH_LLM_PRICES``."""
-    return PriceTable.from_env().cost_usd(model, prompt_tokens, completion_tokens)
+    prices: PriceTable = LLMSettings.read("prices")
+    return prices.cost_usd(model, prompt_tokens, completion_tokens)
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,7 +222,7 @@ class LLMSettings(EnvSettings):
     )
     prices: PriceTable = setting(
         "ORCH_LLM_PRICES",
-        PriceTable(),
+        _table_for(""),
         'JSON object overriding prices in USD per 1M tokens: `{"model": [input, output]}` or '
         '`{"model": {"input": x, "output": y}}`, numbers >= 0. The key `default` prices unknown '
         "models (built in: 2.50 input, 10.00 output). A dated model name takes the price of its "

@@ -39,7 +39,7 @@ from functools import cached_property
 from typing import Any
 
 from streams.clock import utc_day
-from streams.config import env_float, env_int
+from streams.config import BudgetSettings
 from streams.events import (
     BudgetExceeded,
     BudgetTicked,
@@ -57,7 +57,7 @@ from streams.events import (
     WorkflowFailed,
     terminal_event_id,
 )
-from streams.llm import ModelPrice, PriceTable, worst_case_usd
+from streams.llm import LLMSettings, ModelPrice, PriceTable, worst_case_usd
 from streams.workflows import MAX_PROMPT_CHARS
 
 __all__ = ["BudgetDefaults", "BudgetState", "Decision", "RunStore"]
@@ -103,7 +103,7 @@ class BudgetDefaults:
     lease_seconds: float = 600.0
     # What a call can cost at most: every one of max_tokens generated and a token per
     # byte of the prompt, at the dearest price the table knows (see dearest_prices).
-    prices: PriceTable = field(default_factory=lambda: PriceTable.from_env({}))
+    prices: PriceTable = field(default_factory=lambda: LLMSettings.read("prices", {}))
     max_tokens: int = 512
     # Tokens the system prompt may take: the loader cuts it to MAX_PROMPT_CHARS
     # characters, and a character is at most 4 UTF-8 bytes.
@@ -112,20 +112,20 @@ class BudgetDefaults:
 
     @classmethod
     def from_env(cls) -> BudgetDefaults:
+        """:class:`BudgetSettings`, with the three LLM settings a call's worst case needs."""
         # 0 is a valid limit: the rules deny every spawn or task past it.
+        budget = BudgetSettings.from_env()
         return cls(
-            max_agents=env_int("ORCH_BUDGET_MAX_AGENTS", 100, minimum=0),
-            max_concurrent=env_int("ORCH_BUDGET_MAX_CONCURRENT", 10, minimum=0),
-            max_daily_cost=env_float("ORCH_BUDGET_MAX_DAILY_COST", 10.0, minimum=0),
-            task_reserve_usd=env_float("ORCH_BUDGET_TASK_RESERVE_USD", 0.002, minimum=0),
-            max_queue=env_int("ORCH_BUDGET_MAX_QUEUE", 1000, minimum=0),
-            lease_seconds=env_float("ORCH_BUDGET_LEASE_SECONDS", 600.0, minimum=0),
-            prices=PriceTable.from_env(),
-            max_tokens=env_int("ORCH_LLM_MAX_TOKENS", 512, minimum=1),
-            system_prompt_tokens=env_int(
-                "ORCH_BUDGET_SYSTEM_PROMPT_TOKENS", 4 * MAX_PROMPT_CHARS, minimum=0
-            ),
-            llm_timeout_s=env_float("ORCH_LLM_TIMEOUT", 30.0, minimum=0),
+            max_agents=budget.max_agents,
+            max_concurrent=budget.max_concurrent,
+            max_daily_cost=budget.max_daily_cost,
+            task_reserve_usd=budget.task_reserve_usd,
+            max_queue=budget.max_queue,
+            lease_seconds=budget.lease_seconds,
+            prices=LLMSettings.read("prices"),
+            max_tokens=LLMSettings.read("max_tokens"),
+            system_prompt_tokens=budget.system_prompt_tokens,
+            llm_timeout_s=LLMSettings.read("timeout_s"),
         )
 
     @cached_property
@@ -328,7 +328,14 @@ class BudgetState:
     def handle(self, event: Event, now: datetime, defaults: BudgetDefaults) -> Decision:
         """Apply one event; a replayed one (same event_id) sends what it decided again."""
         if isinstance(event, BudgetTicked):
-            # Only the budget's clock moved: expire and drain, nothing to remember.
+            # Only the budget's clock moved: expire and drain. A tick is not kept in
+            # ``seen`` (one a second per busy goal would push real ids out), but what it
+            # decided names it as the cause (a run it admitted, a queued run it failed):
+            # a replayed tick finds that and sends it again, as a replayed event would.
+            # One that decided nothing is as good as a new tick.
+            again = self._replay(event)
+            if again:
+                return Decision(again)
             self._expire(now, defaults)
             return Decision(self._drain(_ref(event.event_id), now, defaults))
         if _ref(event.event_id) in self.seen:
@@ -426,6 +433,11 @@ class BudgetState:
     def _detail(self, reason: str, limit: str, current: float, maximum: float) -> str:
         if reason == "timeout":
             return "deadline passed while waiting for a max_concurrent slot"
+        if reason == "internal":
+            return (
+                "the budget lost this queued task in a crash (its stored copy was not"
+                " written) before the task was read again"
+            )
         if limit == "max_daily_cost":
             return (
                 f"goal {self.goal_id} has {current:.6f} USD spent or held today; this task's"
@@ -650,14 +662,21 @@ class BudgetState:
         # its client gave up by then, and failing it frees no slot a running task needs.
         for run in list(self.queue):
             task = self._queued(run)
-            if task is not None and task.deadline_at is not None and task.deadline_at <= now:
+            if task is None:
+                # The goal's record and the runs table are two writes: a crash between
+                # them can leave a queued run without its task (an ended run's failure
+                # kept in the runs table, or nothing). It must still end.
+                self.queue.remove(run)
+                out += self._recover_queued(cause, run, now)
+            elif task.deadline_at is not None and task.deadline_at <= now:
                 self.queue.remove(run)
                 out += self._end_queued(cause, task, "timeout", "", spent, now)
         while self.queue and len(self.in_flight) < self.max_concurrent:
             run = self.queue[0]
             task = self._queued(run)
             if task is None:
-                self.queue.pop(0)  # its task was never stored: nothing to admit
+                self.queue.pop(0)
+                out += self._recover_queued(cause, run, now)
                 continue
             worst = defaults.task_worst_case(task.message, task.context)
             if spent + worst > self.max_daily_cost + 1e-12:
@@ -672,6 +691,18 @@ class BudgetState:
                 out.append(self._admit(task, cause, worst, now, defaults))
         return out
 
+    def _recover_queued(self, cause: str, run: str, now: datetime) -> list[Event]:
+        kept = self.runs.get(run) or {}
+        failure = kept.get("failure")
+        if not isinstance(failure, list) or len(failure) != 6:
+            # Its task was never stored (or its entry was lost) and this event came before
+            # the task's replay could store it again: failed, under the run's terminal id.
+            failure = [cause, "internal", "", 0.0, 0.0, now.isoformat()]
+        # Otherwise the budget had ended it (its failure is in the runs table) and the
+        # goal record's write was lost: the same failure, the same events, again.
+        self._end(run, failure)
+        return self._failure_events(run, failure, None)
+
     def _queued(self, run: str) -> TaskRequested | None:
         kept = self.runs.get(run)
         if kept is None or not isinstance(kept.get("task"), dict):
@@ -681,7 +712,9 @@ class BudgetState:
     def _end_queued(
         self, cause: str, task: TaskRequested, reason: str, limit: str, spent: float, now: datetime
     ) -> list[Event]:
-        # Only what its failure needs to be sent again stays.
+        out = self._fail(cause, task, reason, limit, spent, self.max_daily_cost, now)
+        # Only what its failure needs to be sent again stays, the failure included (if
+        # the goal record's write is lost in a crash, the run is still queued there).
         self.runs.put(
             _ref(task.run_id),
             {
@@ -691,9 +724,10 @@ class BudgetState:
                     "agent_id": task.agent_id,
                     "specialty": task.specialty,
                 },
+                "failure": self.ended[_ref(task.run_id)],
             },
         )
-        return self._fail(cause, task, reason, limit, spent, self.max_daily_cost, now)
+        return out
 
     # -- costs and ends ----------------------------------------------------------
     def _charge(self, e: LlmCallCompleted, now: datetime) -> None:

@@ -190,8 +190,9 @@ class ImprovementService:
         self._waiters: dict[str, asyncio.Future[FeedbackDecided | PromotionDecided]] = {}
         self._holds: dict[str, asyncio.Future[SpendDecided]] = {}
         self._decided: OrderedDict[str, bool] = OrderedDict()  # spend request -> approved
-        self.prices = PriceTable.from_env()
-        self.model = LLMSettings.from_env().model
+        llm_settings = LLMSettings.from_env()
+        self.prices: PriceTable = llm_settings.prices
+        self.model = llm_settings.model
         self.http_port: int | None = None
 
     # -- knowledge -------------------------------------------------------------

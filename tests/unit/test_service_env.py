@@ -111,10 +111,10 @@ def test_the_table_matches_what_each_service_reads(service: str) -> None:
     # grant; one that does not, does not. A new reader fails here until the table says so.
     code = _source(service)
     reads = {
-        "llm": "create_llm(" in code or "LLMSettings.from_env(" in code,
+        "llm": "create_llm(" in code,
         "clickhouse": "CLICKHOUSE_" in code,
         "slack": "SLACK_" in code,
         # Prices without the endpoint: a service that holds a call's worst case.
-        "prices": "PriceTable.from_env(" in code and "LLMSettings.from_env(" not in code,
+        "prices": "LLMSettings" in code and "create_llm(" not in code,
     }
     assert {grant for grant, used in reads.items() if used} == grants_of(service)
