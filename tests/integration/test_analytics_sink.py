@@ -28,6 +28,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from local.platform import Instance, Launcher
 from services.analytics.sink import SinkConfig, SinkStats, run_sink
 from services.analytics.store import DDL_DIR, ClickHouseStore, MemoryEventStore
 from services.cli.dashboard import compute_metrics
@@ -67,31 +68,41 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 class SinkProcess:
-    """``python -m services.analytics`` against a topic prefix, with its own data directory."""
+    """``python -m services.analytics`` against a topic prefix, with its own data directory,
+    started by the platform launcher (its share of the environment, ``analytics.log``)."""
 
     def __init__(self, settings: KafkaSettings, data_dir: Path, **env: str) -> None:
         self.settings = settings
         self.data_dir = data_dir
-        self.env = {
-            **{k: v for k, v in os.environ.items() if k != "CLICKHOUSE_URL"},
-            "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap,
-            "ORCH_TOPIC_PREFIX": settings.prefix,
-            "ORCH_DATA_DIR": str(data_dir),
-            **env,
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
+        # The embedded engine in data_dir, whatever CLICKHOUSE_URL this process has.
+        environ = {k: v for k, v in os.environ.items() if k != "CLICKHOUSE_URL"}
+        self.launcher = Launcher(
+            data_dir,
+            environ=environ,
+            settings=settings,
+            data_dir=data_dir,
+            env=env,
+            stop_timeout=20.0,
+        )
+        self.instance: Instance | None = None
         self.queries = RemoteQueries(info_file=query_server_file(data_dir), timeout=30)
 
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment the sink's share is cut from: what a CLI beside it runs with."""
+        return self.launcher.environ
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return self.instance.proc if self.instance is not None else None
+
     def start(self) -> SinkProcess:
-        log = (self.data_dir / "sink.log").open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "services.analytics"],
-            cwd=ROOT,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        if self.instance is None:
+            self.instance = self.launcher.start("analytics")
+        else:
+            self.launcher.restart(self.instance)
         proc = self.proc
+        assert proc is not None
 
         def ready() -> bool:
             assert proc.poll() is None, f"sink exited early:\n{self.logs()}"
@@ -107,22 +118,14 @@ class SinkProcess:
         return self.queries.query(sql).rows[0][0]
 
     def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
+        self.launcher.kill("analytics")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.instance is not None and self.instance.alive:
+            self.launcher.stop(self.instance)
 
     def logs(self) -> str:
-        return (self.data_dir / "sink.log").read_text(errors="replace")
+        return self.launcher.logs("analytics")
 
 
 class Offsets:
