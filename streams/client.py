@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -46,7 +46,7 @@ from streams.events import (
 from streams.kafka import AsyncLifecycle, EventConsumer, EventProducer, KafkaSettings
 from streams.keys import mint_key
 
-__all__ = ["Answer", "OrchestratorClient", "invalid_request"]
+__all__ = ["Answer", "OrchestratorClient", "feedback_event", "invalid_request"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,33 @@ def invalid_request(exc: ValidationError) -> InvalidRequest:
         msg = str(err["msg"]).removeprefix("Value error, ")
         parts.append(f"{field}: {msg}")
     return InvalidRequest("; ".join(parts))
+
+
+def feedback_event(
+    run_id: str,
+    *,
+    user_id: str,
+    score: int | None,
+    text: str,
+    channel: str,
+    source: str,
+    at: datetime | None = None,
+) -> FeedbackReceived:
+    """The one way ``/improve`` feedback becomes an event, for the SDK, the CLI and the
+    improvement service's HTTP and Slack endpoints alike: a bad field is refused as
+    :class:`~streams.errors.InvalidRequest` naming it."""
+    try:
+        return FeedbackReceived(
+            source=source,
+            run_id=run_id,
+            user_id=user_id,
+            score=score,
+            text=text,
+            channel=channel,
+            occurred_at=at or datetime.now(UTC),
+        )
+    except ValidationError as exc:
+        raise invalid_request(exc) from None
 
 
 def _failure(event: WorkflowFailed) -> RunFailed:
@@ -241,18 +268,15 @@ class OrchestratorClient(AsyncLifecycle):
         :class:`~streams.errors.FeedbackRefused` subclass (``UnknownRun``,
         ``NotRunOwner``, ``RateLimited``) when refused, ``NoVerdict`` on timeout.
         """
-        try:
-            event = FeedbackReceived(
-                source=self.source,
-                run_id=run_id,
-                user_id=user_id,
-                score=score,
-                text=text,
-                channel=channel,
-                occurred_at=self.clock.now(),
-            )
-        except ValidationError as exc:
-            raise invalid_request(exc) from None
+        event = feedback_event(
+            run_id,
+            user_id=user_id,
+            score=score,
+            text=text,
+            channel=channel,
+            source=self.source,
+            at=self.clock.now(),
+        )
         verdict = await self._verdict(event, timeout)
         assert isinstance(verdict, FeedbackDecided)
         if not verdict.accepted:

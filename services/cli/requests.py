@@ -7,7 +7,6 @@ from dataclasses import asdict
 from typing import Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
 from rich.markup import escape
 from rich.text import Text
 
@@ -24,7 +23,7 @@ from services.cli.common import (
     run,
     with_client,
 )
-from streams.client import Answer, OrchestratorClient, invalid_request
+from streams.client import Answer, OrchestratorClient, feedback_event
 from streams.config import OperatorSettings
 from streams.errors import (
     BudgetExceededError,
@@ -37,7 +36,6 @@ from streams.errors import (
 )
 from streams.events import (
     FeedbackDecided,
-    FeedbackReceived,
     PromotionDecided,
 )
 from streams.kafka import KafkaSettings
@@ -170,9 +168,9 @@ def improve(
     if not text.strip() and score is None:
         fail("give feedback text or a --score", EXIT_INVALID, as_json=as_json)
     try:
-        FeedbackReceived(source="cli", run_id=run_id, user_id=user, score=score, text=text)
-    except ValidationError as exc:
-        fail(f"invalid feedback: {invalid_request(exc)}", EXIT_INVALID, as_json=as_json)
+        feedback_event(run_id, user_id=user, score=score, text=text, channel="cli", source="cli")
+    except InvalidRequest as exc:
+        fail(f"invalid feedback: {exc}", EXIT_INVALID, as_json=as_json)
     settings = kafka_settings()
 
     async def send(client: OrchestratorClient) -> FeedbackDecided:

@@ -49,10 +49,10 @@ from services.improvement.patterns import PatternSettings
 from services.improvement.settings import ImprovementSettings
 from services.improvement.state import ImprovementState, RunInfo
 from services.improvement.versions import VERSION_TOPICS, CanaryPolicy, ChangeSource
+from streams.client import feedback_event
 from streams.config import data_root
 from streams.errors import (
     FeedbackRefused,
-    InvalidRequest,
     NotRunOwner,
     PromotionRefused,
     RateLimited,
@@ -435,23 +435,15 @@ class ImprovementService:
 
         ``goal_id``: the caller's key is for this goal; a run of another goal is refused.
         """
-        from pydantic import ValidationError
-
-        try:
-            event = FeedbackReceived(
-                source=SOURCE,
-                run_id=run_id,
-                user_id=user_id,
-                score=score,
-                text=text,
-                channel=channel,
-                occurred_at=self.ctx.clock.now(),
-            )
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-            )
-            raise InvalidRequest(problems) from None
+        event = feedback_event(
+            run_id,
+            user_id=user_id,
+            score=score,
+            text=text,
+            channel=channel,
+            source=SOURCE,
+            at=self.ctx.clock.now(),
+        )
         run = await self.check_owner(run_id, user_id)
         if goal_id is not None and run.goal_id != goal_id:
             raise NotRunOwner(f"run {run_id!r} is not of goal {goal_id!r}, the key's goal")
