@@ -28,7 +28,7 @@ from typing import IO
 
 from local.environment import service_env
 from streams.client import Answer, OrchestratorClient
-from streams.config import ROOT, env_int
+from streams.config import ROOT, LauncherSettings
 from streams.kafka import KafkaSettings
 
 __all__ = [
@@ -73,7 +73,8 @@ class LaunchError(RuntimeError):
 
 def services_package() -> str:
     """The package whose sub-packages are services; a setting so tests can bring their own."""
-    return os.environ.get("ORCH_SERVICES_PACKAGE", "services")
+    package: str = LauncherSettings.read("services_package")
+    return package
 
 
 def service_module(name: str) -> str:
@@ -142,7 +143,7 @@ def fake_llm_spec(port: int | None = None) -> ChildSpec:
     """The fake OpenAI-compatible server; a fixed port keeps its URL across a restart
     (``ORCH_FAKE_LLM_PORT``, else a free one; 0 lets the server pick)."""
     if port is None:
-        port = env_int("ORCH_FAKE_LLM_PORT", 0, minimum=0, maximum=65535) or free_port()
+        port = LauncherSettings.read("fake_llm_port") or free_port()
     return ChildSpec(FAKE_LLM, _FAKE_LLM_MODULE, ("--port", str(port)), announces_url=True)
 
 

@@ -1,18 +1,15 @@
-"""Typed readers for settings in environment variables.
+"""The project root, and the settings more than one part of the platform reads.
 
-An unset or blank variable gives the default. A value that does not parse, or is
-out of range, raises :class:`ValueError` naming the variable, the value and what
-is expected, e.g. ``ORCH_BUDGET_MAX_AGENTS must be a whole number >= 0, got 'abc'``.
-Numbers must be finite: ``nan`` and ``inf`` are refused.
+Broker, processes, operators, budget limits and the launcher are declared here with the
+one settings mechanism (:mod:`streams.settings`); the LLM's in :mod:`streams.llm`, each
+service's own in its package. ``python -m services.settings --write`` puts them all in
+docs/configuration.md.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import ClassVar, TypeVar, overload
+from typing import ClassVar
 
 from pydantic import field_validator
 
@@ -29,109 +26,12 @@ __all__ = [
     "ROOT",
     "bootstrap_servers",
     "data_root",
-    "env_float",
-    "env_int",
-    "env_str",
     "kafka_port",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
 """The project's checkout (where ``.local/`` lives unless ``ORCH_DATA_DIR`` says otherwise)."""
 DEFAULT_KAFKA_PORT = 9092
-
-_N = TypeVar("_N", int, float)
-
-
-def env_str(name: str, default: str, environ: Mapping[str, str] | None = None) -> str:
-    """The variable's text without surrounding blanks; ``default`` when unset or blank."""
-    return _text(name, environ) or default
-
-
-@overload
-def env_int(
-    name: str,
-    default: int,
-    *,
-    minimum: int | None = None,
-    maximum: int | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> int: ...
-
-
-@overload
-def env_int(
-    name: str,
-    default: None,
-    *,
-    minimum: int | None = None,
-    maximum: int | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> int | None: ...
-
-
-def env_int(
-    name: str,
-    default: int | None,
-    *,
-    minimum: int | None = None,
-    maximum: int | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> int | None:
-    """A whole number within ``[minimum, maximum]`` (either bound optional)."""
-    text = _text(name, environ)
-    if not text:
-        return default
-    return _parse(name, text, int, "a whole number", minimum, maximum)
-
-
-def env_float(
-    name: str,
-    default: float,
-    *,
-    minimum: float | None = None,
-    maximum: float | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> float:
-    """A finite number within ``[minimum, maximum]`` (either bound optional)."""
-    text = _text(name, environ)
-    if not text:
-        return default
-    return _parse(name, text, _finite, "a finite number", minimum, maximum)
-
-
-def _text(name: str, environ: Mapping[str, str] | None) -> str:
-    return (os.environ if environ is None else environ).get(name, "").strip()
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
-
-
-def _parse(
-    name: str,
-    text: str,
-    parse: Callable[[str], _N],
-    kind: str,
-    minimum: _N | None,
-    maximum: _N | None,
-) -> _N:
-    expected = kind
-    if minimum is not None and maximum is not None:
-        expected += f" between {minimum} and {maximum}"
-    elif minimum is not None:
-        expected += f" >= {minimum}"
-    elif maximum is not None:
-        expected += f" <= {maximum}"
-    try:
-        value = parse(text)
-    except ValueError:
-        raise ValueError(f"{name} must be {expected}, got {text!r}") from None
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise ValueError(f"{name} must be {expected}, got {text!r}")
-    return value
 
 
 class BrokerSettings(EnvSettings):

@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast, runtime_checkable
 
-from pydantic import field_validator
-
 from streams.clock import Clock, SystemClock
 from streams.errors import OrchestratorError
-from streams.settings import EnvSettings, setting
+from streams.settings import EnvSettings, parsed, setting
 
 if TYPE_CHECKING:
     # Imported where used at run time: openai takes over a second to import, and the
@@ -248,10 +246,7 @@ class LLMSettings(EnvSettings):
         ge=0,
     )
 
-    @field_validator("prices", mode="before")
-    @classmethod
-    def _prices(cls, value: object) -> object:
-        return _table_for(value) if isinstance(value, str) else value
+    _prices = parsed("prices", _table_for)
 
     @property
     def configured(self) -> bool:

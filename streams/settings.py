@@ -21,13 +21,13 @@ from __future__ import annotations
 import os
 import re
 import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, ClassVar, Literal, Self, Union, get_args, get_origin
 
 import annotated_types
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -35,7 +35,9 @@ from streams.errors import InvalidSetting
 
 __all__ = [
     "EnvSettings",
+    "comma_list",
     "expected",
+    "parsed",
     "render_table",
     "rewrite_doc",
     "setting",
@@ -71,6 +73,24 @@ def setting(
         le=le,
         json_schema_extra={"read_by": read_by, "shown": shown, "blank": blank},
     )
+
+
+def parsed(field: str, parse: Callable[[str], Any]) -> Any:
+    """A validator for ``field`` that turns a variable's text into its value with ``parse``.
+
+    A value given as a keyword argument passes as it is. ``parse`` raises ``ValueError``
+    with the whole message (naming the variable) for text it refuses.
+    """
+
+    def _before(value: object) -> object:
+        return parse(value) if isinstance(value, str) else value
+
+    return field_validator(field, mode="before")(_before)
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 class _Environ(PydanticBaseSettingsSource):

@@ -28,11 +28,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import ClassVar
 
-from pydantic import field_validator
-
 from streams.clock import Clock
 from streams.events import AutomationCreated, Event, PatternDiscovered
-from streams.settings import EnvSettings, setting
+from streams.settings import EnvSettings, comma_list, parsed, setting
 from streams.signatures import signature_of
 
 __all__ = [
@@ -108,19 +106,18 @@ class PatternSettings(EnvSettings):
     recent: ClassVar[int] = 5
     """The last outcomes of a pattern that must hold no failure."""
 
-    @field_validator("kinds", mode="before")
-    @classmethod
-    def _kinds(cls, value: object) -> object:
-        if not isinstance(value, str):
-            return value
-        kinds = tuple(k.strip() for k in value.split(",") if k.strip())
-        unknown = sorted(set(kinds) - set(AUTOMATION_KINDS))
-        if unknown:
-            raise ValueError(
-                f"ORCH_AUTOMATION_KINDS: unknown kind(s) {', '.join(unknown)};"
-                f" use {', '.join(AUTOMATION_KINDS)}"
-            )
-        return kinds
+    _kinds = parsed("kinds", lambda text: _kinds(text))
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = comma_list(text)
+    unknown = sorted(set(kinds) - set(AUTOMATION_KINDS))
+    if unknown:
+        raise ValueError(
+            f"ORCH_AUTOMATION_KINDS: unknown kind(s) {', '.join(unknown)};"
+            f" use {', '.join(AUTOMATION_KINDS)}"
+        )
+    return kinds
 
 
 @dataclass(frozen=True)

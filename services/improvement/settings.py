@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import field_validator
-
-from streams.settings import EnvSettings, setting
+from streams.settings import EnvSettings, parsed, setting
 
 __all__ = ["ImprovementSettings"]
 
@@ -102,24 +100,23 @@ class ImprovementSettings(EnvSettings):
         ge=1,
     )
 
-    @field_validator("http_port", mode="before")
-    @classmethod
-    def _port(cls, value: object) -> object:
-        if not isinstance(value, str):
-            return value
-        text = value.strip().lower()
-        if text in ("off", "none", ""):
-            return None
-        try:
-            port = int(text)
-        except ValueError:
-            port = -1
-        if not 0 <= port <= 65535:
-            raise ValueError(f"ORCH_IMPROVE_PORT must be 0-65535 or 'off', got {text!r}")
-        return port
+    _port = parsed("http_port", lambda text: _port(text))
 
     @property
     def slack_user_map(self) -> dict[str, str]:
         """``ORCH_SLACK_USERS`` as Slack user id -> platform user."""
         pairs = (item.split("=", 1) for item in self.slack_users.split(",") if "=" in item)
         return {k.strip(): v.strip() for k, v in pairs if k.strip() and v.strip()}
+
+
+def _port(raw: str) -> int | None:
+    text = raw.strip().lower()
+    if text in ("off", "none", ""):
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise ValueError(f"ORCH_IMPROVE_PORT must be 0-65535 or 'off', got {text!r}")
+    return port

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import field_validator
-
-from streams.settings import EnvSettings, setting
+from streams.settings import EnvSettings, parsed, setting
 
 __all__ = ["LoaderSettings"]
 
@@ -56,7 +54,4 @@ class LoaderSettings(EnvSettings):
         ge=0,
     )
 
-    @field_validator("degraded_answers", mode="before")
-    @classmethod
-    def _degraded(cls, value: object) -> object:
-        return value != "0" if isinstance(value, str) else value
+    _degraded = parsed("degraded_answers", lambda text: text != "0")

@@ -8,7 +8,7 @@ from typing import ClassVar
 from pydantic import field_validator
 
 from services.router.scoring import CRITERIA, Weights
-from streams.settings import EnvSettings, setting
+from streams.settings import EnvSettings, comma_list, parsed, setting
 
 __all__ = ["RouterSettings"]
 
@@ -77,17 +77,8 @@ class RouterSettings(EnvSettings):
             raise ValueError(f"ORCH_ROUTER_POLICY must be learned or static, got {chosen!r}")
         return chosen
 
-    @field_validator("arms", mode="before")
-    @classmethod
-    def _arms(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(a.strip() for a in value.split(",") if a.strip())
-        return value
-
-    @field_validator("weights", mode="before")
-    @classmethod
-    def _weights(cls, value: object) -> object:
-        return _weights(value) if isinstance(value, str) else value
+    _arms = parsed("arms", comma_list)
+    _weights = parsed("weights", lambda text: _weights(text))
 
 
 def _weights(raw: str) -> Weights:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -99,6 +100,24 @@ def test_the_committed_page_is_the_generated_one() -> None:
 def test_each_variable_is_declared_once() -> None:
     names = [env for cls in CATALOG for env in cls.env_names()]
     assert sorted(n for n in set(names) if names.count(n) > 1) == []
+
+
+_VARIABLE = re.compile(
+    r"[\"'`]((?:ORCH|OPENAI|CLICKHOUSE|SLACK)_[A-Z0-9_]*[A-Z0-9]|KAFKA_BOOTSTRAP_SERVERS)[\"'`]"
+)
+# Variables the platform's code names that are no setting of it: test-only switches.
+_NOT_SETTINGS = {"ORCH_TEST_INFRA"}
+
+
+def test_every_variable_the_code_names_is_declared() -> None:
+    declared = {env for cls in CATALOG for env in cls.env_names()}
+    named: dict[str, str] = {}
+    for package in ("streams", "services", "local"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for name in _VARIABLE.findall(path.read_text()):
+                named.setdefault(name, str(path.relative_to(ROOT)))
+    undeclared = {n: where for n, where in named.items() if n not in declared | _NOT_SETTINGS}
+    assert undeclared == {}
 
 
 # -- each owner's settings ---------------------------------------------------------------
