@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -31,6 +31,7 @@ __all__ = [
     "DeadLetter",
     "Event",
     "FeedbackDecided",
+    "FailureReason",
     "FeedbackReceived",
     "Identifier",
     "ImprovementApplied",
@@ -119,6 +120,14 @@ Message = Annotated[str, AfterValidator(validate_message)]
 Tier = Literal["llm", "legacy_static", "keyword", "static_fallback", "automation_cache"]
 Limit = Literal["max_agents", "max_concurrent", "max_daily_cost"]
 
+FailureReason = Literal[
+    "budget_exceeded", "llm_failure", "timeout", "invalid", "no_agent", "internal"
+]
+"""Why a run ended without an answer (``WorkflowFailed.reason``)."""
+
+# Fields every event sets for itself, never taken from its cause.
+_OWN_FIELDS = frozenset({"event_id", "event_type", "occurred_at", "source"})
+
 
 class Event(BaseModel):
     """The envelope every event carries.
@@ -154,6 +163,18 @@ class Event(BaseModel):
     def key(self) -> bytes | None:
         value = getattr(self, self.key_field)
         return None if value is None else str(value).encode("utf-8")
+
+    @classmethod
+    def caused_by(cls, cause: Event, /, **fields: Any) -> Self:
+        """An event of this type that follows from ``cause``.
+
+        The envelope (run, goal, user) and every other field the two types share (agent,
+        specialty, message, context, deadlines...) come from ``cause``; ``fields`` give the
+        rest (event_id, source, occurred_at, what is new) and override any of them.
+        """
+        mine, theirs = cls.model_fields, type(cause).model_fields
+        shared = {n: getattr(cause, n) for n in mine if n in theirs and n not in _OWN_FIELDS}
+        return cls(**(shared | fields))
 
 
 class RequestReceived(Event):
@@ -233,32 +254,31 @@ class AgentSpawned(Event):
     version: int = 1
 
 
-class TaskRequested(Event):
+class _Task(Event):
+    """A task for one agent: what the router asks for and the budget lets through alike."""
+
+    run_id: str
+    goal_id: Identifier
+    agent_id: str
+    specialty: str
+    message: str
+    context: dict[str, str] = Field(default_factory=dict)
+    requested_at: datetime | None = None
+    deadline_at: datetime | None = None
+
+
+class TaskRequested(_Task):
     topic = "task_requested"
     key_field = "goal_id"
     event_type: Literal["task_requested"] = "task_requested"
-    run_id: str
-    goal_id: Identifier
-    agent_id: str
-    specialty: str
-    message: str
-    context: dict[str, str] = Field(default_factory=dict)
-    requested_at: datetime | None = None
-    deadline_at: datetime | None = None
 
 
-class TaskAdmitted(Event):
+class TaskAdmitted(_Task):
+    """A :class:`TaskRequested` the budget admitted (``TaskAdmitted.caused_by(request)``)."""
+
     topic = "task_admitted"
     key_field = "agent_id"
     event_type: Literal["task_admitted"] = "task_admitted"
-    run_id: str
-    goal_id: Identifier
-    agent_id: str
-    specialty: str
-    message: str
-    context: dict[str, str] = Field(default_factory=dict)
-    requested_at: datetime | None = None
-    deadline_at: datetime | None = None
 
 
 class WorkflowStarted(Event):
@@ -314,7 +334,7 @@ class WorkflowFailed(Event):
     event_type: Literal["workflow_failed"] = "workflow_failed"
     goal_id: Identifier
     run_id: str
-    reason: Literal["budget_exceeded", "llm_failure", "timeout", "invalid", "no_agent", "internal"]
+    reason: FailureReason
     detail: str
     limit: Limit | None = None
     agent_id: str | None = None

@@ -6,6 +6,7 @@ bytes it cannot decode go to ``dead_letter`` with the reason and the agent goes 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,49 @@ __all__ = ["CODEC_NAME", "EventTopic", "create_app", "event_topic", "register_co
 
 CODEC_NAME = "orch-avro"
 log = logging.getLogger(__name__)
+
+
+def _patch_producer_buffer() -> None:
+    """Make Faust's producer flush wait until its buffer is really sent.
+
+    Table writes (changelog records) go through ``ProducerBuffer``; the consumer flushes
+    the producer before it commits offsets, so that a committed input never outlives
+    the state it produced. But ``ProducerBuffer.flush`` gives up after 0.1 s without a
+    message sent (a slow or unreachable broker) and does not count the message being
+    handed to the client: the offset could then be committed with the goal's record
+    still unwritten, and a crash lost the decision for good (the chaos bench's requests
+    with no outcome, after budget kills around broker outages). This flush returns only
+    once nothing is queued or being handed over; the client's own flush that follows
+    waits for the broker's acknowledgement.
+    """
+    from faust.transport.producer import ProducerBuffer
+
+    if getattr(ProducerBuffer, "_orch_patched", False):
+        return
+    send_pending = ProducerBuffer._send_pending
+
+    async def _send_pending(self: Any, fut: Any) -> None:
+        self._orch_sending = getattr(self, "_orch_sending", 0) + 1
+        try:
+            await send_pending(self, fut)
+        finally:
+            self._orch_sending -= 1
+
+    async def flush(self: Any) -> None:
+        while self.size or getattr(self, "_orch_sending", 0):
+            self.message_sent.clear()
+            try:
+                await asyncio.wait_for(self.message_sent.wait(), timeout=0.1)
+            except TimeoutError:
+                if self.state != "running" and self.size:
+                    raise RuntimeError("Cannot flush: Producer not Running") from None
+
+    ProducerBuffer._send_pending = _send_pending  # type: ignore[method-assign]
+    ProducerBuffer.flush = flush  # type: ignore[method-assign]
+    ProducerBuffer._orch_patched = True  # type: ignore[attr-defined]
+
+
+_patch_producer_buffer()
 
 
 class _AvroEventCodec(codecs.Codec):

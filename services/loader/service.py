@@ -38,7 +38,14 @@ from streams.events import (
     terminal_event_id,
 )
 from streams.kafka import Delivery, EventConsumer
-from streams.llm import LLMClient, LLMRejected, LLMSettings, LLMUnavailable, create_llm
+from streams.llm import (
+    LLMClient,
+    LLMRejected,
+    LLMSettings,
+    LLMUnavailable,
+    create_llm,
+    worst_case_usd,
+)
 from streams.registry import RegistryView
 from streams.runtime import ServiceContext
 from streams.specialties import profile_for
@@ -172,6 +179,10 @@ class Loader:
             terminal = self._failure(
                 event, "internal", f"loader error: {type(exc).__name__}: {exc}"
             )
+        _, uncounted = self._attempt.get(event.run_id, ("", []))
+        for charge in self._unrepeated(event, uncounted):
+            ack = await self.ctx.producer.enqueue(charge)
+            self._acks.setdefault(event.run_id, []).append((charge, ack))
         # The LLM call's cost event went out before the answer without waiting for the
         # broker; both are acknowledged before the task counts as done (at least once).
         pending = self._acks.pop(event.run_id, [])
@@ -193,6 +204,52 @@ class Loader:
                 await ack
             except Exception:  # not acknowledged: send it again (same id) until it is
                 await self.ctx.producer.deliver([cost], what=f"the cost of run {event.run_id}")
+
+    def _unrepeated(self, task: TaskAdmitted, lost: list[str]) -> list[LlmCallCompleted]:
+        """Earlier attempts' possible calls when this attempt paid for none to compare.
+
+        Their cost is unknown: each is counted at the worst case of the call (every one of
+        ``max_tokens`` generated, a token per byte of the prompt), erring on the side of
+        the goal's cap, under the attempt's own cost id (its loader's report, if it comes
+        back, counts once).
+        """
+        if not lost or self.ended.has(task.run_id):
+            # The owner that answered counted them, at the cost of its call.
+            return []
+        record = self.registry.get(task.agent_id)
+        model = (record.model if record else "") or self.llm_settings.model
+        messages = [
+            {"role": "system", "content": record.system_prompt if record else ""},
+            {"role": "system", "content": str(sorted(task.context.items()))},
+            {"role": "user", "content": task.message},
+        ]
+        worst = worst_case_usd(self.llm_settings.prices, model, messages, self.max_tokens)
+        return [
+            self._call_event(
+                task,
+                model,
+                event_id=_cost_id(earlier, False),
+                cost_usd=worst,
+                ok=True,
+                error="an earlier attempt of this run stopped without reporting its cost and"
+                " this one made no call to compare; counted at the call's worst case",
+            )
+            for earlier in lost
+        ]
+
+    def _call_event(self, task: TaskAdmitted, model: str, **fields: Any) -> LlmCallCompleted:
+        """An answer call's report: its goal, run and agent, and ``fields``."""
+        return LlmCallCompleted(
+            source=SOURCE,
+            run_id=task.run_id,
+            goal_id=task.goal_id,
+            user_id=task.user_id,
+            agent_id=task.agent_id,
+            model=model,
+            purpose="answer",
+            occurred_at=self.ctx.clock.now(),
+            **fields,
+        )
 
     def _latency(self, task: TaskAdmitted) -> float:
         if task.requested_at is None:
@@ -241,6 +298,11 @@ class Loader:
 
     async def _run(self, task: TaskAdmitted) -> Event:
         now = self.ctx.clock.now()
+        # Attempts before this one (an owner killed or cut off mid-task) may have paid for
+        # an LLM call whose cost never reached the budget: counted by this attempt, at the
+        # cost of its own call, or at the call's worst case if it makes none (handle()).
+        lost = [a for a in self.ended.attempts(task.run_id) if a not in self._own_attempts]
+        self._attempt[task.run_id] = ("", lost)
         if task.deadline_at is not None and task.deadline_at <= now:
             return self._failure(task, "timeout", "deadline passed before the task could start")
         record = self.registry.get(task.agent_id)
@@ -259,9 +321,6 @@ class Loader:
             record.retired = False
             log.info("reviving retired agent %s for run %s", record.agent_id, task.run_id)
         instance, change = self.pool.acquire(record, now)
-        # Attempts before this one (an owner killed or cut off mid-task) may have paid for
-        # an LLM call whose cost never reached the budget.
-        lost = [a for a in self.ended.attempts(task.run_id) if a not in self._own_attempts]
         started = WorkflowStarted(
             source=SOURCE,
             run_id=task.run_id,
@@ -288,9 +347,21 @@ class Loader:
         notices += [
             self._evicted(i.record.agent_id, i.record.specialty, "lru", now) for i in change.evicted
         ]
-        # Notices need not be acknowledged before the LLM call starts.
-        sent = asyncio.create_task(self.ctx.producer.send_many(notices))
+        # The attempt is on Kafka before its call can be paid: a loader killed during or
+        # after the call leaves its workflow_started behind, and the next owner counts
+        # the call (see _call). Sent until acknowledged (a broker outage makes the task
+        # wait here, with no call made); the other notices need not wait.
+        await self.ctx.producer.deliver([started], what=f"the start of run {task.run_id}")
+        sent = asyncio.create_task(self.ctx.producer.send_many(notices[1:]))
         try:
+            if self.ended.has(task.run_id):
+                # Answered by another owner while this one waited for the broker.
+                return self._failure(task, "internal", "answered elsewhere meanwhile")
+            if task.deadline_at is not None and task.deadline_at <= self.ctx.clock.now():
+                # The budget frees a slot on the promise that no call starts past this.
+                return self._failure(
+                    task, "timeout", "deadline passed while the broker was unreachable"
+                )
             return await self._answer_with_tiers(task, instance)
         finally:
             await sent
@@ -326,42 +397,30 @@ class Loader:
             )
         except (LLMUnavailable, LLMRejected) as exc:
             await self.ctx.producer.send(
-                LlmCallCompleted(
-                    source=SOURCE,
-                    run_id=task.run_id,
-                    goal_id=task.goal_id,
-                    user_id=task.user_id,
-                    agent_id=task.agent_id,
-                    model=model,
-                    purpose="answer",
+                self._call_event(
+                    task,
+                    model,
                     ok=False,
                     error=f"{type(exc).__name__}: {exc}"[:500],
                     latency_ms=(self.ctx.clock.now() - started).total_seconds() * 1000.0,
-                    occurred_at=self.ctx.clock.now(),
                 )
             )
             raise
         # One id per attempt and kind of call: a call made again after a crash was paid
         # again, so it counts again; this record sent twice counts once.
         attempt, lost = self._attempt.get(task.run_id, (task.run_id, []))
-        cost = LlmCallCompleted(
+        cost = self._call_event(
+            task,
+            done.model,
             event_id=_cost_id(attempt, legacy),
-            source=SOURCE,
-            run_id=task.run_id,
-            goal_id=task.goal_id,
-            user_id=task.user_id,
-            agent_id=task.agent_id,
-            model=done.model,
-            purpose="answer",
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
             cost_usd=done.cost_usd,
             latency_ms=done.latency_ms,
             ok=True,
-            occurred_at=self.ctx.clock.now(),
         )
         charges = [cost]
-        if not legacy:
+        if not legacy and lost:
             # An earlier attempt of this run that started and never answered may have paid
             # for the same call: counted at this call's cost under that attempt's own cost
             # id, so if its loader comes back and reports the real cost, it counts once.
@@ -375,6 +434,7 @@ class Loader:
                 )
                 for earlier in lost
             ]
+            self._attempt[task.run_id] = (attempt, [])
         for charge in charges:
             ack = await self.ctx.producer.enqueue(charge)
             self._acks.setdefault(task.run_id, []).append((charge, ack))

@@ -25,7 +25,9 @@ from streams.events import (
     AgentSpawned,
     AutomationCreated,
     Event,
+    FailureReason,
     FeedbackReceived,
+    Limit,
     RequestReceived,
     RouteDecided,
     SpawnDenied,
@@ -245,38 +247,31 @@ class Router:
         st = self.stats.agents[agent.agent_id]
         st.in_flight += 1
         self._dispatched[request.run_id] = agent.agent_id
-        return TaskRequested(
+        return TaskRequested.caused_by(
+            request,
             event_id=_id(request.run_id, "task"),
             source=SOURCE,
-            run_id=request.run_id,
-            goal_id=request.goal_id,
-            user_id=request.user_id,
             agent_id=agent.agent_id,
             specialty=agent.specialty,
-            message=request.message,
-            context=dict(request.context),
             requested_at=request.occurred_at,
-            deadline_at=request.deadline_at,
             occurred_at=self.ctx.clock.now(),
         )
 
     def _failed(
         self,
         request: RequestReceived,
-        reason: str,
+        reason: FailureReason,
         detail: str,
-        limit: str | None = None,
+        limit: Limit | None = None,
         specialty: str | None = None,
     ) -> WorkflowFailed:
-        return WorkflowFailed(
+        return WorkflowFailed.caused_by(
+            request,
             event_id=terminal_event_id(request.run_id),
             source=SOURCE,
-            run_id=request.run_id,
-            goal_id=request.goal_id,
-            user_id=request.user_id,
-            reason=reason,  # type: ignore[arg-type]
+            reason=reason,
             detail=detail,
-            limit=limit,  # type: ignore[arg-type]
+            limit=limit,
             specialty=specialty,
             occurred_at=self.ctx.clock.now(),
         )

@@ -11,18 +11,21 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from streams.events import TaskAdmitted, TaskRequested
+from streams.events import TaskAdmitted, TaskRequested, WorkflowFailed, terminal_event_id
 from streams.kafka import EventProducer, KafkaSettings
 from streams.registry import read_topics_to_end
 
 pytestmark = pytest.mark.broker
 
 ROOT = Path(__file__).resolve().parents[2]
+E = TypeVar("E", TaskAdmitted, WorkflowFailed)
 
 # The budget as it runs, except that its first task_admitted is never sent: the
 # process flushes what it wrote (the table's changelog) and dies by SIGKILL.
@@ -48,9 +51,12 @@ _DIES_BEFORE_SENDING = textwrap.dedent(
 )
 
 
-def _start(settings: KafkaSettings, data: Path, code: list[str]) -> subprocess.Popen[bytes]:
+def _start(
+    settings: KafkaSettings, data: Path, code: list[str], **extra: str
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        **extra,
         "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap,
         "ORCH_TOPIC_PREFIX": settings.prefix,
         "ORCH_DATA_DIR": str(data),
@@ -65,6 +71,43 @@ def _start(settings: KafkaSettings, data: Path, code: list[str]) -> subprocess.P
 async def _admissions(settings: KafkaSettings, run_id: str) -> list[TaskAdmitted]:
     events = await read_topics_to_end(settings, [TaskAdmitted.topic])
     return [e for e in events if isinstance(e, TaskAdmitted) and e.run_id == run_id]
+
+
+async def _failures(settings: KafkaSettings, run_id: str) -> list[WorkflowFailed]:
+    events = await read_topics_to_end(settings, [WorkflowFailed.topic])
+    return [e for e in events if isinstance(e, WorkflowFailed) and e.run_id == run_id]
+
+
+async def _killed(dying: subprocess.Popen[bytes], data: Path, timeout: float) -> None:
+    try:
+        code = await asyncio.to_thread(dying.wait, timeout)
+    finally:
+        if dying.poll() is None:
+            dying.kill()
+    assert code == -signal.SIGKILL, (data / "budget.log").read_text()
+
+
+async def _sent_by_the_next_instance(
+    settings: KafkaSettings,
+    data: Path,
+    found_by: Callable[[], Awaitable[list[E]]],
+    **env: str,
+) -> list[E]:
+    budget = _start(settings, data, ["-m", "services.budget"], **env)
+    try:
+        found: list[E] = []
+        deadline = time.monotonic() + 90
+        while not found and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+            found = await found_by()
+        assert found, (data / "budget.log").read_text()[-3000:]
+        return found
+    finally:
+        budget.terminate()
+        try:
+            budget.wait(30)
+        except subprocess.TimeoutExpired:
+            budget.kill()
 
 
 async def test_a_decision_written_but_not_sent_is_sent_by_the_next_instance(
@@ -86,25 +129,64 @@ async def test_a_decision_written_but_not_sent_is_sent_by_the_next_instance(
     try:
         async with EventProducer(settings) as producer:
             await producer.send(task)
-        code = await asyncio.to_thread(dying.wait, 90)
     finally:
-        if dying.poll() is None:
-            dying.kill()
-    assert code == -signal.SIGKILL, (tmp_path / "budget.log").read_text()
+        await _killed(dying, tmp_path, 90)
     assert await _admissions(settings, task.run_id) == []
 
-    budget = _start(settings, tmp_path, ["-m", "services.budget"])
+    found = await _sent_by_the_next_instance(
+        settings, tmp_path, lambda: _admissions(settings, task.run_id)
+    )
+    assert len({e.event_id for e in found}) == 1
+
+
+# The same, for a decision a tick made: a waiting task's timeout. Ticks are not kept as
+# applied events, so the replayed tick must find what it decided by its own id.
+_DIES_BEFORE_SENDING_A_TIMEOUT = _DIES_BEFORE_SENDING.replace(
+    "from streams.events import TaskAdmitted", "from streams.events import WorkflowFailed"
+).replace(
+    'isinstance(kwargs.get("value"), TaskAdmitted)',
+    'isinstance(kwargs.get("value"), WorkflowFailed) and kwargs["value"].reason == "timeout"',
+)
+
+
+async def test_a_ticks_decision_written_but_not_sent_is_sent_by_the_next_instance(
+    settings: KafkaSettings, tmp_path: Path
+):
+    def task(run: str, deadline_s: float) -> TaskRequested:
+        now = datetime.now(UTC)
+        return TaskRequested(
+            source="router",
+            run_id=run,
+            goal_id="g-tick",
+            user_id="u1",
+            agent_id="a1",
+            specialty="general",
+            message="hello",
+            requested_at=now,
+            deadline_at=now + timedelta(seconds=deadline_s),
+        )
+
+    one_slot = {"ORCH_BUDGET_MAX_CONCURRENT": "1"}
+    running = task("r-running", 600)
+    dying = _start(settings, tmp_path, ["-c", _DIES_BEFORE_SENDING_A_TIMEOUT], **one_slot)
     try:
-        found: list[TaskAdmitted] = []
-        deadline = time.monotonic() + 90
-        while not found and time.monotonic() < deadline:
-            await asyncio.sleep(1)
-            found = await _admissions(settings, task.run_id)
-        assert found, (tmp_path / "budget.log").read_text()[-3000:]
-        assert len({e.event_id for e in found}) == 1
+        async with EventProducer(settings) as producer:
+            await producer.send(running)
+            deadline = time.monotonic() + 90
+            while not await _admissions(settings, running.run_id):
+                assert time.monotonic() < deadline, (tmp_path / "budget.log").read_text()
+                await asyncio.sleep(0.5)
+            # It waits for the one slot; nothing else happens to the goal, so only a
+            # tick can time it out.
+            waiting = task("r-waiting", 3)
+            await producer.send(waiting)
     finally:
-        budget.terminate()
-        try:
-            budget.wait(30)
-        except subprocess.TimeoutExpired:
-            budget.kill()
+        await _killed(dying, tmp_path, 60)
+    assert await _failures(settings, waiting.run_id) == []
+
+    found = await _sent_by_the_next_instance(
+        settings, tmp_path, lambda: _failures(settings, waiting.run_id), **one_slot
+    )
+    assert {(e.event_id, e.reason) for e in found} == {
+        (terminal_event_id(waiting.run_id), "timeout")
+    }

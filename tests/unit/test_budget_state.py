@@ -331,6 +331,86 @@ def test_a_waiting_task_past_its_deadline_ends_on_a_tick_with_nothing_else_happe
     assert all("tick" not in ref for ref in state.seen)
 
 
+def _one_running_one_waiting(
+    clock: FakeClock, first_deadline_s: float | None = None, second_deadline_s: float | None = None
+) -> tuple[BudgetState, RunStore]:
+    """A goal with one slot: r0 runs, r1 waits for it (each with its deadline, if given)."""
+
+    def deadline(s: float | None) -> datetime | None:
+        return None if s is None else clock.now() + timedelta(seconds=s)
+
+    runs = RunStore()
+    state = _state(max_concurrent=1)
+    state.runs = runs
+    state.handle(_at(clock, 0, deadline_at=deadline(first_deadline_s)), clock.now(), DEFAULTS)
+    state.handle(_at(clock, 1, deadline_at=deadline(second_deadline_s)), clock.now(), DEFAULTS)
+    assert state.queue == ["r1"]
+    return state, runs
+
+
+def _tick() -> BudgetTicked:
+    return BudgetTicked(source="budget", goal_id="g1")
+
+
+def test_a_replayed_tick_sends_the_admission_it_decided_again():
+    # The chaos bench's 8 runs without an outcome (one of two ways): a tick admitted a
+    # queued task, the budget wrote its record and was killed before its output went
+    # out; the replayed tick (never kept in ``seen``) drained an empty queue.
+    clock = FakeClock()
+    state, runs = _one_running_one_waiting(clock, first_deadline_s=10)
+    clock.advance(10 + DEFAULTS.llm_timeout_s + 31)
+    # Event time moves too (some event of the goal), so r0's lease can lapse.
+    state.event_time = clock.now().isoformat()
+    tick = _tick()
+    (admitted,) = state.handle(tick, clock.now(), DEFAULTS).events
+    assert isinstance(admitted, TaskAdmitted) and admitted.run_id == "r1"
+    again = BudgetState.from_dict(state.to_dict(), runs, DEFAULTS)
+    clock.advance(2)
+    assert again.handle(tick, clock.now(), DEFAULTS).events == [admitted]
+    # A tick that decided nothing is a tick like any other.
+    assert again.handle(_tick(), clock.now(), DEFAULTS).events == []
+
+
+def test_a_replayed_tick_sends_the_failure_it_decided_again():
+    clock = FakeClock()
+    state, runs = _one_running_one_waiting(clock, second_deadline_s=5)
+    clock.advance(6)
+    tick = _tick()
+    (failed,) = state.handle(tick, clock.now(), DEFAULTS).events
+    assert isinstance(failed, WorkflowFailed) and failed.reason == "timeout"
+    again = BudgetState.from_dict(state.to_dict(), runs, DEFAULTS)
+    assert again.handle(tick, clock.now(), DEFAULTS).events == [failed]
+
+
+def test_a_queued_run_the_budget_ended_before_its_record_was_lost_ends_the_same_way():
+    # The other way: the runs table's write (the failure) landed, the goal record's
+    # (queue, ended) did not; the run stayed queued behind a slot that stays taken.
+    clock = FakeClock()
+    state, runs = _one_running_one_waiting(clock, second_deadline_s=5)
+    before = state.to_dict()
+    clock.advance(6)
+    (failed,) = state.handle(_tick(), clock.now(), DEFAULTS).events
+    lost = BudgetState.from_dict(before, runs, DEFAULTS)
+    assert lost.queue == ["r1"]
+    clock.advance(1)
+    assert lost.handle(_tick(), clock.now(), DEFAULTS).events == [failed]
+    assert lost.queue == [] and "r1" in lost.ended
+
+
+def test_a_queued_run_whose_task_was_lost_still_ends():
+    # The goal's record (queue) landed and the runs table's entry did not; an event
+    # came before the task's replay could store it again.
+    clock = FakeClock()
+    state, runs = _one_running_one_waiting(clock)
+    runs.delete("r1")
+    done = _done(0).model_copy(update={"event_id": terminal_event_id("r0")})
+    (failed,) = state.handle(done, clock.now(), DEFAULTS).events
+    assert isinstance(failed, WorkflowFailed)
+    assert (failed.run_id, failed.reason) == ("r1", "internal")
+    assert failed.event_id == terminal_event_id("r1")
+    assert state.queue == [] and "r1" in state.ended
+
+
 def test_a_budget_outage_alone_expires_no_lease():
     clock = FakeClock()
     state = _state(max_concurrent=1)

@@ -1,0 +1,125 @@
+"""The loader's LLM call is paid only once its attempt is on Kafka, and every call an
+attempt may have paid is counted: by the attempt, or by the attempt that repeats it."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiokafka.errors import KafkaConnectionError
+
+from services.loader.service import Loader
+from streams.clock import SystemClock
+from streams.codec import default_codec
+from streams.events import (
+    AgentSpawned,
+    Event,
+    LlmCallCompleted,
+    TaskAdmitted,
+    WorkflowCompleted,
+    WorkflowStarted,
+)
+from streams.kafka import EventProducer, KafkaSettings
+from streams.llm import InMemoryLLM, LLMSettings, ModelPrice, PriceTable
+from streams.runtime import ServiceContext
+
+PRICES = PriceTable({}, ModelPrice(1.0, 2.0))
+
+
+class _Broker:
+    """What AIOKafkaProducer.send gives the real EventProducer: a future per record,
+    failing while the broker is down; what it acknowledged, decoded."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.acked: list[Event] = []
+        self.codec = default_codec()
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.down:
+            future.set_exception(KafkaConnectionError("broker down"))
+        else:
+            self.acked.append(self.codec.decode(value))
+            future.set_result(None)
+        return future
+
+    async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+        return await (await self.send(topic, value, key))
+
+
+def _loader(llm: InMemoryLLM) -> tuple[Loader, _Broker]:
+    settings = KafkaSettings("127.0.0.1:1", "")
+    producer = EventProducer(settings)
+    broker = _Broker()
+    producer._producer = broker  # type: ignore[assignment]
+    ctx = ServiceContext("loader", settings, SystemClock(), producer)
+    loader = Loader(ctx, llm, LLMSettings(base_url="http://x", prices=PRICES), capacity=4)
+    loader.learn(
+        AgentSpawned(
+            source="spawner",
+            goal_id="g1",
+            agent_id="a1",
+            specialty="code",
+            system_prompt="You are a coder.",
+            temperature=0.2,
+        )
+    )
+    return loader, broker
+
+
+def _task(run: str = "r1") -> TaskAdmitted:
+    now = datetime.now(UTC)
+    return TaskAdmitted(
+        source="budget",
+        run_id=run,
+        goal_id="g1",
+        user_id="u1",
+        agent_id="a1",
+        specialty="code",
+        message="a question",
+        requested_at=now,
+        deadline_at=now + timedelta(seconds=60),
+    )
+
+
+async def test_no_call_is_made_before_the_attempt_is_on_kafka():
+    # seed 3's two uncounted calls: the loader called the LLM while its workflow_started
+    # waited for a broker that was down, and was killed; the repeat saw no earlier attempt.
+    llm = InMemoryLLM(prices=PRICES)
+    loader, broker = _loader(llm)
+    broker.down = True
+    running = asyncio.create_task(loader.handle(_task()))
+    await asyncio.sleep(1.0)
+    assert llm.calls == [] and not running.done()
+    broker.down = False
+    await asyncio.wait_for(running, 10)
+    assert len(llm.calls) == 1
+    kinds = [type(e) for e in broker.acked]
+    assert kinds.index(WorkflowStarted) < kinds.index(LlmCallCompleted)
+    assert WorkflowCompleted in kinds
+
+
+async def test_an_earlier_attempt_is_counted_at_the_repeats_cost_or_its_worst_case():
+    cut_off = WorkflowStarted(
+        source="loader", run_id="r1", goal_id="g1", agent_id="a1", specialty="code"
+    )
+    # The repeat pays for a call: the earlier attempt is counted at that cost.
+    llm = InMemoryLLM(prices=PRICES)
+    loader, broker = _loader(llm)
+    loader.ended.apply(cut_off)
+    await loader.handle(_task())
+    costs = [e for e in broker.acked if isinstance(e, LlmCallCompleted)]
+    assert len(costs) == 2 and len({c.event_id for c in costs}) == 2
+    assert costs[0].cost_usd == costs[1].cost_usd > 0
+    # The repeat's call fails (a degraded answer, no cost): the earlier attempt may still
+    # have paid for its call, which is counted at the call's worst case.
+    failing = InMemoryLLM(prices=PRICES, fail_times=10)
+    loader, broker = _loader(failing)
+    loader.ended.apply(cut_off)
+    await loader.handle(_task())
+    paid = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.cost_usd > 0]
+    assert len(paid) == 1 and "worst case" in (paid[0].error or "")
+    assert paid[0].event_id == costs[1].event_id  # the earlier attempt's own cost id
+    assert paid[0].cost_usd > costs[0].cost_usd
