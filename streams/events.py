@@ -33,6 +33,7 @@ __all__ = [
     "FeedbackDecided",
     "FailureReason",
     "FeedbackReceived",
+    "GoalAgentsChanged",
     "Identifier",
     "ImprovementApplied",
     "ImprovementAvailable",
@@ -370,6 +371,24 @@ class AgentRetired(Event):
     reason: str = "idle"
     idle_seconds: float = 0.0
 
+class GoalAgentsChanged(Event):
+    """A goal's agent came to life, failed to, retired or was revived: the budget's count.
+
+    ``max_agents`` counts a goal's live agents, and the budget owns goals by partition;
+    ``agent_spawned``/``agent_retired`` are keyed by agent id, so the spawner (spawned,
+    spawn_failed, with the approval's id) and the loader (retired, revived) send this
+    notice keyed by goal as well.
+    """
+
+    topic = "goal_agents_changed"
+    key_field = "goal_id"
+    event_type: Literal["goal_agents_changed"] = "goal_agents_changed"
+    goal_id: Identifier
+    agent_id: str
+    change: Literal["spawned", "spawn_failed", "retired", "revived"]
+    approval_id: str | None = None
+
+
 
 class BudgetExceeded(Event):
     topic = "budget_exceeded"
@@ -635,6 +654,7 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     WorkflowFailed,
     AgentLoaded,
     AgentEvicted,
+    GoalAgentsChanged,
     AgentRetired,
     BudgetExceeded,
     BudgetUpdateRequested,

@@ -73,6 +73,7 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("budget_exceeded", ev.BudgetExceeded),
     TopicSpec("budget_update_requested", ev.BudgetUpdateRequested, retention_ms=_FOREVER),
     TopicSpec("feedback_received", ev.FeedbackReceived, retention_ms=_FOREVER),
+    TopicSpec("goal_agents_changed", ev.GoalAgentsChanged),
     TopicSpec("workflow_assessed", ev.WorkflowAssessed, retention_ms=30 * _DAY_MS),
     TopicSpec("pattern_discovered", ev.PatternDiscovered, retention_ms=_FOREVER),
     TopicSpec("automation_created", ev.AutomationCreated, retention_ms=_FOREVER),

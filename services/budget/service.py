@@ -23,6 +23,7 @@ from streams.events import (
     BudgetUpdateRequested,
     DeadLetter,
     Event,
+    GoalAgentsChanged,
     LlmCallCompleted,
     SpawnRequested,
     SpendRequested,
@@ -56,6 +57,7 @@ BUDGET_TOPICS = (
     BudgetUpdateRequested.topic,
     SpendRequested.topic,
     BudgetTicked.topic,
+    GoalAgentsChanged.topic,
 )
 
 

@@ -45,6 +45,7 @@ from streams.events import (
     BudgetTicked,
     BudgetUpdateRequested,
     Event,
+    GoalAgentsChanged,
     LlmCallCompleted,
     SpawnApproved,
     SpawnDenied,
@@ -200,8 +201,14 @@ class BudgetState:
     max_agents: int
     max_concurrent: int
     max_daily_cost: float
-    # approved spawn request id -> [approved_at ISO, agents after it]
+    # approved spawn request id -> [approved_at ISO, agents after it] (the last 200, to
+    # send an approval again on a replay)
     agents: dict[str, list[Any]] = field(default_factory=dict)
+    # max_agents counts these two: spawns approved and not yet spawned (or failed), by the
+    # approval's event id -> approved_at ISO; and the goal's agents by id -> "live" or
+    # "retired", from the spawner's and the loader's goal_agents_changed notices
+    spawning: dict[str, str] = field(default_factory=dict)
+    live: OrderedDict[str, str] = field(default_factory=OrderedDict)
     # denied spawn request id -> [limit, current, maximum, at ISO]
     denied: OrderedDict[str, list[Any]] = field(default_factory=OrderedDict)
     # run -> [admitted_at ISO (budget clock), held USD, lease end ISO, causing event id]
@@ -243,6 +250,8 @@ class BudgetState:
             "max_concurrent": self.max_concurrent,
             "max_daily_cost": self.max_daily_cost,
             "agents": dict(self.agents),
+            "spawning": dict(self.spawning),
+            "live": [[k, v] for k, v in self.live.items()],
             "denied": [[k, v] for k, v in self.denied.items()],
             "in_flight": dict(self.in_flight),
             "pending": dict(self.pending),
@@ -286,6 +295,8 @@ class BudgetState:
             max_concurrent=int(data["max_concurrent"]),
             max_daily_cost=float(data["max_daily_cost"]),
             agents={k: list(v) for k, v in raw_agents.items()},
+            spawning=dict(data.get("spawning", {})),
+            live=OrderedDict((k, v) for k, v in data.get("live", [])),
             denied=OrderedDict((k, list(v)) for k, v in data.get("denied", [])),
             in_flight=in_flight,
             pending={k: list(v) for k, v in data.get("pending", {}).items()},
@@ -298,11 +309,19 @@ class BudgetState:
             runs=runs,
         )
         state.seen.extend(data.get("seen", []))
+        if "spawning" not in data:
+            # Records from before live counting: each approval counts until it is known
+            # to be spawned, which for these it never will be (they count as before).
+            state.spawning = {f"approved:{k}": str(v[0]) for k, v in state.agents.items()}
         return state
 
     # -- views ---------------------------------------------------------------
     def spent_today(self, now: datetime) -> float:
         return self.spend.get(utc_day(now), 0.0)
+
+    def agent_count(self) -> int:
+        """What max_agents limits: live agents plus approved spawns not yet resolved."""
+        return len(self.spawning) + sum(1 for v in self.live.values() if v == "live")
 
     def reserved(self) -> float:
         held = [h[1] for h in self.in_flight.values()]
@@ -316,7 +335,7 @@ class BudgetState:
             "max_agents": self.max_agents,
             "max_concurrent": self.max_concurrent,
             "max_daily_cost": self.max_daily_cost,
-            "agents": len(self.agents),
+            "agents": self.agent_count(),
             "in_flight": len(self.in_flight),
             "queued": len(self.queue),
             "spent_today": round(self.spent_today(now), 6),
@@ -358,6 +377,8 @@ class BudgetState:
             self._update(event)
         elif isinstance(event, SpendRequested):
             out = self._hold(event, now)
+        elif isinstance(event, GoalAgentsChanged):
+            self._agent_changed(event)
         # Any event may have freed a slot or money (a release, a cost, a lapse, a limit).
         return Decision(out + self._drain(cause, now, defaults))
 
@@ -433,6 +454,11 @@ class BudgetState:
     def _detail(self, reason: str, limit: str, current: float, maximum: float) -> str:
         if reason == "timeout":
             return "deadline passed while waiting for a max_concurrent slot"
+        if limit == "max_agents":
+            return (
+                f"goal {self.goal_id} has {int(current)} live agents; reviving a retired"
+                f" one would pass max_agents {int(maximum)}"
+            )
         if reason == "internal":
             return (
                 "the budget lost this queued task in a crash (its stored copy was not"
@@ -550,7 +576,7 @@ class BudgetState:
         at, after = approved
         return SpawnApproved(
             # The spawner derives the agent's id from this id: it must not change.
-            event_id=str(uuid.uuid5(_NS, f"{e.event_id}:approved")),
+            event_id=_approval_id(e),
             source=SOURCE,
             goal_id=self.goal_id,
             run_id=e.run_id,
@@ -593,14 +619,17 @@ class BudgetState:
         refused: list[Any] | None = None
         if committed + worst > self.max_daily_cost + 1e-12:
             refused = ["max_daily_cost", round(committed, 9), self.max_daily_cost]
-        elif len(self.agents) >= self.max_agents:
-            refused = ["max_agents", len(self.agents), self.max_agents]
+        elif self.agent_count() >= self.max_agents:
+            refused = ["max_agents", self.agent_count(), self.max_agents]
         if refused is not None:
             self.denied[cause] = [*refused, now.isoformat()]
             while len(self.denied) > _DECISIONS_LIMIT:
                 self.denied.popitem(last=False)
             return self._denial(e, self.denied[cause])
-        self.agents[cause] = [now.isoformat(), len(self.agents) + 1]
+        self.agents[cause] = [now.isoformat(), self.agent_count() + 1]
+        while len(self.agents) > _DECISIONS_LIMIT:
+            del self.agents[next(iter(self.agents))]
+        self.spawning[_approval_id(e)] = now.isoformat()
         if e.run_id:
             # The spawner may ask the LLM to write the prompt; hold its cost until known.
             self.spawn_holds[e.run_id] = [now.isoformat(), worst]
@@ -613,6 +642,12 @@ class BudgetState:
             # Admitted, waiting or over already: a re-routed request changes nothing.
             return []
         cause = _ref(e.event_id)
+        if self._revival_refused(e):
+            # The router revives a retired agent instead of spawning one: a live agent
+            # again, so it needs a place under max_agents like a spawn.
+            return self._fail(
+                cause, e, "budget_exceeded", "max_agents", self.agent_count(), self.max_agents, now
+            )
         worst = defaults.task_worst_case(e.message, e.context)
         spent = self.spent_today(now)
         if spent + worst > self.max_daily_cost + 1e-12:
@@ -652,6 +687,10 @@ class BudgetState:
         else:
             end = self._lease_now(now) + timedelta(seconds=defaults.lease_seconds)
         end += timedelta(seconds=defaults.llm_timeout_s + _LEASE_GRACE_SECONDS)
+        if task.agent_id and self.live.get(task.agent_id) == "retired":
+            # Revived by this admission (counted at once; the loader reports the revival,
+            # or the agent's retirement again if it did not run the task).
+            self.live[task.agent_id] = "live"
         self.in_flight[_ref(task.run_id)] = [now.isoformat(), worst, end.isoformat(), cause]
         return self._admission(task, now)
 
@@ -679,7 +718,18 @@ class BudgetState:
                 out += self._recover_queued(cause, run, now)
                 continue
             worst = defaults.task_worst_case(task.message, task.context)
-            if spent + worst > self.max_daily_cost + 1e-12:
+            if self._revival_refused(task):
+                self.queue.pop(0)
+                out += self._end_queued(
+                    cause,
+                    task,
+                    "budget_exceeded",
+                    "max_agents",
+                    self.agent_count(),
+                    now,
+                    self.max_agents,
+                )
+            elif spent + worst > self.max_daily_cost + 1e-12:
                 self.queue.pop(0)
                 out += self._end_queued(
                     cause, task, "budget_exceeded", "max_daily_cost", spent, now
@@ -709,10 +759,22 @@ class BudgetState:
             return None
         return TaskRequested.model_validate(kept["task"])
 
+    def _revival_refused(self, task: TaskRequested) -> bool:
+        retired = bool(task.agent_id) and self.live.get(task.agent_id) == "retired"
+        return retired and self.agent_count() >= self.max_agents
+
     def _end_queued(
-        self, cause: str, task: TaskRequested, reason: str, limit: str, spent: float, now: datetime
+        self,
+        cause: str,
+        task: TaskRequested,
+        reason: str,
+        limit: str,
+        spent: float,
+        now: datetime,
+        maximum: float | None = None,
     ) -> list[Event]:
-        out = self._fail(cause, task, reason, limit, spent, self.max_daily_cost, now)
+        top = self.max_daily_cost if maximum is None else maximum
+        out = self._fail(cause, task, reason, limit, spent, top, now)
         # Only what its failure needs to be sent again stays, the failure included (if
         # the goal record's write is lost in a crash, the run is still queued there).
         self.runs.put(
@@ -767,6 +829,18 @@ class BudgetState:
         lapse = datetime.fromisoformat(held[2]) + timedelta(seconds=defaults.lease_seconds)
         self.pending[run] = [float(held[1]), lapse.isoformat()]
 
+    def _agent_changed(self, e: GoalAgentsChanged) -> None:
+        if e.change in ("spawned", "spawn_failed") and e.approval_id:
+            self.spawning.pop(e.approval_id, None)
+        if e.change == "spawn_failed":
+            return
+        self.live[e.agent_id] = "retired" if e.change == "retired" else "live"
+        self.live.move_to_end(e.agent_id)
+        # Retired agents are kept to refuse a revival past max_agents; the oldest go.
+        retired = [a for a, v in self.live.items() if v == "retired"]
+        for agent in retired[: max(0, len(retired) - _ENDED_LIMIT)]:
+            del self.live[agent]
+
     def _update(self, e: BudgetUpdateRequested) -> None:
         if e.max_agents is not None:
             self.max_agents = e.max_agents
@@ -793,6 +867,10 @@ class BudgetState:
         for run, (_, lapse) in list(self.pending.items()):
             if t > datetime.fromisoformat(lapse):
                 del self.pending[run]
+
+
+def _approval_id(e: SpawnRequested) -> str:
+    return str(uuid.uuid5(_NS, f"{e.event_id}:approved"))
 
 
 def _platform_hold(purpose: str, run_id: str | None) -> str:

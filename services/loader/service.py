@@ -27,6 +27,7 @@ from streams.events import (
     AgentRetired,
     AgentSpawned,
     Event,
+    GoalAgentsChanged,
     ImprovementApplied,
     ImprovementRolledBack,
     LlmCallCompleted,
@@ -46,7 +47,7 @@ from streams.llm import (
     create_llm,
     worst_case_usd,
 )
-from streams.registry import RegistryView
+from streams.registry import AgentRecord, RegistryView
 from streams.runtime import ServiceContext
 from streams.specialties import profile_for
 from streams.topics import partition_for, spec_for
@@ -108,6 +109,8 @@ class Loader:
         self.degrade = self.settings.degraded_answers
         self.breaker = Breaker(ctx.clock, cooldown=llm_settings.breaker_cooldown_s)
         self._finished: OrderedDict[str, None] = OrderedDict()
+        # model -> the cost of the last answer call paid with it (an unknown call's estimate)
+        self._last_cost: dict[str, float] = {}
         # run_id -> cost events sent without waiting, and their acknowledgements
         self._acks: dict[str, list[tuple[LlmCallCompleted, asyncio.Future[Any]]]] = {}
         self.ended = EndedRuns(ctx.clock)
@@ -148,10 +151,22 @@ class Loader:
             )
             record.retired = True
             out.append(event)
+            if record.goal_id:
+                out.append(self._agents_changed(record, "retired", now))
             retired.append(event)
         if out:
             await self.ctx.producer.send_many(out)
         return retired
+
+    def _agents_changed(self, record: AgentRecord, change: str, now: datetime) -> GoalAgentsChanged:
+        """The goal-keyed notice the budget counts live agents by (max_agents)."""
+        return GoalAgentsChanged(
+            source=SOURCE,
+            goal_id=record.goal_id,
+            agent_id=record.agent_id,
+            change=change,  # type: ignore[arg-type]
+            occurred_at=now,
+        )
 
     def _evicted(self, agent_id: str, specialty: str, reason: str, now: datetime) -> AgentEvicted:
         record = self.registry.get(agent_id)
@@ -208,10 +223,11 @@ class Loader:
     def _unrepeated(self, task: TaskAdmitted, lost: list[str]) -> list[LlmCallCompleted]:
         """Earlier attempts' possible calls when this attempt paid for none to compare.
 
-        Their cost is unknown: each is counted at the worst case of the call (every one of
-        ``max_tokens`` generated, a token per byte of the prompt), erring on the side of
-        the goal's cap, under the attempt's own cost id (its loader's report, if it comes
-        back, counts once).
+        Their cost is unknown: each is counted at the cost of the last answer this loader
+        was paid for with the same model (an estimate), or, with none known, at the worst
+        case of the call (every one of ``max_tokens`` generated, a token per byte of the
+        prompt), under the attempt's own cost id (its loader's report, if it comes back,
+        counts once).
         """
         if not lost or self.ended.has(task.run_id):
             # The owner that answered counted them, at the cost of its call.
@@ -223,16 +239,21 @@ class Loader:
             {"role": "system", "content": str(sorted(task.context.items()))},
             {"role": "user", "content": task.message},
         ]
-        worst = worst_case_usd(self.llm_settings.prices, model, messages, self.max_tokens)
+        known = self._last_cost.get(model)
+        if known is not None:
+            usd, how = known, "the cost of this model's last answer"
+        else:
+            usd = worst_case_usd(self.llm_settings.prices, model, messages, self.max_tokens)
+            how = "the call's worst case"
         return [
             self._call_event(
                 task,
                 model,
                 event_id=_cost_id(earlier, False),
-                cost_usd=worst,
+                cost_usd=usd,
                 ok=True,
                 error="an earlier attempt of this run stopped without reporting its cost and"
-                " this one made no call to compare; counted at the call's worst case",
+                f" this one made no call to compare; counted at {how}",
             )
             for earlier in lost
         ]
@@ -304,6 +325,14 @@ class Loader:
         lost = [a for a in self.ended.attempts(task.run_id) if a not in self._own_attempts]
         self._attempt[task.run_id] = ("", lost)
         if task.deadline_at is not None and task.deadline_at <= now:
+            retired = self.registry.get(task.agent_id)
+            if retired is not None and retired.retired and retired.goal_id:
+                # The budget counted the agent live again when it admitted this task; it
+                # was not revived.
+                await self.ctx.producer.deliver(
+                    [self._agents_changed(retired, "retired", now)],
+                    what=f"agent {retired.agent_id} still retired",
+                )
             return self._failure(task, "timeout", "deadline passed before the task could start")
         record = self.registry.get(task.agent_id)
         if record is None:
@@ -315,7 +344,8 @@ class Loader:
                     break
         if record is None:
             return self._failure(task, "no_agent", f"agent {task.agent_id} is not in the registry")
-        if record.retired:
+        revived = record.retired
+        if revived:
             # The router revived a retired agent rather than spawning another one;
             # it is live again here, and idle again 24 h after this task.
             record.retired = False
@@ -333,6 +363,8 @@ class Loader:
         self._own_attempts.add(started.event_id)
         self._attempt[task.run_id] = (started.event_id, lost)
         notices: list[Event] = [started]
+        if revived and record.goal_id:
+            notices.append(self._agents_changed(record, "revived", now))
         if change.loaded is not None:
             notices.append(
                 AgentLoaded(
@@ -420,6 +452,8 @@ class Loader:
             ok=True,
         )
         charges = [cost]
+        if done.cost_usd > 0:
+            self._last_cost[model] = done.cost_usd
         if not legacy and lost:
             # An earlier attempt of this run that started and never answered may have paid
             # for the same call: counted at this call's cost under that attempt's own cost

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any
 
 from services.spawner.design import agent_id_for, design_agent, spawned_event_id
-from streams.events import AgentSpawned, LlmCallCompleted, SpawnApproved
+from streams.events import AgentSpawned, GoalAgentsChanged, LlmCallCompleted, SpawnApproved
 from streams.faust_app import create_app, event_topic, start_app
 from streams.llm import LLMSettings, create_llm
 from streams.runtime import ServiceContext
@@ -22,6 +23,20 @@ __all__ = ["APP_NAME", "main"]
 log = logging.getLogger(__name__)
 APP_NAME = "orchestrator.spawner"
 SOURCE = "spawner"
+_NS = uuid.UUID("7c2e4a1b-5d3f-4e8a-9b6c-1f0a2d3e4b5c")
+
+
+def _changed(approval: SpawnApproved, agent_id: str, change: str) -> GoalAgentsChanged:
+    """The goal-keyed notice the budget counts live agents by; one id per approval and change."""
+    return GoalAgentsChanged(
+        event_id=str(uuid.uuid5(_NS, f"{approval.event_id}:{change}")),
+        source=SOURCE,
+        run_id=approval.run_id,
+        goal_id=approval.goal_id,
+        agent_id=agent_id,
+        change=change,  # type: ignore[arg-type]
+        approval_id=approval.event_id,
+    )
 
 
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
@@ -77,6 +92,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         # Sent again after a crash between table write and send: same event_id, so
         # every reader treats it as the same event.
         await ctx.producer.send(spawned)
+        await ctx.producer.send(_changed(event, agent_id, "spawned"))
         log.info(
             "spawned %s for goal %s (%s prompt)", agent_id, event.goal_id, spawned.prompt_source
         )
@@ -90,6 +106,11 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
                 await _spawn(event)
             except Exception:  # a failed spawn is logged; the router times the wait out
                 log.exception("spawn failed for %s", event.event_id)
+                # The budget counted the approval under max_agents until it hears of it.
+                failed = _changed(
+                    event, agent_id_for(event.specialty, event.event_id), "spawn_failed"
+                )
+                await ctx.producer.deliver([failed], what=f"the failed spawn {event.event_id}")
 
     await start_app(app, ctx.settings)
     try:

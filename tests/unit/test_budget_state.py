@@ -11,6 +11,7 @@ from streams.events import (
     BudgetExceeded,
     BudgetTicked,
     BudgetUpdateRequested,
+    GoalAgentsChanged,
     LlmCallCompleted,
     SpawnApproved,
     SpawnDenied,
@@ -73,6 +74,64 @@ def test_spawns_stop_at_max_agents_with_the_limit_named():
     assert len(approved) == 3 and len(denied) == 7
     assert all(d.limit == "max_agents" for d in denied)
     assert sum(isinstance(e, BudgetExceeded) for e in out) == 7
+
+
+def _spawn_req(i: int) -> SpawnRequested:
+    return SpawnRequested(source="router", goal_id="g1", run_id=f"r{i}", specialty=f"s{i}")
+
+
+def _changed(agent: str, change: str, approval: str | None = None) -> GoalAgentsChanged:
+    return GoalAgentsChanged(
+        source="loader", goal_id="g1", agent_id=agent, change=change, approval_id=approval
+    )
+
+
+def test_max_agents_counts_live_agents_a_retired_one_frees_its_place():
+    clock = FakeClock()
+    state = _state(max_agents=2)
+    approvals = [state.handle(_spawn_req(i), clock.now(), DEFAULTS).events[0] for i in (0, 1)]
+    assert all(isinstance(a, SpawnApproved) for a in approvals)
+    for i, a in enumerate(approvals):
+        state.handle(_changed(f"a{i}", "spawned", a.event_id), clock.now(), DEFAULTS)
+    assert state.agent_count() == 2
+    assert isinstance(state.handle(_spawn_req(2), clock.now(), DEFAULTS).events[-1], SpawnDenied)
+    # a1 sat idle and the loader retired it: the goal may have another agent.
+    state.handle(_changed("a1", "retired"), clock.now(), DEFAULTS)
+    assert state.agent_count() == 1
+    (third,) = state.handle(_spawn_req(3), clock.now(), DEFAULTS).events
+    assert isinstance(third, SpawnApproved)
+    # Reviving a1 now would make three: the task that would revive it is refused.
+    revive = _task(9).model_copy(update={"agent_id": "a1"})
+    out = state.handle(revive, clock.now(), DEFAULTS).events
+    failed = [e for e in out if isinstance(e, WorkflowFailed)]
+    assert failed and failed[0].limit == "max_agents" and "max_agents 2" in failed[0].detail
+    # Survives the record's round trip.
+    again = BudgetState.from_dict(state.to_dict(), RunStore(), DEFAULTS)
+    assert again.agent_count() == 2 and again.live["a1"] == "retired"
+
+
+def test_a_failed_spawn_does_not_keep_its_place():
+    clock = FakeClock()
+    state = _state(max_agents=1)
+    (approved,) = state.handle(_spawn_req(0), clock.now(), DEFAULTS).events
+    # Approved and not spawned yet: it counts (two concurrent spawns cannot pass the cap).
+    assert isinstance(state.handle(_spawn_req(1), clock.now(), DEFAULTS).events[-1], SpawnDenied)
+    state.handle(_changed("s0_x", "spawn_failed", approved.event_id), clock.now(), DEFAULTS)
+    assert state.agent_count() == 0
+    assert isinstance(state.handle(_spawn_req(2), clock.now(), DEFAULTS).events[0], SpawnApproved)
+
+
+def test_a_revival_under_the_cap_counts_the_agent_live_again():
+    clock = FakeClock()
+    state = _state(max_agents=2)
+    (approved,) = state.handle(_spawn_req(0), clock.now(), DEFAULTS).events
+    state.handle(_changed("a0", "spawned", approved.event_id), clock.now(), DEFAULTS)
+    state.handle(_changed("a0", "retired"), clock.now(), DEFAULTS)
+    assert state.agent_count() == 0
+    (admitted,) = state.handle(
+        _task(1).model_copy(update={"agent_id": "a0"}), clock.now(), DEFAULTS
+    ).events
+    assert isinstance(admitted, TaskAdmitted) and state.agent_count() == 1
 
 
 def test_concurrency_queues_beyond_the_limit_and_admits_on_release():

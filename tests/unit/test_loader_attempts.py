@@ -15,6 +15,7 @@ from streams.codec import default_codec
 from streams.events import (
     AgentSpawned,
     Event,
+    GoalAgentsChanged,
     LlmCallCompleted,
     TaskAdmitted,
     WorkflowCompleted,
@@ -123,3 +124,17 @@ async def test_an_earlier_attempt_is_counted_at_the_repeats_cost_or_its_worst_ca
     assert len(paid) == 1 and "worst case" in (paid[0].error or "")
     assert paid[0].event_id == costs[1].event_id  # the earlier attempt's own cost id
     assert paid[0].cost_usd > costs[0].cost_usd
+
+
+async def test_the_loader_tells_the_goal_of_a_retirement_and_a_revival():
+    llm = InMemoryLLM(prices=PRICES)
+    loader, broker = _loader(llm)
+    loader.idle_seconds = 0.0
+    (retired,) = await loader.retire_idle()
+    notices = [e for e in broker.acked if isinstance(e, GoalAgentsChanged)]
+    assert [(n.goal_id, n.agent_id, n.change) for n in notices] == [("g1", "a1", "retired")]
+    assert notices[0].key() == b"g1"  # on the goal's partition, where the budget counts
+    loader.learn(retired)
+    await loader.handle(_task())
+    notices = [e for e in broker.acked if isinstance(e, GoalAgentsChanged)]
+    assert [n.change for n in notices] == ["retired", "revived"]
