@@ -371,6 +371,7 @@ class AgentRetired(Event):
     reason: str = "idle"
     idle_seconds: float = 0.0
 
+
 class GoalAgentsChanged(Event):
     """A goal's agent came to life, failed to, retired or was revived: the budget's count.
 
@@ -387,7 +388,6 @@ class GoalAgentsChanged(Event):
     agent_id: str
     change: Literal["spawned", "spawn_failed", "retired", "revived"]
     approval_id: str | None = None
-
 
 
 class BudgetExceeded(Event):
