@@ -74,6 +74,8 @@ SERVICES = ("analytics", "budget", "spawner", "loader", "router", "improvement")
 TARGETS = (*SERVICES, "broker")
 Action = Literal["kill", "pause"]
 
+# The loader's LLM timeout: no task runs past its deadline plus this.
+LLM_TIMEOUT_S = 10.0
 # What every answered LLM call costs: the fake LLM reports this usage, the platform
 # prices it with this table (USD per 1M tokens), and so does the benchmark.
 PROMPT_TOKENS = 100
@@ -326,11 +328,21 @@ def compute_report(
         g = spec.goal_id
         runs = [r for r, ts in admitted.items() if ts[0].goal_id == g]
         intervals = []
+        until_terminal = []
         for r in runs:
             start = min(_ts(a.occurred_at) for a in admitted[r])
             ends = [_ts(t.occurred_at) for t in terminals.get(r, []) if _ts(t.occurred_at) >= start]
             # A run admitted and never ended (or ended before it was admitted) holds its slot.
-            intervals.append((start, min(ends) if ends else end_of_log))
+            end = min(ends) if ends else end_of_log
+            until_terminal.append((start, end))
+            # ... but it cannot run past its deadline plus the LLM timeout: the loader starts
+            # no task past its deadline and its call ends within the timeout, which is when
+            # the budget's lease gives the slot back (plus a grace). A loader that was down
+            # longer sends that run's timeout failure later; the run never ran meanwhile.
+            deadlines = [a.deadline_at for a in admitted[r] if a.deadline_at is not None]
+            if deadlines:
+                end = min(end, _ts(min(deadlines)) + LLM_TIMEOUT_S)
+            intervals.append((start, max(start, end)))
         spawned = {
             e.agent_id: _ts(e.occurred_at)
             for e in sorted(by_type["agent_spawned"], key=lambda e: e.occurred_at)
@@ -348,6 +360,7 @@ def compute_report(
         goal_rows[g] = {
             "max_concurrent": spec.max_concurrent,
             "peak_concurrent": _peak(intervals),
+            "peak_admitted_until_terminal": _peak(until_terminal),
             "admitted_runs": len(runs),
             "readmitted_runs": sum(1 for r in runs if len(admitted[r]) > 1),
             "max_daily_cost": spec.max_daily_cost,
@@ -1021,7 +1034,7 @@ async def run_chaos(cfg: ChaosConfig, console: Console) -> dict[str, Any]:
             # real price instead of 70 times it (caps of a few dollars would refuse all).
             "ORCH_LLM_MAX_TOKENS": "64",
             "ORCH_BUDGET_SYSTEM_PROMPT_TOKENS": "200",
-            "ORCH_LLM_TIMEOUT": "10",
+            "ORCH_LLM_TIMEOUT": str(LLM_TIMEOUT_S),
             "ORCH_LLM_MAX_RETRIES": "1",
             "ORCH_LLM_BREAKER_COOLDOWN_SECONDS": "2",
             "ORCH_ROUTER_POLICY": "static",
