@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from streams.clock import Clock, SystemClock
 from streams.config import OperatorSettings
 from streams.errors import (
+    BrokerUnavailable,
     BudgetExceededError,
     InvalidRequest,
     LLMFailure,
@@ -222,7 +224,10 @@ class OrchestratorClient(AsyncLifecycle):
         self._waiting[request.run_id] = future
         started = self.clock.monotonic()
         try:
-            await self._producer.send(request)
+            try:
+                await self._producer.send(request)
+            except KafkaError as exc:  # a broker outage longer than the send's timeout
+                raise BrokerUnavailable(request.run_id, f"{type(exc).__name__}: {exc}") from exc
             try:
                 event = await asyncio.wait_for(future, timeout)
             except TimeoutError:

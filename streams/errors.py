@@ -26,6 +26,7 @@ OrchestratorError
 from __future__ import annotations
 
 __all__ = [
+    "BrokerUnavailable",
     "BudgetExceededError",
     "DecodeError",
     "InvalidRequest",
@@ -107,6 +108,21 @@ class RunTimeout(OrchestratorError, TimeoutError):
         self.run_id = run_id
         self.timeout = timeout
         super().__init__(f"run {run_id}: no answer within {timeout:g} s")
+
+
+class BrokerUnavailable(OrchestratorError):
+    """The broker did not acknowledge the request in time (an outage): no answer is awaited.
+
+    Almost always the request was not written; a broker that wrote it and died before its
+    acknowledgement runs it once, under this run id, after it is back.
+    """
+
+    def __init__(self, run_id: str, detail: str) -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"run {run_id}: the Kafka broker is unreachable and did not acknowledge the"
+            f" request ({detail}); it was most likely not sent"
+        )
 
 
 class Refused(OrchestratorError):
