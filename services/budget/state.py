@@ -422,18 +422,10 @@ class BudgetState:
         return out
 
     def _admission(self, task: TaskRequested, at: datetime) -> TaskAdmitted:
-        return TaskAdmitted(
+        return TaskAdmitted.caused_by(
+            task,
             event_id=str(uuid.uuid5(_NS, f"{task.run_id}:admitted")),
             source=SOURCE,
-            run_id=task.run_id,
-            goal_id=self.goal_id,
-            user_id=task.user_id,
-            agent_id=task.agent_id,
-            specialty=task.specialty,
-            message=task.message,
-            context=dict(task.context),
-            requested_at=task.requested_at,
-            deadline_at=task.deadline_at,
             occurred_at=at,
         )
 
@@ -574,16 +566,11 @@ class BudgetState:
     # -- spawns ----------------------------------------------------------------
     def _approval(self, e: SpawnRequested, approved: list[Any]) -> SpawnApproved:
         at, after = approved
-        return SpawnApproved(
+        return SpawnApproved.caused_by(
+            e,
             # The spawner derives the agent's id from this id: it must not change.
             event_id=_approval_id(e),
             source=SOURCE,
-            goal_id=self.goal_id,
-            run_id=e.run_id,
-            user_id=e.user_id,
-            specialty=e.specialty,
-            message=e.message,
-            context=dict(e.context),
             agents_after=int(after),
             occurred_at=datetime.fromisoformat(at) if at else e.occurred_at,
         )
@@ -599,13 +586,10 @@ class BudgetState:
             detail = f"goal {self.goal_id} has {int(current)} agents; max_agents is {int(maximum)}"
         return [
             self._exceeded(e.event_id, limit, current, maximum, e.run_id, at),
-            SpawnDenied(
+            SpawnDenied.caused_by(
+                e,
                 event_id=str(uuid.uuid5(_NS, f"{e.event_id}:denied")),
                 source=SOURCE,
-                goal_id=self.goal_id,
-                run_id=e.run_id,
-                user_id=e.user_id,
-                specialty=e.specialty,
                 limit=limit,
                 detail=detail,
                 occurred_at=datetime.fromisoformat(at),

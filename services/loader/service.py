@@ -27,6 +27,7 @@ from streams.events import (
     AgentRetired,
     AgentSpawned,
     Event,
+    FailureReason,
     GoalAgentsChanged,
     ImprovementApplied,
     ImprovementRolledBack,
@@ -260,12 +261,9 @@ class Loader:
 
     def _call_event(self, task: TaskAdmitted, model: str, **fields: Any) -> LlmCallCompleted:
         """An answer call's report: its goal, run and agent, and ``fields``."""
-        return LlmCallCompleted(
+        return LlmCallCompleted.caused_by(
+            task,
             source=SOURCE,
-            run_id=task.run_id,
-            goal_id=task.goal_id,
-            user_id=task.user_id,
-            agent_id=task.agent_id,
             model=model,
             purpose="answer",
             occurred_at=self.ctx.clock.now(),
@@ -277,17 +275,13 @@ class Loader:
             return 0.0
         return max(0.0, (self.ctx.clock.now() - task.requested_at).total_seconds() * 1000.0)
 
-    def _failure(self, task: TaskAdmitted, reason: str, detail: str) -> WorkflowFailed:
-        return WorkflowFailed(
+    def _failure(self, task: TaskAdmitted, reason: FailureReason, detail: str) -> WorkflowFailed:
+        return WorkflowFailed.caused_by(
+            task,
             event_id=terminal_event_id(task.run_id),
             source=SOURCE,
-            run_id=task.run_id,
-            goal_id=task.goal_id,
-            user_id=task.user_id,
-            reason=reason,  # type: ignore[arg-type]
+            reason=reason,
             detail=detail,
-            agent_id=task.agent_id,
-            specialty=task.specialty,
             latency_ms=self._latency(task),
             admitted=True,
             occurred_at=self.ctx.clock.now(),
@@ -301,18 +295,14 @@ class Loader:
         cost: float,
         meta: dict[str, str] | None = None,
     ) -> WorkflowCompleted:
-        return WorkflowCompleted(
+        return WorkflowCompleted.caused_by(
+            task,
             event_id=terminal_event_id(task.run_id),
             source=SOURCE,
-            run_id=task.run_id,
-            goal_id=task.goal_id,
-            user_id=task.user_id,
-            agent_id=task.agent_id,
-            specialty=task.specialty,
             text=text,
             cost_usd=cost,
             latency_ms=self._latency(task),
-            degradation_tier=tier,  # type: ignore[arg-type]
+            degradation_tier=tier,
             meta=meta or {},
             occurred_at=self.ctx.clock.now(),
         )
@@ -351,15 +341,7 @@ class Loader:
             record.retired = False
             log.info("reviving retired agent %s for run %s", record.agent_id, task.run_id)
         instance, change = self.pool.acquire(record, now)
-        started = WorkflowStarted(
-            source=SOURCE,
-            run_id=task.run_id,
-            goal_id=task.goal_id,
-            user_id=task.user_id,
-            agent_id=task.agent_id,
-            specialty=task.specialty,
-            occurred_at=now,
-        )
+        started = WorkflowStarted.caused_by(task, source=SOURCE, occurred_at=now)
         self._own_attempts.add(started.event_id)
         self._attempt[task.run_id] = (started.event_id, lost)
         notices: list[Event] = [started]
