@@ -118,7 +118,9 @@ def _optional_identifier(value: str | None) -> str | None:
 Identifier = Annotated[str, AfterValidator(validate_identifier)]
 OptionalIdentifier = Annotated[str | None, AfterValidator(_optional_identifier)]
 Message = Annotated[str, AfterValidator(validate_message)]
-Tier = Literal["llm", "legacy_static", "keyword", "static_fallback", "automation_cache"]
+Tier = Literal[
+    "llm", "legacy_routing", "legacy_static", "keyword", "static_fallback", "automation_cache"
+]
 Limit = Literal["max_agents", "max_concurrent", "max_daily_cost"]
 
 FailureReason = Literal[
@@ -197,7 +199,7 @@ class RouteDecided(Event):
     run_id: str
     specialty: str
     agent_id: str | None = None
-    action: Literal["reuse", "spawn", "wait", "automation", "degraded"]
+    action: Literal["reuse", "spawn", "wait", "automation", "degraded", "secondary"]
     scores: dict[str, float] = Field(default_factory=dict)
     criteria: dict[str, float] = Field(default_factory=dict)
     policy: str = "static"

@@ -295,15 +295,26 @@ class Loader:
         cost: float,
         meta: dict[str, str] | None = None,
     ) -> WorkflowCompleted:
+        meta = dict(meta or {})
+        specialty = task.specialty
+        record = self.registry.get(task.agent_id)
+        if record is not None and record.specialty != task.specialty:
+            # Secondary routing: the goal had no agent of the chosen specialty and could make
+            # none; another of its agents answered. The answer says so, and names who served.
+            meta["requested_specialty"] = task.specialty
+            specialty = record.specialty
+            if tier == "llm":
+                tier = "legacy_routing"
         return WorkflowCompleted.caused_by(
             task,
             event_id=terminal_event_id(task.run_id),
             source=SOURCE,
+            specialty=specialty,
             text=text,
             cost_usd=cost,
             latency_ms=self._latency(task),
             degradation_tier=tier,
-            meta=meta or {},
+            meta=meta,
             occurred_at=self.ctx.clock.now(),
         )
 

@@ -243,7 +243,12 @@ class Router:
             occurred_at=self.ctx.clock.now(),
         )
 
-    def _task(self, request: RequestReceived, agent: AgentRecord) -> TaskRequested:
+    def _task(
+        self, request: RequestReceived, agent: AgentRecord, specialty: str | None = None
+    ) -> TaskRequested:
+        """The task for ``agent``; ``specialty`` (when it is not the agent's) is what the
+        policy chose and no agent of the goal serves: the loader answers it as secondary
+        routing."""
         st = self.stats.agents[agent.agent_id]
         st.in_flight += 1
         self._dispatched[request.run_id] = agent.agent_id
@@ -252,7 +257,7 @@ class Router:
             event_id=_id(request.run_id, "task"),
             source=SOURCE,
             agent_id=agent.agent_id,
-            specialty=agent.specialty,
+            specialty=specialty or agent.specialty,
             requested_at=request.occurred_at,
             occurred_at=self.ctx.clock.now(),
         )
@@ -275,6 +280,24 @@ class Router:
             specialty=specialty,
             occurred_at=self.ctx.clock.now(),
         )
+
+    def _secondary(self, request: RequestReceived, decision: RouteDecided) -> AgentRecord | None:
+        """The goal's live agent that suits ``request`` best when no agent of the chosen
+        specialty may be made: the policy's score of the agent's specialty first, then the
+        agent's own score. None when the request pinned its specialty or the goal has no
+        live agent (a retired one would count against max_agents again)."""
+        if decision.policy == "forced":
+            return None
+        live = self.registry.live(goal_id=request.goal_id)
+
+        def rank(agent: AgentRecord) -> tuple[float, float]:
+            chosen = decision.scores.get(f"specialty:{agent.specialty}", 0.0)
+            own, _ = score_agent(
+                agent, agent.specialty, request.message, request.user_id, self.stats, self.weights
+            )
+            return chosen, own
+
+        return max(live, key=rank, default=None)
 
     async def handle(self, event: Event, delivery: Delivery) -> None:
         if not isinstance(event, RequestReceived):
@@ -344,6 +367,24 @@ class Router:
             )
             return
         if isinstance(outcome, SpawnDenied):
+            fallback = self._secondary(event, decision) if outcome.limit == "max_agents" else None
+            if fallback is not None:
+                # At its agent limit the goal still answers: its best agent for this request
+                # serves it (the seed's secondary tier). The second decision names that
+                # agent's specialty, so the outcome teaches the policy about what served.
+                secondary = decision.model_copy(
+                    update={
+                        "event_id": _id(event.run_id, "secondary"),
+                        "action": "secondary",
+                        "specialty": fallback.specialty,
+                        "agent_id": fallback.agent_id,
+                        "occurred_at": self.ctx.clock.now(),
+                    }
+                )
+                await producer.deliver(
+                    [self._task(event, fallback, specialty), secondary], what="a task"
+                )
+                return
             await self._end(
                 self._failed(
                     event,

@@ -57,6 +57,43 @@ async def test_fifty_concurrent_asks_spawn_exactly_max_agents(platform, client):
     await _budget_shows(platform, goal, agents=3)
 
 
+async def test_a_goal_at_its_agent_limit_answers_through_its_best_agent(platform, client):
+    """max_agents=1: the goal's one agent serves requests of other specialties (secondary
+    routing, tier legacy_routing) instead of refusing them; nothing more is spawned, and
+    the policy is told which specialty served. A request that pins a specialty is still
+    refused: it asked for that specialty, not any answer."""
+    goal = "g-one-agent"
+    await _set_budget(platform, client, goal, max_agents=1)
+    first = await client.ask("Fix this python bug in my function", goal_id=goal, user_id="u1")
+    assert first.specialty == "code" and first.degradation_tier == "llm"
+    asks = [
+        "Solve the equation 2x + 3 = 7",
+        "Write a short poem about rain",
+        "My order has not arrived, where is my refund",
+        "Analyze this dataset and plot the trend of the mean",
+        "Research the history of the printing press",
+        "Solve this integral and explain the derivative",
+    ]
+    answers = await asyncio.gather(*[client.ask(m, goal_id=goal, user_id="u1") for m in asks])
+    assert {a.agent_id for a in answers} == {first.agent_id}
+    assert {a.degradation_tier for a in answers} == {"legacy_routing"}
+    assert {a.specialty for a in answers} == {"code"}  # who answered
+    runs = {a.run_id for a in answers}
+    completed = [e for e in await platform.events("workflow_completed") if e.run_id in runs]
+    assert len(completed) == len(asks)
+    assert {e.meta["requested_specialty"] for e in completed} >= {"math", "writing"}
+    decided = [e for e in await platform.events("route_decided") if e.run_id in runs]
+    secondary = [e for e in decided if e.action == "secondary"]
+    assert len(secondary) == len(asks)
+    assert {(e.specialty, e.agent_id) for e in secondary} == {("code", first.agent_id)}
+    spawned = [e for e in await platform.events("agent_spawned") if e.goal_id == goal]
+    assert len(spawned) == 1
+    # Pinned to a specialty the goal has no agent of: refused, as before.
+    with pytest.raises(BudgetExceededError) as refused:
+        await client.ask("Solve x", goal_id=goal, user_id="u1", context={"specialty": "math"})
+    assert refused.value.limit == "max_agents"
+
+
 async def test_max_concurrent_holds_under_a_burst(platform, client):
     goal = "g-concurrent"
     await _set_budget(platform, client, goal, max_concurrent=2)
