@@ -71,6 +71,34 @@ def _patch_producer_buffer() -> None:
 _patch_producer_buffer()
 
 
+def _patch_commit_order() -> None:
+    """Table writes reach the broker before the events they decided, then the offset.
+
+    A Faust agent's sends are attached to its input and published when that input's
+    offset is committed, before the producer (and so the table's changelog) is flushed.
+    A kill in between left the events out and the state that decided them lost: the
+    input, read again, was decided again from the older state, and could differ (chaos
+    seed 6: a run the budget had admitted and the loader had answered was later failed
+    by the budget as a timeout, under the same terminal id). Flushing first makes a
+    kill leave the state written and the events not sent, which a replay sends again.
+    """
+    from faust.transport.consumer import Consumer
+
+    if getattr(Consumer, "_orch_patched", False):
+        return
+    handle_attached = Consumer._handle_attached
+
+    async def _handle_attached(self: Any, commit_offsets: Any) -> None:
+        await self.app.producer.flush()
+        await handle_attached(self, commit_offsets)
+
+    Consumer._handle_attached = _handle_attached  # type: ignore[method-assign]
+    Consumer._orch_patched = True  # type: ignore[attr-defined]
+
+
+_patch_commit_order()
+
+
 class _AvroEventCodec(codecs.Codec):
     """Faust codec over :class:`streams.codec.EventCodec`."""
 
