@@ -38,11 +38,19 @@ run: venv
 
 # Every bench/*.py is a standalone script; modules starting with "_" are shared helpers.
 # The chaos benchmark has its own target (`make chaos`): it fails while an invariant does not hold.
+# The restart benchmark too (`make bench-restart`): its 1M-request history takes long to write.
 bench: up
 	@set -e; for f in bench/*.py; do \
-		case "$$(basename $$f)" in _*|chaos.py|\*.py) continue;; esac; \
+		case "$$(basename $$f)" in _*|chaos.py|restart.py|\*.py) continue;; esac; \
 		echo "== $$f"; $(BIN)/python -m bench.$$(basename $$f .py); \
 	done
+
+# Time from start to serving, with and without a snapshot, for the router and the improvement
+# service after 10k, 100k and 1M past requests. RESTART_ARGS passes options, e.g.
+# `make bench-restart RESTART_ARGS=--quick` (10k and 50k) or `RESTART_ARGS="--requests 300000"`.
+.PHONY: bench-restart
+bench-restart: up
+	$(BIN)/python -m bench.restart $(RESTART_ARGS)
 
 # Invariants 1-3 under kills, pauses and broker outages, on a broker of its own (not `up`'s).
 # CHAOS_ARGS passes options, e.g. `make chaos CHAOS_ARGS="--minutes 10 --seed 2"`.

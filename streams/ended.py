@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from datetime import timedelta
+from typing import Any
 
 from streams.clock import Clock
 from streams.events import Event, WorkflowCompleted, WorkflowFailed, WorkflowStarted
@@ -62,6 +63,19 @@ class EndedRuns:
 
     def has(self, run_id: str) -> bool:
         return run_id in self._runs
+
+    def dump(self) -> dict[str, Any]:
+        """The runs as plain values, oldest first (for a snapshot)."""
+        return {
+            "runs": list(self._runs),
+            "attempts": [[r, list(i)] for r, i in self._attempts.items()],
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace what is known with a :meth:`dump`."""
+        runs = OrderedDict.fromkeys(str(r) for r in data["runs"])
+        attempts = OrderedDict((str(r), [str(i) for i in ids]) for r, ids in data["attempts"])
+        self._runs, self._attempts = runs, attempts
 
 
 async def follow_recent(

@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from streams.config import OperatorSettings
 from streams.events import ApiKeyIssued, ApiKeyRevoked, Event, Role
@@ -117,6 +118,25 @@ class KeyRegistry:
 
     def known(self, key_id: str) -> bool:
         return key_id in self._keys
+
+    def dump(self) -> dict[str, Any]:
+        """Every key and revocation as plain values (for a snapshot)."""
+        return {
+            "issued": [r.issued.model_dump(mode="json") for r in self._keys.values()],
+            "revoked": list(self._revoked.items()),
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace every key with those of a :meth:`dump`."""
+        fresh = KeyRegistry()
+        for raw in data["issued"]:
+            fresh.apply(ApiKeyIssued.model_validate(raw))
+        for key_id, at in data["revoked"]:
+            fresh._revoked[key_id] = at
+            record = fresh._keys.get(key_id)
+            if record is not None:
+                record.revoked_at = fresh._revoked[key_id]
+        self._keys, self._revoked = fresh._keys, fresh._revoked
 
     def listing(self) -> list[dict[str, object]]:
         """Every key without its hash, oldest first (``orchestrator keys list``)."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -53,6 +54,9 @@ class AgentRecord:
             version=e.version,
             spawned_at=e.occurred_at,
         )
+
+
+_FIELDS = fields(AgentRecord)
 
 
 @dataclass
@@ -104,6 +108,18 @@ class RegistryView:
 
     def get(self, agent_id: str) -> AgentRecord | None:
         return self.agents.get(agent_id)
+
+    def dump(self) -> list[list[Any]]:
+        """Every record as plain values, copied (for a snapshot)."""
+        return [
+            [list(v) if isinstance(v, list) else v for v in (getattr(a, f.name) for f in _FIELDS)]
+            for a in self.agents.values()
+        ]
+
+    def restore(self, rows: list[list[Any]]) -> None:
+        """Replace every record with those of a :meth:`dump`."""
+        records = [AgentRecord(*row) for row in rows]
+        self.agents = {r.agent_id: r for r in records}
 
     @classmethod
     async def load(cls, settings: KafkaSettings) -> RegistryView:

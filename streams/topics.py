@@ -20,10 +20,13 @@ from streams.config import BrokerSettings
 __all__ = [
     "CATALOG",
     "PARTITIONS",
+    "STATE_TOPICS",
     "TopicSpec",
     "create_compacted_topics",
+    "create_state_topics",
     "create_topics",
     "delete_prefixed_topics",
+    "snapshot_topic",
     "spec_for",
     "topic_names",
 ]
@@ -96,6 +99,26 @@ CATALOG: tuple[TopicSpec, ...] = (
 
 _BY_NAME = {t.name: t for t in CATALOG}
 
+# A service's own folded state, not events (streams/snapshots.py): one partition, compacted,
+# read only by the service that writes it, so neither the sink nor the schemas know them.
+# Small segments let compaction drop superseded snapshots soon.
+STATE_TOPICS: tuple[str, ...] = ("router_snapshots", "improvement_snapshots")
+_STATE_CONFIG = {
+    "cleanup.policy": "compact",
+    "min.compaction.lag.ms": "0",
+    "segment.bytes": str(64 * 1024 * 1024),
+    "segment.ms": str(3600 * 1000),
+    "delete.retention.ms": str(3600 * 1000),
+}
+
+
+def snapshot_topic(service: str) -> str:
+    """The snapshot topic of ``service`` (one of :data:`STATE_TOPICS`)."""
+    name = f"{service}_snapshots"
+    if name not in STATE_TOPICS:
+        raise ValueError(f"{service!r} has no snapshot topic; add it to STATE_TOPICS")
+    return name
+
 
 def spec_for(topic: str) -> TopicSpec:
     return _BY_NAME[topic]
@@ -130,6 +153,22 @@ async def create_topics(
                 topic_configs=s.config(),
             )
             for s in specs
+        ],
+    )
+
+
+async def create_state_topics(bootstrap: str, *, prefix: str = "") -> list[str]:
+    """Create the snapshot topics that do not exist yet; returns the names created."""
+    return await _ensure(
+        bootstrap,
+        [
+            NewTopic(
+                name=prefix + name,
+                num_partitions=1,
+                replication_factor=1,
+                topic_configs=_STATE_CONFIG,
+            )
+            for name in STATE_TOPICS
         ],
     )
 
@@ -218,6 +257,8 @@ def _main(argv: list[str]) -> int:
         broker = BrokerSettings.from_env()
         created = asyncio.run(create_topics(broker.bootstrap, prefix=broker.prefix))
         print(f"topics: {len(created)} created, {len(CATALOG) - len(created)} already there")
+        state = asyncio.run(create_state_topics(broker.bootstrap, prefix=broker.prefix))
+        print(f"snapshot topics: {len(state)} created")
         return 0
     print("usage: python -m streams.topics [create|list]", file=sys.stderr)
     return 2

@@ -4,7 +4,8 @@ Services keep views of what other services publish (the agent registry, API keys
 runs, learned knowledge). Each one has the same needs, met here once:
 
 - read every partition from the start, or from ``since`` (a time: older records are
-  skipped by offset lookup, not read);
+  skipped by offset lookup, not read), or from offsets ``resume`` gives per partition
+  (a snapshot's, see :mod:`streams.snapshots`);
 - fold each event into ``apply``; an event ``apply`` fails on is logged and skipped, so one
   odd record cannot stop the view;
 - ``ready`` is set once what was on the topics when the view started has been folded, so a
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from typing import TypeVar
 
@@ -28,11 +29,13 @@ from aiokafka import TopicPartition
 from streams.events import Event
 from streams.kafka import AsyncLifecycle, EventConsumer, KafkaSettings
 
-__all__ = ["TopicView"]
+__all__ = ["Bounds", "TopicView"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Each partition's first and next offset on the broker when the view starts.
+Bounds = Mapping[TopicPartition, tuple[int, int]]
 
 
 class TopicView(AsyncLifecycle):
@@ -46,16 +49,20 @@ class TopicView(AsyncLifecycle):
         *,
         source: str,
         since: Callable[[], datetime] | None = None,
+        resume: Callable[[Bounds], Awaitable[Mapping[TopicPartition, int]]] | None = None,
         poll_ms: int = 100,
     ) -> None:
         self.settings = settings
         self.topics = tuple(topics)
         self._apply = apply
         self._since = since
+        self._resume = resume
         self._poll_ms = poll_ms
         self.consumer = EventConsumer(settings, self.topics, group_id=None, source=source)
         self.ready = asyncio.Event()
         self._applied: dict[TopicPartition, int] = {}
+        self._started_at: dict[TopicPartition, int] = {}
+        self.folded = 0  # records read since start, decodable or not
         self._busy = False
         self._advanced = asyncio.Event()  # pulsed after every poll
         self._changed = asyncio.Event()  # pulsed after a poll that folded records
@@ -73,6 +80,15 @@ class TopicView(AsyncLifecycle):
             for tp in parts:
                 at = found.get(tp)
                 raw.seek(tp, at.offset if at is not None else ends[tp])
+        else:
+            firsts = await raw.beginning_offsets(parts)
+            self._started_at = dict(firsts)
+            if self._resume is not None:
+                offsets = await self._resume({tp: (firsts[tp], ends[tp]) for tp in parts})
+                for tp, offset in offsets.items():
+                    if tp in ends:
+                        raw.seek(tp, offset)
+                        self._started_at[tp] = offset
         self._task = asyncio.create_task(self._run(ends), name=f"view-{self.topics[0]}")
 
     async def stop(self) -> None:
@@ -108,6 +124,7 @@ class TopicView(AsyncLifecycle):
                                 except Exception:
                                     log.exception("view failed on %s@%s", tp, record.offset)
                             self._applied[tp] = record.offset + 1
+                            self.folded += 1
                 finally:
                     self._busy = False
                 self._pulse(changed=bool(fetched))
@@ -122,6 +139,15 @@ class TopicView(AsyncLifecycle):
         if changed:
             news, self._changed = self._changed, asyncio.Event()
             news.set()
+
+    def positions(self) -> dict[TopicPartition, int]:
+        """Per partition, the offset of the next record to fold: what the state holds is
+        exactly the records below it (``apply`` runs between awaits, so this pairs with the
+        state at any moment the caller holds the loop)."""
+        out = dict.fromkeys(self.consumer.raw.assignment(), 0)
+        out.update(self._started_at)
+        out.update(self._applied)
+        return out
 
     async def _reached(self, ends: dict[TopicPartition, int]) -> bool:
         raw = self.consumer.raw

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from streams.clock import Clock
 from streams.events import AutomationCreated, Event, PatternDiscovered
@@ -120,8 +120,7 @@ def _kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
-@dataclass(frozen=True)
-class _Outcome:
+class _Outcome(NamedTuple):
     at: datetime
     run_id: str
     agent_id: str | None
@@ -188,6 +187,35 @@ class PatternLearner:
             self._get(event.signature, event.specialty, event.example_message).discovered = True
         elif isinstance(event, AutomationCreated):
             self._get(event.signature, event.specialty).automated.add(event.kind)
+
+    # -- snapshots -------------------------------------------------------------
+    def dump(self) -> list[tuple[Any, ...]]:
+        """Every signature's runs, outcomes and decisions as plain values (copied; runs
+        and outcomes are immutable tuples, shared)."""
+        return [
+            (
+                p.signature,
+                p.specialty,
+                p.example,
+                tuple(p.seen),
+                tuple(tuple(o) for o in p.outcomes),
+                p.discovered,
+                tuple(sorted(p.automated)),
+            )
+            for p in self._patterns.values()
+        ]
+
+    def restore(self, rows: list[tuple[Any, ...]]) -> None:
+        """Replace every signature with those of a :meth:`dump`."""
+        patterns: dict[str, _Pattern] = {}
+        for signature, specialty, example, seen, outcomes, discovered, automated in rows:
+            pattern = _Pattern(signature, specialty, example)
+            pattern.seen.extend(seen)
+            pattern.runs = {run for _, run in seen}
+            pattern.outcomes.extend(map(_Outcome._make, outcomes))
+            pattern.discovered, pattern.automated = bool(discovered), set(automated)
+            patterns[signature] = pattern
+        self._patterns = patterns
 
     # -- deciding --------------------------------------------------------------
     def occurrences(self, signature: str) -> int:

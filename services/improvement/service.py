@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from aiohttp import web
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -94,6 +94,7 @@ from streams.llm import (
     worst_case_usd,
 )
 from streams.runtime import ServiceContext
+from streams.snapshots import SnapshotStore, Snapshotter
 from streams.topics import partition_for
 from streams.views import TopicView
 from streams.workflows import goal_of, goal_workflow, join_instructions
@@ -122,6 +123,9 @@ VIEW_TOPICS = (
 )
 WORK_TOPICS = (WorkflowCompleted.topic, FeedbackReceived.topic, PromotionRequested.topic)
 COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
+# Bump when what ImprovementService.dump writes or what the view folds changes: older
+# snapshots are then ignored and the next start folds the whole log.
+SNAPSHOT_VERSION = 1
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 
 
@@ -395,6 +399,16 @@ class ImprovementService:
             )
             if waiter is not None and not waiter.done():
                 waiter.set_result(event)
+
+    def dump(self) -> dict[str, Any]:
+        """What the view folded, as plain values (for a snapshot)."""
+        return {"state": self.state.dump(), "decided": list(self._decided.items())}
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace what the view folded with a :meth:`dump`; nothing changes if it fails."""
+        decided = OrderedDict((str(i), bool(ok)) for i, ok in data["decided"])
+        self.state.restore(data["state"])
+        self._decided = decided
 
     async def verdict(
         self, request_id: str, timeout: float
@@ -879,7 +893,12 @@ class ImprovementService:
     async def run(self) -> None:
         ctx = self.ctx
         # A view only skips bytes it cannot decode; the topic's own consumers dead-letter them.
-        view = TopicView(ctx.settings, VIEW_TOPICS, self._view_event, source=SOURCE)
+        snapshots = Snapshotter(
+            SnapshotStore(ctx.settings, SOURCE), SNAPSHOT_VERSION, self.dump, self.restore
+        )
+        view = TopicView(
+            ctx.settings, VIEW_TOPICS, self._view_event, source=SOURCE, resume=snapshots.resume
+        )
         work = EventConsumer(
             ctx.settings, WORK_TOPICS, group_id=ctx.group, producer=ctx.producer, source=SOURCE
         )
@@ -899,6 +918,7 @@ class ImprovementService:
         try:
             await view.start()
             tasks.append(asyncio.create_task(view.wait(), name="improvement-view"))
+            tasks.append(asyncio.create_task(snapshots.run(view), name="improvement-snapshots"))
             await asyncio.wait_for(view.ready.wait(), 120)
             log.info(
                 "improvement caught up: %d runs, %d workflows",
@@ -920,6 +940,7 @@ class ImprovementService:
             await asyncio.gather(*tasks, return_exceptions=True)
             if runner is not None:
                 await runner.cleanup()
+            await snapshots.stop()
             # Stopping a consumer that never started (or failed to) is harmless.
             for consumer in (commands, work, view):
                 await consumer.stop()

@@ -9,8 +9,10 @@ exactly once, when the pieces each needs are there.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import date, datetime
+from operator import attrgetter
+from typing import Any
 
 from services.improvement.patterns import PatternLearner, PatternSettings
 from services.improvement.versions import WorkflowLedger
@@ -196,11 +198,45 @@ class ImprovementState:
             self.flow(flow).observe(run.run_id, run.version_label, run.quality, run.completed_at)
             self.dirty_flows.add(flow)
 
+    # -- snapshots -------------------------------------------------------------
+    def dump(self) -> dict[str, Any]:
+        """What :meth:`apply` folded, as plain values (for a snapshot)."""
+        return {
+            "runs": list(map(_run_row, self.runs.values())),
+            "patterns": self.learner.dump(),
+            "flows": [[w, ledger.dump()] for w, ledger in self.flows.items()],
+            "keys": self.keys.dump(),
+            "spend": self.spend.dump(),
+            "feedback": [(user, list(seen.items())) for user, seen in self.feedback.items()],
+            "wins": [[w, text, sorted(goals)] for (w, text), goals in self.wins.items()],
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace the state with a :meth:`dump`, nothing changed if it fails; everything
+        is then to be evaluated again (what was decided is in the state, so nothing twice)."""
+        runs = OrderedDict((row[0], RunInfo(*row)) for row in data["runs"])
+        learner = PatternLearner(self.learner.settings, self.learner.clock)
+        learner.restore(data["patterns"])
+        flows = {w: WorkflowLedger.from_dump(w, raw) for w, raw in data["flows"]}
+        keys = KeyRegistry()
+        keys.restore(data["keys"])
+        spend = GoalSpend(self.spend.default_limit)
+        spend.restore(data["spend"])
+        feedback = {user: OrderedDict(seen) for user, seen in data["feedback"]}
+        wins = {(w, text): set(goals) for w, text, goals in data["wins"]}
+        self.runs, self.learner, self.flows, self.keys = runs, learner, flows, keys
+        self.spend, self.feedback, self.wins = spend, feedback, wins
+        self.dirty_signatures, self.dirty_flows = set(learner), set(flows)
+
     def current_instructions(self, workflow_id: str) -> list[str]:
         """A workflow's vetted instructions in the version that serves everyone now."""
         ledger = self.flow(workflow_id)
         saved = ledger.versions.get(ledger.state.base)
         return split_instructions(saved.changes.get("instructions")) if saved else []
+
+
+# A run as a tuple of its fields in order, which RunInfo(*row) reads back.
+_run_row = attrgetter(*(f.name for f in fields(RunInfo)))
 
 
 class GoalSpend:
@@ -236,6 +272,23 @@ class GoalSpend:
                 self._limits[event.goal_id] = (event.occurred_at, event.max_daily_cost)
         elif isinstance(event, BudgetExceeded) and event.limit == "max_daily_cost":
             self._exceeded.add((event.goal_id, event.occurred_at.date()))
+
+    def dump(self) -> dict[str, Any]:
+        """Spend, limits and refusals as plain values (for a snapshot)."""
+        return {
+            "spent": list(self._spent.items()),
+            "seen": list(self._seen),
+            "limits": list(self._limits.items()),
+            "exceeded": sorted(self._exceeded),
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace spend, limits and refusals with a :meth:`dump`."""
+        spent = {(g, d): float(usd) for (g, d), usd in data["spent"]}
+        seen = OrderedDict.fromkeys(str(i) for i in data["seen"])
+        limits = {g: (at, float(usd)) for g, (at, usd) in data["limits"]}
+        exceeded = {(g, d) for g, d in data["exceeded"]}
+        self._spent, self._seen, self._limits, self._exceeded = spent, seen, limits, exceeded
 
     def limit(self, goal_id: str) -> float:
         known = self._limits.get(goal_id)

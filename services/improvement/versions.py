@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from services.improvement.stats import mean, welch
 from streams.events import (
@@ -38,6 +38,7 @@ from streams.events import (
     ImprovementAvailable,
     ImprovementRolledBack,
     WorkflowVersionSaved,
+    event_class,
 )
 from streams.settings import EnvSettings, setting
 from streams.versions import ORIGINAL_VERSION, VERSION_TOPICS, FlowState, VersionLedger
@@ -159,8 +160,7 @@ def judge_canary(
     return verdict("wait", f"undecided (p={worse.p_less:.4g})", worse.p_less)
 
 
-@dataclass(frozen=True)
-class _Observation:
+class _Observation(NamedTuple):
     at: datetime
     label: str
     quality: float
@@ -178,6 +178,22 @@ class WorkflowLedger(VersionLedger):
         self._observations[run_id] = _Observation(at, label, quality)
         if len(self._observations) > _MAX_OBSERVATIONS:
             self._observations.popitem(last=False)
+
+    def dump(self) -> dict[str, Any]:
+        """The version events and observed runs as plain values (for a snapshot)."""
+        return {
+            "events": [e.model_dump(mode="json") for e in self._events.values()],
+            "observations": [(run, *o) for run, o in self._observations.items()],
+        }
+
+    @classmethod
+    def from_dump(cls, workflow_id: str, data: dict[str, Any]) -> WorkflowLedger:
+        ledger = cls(workflow_id)
+        for raw in data["events"]:
+            ledger.apply(event_class(raw["event_type"]).model_validate(raw))
+        for run, *observed in data["observations"]:
+            ledger._observations[run] = _Observation._make(observed)
+        return ledger
 
     # -- deciding --------------------------------------------------------------
     def _id(self, what: str) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from streams.events import (
     AutomationCreated,
@@ -26,21 +27,35 @@ from streams.events import (
 from streams.registry import RegistryView
 from streams.signatures import exact_key, signature_of
 
-__all__ = ["AutomationHit", "Automations"]
+__all__ = ["AutomationHit", "Automations", "CachedAnswer"]
+
+
+class CachedAnswer(NamedTuple):
+    """What the router keeps of an LLM answer to serve it again (not the whole event)."""
+
+    run_id: str
+    goal_id: str | None
+    agent_id: str | None
+    text: str
+    meta: dict[str, str]
+
+    @classmethod
+    def of(cls, e: WorkflowCompleted) -> CachedAnswer:
+        return cls(e.run_id, e.goal_id, e.agent_id, e.text, dict(e.meta))
 
 
 @dataclass(frozen=True)
 class AutomationHit:
     automation: AutomationCreated
     specialty: str
-    cached: WorkflowCompleted | None = None  # set for a response-cache hit
+    cached: CachedAnswer | None = None  # set for a response-cache hit
 
 
 @dataclass
 class _Run:
     key: str | None = None
     goal_id: str | None = None  # the goal the request was routed for
-    answer: WorkflowCompleted | None = None
+    answer: CachedAnswer | None = None
     quality: float | None = None
 
 
@@ -53,7 +68,7 @@ class Automations:
         self._by_signature: dict[str, AutomationCreated] = {}
         self._expires: dict[str, datetime] = {}
         self._specialties: set[str] = set()
-        self._answers: OrderedDict[_AnswerKey, WorkflowCompleted] = OrderedDict()
+        self._answers: OrderedDict[_AnswerKey, CachedAnswer] = OrderedDict()
         self._quality: dict[_AnswerKey, float] = {}
         # run_id -> what is known of the run so far (its request key, its LLM answer, the
         # answer's quality), until all three are: the topics are read side by side, so
@@ -80,11 +95,39 @@ class Automations:
             if event.degradation_tier != "llm":
                 self._runs.pop(event.run_id, None)  # never cached: not an LLM answer
                 return
-            self._run(event.run_id).answer = event
+            self._run(event.run_id).answer = CachedAnswer.of(event)
             self._complete(event.run_id)
         elif isinstance(event, WorkflowAssessed):
             self._run(event.run_id).quality = event.quality
             self._complete(event.run_id)
+
+    def dump(self) -> dict[str, Any]:
+        """What was learned, as plain values (for a snapshot; answers are immutable but for
+        their meta, which nothing changes once kept)."""
+        return {
+            "automations": [e.model_dump(mode="json") for e in self._by_signature.values()],
+            "answers": [
+                (key, tuple(a), self._quality.get(key)) for key, a in self._answers.items()
+            ],
+            "runs": [
+                (run_id, r.key, r.goal_id, tuple(r.answer) if r.answer else None, r.quality)
+                for run_id, r in self._runs.items()
+            ],
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace what was learned with a :meth:`dump`."""
+        fresh = Automations(self._max, self.min_quality)
+        for raw in data["automations"]:
+            fresh.learn(AutomationCreated.model_validate(raw))
+        for key, answer, quality in data["answers"]:
+            fresh._answers[key] = CachedAnswer._make(answer)
+            if quality is not None:
+                fresh._quality[key] = float(quality)
+        for run_id, request_key, goal, answer, quality in data["runs"]:
+            cached = CachedAnswer._make(answer) if answer is not None else None
+            fresh._runs[run_id] = _Run(request_key, goal, cached, quality)
+        self.__dict__.update(fresh.__dict__)
 
     def _run(self, run_id: str) -> _Run:
         run = self._runs.get(run_id)

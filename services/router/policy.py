@@ -17,7 +17,7 @@ import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.router.settings import RouterSettings
 from streams.specialties import classify, tokens
@@ -178,6 +178,24 @@ class LearnedPolicy:
             pick = best
         probability = eps / k + (1.0 - eps if pick == best else 0.0)
         return Choice(pick, probability, {a: round(v, 6) for a, v in scores.items()})
+
+    def dump(self) -> dict[str, Any]:
+        """What was learned, as plain values (for a snapshot); settings are not state."""
+        return {
+            "updates": self.updates,
+            "arms": [[a, s.n, s.total] for a, s in self._arm.items()],
+            "words": [[w, a, s.n, s.total] for (w, a), s in self._word.items()],
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace what was learned with a :meth:`dump`."""
+        arms: dict[str, _Stat] = defaultdict(_Stat)
+        words: dict[tuple[str, str], _Stat] = defaultdict(_Stat)
+        for arm, n, total in data["arms"]:
+            arms[arm] = _Stat(float(n), float(total))
+        for word, arm, n, total in data["words"]:
+            words[(word, arm)] = _Stat(float(n), float(total))
+        self.updates, self._arm, self._word = int(data["updates"]), arms, words
 
     def update(self, features: Features, arm: str, reward: float) -> None:
         self.updates += 1

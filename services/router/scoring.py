@@ -8,8 +8,9 @@ learned policy can replace or extend them without changing the router.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from streams.registry import AgentRecord
 from streams.specialties import profile_for, tokens
@@ -66,7 +67,9 @@ class OutcomeStats:
     agents: dict[str, AgentStats] = field(default_factory=lambda: defaultdict(AgentStats))
     # (user_id, agent_id) -> [score sum, count]
     preference: dict[tuple[str, str], list[float]] = field(default_factory=dict)
-    run_agent: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # run_id -> (agent_id, user_id), the newest 100,000. An OrderedDict: dropping a plain
+    # dict's oldest key scans the slots its earlier deletions left, and a long fold slowed down.
+    run_agent: OrderedDict[str, tuple[str, str]] = field(default_factory=OrderedDict)
 
     def completed(
         self, run_id: str, agent_id: str | None, user_id: str | None, cost: float, ok: bool
@@ -79,7 +82,7 @@ class OutcomeStats:
         st.cost_sum += cost
         self.run_agent[run_id] = (agent_id, user_id or "")
         if len(self.run_agent) > 100_000:
-            self.run_agent.pop(next(iter(self.run_agent)))
+            self.run_agent.popitem(last=False)
 
     def assessed(self, agent_id: str | None, quality: float) -> None:
         if agent_id:
@@ -94,6 +97,27 @@ class OutcomeStats:
         entry = self.preference.setdefault((user_id, known[0]), [0.0, 0.0])
         entry[0] += (score - 1) / 4
         entry[1] += 1
+
+    def dump(self) -> dict[str, Any]:
+        """The statistics as plain values (for a snapshot); in-flight counts are this
+        instance's own dispatches, so they are not kept."""
+        return {
+            "agents": [
+                [a, s.runs, s.successes, s.quality_sum, s.quality_n, s.cost_sum]
+                for a, s in self.agents.items()
+            ],
+            "preference": [[u, a, v[0], v[1]] for (u, a), v in self.preference.items()],
+            "run_agent": list(self.run_agent.items()),
+        }
+
+    @classmethod
+    def from_dump(cls, data: dict[str, Any]) -> OutcomeStats:
+        stats = cls()
+        for agent_id, runs, successes, quality_sum, quality_n, cost_sum in data["agents"]:
+            stats.agents[agent_id] = AgentStats(runs, successes, quality_sum, quality_n, cost_sum)
+        stats.preference = {(u, a): [float(t), float(n)] for u, a, t, n in data["preference"]}
+        stats.run_agent = OrderedDict(data["run_agent"])
+        return stats
 
     def user_preference(self, user_id: str, agent_id: str) -> float:
         entry = self.preference.get((user_id, agent_id))

@@ -14,9 +14,10 @@ import logging
 import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.router.automations import AutomationHit, Automations
-from services.router.policy import Features, Policy, features_of, make_policy
+from services.router.policy import Features, LearnedPolicy, Policy, features_of, make_policy
 from services.router.scoring import OutcomeStats, Weights, score_agent
 from services.router.settings import RouterSettings
 from streams.ended import EndedRuns
@@ -42,6 +43,7 @@ from streams.kafka import Delivery, EventConsumer
 from streams.registry import AgentRecord, RegistryView
 from streams.runtime import ServiceContext
 from streams.signatures import exact_key, signature_of
+from streams.snapshots import SnapshotStore, Snapshotter
 from streams.specialties import PROFILES
 from streams.views import TopicView
 
@@ -57,6 +59,9 @@ def _id(run_id: str, what: str) -> str:
     return str(uuid.uuid5(_NS, f"{run_id}:{what}"))
 
 
+# Bump when what Router.dump writes or what Router.learn folds changes: older snapshots
+# are then ignored and the next start folds the whole log.
+SNAPSHOT_VERSION = 1
 KNOWLEDGE_TOPICS = (
     RouteDecided.topic,
     AutomationCreated.topic,
@@ -155,6 +160,44 @@ class Router:
                     self._early_quality.popitem(last=False)
         elif isinstance(event, FeedbackReceived):
             self.stats.feedback(event.run_id, event.user_id, event.score)
+
+    # -- snapshots -------------------------------------------------------------
+    def dump(self) -> dict[str, Any]:
+        """What :meth:`learn` folded, as plain values (for a snapshot)."""
+        return {
+            "policy": self.policy.name,
+            "learned": self.policy.dump() if isinstance(self.policy, LearnedPolicy) else None,
+            "decisions": [
+                [run, *(d[0].as_list(), d[1])] if d is not None else [run]
+                for run, d in self._decisions.items()
+            ],
+            "early_quality": list(self._early_quality.items()),
+            "ended": self.ended.dump(),
+            "registry": self.registry.dump(),
+            "automations": self.automations.dump(),
+            "stats": self.stats.dump(),
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace what was learned with a :meth:`dump`; nothing changes if it fails."""
+        if data["policy"] != self.policy.name:
+            raise ValueError(f"a snapshot of the {data['policy']} policy, not {self.policy.name}")
+        decisions: OrderedDict[str, tuple[Features, str] | None] = OrderedDict(
+            (row[0], (Features.from_list(row[1]), row[2]) if len(row) == 3 else None)
+            for row in data["decisions"]
+        )
+        early = OrderedDict((str(run), float(q)) for run, q in data["early_quality"])
+        ended = EndedRuns(self.ctx.clock)
+        ended.restore(data["ended"])
+        registry = RegistryView()
+        registry.restore(data["registry"])
+        automations = Automations()
+        automations.restore(data["automations"])
+        stats = OutcomeStats.from_dump(data["stats"])
+        if isinstance(self.policy, LearnedPolicy):
+            self.policy.restore(data["learned"])
+        self._decisions, self._early_quality, self.ended = decisions, early, ended
+        self.registry, self.automations, self.stats = registry, automations, stats
 
     # -- requests --------------------------------------------------------------
     def choose(
@@ -398,9 +441,18 @@ class Router:
         await producer.deliver([self._task(event, outcome)], what="a task")
 
 
+def snapshotter(ctx: ServiceContext, router: Router) -> Snapshotter:
+    """Snapshots of the router's knowledge: a restart folds only what came after one."""
+    store = SnapshotStore(ctx.settings, SOURCE)
+    return Snapshotter(store, SNAPSHOT_VERSION, router.dump, router.restore)
+
+
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     router = Router(ctx)
-    knowledge = TopicView(ctx.settings, KNOWLEDGE_TOPICS, router.learn, source=SOURCE)
+    snapshots = snapshotter(ctx, router)
+    knowledge = TopicView(
+        ctx.settings, KNOWLEDGE_TOPICS, router.learn, source=SOURCE, resume=snapshots.resume
+    )
     requests = EventConsumer(
         ctx.settings,
         [RequestReceived.topic],
@@ -409,6 +461,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         source=SOURCE,
     )
     await knowledge.start()
+    saving = asyncio.create_task(snapshots.run(knowledge), name="router-snapshots")
     try:
         await asyncio.wait_for(knowledge.ready.wait(), 120)
         log.info("router caught up: %d agents known", len(router.registry.agents))
@@ -418,4 +471,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         finally:
             await requests.stop()
     finally:
+        saving.cancel()
+        await asyncio.gather(saving, return_exceptions=True)
+        await snapshots.stop()
         await knowledge.stop()

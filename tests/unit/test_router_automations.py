@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-from services.router.automations import Automations
+from services.router.automations import Automations, CachedAnswer
 from services.router.policy import make_policy
 from services.router.service import Router
 from streams.clock import FakeClock
@@ -132,7 +132,7 @@ def test_an_automation_serves_only_the_specialty_the_policy_chose():
 # -- answers never cross goals --------------------------------------------------------
 
 
-def _served(auto: Automations, goal: str) -> WorkflowCompleted | None:
+def _served(auto: Automations, goal: str) -> CachedAnswer | None:
     hit = auto.lookup(MSG, CS, T0, goal)
     return hit.cached if hit is not None else None
 
@@ -234,7 +234,7 @@ def test_the_router_asks_for_the_requests_own_goal():
         router.learn(event)
     router.learn(_assessed("a1"))
 
-    def ask(goal: str) -> WorkflowCompleted | None:
+    def ask(goal: str) -> CachedAnswer | None:
         request = RequestReceived(
             source="sdk", run_id=f"{goal}-run", goal_id=goal, user_id="u", message=MSG
         )

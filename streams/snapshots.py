@@ -1,0 +1,410 @@
+"""Snapshots of a view's folded state, so a restart folds only the tail of the log.
+
+A service that folds topics into state (the router's knowledge, the improvement service's
+view) saves that state now and then to its own compacted snapshot topic, with the offset of
+every partition it covers. At start :class:`Snapshotter` restores the newest complete
+snapshot and starts the :class:`~streams.views.TopicView` at those offsets: a restart costs
+the snapshot's size plus the tail, not the whole history. It folds everything instead, with
+a warning, when a snapshot is of another state version, a chunk is missing or corrupt, or
+the topics no longer hold the records right after it (retention); with none, quietly.
+
+On the topic (one partition, compacted): the state, cut into chunks of at most
+``CHUNK_BYTES`` (the broker takes 1 MB a record by default), then a manifest (JSON) naming
+the chunks' offsets and their SHA-256, the state version and the offsets covered. The state
+is plain values (lists, tuples, dicts, sets, strings, numbers, dates and datetimes) as a
+zlib-compressed pickle, read by an unpickler that refuses every other class, so a snapshot
+can build nothing but those values, as inert as JSON; it is 5-10 times faster than JSON
+both ways on our states (tuples and datetimes need no conversion in the service's loop).
+Keys are unique per snapshot; once its manifest is written, the writer tombstones the
+snapshots it knows to be older, so compaction keeps about one. Any instance may write: all
+fold the same records, and a reader takes the newest complete snapshot. Only the service's
+own principal should be allowed to write its snapshot topic, as for its events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import hashlib
+import io
+import json
+import logging
+import pickle
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from streams.kafka import KafkaSettings
+from streams.topics import create_state_topics, snapshot_topic
+from streams.views import Bounds, TopicView
+
+__all__ = ["CHUNK_BYTES", "Snapshot", "SnapshotStore", "Snapshotter"]
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 512 * 1024
+_MAGIC = b"OSN1"
+_LOOK_BACK = 256  # records read back from the end per step when looking for a manifest
+
+
+class SnapshotUnusable(Exception):
+    """A snapshot found on the topic that cannot be restored (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A restored snapshot: the state as saved and the offsets (next to read) it covers."""
+
+    snapshot_id: str
+    version: int
+    offsets: dict[TopicPartition, int]
+    state: Any
+    size: int  # compressed bytes on the topic
+
+
+def _pack(header: dict[str, Any], body: bytes = b"") -> bytes:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _MAGIC + len(head).to_bytes(4, "big") + head + body
+
+
+def _unpack(value: bytes) -> tuple[dict[str, Any], bytes]:
+    if value[:4] != _MAGIC:
+        raise SnapshotUnusable("not a snapshot record")
+    size = int.from_bytes(value[4:8], "big")
+    header = json.loads(value[8 : 8 + size])
+    if not isinstance(header, dict):
+        raise SnapshotUnusable("a snapshot record's header is not an object")
+    return header, value[8 + size :]
+
+
+_PLAIN_CLASSES = {("datetime", n) for n in ("date", "datetime", "timedelta", "timezone")}
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds containers, numbers, strings, dates and datetimes; any other class is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PLAIN_CLASSES:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"a snapshot may not hold {module}.{name}")
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Without the cycle collector: building or copying millions of small objects would run
+    it over the whole heap again and again (a restore took 2-3 times as long)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def encode_state(state: Any) -> bytes:
+    """A state of plain values as snapshot bytes."""
+    return zlib.compress(pickle.dumps(state, protocol=5), 1)
+
+
+def decode_state(blob: bytes) -> Any:
+    """What :func:`encode_state` wrote; ``UnpicklingError`` for anything else."""
+    with _no_gc():
+        return _PlainUnpickler(io.BytesIO(zlib.decompress(blob))).load()
+
+
+class SnapshotStore:
+    """The snapshot topic of one service: write a snapshot, find the newest complete one."""
+
+    def __init__(
+        self, settings: KafkaSettings, service: str, *, chunk_bytes: int = CHUNK_BYTES
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.topic = settings.topic(snapshot_topic(service))
+        self.chunk_bytes = chunk_bytes
+        self._producer: AIOKafkaProducer | None = None
+        self._older: list[list[str]] = []  # keys of snapshots known, oldest first
+        self._created = False
+
+    async def _ensure_topic(self) -> None:
+        if not self._created:
+            await create_state_topics(self.settings.bootstrap, prefix=self.settings.prefix)
+            self._created = True
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def save(self, blob: bytes, offsets: Mapping[TopicPartition, int], version: int) -> str:
+        """Write ``blob`` (an encoded state) as the newest snapshot; returns its id."""
+        await self._ensure_topic()
+        if self._producer is None:
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.bootstrap, acks="all", linger_ms=5
+            )
+            await self._producer.start()
+        producer = self._producer
+        snapshot_id = uuid.uuid4().hex
+        chunks = [blob[i : i + self.chunk_bytes] for i in range(0, len(blob), self.chunk_bytes)]
+        keys = [f"{snapshot_id}:{i}" for i in range(len(chunks))]
+        futures = [
+            await producer.send(
+                self.topic, _pack({"id": snapshot_id, "i": i}, chunk), key=keys[i].encode()
+            )
+            for i, chunk in enumerate(chunks)
+        ]
+        placed = [(await f).offset for f in futures]
+        by_topic: dict[str, dict[str, int]] = {}
+        for tp, offset in offsets.items():
+            by_topic.setdefault(self.settings.logical(tp.topic), {})[str(tp.partition)] = offset
+        manifest = {
+            "id": snapshot_id,
+            "service": self.service,
+            "version": version,
+            "chunks": placed,
+            "sha256": hashlib.sha256(blob).hexdigest(),
+            "offsets": by_topic,
+            "saved_at_ms": int(time.time() * 1000),
+        }
+        key = f"manifest:{snapshot_id}"
+        await producer.send_and_wait(self.topic, _pack(manifest), key=key.encode())
+        # The new one is complete: older snapshots may go (compaction drops them).
+        for old in self._older:
+            for old_key in old:
+                await producer.send(self.topic, None, key=old_key.encode())
+        await producer.flush()
+        self._older = [[*keys, key]]
+        return snapshot_id
+
+    async def latest(self, version: int) -> Snapshot | None:
+        """The newest complete snapshot of ``version``; None when there is none (a warning
+        names each newer one that could not be used)."""
+        await self._ensure_topic()
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+            max_partition_fetch_bytes=4 * self.chunk_bytes,
+        )
+        await consumer.start()
+        try:
+            tp = TopicPartition(self.topic, 0)
+            consumer.assign([tp])
+            first = (await consumer.beginning_offsets([tp]))[tp]
+            end = (await consumer.end_offsets([tp]))[tp]
+            stop = end
+            while stop > first:
+                start = max(first, stop - _LOOK_BACK)
+                manifests = [
+                    (offset, header)
+                    for offset, header, _ in await _read(consumer, tp, start, stop)
+                    if "chunks" in header
+                ]
+                for offset, manifest in reversed(manifests):
+                    self._older.append(
+                        [*(f"{manifest['id']}:{i}" for i in range(len(manifest["chunks"])))]
+                        + [f"manifest:{manifest['id']}"]
+                    )
+                    try:
+                        return await self._restore(consumer, tp, offset, manifest, version)
+                    except (
+                        SnapshotUnusable,
+                        ValueError,
+                        KeyError,
+                        TypeError,
+                        zlib.error,
+                        pickle.UnpicklingError,
+                        EOFError,
+                    ) as exc:
+                        log.warning(
+                            "%s: snapshot %s at offset %d unusable (%s); trying an older one",
+                            self.service,
+                            manifest.get("id"),
+                            offset,
+                            exc,
+                        )
+                stop = start
+            return None
+        finally:
+            await consumer.stop()
+
+    async def _restore(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        at: int,
+        manifest: dict[str, Any],
+        version: int,
+    ) -> Snapshot:
+        if manifest.get("version") != version:
+            raise SnapshotUnusable(f"state version {manifest.get('version')}, not {version}")
+        placed: list[int] = manifest["chunks"]
+        wanted = {offset: i for i, offset in enumerate(placed)}
+        parts: dict[int, bytes] = {}
+        if placed:
+            for offset, header, body in await _read(consumer, tp, min(placed), at):
+                i = wanted.get(offset)
+                if i is not None and header.get("id") == manifest["id"] and header.get("i") == i:
+                    parts[i] = body
+        if len(parts) != len(placed):
+            raise SnapshotUnusable(f"{len(placed) - len(parts)} of {len(placed)} chunks missing")
+        blob = b"".join(parts[i] for i in range(len(placed)))
+        if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+            raise SnapshotUnusable("checksum mismatch")
+        state = await asyncio.to_thread(decode_state, blob)
+        offsets = {
+            TopicPartition(self.settings.topic(topic), int(p)): int(offset)
+            for topic, by_partition in manifest["offsets"].items()
+            for p, offset in by_partition.items()
+        }
+        return Snapshot(manifest["id"], version, offsets, state, len(blob))
+
+
+async def _read(
+    consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, stop: int
+) -> list[tuple[int, dict[str, Any], bytes]]:
+    """Snapshot records in [start, stop): (offset, header, body); tombstones and records that
+    are not snapshots are skipped."""
+    out: list[tuple[int, dict[str, Any], bytes]] = []
+    consumer.seek(tp, start)
+    while await consumer.position(tp) < stop:
+        batch = await consumer.getmany(tp, timeout_ms=500)
+        for record in batch.get(tp, []):
+            if record.offset >= stop:
+                return out
+            if record.value is None:
+                continue
+            try:
+                header, body = _unpack(record.value)
+            except (SnapshotUnusable, ValueError):
+                log.warning("%s: record %d is not a snapshot record", tp.topic, record.offset)
+                continue
+            out.append((record.offset, header, body))
+    return out
+
+
+class Snapshotter:
+    """Restores a view's state from the newest snapshot at start and saves new ones as the
+    view folds: after ``every_events`` records, or ``every_s`` seconds if it folded any.
+
+    ``dump`` returns the state as plain values (see the module's docstring) and must copy
+    what the fold may change (the encoding runs in a thread while the view goes on
+    folding; immutable values such as tuples and datetimes may be shared); ``restore``
+    replaces the state with a dumped one and raises, changing nothing, on one it cannot read.
+    Bump ``version`` whenever what ``dump`` writes or what the fold does changes.
+    """
+
+    def __init__(
+        self,
+        store: SnapshotStore,
+        version: int,
+        dump: Callable[[], Any],
+        restore: Callable[[Any], None],
+        *,
+        every_events: int = 20_000,
+        every_s: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.version = version
+        self._dump = dump
+        self._restore = restore
+        self.every_events = every_events
+        self.every_s = every_s
+        self.restored: Snapshot | None = None
+        self.saved = 0
+        self.dump_s = 0.0
+
+    async def resume(self, bounds: Bounds) -> dict[TopicPartition, int]:
+        """For ``TopicView(resume=...)``: where to start each partition (empty: everywhere
+        from the beginning, the state untouched)."""
+        service = self.store.service
+        snapshot = await self.store.latest(self.version)
+        if snapshot is None:
+            log.info("%s: no snapshot; folding the whole log", service)
+            return {}
+        for tp, (first, end) in bounds.items():
+            covered = snapshot.offsets.get(tp)
+            if covered is not None and not first <= covered <= end:
+                log.warning(
+                    "%s: snapshot %s covers %s up to %d, but the topic holds %d..%d;"
+                    " folding the whole log",
+                    service,
+                    snapshot.snapshot_id,
+                    tp,
+                    covered,
+                    first,
+                    end,
+                )
+                return {}
+        try:
+            with _no_gc():
+                self._restore(snapshot.state)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            log.warning(
+                "%s: snapshot %s does not restore (%s: %s); folding the whole log",
+                service,
+                snapshot.snapshot_id,
+                type(exc).__name__,
+                exc,
+            )
+            return {}
+        self.restored = snapshot
+        log.info(
+            "%s: restored snapshot %s (%d bytes); folding the tail",
+            service,
+            snapshot.snapshot_id,
+            snapshot.size,
+        )
+        # Partitions the snapshot does not name (a topic added since) are read whole.
+        return {tp: snapshot.offsets.get(tp, first) for tp, (first, _) in bounds.items()}
+
+    async def save(self, view: TopicView) -> str:
+        """Snapshot the state now, with the offsets it covers."""
+        started = time.perf_counter()
+        with _no_gc():
+            state, offsets = self._dump(), view.positions()  # together: no fold in between
+        self.dump_s = time.perf_counter() - started  # the loop is held that long
+        blob = await asyncio.to_thread(encode_state, state)
+        snapshot_id = await self.store.save(blob, offsets, self.version)
+        self.saved += 1
+        log.info(
+            "%s: saved snapshot %s (%d bytes; the state taken in %.0f ms)",
+            self.store.service,
+            snapshot_id,
+            len(blob),
+            self.dump_s * 1000,
+        )
+        return snapshot_id
+
+    async def run(self, view: TopicView) -> None:
+        """Save snapshots for as long as the view runs."""
+        await view.ready.wait()
+        loop = asyncio.get_running_loop()
+        last_folded, last_at = 0, loop.time()
+        while True:
+            await view.changed(min(self.every_s, 5.0))
+            folded, now = view.folded, loop.time()
+            due = folded - last_folded >= self.every_events or (
+                folded > last_folded and now - last_at >= self.every_s
+            )
+            if not due:
+                continue
+            try:
+                await self.save(view)
+                last_folded, last_at = folded, now
+            except Exception:
+                log.warning(
+                    "%s: snapshot not saved; retrying later", self.store.service, exc_info=True
+                )
+                last_at = now
+
+    async def stop(self) -> None:
+        await self.store.stop()

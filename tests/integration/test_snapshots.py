@@ -1,0 +1,168 @@
+"""Snapshots on the real broker: a restart folds only the tail and reaches the state of a
+full fold; a corrupt, partial, foreign or stale snapshot falls back with a warning."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from services.router.service import KNOWLEDGE_TOPICS, SNAPSHOT_VERSION, Router
+from streams.events import AgentRetired, Event, FeedbackReceived
+from streams.kafka import EventProducer, KafkaSettings
+from streams.snapshots import SnapshotStore, Snapshotter, _pack, encode_state
+from streams.topics import snapshot_topic
+from streams.views import TopicView
+from tests.unit.test_snapshot_fold import _router, history
+
+
+def _canonical(value: Any) -> Any:
+    """Order-free form: topics are read side by side, so insertion orders differ by run."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return sorted((_canonical(v) for v in value), key=lambda v: json.dumps(v, default=str))
+    return value
+
+
+async def _fold(
+    settings: KafkaSettings, router: Router, snapshots: Snapshotter | None
+) -> TopicView:
+    view = TopicView(
+        settings,
+        KNOWLEDGE_TOPICS,
+        router.learn,
+        source="test",
+        resume=snapshots.resume if snapshots is not None else None,
+    )
+    await view.start()
+    await asyncio.wait_for(view.ready.wait(), 60)
+    return view
+
+
+def _snapshotter(settings: KafkaSettings, router: Router, **kw: Any) -> Snapshotter:
+    return Snapshotter(
+        SnapshotStore(settings, "router", **kw), SNAPSHOT_VERSION, router.dump, router.restore
+    )
+
+
+def _knowledge(events: list[Event]) -> list[Event]:
+    """The router's events of ``events``, less two whose fold depends on the order topics are
+    read in (so two full folds may differ too): a retirement read before its agent's spawn
+    is lost, and so is a user's feedback read before the run's outcome."""
+    order_bound = (AgentRetired, FeedbackReceived)
+    return [e for e in events if e.topic in KNOWLEDGE_TOPICS and not isinstance(e, order_bound)]
+
+
+async def test_restart_folds_only_the_tail_and_reaches_the_full_fold(settings: KafkaSettings):
+    events = _knowledge(history(seed=7, runs=400, unique=True))
+    half = len(events) // 2
+    async with EventProducer(settings) as producer:
+        await producer.send_many(events[:half])
+        first = _router()
+        # Small chunks: the snapshot spans many records.
+        snapshots = _snapshotter(settings, first, chunk_bytes=4096)
+        view = await _fold(settings, first, snapshots)
+        assert snapshots.restored is None and view.folded == half
+        await snapshots.save(view)
+        await view.stop()
+        await snapshots.stop()
+        await producer.send_many(events[half:])
+
+    resumed = _router()
+    snapshots = _snapshotter(settings, resumed)
+    view = await _fold(settings, resumed, snapshots)
+    await view.stop()
+    assert snapshots.restored is not None
+    assert view.folded == len(events) - half  # the tail, not the history
+
+    full = _router()
+    view = await _fold(settings, full, None)
+    await view.stop()
+    assert _canonical(resumed.dump()) == _canonical(full.dump())
+
+
+async def _write(settings: KafkaSettings, records: list[tuple[str, bytes]]) -> list[int]:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    await producer.start()
+    try:
+        topic = settings.topic(snapshot_topic("router"))
+        return [
+            (await producer.send_and_wait(topic, value, key=key.encode())).offset
+            for key, value in records
+        ]
+    finally:
+        await producer.stop()
+
+
+async def test_corrupt_and_partial_snapshots_fall_back(
+    settings: KafkaSettings, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.WARNING, logger="streams.snapshots")
+    store = SnapshotStore(settings, "router")
+    tp = TopicPartition(settings.topic(KNOWLEDGE_TOPICS[0]), 0)
+    good = encode_state({"n": 1})
+    await store.save(good, {tp: 0}, version=1)
+    await store.stop()
+    # A newer snapshot whose chunk was damaged, then one whose chunk never landed.
+    blob = encode_state({"n": 2})
+    [chunk] = await _write(settings, [("c:0", _pack({"id": "c", "i": 0}, blob[:-3] + b"xyz"))])
+    manifest = {
+        "id": "c",
+        "version": 1,
+        "chunks": [chunk],
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "offsets": {},
+    }
+    partial = {**manifest, "id": "p", "chunks": [chunk + 100]}
+    await _write(settings, [("manifest:c", _pack(manifest)), ("manifest:p", _pack(partial))])
+
+    found = await SnapshotStore(settings, "router").latest(version=1)
+    assert found is not None and found.state == {"n": 1}  # the newest usable one
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "chunks missing" in warned and "checksum mismatch" in warned
+
+    caplog.clear()
+    assert await SnapshotStore(settings, "router").latest(version=2) is None
+    assert "state version 1, not 2" in caplog.text
+
+
+async def _restarted_in_full(settings: KafkaSettings, records: int) -> Router:
+    """A router started with snapshots on, which folded all ``records`` from the start."""
+    router = _router()
+    snapshots = _snapshotter(settings, router)
+    view = await _fold(settings, router, snapshots)
+    await view.stop()
+    assert snapshots.restored is None and view.folded == records
+    return router
+
+
+async def test_a_snapshot_that_cannot_be_used_means_a_full_fold(
+    settings: KafkaSettings, caplog: pytest.LogCaptureFixture
+):
+    caplog.set_level(logging.WARNING, logger="streams.snapshots")
+    events = _knowledge(history(seed=8, runs=60, unique=True))
+    async with EventProducer(settings) as producer:
+        await producer.send_many(events)
+    store = SnapshotStore(settings, "router")
+    tp = TopicPartition(settings.topic(KNOWLEDGE_TOPICS[0]), 0)
+    # Offsets past what the topic holds (a topic recreated, or records deleted).
+    await store.save(encode_state(_router().dump()), {tp: 10_000}, SNAPSHOT_VERSION)
+    await _restarted_in_full(settings, len(events))
+    assert "folding the whole log" in caplog.text
+
+    # A snapshot of the right version whose state does not restore.
+    caplog.clear()
+    await store.save(encode_state({"policy": "learned"}), {}, SNAPSHOT_VERSION)
+    await store.stop()
+    router = await _restarted_in_full(settings, len(events))
+    assert "does not restore" in caplog.text
+    full = _router()
+    for e in events:
+        full.learn(e)
+    assert _canonical(router.dump()) == _canonical(full.dump())

@@ -1,0 +1,274 @@
+"""A snapshot plus the tail folds to the same state as the whole log (router, improvement)."""
+
+from __future__ import annotations
+
+import pickle
+import random
+import zlib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import TypeVar
+
+import pytest
+
+from services.improvement.patterns import PatternSettings
+from services.improvement.service import ImprovementConfig, ImprovementService
+from services.improvement.state import ImprovementState
+from services.router.policy import LearnedPolicy, features_of
+from services.router.service import Router
+from streams import events as ev
+from streams.clock import FakeClock
+from streams.signatures import exact_key, signature_of
+from streams.snapshots import decode_state, encode_state
+
+SPECIALTIES = ["code", "math", "writing"]
+WORDS = "invoice refund login python error proof essay travel budget".split()
+T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+T = TypeVar("T")
+
+
+def history(seed: int, runs: int = 300, *, unique: bool = False) -> list[ev.Event]:
+    """A mixed log: every event type the two views fold, runs that repeat their requests
+    (patterns, cached answers; none with ``unique``), out-of-order assessments, failures,
+    keys, budgets, versions."""
+    rng = random.Random(seed)
+    out: list[ev.Event] = []
+    agents = {}
+    for i, s in enumerate(SPECIALTIES):
+        agents[s] = f"{s}-agent"
+        out.append(
+            ev.AgentSpawned(
+                source="spawner",
+                goal_id=f"g{i % 2}",
+                agent_id=agents[s],
+                specialty=s,
+                system_prompt=f"You do {s}.",
+                temperature=0.2,
+                occurred_at=T0,
+            )
+        )
+    out.append(ev.AgentRetired(source="loader", agent_id=agents["math"], specialty="math"))
+    out.append(
+        ev.SpawnDenied(
+            source="budget", goal_id="g1", specialty="code", limit="max_agents", detail="full"
+        )
+    )
+    key = ev.ApiKeyIssued(
+        source="cli", goal_id="g0", user_id="op", key_id="k1", key_hash="h" * 64, role="operator"
+    )
+    out += [key, ev.ApiKeyRevoked(source="cli", key_id="k2", occurred_at=T0)]
+    out.append(ev.BudgetUpdateRequested(source="cli", goal_id="g0", max_daily_cost=2.5))
+    out.append(
+        ev.BudgetExceeded(
+            source="budget",
+            goal_id="g1",
+            limit="max_daily_cost",
+            current=1.0,
+            maximum=1.0,
+            occurred_at=T0,
+        )
+    )
+    out += [
+        ev.WorkflowVersionSaved(
+            source="improvement",
+            workflow_id="g0/code",
+            version=2,
+            parent_version=1,
+            changes={"instructions": "Be brief.", "added": "Be brief.", "improvement_id": "i1"},
+            occurred_at=T0,
+        ),
+        ev.ImprovementApplied(
+            source="improvement",
+            improvement_id="i1",
+            workflow_id="g0/code",
+            version=2,
+            traffic_share=0.5,
+            occurred_at=T0,
+        ),
+        ev.ImprovementAvailable(
+            source="improvement",
+            goal_id="g0",
+            improvement_id="w1",
+            workflow_id="code",
+            kind="goal_win",
+            proposal="Be brief.",
+        ),
+    ]
+    for i in range(runs):
+        run_id = f"run-{i}"
+        goal = f"g{i % 2}"
+        specialty = rng.choice(SPECIALTIES)
+        message = " ".join(rng.sample(WORDS, 3)) + f" case {i if unique else rng.randint(0, 20)}"
+        at = T0 + timedelta(seconds=i)
+        quality = rng.choice([0.0, 0.25, 0.5, 0.75, 1.0])
+        decided = ev.RouteDecided(
+            source="router",
+            run_id=run_id,
+            goal_id=goal,
+            user_id="u1",
+            specialty=specialty,
+            agent_id=agents[specialty],
+            action="reuse",
+            policy="learned",
+            probability=0.9,
+            features=features_of(message).as_list(),
+            request_key=exact_key(message, specialty),
+            signature=signature_of(message, specialty),
+            occurred_at=at,
+        )
+        assessed = ev.WorkflowAssessed(
+            source="improvement",
+            run_id=run_id,
+            goal_id=goal,
+            agent_id=agents[specialty],
+            specialty=specialty,
+            quality=quality,
+            occurred_at=at,
+        )
+        request = ev.RequestReceived(
+            source="client", run_id=run_id, goal_id=goal, user_id="u1", message=message
+        )
+        if rng.random() < 0.1:
+            end: ev.Event = ev.WorkflowFailed(
+                source="loader",
+                run_id=run_id,
+                goal_id=goal,
+                reason="llm_failure",
+                detail="down",
+                specialty=specialty,
+                occurred_at=at,
+            )
+        else:
+            end = ev.WorkflowCompleted(
+                source="loader",
+                run_id=run_id,
+                goal_id=goal,
+                user_id="u1",
+                agent_id=agents[specialty],
+                specialty=specialty,
+                text=f"answer {i}",
+                cost_usd=0.25,
+                latency_ms=40.0,
+                degradation_tier="llm",
+                meta={"workflow_version": rng.choice(["1", "2"]), "workflow_id": "g0/code"},
+                occurred_at=at,
+            )
+        # Topics are read side by side: an assessment may come before its decision.
+        pieces = [request, decided, end, assessed]
+        if rng.random() < 0.3:
+            pieces = [assessed, end, request, decided]
+        out += pieces
+        out.append(ev.LlmCallCompleted(source="loader", goal_id=goal, model="m", cost_usd=0.25))
+        if i % 7 == 0:
+            out.append(ev.FeedbackReceived(source="client", run_id=run_id, user_id="u1", score=4))
+            out.append(
+                ev.FeedbackDecided(
+                    source="improvement",
+                    run_id=run_id,
+                    user_id="u1",
+                    feedback_id=f"f{i}",
+                    accepted=True,
+                    occurred_at=at,
+                )
+            )
+        if i == runs // 2:
+            sig = signature_of(message, specialty)
+            out.append(
+                ev.PatternDiscovered(
+                    source="improvement", signature=sig, specialty=specialty, occurrences=3
+                )
+            )
+            out.append(
+                ev.AutomationCreated(
+                    source="improvement",
+                    automation_id="a1",
+                    signature=sig,
+                    kind="response_cache",
+                    specialty=specialty,
+                    goal_id=goal,
+                )
+            )
+    return out
+
+
+def _router() -> Router:
+    return Router(SimpleNamespace(producer=None, clock=FakeClock(T0)))  # type: ignore[arg-type]
+
+
+def _both_ways(
+    make: Callable[[], T], fold: Callable[[T, ev.Event], None], events: list[ev.Event], cut: int
+) -> tuple[T, T]:
+    """The whole log folded, and the log up to ``cut`` folded, snapshotted (through the
+    bytes a snapshot holds), restored in a fresh instance and the rest folded on top."""
+    full, before, resumed = make(), make(), make()
+    for e in events:
+        fold(full, e)
+    for e in events[:cut]:
+        fold(before, e)
+    resumed.restore(decode_state(encode_state(before.dump())))  # type: ignore[attr-defined]
+    for e in events[cut:]:
+        fold(resumed, e)
+    return full, resumed
+
+
+@pytest.mark.parametrize("cut", [0, 1, 400, 900, -1])
+def test_router_snapshot_plus_tail_equals_the_full_fold(cut: int) -> None:
+    events = history(seed=3)
+    cut = len(events) if cut == -1 else cut
+    full, resumed = _both_ways(_router, Router.learn, events, cut)
+    assert resumed.dump() == full.dump()
+    # ... and it routes the same way (exploration drawing the same numbers).
+    for router in (full, resumed):
+        assert isinstance(router.policy, LearnedPolicy)
+        router.policy.rng = random.Random(1)
+    for message in ("python error login", "proof of budget", "travel essay case 3"):
+        request = ev.RequestReceived(
+            source="client", run_id="new", goal_id="g0", user_id="u1", message=message
+        )
+        a, b = full.choose(request), resumed.choose(request)
+        assert (a[0], a[2].scores, a[2].probability) == (b[0], b[2].scores, b[2].probability)
+
+
+def test_router_restore_that_fails_changes_nothing() -> None:
+    router = _router()
+    for e in history(seed=4, runs=30):
+        router.learn(e)
+    before = router.dump()
+    broken = {**before, "stats": {"agents": [["x", 1]]}}
+    with pytest.raises(ValueError):
+        router.restore(broken)
+    assert router.dump() == before
+
+
+def _improvement() -> ImprovementService:
+    ctx = SimpleNamespace(producer=None, clock=FakeClock(T0 + timedelta(hours=1)))
+    return ImprovementService(ctx, ImprovementConfig(http_port=None), None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cut", [0, 1, 700, -1])
+def test_improvement_snapshot_plus_tail_equals_the_full_fold(cut: int) -> None:
+    events = history(seed=5)
+    cut = len(events) if cut == -1 else cut
+    full, resumed = _both_ways(_improvement, ImprovementService._view_event, events, cut)
+    assert resumed.dump() == full.dump()
+    state, want = resumed.state, full.state
+    assert state.spend.allows("g0", T0, 0.1) == want.spend.allows("g0", T0, 0.1)
+    assert state.keys.is_operator("op") and want.keys.is_operator("op")
+    assert state.flow("g0/code").samples() == want.flow("g0/code").samples()
+    assert set(state.learner) == set(want.learner) == state.dirty_signatures
+
+
+def test_dumps_are_plain_values_and_nothing_else_is_read() -> None:
+    state = ImprovementState(PatternSettings(), FakeClock(T0))
+    router = _router()
+    for e in history(seed=6, runs=40):
+        state.apply(e)
+        router.learn(e)
+    for dumped in (state.dump(), router.dump()):
+        assert decode_state(encode_state(dumped)) == dumped
+    # A snapshot builds values, never objects of other classes (no code runs on reading).
+    with pytest.raises(pickle.UnpicklingError, match="may not hold"):
+        decode_state(zlib.compress(pickle.dumps(state.learner)))
+    with pytest.raises(pickle.UnpicklingError, match="may not hold"):
+        decode_state(zlib.compress(pickle.dumps(SimpleNamespace(a=1))))
