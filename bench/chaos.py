@@ -248,9 +248,11 @@ def compute_report(
     it could not be read. ``budget_views``: the budget service's own view per goal.
     ``index_of``: run_id -> the traffic index carried in its message.
     """
-    unique: dict[str, Event] = {}
+    # By type and id: a copy of an event is one event, but two outcomes of one run under
+    # its one terminal id (a completion and a failure) are two.
+    unique: dict[tuple[str, str], Event] = {}
     for e in events:
-        unique.setdefault(e.event_id, e)
+        unique.setdefault((e.event_type, e.event_id), e)
     by_type: dict[str, list[Event]] = defaultdict(list)
     for e in unique.values():
         by_type[e.event_type].append(e)
@@ -374,7 +376,7 @@ def compute_report(
         }
 
     # Invariant 3: every event in ClickHouse once, as queries see it.
-    kafka_ids = set(unique)
+    kafka_ids = {event_id for _, event_id in unique}
     if clickhouse is None:
         ch: dict[str, Any] = {"read": False, "kafka_events": len(kafka_ids)}
     else:

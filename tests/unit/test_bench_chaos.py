@@ -155,6 +155,24 @@ def test_the_report_counts_terminal_events_per_request():
     assert report["ok"] is False
 
 
+def test_two_outcomes_under_one_terminal_id_are_two():
+    # Chaos seed 6: the loader's answer and, later, the budget's timeout failure of the
+    # same run, both under the run's terminal id (a dedupe by id alone kept only one).
+    failed = WorkflowFailed(
+        event_id="terminal-r1",
+        source="t",
+        goal_id="g",
+        run_id="r1",
+        reason="timeout",
+        detail="d",
+        occurred_at=at(9),
+    )
+    events = [_request("r1", 0), _admitted("r1", 1), _completed("r1", 5, "terminal-r1"), failed]
+    report = compute_report(events, {"r1": "g"}, [GOAL], [], clickhouse=None, budget_views={})
+    r = report["requests"]
+    assert (r["two_or_more"], r["conflicting_outcomes"]) == (1, 1)
+
+
 def test_the_report_finds_every_limit_overshoot():
     events, sent, calls = _scenario()
     report = compute_report(events, sent, [GOAL], calls, clickhouse=None, budget_views={})
