@@ -35,6 +35,8 @@ class EndedRuns:
         self._runs: OrderedDict[str, None] = OrderedDict()
         # run id -> ids of the workflow_started events of its attempts (each a possible call)
         self._attempts: OrderedDict[str, list[str]] = OrderedDict()
+        # agent id -> the cost of its newest paid answer read from the terminal topics
+        self._cost: OrderedDict[str, float] = OrderedDict()
         self._limit = limit
 
     def __len__(self) -> int:
@@ -44,12 +46,21 @@ class EndedRuns:
         if isinstance(event, WorkflowCompleted | WorkflowFailed):
             self.add(event.run_id)
             self._attempts.pop(event.run_id, None)
+            if isinstance(event, WorkflowCompleted) and event.agent_id and event.cost_usd > 0:
+                self._cost.pop(event.agent_id, None)
+                self._cost[event.agent_id] = event.cost_usd
+                if len(self._cost) > self._limit:
+                    self._cost.popitem(last=False)
         elif isinstance(event, WorkflowStarted) and event.run_id not in self._runs:
             seen = self._attempts.setdefault(event.run_id, [])
             if event.event_id not in seen:
                 seen.append(event.event_id)
             if len(self._attempts) > self._limit:
                 self._attempts.popitem(last=False)
+
+    def last_cost(self, agent_id: str) -> float | None:
+        """What the agent's newest paid answer cost (an estimate for a call not reported)."""
+        return self._cost.get(agent_id)
 
     def attempts(self, run_id: str) -> list[str]:
         """The ids of the ``workflow_started`` events of a run that has not ended."""

@@ -225,7 +225,8 @@ class Loader:
         """Earlier attempts' possible calls when this attempt paid for none to compare.
 
         Their cost is unknown: each is counted at the cost of the last answer this loader
-        was paid for with the same model (an estimate), or, with none known, at the worst
+        was paid for with the same model, or of the agent's newest answer on the terminal
+        topics (an estimate), or, with neither known, at the worst
         case of the call (every one of ``max_tokens`` generated, a token per byte of the
         prompt), under the attempt's own cost id (its loader's report, if it comes back,
         counts once).
@@ -240,9 +241,13 @@ class Loader:
             {"role": "system", "content": str(sorted(task.context.items()))},
             {"role": "user", "content": task.message},
         ]
+        # This process's last paid answer with the model, or (a loader just restarted)
+        # the agent's newest answer on the terminal topics.
         known = self._last_cost.get(model)
+        if known is None:
+            known = self.ended.last_cost(task.agent_id)
         if known is not None:
-            usd, how = known, "the cost of this model's last answer"
+            usd, how = known, "the cost of the last answer of this model or agent"
         else:
             usd = worst_case_usd(self.llm_settings.prices, model, messages, self.max_tokens)
             how = "the call's worst case"

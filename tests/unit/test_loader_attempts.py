@@ -138,3 +138,26 @@ async def test_the_loader_tells_the_goal_of_a_retirement_and_a_revival():
     await loader.handle(_task())
     notices = [e for e in broker.acked if isinstance(e, GoalAgentsChanged)]
     assert [n.change for n in notices] == ["retired", "revived"]
+
+
+async def test_a_restarted_loader_estimates_an_unreported_call_from_the_agents_last_answer():
+    # Chaos seed 6: the repeat ran in a loader just restarted, which had been paid for no
+    # answer yet, so the earlier attempt was counted at the call's worst case.
+    cut_off = WorkflowStarted(
+        source="loader", run_id="r1", goal_id="g1", agent_id="a1", specialty="code"
+    )
+    earlier_answer = WorkflowCompleted(
+        source="loader",
+        run_id="r0",
+        goal_id="g1",
+        agent_id="a1",
+        specialty="code",
+        text="ok",
+        cost_usd=0.01,
+    )
+    loader, broker = _loader(InMemoryLLM(prices=PRICES, fail_times=10))
+    loader.ended.apply(earlier_answer)  # read from the terminal topics at start
+    loader.ended.apply(cut_off)
+    await loader.handle(_task())
+    (counted,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.cost_usd > 0]
+    assert counted.cost_usd == 0.01 and "last answer" in (counted.error or "")
