@@ -11,7 +11,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_SPECIALTY", "PROFILES", "Profile", "classify", "profile_for", "tokens"]
+__all__ = [
+    "DEFAULT_SPECIALTY",
+    "PROFILES",
+    "Profile",
+    "classify",
+    "default_prompt",
+    "profile_for",
+    "tokens",
+]
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,13 @@ def tokens(text: str) -> set[str]:
 
 def profile_for(specialty: str) -> Profile:
     return PROFILES.get(specialty, PROFILES[DEFAULT_SPECIALTY])
+
+
+def default_prompt(specialty: str) -> str:
+    """The default agent's system prompt line for ``specialty``: what a spawned agent's
+    template starts with and what the loader's legacy tier answers with."""
+    role = specialty.replace("_", " ")
+    return f"You are a {role} specialist: you {profile_for(specialty).description}."
 
 
 def classify(message: str, context: dict[str, str] | None = None) -> tuple[str, dict[str, float]]:

@@ -50,7 +50,7 @@ from streams.llm import (
 )
 from streams.registry import AgentRecord, RegistryView
 from streams.runtime import ServiceContext
-from streams.specialties import profile_for
+from streams.specialties import default_prompt, profile_for
 from streams.topics import partition_for, spec_for
 from streams.views import TopicView
 from streams.workflows import with_adjustments
@@ -405,11 +405,7 @@ class Loader:
         if legacy:
             profile = profile_for(record.specialty)
             messages = [
-                {
-                    "role": "system",
-                    "content": f"You are a {record.specialty.replace('_', ' ')} specialist:"
-                    f" you {profile.description}.",
-                },
+                {"role": "system", "content": default_prompt(record.specialty)},
                 {"role": "user", "content": task.message},
             ]
             model, temperature = self.llm_settings.model, profile.temperature

@@ -6,7 +6,7 @@ import hashlib
 import uuid
 
 from streams.llm import LLMClient, LLMError
-from streams.specialties import profile_for
+from streams.specialties import default_prompt, profile_for
 
 __all__ = ["AgentDesign", "agent_id_for", "design_agent", "template_prompt"]
 
@@ -24,9 +24,8 @@ def spawned_event_id(agent_id: str, version: int) -> str:
 
 def template_prompt(specialty: str, context: dict[str, str]) -> str:
     profile = profile_for(specialty)
-    role = specialty.replace("_", " ")
     lines = [
-        f"You are a {role} specialist: you {profile.description}.",
+        default_prompt(specialty),
         "Answer the user's request directly and precisely; say what you are unsure of.",
     ]
     if profile.tools:
