@@ -45,6 +45,14 @@ bench: up
 		echo "== $$f"; $(BIN)/python -m bench.$$(basename $$f .py); \
 	done
 
+# The same HTTP load on the fake LLM, LiteLLM's proxy, TensorZero's gateway and the platform
+# (on a broker of its own); ratios against LiteLLM from the same run. The peers come from
+# `pip install -e '.[peers]'` or .local/peers-venv; without them it measures the rest.
+# PEERS_ARGS passes options, e.g. `make bench-peers PEERS_ARGS="--quick --json"`.
+.PHONY: bench-peers
+bench-peers: venv
+	$(BIN)/python -m bench.peers $(PEERS_ARGS)
+
 # Time from start to serving, with and without a snapshot, for the router and the improvement
 # service after 10k, 100k and 1M past requests. RESTART_ARGS passes options, e.g.
 # `make bench-restart RESTART_ARGS=--quick` (10k and 50k) or `RESTART_ARGS="--requests 300000"`.
