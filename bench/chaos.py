@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 # Runs as `python bench/chaos.py` too, not only with -m.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,6 +43,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from local.platform import Instance, Launcher  # noqa: E402
 from streams.events import (  # noqa: E402
     AgentRetired,
     AgentSpawned,
@@ -619,59 +620,54 @@ class OwnBroker:
 @dataclass
 class _Child:
     name: str
-    proc: subprocess.Popen[bytes]
+    instance: Instance
     state: Literal["up", "down", "paused"] = "up"
     started: float = field(default_factory=time.monotonic)
     exits: int = 0  # exits on its own in a row (a crash loop backs off as `up` would)
     retry_at: float = 0.0
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.instance.proc is not None
+        return self.instance.proc
+
 
 class ChaosServices:
-    """Every service as one process; killed, paused, resumed, and restarted when it dies."""
+    """Every service as one instance of the platform launcher; killed, paused, resumed, and
+    restarted (the same instance, its log appended to) when it dies."""
 
     def __init__(self, env: Mapping[str, str], log_dir: Path) -> None:
-        self.env = dict(env)
-        self.log_dir = log_dir
+        self.launcher = Launcher(log_dir, environ=env, stop_timeout=20.0)
         self.children: dict[str, _Child] = {}
         self.unplanned_exits: Counter[str] = Counter()
         self.starts: Counter[str] = Counter()
-        self._logs: list[IO[bytes]] = []
 
     def start(self, name: str) -> None:
-        from services.cli.environment import service_env
-
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop_all
-        self._logs.append(log)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{name}"],
-            cwd=ROOT,
-            env=service_env(name, self.env),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
         before = self.children.get(name)
-        self.children[name] = _Child(name, proc, exits=before.exits if before else 0)
+        if before is None:
+            instance = self.launcher.start(name)
+        else:
+            instance = self.launcher.restart(before.instance)
+        self.children[name] = _Child(name, instance, exits=before.exits if before else 0)
         self.starts[name] += 1
 
     def kill(self, name: str) -> None:
         child = self.children[name]
         child.state = "down"
         if child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGKILL)
+            self.launcher.send(child.instance, signal.SIGKILL)
             child.proc.wait(10)
 
     def pause(self, name: str) -> None:
         child = self.children[name]
         if child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGSTOP)
+            self.launcher.send(child.instance, signal.SIGSTOP)
             child.state = "paused"
 
     def resume(self, name: str) -> None:
         child = self.children[name]
         if child.state == "paused" and child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGCONT)
+            self.launcher.send(child.instance, signal.SIGCONT)
         child.state = "up"
 
     def watch(self) -> list[str]:
@@ -695,21 +691,9 @@ class ChaosServices:
                 self.start(name)
         return exited
 
-    def stop_all(self, timeout: float = 20.0) -> None:
-        for child in self.children.values():
-            if child.proc.poll() is None:
-                if child.state == "paused":
-                    child.proc.send_signal(signal.SIGCONT)
-                child.proc.terminate()
-        deadline = time.monotonic() + timeout
-        for child in self.children.values():
-            try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait(5)
-        for log in self._logs:
-            log.close()
+    def stop_all(self) -> None:
+        """SIGCONT what is paused, SIGTERM all, SIGKILL what is left after 20 s."""
+        self.launcher.stop_all()
 
 
 # -- the run ---------------------------------------------------------------------------------
