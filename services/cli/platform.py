@@ -15,6 +15,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from local.localkafka import LocalKafkaError, ensure_broker, stop_broker
+from local.platform import (
+    ChildSpec,
+    available_services,
+    fake_llm_spec,
+    known_services,
+    service_module,
+    service_spec,
+)
 from services.cli.common import (
     EXIT_FAILED,
     EXIT_INVALID,
@@ -29,15 +37,9 @@ from services.cli.common import (
 )
 from services.cli.status import PlatformStatus, collect_status, wait_until_joined
 from services.cli.supervisor import (
-    ChildSpec,
     Supervisor,
     SupervisorError,
-    available_services,
-    fake_llm_spec,
-    known_services,
     read_state,
-    service_module,
-    service_spec,
     spawn_detached,
     stop_recorded,
     supervisor_pid,

@@ -15,35 +15,20 @@ from types import FrameType
 from typing import Any
 
 from local.platform import (
-    FAKE_LLM,
-    SERVICE_ORDER,
     ChildSpec,
     Instance,
     Launcher,
     LaunchError,
-    available_services,
     describe_exit,
-    fake_llm_spec,
-    known_services,
     popen,
-    service_module,
-    service_spec,
 )
 from streams.config import data_root
 
 __all__ = [
-    "FAKE_LLM",
-    "SERVICE_ORDER",
-    "ChildSpec",
     "Supervisor",
     "SupervisorError",
-    "available_services",
-    "fake_llm_spec",
-    "known_services",
     "read_state",
     "restart_delay",
-    "service_module",
-    "service_spec",
     "spawn_detached",
     "stop_recorded",
     "supervisor_pid",

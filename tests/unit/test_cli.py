@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from local.platform import SERVICE_ORDER
 from services.cli import main as cli
-from services.cli.supervisor import SERVICE_ORDER, restart_delay
+from services.cli.supervisor import restart_delay
 from streams.client import Answer, OrchestratorClient
 from streams.errors import BudgetExceededError, RunTimeout
 from streams.events import MAX_MESSAGE_BYTES
