@@ -20,6 +20,7 @@ import pytest
 from local.fake_openai import FakeOpenAIServer
 from local.platform import Launcher
 from streams.client import OrchestratorClient
+from streams.errors import RunTimeout
 from streams.kafka import EventConsumer, KafkaSettings
 from streams.topics import create_topics, delete_prefixed_topics
 
@@ -81,6 +82,41 @@ class Platform(Launcher):
 
         out = await read_topics_to_end(self.settings, [topic])
         return [e for e in out if run_id is None or e.run_id == run_id]
+
+    async def trail(self, run_id: str) -> list:
+        """Every event of one run on every topic, in time order (to say where it stopped)."""
+        from streams.registry import read_topics_to_end
+        from streams.topics import CATALOG
+
+        out = await read_topics_to_end(self.settings, [t.name for t in CATALOG])
+        return sorted((e for e in out if e.run_id == run_id), key=lambda e: e.occurred_at)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """A run that got no answer: show where its events stop and what the services logged."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.when != "call" or not report.failed or call.excinfo is None:
+        return
+    exc = call.excinfo.value
+    while exc is not None and not isinstance(exc, RunTimeout):
+        exc = exc.__cause__ or exc.__context__
+    platforms = [v for v in item.funcargs.values() if isinstance(v, Platform)]
+    if not isinstance(exc, RunTimeout) or not platforms:
+        return
+    plat = platforms[0]
+    try:
+        trail = asyncio.run(plat.trail(exc.run_id))
+    except Exception as err:  # the diagnosis must not hide the failure
+        trail = [f"trail unavailable: {err!r}"]
+    lines = [
+        e if isinstance(e, str) else f"{e.occurred_at:%H:%M:%S.%f} {e.source}: {e!r}"[:400]
+        for e in trail
+    ]
+    report.sections.append((f"trail of run {exc.run_id}", "\n".join(lines) or "no event"))
+    for instance in plat.instances:
+        report.sections.append((f"{instance.label} log (tail)", instance.tail(4000)))
 
 
 @pytest.fixture(scope="module")
