@@ -175,6 +175,18 @@ class ImprovementConfig:
         )
 
 
+def _attempt(cause: str) -> str:
+    """One attempt at the LLM call a causing event asks for (a judgement, an instruction).
+
+    A cause read again (this instance was killed or paused and lost its partition before
+    its result was on the log) is judged again by a real, paid call: with the cause's own
+    id its cost report took the first call's id and the budget counted one of two paid
+    calls (chaos seed 7: 17 judge calls paid and never counted). Each attempt's hold and
+    cost report have their own ids; within an attempt they are resent under the same ones.
+    """
+    return f"{cause}:{uuid.uuid4().hex}"
+
+
 class ImprovementService:
     """Handlers and decisions; Kafka is the context's producer and the consumers given to run()."""
 
@@ -258,7 +270,7 @@ class ImprovementService:
         if not self.state.spend.allows(goal_id, self.ctx.clock.now(), amount):
             return False  # the log already says the goal cannot pay: skip the round trip
         request = SpendRequested(
-            # One hold per causing event: a redelivered cause asks again with the same id.
+            # One hold per attempt: a resent request is the same hold, a new attempt asks again.
             event_id=str(uuid.uuid5(_NS, f"{cause}:{purpose}:hold")),
             source=SOURCE,
             run_id=run_id,
@@ -291,13 +303,14 @@ class ImprovementService:
             run = await self._run_known(event.run_id, lambda r: r.message is not None)
             message = (run.message or "") if run is not None else ""
         # The judge is paid by the goal whose answer it grades; a goal at its limit gets none.
+        attempt = _attempt(event.event_id)
         may_spend = self.assessor.needs_message(event) and await self.hold(
             event.goal_id,
             event.run_id,
             "judge",
             judge_messages(message, event.text),
             JUDGE_MAX_TOKENS,
-            cause=event.event_id,
+            cause=attempt,
         )
         result = await self.assessor.assess(event, message, may_spend=may_spend)
         now = self.ctx.clock.now()
@@ -323,7 +336,7 @@ class ImprovementService:
                     "judge",
                     result.judge_call,
                     result.judge_error,
-                    cause=event.event_id,
+                    cause=attempt,
                 )
             )
         self._assessed[event.run_id] = None
@@ -344,7 +357,8 @@ class ImprovementService:
         # Judging an answer and rewriting feedback serve one goal's run: that goal pays,
         # within its max_daily_cost, like its own answers.
         event = LlmCallCompleted(
-            # One call per causing event: a redelivered cause does not count its cost twice.
+            # One id per attempt (see _attempt): a resent report counts once, a second
+            # call made for a redelivered cause counts too.
             event_id=str(uuid.uuid5(_NS, f"{cause}:{purpose}")),
             source=SOURCE,
             run_id=run_id,
@@ -517,8 +531,9 @@ class ImprovementService:
         reaches a system prompt itself. Raises FeedbackRefused when the guard says no.
         """
         messages = instruction_messages(specialty, event.score, event.text)
+        attempt = _attempt(event.event_id)
         if self.llm is not None and await self.hold(
-            run.goal_id, run.run_id, "improvement", messages, 120, cause=event.event_id
+            run.goal_id, run.run_id, "improvement", messages, 120, cause=attempt
         ):
             assert run.goal_id is not None
             call: Completion | None = None
@@ -530,9 +545,7 @@ class ImprovementService:
             except LLMError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             out.append(
-                self._llm_call(
-                    run.run_id, run.goal_id, "improvement", call, error, cause=event.event_id
-                )
+                self._llm_call(run.run_id, run.goal_id, "improvement", call, error, cause=attempt)
             )
             if call is not None:
                 if instruction is None:

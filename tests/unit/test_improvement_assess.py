@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from services.improvement.assess import Assessor, heuristic_quality, parse_grade, world_quality
-from streams.events import WorkflowCompleted
+from services.improvement.service import ImprovementConfig, ImprovementService
+from streams.clock import SystemClock
+from streams.events import Event, LlmCallCompleted, SpendDecided, SpendRequested, WorkflowCompleted
 from streams.llm import InMemoryLLM, LLMUnavailable
 
 
@@ -88,3 +92,47 @@ async def test_judge_grades_and_falls_back():
 async def test_no_llm_means_heuristic():
     result = await Assessor(None).assess(_done("", tier="static_fallback"), "q")
     assert (result.quality, result.method) == (0.1, "heuristic")
+
+
+class _Budget:
+    """The producer an improvement instance sends to: holds are approved as they arrive."""
+
+    def __init__(self) -> None:
+        self.sent: list[Event] = []
+        self.service: ImprovementService | None = None
+
+    async def send(self, event: Event) -> None:
+        self.sent.append(event)
+        if isinstance(event, SpendRequested) and self.service is not None:
+            decided = SpendDecided(
+                source="budget", goal_id="g1", request_id=event.event_id, approved=True
+            )
+            self.service._view_event(decided)  # noqa: SLF001  (what its view does)
+
+
+def _instance() -> tuple[ImprovementService, _Budget, InMemoryLLM]:
+    budget = _Budget()
+    ctx = SimpleNamespace(producer=budget, clock=SystemClock())
+    llm = InMemoryLLM(["Grade: 8"])
+    service = ImprovementService(ctx, ImprovementConfig(http_port=None), llm)  # type: ignore[arg-type]
+    budget.service = service
+    return service, budget, llm
+
+
+async def test_a_completion_judged_again_by_the_next_owner_counts_both_paid_calls():
+    # Chaos seed 7: an instance paused past its session judged a run; the partition's next
+    # owner read the completion again and judged it too. Two calls were paid; both cost
+    # reports had the completion's id, so the budget counted one.
+    done = _done("an answer")
+    reports: list[LlmCallCompleted] = []
+    holds: list[str] = []
+    for _ in range(2):
+        service, budget, llm = _instance()
+        out = await service.assess(done)
+        assert len(llm.calls) == 1
+        reports += [e for e in out if isinstance(e, LlmCallCompleted)]
+        holds += [e.event_id for e in budget.sent if isinstance(e, SpendRequested)]
+    assert len(reports) == 2 and all(r.purpose == "judge" and r.cost_usd > 0 for r in reports)
+    assert len({r.event_id for r in reports}) == 2
+    # Each call was held back on its own before it was made (the cap holds for both).
+    assert len(set(holds)) == 2
