@@ -29,25 +29,35 @@ E = TypeVar("E", TaskAdmitted, WorkflowFailed)
 
 # The budget as it runs, except that its first task_admitted is never sent: the
 # process flushes what it wrote (the table's changelog) and dies by SIGKILL.
-_DIES_BEFORE_SENDING = textwrap.dedent(
+_DIES_BEFORE_SENDING_TEMPLATE = textwrap.dedent(
     """
     import os, signal
-    from faust.topics import Topic
+    from faust.transport.producer import ProducerBuffer
     from services.budget.service import main
-    from streams.events import TaskAdmitted
+    from streams.codec import default_codec
+    from streams.events import TaskAdmitted, WorkflowFailed
     from streams.runtime import service_main
 
-    original = Topic.send
+    original = ProducerBuffer._send_pending
 
-    async def send(self, *args, **kwargs):
-        if isinstance(kwargs.get("value"), TaskAdmitted):
-            await self.app.producer.flush()
+    def dies_on(event):
+        return CONDITION
+
+    async def send_pending(self, fut):
+        # The decision's turn in the buffer: what came before it (the table's changelog)
+        # is with the client; wait for the broker to have it, and die.
+        topic = fut.message.channel.get_topic_name()
+        if not topic.endswith("changelog") and dies_on(default_codec().decode(fut.message.value)):
+            await self.app.producer._producer.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        return await original(self, *args, **kwargs)
+        return await original(self, fut)
 
-    Topic.send = send
+    ProducerBuffer._send_pending = send_pending
     service_main("budget", main)
     """
+)
+_DIES_BEFORE_SENDING = _DIES_BEFORE_SENDING_TEMPLATE.replace(
+    "CONDITION", "isinstance(event, TaskAdmitted)"
 )
 
 
@@ -141,11 +151,8 @@ async def test_a_decision_written_but_not_sent_is_sent_by_the_next_instance(
 
 # The same, for a decision a tick made: a waiting task's timeout. Ticks are not kept as
 # applied events, so the replayed tick must find what it decided by its own id.
-_DIES_BEFORE_SENDING_A_TIMEOUT = _DIES_BEFORE_SENDING.replace(
-    "from streams.events import TaskAdmitted", "from streams.events import WorkflowFailed"
-).replace(
-    'isinstance(kwargs.get("value"), TaskAdmitted)',
-    'isinstance(kwargs.get("value"), WorkflowFailed) and kwargs["value"].reason == "timeout"',
+_DIES_BEFORE_SENDING_A_TIMEOUT = _DIES_BEFORE_SENDING_TEMPLATE.replace(
+    "CONDITION", 'isinstance(event, WorkflowFailed) and event.reason == "timeout"'
 )
 
 
