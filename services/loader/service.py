@@ -188,6 +188,10 @@ class Loader:
             # Answered already, here or by an earlier owner of this agent's partition
             # (a replay after a crash or a rebalance): no second LLM call, no second answer.
             return
+        if event.run_id in self._attempt:
+            # Being answered here: the budget sent its admission again (the router sends a
+            # task again while it has seen no decision on it).
+            return
         try:
             terminal = await self._run(event)
         except Exception as exc:  # an answer must come even when this code has a bug

@@ -14,7 +14,8 @@ import logging
 import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import timedelta
+from typing import Any, TypeVar
 
 from services.router.automations import AutomationHit, Automations
 from services.router.policy import Features, LearnedPolicy, Policy, features_of, make_policy
@@ -33,6 +34,7 @@ from streams.events import (
     RouteDecided,
     SpawnDenied,
     SpawnRequested,
+    TaskAdmitted,
     TaskRequested,
     WorkflowAssessed,
     WorkflowCompleted,
@@ -52,6 +54,9 @@ __all__ = ["Router", "main"]
 log = logging.getLogger(__name__)
 SOURCE = "router"
 _NS = uuid.UUID("c2d9e4f1-7a3b-4c5d-8e6f-a1b2c3d4e5f6")
+# A task without a deadline, or a spawn request, is sent at most this many times more.
+_MAX_RESENDS = 12
+E = TypeVar("E", TaskRequested, SpawnRequested)
 
 
 def _id(run_id: str, what: str) -> str:
@@ -64,6 +69,7 @@ def _id(run_id: str, what: str) -> str:
 SNAPSHOT_VERSION = 1
 KNOWLEDGE_TOPICS = (
     RouteDecided.topic,
+    TaskAdmitted.topic,
     AutomationCreated.topic,
     AgentSpawned.topic,
     AgentRetired.topic,
@@ -73,6 +79,16 @@ KNOWLEDGE_TOPICS = (
     WorkflowAssessed.topic,
     FeedbackReceived.topic,
 )
+
+
+@dataclass
+class _Unanswered:
+    """A task or spawn request this router sent and has seen no decision on yet."""
+
+    event: TaskRequested | SpawnRequested
+    resend_at: float
+    deadline: float | None  # monotonic; None: no deadline (a spawn ends by spawn_timeout)
+    sent: int = 1
 
 
 @dataclass
@@ -106,10 +122,19 @@ class Router:
         # (goal_id, specialty) -> requests waiting for that agent to exist
         self._waiting: dict[tuple[str, str], list[_Waiter]] = defaultdict(list)
         self._dispatched: dict[str, str] = {}  # run_id -> agent_id, until its outcome
+        # Tasks (by run id) and spawn requests (by goal and specialty) sent with no decision
+        # seen yet: sent again, same id, until one comes (see resend_unanswered).
+        self.resend_seconds = settings.resend_seconds
+        self._unanswered: dict[str | tuple[str, str], _Unanswered] = {}
+        self.resent = 0
 
     # -- knowledge -----------------------------------------------------------
     def learn(self, event: Event) -> None:
         self.ended.apply(event)
+        if isinstance(event, TaskAdmitted | WorkflowCompleted | WorkflowFailed) and event.run_id:
+            self._unanswered.pop(event.run_id, None)
+        elif isinstance(event, AgentSpawned | SpawnDenied) and event.goal_id:
+            self._unanswered.pop((event.goal_id, event.specialty), None)
         record = self.registry.apply(event)
         self.automations.learn(event)
         if isinstance(event, RouteDecided):
@@ -374,7 +399,8 @@ class Router:
             return
         if agent is not None:
             # The task is what the run's outcome depends on: it must reach the budget.
-            await producer.deliver([self._task(event, agent), decision], what="a task")
+            task = self._expect(self._task(event, agent))
+            await producer.deliver([task, decision], what="a task")
             return
         key = (event.goal_id, specialty)
         waiter = _Waiter(event)
@@ -392,6 +418,7 @@ class Router:
                 context=dict(event.context),
                 occurred_at=now,
             )
+            self._expect(spawn, key)
             await producer.send_many([spawn, decision])
         else:
             await producer.send(decision.model_copy(update={"action": "wait"}))
@@ -424,9 +451,8 @@ class Router:
                         "occurred_at": self.ctx.clock.now(),
                     }
                 )
-                await producer.deliver(
-                    [self._task(event, fallback, specialty), secondary], what="a task"
-                )
+                task = self._expect(self._task(event, fallback, specialty))
+                await producer.deliver([task, secondary], what="a task")
                 return
             await self._end(
                 self._failed(
@@ -438,7 +464,59 @@ class Router:
                 )
             )
             return
-        await producer.deliver([self._task(event, outcome)], what="a task")
+        await producer.deliver([self._expect(self._task(event, outcome))], what="a task")
+
+    # -- sending again what got no decision ------------------------------------------
+    def _expect(self, event: E, spawn_key: tuple[str, str] | None = None) -> E:
+        """Remember ``event`` until its decision (or the run's outcome) is seen."""
+        if self.resend_seconds > 0:
+            now = self.ctx.clock.now()
+            deadline = event.deadline_at if isinstance(event, TaskRequested) else None
+            key = spawn_key if spawn_key is not None else event.run_id or event.event_id
+            self._unanswered[key] = _Unanswered(
+                event, now + timedelta(seconds=self.resend_seconds), deadline
+            )
+            if len(self._unanswered) > 100_000:
+                self._unanswered.pop(next(iter(self._unanswered)))
+        return event
+
+    async def resend_unanswered(self) -> int:
+        """Send again, under the same id, each task or spawn request still without a decision.
+
+        The budget decides once per event id: for one it has seen it sends the same decision
+        again (or nothing, for a task still waiting in its queue); one it never saw (an
+        input its consumer lost around a crash, a pause or a rebalance) it decides now, so
+        the run still ends: answered, refused, or failed at its deadline. A task is sent a
+        last time once its deadline has passed, a spawn request while requests wait for it.
+        Returns how many were sent.
+        """
+        now = self.ctx.clock.now()
+        sent = 0
+        for key, waiting in list(self._unanswered.items()):
+            if waiting.resend_at > now:
+                continue
+            spawn = isinstance(waiting.event, SpawnRequested)
+            if spawn and not self._waiting.get(key):  # type: ignore[arg-type]
+                self._unanswered.pop(key, None)  # nobody waits for it any more
+                continue
+            last = (
+                waiting.deadline is not None and now > waiting.deadline
+            ) or waiting.sent > _MAX_RESENDS
+            if last:
+                self._unanswered.pop(key, None)
+            else:
+                waiting.resend_at = now + timedelta(seconds=self.resend_seconds)
+            waiting.sent += 1
+            log.warning(
+                "run %s: no decision on its %s %.0f s after it was sent; sending it again",
+                waiting.event.run_id,
+                waiting.event.event_type,
+                (now - waiting.event.occurred_at).total_seconds(),
+            )
+            await self.ctx.producer.send(waiting.event)
+            self.resent += 1
+            sent += 1
+        return sent
 
 
 def snapshotter(ctx: ServiceContext, router: Router) -> Snapshotter:
@@ -462,6 +540,16 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     )
     await knowledge.start()
     saving = asyncio.create_task(snapshots.run(knowledge), name="router-snapshots")
+
+    async def resend() -> None:
+        while router.resend_seconds > 0:
+            await asyncio.sleep(min(1.0, router.resend_seconds / 2))
+            try:
+                await router.resend_unanswered()
+            except Exception:  # the broker is away: the next round sends them
+                log.warning("sending unanswered tasks again failed", exc_info=True)
+
+    resending = asyncio.create_task(resend(), name="router-resend")
     try:
         await asyncio.wait_for(knowledge.ready.wait(), 120)
         log.info("router caught up: %d agents known", len(router.registry.agents))
@@ -472,6 +560,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             await requests.stop()
     finally:
         saving.cancel()
-        await asyncio.gather(saving, return_exceptions=True)
+        resending.cancel()
+        await asyncio.gather(saving, resending, return_exceptions=True)
         await snapshots.stop()
         await knowledge.stop()

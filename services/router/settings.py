@@ -69,6 +69,16 @@ class RouterSettings(EnvSettings):
         ge=0,
     )
 
+    resend_seconds: float = setting(
+        "ORCH_ROUTER_RESEND_SECONDS",
+        5.0,
+        "Seconds after which the router sends a task (or a spawn request) again, under the "
+        "same event id, while it has seen neither the budget's decision nor an outcome; "
+        "again every as many seconds until its deadline has passed. 0 turns it off.",
+        read_by="router",
+        ge=0,
+    )
+
     @field_validator("policy")
     @classmethod
     def _policy(cls, value: str) -> str:

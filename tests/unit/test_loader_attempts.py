@@ -161,3 +161,18 @@ async def test_a_restarted_loader_estimates_an_unreported_call_from_the_agents_l
     await loader.handle(_task())
     (counted,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.cost_usd > 0]
     assert counted.cost_usd == 0.01 and "last answer" in (counted.error or "")
+
+
+async def test_an_admission_sent_again_while_the_task_runs_makes_no_second_call():
+    # The router sends a task again while it has seen no decision; the budget then sends
+    # its admission again, which may reach the loader while the first is being answered.
+    llm = InMemoryLLM(prices=PRICES)
+    loader, broker = _loader(llm)
+    broker.down = True  # the first attempt waits for its start to be on Kafka
+    first = asyncio.create_task(loader.handle(_task()))
+    await asyncio.sleep(0.2)
+    await asyncio.wait_for(loader.handle(_task()), 5)  # the same admission, again
+    broker.down = False
+    await asyncio.wait_for(first, 10)
+    assert len(llm.calls) == 1
+    assert [type(e) for e in broker.acked].count(WorkflowCompleted) == 1
