@@ -14,7 +14,7 @@ import logging
 import uuid
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from services.router.automations import AutomationHit, Automations
@@ -86,8 +86,8 @@ class _Unanswered:
     """A task or spawn request this router sent and has seen no decision on yet."""
 
     event: TaskRequested | SpawnRequested
-    resend_at: float
-    deadline: float | None  # monotonic; None: no deadline (a spawn ends by spawn_timeout)
+    resend_at: datetime
+    deadline: datetime | None  # None: none (a spawn's wait ends by spawn_timeout)
     sent: int = 1
 
 
