@@ -175,6 +175,15 @@ class ImprovementConfig:
         )
 
 
+def _hold_id(attempt: str, purpose: str) -> str:
+    return str(uuid.uuid5(_NS, f"{attempt}:{purpose}:hold"))
+
+
+def _cost_id(hold_id: str) -> str:
+    """The cost report of the attempt that asked for ``hold_id``: anyone can derive it."""
+    return str(uuid.uuid5(_NS, f"{hold_id}:cost"))
+
+
 def _attempt(cause: str) -> str:
     """One attempt at the LLM call a causing event asks for (a judgement, an instruction).
 
@@ -206,6 +215,11 @@ class ImprovementService:
         self._waiters: dict[str, asyncio.Future[FeedbackDecided | PromotionDecided]] = {}
         self._holds: dict[str, asyncio.Future[SpendDecided]] = {}
         self._decided: OrderedDict[str, bool] = OrderedDict()  # spend request -> approved
+        # run -> approved holds of its platform calls, and the cost reports seen: an
+        # attempt that held and never reported is counted by the next (_earlier_attempts)
+        self._run_holds: OrderedDict[str, list[str]] = OrderedDict()
+        self._reported: OrderedDict[str, None] = OrderedDict()
+        self._last_cost: dict[str, float] = {}  # purpose -> the last call's cost
         llm_settings = LLMSettings.from_env()
         self.prices: PriceTable = llm_settings.prices
         self.model = llm_settings.model
@@ -271,7 +285,7 @@ class ImprovementService:
             return False  # the log already says the goal cannot pay: skip the round trip
         request = SpendRequested(
             # One hold per attempt: a resent request is the same hold, a new attempt asks again.
-            event_id=str(uuid.uuid5(_NS, f"{cause}:{purpose}:hold")),
+            event_id=_hold_id(cause, purpose),
             source=SOURCE,
             run_id=run_id,
             goal_id=goal_id,
@@ -339,6 +353,20 @@ class ImprovementService:
                     cause=attempt,
                 )
             )
+        if self.assessor.needs_message(event):
+            model = (
+                (self.config.judge_model or self.model)
+                if result.judge_call is None
+                else (result.judge_call.model)
+            )
+            out += self._earlier_attempts(
+                event.run_id,
+                event.goal_id,
+                "judge",
+                cause=attempt,
+                estimate=self._estimate("judge", judge_messages(message, event.text), model),
+                model=model,
+            )
         self._assessed[event.run_id] = None
         if len(self._assessed) > 100_000:
             self._assessed.popitem(last=False)
@@ -357,9 +385,9 @@ class ImprovementService:
         # Judging an answer and rewriting feedback serve one goal's run: that goal pays,
         # within its max_daily_cost, like its own answers.
         event = LlmCallCompleted(
-            # One id per attempt (see _attempt): a resent report counts once, a second
-            # call made for a redelivered cause counts too.
-            event_id=str(uuid.uuid5(_NS, f"{cause}:{purpose}")),
+            # One id per attempt, derived from its hold (see _attempt): a resent report
+            # counts once, a second call made for a redelivered cause counts too.
+            event_id=_cost_id(_hold_id(cause, purpose)),
             source=SOURCE,
             run_id=run_id,
             goal_id=goal_id,
@@ -374,7 +402,67 @@ class ImprovementService:
             occurred_at=self.ctx.clock.now(),
         )
         self.state.spend.apply(event)  # at once: the next call must see this one's cost
+        self._reported[event.event_id] = None
+        if call is not None:
+            self._last_cost[purpose] = call.cost_usd
         return event
+
+    def _earlier_attempts(
+        self,
+        run_id: str,
+        goal_id: str,
+        purpose: Literal["judge", "improvement"],
+        *,
+        cause: str,
+        estimate: float,
+        model: str,
+    ) -> list[LlmCallCompleted]:
+        """Calls of earlier attempts at this run's platform calls that never reported.
+
+        An attempt whose hold the budget approved may have paid its call and died before
+        its report (a kill between the two). Its hold is on the log, so the next attempt
+        counts it: at ``estimate`` (this attempt's cost, or the last one of the purpose),
+        under the cost id that attempt's own report would carry, so a report that comes
+        after all (a paused instance) counts once. An attempt killed after the approval
+        but before its call is counted too, erring on the side of the cap.
+        """
+        own = _hold_id(cause, purpose)
+        out: list[LlmCallCompleted] = []
+        for hold in self._run_holds.get(run_id, []):
+            cost_id = _cost_id(hold)
+            if hold == own or cost_id in self._reported:
+                continue
+            event = LlmCallCompleted(
+                event_id=cost_id,
+                source=SOURCE,
+                run_id=run_id,
+                goal_id=goal_id,
+                model=model,
+                purpose=purpose,
+                cost_usd=estimate,
+                ok=True,
+                error="an earlier attempt's hold was approved and its cost never reported;"
+                " counted at the cost of this attempt's call or the last one",
+                occurred_at=self.ctx.clock.now(),
+            )
+            self.state.spend.apply(event)
+            self._reported[cost_id] = None
+            out.append(event)
+        return out
+
+    def _estimate(
+        self,
+        purpose: str,
+        messages: list[dict[str, str]],
+        model: str,
+        max_tokens: int = JUDGE_MAX_TOKENS,
+    ) -> float:
+        """What an unreported call of ``purpose`` is counted at: the last one's cost, or
+        the call's worst case when none is known yet."""
+        last = self._last_cost.get(purpose)
+        return (
+            last if last is not None else worst_case_usd(self.prices, model, messages, max_tokens)
+        )
 
     # -- feedback ----------------------------------------------------------------
     async def check_owner(self, run_id: str, user_id: str) -> RunInfo:
@@ -402,10 +490,20 @@ class ImprovementService:
             self._decided[event.request_id] = event.approved
             if len(self._decided) > 10_000:
                 self._decided.popitem(last=False)
+            if event.approved and event.run_id:
+                holds = self._run_holds.setdefault(event.run_id, [])
+                if event.request_id not in holds:
+                    holds.append(event.request_id)
+                if len(self._run_holds) > 20_000:
+                    self._run_holds.popitem(last=False)
             hold = self._holds.get(event.request_id)
             if hold is not None and not hold.done():
                 hold.set_result(event)
             return
+        if isinstance(event, LlmCallCompleted) and event.purpose in ("judge", "improvement"):
+            self._reported[event.event_id] = None
+            if len(self._reported) > 100_000:
+                self._reported.popitem(last=False)
         self.state.apply(event)
         if isinstance(event, FeedbackDecided | PromotionDecided):
             waiter = self._waiters.get(
@@ -416,13 +514,24 @@ class ImprovementService:
 
     def dump(self) -> dict[str, Any]:
         """What the view folded, as plain values (for a snapshot)."""
-        return {"state": self.state.dump(), "decided": list(self._decided.items())}
+        return {
+            "state": self.state.dump(),
+            "decided": list(self._decided.items()),
+            "run_holds": [[run, list(holds)] for run, holds in self._run_holds.items()],
+            "reported": list(self._reported),
+        }
 
     def restore(self, data: dict[str, Any]) -> None:
         """Replace what the view folded with a :meth:`dump`; nothing changes if it fails."""
         decided = OrderedDict((str(i), bool(ok)) for i, ok in data["decided"])
+        run_holds = OrderedDict(
+            (str(run), [str(h) for h in holds]) for run, holds in data.get("run_holds", [])
+        )
+        reported = OrderedDict.fromkeys(str(i) for i in data.get("reported", []))
         self.state.restore(data["state"])
         self._decided = decided
+        self._run_holds = run_holds
+        self._reported = reported
 
     async def verdict(
         self, request_id: str, timeout: float
@@ -546,6 +655,15 @@ class ImprovementService:
                 error = f"{type(exc).__name__}: {exc}"
             out.append(
                 self._llm_call(run.run_id, run.goal_id, "improvement", call, error, cause=attempt)
+            )
+            model = call.model if call is not None else self.model
+            out += self._earlier_attempts(
+                run.run_id,
+                run.goal_id,
+                "improvement",
+                cause=attempt,
+                estimate=self._estimate("improvement", messages, model, max_tokens=120),
+                model=model,
             )
             if call is not None:
                 if instruction is None:

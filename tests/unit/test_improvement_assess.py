@@ -136,3 +136,29 @@ async def test_a_completion_judged_again_by_the_next_owner_counts_both_paid_call
     assert len({r.event_id for r in reports}) == 2
     # Each call was held back on its own before it was made (the cap holds for both).
     assert len(set(holds)) == 2
+
+
+async def test_an_attempt_killed_after_its_paid_call_is_counted_by_the_next_attempt():
+    # Chaos seed 5 (rerun): 312 judge calls paid, 310 counted. The two attempts were killed
+    # between their paid call and their report; the next attempts did not know of them.
+    done = _done("an answer")
+    first, first_budget, _ = _instance()
+    await first.assess(done)  # its report never reaches the log: the process died
+    [hold] = [e for e in first_budget.sent if isinstance(e, SpendRequested)]
+    second, _, _ = _instance()
+    # The next owner's view has the first attempt's approved hold, and no report of it.
+    approved = SpendDecided(
+        source="budget", run_id=done.run_id, goal_id="g1", request_id=hold.event_id, approved=True
+    )
+    second._view_event(approved)  # noqa: SLF001
+    out = await second.assess(done)
+    reports = [e for e in out if isinstance(e, LlmCallCompleted)]
+    assert len(reports) == 2 and len({r.event_id for r in reports}) == 2
+    own, earlier = reports
+    assert earlier.cost_usd == own.cost_usd > 0  # counted at the cost of the repeat
+    # Once that count is on the log, a later attempt does not count the call again.
+    third, _, _ = _instance()
+    third._view_event(earlier)  # noqa: SLF001  (the estimate is on the log now)
+    third._view_event(approved)  # noqa: SLF001
+    counted_again = [e for e in await third.assess(done) if isinstance(e, LlmCallCompleted)]
+    assert [e.event_id for e in counted_again if e.event_id == earlier.event_id] == []
