@@ -220,6 +220,7 @@ class ImprovementService:
         self._run_holds: OrderedDict[str, list[str]] = OrderedDict()
         self._reported: OrderedDict[str, None] = OrderedDict()
         self._last_cost: dict[str, float] = {}  # purpose -> the last call's cost
+        self._mine: OrderedDict[str, None] = OrderedDict()  # holds this process asked for
         llm_settings = LLMSettings.from_env()
         self.prices: PriceTable = llm_settings.prices
         self.model = llm_settings.model
@@ -293,6 +294,9 @@ class ImprovementService:
             amount_usd=amount,
             occurred_at=self.ctx.clock.now(),
         )
+        self._mine[request.event_id] = None  # its attempt reports it (or dies with us)
+        if len(self._mine) > 10_000:
+            self._mine.popitem(last=False)
         if request.event_id in self._decided:
             return self._decided[request.event_id]
         waiter = self._holds.setdefault(
@@ -430,7 +434,7 @@ class ImprovementService:
         out: list[LlmCallCompleted] = []
         for hold in self._run_holds.get(run_id, []):
             cost_id = _cost_id(hold)
-            if hold == own or cost_id in self._reported:
+            if hold == own or hold in self._mine or cost_id in self._reported:
                 continue
             event = LlmCallCompleted(
                 event_id=cost_id,
