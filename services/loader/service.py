@@ -203,9 +203,17 @@ class Loader:
         for charge in self._unrepeated(event, uncounted):
             ack = await self.ctx.producer.enqueue(charge)
             self._acks.setdefault(event.run_id, []).append((charge, ack))
-        # The LLM call's cost event went out before the answer without waiting for the
-        # broker; both are acknowledged before the task counts as done (at least once).
-        pending = self._acks.pop(event.run_id, [])
+        # The LLM call's cost event went out right after the call; the broker has it
+        # before the answer goes out. Once the run has an answer on the log, no later
+        # owner counts this attempt's call, so an answer acknowledged ahead of its cost
+        # (the cost's first send failed and was retried behind it) and a kill then lost
+        # the cost for good (a path that fits chaos seed 8's answer calls paid once and
+        # never counted, with no repeat of their run).
+        for cost, ack in self._acks.pop(event.run_id, []):
+            try:
+                await ack
+            except Exception:  # not acknowledged: send it again (same id) until it is
+                await self.ctx.producer.deliver([cost], what=f"the cost of run {event.run_id}")
         if self.ended.has(event.run_id):
             # Another owner answered it while this one worked (it was paused, or lost the
             # partition): its answer stands; the cost of this call is still counted.
@@ -219,11 +227,6 @@ class Loader:
         self._own_attempts.discard(own)
         if len(self._finished) > 50_000:
             self._finished.popitem(last=False)
-        for cost, ack in pending:
-            try:
-                await ack
-            except Exception:  # not acknowledged: send it again (same id) until it is
-                await self.ctx.producer.deliver([cost], what=f"the cost of run {event.run_id}")
 
     def _unrepeated(self, task: TaskAdmitted, lost: list[str]) -> list[LlmCallCompleted]:
         """Earlier attempts' possible calls when this attempt paid for none to compare.

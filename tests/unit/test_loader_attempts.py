@@ -34,12 +34,17 @@ class _Broker:
 
     def __init__(self) -> None:
         self.down = False
+        self.refuse_once: type | None = None  # the first record of this type fails
         self.acked: list[Event] = []
         self.codec = default_codec()
 
     async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if self.down:
+        refused = self.refuse_once is not None and isinstance(
+            self.codec.decode(value), self.refuse_once
+        )
+        if self.down or refused:
+            self.refuse_once = None if refused else self.refuse_once
             future.set_exception(KafkaConnectionError("broker down"))
         else:
             self.acked.append(self.codec.decode(value))
@@ -176,3 +181,16 @@ async def test_an_admission_sent_again_while_the_task_runs_makes_no_second_call(
     await asyncio.wait_for(first, 10)
     assert len(llm.calls) == 1
     assert [type(e) for e in broker.acked].count(WorkflowCompleted) == 1
+
+
+async def test_the_answer_goes_out_only_once_the_broker_has_its_cost():
+    # Chaos seed 8: a call paid once and never counted. The cost's first send failed and
+    # was sent again after the answer had been acknowledged; a kill in between lost it,
+    # and no later owner counts the call of a run that has its answer.
+    llm = InMemoryLLM(prices=PRICES)
+    loader, broker = _loader(llm)
+    broker.refuse_once = LlmCallCompleted
+    await asyncio.wait_for(loader.handle(_task()), 10)
+    kinds = [type(e) for e in broker.acked]
+    assert kinds.count(LlmCallCompleted) == 1
+    assert kinds.index(LlmCallCompleted) < kinds.index(WorkflowCompleted)
