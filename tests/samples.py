@@ -1,4 +1,5 @@
-"""Valid sample events of every type, built from the models' own field types."""
+"""Valid sample events of every type, built from the models' own field types, and a
+producer that records what a service sends (for unit tests of a service's handlers)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal, get_args, get_origin
 
 from streams.events import Event
+
+E = typing.TypeVar("E", bound=Event)
 
 
 def _value(name: str, ann: Any) -> Any:
@@ -51,3 +54,22 @@ def sample_event(cls: type[Event], **overrides: Any) -> Event:
     values["source"] = "test"
     values.update(overrides)
     return cls(**values)
+
+
+class RecordingProducer:
+    """Stands in for a service's ``EventProducer``: keeps every event sent, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[Event] = []
+
+    async def send(self, event: Event) -> None:
+        self.sent.append(event)
+
+    async def send_many(self, events: list[Event]) -> None:
+        self.sent.extend(events)
+
+    async def deliver(self, events: list[Event], *, what: str = "") -> None:
+        self.sent.extend(events)
+
+    def of(self, kind: type[E]) -> list[E]:
+        return [e for e in self.sent if isinstance(e, kind)]

@@ -9,30 +9,16 @@ import pytest
 from services.router.service import Router
 from streams.clock import FakeClock
 from streams.events import (
-    Event,
     RequestReceived,
     WorkflowCompleted,
     WorkflowFailed,
     terminal_event_id,
 )
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.sent: list[Event] = []
-
-    async def send(self, event: Event) -> None:
-        self.sent.append(event)
-
-    async def send_many(self, events: list[Event]) -> None:
-        self.sent.extend(events)
-
-    async def deliver(self, events: list[Event], *, what: str = "") -> None:
-        self.sent.extend(events)
+from tests.samples import RecordingProducer
 
 
 async def test_a_routing_bug_ends_the_request_as_an_internal_failure_and_is_raised():
-    producer = _Recorder()
+    producer = RecordingProducer()
     router = Router(SimpleNamespace(producer=producer, clock=FakeClock()))  # type: ignore[arg-type]
 
     def broken(request: RequestReceived) -> None:
@@ -52,7 +38,7 @@ async def test_a_routing_bug_ends_the_request_as_an_internal_failure_and_is_rais
 
 
 async def test_a_request_that_already_ended_is_not_routed_again():
-    producer = _Recorder()
+    producer = RecordingProducer()
     router = Router(SimpleNamespace(producer=producer, clock=FakeClock()))  # type: ignore[arg-type]
     request = RequestReceived(
         source="test", run_id="r1", goal_id="g1", user_id="u1", message="hello"

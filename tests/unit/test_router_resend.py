@@ -17,36 +17,19 @@ from services.router.service import Router
 from streams.clock import FakeClock
 from streams.events import (
     AgentSpawned,
-    Event,
     RequestReceived,
     SpawnRequested,
     TaskAdmitted,
     TaskRequested,
     WorkflowFailed,
 )
+from tests.samples import RecordingProducer
 
 
-class _Recorder:
-    def __init__(self) -> None:
-        self.sent: list[Event] = []
-
-    async def send(self, event: Event) -> None:
-        self.sent.append(event)
-
-    async def send_many(self, events: list[Event]) -> None:
-        self.sent.extend(events)
-
-    async def deliver(self, events: list[Event], *, what: str = "") -> None:
-        self.sent.extend(events)
-
-    def of(self, kind: type) -> list:
-        return [e for e in self.sent if isinstance(e, kind)]
-
-
-def _router(monkeypatch, resend: str = "5") -> tuple[Router, _Recorder, FakeClock]:
+def _router(monkeypatch, resend: str = "5") -> tuple[Router, RecordingProducer, FakeClock]:
     monkeypatch.setenv("ORCH_ROUTER_RESEND_SECONDS", resend)
     monkeypatch.setenv("ORCH_ROUTER_POLICY", "static")
-    producer, clock = _Recorder(), FakeClock()
+    producer, clock = RecordingProducer(), FakeClock()
     return Router(SimpleNamespace(producer=producer, clock=clock)), producer, clock  # type: ignore[arg-type]
 
 
