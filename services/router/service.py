@@ -126,7 +126,6 @@ class Router:
         # seen yet: sent again, same id, until one comes (see resend_unanswered).
         self.resend_seconds = settings.resend_seconds
         self._unanswered: dict[str | tuple[str, str], _Unanswered] = {}
-        self.resent = 0
 
     # -- knowledge -----------------------------------------------------------
     def learn(self, event: Event) -> None:
@@ -514,7 +513,6 @@ class Router:
                 (now - waiting.event.occurred_at).total_seconds(),
             )
             await self.ctx.producer.send(waiting.event)
-            self.resent += 1
             sent += 1
         return sent
 
