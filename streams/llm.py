@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast, runtime_checkable
@@ -32,6 +33,8 @@ __all__ = [
     "LLMRejected",
     "LLMSettings",
     "LLMUnavailable",
+    "LLMUnsettled",
+    "LateOutcome",
     "ModelPrice",
     "OpenAILLM",
     "REDACTED",
@@ -45,12 +48,16 @@ __all__ = [
     "worst_case_usd",
 ]
 
+log = logging.getLogger(__name__)
+
 META_FIELD = "x_orchestrator"
 """Top-level response field whose string values become :attr:`Completion.meta`."""
 
 _OPENAI_URL = "https://api.openai.com/v1"
 # Local compatible servers ignore the key, but the openai client refuses to start without one.
 _PLACEHOLDER_KEY = "not-needed"
+# On a polite stop, how long calls given up on at their timeout may still take to answer.
+_SETTLE_AT_CLOSE_S = 10.0
 
 
 class LLMError(OrchestratorError):
@@ -58,6 +65,8 @@ class LLMError(OrchestratorError):
 
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         self.status_code = status_code
+        # True when the call goes on after this error and its outcome goes to ``late``.
+        self.settling = False
         super().__init__(message)
 
 
@@ -67,6 +76,10 @@ class LLMUnavailable(LLMError):
 
 class LLMRejected(LLMError):
     """The endpoint refused this request (4xx other than 429): retrying cannot help."""
+
+
+class LLMUnsettled(LLMUnavailable):
+    """A call given up on while the endpoint may still bill it: its cost is not known."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,6 +223,17 @@ class LLMSettings(EnvSettings):
         read_by="spawner, loader, improvement, budget",
         gt=0,
     )
+    settle_s: float = setting(
+        "ORCH_LLM_SETTLE_SECONDS",
+        120.0,
+        "Seconds a loader's answer call may go on after its caller gave up on it at "
+        "`ORCH_LLM_TIMEOUT`: the endpoint bills a call it has taken even when nobody waits "
+        "for it, so its usage is read and counted when it comes (the run has already had its "
+        "timeout answer). Past this the call is counted at its worst case. 0 ends the call at "
+        "the timeout (its cost is then not known); >= 0.",
+        read_by="loader",
+        ge=0,
+    )
     max_retries: int = setting(
         "ORCH_LLM_MAX_RETRIES",
         2,
@@ -273,12 +297,20 @@ class Completion:
     """Hidden fields a simulated endpoint sends in the response's ``x_orchestrator`` object."""
 
 
+LateOutcome = Callable[["Completion | LLMError"], Awaitable[None]]
+"""Told how a call ended that its caller stopped waiting for (see :meth:`LLMClient.complete`)."""
+
+
 @runtime_checkable
 class LLMClient(Protocol):
     """A chat-completion endpoint.
 
     ``complete`` returns a :class:`Completion` or raises :class:`LLMUnavailable`
     (worth degrading or retrying later) or :class:`LLMRejected` (this request is wrong).
+    With ``late``, a call still running at the timeout is not cut off: ``complete``
+    raises :class:`LLMUnavailable` at the timeout as usual, and the call goes on (up to
+    the settle time); ``late`` then gets its :class:`Completion` (the endpoint billed it),
+    its error, or :class:`LLMUnsettled` when it ran out of time as well.
     """
 
     async def complete(
@@ -288,6 +320,7 @@ class LLMClient(Protocol):
         temperature: float = 0.7,
         model: str | None = None,
         max_tokens: int | None = None,
+        late: LateOutcome | None = None,
     ) -> Completion: ...
 
     async def aclose(self) -> None: ...
@@ -332,6 +365,7 @@ class OpenAILLM:
 
         self.settings = settings
         self._clock = clock or SystemClock()
+        self._settling: set[asyncio.Task[None]] = set()
         self._client = openai.AsyncOpenAI(
             base_url=settings.base_url or _OPENAI_URL,
             api_key=settings.api_key or _PLACEHOLDER_KEY,
@@ -346,6 +380,7 @@ class OpenAILLM:
         temperature: float = 0.7,
         model: str | None = None,
         max_tokens: int | None = None,
+        late: LateOutcome | None = None,
     ) -> Completion:
         import openai
 
@@ -353,20 +388,90 @@ class OpenAILLM:
         extra: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
         started = self._clock.monotonic()
         timeout_s = self.settings.timeout_s
-        try:
-            # The client's own timeout is per attempt; this one bounds the retries too,
-            # so a caller waits about timeout_s at most, whatever the endpoint does.
-            async with asyncio.timeout(timeout_s):
-                response = await self._client.chat.completions.create(
+        if self.settings.settle_s <= 0:
+            late = None
+        settle_s = self.settings.settle_s if late is not None else 0.0
+        # The client's own timeout is per attempt; the bound below covers the retries too,
+        # so a caller waits about timeout_s at most, whatever the endpoint does.
+        bound = timeout_s + settle_s
+        call = asyncio.ensure_future(
+            self._within(
+                bound,
+                self._client.chat.completions.create(
                     model=wanted,
                     messages=cast("list[openai.types.chat.ChatCompletionMessageParam]", messages),
                     temperature=temperature,
+                    timeout=bound,
                     **extra,
-                )
-        except (TimeoutError, openai.OpenAIError) as exc:
+                ),
+            )
+        )
+        try:
+            if late is None:
+                response = await call
+            else:
+                response = await asyncio.wait_for(asyncio.shield(call), timeout_s)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if late is None or call.done():
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise self._failure(exc) from None
+            # Given up on, not cut off: the endpoint may have taken the call and bills it
+            # whether or not anybody reads the answer; its usage is read when it comes.
+            reporter = asyncio.create_task(self._report_late(call, late, messages, wanted, started))
+            self._settling.add(reporter)
+            reporter.add_done_callback(self._settling.discard)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            failure = self._failure(exc)
+            failure.settling = True
+            raise failure from None
+        except openai.OpenAIError as exc:
             # Not chained: the endpoint's own error may echo the key, and a chained
             # cause would carry it into any traceback that is logged.
             raise self._failure(exc) from None
+        return self._completion(response, messages, wanted, started)
+
+    @staticmethod
+    async def _within(seconds: float, call: Awaitable[Any]) -> Any:
+        async with asyncio.timeout(seconds):
+            return await call
+
+    async def _report_late(
+        self,
+        call: asyncio.Future[Any],
+        late: LateOutcome,
+        messages: list[dict[str, str]],
+        wanted: str,
+        started: float,
+    ) -> None:
+        import openai
+
+        outcome: Completion | LLMError
+        try:
+            outcome = self._completion(await call, messages, wanted, started)
+        except TimeoutError:
+            outcome = LLMUnsettled(
+                f"LLM call still unanswered {self.settings.timeout_s + self.settings.settle_s:g} s"
+                " after it was sent; whether the endpoint billed it is not known"
+            )
+        except asyncio.CancelledError:
+            call.cancel()
+            log.warning(
+                "an LLM call given up on at its timeout was abandoned at shutdown;"
+                " its cost is not counted"
+            )
+            raise
+        except (openai.OpenAIError, LLMError) as exc:
+            outcome = exc if isinstance(exc, LLMError) else self._failure(exc)
+        try:
+            await late(outcome)
+        except Exception:
+            log.exception("reporting a late LLM call failed")
+
+    def _completion(
+        self, response: Any, messages: list[dict[str, str]], wanted: str, started: float
+    ) -> Completion:
         latency_ms = (self._clock.monotonic() - started) * 1000.0
         if not response.choices:
             raise LLMUnavailable("LLM endpoint answered without choices")
@@ -392,6 +497,12 @@ class OpenAILLM:
         )
 
     async def aclose(self) -> None:
+        if self._settling:
+            # Calls given up on may still answer: a moment to learn what they cost.
+            await asyncio.wait(set(self._settling), timeout=_SETTLE_AT_CLOSE_S)
+            for reporter in set(self._settling):
+                reporter.cancel()
+            await asyncio.gather(*self._settling, return_exceptions=True)
         await self._client.close()
 
     def _failure(self, exc: BaseException) -> LLMError:
@@ -515,7 +626,9 @@ class InMemoryLLM:
         temperature: float = 0.7,
         model: str | None = None,
         max_tokens: int | None = None,
+        late: LateOutcome | None = None,
     ) -> Completion:
+        # No timeout of its own: nothing is ever given up on, so ``late`` is never called.
         if self.closed:
             raise RuntimeError("InMemoryLLM used after aclose()")
         wanted = model or self.model

@@ -800,7 +800,13 @@ class BudgetState:
         held = self.in_flight.pop(run, None)
         if held is not None:
             self.runs.delete(run)
-            no_cost = isinstance(e, WorkflowCompleted) and e.cost_usd <= 0
+            # An answer from a lower tier made no paid call, unless its call was given up
+            # on at the timeout and still runs (the loader then says its cost is pending).
+            no_cost = (
+                isinstance(e, WorkflowCompleted)
+                and e.cost_usd <= 0
+                and e.meta.get("cost_pending") != "true"
+            )
             if float(held[1]) > 0 and not no_cost:
                 # The answer's cost may still be on its way: its hold stays until it comes.
                 self._keep_pending(run, held, defaults)

@@ -41,10 +41,13 @@ from streams.events import (
 )
 from streams.kafka import Delivery, EventConsumer
 from streams.llm import (
+    Completion,
     LLMClient,
+    LLMError,
     LLMRejected,
     LLMSettings,
     LLMUnavailable,
+    LLMUnsettled,
     create_llm,
     worst_case_usd,
 )
@@ -119,6 +122,8 @@ class Loader:
         # attempt and the earlier attempts of the same run that may have paid a call.
         self._own_attempts: set[str] = set()
         self._attempt: dict[str, tuple[str, list[str]]] = {}
+        # Runs whose call was given up on at the timeout and still runs (its cost to come).
+        self._settling: set[str] = set()
         self._partitions = spec_for(TaskAdmitted.topic).partitions
         self.owned_partitions: set[int] | None = None  # None: all (no group yet)
 
@@ -282,6 +287,22 @@ class Loader:
             **fields,
         )
 
+    def _paid(
+        self, task: TaskAdmitted, done: Completion, cost_id: str, **fields: Any
+    ) -> LlmCallCompleted:
+        """The report of a call the endpoint answered (and billed), under ``cost_id``."""
+        return self._call_event(
+            task,
+            done.model,
+            event_id=cost_id,
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            cost_usd=done.cost_usd,
+            latency_ms=done.latency_ms,
+            ok=True,
+            **fields,
+        )
+
     def _latency(self, task: TaskAdmitted) -> float:
         if task.requested_at is None:
             return 0.0
@@ -308,6 +329,10 @@ class Loader:
         meta: dict[str, str] | None = None,
     ) -> WorkflowCompleted:
         meta = dict(meta or {})
+        if task.run_id in self._settling:
+            # A call given up on at the timeout still runs: the budget keeps the task's
+            # hold until its cost comes (see _settled).
+            meta["cost_pending"] = "true"
         specialty = task.specialty
         record = self.registry.get(task.agent_id)
         if record is not None and record.specialty != task.specialty:
@@ -424,11 +449,22 @@ class Loader:
             )
             model, temperature = record.model or self.llm_settings.model, record.temperature
         started = self.ctx.clock.now()
+        attempt, lost = self._attempt.get(task.run_id, (task.run_id, []))
+
+        async def settled(outcome: Completion | LLMError) -> None:
+            await self._settled(task, model, _cost_id(attempt, legacy), messages, outcome)
+
         try:
             done = await self.llm.complete(
-                messages, temperature=temperature, model=model, max_tokens=self.max_tokens
+                messages,
+                temperature=temperature,
+                model=model,
+                max_tokens=self.max_tokens,
+                late=settled,
             )
         except (LLMUnavailable, LLMRejected) as exc:
+            if exc.settling:
+                self._settling.add(task.run_id)
             await self.ctx.producer.send(
                 self._call_event(
                     task,
@@ -441,17 +477,7 @@ class Loader:
             raise
         # One id per attempt and kind of call: a call made again after a crash was paid
         # again, so it counts again; this record sent twice counts once.
-        attempt, lost = self._attempt.get(task.run_id, (task.run_id, []))
-        cost = self._call_event(
-            task,
-            done.model,
-            event_id=_cost_id(attempt, legacy),
-            prompt_tokens=done.prompt_tokens,
-            completion_tokens=done.completion_tokens,
-            cost_usd=done.cost_usd,
-            latency_ms=done.latency_ms,
-            ok=True,
-        )
+        cost = self._paid(task, done, _cost_id(attempt, legacy))
         charges = [cost]
         if done.cost_usd > 0:
             self._last_cost[model] = done.cost_usd
@@ -478,6 +504,43 @@ class Loader:
             meta["workflow_version"] = str(served.version)
             meta["workflow_id"] = served.workflow_id
         return done.text, done.cost_usd, meta
+
+    async def _settled(
+        self,
+        task: TaskAdmitted,
+        model: str,
+        cost_id: str,
+        messages: list[dict[str, str]],
+        outcome: Completion | LLMError,
+    ) -> None:
+        """A call given up on at the timeout ended: what the endpoint billed is counted.
+
+        The run already has its answer (a timeout or a lower tier); the budget kept the
+        task's hold for this report (the answer said ``cost_pending``).
+        """
+        self._settling.discard(task.run_id)
+        if isinstance(outcome, Completion):
+            if outcome.cost_usd > 0:
+                self._last_cost[model] = outcome.cost_usd
+            cost = self._paid(
+                task,
+                outcome,
+                cost_id,
+                error="answered after the run's timeout; the answer was not used, the call"
+                " was billed and is counted",
+            )
+        elif isinstance(outcome, LLMUnsettled):
+            cost = self._call_event(
+                task,
+                model,
+                event_id=cost_id,
+                cost_usd=worst_case_usd(self.llm_settings.prices, model, messages, self.max_tokens),
+                ok=True,
+                error=f"{outcome}; counted at the call's worst case",
+            )
+        else:
+            return  # refused or failed in the end: nothing was billed
+        await self.ctx.producer.deliver([cost], what=f"the late cost of run {task.run_id}")
 
     async def _answer_with_tiers(self, task: TaskAdmitted, instance: AgentInstance) -> Event:
         why = "no LLM endpoint is configured"

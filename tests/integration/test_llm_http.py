@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -22,11 +23,14 @@ from local.fake_openai import (
     subprocess_server,
 )
 from streams.llm import (
+    Completion,
     InMemoryLLM,
     LLMClient,
+    LLMError,
     LLMRejected,
     LLMSettings,
     LLMUnavailable,
+    LLMUnsettled,
     OpenAILLM,
     PriceTable,
     default_answer,
@@ -253,6 +257,100 @@ async def test_hang_is_unavailable_within_the_timeout(
     # The deadline covers the retries too, so the caller waits about timeout_s, not 3x.
     assert 0.45 <= elapsed < 1.0
     assert server.stats()["by_status"] == {"hang": 1}
+
+
+def settling(server: FakeOpenAIServer, timeout_s: float, settle_s: float) -> OpenAILLM:
+    settings = LLMSettings(
+        base_url=server.base_url, timeout_s=timeout_s, settle_s=settle_s, max_retries=0
+    )
+    return OpenAILLM(settings)
+
+
+class Late:
+    """A ``late`` callback that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[Completion | LLMError] = []
+        self.told = asyncio.Event()
+
+    async def __call__(self, outcome: Completion | LLMError) -> None:
+        self.outcomes.append(outcome)
+        self.told.set()
+
+
+async def test_a_call_given_up_on_at_the_timeout_is_read_when_it_answers(
+    server: FakeOpenAIServer,
+) -> None:
+    # The endpoint takes the call (and bills it) but answers after the caller's timeout.
+    server.configure(latency_ms=900)
+    llm = settling(server, 0.3, 5.0)
+    late = Late()
+    started = time.monotonic()
+    with pytest.raises(LLMUnavailable, match="timed out after 0.3 s") as caught:
+        await llm.complete(ASK, late=late)
+    assert time.monotonic() - started < 0.8  # the caller is not kept waiting
+    assert caught.value.settling
+    await asyncio.wait_for(late.told.wait(), 5.0)
+    (outcome,) = late.outcomes
+    assert isinstance(outcome, Completion)
+    assert outcome.prompt_tokens > 0 and outcome.cost_usd > 0
+    assert outcome.latency_ms >= 900
+    assert server.requests == 1  # the same call, not a second one
+    await llm.aclose()
+
+
+async def test_without_late_the_call_is_cut_off_at_the_timeout(server: FakeOpenAIServer) -> None:
+    server.configure(latency_ms=900)
+    llm = settling(server, 0.3, 5.0)
+    with pytest.raises(LLMUnavailable, match="timed out") as caught:
+        await llm.complete(ASK)
+    assert not caught.value.settling
+    await llm.aclose()
+
+
+async def test_a_late_failure_and_a_call_past_the_settle_time_are_reported(
+    server: FakeOpenAIServer,
+) -> None:
+    llm = settling(server, 0.2, 0.6)
+    # Hangs past the timeout, then fails: nothing was billed, the error says so.
+    server.configure(mode="hang", hang_s=0.5)
+    failed = Late()
+    with pytest.raises(LLMUnavailable):
+        await llm.complete(ASK, late=failed)
+    await asyncio.wait_for(failed.told.wait(), 5.0)
+    (outcome,) = failed.outcomes
+    assert isinstance(outcome, LLMUnavailable) and not isinstance(outcome, LLMUnsettled)
+    assert outcome.status_code == 504
+    # Hangs past the timeout and the settle time: whether it was billed is not known.
+    server.configure(mode="hang", hang_s=3.0)
+    unknown = Late()
+    with pytest.raises(LLMUnavailable):
+        await llm.complete(ASK, late=unknown)
+    await asyncio.wait_for(unknown.told.wait(), 5.0)
+    assert isinstance(unknown.outcomes[0], LLMUnsettled)
+    await llm.aclose()
+
+
+async def test_settle_zero_keeps_the_old_cut_off(server: FakeOpenAIServer) -> None:
+    server.configure(latency_ms=600)
+    llm = settling(server, 0.2, 0.0)
+    late = Late()
+    with pytest.raises(LLMUnavailable) as caught:
+        await llm.complete(ASK, late=late)
+    assert not caught.value.settling
+    await asyncio.sleep(0.8)
+    assert late.outcomes == []
+    await llm.aclose()
+
+
+async def test_close_waits_for_a_settling_call(server: FakeOpenAIServer) -> None:
+    server.configure(latency_ms=500)
+    llm = settling(server, 0.1, 5.0)
+    late = Late()
+    with pytest.raises(LLMUnavailable):
+        await llm.complete(ASK, late=late)
+    await llm.aclose()
+    assert [type(o) for o in late.outcomes] == [Completion]
 
 
 async def test_nothing_listening_is_unavailable() -> None:

@@ -544,6 +544,23 @@ def test_a_degraded_answer_frees_its_hold_at_once():
     assert state.reserved() == 0
 
 
+def test_a_degraded_answer_whose_call_still_runs_keeps_its_hold_until_the_cost():
+    # The loader gave up on the call at its timeout and answered from a lower tier, but
+    # the endpoint may bill the call: its hold stays until the loader reports the cost.
+    clock = FakeClock()
+    worst = PRICED.task_worst_case("task 0", {})
+    state = _state(max_daily_cost=worst * 1.5, max_concurrent=10)
+    state.handle(_at(clock, 0), clock.now(), PRICED)
+    pending = _done(0).model_copy(update={"meta": {"cost_pending": "true"}})
+    state.handle(pending, clock.now(), PRICED)
+    assert state.in_flight == {} and state.reserved() == worst
+    assert state.handle(_at(clock, 1), clock.now(), PRICED).events == []  # must wait
+    out = state.handle(_cost(0, worst / 3, clock.now()), clock.now(), PRICED).events
+    assert state.spent_today(clock.now()) == worst / 3
+    # r0's hold gave way to its real cost: r1 fits now and holds its own worst case.
+    assert [type(e) for e in out] == [TaskAdmitted] and state.reserved() == worst
+
+
 def test_costs_are_filed_under_the_budgets_clock_not_the_senders():
     clock = FakeClock(datetime(2026, 3, 2, 0, 0, 10, tzinfo=UTC))
     state = _state(max_daily_cost=1.0)

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiokafka.errors import KafkaConnectionError
 
-from services.loader.service import Loader
+from services.loader.service import Loader, _cost_id
 from streams.clock import SystemClock
 from streams.codec import default_codec
 from streams.events import (
@@ -22,7 +22,15 @@ from streams.events import (
     WorkflowStarted,
 )
 from streams.kafka import EventProducer, KafkaSettings
-from streams.llm import InMemoryLLM, LLMSettings, ModelPrice, PriceTable
+from streams.llm import (
+    InMemoryLLM,
+    LLMSettings,
+    LLMUnavailable,
+    LLMUnsettled,
+    ModelPrice,
+    PriceTable,
+    worst_case_usd,
+)
 from streams.runtime import ServiceContext
 
 PRICES = PriceTable({}, ModelPrice(1.0, 2.0))
@@ -194,3 +202,64 @@ async def test_the_answer_goes_out_only_once_the_broker_has_its_cost():
     kinds = [type(e) for e in broker.acked]
     assert kinds.count(LlmCallCompleted) == 1
     assert kinds.index(LlmCallCompleted) < kinds.index(WorkflowCompleted)
+
+
+def llm_tokens(llm: InMemoryLLM) -> int:
+    from streams.llm import _estimate_prompt
+
+    return _estimate_prompt(llm.calls[0].messages)
+
+
+class _GivenUp(InMemoryLLM):
+    """An endpoint that took the call but answers after the caller's timeout: the call
+    raises at the timeout, and its outcome goes to ``late`` a moment later."""
+
+    def __init__(self, outcome: str = "answer") -> None:
+        super().__init__(prices=PRICES)
+        self.outcome = outcome
+
+    async def complete(self, messages: Any, **options: Any) -> Any:
+        late = options.pop("late")
+        finished = await super().complete(messages, **options)
+
+        async def answer_later() -> None:
+            await asyncio.sleep(0.2)
+            if self.outcome == "answer":
+                await late(finished)
+            else:
+                await late(LLMUnsettled("still unanswered"))
+
+        asyncio.get_running_loop().create_task(answer_later())
+        failure = LLMUnavailable("LLM endpoint timed out after 10 s")
+        failure.settling = True
+        raise failure
+
+
+async def test_a_call_given_up_on_at_the_timeout_is_counted_when_it_answers():
+    # chaos seed 8: two answer calls the endpoint billed were given up on at the loader's
+    # timeout and never counted. The run gets its lower-tier answer at once; the budget is
+    # told a cost is pending, and the call's cost comes under the attempt's cost id.
+    llm = _GivenUp()
+    loader, broker = _loader(llm)
+    await loader.handle(_task())
+    (answer,) = [e for e in broker.acked if isinstance(e, WorkflowCompleted)]
+    assert answer.degradation_tier in ("keyword", "static_fallback")
+    assert answer.meta["cost_pending"] == "true"
+    assert [e.ok for e in broker.acked if isinstance(e, LlmCallCompleted)] == [False]
+    await asyncio.sleep(0.5)
+    late = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.ok]
+    (started,) = [e for e in broker.acked if isinstance(e, WorkflowStarted)]
+    assert len(late) == 1 and late[0].cost_usd > 0
+    assert late[0].prompt_tokens == llm_tokens(llm) and late[0].completion_tokens > 0
+    assert late[0].event_id == _cost_id(started.event_id, False)
+    assert loader._settling == set()
+
+
+async def test_a_call_that_never_settles_is_counted_at_its_worst_case():
+    llm = _GivenUp(outcome="unsettled")
+    loader, broker = _loader(llm)
+    await loader.handle(_task())
+    await asyncio.sleep(0.5)
+    (late,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.ok]
+    assert late.cost_usd == worst_case_usd(PRICES, "gpt-4o-mini", llm.calls[0].messages, 512)
+    assert "worst case" in (late.error or "")
