@@ -147,6 +147,7 @@ class LlmCall:
     purpose: str  # answer, spawn_prompt, judge, other
     cost_usd: float
     at: datetime
+    request_id: str | None = None  # the caller's X-Client-Request-Id (a loader call's cost id)
 
 
 @dataclass
@@ -427,6 +428,7 @@ def compute_report(
         "runs_with_repeated_llm_call": sum(1 for n in answer_calls.values() if n > 1),
         "repeated_llm_calls": sum(n - 1 for n in answer_calls.values() if n > 1),
     }
+    cost["answer_calls_by_id"] = reconcile_answer_calls(llm_calls, by_type["llm_call_completed"])
     if index_of is not None:
         cost["runs_with_llm_call"] = len(answer_calls)
         cost["requests_indexed"] = len(index_of)
@@ -478,6 +480,34 @@ def _limit(rows: Mapping[str, Mapping[str, Any]], peak: str, limit: str) -> tupl
 # -- the fake LLM ----------------------------------------------------------------------------
 
 
+def reconcile_answer_calls(calls: Sequence[LlmCall], reports: Sequence[Event]) -> dict[str, Any]:
+    """Answer calls matched one by one: the loader sends each call's cost id as its
+    X-Client-Request-Id, and its cost report (or the one a later attempt files for it)
+    carries the same id. What the endpoint billed and nobody counted, and what was counted
+    (at an estimate: an attempt killed mid-call) that the endpoint never billed."""
+    billed: dict[str, float] = defaultdict(float)
+    for call in calls:
+        if call.purpose == "answer" and call.request_id:
+            billed[call.request_id] += call.cost_usd
+    counted: dict[str, float] = {}
+    for e in reports:
+        if isinstance(e, LlmCallCompleted) and e.purpose == "answer" and e.cost_usd > 0:
+            counted[e.event_id] = e.cost_usd  # counted once per id, as the budget does
+    not_counted = [i for i in billed if i not in counted]
+    not_billed = [i for i in counted if i not in billed]
+    differ = [i for i in billed if i in counted and abs(billed[i] - counted[i]) > 1e-9]
+    return {
+        "billed_without_id": sum(1 for c in calls if c.purpose == "answer" and not c.request_id),
+        "billed_not_counted": len(not_counted),
+        "billed_not_counted_usd": round(sum(billed[i] for i in not_counted), 6),
+        "counted_not_billed": len(not_billed),
+        "counted_not_billed_usd": round(sum(counted[i] for i in not_billed), 6),
+        "amount_differs": len(differ),
+        "examples_not_counted": not_counted[:5],
+        "examples_not_billed": not_billed[:5],
+    }
+
+
 class LlmLedger:
     """The fake LLM's answers: fixed usage, and a record of every call it answered."""
 
@@ -489,7 +519,7 @@ class LlmLedger:
         self.calls: list[LlmCall] = []
 
     def respond(self, body: dict[str, Any]) -> tuple[str, Any, dict[str, str]]:
-        from local.fake_openai import Usage
+        from local.fake_openai import Usage, client_request_id
         from streams.llm import default_answer
 
         messages = [
@@ -520,6 +550,7 @@ class LlmLedger:
             purpose=purpose,
             cost_usd=self._prices.cost_usd(model, usage.prompt_tokens, usage.completion_tokens),
             at=datetime.now(UTC),
+            request_id=client_request_id(),
         )
         with self._lock:
             self.calls.append(call)
@@ -1187,6 +1218,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                 f" {row.get('paid_usd', 0.0):.4f} / {row.get('counted_usd', 0.0):.4f}",
             )
             for purpose, row in c["by_purpose"].items()
+        ),
+        (
+            "  answer calls by id: billed not counted / counted not billed",
+            "{billed_not_counted} (${billed_not_counted_usd:.4f}) / {counted_not_billed}"
+            " (${counted_not_billed_usd:.4f})".format(**c["answer_calls_by_id"]),
         ),
         ("runs whose LLM call repeated", c["runs_with_repeated_llm_call"]),
         ("repeated LLM calls", c["repeated_llm_calls"]),

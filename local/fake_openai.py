@@ -17,18 +17,28 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from types import TracebackType
 from typing import Any, Literal, get_args
 
 from aiohttp import web
 
-from streams.llm import META_FIELD, default_answer
+from streams.llm import CLIENT_REQUEST_ID_HEADER, META_FIELD, default_answer
+
+_client_request_id: ContextVar[str | None] = ContextVar("client_request_id", default=None)
+
+
+def client_request_id() -> str | None:
+    """The ``X-Client-Request-Id`` of the request being answered (for a responder)."""
+    return _client_request_id.get()
+
 
 __all__ = [
     "FakeBehaviour",
     "FakeOpenAIServer",
     "Mode",
+    "client_request_id",
     "Responder",
     "Usage",
     "main",
@@ -365,6 +375,7 @@ class FakeOpenAIServer:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         # Waiting for the body is the client's time; the clock starts once it is here.
         raw = await request.read()
+        _client_request_id.set(request.headers.get(CLIENT_REQUEST_ID_HEADER))
         started = time.perf_counter()
         mode, behaviour = self._take_mode()
         latency_s = behaviour.latency_ms / 1000.0

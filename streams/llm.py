@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import openai
 
 __all__ = [
+    "CLIENT_REQUEST_ID_HEADER",
     "DEFAULT_PRICES",
     "META_FIELD",
     "Completion",
@@ -49,6 +50,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
+"""The header a call's own id travels in (OpenAI's name for a caller-chosen request id)."""
 
 META_FIELD = "x_orchestrator"
 """Top-level response field whose string values become :attr:`Completion.meta`."""
@@ -311,6 +315,8 @@ class LLMClient(Protocol):
     raises :class:`LLMUnavailable` at the timeout as usual, and the call goes on (up to
     the settle time); ``late`` then gets its :class:`Completion` (the endpoint billed it),
     its error, or :class:`LLMUnsettled` when it ran out of time as well.
+    ``request_id`` goes to the endpoint as ``X-Client-Request-Id`` (OpenAI logs it with
+    the request), so what the endpoint billed can be matched to what was counted.
     """
 
     async def complete(
@@ -321,6 +327,7 @@ class LLMClient(Protocol):
         model: str | None = None,
         max_tokens: int | None = None,
         late: LateOutcome | None = None,
+        request_id: str | None = None,
     ) -> Completion: ...
 
     async def aclose(self) -> None: ...
@@ -381,11 +388,14 @@ class OpenAILLM:
         model: str | None = None,
         max_tokens: int | None = None,
         late: LateOutcome | None = None,
+        request_id: str | None = None,
     ) -> Completion:
         import openai
 
         wanted = model or self.settings.model
         extra: dict[str, Any] = {} if max_tokens is None else {"max_tokens": max_tokens}
+        if request_id is not None:
+            extra["extra_headers"] = {CLIENT_REQUEST_ID_HEADER: request_id}
         started = self._clock.monotonic()
         timeout_s = self.settings.timeout_s
         if self.settings.settle_s <= 0:
@@ -581,6 +591,7 @@ class LLMCall:
     temperature: float
     model: str
     max_tokens: int | None
+    request_id: str | None = None
 
 
 class InMemoryLLM:
@@ -627,12 +638,15 @@ class InMemoryLLM:
         model: str | None = None,
         max_tokens: int | None = None,
         late: LateOutcome | None = None,
+        request_id: str | None = None,
     ) -> Completion:
         # No timeout of its own: nothing is ever given up on, so ``late`` is never called.
         if self.closed:
             raise RuntimeError("InMemoryLLM used after aclose()")
         wanted = model or self.model
-        self.calls.append(LLMCall([dict(m) for m in messages], temperature, wanted, max_tokens))
+        self.calls.append(
+            LLMCall([dict(m) for m in messages], temperature, wanted, max_tokens, request_id)
+        )
         started = self._clock.monotonic()
         if self.delay_s:
             await asyncio.sleep(self.delay_s)

@@ -461,6 +461,7 @@ class Loader:
                 model=model,
                 max_tokens=self.max_tokens,
                 late=settled,
+                request_id=_cost_id(attempt, legacy),
             )
         except (LLMUnavailable, LLMRejected) as exc:
             if exc.settling:

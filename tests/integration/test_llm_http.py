@@ -18,6 +18,7 @@ from aiohttp import web
 from local.fake_openai import (
     FakeOpenAIServer,
     Usage,
+    client_request_id,
     remote_control,
     remote_stats,
     subprocess_server,
@@ -351,6 +352,21 @@ async def test_close_waits_for_a_settling_call(server: FakeOpenAIServer) -> None
         await llm.complete(ASK, late=late)
     await llm.aclose()
     assert [type(o) for o in late.outcomes] == [Completion]
+
+
+async def test_the_callers_request_id_reaches_the_endpoint() -> None:
+    seen: list[str | None] = []
+
+    def respond(body: dict[str, Any]) -> tuple[str, Usage, dict[str, str]]:
+        seen.append(client_request_id())
+        return "ok", Usage(3, 1), {}
+
+    async with FakeOpenAIServer(port=0, responder=respond) as srv:
+        llm = llm_for(srv)
+        await llm.complete(ASK, request_id="cost-123")
+        await llm.complete(ASK)
+        await llm.aclose()
+    assert seen == ["cost-123", None]
 
 
 async def test_nothing_listening_is_unavailable() -> None:

@@ -18,6 +18,7 @@ from bench.chaos import (
     goals_for,
     make_schedule,
     print_report,
+    reconcile_answer_calls,
 )
 from streams.events import (
     AgentSpawned,
@@ -253,6 +254,25 @@ def test_the_fake_llm_ledger_bills_each_answered_call_by_purpose_and_request():
     ]
     # 100 prompt tokens at $40/M and 20 completion tokens at $120/M
     assert abs(ledger.calls[0].cost_usd - (100 * 40 + 20 * 120) / 1e6) < 1e-12
+
+
+def test_answer_calls_are_matched_to_their_cost_reports_by_request_id():
+    def report(cost_id: str, usd: float) -> LlmCallCompleted:
+        return _cost("r1", usd, 1).model_copy(update={"event_id": cost_id})
+
+    calls = [
+        LlmCall("g", 1, "answer", 0.01, at(1), "c1"),  # billed and counted
+        LlmCall("g", 1, "answer", 0.01, at(2), "c2"),  # billed, never counted
+        LlmCall("g", 2, "answer", 0.02, at(3), "c4"),  # counted at another amount
+        LlmCall("g", 2, "judge", 0.05, at(3), None),  # not an answer: not matched
+    ]
+    reports = [report("c1", 0.01), report("c1", 0.01), report("c3", 0.01), report("c4", 0.03)]
+    out = reconcile_answer_calls(calls, reports)
+    assert out["billed_not_counted"] == 1 and out["billed_not_counted_usd"] == 0.01
+    assert out["examples_not_counted"] == ["c2"]
+    # c3: an attempt killed mid-call, counted at an estimate, whose call was never billed
+    assert out["counted_not_billed"] == 1 and out["examples_not_billed"] == ["c3"]
+    assert out["amount_differs"] == 1 and out["billed_without_id"] == 0
 
 
 def test_daily_caps_scale_with_the_length_and_rate_of_the_run():

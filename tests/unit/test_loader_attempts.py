@@ -252,6 +252,8 @@ async def test_a_call_given_up_on_at_the_timeout_is_counted_when_it_answers():
     assert len(late) == 1 and late[0].cost_usd > 0
     assert late[0].prompt_tokens == llm_tokens(llm) and late[0].completion_tokens > 0
     assert late[0].event_id == _cost_id(started.event_id, False)
+    # ... the id the call itself carried to the endpoint (X-Client-Request-Id)
+    assert llm.calls[0].request_id == late[0].event_id
     assert loader._settling == set()
 
 
