@@ -72,9 +72,20 @@ _PROXIES = frozenset(
 GRANTS: Mapping[str, Vars] = {
     # The LLM endpoint and its key, the model settings, and the HTTP proxies to reach it.
     "llm": Vars(names=_PROXIES, prefixes=("OPENAI_", "ORCH_LLM_", "ORCH_JUDGE_")),
-    # What an LLM call may cost, without the endpoint or its key: the budget holds a
-    # call's worst case (its max_tokens and prompt at the dearest price) before it runs.
-    "prices": Vars(names=frozenset({"ORCH_LLM_PRICES", "ORCH_LLM_MAX_TOKENS", "ORCH_LLM_TIMEOUT"})),
+    # What an LLM call may cost and which models agents may use, without the endpoint or
+    # its key: the budget holds a call's worst case (its max_tokens and prompt at the
+    # dearest price) before it runs; the router chooses a model with the specialty.
+    "prices": Vars(
+        names=frozenset(
+            {
+                "ORCH_LLM_PRICES",
+                "ORCH_LLM_MODELS",
+                "ORCH_LLM_MODEL",
+                "ORCH_LLM_MAX_TOKENS",
+                "ORCH_LLM_TIMEOUT",
+            }
+        )
+    ),
     # The ClickHouse server (CLICKHOUSE_URL carries its password) and the client's settings.
     "clickhouse": Vars(names=_PROXIES, prefixes=("CLICKHOUSE_",)),
     # Slack's signing secret and bot token, and who may use /improve.
@@ -86,7 +97,7 @@ SERVICE_GRANTS: Mapping[str, frozenset[str]] = {
     "budget": frozenset({"prices"}),  # worst-case holds; never the LLM key
     "spawner": frozenset({"llm"}),  # writes a new agent's prompt
     "loader": frozenset({"llm"}),  # answers
-    "router": frozenset(),
+    "router": frozenset({"prices"}),  # chooses a model with the specialty
     "improvement": frozenset({"llm", "slack"}),  # the judge and prompt rewrites; /improve
     "gateway": frozenset(),  # HTTP in front of the SDK: no LLM key, no ClickHouse
     "fake-llm": frozenset(),

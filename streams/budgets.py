@@ -47,6 +47,7 @@ def budget_view(report: BudgetReported, clock: Clock | None = None) -> dict[str,
         "spent_today": 0.0 if stale else report.spent_today,
         "held": report.held,
         "day": today if stale else report.day,
+        "cost_weight": report.cost_weight,
     }
 
 

@@ -330,20 +330,21 @@ class OrchestratorClient(AsyncLifecycle):
     async def set_budget(
         self, goal_id: str, *, user_id: str | None = None, **limits: Any
     ) -> BudgetUpdateRequested:
-        """Change a goal's limits: max_agents, max_concurrent, max_daily_cost.
+        """Change a goal's limits: max_agents, max_concurrent, max_daily_cost, and its
+        cost_weight (quality given up per USD of an answer, for the router).
 
         ``user_id`` (default ``ORCH_OPERATOR_USER``, else ``operator``) must be an operator:
         named in the budget service's ``ORCH_OPERATORS`` or holding an operator key.
         """
         user_id = user_id or OperatorSettings.read("operator_user")
-        allowed = {"max_agents", "max_concurrent", "max_daily_cost"}
+        allowed = {"max_agents", "max_concurrent", "max_daily_cost", "cost_weight"}
         unknown = sorted(set(limits) - allowed)
         if unknown:
             raise InvalidRequest(
                 f"unknown budget field(s) {', '.join(unknown)}; use {', '.join(sorted(allowed))}"
             )
         if not any(v is not None for v in limits.values()):
-            raise InvalidRequest("give at least one of max_agents, max_concurrent, max_daily_cost")
+            raise InvalidRequest(f"give at least one of {', '.join(sorted(allowed))}")
         try:
             event = BudgetUpdateRequested(
                 source=self.source,

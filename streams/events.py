@@ -210,6 +210,8 @@ class RouteDecided(Event):
     # streams.signatures keys of the request: exact (response cache) and pattern.
     request_key: str = ""
     signature: str = ""
+    # The model the chosen agent answers with (None: the platform's one model).
+    model: str | None = None
 
 
 class SpawnRequested(Event):
@@ -220,6 +222,8 @@ class SpawnRequested(Event):
     specialty: str
     message: str = ""
     context: dict[str, str] = Field(default_factory=dict)
+    # The model the new agent is to answer with (None: the platform's one model).
+    model: str | None = None
 
 
 class SpawnApproved(Event):
@@ -231,6 +235,7 @@ class SpawnApproved(Event):
     message: str = ""
     context: dict[str, str] = Field(default_factory=dict)
     agents_after: int = 0
+    model: str | None = None
 
 
 class SpawnDenied(Event):
@@ -241,6 +246,7 @@ class SpawnDenied(Event):
     specialty: str
     limit: Limit
     detail: str
+    model: str | None = None
 
 
 class AgentSpawned(Event):
@@ -410,6 +416,9 @@ class BudgetUpdateRequested(Event):
     max_agents: int | None = Field(default=None, ge=0)
     max_concurrent: int | None = Field(default=None, ge=0)
     max_daily_cost: float | None = Field(default=None, ge=0)
+    # Quality given up per USD of an answer's cost: the router maximises
+    # quality - cost_weight * cost_usd for this goal.
+    cost_weight: float | None = Field(default=None, ge=0, le=1_000_000)
 
 
 class FeedbackReceived(Event):
@@ -432,6 +441,8 @@ class WorkflowAssessed(Event):
     specialty: str
     quality: float
     method: Literal["judge", "heuristic", "world"] = "heuristic"
+    # What the assessed answer cost (its LLM call), so quality can be weighed against it.
+    cost_usd: float = 0.0
 
 
 class PatternDiscovered(Event):
@@ -626,6 +637,7 @@ class BudgetReported(Event):
     spent_today: float
     held: float
     day: str
+    cost_weight: float = 0.0
 
 
 class DeadLetter(Event):

@@ -6,12 +6,15 @@ import asyncio
 import json
 import logging
 import math
+import os
 import re
 import zlib
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, cast, runtime_checkable
+
+from pydantic import model_validator
 
 from streams.clock import Clock, SystemClock
 from streams.errors import OrchestratorError
@@ -36,7 +39,9 @@ __all__ = [
     "LLMUnavailable",
     "LLMUnsettled",
     "LateOutcome",
+    "ModelEndpoints",
     "ModelPrice",
+    "ModelSpec",
     "OpenAILLM",
     "REDACTED",
     "PriceTable",
@@ -45,6 +50,7 @@ __all__ = [
     "create_llm",
     "default_answer",
     "estimate_tokens",
+    "parse_models",
     "redact_secrets",
     "worst_case_usd",
 ]
@@ -154,7 +160,76 @@ class PriceTable:
         return (prompt_tokens * price.input_per_m + completion_tokens * price.output_per_m) / 1e6
 
 
-def _parse_price(name: str, value: object) -> ModelPrice:
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model the platform may route to: its name, price and (optionally) its own endpoint."""
+
+    name: str
+    price: ModelPrice
+    base_url: str | None = None
+
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}$")
+
+
+def parse_models(text: str) -> tuple[ModelSpec, ...]:
+    """``ORCH_LLM_MODELS``: ``name=input/output`` items separated by commas (USD per 1M
+    tokens), each optionally followed by ``@base_url``; or a JSON list of
+    ``{"name", "input", "output", "base_url"?}`` objects."""
+    where = "ORCH_LLM_MODELS"
+    text = text.strip()
+    if not text:
+        return ()
+    items: list[tuple[str, object, str | None]] = []
+    if text.startswith("["):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, list):
+            raise ValueError(f"{where} must be a JSON list of models")
+        for i, entry in enumerate(raw):
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                raise ValueError(f"{where}[{i}] must be an object with a string name")
+            url = entry.get("base_url")
+            if url is not None and not isinstance(url, str):
+                raise ValueError(f"{where}[{i}].base_url must be a string")
+            unknown = set(entry) - {"name", "input", "output", "base_url"}
+            if unknown:
+                raise ValueError(f"{where}[{i}] has unknown fields {sorted(unknown)}")
+            items.append((entry["name"], [entry.get("input"), entry.get("output")], url))
+    else:
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            name, eq, rest = part.partition("=")
+            amounts, at, url = rest.partition("@")
+            numbers = amounts.split("/")
+            if not eq or len(numbers) != 2:
+                raise ValueError(
+                    f"{where}: {part!r} is not name=input/output[@base_url]"
+                    " (USD per 1M tokens, e.g. gpt-4o-mini=0.15/0.60)"
+                )
+            try:
+                pair: object = [float(n) for n in numbers]
+            except ValueError:
+                raise ValueError(
+                    f"{where}: the price of {name.strip()!r} is not two numbers"
+                ) from None
+            items.append((name.strip(), pair, url.strip() if at else None))
+    specs: list[ModelSpec] = []
+    for label, cost, url in items:
+        if not _MODEL_NAME.match(label):
+            raise ValueError(f"{where}: {label!r} is not a model name")
+        if any(s.name == label for s in specs):
+            raise ValueError(f"{where}: {label!r} is listed twice")
+        if url is not None and not re.match(r"^https?://\S+$", url):
+            raise ValueError(f"{where}: the endpoint of {label!r} is not an http(s) URL")
+        specs.append(ModelSpec(label, _parse_price(label, cost, where), url))
+    return tuple(specs)
+
+
+def _parse_price(name: str, value: object, where: str = "ORCH_LLM_PRICES") -> ModelPrice:
     if isinstance(value, dict):
         value = [value.get("input"), value.get("output")]
     if (
@@ -164,7 +239,7 @@ def _parse_price(name: str, value: object) -> ModelPrice:
     ):
         return ModelPrice(float(value[0]), float(value[1]))
     raise ValueError(
-        f"ORCH_LLM_PRICES[{name!r}]: want [input, output] or "
+        f"{where}[{name!r}]: want [input, output] or "
         f'{{"input": x, "output": y}} in USD per 1M tokens, got {value!r}'
     )
 
@@ -227,6 +302,20 @@ class LLMSettings(EnvSettings):
         read_by="spawner, loader, improvement, budget",
         gt=0,
     )
+    models: tuple[ModelSpec, ...] = setting(
+        "ORCH_LLM_MODELS",
+        (),
+        "Models the router may choose between, with their prices: "
+        "`name=input/output[@base_url]` separated by commas (USD per 1M tokens; a model with "
+        "`@base_url` is called at its own OpenAI-compatible endpoint, with the same key), or a "
+        'JSON list of `{"name", "input", "output", "base_url"}`. Their prices override '
+        "`ORCH_LLM_PRICES`. With two or more, the router learns which (specialty, model) serves "
+        "each request best for its goal's cost weight (`orchestrator budget set --cost-weight`)"
+        " and the spawner makes agents on the chosen model; unset or one model: every agent "
+        "uses `ORCH_LLM_MODEL`.",
+        read_by="router, spawner, loader, budget (prices)",
+        shown="unset (one model: `ORCH_LLM_MODEL`)",
+    )
     settle_s: float = setting(
         "ORCH_LLM_SETTLE_SECONDS",
         120.0,
@@ -275,6 +364,34 @@ class LLMSettings(EnvSettings):
     )
 
     _prices = parsed("prices", _table_for)
+    _models = parsed("models", parse_models)
+
+    @model_validator(mode="after")
+    def _model_prices(self) -> Self:
+        if self.models:
+            merged = {**self.prices.prices, **{m.name: m.price for m in self.models}}
+            object.__setattr__(self, "prices", PriceTable(merged, self.prices.default))
+        return self
+
+    @classmethod
+    def price_table(cls, environ: Mapping[str, str] | None = None) -> PriceTable:
+        """The prices from ``ORCH_LLM_PRICES`` and ``ORCH_LLM_MODELS`` alone."""
+        source = os.environ if environ is None else environ
+        names = ("ORCH_LLM_PRICES", "ORCH_LLM_MODELS")
+        prices: PriceTable = cls.from_env({k: source[k] for k in names if k in source}).prices
+        return prices
+
+    @property
+    def default_model(self) -> str:
+        """An agent's model when nothing chose one: ``ORCH_LLM_MODEL`` if offered, else the
+        first of ``ORCH_LLM_MODELS``."""
+        names = self.model_names
+        return self.model if self.model in names else names[0]
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The models agents may use: ``ORCH_LLM_MODELS``, or the one ``ORCH_LLM_MODEL``."""
+        return tuple(m.name for m in self.models) or (self.model,)
 
     @property
     def configured(self) -> bool:
@@ -694,4 +811,29 @@ class InMemoryLLM:
 def create_llm(settings: LLMSettings | None = None, clock: Clock | None = None) -> LLMClient | None:
     """The configured endpoint, or None when none is configured (the platform then degrades)."""
     settings = settings or LLMSettings.from_env()
-    return OpenAILLM(settings, clock) if settings.configured else None
+    if not settings.configured:
+        return None
+    default = OpenAILLM(settings, clock)
+    own = {
+        m.name: OpenAILLM(settings.model_copy(update={"base_url": m.base_url}), clock)
+        for m in settings.models
+        if m.base_url
+    }
+    return ModelEndpoints(default, own) if own else default
+
+
+class ModelEndpoints:
+    """Calls each model with an endpoint of its own (``ORCH_LLM_MODELS``) there, the others at
+    the platform's endpoint."""
+
+    def __init__(self, default: LLMClient, by_model: Mapping[str, LLMClient]) -> None:
+        self.default = default
+        self.by_model = dict(by_model)
+
+    async def complete(self, messages: list[dict[str, str]], **options: Any) -> Completion:
+        client = self.by_model.get(options.get("model") or "", self.default)
+        return await client.complete(messages, **options)
+
+    async def aclose(self) -> None:
+        for client in (self.default, *self.by_model.values()):
+            await client.aclose()

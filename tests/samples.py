@@ -3,6 +3,7 @@ producer that records what a service sends (for unit tests of a service's handle
 
 from __future__ import annotations
 
+import asyncio
 import types
 import typing
 import uuid
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, get_args, get_origin
 
 from streams.events import Event
+from streams.llm import InMemoryLLM, LLMUnavailable, LLMUnsettled, PriceTable
 
 E = typing.TypeVar("E", bound=Event)
 
@@ -73,3 +75,26 @@ class RecordingProducer:
 
     def of(self, kind: type[E]) -> list[E]:
         return [e for e in self.sent if isinstance(e, kind)]
+
+
+class GivenUpLLM(InMemoryLLM):
+    """An endpoint that took the call but answers after the caller's timeout: the call
+    raises (settling) at the timeout, and its outcome goes to ``late`` a moment later:
+    the answer (``outcome="answer"``) or an unknown end (``"unsettled"``)."""
+
+    def __init__(self, prices: PriceTable | None = None, outcome: str = "answer") -> None:
+        super().__init__(prices=prices)
+        self.outcome = outcome
+
+    async def complete(self, messages: Any, **options: Any) -> Any:
+        late = options.pop("late")
+        finished = await super().complete(messages, **options)
+
+        async def answer_later() -> None:
+            await asyncio.sleep(0.2)
+            await late(finished if self.outcome == "answer" else LLMUnsettled("unanswered"))
+
+        asyncio.get_running_loop().create_task(answer_later())
+        failure = LLMUnavailable("LLM endpoint timed out after 10 s")
+        failure.settling = True
+        raise failure

@@ -123,7 +123,7 @@ class BudgetDefaults:
             task_reserve_usd=budget.task_reserve_usd,
             max_queue=budget.max_queue,
             lease_seconds=budget.lease_seconds,
-            prices=LLMSettings.read("prices"),
+            prices=LLMSettings.price_table(),
             max_tokens=LLMSettings.read("max_tokens"),
             system_prompt_tokens=budget.system_prompt_tokens,
             llm_timeout_s=LLMSettings.read("timeout_s"),
@@ -228,6 +228,8 @@ class BudgetState:
     seen: deque[str] = field(default_factory=lambda: deque(maxlen=_SEEN_LIMIT))
     # newest occurred_at read for the goal (lease time)
     event_time: str = ""
+    # quality given up per USD of an answer (the router's objective for this goal)
+    cost_weight: float = 0.0
     runs: RunStore = field(default_factory=RunStore, repr=False, compare=False)
 
     # -- persistence (Faust table value, JSON) ------------------------------
@@ -262,6 +264,7 @@ class BudgetState:
             "spend": dict(self.spend),
             "seen": list(self.seen),
             "event_time": self.event_time,
+            "cost_weight": self.cost_weight,
         }
 
     @classmethod
@@ -306,6 +309,7 @@ class BudgetState:
             spends=OrderedDict((k, list(v)) for k, v in data.get("spends", [])),
             spend={k: float(v) for k, v in data.get("spend", {}).items()},
             event_time=str(data.get("event_time", "")),
+            cost_weight=float(data.get("cost_weight", 0.0)),
             runs=runs,
         )
         state.seen.extend(data.get("seen", []))
@@ -341,6 +345,7 @@ class BudgetState:
             "spent_today": round(self.spent_today(now), 6),
             "held": round(self.reserved(), 6),
             "day": utc_day(now),
+            "cost_weight": self.cost_weight,
         }
 
     # -- rules ---------------------------------------------------------------
@@ -838,6 +843,8 @@ class BudgetState:
             self.max_concurrent = e.max_concurrent
         if e.max_daily_cost is not None:
             self.max_daily_cost = e.max_daily_cost
+        if e.cost_weight is not None:
+            self.cost_weight = e.cost_weight
 
     def _expire(self, now: datetime, defaults: BudgetDefaults) -> None:
         t = self._lease_now(now)

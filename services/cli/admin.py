@@ -163,6 +163,13 @@ def budget_set(
     max_agents: Annotated[int | None, typer.Option(help="Agents the goal may have.")] = None,
     max_concurrent: Annotated[int | None, typer.Option(help="Tasks running at once.")] = None,
     max_daily_cost: Annotated[float | None, typer.Option(help="USD per UTC day.")] = None,
+    cost_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Quality (0-1) the goal gives up per USD of an answer: the router picks the"
+            " specialty and model with the best quality - W x cost (0: quality only).",
+        ),
+    ] = None,
     as_user: Annotated[
         str | None,
         typer.Option(
@@ -178,11 +185,13 @@ def budget_set(
         "max_agents": max_agents,
         "max_concurrent": max_concurrent,
         "max_daily_cost": max_daily_cost,
+        "cost_weight": cost_weight,
     }
     limits = {k: v for k, v in given.items() if v is not None}
     if not limits:
         fail(
-            "nothing to set: give --max-agents, --max-concurrent and/or --max-daily-cost",
+            "nothing to set: give --max-agents, --max-concurrent, --max-daily-cost and/or"
+            " --cost-weight",
             EXIT_INVALID,
             as_json=as_json,
         )

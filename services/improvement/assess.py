@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from streams.events import WorkflowCompleted
-from streams.llm import Completion, LLMClient, LLMError
+from streams.llm import Completion, LateOutcome, LLMClient, LLMError
 from streams.signatures import intent_words
 
 __all__ = [
@@ -56,6 +56,9 @@ class Assessment:
     method: Method
     judge_call: Completion | None = None
     judge_error: str | None = None
+    # The judge's call was given up on at the timeout and goes on: its cost is reported
+    # to ``late`` when it ends, not with this assessment.
+    judge_settling: bool = False
 
 
 JUDGE_MAX_TOKENS = 16
@@ -126,9 +129,15 @@ class Assessor:
         return world_quality(event.meta) is None and event.degradation_tier not in DEGRADED_QUALITY
 
     async def assess(
-        self, event: WorkflowCompleted, message: str, *, may_spend: bool = True
+        self,
+        event: WorkflowCompleted,
+        message: str,
+        *,
+        may_spend: bool = True,
+        late: LateOutcome | None = None,
     ) -> Assessment:
-        """``may_spend`` False: the run's goal cannot pay for a judge today (heuristic)."""
+        """``may_spend`` False: the run's goal cannot pay for a judge today (heuristic).
+        ``late`` learns how a judge call given up on at the timeout ended."""
         world = world_quality(event.meta)
         if world is not None:
             return Assessment(world, "world")
@@ -142,9 +151,15 @@ class Assessor:
                 temperature=0.0,
                 model=self.model,
                 max_tokens=JUDGE_MAX_TOKENS,
+                late=late,
             )
         except LLMError as exc:
-            return Assessment(heuristic, "heuristic", judge_error=f"{type(exc).__name__}: {exc}")
+            return Assessment(
+                heuristic,
+                "heuristic",
+                judge_error=f"{type(exc).__name__}: {exc}",
+                judge_settling=exc.settling,
+            )
         grade = parse_grade(call.text)
         if grade is None:
             return Assessment(

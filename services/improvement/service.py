@@ -89,6 +89,7 @@ from streams.llm import (
     LLMClient,
     LLMError,
     LLMSettings,
+    LLMUnsettled,
     PriceTable,
     create_llm,
     worst_case_usd,
@@ -330,7 +331,15 @@ class ImprovementService:
             JUDGE_MAX_TOKENS,
             cause=attempt,
         )
-        result = await self.assessor.assess(event, message, may_spend=may_spend)
+        asked = judge_messages(message, event.text)
+
+        async def judged_late(outcome: Completion | LLMError) -> None:
+            # The judge's call went on past the timeout; the run was assessed without it.
+            # What it cost is counted now, under the attempt's one cost id.
+            late = self._judge_report(event, attempt, asked, outcome)
+            await self.ctx.producer.deliver([late], what=f"the late judge cost of {event.run_id}")
+
+        result = await self.assessor.assess(event, message, may_spend=may_spend, late=judged_late)
         now = self.ctx.clock.now()
         out: list[Event] = [
             WorkflowAssessed(
@@ -343,10 +352,13 @@ class ImprovementService:
                 specialty=event.specialty,
                 quality=result.quality,
                 method=result.method,
+                cost_usd=event.cost_usd,
                 occurred_at=now,
             )
         ]
-        if result.judge_call is not None or result.judge_error is not None:
+        if not result.judge_settling and (
+            result.judge_call is not None or result.judge_error is not None
+        ):
             out.append(
                 self._llm_call(
                     event.run_id,
@@ -376,6 +388,25 @@ class ImprovementService:
             self._assessed.popitem(last=False)
         return out
 
+    def _judge_report(
+        self,
+        event: WorkflowCompleted,
+        attempt: str,
+        asked: list[dict[str, str]],
+        outcome: Completion | LLMError,
+    ) -> LlmCallCompleted:
+        """The report of a judge call that ended after its caller gave up on it."""
+        call = outcome if isinstance(outcome, Completion) else None
+        error = None if call else f"{type(outcome).__name__}: {outcome}"
+        worst = None
+        if isinstance(outcome, LLMUnsettled):
+            # Whether the endpoint billed it is not known: counted at its worst case.
+            model = self.config.judge_model or self.model
+            worst = worst_case_usd(self.prices, model, asked, JUDGE_MAX_TOKENS)
+        return self._llm_call(
+            event.run_id, event.goal_id, "judge", call, error, cause=attempt, counted_at=worst
+        )
+
     def _llm_call(
         self,
         run_id: str,
@@ -385,7 +416,10 @@ class ImprovementService:
         error: str | None,
         *,
         cause: str,
+        counted_at: float | None = None,
     ) -> LlmCallCompleted:
+        """The report of a platform call: ``call``'s cost, or (no call) ``counted_at`` for a
+        call whose outcome is not known, or nothing."""
         # Judging an answer and rewriting feedback serve one goal's run: that goal pays,
         # within its max_daily_cost, like its own answers.
         event = LlmCallCompleted(
@@ -399,9 +433,9 @@ class ImprovementService:
             purpose=purpose,
             prompt_tokens=call.prompt_tokens if call else 0,
             completion_tokens=call.completion_tokens if call else 0,
-            cost_usd=call.cost_usd if call else 0.0,
+            cost_usd=call.cost_usd if call else (counted_at or 0.0),
             latency_ms=call.latency_ms if call else 0.0,
-            ok=call is not None,
+            ok=call is not None or counted_at is not None,
             error=None if call is not None else (error or "")[:500],
             occurred_at=self.ctx.clock.now(),
         )

@@ -24,6 +24,8 @@ from streams.specialties import classify, tokens
 
 __all__ = [
     "Choice",
+    "arm_name",
+    "split_arm",
     "Features",
     "LearnedPolicy",
     "Policy",
@@ -59,9 +61,23 @@ def features_of(message: str) -> Features:
     return Features(words, guess)
 
 
+def arm_name(specialty: str, model: str | None) -> str:
+    """The policy's name for serving with ``specialty`` on ``model``: the specialty alone
+    when the platform has one model (None), ``specialty@model`` when it routes between
+    several."""
+    return f"{specialty}@{model}" if model else specialty
+
+
+def split_arm(arm: str) -> tuple[str, str | None]:
+    """:func:`arm_name` read back: (specialty, model or None)."""
+    specialty, at, model = arm.partition("@")
+    return specialty, (model if at else None)
+
+
 @dataclass(frozen=True)
 class Choice:
     specialty: str
+    """The arm chosen: a specialty, or ``specialty@model`` (see :func:`arm_name`)."""
     probability: float
     scores: dict[str, float]
 
@@ -72,9 +88,13 @@ class Policy(Protocol):
     @property
     def version(self) -> int: ...
 
-    def choose(self, features: Features, arms: list[str]) -> Choice: ...
+    def choose(self, features: Features, arms: list[str], cost_weight: float = 0.0) -> Choice:
+        """The arm to serve with; ``cost_weight``: quality given up per USD of an answer."""
+        ...
 
-    def update(self, features: Features, arm: str, reward: float) -> None: ...
+    def update(self, features: Features, arm: str, reward: float, cost: float = 0.0) -> None:
+        """What serving with ``arm`` gave: its quality (``reward``) and its cost in USD."""
+        ...
 
 
 class StaticPolicy:
@@ -83,28 +103,37 @@ class StaticPolicy:
     name = "static"
     version = 1
 
-    def choose(self, features: Features, arms: list[str]) -> Choice:
+    def choose(self, features: Features, arms: list[str], cost_weight: float = 0.0) -> Choice:
         guess = features.keyword_guess
-        pick = guess if guess in arms or not arms else _fallback(arms)
+        # The guessed specialty on the first model the arms list (the platform's own).
+        pick = next((a for a in arms if split_arm(a)[0] == guess), None)
+        if pick is None:
+            pick = _fallback(arms) if arms else guess
         return Choice(pick, 1.0, {a: float(a == pick) for a in arms})
 
-    def update(self, features: Features, arm: str, reward: float) -> None:
+    def update(self, features: Features, arm: str, reward: float, cost: float = 0.0) -> None:
         return None
 
 
 def _fallback(arms: list[str]) -> str:
-    return "general" if "general" in arms else sorted(arms)[0]
+    general = [a for a in arms if split_arm(a)[0] == "general"]
+    return general[0] if general else sorted(arms)[0]
 
 
 @dataclass
 class _Stat:
     n: float = 0.0
     total: float = 0.0
+    cost: float = 0.0  # summed USD of the answers counted in n
 
 
 @dataclass
 class LearnedPolicy:
-    """Epsilon-greedy over per-(word, specialty) mean rewards, shrunk toward each arm's mean.
+    """Epsilon-greedy over per-(word, arm) mean rewards, shrunk toward each arm's mean.
+
+    An arm's value for a goal is its estimated quality minus the goal's cost weight times
+    its estimated cost (both learned the same way), so goals that weigh cost differently
+    share what is learned and still choose for themselves.
 
     ``bonus`` scales an upper-confidence term, ``bonus * sqrt(ln(2 + updates) / (1 + n))``
     with ``n`` the mean number of times the request's words were seen with the
@@ -131,24 +160,28 @@ class LearnedPolicy:
     def epsilon(self) -> float:
         return max(self.epsilon_min, self.epsilon0 / math.sqrt(1.0 + self.updates / 50.0))
 
-    def estimate(self, features: Features, arm: str) -> float:
+    def estimate(self, features: Features, arm: str, cost_weight: float = 0.0) -> float:
         base = self._arm.get(arm)
         arm_mean = (base.total + 0.5) / (base.n + 1.0) if base else 0.5
+        # An arm never tried costs, as far as is known, nothing: optimism about it.
+        arm_cost = base.cost / base.n if base and base.n else 0.0
         words = [w for w in features.words if (w, arm) in self._word]
         if not words:
-            value = arm_mean
+            value, cost = arm_mean, arm_cost
         else:
-            parts = []
+            parts, costs = [], []
             for w in words:
                 st = self._word[(w, arm)]
                 # Few observations lean on the arm's overall mean.
                 parts.append((st.total + self.shrink * arm_mean) / (st.n + self.shrink))
-            value = sum(parts) / len(parts)
+                costs.append((st.cost + self.shrink * arm_cost) / (st.n + self.shrink))
+            value, cost = sum(parts) / len(parts), sum(costs) / len(costs)
         seen = base.n if base else 0.0
         prior = self.keyword_prior / (1.0 + seen / 10.0)
         return (
             value
-            + (prior if arm == features.keyword_guess else 0.0)
+            - cost_weight * cost
+            + (prior if split_arm(arm)[0] == features.keyword_guess else 0.0)
             + self._optimism(features, arm)
         )
 
@@ -165,10 +198,10 @@ class LearnedPolicy:
             n = base.n if base else 0.0
         return self.bonus * math.sqrt(math.log(2.0 + self.updates) / (1.0 + n))
 
-    def choose(self, features: Features, arms: list[str]) -> Choice:
+    def choose(self, features: Features, arms: list[str], cost_weight: float = 0.0) -> Choice:
         if not arms:
             return Choice(features.keyword_guess, 1.0, {})
-        scores = {a: self.estimate(features, a) for a in arms}
+        scores = {a: self.estimate(features, a, cost_weight) for a in arms}
         best = max(arms, key=lambda a: (scores[a], a == features.keyword_guess))
         eps = self.epsilon()
         k = len(arms)
@@ -183,29 +216,32 @@ class LearnedPolicy:
         """What was learned, as plain values (for a snapshot); settings are not state."""
         return {
             "updates": self.updates,
-            "arms": [[a, s.n, s.total] for a, s in self._arm.items()],
-            "words": [[w, a, s.n, s.total] for (w, a), s in self._word.items()],
+            "arms": [[a, s.n, s.total, s.cost] for a, s in self._arm.items()],
+            "words": [[w, a, s.n, s.total, s.cost] for (w, a), s in self._word.items()],
         }
 
     def restore(self, data: dict[str, Any]) -> None:
         """Replace what was learned with a :meth:`dump`."""
         arms: dict[str, _Stat] = defaultdict(_Stat)
         words: dict[tuple[str, str], _Stat] = defaultdict(_Stat)
-        for arm, n, total in data["arms"]:
-            arms[arm] = _Stat(float(n), float(total))
-        for word, arm, n, total in data["words"]:
-            words[(word, arm)] = _Stat(float(n), float(total))
+        # Snapshots from before costs were learned have no cost column.
+        for arm, n, total, *cost in data["arms"]:
+            arms[arm] = _Stat(float(n), float(total), float(cost[0]) if cost else 0.0)
+        for word, arm, n, total, *cost in data["words"]:
+            words[(word, arm)] = _Stat(float(n), float(total), float(cost[0]) if cost else 0.0)
         self.updates, self._arm, self._word = int(data["updates"]), arms, words
 
-    def update(self, features: Features, arm: str, reward: float) -> None:
+    def update(self, features: Features, arm: str, reward: float, cost: float = 0.0) -> None:
         self.updates += 1
         st = self._arm[arm]
         st.n += 1
         st.total += reward
+        st.cost += cost
         for w in features.words:
             ws = self._word[(w, arm)]
             ws.n += 1
             ws.total += reward
+            ws.cost += cost
 
 
 def make_policy(

@@ -26,7 +26,7 @@ from datetime import datetime
 
 from aiokafka.errors import KafkaError
 
-from services.router.policy import Features, LearnedPolicy, Policy, StaticPolicy
+from services.router.policy import Features, LearnedPolicy, Policy, StaticPolicy, arm_name
 from streams.events import Event, RouteDecided, WorkflowAssessed
 from streams.kafka import KafkaSettings
 from streams.registry import read_topics_to_end
@@ -93,7 +93,7 @@ def join_log(events: list[Event], since: datetime | None = None) -> list[Logged]
         out.append(
             Logged(
                 Features.from_list(e.features),
-                e.specialty,
+                arm_name(e.specialty, e.model),
                 e.probability,
                 quality[e.run_id],
                 e.policy,

@@ -18,7 +18,15 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from services.router.automations import AutomationHit, Automations
-from services.router.policy import Features, LearnedPolicy, Policy, features_of, make_policy
+from services.router.policy import (
+    Features,
+    LearnedPolicy,
+    Policy,
+    arm_name,
+    features_of,
+    make_policy,
+    split_arm,
+)
 from services.router.scoring import OutcomeStats, Weights, score_agent
 from services.router.settings import RouterSettings
 from streams.ended import EndedRuns
@@ -26,6 +34,7 @@ from streams.events import (
     AgentRetired,
     AgentSpawned,
     AutomationCreated,
+    BudgetReported,
     Event,
     FailureReason,
     FeedbackReceived,
@@ -42,6 +51,7 @@ from streams.events import (
     terminal_event_id,
 )
 from streams.kafka import Delivery, EventConsumer
+from streams.llm import LLMSettings
 from streams.registry import AgentRecord, RegistryView
 from streams.runtime import ServiceContext
 from streams.signatures import exact_key, signature_of
@@ -68,6 +78,7 @@ def _id(run_id: str, what: str) -> str:
 # are then ignored and the next start folds the whole log.
 SNAPSHOT_VERSION = 1
 KNOWLEDGE_TOPICS = (
+    BudgetReported.topic,
     RouteDecided.topic,
     TaskAdmitted.topic,
     AutomationCreated.topic,
@@ -110,11 +121,28 @@ class Router:
         settings = RouterSettings.from_env()
         self.weights = weights or settings.weights
         self.policy = policy or make_policy(settings=settings)
-        self.arms = list(settings.arms) or list(PROFILES)
+        specialties = list(settings.arms) or list(PROFILES)
+        # With several models the policy chooses (specialty, model): each arm named
+        # `specialty@model`, the platform's own model first.
+        llm = LLMSettings.from_env()
+        names = llm.model_names
+        self.models: tuple[str, ...] = (
+            (llm.default_model, *(m for m in names if m != llm.default_model))
+            if len(names) > 1
+            else ()
+        )
+        self.default_model = llm.default_model
+        self.arms = (
+            [arm_name(s, m) for s in specialties for m in self.models]
+            if self.models
+            else specialties
+        )
+        # goal -> quality it gives up per USD of an answer (the budget's reports)
+        self.cost_weights: dict[str, float] = {}
         # run_id -> what the policy saw and chose, until the outcome's quality is known
         self._decisions: OrderedDict[str, tuple[Features, str] | None] = OrderedDict()
-        # run_id -> quality of an assessment read before its decision
-        self._early_quality: OrderedDict[str, float] = OrderedDict()
+        # run_id -> (quality, cost) of an assessment read before its decision
+        self._early_quality: OrderedDict[str, tuple[float, float]] = OrderedDict()
         self.registry = RegistryView()
         self.automations = Automations()
         self.stats = OutcomeStats()
@@ -133,31 +161,34 @@ class Router:
         if isinstance(event, TaskAdmitted | WorkflowCompleted | WorkflowFailed) and event.run_id:
             self._unanswered.pop(event.run_id, None)
         elif isinstance(event, AgentSpawned | SpawnDenied) and event.goal_id:
-            self._unanswered.pop((event.goal_id, event.specialty), None)
+            self._unanswered.pop((event.goal_id, self._arm_of(event)), None)
+        elif isinstance(event, BudgetReported):
+            self.cost_weights[event.goal_id] = event.cost_weight
         record = self.registry.apply(event)
         self.automations.learn(event)
         if isinstance(event, RouteDecided):
             # Automation-served runs teach the policy too: the policy chose their
             # specialty, and a cached answer scores what that specialty answered.
-            quality = self._early_quality.pop(event.run_id, None)
+            early = self._early_quality.pop(event.run_id, None)
             teaches = event.features and event.policy not in ("forced", "automation")
-            if teaches and quality is not None:
-                self.policy.update(Features.from_list(event.features), event.specialty, quality)
-            elif quality is None:
+            arm = arm_name(event.specialty, event.model)
+            if teaches and early is not None:
+                self.policy.update(Features.from_list(event.features), arm, *early)
+            elif early is None:
                 # None: the run's decision is known and teaches the policy nothing.
                 self._decisions[event.run_id] = (
-                    (Features.from_list(event.features), event.specialty) if teaches else None
+                    (Features.from_list(event.features), arm) if teaches else None
                 )
                 if len(self._decisions) > 100_000:
                     self._decisions.popitem(last=False)
         elif isinstance(event, AgentSpawned) and record is not None:
-            for waiter in self._waiting.pop((record.goal_id, record.specialty), []):
+            for waiter in self._waiting.pop((record.goal_id, self._arm_of(record)), []):
                 if not waiter.future.done():
                     waiter.future.set_result(record)
         elif isinstance(event, AgentRetired):
             pass
         elif isinstance(event, SpawnDenied) and event.goal_id:
-            for waiter in self._waiting.pop((event.goal_id, event.specialty), []):
+            for waiter in self._waiting.pop((event.goal_id, self._arm_of(event)), []):
                 if not waiter.future.done():
                     waiter.future.set_result(event)
         elif isinstance(event, WorkflowCompleted | WorkflowFailed):
@@ -175,11 +206,11 @@ class Router:
             if event.run_id in self._decisions:
                 decided = self._decisions.pop(event.run_id)
                 if decided is not None:
-                    self.policy.update(decided[0], decided[1], event.quality)
+                    self.policy.update(decided[0], decided[1], event.quality, event.cost_usd)
             else:
                 # Catching up after a restart reads the topics side by side: the
                 # assessment may come before its decision. Keep it until then.
-                self._early_quality[event.run_id] = event.quality
+                self._early_quality[event.run_id] = (event.quality, event.cost_usd)
                 if len(self._early_quality) > 100_000:
                     self._early_quality.popitem(last=False)
         elif isinstance(event, FeedbackReceived):
@@ -195,11 +226,12 @@ class Router:
                 [run, *(d[0].as_list(), d[1])] if d is not None else [run]
                 for run, d in self._decisions.items()
             ],
-            "early_quality": list(self._early_quality.items()),
+            "early_quality": [[run, *qc] for run, qc in self._early_quality.items()],
             "ended": self.ended.dump(),
             "registry": self.registry.dump(),
             "automations": self.automations.dump(),
             "stats": self.stats.dump(),
+            "cost_weights": dict(self.cost_weights),
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -210,7 +242,12 @@ class Router:
             (row[0], (Features.from_list(row[1]), row[2]) if len(row) == 3 else None)
             for row in data["decisions"]
         )
-        early = OrderedDict((str(run), float(q)) for run, q in data["early_quality"])
+        # Snapshots from before costs were learned hold [run, quality].
+        early = OrderedDict(
+            (str(row[0]), (float(row[1]), float(row[2]) if len(row) > 2 else 0.0))
+            for row in data["early_quality"]
+        )
+        weights = {str(g): float(w) for g, w in data.get("cost_weights", {}).items()}
         ended = EndedRuns(self.ctx.clock)
         ended.restore(data["ended"])
         registry = RegistryView()
@@ -222,6 +259,7 @@ class Router:
             self.policy.restore(data["learned"])
         self._decisions, self._early_quality, self.ended = decisions, early, ended
         self.registry, self.automations, self.stats = registry, automations, stats
+        self.cost_weights = weights
 
     # -- requests --------------------------------------------------------------
     def choose(
@@ -229,12 +267,15 @@ class Router:
     ) -> tuple[str, AgentRecord | None, RouteDecided, AutomationHit | None]:
         asked = request.context.get("specialty", "").strip().lower()
         features = features_of(request.message)
+        model: str | None = None  # any of the specialty's agents; a new one on the default
         if asked:
             specialty, probability, policy, version = asked, 1.0, "forced", 0
             arm_scores: dict[str, float] = {asked: 1.0}
         else:
-            choice = self.policy.choose(features, self.arms)
-            specialty, probability = choice.specialty, choice.probability
+            weight = self.cost_weights.get(request.goal_id, 0.0)
+            choice = self.policy.choose(features, self.arms, weight)
+            specialty, model = split_arm(choice.specialty)
+            probability = choice.probability
             policy, version, arm_scores = self.policy.name, self.policy.version, choice.scores
         # An automation only serves the specialty the policy chose: it saves cost,
         # it never overrides what the policy learned about quality.
@@ -245,9 +286,14 @@ class Router:
                 request.message, specialty, self.ctx.clock.now(), request.goal_id, self.registry
             )
         )
-        candidates = self.registry.live(
-            goal_id=request.goal_id, specialty=specialty
-        ) or self.registry.retired(request.goal_id, specialty)
+        candidates = [
+            a
+            for a in (
+                self.registry.live(goal_id=request.goal_id, specialty=specialty)
+                or self.registry.retired(request.goal_id, specialty)
+            )
+            if model is None or self._model_of(a) == model
+        ]
         if hit is not None and hit.automation.agent_id:
             pinned = [a for a in candidates if a.agent_id == hit.automation.agent_id]
             candidates = pinned or candidates
@@ -278,6 +324,7 @@ class Router:
             policy=policy,
             policy_version=version,
             probability=probability,
+            model=model,
             features=features.as_list(),
             request_key=exact_key(request.message, specialty),
             signature=signature_of(request.message, specialty),
@@ -286,6 +333,15 @@ class Router:
         if hit is not None:
             decision = decision.model_copy(update={"action": "automation"})
         return specialty, (best[2] if best else None), decision, hit
+
+    def _model_of(self, agent: AgentRecord) -> str:
+        return agent.model or self.default_model
+
+    def _arm_of(self, event: AgentRecord | AgentSpawned | SpawnDenied | SpawnRequested) -> str:
+        """The arm an agent (or a spawn asked for one) serves: what requests wait on."""
+        if not self.models:
+            return event.specialty
+        return arm_name(event.specialty, event.model or self.default_model)
 
     def _from_cache(self, request: RequestReceived, hit: AutomationHit) -> WorkflowCompleted:
         cached = hit.cached
@@ -358,7 +414,7 @@ class Router:
         live = self.registry.live(goal_id=request.goal_id)
 
         def rank(agent: AgentRecord) -> tuple[float, float]:
-            chosen = decision.scores.get(f"specialty:{agent.specialty}", 0.0)
+            chosen = decision.scores.get(f"specialty:{self._arm_of(agent)}", 0.0)
             own, _ = score_agent(
                 agent, agent.specialty, request.message, request.user_id, self.stats, self.weights
             )
@@ -401,7 +457,8 @@ class Router:
             task = self._expect(self._task(event, agent))
             await producer.deliver([task, decision], what="a task")
             return
-        key = (event.goal_id, specialty)
+        model = decision.model or (self.default_model if self.models else None)
+        key = (event.goal_id, arm_name(specialty, model) if self.models else specialty)
         waiter = _Waiter(event)
         first = not self._waiting.get(key)
         self._waiting[key].append(waiter)
@@ -415,6 +472,7 @@ class Router:
                 specialty=specialty,
                 message=event.message,
                 context=dict(event.context),
+                model=model,
                 occurred_at=now,
             )
             self._expect(spawn, key)
@@ -446,6 +504,7 @@ class Router:
                         "event_id": _id(event.run_id, "secondary"),
                         "action": "secondary",
                         "specialty": fallback.specialty,
+                        "model": self._model_of(fallback) if self.models else None,
                         "agent_id": fallback.agent_id,
                         "occurred_at": self.ctx.clock.now(),
                     }

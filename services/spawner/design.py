@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 
-from streams.llm import LLMClient, LLMError
+from streams.llm import LateOutcome, LLMClient, LLMError
 from streams.specialties import default_prompt, profile_for
 
 __all__ = ["AgentDesign", "agent_id_for", "design_agent", "template_prompt"]
@@ -52,15 +52,10 @@ class AgentDesign:
         self.error: str | None = None
 
 
-async def design_agent(
-    specialty: str, message: str, context: dict[str, str], llm: LLMClient | None
-) -> AgentDesign:
+def writing_request(specialty: str, message: str) -> list[dict[str, str]]:
+    """The messages that ask the LLM to write a new agent's system prompt."""
     profile = profile_for(specialty)
-    template = template_prompt(specialty, context)
-    design = AgentDesign(template, "template", profile.temperature, list(profile.tools))
-    if llm is None:
-        return design
-    ask = [
+    return [
         {
             "role": "system",
             "content": "You write system prompts for specialist AI agents. Reply with the prompt"
@@ -73,8 +68,25 @@ async def design_agent(
             f"A typical request: {message[:500]}",
         },
     ]
+
+
+async def design_agent(
+    specialty: str,
+    message: str,
+    context: dict[str, str],
+    llm: LLMClient | None,
+    late: LateOutcome | None = None,
+) -> AgentDesign:
+    """The agent's prompt, temperature and tools; ``late`` learns how a prompt-writing
+    call given up on at the timeout ended (the template then serves)."""
+    profile = profile_for(specialty)
+    template = template_prompt(specialty, context)
+    design = AgentDesign(template, "template", profile.temperature, list(profile.tools))
+    if llm is None:
+        return design
+    ask = writing_request(specialty, message)
     try:
-        done = await llm.complete(ask, temperature=0.3, max_tokens=300)
+        done = await llm.complete(ask, temperature=0.3, max_tokens=300, late=late)
     except LLMError as exc:
         design.error = f"{type(exc).__name__}: {exc}"
         return design  # the template serves; the event says which one was used

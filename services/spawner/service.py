@@ -11,10 +11,23 @@ import logging
 import uuid
 from typing import Any
 
-from services.spawner.design import agent_id_for, design_agent, spawned_event_id
+from services.spawner.design import (
+    agent_id_for,
+    design_agent,
+    spawned_event_id,
+    writing_request,
+)
 from streams.events import AgentSpawned, GoalAgentsChanged, LlmCallCompleted, SpawnApproved
 from streams.faust_app import create_app, event_topic, start_app
-from streams.llm import LLMSettings, create_llm
+from streams.llm import (
+    Completion,
+    LateOutcome,
+    LLMError,
+    LLMSettings,
+    LLMUnsettled,
+    create_llm,
+    worst_case_usd,
+)
 from streams.runtime import ServiceContext
 from streams.topics import PARTITIONS
 
@@ -39,6 +52,60 @@ def _changed(approval: SpawnApproved, agent_id: str, change: str) -> GoalAgentsC
     )
 
 
+def _model_for(event: SpawnApproved, settings: LLMSettings) -> str:
+    """The model the router chose for the agent, if it is one the platform offers."""
+    if event.model and event.model in settings.model_names:
+        return event.model
+    if event.model:
+        log.warning(
+            "spawn %s asks for model %r, which ORCH_LLM_MODELS does not offer; %s serves",
+            event.event_id,
+            event.model,
+            settings.default_model,
+        )
+    return settings.default_model
+
+
+def late_prompt_report(
+    ctx: ServiceContext, settings: LLMSettings, event: SpawnApproved
+) -> LateOutcome:
+    """Counts a prompt-writing call that went on past the timeout (the template served)."""
+    agent_id = agent_id_for(event.specialty, event.event_id)
+
+    async def report(outcome: Completion | LLMError) -> None:
+        if isinstance(outcome, Completion):
+            usd, tokens = outcome.cost_usd, (outcome.prompt_tokens, outcome.completion_tokens)
+            note = "answered after the timeout; the template served, the call is counted"
+        elif isinstance(outcome, LLMUnsettled):
+            ask = writing_request(event.specialty, event.message)
+            usd = worst_case_usd(settings.prices, settings.model, ask, 300)
+            tokens, note = (0, 0), f"{outcome}; counted at the call's worst case"
+        else:
+            return  # refused or failed in the end: nothing was billed
+        await ctx.producer.deliver(
+            [
+                LlmCallCompleted(
+                    event_id=str(uuid.uuid5(_NS, f"{event.event_id}:late prompt cost")),
+                    source=SOURCE,
+                    run_id=event.run_id,
+                    goal_id=event.goal_id,
+                    agent_id=agent_id,
+                    model=outcome.model if isinstance(outcome, Completion) else settings.model,
+                    purpose="spawn_prompt",
+                    prompt_tokens=tokens[0],
+                    completion_tokens=tokens[1],
+                    cost_usd=usd,
+                    ok=True,
+                    error=note,
+                    occurred_at=ctx.clock.now(),
+                )
+            ],
+            what=f"the late prompt cost of {agent_id}",
+        )
+
+    return report
+
+
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     settings = LLMSettings.from_env()
     llm = create_llm(settings, ctx.clock)
@@ -52,7 +119,13 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         if known is not None:
             spawned = AgentSpawned.model_validate(known)
         else:
-            design = await design_agent(event.specialty, event.message, event.context, llm)
+            design = await design_agent(
+                event.specialty,
+                event.message,
+                event.context,
+                llm,
+                late=late_prompt_report(ctx, settings, event),
+            )
             now = ctx.clock.now()
             spawned = AgentSpawned(
                 event_id=spawned_event_id(agent_id, 1),
@@ -65,7 +138,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
                 system_prompt=design.system_prompt,
                 temperature=design.temperature,
                 tools=design.tools,
-                model=settings.model,
+                model=_model_for(event, settings),
                 prompt_source=design.prompt_source,  # type: ignore[arg-type]
                 version=1,
                 occurred_at=now,

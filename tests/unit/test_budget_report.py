@@ -24,6 +24,7 @@ def _report(day: str) -> BudgetReported:
         spent_today=0.25,
         held=0.065,
         day=day,
+        cost_weight=2.5,
     )
 
 
@@ -40,6 +41,7 @@ def test_a_report_of_today_is_shown_as_it_is() -> None:
         "spent_today": 0.25,
         "held": 0.065,
         "day": "2026-12-03",
+        "cost_weight": 2.5,
     }
 
 

@@ -196,6 +196,20 @@ def test_limits_change_by_event_and_state_survives_a_round_trip():
     assert copy.handle(upd, clock.now(), DEFAULTS).events == []  # seen ids survive too
 
 
+def test_a_goals_cost_weight_is_set_by_event_kept_and_reported_alone():
+    clock = FakeClock()
+    state = _state(max_concurrent=3)
+    upd = BudgetUpdateRequested(source="cli", goal_id="g1", cost_weight=12.5)
+    state.handle(upd, clock.now(), DEFAULTS)
+    assert state.cost_weight == 12.5 and state.max_concurrent == 3  # the limits stay
+    copy = BudgetState.from_dict(state.to_dict())
+    assert copy.cost_weight == 12.5 and copy.summary(clock.now())["cost_weight"] == 12.5
+    # Records written before cost weights existed read as 0 (quality only).
+    old = state.to_dict()
+    del old["cost_weight"]
+    assert BudgetState.from_dict(old).cost_weight == 0.0
+
+
 def test_spawns_hold_their_prompt_cost_and_stop_at_the_daily_cost():
     clock = FakeClock()
     state = _state(max_daily_cost=0.025)

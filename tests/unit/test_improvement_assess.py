@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
 
 from services.improvement.assess import Assessor, heuristic_quality, parse_grade, world_quality
-from services.improvement.service import ImprovementConfig, ImprovementService
+from services.improvement.service import ImprovementConfig, ImprovementService, _cost_id
 from streams.clock import SystemClock
-from streams.events import Event, LlmCallCompleted, SpendDecided, SpendRequested, WorkflowCompleted
+from streams.events import (
+    Event,
+    LlmCallCompleted,
+    SpendDecided,
+    SpendRequested,
+    WorkflowAssessed,
+    WorkflowCompleted,
+)
 from streams.llm import InMemoryLLM, LLMUnavailable
+from tests.samples import GivenUpLLM
 
 
 def _done(text: str, tier: str = "llm", **meta: str) -> WorkflowCompleted:
@@ -109,11 +118,15 @@ class _Budget:
             )
             self.service._view_event(decided)  # noqa: SLF001  (what its view does)
 
+    async def deliver(self, events: list[Event], *, what: str = "") -> None:
+        for event in events:
+            await self.send(event)
 
-def _instance() -> tuple[ImprovementService, _Budget, InMemoryLLM]:
+
+def _instance(llm: InMemoryLLM | None = None) -> tuple[ImprovementService, _Budget, InMemoryLLM]:
     budget = _Budget()
     ctx = SimpleNamespace(producer=budget, clock=SystemClock())
-    llm = InMemoryLLM(["Grade: 8"])
+    llm = llm or InMemoryLLM(["Grade: 8"])
     service = ImprovementService(ctx, ImprovementConfig(http_port=None), llm)  # type: ignore[arg-type]
     budget.service = service
     return service, budget, llm
@@ -162,3 +175,24 @@ async def test_an_attempt_killed_after_its_paid_call_is_counted_by_the_next_atte
     third._view_event(approved)  # noqa: SLF001
     counted_again = [e for e in await third.assess(done) if isinstance(e, LlmCallCompleted)]
     assert [e.event_id for e in counted_again if e.event_id == earlier.event_id] == []
+
+
+@pytest.mark.parametrize("outcome", ["answer", "unsettled"])
+async def test_a_judge_call_given_up_on_at_the_timeout_is_counted_when_it_ends(outcome: str):
+    # Chaos seed 9: three judge calls the fake LLM billed were cut off at the improvement
+    # service's LLM timeout and reported with no cost. Now the call goes on; the run is
+    # assessed at once without it, and its cost is reported when it ends, under the id
+    # the attempt's report always has.
+    service, budget, llm = _instance(GivenUpLLM(outcome=outcome))
+    out = await service.assess(_done("an answer"))
+    assert [e.method for e in out if isinstance(e, WorkflowAssessed)] == ["heuristic"]
+    assert not [e for e in out if isinstance(e, LlmCallCompleted)]  # nothing yet
+    await asyncio.sleep(0.5)
+    (late,) = [e for e in budget.sent if isinstance(e, LlmCallCompleted)]
+    (hold,) = [e for e in budget.sent if isinstance(e, SpendRequested)]
+    assert late.purpose == "judge" and late.ok and late.cost_usd > 0
+    if outcome == "unsettled":  # not known whether it was billed: its worst case, as held
+        assert late.cost_usd == pytest.approx(hold.amount_usd)
+    # The id this attempt's report has (derived from its hold): sent again, it counts once;
+    # the next owner, seeing it, does not count the call again.
+    assert late.event_id == _cost_id(hold.event_id)

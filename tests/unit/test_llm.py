@@ -14,6 +14,7 @@ from streams.llm import (
     LLMRejected,
     LLMSettings,
     LLMUnavailable,
+    ModelEndpoints,
     ModelPrice,
     OpenAILLM,
     PriceTable,
@@ -297,3 +298,21 @@ def test_redact_secrets_removes_keys_and_credential_shapes(text: str, kept: str)
 def test_redact_secrets_leaves_ordinary_text_and_short_keys_alone() -> None:
     text = "LLM endpoint answered HTTP 400: model 'gpt-x' does not exist (task key k-1)"
     assert redact_secrets(text, ["k", "", "gpt"]) == text
+
+
+async def test_a_model_with_its_own_endpoint_is_called_there() -> None:
+    platform, own = InMemoryLLM(model="x"), InMemoryLLM(model="y")
+    both = ModelEndpoints(platform, {"y": own})
+    assert isinstance(both, LLMClient)
+    await both.complete([{"role": "user", "content": "hi"}], model="y")
+    await both.complete([{"role": "user", "content": "hi"}], model="z", request_id="r1")
+    assert len(own.calls) == 1 and [c.request_id for c in platform.calls] == ["r1"]
+    settings = LLMSettings.from_env(
+        {
+            "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+            "ORCH_LLM_MODELS": "a=1/2, b=3/4@http://127.0.0.1:8/v1",
+        }
+    )
+    built = create_llm(settings)
+    assert isinstance(built, ModelEndpoints) and set(built.by_model) == {"b"}
+    await built.aclose()

@@ -25,13 +25,12 @@ from streams.kafka import EventProducer, KafkaSettings
 from streams.llm import (
     InMemoryLLM,
     LLMSettings,
-    LLMUnavailable,
-    LLMUnsettled,
     ModelPrice,
     PriceTable,
     worst_case_usd,
 )
 from streams.runtime import ServiceContext
+from tests.samples import GivenUpLLM
 
 PRICES = PriceTable({}, ModelPrice(1.0, 2.0))
 
@@ -210,36 +209,11 @@ def llm_tokens(llm: InMemoryLLM) -> int:
     return _estimate_prompt(llm.calls[0].messages)
 
 
-class _GivenUp(InMemoryLLM):
-    """An endpoint that took the call but answers after the caller's timeout: the call
-    raises at the timeout, and its outcome goes to ``late`` a moment later."""
-
-    def __init__(self, outcome: str = "answer") -> None:
-        super().__init__(prices=PRICES)
-        self.outcome = outcome
-
-    async def complete(self, messages: Any, **options: Any) -> Any:
-        late = options.pop("late")
-        finished = await super().complete(messages, **options)
-
-        async def answer_later() -> None:
-            await asyncio.sleep(0.2)
-            if self.outcome == "answer":
-                await late(finished)
-            else:
-                await late(LLMUnsettled("still unanswered"))
-
-        asyncio.get_running_loop().create_task(answer_later())
-        failure = LLMUnavailable("LLM endpoint timed out after 10 s")
-        failure.settling = True
-        raise failure
-
-
 async def test_a_call_given_up_on_at_the_timeout_is_counted_when_it_answers():
     # chaos seed 8: two answer calls the endpoint billed were given up on at the loader's
     # timeout and never counted. The run gets its lower-tier answer at once; the budget is
     # told a cost is pending, and the call's cost comes under the attempt's cost id.
-    llm = _GivenUp()
+    llm = GivenUpLLM(PRICES)
     loader, broker = _loader(llm)
     await loader.handle(_task())
     (answer,) = [e for e in broker.acked if isinstance(e, WorkflowCompleted)]
@@ -258,7 +232,7 @@ async def test_a_call_given_up_on_at_the_timeout_is_counted_when_it_answers():
 
 
 async def test_a_call_that_never_settles_is_counted_at_its_worst_case():
-    llm = _GivenUp(outcome="unsettled")
+    llm = GivenUpLLM(PRICES, outcome="unsettled")
     loader, broker = _loader(llm)
     await loader.handle(_task())
     await asyncio.sleep(0.5)

@@ -64,10 +64,10 @@ PROXY = {"HTTPS_PROXY"}
 
 EXPECTED = {
     "analytics": COMMON | CLICKHOUSE | PROXY,
-    "budget": COMMON | {"ORCH_LLM_PRICES"},
+    "budget": COMMON | {"ORCH_LLM_PRICES", "ORCH_LLM_MODEL"},
     "spawner": COMMON | LLM | PROXY,
     "loader": COMMON | LLM | PROXY,
-    "router": COMMON,
+    "router": COMMON | {"ORCH_LLM_PRICES", "ORCH_LLM_MODEL"},
     "improvement": COMMON | LLM | SLACK | PROXY,
     "gateway": COMMON,
     FAKE_LLM: COMMON,
@@ -114,7 +114,8 @@ def test_the_table_matches_what_each_service_reads(service: str) -> None:
         "llm": "create_llm(" in code,
         "clickhouse": "CLICKHOUSE_" in code,
         "slack": "SLACK_" in code,
-        # Prices without the endpoint: a service that holds a call's worst case.
+        # Prices and models without the endpoint: a service that holds a call's worst
+        # case, or chooses a model.
         "prices": "LLMSettings" in code and "create_llm(" not in code,
     }
     assert {grant for grant, used in reads.items() if used} == grants_of(service)
