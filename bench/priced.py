@@ -1,0 +1,339 @@
+"""Quality per dollar: the routing policy choosing (specialty, model) for a goal's cost weight.
+
+    python -m bench.priced                                  # shipped two-model worlds + 3 random
+    python -m bench.priced --cost-weight 30 --requests 2000 --random 201 202 203
+
+A world with ``models`` (docs/worlds.md) prices each model and says how good each is per
+request type. The policy (the router's own, ``services/router/policy.py``) sees every
+arm ``specialty@model`` and learns, per arm, the quality an answer got and what it cost;
+it maximises ``quality - W x cost`` where W (``--cost-weight``) is the quality a goal gives
+up per USD of an answer (``orchestrator budget set G --cost-weight W``).
+
+Reported per world, over the last 500 of the requests (the same requests for every row):
+
+- reward (``quality - W x cost``) of the learned policy against the oracle of the same
+  objective (each request served by its type's best arm for W, on the same noise draw);
+- the RouteLLM comparison: the learned policy's quality and cost as shares of "always the
+  strongest model" (each request answered by its type's best specialty on the dearest
+  model: a perfect specialty router that never saves);
+- static routing (the keyword specialty on the strongest model) and the quality-only
+  learned policy (W = 0) as baselines, from the same run.
+
+This is the policy alone (no Kafka), like ``bench/learning.py --offline``: what the
+platform adds around it is measured there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from local.world import Request, World
+from services.router.policy import (
+    LearnedPolicy,
+    Policy,
+    StaticPolicy,
+    arm_name,
+    features_of,
+    split_arm,
+)
+from streams.config import ROOT
+
+__all__ = [
+    "PricedRun",
+    "main",
+    "priced_arms",
+    "priced_world",
+    "simulate_priced",
+    "strongest_model",
+]
+
+# The goal's cost weight unless told: a cent of an answer's cost is worth 0.3 quality.
+DEFAULT_COST_WEIGHT = 30.0
+# Seeds of unseen two-model worlds: nothing was tuned on them.
+RANDOM_SEEDS = (201, 202, 203)
+QUALITY_KEPT = 0.95  # of always-strongest's quality ...
+COST_PAID = 0.50  # ... at no more than this share of its cost
+REWARD_TARGET = 0.90  # of the oracle's reward
+# Cost weights the learned policy is run at, to draw its quality-cost curve.
+SWEEP = (0.0, 10.0, 20.0, 30.0, 50.0, 70.0, 100.0)
+
+
+@dataclass
+class PricedRun:
+    """What each request got: the arm that answered, its quality and its cost."""
+
+    arms: list[str] = field(default_factory=list)
+    quality: list[float] = field(default_factory=list)
+    cost: list[float] = field(default_factory=list)
+
+    def add(self, arm: str, quality: float, cost: float) -> None:
+        self.arms.append(arm)
+        self.quality.append(quality)
+        self.cost.append(cost)
+
+    def final(self, window: int, cost_weight: float) -> dict[str, float]:
+        quality = statistics.fmean(self.quality[-window:])
+        cost = statistics.fmean(self.cost[-window:])
+        return {
+            "quality": round(quality, 4),
+            "cost_per_1k_usd": round(cost * 1000, 5),
+            "reward": round(quality - cost_weight * cost, 4),
+        }
+
+
+def strongest_model(world: World) -> str:
+    """The dearest model the world lists (output price first): what "always strong" uses."""
+    if not world.models:
+        raise ValueError(f"world {world.name} lists no models")
+    return max(
+        world.models, key=lambda m: (world.models[m].output_per_m, world.models[m].input_per_m)
+    )
+
+
+def priced_arms(world: World) -> list[str]:
+    """Every (specialty, model) arm, the strongest model first (the platform's own model)."""
+    strong = strongest_model(world)
+    models = [strong, *sorted(m for m in world.models if m != strong)]
+    return [arm_name(s, m) for s in world.specialties for m in models]
+
+
+def _answer(world: World, request: Request, arm: str, seed: int, index: int) -> tuple[float, float]:
+    specialty, model = split_arm(arm)
+    judged = world.quality_of(request.message, specialty, seed, model=model, request_index=index)
+    cost = world.answer_cost_usd(request.message, specialty, model=model)
+    return (judged[1] if judged else 0.0), cost
+
+
+def simulate_priced(
+    world: World, policy: Policy, sample: list[Request], seed: int, cost_weight: float
+) -> PricedRun:
+    """The policy choosing an arm per request and learning each answer's quality and cost."""
+    arms = priced_arms(world)
+    run = PricedRun()
+    for index, request in enumerate(sample):
+        features = features_of(request.message)
+        arm = policy.choose(features, arms, cost_weight).specialty
+        quality, cost = _answer(world, request, arm, seed, index)
+        policy.update(features, arm, quality, cost)
+        run.add(arm, quality, cost)
+    return run
+
+
+def _always_strong(world: World, sample: list[Request], seed: int) -> PricedRun:
+    strong = strongest_model(world)
+    run = PricedRun()
+    for index, request in enumerate(sample):
+        best = world.best_specialty(request.request_type, model=strong, request_index=index)
+        arm = arm_name(best, strong)
+        run.add(arm, *_answer(world, request, arm, seed, index))
+    return run
+
+
+def _oracle(world: World, sample: list[Request], seed: int, cost_weight: float) -> PricedRun:
+    run = PricedRun()
+    for index, request in enumerate(sample):
+        arm = world.oracle_arm(request, seed, cost_weight=cost_weight, request_index=index)
+        run.add(arm_name(arm.specialty, arm.model), arm.quality, arm.cost_usd)
+    return run
+
+
+def cheap_enough_share(world: World, sample: list[Request], seed: int) -> float:
+    """Share of requests whose type the cheapest model serves within 0.05 of the strongest
+    (each at its own best specialty): where the 95%-at-half-the-cost target applies."""
+    strong = strongest_model(world)
+    cheap = min(
+        world.models, key=lambda m: (world.models[m].output_per_m, world.models[m].input_per_m)
+    )
+    good = 0
+    for request in sample:
+        kind = request.request_type
+        best_strong = world.mean_quality(
+            kind, world.best_specialty(kind, model=strong), model=strong
+        )
+        best_cheap = world.mean_quality(kind, world.best_specialty(kind, model=cheap), model=cheap)
+        good += best_cheap >= best_strong - 0.05
+    return good / len(sample) if sample else 0.0
+
+
+def priced_world(
+    world: World,
+    requests: int,
+    seed: int,
+    cost_weight: float = DEFAULT_COST_WEIGHT,
+    sweep: tuple[float, ...] = SWEEP,
+) -> dict[str, Any]:
+    """Every row of the comparison for one world (see the module's docstring), and the
+    learned policy at each cost weight of ``sweep`` (its quality and cost as shares of
+    always-strongest, beside the oracle's at the same weight)."""
+    window = min(500, max(1, requests // 4))
+    sample = world.sample_requests(requests, seed)
+    strong = _always_strong(world, sample, seed).final(window, 0.0)
+
+    def shares(row: dict[str, float], oracle: dict[str, float] | None) -> dict[str, float]:
+        row["quality_of_strong"] = round(row["quality"] / strong["quality"], 4)
+        row["cost_of_strong"] = round(row["cost_per_1k_usd"] / strong["cost_per_1k_usd"], 4)
+        if oracle is not None:
+            row["vs_oracle_reward"] = (
+                round(row["reward"] / oracle["reward"], 4) if oracle["reward"] > 0 else 0.0
+            )
+        return row
+
+    def learned(weight: float) -> PricedRun:
+        policy = LearnedPolicy(rng=random.Random(seed))
+        return simulate_priced(world, policy, sample, seed, weight)
+
+    oracle_run = _oracle(world, sample, seed, cost_weight)
+    oracle = oracle_run.final(window, cost_weight)
+    runs = {
+        "learned": learned(cost_weight),
+        "learned_quality_only": learned(0.0),
+        "static_strong": simulate_priced(world, StaticPolicy(), sample, seed, cost_weight),
+        "always_strong": _always_strong(world, sample, seed),
+        "oracle": oracle_run,
+    }
+    finals = {name: shares(run.final(window, cost_weight), oracle) for name, run in runs.items()}
+    curve: list[dict[str, Any]] = []
+    for weight in sweep:
+        point_oracle = _oracle(world, sample, seed, weight).final(window, weight)
+        point = shares(learned(weight).final(window, weight), point_oracle)
+        curve.append(
+            {
+                "cost_weight": weight,
+                "learned": point,
+                "oracle": shares(point_oracle, None),
+            }
+        )
+    # The RouteLLM-style point: the cheapest weight that keeps 95% of strong's quality.
+    kept = [p for p in curve if p["learned"]["quality_of_strong"] >= QUALITY_KEPT]
+    best: dict[str, Any] | None = min(
+        kept, key=lambda p: p["learned"]["cost_of_strong"], default=None
+    )
+    share = cheap_enough_share(world, sample, seed)
+    cheapest_arms = runs["learned"].arms[-window:]
+    strongest = strongest_model(world)
+    return {
+        "world": world.name,
+        "requests": requests,
+        "window": window,
+        "cost_weight": cost_weight,
+        "cheap_good_enough_share": round(share, 3),
+        "cheap_share_learned": round(
+            sum(1 for a in cheapest_arms if split_arm(a)[1] != strongest) / window, 3
+        ),
+        "runs": finals,
+        "curve": curve,
+        "best_at_95": best,
+        "targets": {
+            "reward >= 90% of the oracle's": finals["learned"]["vs_oracle_reward"] >= REWARD_TARGET,
+            "95% of strong's quality at <= 50% of its cost (some weight)": (
+                best is not None and best["learned"]["cost_of_strong"] <= COST_PAID
+            )
+            if share >= 0.5
+            else None,
+        },
+    }
+
+
+def _table(results: list[dict[str, Any]]) -> Table:
+    first = results[0]
+    table = Table(
+        title=f"quality per dollar: last {first['window']} of {first['requests']} requests,"
+        f" cost weight {first['cost_weight']:g} quality per USD (policy alone)"
+    )
+    for column in (
+        "world",
+        "run",
+        "quality",
+        "$ / 1k answers",
+        "reward",
+        "of oracle reward",
+        "of strong's quality",
+        "of strong's cost",
+    ):
+        table.add_column(column, justify="left" if column in ("world", "run") else "right")
+    for result in results:
+        for i, (name, row) in enumerate(result["runs"].items()):
+            table.add_row(
+                result["world"] if i == 0 else "",
+                name,
+                f"{row['quality']:.3f}",
+                f"{row['cost_per_1k_usd']:.3f}",
+                f"{row['reward']:.3f}",
+                f"{row['vs_oracle_reward'] * 100:.1f}%",
+                f"{row['quality_of_strong'] * 100:.1f}%",
+                f"{row['cost_of_strong'] * 100:.1f}%",
+            )
+        table.add_section()
+    return table
+
+
+def _pair(row: dict[str, float]) -> str:
+    return f"{row['quality_of_strong'] * 100:.0f}% / {row['cost_of_strong'] * 100:.0f}%"
+
+
+def _curve_table(results: list[dict[str, Any]]) -> Table:
+    weights = [p["cost_weight"] for p in results[0]["curve"]]
+    table = Table(
+        title="learned (oracle) quality / cost as shares of always-strongest, by cost weight"
+    )
+    table.add_column("world")
+    for weight in weights:
+        table.add_column(f"W={weight:g}", justify="right")
+    table.add_column("cheap ok", justify="right")
+    table.add_column("95% at <= 50% cost", justify="center")
+    for result in results:
+        cells = [f"{_pair(p['learned'])}\n({_pair(p['oracle'])})" for p in result["curve"]]
+        ok = list(result["targets"].values())[1]
+        table.add_row(
+            result["world"],
+            *cells,
+            f"{result['cheap_good_enough_share'] * 100:.0f}%",
+            "n/a" if ok is None else "met" if ok else "MISSED",
+        )
+    return table
+
+
+def _worlds(paths: list[str], random_seeds: list[int]) -> list[World]:
+    files = paths or sorted(str(p) for p in (ROOT / "bench" / "worlds").glob("*.json"))
+    shipped = [w for w in (World.load(p) for p in files) if len(w.models) >= 2]
+    return shipped + [World.random(s, models=2) for s in random_seeds]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--cost-weight", type=float, default=DEFAULT_COST_WEIGHT)
+    parser.add_argument("--worlds", nargs="*", default=[], help="world files (default: shipped)")
+    parser.add_argument("--random", type=int, nargs="*", default=list(RANDOM_SEEDS))
+    parser.add_argument("--json", action="store_true", help="machine-readable results only")
+    args = parser.parse_args(argv)
+    if args.cost_weight < 0:
+        parser.error("--cost-weight must be >= 0")
+    results = [
+        priced_world(world, args.requests, args.seed, args.cost_weight)
+        for world in _worlds(args.worlds, args.random)
+    ]
+    if not results:
+        parser.error("no world with two or more models")
+    if args.json:
+        sys.stdout.write(json.dumps(results, indent=2) + "\n")
+    else:
+        console = Console()
+        console.print(_table(results))
+        console.print(_curve_table(results))
+    met = [ok for r in results for ok in r["targets"].values() if ok is not None]
+    return 0 if all(met) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
