@@ -538,26 +538,45 @@ class OpenAILLM:
                 response = await call
             else:
                 response = await asyncio.wait_for(asyncio.shield(call), timeout_s)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if late is None or call.done():
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
+        except asyncio.CancelledError:
+            if late is not None and not call.cancelled():
+                # The caller is going away; the call may still be paid: count it when it ends.
+                self._settle_later(call, late, messages, wanted, started)
+            raise
+        except TimeoutError as exc:
+            if late is None:
                 raise self._failure(exc) from None
-            # Given up on, not cut off: the endpoint may have taken the call and bills it
-            # whether or not anybody reads the answer; its usage is read when it comes.
-            reporter = asyncio.create_task(self._report_late(call, late, messages, wanted, started))
-            self._settling.add(reporter)
-            reporter.add_done_callback(self._settling.discard)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            failure = self._failure(exc)
-            failure.settling = True
-            raise failure from None
+            if call.done():
+                # It answered in the same moment the caller gave up (a process paused past
+                # its timeout finds both ready when it resumes): the paid answer is here.
+                try:
+                    response = call.result()
+                except (TimeoutError, openai.OpenAIError) as inner:
+                    raise self._failure(inner) from None
+            else:
+                # Given up on, not cut off: the endpoint may have taken the call and bills
+                # it whether or not anybody reads the answer; its usage is read when it comes.
+                self._settle_later(call, late, messages, wanted, started)
+                failure = self._failure(exc)
+                failure.settling = True
+                raise failure from None
         except openai.OpenAIError as exc:
             # Not chained: the endpoint's own error may echo the key, and a chained
             # cause would carry it into any traceback that is logged.
             raise self._failure(exc) from None
         return self._completion(response, messages, wanted, started)
+
+    def _settle_later(
+        self,
+        call: asyncio.Future[Any],
+        late: LateOutcome,
+        messages: list[dict[str, str]],
+        wanted: str,
+        started: float,
+    ) -> None:
+        reporter = asyncio.create_task(self._report_late(call, late, messages, wanted, started))
+        self._settling.add(reporter)
+        reporter.add_done_callback(self._settling.discard)
 
     @staticmethod
     async def _within(seconds: float, call: Awaitable[Any]) -> Any:

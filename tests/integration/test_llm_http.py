@@ -300,6 +300,36 @@ async def test_a_call_given_up_on_at_the_timeout_is_read_when_it_answers(
     await llm.aclose()
 
 
+def test_an_answer_ready_when_a_paused_caller_resumes_past_its_timeout_is_not_lost() -> None:
+    # Chaos seed 12: a loader paused (SIGSTOP) while its call was out resumed 11 s later
+    # with the answer in its socket and the timeout due at once; the call was done by the
+    # time the timeout was handled, and its paid answer was dropped, never counted.
+    server = FakeOpenAIServer(port=0).start_in_thread()
+    server.configure(latency_ms=100)
+    try:
+
+        async def scenario() -> tuple[list[Completion], Late]:
+            llm = settling(server, 0.3, 5.0)
+            late = Late()
+            got: list[Completion] = []
+            # The whole process stops for 0.8 s while the answer arrives (a paused process).
+            asyncio.get_running_loop().call_later(0.05, time.sleep, 0.8)
+            try:
+                got.append(await llm.complete(ASK, late=late))
+            except LLMUnavailable as exc:
+                assert exc.settling, "given up on without anybody to tell what it cost"
+                await asyncio.wait_for(late.told.wait(), 5.0)
+            await llm.aclose()
+            return got, late
+
+        got, late = asyncio.run(scenario())
+        answers = got + [o for o in late.outcomes if isinstance(o, Completion)]
+        assert len(answers) == 1 and answers[0].cost_usd > 0
+        assert server.requests == 1
+    finally:
+        server.stop()
+
+
 async def test_without_late_the_call_is_cut_off_at_the_timeout(server: FakeOpenAIServer) -> None:
     server.configure(latency_ms=900)
     llm = settling(server, 0.3, 5.0)
