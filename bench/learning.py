@@ -51,6 +51,7 @@ from local.localkafka import ensure_broker
 from local.platform import Launcher, available_services
 from local.world import Request, World
 from services.router.policy import LearnedPolicy, Policy, StaticPolicy, features_of
+from streams.budgets import read_budget
 from streams.client import OrchestratorClient
 from streams.config import ROOT, data_root
 from streams.errors import NoVerdict, OrchestratorError, Refused
@@ -130,6 +131,8 @@ class Outcome:
     automation: str  # "" (the policy routed it), "cache" (a cached answer) or "route" (pinned)
     failed: bool
     latency_ms: float
+    quality: float = 0.0  # what the world gave the answer (the reward without its cost)
+    model: str = ""  # the model that answered, on a world with models
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -186,14 +189,15 @@ class _Tracker:
         return event
 
 
-def _reward(world: World, seed: int, request: Request, event: WorkflowCompleted) -> float:
+def _quality(world: World, seed: int, request: Request, event: WorkflowCompleted) -> float:
     if "quality" in event.meta:
         return float(event.meta["quality"])
     if event.degradation_tier in _DEGRADED:
         return 0.0
     # An automation's answer (e.g. a cached one) is the answer that specialty gave this
     # very message before: the world scores it the same, deterministically.
-    judged = world.quality_of(request.message, event.specialty, seed)
+    model = event.meta.get("model") or None
+    judged = world.quality_of(request.message, event.specialty, seed, model=model)
     return judged[1] if judged else 0.0
 
 
@@ -221,6 +225,7 @@ async def _run_one(
     spec: RunSpec,
     *,
     seed: int,
+    cost_weight: float = 0.0,
     concurrency: int,
     bootstrap: str,
     llm_url: str,
@@ -244,6 +249,12 @@ async def _run_one(
     }
     if not spec.automations:
         env["ORCH_AUTOMATION_KINDS"] = ""  # the improvement service then creates none
+    if world.models:
+        # The world's models at the world's prices; the dearest is the platform's own.
+        env["ORCH_LLM_MODELS"] = ",".join(
+            f"{name}={m.input_per_m:g}/{m.output_per_m:g}" for name, m in world.models.items()
+        )
+        env["ORCH_LLM_MODEL"] = world.strongest_model()
     launcher = Launcher(run_dir / "logs", settings=settings, data_dir=run_dir, env=env)
     tracker = _Tracker(settings)
     outcomes: list[Outcome | None] = [None] * len(requests)
@@ -254,12 +265,16 @@ async def _run_one(
         await tracker.start()
         async with OrchestratorClient(settings, source="bench") as client:
             await _warm_up(launcher, settings, tracker, world)
+            if cost_weight:
+                await _set_cost_weight(client, settings, cost_weight)
             began = time.monotonic()
             pending = iter(range(len(requests)))
 
             async def worker() -> None:
                 for i in pending:
-                    outcome = await _one(client, tracker, world, seed, i, requests[i], oracle[i])
+                    outcome = await _one(
+                        client, tracker, world, seed, i, requests[i], oracle[i], cost_weight
+                    )
                     outcomes[i] = outcome
                     if observer is not None:
                         observer(spec.name, outcome, len(tracker.automations))
@@ -297,6 +312,22 @@ async def _run_one(
     }
 
 
+async def _set_cost_weight(
+    client: OrchestratorClient, settings: KafkaSettings, cost_weight: float
+) -> None:
+    """The goal's cost weight, set as an operator would, and seen in the budget's report
+    (which is what the router reads) before any request goes."""
+    await client.set_budget(_GOAL, cost_weight=cost_weight)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        view = await read_budget(settings, _GOAL)
+        if view is not None and view.get("cost_weight") == cost_weight:
+            await asyncio.sleep(1.0)  # the router's view follows the same topic
+            return
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"the budget never reported goal {_GOAL}'s cost weight {cost_weight:g}")
+
+
 async def _one(
     client: OrchestratorClient,
     tracker: _Tracker,
@@ -305,6 +336,7 @@ async def _one(
     index: int,
     request: Request,
     oracle: float,
+    cost_weight: float = 0.0,
 ) -> Outcome:
     user = f"user{index % _USERS}"
     t0 = time.monotonic()
@@ -326,8 +358,9 @@ async def _one(
             failed=True,
             latency_ms=(time.monotonic() - t0) * 1000.0,
         )
-    reward = _reward(world, seed, request, event)
-    score = world.feedback_score(f"{index}", reward, seed)
+    quality = _quality(world, seed, request, event)
+    reward = quality - cost_weight * event.cost_usd
+    score = world.feedback_score(f"{index}", quality, seed)
     if score is not None:
         try:
             await client.feedback(answer.run_id, user_id=user, score=score, channel="sdk")
@@ -347,6 +380,8 @@ async def _one(
         automation="cache" if event.degradation_tier == "automation_cache" else "",
         failed=False,
         latency_ms=answer.latency_ms,
+        quality=quality,
+        model=event.meta.get("model", ""),
     )
 
 
@@ -371,6 +406,7 @@ def summarize(
     window: int,
     final_window: int,
     upper: list[float] | None = None,
+    cost_weight: float = 0.0,
 ) -> dict[str, Any]:
     """The machine-readable result: curves, final means, costs, and what was measured how.
 
@@ -395,6 +431,10 @@ def summarize(
     }
     if upper:
         result["upper_bound"] = {"curve": _curve(upper, window), "final": round(final_upper, 4)}
+    strong = _always_strong(world, requests, seed, final_window) if world.models else None
+    if strong is not None:
+        result["cost_weight"] = cost_weight
+        result["always_strong"] = strong
     for name, run in runs.items():
         outcomes: list[Outcome] = run["outcomes"]
         rewards = [o.reward for o in outcomes]
@@ -426,6 +466,21 @@ def summarize(
                 for s in world.specialties
             },
         }
+        if strong is not None:
+            row = result["runs"][name]
+            quality = _mean([o.quality for o in last])
+            cost = _mean([o.cost_usd for o in last])
+            row["quality"] = round(quality, 4)
+            row["model_share"] = {
+                m: round(sum(o.model == m for o in last) / max(1, len(last)), 3)
+                for m in world.models
+            }
+            row["quality_of_strong"] = round(quality / strong["quality"], 4)
+            row["cost_of_strong"] = (
+                round(cost / strong["cost_per_request_usd"], 4)
+                if strong["cost_per_request_usd"]
+                else 0.0
+            )
         if "improvement" not in run["services"]:
             result["notes"].append(
                 f"{name}: the improvement service is not installed, so no answer was assessed"
@@ -433,6 +488,25 @@ def summarize(
             )
     result["automations"] = _automation_effect(result["runs"], result["notes"])
     return result
+
+
+def _always_strong(
+    world: World, requests: list[Request], seed: int, final_window: int
+) -> dict[str, Any]:
+    """Every request answered by its type's best specialty on the dearest model, from the
+    world (no run): the RouteLLM comparison's "always the strong model"."""
+    strong = world.strongest_model()
+    quality, cost = [], []
+    for i, request in enumerate(requests[-final_window:], start=len(requests) - final_window):
+        best = world.best_specialty(request.request_type, model=strong, request_index=i)
+        judged = world.quality_of(request.message, best, seed, model=strong, request_index=i)
+        quality.append(judged[1] if judged else 0.0)
+        cost.append(world.answer_cost_usd(request.message, best, model=strong))
+    return {
+        "model": strong,
+        "quality": round(_mean(quality), 4),
+        "cost_per_request_usd": round(_mean(cost), 8),
+    }
 
 
 _ROUTES = {"": "policy", "cache": "response_cache", "route": "direct_route"}
@@ -487,6 +561,7 @@ def run_learning(
     progress: bool = False,
     keep: bool = False,
     console: Console | None = None,
+    cost_weight: float = 0.0,
 ) -> dict[str, Any]:
     """Run the whole platform once per run spec on the world's requests; see :func:`summarize`.
 
@@ -494,6 +569,8 @@ def run_learning(
     the last requests the final mean is taken over (default: the last quarter, at most
     500). ``parallel`` runs the platforms at the same time instead of one after another.
     ``keep`` leaves each run's topics and data dir behind for a post-mortem.
+    ``cost_weight``: the goal's quality given up per USD; a reward is then the answer's
+    quality minus that times its cost, and the oracle is the best arm for that objective.
     """
     world = world_path if isinstance(world_path, World) else World.load(world_path)
     if requests < 1:
@@ -501,7 +578,13 @@ def run_learning(
     specs = runs if runs is not None else default_runs()
     final_window = final_window or min(500, max(1, requests // 4))
     sample = world.sample_requests(requests, seed)
-    oracle = [world.oracle_quality(r, seed) for r in sample]
+    if world.models:
+        oracle = [
+            world.oracle_arm(r, seed, cost_weight=cost_weight, request_index=i).reward(cost_weight)
+            for i, r in enumerate(sample)
+        ]
+    else:
+        oracle = [world.oracle_quality(r, seed) for r in sample]
     upper = [world.upper_bound_quality(r, seed) for r in sample]
     bootstrap = ensure_broker()
     root = data_root() / "bench" / "learning"
@@ -525,6 +608,7 @@ def run_learning(
             oracle,
             spec,
             seed=seed,
+            cost_weight=cost_weight,
             concurrency=concurrency,
             bootstrap=bootstrap,
             llm_url=llm_url,
@@ -551,6 +635,7 @@ def run_learning(
         window=window,
         final_window=final_window,
         upper=upper,
+        cost_weight=cost_weight,
     )
 
 
@@ -768,6 +853,7 @@ def bench_world(
     concurrency: int = 1,
     automation_baseline: bool = True,
     as_json: bool = False,
+    cost_weight: float = 0.0,
 ) -> None:
     """One world on the whole platform: the report, or JSON only (`orchestrator bench learning`)."""
     for name in ("aiokafka", "kafka"):
@@ -780,6 +866,7 @@ def bench_world(
         runs=default_runs(automation_baseline),
         concurrency=concurrency,
         progress=not as_json,
+        cost_weight=cost_weight,
     )
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
@@ -798,6 +885,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--offline", action="store_true", help="the policy alone, no platform")
     parser.add_argument("--no-automation-baseline", action="store_true")
+    parser.add_argument(
+        "--cost-weight", type=float, default=0.0, help="quality given up per USD (reward)"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable results only")
     parser.add_argument("--save", type=Path, help="also write the full results as JSON here")
     args = parser.parse_args(argv)
@@ -815,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs=default_runs(not args.no_automation_baseline),
                 concurrency=args.concurrency,
                 progress=not args.json,
+                cost_weight=args.cost_weight,
             )
             if not args.json:
                 print_report(result, console)

@@ -91,12 +91,8 @@ class PricedRun:
 
 
 def strongest_model(world: World) -> str:
-    """The dearest model the world lists (output price first): what "always strong" uses."""
-    if not world.models:
-        raise ValueError(f"world {world.name} lists no models")
-    return max(
-        world.models, key=lambda m: (world.models[m].output_per_m, world.models[m].input_per_m)
-    )
+    """The dearest model the world lists: what "always strong" uses."""
+    return world.strongest_model()
 
 
 def priced_arms(world: World) -> list[str]:

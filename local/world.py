@@ -663,6 +663,14 @@ class World:
 
     # -- models and cost -----------------------------------------------------------------
 
+    def strongest_model(self) -> str:
+        """The dearest listed model (output price, then input): "always the strong model"."""
+        if not self.models:
+            raise ValueError(f"world {self.name} lists no models")
+        return max(
+            self.models, key=lambda m: (self.models[m].output_per_m, self.models[m].input_per_m)
+        )
+
     def model_prices(self) -> dict[str, list[float]]:
         """``{model: [input, output]}`` USD per 1M tokens: ``json.dumps`` of it is the
         platform's ``ORCH_LLM_PRICES`` for this world (empty without models)."""

@@ -39,6 +39,16 @@ def learning_command(
             help="Also run learned routing without automations, to measure what they save.",
         ),
     ] = True,
+    cost_weight: Annotated[
+        float,
+        typer.Option(
+            "--cost-weight",
+            min=0.0,
+            max=1_000_000.0,
+            help="The goal's quality given up per USD of an answer: rewards are quality - W x"
+            " cost, and on a world with models the router weighs them so (0: quality only).",
+        ),
+    ] = 0.0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")] = False,
 ) -> None:
     """Learned vs static routing vs the oracle on a simulated world: the learning curve."""
@@ -52,6 +62,7 @@ def learning_command(
         concurrency=concurrency,
         automation_baseline=baseline,
         as_json=as_json,
+        cost_weight=cost_weight,
     )
 
 

@@ -160,11 +160,29 @@ class LearnedPolicy:
     def epsilon(self) -> float:
         return max(self.epsilon_min, self.epsilon0 / math.sqrt(1.0 + self.updates / 50.0))
 
+    def _prior(self, arm: str) -> tuple[float, float]:
+        """What an arm little tried is expected to give, before its own answers: with
+        several models, the mean quality of its specialty on the other models and the mean
+        cost of its model with the other specialties; otherwise 0.5 and nothing."""
+        specialty, model = split_arm(arm)
+        if model is None:
+            return 0.5, 0.0
+        same_specialty = [
+            st for a, st in self._arm.items() if a != arm and split_arm(a)[0] == specialty
+        ]
+        same_model = [st for a, st in self._arm.items() if a != arm and split_arm(a)[1] == model]
+        n = sum(st.n for st in same_specialty)
+        quality = sum(st.total for st in same_specialty) / n if n else 0.5
+        m = sum(st.n for st in same_model)
+        # An arm whose model was never tried costs, as far as is known, nothing: optimism.
+        cost = sum(st.cost for st in same_model) / m if m else 0.0
+        return quality, cost
+
     def estimate(self, features: Features, arm: str, cost_weight: float = 0.0) -> float:
         base = self._arm.get(arm)
-        arm_mean = (base.total + 0.5) / (base.n + 1.0) if base else 0.5
-        # An arm never tried costs, as far as is known, nothing: optimism about it.
-        arm_cost = base.cost / base.n if base and base.n else 0.0
+        prior, prior_cost = self._prior(arm)
+        arm_mean = (base.total + prior) / (base.n + 1.0) if base else prior
+        arm_cost = (base.cost + prior_cost) / (base.n + 1.0) if base else prior_cost
         words = [w for w in features.words if (w, arm) in self._word]
         if not words:
             value, cost = arm_mean, arm_cost
