@@ -429,6 +429,9 @@ def compute_report(
         "repeated_llm_calls": sum(n - 1 for n in answer_calls.values() if n > 1),
     }
     cost["answer_calls_by_id"] = reconcile_answer_calls(llm_calls, by_type["llm_call_completed"])
+    cost["judge_calls_by_id"] = reconcile_answer_calls(
+        llm_calls, by_type["llm_call_completed"], "judge"
+    )
     if index_of is not None:
         cost["runs_with_llm_call"] = len(answer_calls)
         cost["requests_indexed"] = len(index_of)
@@ -480,24 +483,26 @@ def _limit(rows: Mapping[str, Mapping[str, Any]], peak: str, limit: str) -> tupl
 # -- the fake LLM ----------------------------------------------------------------------------
 
 
-def reconcile_answer_calls(calls: Sequence[LlmCall], reports: Sequence[Event]) -> dict[str, Any]:
-    """Answer calls matched one by one: the loader sends each call's cost id as its
-    X-Client-Request-Id, and its cost report (or the one a later attempt files for it)
-    carries the same id. What the endpoint billed and nobody counted, and what was counted
-    (at an estimate: an attempt killed mid-call) that the endpoint never billed."""
+def reconcile_answer_calls(
+    calls: Sequence[LlmCall], reports: Sequence[Event], purpose: str = "answer"
+) -> dict[str, Any]:
+    """Calls of ``purpose`` matched one by one: the loader (and the judge) send each call's
+    cost id as its X-Client-Request-Id, and its cost report (or the one a later attempt
+    files for it) carries the same id. What the endpoint billed and nobody counted, and what
+    was counted (at an estimate: an attempt killed mid-call) that the endpoint never billed."""
     billed: dict[str, float] = defaultdict(float)
     for call in calls:
-        if call.purpose == "answer" and call.request_id:
+        if call.purpose == purpose and call.request_id:
             billed[call.request_id] += call.cost_usd
     counted: dict[str, float] = {}
     for e in reports:
-        if isinstance(e, LlmCallCompleted) and e.purpose == "answer" and e.cost_usd > 0:
+        if isinstance(e, LlmCallCompleted) and e.purpose == purpose and e.cost_usd > 0:
             counted[e.event_id] = e.cost_usd  # counted once per id, as the budget does
     not_counted = [i for i in billed if i not in counted]
     not_billed = [i for i in counted if i not in billed]
     differ = [i for i in billed if i in counted and abs(billed[i] - counted[i]) > 1e-9]
     return {
-        "billed_without_id": sum(1 for c in calls if c.purpose == "answer" and not c.request_id),
+        "billed_without_id": sum(1 for c in calls if c.purpose == purpose and not c.request_id),
         "billed_not_counted": len(not_counted),
         "billed_not_counted_usd": round(sum(billed[i] for i in not_counted), 6),
         "counted_not_billed": len(not_billed),
@@ -1223,6 +1228,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             "  answer calls by id: billed not counted / counted not billed",
             "{billed_not_counted} (${billed_not_counted_usd:.4f}) / {counted_not_billed}"
             " (${counted_not_billed_usd:.4f})".format(**c["answer_calls_by_id"]),
+        ),
+        (
+            "  judge calls by id: billed not counted / counted not billed",
+            "{billed_not_counted} (${billed_not_counted_usd:.4f}) / {counted_not_billed}"
+            " (${counted_not_billed_usd:.4f})".format(**c["judge_calls_by_id"]),
         ),
         ("runs whose LLM call repeated", c["runs_with_repeated_llm_call"]),
         ("repeated LLM calls", c["repeated_llm_calls"]),

@@ -135,9 +135,11 @@ class Assessor:
         *,
         may_spend: bool = True,
         late: LateOutcome | None = None,
+        request_id: str | None = None,
     ) -> Assessment:
         """``may_spend`` False: the run's goal cannot pay for a judge today (heuristic).
-        ``late`` learns how a judge call given up on at the timeout ended."""
+        ``late`` learns how a judge call given up on at the timeout ended; ``request_id``
+        goes with the call to the endpoint (the id of its cost report)."""
         world = world_quality(event.meta)
         if world is not None:
             return Assessment(world, "world")
@@ -152,6 +154,7 @@ class Assessor:
                 model=self.model,
                 max_tokens=JUDGE_MAX_TOKENS,
                 late=late,
+                request_id=request_id,
             )
         except LLMError as exc:
             return Assessment(

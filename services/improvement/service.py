@@ -339,7 +339,13 @@ class ImprovementService:
             late = self._judge_report(event, attempt, asked, outcome)
             await self.ctx.producer.deliver([late], what=f"the late judge cost of {event.run_id}")
 
-        result = await self.assessor.assess(event, message, may_spend=may_spend, late=judged_late)
+        result = await self.assessor.assess(
+            event,
+            message,
+            may_spend=may_spend,
+            late=judged_late,
+            request_id=_cost_id(_hold_id(attempt, "judge")),
+        )
         now = self.ctx.clock.now()
         out: list[Event] = [
             WorkflowAssessed(
@@ -542,6 +548,10 @@ class ImprovementService:
             self._reported[event.event_id] = None
             if len(self._reported) > 100_000:
                 self._reported.popitem(last=False)
+            if event.ok and event.error is None and event.cost_usd > 0:
+                # A paid call's real cost (not an estimate): what an unreported one of the
+                # same purpose is counted at, also by an instance that just started.
+                self._last_cost[event.purpose] = event.cost_usd
         self.state.apply(event)
         if isinstance(event, FeedbackDecided | PromotionDecided):
             waiter = self._waiters.get(

@@ -177,6 +177,34 @@ async def test_an_attempt_killed_after_its_paid_call_is_counted_by_the_next_atte
     assert [e.event_id for e in counted_again if e.event_id == earlier.event_id] == []
 
 
+async def test_an_instance_just_started_counts_an_unreported_call_at_a_paid_calls_cost():
+    # Chaos seed 13: two judge attempts killed after their hold was approved were counted
+    # by the next owner at the call's worst case (it had seen no paid call yet), 0.046 USD
+    # over what the calls cost. A paid call's real cost read from the log is the estimate.
+    done = _done("an answer")
+    first, first_budget, first_llm = _instance()
+    await first.assess(done)
+    (hold,) = [e for e in first_budget.sent if isinstance(e, SpendRequested)]
+    assert first_llm.calls[0].request_id == _cost_id(hold.event_id)  # the id goes along
+    paid = LlmCallCompleted(
+        source="improvement",
+        run_id="r0",
+        goal_id="g1",
+        model="m",
+        purpose="judge",
+        cost_usd=0.0042,
+    )
+    second, _, _ = _instance(InMemoryLLM(fail_times=1))
+    second._view_event(paid)  # noqa: SLF001  (a paid judge call on the log)
+    approved = SpendDecided(
+        source="budget", run_id=done.run_id, goal_id="g1", request_id=hold.event_id, approved=True
+    )
+    second._view_event(approved)  # noqa: SLF001
+    out = await second.assess(done)  # its own judge call fails: no repeat to compare with
+    (earlier,) = [e for e in out if isinstance(e, LlmCallCompleted) and e.cost_usd > 0]
+    assert earlier.event_id == _cost_id(hold.event_id) and earlier.cost_usd == 0.0042
+
+
 @pytest.mark.parametrize("outcome", ["answer", "unsettled"])
 async def test_a_judge_call_given_up_on_at_the_timeout_is_counted_when_it_ends(outcome: str):
     # Chaos seed 9: three judge calls the fake LLM billed were cut off at the improvement
