@@ -95,10 +95,18 @@ async def test_budget_show_prints_a_limit_change_and_the_goals_tasks(
     budget = _start_budget(settings, tmp_path)
     try:
         code, _, err = await _cli(
-            settings, tmp_path, "budget", "set", goal, "--max-concurrent", "1"
+            settings,
+            tmp_path,
+            "budget",
+            "set",
+            goal,
+            "--max-concurrent",
+            "1",
+            "--cost-weight",
+            "25",
         )
         assert code == 0, err
-        await _shown(settings, tmp_path, goal, max_concurrent=1, in_flight=0)
+        await _shown(settings, tmp_path, goal, max_concurrent=1, in_flight=0, cost_weight=25.0)
 
         async with EventProducer(settings) as producer:
             for i in range(3):
@@ -123,7 +131,9 @@ async def test_budget_show_prints_a_limit_change_and_the_goals_tasks(
             "spent_today",
             "held",
             "day",
+            "cost_weight",
         }
+        assert rows["cost_weight"] == "25.0"
     finally:
         budget.terminate()
         try:
