@@ -125,6 +125,7 @@ class _Stat:
     n: float = 0.0
     total: float = 0.0
     cost: float = 0.0  # summed USD of the answers counted in n
+    at: int = 0  # the policy's update count when n, total and cost were last decayed
 
 
 @dataclass
@@ -147,6 +148,9 @@ class LearnedPolicy:
     shrink: float = 2.0
     keyword_prior: float = 0.05
     bonus: float = 0.1
+    # Updates after which an observation weighs half (0: never forgotten). What was
+    # learned fades, so a world that changes is followed (see ``_fresh``).
+    half_life: float = 0.0
     rng: random.Random = field(default_factory=random.Random)
     updates: int = 0
     _arm: dict[str, _Stat] = field(default_factory=lambda: defaultdict(_Stat))
@@ -160,6 +164,17 @@ class LearnedPolicy:
     def epsilon(self) -> float:
         return max(self.epsilon_min, self.epsilon0 / math.sqrt(1.0 + self.updates / 50.0))
 
+    def _fresh(self, st: _Stat) -> _Stat:
+        """``st`` decayed to now: each update since it was last touched weighs it down by
+        ``0.5 ** (1 / half_life)``. Lazy, so an update costs what the request's words do."""
+        if self.half_life > 0 and st.at < self.updates:
+            factor = 0.5 ** ((self.updates - st.at) / self.half_life)
+            st.n *= factor
+            st.total *= factor
+            st.cost *= factor
+        st.at = self.updates
+        return st
+
     def _prior(self, arm: str) -> tuple[float, float]:
         """What an arm little tried is expected to give, before its own answers: with
         several models, the mean quality of its specialty on the other models and the mean
@@ -168,9 +183,13 @@ class LearnedPolicy:
         if model is None:
             return 0.5, 0.0
         same_specialty = [
-            st for a, st in self._arm.items() if a != arm and split_arm(a)[0] == specialty
+            self._fresh(st)
+            for a, st in self._arm.items()
+            if a != arm and split_arm(a)[0] == specialty
         ]
-        same_model = [st for a, st in self._arm.items() if a != arm and split_arm(a)[1] == model]
+        same_model = [
+            self._fresh(st) for a, st in self._arm.items() if a != arm and split_arm(a)[1] == model
+        ]
         n = sum(st.n for st in same_specialty)
         quality = sum(st.total for st in same_specialty) / n if n else 0.5
         m = sum(st.n for st in same_model)
@@ -180,6 +199,8 @@ class LearnedPolicy:
 
     def estimate(self, features: Features, arm: str, cost_weight: float = 0.0) -> float:
         base = self._arm.get(arm)
+        if base is not None:
+            self._fresh(base)
         prior, prior_cost = self._prior(arm)
         arm_mean = (base.total + prior) / (base.n + 1.0) if base else prior
         arm_cost = (base.cost + prior_cost) / (base.n + 1.0) if base else prior_cost
@@ -189,7 +210,7 @@ class LearnedPolicy:
         else:
             parts, costs = [], []
             for w in words:
-                st = self._word[(w, arm)]
+                st = self._fresh(self._word[(w, arm)])
                 # Few observations lean on the arm's overall mean.
                 parts.append((st.total + self.shrink * arm_mean) / (st.n + self.shrink))
                 costs.append((st.cost + self.shrink * arm_cost) / (st.n + self.shrink))
@@ -208,12 +229,13 @@ class LearnedPolicy:
             return 0.0
         if features.words:
             counts = [
-                self._word[(w, arm)].n if (w, arm) in self._word else 0.0 for w in features.words
+                self._fresh(self._word[(w, arm)]).n if (w, arm) in self._word else 0.0
+                for w in features.words
             ]
             n = sum(counts) / len(counts)
         else:
             base = self._arm.get(arm)
-            n = base.n if base else 0.0
+            n = self._fresh(base).n if base else 0.0
         return self.bonus * math.sqrt(math.log(2.0 + self.updates) / (1.0 + n))
 
     def choose(self, features: Features, arms: list[str], cost_weight: float = 0.0) -> Choice:
@@ -232,6 +254,8 @@ class LearnedPolicy:
 
     def dump(self) -> dict[str, Any]:
         """What was learned, as plain values (for a snapshot); settings are not state."""
+        for st in (*self._arm.values(), *self._word.values()):
+            self._fresh(st)  # every row as of now: a restore needs no update counts
         return {
             "updates": self.updates,
             "arms": [[a, s.n, s.total, s.cost] for a, s in self._arm.items()],
@@ -248,15 +272,17 @@ class LearnedPolicy:
         for word, arm, n, total, *cost in data["words"]:
             words[(word, arm)] = _Stat(float(n), float(total), float(cost[0]) if cost else 0.0)
         self.updates, self._arm, self._word = int(data["updates"]), arms, words
+        for st in (*arms.values(), *words.values()):
+            st.at = self.updates
 
     def update(self, features: Features, arm: str, reward: float, cost: float = 0.0) -> None:
         self.updates += 1
-        st = self._arm[arm]
+        st = self._fresh(self._arm[arm])
         st.n += 1
         st.total += reward
         st.cost += cost
         for w in features.words:
-            ws = self._word[(w, arm)]
+            ws = self._fresh(self._word[(w, arm)])
             ws.n += 1
             ws.total += reward
             ws.cost += cost
@@ -274,5 +300,5 @@ def make_policy(
     if chosen == "learned":
         settings = settings or RouterSettings.from_env()
         rng = random.Random(seed if seed is not None else settings.seed)
-        return LearnedPolicy(rng=rng, epsilon0=settings.epsilon)
+        return LearnedPolicy(rng=rng, epsilon0=settings.epsilon, half_life=settings.half_life)
     raise ValueError(f"ORCH_ROUTER_POLICY must be learned or static, got {chosen!r}")

@@ -34,6 +34,15 @@ class RouterSettings(EnvSettings):
         shown="`0.2` (`LearnedPolicy.epsilon0`)",
         ge=0,
     )
+    half_life: float = setting(
+        "ORCH_ROUTER_HALF_LIFE",
+        0.0,
+        "Policy updates after which an outcome the learned policy saw weighs half: what it "
+        "learned fades so that a workload whose best choices change is followed. 0 (the "
+        'default) never forgets; measured trade-off in docs/performance.md, "Drift". >= 0.',
+        read_by="router",
+        ge=0,
+    )
     seed: int | None = setting(
         "ORCH_ROUTER_SEED",
         None,

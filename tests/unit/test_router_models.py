@@ -231,3 +231,32 @@ async def test_a_prompt_call_given_up_on_at_the_timeout_is_counted_when_it_ends(
     if outcome == "unsettled":
         ask = writing_request("code", "fix it")
         assert report.cost_usd == worst_case_usd(settings.prices, "gpt-4o-mini", ask, 300)
+
+
+def test_a_policy_with_a_half_life_follows_a_change_one_that_never_forgets_does_not() -> None:
+    features = Features(frozenset({"quarterly", "statistics"}), "research")
+    arms = ["research", "data_analysis"]
+
+    def after_change(half_life: float) -> str:
+        policy = LearnedPolicy(
+            rng=random.Random(3), epsilon0=0.0, epsilon_min=0.0, bonus=0.0, half_life=half_life
+        )
+        for _ in range(400):  # research was better for a long time ...
+            policy.update(features, "research", 0.9)
+            policy.update(features, "data_analysis", 0.6)
+        for _ in range(60):  # ... then data_analysis is, and research worse
+            policy.update(features, "research", 0.5)
+            policy.update(features, "data_analysis", 0.9)
+        return policy.choose(features, arms).specialty
+
+    assert after_change(0.0) == "research"  # 400 old outcomes outweigh 60 new ones
+    assert after_change(50.0) == "data_analysis"
+    # A snapshot of a forgetting policy restores what it knew as of its last update.
+    policy = LearnedPolicy(rng=random.Random(3), half_life=50.0)
+    for _ in range(100):
+        policy.update(features, "research", 0.9)
+    again = LearnedPolicy(rng=random.Random(3), half_life=50.0)
+    again.restore(policy.dump())
+    assert again.estimate(features, "research") == pytest.approx(
+        policy.estimate(features, "research")
+    )
