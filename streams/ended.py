@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import OrderedDict
 from datetime import timedelta
 from typing import Any
 
 from streams.clock import Clock
-from streams.events import Event, WorkflowCompleted, WorkflowFailed, WorkflowStarted
+from streams.events import (
+    Event,
+    LlmCallCompleted,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowStarted,
+)
 from streams.kafka import KafkaSettings
 from streams.views import TopicView
 
@@ -24,7 +31,16 @@ __all__ = ["ATTEMPT_TOPICS", "TERMINAL_TOPICS", "EndedRuns", "follow_recent"]
 
 log = logging.getLogger(__name__)
 TERMINAL_TOPICS = (WorkflowCompleted.topic, WorkflowFailed.topic)
-ATTEMPT_TOPICS = (WorkflowStarted.topic,)
+# With the attempts, the cost reports: an answer call that failed says so under an id
+# derived from its attempt (see ``failed_call_id``), and that attempt paid nothing.
+ATTEMPT_TOPICS = (WorkflowStarted.topic, LlmCallCompleted.topic)
+_CALLS = uuid.UUID("3f6b2d8e-9a41-4c7e-b5d0-6e2a8c1f4b97")
+
+
+def failed_call_id(attempt: str, legacy: bool) -> str:
+    """The id of the report of an attempt's answer call that failed for good (unbilled):
+    whoever runs the task next knows that attempt paid nothing."""
+    return str(uuid.uuid5(_CALLS, f"{attempt}:failed:{int(legacy)}"))
 
 
 class EndedRuns:
@@ -35,6 +51,8 @@ class EndedRuns:
         self._runs: OrderedDict[str, None] = OrderedDict()
         # run id -> ids of the workflow_started events of its attempts (each a possible call)
         self._attempts: OrderedDict[str, list[str]] = OrderedDict()
+        # run id -> ids of the reports of its answer calls that failed (unbilled)
+        self._failed: OrderedDict[str, set[str]] = OrderedDict()
         # agent id -> the cost of its newest paid answer read from the terminal topics
         self._cost: OrderedDict[str, float] = OrderedDict()
         self._limit = limit
@@ -46,6 +64,7 @@ class EndedRuns:
         if isinstance(event, WorkflowCompleted | WorkflowFailed):
             self.add(event.run_id)
             self._attempts.pop(event.run_id, None)
+            self._failed.pop(event.run_id, None)
             if isinstance(event, WorkflowCompleted) and event.agent_id and event.cost_usd > 0:
                 self._cost.pop(event.agent_id, None)
                 self._cost[event.agent_id] = event.cost_usd
@@ -57,6 +76,21 @@ class EndedRuns:
                 seen.append(event.event_id)
             if len(self._attempts) > self._limit:
                 self._attempts.popitem(last=False)
+
+        elif (
+            isinstance(event, LlmCallCompleted)
+            and event.purpose == "answer"
+            and not event.ok
+            and event.run_id
+            and event.run_id not in self._runs
+        ):
+            self._failed.setdefault(event.run_id, set()).add(event.event_id)
+            if len(self._failed) > self._limit:
+                self._failed.popitem(last=False)
+
+    def unbilled(self, run_id: str, attempt: str) -> bool:
+        """True when the attempt's answer call is known to have failed (nothing paid)."""
+        return failed_call_id(attempt, False) in self._failed.get(run_id, ())
 
     def last_cost(self, agent_id: str) -> float | None:
         """What the agent's newest paid answer cost (an estimate for a call not reported)."""
@@ -80,13 +114,15 @@ class EndedRuns:
         return {
             "runs": list(self._runs),
             "attempts": [[r, list(i)] for r, i in self._attempts.items()],
+            "failed": [[r, sorted(i)] for r, i in self._failed.items()],
         }
 
     def restore(self, data: dict[str, Any]) -> None:
         """Replace what is known with a :meth:`dump`."""
         runs = OrderedDict.fromkeys(str(r) for r in data["runs"])
         attempts = OrderedDict((str(r), [str(i) for i in ids]) for r, ids in data["attempts"])
-        self._runs, self._attempts = runs, attempts
+        failed = OrderedDict((str(r), {str(i) for i in ids}) for r, ids in data.get("failed", []))
+        self._runs, self._attempts, self._failed = runs, attempts, failed
 
 
 async def follow_recent(

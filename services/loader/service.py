@@ -20,7 +20,7 @@ from services.loader.settings import LoaderSettings
 from services.loader.tiers import keyword_answer, static_answer
 from services.loader.versions import Served, WorkflowVersions
 from streams.clock import Clock
-from streams.ended import EndedRuns, follow_recent
+from streams.ended import EndedRuns, failed_call_id, follow_recent
 from streams.events import (
     AgentEvicted,
     AgentLoaded,
@@ -360,7 +360,12 @@ class Loader:
         # Attempts before this one (an owner killed or cut off mid-task) may have paid for
         # an LLM call whose cost never reached the budget: counted by this attempt, at the
         # cost of its own call, or at the call's worst case if it makes none (handle()).
-        lost = [a for a in self.ended.attempts(task.run_id) if a not in self._own_attempts]
+        # An attempt whose call failed for good (its report says so) paid nothing.
+        lost = [
+            a
+            for a in self.ended.attempts(task.run_id)
+            if a not in self._own_attempts and not self.ended.unbilled(task.run_id, a)
+        ]
         self._attempt[task.run_id] = ("", lost)
         if task.deadline_at is not None and task.deadline_at <= now:
             retired = self.registry.get(task.agent_id)
@@ -466,10 +471,15 @@ class Loader:
         except (LLMUnavailable, LLMRejected) as exc:
             if exc.settling:
                 self._settling.add(task.run_id)
+            # Failed for good, the report's id says so to whoever runs the task next (this
+            # attempt paid nothing); a call that goes on past the timeout may still be paid,
+            # and its real report comes later under the attempt's cost id.
+            failed = {} if exc.settling else {"event_id": failed_call_id(attempt, legacy)}
             await self.ctx.producer.send(
                 self._call_event(
                     task,
                     model,
+                    **failed,
                     ok=False,
                     error=f"{type(exc).__name__}: {exc}"[:500],
                     latency_ms=(self.ctx.clock.now() - started).total_seconds() * 1000.0,

@@ -12,6 +12,7 @@ from aiokafka.errors import KafkaConnectionError
 from services.loader.service import Loader, _cost_id
 from streams.clock import SystemClock
 from streams.codec import default_codec
+from streams.ended import EndedRuns, failed_call_id
 from streams.events import (
     AgentSpawned,
     Event,
@@ -239,3 +240,39 @@ async def test_a_call_that_never_settles_is_counted_at_its_worst_case():
     (late,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.ok]
     assert late.cost_usd == worst_case_usd(PRICES, "gpt-4o-mini", llm.calls[0].messages, 512)
     assert "worst case" in (late.error or "")
+
+
+async def test_an_earlier_attempt_whose_call_failed_is_not_counted_again():
+    # Chaos seed 14: an attempt's call failed (nothing billed; its report said ok=False),
+    # then its loader was killed before the answer; the next owner counted that attempt's
+    # call at an estimate. The failure report's id now names the attempt.
+    cut_off = WorkflowStarted(
+        source="loader", run_id="r1", goal_id="g1", agent_id="a1", specialty="code"
+    )
+    failed = LlmCallCompleted(
+        event_id=failed_call_id(cut_off.event_id, False),
+        source="loader",
+        run_id="r1",
+        goal_id="g1",
+        model="gpt-4o-mini",
+        ok=False,
+        error="LLMUnavailable: LLM endpoint answered HTTP 503",
+    )
+    llm = InMemoryLLM(prices=PRICES)
+    loader, broker = _loader(llm)
+    loader.ended.apply(cut_off)
+    loader.ended.apply(failed)
+    assert loader.ended.unbilled("r1", cut_off.event_id)
+    copy = EndedRuns(loader.ended.clock)
+    copy.restore(loader.ended.dump())
+    assert copy.unbilled("r1", cut_off.event_id)
+    await loader.handle(_task())
+    costs = [e for e in broker.acked if isinstance(e, LlmCallCompleted)]
+    assert len(costs) == 1 and costs[0].cost_usd > 0  # this attempt's own call, alone
+    # A call of this loader that fails for good reports under its attempt's failure id.
+    llm2 = InMemoryLLM(prices=PRICES, fail_times=1)
+    loader2, broker2 = _loader(llm2)
+    await loader2.handle(_task("r2"))
+    (report,) = [e for e in broker2.acked if isinstance(e, LlmCallCompleted)]
+    (started,) = [e for e in broker2.acked if isinstance(e, WorkflowStarted)]
+    assert not report.ok and report.event_id == failed_call_id(started.event_id, False)
