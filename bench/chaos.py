@@ -428,10 +428,8 @@ def compute_report(
         "runs_with_repeated_llm_call": sum(1 for n in answer_calls.values() if n > 1),
         "repeated_llm_calls": sum(n - 1 for n in answer_calls.values() if n > 1),
     }
-    cost["answer_calls_by_id"] = reconcile_answer_calls(llm_calls, by_type["llm_call_completed"])
-    cost["judge_calls_by_id"] = reconcile_answer_calls(
-        llm_calls, by_type["llm_call_completed"], "judge"
-    )
+    cost["answer_calls_by_id"] = reconcile_calls(llm_calls, by_type["llm_call_completed"])
+    cost["judge_calls_by_id"] = reconcile_calls(llm_calls, by_type["llm_call_completed"], "judge")
     if index_of is not None:
         cost["runs_with_llm_call"] = len(answer_calls)
         cost["requests_indexed"] = len(index_of)
@@ -483,7 +481,7 @@ def _limit(rows: Mapping[str, Mapping[str, Any]], peak: str, limit: str) -> tupl
 # -- the fake LLM ----------------------------------------------------------------------------
 
 
-def reconcile_answer_calls(
+def reconcile_calls(
     calls: Sequence[LlmCall], reports: Sequence[Event], purpose: str = "answer"
 ) -> dict[str, Any]:
     """Calls of ``purpose`` matched one by one: the loader (and the judge) send each call's

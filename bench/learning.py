@@ -495,15 +495,14 @@ def _always_strong(
 ) -> dict[str, Any]:
     """Every request answered by its type's best specialty on the dearest model, from the
     world (no run): the RouteLLM comparison's "always the strong model"."""
-    strong = world.strongest_model()
-    quality, cost = [], []
-    for i, request in enumerate(requests[-final_window:], start=len(requests) - final_window):
-        best = world.best_specialty(request.request_type, model=strong, request_index=i)
-        judged = world.quality_of(request.message, best, seed, model=strong, request_index=i)
-        quality.append(judged[1] if judged else 0.0)
-        cost.append(world.answer_cost_usd(request.message, best, model=strong))
+    first = len(requests) - final_window
+    arms = [
+        world.strong_arm(r, seed, request_index=i)
+        for i, r in enumerate(requests[-final_window:], start=first)
+    ]
+    quality, cost = [a.quality for a in arms], [a.cost_usd for a in arms]
     return {
-        "model": strong,
+        "model": world.strongest_model(),
         "quality": round(_mean(quality), 4),
         "cost_per_request_usd": round(_mean(cost), 8),
     }

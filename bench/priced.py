@@ -53,7 +53,6 @@ __all__ = [
     "priced_arms",
     "priced_world",
     "simulate_priced",
-    "strongest_model",
 ]
 
 # The goal's cost weight unless told: a cent of an answer's cost is worth 0.3 quality.
@@ -90,14 +89,9 @@ class PricedRun:
         }
 
 
-def strongest_model(world: World) -> str:
-    """The dearest model the world lists: what "always strong" uses."""
-    return world.strongest_model()
-
-
 def priced_arms(world: World) -> list[str]:
     """Every (specialty, model) arm, the strongest model first (the platform's own model)."""
-    strong = strongest_model(world)
+    strong = world.strongest_model()
     models = [strong, *sorted(m for m in world.models if m != strong)]
     return [arm_name(s, m) for s in world.specialties for m in models]
 
@@ -125,12 +119,10 @@ def simulate_priced(
 
 
 def _always_strong(world: World, sample: list[Request], seed: int) -> PricedRun:
-    strong = strongest_model(world)
     run = PricedRun()
     for index, request in enumerate(sample):
-        best = world.best_specialty(request.request_type, model=strong, request_index=index)
-        arm = arm_name(best, strong)
-        run.add(arm, *_answer(world, request, arm, seed, index))
+        arm = world.strong_arm(request, seed, request_index=index)
+        run.add(arm_name(arm.specialty, arm.model), arm.quality, arm.cost_usd)
     return run
 
 
@@ -145,10 +137,7 @@ def _oracle(world: World, sample: list[Request], seed: int, cost_weight: float) 
 def cheap_enough_share(world: World, sample: list[Request], seed: int) -> float:
     """Share of requests whose type the cheapest model serves within 0.05 of the strongest
     (each at its own best specialty): where the 95%-at-half-the-cost target applies."""
-    strong = strongest_model(world)
-    cheap = min(
-        world.models, key=lambda m: (world.models[m].output_per_m, world.models[m].input_per_m)
-    )
+    strong, cheap = world.strongest_model(), world.cheapest_model()
     good = 0
     for request in sample:
         kind = request.request_type
@@ -215,7 +204,7 @@ def priced_world(
     )
     share = cheap_enough_share(world, sample, seed)
     cheapest_arms = runs["learned"].arms[-window:]
-    strongest = strongest_model(world)
+    strongest = world.strongest_model()
     return {
         "world": world.name,
         "requests": requests,

@@ -665,11 +665,19 @@ class World:
 
     def strongest_model(self) -> str:
         """The dearest listed model (output price, then input): "always the strong model"."""
+        return self._by_price(max)
+
+    def cheapest_model(self) -> str:
+        """The cheapest listed model (output price, then input)."""
+        return self._by_price(min)
+
+    def _by_price(self, pick: Any) -> str:
         if not self.models:
             raise ValueError(f"world {self.name} lists no models")
-        return max(
+        chosen: str = pick(
             self.models, key=lambda m: (self.models[m].output_per_m, self.models[m].input_per_m)
         )
+        return chosen
 
     def model_prices(self) -> dict[str, list[float]]:
         """``{model: [input, output]}`` USD per 1M tokens: ``json.dumps`` of it is the
@@ -751,6 +759,19 @@ class World:
         if judged is None:
             return arm
         return Arm(arm.specialty, arm.model, judged[1], arm.cost_usd)
+
+    def strong_arm(
+        self, request: Request, seed: int = 0, *, request_index: int | None = None
+    ) -> Arm:
+        """ "Always the strong model": the type's best specialty on the dearest model, scored
+        on this very message, at this message's cost (the RouteLLM comparison's baseline)."""
+        strong = self.strongest_model()
+        best = self.best_specialty(request.request_type, model=strong, request_index=request_index)
+        judged = self.quality_of(
+            request.message, best, seed, model=strong, request_index=request_index
+        )
+        cost = self.answer_cost_usd(request.message, best, model=strong)
+        return Arm(best, strong, judged[1] if judged else 0.0, cost)
 
     def judge_grade(
         self,

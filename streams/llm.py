@@ -521,6 +521,10 @@ class OpenAILLM:
         # The client's own timeout is per attempt; the bound below covers the retries too,
         # so a caller waits about timeout_s at most, whatever the endpoint does.
         bound = timeout_s + settle_s
+
+        def finish(response: Any) -> Completion:
+            return self._completion(response, messages, wanted, started)
+
         call = asyncio.ensure_future(
             self._within(
                 bound,
@@ -541,7 +545,7 @@ class OpenAILLM:
         except asyncio.CancelledError:
             if late is not None and not call.cancelled():
                 # The caller is going away; the call may still be paid: count it when it ends.
-                self._settle_later(call, late, messages, wanted, started)
+                self._settle_later(call, late, finish)
             raise
         except TimeoutError as exc:
             if late is None:
@@ -556,7 +560,7 @@ class OpenAILLM:
             else:
                 # Given up on, not cut off: the endpoint may have taken the call and bills
                 # it whether or not anybody reads the answer; its usage is read when it comes.
-                self._settle_later(call, late, messages, wanted, started)
+                self._settle_later(call, late, finish)
                 failure = self._failure(exc)
                 failure.settling = True
                 raise failure from None
@@ -564,17 +568,13 @@ class OpenAILLM:
             # Not chained: the endpoint's own error may echo the key, and a chained
             # cause would carry it into any traceback that is logged.
             raise self._failure(exc) from None
-        return self._completion(response, messages, wanted, started)
+        return finish(response)
 
     def _settle_later(
-        self,
-        call: asyncio.Future[Any],
-        late: LateOutcome,
-        messages: list[dict[str, str]],
-        wanted: str,
-        started: float,
+        self, call: asyncio.Future[Any], late: LateOutcome, finish: Callable[[Any], Completion]
     ) -> None:
-        reporter = asyncio.create_task(self._report_late(call, late, messages, wanted, started))
+        """Tell ``late`` how ``call`` ends (``finish`` reads its response)."""
+        reporter = asyncio.create_task(self._report_late(call, late, finish))
         self._settling.add(reporter)
         reporter.add_done_callback(self._settling.discard)
 
@@ -584,18 +584,13 @@ class OpenAILLM:
             return await call
 
     async def _report_late(
-        self,
-        call: asyncio.Future[Any],
-        late: LateOutcome,
-        messages: list[dict[str, str]],
-        wanted: str,
-        started: float,
+        self, call: asyncio.Future[Any], late: LateOutcome, finish: Callable[[Any], Completion]
     ) -> None:
         import openai
 
         outcome: Completion | LLMError
         try:
-            outcome = self._completion(await call, messages, wanted, started)
+            outcome = finish(await call)
         except TimeoutError:
             outcome = LLMUnsettled(
                 f"LLM call still unanswered {self.settings.timeout_s + self.settings.settle_s:g} s"

@@ -18,7 +18,7 @@ from bench.chaos import (
     goals_for,
     make_schedule,
     print_report,
-    reconcile_answer_calls,
+    reconcile_calls,
 )
 from streams.events import (
     AgentSpawned,
@@ -267,7 +267,7 @@ def test_answer_calls_are_matched_to_their_cost_reports_by_request_id():
         LlmCall("g", 2, "judge", 0.05, at(3), None),  # not an answer: not matched
     ]
     reports = [report("c1", 0.01), report("c1", 0.01), report("c3", 0.01), report("c4", 0.03)]
-    out = reconcile_answer_calls(calls, reports)
+    out = reconcile_calls(calls, reports)
     assert out["billed_not_counted"] == 1 and out["billed_not_counted_usd"] == 0.01
     assert out["examples_not_counted"] == ["c2"]
     # c3: an attempt killed mid-call, counted at an estimate, whose call was never billed

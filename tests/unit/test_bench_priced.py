@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from bench.priced import main, priced_arms, priced_world, strongest_model
+from bench.priced import main, priced_arms, priced_world
 from local.world import World
 
 
 def test_a_two_model_world_is_compared_with_always_strong_and_its_oracle() -> None:
     world = World.random(201, models=2)
-    assert strongest_model(world) == "large"
+    assert world.strongest_model() == "large"
     arms = priced_arms(world)
     assert arms[0].endswith("@large") and len(arms) == 2 * len(world.specialties)
     result = priced_world(world, 600, seed=1, cost_weight=30.0, sweep=(0.0, 50.0))
