@@ -86,6 +86,24 @@ class BrokerSettings(EnvSettings):
         read_by="router, loader, improvement, analytics, SDK",
         ge=0,
     )
+    background_fetch_max_wait_ms: int = setting(
+        "ORCH_BACKGROUND_FETCH_MAX_WAIT_MS",
+        500,
+        "The same for consumers off the answer's path (the analytics sink, the improvement "
+        "service's view of the log): how long the broker may hold their fetch while it "
+        "gathers `ORCH_BACKGROUND_FETCH_MIN_BYTES`; >= 0. What they read arrives up to this "
+        "much later, in fewer, larger fetches.",
+        read_by="improvement, analytics",
+        ge=0,
+    )
+    background_fetch_min_bytes: int = setting(
+        "ORCH_BACKGROUND_FETCH_MIN_BYTES",
+        65536,
+        "Bytes the broker gathers for those consumers before it answers their fetch (or "
+        "the wait above ends); >= 1. 1 answers at every event, as the answer's path does.",
+        read_by="improvement, analytics",
+        ge=1,
+    )
 
     @property
     def bootstrap(self) -> str:

@@ -29,6 +29,7 @@ from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 
 __all__ = [
+    "BACKGROUND_FETCH",
     "AsyncLifecycle",
     "Delivery",
     "EventConsumer",
@@ -81,6 +82,14 @@ _CONSUMER_DEFAULTS: dict[str, Any] = {
     "heartbeat_interval_ms": 1000,
     "max_poll_interval_ms": 300000,
     "metadata_max_age_ms": 30000,
+}
+# For consumers off the answer's path: the broker holds their fetch until it has a batch
+# worth decoding (or the wait ends). At one answer a second, a consumer of every topic
+# answered at each event polled about ten fetches per answer, each over all its
+# partitions; batched, it reads the same records in a few fetches a second.
+BACKGROUND_FETCH: dict[str, Any] = {
+    "fetch_max_wait_ms": BrokerSettings.read("background_fetch_max_wait_ms"),
+    "fetch_min_bytes": BrokerSettings.read("background_fetch_min_bytes"),
 }
 
 

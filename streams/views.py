@@ -22,7 +22,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import TopicPartition
 
@@ -51,6 +51,7 @@ class TopicView(AsyncLifecycle):
         since: Callable[[], datetime] | None = None,
         resume: Callable[[Bounds], Awaitable[Mapping[TopicPartition, int]]] | None = None,
         poll_ms: int = 100,
+        **consumer_options: Any,
     ) -> None:
         self.settings = settings
         self.topics = tuple(topics)
@@ -58,7 +59,9 @@ class TopicView(AsyncLifecycle):
         self._since = since
         self._resume = resume
         self._poll_ms = poll_ms
-        self.consumer = EventConsumer(settings, self.topics, group_id=None, source=source)
+        self.consumer = EventConsumer(
+            settings, self.topics, group_id=None, source=source, **consumer_options
+        )
         self.ready = asyncio.Event()
         self._applied: dict[TopicPartition, int] = {}
         self._started_at: dict[TopicPartition, int] = {}

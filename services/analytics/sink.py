@@ -24,7 +24,7 @@ from services.analytics.store import (
 )
 from streams.codec import MAGIC, EventCodec, default_codec
 from streams.events import DeadLetter
-from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+from streams.kafka import BACKGROUND_FETCH, EventConsumer, EventProducer, KafkaSettings
 from streams.runtime import ServiceContext
 from streams.topics import CATALOG
 
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 _CONSUMER_OVERRIDES: dict[str, Any] = {
     "max_partition_fetch_bytes": 2 * 1024 * 1024,
     "fetch_max_bytes": 32 * 1024 * 1024,
+    **BACKGROUND_FETCH,
 }
 _SHUTDOWN_FLUSH_S = 5.0
 _PROGRESS_EVERY_S = 10.0

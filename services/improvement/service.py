@@ -82,7 +82,7 @@ from streams.events import (
     WorkflowCompleted,
     WorkflowFailed,
 )
-from streams.kafka import Delivery, EventConsumer
+from streams.kafka import BACKGROUND_FETCH, Delivery, EventConsumer
 from streams.keys import DEFAULT_OPERATORS, Identity, operators_from
 from streams.llm import (
     Completion,
@@ -1075,8 +1075,14 @@ class ImprovementService:
         snapshots = Snapshotter(
             SnapshotStore(ctx.settings, SOURCE), SNAPSHOT_VERSION, self.dump, self.restore
         )
+        # The view is what learning and the tables read: batched fetches, off the answer's path.
         view = TopicView(
-            ctx.settings, VIEW_TOPICS, self._view_event, source=SOURCE, resume=snapshots.resume
+            ctx.settings,
+            VIEW_TOPICS,
+            self._view_event,
+            source=SOURCE,
+            resume=snapshots.resume,
+            **BACKGROUND_FETCH,
         )
         work = EventConsumer(
             ctx.settings, WORK_TOPICS, group_id=ctx.group, producer=ctx.producer, source=SOURCE

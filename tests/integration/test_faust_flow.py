@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from streams.events import DeadLetter, TaskRequested
-from streams.faust_app import create_app, event_topic, start_app
+from streams.faust_app import FAUST_PREFETCH_BACKOFF_S, create_app, event_topic, start_app
 from streams.kafka import EventConsumer, EventProducer
 
 pytestmark = pytest.mark.broker
@@ -52,6 +52,12 @@ async def test_faust_agent_updates_a_table_in_key_order(settings):
             await producer.send_raw("task_requested", b"\x00garbage", key=b"g0")
             await producer.send_many(events)
         await asyncio.wait_for(done.wait(), 60)
+        # Faust's aiokafka consumer (built in Faust's consumer thread) fetches again after
+        # 1 ms while a partition it does not take holds records; ours keep aiokafka's 0.1 s.
+        fetcher = consumer._thread._ensure_consumer()._fetcher
+        assert fetcher._prefetch_backoff == FAUST_PREFETCH_BACKOFF_S
+        async with EventConsumer(settings, ["task_requested"], group_id=None) as ours:
+            assert ours.raw._fetcher._prefetch_backoff == 0.1
         for goal in ("g0", "g1", "g2"):
             assert seen[goal] == [i for i in range(expected) if f"g{i % 3}" == goal]
     finally:
