@@ -146,7 +146,6 @@ class OrchestratorClient(AsyncLifecycle):
             group_id=None,
             from_end=True,
             source=source,
-            fetch_max_wait_ms=20,
         )
         self._waiting: dict[str, asyncio.Future[Event]] = {}
         self._reader: asyncio.Task[None] | None = None

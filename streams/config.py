@@ -80,9 +80,11 @@ class BrokerSettings(EnvSettings):
     )
     fetch_max_wait_ms: int = setting(
         "ORCH_FETCH_MAX_WAIT_MS",
-        100,
+        500,
         "How long the broker may hold a consumer's fetch that finds no data (aiokafka "
-        "`fetch_max_wait_ms`); >= 0. `docs/performance.md` shows why 100 stays.",
+        "`fetch_max_wait_ms`); >= 0. The broker answers a held fetch as soon as a record "
+        "comes, so this sets how often an idle consumer polls, not how late it reads "
+        "(`python -m bench.fetch_wait`).",
         read_by="router, loader, improvement, analytics, SDK",
         ge=0,
     )

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from datetime import datetime, timedelta
 
 from streams.events import Event, WorkflowCompleted, WorkflowFailed
-from streams.kafka import KafkaSettings
+from streams.kafka import BACKGROUND_FETCH, KafkaSettings
 from streams.views import TopicView
 
 __all__ = ["RunIndex"]
@@ -58,6 +58,8 @@ class RunIndex:
             source=self.source,
             since=lambda: now - self.lookback,
             poll_ms=200,
+            # Off the answer's path (the gateway notes the runs it answers itself).
+            **BACKGROUND_FETCH,
         )
         await self._view.start()
 
