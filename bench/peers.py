@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._hops import render_hops  # noqa: E402
 from bench._platform import process_cpu_s  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -443,6 +444,8 @@ class System:
     target: Target
     procs: Processes
     notes: list[str] = field(default_factory=list)
+    # The platform's: each hop of the runs received between two wall-clock times (ms).
+    hops: Callable[[int, int], Awaitable[list[dict[str, Any]]]] | None = None
 
 
 class Runner:
@@ -558,7 +561,10 @@ class Runner:
             result["rss_mb_by_process"] = {"idle": rss_by_name(system.procs)}
             result["idle_after_start"] = await self.idle(system, a.idle_seconds)
             floor = result["idle_after_start"]["cpu_percent_of_core"]
+            c1_from = int(time.time() * 1000)
             result["c1"] = await self.step(system, http, "c=1", concurrency=1, count=a.c1)
+            if system.hops is not None:
+                result["c1"]["hops"] = await system.hops(c1_from, int(time.time() * 1000))
             result["c32"] = await self.step(system, http, "c=32", concurrency=32, count=a.c32)
             # What c=32 left behind (the platform's analytics and learning) settles first.
             result["settled_before_sweep_s"] = await self.settle(system, floor, a.settle_limit)
@@ -808,6 +814,7 @@ async def run_tensorzero(python: str, fake_url: str, workdir: Path):  # type: ig
 
 @contextlib.asynccontextmanager
 async def run_platform(fake_url: str, workdir: Path, shared_broker: bool, progress: Progress):  # type: ignore[no-untyped-def]
+    from bench._hops import read_hops
     from bench._platform import BenchPlatform, broker_pid
     from bench.chaos import OwnBroker
     from streams.client import OrchestratorClient
@@ -881,7 +888,11 @@ async def run_platform(fake_url: str, workdir: Path, shared_broker: bool, progre
                 )
                 + "; static routing; goal limits raised so no request is refused.",
             ]
-            yield System("platform", target, procs, notes)
+
+            async def hops(since_ms: int, until_ms: int) -> list[dict[str, Any]]:
+                return await read_hops(platform.settings, since_ms, until_ms)
+
+            yield System("platform", target, procs, notes, hops)
     finally:
         if broker is not None:
             os.environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
@@ -990,6 +1001,7 @@ def report(out: Mapping[str, Any]) -> str:
                 ]
             )
         lines.append(render(rows))
+        lines.extend(render_hops(ours["c1"].get("hops", [])))
         if ours["c1"].get("tiers"):
             lines.append(f"answer tiers at c=1: {ours['c1']['tiers']}")
     for name, res in systems.items():

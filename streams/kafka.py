@@ -82,6 +82,9 @@ _CONSUMER_DEFAULTS: dict[str, Any] = {
     "heartbeat_interval_ms": 1000,
     "max_poll_interval_ms": 300000,
     "metadata_max_age_ms": 30000,
+    # How often aiokafka's fetch loop looks again with nothing to wake it (aiokafka: 200
+    # ms); a fetch answered, records taken or a new assignment wake it at once.
+    "consumer_timeout_ms": 1000,
 }
 # For consumers off the answer's path: the broker holds their fetch until it has a batch
 # worth decoding (or the wait ends). At one answer a second, a consumer of every topic

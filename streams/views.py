@@ -50,7 +50,7 @@ class TopicView(AsyncLifecycle):
         source: str,
         since: Callable[[], datetime] | None = None,
         resume: Callable[[Bounds], Awaitable[Mapping[TopicPartition, int]]] | None = None,
-        poll_ms: int = 100,
+        poll_ms: int = 500,
         **consumer_options: Any,
     ) -> None:
         self.settings = settings

@@ -57,7 +57,6 @@ class RunIndex:
             self._apply,
             source=self.source,
             since=lambda: now - self.lookback,
-            poll_ms=200,
             # Off the answer's path (the gateway notes the runs it answers itself).
             **BACKGROUND_FETCH,
         )

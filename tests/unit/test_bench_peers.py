@@ -132,3 +132,33 @@ def test_targets_are_judged_against_litellm() -> None:
 @pytest.mark.parametrize("q", [0.0, 0.001])
 def test_the_lowest_percentile_is_the_smallest_value(q: float) -> None:
     assert percentile([3.0, 2.0, 9.0], q) == 2.0
+
+
+def test_hops_are_the_spans_between_a_runs_steps_in_the_window() -> None:
+    from bench._hops import STEPS, fold, hop_summary, render_hops
+
+    steps = [s for s, _ in STEPS]
+    records: list[tuple[str, str, int]] = []
+    # r1 and r2 in the window, every step; r1's hops 1, 2, 3... ms, r2's twice that.
+    for run, scale in (("r1", 1), ("r2", 2)):
+        t = 1000
+        for i, step in enumerate(steps):
+            t += i * scale
+            records.append((step, run, t))
+    records.append((steps[3], "r1", 999_999))  # a step seen again (a resend) keeps the first
+    records += [(steps[0], "r3", 1000), (steps[1], "r3", 1001)]  # never admitted: left out
+    records += [(s, "r4", 5000 + i) for i, s in enumerate(steps)]  # outside the window
+    records.append(("workflow_assessed", "r1", 2000))  # not a step of the answer's path
+    runs: dict[str, dict[str, int]] = {}
+    fold(records, runs)
+    rows = hop_summary(runs, since_ms=0, until_ms=4000)
+    assert [r["hop"] for r in rows] == [
+        f"{a} -> {b}" for a, b in zip(steps, steps[1:], strict=False)
+    ]
+    assert all(r["runs"] == 2 for r in rows)
+    # hop i: r1 took i ms, r2 2i ms; the median of two is their mean
+    assert [r["p50_ms"] for r in rows] == [1.5 * i for i in range(1, len(steps))]
+    assert [r["p90_ms"] for r in rows] == [2 * i for i in range(1, len(steps))]
+    assert rows[2]["by"] == "budget"
+    assert hop_summary(runs, since_ms=10_000, until_ms=20_000) == []
+    assert "task_requested -> task_admitted" in "\n".join(render_hops(rows))
