@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -583,3 +584,97 @@ async def test_an_error_body_that_echoes_the_key_is_scrubbed(
     assert "Bearer" not in message and "api_key=[redacted]" in message
     # Nothing chained either: a logged traceback must not show the raw body.
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+# -- an endpoint that answers 200 with what it likes ------------------------------------
+_GOOD_ANSWER: dict[str, Any] = {
+    "id": "x",
+    "object": "chat.completion",
+    "model": "odd-model",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9},
+}
+
+
+@pytest.fixture
+async def odd_endpoint() -> AsyncIterator[tuple[str, list[bytes]]]:
+    """Answers each POST with 200 and the next body of the list it yields."""
+    bodies: list[bytes] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(
+            status=200, body=bodies.pop(0), headers={"Content-Type": "application/json"}
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/v1", bodies
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"<html>gateway error</html>", "not JSON"),
+        (b"\xff\xfe\x00garbage", "not JSON"),
+        (b"[1, 2, 3]", "not a JSON object"),
+        (b'"just a string"', "not a JSON object"),
+        (b"{}", "without choices"),
+        (b'{"choices": []}', "without choices"),
+        (b'{"choices": "many"}', "without choices"),
+        (b'{"choices": [{"message": {"content": {"nested": true}}}]}', "not text"),
+        (b'{"choices": [{"message": {"content": ["a", "b"]}}]}', "not text"),
+    ],
+)
+async def test_a_200_answer_that_is_not_a_chat_completion_is_unavailable(
+    odd_endpoint: tuple[str, list[bytes]], body: bytes, reason: str
+) -> None:
+    url, bodies = odd_endpoint
+    bodies.append(body)
+    llm = OpenAILLM(LLMSettings(base_url=url, max_retries=0))
+    try:
+        with pytest.raises(LLMUnavailable, match=reason):
+            await llm.complete(ASK)
+    finally:
+        await llm.aclose()
+
+
+async def test_odd_fields_of_a_usable_answer_fall_back_instead_of_failing(
+    odd_endpoint: tuple[str, list[bytes]],
+) -> None:
+    url, bodies = odd_endpoint
+    good = json.dumps(_GOOD_ANSWER).encode()
+    # usage as text, negative or missing: counted by estimate; no model: the one asked for;
+    # a choice that is not an object, or a message without content: an empty answer.
+    odd = [
+        {**_GOOD_ANSWER, "usage": {"prompt_tokens": "7", "completion_tokens": 2}},
+        {**_GOOD_ANSWER, "usage": {"prompt_tokens": -7, "completion_tokens": 2}},
+        {k: v for k, v in _GOOD_ANSWER.items() if k not in ("usage", "model")},
+        {**_GOOD_ANSWER, "choices": [7]},
+        {**_GOOD_ANSWER, "choices": [{"message": {"role": "assistant"}, "finish_reason": 3}]},
+    ]
+    bodies.extend([good, *(json.dumps(b).encode() for b in odd)])
+    llm = OpenAILLM(LLMSettings(base_url=url, max_retries=0, model="asked-model"))
+    try:
+        exact = await llm.complete(ASK)
+        assert (exact.text, exact.model, exact.prompt_tokens, exact.completion_tokens) == (
+            "hi",
+            "odd-model",
+            7,
+            2,
+        )
+        texty, negative, bare, not_object, no_content = [await llm.complete(ASK) for _ in range(5)]
+    finally:
+        await llm.aclose()
+    for estimated in (texty, negative, bare):
+        assert estimated.text == "hi" and estimated.prompt_tokens > 0
+        assert estimated.prompt_tokens != 7 or estimated.completion_tokens != 2
+    assert bare.model == "asked-model"
+    assert not_object.text == "" and no_content.text == ""
+    assert no_content.raw_finish_reason is None
