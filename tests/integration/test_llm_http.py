@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -555,15 +556,25 @@ async def echoing_endpoint() -> AsyncIterator[tuple[str, list[int]]]:
         }
         return web.json_response(body, status=statuses.pop(0) if statuses else 401)
 
+    async with _chat_endpoint(chat) as url:
+        yield url, statuses
+
+
+@contextlib.asynccontextmanager
+async def _chat_endpoint(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+) -> AsyncIterator[str]:
+    """An OpenAI-shaped endpoint whose chat completions ``handler`` answers; its base URL."""
     app = web.Application()
-    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/chat/completions", handler)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}/v1", statuses
-    await runner.cleanup()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.parametrize(("status", "error"), [(401, LLMRejected), (503, LLMUnavailable)])
@@ -607,15 +618,8 @@ async def odd_endpoint() -> AsyncIterator[tuple[str, list[bytes]]]:
             status=200, body=bodies.pop(0), headers={"Content-Type": "application/json"}
         )
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}/v1", bodies
-    await runner.cleanup()
+    async with _chat_endpoint(answer) as url:
+        yield url, bodies
 
 
 @pytest.mark.parametrize(
