@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from local.world import Request, World
+from services.improvement.assess import judge_messages
 from services.router.policy import (
     LearnedPolicy,
     Policy,
@@ -46,9 +47,12 @@ from services.router.policy import (
     split_arm,
 )
 from streams.config import ROOT
+from streams.llm import estimate_tokens
 
 __all__ = [
     "PricedRun",
+    "judge_cost_usd",
+    "judged_world",
     "main",
     "priced_arms",
     "priced_world",
@@ -64,6 +68,10 @@ COST_PAID = 0.50  # ... at no more than this share of its cost
 REWARD_TARGET = 0.90  # of the oracle's reward
 # Cost weights the learned policy is run at, to draw its quality-cost curve.
 SWEEP = (0.0, 10.0, 20.0, 30.0, 50.0, 70.0, 100.0)
+# Shares of answers the judge grades when the truth is hidden (--hide-truth).
+JUDGE_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.5)
+# A grade is one number: about this many output tokens.
+_GRADE_TOKENS = 2
 
 
 @dataclass
@@ -103,18 +111,62 @@ def _answer(world: World, request: Request, arm: str, seed: int, index: int) -> 
     return (judged[1] if judged else 0.0), cost
 
 
+def _of_oracle(reward: float, oracle_reward: float) -> float:
+    return round(reward / oracle_reward, 4) if oracle_reward > 0 else 0.0
+
+
+def judge_cost_usd(world: World, request: Request, arm: str) -> float:
+    """One judge call on an answer, at the strongest model's price: the judge's prompt
+    (services/improvement/assess.py) around the request and the answer, and a grade."""
+    specialty, model = split_arm(arm)
+    price = world.models[world.strongest_model()]
+    frame = sum(estimate_tokens(m["content"]) for m in judge_messages("", ""))
+    prompt = frame + estimate_tokens(request.message) + world.answer_tokens(specialty, model=model)
+    return (prompt * price.input_per_m + _GRADE_TOKENS * price.output_per_m) / 1e6
+
+
 def simulate_priced(
-    world: World, policy: Policy, sample: list[Request], seed: int, cost_weight: float
+    world: World,
+    policy: Policy,
+    sample: list[Request],
+    seed: int,
+    cost_weight: float,
+    *,
+    judge_sample: float | None = None,
 ) -> PricedRun:
-    """The policy choosing an arm per request and learning each answer's quality and cost."""
+    """The policy choosing an arm per request and learning each answer's quality and cost.
+
+    With ``judge_sample`` the world's truth is hidden: the policy learns from a sampled
+    share of answers graded by the world's judge (noisy, biased as the world says; each
+    call paid at the strongest model's price and counted in that request's cost) and from
+    the users' feedback at the world's rate; an answer with neither teaches it nothing.
+    """
     arms = priced_arms(world)
     run = PricedRun()
+    draws = random.Random(f"{world.name}/{seed}/judge-sample")
     for index, request in enumerate(sample):
         features = features_of(request.message)
         arm = policy.choose(features, arms, cost_weight).specialty
         quality, cost = _answer(world, request, arm, seed, index)
-        policy.update(features, arm, quality, cost)
-        run.add(arm, quality, cost)
+        if judge_sample is None:
+            policy.update(features, arm, quality, cost)
+            run.add(arm, quality, cost)
+            continue
+        seen: float | None = None
+        paid = cost
+        specialty, model = split_arm(arm)
+        if draws.random() < judge_sample:
+            grade = world.judge_grade(
+                request.message, specialty, seed, model=model, request_index=index
+            )
+            paid += judge_cost_usd(world, request, arm)
+            seen = None if grade is None else (grade - 1) / 9
+        if seen is None:
+            score = world.feedback_score(f"{seed}/{index}", quality, seed)
+            seen = None if score is None else (score - 1) / 4
+        if seen is not None:
+            policy.update(features, arm, seen, cost)
+        run.add(arm, quality, paid)
     return run
 
 
@@ -167,9 +219,7 @@ def priced_world(
         row["quality_of_strong"] = round(row["quality"] / strong["quality"], 4)
         row["cost_of_strong"] = round(row["cost_per_1k_usd"] / strong["cost_per_1k_usd"], 4)
         if oracle is not None:
-            row["vs_oracle_reward"] = (
-                round(row["reward"] / oracle["reward"], 4) if oracle["reward"] > 0 else 0.0
-            )
+            row["vs_oracle_reward"] = _of_oracle(row["reward"], oracle["reward"])
         return row
 
     def learned(weight: float) -> PricedRun:
@@ -226,6 +276,73 @@ def priced_world(
             else None,
         },
     }
+
+
+def judged_world(
+    world: World,
+    requests: int,
+    seed: int,
+    cost_weight: float = DEFAULT_COST_WEIGHT,
+    samples: tuple[float, ...] = JUDGE_SWEEP,
+) -> dict[str, Any]:
+    """The learned policy with the truth hidden, at each judge sampling share: its reward
+    (the judge's calls paid in it) against the oracle of the same objective (which knows
+    the truth and pays no judge), and what share of the money went to the judge."""
+    window = min(500, max(1, requests // 4))
+    sample = world.sample_requests(requests, seed)
+    oracle = _oracle(world, sample, seed, cost_weight).final(window, cost_weight)
+    seen = LearnedPolicy(rng=random.Random(seed))
+    truth = simulate_priced(world, seen, sample, seed, cost_weight).final(window, cost_weight)
+    points: list[dict[str, Any]] = []
+    for share in samples:
+        policy = LearnedPolicy(rng=random.Random(seed))
+        run = simulate_priced(world, policy, sample, seed, cost_weight, judge_sample=share)
+        row = run.final(window, cost_weight)
+        answers = [
+            _answer(world, r, a, seed, i)[1]
+            for i, (r, a) in enumerate(zip(sample, run.arms, strict=True))
+        ]
+        judged = sum(run.cost[-window:]) - sum(answers[-window:])
+        row["judge_cost_share"] = round(judged / sum(run.cost[-window:]), 4)
+        row["vs_oracle_reward"] = _of_oracle(row["reward"], oracle["reward"])
+        points.append({"judge_sample": share, **row})
+    return {
+        "world": world.name,
+        "requests": requests,
+        "window": window,
+        "cost_weight": cost_weight,
+        "feedback_probability": world.feedback_probability,
+        "judge": {"noise": world.judge_noise, "bias": world.judge_bias},
+        "oracle": oracle,
+        "truth_visible": {
+            **truth,
+            "vs_oracle_reward": _of_oracle(truth["reward"], oracle["reward"]),
+        },
+        "points": points,
+    }
+
+
+def _judge_table(results: list[dict[str, Any]]) -> Table:
+    first = results[0]
+    table = Table(
+        title=f"truth hidden: learned reward (judge paid) / the oracle's, and the judge's share"
+        f" of the money; last {first['window']} of {first['requests']}, W={first['cost_weight']:g}"
+    )
+    table.add_column("world")
+    table.add_column("truth seen", justify="right")
+    for p in first["points"]:
+        table.add_column(f"judge {p['judge_sample'] * 100:g}%", justify="right")
+    for r in results:
+        cells = [
+            f"{p['vs_oracle_reward'] * 100:.1f}% ({p['judge_cost_share'] * 100:.0f}%)"
+            for p in r["points"]
+        ]
+        table.add_row(
+            f"{r['world']} (feedback {r['feedback_probability'] * 100:g}%)",
+            f"{r['truth_visible']['vs_oracle_reward'] * 100:.1f}%",
+            *cells,
+        )
+    return table
 
 
 def _table(results: list[dict[str, Any]]) -> Table:
@@ -301,9 +418,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worlds", nargs="*", default=[], help="world files (default: shipped)")
     parser.add_argument("--random", type=int, nargs="*", default=list(RANDOM_SEEDS))
     parser.add_argument("--json", action="store_true", help="machine-readable results only")
+    parser.add_argument(
+        "--hide-truth",
+        action="store_true",
+        help="learn only from a sampled judge and the users' feedback, at each share of"
+        " --judge-sample (the judge's calls paid)",
+    )
+    parser.add_argument(
+        "--judge-sample",
+        type=lambda t: tuple(float(x) for x in t.split(",")),
+        default=JUDGE_SWEEP,
+        help="shares of answers the judge grades, comma separated (with --hide-truth)",
+    )
     args = parser.parse_args(argv)
     if args.cost_weight < 0:
         parser.error("--cost-weight must be >= 0")
+    if not all(0.0 <= x <= 1.0 for x in args.judge_sample):
+        parser.error("--judge-sample takes shares between 0 and 1")
+    if args.hide_truth:
+        judged = [
+            judged_world(world, args.requests, args.seed, args.cost_weight, args.judge_sample)
+            for world in _worlds(args.worlds, args.random)
+        ]
+        if args.json:
+            sys.stdout.write(json.dumps(judged, indent=2) + "\n")
+        else:
+            Console().print(_judge_table(judged))
+        return 0
     results = [
         priced_world(world, args.requests, args.seed, args.cost_weight)
         for world in _worlds(args.worlds, args.random)
