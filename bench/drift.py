@@ -36,17 +36,18 @@ from streams.config import ROOT
 __all__ = ["main", "recovery", "simulate_drift"]
 
 RANDOM_SEEDS = (301, 302, 303)
-HALF_LIVES = (0.0, 250.0, 500.0, 1000.0)
+HALF_LIVES = (0.0, 250.0)
+CHANGES = (4.0, 8.0)
 WINDOW = 100
 TARGET_AFTER = 400  # requests to get back to 90% of the new oracle (issue 12)
 
 
 def simulate_drift(
-    world: World, requests: int, seed: int, half_life: float
+    world: World, requests: int, seed: int, half_life: float, change: float = 0.0
 ) -> tuple[list[float], list[float], list[str]]:
     """Per request: the policy's reward and the oracle's, each in the phase the request
-    falls in, and the request's type."""
-    policy = LearnedPolicy(rng=random.Random(seed), half_life=half_life)
+    falls in, and the request's type. ``change``: the policy's change threshold."""
+    policy = LearnedPolicy(rng=random.Random(seed), half_life=half_life, change_threshold=change)
     arms = list(world.specialties)
     got, best, kinds = [], [], []
     for i, request in enumerate(world.sample_requests(requests, seed)):
@@ -92,16 +93,27 @@ def _changed_types(world: World, index: int) -> set[str]:
     }
 
 
+def _label(half_life: float, change: float) -> str:
+    if change:
+        return f"change {change:g}"
+    return f"half-life {half_life:g}" if half_life else "never forgets"
+
+
 def measure(
-    world: World, requests: int, seed: int, half_lives: tuple[float, ...]
+    world: World,
+    requests: int,
+    seed: int,
+    half_lives: tuple[float, ...],
+    changes: tuple[float, ...] = (),
 ) -> dict[str, Any]:
     final = min(500, max(1, requests // 4))
     rows = {}
-    for half_life in half_lives:
-        got, best, kinds = simulate_drift(world, requests, seed, half_life)
+    configs = [(h, 0.0) for h in half_lives] + [(0.0, c) for c in changes]
+    for half_life, change in configs:
+        got, best, kinds = simulate_drift(world, requests, seed, half_life, change)
         points = [d.after for d in world.drift if d.after < requests]
         changed = {at: _changed_types(world, at) for at in points}
-        rows[f"{half_life:g}"] = {
+        rows[_label(half_life, change)] = {
             "recovery": [recovery(got, best, at) for at in points],
             # The same on the requests of the types whose best specialty changed there.
             "recovery_changed_types": [
@@ -118,25 +130,24 @@ def measure(
         "world": world.name,
         "requests": requests,
         "drift_at": [d.after for d in world.drift],
-        "half_lives": rows,
+        "policies": rows,
     }
 
 
-def _table(results: list[dict[str, Any]], half_lives: tuple[float, ...]) -> Table:
+def _table(results: list[dict[str, Any]]) -> Table:
     table = Table(
         title=f"drift: requests back to 90% of the new oracle, all / the changed types"
         f" (windows of {WINDOW} / {WINDOW // 4}); last 500 vs the oracle"
     )
     table.add_column("world")
     table.add_column("drift at", justify="right")
-    for half_life in half_lives:
-        table.add_column(
-            f"half-life {half_life:g}" if half_life else "never forgets", justify="right"
-        )
+    labels = list(results[0]["policies"]) if results else []
+    for label in labels:
+        table.add_column(label, justify="right")
     for r in results:
         cells = []
-        for half_life in half_lives:
-            row = r["half_lives"][f"{half_life:g}"]
+        for label in labels:
+            row = r["policies"][label]
             back = ", ".join(
                 f"{'never' if a is None else a}/{'never' if b is None else b}"
                 for a, b in zip(row["recovery"], row["recovery_changed_types"], strict=True)
@@ -158,22 +169,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--half-lives", type=float, nargs="*", default=list(HALF_LIVES))
+    parser.add_argument(
+        "--changes",
+        type=float,
+        nargs="*",
+        default=list(CHANGES),
+        help="change thresholds of the policy's change detector (ORCH_ROUTER_CHANGE_THRESHOLD)",
+    )
     parser.add_argument("--worlds", nargs="*", default=[], help="world files (default: shipped)")
     parser.add_argument("--random", type=int, nargs="*", default=list(RANDOM_SEEDS))
     parser.add_argument("--no-static", action="store_true", help="skip worlds without drift")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     half_lives = tuple(args.half_lives)
-    if any(h < 0 for h in half_lives):
+    changes = tuple(args.changes)
+    if any(not h >= 0 for h in half_lives):
         parser.error("--half-lives must be >= 0")
+    if any(not c > 0 for c in changes):
+        parser.error("--changes must be > 0")
     results = [
-        measure(w, args.requests, args.seed, half_lives)
+        measure(w, args.requests, args.seed, half_lives, changes)
         for w in _worlds(args.worlds, args.random, not args.no_static)
     ]
     if args.json:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
     else:
-        Console(width=200).print(_table(results, half_lives))
+        Console(width=240).print(_table(results))
     return 0
 
 

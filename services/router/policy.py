@@ -39,6 +39,9 @@ _STOP = frozenset(
     " please can could would should how what why when do does from at by as about".split()
 )
 _DIGITS = re.compile(r"^\d+$")
+# The change detector's least standard deviation of a word's rewards: outcomes that never
+# varied yet (a repeated message's fixed draw) must not turn every small move into a change.
+_MIN_SPREAD = 0.05
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,12 @@ class _Stat:
     total: float = 0.0
     cost: float = 0.0  # summed USD of the answers counted in n
     at: int = 0  # the policy's update count when n, total and cost were last decayed
+    squares: float = 0.0  # summed squared rewards, for the spread the change detector uses
+    up: float = 0.0  # the change detector's one-sided sums of standardised surprises
+    down: float = 0.0
+    # Learned before a change was detected on its word: still the estimate, but the next
+    # outcome replaces it, and the choice tries the arm again (see ``choose``).
+    stale: bool = False
 
 
 @dataclass
@@ -151,6 +160,16 @@ class LearnedPolicy:
     # Updates after which an observation weighs half (0: never forgotten). What was
     # learned fades, so a world that changes is followed (see ``_fresh``).
     half_life: float = 0.0
+    # The change detector (see ``_surprised``): a (word, arm) whose outcomes drift this far
+    # from its estimate (one-sided CUSUM of surprises in standard deviations) makes what was
+    # learned about the request's words stale, for every arm: each arm is tried again on
+    # them (with probability ``probe`` a request), and its next outcome replaces the old
+    # estimate. 0 turns it off.
+    change_threshold: float = RouterSettings.model_fields["change_threshold"].default
+    change_slack: float = 0.5
+    change_min: float = 20.0
+    probe: float = 0.3
+    changes: int = 0
     rng: random.Random = field(default_factory=random.Random)
     updates: int = 0
     _arm: dict[str, _Stat] = field(default_factory=lambda: defaultdict(_Stat))
@@ -172,6 +191,7 @@ class LearnedPolicy:
             st.n *= factor
             st.total *= factor
             st.cost *= factor
+            st.squares *= factor
         st.at = self.updates
         return st
 
@@ -245,12 +265,33 @@ class LearnedPolicy:
         best = max(arms, key=lambda a: (scores[a], a == features.keyword_guess))
         eps = self.epsilon()
         k = len(arms)
+        stale = self._stale_arms(features, arms)
+        probe = self.probe if stale else 0.0
         if self.rng.random() < eps:
             pick = self.rng.choice(arms)
+        elif stale and self.rng.random() < probe:
+            pick = self.rng.choice(stale)
         else:
             pick = best
-        probability = eps / k + (1.0 - eps if pick == best else 0.0)
+        greedy = (1.0 - eps) * (1.0 - probe) if pick == best else 0.0
+        probing = (1.0 - eps) * probe / len(stale) if pick in stale else 0.0
+        probability = eps / k + greedy + probing
         return Choice(pick, probability, {a: round(v, 6) for a, v in scores.items()})
+
+    def _stale_arms(self, features: Features, arms: list[str]) -> list[str]:
+        """The arms whose estimate on most of the request's words predates a change
+        detected on them: worth a try before the old estimates are believed again."""
+        if self.change_threshold <= 0 or not features.words:
+            return []
+        half = len(features.words) / 2.0
+        return [
+            a
+            for a in arms
+            if sum(
+                1 for w in features.words if (st := self._word.get((w, a))) is not None and st.stale
+            )
+            > half
+        ]
 
     def dump(self) -> dict[str, Any]:
         """What was learned, as plain values (for a snapshot); settings are not state."""
@@ -259,7 +300,11 @@ class LearnedPolicy:
         return {
             "updates": self.updates,
             "arms": [[a, s.n, s.total, s.cost] for a, s in self._arm.items()],
-            "words": [[w, a, s.n, s.total, s.cost] for (w, a), s in self._word.items()],
+            "words": [
+                [w, a, s.n, s.total, s.cost, s.squares, s.up, s.down, int(s.stale)]
+                for (w, a), s in self._word.items()
+            ],
+            "changes": self.changes,
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -269,9 +314,14 @@ class LearnedPolicy:
         # Snapshots from before costs were learned have no cost column.
         for arm, n, total, *cost in data["arms"]:
             arms[arm] = _Stat(float(n), float(total), float(cost[0]) if cost else 0.0)
-        for word, arm, n, total, *cost in data["words"]:
-            words[(word, arm)] = _Stat(float(n), float(total), float(cost[0]) if cost else 0.0)
+        for word, arm, n, total, *more in data["words"]:
+            # Older snapshots stop after the cost, or before it.
+            cost, squares, up, down, stale = (*map(float, more), 0.0, 0.0, 0.0, 0.0, 0.0)[:5]
+            words[(word, arm)] = _Stat(
+                float(n), float(total), cost, 0, squares, up, down, bool(stale)
+            )
         self.updates, self._arm, self._word = int(data["updates"]), arms, words
+        self.changes = int(data.get("changes", 0))
         for st in (*arms.values(), *words.values()):
             st.at = self.updates
 
@@ -281,11 +331,46 @@ class LearnedPolicy:
         st.n += 1
         st.total += reward
         st.cost += cost
+        # Every word's detector sees the outcome (a list, not a generator that stops early).
+        surprised = [
+            self._surprised(self._fresh(self._word[(w, arm)]), reward) for w in features.words
+        ]
+        if any(surprised):
+            # Words of one request come together: the change is the request's kind's, so
+            # what every arm learned on all of its words is stale.
+            self.changes += 1
+            for w in features.words:
+                self._make_stale(w)
         for w in features.words:
             ws = self._fresh(self._word[(w, arm)])
+            if ws.stale:
+                ws.n = ws.total = ws.cost = ws.squares = ws.up = ws.down = 0.0
+                ws.stale = False
             ws.n += 1
             ws.total += reward
             ws.cost += cost
+            ws.squares += reward * reward
+
+    def _surprised(self, st: _Stat, reward: float) -> bool:
+        """Whether ``reward`` completes a change in ``st``'s outcomes: the one-sided sums of
+        their surprises (the distance from the estimate in standard deviations, less
+        ``change_slack``) pass ``change_threshold``. Words seen fewer than ``change_min``
+        times are still being learned and raise nothing."""
+        if self.change_threshold <= 0 or st.n < 1.0:
+            return False
+        mean = st.total / st.n
+        spread = math.sqrt(max(0.0, st.squares / st.n - mean * mean))
+        z = (reward - mean) / max(spread, _MIN_SPREAD)
+        st.up = max(0.0, st.up + z - self.change_slack)
+        st.down = max(0.0, st.down - z - self.change_slack)
+        return st.n >= self.change_min and max(st.up, st.down) > self.change_threshold
+
+    def _make_stale(self, word: str) -> None:
+        for arm in self._arm:
+            st = self._word.get((word, arm))
+            if st is not None:
+                st.stale = True
+                st.up = st.down = 0.0
 
 
 def make_policy(
@@ -300,5 +385,10 @@ def make_policy(
     if chosen == "learned":
         settings = settings or RouterSettings.from_env()
         rng = random.Random(seed if seed is not None else settings.seed)
-        return LearnedPolicy(rng=rng, epsilon0=settings.epsilon, half_life=settings.half_life)
+        return LearnedPolicy(
+            rng=rng,
+            epsilon0=settings.epsilon,
+            half_life=settings.half_life,
+            change_threshold=settings.change_threshold,
+        )
     raise ValueError(f"ORCH_ROUTER_POLICY must be learned or static, got {chosen!r}")

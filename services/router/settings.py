@@ -43,6 +43,18 @@ class RouterSettings(EnvSettings):
         read_by="router",
         ge=0,
     )
+    change_threshold: float = setting(
+        "ORCH_ROUTER_CHANGE_THRESHOLD",
+        12.0,
+        "How surprising the learned policy's recent outcomes on a request's words must be "
+        "(summed distances from its estimate, in standard deviations) before it takes the "
+        "workload to have changed there: every arm is then tried again on those words and "
+        "its next outcome replaces what it had learned. Lower follows changes sooner and "
+        "mistakes noise for change more often; 0 turns it off. Measured in "
+        'docs/performance.md, "Drift". >= 0.',
+        read_by="router",
+        ge=0,
+    )
     seed: int | None = setting(
         "ORCH_ROUTER_SEED",
         None,

@@ -20,10 +20,11 @@ def test_recovery_counts_requests_after_the_change_until_the_window_is_back() ->
     assert recovery(mixed, best, 200) is not None
 
 
-def test_a_drift_world_is_measured_at_each_half_life() -> None:
+def test_a_drift_world_is_measured_at_each_half_life_and_change_threshold() -> None:
     world = World.random(301, drift=True)
-    result = measure(world, 1500, seed=1, half_lives=(0.0, 250.0))
+    result = measure(world, 1500, seed=1, half_lives=(0.0, 250.0), changes=(12.0,))
     assert result["drift_at"] == [d.after for d in world.drift]
-    for row in result["half_lives"].values():
+    assert list(result["policies"]) == ["never forgets", "half-life 250", "change 12"]
+    for row in result["policies"].values():
         assert len(row["recovery"]) == len(row["recovery_changed_types"]) == 1
         assert 0.5 < row["final_vs_oracle"] < 1.2

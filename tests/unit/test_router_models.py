@@ -239,7 +239,12 @@ def test_a_policy_with_a_half_life_follows_a_change_one_that_never_forgets_does_
 
     def after_change(half_life: float) -> str:
         policy = LearnedPolicy(
-            rng=random.Random(3), epsilon0=0.0, epsilon_min=0.0, bonus=0.0, half_life=half_life
+            rng=random.Random(3),
+            epsilon0=0.0,
+            epsilon_min=0.0,
+            bonus=0.0,
+            half_life=half_life,
+            change_threshold=0.0,  # forgetting alone (the change detector: test_policy_change)
         )
         for _ in range(400):  # research was better for a long time ...
             policy.update(features, "research", 0.9)
