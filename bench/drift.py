@@ -37,7 +37,7 @@ __all__ = ["main", "recovery", "simulate_drift"]
 
 RANDOM_SEEDS = (301, 302, 303)
 HALF_LIVES = (0.0, 250.0)
-CHANGES = (4.0, 8.0)
+CHANGES = (8.0, 12.0)
 WINDOW = 100
 TARGET_AFTER = 400  # requests to get back to 90% of the new oracle (issue 12)
 
