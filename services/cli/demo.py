@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import threading
 from dataclasses import dataclass, field
@@ -22,11 +23,40 @@ from streams.config import ROOT, data_root
 if TYPE_CHECKING:
     from bench.learning import Outcome
 
-__all__ = ["DEFAULT_WORLD", "demo_command", "run_demo"]
+__all__ = ["DEFAULT_WORLD", "Baselines", "baselines", "demo_command", "run_demo"]
 
 DEFAULT_WORLD = ROOT / "bench" / "worlds" / "support-desk.json"
 # Each a run of the learning benchmark (bench/learning.py): its name and routing policy.
 _RUNS = ("learned", "static")
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """Per request, what no run is needed for: the oracle's reward (of the same objective,
+    quality - cost_weight x cost), and on a world with models "always the strong model"
+    (the type's best specialty on the dearest model): its reward and its cost in USD."""
+
+    oracle: list[float]
+    strong_reward: list[float]
+    strong_cost: list[float]
+
+
+def baselines(world: World, requests: int, seed: int, cost_weight: float = 0.0) -> Baselines:
+    """The lines the picture draws beside the runs, from the world alone (the same requests,
+    the same noise draws as the runs)."""
+    sample = world.sample_requests(requests, seed)
+    if not world.models:
+        return Baselines([world.oracle_quality(r, seed) for r in sample], [], [])
+    oracle = [
+        world.oracle_arm(r, seed, cost_weight=cost_weight, request_index=i).reward(cost_weight)
+        for i, r in enumerate(sample)
+    ]
+    strong = [world.strong_arm(r, seed, request_index=i) for i, r in enumerate(sample)]
+    return Baselines(oracle, [a.reward(cost_weight) for a in strong], [a.cost_usd for a in strong])
+
+
+def _means(values: list[float], window: int) -> list[float]:
+    return [statistics.fmean(values[i : i + window]) for i in range(0, len(values), window)]
 
 
 @dataclass
@@ -37,6 +67,9 @@ class _Watch:
     requests: int
     window: int
     oracle: list[float]
+    strong_reward: list[float] = field(default_factory=list)
+    strong_cost: list[float] = field(default_factory=list)
+    cost_weight: float = 0.0
     outcomes: dict[str, list[Outcome]] = field(default_factory=dict)
     automations: dict[str, int] = field(default_factory=dict)
     # run -> (requests answered, automations created by then), for the picture
@@ -100,7 +133,8 @@ class _Watch:
 
 
 def _plot(watch: _Watch, path: Path) -> Path:
-    """Reward per window against the oracle, and cost per request with automations created."""
+    """Reward per window against the oracle, and cost per request with automations created;
+    on a world with models, "always the strong model" on both."""
     import matplotlib
 
     matplotlib.use("Agg")  # a file, no display needed
@@ -115,16 +149,21 @@ def _plot(watch: _Watch, path: Path) -> Path:
         bottom.plot(
             ends, [statistics.fmean(o.cost_usd for o in w) * 1000 for w in windows], "o-", c=colour
         )
-    oracle = [
-        statistics.fmean(watch.oracle[i : i + watch.window])
-        for i in range(0, len(watch.oracle), watch.window)
-    ]
+    oracle = _means(watch.oracle, watch.window)
     top.plot(ends[: len(oracle)], oracle[: len(ends)], "k--")
-    top.legend(["learned routing", "static keyword routing", "oracle"], loc="lower right")
-    top.set_ylabel(f"mean reward per {watch.window} requests")
-    top.set_ylim(0, 1)
+    names = ["learned routing", "static keyword routing", "oracle"]
+    if watch.strong_reward:
+        strong = _means(watch.strong_reward, watch.window)
+        top.plot(ends[: len(strong)], strong[: len(ends)], "--", c="tab:gray")
+        names.append(f"always {watch.world.strongest_model()}")
+        cost = [c * 1000 for c in _means(watch.strong_cost, watch.window)]
+        bottom.plot(ends[: len(cost)], cost[: len(ends)], "--", c="tab:gray")
+    top.legend(names, loc="lower right")
+    weighed = f" - {watch.cost_weight:g} x cost" if watch.cost_weight else ""
+    top.set_ylabel(f"mean reward (quality{weighed}) per {watch.window} requests")
+    top.set_ylim(min(0.0, top.get_ylim()[0]), 1)
     top.set_title(f"{watch.world.name}: learned and static routing against the oracle")
-    bottom.set_ylabel("LLM cost, $ per 1k requests")
+    bottom.set_ylabel("LLM cost, $ per 1k requests (dashed: always strong)")
     bottom.set_xlabel("requests")
     bottom.set_ylim(bottom=0)
     created = bottom.twinx()
@@ -148,6 +187,7 @@ def run_demo(
     seed: int = 1,
     window: int = 50,
     console: Console | None = None,
+    cost_weight: float = 0.0,
 ) -> tuple[dict[str, Any], Path]:
     """Learned and static routing on two platforms at once, a live table, then the PNG."""
     on_bench_path()
@@ -155,8 +195,16 @@ def run_demo(
 
     console = console or Console()
     world = World.load(world_path)
-    oracle = [world.oracle_quality(r, seed) for r in world.sample_requests(requests, seed)]
-    watch = _Watch(world, requests, window, oracle)
+    lines = baselines(world, requests, seed, cost_weight)
+    watch = _Watch(
+        world,
+        requests,
+        window,
+        lines.oracle,
+        lines.strong_reward,
+        lines.strong_cost,
+        cost_weight,
+    )
     console.print(
         f"starting two platforms (learned and static routing) on [bold]{world.name}[/]: "
         f"{world.description}"
@@ -170,6 +218,7 @@ def run_demo(
             window=window,
             observer=watch.see,
             parallel=True,
+            cost_weight=cost_weight,
         )
     console.print()
     path = _plot(watch, data_root() / "demo" / "learning.png")
@@ -182,12 +231,24 @@ def demo_command(
     ] = DEFAULT_WORLD,
     requests: Annotated[int, typer.Option("--requests", min=50, help="Requests per run.")] = 400,
     seed: Annotated[int, typer.Option("--seed")] = 1,
+    cost_weight: Annotated[
+        float,
+        typer.Option(
+            "--cost-weight",
+            min=0.0,
+            help="Quality the goal gives up per USD an answer costs: reward = quality - W x "
+            "cost (see `orchestrator budget set --cost-weight`). Matters on worlds with models.",
+        ),
+    ] = 0.0,
 ) -> None:
-    """Watch the platform learn a simulated world: a live table, then a saved picture."""
+    """Watch the platform learn a simulated world: a live table, then a saved picture
+    (reward and cost per window; on a world with models, "always the strong model" too)."""
     for name in ("aiokafka", "kafka"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     console = Console()
-    result, path = run_demo(world, requests, seed, console=console)
+    if not math.isfinite(cost_weight):
+        raise typer.BadParameter("must be a finite number", param_hint="--cost-weight")
+    result, path = run_demo(world, requests, seed, console=console, cost_weight=cost_weight)
     from bench.learning import print_report  # on the path since run_demo
 
     print_report(result, console, curve=False)
