@@ -2,6 +2,7 @@
 
     python -m bench.priced                                  # shipped two-model worlds + 3 random
     python -m bench.priced --cost-weight 30 --requests 2000 --random 201 202 203
+    python -m bench.priced --hide-truth --judge-sample 0.05,0.1,0.2 --judge-rule uncertain,uniform
 
 A world with ``models`` (docs/worlds.md) prices each model and says how good each is per
 request type. The policy (the router's own, ``services/router/policy.py``) sees every
@@ -39,6 +40,8 @@ from rich.table import Table
 from local.world import Request, World
 from services.improvement.assess import judge_messages
 from services.router.policy import (
+    Choice,
+    Features,
     LearnedPolicy,
     Policy,
     StaticPolicy,
@@ -50,6 +53,9 @@ from streams.config import ROOT
 from streams.llm import estimate_tokens
 
 __all__ = [
+    "DEFAULT_JUDGE_RULE",
+    "JUDGE_RULES",
+    "JudgeSampler",
     "PricedRun",
     "judge_cost_usd",
     "judged_world",
@@ -72,6 +78,10 @@ SWEEP = (0.0, 10.0, 20.0, 30.0, 50.0, 70.0, 100.0)
 JUDGE_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.5)
 # A grade is one number: about this many output tokens.
 _GRADE_TOKENS = 2
+# Which answers the judge grades (--judge-rule): a uniform draw at the share, or more often
+# where the chosen arm is little known (see JudgeSampler); the first is the default.
+JUDGE_RULES = ("uncertain", "uniform")
+DEFAULT_JUDGE_RULE = JUDGE_RULES[0]
 
 
 @dataclass
@@ -81,11 +91,13 @@ class PricedRun:
     arms: list[str] = field(default_factory=list)
     quality: list[float] = field(default_factory=list)
     cost: list[float] = field(default_factory=list)
+    judged: list[bool] = field(default_factory=list)  # the judge graded it (truth hidden)
 
-    def add(self, arm: str, quality: float, cost: float) -> None:
+    def add(self, arm: str, quality: float, cost: float, *, judged: bool = False) -> None:
         self.arms.append(arm)
         self.quality.append(quality)
         self.cost.append(cost)
+        self.judged.append(judged)
 
     def final(self, window: int, cost_weight: float) -> dict[str, float]:
         quality = statistics.fmean(self.quality[-window:])
@@ -95,6 +107,94 @@ class PricedRun:
             "cost_per_1k_usd": round(cost * 1000, 5),
             "reward": round(quality - cost_weight * cost, 4),
         }
+
+
+@dataclass
+class JudgeSampler:
+    """Which answers the judge grades, about ``share`` of them.
+
+    ``uniform``: each answer with probability ``share`` (the realised share is a binomial
+    draw about it). ``uncertain``: an answer's weight is ``(1 + n) ** -power`` (with the
+    default 0.5, the shape of the policy's optimism), ``n`` the mean over the request's
+    words of the outcomes the policy learned with the chosen arm and that word (graded or
+    rated answers, counted here through :meth:`learned`; the arm's own count for a request
+    without words), times ``explore_weight`` when the pick is not the greedy one (an
+    exploration nobody grades is paid for and teaches nothing). The probability is
+    ``share`` times the weight over the running mean weight (so it averages about
+    ``share``; plus what the budget has not spent, over ``catch_up`` answers), at least
+    ``floor x share`` (no arm goes ungraded forever: the world may drift) and at most 1;
+    and an answer is judged only while the judged count stays within ``share`` of the
+    answers so far, so the realised share is at most ``share`` at every point of the run.
+    """
+
+    share: float
+    rule: str = DEFAULT_JUDGE_RULE
+    floor: float = 0.25
+    explore_weight: float = 3.0
+    horizon: float = 200.0  # requests the running mean weight remembers
+    catch_up: float = 100.0  # requests over which a share not yet spent is spent
+    reserve: float = 2.0  # judge calls kept in hand for the little-known arm that comes next
+    power: float = 0.5  # weight = (1 + n) ** -power
+    seen: int = 0
+    judged: int = 0
+    _mean: float = 0.0
+    _words: dict[tuple[str, str], int] = field(default_factory=dict)
+    _arms: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rule not in JUDGE_RULES:
+            raise ValueError(f"judge rule must be one of {', '.join(JUDGE_RULES)}: {self.rule!r}")
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"judge share must be between 0 and 1: {self.share!r}")
+
+    @property
+    def realised(self) -> float:
+        return self.judged / self.seen if self.seen else 0.0
+
+    def outcomes(self, features: Features, arm: str) -> float:
+        """``n``: graded outcomes the policy learned with ``arm`` on these words."""
+        if not features.words:
+            return float(self._arms.get(arm, 0))
+        return statistics.fmean(self._words.get((w, arm), 0) for w in features.words)
+
+    def weight(self, features: Features, arm: str, explored: bool = False) -> float:
+        value = float((1.0 + self.outcomes(features, arm)) ** -self.power)
+        return value * (self.explore_weight if explored else 1.0)
+
+    def probability(self, features: Features, arm: str, explored: bool = False) -> float:
+        """The chance of judging this answer before the budget's check (moves the mean)."""
+        if self.rule == "uniform" or self.share >= 1.0:
+            return self.share
+        weight = self.weight(features, arm, explored)
+        self._mean += (weight - self._mean) / min(self.seen + 1.0, self.horizon)
+        # What the budget has not spent beyond ``reserve`` calls is spent over the next
+        # ``catch_up`` answers (a reserve short of that is saved up the same way).
+        spare = (self.share * self.seen - self.judged - self.reserve) / self.catch_up
+        scale = max(0.0, self.share + spare) / self._mean
+        return min(1.0, max(self.floor * self.share, scale * weight))
+
+    def decide(self, features: Features, arm: str, draw: float, explored: bool = False) -> bool:
+        """Whether the judge grades this answer; ``draw`` uniform in [0, 1)."""
+        p = self.probability(features, arm, explored)
+        self.seen += 1
+        judge = draw < p
+        if self.rule == "uncertain" and self.judged + 1 > self.share * self.seen + 1e-9:
+            judge = False
+        self.judged += judge
+        return judge
+
+    def learned(self, features: Features, arm: str) -> None:
+        """The policy learned an outcome of ``arm`` on these words (a grade or feedback)."""
+        self._arms[arm] = self._arms.get(arm, 0) + 1
+        for w in features.words:
+            self._words[(w, arm)] = self._words.get((w, arm), 0) + 1
+
+
+def _explored(choice: Choice) -> bool:
+    """The pick scored below the best arm: an exploration, not the greedy pick."""
+    return bool(choice.scores) and choice.scores.get(choice.specialty, 0.0) < max(
+        choice.scores.values()
+    )
 
 
 def priced_arms(world: World) -> list[str]:
@@ -133,6 +233,8 @@ def simulate_priced(
     cost_weight: float,
     *,
     judge_sample: float | None = None,
+    judge_rule: str = DEFAULT_JUDGE_RULE,
+    sampler: JudgeSampler | None = None,
 ) -> PricedRun:
     """The policy choosing an arm per request and learning each answer's quality and cost.
 
@@ -140,22 +242,27 @@ def simulate_priced(
     share of answers graded by the world's judge (noisy, biased as the world says; each
     call paid at the strongest model's price and counted in that request's cost) and from
     the users' feedback at the world's rate; an answer with neither teaches it nothing.
+    Which answers are judged: ``judge_rule`` (see :class:`JudgeSampler`), or ``sampler``.
     """
     arms = priced_arms(world)
     run = PricedRun()
     draws = random.Random(f"{world.name}/{seed}/judge-sample")
+    if judge_sample is not None and sampler is None:
+        sampler = JudgeSampler(judge_sample, judge_rule)
     for index, request in enumerate(sample):
         features = features_of(request.message)
-        arm = policy.choose(features, arms, cost_weight).specialty
+        choice = policy.choose(features, arms, cost_weight)
+        arm = choice.specialty
         quality, cost = _answer(world, request, arm, seed, index)
-        if judge_sample is None:
+        if sampler is None:
             policy.update(features, arm, quality, cost)
             run.add(arm, quality, cost)
             continue
         seen: float | None = None
         paid = cost
         specialty, model = split_arm(arm)
-        if draws.random() < judge_sample:
+        judge = sampler.decide(features, arm, draws.random(), _explored(choice))
+        if judge:
             grade = world.judge_grade(
                 request.message, specialty, seed, model=model, request_index=index
             )
@@ -166,7 +273,8 @@ def simulate_priced(
             seen = None if score is None else (score - 1) / 4
         if seen is not None:
             policy.update(features, arm, seen, cost)
-        run.add(arm, quality, paid)
+            sampler.learned(features, arm)
+        run.add(arm, quality, paid, judged=judge)
     return run
 
 
@@ -284,10 +392,12 @@ def judged_world(
     seed: int,
     cost_weight: float = DEFAULT_COST_WEIGHT,
     samples: tuple[float, ...] = JUDGE_SWEEP,
+    rules: tuple[str, ...] = JUDGE_RULES,
 ) -> dict[str, Any]:
-    """The learned policy with the truth hidden, at each judge sampling share: its reward
-    (the judge's calls paid in it) against the oracle of the same objective (which knows
-    the truth and pays no judge), and what share of the money went to the judge."""
+    """The learned policy with the truth hidden, at each judge sampling share and with each
+    judge rule (``rules``): its reward (the judge's calls paid in it) against the oracle of
+    the same objective (which knows the truth and pays no judge), what share of the money
+    went to the judge, and the share of answers judged over the run (``judged_share``)."""
     window = min(500, max(1, requests // 4))
     sample = world.sample_requests(requests, seed)
     oracle = _oracle(world, sample, seed, cost_weight).final(window, cost_weight)
@@ -295,17 +405,22 @@ def judged_world(
     truth = simulate_priced(world, seen, sample, seed, cost_weight).final(window, cost_weight)
     points: list[dict[str, Any]] = []
     for share in samples:
-        policy = LearnedPolicy(rng=random.Random(seed))
-        run = simulate_priced(world, policy, sample, seed, cost_weight, judge_sample=share)
-        row = run.final(window, cost_weight)
-        answers = [
-            _answer(world, r, a, seed, i)[1]
-            for i, (r, a) in enumerate(zip(sample, run.arms, strict=True))
-        ]
-        judged = sum(run.cost[-window:]) - sum(answers[-window:])
-        row["judge_cost_share"] = round(judged / sum(run.cost[-window:]), 4)
-        row["vs_oracle_reward"] = _of_oracle(row["reward"], oracle["reward"])
-        points.append({"judge_sample": share, **row})
+        for rule in rules:
+            policy = LearnedPolicy(rng=random.Random(seed))
+            run = simulate_priced(
+                world, policy, sample, seed, cost_weight, judge_sample=share, judge_rule=rule
+            )
+            row: dict[str, Any] = dict(run.final(window, cost_weight))
+            answers = [
+                _answer(world, r, a, seed, i)[1]
+                for i, (r, a) in enumerate(zip(sample, run.arms, strict=True))
+            ]
+            judged = sum(run.cost[-window:]) - sum(answers[-window:])
+            row["judge_cost_share"] = round(judged / sum(run.cost[-window:]), 4)
+            row["judged_share"] = round(sum(run.judged) / len(run.judged), 4)
+            row["judged_share_window"] = round(sum(run.judged[-window:]) / window, 4)
+            row["vs_oracle_reward"] = _of_oracle(row["reward"], oracle["reward"])
+            points.append({"judge_sample": share, "rule": rule, **row})
     return {
         "world": world.name,
         "requests": requests,
@@ -325,23 +440,32 @@ def judged_world(
 def _judge_table(results: list[dict[str, Any]]) -> Table:
     first = results[0]
     table = Table(
-        title=f"truth hidden: learned reward (judge paid) / the oracle's, and the judge's share"
-        f" of the money; last {first['window']} of {first['requests']}, W={first['cost_weight']:g}"
+        title=f"truth hidden: learned reward (judge paid) / the oracle's (the judge's share of"
+        f" the money; share of answers judged over the run), last {first['window']} of"
+        f" {first['requests']}, W={first['cost_weight']:g}"
     )
     table.add_column("world")
+    table.add_column("judge rule")
     table.add_column("truth seen", justify="right")
-    for p in first["points"]:
-        table.add_column(f"judge {p['judge_sample'] * 100:g}%", justify="right")
+    shares = list(dict.fromkeys(p["judge_sample"] for p in first["points"]))
+    rules = list(dict.fromkeys(p["rule"] for p in first["points"]))
+    for share in shares:
+        table.add_column(f"judge {share * 100:g}%", justify="right")
     for r in results:
-        cells = [
-            f"{p['vs_oracle_reward'] * 100:.1f}% ({p['judge_cost_share'] * 100:.0f}%)"
-            for p in r["points"]
-        ]
-        table.add_row(
-            f"{r['world']} (feedback {r['feedback_probability'] * 100:g}%)",
-            f"{r['truth_visible']['vs_oracle_reward'] * 100:.1f}%",
-            *cells,
-        )
+        for i, rule in enumerate(rules):
+            cells = [
+                f"{p['vs_oracle_reward'] * 100:.1f}% ({p['judge_cost_share'] * 100:.0f}%;"
+                f" {p['judged_share'] * 100:.1f}%)"
+                for p in r["points"]
+                if p["rule"] == rule
+            ]
+            table.add_row(
+                f"{r['world']} (feedback {r['feedback_probability'] * 100:g}%)" if i == 0 else "",
+                rule,
+                f"{r['truth_visible']['vs_oracle_reward'] * 100:.1f}%" if i == 0 else "",
+                *cells,
+            )
+        table.add_section()
     return table
 
 
@@ -410,6 +534,33 @@ def _worlds(paths: list[str], random_seeds: list[int]) -> list[World]:
     return shipped + [World.random(s, models=2) for s in random_seeds]
 
 
+def _shares(text: str) -> tuple[float, ...]:
+    """``--judge-sample``: comma-separated shares, each a number from 0 to 1."""
+    out: list[float] = []
+    for item in text.split(","):
+        try:
+            share = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number") from None
+        if not 0.0 <= share <= 1.0:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"{item!r} is not a share between 0 and 1")
+        out.append(share)
+    return tuple(out)
+
+
+def _rules(text: str) -> tuple[str, ...]:
+    """``--judge-rule``: comma-separated rules of :data:`JUDGE_RULES`, none twice."""
+    out = tuple(item.strip().lower() for item in text.split(","))
+    for rule in out:
+        if rule not in JUDGE_RULES:
+            raise argparse.ArgumentTypeError(
+                f"{rule!r} is not a judge rule (one of {', '.join(JUDGE_RULES)})"
+            )
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"a rule named twice: {text!r}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -426,18 +577,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--judge-sample",
-        type=lambda t: tuple(float(x) for x in t.split(",")),
+        type=_shares,
         default=JUDGE_SWEEP,
         help="shares of answers the judge grades, comma separated (with --hide-truth)",
+    )
+    parser.add_argument(
+        "--judge-rule",
+        type=_rules,
+        default=JUDGE_RULES,
+        help="which answers the judge grades (with --hide-truth): uniform (a draw at the"
+        " share) or uncertain (more where the chosen arm is little known, the share kept);"
+        " comma separated to compare, the first is the rule (default: uncertain,uniform)",
     )
     args = parser.parse_args(argv)
     if args.cost_weight < 0:
         parser.error("--cost-weight must be >= 0")
-    if not all(0.0 <= x <= 1.0 for x in args.judge_sample):
-        parser.error("--judge-sample takes shares between 0 and 1")
     if args.hide_truth:
         judged = [
-            judged_world(world, args.requests, args.seed, args.cost_weight, args.judge_sample)
+            judged_world(
+                world,
+                args.requests,
+                args.seed,
+                args.cost_weight,
+                args.judge_sample,
+                args.judge_rule,
+            )
             for world in _worlds(args.worlds, args.random)
         ]
         if args.json:

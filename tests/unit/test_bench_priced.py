@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from bench.priced import main, priced_arms, priced_world
@@ -84,7 +86,89 @@ def test_with_the_truth_hidden_only_judged_or_rated_answers_teach_and_the_judge_
     fifth = _Counting()
     simulate_priced(world, fifth, sample, 1, 30.0, judge_sample=0.2)
     assert 50 <= len(fifth.taught) <= 110
-    result = judged_world(world, 400, 1, 30.0, samples=(0.0, 1.0))
+    result = judged_world(world, 400, 1, 30.0, samples=(0.0, 1.0), rules=("uniform",))
     never, always = result["points"]
     assert never["judge_cost_share"] == 0.0 and 0.0 < always["judge_cost_share"] < 1.0
     assert result["truth_visible"]["vs_oracle_reward"] > 0
+
+
+class _Habit:
+    """A policy that picks the first arm, and the second on every tenth request."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def choose(self, features, arms, cost_weight=0.0):
+        from services.router.policy import Choice
+
+        self.calls += 1
+        pick = arms[1] if self.calls % 10 == 0 else arms[0]
+        return Choice(pick, 1.0, {})
+
+    def update(self, features, arm, reward, cost=0.0):
+        return None
+
+
+def test_the_uncertain_judge_keeps_to_its_share_and_grades_little_known_arms_more() -> None:
+    from dataclasses import replace
+
+    from bench.priced import JudgeSampler, simulate_priced
+    from services.router.policy import features_of
+
+    world = replace(World.random(201, models=2), feedback_probability=0.0)
+    sample = world.sample_requests(600, seed=1)
+    for share in (0.05, 0.2):
+        run = simulate_priced(world, _Habit(), sample, 1, 30.0, judge_sample=share)
+        judged = 0
+        for i, j in enumerate(run.judged):
+            judged += j
+            # Never more than the share of the answers so far, at any point of the run ...
+            assert judged <= share * (i + 1) + 1e-9
+        # ... and the budget is used: within 0.02 under the share over the run.
+        assert share - 0.02 <= judged / len(sample) <= share
+        # The arm answering one request in ten is graded more often than the habit.
+        rare = [j for i, j in enumerate(run.judged) if (i + 1) % 10 == 0]
+        usual = [j for i, j in enumerate(run.judged) if (i + 1) % 10]
+        assert sum(rare) / len(rare) > 1.5 * sum(usual) / len(usual)
+    # The rule itself: a well-known arm weighs less than an unknown one and an exploration
+    # more than the greedy pick; judged in turn, the unknown arm is judged more than twice
+    # as often, the known one still at times (the floor), within the share overall.
+    sampler = JudgeSampler(0.2, "uncertain")
+    features = features_of("How do I reset my router password")
+    for _ in range(50):
+        sampler.learned(features, "known@large")
+    assert sampler.outcomes(features, "known@large") == 50.0
+    assert sampler.outcomes(features, "new@large") == 0.0
+    assert sampler.weight(features, "new@large") > sampler.weight(features, "known@large")
+    assert sampler.weight(features, "known@large", explored=True) > sampler.weight(
+        features, "known@large"
+    )
+    draws = random.Random(7)
+    judged = {"new@large": 0, "known@large": 0}
+    for i in range(1000):
+        arm = "new@large" if i % 2 else "known@large"
+        judged[arm] += sampler.decide(features, arm, draws.random())
+    assert sampler.judged == sum(judged.values()) and 190 <= sampler.judged <= 200
+    assert judged["new@large"] > 2 * judged["known@large"] > 0
+    # The uniform rule is the draw at the share, as before.
+    assert JudgeSampler(0.2, "uniform").probability(features, "new@large") == 0.2
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--judge-sample", "-0.1"], "'-0.1' is not a share between 0 and 1"),
+        (["--judge-sample", "0.2,1.5"], "'1.5' is not a share between 0 and 1"),
+        (["--judge-sample", "nan"], "'nan' is not a share between 0 and 1"),
+        (["--judge-sample", "lots"], "'lots' is not a number"),
+        (["--judge-rule", "busiest"], "'busiest' is not a judge rule (one of uncertain, uniform)"),
+        (["--judge-rule", "uniform,uniform"], "a rule named twice"),
+    ],
+)
+def test_the_judge_flags_refuse_bad_values_with_the_reason(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["--hide-truth", *argv])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
