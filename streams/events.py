@@ -440,7 +440,9 @@ class WorkflowAssessed(Event):
     agent_id: str | None = None
     specialty: str
     quality: float
-    method: Literal["judge", "heuristic", "world"] = "heuristic"
+    # "unjudged": the run was outside the judge's sample (ORCH_JUDGE_SAMPLE) and ``quality``
+    # is only the heuristic's guess (services/improvement/assess.py); learn it from feedback.
+    method: Literal["judge", "heuristic", "world", "unjudged"] = "heuristic"
     # What the assessed answer cost (its LLM call), so quality can be weighed against it.
     cost_usd: float = 0.0
 

@@ -3,12 +3,19 @@
 Order of methods, first that applies wins:
 
 1. ``world``: the endpoint put ``meta["quality"]`` on the answer (a simulated
-   world's hidden truth); it is read as a float and clamped to 0..1.
-2. ``judge``: an LLM is configured and the answer came from a model (tier
+   world's hidden truth); it is read as a float and clamped to 0..1. Free, so it
+   is used whatever the judge's sample.
+2. ``heuristic`` for a degraded answer (tiers in ``DEGRADED_QUALITY``): its worth is known.
+3. ``unjudged``: the run is not in the judge's sample (``ORCH_JUDGE_SAMPLE``, see
+   :func:`judge_draw`): no judge call, no spend held. The quality is the heuristic's
+   number, a guess that nothing should learn from as if it were a grade: the router
+   learns such a run from its user's feedback instead, and canaries and automations
+   leave it out.
+4. ``judge``: an LLM is configured and the answer came from a model (tier
    ``llm``, ``legacy_static`` or ``automation_cache``). The judge grades the
    answer 1-10 for the request; grade g becomes (g - 1) / 9. A failed call or a
    reply without a grade falls back to the heuristic.
-3. ``heuristic``:
+5. ``heuristic``:
    - degraded tiers score what they are worth: ``keyword`` 0.3 (a prepared hint),
      ``static_fallback`` 0.1 (no answer at all);
    - a model's answer scores 0.2 + 0.4 * length + 0.4 * overlap, where length is
@@ -19,6 +26,7 @@ Order of methods, first that applies wins:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -34,12 +42,14 @@ __all__ = [
     "Assessment",
     "Assessor",
     "heuristic_quality",
+    "judge_draw",
     "judge_messages",
+    "judged",
     "parse_grade",
     "world_quality",
 ]
 
-Method = Literal["world", "judge", "heuristic"]
+Method = Literal["world", "judge", "heuristic", "unjudged"]
 
 DEGRADED_QUALITY: dict[str, float] = {"keyword": 0.3, "static_fallback": 0.1}
 _WORD = re.compile(r"[a-z][a-z0-9_']*")
@@ -80,6 +90,21 @@ def world_quality(meta: dict[str, str]) -> float | None:
     return _clamp(value) if math.isfinite(value) else None
 
 
+def judge_draw(run_id: str) -> float:
+    """A number in [0, 1) drawn from the run id alone: a redelivered answer, or another or
+    a restarted instance, draws the same one, so a run is in the judge's sample or not for
+    good."""
+    digest = hashlib.sha256(f"judge-sample:{run_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def judged(run_id: str, share: float) -> bool:
+    """Whether the run is in a judge's sample of ``share`` (0: none, 1: every run)."""
+    if share >= 1.0:
+        return True
+    return share > 0.0 and judge_draw(run_id) < share
+
+
 def heuristic_quality(tier: str, message: str, answer: str) -> float:
     """The documented rule of this module, rounded to 4 places."""
     if tier in DEGRADED_QUALITY:
@@ -118,15 +143,27 @@ def parse_grade(text: str) -> float | None:
 
 
 class Assessor:
-    """Assesses completed workflows; ``llm`` None means no judge (world or heuristic only)."""
+    """Assesses completed workflows; ``llm`` None means no judge (world or heuristic only).
 
-    def __init__(self, llm: LLMClient | None, *, model: str | None = None) -> None:
+    ``sample`` is the share of runs the judge sees (``ORCH_JUDGE_SAMPLE``, 0..1)."""
+
+    def __init__(
+        self, llm: LLMClient | None, *, model: str | None = None, sample: float = 1.0
+    ) -> None:
+        if not 0.0 <= sample <= 1.0:  # NaN fails this too
+            raise ValueError(f"the judge's sample must be between 0 and 1, got {sample!r}")
         self.llm = llm
         self.model = model
+        self.sample = sample
 
     def needs_message(self, event: WorkflowCompleted) -> bool:
         """False when the world's truth decides: that path must not wait for anything."""
         return world_quality(event.meta) is None and event.degradation_tier not in DEGRADED_QUALITY
+
+    def in_sample(self, event: WorkflowCompleted) -> bool:
+        """Whether a judge would grade this answer: the truth is not known, it is not a
+        degraded answer, and its run is in the sample. Only then is spend held for it."""
+        return self.needs_message(event) and judged(event.run_id, self.sample)
 
     async def assess(
         self,
@@ -145,7 +182,11 @@ class Assessor:
             return Assessment(world, "world")
         heuristic = heuristic_quality(event.degradation_tier, message, event.text)
         # A degraded answer's worth is known; asking a model to grade it would cost money.
-        if self.llm is None or not may_spend or event.degradation_tier in DEGRADED_QUALITY:
+        if event.degradation_tier in DEGRADED_QUALITY:
+            return Assessment(heuristic, "heuristic")
+        if not judged(event.run_id, self.sample):
+            return Assessment(heuristic, "unjudged")
+        if self.llm is None or not may_spend:
             return Assessment(heuristic, "heuristic")
         try:
             call = await self.llm.complete(

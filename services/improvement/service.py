@@ -141,6 +141,7 @@ class ImprovementConfig:
     patterns: PatternSettings = field(default_factory=PatternSettings)
     canary: CanaryPolicy = field(default_factory=CanaryPolicy)
     judge_model: str | None = None
+    judge_sample: float = 1.0  # share of runs the judge grades (ORCH_JUDGE_SAMPLE)
     view_wait_s: float = 2.0
     feedback_limit: int = 20  # feedback per user and window; more is refused
     feedback_window_s: float = 3600.0
@@ -168,6 +169,7 @@ class ImprovementConfig:
             patterns=PatternSettings.from_env(),
             canary=CanaryPolicy.from_env(),
             judge_model=settings.judge_model,
+            judge_sample=settings.judge_sample,
             feedback_limit=settings.feedback_limit,
             feedback_window_s=settings.feedback_window_s,
             llm_reserve_usd=settings.llm_reserve_usd,
@@ -206,7 +208,7 @@ class ImprovementService:
         self.ctx = ctx
         self.config = config
         self.llm = llm
-        self.assessor = Assessor(llm, model=config.judge_model)
+        self.assessor = Assessor(llm, model=config.judge_model, sample=config.judge_sample)
         self.state = ImprovementState(config.patterns, ctx.clock)
         self._assessed: OrderedDict[str, None] = OrderedDict()
         self._write_lock = asyncio.Lock()
@@ -315,15 +317,18 @@ class ImprovementService:
 
     async def assess(self, event: WorkflowCompleted) -> list[Event]:
         known = self.state.run(event.run_id)
-        if event.run_id in self._assessed or (known is not None and known.quality is not None):
+        if event.run_id in self._assessed or (
+            known is not None and (known.assessed or known.quality is not None)
+        ):
             return []  # a redelivery: the run has its one assessment
         message = ""
         if self.assessor.needs_message(event):
             run = await self._run_known(event.run_id, lambda r: r.message is not None)
             message = (run.message or "") if run is not None else ""
-        # The judge is paid by the goal whose answer it grades; a goal at its limit gets none.
+        # The judge is paid by the goal whose answer it grades; a goal at its limit gets none,
+        # and a run outside the judge's sample asks for nothing.
         attempt = _attempt(event.event_id)
-        may_spend = self.assessor.needs_message(event) and await self.hold(
+        may_spend = self.assessor.in_sample(event) and await self.hold(
             event.goal_id,
             event.run_id,
             "judge",
@@ -375,7 +380,7 @@ class ImprovementService:
                     cause=attempt,
                 )
             )
-        if self.assessor.needs_message(event):
+        if self.assessor.in_sample(event):
             model = (
                 (self.config.judge_model or self.model)
                 if result.judge_call is None

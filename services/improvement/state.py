@@ -59,10 +59,11 @@ class RunInfo:
     failed_at: datetime | None = None
     version_label: str | None = None
     version_flow: str | None = None  # the workflow whose version served it
-    quality: float | None = None
+    quality: float | None = None  # a judged one (world, judge, heuristic), not an unjudged guess
     signature: str | None = None
     outcome_done: bool = False
     version_done: bool = False
+    assessed: bool = False  # it has its one workflow_assessed, whatever the method
 
     @property
     def workflow_id(self) -> str | None:
@@ -163,8 +164,12 @@ class ImprovementState:
             run.failed_at = event.occurred_at
             run.specialty = run.specialty or event.specialty
             run.agent_id = run.agent_id or event.agent_id
-        elif run.quality is None:  # WorkflowAssessed: the first assessment counts
-            run.quality = event.quality
+        elif not run.assessed and run.quality is None:  # the first assessment counts
+            run.assessed = True
+            # An unjudged run's heuristic number must not pass for a grade: the canary test
+            # and the pattern's success rate count judged runs only.
+            if event.method != "unjudged":
+                run.quality = event.quality
         self._join(run)
 
     def _join(self, run: RunInfo) -> None:
