@@ -83,7 +83,8 @@ def measured_quality(events: Iterable[Event]) -> dict[tuple[str, int], VersionQu
     """Per (workflow, version): runs from ``workflow_completed.meta`` joined to their quality.
 
     The loader labels each answer with the workflow and version that served it; a run's
-    first ``workflow_assessed`` is its quality, as in the improvement service's canary test.
+    first ``workflow_assessed`` is its quality, as in the improvement service's canary test
+    (which, like this, counts no ``unjudged`` run: its number is a guess, not a grade).
     """
     served: dict[str, tuple[str, int]] = {}
     first: dict[str, WorkflowAssessed] = {}
@@ -100,7 +101,7 @@ def measured_quality(events: Iterable[Event]) -> dict[tuple[str, int], VersionQu
     for run_id, key in served.items():
         stats = out.setdefault(key, VersionQuality())
         stats.runs += 1
-        if run_id in first:
+        if run_id in first and first[run_id].method != "unjudged":
             stats.qualities.append(first[run_id].quality)
     return out
 

@@ -98,7 +98,9 @@ class Automations:
             self._run(event.run_id).answer = CachedAnswer.of(event)
             self._complete(event.run_id)
         elif isinstance(event, WorkflowAssessed):
-            self._run(event.run_id).quality = event.quality
+            # An unjudged answer's quality is a guess: it is never served again as good.
+            unjudged = event.method == "unjudged"
+            self._run(event.run_id).quality = -1.0 if unjudged else event.quality
             self._complete(event.run_id)
 
     def dump(self) -> dict[str, Any]:

@@ -80,8 +80,14 @@ def join_log(events: list[Event], since: datetime | None = None) -> list[Logged]
     Older routers logged automation-served runs as policy ``automation`` with no
     real propensity; those are left out. Now an automation only serves the
     specialty the policy chose, and the decision carries the policy's probability.
+    Runs outside the judge's sample (method ``unjudged``) have no quality to join: the
+    sample is drawn from the run id, so the judged ones are an unbiased share.
     """
-    quality = {e.run_id: e.quality for e in events if isinstance(e, WorkflowAssessed)}
+    quality = {
+        e.run_id: e.quality
+        for e in events
+        if isinstance(e, WorkflowAssessed) and e.method != "unjudged"
+    }
     out = []
     for e in events:
         if not isinstance(e, RouteDecided) or e.policy in ("forced", "automation"):

@@ -76,7 +76,12 @@ def _id(run_id: str, what: str) -> str:
 
 # Bump when what Router.dump writes or what Router.learn folds changes: older snapshots
 # are then ignored and the next start folds the whole log.
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+# Runs whose learning the router remembers (decision, assessment, feedback), oldest forgotten.
+_MAX_RUNS = 100_000
+# Distinct users whose feedback is kept for a run whose decision (and so its user) is not
+# read yet: the owner's is the one that counts, and nobody else's may crowd it out for long.
+_MAX_FEEDBACK_USERS = 8
 KNOWLEDGE_TOPICS = (
     BudgetReported.topic,
     RouteDecided.topic,
@@ -100,6 +105,53 @@ class _Unanswered:
     resend_at: datetime
     deadline: datetime | None  # None: none (a spawn's wait ends by spawn_timeout)
     sent: int = 1
+
+
+@dataclass(slots=True)
+class _RunSignals:
+    """What one run can teach the policy, gathered from topics read side by side.
+
+    A run teaches at most once: from a judged assessment (world, judge, heuristic) as soon
+    as its decision is known, or, when its assessment is ``unjudged``, from its user's
+    first scored feedback (reward (score - 1) / 4, at the cost the assessment carried).
+    Feedback is kept until the assessment says which applies, so the result does not
+    depend on the order the topics are read in.
+    """
+
+    routed: bool = False  # a route_decided was read
+    decision: tuple[Features, str] | None = None  # None: routed, but it teaches nothing
+    user: str | None = None  # who asked: only their feedback counts
+    judged: tuple[float, float] | None = None  # (quality, cost) of a judged assessment
+    unjudged: float | None = None  # cost of an answer assessed unjudged
+    feedback: dict[str, float] | None = None  # user -> reward of their first scored feedback
+    done: bool = False  # taught the policy, or never will
+
+    def row(self, run_id: str) -> list[Any]:
+        decision = self.decision
+        return [
+            run_id,
+            self.routed,
+            decision[0].as_list() if decision is not None else None,
+            decision[1] if decision is not None else None,
+            self.user,
+            list(self.judged) if self.judged is not None else None,
+            self.unjudged,
+            sorted(self.feedback.items()) if self.feedback is not None else None,
+            self.done,
+        ]
+
+    @classmethod
+    def from_row(cls, row: list[Any]) -> tuple[str, _RunSignals]:
+        run_id, routed, words, arm, user, judged, unjudged, feedback, done = row
+        return str(run_id), cls(
+            routed=bool(routed),
+            decision=(Features.from_list(words), str(arm)) if words is not None else None,
+            user=None if user is None else str(user),
+            judged=(float(judged[0]), float(judged[1])) if judged is not None else None,
+            unjudged=None if unjudged is None else float(unjudged),
+            feedback={str(u): float(r) for u, r in feedback} if feedback is not None else None,
+            done=bool(done),
+        )
 
 
 @dataclass
@@ -139,10 +191,9 @@ class Router:
         )
         # goal -> quality it gives up per USD of an answer (the budget's reports)
         self.cost_weights: dict[str, float] = {}
-        # run_id -> what the policy saw and chose, until the outcome's quality is known
-        self._decisions: OrderedDict[str, tuple[Features, str] | None] = OrderedDict()
-        # run_id -> (quality, cost) of an assessment read before its decision
-        self._early_quality: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        # run_id -> its decision, assessment and feedback, until it has taught the policy
+        # (then a marker that it did), the oldest forgotten past _MAX_RUNS
+        self._runs: OrderedDict[str, _RunSignals] = OrderedDict()
         self.registry = RegistryView()
         self.automations = Automations()
         self.stats = OutcomeStats()
@@ -169,18 +220,14 @@ class Router:
         if isinstance(event, RouteDecided):
             # Automation-served runs teach the policy too: the policy chose their
             # specialty, and a cached answer scores what that specialty answered.
-            early = self._early_quality.pop(event.run_id, None)
-            teaches = event.features and event.policy not in ("forced", "automation")
-            arm = arm_name(event.specialty, event.model)
-            if teaches and early is not None:
-                self.policy.update(Features.from_list(event.features), arm, *early)
-            elif early is None:
-                # None: the run's decision is known and teaches the policy nothing.
-                self._decisions[event.run_id] = (
-                    (Features.from_list(event.features), arm) if teaches else None
-                )
-                if len(self._decisions) > 100_000:
-                    self._decisions.popitem(last=False)
+            run = self._signals(event.run_id)
+            if not run.done:
+                # A later decision of the run (a secondary agent served it) replaces the first.
+                teaches = event.features and event.policy not in ("forced", "automation")
+                arm = arm_name(event.specialty, event.model)
+                run.routed, run.user = True, event.user_id
+                run.decision = (Features.from_list(event.features), arm) if teaches else None
+                self._teach(run)
         elif isinstance(event, AgentSpawned) and record is not None:
             for waiter in self._waiting.pop((record.goal_id, self._arm_of(record)), []):
                 if not waiter.future.done():
@@ -202,19 +249,51 @@ class Router:
                 event.run_id, agent_id, event.user_id, cost, isinstance(event, WorkflowCompleted)
             )
         elif isinstance(event, WorkflowAssessed):
-            self.stats.assessed(event.agent_id, event.quality)
-            if event.run_id in self._decisions:
-                decided = self._decisions.pop(event.run_id)
-                if decided is not None:
-                    self.policy.update(decided[0], decided[1], event.quality, event.cost_usd)
-            else:
-                # Catching up after a restart reads the topics side by side: the
-                # assessment may come before its decision. Keep it until then.
-                self._early_quality[event.run_id] = (event.quality, event.cost_usd)
-                if len(self._early_quality) > 100_000:
-                    self._early_quality.popitem(last=False)
+            unjudged = event.method == "unjudged"
+            if not unjudged:  # an agent's quality is what graders said, not a guess
+                self.stats.assessed(event.agent_id, event.quality)
+            # Catching up after a restart reads the topics side by side: the assessment
+            # may come before its decision, and is kept until then. The first one counts.
+            run = self._signals(event.run_id)
+            if not run.done and run.judged is None and run.unjudged is None:
+                if unjudged:
+                    run.unjudged = event.cost_usd
+                else:
+                    run.judged = (event.quality, event.cost_usd)
+                self._teach(run)
         elif isinstance(event, FeedbackReceived):
             self.stats.feedback(event.run_id, event.user_id, event.score)
+            run = self._signals(event.run_id)
+            if event.score is not None and not run.done:
+                given = run.feedback if run.feedback is not None else {}
+                if event.user_id not in given and len(given) < _MAX_FEEDBACK_USERS:
+                    given[event.user_id] = (event.score - 1) / 4
+                run.feedback = given
+                self._teach(run)
+
+    def _signals(self, run_id: str) -> _RunSignals:
+        found = self._runs.get(run_id)
+        if found is None:
+            found = self._runs[run_id] = _RunSignals()
+            if len(self._runs) > _MAX_RUNS:
+                self._runs.popitem(last=False)
+        return found
+
+    def _teach(self, run: _RunSignals) -> None:
+        """Update the policy from the run once what it teaches is known (see _RunSignals)."""
+        if run.done or not run.routed or (run.judged is None and run.unjudged is None):
+            return
+        if run.decision is None:
+            run.done = True  # forced or automated: nothing to teach, whatever comes later
+        elif run.judged is not None:
+            self.policy.update(*run.decision, *run.judged)
+            run.done = True
+        elif run.user is not None and run.feedback and run.user in run.feedback:
+            assert run.unjudged is not None
+            self.policy.update(*run.decision, run.feedback[run.user], run.unjudged)
+            run.done = True
+        if run.done:  # a marker from now on: later feedback or decisions teach nothing
+            run.decision, run.feedback = None, None
 
     # -- snapshots -------------------------------------------------------------
     def dump(self) -> dict[str, Any]:
@@ -222,11 +301,7 @@ class Router:
         return {
             "policy": self.policy.name,
             "learned": self.policy.dump() if isinstance(self.policy, LearnedPolicy) else None,
-            "decisions": [
-                [run, *(d[0].as_list(), d[1])] if d is not None else [run]
-                for run, d in self._decisions.items()
-            ],
-            "early_quality": [[run, *qc] for run, qc in self._early_quality.items()],
+            "runs": [signals.row(run) for run, signals in self._runs.items()],
             "ended": self.ended.dump(),
             "registry": self.registry.dump(),
             "automations": self.automations.dump(),
@@ -238,15 +313,7 @@ class Router:
         """Replace what was learned with a :meth:`dump`; nothing changes if it fails."""
         if data["policy"] != self.policy.name:
             raise ValueError(f"a snapshot of the {data['policy']} policy, not {self.policy.name}")
-        decisions: OrderedDict[str, tuple[Features, str] | None] = OrderedDict(
-            (row[0], (Features.from_list(row[1]), row[2]) if len(row) == 3 else None)
-            for row in data["decisions"]
-        )
-        # Snapshots from before costs were learned hold [run, quality].
-        early = OrderedDict(
-            (str(row[0]), (float(row[1]), float(row[2]) if len(row) > 2 else 0.0))
-            for row in data["early_quality"]
-        )
+        runs = OrderedDict(_RunSignals.from_row(row) for row in data["runs"])
         weights = {str(g): float(w) for g, w in data.get("cost_weights", {}).items()}
         ended = EndedRuns(self.ctx.clock)
         ended.restore(data["ended"])
@@ -257,7 +324,7 @@ class Router:
         stats = OutcomeStats.from_dump(data["stats"])
         if isinstance(self.policy, LearnedPolicy):
             self.policy.restore(data["learned"])
-        self._decisions, self._early_quality, self.ended = decisions, early, ended
+        self._runs, self.ended = runs, ended
         self.registry, self.automations, self.stats = registry, automations, stats
         self.cost_weights = weights
 

@@ -1,0 +1,265 @@
+"""The router learns an unjudged run from its user's feedback, once, in any reading order."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+
+import pytest
+
+from services.router.policy import Features, LearnedPolicy, features_of
+from services.router.service import Router
+from streams import events as ev
+from streams.clock import FakeClock
+from streams.signatures import exact_key, signature_of
+from streams.snapshots import decode_state, encode_state
+
+T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+MESSAGE = "refund my invoice please"
+
+
+@dataclass
+class _Recording(LearnedPolicy):
+    """The router's learned policy, remembering each update it was given."""
+
+    taught: list[tuple[str, float, float]] = field(default_factory=list)
+
+    def update(self, features: Features, arm: str, reward: float, cost: float = 0.0) -> None:
+        self.taught.append((arm, round(reward, 6), round(cost, 6)))
+        super().update(features, arm, reward, cost)
+
+
+def _router() -> tuple[Router, _Recording]:
+    policy = _Recording(rng=random.Random(0))
+    ctx = SimpleNamespace(producer=None, clock=FakeClock(T0))
+    return Router(ctx, policy=policy), policy  # type: ignore[arg-type]
+
+
+def _decided(run: str, specialty: str = "code", *, policy: str = "learned", user: str = "u1"):
+    return ev.RouteDecided(
+        source="router",
+        run_id=run,
+        goal_id="g",
+        user_id=user,
+        specialty=specialty,
+        agent_id=f"{specialty}-agent",
+        action="reuse",
+        policy=policy,
+        probability=0.9,
+        features=features_of(MESSAGE).as_list(),
+        request_key=exact_key(MESSAGE, specialty),
+        signature=signature_of(MESSAGE, specialty),
+        occurred_at=T0,
+    )
+
+
+def _completed(run: str, specialty: str = "code", cost: float = 0.002):
+    return ev.WorkflowCompleted(
+        source="loader",
+        run_id=run,
+        goal_id="g",
+        user_id="u1",
+        agent_id=f"{specialty}-agent",
+        specialty=specialty,
+        text=f"answer of {run}",
+        cost_usd=cost,
+        degradation_tier="llm",
+        occurred_at=T0,
+    )
+
+
+def _assessed(run: str, method: str, quality: float = 0.9, cost: float = 0.002):
+    return ev.WorkflowAssessed(
+        source="improvement",
+        run_id=run,
+        goal_id="g",
+        user_id="u1",
+        agent_id="code-agent",
+        specialty="code",
+        quality=quality,
+        method=method,  # type: ignore[arg-type]
+        cost_usd=cost,
+        occurred_at=T0,
+    )
+
+
+def _feedback(run: str, score: int | None, user: str = "u1", n: int = 0):
+    return ev.FeedbackReceived(
+        source="client",
+        event_id=f"{run}-fb-{user}-{n}",
+        run_id=run,
+        user_id=user,
+        score=score,
+        occurred_at=T0 + timedelta(seconds=n),
+    )
+
+
+def test_an_unjudged_assessment_teaches_nothing_and_a_judged_one_does():
+    router, policy = _router()
+    for e in (_decided("r1"), _completed("r1"), _assessed("r1", "unjudged", 0.95)):
+        router.learn(e)
+    assert policy.taught == [] and policy.updates == 0
+    # Nor does the guess count as the agent's quality, or make its answer a cached one.
+    assert router.stats.agents["code-agent"].quality_n == 0
+    for e in (_decided("r2"), _completed("r2"), _assessed("r2", "judge", 0.7, 0.003)):
+        router.learn(e)
+    assert policy.taught == [("code", 0.7, 0.003)]
+    assert router.stats.agents["code-agent"].quality_n == 1
+
+
+def test_an_unjudged_answer_is_never_served_from_the_cache():
+    router, _ = _router()
+    router.learn(
+        ev.AutomationCreated(
+            source="improvement",
+            automation_id="a1",
+            kind="response_cache",
+            signature=signature_of(MESSAGE, "code"),
+            specialty="code",
+            goal_id="g",
+            ttl_seconds=3600,
+            occurred_at=T0,
+        )
+    )
+    for e in (_decided("r1"), _completed("r1"), _assessed("r1", "unjudged", 0.95)):
+        router.learn(e)
+    hit = router.automations.lookup(MESSAGE, "code", T0, "g")
+    assert hit is None or hit.cached is None
+    for e in (_decided("r2"), _completed("r2"), _assessed("r2", "judge", 0.95)):
+        router.learn(e)
+    hit = router.automations.lookup(MESSAGE, "code", T0, "g")
+    assert hit is not None and hit.cached is not None and hit.cached.run_id == "r2"
+
+
+def test_feedback_on_an_unjudged_run_teaches_once_at_the_runs_cost():
+    router, policy = _router()
+    for e in (
+        _decided("r1"),
+        _completed("r1", cost=0.004),
+        _assessed("r1", "unjudged", cost=0.004),
+    ):
+        router.learn(e)
+    router.learn(_feedback("r1", None))  # no score: nothing to learn
+    router.learn(_feedback("r1", 4, user="intruder"))  # not the run's user
+    assert policy.taught == []
+    router.learn(_feedback("r1", 4))
+    assert policy.taught == [("code", 0.75, 0.004)]
+    router.learn(_feedback("r1", 1, n=1))  # a second word on the same run
+    router.learn(_decided("r1", "math"))  # a late decision of the run
+    router.learn(_feedback("r1", 2, n=2))
+    assert policy.taught == [("code", 0.75, 0.004)] and policy.updates == 1
+
+
+def test_feedback_on_a_judged_or_forced_run_does_not_teach_again():
+    router, policy = _router()
+    for e in (_decided("r1"), _assessed("r1", "judge", 0.5), _feedback("r1", 5)):
+        router.learn(e)
+    for e in (_decided("r2", policy="forced"), _assessed("r2", "unjudged"), _feedback("r2", 5)):
+        router.learn(e)
+    assert policy.taught == [("code", 0.5, 0.002)]
+
+
+def _run_events(run: str, method: str, scores: list[tuple[str, int | None]]) -> list[ev.Event]:
+    out: list[ev.Event] = [_decided(run), _completed(run), _assessed(run, method, 0.8)]
+    out += [_feedback(run, s, user=u, n=i) for i, (u, s) in enumerate(scores)]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("method", "scores", "taught"),
+    [
+        ("unjudged", [("u1", 3), ("u1", 5)], [("code", 0.5, 0.002)]),
+        ("unjudged", [("intruder", 1), ("u1", 5)], [("code", 1.0, 0.002)]),
+        ("unjudged", [], []),
+        ("judge", [("u1", 1)], [("code", 0.8, 0.002)]),
+        ("world", [("u1", 1), ("u1", 2)], [("code", 0.8, 0.002)]),
+    ],
+)
+def test_what_a_run_teaches_does_not_depend_on_the_reading_order(
+    method: str, scores: list[tuple[str, int | None]], taught: list[tuple[str, float, float]]
+):
+    # Topics are read side by side after a restart: a run's decision, assessment and
+    # feedback come in any order, while one topic's events keep theirs.
+    events = _run_events("r1", method, scores)
+    topics = {
+        "route": [e for e in events if isinstance(e, ev.RouteDecided)],
+        "done": [e for e in events if isinstance(e, ev.WorkflowCompleted)],
+        "assessed": [e for e in events if isinstance(e, ev.WorkflowAssessed)],
+        "feedback": [e for e in events if isinstance(e, ev.FeedbackReceived)],
+    }
+    for order in itertools.permutations(topics):
+        router, policy = _router()
+        for name in order:
+            for e in topics[name]:
+                router.learn(e)
+        assert policy.taught == taught, order
+    # Feedback interleaved with the other topics keeps its own order too.
+    for cut in range(len(events) + 1):
+        fb = [e for e in events if isinstance(e, ev.FeedbackReceived)]
+        rest = [e for e in events if not isinstance(e, ev.FeedbackReceived)]
+        router, policy = _router()
+        for e in [*fb[:cut], *rest, *fb[cut:]]:
+            router.learn(e)
+        assert policy.taught == taught
+
+
+def _history(seed: int, runs: int = 200) -> list[ev.Event]:
+    """Runs judged, unjudged, forced and failed, with feedback from owners and others,
+    their topics interleaved at random (each topic in its own order)."""
+    rng = random.Random(seed)
+    streams: list[list[ev.Event]] = [[], [], [], []]
+    words = "invoice refund login python error proof essay travel budget".split()
+    for i in range(runs):
+        run = f"run-{i}"
+        specialty = rng.choice(["code", "math", "writing"])
+        message = " ".join(rng.sample(words, 3))
+        decided = _decided(run, specialty, policy="forced" if rng.random() < 0.1 else "learned")
+        streams[0].append(decided.model_copy(update={"features": features_of(message).as_list()}))
+        streams[1].append(_completed(run, specialty, cost=0.001 * (i % 5)))
+        method = rng.choice(["unjudged", "unjudged", "unjudged", "judge", "world"])
+        streams[2].append(_assessed(run, method, rng.random(), 0.001 * (i % 5)))
+        for n in range(rng.choice([0, 0, 1, 2])):
+            user = "u1" if rng.random() < 0.8 else "u2"
+            streams[3].append(_feedback(run, rng.choice([None, 1, 2, 3, 4, 5]), user, n))
+    out: list[ev.Event] = []
+    while any(streams):
+        source = rng.choice([s for s in streams if s])
+        out.append(source.pop(0))
+    return out
+
+
+@pytest.mark.parametrize("cut", [0, 1, 150, 400, -1])
+def test_a_snapshot_plus_the_tail_learns_what_the_whole_log_does(cut: int):
+    events = _history(seed=11)
+    cut = len(events) if cut == -1 else cut
+    full, full_policy = _router()
+    for e in events:
+        full.learn(e)
+    before, _ = _router()
+    for e in events[:cut]:
+        before.learn(e)
+    resumed, resumed_policy = _router()
+    resumed.restore(decode_state(encode_state(before.dump())))
+    for e in events[cut:]:
+        resumed.learn(e)
+    assert resumed.dump() == full.dump()
+    assert resumed_policy.updates == full_policy.updates == _expected_updates(events)
+    assert resumed.policy.version == full.policy.version
+
+
+def _expected_updates(events: list[ev.Event]) -> int:
+    """Policy-routed runs judged, plus policy-routed unjudged runs their user scored."""
+    learned = {e.run_id for e in events if isinstance(e, ev.RouteDecided) and e.policy == "learned"}
+    method = {e.run_id: e.method for e in events if isinstance(e, ev.WorkflowAssessed)}
+    scored = {
+        e.run_id
+        for e in events
+        if isinstance(e, ev.FeedbackReceived) and e.score is not None and e.user_id == "u1"
+    }
+    judged = sum(1 for r in learned if method.get(r) != "unjudged")
+    fed_back = sum(1 for r in learned if method.get(r) == "unjudged" and r in scored)
+    assert judged and fed_back
+    return judged + fed_back
