@@ -14,6 +14,16 @@ prefix and data dir, the real broker. All runs get the same requests, sent by th
 at a time by default. An answer's reward is the quality the world gave it
 (``meta["quality"]`` on ``workflow_completed``); the oracle's is what the world's best
 specialty scores on the same message, read from the world with no run at all.
+
+``--hide-truth`` keeps the quality out of the answers (``World.responder(seed,
+reveal_quality=False)``): the improvement service must judge them (the world plays its
+judge, on the platform's own model), and the router learns only from its grades and the
+simulated users' feedback. ``--judge-sample S`` (with ``--hide-truth`` only) sets
+``ORCH_JUDGE_SAMPLE``: the judge grades that share of answers, the rest teach through
+feedback or not at all. The judge's calls (``llm_call_completed``, purpose ``judge``) are
+paid by the goal: each is added to its run's cost, and so to its reward at a cost weight,
+and the summary shows the judge's share of the money and how many answers the policy
+learned from (read from the router's ``policy_version`` on one probe request at the end).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import statistics
 import sys
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,10 +56,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from local.fake_openai import FakeOpenAIServer
+from local.fake_openai import FakeOpenAIServer, Responder
 from local.localkafka import ensure_broker
 from local.platform import Launcher, available_services
 from local.world import Request, World
+from services.improvement.assess import judged
 from services.router.policy import LearnedPolicy, Policy, StaticPolicy, features_of
 from streams.budgets import read_budget
 from streams.client import OrchestratorClient
@@ -58,6 +69,7 @@ from streams.errors import NoVerdict, OrchestratorError, Refused
 from streams.events import (
     AutomationCreated,
     Event,
+    LlmCallCompleted,
     RouteDecided,
     WorkflowAssessed,
     WorkflowCompleted,
@@ -133,16 +145,42 @@ class Outcome:
     latency_ms: float
     quality: float = 0.0  # what the world gave the answer (the reward without its cost)
     model: str = ""  # the model that answered, on a world with models
+    judge_usd: float = 0.0  # what judging it cost (already in cost_usd and the reward)
+    method: str = ""  # how the platform assessed it (workflow_assessed.method)
+    feedback: int | None = None  # the score its simulated user gave, if any
 
 
 # -- processes ------------------------------------------------------------------------------
 
 
+class _JudgeCount:
+    """The world's responder, counting the judge calls it serves (every run's together)."""
+
+    def __init__(self, responder: Responder) -> None:
+        self.responder = responder
+        self.calls = 0
+
+    def __call__(self, request: dict[str, Any]) -> Any:
+        raw = request.get("messages")
+        messages = raw if isinstance(raw, list) else []
+        if any(
+            isinstance(m, dict)
+            and m.get("role") == "system"
+            and str(m.get("content") or "").startswith("You grade answers")
+            for m in messages
+        ):
+            self.calls += 1  # one thread serves them: no lock needed for a count
+        return self.responder(request)
+
+
 @contextlib.contextmanager
-def _world_llm(world: World, seed: int) -> Iterator[FakeOpenAIServer]:
-    server = FakeOpenAIServer(responder=world.responder(seed)).start_in_thread()
+def _world_llm(
+    world: World, seed: int, *, reveal_quality: bool = True
+) -> Iterator[tuple[FakeOpenAIServer, _JudgeCount]]:
+    counted = _JudgeCount(world.responder(seed, reveal_quality=reveal_quality))
+    server = FakeOpenAIServer(responder=counted).start_in_thread()
     try:
-        yield server
+        yield server, counted
     finally:
         server.stop()
 
@@ -159,12 +197,17 @@ class _Tracker:
             WorkflowCompleted.topic,
             WorkflowAssessed.topic,
             AutomationCreated.topic,
+            LlmCallCompleted.topic,
         ]
         self.view = TopicView(settings, topics, self._apply, source="bench")
         self.completed: dict[str, WorkflowCompleted] = {}
         self.assessed: dict[str, WorkflowAssessed] = {}
         self.automations: list[AutomationCreated] = []
         self.automated_runs: set[str] = set()  # routed by an automation, not by the policy
+        self.decided: dict[str, RouteDecided] = {}  # each run's last routing decision
+        self.judge_usd: dict[str, float] = defaultdict(float)  # run -> its judge calls' cost
+        self.judge_calls: dict[str, int] = defaultdict(int)
+        self._costs: set[str] = set()  # cost reports seen (a resent one counts once)
 
     async def start(self) -> None:
         await self.view.start()
@@ -179,8 +222,19 @@ class _Tracker:
             self.assessed[event.run_id] = event
         elif isinstance(event, AutomationCreated):
             self.automations.append(event)
-        elif isinstance(event, RouteDecided) and event.action == "automation":
-            self.automated_runs.add(event.run_id)
+        elif isinstance(event, RouteDecided):
+            self.decided[event.run_id] = event
+            if event.action == "automation":
+                self.automated_runs.add(event.run_id)
+        elif (
+            isinstance(event, LlmCallCompleted)
+            and event.purpose == "judge"
+            and event.run_id
+            and event.event_id not in self._costs
+        ):
+            self._costs.add(event.event_id)
+            self.judge_usd[event.run_id] += event.cost_usd
+            self.judge_calls[event.run_id] += 1
 
     async def completion(self, run_id: str, timeout: float = 10.0) -> WorkflowCompleted:
         event = await self.view.wait_for(lambda: self.completed.get(run_id), timeout)
@@ -189,15 +243,20 @@ class _Tracker:
         return event
 
 
-def _quality(world: World, seed: int, request: Request, event: WorkflowCompleted) -> float:
+def _quality(
+    world: World, seed: int, request: Request, event: WorkflowCompleted, index: int
+) -> float:
     if "quality" in event.meta:
         return float(event.meta["quality"])
     if event.degradation_tier in _DEGRADED:
         return 0.0
     # An automation's answer (e.g. a cached one) is the answer that specialty gave this
-    # very message before: the world scores it the same, deterministically.
+    # very message before: the world scores it the same, deterministically. With the
+    # truth hidden, a fresh answer is scored as the world scored it (in the phase of its
+    # request, on a world that drifts).
     model = event.meta.get("model") or None
-    judged = world.quality_of(request.message, event.specialty, seed, model=model)
+    at = None if event.degradation_tier == "automation_cache" else index
+    judged = world.quality_of(request.message, event.specialty, seed, model=model, request_index=at)
     return judged[1] if judged else 0.0
 
 
@@ -232,6 +291,7 @@ async def _run_one(
     run_dir: Path,
     keep: bool,
     observer: Observer | None,
+    judge_sample: float | None = None,
 ) -> dict[str, Any]:
     prefix = f"learn{uuid.uuid4().hex[:8]}."
     settings = KafkaSettings(bootstrap, prefix)
@@ -249,6 +309,8 @@ async def _run_one(
     }
     if not spec.automations:
         env["ORCH_AUTOMATION_KINDS"] = ""  # the improvement service then creates none
+    if judge_sample is not None:
+        env["ORCH_JUDGE_SAMPLE"] = repr(judge_sample)
     if world.models:
         # The world's models at the world's prices; the dearest is the platform's own.
         env["ORCH_LLM_MODELS"] = ",".join(
@@ -260,6 +322,7 @@ async def _run_one(
     outcomes: list[Outcome | None] = [None] * len(requests)
     started = time.monotonic()
     wall = 0.0
+    updates: int | None = None
     try:
         launcher.start_all(names)
         await tracker.start()
@@ -281,8 +344,15 @@ async def _run_one(
 
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             wall = time.monotonic() - began
-            # Assessments trail the answers a little; count the ones that arrive soon after.
+            # Assessments trail the answers (a judge call each, with the truth hidden): wait
+            # for them, then a moment for the judge's cost reports that go with them.
+            runs = [o.run_id for o in outcomes if o is not None and not o.failed]
+            await tracker.view.wait_for(
+                lambda: True if all(r in tracker.assessed for r in runs) else None, 30.0
+            )
             await asyncio.sleep(1.0)
+            if spec.policy == "learned" and "improvement" in names:
+                updates = await _policy_updates(client, tracker, requests[0])
     finally:
         await tracker.stop()
         await asyncio.to_thread(launcher.stop_all)
@@ -294,22 +364,77 @@ async def _run_one(
     kinds: dict[str, int] = defaultdict(int)
     for automation in tracker.automations:
         kinds[automation.kind] += 1
-    done = [
-        replace(o, automation="route")
-        if not o.automation and o.run_id in tracker.automated_runs
-        else o
-        for o in outcomes
-        if o is not None
+    done = [_settled(o, tracker, cost_weight) for o in outcomes if o is not None]
+    decided = [tracker.decided.get(o.run_id) for o in done if not o.failed]
+    # Answers the policy chose (not forced, not an automation's) teach it: a judged one from
+    # its assessment, an unjudged one from its user's feedback, if any.
+    chosen = [
+        o
+        for o, d in zip([o for o in done if not o.failed], decided, strict=True)
+        if d is not None and d.features and d.policy not in ("forced", "automation")
     ]
+    teaching = {
+        "judged": sum(1 for o in chosen if o.method not in ("", "unjudged")),
+        "feedback": sum(1 for o in chosen if o.method == "unjudged" and o.feedback is not None),
+    }
+    # A self-check: each answer was judged exactly when its run id's draw is in the sample.
+    share = 1.0 if judge_sample is None else judge_sample
+    mismatches = sum(
+        1
+        for o in done
+        if o.method in ("judge", "unjudged") and (o.method == "judge") != judged(o.run_id, share)
+    )
     return {
         "outcomes": done,
         "services": names,
         "assessed": sum(1 for e in tracker.assessed.values() if e.method == "world"),
+        "assessed_by": dict(
+            sorted(Counter(o.method or "none" for o in done if not o.failed).items())
+        ),
+        "judge_calls": sum(tracker.judge_calls.get(o.run_id, 0) for o in done),
+        "policy_updates": updates,
+        "teaching": teaching,
+        "sample_mismatches": mismatches,
         "automations_created": len(tracker.automations),
         "automation_kinds": dict(sorted(kinds.items())),
         "wall_s": round(wall, 2),
         "setup_s": round(time.monotonic() - started - wall, 2),
     }
+
+
+def _settled(o: Outcome, tracker: _Tracker, cost_weight: float) -> Outcome:
+    """The outcome once its run is over: how it was routed and assessed, and its judge's
+    cost added to its cost and taken from its reward."""
+    if o.failed:
+        return o
+    judge = tracker.judge_usd.get(o.run_id, 0.0)
+    assessed = tracker.assessed.get(o.run_id)
+    routed = o.automation or ("route" if o.run_id in tracker.automated_runs else "")
+    return replace(
+        o,
+        automation=routed,
+        cost_usd=o.cost_usd + judge,
+        reward=o.reward - cost_weight * judge,
+        judge_usd=judge,
+        method=assessed.method if assessed is not None else "",
+    )
+
+
+async def _policy_updates(
+    client: OrchestratorClient, tracker: _Tracker, request: Request
+) -> int | None:
+    """How many answers the router's policy has learned from: one more request's decision
+    carries ``policy_version`` = 1 + updates (a moment after the last signal, so the
+    router's view has read it). None when the probe's decision is not the learned policy's."""
+    await asyncio.sleep(2.0)
+    try:
+        answer = await client.ask(request.message, goal_id=_GOAL, user_id="probe", timeout=60)
+    except OrchestratorError:
+        return None
+    decided = await tracker.view.wait_for(lambda: tracker.decided.get(answer.run_id), 10.0)
+    if decided is None or decided.policy != "learned":
+        return None
+    return decided.policy_version - 1
 
 
 async def _set_cost_weight(
@@ -358,7 +483,7 @@ async def _one(
             failed=True,
             latency_ms=(time.monotonic() - t0) * 1000.0,
         )
-    quality = _quality(world, seed, request, event)
+    quality = _quality(world, seed, request, event, index)
     reward = quality - cost_weight * event.cost_usd
     score = world.feedback_score(f"{index}", quality, seed)
     if score is not None:
@@ -382,6 +507,7 @@ async def _one(
         latency_ms=answer.latency_ms,
         quality=quality,
         model=event.meta.get("model", ""),
+        feedback=score,
     )
 
 
@@ -453,6 +579,17 @@ def summarize(
             "automations_created": run["automations_created"],
             "automation_kinds": run["automation_kinds"],
             "assessed_by_world": run["assessed"],
+            "assessed_by": run.get("assessed_by", {}),
+            "judge_calls": run.get("judge_calls", 0),
+            "judge_cost_share": _share(
+                sum(o.judge_usd for o in outcomes), sum(o.cost_usd for o in outcomes)
+            ),
+            "judge_cost_share_final": _share(
+                sum(o.judge_usd for o in last), sum(o.cost_usd for o in last)
+            ),
+            "policy_updates": run.get("policy_updates"),
+            "taught_by": run.get("teaching", {}),
+            "sample_mismatches": run.get("sample_mismatches", 0),
             "failed": sum(o.failed for o in outcomes),
             "degraded": sum(o.tier in _DEGRADED for o in outcomes),
             "p50_latency_ms": round(statistics.median([o.latency_ms for o in outcomes]), 1)
@@ -488,6 +625,10 @@ def summarize(
             )
     result["automations"] = _automation_effect(result["runs"], result["notes"])
     return result
+
+
+def _share(part: float, whole: float) -> float:
+    return round(part / whole, 4) if whole else 0.0
 
 
 def _always_strong(
@@ -561,6 +702,8 @@ def run_learning(
     keep: bool = False,
     console: Console | None = None,
     cost_weight: float = 0.0,
+    hide_truth: bool = False,
+    judge_sample: float | None = None,
 ) -> dict[str, Any]:
     """Run the whole platform once per run spec on the world's requests; see :func:`summarize`.
 
@@ -570,10 +713,16 @@ def run_learning(
     ``keep`` leaves each run's topics and data dir behind for a post-mortem.
     ``cost_weight``: the goal's quality given up per USD; a reward is then the answer's
     quality minus that times its cost, and the oracle is the best arm for that objective.
+    ``hide_truth``: the answers do not carry their quality, the platform judges them.
+    ``judge_sample`` (with ``hide_truth`` only): the share of answers the judge grades.
     """
     world = world_path if isinstance(world_path, World) else World.load(world_path)
     if requests < 1:
         raise ValueError("requests must be at least 1")
+    if judge_sample is not None and not hide_truth:
+        raise ValueError("a judge sample needs the truth hidden: the world's truth is free")
+    if judge_sample is not None and not 0.0 <= judge_sample <= 1.0:
+        raise ValueError(f"the judge sample is a share between 0 and 1, got {judge_sample!r}")
     specs = runs if runs is not None else default_runs()
     final_window = final_window or min(500, max(1, requests // 4))
     sample = world.sample_requests(requests, seed)
@@ -614,18 +763,20 @@ def run_learning(
             run_dir=root / f"{world.name}-{spec.name}-{uuid.uuid4().hex[:6]}",
             keep=keep,
             observer=watch,
+            judge_sample=judge_sample,
         )
 
     async def together(llm_url: str) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(one(spec, llm_url) for spec in specs)))
 
-    with _world_llm(world, seed) as llm, bar or contextlib.nullcontext():
+    served = _world_llm(world, seed, reveal_quality=not hide_truth)
+    with served as (llm, judged), bar or contextlib.nullcontext():
         if parallel:
             outputs = asyncio.run(together(llm.base_url))
         else:
             outputs = [asyncio.run(one(spec, llm.base_url)) for spec in specs]
     results = {spec.name: out for spec, out in zip(specs, outputs, strict=True)}
-    return summarize(
+    result = summarize(
         world,
         sample,
         oracle,
@@ -636,6 +787,13 @@ def run_learning(
         upper=upper,
         cost_weight=cost_weight,
     )
+    result["truth"] = {
+        "hidden": hide_truth,
+        "judge_sample": judge_sample,
+        # Every run's, warm-ups and probes included: what the world's LLM served as judge.
+        "judge_calls_served": judged.calls,
+    }
+    return result
 
 
 def _progress(console: Console | None) -> Progress:
@@ -732,11 +890,44 @@ def print_report(
                 f"{row['mean_reward']:.3f}",
             )
         out.print(kinds)
+    truth = result.get("truth") or {}
+    if truth.get("hidden"):
+        out.print(_truth_hidden(result))
     failed = {n: r["failed"] for n, r in runs.items() if r["failed"]}
     if failed:
         out.print(f"[red]failed requests (reward 0):[/] {failed}")
     for note in result["notes"]:
         out.print(f"[yellow]note:[/] {note}")
+
+
+def _truth_hidden(result: dict[str, Any]) -> Table:
+    """With the truth hidden: how each run's answers were assessed, what the judge cost,
+    and how many answers the learned policy was taught by."""
+    sample = result["truth"]["judge_sample"]
+    share = "every answer" if sample is None else f"{sample * 100:g}% of answers"
+    table = Table(title=f"truth hidden: the platform's judge on {share}")
+    columns = ("run", "judged", "unjudged", "judge calls", "judge $ share", "taught by")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "run" else "right")
+    for name, stats in result["runs"].items():
+        methods = stats.get("assessed_by") or {}
+        taught = stats.get("taught_by") or {}
+        updates = stats.get("policy_updates")
+        learned = (
+            f"{updates} (judge {taught.get('judged', 0)} + feedback {taught.get('feedback', 0)})"
+            if updates is not None
+            else "-"
+        )
+        judged = sum(n for m, n in methods.items() if m not in ("unjudged", "none"))
+        table.add_row(
+            name.replace("_", " "),
+            str(judged),
+            str(methods.get("unjudged", 0)),
+            str(stats.get("judge_calls", 0)),
+            f"{stats.get('judge_cost_share', 0.0) * 100:.1f}%",
+            learned,
+        )
+    return table
 
 
 # -- the policy alone, and every world -------------------------------------------------------
@@ -853,6 +1044,8 @@ def bench_world(
     automation_baseline: bool = True,
     as_json: bool = False,
     cost_weight: float = 0.0,
+    hide_truth: bool = False,
+    judge_sample: float | None = None,
 ) -> None:
     """One world on the whole platform: the report, or JSON only (`orchestrator bench learning`)."""
     for name in ("aiokafka", "kafka"):
@@ -866,6 +1059,8 @@ def bench_world(
         concurrency=concurrency,
         progress=not as_json,
         cost_weight=cost_weight,
+        hide_truth=hide_truth,
+        judge_sample=judge_sample,
     )
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
@@ -887,9 +1082,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cost-weight", type=float, default=0.0, help="quality given up per USD (reward)"
     )
+    parser.add_argument(
+        "--hide-truth",
+        action="store_true",
+        help="answers do not reveal their quality: the platform's judge grades them (the world"
+        " plays it) and the users' feedback teaches the rest",
+    )
+    parser.add_argument(
+        "--judge-sample",
+        type=float,
+        help="with --hide-truth: the share of answers the judge grades (ORCH_JUDGE_SAMPLE)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable results only")
     parser.add_argument("--save", type=Path, help="also write the full results as JSON here")
     args = parser.parse_args(argv)
+    if args.judge_sample is not None and not args.hide_truth:
+        parser.error("--judge-sample needs --hide-truth (the world's truth is free)")
+    if args.judge_sample is not None and not 0.0 <= args.judge_sample <= 1.0:
+        parser.error("--judge-sample takes a share between 0 and 1")
+    if args.offline and args.hide_truth:
+        parser.error(
+            "--hide-truth runs the platform's judge: not with --offline"
+            " (python -m bench.priced --hide-truth is the offline counterpart)"
+        )
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     console = Console(stderr=args.json)
     results = []
@@ -905,6 +1120,8 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency,
                 progress=not args.json,
                 cost_weight=args.cost_weight,
+                hide_truth=args.hide_truth,
+                judge_sample=args.judge_sample,
             )
             if not args.json:
                 print_report(result, console)

@@ -49,9 +49,31 @@ def learning_command(
             " cost, and on a world with models the router weighs them so (0: quality only).",
         ),
     ] = 0.0,
+    hide_truth: Annotated[
+        bool,
+        typer.Option(
+            "--hide-truth",
+            help="Answers do not reveal their quality: the platform's judge grades them (the"
+            " world plays it, its calls paid and counted) and the users' feedback teaches the"
+            " rest.",
+        ),
+    ] = False,
+    judge_sample: Annotated[
+        float | None,
+        typer.Option(
+            "--judge-sample",
+            min=0.0,
+            max=1.0,
+            help="With --hide-truth: the share of answers the judge grades (ORCH_JUDGE_SAMPLE).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")] = False,
 ) -> None:
     """Learned vs static routing vs the oracle on a simulated world: the learning curve."""
+    if judge_sample is not None and not hide_truth:
+        raise typer.BadParameter(
+            "needs --hide-truth (the world's truth is free)", param_hint="--judge-sample"
+        )
     on_bench_path()
     from bench.learning import bench_world
 
@@ -63,6 +85,8 @@ def learning_command(
         automation_baseline=baseline,
         as_json=as_json,
         cost_weight=cost_weight,
+        hide_truth=hide_truth,
+        judge_sample=judge_sample,
     )
 
 
