@@ -222,6 +222,10 @@ def failed_letter(
 
 
 DEAD_LETTER_EXCERPT = 64 * 1024
+# How long a consumer loop with nothing to do waits in one poll. A record ends the poll at
+# once, so this sets only how often an idle service wakes up (aiokafka's fetch loop itself
+# looks again every consumer_timeout_ms, 1 s).
+IDLE_POLL_MS = 1000
 """Bytes of the original record a dead letter carries; (topic, partition, offset) point
 at the whole of it. A record just under Kafka's 1 MB limit plus the letter's own fields
 would pass the limit, and the consumer would fail on it again at every restart."""
@@ -434,7 +438,13 @@ class EventConsumer(AsyncLifecycle):
                 slots.release()
 
         try:
-            async for batch in self.batches(timeout_ms=100, idle=True):
+            # Poll briefly while handlers run or finished ones wait for their commit, so
+            # commits follow the work; with neither, nothing can change until a record
+            # comes (which ends the poll at once), so wake up rarely.
+            def poll_ms() -> int:
+                return 100 if running or self.tracker.committable() else IDLE_POLL_MS
+
+            async for batch in self.batches(timeout_ms=poll_ms, idle=True):
                 generation = self._generation
                 for delivery in batch:
                     await slots.acquire()
@@ -519,15 +529,21 @@ class EventConsumer(AsyncLifecycle):
         return Delivery(event, logical, record.partition, record.offset, record.topic)
 
     async def batches(
-        self, timeout_ms: int = 200, max_records: int = 500, *, idle: bool = False
+        self,
+        timeout_ms: int | Callable[[], int] = 200,
+        max_records: int = 500,
+        *,
+        idle: bool = False,
     ) -> AsyncIterator[list[Delivery]]:
         """Decoded batches, forever; commit after handling each one for at-least-once.
 
         With ``idle`` an empty batch is yielded after each quiet poll, so a caller
         can do periodic work (commit what finished) while nothing arrives.
+        ``timeout_ms`` may be a function, asked before each poll.
         """
         while True:
-            fetched = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+            wait = timeout_ms() if callable(timeout_ms) else timeout_ms
+            fetched = await self._consumer.getmany(timeout_ms=wait, max_records=max_records)
             out: list[Delivery] = []
             for records in fetched.values():
                 for record in records:
@@ -544,7 +560,8 @@ class EventConsumer(AsyncLifecycle):
 
     async def run(self, handler: Handler, *, stop: asyncio.Event | None = None) -> None:
         """Handle every event at least once: commit after each handled batch."""
-        async for batch in self.batches():
+        # A quiet poll has nothing to do here, and a record ends a poll at once.
+        async for batch in self.batches(timeout_ms=IDLE_POLL_MS):
             for delivery in batch:
                 await handler(delivery.event, delivery)
             await self.commit()

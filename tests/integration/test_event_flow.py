@@ -150,3 +150,52 @@ async def test_an_event_its_handler_fails_on_goes_to_dead_letter_and_the_rest_ar
     assert letter.original_topic == "request_received" and letter.original_key == b"run-2"
     # The payload is the event itself: it can be read back and replayed.
     assert default_codec().decode(letter.payload, topic="request_received") == events[2]
+
+
+async def test_an_idle_concurrent_consumer_polls_rarely_and_still_commits_what_it_finishes(
+    settings,
+):
+    """Nothing to do: one poll a second, not ten. A handler that finishes while no record
+    comes is committed within the short poll, not at the next record."""
+    group = f"idle-test-{uuid.uuid4().hex[:6]}"
+    release = asyncio.Event()
+    handled = asyncio.Event()
+
+    async def handler(event, delivery):
+        await release.wait()  # finishes while nothing else arrives
+        handled.set()
+
+    async with EventProducer(settings) as producer:
+        consumer = EventConsumer(
+            settings, ["request_received"], group_id=group, producer=producer, source="idle"
+        )
+        async with consumer:
+            polls = 0
+            getmany = consumer.raw.getmany
+
+            async def counting(*args, **kwargs):
+                nonlocal polls
+                polls += 1
+                return await getmany(*args, **kwargs)
+
+            consumer.raw.getmany = counting  # type: ignore[method-assign]
+            task = asyncio.create_task(consumer.run_concurrently(handler))
+            try:
+                await asyncio.sleep(2.0)  # joined, assigned, nothing to read
+                polls = 0
+                await asyncio.sleep(3.0)
+                assert polls <= 5, f"{polls} polls in 3 s of nothing to do"
+                await producer.send(_requests(1, ["g-idle"])[0])
+                await asyncio.sleep(1.0)  # read and started; the handler waits
+                release.set()
+                await asyncio.wait_for(handled.wait(), 10)
+                high = consumer.tracker._high  # noqa: SLF001  the record's partition
+                tp = next(tp for tp in consumer.raw.assignment() if tp in high)
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                while (await consumer.raw.committed(tp) or 0) <= high[tp]:
+                    assert loop.time() - started < 0.6, "the finished record was not committed"
+                    await asyncio.sleep(0.05)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
