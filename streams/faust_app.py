@@ -204,12 +204,16 @@ class EventTopic(faust.Topic):
 # the budget's hop was 45 ms at the median at one answer at a time, 24 ms with 1 ms here
 # (docs/performance.md, "Faust's fetch pause"). Our own consumers keep the default.
 FAUST_PREFETCH_BACKOFF_S = 0.001
+# aiokafka's fetch loop looks again this often when nothing wakes it (an idle consumer);
+# records and assignments wake it at once. Faust leaves aiokafka's 0.2 s; our own consumers
+# set consumer_timeout_ms to the same 1 s (streams/kafka.py).
+FAUST_FETCHER_TIMEOUT_S = 1.0
 
 
 def _short_prefetch_backoff() -> None:
     """Faust builds its aiokafka consumer inside its consumer thread with no way to pass
-    ``prefetch_backoff``; set it where aiokafka builds the fetcher, for Faust's consumers
-    (the ones started from a Faust consumer thread) only."""
+    ``prefetch_backoff`` or the fetch loop's timeout; set them where aiokafka builds the
+    fetcher, for Faust's consumers (the ones started from a Faust consumer thread) only."""
     from aiokafka.consumer import fetcher
 
     if getattr(fetcher.Fetcher.__init__, "_orch_faust", False):
@@ -219,6 +223,7 @@ def _short_prefetch_backoff() -> None:
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         if _in_faust_consumer_thread():
             kwargs.setdefault("prefetch_backoff", FAUST_PREFETCH_BACKOFF_S)
+            kwargs["fetcher_timeout"] = FAUST_FETCHER_TIMEOUT_S
         original(self, *args, **kwargs)
 
     init._orch_faust = True  # type: ignore[attr-defined]

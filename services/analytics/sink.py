@@ -24,7 +24,13 @@ from services.analytics.store import (
 )
 from streams.codec import MAGIC, EventCodec, default_codec
 from streams.events import DeadLetter
-from streams.kafka import BACKGROUND_FETCH, EventConsumer, EventProducer, KafkaSettings
+from streams.kafka import (
+    BACKGROUND_FETCH,
+    IDLE_POLL_MS,
+    EventConsumer,
+    EventProducer,
+    KafkaSettings,
+)
 from streams.runtime import ServiceContext
 from streams.topics import CATALOG
 
@@ -145,7 +151,9 @@ class _Sink:
 
     def _poll_timeout_ms(self) -> int:
         if self._batch.empty:
-            return int(self._config.batch_wait * 1000)
+            # Nothing read and nothing being written: nothing to do until a record comes,
+            # and a record ends the poll at once.
+            return IDLE_POLL_MS if not self._inserting() else int(self._config.batch_wait * 1000)
         if self._inserting():
             return 20  # come back soon: the next insert starts when this one ends
         age = time.monotonic() - self._batch.started

@@ -8,7 +8,13 @@ import uuid
 import pytest
 
 from streams.events import DeadLetter, TaskRequested
-from streams.faust_app import FAUST_PREFETCH_BACKOFF_S, create_app, event_topic, start_app
+from streams.faust_app import (
+    FAUST_FETCHER_TIMEOUT_S,
+    FAUST_PREFETCH_BACKOFF_S,
+    create_app,
+    event_topic,
+    start_app,
+)
 from streams.kafka import EventConsumer, EventProducer
 
 pytestmark = pytest.mark.broker
@@ -56,6 +62,8 @@ async def test_faust_agent_updates_a_table_in_key_order(settings):
         # 1 ms while a partition it does not take holds records; ours keep aiokafka's 0.1 s.
         fetcher = consumer._thread._ensure_consumer()._fetcher
         assert fetcher._prefetch_backoff == FAUST_PREFETCH_BACKOFF_S
+        # ... and, idle, looks again once a second like ours, not five times.
+        assert fetcher._fetcher_timeout == FAUST_FETCHER_TIMEOUT_S == 1.0
         async with EventConsumer(settings, ["task_requested"], group_id=None) as ours:
             assert ours.raw._fetcher._prefetch_backoff == 0.1
         for goal in ("g0", "g1", "g2"):

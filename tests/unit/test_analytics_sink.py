@@ -31,3 +31,25 @@ def test_sink_config_defaults_and_bounds(monkeypatch):
         SinkConfig(batch_rows=10, max_batch_rows=5)
     with pytest.raises(ValueError):
         SinkConfig(batch_wait=0)
+
+
+def test_an_idle_sink_polls_once_a_second_a_busy_one_by_its_batch_time():
+    import time
+    from types import SimpleNamespace
+
+    from aiokafka import TopicPartition
+
+    from services.analytics.sink import _Batch, _Sink
+    from streams.kafka import IDLE_POLL_MS
+
+    sink = object.__new__(_Sink)  # the polling policy alone, no consumer
+    sink._config = SinkConfig(batch_wait=0.2)
+    sink._batch, sink._inflight = _Batch(), None
+    assert sink._poll_timeout_ms() == IDLE_POLL_MS == 1000  # nothing read, nothing writing
+    sink._inflight = SimpleNamespace(done=lambda: False)
+    assert sink._poll_timeout_ms() == 200  # an insert runs: look again at the batch time
+    sink._batch.marks.append((TopicPartition("t", 0), 5))
+    assert sink._poll_timeout_ms() == 20  # rows wait for the running insert
+    sink._inflight = None
+    sink._batch.started = time.monotonic()
+    assert 150 <= sink._poll_timeout_ms() <= 200  # rows wait for the batch time
