@@ -33,7 +33,7 @@ from local.world import World
 from services.router.policy import LearnedPolicy, features_of
 from streams.config import ROOT
 
-__all__ = ["main", "recovery", "simulate_drift"]
+__all__ = ["changed_types", "main", "recovery", "recoveries", "simulate_drift"]
 
 RANDOM_SEEDS = (301, 302, 303)
 HALF_LIVES = (0.0, 250.0)
@@ -83,7 +83,7 @@ def recovery(
     return None
 
 
-def _changed_types(world: World, index: int) -> set[str]:
+def changed_types(world: World, index: int) -> set[str]:
     """Types whose best specialty at request ``index`` differs from the one just before."""
     return {
         t.name
@@ -99,6 +99,22 @@ def _label(half_life: float, change: float) -> str:
     return f"half-life {half_life:g}" if half_life else "never forgets"
 
 
+def recoveries(
+    world: World, got: list[float], best: list[float], kinds: list[str]
+) -> dict[str, list[int | None]]:
+    """For each drift point within the requests: :func:`recovery` over all of them, and
+    over the requests of the types whose best specialty changed there (None: none did)."""
+    points = [d.after for d in world.drift if d.after < len(got)]
+    changed = {at: changed_types(world, at) for at in points}
+    return {
+        "recovery": [recovery(got, best, at) for at in points],
+        "recovery_changed_types": [
+            recovery(got, best, at, only=[k in changed[at] for k in kinds]) if changed[at] else None
+            for at in points
+        ],
+    }
+
+
 def measure(
     world: World,
     requests: int,
@@ -111,17 +127,8 @@ def measure(
     configs = [(h, 0.0) for h in half_lives] + [(0.0, c) for c in changes]
     for half_life, change in configs:
         got, best, kinds = simulate_drift(world, requests, seed, half_life, change)
-        points = [d.after for d in world.drift if d.after < requests]
-        changed = {at: _changed_types(world, at) for at in points}
         rows[_label(half_life, change)] = {
-            "recovery": [recovery(got, best, at) for at in points],
-            # The same on the requests of the types whose best specialty changed there.
-            "recovery_changed_types": [
-                recovery(got, best, at, only=[k in changed[at] for k in kinds])
-                if changed[at]
-                else None
-                for at in points
-            ],
+            **recoveries(world, got, best, kinds),
             "final_vs_oracle": round(
                 statistics.fmean(got[-final:]) / statistics.fmean(best[-final:]), 4
             ),

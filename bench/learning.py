@@ -41,7 +41,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -175,9 +175,15 @@ class _JudgeCount:
 
 @contextlib.contextmanager
 def _world_llm(
-    world: World, seed: int, *, reveal_quality: bool = True
+    world: World,
+    seed: int,
+    *,
+    reveal_quality: bool = True,
+    request_index: Callable[[], int] | None = None,
 ) -> Iterator[tuple[FakeOpenAIServer, _JudgeCount]]:
-    counted = _JudgeCount(world.responder(seed, reveal_quality=reveal_quality))
+    counted = _JudgeCount(
+        world.responder(seed, reveal_quality=reveal_quality, request_index=request_index)
+    )
     server = FakeOpenAIServer(responder=counted).start_in_thread()
     try:
         yield server, counted
@@ -292,7 +298,10 @@ async def _run_one(
     keep: bool,
     observer: Observer | None,
     judge_sample: float | None = None,
+    asking: list[int] | None = None,
 ) -> dict[str, Any]:
+    """``asking``, if given, is set to each request's index before it is sent (the world's
+    LLM reads its drift phase from it)."""
     prefix = f"learn{uuid.uuid4().hex[:8]}."
     settings = KafkaSettings(bootstrap, prefix)
     await create_topics(bootstrap, prefix=prefix)
@@ -335,6 +344,8 @@ async def _run_one(
 
             async def worker() -> None:
                 for i in pending:
+                    if asking is not None:
+                        asking[0] = i
                     outcome = await _one(
                         client, tracker, world, seed, i, requests[i], oracle[i], cost_weight
                     )
@@ -624,7 +635,28 @@ def summarize(
                 " and the router had nothing to learn from"
             )
     result["automations"] = _automation_effect(result["runs"], result["notes"])
+    if world.drift:
+        result["drift"] = _drift(world, requests, oracle, runs)
     return result
+
+
+def _drift(
+    world: World, requests: list[Request], oracle: list[float], runs: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Per run and drift point: requests until the run's reward (windows of 100) is back to
+    90% of the new oracle's, and the same on the types whose best choice changed there
+    (windows of 25); None where it never is within the run (see bench/drift.py)."""
+    from bench.drift import TARGET_AFTER, recoveries
+
+    points = [d.after for d in world.drift if d.after < len(requests)]
+    kinds = [r.request_type for r in requests]
+    out: dict[str, Any] = {"at": points, "target": TARGET_AFTER, "runs": {}}
+    for name, run in runs.items():
+        got = [0.0] * len(requests)  # a failed request scores nothing
+        for o in run["outcomes"]:
+            got[o.index] = o.reward
+        out["runs"][name] = recoveries(world, got, oracle, kinds)
+    return out
 
 
 def _share(part: float, whole: float) -> float:
@@ -732,8 +764,8 @@ def run_learning(
             for i, r in enumerate(sample)
         ]
     else:
-        oracle = [world.oracle_quality(r, seed) for r in sample]
-    upper = [world.upper_bound_quality(r, seed) for r in sample]
+        oracle = [world.oracle_quality(r, seed, request_index=i) for i, r in enumerate(sample)]
+    upper = [world.upper_bound_quality(r, seed, request_index=i) for i, r in enumerate(sample)]
     bootstrap = ensure_broker()
     root = data_root() / "bench" / "learning"
     bar = _progress(console) if progress else None
@@ -749,32 +781,42 @@ def run_learning(
             if observer is not None:
                 observer(name, outcome, automations)
 
-    def one(spec: RunSpec, llm_url: str) -> Coroutine[Any, Any, dict[str, Any]]:
-        return _run_one(
-            world,
-            sample,
-            oracle,
-            spec,
-            seed=seed,
-            cost_weight=cost_weight,
-            concurrency=concurrency,
-            bootstrap=bootstrap,
-            llm_url=llm_url,
-            run_dir=root / f"{world.name}-{spec.name}-{uuid.uuid4().hex[:6]}",
-            keep=keep,
-            observer=watch,
-            judge_sample=judge_sample,
-        )
+    async def one(spec: RunSpec) -> dict[str, Any]:
+        # Each run its own world LLM: a world that drifts keeps its own clock per run. One
+        # request at a time, that clock is the request being answered (answers from the
+        # response cache never reach the LLM and would otherwise hold it back).
+        asking = [0]
+        clock = (lambda: asking[0]) if concurrency == 1 else None
+        served = _world_llm(world, seed, reveal_quality=not hide_truth, request_index=clock)
+        with served as (llm, judged):
+            out = await _run_one(
+                world,
+                sample,
+                oracle,
+                spec,
+                seed=seed,
+                cost_weight=cost_weight,
+                concurrency=concurrency,
+                bootstrap=bootstrap,
+                llm_url=llm.base_url,
+                run_dir=root / f"{world.name}-{spec.name}-{uuid.uuid4().hex[:6]}",
+                keep=keep,
+                observer=watch,
+                judge_sample=judge_sample,
+                asking=asking,
+            )
+            out["judge_calls_served"] = judged.calls
+            return out
 
-    async def together(llm_url: str) -> list[dict[str, Any]]:
-        return list(await asyncio.gather(*(one(spec, llm_url) for spec in specs)))
+    async def together() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(one(spec) for spec in specs)))
 
-    served = _world_llm(world, seed, reveal_quality=not hide_truth)
-    with served as (llm, judged), bar or contextlib.nullcontext():
+    with bar or contextlib.nullcontext():
         if parallel:
-            outputs = asyncio.run(together(llm.base_url))
+            outputs = asyncio.run(together())
         else:
-            outputs = [asyncio.run(one(spec, llm.base_url)) for spec in specs]
+            outputs = [asyncio.run(one(spec)) for spec in specs]
+    served_judge_calls = sum(out.pop("judge_calls_served") for out in outputs)
     results = {spec.name: out for spec, out in zip(specs, outputs, strict=True)}
     result = summarize(
         world,
@@ -791,7 +833,7 @@ def run_learning(
         "hidden": hide_truth,
         "judge_sample": judge_sample,
         # Every run's, warm-ups and probes included: what the world's LLM served as judge.
-        "judge_calls_served": judged.calls,
+        "judge_calls_served": served_judge_calls,
     }
     return result
 
@@ -890,6 +932,18 @@ def print_report(
                 f"{row['mean_reward']:.3f}",
             )
         out.print(kinds)
+    drift = result.get("drift")
+    if drift and drift["at"]:
+        for name, row in drift["runs"].items():
+            back = ", ".join(
+                f"{'never' if a is None else a} / {'never' if b is None else b}"
+                for a, b in zip(row["recovery"], row["recovery_changed_types"], strict=True)
+            )
+            out.print(
+                f"drift at {', '.join(map(str, drift['at']))}: {name.replace('_', ' ')} back to"
+                f" 90% of the new oracle after {back} requests (all / the changed types;"
+                f" target {drift['target']})"
+            )
     truth = result.get("truth") or {}
     if truth.get("hidden"):
         out.print(_truth_hidden(result))

@@ -20,7 +20,7 @@ import math
 import random
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -861,13 +861,22 @@ class World:
 
     # -- the fake LLM --------------------------------------------------------------------
 
-    def responder(self, seed: int = 0, *, reveal_quality: bool = True) -> Responder:
+    def responder(
+        self,
+        seed: int = 0,
+        *,
+        reveal_quality: bool = True,
+        request_index: Callable[[], int] | None = None,
+    ) -> Responder:
         """A :data:`local.fake_openai.Responder` that plays this world.
 
         It counts the answers it gives a quality (not spawn, judge or other calls): the
         count before an answer is that answer's request index, which decides its drift
-        phase. ``reveal_quality`` False leaves ``quality`` out of ``x_orchestrator``, so
-        the platform has to judge answers as it would a real model's (the world plays the
+        phase. ``request_index``, when given, says instead which request is being answered
+        (a caller sending one request at a time knows; answers served from a cache never
+        reach the model and would otherwise hold the world's clock back).
+        ``reveal_quality`` False leaves ``quality`` out of ``x_orchestrator``, so the
+        platform has to judge answers as it would a real model's (the world plays the
         judge too)."""
         lock = threading.Lock()
         answered = 0
@@ -911,7 +920,7 @@ class World:
             asked = request.get("model")
             model = self._listed(asked if isinstance(asked, str) else None)
             with lock:
-                index = answered
+                index = answered if request_index is None else request_index()
                 answered += 1
                 answered_at.pop((user, specialty, model), None)
                 answered_at[(user, specialty, model)] = index
