@@ -198,6 +198,7 @@ class Router:
         self.automations = Automations()
         self.stats = OutcomeStats()
         self.spawn_timeout = settings.spawn_timeout
+        self.model_busy = settings.model_busy
         # (goal_id, specialty) -> requests waiting for that agent to exist
         self._waiting: dict[tuple[str, str], list[_Waiter]] = defaultdict(list)
         self._dispatched: dict[str, str] = {}  # run_id -> agent_id, until its outcome
@@ -335,12 +336,14 @@ class Router:
         asked = request.context.get("specialty", "").strip().lower()
         features = features_of(request.message)
         model: str | None = None  # any of the specialty's agents; a new one on the default
+        busy: dict[str, int] = {}  # models left out of the choice, with their answers in flight
         if asked:
             specialty, probability, policy, version = asked, 1.0, "forced", 0
             arm_scores: dict[str, float] = {asked: 1.0}
         else:
             weight = self.cost_weights.get(request.goal_id, 0.0)
-            choice = self.policy.choose(features, self.arms, weight)
+            offered, busy = self._offered_arms()
+            choice = self.policy.choose(features, offered, weight)
             specialty, model = split_arm(choice.specialty)
             probability = choice.probability
             policy, version, arm_scores = self.policy.name, self.policy.version, choice.scores
@@ -385,6 +388,7 @@ class Router:
             action="reuse" if best else "spawn",
             scores={
                 **{f"specialty:{k}": round(v, 6) for k, v in arm_scores.items()},
+                **{f"busy:{m}": float(n) for m, n in busy.items()},
                 **{s[2].agent_id: round(s[0], 6) for s in scored},
             },
             criteria={k: round(v, 6) for k, v in best[1].items()} if best else {},
@@ -400,6 +404,23 @@ class Router:
         if hit is not None:
             decision = decision.model_copy(update={"action": "automation"})
         return specialty, (best[2] if best else None), decision, hit
+
+    def _offered_arms(self) -> tuple[list[str], dict[str, int]]:
+        """The arms the policy may choose from now, and the models left out as busy with
+        their answers in flight: a model with ``model_busy`` or more of this instance's
+        answers in flight is left out while another is not (load as a signal: a slow or
+        saturated model does not hold every request up)."""
+        if not self.models or self.model_busy <= 0:
+            return self.arms, {}
+        flying: dict[str, int] = dict.fromkeys(self.models, 0)
+        for agent_id, st in self.stats.agents.items():
+            if st.in_flight > 0 and (agent := self.registry.get(agent_id)) is not None:
+                model = self._model_of(agent)
+                flying[model] = flying.get(model, 0) + st.in_flight
+        busy = {m: n for m, n in flying.items() if n >= self.model_busy}
+        if not busy or len(busy) >= len(self.models):
+            return self.arms, {}
+        return [a for a in self.arms if split_arm(a)[1] not in busy], busy
 
     def _model_of(self, agent: AgentRecord) -> str:
         return agent.model or self.default_model

@@ -71,6 +71,18 @@ class RouterSettings(EnvSettings):
         read_by="router",
         shown="empty: all built-in specialties",
     )
+    model_busy: int = setting(
+        "ORCH_ROUTER_MODEL_BUSY",
+        0,
+        "With several models (`ORCH_LLM_MODELS`): answers in flight on one model, sent by "
+        "this router instance, at which the policy chooses among the other models' arms "
+        "instead (a slow or saturated model is left out while it is busy; when every model "
+        "is, all are offered). The decision's scores name each model left out as "
+        "`busy:<model>` with its count. 0 (the default) never leaves one out. Whole number "
+        ">= 0.",
+        read_by="router",
+        ge=0,
+    )
     weights: Weights = setting(
         "ORCH_ROUTER_WEIGHTS",
         Weights(),
