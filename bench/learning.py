@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -113,11 +114,13 @@ Observer = Callable[[str, "Outcome", int], None]
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One platform run: its name in the results, the routing policy, automations on or off."""
+    """One platform run: its name in the results, the routing policy, automations on or off,
+    and the router's busy-model threshold (ORCH_ROUTER_MODEL_BUSY; 0: off)."""
 
     name: str
     policy: str
     automations: bool = True
+    model_busy: int = 0
 
 
 def default_runs(automation_baseline: bool = True) -> list[RunSpec]:
@@ -318,6 +321,8 @@ async def _run_one(
     }
     if not spec.automations:
         env["ORCH_AUTOMATION_KINDS"] = ""  # the improvement service then creates none
+    if spec.model_busy:
+        env["ORCH_ROUTER_MODEL_BUSY"] = str(spec.model_busy)
     if judge_sample is not None:
         env["ORCH_JUDGE_SAMPLE"] = repr(judge_sample)
     if world.models:
@@ -606,6 +611,7 @@ def summarize(
             "p50_latency_ms": round(statistics.median([o.latency_ms for o in outcomes]), 1)
             if outcomes
             else 0.0,
+            "latency_final_ms": _percentiles([o.latency_ms for o in last]),
             "wall_s": run["wall_s"],
             "setup_s": run["setup_s"],
             "services": run["services"],
@@ -657,6 +663,18 @@ def _drift(
             got[o.index] = o.reward
         out["runs"][name] = recoveries(world, got, oracle, kinds)
     return out
+
+
+def _latency_cell(latency: dict[str, float] | None) -> str:
+    return f"{latency['p50']:.0f} / {latency['p95']:.0f}" if latency else "-"
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    """p50 and p95 of ``values`` (0 when there are none)."""
+    if len(values) < 2:
+        return {"p50": round(values[0], 1) if values else 0.0, "p95": 0.0}
+    cuts = statistics.quantiles(values, n=20, method="inclusive")
+    return {"p50": round(statistics.median(values), 1), "p95": round(cuts[18], 1)}
 
 
 def _share(part: float, whole: float) -> float:
@@ -736,6 +754,7 @@ def run_learning(
     cost_weight: float = 0.0,
     hide_truth: bool = False,
     judge_sample: float | None = None,
+    model_latency_ms: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run the whole platform once per run spec on the world's requests; see :func:`summarize`.
 
@@ -747,6 +766,8 @@ def run_learning(
     quality minus that times its cost, and the oracle is the best arm for that objective.
     ``hide_truth``: the answers do not carry their quality, the platform judges them.
     ``judge_sample`` (with ``hide_truth`` only): the share of answers the judge grades.
+    ``model_latency_ms``: the world's LLM answers these models that much later (a slow
+    model, for the router's busy-model signal).
     """
     world = world_path if isinstance(world_path, World) else World.load(world_path)
     if requests < 1:
@@ -789,6 +810,8 @@ def run_learning(
         clock = (lambda: asking[0]) if concurrency == 1 else None
         served = _world_llm(world, seed, reveal_quality=not hide_truth, request_index=clock)
         with served as (llm, judged):
+            if model_latency_ms:
+                llm.configure(model_latency_ms=model_latency_ms)
             out = await _run_one(
                 world,
                 sample,
@@ -888,6 +911,7 @@ def print_report(
         "automations",
         "cached",
         "routed",
+        "p50 / p95 ms",
     )
     for column in columns:
         summary.add_column(column, justify="left" if column == "run" else "right")
@@ -901,14 +925,15 @@ def print_report(
             str(stats["automations_created"]),
             str(stats["cached_answers"]),
             str(stats["direct_routed"]),
+            _latency_cell(stats.get("latency_final_ms")),
         )
     bound = result.get("upper_bound")
     of_bound = f"{result['oracle']['final'] / bound['final'] * 100:.1f}%" if bound else "-"
     summary.add_row(
-        "oracle", f"{result['oracle']['final']:.3f}", "100.0%", of_bound, "", "", "", ""
+        "oracle", f"{result['oracle']['final']:.3f}", "100.0%", of_bound, "", "", "", "", ""
     )
     if bound:
-        summary.add_row("upper bound", f"{bound['final']:.3f}", "", "100.0%", "", "", "", "")
+        summary.add_row("upper bound", f"{bound['final']:.3f}", "", "100.0%", "", "", "", "", "")
     out.print(summary)
     effect = result.get("automations") or {}
     if effect:
@@ -1147,9 +1172,35 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="with --hide-truth: the share of answers the judge grades (ORCH_JUDGE_SAMPLE)",
     )
+    parser.add_argument(
+        "--slow-model",
+        metavar="NAME=MS",
+        help="the world's LLM answers this model MS milliseconds later (a slow model)",
+    )
+    parser.add_argument(
+        "--model-busy",
+        type=int,
+        default=0,
+        help="also run the learned router with ORCH_ROUTER_MODEL_BUSY at this many answers"
+        " in flight per model, beside the runs without it",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable results only")
     parser.add_argument("--save", type=Path, help="also write the full results as JSON here")
     args = parser.parse_args(argv)
+    slow: dict[str, float] = {}
+    if args.slow_model:
+        name, eq, ms = args.slow_model.partition("=")
+        try:
+            slow = {name.strip(): float(ms)} if eq and name.strip() else {}
+        except ValueError:
+            slow = {}
+        if not slow or not all(math.isfinite(v) and v >= 0 for v in slow.values()):
+            parser.error("--slow-model takes NAME=MS, MS a number of milliseconds >= 0")
+    if args.model_busy < 0:
+        parser.error("--model-busy takes a whole number >= 0")
+    runs = default_runs(not args.no_automation_baseline)
+    if args.model_busy:
+        runs.append(RunSpec(f"learned_busy_{args.model_busy}", "learned", True, args.model_busy))
     if args.judge_sample is not None and not args.hide_truth:
         parser.error("--judge-sample needs --hide-truth (the world's truth is free)")
     if args.judge_sample is not None and not 0.0 <= args.judge_sample <= 1.0:
@@ -1170,12 +1221,13 @@ def main(argv: list[str] | None = None) -> int:
                 world,
                 args.requests,
                 args.seed,
-                runs=default_runs(not args.no_automation_baseline),
+                runs=runs,
                 concurrency=args.concurrency,
                 progress=not args.json,
                 cost_weight=args.cost_weight,
                 hide_truth=args.hide_truth,
                 judge_sample=args.judge_sample,
+                model_latency_ms=slow or None,
             )
             if not args.json:
                 print_report(result, console)

@@ -70,7 +70,8 @@ class FakeBehaviour:
     """How the server answers chat completions; change it in process or via ``POST /_control``.
 
     ``mode`` holds until changed; ``fail_next`` answers the next N requests with
-    ``fail_status`` and then goes back to ``mode``. ``latency_ms`` delays every answer.
+    ``fail_status`` and then goes back to ``mode``. ``latency_ms`` delays every answer;
+    ``model_latency_ms`` adds a delay per requested model (a slow model among fast ones).
     429 answers carry ``Retry-After`` (and OpenAI's ``retry-after-ms``) of ``retry_after_ms``.
     ``hang`` holds the request for ``hang_s`` (longer than any client timeout); ``down``
     resets the connection without answering.
@@ -78,6 +79,7 @@ class FakeBehaviour:
 
     mode: Mode = "ok"
     latency_ms: float = 0.0
+    model_latency_ms: dict[str, float] = field(default_factory=dict)
     fail_next: int = 0
     fail_status: int = 500
     retry_after_ms: int = 1000
@@ -95,6 +97,31 @@ class FakeBehaviour:
         return asdict(self)
 
 
+def _model_asked(raw: bytes) -> str:
+    """The ``model`` a chat request names ("" when it names none or is not JSON)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return ""
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else ""
+
+
+def _model_latencies(text: str) -> dict[str, float]:
+    """``name=ms,name=ms`` (the command line's form of ``model_latency_ms``)."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, ms = part.partition("=")
+        try:
+            value = float(ms)
+        except ValueError:
+            value = math.nan
+        if not (eq and name.strip() and math.isfinite(value) and value >= 0):
+            raise argparse.ArgumentTypeError(f"expected name=milliseconds, got {part!r}")
+        out[name.strip()] = value
+    return out
+
+
 def _check_field(name: str, value: Any) -> Any:
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if name == "mode":
@@ -105,6 +132,19 @@ def _check_field(name: str, value: Any) -> Any:
         if not number or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative number, got {value!r}")
         return float(value)
+    if name == "model_latency_ms":
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str)
+            and isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and v >= 0
+            for k, v in value.items()
+        ):
+            raise ValueError(
+                f"model_latency_ms must map model names to non-negative numbers, got {value!r}"
+            )
+        return {k: float(v) for k, v in value.items()}
     if name in ("fail_next", "retry_after_ms"):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -391,6 +431,8 @@ class FakeOpenAIServer:
             return _error(504, "fake server stopped hanging")
         response = self._answer(raw, mode, behaviour)
         self._record(str(response.status), started)
+        if behaviour.model_latency_ms:
+            latency_s += behaviour.model_latency_ms.get(_model_asked(raw), 0.0) / 1000.0
         await self._pause(latency_s)
         return response
 
@@ -552,6 +594,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8199, help="0 picks a free port")
     parser.add_argument("--mode", choices=_MODES, default="ok")
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument(
+        "--model-latency-ms",
+        type=_model_latencies,
+        default={},
+        help="extra delay per requested model, e.g. big=300,huge=900",
+    )
     parser.add_argument("--fail-next", type=int, default=0)
     parser.add_argument("--fail-status", type=int, default=500)
     parser.add_argument("--retry-after-ms", type=int, default=1000)

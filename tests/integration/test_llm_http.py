@@ -437,6 +437,22 @@ async def test_injected_latency_and_small_server_time(
     assert stats["server_us"]["p50"] < 1000
 
 
+async def test_one_model_can_be_slow_among_fast_ones(
+    connect: Connect, server: FakeOpenAIServer
+) -> None:
+    llm = connect()
+    server.configure(model_latency_ms={"big": 300})
+    slow = await llm.complete(ASK, model="big")
+    fast = await llm.complete(ASK, model="small")
+    assert slow.latency_ms >= 300 > fast.latency_ms
+    async with httpx.AsyncClient(base_url=server.root_url) as http:
+        for bad in ({"big": -1}, {"big": "slow"}, ["big"], {"big": True}):
+            refused = await http.post("/_control", json={"model_latency_ms": bad})
+            assert refused.status_code == 400
+            assert "model_latency_ms must map" in refused.json()["error"]["message"]
+        assert (await http.get("/_control")).json()["model_latency_ms"] == {"big": 300.0}
+
+
 async def test_models_endpoint(server: FakeOpenAIServer) -> None:
     client = openai.AsyncOpenAI(base_url=server.base_url, api_key="not-needed")
     models = await client.models.list()
