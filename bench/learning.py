@@ -629,6 +629,10 @@ def summarize(
                 m: round(sum(o.model == m for o in last) / max(1, len(last)), 3)
                 for m in world.models
             }
+            row["latency_by_model_ms"] = {
+                m: _percentiles([o.latency_ms for o in last if o.model == m])
+                for m in world.models
+            }
             row["quality_of_strong"] = round(quality / strong["quality"], 4)
             row["cost_of_strong"] = (
                 round(cost / strong["cost_per_request_usd"], 4)
