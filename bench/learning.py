@@ -630,8 +630,7 @@ def summarize(
                 for m in world.models
             }
             row["latency_by_model_ms"] = {
-                m: _percentiles([o.latency_ms for o in last if o.model == m])
-                for m in world.models
+                m: _percentiles([o.latency_ms for o in last if o.model == m]) for m in world.models
             }
             row["quality_of_strong"] = round(quality / strong["quality"], 4)
             row["cost_of_strong"] = (
