@@ -673,11 +673,16 @@ def _latency_cell(latency: dict[str, float] | None) -> str:
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
-    """p50 and p95 of ``values`` (0 when there are none)."""
+    """Mean, p50 and p95 of ``values`` (0 when there are none)."""
     if len(values) < 2:
-        return {"p50": round(values[0], 1) if values else 0.0, "p95": 0.0}
+        only = round(values[0], 1) if values else 0.0
+        return {"mean": only, "p50": only, "p95": 0.0}
     cuts = statistics.quantiles(values, n=20, method="inclusive")
-    return {"p50": round(statistics.median(values), 1), "p95": round(cuts[18], 1)}
+    return {
+        "mean": round(statistics.fmean(values), 1),
+        "p50": round(statistics.median(values), 1),
+        "p95": round(cuts[18], 1),
+    }
 
 
 def _share(part: float, whole: float) -> float:
