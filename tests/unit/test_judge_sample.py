@@ -15,14 +15,13 @@ from services.improvement.state import ImprovementState
 from streams.clock import FakeClock, SystemClock
 from streams.errors import InvalidSetting
 from streams.events import (
-    Event,
     LlmCallCompleted,
-    SpendDecided,
     SpendRequested,
     WorkflowAssessed,
     WorkflowCompleted,
 )
 from streams.llm import InMemoryLLM
+from tests.unit.test_improvement_assess import _Budget
 
 RUNS = [str(uuid.UUID(int=i * 7919 + 13, version=4)) for i in range(2000)]
 
@@ -112,26 +111,6 @@ async def test_outside_the_sample_the_assessor_calls_no_judge_and_says_unjudged(
     degraded = await none.assess(_done(outside, tier="keyword"), "")
     assert (degraded.quality, degraded.method) == (0.3, "heuristic")
     assert len(llm.calls) == 1
-
-
-class _Budget:
-    """The producer an improvement instance sends to: holds are approved as they arrive."""
-
-    def __init__(self) -> None:
-        self.sent: list[Event] = []
-        self.service: ImprovementService | None = None
-
-    async def send(self, event: Event) -> None:
-        self.sent.append(event)
-        if isinstance(event, SpendRequested) and self.service is not None:
-            decided = SpendDecided(
-                source="budget", goal_id="g1", request_id=event.event_id, approved=True
-            )
-            self.service._view_event(decided)  # noqa: SLF001  (what its view does)
-
-    async def deliver(self, events: list[Event], *, what: str = "") -> None:
-        for event in events:
-            await self.send(event)
 
 
 async def test_the_service_holds_no_spend_and_pays_no_call_for_an_unsampled_run():
