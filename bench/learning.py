@@ -787,13 +787,10 @@ def run_learning(
     specs = runs if runs is not None else default_runs()
     final_window = final_window or min(500, max(1, requests // 4))
     sample = world.sample_requests(requests, seed)
-    if world.models:
-        oracle = [
-            world.oracle_arm(r, seed, cost_weight=cost_weight, request_index=i).reward(cost_weight)
-            for i, r in enumerate(sample)
-        ]
-    else:
-        oracle = [world.oracle_quality(r, seed, request_index=i) for i, r in enumerate(sample)]
+    oracle = [
+        world.oracle_score(r, seed, cost_weight=cost_weight, request_index=i)
+        for i, r in enumerate(sample)
+    ]
     upper = [world.upper_bound_quality(r, seed, request_index=i) for i, r in enumerate(sample)]
     bootstrap = ensure_broker()
     root = data_root() / "bench" / "learning"

@@ -737,6 +737,24 @@ class World:
         ]
         return max(arms, key=lambda arm: arm.reward(cost_weight))
 
+    def oracle_score(
+        self,
+        request: Request,
+        seed: int = 0,
+        *,
+        cost_weight: float = 0.0,
+        request_index: int | None = None,
+    ) -> float:
+        """The oracle's reward on this very message in the phase of ``request_index``:
+        :meth:`oracle_arm`'s ``quality - cost_weight * cost`` on a world with models, else
+        :meth:`oracle_quality` (no model to choose, no cost in the reward)."""
+        if self.models:
+            arm = self.oracle_arm(
+                request, seed, cost_weight=cost_weight, request_index=request_index
+            )
+            return arm.reward(cost_weight)
+        return self.oracle_quality(request, seed, request_index=request_index)
+
     def oracle_arm(
         self,
         request: Request,

@@ -45,12 +45,12 @@ def baselines(world: World, requests: int, seed: int, cost_weight: float = 0.0) 
     """The lines the picture draws beside the runs, from the world alone (the same requests,
     the same noise draws as the runs)."""
     sample = world.sample_requests(requests, seed)
-    if not world.models:
-        return Baselines([world.oracle_quality(r, seed) for r in sample], [], [])
     oracle = [
-        world.oracle_arm(r, seed, cost_weight=cost_weight, request_index=i).reward(cost_weight)
+        world.oracle_score(r, seed, cost_weight=cost_weight, request_index=i)
         for i, r in enumerate(sample)
     ]
+    if not world.models:
+        return Baselines(oracle, [], [])
     strong = [world.strong_arm(r, seed, request_index=i) for i, r in enumerate(sample)]
     return Baselines(oracle, [a.reward(cost_weight) for a in strong], [a.cost_usd for a in strong])
 

@@ -18,26 +18,16 @@ from streams.events import (
     LlmCallCompleted,
     SpendRequested,
     WorkflowAssessed,
-    WorkflowCompleted,
 )
 from streams.llm import InMemoryLLM
 from tests.unit.test_improvement_assess import _Budget
+from tests.unit.test_improvement_assess import _done as done
 
 RUNS = [str(uuid.UUID(int=i * 7919 + 13, version=4)) for i in range(2000)]
 
 
 def _done(run_id: str, text: str = "an answer", tier: str = "llm", **meta: str):
-    return WorkflowCompleted(
-        source="test",
-        run_id=run_id,
-        goal_id="g1",
-        user_id="u1",
-        agent_id="a1",
-        specialty="code",
-        text=text,
-        degradation_tier=tier,  # type: ignore[arg-type]
-        meta=dict(meta),
-    )
+    return done(text, tier, **meta).model_copy(update={"run_id": run_id})
 
 
 def test_the_draw_depends_on_the_run_id_alone():
