@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -57,7 +56,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from local.fake_openai import FakeOpenAIServer, Responder
+from local.fake_openai import FakeOpenAIServer, Responder, parse_model_latencies
 from local.localkafka import ensure_broker
 from local.platform import Launcher, available_services
 from local.world import Request, World
@@ -1179,8 +1178,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--slow-model",
-        metavar="NAME=MS",
-        help="the world's LLM answers this model MS milliseconds later (a slow model)",
+        metavar="NAME=MS[,NAME=MS]",
+        help="the world's LLM answers these models MS milliseconds later (a slow model)",
     )
     parser.add_argument(
         "--model-busy",
@@ -1192,15 +1191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="machine-readable results only")
     parser.add_argument("--save", type=Path, help="also write the full results as JSON here")
     args = parser.parse_args(argv)
-    slow: dict[str, float] = {}
-    if args.slow_model:
-        name, eq, ms = args.slow_model.partition("=")
-        try:
-            slow = {name.strip(): float(ms)} if eq and name.strip() else {}
-        except ValueError:
-            slow = {}
-        if not slow or not all(math.isfinite(v) and v >= 0 for v in slow.values()):
-            parser.error("--slow-model takes NAME=MS, MS a number of milliseconds >= 0")
+    try:
+        slow = parse_model_latencies(args.slow_model or "")
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"--slow-model: {exc}")
     if args.model_busy < 0:
         parser.error("--model-busy takes a whole number >= 0")
     runs = default_runs(not args.no_automation_baseline)

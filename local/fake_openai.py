@@ -42,6 +42,7 @@ __all__ = [
     "Responder",
     "Usage",
     "main",
+    "parse_model_latencies",
     "remote_control",
     "remote_stats",
     "subprocess_server",
@@ -107,7 +108,7 @@ def _model_asked(raw: bytes) -> str:
     return model if isinstance(model, str) else ""
 
 
-def _model_latencies(text: str) -> dict[str, float]:
+def parse_model_latencies(text: str) -> dict[str, float]:
     """``name=ms,name=ms`` (the command line's form of ``model_latency_ms``)."""
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -596,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument(
         "--model-latency-ms",
-        type=_model_latencies,
+        type=parse_model_latencies,
         default={},
         help="extra delay per requested model, e.g. big=300,huge=900",
     )
