@@ -3,6 +3,7 @@
     python bench/learning.py                      # the whole platform, 2,000 requests a world
     python bench/learning.py --offline            # the routing policy alone, no Kafka (seconds)
     python bench/learning.py --worlds bench/worlds/support-desk.json --random 0 --requests 400
+    python bench/learning.py --random 401 402 --random-models 2 --cost-weight 30 --previous-router
     orchestrator bench learning --world bench/worlds/support-desk.json --requests 400
 
 Target (issue 5): after 2,000 requests the learned router's mean reward over the last
@@ -24,6 +25,12 @@ feedback or not at all. The judge's calls (``llm_call_completed``, purpose ``jud
 paid by the goal: each is added to its run's cost, and so to its reward at a cost weight,
 and the summary shows the judge's share of the money and how many answers the policy
 learned from (read from the router's ``policy_version`` on one probe request at the end).
+
+``--previous-router`` adds a run of the learned router as it was before issue 12's learning
+changes (``learned_previous``): its goal keeps cost weight 0, so it learns quality only, and
+its change detector is off (ORCH_ROUTER_CHANGE_THRESHOLD=0); its rewards are measured with
+the bench's cost weight like every run's. ``--random-models 2`` makes the random worlds two-
+model ones (``World.random(seed, models=2)``, named ``random-SEED-2m`` as in bench.priced).
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BASELINE",
     "POLICIES",
+    "PREVIOUS",
     "Outcome",
     "RunSpec",
     "bench_world",
@@ -100,6 +108,9 @@ TARGET = 0.90
 RANDOM_SEEDS = (101, 102)
 POLICIES = ("learned", "static")
 BASELINE = "learned_no_automations"
+# The learned router as it was before issue 12's learning changes: quality only (the goal's
+# cost weight left at 0) and no change detector. Its rewards are measured like every run's.
+PREVIOUS = "learned_previous"
 # The request path plus the service that turns answers into assessments to learn from.
 _SERVICES = ("budget", "spawner", "loader", "router", "improvement")
 _GOAL = "bench"
@@ -114,18 +125,42 @@ Observer = Callable[[str, "Outcome", int], None]
 @dataclass(frozen=True)
 class RunSpec:
     """One platform run: its name in the results, the routing policy, automations on or off,
-    and the router's busy-model threshold (ORCH_ROUTER_MODEL_BUSY; 0: off)."""
+    the router's busy-model threshold (ORCH_ROUTER_MODEL_BUSY; 0: off), its change detector's
+    threshold (ORCH_ROUTER_CHANGE_THRESHOLD; None: the router's default), and whether the
+    router learns quality only (the goal's cost weight left at 0, whatever the bench's; the
+    run's rewards are still quality - the bench's weight x cost)."""
 
     name: str
     policy: str
     automations: bool = True
     model_busy: int = 0
+    change_threshold: float | None = None
+    quality_only: bool = False
+
+    def env(self) -> dict[str, str]:
+        """This run's own settings for the platform's services."""
+        env = {"ORCH_ROUTER_POLICY": self.policy}
+        if not self.automations:
+            env["ORCH_AUTOMATION_KINDS"] = ""  # the improvement service then creates none
+        if self.model_busy:
+            env["ORCH_ROUTER_MODEL_BUSY"] = str(self.model_busy)
+        if self.change_threshold is not None:
+            env["ORCH_ROUTER_CHANGE_THRESHOLD"] = repr(self.change_threshold)
+        return env
+
+    def goal_cost_weight(self, cost_weight: float) -> float:
+        """The cost weight this run's goal is given (what its router weighs cost by)."""
+        return 0.0 if self.quality_only else cost_weight
 
 
-def default_runs(automation_baseline: bool = True) -> list[RunSpec]:
+def default_runs(automation_baseline: bool = True, previous: bool = False) -> list[RunSpec]:
+    """Learned and static; learned without automations unless told not to; and, if asked,
+    the previous router (``PREVIOUS``: quality only, no change detector)."""
     runs = [RunSpec(p, p) for p in POLICIES]
     if automation_baseline:
         runs.append(RunSpec(BASELINE, "learned", automations=False))
+    if previous:
+        runs.append(RunSpec(PREVIOUS, "learned", change_threshold=0.0, quality_only=True))
     return runs
 
 
@@ -311,17 +346,13 @@ async def _run_one(
     env = {
         "OPENAI_BASE_URL": llm_url,
         "OPENAI_API_KEY": "simulated-world",
-        "ORCH_ROUTER_POLICY": spec.policy,
+        **spec.env(),
         "ORCH_ROUTER_ARMS": ",".join(world.specialties),
         "ORCH_ROUTER_SEED": str(seed),
         # Simulated users give feedback far faster than people: no per-user rate limit here.
         "ORCH_FEEDBACK_PER_WINDOW": "1000000000",
         "ORCH_LOG_LEVEL": os.environ.get("ORCH_LOG_LEVEL", "WARNING"),
     }
-    if not spec.automations:
-        env["ORCH_AUTOMATION_KINDS"] = ""  # the improvement service then creates none
-    if spec.model_busy:
-        env["ORCH_ROUTER_MODEL_BUSY"] = str(spec.model_busy)
     if judge_sample is not None:
         env["ORCH_JUDGE_SAMPLE"] = repr(judge_sample)
     if world.models:
@@ -341,8 +372,8 @@ async def _run_one(
         await tracker.start()
         async with OrchestratorClient(settings, source="bench") as client:
             await _warm_up(launcher, settings, tracker, world)
-            if cost_weight:
-                await _set_cost_weight(client, settings, cost_weight)
+            if spec.goal_cost_weight(cost_weight):
+                await _set_cost_weight(client, settings, spec.goal_cost_weight(cost_weight))
             began = time.monotonic()
             pending = iter(range(len(requests)))
 
@@ -906,7 +937,7 @@ def print_report(
     if curve:
         out.print(_curve_table(result))
     summary = Table(title=f"last {result['final_window']} requests (seed {result['seed']})")
-    columns = (
+    columns = [
         "run",
         "reward",
         "of oracle",
@@ -916,11 +947,14 @@ def print_report(
         "cached",
         "routed",
         "p50 / p95 ms",
-    )
+    ]
+    strong = result.get("always_strong")
+    if strong:  # a world with models: the RouteLLM comparison
+        columns[4:4] = ["quality of strong", "cost of strong"]
     for column in columns:
         summary.add_column(column, justify="left" if column == "run" else "right")
     for name, stats in runs.items():
-        summary.add_row(
+        cells = [
             name.replace("_", " "),
             f"{stats['final']:.3f}",
             f"{stats['vs_oracle'] * 100:.1f}%",
@@ -930,14 +964,19 @@ def print_report(
             str(stats["cached_answers"]),
             str(stats["direct_routed"]),
             _latency_cell(stats.get("latency_final_ms")),
-        )
+        ]
+        if strong:
+            cells[4:4] = [
+                f"{stats['quality_of_strong'] * 100:.1f}%" if "quality_of_strong" in stats else "-",
+                f"{stats['cost_of_strong'] * 100:.1f}%" if "cost_of_strong" in stats else "-",
+            ]
+        summary.add_row(*cells)
     bound = result.get("upper_bound")
     of_bound = f"{result['oracle']['final'] / bound['final'] * 100:.1f}%" if bound else "-"
-    summary.add_row(
-        "oracle", f"{result['oracle']['final']:.3f}", "100.0%", of_bound, "", "", "", "", ""
-    )
+    blank = [""] * (len(columns) - 4)
+    summary.add_row("oracle", f"{result['oracle']['final']:.3f}", "100.0%", of_bound, *blank)
     if bound:
-        summary.add_row("upper bound", f"{bound['final']:.3f}", "", "100.0%", "", "", "", "", "")
+        summary.add_row("upper bound", f"{bound['final']:.3f}", "", "100.0%", *blank)
     out.print(summary)
     effect = result.get("automations") or {}
     if effect:
@@ -1070,16 +1109,23 @@ def simulate_world(world: World, requests: int, seed: int, **policy_args: Any) -
     }
 
 
-def _worlds(paths: list[str], random_seeds: list[int]) -> list[World]:
+def _worlds(paths: list[str], random_seeds: list[int], random_models: int = 0) -> list[World]:
+    """The world files (default: the shipped ones), then a random world per seed (with
+    ``random_models`` models: 0, or 2 for a cheap and a strong one, named ``random-S-2m``)."""
     files = paths or sorted(str(p) for p in (ROOT / "bench" / "worlds").glob("*.json"))
-    return [World.load(p) for p in files] + [World.random(s) for s in random_seeds]
+    randoms = [World.random(s, models=random_models) for s in random_seeds]
+    return [World.load(p) for p in files] + randoms
 
 
 def _table(results: list[dict[str, Any]], requests: int, offline: bool) -> Table:
     final = min(500, max(1, requests // 4))
     how = "policy alone, offline" if offline else "whole platform"
     table = Table(title=f"learning: mean reward over the last {final} of {requests} ({how})")
-    columns = ("world", "learned", "static", "oracle", "learned/oracle", "static/oracle")
+    previous = any(PREVIOUS in r["runs"] for r in results)
+    columns = ["world", "learned", "static", "oracle", "learned/oracle", "static/oracle"]
+    if previous:
+        columns[3:3] = ["previous"]
+        columns.append("previous/oracle")
     for column in (*columns, "upper bound", "learned/upper"):
         table.add_column(column, justify="left" if column == "world" else "right")
     if offline:
@@ -1099,6 +1145,10 @@ def _table(results: list[dict[str, Any]], requests: int, offline: bool) -> Table
             f"{learned['vs_oracle'] * 100:.1f}%",
             f"{static['vs_oracle'] * 100:.1f}%",
         ]
+        if previous:
+            before = r["runs"].get(PREVIOUS)
+            row[3:3] = [f"{before['final']:.3f}" if before else "-"]
+            row.append(f"{before['vs_oracle'] * 100:.1f}%" if before else "-")
         bound = r.get("upper_bound")
         row += (
             [f"{bound['final']:.3f}", f"{learned['vs_upper'] * 100:.1f}%"] if bound else ["-", "-"]
@@ -1129,6 +1179,7 @@ def bench_world(
     cost_weight: float = 0.0,
     hide_truth: bool = False,
     judge_sample: float | None = None,
+    previous_router: bool = False,
 ) -> None:
     """One world on the whole platform: the report, or JSON only (`orchestrator bench learning`)."""
     for name in ("aiokafka", "kafka"):
@@ -1138,7 +1189,7 @@ def bench_world(
         world,
         requests,
         seed,
-        runs=default_runs(automation_baseline),
+        runs=default_runs(automation_baseline, previous_router),
         concurrency=concurrency,
         progress=not as_json,
         cost_weight=cost_weight,
@@ -1159,9 +1210,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--random", type=int, nargs="*", default=list(RANDOM_SEEDS), help="seeds of unseen worlds"
     )
+    parser.add_argument(
+        "--random-models",
+        type=int,
+        choices=(0, 2),
+        default=0,
+        help="models of each random world: 0 (one for every agent) or 2 (a cheap and a strong"
+        " one; the world is named random-SEED-2m)",
+    )
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--offline", action="store_true", help="the policy alone, no platform")
     parser.add_argument("--no-automation-baseline", action="store_true")
+    parser.add_argument(
+        "--previous-router",
+        action="store_true",
+        help=f"also run the learned router as it was before issue 12 ({PREVIOUS}: quality only,"
+        " the goal's cost weight left at 0, and no change detector), rewards measured alike",
+    )
     parser.add_argument(
         "--cost-weight", type=float, default=0.0, help="quality given up per USD (reward)"
     )
@@ -1197,13 +1262,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--slow-model: {exc}")
     if args.model_busy < 0:
         parser.error("--model-busy takes a whole number >= 0")
-    runs = default_runs(not args.no_automation_baseline)
+    runs = default_runs(not args.no_automation_baseline, args.previous_router)
     if args.model_busy:
         runs.append(RunSpec(f"learned_busy_{args.model_busy}", "learned", True, args.model_busy))
     if args.judge_sample is not None and not args.hide_truth:
         parser.error("--judge-sample needs --hide-truth (the world's truth is free)")
     if args.judge_sample is not None and not 0.0 <= args.judge_sample <= 1.0:
         parser.error("--judge-sample takes a share between 0 and 1")
+    if args.offline and args.previous_router:
+        parser.error("--previous-router is a run of the platform's router: not with --offline")
     if args.offline and args.hide_truth:
         parser.error(
             "--hide-truth runs the platform's judge: not with --offline"
@@ -1212,7 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     console = Console(stderr=args.json)
     results = []
-    for world in _worlds(args.worlds, args.random):
+    for world in _worlds(args.worlds, args.random, args.random_models):
         if args.offline:
             result = simulate_world(world, args.requests, args.seed)
         else:

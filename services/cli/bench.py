@@ -39,6 +39,14 @@ def learning_command(
             help="Also run learned routing without automations, to measure what they save.",
         ),
     ] = True,
+    previous_router: Annotated[
+        bool,
+        typer.Option(
+            "--previous-router",
+            help="Also run the learned router as it was before issue 12 (quality only, the"
+            " goal's cost weight left at 0, and no change detector), its rewards measured alike.",
+        ),
+    ] = False,
     cost_weight: Annotated[
         float,
         typer.Option(
@@ -87,6 +95,7 @@ def learning_command(
         cost_weight=cost_weight,
         hide_truth=hide_truth,
         judge_sample=judge_sample,
+        previous_router=previous_router,
     )
 
 
