@@ -4,9 +4,11 @@ A service that folds topics into state (the router's knowledge, the improvement 
 view) saves that state now and then to its own compacted snapshot topic, with the offset of
 every partition it covers. At start :class:`Snapshotter` restores the newest complete
 snapshot and starts the :class:`~streams.views.TopicView` at those offsets: a restart costs
-the snapshot's size plus the tail, not the whole history. It folds everything instead, with
-a warning, when a snapshot is of another state version, a chunk is missing or corrupt, or
-the topics no longer hold the records right after it (retention); with none, quietly.
+the snapshot's size plus the tail, not the whole history. A snapshot of an older state
+version is read when the service gives the way from it to its own (``upgrades``). It folds
+everything instead, with a warning, when a snapshot is of another state version, a chunk
+is missing or corrupt, or the topics no longer hold the records right after it
+(retention); with none, quietly.
 
 On the topic (one partition, compacted): the state, cut into chunks of at most
 ``CHUNK_BYTES`` (the broker takes 1 MB a record by default), then a manifest (JSON) naming
@@ -34,7 +36,7 @@ import pickle
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +64,7 @@ class Snapshot:
     """A restored snapshot: the state as saved and the offsets (next to read) it covers."""
 
     snapshot_id: str
-    version: int
+    version: int  # the state version it was saved as
     offsets: dict[TopicPartition, int]
     state: Any
     size: int  # compressed bytes on the topic
@@ -184,9 +186,9 @@ class SnapshotStore:
         self._older = [[*keys, key]]
         return snapshot_id
 
-    async def latest(self, version: int) -> Snapshot | None:
-        """The newest complete snapshot of ``version``; None when there is none (a warning
-        names each newer one that could not be used)."""
+    async def latest(self, version: int, older: Collection[int] = ()) -> Snapshot | None:
+        """The newest complete snapshot of ``version`` or one of the ``older`` versions;
+        None when there is none (a warning names each newer one that could not be used)."""
         await self._ensure_topic()
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap,
@@ -214,7 +216,7 @@ class SnapshotStore:
                         + [f"manifest:{manifest['id']}"]
                     )
                     try:
-                        return await self._restore(consumer, tp, offset, manifest, version)
+                        return await self._restore(consumer, tp, offset, manifest, version, older)
                     except (
                         SnapshotUnusable,
                         ValueError,
@@ -243,9 +245,11 @@ class SnapshotStore:
         at: int,
         manifest: dict[str, Any],
         version: int,
+        older: Collection[int] = (),
     ) -> Snapshot:
-        if manifest.get("version") != version:
-            raise SnapshotUnusable(f"state version {manifest.get('version')}, not {version}")
+        saved_as = manifest.get("version")
+        if saved_as != version and saved_as not in older:
+            raise SnapshotUnusable(f"state version {saved_as}, not {version}")
         placed: list[int] = manifest["chunks"]
         wanted = {offset: i for i, offset in enumerate(placed)}
         parts: dict[int, bytes] = {}
@@ -265,7 +269,7 @@ class SnapshotStore:
             for topic, by_partition in manifest["offsets"].items()
             for p, offset in by_partition.items()
         }
-        return Snapshot(manifest["id"], version, offsets, state, len(blob))
+        return Snapshot(manifest["id"], manifest["version"], offsets, state, len(blob))
 
 
 async def _read(
@@ -299,7 +303,9 @@ class Snapshotter:
     what the fold may change (the encoding runs in a thread while the view goes on
     folding; immutable values such as tuples and datetimes may be shared); ``restore``
     replaces the state with a dumped one and raises, changing nothing, on one it cannot read.
-    Bump ``version`` whenever what ``dump`` writes or what the fold does changes.
+    Bump ``version`` whenever what ``dump`` writes or what the fold does changes; an older
+    version in ``upgrades`` is still read, its state turned into the current version's by
+    the function given for it (which raises like ``restore`` on one it cannot turn).
     """
 
     def __init__(
@@ -311,9 +317,11 @@ class Snapshotter:
         *,
         every_events: int = 20_000,
         every_s: float = 60.0,
+        upgrades: Mapping[int, Callable[[Any], Any]] | None = None,
     ) -> None:
         self.store = store
         self.version = version
+        self.upgrades = dict(upgrades or {})
         self._dump = dump
         self._restore = restore
         self.every_events = every_events
@@ -326,7 +334,7 @@ class Snapshotter:
         """For ``TopicView(resume=...)``: where to start each partition (empty: everywhere
         from the beginning, the state untouched)."""
         service = self.store.service
-        snapshot = await self.store.latest(self.version)
+        snapshot = await self.store.latest(self.version, older=tuple(self.upgrades))
         if snapshot is None:
             log.info("%s: no snapshot; folding the whole log", service)
             return {}
@@ -346,7 +354,10 @@ class Snapshotter:
                 return {}
         try:
             with _no_gc():
-                self._restore(snapshot.state)
+                state = snapshot.state
+                if snapshot.version != self.version:
+                    state = self.upgrades[snapshot.version](state)
+                self._restore(state)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             log.warning(
                 "%s: snapshot %s does not restore (%s: %s); folding the whole log",
@@ -358,10 +369,11 @@ class Snapshotter:
             return {}
         self.restored = snapshot
         log.info(
-            "%s: restored snapshot %s (%d bytes); folding the tail",
+            "%s: restored snapshot %s (%d bytes, state version %d); folding the tail",
             service,
             snapshot.snapshot_id,
             snapshot.size,
+            snapshot.version,
         )
         # Partitions the snapshot does not name (a topic added since) are read whole.
         return {tp: snapshot.offsets.get(tp, first) for tp, (first, _) in bounds.items()}

@@ -144,6 +144,9 @@ async def test_corrupt_and_partial_snapshots_fall_back(
     caplog.clear()
     assert await SnapshotStore(settings, "router").latest(version=2) is None
     assert "state version 1, not 2" in caplog.text
+    # ... unless the reader is given the way from version 1 (Snapshotter's upgrades).
+    older = await SnapshotStore(settings, "router").latest(version=2, older=(1,))
+    assert older is not None and older.version == 1 and older.state == {"n": 1}
 
 
 async def _restarted_in_full(settings: KafkaSettings, records: int) -> Router:

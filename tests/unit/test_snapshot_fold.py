@@ -20,7 +20,7 @@ from services.router.service import Router
 from streams import events as ev
 from streams.clock import FakeClock
 from streams.signatures import exact_key, signature_of
-from streams.snapshots import decode_state, encode_state
+from streams.snapshots import Snapshot, Snapshotter, decode_state, encode_state
 
 SPECIALTIES = ["code", "math", "writing"]
 WORDS = "invoice refund login python error proof essay travel budget".split()
@@ -257,6 +257,28 @@ def test_improvement_snapshot_plus_tail_equals_the_full_fold(cut: int) -> None:
     assert state.keys.is_operator("op") and want.keys.is_operator("op")
     assert state.flow("g0/code").samples() == want.flow("g0/code").samples()
     assert set(state.learner) == set(want.learner) == state.dirty_signatures
+
+
+async def test_a_snapshotter_reads_an_older_version_it_is_given_the_way_from() -> None:
+    class Store:
+        service = "test"
+
+        async def latest(self, version: int, older: tuple[int, ...] = ()) -> Snapshot | None:
+            saved = Snapshot("s1", 1, {}, {"n": 1}, 10)
+            return saved if saved.version in (version, *older) else None
+
+    restored: list[object] = []
+    plain = Snapshotter(Store(), 2, dict, restored.append)  # type: ignore[arg-type]
+    assert await plain.resume({}) == {} and plain.restored is None and restored == []
+    upgrading = Snapshotter(
+        Store(),  # type: ignore[arg-type]
+        2,
+        dict,
+        restored.append,
+        upgrades={1: lambda state: {"n": state["n"] + 1}},
+    )
+    assert await upgrading.resume({}) == {}
+    assert restored == [{"n": 2}] and upgrading.restored is not None
 
 
 def test_dumps_are_plain_values_and_nothing_else_is_read() -> None:
