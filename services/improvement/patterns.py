@@ -20,6 +20,7 @@ returns the events to send.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import uuid
 from collections import deque
@@ -122,10 +123,12 @@ def _kinds(text: str) -> tuple[str, ...]:
 
 class _Outcome(NamedTuple):
     at: datetime
-    run_id: str
     agent_id: str | None
     goal_id: str | None
     quality: float | None  # None: the run failed
+
+
+_OUTCOMES = 200  # the last outcomes of a signature that are weighed (by arrival)
 
 
 @dataclass
@@ -133,9 +136,10 @@ class _Pattern:
     signature: str
     specialty: str
     example: str
-    seen: deque[tuple[datetime, str]] = field(default_factory=deque)
-    runs: set[str] = field(default_factory=set)
-    outcomes: deque[_Outcome] = field(default_factory=lambda: deque(maxlen=200))
+    # The latest runs' times, oldest first, at most the threshold: enough to tell whether
+    # the window holds a pattern's worth of runs (the count in the window, up to it).
+    seen: list[datetime] = field(default_factory=list)
+    outcomes: deque[_Outcome] = field(default_factory=lambda: deque(maxlen=_OUTCOMES))
     discovered: bool = False
     automated: set[str] = field(default_factory=set)
 
@@ -151,6 +155,11 @@ class PatternLearner:
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._patterns))
 
+    @property
+    def _kept(self) -> int:
+        """How many of a signature's latest run times are kept (see :class:`_Pattern`)."""
+        return max(self.settings.threshold, 1)
+
     def _get(self, signature: str, specialty: str = "", example: str = "") -> _Pattern:
         found = self._patterns.get(signature)
         if found is None:
@@ -158,20 +167,28 @@ class PatternLearner:
         return found
 
     # -- folding ---------------------------------------------------------------
-    def observe(self, run_id: str, message: str, specialty: str, at: datetime) -> str:
-        """One finished run (completed or failed); returns its signature. Idempotent per run."""
+    def observe(self, message: str, specialty: str, at: datetime) -> str:
+        """One finished run (completed or failed), once per run (the state's join sees to
+        it); returns its signature.
+
+        Only the latest ``threshold`` run times are kept, so a signature's state does not
+        grow with its runs: the window holds ``threshold`` runs exactly when it holds the
+        latest ``threshold`` (they come in any time order; an older one is not kept).
+        """
         signature = signature_of(message, specialty)
         pattern = self._get(signature, specialty, message)
-        if run_id not in pattern.runs:
-            pattern.runs.add(run_id)
-            pattern.seen.append((at, run_id))
-            pattern.example = message
+        pattern.example = message
+        seen = pattern.seen  # oldest first
+        if len(seen) < self._kept:
+            bisect.insort(seen, at)
+        elif at > seen[0]:
+            del seen[0]
+            bisect.insort(seen, at)
         return signature
 
     def outcome(
         self,
         signature: str,
-        run_id: str,
         *,
         agent_id: str | None,
         goal_id: str | None,
@@ -179,7 +196,7 @@ class PatternLearner:
         at: datetime,
     ) -> None:
         """How a run of the pattern went: its assessed quality, or None when it failed."""
-        self._get(signature).outcomes.append(_Outcome(at, run_id, agent_id, goal_id, quality))
+        self._get(signature).outcomes.append(_Outcome(at, agent_id, goal_id, quality))
 
     def learn(self, event: Event) -> None:
         """Our own earlier decisions, read back from the log: never made twice."""
@@ -190,8 +207,8 @@ class PatternLearner:
 
     # -- snapshots -------------------------------------------------------------
     def dump(self) -> list[tuple[Any, ...]]:
-        """Every signature's runs, outcomes and decisions as plain values (copied; runs
-        and outcomes are immutable tuples, shared)."""
+        """Every signature's latest run times, outcomes and decisions as plain values
+        (copied; times and outcomes are immutable, shared)."""
         return [
             (
                 p.signature,
@@ -210,8 +227,7 @@ class PatternLearner:
         patterns: dict[str, _Pattern] = {}
         for signature, specialty, example, seen, outcomes, discovered, automated in rows:
             pattern = _Pattern(signature, specialty, example)
-            pattern.seen.extend(seen)
-            pattern.runs = {run for _, run in seen}
+            pattern.seen = sorted(seen)[-self._kept :]
             pattern.outcomes.extend(map(_Outcome._make, outcomes))
             pattern.discovered, pattern.automated = bool(discovered), set(automated)
             patterns[signature] = pattern
@@ -219,6 +235,7 @@ class PatternLearner:
 
     # -- deciding --------------------------------------------------------------
     def occurrences(self, signature: str) -> int:
+        """Runs of ``signature`` in the window, counted up to the threshold."""
         pattern = self._patterns.get(signature)
         if pattern is None:
             return 0
@@ -228,10 +245,8 @@ class PatternLearner:
     def _prune(self, pattern: _Pattern) -> None:
         since = self.clock.now() - timedelta(seconds=self.settings.window_s)
         # Runs arrive from many partitions, not in time order: filter, do not pop the left.
-        if any(at < since for at, _ in pattern.seen):
-            kept = [(at, run) for at, run in pattern.seen if at >= since]
-            pattern.runs = {run for _, run in kept}
-            pattern.seen = deque(kept)
+        if any(at < since for at in pattern.seen):
+            pattern.seen = [at for at in pattern.seen if at >= since]
         if any(o.at < since for o in pattern.outcomes):
             kept_outcomes = [o for o in pattern.outcomes if o.at >= since]
             pattern.outcomes.clear()

@@ -47,7 +47,7 @@ from services.improvement.instructions import (
 )
 from services.improvement.patterns import PatternSettings
 from services.improvement.settings import ImprovementSettings
-from services.improvement.state import ImprovementState, RunInfo
+from services.improvement.state import ImprovementState, RunInfo, state_from_v1
 from services.improvement.versions import VERSION_TOPICS, CanaryPolicy, ChangeSource
 from streams.client import feedback_event
 from streams.config import data_root
@@ -125,8 +125,10 @@ VIEW_TOPICS = (
 WORK_TOPICS = (WorkflowCompleted.topic, FeedbackReceived.topic, PromotionRequested.topic)
 COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 # Bump when what ImprovementService.dump writes or what the view folds changes: older
-# snapshots are then ignored and the next start folds the whole log.
-SNAPSHOT_VERSION = 1
+# snapshots are then ignored and the next start folds the whole log, unless _UPGRADES
+# says how to read them. 2: a signature keeps its latest run times, not every run id in
+# the pattern window; outcomes without run ids; a joined, assessed run without its message.
+SNAPSHOT_VERSION = 2
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 
 
@@ -176,6 +178,14 @@ class ImprovementConfig:
             promote_goals=settings.promote_goals,
             operators=operators_from(),
         )
+
+
+def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "state": state_from_v1(data["state"])}
+
+
+# Older snapshot versions still read, with the way from each to the current one.
+_UPGRADES = {1: _from_v1}
 
 
 def _hold_id(attempt: str, purpose: str) -> str:
@@ -1078,7 +1088,11 @@ class ImprovementService:
         ctx = self.ctx
         # A view only skips bytes it cannot decode; the topic's own consumers dead-letter them.
         snapshots = Snapshotter(
-            SnapshotStore(ctx.settings, SOURCE), SNAPSHOT_VERSION, self.dump, self.restore
+            SnapshotStore(ctx.settings, SOURCE),
+            SNAPSHOT_VERSION,
+            self.dump,
+            self.restore,
+            upgrades=_UPGRADES,
         )
         # The view is what learning and the tables read: batched fetches, off the answer's path.
         view = TopicView(

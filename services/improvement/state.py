@@ -4,6 +4,13 @@ Each run is joined from up to five events (request, route, completion or
 failure, assessment) that arrive from different topics and partitions in any
 order; a run feeds the pattern learner and its workflow's canary statistics
 exactly once, when the pieces each needs are there.
+
+What is kept does not grow with history: the last ``_MAX_RUNS`` runs (for joining and
+for feedback on them; a run with its signature and its assessment drops its message,
+which nothing reads again), and per signature what
+:class:`~services.improvement.patterns.PatternLearner` bounds. Names that repeat run
+after run (users, goals, specialties, agents, versions) are interned, so a run holds
+references, not copies, and a snapshot writes each once.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, fields
 from datetime import date, datetime
 from operator import attrgetter
+from sys import intern
 from typing import Any
 
 from services.improvement.patterns import PatternLearner, PatternSettings
@@ -41,9 +49,13 @@ from streams.events import (
 from streams.keys import KeyRegistry
 from streams.workflows import split_instructions
 
-__all__ = ["GoalSpend", "ImprovementState", "RunInfo"]
+__all__ = ["GoalSpend", "ImprovementState", "RunInfo", "state_from_v1"]
 
 _MAX_RUNS = 200_000
+
+
+def _shared(name: str | None) -> str | None:
+    return None if name is None else intern(name)
 
 
 @dataclass
@@ -74,7 +86,9 @@ class ImprovementState:
     """Runs, patterns and workflow ledgers; ``dirty_*`` say what to re-evaluate."""
 
     def __init__(self, patterns: PatternSettings, clock: Clock) -> None:
-        self.runs: OrderedDict[str, RunInfo] = OrderedDict()
+        # run_id -> the run; a run restored from a snapshot stays the row it was saved as
+        # (a tuple of RunInfo's fields) until it is looked at: most never are again.
+        self.runs: OrderedDict[str, RunInfo | tuple[Any, ...]] = OrderedDict()
         self.learner = PatternLearner(patterns, clock)
         self.flows: dict[str, WorkflowLedger] = {}
         self.dirty_signatures: set[str] = set()
@@ -87,10 +101,13 @@ class ImprovementState:
         self.wins: dict[tuple[str, str], set[str]] = {}
 
     def run(self, run_id: str) -> RunInfo | None:
-        return self.runs.get(run_id)
+        found = self.runs.get(run_id)
+        if type(found) is tuple:
+            found = self.runs[run_id] = RunInfo(*found)  # in place: the order stays
+        return found  # type: ignore[return-value]
 
     def _run(self, run_id: str) -> RunInfo:
-        found = self.runs.get(run_id)
+        found = self.run(run_id)
         if found is None:
             found = self.runs[run_id] = RunInfo(run_id)
             if len(self.runs) > _MAX_RUNS:
@@ -149,21 +166,21 @@ class ImprovementState:
         ):
             return
         run = self._run(event.run_id)
-        run.user_id = run.user_id or event.user_id
-        run.goal_id = run.goal_id or event.goal_id
+        run.user_id = run.user_id or _shared(event.user_id)
+        run.goal_id = run.goal_id or _shared(event.goal_id)
         if isinstance(event, RequestReceived):
-            run.message, run.user_id = event.message, event.user_id
+            run.message, run.user_id = event.message, _shared(event.user_id)
         elif isinstance(event, RouteDecided):
-            run.routed_specialty = event.specialty
+            run.routed_specialty = _shared(event.specialty)
         elif isinstance(event, WorkflowCompleted):
-            run.specialty, run.agent_id = event.specialty, event.agent_id
+            run.specialty, run.agent_id = _shared(event.specialty), _shared(event.agent_id)
             run.completed_at = event.occurred_at
-            run.version_label = event.meta.get("workflow_version")
-            run.version_flow = event.meta.get("workflow_id") or event.specialty
+            run.version_label = _shared(event.meta.get("workflow_version"))
+            run.version_flow = _shared(event.meta.get("workflow_id") or event.specialty)
         elif isinstance(event, WorkflowFailed):
             run.failed_at = event.occurred_at
-            run.specialty = run.specialty or event.specialty
-            run.agent_id = run.agent_id or event.agent_id
+            run.specialty = run.specialty or _shared(event.specialty)
+            run.agent_id = run.agent_id or _shared(event.agent_id)
         elif not run.assessed and run.quality is None:  # the first assessment counts
             run.assessed = True
             # An unjudged run's heuristic number must not pass for a grade: the canary test
@@ -176,7 +193,7 @@ class ImprovementState:
         ended = run.completed_at or run.failed_at
         workflow = run.workflow_id
         if run.signature is None and run.message is not None and workflow and ended:
-            run.signature = self.learner.observe(run.run_id, run.message, workflow, ended)
+            run.signature = self.learner.observe(run.message, workflow, ended)
             self.dirty_signatures.add(run.signature)
         if run.signature is not None and not run.outcome_done and ended is not None:
             failed = run.completed_at is None
@@ -184,7 +201,6 @@ class ImprovementState:
                 run.outcome_done = True
                 self.learner.outcome(
                     run.signature,
-                    run.run_id,
                     agent_id=run.agent_id,
                     goal_id=run.goal_id,
                     quality=None if failed else run.quality,
@@ -202,12 +218,16 @@ class ImprovementState:
             flow = run.version_flow or run.specialty
             self.flow(flow).observe(run.run_id, run.version_label, run.quality, run.completed_at)
             self.dirty_flows.add(flow)
+        if run.signature is not None and run.assessed:
+            # Its signature and its one assessment are in: nothing reads the message again
+            # (the assessor asks for it only before the assessment).
+            run.message = None
 
     # -- snapshots -------------------------------------------------------------
     def dump(self) -> dict[str, Any]:
         """What :meth:`apply` folded, as plain values (for a snapshot)."""
         return {
-            "runs": list(map(_run_row, self.runs.values())),
+            "runs": [run if type(run) is tuple else _run_row(run) for run in self.runs.values()],
             "patterns": self.learner.dump(),
             "flows": [[w, ledger.dump()] for w, ledger in self.flows.items()],
             "keys": self.keys.dump(),
@@ -219,7 +239,12 @@ class ImprovementState:
     def restore(self, data: dict[str, Any]) -> None:
         """Replace the state with a :meth:`dump`, nothing changed if it fails; everything
         is then to be evaluated again (what was decided is in the state, so nothing twice)."""
-        runs = OrderedDict((row[0], RunInfo(*row)) for row in data["runs"])
+        rows: list[tuple[Any, ...]] = data["runs"]
+        if not all(type(row) is tuple and len(row) == _RUN_FIELDS for row in rows):
+            raise ValueError(f"a run is not a row of {_RUN_FIELDS} fields")
+        runs: OrderedDict[str, RunInfo | tuple[Any, ...]] = OrderedDict(
+            (row[0], row) for row in rows
+        )
         learner = PatternLearner(self.learner.settings, self.learner.clock)
         learner.restore(data["patterns"])
         flows = {w: WorkflowLedger.from_dump(w, raw) for w, raw in data["flows"]}
@@ -242,6 +267,28 @@ class ImprovementState:
 
 # A run as a tuple of its fields in order, which RunInfo(*row) reads back.
 _run_row = attrgetter(*(f.name for f in fields(RunInfo)))
+_RUN_FIELDS = len(fields(RunInfo))
+_MESSAGE, _SIGNATURE, _ASSESSED = (
+    [f.name for f in fields(RunInfo)].index(name) for name in ("message", "signature", "assessed")
+)
+
+
+def state_from_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """What :meth:`ImprovementState.dump` wrote in the improvement service's snapshot
+    version 1, as it writes it now: a signature's runs, ``(time, run_id)``, become their
+    times (the restore keeps the latest), its outcomes lose their run ids, and a run with
+    its signature and its assessment loses its message."""
+    patterns = [
+        (sig, specialty, example, [at for at, _ in seen], [(o[0], *o[2:]) for o in outcomes], *rest)
+        for sig, specialty, example, seen, outcomes, *rest in data["patterns"]
+    ]
+    runs = [
+        (*row[:_MESSAGE], None, *row[_MESSAGE + 1 :])
+        if row[_SIGNATURE] is not None and row[_ASSESSED]
+        else tuple(row)
+        for row in data["runs"]
+    ]
+    return {**data, "patterns": patterns, "runs": runs}
 
 
 class GoalSpend:

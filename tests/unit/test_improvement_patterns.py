@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from datetime import datetime, timedelta
+
 import pytest
 
 from services.improvement.patterns import PatternLearner, PatternSettings, automation_id
@@ -22,8 +25,8 @@ def _run(
     quality: float | None = 0.9,
     specialty: str = "code",
 ) -> str:
-    sig = learner.observe(f"r{i}", message, specialty, clock.now())
-    learner.outcome(sig, f"r{i}", agent_id=agent, goal_id="g1", quality=quality, at=clock.now())
+    sig = learner.observe(message, specialty, clock.now())
+    learner.outcome(sig, agent_id=agent, goal_id="g1", quality=quality, at=clock.now())
     return sig
 
 
@@ -63,6 +66,31 @@ def test_window_forgets_old_runs():
     assert learner.evaluate(sig) == []
     _run(learner, clock, 4)
     assert [e.event_type for e in learner.evaluate(sig)][0] == "pattern_discovered"
+
+
+def test_the_window_is_counted_from_the_latest_run_times_alone():
+    """A signature keeps only its latest ``threshold`` run times, not one per run: with runs
+    arriving late and out of order and the window moving on, it counts what a learner
+    keeping every run would count, up to the threshold, so it finds the pattern when that
+    one would."""
+    rng = random.Random(2)
+    clock = FakeClock()
+    learner = PatternLearner(PatternSettings(window_s=600, threshold=4), clock)
+    every: list[datetime] = []
+    found = 0
+    for _ in range(400):
+        at = clock.now() - timedelta(seconds=rng.uniform(0, 900))
+        sig = learner.observe(MSG, "code", at)
+        every.append(at)
+        clock.advance(rng.choice([0.0, 1.0, 20.0, 300.0]))
+        in_window = sum(1 for t in every if t >= clock.now() - timedelta(seconds=600))
+        assert learner.occurrences(sig) == min(in_window, 4)
+        assert len(learner.dump()[0][3]) <= 4
+        if not found:
+            emitted = [e for e in learner.evaluate(sig) if isinstance(e, PatternDiscovered)]
+            assert bool(emitted) == (in_window >= 4)
+            found = len(emitted)
+    assert found == 1
 
 
 def test_failures_or_low_quality_earn_no_automation():

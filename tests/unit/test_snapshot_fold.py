@@ -12,8 +12,9 @@ from typing import TypeVar
 
 import pytest
 
+from services.improvement import state as improvement_state
 from services.improvement.patterns import PatternSettings
-from services.improvement.service import ImprovementConfig, ImprovementService
+from services.improvement.service import ImprovementConfig, ImprovementService, _from_v1
 from services.improvement.state import ImprovementState
 from services.router.policy import LearnedPolicy, features_of
 from services.router.service import Router
@@ -24,6 +25,7 @@ from streams.snapshots import Snapshot, Snapshotter, decode_state, encode_state
 
 SPECIALTIES = ["code", "math", "writing"]
 WORDS = "invoice refund login python error proof essay travel budget".split()
+GREEK = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 T = TypeVar("T")
 
@@ -257,6 +259,84 @@ def test_improvement_snapshot_plus_tail_equals_the_full_fold(cut: int) -> None:
     assert state.keys.is_operator("op") and want.keys.is_operator("op")
     assert state.flow("g0/code").samples() == want.flow("g0/code").samples()
     assert set(state.learner) == set(want.learner) == state.dirty_signatures
+
+
+def _repeating(first: int, runs: int, distinct: int = 10) -> list[ev.Event]:
+    """Runs ``first`` to ``first + runs`` of ``distinct`` requests asked over and over, a
+    second apart (all inside the pattern window), each answered and assessed."""
+    out: list[ev.Event] = []
+    for i in range(first, first + runs):
+        run_id, goal, specialty = f"run-{i:06d}", f"g{i % 2}", SPECIALTIES[i % distinct % 3]
+        message, at = f"tell me about {GREEK[i % distinct]}", T0 + timedelta(seconds=i)
+        common = {"source": "test", "run_id": run_id, "goal_id": goal, "occurred_at": at}
+        out += [
+            ev.RequestReceived(**common, user_id="u1", message=message),
+            ev.WorkflowCompleted(
+                **common,
+                user_id="u1",
+                agent_id=f"{specialty}-agent",
+                specialty=specialty,
+                text="an answer",
+                cost_usd=0.001,
+                latency_ms=40.0,
+                degradation_tier="llm",
+            ),
+            ev.WorkflowAssessed(
+                **common, agent_id=f"{specialty}-agent", specialty=specialty, quality=0.25 * (i % 5)
+            ),
+        ]
+    return out
+
+
+def test_improvement_state_stops_growing_with_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same requests asked again and again: once the runs kept and each signature's
+    outcomes are at their caps, twice the history writes a snapshot of the same size (the
+    window holds all of it; a signature keeps its latest run times, not every run)."""
+    monkeypatch.setattr(improvement_state, "_MAX_RUNS", 500)
+    service = _improvement()
+    sizes = []
+    for first in (0, 2000, 4000):
+        for e in _repeating(first, 2000):
+            service._view_event(e)
+        sizes.append(len(encode_state(service.dump())))
+    state = service.dump()["state"]
+    assert len(state["runs"]) == 500 and len(state["patterns"]) == 10
+    assert all(
+        len(seen) == 3 and len(outcomes) == 200 for _, _, _, seen, outcomes, *_ in state["patterns"]
+    )
+    assert all(row[1] is None for row in state["runs"])  # joined and assessed: no message
+    assert abs(sizes[2] - sizes[1]) <= 0.02 * sizes[1], sizes
+
+
+def test_a_version_1_snapshot_restores_as_the_full_fold() -> None:
+    """What snapshot version 1 held (every run of a signature in the window with its id,
+    outcomes with run ids, the messages of joined runs) is read as the current version."""
+    events = history(seed=5)
+    full = _improvement()
+    for e in events:
+        full._view_event(e)
+    now = full.dump()
+    state = now["state"]
+    messages = {e.run_id: e.message for e in events if isinstance(e, ev.RequestReceived)}
+    runs = [(row[0], messages.get(row[0]), *row[2:]) for row in state["runs"]]
+    patterns = []
+    for sig, specialty, example, seen, outcomes, *rest in state["patterns"]:
+        earlier = [seen[0] - timedelta(seconds=1)] if len(seen) == 3 else []
+        patterns.append(
+            (
+                sig,
+                specialty,
+                example,
+                tuple((at, f"run of {at}") for at in [*earlier, *seen]),
+                tuple((o[0], "a run", *o[1:]) for o in outcomes),
+                *rest,
+            )
+        )
+    version_1 = {**now, "state": {**state, "runs": runs, "patterns": patterns}}
+    assert any(row[1] is not None for row in runs)
+    resumed = _improvement()
+    resumed.restore(_from_v1(decode_state(encode_state(version_1))))
+    assert resumed.dump() == now
 
 
 async def test_a_snapshotter_reads_an_older_version_it_is_given_the_way_from() -> None:
