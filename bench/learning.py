@@ -67,11 +67,10 @@ from local.fake_openai import FakeOpenAIServer, Responder, parse_model_latencies
 from local.localkafka import ensure_broker
 from local.platform import Launcher, available_services
 from local.world import Request, World
-from services.improvement.assess import judged
 from services.router.policy import LearnedPolicy, Policy, StaticPolicy, features_of
 from streams.budgets import read_budget
 from streams.client import OrchestratorClient
-from streams.config import ROOT, data_root
+from streams.config import ROOT, JudgeSettings, data_root
 from streams.errors import NoVerdict, OrchestratorError, Refused
 from streams.events import (
     AutomationCreated,
@@ -81,6 +80,7 @@ from streams.events import (
     WorkflowAssessed,
     WorkflowCompleted,
 )
+from streams.judging import JUDGE_RULES, judged
 from streams.kafka import KafkaSettings
 from streams.signatures import signature_of
 from streams.topics import create_topics, delete_prefixed_topics
@@ -126,9 +126,10 @@ Observer = Callable[[str, "Outcome", int], None]
 class RunSpec:
     """One platform run: its name in the results, the routing policy, automations on or off,
     the router's busy-model threshold (ORCH_ROUTER_MODEL_BUSY; 0: off), its change detector's
-    threshold (ORCH_ROUTER_CHANGE_THRESHOLD; None: the router's default), and whether the
+    threshold (ORCH_ROUTER_CHANGE_THRESHOLD; None: the router's default), whether the
     router learns quality only (the goal's cost weight left at 0, whatever the bench's; the
-    run's rewards are still quality - the bench's weight x cost)."""
+    run's rewards are still quality - the bench's weight x cost), and its judge rule
+    (ORCH_JUDGE_RULE; None: the bench's)."""
 
     name: str
     policy: str
@@ -136,6 +137,7 @@ class RunSpec:
     model_busy: int = 0
     change_threshold: float | None = None
     quality_only: bool = False
+    judge_rule: str | None = None
 
     def env(self) -> dict[str, str]:
         """This run's own settings for the platform's services."""
@@ -146,6 +148,8 @@ class RunSpec:
             env["ORCH_ROUTER_MODEL_BUSY"] = str(self.model_busy)
         if self.change_threshold is not None:
             env["ORCH_ROUTER_CHANGE_THRESHOLD"] = repr(self.change_threshold)
+        if self.judge_rule is not None:
+            env["ORCH_JUDGE_RULE"] = self.judge_rule
         return env
 
     def goal_cost_weight(self, cost_weight: float) -> float:
@@ -155,12 +159,17 @@ class RunSpec:
 
 def default_runs(automation_baseline: bool = True, previous: bool = False) -> list[RunSpec]:
     """Learned and static; learned without automations unless told not to; and, if asked,
-    the previous router (``PREVIOUS``: quality only, no change detector)."""
+    the previous router (``PREVIOUS``: quality only, no change detector, the judge's
+    sample drawn uniformly)."""
     runs = [RunSpec(p, p) for p in POLICIES]
     if automation_baseline:
         runs.append(RunSpec(BASELINE, "learned", automations=False))
     if previous:
-        runs.append(RunSpec(PREVIOUS, "learned", change_threshold=0.0, quality_only=True))
+        runs.append(
+            RunSpec(
+                PREVIOUS, "learned", change_threshold=0.0, quality_only=True, judge_rule="uniform"
+            )
+        )
     return runs
 
 
@@ -335,6 +344,7 @@ async def _run_one(
     keep: bool,
     observer: Observer | None,
     judge_sample: float | None = None,
+    judge_rule: str | None = None,
     asking: list[int] | None = None,
 ) -> dict[str, Any]:
     """``asking``, if given, is set to each request's index before it is sent (the world's
@@ -355,6 +365,8 @@ async def _run_one(
     }
     if judge_sample is not None:
         env["ORCH_JUDGE_SAMPLE"] = repr(judge_sample)
+    if judge_rule is not None:
+        env.setdefault("ORCH_JUDGE_RULE", judge_rule)  # a run's own rule first
     if world.models:
         # The world's models at the world's prices; the dearest is the platform's own.
         env["ORCH_LLM_MODELS"] = ",".join(
@@ -423,12 +435,19 @@ async def _run_one(
         "judged": sum(1 for o in chosen if o.method not in ("", "unjudged")),
         "feedback": sum(1 for o in chosen if o.method == "unjudged" and o.feedback is not None),
     }
-    # A self-check: each answer was judged exactly when its run id's draw is in the sample.
+    # A self-check: each answer was judged exactly when its run id's draw fell under the
+    # probability the router logged with its decision (the sample, where it logged none).
     share = 1.0 if judge_sample is None else judge_sample
+
+    def drawn_at(run_id: str) -> float:
+        logged = _logged_probability(tracker, run_id)
+        return share if logged is None else logged
+
     mismatches = sum(
         1
         for o in done
-        if o.method in ("judge", "unjudged") and (o.method == "judge") != judged(o.run_id, share)
+        if o.method in ("judge", "unjudged")
+        and (o.method == "judge") != judged(o.run_id, drawn_at(o.run_id))
     )
     return {
         "outcomes": done,
@@ -441,10 +460,30 @@ async def _run_one(
         "policy_updates": updates,
         "teaching": teaching,
         "sample_mismatches": mismatches,
+        "judge_probability": _spread(
+            [p for o in done if (p := _logged_probability(tracker, o.run_id)) is not None]
+        ),
         "automations_created": len(tracker.automations),
         "automation_kinds": dict(sorted(kinds.items())),
         "wall_s": round(wall, 2),
         "setup_s": round(time.monotonic() - started - wall, 2),
+    }
+
+
+def _logged_probability(tracker: _Tracker, run_id: str) -> float | None:
+    """The chance of a judge the router logged with the run's decision, if any."""
+    decision = tracker.decided.get(run_id)
+    return decision.judge_probability if decision is not None else None
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    """Least, mean and most of ``values`` (empty: nothing)."""
+    if not values:
+        return {}
+    return {
+        "min": round(min(values), 4),
+        "mean": round(statistics.fmean(values), 4),
+        "max": round(max(values), 4),
     }
 
 
@@ -636,6 +675,7 @@ def summarize(
             "policy_updates": run.get("policy_updates"),
             "taught_by": run.get("teaching", {}),
             "sample_mismatches": run.get("sample_mismatches", 0),
+            "judge_probability": run.get("judge_probability", {}),
             "failed": sum(o.failed for o in outcomes),
             "degraded": sum(o.tier in _DEGRADED for o in outcomes),
             "p50_latency_ms": round(statistics.median([o.latency_ms for o in outcomes]), 1)
@@ -792,6 +832,7 @@ def run_learning(
     cost_weight: float = 0.0,
     hide_truth: bool = False,
     judge_sample: float | None = None,
+    judge_rule: str | None = None,
     model_latency_ms: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Run the whole platform once per run spec on the world's requests; see :func:`summarize`.
@@ -803,7 +844,8 @@ def run_learning(
     ``cost_weight``: the goal's quality given up per USD; a reward is then the answer's
     quality minus that times its cost, and the oracle is the best arm for that objective.
     ``hide_truth``: the answers do not carry their quality, the platform judges them.
-    ``judge_sample`` (with ``hide_truth`` only): the share of answers the judge grades.
+    ``judge_sample`` (with ``hide_truth`` only): the share of answers the judge grades;
+    ``judge_rule`` which ones (``ORCH_JUDGE_RULE``: uniform or uncertain; None: the default).
     ``model_latency_ms``: the world's LLM answers these models that much later (a slow
     model, for the router's busy-model signal).
     """
@@ -814,6 +856,8 @@ def run_learning(
         raise ValueError("a judge sample needs the truth hidden: the world's truth is free")
     if judge_sample is not None and not 0.0 <= judge_sample <= 1.0:
         raise ValueError(f"the judge sample is a share between 0 and 1, got {judge_sample!r}")
+    if judge_rule is not None and judge_rule not in JUDGE_RULES:
+        raise ValueError(f"the judge rule is one of {', '.join(JUDGE_RULES)}, got {judge_rule!r}")
     specs = runs if runs is not None else default_runs()
     final_window = final_window or min(500, max(1, requests // 4))
     sample = world.sample_requests(requests, seed)
@@ -861,6 +905,7 @@ def run_learning(
                 keep=keep,
                 observer=watch,
                 judge_sample=judge_sample,
+                judge_rule=judge_rule,
                 asking=asking,
             )
             out["judge_calls_served"] = judged.calls
@@ -890,6 +935,7 @@ def run_learning(
     result["truth"] = {
         "hidden": hide_truth,
         "judge_sample": judge_sample,
+        "judge_rule": judge_rule or JudgeSettings.read("rule"),
         # Every run's, warm-ups and probes included: what the world's LLM served as judge.
         "judge_calls_served": served_judge_calls,
     }
@@ -1180,6 +1226,7 @@ def bench_world(
     hide_truth: bool = False,
     judge_sample: float | None = None,
     previous_router: bool = False,
+    judge_rule: str | None = None,
 ) -> None:
     """One world on the whole platform: the report, or JSON only (`orchestrator bench learning`)."""
     for name in ("aiokafka", "kafka"):
@@ -1195,6 +1242,7 @@ def bench_world(
         cost_weight=cost_weight,
         hide_truth=hide_truth,
         judge_sample=judge_sample,
+        judge_rule=judge_rule,
     )
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
@@ -1242,6 +1290,12 @@ def main(argv: list[str] | None = None) -> int:
         help="with --hide-truth: the share of answers the judge grades (ORCH_JUDGE_SAMPLE)",
     )
     parser.add_argument(
+        "--judge-rule",
+        choices=JUDGE_RULES,
+        help="with --hide-truth: which answers the judge grades (ORCH_JUDGE_RULE; default:"
+        " the platform's)",
+    )
+    parser.add_argument(
         "--slow-model",
         metavar="NAME=MS[,NAME=MS]",
         help="the world's LLM answers these models MS milliseconds later (a slow model)",
@@ -1271,6 +1325,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--judge-sample takes a share between 0 and 1")
     if args.offline and args.previous_router:
         parser.error("--previous-router is a run of the platform's router: not with --offline")
+    if args.judge_rule is not None and not args.hide_truth:
+        parser.error("--judge-rule needs --hide-truth (the world's truth is free)")
     if args.offline and args.hide_truth:
         parser.error(
             "--hide-truth runs the platform's judge: not with --offline"
@@ -1293,6 +1349,7 @@ def main(argv: list[str] | None = None) -> int:
                 cost_weight=args.cost_weight,
                 hide_truth=args.hide_truth,
                 judge_sample=args.judge_sample,
+                judge_rule=args.judge_rule,
                 model_latency_ms=slow or None,
             )
             if not args.json:

@@ -40,7 +40,6 @@ from rich.table import Table
 from local.world import Request, World
 from services.improvement.assess import judge_messages
 from services.router.policy import (
-    Choice,
     Features,
     LearnedPolicy,
     Policy,
@@ -50,6 +49,7 @@ from services.router.policy import (
     split_arm,
 )
 from streams.config import ROOT
+from streams.judging import DEFAULT_JUDGE_RULE, JUDGE_RULES, JudgeRule
 from streams.llm import estimate_tokens
 
 __all__ = [
@@ -78,10 +78,6 @@ SWEEP = (0.0, 10.0, 20.0, 30.0, 50.0, 70.0, 100.0)
 JUDGE_SWEEP = (0.02, 0.05, 0.1, 0.2, 0.5)
 # A grade is one number: about this many output tokens.
 _GRADE_TOKENS = 2
-# Which answers the judge grades (--judge-rule): a uniform draw at the share, or more often
-# where the chosen arm is little known (see JudgeSampler); the first is the default.
-JUDGE_RULES = ("uncertain", "uniform")
-DEFAULT_JUDGE_RULE = JUDGE_RULES[0]
 
 
 @dataclass
@@ -111,45 +107,32 @@ class PricedRun:
 
 @dataclass
 class JudgeSampler:
-    """Which answers the judge grades, about ``share`` of them.
-
-    ``uniform``: each answer with probability ``share`` (the realised share is a binomial
-    draw about it). ``uncertain``: an answer's weight is ``(1 + n) ** -power`` (with the
-    default 0.5, the shape of the policy's optimism), ``n`` the mean over the request's
-    words of the outcomes the policy learned with the chosen arm and that word (graded or
-    rated answers, counted here through :meth:`learned`; the arm's own count for a request
-    without words), times ``explore_weight`` when the pick is not the greedy one (an
-    exploration nobody grades is paid for and teaches nothing). The probability is
-    ``share`` times the weight over the running mean weight (so it averages about
-    ``share``; plus what the budget has not spent, over ``catch_up`` answers), at least
-    ``floor x share`` (no arm goes ungraded forever: the world may drift) and at most 1;
-    and an answer is judged only while the judged count stays within ``share`` of the
-    answers so far, so the realised share is at most ``share`` at every point of the run.
-    """
+    """Which answers the judge grades, about ``share`` of them: the router's own
+    :class:`~streams.judging.JudgeRule`, with ``n`` counted here (the outcomes the
+    policy learned with the chosen arm on the request's words, graded or rated, through
+    :meth:`learned`; the mean over the words, the arm's own count for a request without
+    words)."""
 
     share: float
     rule: str = DEFAULT_JUDGE_RULE
-    floor: float = 0.25
-    explore_weight: float = 3.0
-    horizon: float = 200.0  # requests the running mean weight remembers
-    catch_up: float = 100.0  # requests over which a share not yet spent is spent
-    reserve: float = 2.0  # judge calls kept in hand for the little-known arm that comes next
-    power: float = 0.5  # weight = (1 + n) ** -power
-    seen: int = 0
-    judged: int = 0
-    _mean: float = 0.0
+    _rule: JudgeRule = field(init=False)
     _words: dict[tuple[str, str], int] = field(default_factory=dict)
     _arms: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.rule not in JUDGE_RULES:
-            raise ValueError(f"judge rule must be one of {', '.join(JUDGE_RULES)}: {self.rule!r}")
-        if not 0.0 <= self.share <= 1.0:
-            raise ValueError(f"judge share must be between 0 and 1: {self.share!r}")
+        self._rule = JudgeRule(self.share, self.rule)
+
+    @property
+    def seen(self) -> int:
+        return self._rule.seen
+
+    @property
+    def judged(self) -> int:
+        return self._rule.judged
 
     @property
     def realised(self) -> float:
-        return self.judged / self.seen if self.seen else 0.0
+        return self._rule.realised
 
     def outcomes(self, features: Features, arm: str) -> float:
         """``n``: graded outcomes the policy learned with ``arm`` on these words."""
@@ -158,43 +141,21 @@ class JudgeSampler:
         return statistics.fmean(self._words.get((w, arm), 0) for w in features.words)
 
     def weight(self, features: Features, arm: str, explored: bool = False) -> float:
-        value = float((1.0 + self.outcomes(features, arm)) ** -self.power)
-        return value * (self.explore_weight if explored else 1.0)
+        return self._rule.weight(self.outcomes(features, arm), explored)
 
     def probability(self, features: Features, arm: str, explored: bool = False) -> float:
-        """The chance of judging this answer before the budget's check (moves the mean)."""
-        if self.rule == "uniform" or self.share >= 1.0:
-            return self.share
-        weight = self.weight(features, arm, explored)
-        self._mean += (weight - self._mean) / min(self.seen + 1.0, self.horizon)
-        # What the budget has not spent beyond ``reserve`` calls is spent over the next
-        # ``catch_up`` answers (a reserve short of that is saved up the same way).
-        spare = (self.share * self.seen - self.judged - self.reserve) / self.catch_up
-        scale = max(0.0, self.share + spare) / self._mean
-        return min(1.0, max(self.floor * self.share, scale * weight))
+        """The chance of judging this answer before the share's cap (moves the mean)."""
+        return self._rule.probability(self.outcomes(features, arm), explored)
 
     def decide(self, features: Features, arm: str, draw: float, explored: bool = False) -> bool:
         """Whether the judge grades this answer; ``draw`` uniform in [0, 1)."""
-        p = self.probability(features, arm, explored)
-        self.seen += 1
-        judge = draw < p
-        if self.rule == "uncertain" and self.judged + 1 > self.share * self.seen + 1e-9:
-            judge = False
-        self.judged += judge
-        return judge
+        return self._rule.decide(self.outcomes(features, arm), draw, explored)[0]
 
     def learned(self, features: Features, arm: str) -> None:
         """The policy learned an outcome of ``arm`` on these words (a grade or feedback)."""
         self._arms[arm] = self._arms.get(arm, 0) + 1
         for w in features.words:
             self._words[(w, arm)] = self._words.get((w, arm), 0) + 1
-
-
-def _explored(choice: Choice) -> bool:
-    """The pick scored below the best arm: an exploration, not the greedy pick."""
-    return bool(choice.scores) and choice.scores.get(choice.specialty, 0.0) < max(
-        choice.scores.values()
-    )
 
 
 def priced_arms(world: World) -> list[str]:
@@ -261,7 +222,7 @@ def simulate_priced(
         seen: float | None = None
         paid = cost
         specialty, model = split_arm(arm)
-        judge = sampler.decide(features, arm, draws.random(), _explored(choice))
+        judge = sampler.decide(features, arm, draws.random(), choice.explored)
         if judge:
             grade = world.judge_grade(
                 request.message, specialty, seed, model=model, request_index=index

@@ -71,7 +71,8 @@ _PROXIES = frozenset(
 
 GRANTS: Mapping[str, Vars] = {
     # The LLM endpoint and its key, the model settings, and the HTTP proxies to reach it.
-    "llm": Vars(names=_PROXIES, prefixes=("OPENAI_", "ORCH_LLM_", "ORCH_JUDGE_")),
+    # The judge's sample and rule are common: the router decides which runs are judged.
+    "llm": Vars(names=_PROXIES | {"ORCH_JUDGE_MODEL"}, prefixes=("OPENAI_", "ORCH_LLM_")),
     # What an LLM call may cost and which models agents may use, without the endpoint or
     # its key: the budget holds a call's worst case (its max_tokens and prompt at the
     # dearest price) before it runs; the router chooses a model with the specialty.

@@ -20,6 +20,7 @@ __all__ = [
     "BrokerSettings",
     "BudgetSettings",
     "DEFAULT_KAFKA_PORT",
+    "JudgeSettings",
     "LauncherSettings",
     "OperatorSettings",
     "ProcessSettings",
@@ -206,6 +207,47 @@ class OperatorSettings(EnvSettings):
         "`set_budget` send as, unless told otherwise (`--as`, `--user`, `user_id=`).",
         read_by="CLI, SDK",
     )
+
+
+class JudgeSettings(EnvSettings):
+    """Which answers the platform's judge grades: the router decides with its decision
+    (it knows what it has learned), the improvement service judges what it decided."""
+
+    title: ClassVar[str] = "The judge's sample"
+
+    sample: float = setting(
+        "ORCH_JUDGE_SAMPLE",
+        1.0,
+        "Share of answers the judge grades, 0-1 (1: every one, 0: none). The router gives each "
+        "decision a probability of being judged (`ORCH_JUDGE_RULE`) and logs it on "
+        "`route_decided` (`judge_probability`); the run is judged when a number drawn from its "
+        "run id falls under it, so a redelivery or another instance decides the same (a run "
+        "with no logged probability is drawn at the share). A run outside it costs no judge "
+        "call: its `workflow_assessed` says method `unjudged` (the heuristic's quality), and "
+        "the router learns it from its user's feedback (score 1-5 as (score - 1) / 4) or not "
+        "at all. A simulated world's truth is used whatever the share.",
+        read_by="router, improvement",
+        ge=0.0,
+        le=1.0,
+    )
+    rule: str = setting(
+        "ORCH_JUDGE_RULE",
+        "uniform",
+        "How the router spreads the judge's share over the answers: `uniform` (each at the "
+        "share) or `uncertain` (more where the learned policy knows the chosen arm little on "
+        "the request's words, and on explorations; each router instance keeps the share it "
+        'judged at or under `ORCH_JUDGE_SAMPLE`). Measured in docs/performance.md, "Judging '
+        'where the policy is unsure".',
+        read_by="router",
+    )
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, value: str) -> str:
+        chosen = value.strip().lower() or "uniform"
+        if chosen not in ("uniform", "uncertain"):
+            raise ValueError(f"ORCH_JUDGE_RULE must be uniform or uncertain, got {value!r}")
+        return chosen
 
 
 class BudgetSettings(EnvSettings):

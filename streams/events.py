@@ -212,6 +212,9 @@ class RouteDecided(Event):
     signature: str = ""
     # The model the chosen agent answers with (None: the platform's one model).
     model: str | None = None
+    # The chance the platform's judge grades this run's answer (ORCH_JUDGE_RULE; None:
+    # the sample, ORCH_JUDGE_SAMPLE); judged when streams.judging.judge_draw falls under it.
+    judge_probability: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class SpawnRequested(Event):

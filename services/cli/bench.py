@@ -75,6 +75,14 @@ def learning_command(
             help="With --hide-truth: the share of answers the judge grades (ORCH_JUDGE_SAMPLE).",
         ),
     ] = None,
+    judge_rule: Annotated[
+        str | None,
+        typer.Option(
+            "--judge-rule",
+            help="With --hide-truth: which answers the judge grades, uniform or uncertain"
+            " (ORCH_JUDGE_RULE; default: the platform's).",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")] = False,
 ) -> None:
     """Learned vs static routing vs the oracle on a simulated world: the learning curve."""
@@ -82,6 +90,12 @@ def learning_command(
         raise typer.BadParameter(
             "needs --hide-truth (the world's truth is free)", param_hint="--judge-sample"
         )
+    if judge_rule is not None and not hide_truth:
+        raise typer.BadParameter(
+            "needs --hide-truth (the world's truth is free)", param_hint="--judge-rule"
+        )
+    if judge_rule is not None and judge_rule not in ("uniform", "uncertain"):
+        raise typer.BadParameter("uniform or uncertain", param_hint="--judge-rule")
     on_bench_path()
     from bench.learning import bench_world
 
@@ -96,6 +110,7 @@ def learning_command(
         hide_truth=hide_truth,
         judge_sample=judge_sample,
         previous_router=previous_router,
+        judge_rule=judge_rule,
     )
 
 

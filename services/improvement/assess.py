@@ -26,13 +26,13 @@ Order of methods, first that applies wins:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
 from typing import Literal
 
 from streams.events import WorkflowCompleted
+from streams.judging import judge_draw, judged
 from streams.llm import Completion, LateOutcome, LLMClient, LLMError
 from streams.signatures import intent_words
 
@@ -90,21 +90,6 @@ def world_quality(meta: dict[str, str]) -> float | None:
     return _clamp(value) if math.isfinite(value) else None
 
 
-def judge_draw(run_id: str) -> float:
-    """A number in [0, 1) drawn from the run id alone: a redelivered answer, or another or
-    a restarted instance, draws the same one, so a run is in the judge's sample or not for
-    good."""
-    digest = hashlib.sha256(f"judge-sample:{run_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
-
-
-def judged(run_id: str, share: float) -> bool:
-    """Whether the run is in a judge's sample of ``share`` (0: none, 1: every run)."""
-    if share >= 1.0:
-        return True
-    return share > 0.0 and judge_draw(run_id) < share
-
-
 def heuristic_quality(tier: str, message: str, answer: str) -> float:
     """The documented rule of this module, rounded to 4 places."""
     if tier in DEGRADED_QUALITY:
@@ -160,10 +145,18 @@ class Assessor:
         """False when the world's truth decides: that path must not wait for anything."""
         return world_quality(event.meta) is None and event.degradation_tier not in DEGRADED_QUALITY
 
-    def in_sample(self, event: WorkflowCompleted) -> bool:
+    def share(self, probability: float | None = None) -> float:
+        """The chance the run is judged at: what the router logged with its decision
+        (``route_decided.judge_probability``), else the sample."""
+        if probability is None or not 0.0 <= probability <= 1.0:  # NaN fails this too
+            return self.sample
+        return probability
+
+    def in_sample(self, event: WorkflowCompleted, probability: float | None = None) -> bool:
         """Whether a judge would grade this answer: the truth is not known, it is not a
-        degraded answer, and its run is in the sample. Only then is spend held for it."""
-        return self.needs_message(event) and judged(event.run_id, self.sample)
+        degraded answer, and its run is in the sample (drawn at ``probability``, the
+        router's, or the sample). Only then is spend held for it."""
+        return self.needs_message(event) and judged(event.run_id, self.share(probability))
 
     async def assess(
         self,
@@ -173,6 +166,7 @@ class Assessor:
         may_spend: bool = True,
         late: LateOutcome | None = None,
         request_id: str | None = None,
+        probability: float | None = None,
     ) -> Assessment:
         """``may_spend`` False: the run's goal cannot pay for a judge today (heuristic).
         ``late`` learns how a judge call given up on at the timeout ended; ``request_id``
@@ -184,7 +178,7 @@ class Assessor:
         # A degraded answer's worth is known; asking a model to grade it would cost money.
         if event.degradation_tier in DEGRADED_QUALITY:
             return Assessment(heuristic, "heuristic")
-        if not judged(event.run_id, self.sample):
+        if not judged(event.run_id, self.share(probability)):
             return Assessment(heuristic, "unjudged")
         if self.llm is None or not may_spend:
             return Assessment(heuristic, "heuristic")

@@ -50,7 +50,7 @@ from services.improvement.settings import ImprovementSettings
 from services.improvement.state import ImprovementState, RunInfo, state_from_v1
 from services.improvement.versions import VERSION_TOPICS, CanaryPolicy, ChangeSource
 from streams.client import feedback_event
-from streams.config import data_root
+from streams.config import JudgeSettings, data_root
 from streams.errors import (
     FeedbackRefused,
     NotRunOwner,
@@ -171,7 +171,7 @@ class ImprovementConfig:
             patterns=PatternSettings.from_env(),
             canary=CanaryPolicy.from_env(),
             judge_model=settings.judge_model,
-            judge_sample=settings.judge_sample,
+            judge_sample=JudgeSettings.read("sample"),
             feedback_limit=settings.feedback_limit,
             feedback_window_s=settings.feedback_window_s,
             llm_reserve_usd=settings.llm_reserve_usd,
@@ -332,13 +332,17 @@ class ImprovementService:
         ):
             return []  # a redelivery: the run has its one assessment
         message = ""
+        probability: float | None = None  # of a judge: the router's, with its decision
         if self.assessor.needs_message(event):
-            run = await self._run_known(event.run_id, lambda r: r.message is not None)
-            message = (run.message or "") if run is not None else ""
+            run = await self._run_known(
+                event.run_id, lambda r: r.message is not None and r.routed_specialty is not None
+            )
+            if run is not None:
+                message, probability = run.message or "", run.judge_probability
         # The judge is paid by the goal whose answer it grades; a goal at its limit gets none,
         # and a run outside the judge's sample asks for nothing.
         attempt = _attempt(event.event_id)
-        may_spend = self.assessor.in_sample(event) and await self.hold(
+        may_spend = self.assessor.in_sample(event, probability) and await self.hold(
             event.goal_id,
             event.run_id,
             "judge",
@@ -360,6 +364,7 @@ class ImprovementService:
             may_spend=may_spend,
             late=judged_late,
             request_id=_cost_id(_hold_id(attempt, "judge")),
+            probability=probability,
         )
         now = self.ctx.clock.now()
         out: list[Event] = [
@@ -390,7 +395,7 @@ class ImprovementService:
                     cause=attempt,
                 )
             )
-        if self.assessor.in_sample(event):
+        if self.assessor.in_sample(event, probability):
             model = (
                 (self.config.judge_model or self.model)
                 if result.judge_call is None

@@ -65,19 +65,6 @@ class ImprovementSettings(EnvSettings):
         read_by="improvement",
         shown="unset: `ORCH_LLM_MODEL`",
     )
-    judge_sample: float = setting(
-        "ORCH_JUDGE_SAMPLE",
-        1.0,
-        "Share of answers the judge grades, 0-1 (1: every one, 0: none). A run is in the "
-        "sample when a number drawn from its run id falls under the share, so a redelivery or "
-        "another instance decides the same. A run outside it costs no judge call: its "
-        "`workflow_assessed` says method `unjudged` (the heuristic's quality), and the router "
-        "learns it from its user's feedback (score 1-5 as (score - 1) / 4) or not at all. A "
-        "simulated world's truth is used whatever the share.",
-        read_by="improvement",
-        ge=0.0,
-        le=1.0,
-    )
     llm_reserve_usd: float = setting(
         "ORCH_PLATFORM_CALL_RESERVE_USD",
         0.002,

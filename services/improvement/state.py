@@ -76,6 +76,7 @@ class RunInfo:
     outcome_done: bool = False
     version_done: bool = False
     assessed: bool = False  # it has its one workflow_assessed, whatever the method
+    judge_probability: float | None = None  # the router's, with its decision (route_decided)
 
     @property
     def workflow_id(self) -> str | None:
@@ -172,6 +173,8 @@ class ImprovementState:
             run.message, run.user_id = event.message, _shared(event.user_id)
         elif isinstance(event, RouteDecided):
             run.routed_specialty = _shared(event.specialty)
+            if run.judge_probability is None:  # the first decision's, as the judge saw it
+                run.judge_probability = event.judge_probability
         elif isinstance(event, WorkflowCompleted):
             run.specialty, run.agent_id = _shared(event.specialty), _shared(event.agent_id)
             run.completed_at = event.occurred_at
@@ -277,7 +280,8 @@ def state_from_v1(data: dict[str, Any]) -> dict[str, Any]:
     """What :meth:`ImprovementState.dump` wrote in the improvement service's snapshot
     version 1, as it writes it now: a signature's runs, ``(time, run_id)``, become their
     times (the restore keeps the latest), its outcomes lose their run ids, and a run with
-    its signature and its assessment loses its message."""
+    its signature and its assessment loses its message; fields added since (the router's
+    chance of a judge) are unknown."""
     patterns = [
         (sig, specialty, example, [at for at, _ in seen], [(o[0], *o[2:]) for o in outcomes], *rest)
         for sig, specialty, example, seen, outcomes, *rest in data["patterns"]
@@ -288,6 +292,8 @@ def state_from_v1(data: dict[str, Any]) -> dict[str, Any]:
         else tuple(row)
         for row in data["runs"]
     ]
+    # Fields added since version 1 (the router's chance of a judge) start unknown.
+    runs = [(*row, *(None,) * (_RUN_FIELDS - len(row))) for row in runs]
     return {**data, "patterns": patterns, "runs": runs}
 
 

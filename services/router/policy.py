@@ -84,6 +84,13 @@ class Choice:
     probability: float
     scores: dict[str, float]
 
+    @property
+    def explored(self) -> bool:
+        """The pick scored below the best arm: an exploration, not the greedy pick."""
+        return bool(self.scores) and self.scores.get(self.specialty, 0.0) < max(
+            self.scores.values()
+        )
+
 
 class Policy(Protocol):
     name: str
@@ -244,18 +251,23 @@ class LearnedPolicy:
             + self._optimism(features, arm)
         )
 
-    def _optimism(self, features: Features, arm: str) -> float:
-        if self.bonus <= 0:
-            return 0.0
+    def known(self, features: Features, arm: str) -> float:
+        """How much the policy knows of ``arm`` on these words: the mean over the words of
+        the outcomes it learned with the arm (as decayed), the arm's own count for a
+        request without words."""
         if features.words:
             counts = [
                 self._fresh(self._word[(w, arm)]).n if (w, arm) in self._word else 0.0
                 for w in features.words
             ]
-            n = sum(counts) / len(counts)
-        else:
-            base = self._arm.get(arm)
-            n = self._fresh(base).n if base else 0.0
+            return sum(counts) / len(counts)
+        base = self._arm.get(arm)
+        return self._fresh(base).n if base else 0.0
+
+    def _optimism(self, features: Features, arm: str) -> float:
+        if self.bonus <= 0:
+            return 0.0
+        n = self.known(features, arm)
         return self.bonus * math.sqrt(math.log(2.0 + self.updates) / (1.0 + n))
 
     def choose(self, features: Features, arms: list[str], cost_weight: float = 0.0) -> Choice:

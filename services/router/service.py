@@ -29,6 +29,7 @@ from services.router.policy import (
 )
 from services.router.scoring import OutcomeStats, Weights, score_agent
 from services.router.settings import RouterSettings
+from streams.config import JudgeSettings
 from streams.ended import EndedRuns
 from streams.events import (
     AgentRetired,
@@ -50,6 +51,7 @@ from streams.events import (
     WorkflowFailed,
     terminal_event_id,
 )
+from streams.judging import JudgeRule, judge_draw
 from streams.kafka import Delivery, EventConsumer
 from streams.llm import LLMSettings
 from streams.registry import AgentRecord, RegistryView
@@ -199,6 +201,10 @@ class Router:
         self.stats = OutcomeStats()
         self.spawn_timeout = settings.spawn_timeout
         self.model_busy = settings.model_busy
+        # Which answers the judge grades: decided here, where what the policy knows is
+        # (ORCH_JUDGE_RULE), logged on route_decided for the improvement service.
+        judge = JudgeSettings.from_env()
+        self.judge = JudgeRule(judge.sample, judge.rule)
         # (goal_id, specialty) -> requests waiting for that agent to exist
         self._waiting: dict[tuple[str, str], list[_Waiter]] = defaultdict(list)
         self._dispatched: dict[str, str] = {}  # run_id -> agent_id, until its outcome
@@ -337,6 +343,7 @@ class Router:
         features = features_of(request.message)
         model: str | None = None  # any of the specialty's agents; a new one on the default
         busy: dict[str, int] = {}  # models left out of the choice, with their answers in flight
+        judge: float | None = None  # the chance the judge grades it (None: the sample)
         if asked:
             specialty, probability, policy, version = asked, 1.0, "forced", 0
             arm_scores: dict[str, float] = {asked: 1.0}
@@ -347,6 +354,12 @@ class Router:
             specialty, model = split_arm(choice.specialty)
             probability = choice.probability
             policy, version, arm_scores = self.policy.name, self.policy.version, choice.scores
+            known = (
+                self.policy.known(features, choice.specialty)
+                if isinstance(self.policy, LearnedPolicy)
+                else 0.0
+            )
+            _, judge = self.judge.decide(known, judge_draw(request.run_id), choice.explored)
         # An automation only serves the specialty the policy chose: it saves cost,
         # it never overrides what the policy learned about quality.
         hit = (
@@ -396,6 +409,7 @@ class Router:
             policy_version=version,
             probability=probability,
             model=model,
+            judge_probability=judge,
             features=features.as_list(),
             request_key=exact_key(request.message, specialty),
             signature=signature_of(request.message, specialty),

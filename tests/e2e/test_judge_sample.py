@@ -20,8 +20,9 @@ SAMPLE = 0.25
 TOLERANCE = 0.12
 
 
+@pytest.mark.parametrize("rule", ["uniform", "uncertain"])
 def test_the_judge_grades_its_sample_and_the_policy_learns_from_grades_and_feedback(
-    kafka_bootstrap: str,
+    kafka_bootstrap: str, rule: str
 ):
     result = run_learning(
         WORLD,
@@ -31,6 +32,7 @@ def test_the_judge_grades_its_sample_and_the_policy_learns_from_grades_and_feedb
         runs=[RunSpec("learned", "learned", automations=False)],
         hide_truth=True,
         judge_sample=SAMPLE,
+        judge_rule=rule,
     )
     run = result["runs"]["learned"]
     assert run["failed"] == 0 and run["degraded"] == 0, run
@@ -39,8 +41,16 @@ def test_the_judge_grades_its_sample_and_the_policy_learns_from_grades_and_feedb
     assert set(methods) == {"judge", "unjudged"}, methods
     assert methods["judge"] + methods["unjudged"] == REQUESTS
     assert abs(methods["judge"] / REQUESTS - SAMPLE) <= TOLERANCE, methods
-    # Exactly the runs whose id draws under the share were judged, each by one paid call...
+    # Exactly the runs whose id draws under the chance the router logged with its decision
+    # (uniform: the share) were judged, each by one paid call...
     assert run["sample_mismatches"] == 0
+    spread = run["judge_probability"]
+    if rule == "uniform":
+        assert spread["min"] == spread["max"] == SAMPLE, spread
+    else:
+        # Aimed: more where the policy knew the arm little, and never over the share.
+        assert spread["min"] < SAMPLE < spread["max"], spread
+        assert methods["judge"] <= SAMPLE * REQUESTS, methods
     assert run["judge_calls"] == methods["judge"]
     assert 0.0 < run["judge_cost_share"] < 1.0
     # ... which the world's LLM served (plus the warm-up's and the probe's, if drawn).

@@ -24,6 +24,7 @@ def test_the_previous_router_is_opt_in_and_runs_quality_only_without_the_change_
     assert previous.env() == {
         "ORCH_ROUTER_POLICY": "learned",
         "ORCH_ROUTER_CHANGE_THRESHOLD": "0.0",
+        "ORCH_JUDGE_RULE": "uniform",  # the judge's sample as it was drawn before
     }
     # Its goal keeps cost weight 0 whatever the bench's (its rewards still pay for cost).
     assert previous.goal_cost_weight(30.0) == 0.0

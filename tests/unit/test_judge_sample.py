@@ -7,18 +7,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.improvement.assess import Assessor, judge_draw, judged
+from services.improvement.assess import Assessor
 from services.improvement.patterns import PatternSettings
 from services.improvement.service import ImprovementConfig, ImprovementService
-from services.improvement.settings import ImprovementSettings
 from services.improvement.state import ImprovementState
 from streams.clock import FakeClock, SystemClock
+from streams.config import JudgeSettings
 from streams.errors import InvalidSetting
 from streams.events import (
     LlmCallCompleted,
     SpendRequested,
     WorkflowAssessed,
 )
+from streams.judging import judge_draw, judged
 from streams.llm import InMemoryLLM
 from tests.unit.test_improvement_assess import _Budget
 from tests.unit.test_improvement_assess import _done as done
@@ -70,14 +71,14 @@ def test_an_assessor_refuses_a_share_outside_0_1(share: float):
 )
 def test_the_setting_refuses_hostile_values_naming_itself(raw: str, message: str):
     with pytest.raises(InvalidSetting) as err:
-        ImprovementSettings.from_env({"ORCH_JUDGE_SAMPLE": raw})
+        JudgeSettings.from_env({"ORCH_JUDGE_SAMPLE": raw})
     assert str(err.value) == message
 
 
 @pytest.mark.parametrize(("raw", "share"), [("0", 0.0), ("1", 1.0), (" 0.2 ", 0.2), ("", 1.0)])
 def test_the_setting_takes_shares_and_defaults_to_every_run(raw: str, share: float):
-    assert ImprovementSettings.from_env({"ORCH_JUDGE_SAMPLE": raw}).judge_sample == share
-    assert ImprovementSettings.from_env({}).judge_sample == 1.0
+    assert JudgeSettings.from_env({"ORCH_JUDGE_SAMPLE": raw}).sample == share
+    assert JudgeSettings.from_env({}).sample == 1.0
 
 
 async def test_outside_the_sample_the_assessor_calls_no_judge_and_says_unjudged():

@@ -30,6 +30,8 @@ PARENT = {
     "ORCH_LLM_MODEL": "gpt-4o",
     "ORCH_LLM_PRICES": "{}",
     "ORCH_JUDGE_MODEL": "gpt-4o-mini",
+    "ORCH_JUDGE_SAMPLE": "0.2",
+    "ORCH_JUDGE_RULE": "uncertain",
     "CLICKHOUSE_URL": "http://user:pw@ch:8123/db",
     "CLICKHOUSE_PASSWORD": "pw",
     "SLACK_SIGNING_SECRET": "slack-secret",
@@ -56,6 +58,9 @@ COMMON = {
     "ORCH_DATA_DIR",
     "ORCH_TOPIC_PREFIX",
     "ORCH_ROUTER_POLICY",
+    # Not secrets: the router decides which runs the judge grades, the improvement judges.
+    "ORCH_JUDGE_SAMPLE",
+    "ORCH_JUDGE_RULE",
 }
 LLM = {"OPENAI_API_KEY", "OPENAI_BASE_URL", "ORCH_LLM_MODEL", "ORCH_LLM_PRICES", "ORCH_JUDGE_MODEL"}
 CLICKHOUSE = {"CLICKHOUSE_URL", "CLICKHOUSE_PASSWORD"}
