@@ -138,6 +138,7 @@ class RunSpec:
     change_threshold: float | None = None
     quality_only: bool = False
     judge_rule: str | None = None
+    busy_margin: float | None = None  # ORCH_ROUTER_BUSY_MARGIN (None: the router's default)
 
     def env(self) -> dict[str, str]:
         """This run's own settings for the platform's services."""
@@ -150,6 +151,8 @@ class RunSpec:
             env["ORCH_ROUTER_CHANGE_THRESHOLD"] = repr(self.change_threshold)
         if self.judge_rule is not None:
             env["ORCH_JUDGE_RULE"] = self.judge_rule
+        if self.busy_margin is not None:
+            env["ORCH_ROUTER_BUSY_MARGIN"] = repr(self.busy_margin)
         return env
 
     def goal_cost_weight(self, cost_weight: float) -> float:
@@ -1307,6 +1310,14 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the learned router with ORCH_ROUTER_MODEL_BUSY at this many answers"
         " in flight per model, beside the runs without it",
     )
+    parser.add_argument(
+        "--busy-margin",
+        type=float,
+        action="append",
+        default=[],
+        help="with --model-busy: also a run with ORCH_ROUTER_BUSY_MARGIN at this value (the"
+        " reward a request may give up to stay off a busy model); repeat for several",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable results only")
     parser.add_argument("--save", type=Path, help="also write the full results as JSON here")
     args = parser.parse_args(argv)
@@ -1317,8 +1328,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_busy < 0:
         parser.error("--model-busy takes a whole number >= 0")
     runs = default_runs(not args.no_automation_baseline, args.previous_router)
+    if args.busy_margin and not args.model_busy:
+        parser.error("--busy-margin needs --model-busy")
+    if any(not 0.0 <= m <= 1.0 for m in args.busy_margin):
+        parser.error("--busy-margin takes a reward between 0 and 1")
     if args.model_busy:
         runs.append(RunSpec(f"learned_busy_{args.model_busy}", "learned", True, args.model_busy))
+        runs += [
+            RunSpec(
+                f"learned_busy_{args.model_busy}_margin_{m:g}",
+                "learned",
+                True,
+                args.model_busy,
+                busy_margin=m,
+            )
+            for m in args.busy_margin
+        ]
     if args.judge_sample is not None and not args.hide_truth:
         parser.error("--judge-sample needs --hide-truth (the world's truth is free)")
     if args.judge_sample is not None and not 0.0 <= args.judge_sample <= 1.0:

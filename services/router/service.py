@@ -201,6 +201,7 @@ class Router:
         self.stats = OutcomeStats()
         self.spawn_timeout = settings.spawn_timeout
         self.model_busy = settings.model_busy
+        self.busy_margin = settings.busy_margin
         # Which answers the judge grades: decided here, where what the policy knows is
         # (ORCH_JUDGE_RULE), logged on route_decided for the improvement service.
         judge = JudgeSettings.from_env()
@@ -349,7 +350,7 @@ class Router:
             arm_scores: dict[str, float] = {asked: 1.0}
         else:
             weight = self.cost_weights.get(request.goal_id, 0.0)
-            offered, busy = self._offered_arms()
+            offered, busy = self._offered_arms(features, weight)
             choice = self.policy.choose(features, offered, weight)
             specialty, model = split_arm(choice.specialty)
             probability = choice.probability
@@ -419,11 +420,15 @@ class Router:
             decision = decision.model_copy(update={"action": "automation"})
         return specialty, (best[2] if best else None), decision, hit
 
-    def _offered_arms(self) -> tuple[list[str], dict[str, int]]:
+    def _offered_arms(
+        self, features: Features, cost_weight: float
+    ) -> tuple[list[str], dict[str, int]]:
         """The arms the policy may choose from now, and the models left out as busy with
         their answers in flight: a model with ``model_busy`` or more of this instance's
         answers in flight is left out while another is not (load as a signal: a slow or
-        saturated model does not hold every request up)."""
+        saturated model does not hold every request up), unless the learned policy
+        expects this request to lose more than ``busy_margin`` of reward by it. The set is
+        decided before the policy draws, so the decision's probability stays exact."""
         if not self.models or self.model_busy <= 0:
             return self.arms, {}
         flying: dict[str, int] = dict.fromkeys(self.models, 0)
@@ -434,7 +439,14 @@ class Router:
         busy = {m: n for m, n in flying.items() if n >= self.model_busy}
         if not busy or len(busy) >= len(self.models):
             return self.arms, {}
-        return [a for a in self.arms if split_arm(a)[1] not in busy], busy
+        free = [a for a in self.arms if split_arm(a)[1] not in busy]
+        if isinstance(self.policy, LearnedPolicy) and self.busy_margin < 1.0:
+            taken = [a for a in self.arms if split_arm(a)[1] in busy]
+            best_free = max(self.policy.estimate(features, a, cost_weight) for a in free)
+            best_busy = max(self.policy.estimate(features, a, cost_weight) for a in taken)
+            if best_free < best_busy - self.busy_margin:
+                return self.arms, {}  # worth the wait: the busy model's answer is better
+        return free, busy
 
     def _model_of(self, agent: AgentRecord) -> str:
         return agent.model or self.default_model

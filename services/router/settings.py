@@ -83,6 +83,18 @@ class RouterSettings(EnvSettings):
         read_by="router",
         ge=0,
     )
+    busy_margin: float = setting(
+        "ORCH_ROUTER_BUSY_MARGIN",
+        1.0,
+        "With `ORCH_ROUTER_MODEL_BUSY`: how much of the learned policy's estimated reward a "
+        "request may give up to stay off a busy model. The busy model's arms are left out "
+        "only when the best arm of a model that is not busy scores within this of the best "
+        "busy one on the request (so a request the busy model serves much better still "
+        "waits for it); 1 (the default) leaves them out whenever another model is free. "
+        'Measured in docs/performance.md, "Load as a signal". >= 0.',
+        read_by="router",
+        ge=0,
+    )
     weights: Weights = setting(
         "ORCH_ROUTER_WEIGHTS",
         Weights(),

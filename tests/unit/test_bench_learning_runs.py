@@ -41,6 +41,13 @@ def test_a_runs_own_settings_reach_the_platform_as_environment():
         "ORCH_ROUTER_CHANGE_THRESHOLD": "8.0",
     }
     assert RunSpec("static", "static").env() == {"ORCH_ROUTER_POLICY": "static"}
+    margin = RunSpec("m", "learned", model_busy=1, busy_margin=0.05, judge_rule="uncertain")
+    assert margin.env() == {
+        "ORCH_ROUTER_POLICY": "learned",
+        "ORCH_ROUTER_MODEL_BUSY": "1",
+        "ORCH_JUDGE_RULE": "uncertain",
+        "ORCH_ROUTER_BUSY_MARGIN": "0.05",
+    }
 
 
 def test_random_worlds_of_the_new_format_have_two_models_and_are_named_so():
@@ -56,6 +63,12 @@ def test_bad_combinations_are_refused():
         main(["--random-models", "3"])
     with pytest.raises(SystemExit):
         main(["--offline", "--previous-router"])
+    with pytest.raises(SystemExit):
+        main(["--busy-margin", "0.05"])  # a margin needs a busy threshold
+    with pytest.raises(SystemExit):
+        main(["--model-busy", "1", "--busy-margin", "-0.1"])
+    with pytest.raises(SystemExit):
+        main(["--judge-rule", "uncertain"])  # a rule needs the truth hidden
 
 
 def _result(world: str, runs: dict[str, float]) -> dict:

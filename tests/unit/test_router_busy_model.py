@@ -87,3 +87,38 @@ def test_a_bad_busy_threshold_is_refused_by_name(monkeypatch, bad: str) -> None:
     monkeypatch.setenv("ORCH_ROUTER_MODEL_BUSY", bad)
     with pytest.raises(ValueError, match="ORCH_ROUTER_MODEL_BUSY"):
         RouterSettings.from_env()
+
+
+async def test_a_request_the_busy_model_serves_much_better_waits_for_it(monkeypatch) -> None:
+    monkeypatch.setenv("ORCH_ROUTER_MODEL_BUSY", "1")
+    monkeypatch.setenv("ORCH_ROUTER_BUSY_MARGIN", "0.05")
+    router, producer, clock = _router(monkeypatch)
+    assert isinstance(router.policy, LearnedPolicy)
+    router.policy.epsilon0 = router.policy.epsilon_min = 0.0
+    # A refund: strong 0.90, cheap 0.80 (a tenth given up: more than the margin).
+    _prefers_strong(router)
+    # A password reset: strong 0.90, cheap 0.88 (within the margin).
+    close = Features(frozenset({"password", "reset"}), "customer_support")
+    for _ in range(40):
+        router.policy.update(close, "customer_support@strong", 0.90)
+        router.policy.update(close, "customer_support@cheap", 0.88)
+    router.learn(_spawned("cs_strong", "strong"))
+    router.learn(_spawned("cs_cheap", "cheap"))
+    assert (await _route(router, producer, clock, "r1")).model == "strong"
+    # strong is busy now. A refund still goes to it, nothing named busy ...
+    refund = await _route(router, producer, clock, "r2")
+    assert refund.model == "strong" and not any(k.startswith("busy:") for k in refund.scores)
+    # ... a reset, which cheap serves nearly as well, goes to cheap, and says why.
+    producer.sent.clear()
+    reset = _request(clock, "r3").model_copy(update={"message": "password reset"})
+    await asyncio.wait_for(router.handle(reset, None), 2)
+    (decided,) = producer.of(RouteDecided)
+    assert decided.model == "cheap" and decided.scores["busy:strong"] == 2.0
+    assert decided.probability == 1.0  # exact for the arms it was offered
+
+
+@pytest.mark.parametrize("bad", ["-0.1", "much", "nan"])
+def test_a_bad_busy_margin_is_refused_by_name(monkeypatch, bad: str) -> None:
+    monkeypatch.setenv("ORCH_ROUTER_BUSY_MARGIN", bad)
+    with pytest.raises(ValueError, match="ORCH_ROUTER_BUSY_MARGIN"):
+        RouterSettings.from_env()
