@@ -3,7 +3,7 @@
     python bench/learning.py                      # the whole platform, 2,000 requests a world
     python bench/learning.py --offline            # the routing policy alone, no Kafka (seconds)
     python bench/learning.py --worlds bench/worlds/support-desk.json --random 0 --requests 400
-    python bench/learning.py --random 401 402 --random-models 2 --cost-weight 30 --previous-router
+    python bench/learning.py --worlds --random 401 402 --random-models 2 --previous-router
     orchestrator bench learning --world bench/worlds/support-desk.json --requests 400
 
 Target (issue 5): after 2,000 requests the learned router's mean reward over the last
@@ -1158,10 +1158,14 @@ def simulate_world(world: World, requests: int, seed: int, **policy_args: Any) -
     }
 
 
-def _worlds(paths: list[str], random_seeds: list[int], random_models: int = 0) -> list[World]:
-    """The world files (default: the shipped ones), then a random world per seed (with
-    ``random_models`` models: 0, or 2 for a cheap and a strong one, named ``random-S-2m``)."""
-    files = paths or sorted(str(p) for p in (ROOT / "bench" / "worlds").glob("*.json"))
+def _worlds(
+    paths: list[str] | None, random_seeds: list[int], random_models: int = 0
+) -> list[World]:
+    """The world files (None: the shipped ones; none at all: only the random ones), then a
+    random world per seed (with ``random_models`` models: 0, or 2 for a cheap and a strong
+    one, named ``random-S-2m``)."""
+    files = sorted(str(p) for p in (ROOT / "bench" / "worlds").glob("*.json"))
+    files = files if paths is None else paths
     randoms = [World.random(s, models=random_models) for s in random_seeds]
     return [World.load(p) for p in files] + randoms
 
@@ -1257,7 +1261,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--worlds", nargs="*", default=[], help="world files (default: shipped)")
+    parser.add_argument(
+        "--worlds",
+        nargs="*",
+        help="world files (default: the shipped ones; --worlds with no file: only the random ones)",
+    )
     parser.add_argument(
         "--random", type=int, nargs="*", default=list(RANDOM_SEEDS), help="seeds of unseen worlds"
     )

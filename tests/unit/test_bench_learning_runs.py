@@ -56,6 +56,10 @@ def test_random_worlds_of_the_new_format_have_two_models_and_are_named_so():
     worlds = _worlds(["bench/worlds/support-desk.json"], [401, 402], random_models=2)
     assert [w.name for w in worlds] == ["support-desk", "random-401-2m", "random-402-2m"]
     assert all(sorted(w.models) == ["large", "small"] for w in worlds[1:])
+    # --worlds with no file: the random worlds alone; no --worlds: the shipped ones first.
+    assert [w.name for w in _worlds([], [403], random_models=2)] == ["random-403-2m"]
+    shipped = _worlds(None, [])
+    assert "support-desk" in {w.name for w in shipped} and len(shipped) >= 5
 
 
 def test_bad_combinations_are_refused():
