@@ -232,19 +232,19 @@ class JudgeSettings(EnvSettings):
     )
     rule: str = setting(
         "ORCH_JUDGE_RULE",
-        "uniform",
-        "How the router spreads the judge's share over the answers: `uniform` (each at the "
-        "share) or `uncertain` (more where the learned policy knows the chosen arm little on "
-        "the request's words, and on explorations; each router instance keeps the share it "
-        'judged at or under `ORCH_JUDGE_SAMPLE`). Measured in docs/performance.md, "Judging '
-        'where the policy is unsure".',
+        "uncertain",
+        "How the router spreads the judge's share over the answers: `uncertain` (more where "
+        "the learned policy knows the chosen arm little on the request's words, and on "
+        "explorations; each router instance keeps the share it judged at or under "
+        "`ORCH_JUDGE_SAMPLE`) or `uniform` (each at the share). Set but empty means the "
+        'default. Measured in docs/performance.md, "Judging where the policy is unsure".',
         read_by="router",
     )
 
     @field_validator("rule")
     @classmethod
     def _rule(cls, value: str) -> str:
-        chosen = value.strip().lower() or "uniform"
+        chosen = value.strip().lower() or "uncertain"
         if chosen not in ("uniform", "uncertain"):
             raise ValueError(f"ORCH_JUDGE_RULE must be uniform or uncertain, got {value!r}")
         return chosen

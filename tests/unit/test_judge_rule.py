@@ -29,9 +29,9 @@ FEATURES = Features(frozenset({"refund", "order", "want"}), "customer_support")
 
 
 def test_the_rule_is_read_and_hostile_values_are_refused_naming_it():
-    assert JudgeSettings.from_env({}).rule == "uniform"
-    assert JudgeSettings.from_env({"ORCH_JUDGE_RULE": " Uncertain "}).rule == "uncertain"
-    assert JudgeSettings.from_env({"ORCH_JUDGE_RULE": ""}).rule == "uniform"
+    assert JudgeSettings.from_env({}).rule == "uncertain"
+    assert JudgeSettings.from_env({"ORCH_JUDGE_RULE": " Uniform "}).rule == "uniform"
+    assert JudgeSettings.from_env({"ORCH_JUDGE_RULE": ""}).rule == "uncertain"
     for raw in ("random", "uncertain; rm -rf /", "0.2", "\x00"):
         with pytest.raises(InvalidSetting, match="ORCH_JUDGE_RULE"):
             JudgeSettings.from_env({"ORCH_JUDGE_RULE": raw})
