@@ -23,6 +23,7 @@ from streams.judging import JudgeRule, judge_draw, judged
 from streams.llm import InMemoryLLM
 from tests.unit.test_improvement_assess import _Budget
 from tests.unit.test_judge_sample import RUNS, _done
+from tests.unit.test_router_busy_model import _route as _routed
 from tests.unit.test_router_models import _request, _router, _spawned
 
 FEATURES = Features(frozenset({"refund", "order", "want"}), "customer_support")
@@ -57,14 +58,7 @@ def test_the_rule_logs_zero_once_the_share_is_spent_and_never_passes_it():
 
 
 async def _decisions(router, producer, clock, runs: list[tuple[str, str]]) -> list[RouteDecided]:  # type: ignore[no-untyped-def]
-    out = []
-    for run, message in runs:
-        producer.sent.clear()
-        request = _request(clock, run).model_copy(update={"message": message})
-        await asyncio.wait_for(router.handle(request, None), 2)
-        (decided,) = producer.of(RouteDecided)
-        out.append(decided)
-    return out
+    return [await _routed(router, producer, clock, run, message) for run, message in runs]
 
 
 async def test_the_router_logs_more_judging_where_its_policy_knows_less(monkeypatch) -> None:

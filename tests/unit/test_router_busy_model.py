@@ -22,9 +22,13 @@ def _prefers_strong(router) -> None:  # type: ignore[no-untyped-def]
         router.policy.update(FEATURES, "customer_support@cheap", 0.80)
 
 
-async def _route(router, producer, clock, run: str) -> RouteDecided:  # type: ignore[no-untyped-def]
+async def _route(router, producer, clock, run: str, message: str = "") -> RouteDecided:  # type: ignore[no-untyped-def]
+    """The decision on request ``run`` (``_request``'s refund, or ``message``)."""
     producer.sent.clear()
-    await asyncio.wait_for(router.handle(_request(clock, run), None), 2)
+    request = _request(clock, run)
+    if message:
+        request = request.model_copy(update={"message": message})
+    await asyncio.wait_for(router.handle(request, None), 2)
     (decided,) = producer.of(RouteDecided)
     return decided
 
@@ -109,10 +113,7 @@ async def test_a_request_the_busy_model_serves_much_better_waits_for_it(monkeypa
     refund = await _route(router, producer, clock, "r2")
     assert refund.model == "strong" and not any(k.startswith("busy:") for k in refund.scores)
     # ... a reset, which cheap serves nearly as well, goes to cheap, and says why.
-    producer.sent.clear()
-    reset = _request(clock, "r3").model_copy(update={"message": "password reset"})
-    await asyncio.wait_for(router.handle(reset, None), 2)
-    (decided,) = producer.of(RouteDecided)
+    decided = await _route(router, producer, clock, "r3", "password reset")
     assert decided.model == "cheap" and decided.scores["busy:strong"] == 2.0
     assert decided.probability == 1.0  # exact for the arms it was offered
 
