@@ -440,7 +440,8 @@ async def _run_one(
     }
     # A self-check: each answer was judged exactly when its run id's draw fell under the
     # probability the router logged with its decision (the sample, where it logged none).
-    share = 1.0 if judge_sample is None else judge_sample
+    # (Unset: the platform's own setting, which its services read from this environment.)
+    share = JudgeSettings.from_env().sample if judge_sample is None else judge_sample
 
     def drawn_at(run_id: str) -> float:
         logged = _logged_probability(tracker, run_id)

@@ -818,6 +818,7 @@ async def run_platform(fake_url: str, workdir: Path, shared_broker: bool, progre
     from bench._platform import BenchPlatform, broker_pid
     from bench.chaos import OwnBroker
     from streams.client import OrchestratorClient
+    from streams.config import JudgeSettings
 
     broker: OwnBroker | None = None
     if not shared_broker:
@@ -886,7 +887,10 @@ async def run_platform(fake_url: str, workdir: Path, shared_broker: bool, progre
                     if shared_broker
                     else "a broker of the bench's own (no other traffic)"
                 )
-                + "; static routing; goal limits raised so no request is refused.",
+                + "; static routing; goal limits raised so no request is refused; the judge "
+                + f"grades {JudgeSettings.from_env().sample:g} of the answers (ORCH_JUDGE_SAMPLE; "
+                + "each graded answer is one more LLM call and three more events: its spend "
+                + "hold asked and decided, the call).",
             ]
 
             async def hops(since_ms: int, until_ms: int) -> list[dict[str, Any]]:

@@ -217,9 +217,11 @@ class JudgeSettings(EnvSettings):
 
     sample: float = setting(
         "ORCH_JUDGE_SAMPLE",
-        1.0,
-        "Share of answers the judge grades, 0-1 (1: every one, 0: none). The router gives each "
-        "decision a probability of being judged (`ORCH_JUDGE_RULE`) and logs it on "
+        0.2,
+        "Share of answers the judge grades, 0-1 (1: every one, 0: none; the default 0.2 kept "
+        "92-102% of the oracle's reward on every world measured, with the judge at 1-4% of the "
+        'money: docs/performance.md, "The same worlds with the judge aimed"). The router gives '
+        "each decision a probability of being judged (`ORCH_JUDGE_RULE`) and logs it on "
         "`route_decided` (`judge_probability`); the run is judged when a number drawn from its "
         "run id falls under it, so a redelivery or another instance decides the same (a run "
         "with no logged probability is drawn at the share). A run outside it costs no judge "

@@ -39,6 +39,9 @@ class Platform(Launcher):
                 "ORCH_LLM_BREAKER_COOLDOWN_SECONDS": "1",
                 # Routing by keywords keeps these tests deterministic; learning has its own tests.
                 "ORCH_ROUTER_POLICY": "static",
+                # Every answer graded, so a test that looks for a judgement finds one; the
+                # default share (0.2) and its draws have their own tests (test_judge_sample).
+                "ORCH_JUDGE_SAMPLE": "1",
                 # Dear tokens make budget limits reachable in a few requests.
                 "ORCH_LLM_PRICES": '{"gpt-4o-mini": [200, 200]}',
                 # At these prices a task holds its worst case (~$5) until its cost is known; the

@@ -95,7 +95,9 @@ async def test_a_forced_specialty_and_the_default_log_what_the_sample_says(monke
     router.learn(_spawned("cs_strong", "strong"))
     router.learn(_spawned("cs_cheap", "cheap"))
     (decided,) = await _decisions(router, producer, clock, [("r1", "I want a refund")])
-    assert decided.judge_probability == 1.0  # ORCH_JUDGE_SAMPLE's default: every answer
+    # ORCH_JUDGE_SAMPLE's default, 0.2, aimed: judging the very first answer would make the
+    # realised share 1 of 1, over the share, so its logged chance is 0.
+    assert decided.judge_probability == 0.0
     producer.sent.clear()
     forced = _request(clock, "r2").model_copy(update={"context": {"specialty": "customer_support"}})
     await asyncio.wait_for(router.handle(forced, None), 2)

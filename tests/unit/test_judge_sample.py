@@ -75,10 +75,10 @@ def test_the_setting_refuses_hostile_values_naming_itself(raw: str, message: str
     assert str(err.value) == message
 
 
-@pytest.mark.parametrize(("raw", "share"), [("0", 0.0), ("1", 1.0), (" 0.2 ", 0.2), ("", 1.0)])
-def test_the_setting_takes_shares_and_defaults_to_every_run(raw: str, share: float):
+@pytest.mark.parametrize(("raw", "share"), [("0", 0.0), ("1", 1.0), (" 0.35 ", 0.35), ("", 0.2)])
+def test_the_setting_takes_shares_and_defaults_to_a_fifth(raw: str, share: float):
     assert JudgeSettings.from_env({"ORCH_JUDGE_SAMPLE": raw}).sample == share
-    assert JudgeSettings.from_env({}).sample == 1.0
+    assert JudgeSettings.from_env({}).sample == 0.2
 
 
 async def test_outside_the_sample_the_assessor_calls_no_judge_and_says_unjudged():
