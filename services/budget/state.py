@@ -34,7 +34,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
@@ -84,6 +84,32 @@ _LEASE_GRACE_SECONDS = 30.0
 _SPAWN_MAX_TOKENS = 300
 _SPAWN_PROMPT_BYTES = 1500
 _ID_MAX = 64
+
+
+def _in_order(raw: dict[str, Any] | list[list[Any]]) -> dict[str, Any]:
+    """A record's map, oldest first: an object, or the list of pairs older records kept."""
+    return dict(raw) if isinstance(raw, dict) else {k: v for k, v in raw}
+
+
+def _deadline_of(task: dict[str, Any]) -> datetime | None:
+    """A stored task's deadline as its event would have it (UTC, whole milliseconds),
+    read without validating the rest; what does not read as a time is validated whole."""
+    raw = task.get("deadline_at")
+    if raw is None:
+        return None
+    try:
+        when = datetime.fromisoformat(raw) if isinstance(raw, str) else None
+    except ValueError:
+        when = None
+    if when is None:
+        return TaskRequested.model_validate(task).deadline_at
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    return when.replace(microsecond=when.microsecond // 1000 * 1000)
+
+
+def _drop_oldest(entries: dict[str, Any], limit: int) -> None:
+    while len(entries) > limit:
+        del entries[next(iter(entries))]
 
 
 def _ref(value: str) -> str:
@@ -221,9 +247,9 @@ class BudgetState:
     queue: list[str] = field(default_factory=list)
     # run -> "" (ended by another service) or the budget's failure:
     # [causing event id, reason, limit, current, maximum, at ISO]
-    ended: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+    ended: dict[str, Any] = field(default_factory=dict)
     # spend request id -> [approved, at ISO, committed USD]
-    spends: OrderedDict[str, list[Any]] = field(default_factory=OrderedDict)
+    spends: dict[str, list[Any]] = field(default_factory=dict)
     spend: dict[str, float] = field(default_factory=dict)
     seen: deque[str] = field(default_factory=lambda: deque(maxlen=_SEEN_LIMIT))
     # newest occurred_at read for the goal (lease time)
@@ -259,8 +285,11 @@ class BudgetState:
             "pending": dict(self.pending),
             "spawn_holds": dict(self.spawn_holds),
             "queue": list(self.queue),
-            "ended": [[k, v] for k, v in self.ended.items()],
-            "spends": [[k, v] for k, v in self.spends.items()],
+            # Objects, not lists of pairs: the longest lists of the record, copied and
+            # read back in C (JSON and dicts keep their keys in order, oldest first); their
+            # values are replaced, never changed in place, so the copies may share them.
+            "ended": dict(self.ended),
+            "spends": dict(self.spends),
             "spend": dict(self.spend),
             "seen": list(self.seen),
             "event_time": self.event_time,
@@ -305,8 +334,8 @@ class BudgetState:
             pending={k: list(v) for k, v in data.get("pending", {}).items()},
             spawn_holds={k: list(v) for k, v in data.get("spawn_holds", {}).items()},
             queue=queue,
-            ended=OrderedDict((k, v) for k, v in data.get("ended", [])),
-            spends=OrderedDict((k, list(v)) for k, v in data.get("spends", [])),
+            ended=_in_order(data.get("ended", {})),
+            spends=_in_order(data.get("spends", {})),
             spend={k: float(v) for k, v in data.get("spend", {}).items()},
             event_time=str(data.get("event_time", "")),
             cost_weight=float(data.get("cost_weight", 0.0)),
@@ -523,7 +552,8 @@ class BudgetState:
             return
         self.ended[run] = failure or ""
         while len(self.ended) > _ENDED_LIMIT:
-            old, _ = self.ended.popitem(last=False)
+            old = next(iter(self.ended))
+            del self.ended[old]
             self.runs.delete(old)
 
     # -- platform calls ------------------------------------------------------
@@ -535,8 +565,7 @@ class BudgetState:
             self.spawn_holds[_platform_hold(e.purpose, e.run_id)] = [now.isoformat(), e.amount_usd]
         decision = [approved, now.isoformat(), round(committed, 9)]
         self.spends[_ref(e.event_id)] = decision
-        while len(self.spends) > _DECISIONS_LIMIT:
-            self.spends.popitem(last=False)
+        _drop_oldest(self.spends, _DECISIONS_LIMIT)
         return self._spend_decision(e, decision)
 
     def _spend_decision(self, e: SpendRequested, decision: list[Any]) -> list[Event]:
@@ -688,17 +717,25 @@ class BudgetState:
         spent = self.spent_today(now)
         # A waiting task times out by the budget's clock, whether or not a slot is free:
         # its client gave up by then, and failing it frees no slot a running task needs.
+        # Every event looks at every waiting run, so only a deadline is read here: a whole
+        # task is validated for the runs that end (validating each of a full queue's
+        # thousand tasks took 35 ms an event).
         for run in list(self.queue):
-            task = self._queued(run)
-            if task is None:
+            kept = self.runs.get(run)
+            raw = kept.get("task") if kept is not None else None
+            if not isinstance(raw, dict):
                 # The goal's record and the runs table are two writes: a crash between
                 # them can leave a queued run without its task (an ended run's failure
                 # kept in the runs table, or nothing). It must still end.
                 self.queue.remove(run)
                 out += self._recover_queued(cause, run, now)
-            elif task.deadline_at is not None and task.deadline_at <= now:
+                continue
+            deadline = _deadline_of(raw)
+            if deadline is not None and deadline <= now:
                 self.queue.remove(run)
-                out += self._end_queued(cause, task, "timeout", "", spent, now)
+                out += self._end_queued(
+                    cause, TaskRequested.model_validate(raw), "timeout", "", spent, now
+                )
         while self.queue and len(self.in_flight) < self.max_concurrent:
             run = self.queue[0]
             task = self._queued(run)

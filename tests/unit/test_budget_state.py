@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
 
 from services.budget.state import BudgetDefaults, BudgetState, RunStore
 from streams.clock import FakeClock
@@ -602,3 +604,56 @@ def test_the_goal_record_stays_small_whatever_the_input():
     assert len(state.queue) == DEFAULTS.max_queue
     size = len(json.dumps(state.to_dict()))
     assert size < 300_000, size
+
+
+def test_ended_runs_and_spends_keep_their_order_and_records_of_the_older_form_still_read():
+    clock = FakeClock()
+    state = _state(max_concurrent=5)
+    for i in range(1005):  # past the 1,000 ended runs the record keeps
+        state.handle(_at(clock, i), clock.now(), DEFAULTS)
+        state.handle(_done(i), clock.now(), DEFAULTS)
+    for i in range(205):  # past the 200 spend decisions
+        ask = SpendRequested(
+            source="improvement", run_id=f"s{i}", goal_id="g1", purpose="judge", amount_usd=0.0
+        )
+        state.handle(ask, clock.now(), DEFAULTS)
+    raw = state.to_dict()
+    # The oldest went first: runs r0-r4 and the first five spend decisions are gone.
+    assert list(raw["ended"]) == [f"r{i}" for i in range(5, 1005)]
+    assert len(raw["spends"]) == 200
+    # Kept as JSON objects, in order, and read back the same.
+    again = BudgetState.from_dict(json.loads(json.dumps(raw)), RunStore(), DEFAULTS)
+    assert again.to_dict() == raw
+    # A record written before (lists of [key, value] pairs) reads back to the same state.
+    older = {
+        **raw,
+        "ended": [[k, v] for k, v in raw["ended"].items()],
+        "spends": [[k, v] for k, v in raw["spends"].items()],
+    }
+    assert BudgetState.from_dict(older, RunStore(), DEFAULTS).to_dict() == raw
+    # An ended run is still not admitted again after the round trip.
+    assert again.handle(_at(clock, 1004), clock.now(), DEFAULTS).events == []
+
+
+def test_a_waiting_tasks_deadline_is_read_as_its_event_would_have_it():
+    from services.budget.state import _deadline_of
+
+    base = datetime(2026, 12, 4, 12, 0, 0, 123456, tzinfo=UTC)
+    for deadline in (
+        None,
+        base,
+        base.astimezone(timezone(timedelta(hours=5))),
+        base.replace(tzinfo=None),
+        base.replace(microsecond=999999),
+    ):
+        task = _task(1).model_copy(update={"deadline_at": deadline})
+        task = TaskRequested.model_validate(task.model_dump())  # as the router sends it
+        stored = task.model_dump(mode="json")
+        assert _deadline_of(stored) == task.deadline_at, (deadline, stored["deadline_at"])
+    # Written another way (seconds, an offset, no zone), or not a time at all: the
+    # same answer as validating the whole task, or the same refusal.
+    for raw in ("2026-12-04T12:00:00+02:00", "2026-12-04T12:00:00", 1764849600000):
+        stored = {**_task(1).model_dump(mode="json"), "deadline_at": raw}
+        assert _deadline_of(stored) == TaskRequested.model_validate(stored).deadline_at, raw
+    with pytest.raises(ValueError):
+        _deadline_of({**_task(1).model_dump(mode="json"), "deadline_at": "soon"})
