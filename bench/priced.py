@@ -108,13 +108,15 @@ class PricedRun:
 @dataclass
 class JudgeSampler:
     """Which answers the judge grades, about ``share`` of them: the router's own
-    :class:`~streams.judging.JudgeRule`, with ``n`` counted here (the outcomes the
-    policy learned with the chosen arm on the request's words, graded or rated, through
-    :meth:`learned`; the mean over the words, the arm's own count for a request without
-    words)."""
+    :class:`~streams.judging.JudgeRule`. ``n`` is what the router reads, the learned
+    policy's :meth:`~services.router.policy.LearnedPolicy.known` when ``policy`` is one;
+    else counted here (the outcomes the policy learned with the chosen arm on the
+    request's words, graded or rated, through :meth:`learned`; the mean over the words,
+    the arm's own count for a request without words)."""
 
     share: float
     rule: str = DEFAULT_JUDGE_RULE
+    policy: LearnedPolicy | None = None
     _rule: JudgeRule = field(init=False)
     _words: dict[tuple[str, str], int] = field(default_factory=dict)
     _arms: dict[str, int] = field(default_factory=dict)
@@ -136,6 +138,8 @@ class JudgeSampler:
 
     def outcomes(self, features: Features, arm: str) -> float:
         """``n``: graded outcomes the policy learned with ``arm`` on these words."""
+        if self.policy is not None:
+            return self.policy.known(features, arm)
         if not features.words:
             return float(self._arms.get(arm, 0))
         return statistics.fmean(self._words.get((w, arm), 0) for w in features.words)
@@ -159,7 +163,10 @@ class JudgeSampler:
 
 
 def priced_arms(world: World) -> list[str]:
-    """Every (specialty, model) arm, the strongest model first (the platform's own model)."""
+    """Every (specialty, model) arm, the strongest model first (the platform's own model);
+    the specialties alone for a world of one unnamed model."""
+    if not world.models:
+        return list(world.specialties)
     strong = world.strongest_model()
     models = [strong, *sorted(m for m in world.models if m != strong)]
     return [arm_name(s, m) for s in world.specialties for m in models]
@@ -178,7 +185,10 @@ def _of_oracle(reward: float, oracle_reward: float) -> float:
 
 def judge_cost_usd(world: World, request: Request, arm: str) -> float:
     """One judge call on an answer, at the strongest model's price: the judge's prompt
-    (services/improvement/assess.py) around the request and the answer, and a grade."""
+    (services/improvement/assess.py) around the request and the answer, and a grade
+    (nothing in a world that prices no model)."""
+    if not world.models:
+        return 0.0
     specialty, model = split_arm(arm)
     price = world.models[world.strongest_model()]
     frame = sum(estimate_tokens(m["content"]) for m in judge_messages("", ""))
@@ -209,7 +219,8 @@ def simulate_priced(
     run = PricedRun()
     draws = random.Random(f"{world.name}/{seed}/judge-sample")
     if judge_sample is not None and sampler is None:
-        sampler = JudgeSampler(judge_sample, judge_rule)
+        learned = policy if isinstance(policy, LearnedPolicy) else None
+        sampler = JudgeSampler(judge_sample, judge_rule, policy=learned)
     for index, request in enumerate(sample):
         features = features_of(request.message)
         choice = policy.choose(features, arms, cost_weight)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench.drift import WINDOW, measure, recovery
+import dataclasses
+
+from bench.drift import WINDOW, measure, recovery, summarise
 from local.world import World
 
 
@@ -28,3 +30,30 @@ def test_a_drift_world_is_measured_at_each_half_life_and_change_threshold() -> N
     for row in result["policies"].values():
         assert len(row["recovery"]) == len(row["recovery_changed_types"]) == 1
         assert 0.5 < row["final_vs_oracle"] < 1.2
+
+
+def test_with_the_truth_hidden_the_policy_learns_only_from_the_judge_and_feedback() -> None:
+    """``--hide-truth``: no judge and no feedback teach nothing, so the policy stays where
+    a policy shown every answer's quality does not; a judge on every answer teaches."""
+    world = dataclasses.replace(World.random(301, drift=True), feedback_probability=0.0)
+    seen = measure(world, 1200, seed=1, half_lives=(), changes=(12.0,))
+    blind = measure(world, 1200, seed=1, half_lives=(), changes=(12.0,), judge_sample=0.0)
+    judged = measure(world, 1200, seed=1, half_lives=(), changes=(12.0,), judge_sample=1.0)
+    assert seen["judge_sample"] is None and judged["judge_sample"] == 1.0
+    assert judged["judge_rule"] == "uncertain"
+    final = {
+        name: r["policies"]["change 12"]["final_vs_oracle"]
+        for name, r in (("seen", seen), ("blind", blind), ("judged", judged))
+    }
+    assert final["blind"] < final["seen"] - 0.1
+    assert final["judged"] > final["blind"] + 0.1
+
+
+def test_the_summary_counts_drift_points_back_within_the_target() -> None:
+    def run(backs: list[int | None]) -> dict[str, object]:
+        return {"policies": {"change 12": {"recovery_changed_types": backs}}}
+
+    summary = summarise([run([120, None]), run([400]), run([401, 900])])
+    assert summary == {"change 12": {"points": 5, "within_target": 2, "median": 401}}
+    # "never" ranks last: a median among the runs that never came back says so.
+    assert summarise([run([None, None, 50])])["change 12"]["median"] == "never"

@@ -154,6 +154,23 @@ def test_the_uncertain_judge_keeps_to_its_share_and_grades_little_known_arms_mor
     assert JudgeSampler(0.2, "uniform").probability(features, "new@large") == 0.2
 
 
+def test_the_judge_sampler_reads_what_the_router_reads_from_a_learned_policy() -> None:
+    """The router aims its judge with the policy's ``known``: a sampler given the policy
+    reads the same count, which moves with what the policy forgets or finds stale."""
+    from bench.priced import JudgeSampler
+    from services.router.policy import LearnedPolicy, features_of
+
+    policy = LearnedPolicy(rng=random.Random(1), half_life=10.0)
+    sampler = JudgeSampler(0.2, "uncertain", policy=policy)
+    features = features_of("How do I reset my router password")
+    for _ in range(30):
+        policy.update(features, "known@large", 0.8)
+    assert sampler.outcomes(features, "known@large") == policy.known(features, "known@large")
+    # Forgotten at the half-life: far fewer than the 30 outcomes a counter would report.
+    assert 0.0 < sampler.outcomes(features, "known@large") < 20.0
+    assert sampler.outcomes(features, "new@large") == 0.0
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
