@@ -80,7 +80,8 @@ class RecordingProducer:
 class GivenUpLLM(InMemoryLLM):
     """An endpoint that took the call but answers after the caller's timeout: the call
     raises (settling) at the timeout, and its outcome goes to ``late`` a moment later:
-    the answer (``outcome="answer"``) or an unknown end (``"unsettled"``)."""
+    the answer (``outcome="answer"``), an unknown end (``"unsettled"``) or a failure that
+    billed nothing (``"failed"``)."""
 
     def __init__(self, prices: PriceTable | None = None, outcome: str = "answer") -> None:
         super().__init__(prices=prices)
@@ -92,7 +93,12 @@ class GivenUpLLM(InMemoryLLM):
 
         async def answer_later() -> None:
             await asyncio.sleep(0.2)
-            await late(finished if self.outcome == "answer" else LLMUnsettled("unanswered"))
+            if self.outcome == "answer":
+                await late(finished)
+            elif self.outcome == "failed":
+                await late(LLMUnavailable("LLM endpoint answered HTTP 503"))
+            else:
+                await late(LLMUnsettled("unanswered"))
 
         asyncio.get_running_loop().create_task(answer_later())
         failure = LLMUnavailable("LLM endpoint timed out after 10 s")

@@ -76,6 +76,9 @@ _ENDED_LIMIT = 1000
 # Spawn denials and spend decisions kept to be sent again on a replay.
 _DECISIONS_LIMIT = 200
 _SPAWN_HOLD_SECONDS = 60.0
+# A report the budget sends for a call nobody reported is sent again after this long if
+# it has not come back (a crash between the record's write and the send lost it).
+_RESEND_SECONDS = 60.0
 # Beyond the deadline and the LLM timeout, before a slot is taken back.
 _LEASE_GRACE_SECONDS = 30.0
 # The spawner's prompt-writing call (services/spawner/design.py): at most 300
@@ -239,7 +242,9 @@ class BudgetState:
     denied: OrderedDict[str, list[Any]] = field(default_factory=OrderedDict)
     # run -> [admitted_at ISO (budget clock), held USD, lease end ISO, causing event id]
     in_flight: dict[str, list[Any]] = field(default_factory=dict)
-    # ended runs whose answer's cost is not known yet: run -> [held USD, lapse ISO]
+    # ended runs whose answer's cost is not known yet: run -> [held USD, lapse ISO, the
+    # cost id and model of a call still running (None: no call known to run), ISO of
+    # the last report the budget sent for it at the lapse ("" none)]
     pending: dict[str, list[Any]] = field(default_factory=dict)
     # approved spawns and platform calls whose cost is not known yet: key -> [at, USD]
     spawn_holds: dict[str, list[Any]] = field(default_factory=dict)
@@ -389,20 +394,19 @@ class BudgetState:
             again = self._replay(event)
             if again:
                 return Decision(again)
-            self._expire(now, defaults)
-            return Decision(self._drain(_ref(event.event_id), now, defaults))
+            lapsed = self._expire(now, defaults)
+            return Decision(lapsed + self._drain(_ref(event.event_id), now, defaults))
         if _ref(event.event_id) in self.seen:
             return Decision(self._replay(event))
         self.seen.append(_ref(event.event_id))
         if not self.event_time or event.occurred_at > datetime.fromisoformat(self.event_time):
             self.event_time = event.occurred_at.isoformat()
         cause = _ref(event.event_id)
-        self._expire(now, defaults)
-        out: list[Event] = []
+        out: list[Event] = self._expire(now, defaults)
         if isinstance(event, SpawnRequested):
-            out = self._spawn(event, now, defaults)
+            out += self._spawn(event, now, defaults)
         elif isinstance(event, TaskRequested):
-            out = self._task(event, now, defaults)
+            out += self._task(event, now, defaults)
         elif isinstance(event, LlmCallCompleted):
             self._charge(event, now)
         elif isinstance(event, WorkflowCompleted | WorkflowFailed):
@@ -410,7 +414,7 @@ class BudgetState:
         elif isinstance(event, BudgetUpdateRequested):
             self._update(event)
         elif isinstance(event, SpendRequested):
-            out = self._hold(event, now)
+            out += self._hold(event, now)
         elif isinstance(event, GoalAgentsChanged):
             self._agent_changed(event)
         # Any event may have freed a slot or money (a release, a cost, a lapse, a limit).
@@ -833,6 +837,13 @@ class BudgetState:
             if held is not None:
                 held[1] = 0.0  # the real cost is now in spend
             self.pending.pop(run, None)
+        elif e.run_id and e.purpose == "answer" and e.cost_usd <= 0:
+            # A call given up on at the timeout that failed in the end billed nothing: its
+            # report comes under the cost id its answer named, and the hold goes. (Other
+            # refusals of the run, the one at the timeout among them, leave it held.)
+            pending = self.pending.get(_ref(e.run_id))
+            if pending is not None and _pending_call(pending)[0] == e.event_id:
+                del self.pending[_ref(e.run_id)]
         # Keep a few days of history only.
         for old in sorted(self.spend)[:-7]:
             del self.spend[old]
@@ -851,15 +862,26 @@ class BudgetState:
             )
             if float(held[1]) > 0 and not no_cost:
                 # The answer's cost may still be on its way: its hold stays until it comes.
-                self._keep_pending(run, held, defaults)
+                call = None
+                if isinstance(e, WorkflowCompleted) and e.meta.get("cost_pending") == "true":
+                    # A call given up on at the timeout still runs: if its loader dies
+                    # before it ends, nobody reports it, and the hold is counted instead.
+                    call = [e.meta.get("cost_id", ""), e.meta.get("cost_model", "")]
+                self._keep_pending(run, held, defaults, call)
         elif run in self.queue:
             self.queue.remove(run)
             self.runs.delete(run)
         self._end(run)
 
-    def _keep_pending(self, run: str, held: list[Any], defaults: BudgetDefaults) -> None:
+    def _keep_pending(
+        self,
+        run: str,
+        held: list[Any],
+        defaults: BudgetDefaults,
+        call: list[str] | None = None,
+    ) -> None:
         lapse = datetime.fromisoformat(held[2]) + timedelta(seconds=defaults.lease_seconds)
-        self.pending[run] = [float(held[1]), lapse.isoformat()]
+        self.pending[run] = [float(held[1]), lapse.isoformat(), call, ""]
 
     def _agent_changed(self, e: GoalAgentsChanged) -> None:
         if e.change in ("spawned", "spawn_failed") and e.approval_id:
@@ -883,7 +905,8 @@ class BudgetState:
         if e.cost_weight is not None:
             self.cost_weight = e.cost_weight
 
-    def _expire(self, now: datetime, defaults: BudgetDefaults) -> None:
+    def _expire(self, now: datetime, defaults: BudgetDefaults) -> list[Event]:
+        """Give back what lapsed; the reports of the calls nobody reported, to send."""
         t = self._lease_now(now)
         # A spawn written from a template reports no cost; its hold lapses quickly.
         for key, (held_at, _) in list(self.spawn_holds.items()):
@@ -898,9 +921,52 @@ class BudgetState:
                 if float(held[1]) > 0:
                     self._keep_pending(run, held, defaults)
                 self._end(run)
-        for run, (_, lapse) in list(self.pending.items()):
-            if t > datetime.fromisoformat(lapse):
-                del self.pending[run]
+        out: list[Event] = []
+        for run, pending in list(self.pending.items()):
+            if t <= datetime.fromisoformat(pending[1]):
+                continue
+            call, model = _pending_call(pending)
+            if call is None:
+                del self.pending[run]  # no call known to run: its cost is not coming
+                continue
+            # A call given up on at the timeout, and no report of it by now, long past
+            # any call's end: its loader died before the call ended, and the endpoint may
+            # well have billed it. Counted at the hold (the call's worst case) by a report
+            # of the budget's own, under the call's cost id; the hold stays until the
+            # report is read back (then _charge lets it go), and the report is sent again
+            # if a crash lost it (the same id: it counts once).
+            sent = pending[3] if len(pending) > 3 else ""
+            if sent and (now - datetime.fromisoformat(sent)).total_seconds() < _RESEND_SECONDS:
+                continue
+            pending[3:] = [now.isoformat()]
+            out.append(self._unreported_cost(run, call, model, float(pending[0]), now))
+        return out
+
+    def _unreported_cost(
+        self, run: str, call: str, model: str, usd: float, now: datetime
+    ) -> LlmCallCompleted:
+        return LlmCallCompleted(
+            event_id=call or str(uuid.uuid5(_NS, f"{run}:unreported-cost")),
+            source=SOURCE,
+            goal_id=self.goal_id,
+            run_id=run,
+            model=model or "unknown",
+            purpose="answer",
+            cost_usd=usd,
+            ok=True,
+            error="a call given up on at the timeout was never reported (its loader stopped"
+            " before the call ended); counted by the budget at the hold, its worst case",
+            occurred_at=now,
+        )
+
+
+def _pending_call(pending: list[Any]) -> tuple[str | None, str]:
+    """The cost id (None: no call known to run) and model of a pending hold; holds kept
+    before calls were named have none."""
+    call = pending[2] if len(pending) > 2 else None
+    if not isinstance(call, list) or len(call) != 2:
+        return None, ""
+    return str(call[0]), str(call[1])
 
 
 def _approval_id(e: SpawnRequested) -> str:

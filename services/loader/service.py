@@ -123,7 +123,8 @@ class Loader:
         self._own_attempts: set[str] = set()
         self._attempt: dict[str, tuple[str, list[str]]] = {}
         # Runs whose call was given up on at the timeout and still runs (its cost to come).
-        self._settling: set[str] = set()
+        # run -> (cost id, model) of its answer call given up on at the timeout, still running
+        self._settling: dict[str, tuple[str, str]] = {}
         self._partitions = spec_for(TaskAdmitted.topic).partitions
         self.owned_partitions: set[int] | None = None  # None: all (no group yet)
 
@@ -329,10 +330,14 @@ class Loader:
         meta: dict[str, str] | None = None,
     ) -> WorkflowCompleted:
         meta = dict(meta or {})
-        if task.run_id in self._settling:
+        pending = self._settling.get(task.run_id)
+        if pending is not None:
             # A call given up on at the timeout still runs: the budget keeps the task's
-            # hold until its cost comes (see _settled).
+            # hold until its cost comes (see _settled), under the id and model named here,
+            # and counts the hold itself if no report comes by the hold's lapse (this
+            # loader killed before the call ended).
             meta["cost_pending"] = "true"
+            meta["cost_id"], meta["cost_model"] = pending
         specialty = task.specialty
         record = self.registry.get(task.agent_id)
         if record is not None and record.specialty != task.specialty:
@@ -470,7 +475,7 @@ class Loader:
             )
         except (LLMUnavailable, LLMRejected) as exc:
             if exc.settling:
-                self._settling.add(task.run_id)
+                self._settling[task.run_id] = (_cost_id(attempt, legacy), model)
             # Failed for good, the report's id says so to whoever runs the task next (this
             # attempt paid nothing); a call that goes on past the timeout may still be paid,
             # and its real report comes later under the attempt's cost id.
@@ -529,7 +534,7 @@ class Loader:
         The run already has its answer (a timeout or a lower tier); the budget kept the
         task's hold for this report (the answer said ``cost_pending``).
         """
-        self._settling.discard(task.run_id)
+        self._settling.pop(task.run_id, None)
         if isinstance(outcome, Completion):
             if outcome.cost_usd > 0:
                 self._last_cost[model] = outcome.cost_usd
@@ -550,7 +555,15 @@ class Loader:
                 error=f"{outcome}; counted at the call's worst case",
             )
         else:
-            return  # refused or failed in the end: nothing was billed
+            # Refused or failed in the end: nothing was billed. Said under the cost id the
+            # answer named, so the budget lets the task's hold go rather than count it.
+            cost = self._call_event(
+                task,
+                model,
+                event_id=cost_id,
+                ok=False,
+                error=f"given up on at the timeout, then failed: {outcome}; nothing billed"[:500],
+            )
         await self.ctx.producer.deliver([cost], what=f"the late cost of run {task.run_id}")
 
     async def _answer_with_tiers(self, task: TaskAdmitted, instance: AgentInstance) -> Event:

@@ -577,6 +577,93 @@ def test_a_degraded_answer_whose_call_still_runs_keeps_its_hold_until_the_cost()
     assert [type(e) for e in out] == [TaskAdmitted] and state.reserved() == worst
 
 
+def _given_up(i: int, cost_id: str | None) -> WorkflowCompleted:
+    """A lower tier's answer while the run's call, given up on at the timeout, still runs."""
+    meta = {"cost_pending": "true"}
+    if cost_id is not None:
+        meta |= {"cost_id": cost_id, "cost_model": "big"}
+    return _done(i).model_copy(update={"meta": meta})
+
+
+def test_a_pending_call_nobody_reports_is_counted_at_its_hold_after_the_lapse():
+    # Chaos seed 23: an answer call the endpoint billed was never counted. Its run had a
+    # lower tier's answer at the timeout while the call went on; the loader was killed
+    # before the call ended, so no report came, and the hold lapsed uncounted.
+    clock = FakeClock()
+    worst = PRICED.task_worst_case("task 0", {})
+    state = _state(max_daily_cost=1.0, max_concurrent=10)
+    state.handle(_at(clock, 0), clock.now(), PRICED)
+    state.handle(_given_up(0, "cost-0"), clock.now(), PRICED)
+    clock.advance(PRICED.lease_seconds * 2 - 60)  # the lease's end and the hold's lapse: not yet
+    assert state.handle(_at(clock, 1), clock.now(), PRICED).events[1:] == []
+    assert state.reserved() == 2 * worst
+    clock.advance(180)  # past the deadline, the LLM timeout and the grace, and the lapse
+    out = state.handle(
+        _done(1).model_copy(update={"occurred_at": clock.now()}), clock.now(), PRICED
+    )
+    (report,) = [e for e in out.events if isinstance(e, LlmCallCompleted)]
+    # Under the call's own cost id (what the endpoint was told, so it matches the bill
+    # and counts once if the loader's report came after all), at the hold, its model.
+    assert report.event_id == "cost-0" and report.run_id == "r0"
+    assert report.cost_usd == worst and report.model == "big" and report.source == "budget"
+    # Held until the report is read back, then spent: never neither.
+    assert state.spent_today(clock.now()) == 0 and state.reserved() == worst
+    state.handle(_task(7).model_copy(update={"occurred_at": clock.now()}), clock.now(), PRICED)
+    assert not [
+        e
+        for e in state.handle(_task(8), clock.now(), PRICED).events
+        if isinstance(e, LlmCallCompleted)
+    ]  # not sent again within a minute
+    clock.advance(61)  # a crash lost it: sent again, the same id
+    again = state.handle(
+        _task(9).model_copy(update={"occurred_at": clock.now()}), clock.now(), PRICED
+    )
+    assert [e.event_id for e in again.events if isinstance(e, LlmCallCompleted)] == ["cost-0"]
+    state.handle(report, clock.now(), PRICED)
+    state.handle(report.model_copy(update={"occurred_at": clock.now()}), clock.now(), PRICED)
+    assert state.spent_today(clock.now()) == worst  # counted once
+    assert "r0" not in state.pending
+    # The record keeps it through a restart.
+    copy = BudgetState.from_dict(state.to_dict())
+    assert copy.pending == state.pending
+
+
+def test_a_pending_call_that_failed_in_the_end_frees_its_hold_uncounted():
+    clock = FakeClock()
+    state = _state(max_daily_cost=1.0, max_concurrent=10)
+    state.handle(_at(clock, 0), clock.now(), PRICED)
+    state.handle(_given_up(0, "cost-0"), clock.now(), PRICED)
+    # The refusal sent at the timeout (its own id) may be read after the answer: the call
+    # still runs, the hold stays.
+    refused = _cost(0, 0.0, clock.now()).model_copy(update={"ok": False})
+    state.handle(refused, clock.now(), PRICED)
+    assert "r0" in state.pending
+    settled = refused.model_copy(update={"event_id": "cost-0", "error": "nothing billed"})
+    state.handle(settled, clock.now(), PRICED)
+    assert "r0" not in state.pending and state.reserved() == 0
+    assert state.spent_today(clock.now()) == 0
+
+
+def test_pending_holds_of_older_records_and_loaders_lapse_as_they_did_or_are_counted():
+    clock = FakeClock()
+    state = _state(max_daily_cost=1.0, max_concurrent=10)
+    state.handle(_at(clock, 0), clock.now(), PRICED)
+    state.handle(_at(clock, 1), clock.now(), PRICED)
+    failed = WorkflowFailed(
+        source="loader", run_id="r0", goal_id="g1", reason="timeout", detail="deadline"
+    )
+    state.handle(failed, clock.now(), PRICED)  # held until the lapse, no call known to run
+    state.handle(_given_up(1, None), clock.now(), PRICED)  # a loader naming no cost id
+    record = state.to_dict()
+    record["pending"]["r0"] = record["pending"]["r0"][:2]  # the older form
+    state = BudgetState.from_dict(record)
+    clock.advance(PRICED.lease_seconds * 2 + 120)
+    out = state.handle(_at(clock, 2), clock.now(), PRICED).events
+    (report,) = [e for e in out if isinstance(e, LlmCallCompleted)]
+    assert report.run_id == "r1" and report.model == "unknown" and report.event_id
+    assert list(state.pending) == ["r1"]  # r0 lapsed uncounted, as before
+
+
 def test_costs_are_filed_under_the_budgets_clock_not_the_senders():
     clock = FakeClock(datetime(2026, 3, 2, 0, 0, 10, tzinfo=UTC))
     state = _state(max_daily_cost=1.0)

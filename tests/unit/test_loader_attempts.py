@@ -229,7 +229,11 @@ async def test_a_call_given_up_on_at_the_timeout_is_counted_when_it_answers():
     assert late[0].event_id == _cost_id(started.event_id, False)
     # ... the id the call itself carried to the endpoint (X-Client-Request-Id)
     assert llm.calls[0].request_id == late[0].event_id
-    assert loader._settling == set()
+    assert loader._settling == {}
+    # The answer named that id and the model, for the budget to count the hold under
+    # them if no report ever came (a loader killed while the call ran).
+    assert answer.meta["cost_id"] == late[0].event_id
+    assert answer.meta["cost_model"] == late[0].model
 
 
 async def test_a_call_that_never_settles_is_counted_at_its_worst_case():
@@ -240,6 +244,22 @@ async def test_a_call_that_never_settles_is_counted_at_its_worst_case():
     (late,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.ok]
     assert late.cost_usd == worst_case_usd(PRICES, "gpt-4o-mini", llm.calls[0].messages, 512)
     assert "worst case" in (late.error or "")
+
+
+async def test_a_call_given_up_on_that_then_fails_says_so_under_the_answers_cost_id():
+    # The budget keeps the hold of a pending call until a report under the id the answer
+    # named; a call that fails in the end billed nothing, and says so, so the hold goes
+    # without a cost rather than being counted at the lapse.
+    llm = GivenUpLLM(PRICES, outcome="failed")
+    loader, broker = _loader(llm)
+    await loader.handle(_task())
+    (answer,) = [e for e in broker.acked if isinstance(e, WorkflowCompleted)]
+    await asyncio.sleep(0.5)
+    reports = [e for e in broker.acked if isinstance(e, LlmCallCompleted)]
+    assert len(reports) == 2 and not any(r.ok or r.cost_usd for r in reports)
+    assert reports[-1].event_id == answer.meta["cost_id"]
+    assert "nothing billed" in (reports[-1].error or "")
+    assert loader._settling == {}
 
 
 async def test_an_earlier_attempt_whose_call_failed_is_not_counted_again():
