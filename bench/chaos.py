@@ -1238,6 +1238,15 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     for name, value in rows:
         main.add_row(name, _cell(value))
     console.print(main)
+    for purpose in ("answer", "judge"):
+        by_id = c[f"{purpose}_calls_by_id"]
+        for label, key in (
+            ("billed not counted", "not_counted"),
+            ("counted not billed", "not_billed"),
+        ):
+            if by_id.get(f"examples_{key}"):
+                # The ids to look for on the log (and in the services' logs), to trace the path.
+                console.print(f"{purpose} calls {label}: {', '.join(by_id[f'examples_{key}'])}")
     console.print(f"outcomes on Kafka (first terminal event of each request): {r['outcomes']}")
     if r["without_terminal_last_step"]:
         console.print(
