@@ -1,8 +1,9 @@
 """The guard on text the platform puts into a system prompt: what it refuses, and why.
 
 It vets the one-line instructions the improvement service learns from feedback
-(``guard_instruction``). It lives here, not in a service, so that every service that
-writes into a prompt can use the same rules.
+(``guard_instruction``) and the whole prompts an LLM writes for the spawner's new agents
+(``guard_prompt``), with the same rules. It lives here, not in a service, so that every
+service that writes into a prompt can use them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["MAX_INSTRUCTION_CHARS", "GuardVerdict", "fold", "guard_instruction"]
+__all__ = ["MAX_INSTRUCTION_CHARS", "GuardVerdict", "fold", "guard_instruction", "guard_prompt"]
 
 MAX_INSTRUCTION_CHARS = 240
 
@@ -90,11 +91,14 @@ _DISCLOSE = (
 # lowercase ASCII words (also de-leeted and with s p a c e d letters joined), "squash" on
 # its letters alone, "text" on the folded text with punctuation, "cased" on the NFKC text
 # with case kept, "phone" like "text" but counting only runs of 9 to 15 digits.
+# A whole prompt opens by naming the agent's role ("You are a code specialist: ..."); an
+# instruction added to a prompt must not, so this rule is the one a whole prompt skips.
+_OPENING_ROLE = r"^ ?you are (?:a|an|the)\b"
 _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
     (_ROLE, "words", r"\byou (?:are|re) (?:now|no longer|henceforth|hereby|actually really)\b"),
     (_ROLE, "words", r"\bfrom now on (?:you are|you re|you will be|your)\b"),
     (_ROLE, "words", r"\byour (?:new |real |true )?(?:name|role|identity|persona|job) is\b"),
-    (_ROLE, "words", r"^ ?you are (?:a|an|the)\b"),
+    (_ROLE, "words", _OPENING_ROLE),
     (
         _ROLE,
         "words",
@@ -257,6 +261,7 @@ def _compile_rules() -> tuple[tuple[str, str, re.Pattern[str]], ...]:
 
 
 _GUARDS = _compile_rules()
+_PROMPT_GUARDS = tuple(rule for rule in _GUARDS if rule[2].pattern != _OPENING_ROLE)
 
 
 def _words(text: str) -> str:
@@ -292,31 +297,60 @@ def _phone_like(match: re.Match[str]) -> bool:
     return 9 <= sum(ch.isdigit() for ch in match.group()) <= 15
 
 
-def _malformed(text: str) -> str | None:
+def _malformed(
+    text: str, max_chars: int = MAX_INSTRUCTION_CHARS, one_line: bool = True
+) -> str | None:
     body = text.strip()
     if not body:
         return "empty"
-    if len(body) > MAX_INSTRUCTION_CHARS:
-        return f"too long ({len(body)} > {MAX_INSTRUCTION_CHARS} characters)"
+    if len(body) > max_chars:
+        return f"too long ({len(body)} > {max_chars} characters)"
     if any(
         unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs", "Cn") and ch not in "\n\r\t"
         for ch in body
     ) or any(ch in _INVISIBLE for ch in body):
         return "contains control or invisible characters"
-    if len(body.splitlines()) > 1:
+    if one_line and len(body.splitlines()) > 1:
         return "more than one line"
+    return None
+
+
+def _refusal(text: str, rules: tuple[tuple[str, str, re.Pattern[str]], ...]) -> str | None:
+    """The reason of the first rule that refuses ``text``, or None."""
+    variants = _variants(text)
+    for reason, scope, pattern in rules:
+        check: Callable[[re.Match[str]], bool] = _phone_like if scope == "phone" else _any
+        for variant in variants[scope]:
+            if any(check(m) for m in pattern.finditer(variant)):
+                return reason
     return None
 
 
 def guard_instruction(text: str) -> GuardVerdict:
     """Whether an instruction may enter a prompt; the reason names the rule that refused it."""
-    variants = _variants(text[: 4 * MAX_INSTRUCTION_CHARS])
-    for reason, scope, pattern in _GUARDS:
-        check: Callable[[re.Match[str]], bool] = _phone_like if scope == "phone" else _any
-        for variant in variants[scope]:
-            if any(check(m) for m in pattern.finditer(variant)):
-                return GuardVerdict(False, reason)
+    reason = _refusal(text[: 4 * MAX_INSTRUCTION_CHARS], _GUARDS)
+    if reason is not None:
+        return GuardVerdict(False, reason)
     problem = _malformed(text)
+    if problem is not None:
+        return GuardVerdict(False, f"{_MALFORMED}: {problem}")
+    return _OK
+
+
+def guard_prompt(text: str, max_chars: int) -> GuardVerdict:
+    """Whether a whole system prompt an LLM wrote may be stored for an agent.
+
+    The instruction rules, but for the opening that names the agent's role: no
+    override of rules or role, no asking for secrets, no pointing users to addresses,
+    links or other services, no addressing other users, no markup; several lines
+    are fine, at most ``max_chars`` characters. The agent's prompt serves every
+    later request of its goal, so a prompt a request could have steered must not
+    pass where an instruction from feedback would not.
+    """
+    reason = _refusal(text[: 2 * max_chars], _PROMPT_GUARDS)
+    if reason is not None:
+        return GuardVerdict(False, reason)
+    problem = _malformed(text, max_chars, one_line=False)
     if problem is not None:
         return GuardVerdict(False, f"{_MALFORMED}: {problem}")
     return _OK
