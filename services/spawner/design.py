@@ -1,4 +1,9 @@
-"""How a new agent is made: its id, system prompt (LLM or template), temperature and tools."""
+"""How a new agent is made: its id, system prompt (LLM or template), temperature and tools.
+
+An agent serves every later request of its goal, from every user, so its template
+prompt holds nothing a request brought: the request's own context (the caller's system
+message, earlier turns) goes to that request's call alone, through the loader.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ def spawned_event_id(agent_id: str, version: int) -> str:
     return str(uuid.uuid5(_NS, f"{agent_id}:v{version}"))
 
 
-def template_prompt(specialty: str, context: dict[str, str]) -> str:
+def template_prompt(specialty: str) -> str:
+    """The specialty's own description and tools, and nothing of any request."""
     profile = profile_for(specialty)
     lines = [
         default_prompt(specialty),
@@ -30,9 +36,6 @@ def template_prompt(specialty: str, context: dict[str, str]) -> str:
     ]
     if profile.tools:
         lines.append(f"Tools you may ask for: {', '.join(profile.tools)}.")
-    extra = {k: v for k, v in context.items() if k != "specialty"}
-    if extra:
-        lines.append("Context: " + "; ".join(f"{k}={v}" for k, v in sorted(extra.items())[:10]))
     return "\n".join(lines)
 
 
@@ -73,14 +76,14 @@ def writing_request(specialty: str, message: str) -> list[dict[str, str]]:
 async def design_agent(
     specialty: str,
     message: str,
-    context: dict[str, str],
     llm: LLMClient | None,
     late: LateOutcome | None = None,
 ) -> AgentDesign:
     """The agent's prompt, temperature and tools; ``late`` learns how a prompt-writing
-    call given up on at the timeout ended (the template then serves)."""
+    call given up on at the timeout ended (the template then serves). ``message`` is
+    the first request's text: the LLM sees an excerpt of it, the template none."""
     profile = profile_for(specialty)
-    template = template_prompt(specialty, context)
+    template = template_prompt(specialty)
     design = AgentDesign(template, "template", profile.temperature, list(profile.tools))
     if llm is None:
         return design
