@@ -1,10 +1,10 @@
 """How a new agent is made: its id, system prompt (LLM or template), temperature and tools.
 
-An agent serves every later request of its goal, from every user, so its template
-prompt holds nothing a request brought, and the LLM that may write the prompt instead is
-shown an excerpt of the first request as data only. The request's own context (the
-caller's system message, earlier turns) goes to that request's call alone, through the
-loader.
+An agent serves every later request of its goal, from every user, so its prompt holds
+nothing a request brought: the template is the specialty's own words, and a prompt the
+LLM wrote (shown an excerpt of the first request, as data) is kept only if the guard
+passes it. The request's own context (the caller's system message, earlier turns) goes
+to that request's call alone, through the loader.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import hashlib
 import unicodedata
 import uuid
 
+from streams.guard import guard_prompt
 from streams.llm import LateOutcome, LLMClient, LLMError
 from streams.specialties import default_prompt, profile_for
 
@@ -26,6 +27,9 @@ __all__ = [
 
 _NS = uuid.UUID("5b0c3a52-6a4f-4d0e-9d1c-6f3b0f7e2a10")
 WRITE_MAX_TOKENS = 300
+# The longest written prompt kept: the 120 words asked for are about 800 characters,
+# and 300 tokens about 1,200; a longer one is not what the writer was asked for.
+_MAX_WRITTEN_CHARS = 1200
 # The budget holds the writing call's prompt at 1,500 bytes (services/budget/state.py,
 # _SPAWN_PROMPT_BYTES); the request's excerpt is cut, in UTF-8 bytes, to keep the
 # whole ask (and the 8 bytes a message adds) within it.
@@ -56,7 +60,8 @@ def template_prompt(specialty: str) -> str:
 
 class AgentDesign:
     """A designed agent. The cost fields are set when the LLM was asked for the prompt;
-    ``error`` says why that call failed (the template then serves)."""
+    ``error`` says why that call failed, ``refused`` why the guard refused its prompt
+    (the template serves in both cases)."""
 
     def __init__(self, prompt: str, source: str, temperature: float, tools: list[str]) -> None:
         self.system_prompt = prompt
@@ -69,6 +74,7 @@ class AgentDesign:
         self.latency_ms = 0.0
         self.model = ""
         self.error: str | None = None
+        self.refused: str | None = None
 
 
 def writing_request(specialty: str, message: str) -> list[dict[str, str]]:
@@ -76,7 +82,7 @@ def writing_request(specialty: str, message: str) -> list[dict[str, str]]:
 
     The request's excerpt is untrusted data between tags it cannot predict (they come
     from its hash), so a request that tries to steer the writer is at least marked as
-    such."""
+    such; what the writer returns is vetted by the guard all the same."""
     profile = profile_for(specialty)
     role = specialty.replace("_", " ")
     tag = "request-" + hashlib.sha256(message.encode()).hexdigest()[:12]
@@ -132,9 +138,13 @@ async def design_agent(
         design.error = f"{type(exc).__name__}: {exc}"
         return design  # the template serves; the event says which one was used
     text = done.text.strip()
-    if text:
+    verdict = guard_prompt(text, _MAX_WRITTEN_CHARS)
+    if verdict.ok:
         design.system_prompt = text
         design.prompt_source = "llm"
+    else:
+        # The request may have steered the writer: the template serves, the call is paid.
+        design.refused = verdict.reason
     design.cost_usd = done.cost_usd
     design.prompt_tokens = done.prompt_tokens
     design.completion_tokens = done.completion_tokens

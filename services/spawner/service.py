@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from services.spawner.design import (
+    WRITE_MAX_TOKENS,
     agent_id_for,
     design_agent,
     spawned_event_id,
@@ -80,7 +81,7 @@ def late_prompt_report(
             note = "answered after the timeout; the template served, the call is counted"
         elif isinstance(outcome, LLMUnsettled):
             ask = writing_request(event.specialty, event.message)
-            usd = worst_case_usd(settings.prices, settings.model, ask, 300)
+            usd = worst_case_usd(settings.prices, settings.model, ask, WRITE_MAX_TOKENS)
             tokens, note = (0, 0), f"{outcome}; counted at the call's worst case"
         else:
             return  # refused or failed in the end: nothing was billed
@@ -141,6 +142,12 @@ async def new_agent(
     )
     if llm is None:
         return spawned, None  # no call was made
+    error = design.error
+    if design.refused is not None:
+        log.warning(
+            "the prompt the LLM wrote for %s was %s; the template serves", agent_id, design.refused
+        )
+        error = f"the prompt it wrote was {design.refused}; the template served"
     cost = LlmCallCompleted(
         source=SOURCE,
         run_id=event.run_id,
@@ -153,7 +160,7 @@ async def new_agent(
         cost_usd=design.cost_usd,
         latency_ms=design.latency_ms,
         ok=design.error is None,
-        error=design.error,
+        error=error,
         occurred_at=now,
     )
     return spawned, cost
