@@ -82,8 +82,8 @@ _RESEND_SECONDS = 60.0
 # Beyond the deadline and the LLM timeout, before a slot is taken back.
 _LEASE_GRACE_SECONDS = 30.0
 # The spawner's prompt-writing call (services/spawner/design.py): at most 300
-# completion tokens; its prompt is a fixed instruction, the specialty's description
-# and tools, and the first 500 characters of the request (4 bytes each at most).
+# completion tokens; its prompt (a fixed instruction, the specialty's description and
+# tools, and an excerpt of the request) is cut to fit this many UTF-8 bytes.
 _SPAWN_MAX_TOKENS = 300
 _SPAWN_PROMPT_BYTES = 1500
 _ID_MAX = 64

@@ -12,16 +12,19 @@ import uuid
 from typing import Any
 
 from services.spawner.design import (
+    WRITE_MAX_TOKENS,
     agent_id_for,
     design_agent,
     spawned_event_id,
     writing_request,
 )
+from streams.clock import Clock
 from streams.events import AgentSpawned, GoalAgentsChanged, LlmCallCompleted, SpawnApproved
 from streams.faust_app import create_app, event_topic, start_app
 from streams.llm import (
     Completion,
     LateOutcome,
+    LLMClient,
     LLMError,
     LLMSettings,
     LLMUnsettled,
@@ -31,7 +34,7 @@ from streams.llm import (
 from streams.runtime import ServiceContext
 from streams.topics import PARTITIONS
 
-__all__ = ["APP_NAME", "main"]
+__all__ = ["APP_NAME", "main", "new_agent"]
 
 log = logging.getLogger(__name__)
 APP_NAME = "orchestrator.spawner"
@@ -78,7 +81,7 @@ def late_prompt_report(
             note = "answered after the timeout; the template served, the call is counted"
         elif isinstance(outcome, LLMUnsettled):
             ask = writing_request(event.specialty, event.message)
-            usd = worst_case_usd(settings.prices, settings.model, ask, 300)
+            usd = worst_case_usd(settings.prices, settings.model, ask, WRITE_MAX_TOKENS)
             tokens, note = (0, 0), f"{outcome}; counted at the call's worst case"
         else:
             return  # refused or failed in the end: nothing was billed
@@ -106,6 +109,63 @@ def late_prompt_report(
     return report
 
 
+async def new_agent(
+    event: SpawnApproved,
+    llm: LLMClient | None,
+    settings: LLMSettings,
+    clock: Clock,
+    late: LateOutcome | None = None,
+) -> tuple[AgentSpawned, LlmCallCompleted | None]:
+    """The agent an approval makes, and the cost of its prompt-writing call if one was made.
+
+    The approval's ``context`` (the caller's system message, earlier turns) is not read:
+    it belongs to the request that asked, and the loader gives it to that request's call.
+    """
+    agent_id = agent_id_for(event.specialty, event.event_id)
+    design = await design_agent(event.specialty, event.message, llm, late=late)
+    now = clock.now()
+    spawned = AgentSpawned(
+        event_id=spawned_event_id(agent_id, 1),
+        source=SOURCE,
+        run_id=event.run_id,
+        goal_id=event.goal_id,
+        user_id=event.user_id,
+        agent_id=agent_id,
+        specialty=event.specialty,
+        system_prompt=design.system_prompt,
+        temperature=design.temperature,
+        tools=design.tools,
+        model=_model_for(event, settings),
+        prompt_source=design.prompt_source,  # type: ignore[arg-type]
+        version=1,
+        occurred_at=now,
+    )
+    if llm is None:
+        return spawned, None  # no call was made
+    error = design.error
+    if design.refused is not None:
+        log.warning(
+            "the prompt the LLM wrote for %s was %s; the template serves", agent_id, design.refused
+        )
+        error = f"the prompt it wrote was {design.refused}; the template served"
+    cost = LlmCallCompleted(
+        source=SOURCE,
+        run_id=event.run_id,
+        goal_id=event.goal_id,
+        agent_id=agent_id,
+        model=design.model or settings.model,
+        purpose="spawn_prompt",
+        prompt_tokens=design.prompt_tokens,
+        completion_tokens=design.completion_tokens,
+        cost_usd=design.cost_usd,
+        latency_ms=design.latency_ms,
+        ok=design.error is None,
+        error=error,
+        occurred_at=now,
+    )
+    return spawned, cost
+
+
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     settings = LLMSettings.from_env()
     llm = create_llm(settings, ctx.clock)
@@ -119,48 +179,10 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         if known is not None:
             spawned = AgentSpawned.model_validate(known)
         else:
-            design = await design_agent(
-                event.specialty,
-                event.message,
-                event.context,
-                llm,
-                late=late_prompt_report(ctx, settings, event),
-            )
-            now = ctx.clock.now()
-            spawned = AgentSpawned(
-                event_id=spawned_event_id(agent_id, 1),
-                source=SOURCE,
-                run_id=event.run_id,
-                goal_id=event.goal_id,
-                user_id=event.user_id,
-                agent_id=agent_id,
-                specialty=event.specialty,
-                system_prompt=design.system_prompt,
-                temperature=design.temperature,
-                tools=design.tools,
-                model=_model_for(event, settings),
-                prompt_source=design.prompt_source,  # type: ignore[arg-type]
-                version=1,
-                occurred_at=now,
-            )
-            if design.prompt_source == "llm" or design.error:
-                await ctx.producer.send(
-                    LlmCallCompleted(
-                        source=SOURCE,
-                        run_id=event.run_id,
-                        goal_id=event.goal_id,
-                        agent_id=agent_id,
-                        model=design.model or settings.model,
-                        purpose="spawn_prompt",
-                        prompt_tokens=design.prompt_tokens,
-                        completion_tokens=design.completion_tokens,
-                        cost_usd=design.cost_usd,
-                        latency_ms=design.latency_ms,
-                        ok=design.error is None,
-                        error=design.error,
-                        occurred_at=now,
-                    )
-                )
+            late = late_prompt_report(ctx, settings, event)
+            spawned, cost = await new_agent(event, llm, settings, ctx.clock, late)
+            if cost is not None:
+                await ctx.producer.send(cost)
             registry[agent_id] = spawned.model_dump(mode="json")
         # Sent again after a crash between table write and send: same event_id, so
         # every reader treats it as the same event.

@@ -223,7 +223,7 @@ async def test_a_prompt_call_given_up_on_at_the_timeout_is_counted_when_it_ends(
     approved = SpawnApproved(source="budget", goal_id="g1", specialty="code", message="fix it")
     llm = GivenUpLLM(settings.prices, outcome=outcome)
     late = late_prompt_report(ctx, settings, approved)  # type: ignore[arg-type]
-    design = await design_agent("code", "fix it", {}, llm, late=late)
+    design = await design_agent("code", "fix it", llm, late=late)
     assert design.prompt_source == "template" and design.error  # the template served
     await asyncio.sleep(0.5)
     (report,) = producer.of(LlmCallCompleted)
