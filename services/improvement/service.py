@@ -82,7 +82,7 @@ from streams.events import (
     WorkflowCompleted,
     WorkflowFailed,
 )
-from streams.kafka import BACKGROUND_FETCH, Delivery, EventConsumer
+from streams.kafka import BACKGROUND_FETCH, Delivery, EventConsumer, failed_letter
 from streams.keys import DEFAULT_OPERATORS, Identity, operators_from
 from streams.llm import (
     Completion,
@@ -96,9 +96,10 @@ from streams.llm import (
 )
 from streams.runtime import ServiceContext
 from streams.snapshots import SnapshotStore, Snapshotter
+from streams.specialties import is_specialty_name
 from streams.topics import partition_for
 from streams.views import TopicView
-from streams.workflows import goal_of, goal_workflow, join_instructions
+from streams.workflows import goal_of, goal_workflow, join_instructions, parse_workflow
 
 __all__ = ["ImprovementConfig", "ImprovementService", "main", "serve"]
 
@@ -186,6 +187,11 @@ def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
 
 # Older snapshot versions still read, with the way from each to the current one.
 _UPGRADES = {1: _from_v1}
+
+
+class _ViewBehind(TimeoutError):
+    """The view has not read the version topics to their end: no command's fault, so the
+    command is read again (by the next start or owner) rather than dead-lettered."""
 
 
 def _hold_id(attempt: str, purpose: str) -> str:
@@ -756,6 +762,13 @@ class ImprovementService:
         specialty = run.workflow_id
         if not wants_improvement(event.score, event.text) or not specialty or not run.goal_id:
             return [self._verdict(event, True, "recorded; it asks for no change", run.goal_id)]
+        if not is_specialty_name(specialty):
+            # A run routed before pinned names were checked: no workflow is named after it.
+            why = (
+                "recorded; no prompt can change from it: its run's specialty"
+                f" {specialty[:60]!r} is not a specialty name"
+            )
+            return [self._verdict(event, True, why, run.goal_id)]
         out: list[Event] = []
         try:
             instructions, how = await self._instructions(event, run, specialty, out)
@@ -879,7 +892,7 @@ class ImprovementService:
     async def _sync_versions(self) -> None:
         assert self._view is not None
         if not await self._view.sync(VERSION_TOPICS, timeout=10.0):
-            raise TimeoutError(f"view did not catch up with {sorted(VERSION_TOPICS)}")
+            raise _ViewBehind(f"view did not catch up with {sorted(VERSION_TOPICS)}")
 
     async def _write(self, decide: Callable[[], list[Event]]) -> list[Event]:
         async with self._write_lock:
@@ -899,6 +912,10 @@ class ImprovementService:
         add vetted instructions to the workflow's current ones; the guard checks them
         again here, where they are written. ``system_prompt`` replaces the prompt.
         """
+        try:
+            goal, _ = parse_workflow(event.workflow_id)
+        except ValueError as exc:
+            return str(exc)
         if event.kind == "system_prompt":
             return {"system_prompt": event.proposal}
         added = [line for line in event.proposal.split("\n") if line.strip()]
@@ -906,7 +923,6 @@ class ImprovementService:
             verdict = guard_instruction(line)
             if not verdict.ok:
                 return f"instruction refused: {verdict.reason}"
-        goal, _ = goal_of(event.workflow_id)
         if event.kind == "instructions" and goal is None:
             return "feedback instructions only change the goal they came from"
         if event.kind in ("approved", "goal_win") and goal is not None:
@@ -929,6 +945,28 @@ class ImprovementService:
         return changes
 
     async def handle_command(self, event: Event, delivery: Delivery) -> None:
+        """One version command. One that fails goes to dead_letter with the reason and the
+        next is read: the command loop commits only what it handled, so an exception here
+        stopped the service and the same command stopped it again at every start."""
+        try:
+            await self._command(event, delivery)
+        except _ViewBehind:
+            raise
+        except Exception as exc:
+            log.exception("%s %s failed; dead-lettered: %s", event.event_type, event.event_id, exc)
+            await self.ctx.producer.send(
+                failed_letter(
+                    event,
+                    exc,
+                    source=SOURCE,
+                    topic=delivery.topic,
+                    partition=delivery.partition,
+                    offset=delivery.offset,
+                    codec=self.ctx.producer.codec,
+                )
+            )
+
+    async def _command(self, event: Event, delivery: Delivery) -> None:
         now = self.ctx.clock.now
         if isinstance(event, ImprovementAvailable):
             ledger = self.state.flow(event.workflow_id)
