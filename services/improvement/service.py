@@ -99,7 +99,13 @@ from streams.snapshots import SnapshotStore, Snapshotter
 from streams.specialties import is_specialty_name
 from streams.topics import partition_for
 from streams.views import TopicView
-from streams.workflows import goal_of, goal_workflow, join_instructions, parse_workflow
+from streams.workflows import (
+    goal_of,
+    goal_workflow,
+    join_instructions,
+    parse_workflow,
+    split_instructions,
+)
 
 __all__ = ["ImprovementConfig", "ImprovementService", "main", "serve"]
 
@@ -131,6 +137,8 @@ COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 # the pattern window; outcomes without run ids; a joined, assessed run without its message.
 SNAPSHOT_VERSION = 2
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
+# The kinds of improvement_available the platform proposes; the single writer saves no other.
+_KINDS = ("instructions", "approved", "goal_win")
 
 
 @dataclass(frozen=True)
@@ -904,33 +912,44 @@ class ImprovementService:
                     self.state.apply(e)  # at once: the next decision must see this one
         return events
 
-    def _changes(self, event: ImprovementAvailable) -> dict[str, str] | str:
-        """What a proposed version holds, or why it may not be saved.
+    def _refused(self, event: ImprovementAvailable) -> str | None:
+        """Why ``event`` may never be saved, whatever the workflow holds; None if it may.
 
-        ``instructions`` (a goal's, from feedback), ``approved`` (an operator made a
-        goal's change platform-wide) and ``goal_win`` (enough goals' canaries of it won)
-        add vetted instructions to the workflow's current ones; the guard checks them
-        again here, where they are written. ``system_prompt`` replaces the prompt.
+        Only what the platform proposes is saved, each kind with its checks:
+        ``instructions`` (a goal's, from feedback) in that goal's workflow only;
+        ``approved`` (an operator made a goal's change platform-wide) from an operator
+        only, and it and ``goal_win`` (enough goals' canaries of it won) in platform-wide
+        workflows only; every line they add passes the guard again here, where it is
+        written. No kind replaces a system prompt: the platform never proposes one, and
+        one saved would serve every goal of the specialty as its canary.
         """
+        if event.kind not in _KINDS:
+            return (
+                f"kind {event.kind[:40]!r} is none the platform proposes"
+                f" ({', '.join(_KINDS)}): an improvement adds vetted instructions and never"
+                " replaces a system prompt"
+            )
         try:
             goal, _ = parse_workflow(event.workflow_id)
         except ValueError as exc:
             return str(exc)
-        if event.kind == "system_prompt":
-            return {"system_prompt": event.proposal}
-        added = [line for line in event.proposal.split("\n") if line.strip()]
-        for line in added:
+        if event.kind == "instructions" and goal is None:
+            return "feedback instructions only change the goal they came from"
+        if event.kind != "instructions" and goal is not None:
+            return f"{event.kind} changes apply to platform-wide workflows only"
+        if event.kind == "approved" and not self.is_operator(event.user_id):
+            return _not_operator(event.user_id)
+        for line in split_instructions(event.proposal):
             verdict = guard_instruction(line)
             if not verdict.ok:
                 return f"instruction refused: {verdict.reason}"
-        if event.kind == "instructions" and goal is None:
-            return "feedback instructions only change the goal they came from"
-        if event.kind in ("approved", "goal_win") and goal is not None:
-            return f"{event.kind} changes apply to platform-wide workflows only"
-        if event.kind not in ("instructions", "approved", "goal_win"):
-            return f"unknown improvement kind {event.kind!r}"
+        return None
+
+    def _changes(self, event: ImprovementAvailable) -> dict[str, str] | str:
+        """What a version of ``event`` (one :meth:`_refused` let through) holds: its vetted
+        instructions added to the workflow's current ones; or why it is not saved now."""
         current = self.state.current_instructions(event.workflow_id)
-        fresh = [line for line in added if line not in current]
+        fresh = [line for line in split_instructions(event.proposal) if line not in current]
         if not fresh:
             return "the workflow already has these instructions"
         changes = {"instructions": join_instructions([*current, *fresh]), "added": "\n".join(fresh)}
@@ -969,7 +988,20 @@ class ImprovementService:
     async def _command(self, event: Event, delivery: Delivery) -> None:
         now = self.ctx.clock.now
         if isinstance(event, ImprovementAvailable):
-            ledger = self.state.flow(event.workflow_id)
+            refused = self._refused(event)
+            if refused is not None:
+                # Not something the platform proposed: kept on dead_letter for a person to
+                # look at, and no ledger is made for its workflow.
+                log.warning(
+                    "improvement %s on %s refused: %s",
+                    event.improvement_id,
+                    event.workflow_id[:200],
+                    refused,
+                )
+                await self.ctx.producer.send(
+                    self._dead_letter(event, delivery, refused, "ImprovementRefused")
+                )
+                return
             source: ChangeSource = (
                 "automated" if event.kind == "goal_win" else "user" if event.user_id else "system"
             )
@@ -982,7 +1014,7 @@ class ImprovementService:
                 if isinstance(changes, str):
                     refusal.append(changes)
                     return []
-                return ledger.propose(
+                return self.state.flow(event.workflow_id).propose(
                     event,
                     now=now(),
                     share=self.config.canary.share,
@@ -991,6 +1023,7 @@ class ImprovementService:
                 )
 
             done = await self._write(decide)
+            ledger = self.state.flows.get(event.workflow_id)
             if refusal:
                 log.info(
                     "improvement %s on %s not saved: %s",
@@ -998,7 +1031,7 @@ class ImprovementService:
                     event.workflow_id,
                     refusal[0],
                 )
-            elif not done and ledger.state.canary is not None:
+            elif not done and ledger is not None and ledger.state.canary is not None:
                 # One canary at a time, or neither could be measured; the proposal stays
                 # in the log as improvement_available for a person to look at.
                 log.info(
@@ -1015,9 +1048,9 @@ class ImprovementService:
                     self._dead_letter(event, delivery, reason, "NotOperator")
                 )
                 return
-            ledger = self.state.flow(event.workflow_id)
-            if not ledger.knows(event.to_version):
-                reason = f"workflow {event.workflow_id!r} has no version {event.to_version}"
+            known = self.state.flows.get(event.workflow_id)  # none is made for a made-up one
+            if known is None or not known.knows(event.to_version):
+                reason = f"workflow {event.workflow_id[:200]!r} has no version {event.to_version}"
                 log.warning("rollback refused: %s", reason)
                 await self.ctx.producer.send(
                     self._dead_letter(event, delivery, reason, "UnknownVersion")
@@ -1025,7 +1058,7 @@ class ImprovementService:
                 return
             reason = event.reason or f"requested by {event.user_id or 'an operator'}"
             await self._write(
-                lambda: ledger.rollback(
+                lambda: known.rollback(
                     event.to_version, now=now(), source="user", reason=reason, user_id=event.user_id
                 ),
             )

@@ -263,8 +263,8 @@ class ImprovementState:
 
     def current_instructions(self, workflow_id: str) -> list[str]:
         """A workflow's vetted instructions in the version that serves everyone now."""
-        ledger = self.flow(workflow_id)
-        saved = ledger.versions.get(ledger.state.base)
+        ledger = self.flows.get(workflow_id)  # asking makes no ledger
+        saved = ledger.versions.get(ledger.state.base) if ledger is not None else None
         return split_instructions(saved.changes.get("instructions")) if saved else []
 
 
