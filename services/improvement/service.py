@@ -543,12 +543,22 @@ class ImprovementService:
         )
 
     # -- feedback ----------------------------------------------------------------
-    async def check_owner(self, run_id: str, user_id: str) -> RunInfo:
+    async def check_owner(self, run_id: str, user_id: str, goal_id: str | None = None) -> RunInfo:
+        """The run, when ``user_id`` owns it and (``goal_id`` given) it is of that goal.
+
+        The owner is the run's first (see :meth:`ImprovementState.apply`); a goal named by
+        the feedback (the key's, on HTTP) must be the run's, so feedback never proposes a
+        change for a goal its sender does not speak for.
+        """
         run = await self._run_known(run_id, lambda r: r.user_id is not None)
         if run is None or run.user_id is None:
             raise UnknownRun(f"unknown run {run_id!r}: no request with this run id was seen")
         if run.user_id != user_id:
             raise NotRunOwner(f"user {user_id!r} does not own run {run_id!r}; only its owner may")
+        if goal_id is not None and run.goal_id != goal_id:
+            raise NotRunOwner(
+                f"run {run_id!r} is not of goal {goal_id!r}; feedback stays in its goal"
+            )
         return run
 
     def check_rate(self, user_id: str, feedback_id: str, at: datetime) -> None:
@@ -663,9 +673,7 @@ class ImprovementService:
             source=SOURCE,
             at=self.ctx.clock.now(),
         )
-        run = await self.check_owner(run_id, user_id)
-        if goal_id is not None and run.goal_id != goal_id:
-            raise NotRunOwner(f"run {run_id!r} is not of goal {goal_id!r}, the key's goal")
+        run = await self.check_owner(run_id, user_id, goal_id)
         self.check_rate(user_id, event.event_id, event.occurred_at)
         event = event.model_copy(update={"goal_id": run.goal_id})
         # Waiting starts before sending: the verdict may be read before send() returns.
@@ -758,7 +766,7 @@ class ImprovementService:
 
     async def on_feedback(self, event: FeedbackReceived, delivery: Delivery) -> list[Event]:
         try:
-            run = await self.check_owner(event.run_id, event.user_id)
+            run = await self.check_owner(event.run_id, event.user_id, event.goal_id)
             self.check_rate(event.user_id, event.event_id, event.occurred_at)
         except FeedbackRefused as exc:
             log.warning("feedback %s refused: %s", event.event_id, exc)

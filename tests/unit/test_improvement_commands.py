@@ -205,3 +205,50 @@ async def test_a_rollback_of_a_workflow_with_no_versions_makes_no_ledger():
     await service.handle_command(command, _delivery(command))
     [letter] = producer.of(DeadLetter)
     assert letter.error_type == "UnknownVersion" and service.state.flows == {}
+
+
+def _feedback(user_id: str, goal_id: str | None = None) -> FeedbackReceived:
+    return FeedbackReceived(
+        source="t", run_id="r1", user_id=user_id, goal_id=goal_id, score=1, text="shorter"
+    )
+
+
+async def test_a_replayed_request_under_a_victims_run_id_does_not_hand_the_run_to_another_user():
+    service, _, _ = _service()
+    _routed(service, "code")  # u1's run in goal g1
+    forged = RequestReceived(
+        source="t", run_id="r1", goal_id="g2", user_id="mallory", message="something else"
+    )
+    service._view_event(forged)  # noqa: SLF001
+    run = service.state.run("r1")
+    assert run is not None and (run.user_id, run.goal_id) == ("u1", "g1")
+    # Mallory's feedback on it is refused, and proposes nothing for g1.
+    theirs = _feedback("mallory")
+    out = await service.on_feedback(theirs, _delivery(theirs))
+    verdict, letter = out
+    assert isinstance(verdict, FeedbackDecided) and not verdict.accepted
+    assert verdict.error_type == "NotRunOwner" and isinstance(letter, DeadLetter)
+    assert not [e for e in out if isinstance(e, ImprovementAvailable)]
+    # The owner's still counts.
+    mine = _feedback("u1")
+    [proposal, accepted] = await service.on_feedback(mine, _delivery(mine))
+    assert isinstance(proposal, ImprovementAvailable) and proposal.workflow_id == "g1/code"
+    assert isinstance(accepted, FeedbackDecided) and accepted.accepted
+
+
+async def test_feedback_that_names_another_goal_than_its_runs_is_refused():
+    service, _, _ = _service()
+    _routed(service, "code")
+    other = _feedback("u1", goal_id="g2")
+    verdict, _ = await service.on_feedback(other, _delivery(other))
+    assert isinstance(verdict, FeedbackDecided) and not verdict.accepted
+    assert "is not of goal 'g2'" in verdict.reason
+
+
+def test_a_redelivered_request_changes_nothing_and_joins_the_run_once():
+    service, _, _ = _service()
+    _routed(service, "code")
+    _routed(service, "code")  # every event of the run again, as after a rebalance
+    run = service.state.run("r1")
+    assert run is not None and (run.user_id, run.goal_id) == ("u1", "g1")
+    assert service.state.learner.occurrences(run.signature or "") == 1
