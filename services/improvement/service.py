@@ -647,9 +647,19 @@ class ImprovementService:
             improvement_id=improvement_id,
             occurred_at=self.ctx.clock.now(),
         )
-        self._waiters[event.event_id] = asyncio.get_running_loop().create_future()
-        await self.ctx.producer.send(event)
+        await self._send_awaited(event)
         return event
+
+    async def _send_awaited(self, event: FeedbackReceived | PromotionRequested) -> None:
+        """Send a request whose verdict the caller waits for next (:meth:`verdict`, which
+        removes the waiter). Waiting starts before sending, as the verdict may be read
+        before send() returns; a request that was not sent leaves no waiter behind."""
+        self._waiters[event.event_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self.ctx.producer.send(event)
+        except BaseException:
+            self._waiters.pop(event.event_id, None)
+            raise
 
     async def submit(
         self,
@@ -659,10 +669,14 @@ class ImprovementService:
         text: str,
         channel: str,
         goal_id: str | None = None,
+        *,
+        wait: bool = False,
     ) -> FeedbackReceived:
         """HTTP and Slack: refuse early with the reason, else send ``feedback_received``.
 
         ``goal_id``: the caller's key is for this goal; a run of another goal is refused.
+        ``wait``: the caller waits for the verdict next (:meth:`verdict`); without it
+        (Slack answers at once) nothing is kept for the verdict.
         """
         event = feedback_event(
             run_id,
@@ -676,9 +690,10 @@ class ImprovementService:
         run = await self.check_owner(run_id, user_id, goal_id)
         self.check_rate(user_id, event.event_id, event.occurred_at)
         event = event.model_copy(update={"goal_id": run.goal_id})
-        # Waiting starts before sending: the verdict may be read before send() returns.
-        self._waiters[event.event_id] = asyncio.get_running_loop().create_future()
-        await self.ctx.producer.send(event)
+        if wait:
+            await self._send_awaited(event)
+        else:
+            await self.ctx.producer.send(event)
         return event
 
     def _dead_letter(
