@@ -3,20 +3,24 @@
 The router classifies with the keywords, the spawner takes temperature, tools
 and the template prompt, and the loader's keyword tier answers from
 ``offline_hint`` when no LLM can be reached. A request may also name its
-specialty in ``context["specialty"]``; unknown names get the ``general`` profile.
+specialty in ``context["specialty"]``; unknown names get the ``general`` profile, and a
+name that is not a specialty name (:func:`is_specialty_name`) is refused by the router.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = [
     "DEFAULT_SPECIALTY",
     "PROFILES",
     "Profile",
+    "asked_specialty",
     "classify",
     "default_prompt",
+    "is_specialty_name",
     "profile_for",
     "tokens",
 ]
@@ -115,7 +119,20 @@ PROFILES: dict[str, Profile] = {
 }
 DEFAULT_SPECIALTY = "general"
 _WORD = re.compile(r"[a-z0-9_]+")
-_SPECIALTY_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
+_SPECIALTY_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
+
+
+def asked_specialty(context: Mapping[str, str] | None) -> str:
+    """The specialty a request pins in ``context["specialty"]``, trimmed and in lower case;
+    "" when it pins none."""
+    return (context or {}).get("specialty", "").strip().lower()
+
+
+def is_specialty_name(name: str) -> bool:
+    """Whether ``name`` may name a specialty: a lower-case letter, then up to 47 lower-case
+    letters, digits or ``_``. Agents, workflow ids (``<goal>/<specialty>``) and version
+    keys are built from it, so anything else (a ``/`` above all) is never one."""
+    return _SPECIALTY_NAME.fullmatch(name) is not None
 
 
 def tokens(text: str) -> set[str]:
@@ -135,8 +152,8 @@ def default_prompt(specialty: str) -> str:
 
 def classify(message: str, context: dict[str, str] | None = None) -> tuple[str, dict[str, float]]:
     """The specialty for a request and the keyword score of every known specialty."""
-    asked = (context or {}).get("specialty", "").strip().lower()
-    if asked and _SPECIALTY_NAME.match(asked):
+    asked = asked_specialty(context)
+    if is_specialty_name(asked):
         return asked, {asked: 1.0}
     words = tokens(message)
     scores = {

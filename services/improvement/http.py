@@ -50,7 +50,11 @@ _MAX_BODY = 64 * 1024
 
 
 class FeedbackSink(Protocol):
-    """Checks feedback (raises InvalidRequest, UnknownRun, NotRunOwner, RateLimited), sends it."""
+    """Checks feedback (raises InvalidRequest, UnknownRun, NotRunOwner, RateLimited), sends it.
+
+    A caller that passes ``wait=True`` to ``submit`` (and every caller of ``approve``)
+    asks for ``verdict`` next, which lets go of what was kept for it.
+    """
 
     def identify(self, key: str) -> Identity | None: ...
 
@@ -62,6 +66,8 @@ class FeedbackSink(Protocol):
         text: str,
         channel: str,
         goal_id: str | None = None,
+        *,
+        wait: bool = False,
     ) -> FeedbackReceived: ...
 
     async def approve(self, improvement_id: str, user_id: str) -> PromotionRequested: ...
@@ -146,7 +152,9 @@ def _improve_handler(sink: FeedbackSink) -> Any:
             run_id, user_id, score, text = _parse(body)
             if user_id is not None and user_id != who.user_id:
                 raise NotRunOwner(f"the key speaks for {who.user_id!r}, not {user_id!r}")
-            event = await sink.submit(run_id, who.user_id, score, text, "http", who.goal_id)
+            event = await sink.submit(
+                run_id, who.user_id, score, text, "http", who.goal_id, wait=True
+            )
         except InvalidRequest as exc:
             return _error(400, str(exc))
         except UnknownRun as exc:
@@ -207,6 +215,7 @@ def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
         try:
             parsed = parse_slack_command(str(command.get("text", "")))
             user = slack_platform_user(str(command.get("user_id", "")), slack.users)
+            # Slack gets its answer now, not the verdict: nothing waits for one.
             event = await sink.submit(parsed.run_id, user, parsed.score, parsed.text, "slack")
         except (InvalidRequest, ValueError, UnknownRun, NotRunOwner, RateLimited) as exc:
             await ack(text=f"Feedback not recorded: {exc}")

@@ -82,7 +82,7 @@ from streams.events import (
     WorkflowCompleted,
     WorkflowFailed,
 )
-from streams.kafka import BACKGROUND_FETCH, Delivery, EventConsumer
+from streams.kafka import BACKGROUND_FETCH, Delivery, EventConsumer, failed_letter
 from streams.keys import DEFAULT_OPERATORS, Identity, operators_from
 from streams.llm import (
     Completion,
@@ -96,9 +96,16 @@ from streams.llm import (
 )
 from streams.runtime import ServiceContext
 from streams.snapshots import SnapshotStore, Snapshotter
+from streams.specialties import is_specialty_name
 from streams.topics import partition_for
 from streams.views import TopicView
-from streams.workflows import goal_of, goal_workflow, join_instructions
+from streams.workflows import (
+    goal_of,
+    goal_workflow,
+    join_instructions,
+    parse_workflow,
+    split_instructions,
+)
 
 __all__ = ["ImprovementConfig", "ImprovementService", "main", "serve"]
 
@@ -130,6 +137,8 @@ COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 # the pattern window; outcomes without run ids; a joined, assessed run without its message.
 SNAPSHOT_VERSION = 2
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
+# The kinds of improvement_available the platform proposes; the single writer saves no other.
+_KINDS = ("instructions", "approved", "goal_win")
 
 
 @dataclass(frozen=True)
@@ -186,6 +195,11 @@ def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
 
 # Older snapshot versions still read, with the way from each to the current one.
 _UPGRADES = {1: _from_v1}
+
+
+class _ViewBehind(TimeoutError):
+    """The view has not read the version topics to their end: no command's fault, so the
+    command is read again (by the next start or owner) rather than dead-lettered."""
 
 
 def _hold_id(attempt: str, purpose: str) -> str:
@@ -529,12 +543,22 @@ class ImprovementService:
         )
 
     # -- feedback ----------------------------------------------------------------
-    async def check_owner(self, run_id: str, user_id: str) -> RunInfo:
+    async def check_owner(self, run_id: str, user_id: str, goal_id: str | None = None) -> RunInfo:
+        """The run, when ``user_id`` owns it and (``goal_id`` given) it is of that goal.
+
+        The owner is the run's first (see :meth:`ImprovementState.apply`); a goal named by
+        the feedback (the key's, on HTTP) must be the run's, so feedback never proposes a
+        change for a goal its sender does not speak for.
+        """
         run = await self._run_known(run_id, lambda r: r.user_id is not None)
         if run is None or run.user_id is None:
             raise UnknownRun(f"unknown run {run_id!r}: no request with this run id was seen")
         if run.user_id != user_id:
             raise NotRunOwner(f"user {user_id!r} does not own run {run_id!r}; only its owner may")
+        if goal_id is not None and run.goal_id != goal_id:
+            raise NotRunOwner(
+                f"run {run_id!r} is not of goal {goal_id!r}; feedback stays in its goal"
+            )
         return run
 
     def check_rate(self, user_id: str, feedback_id: str, at: datetime) -> None:
@@ -623,9 +647,19 @@ class ImprovementService:
             improvement_id=improvement_id,
             occurred_at=self.ctx.clock.now(),
         )
-        self._waiters[event.event_id] = asyncio.get_running_loop().create_future()
-        await self.ctx.producer.send(event)
+        await self._send_awaited(event)
         return event
+
+    async def _send_awaited(self, event: FeedbackReceived | PromotionRequested) -> None:
+        """Send a request whose verdict the caller waits for next (:meth:`verdict`, which
+        removes the waiter). Waiting starts before sending, as the verdict may be read
+        before send() returns; a request that was not sent leaves no waiter behind."""
+        self._waiters[event.event_id] = asyncio.get_running_loop().create_future()
+        try:
+            await self.ctx.producer.send(event)
+        except BaseException:
+            self._waiters.pop(event.event_id, None)
+            raise
 
     async def submit(
         self,
@@ -635,10 +669,14 @@ class ImprovementService:
         text: str,
         channel: str,
         goal_id: str | None = None,
+        *,
+        wait: bool = False,
     ) -> FeedbackReceived:
         """HTTP and Slack: refuse early with the reason, else send ``feedback_received``.
 
         ``goal_id``: the caller's key is for this goal; a run of another goal is refused.
+        ``wait``: the caller waits for the verdict next (:meth:`verdict`); without it
+        (Slack answers at once) nothing is kept for the verdict.
         """
         event = feedback_event(
             run_id,
@@ -649,14 +687,13 @@ class ImprovementService:
             source=SOURCE,
             at=self.ctx.clock.now(),
         )
-        run = await self.check_owner(run_id, user_id)
-        if goal_id is not None and run.goal_id != goal_id:
-            raise NotRunOwner(f"run {run_id!r} is not of goal {goal_id!r}, the key's goal")
+        run = await self.check_owner(run_id, user_id, goal_id)
         self.check_rate(user_id, event.event_id, event.occurred_at)
         event = event.model_copy(update={"goal_id": run.goal_id})
-        # Waiting starts before sending: the verdict may be read before send() returns.
-        self._waiters[event.event_id] = asyncio.get_running_loop().create_future()
-        await self.ctx.producer.send(event)
+        if wait:
+            await self._send_awaited(event)
+        else:
+            await self.ctx.producer.send(event)
         return event
 
     def _dead_letter(
@@ -744,7 +781,7 @@ class ImprovementService:
 
     async def on_feedback(self, event: FeedbackReceived, delivery: Delivery) -> list[Event]:
         try:
-            run = await self.check_owner(event.run_id, event.user_id)
+            run = await self.check_owner(event.run_id, event.user_id, event.goal_id)
             self.check_rate(event.user_id, event.event_id, event.occurred_at)
         except FeedbackRefused as exc:
             log.warning("feedback %s refused: %s", event.event_id, exc)
@@ -756,6 +793,13 @@ class ImprovementService:
         specialty = run.workflow_id
         if not wants_improvement(event.score, event.text) or not specialty or not run.goal_id:
             return [self._verdict(event, True, "recorded; it asks for no change", run.goal_id)]
+        if not is_specialty_name(specialty):
+            # A run routed before pinned names were checked: no workflow is named after it.
+            why = (
+                "recorded; no prompt can change from it: its run's specialty"
+                f" {specialty[:60]!r} is not a specialty name"
+            )
+            return [self._verdict(event, True, why, run.goal_id)]
         out: list[Event] = []
         try:
             instructions, how = await self._instructions(event, run, specialty, out)
@@ -879,7 +923,7 @@ class ImprovementService:
     async def _sync_versions(self) -> None:
         assert self._view is not None
         if not await self._view.sync(VERSION_TOPICS, timeout=10.0):
-            raise TimeoutError(f"view did not catch up with {sorted(VERSION_TOPICS)}")
+            raise _ViewBehind(f"view did not catch up with {sorted(VERSION_TOPICS)}")
 
     async def _write(self, decide: Callable[[], list[Event]]) -> list[Event]:
         async with self._write_lock:
@@ -891,30 +935,44 @@ class ImprovementService:
                     self.state.apply(e)  # at once: the next decision must see this one
         return events
 
-    def _changes(self, event: ImprovementAvailable) -> dict[str, str] | str:
-        """What a proposed version holds, or why it may not be saved.
+    def _refused(self, event: ImprovementAvailable) -> str | None:
+        """Why ``event`` may never be saved, whatever the workflow holds; None if it may.
 
-        ``instructions`` (a goal's, from feedback), ``approved`` (an operator made a
-        goal's change platform-wide) and ``goal_win`` (enough goals' canaries of it won)
-        add vetted instructions to the workflow's current ones; the guard checks them
-        again here, where they are written. ``system_prompt`` replaces the prompt.
+        Only what the platform proposes is saved, each kind with its checks:
+        ``instructions`` (a goal's, from feedback) in that goal's workflow only;
+        ``approved`` (an operator made a goal's change platform-wide) from an operator
+        only, and it and ``goal_win`` (enough goals' canaries of it won) in platform-wide
+        workflows only; every line they add passes the guard again here, where it is
+        written. No kind replaces a system prompt: the platform never proposes one, and
+        one saved would serve every goal of the specialty as its canary.
         """
-        if event.kind == "system_prompt":
-            return {"system_prompt": event.proposal}
-        added = [line for line in event.proposal.split("\n") if line.strip()]
-        for line in added:
+        if event.kind not in _KINDS:
+            return (
+                f"kind {event.kind[:40]!r} is none the platform proposes"
+                f" ({', '.join(_KINDS)}): an improvement adds vetted instructions and never"
+                " replaces a system prompt"
+            )
+        try:
+            goal, _ = parse_workflow(event.workflow_id)
+        except ValueError as exc:
+            return str(exc)
+        if event.kind == "instructions" and goal is None:
+            return "feedback instructions only change the goal they came from"
+        if event.kind != "instructions" and goal is not None:
+            return f"{event.kind} changes apply to platform-wide workflows only"
+        if event.kind == "approved" and not self.is_operator(event.user_id):
+            return _not_operator(event.user_id)
+        for line in split_instructions(event.proposal):
             verdict = guard_instruction(line)
             if not verdict.ok:
                 return f"instruction refused: {verdict.reason}"
-        goal, _ = goal_of(event.workflow_id)
-        if event.kind == "instructions" and goal is None:
-            return "feedback instructions only change the goal they came from"
-        if event.kind in ("approved", "goal_win") and goal is not None:
-            return f"{event.kind} changes apply to platform-wide workflows only"
-        if event.kind not in ("instructions", "approved", "goal_win"):
-            return f"unknown improvement kind {event.kind!r}"
+        return None
+
+    def _changes(self, event: ImprovementAvailable) -> dict[str, str] | str:
+        """What a version of ``event`` (one :meth:`_refused` let through) holds: its vetted
+        instructions added to the workflow's current ones; or why it is not saved now."""
         current = self.state.current_instructions(event.workflow_id)
-        fresh = [line for line in added if line not in current]
+        fresh = [line for line in split_instructions(event.proposal) if line not in current]
         if not fresh:
             return "the workflow already has these instructions"
         changes = {"instructions": join_instructions([*current, *fresh]), "added": "\n".join(fresh)}
@@ -929,9 +987,44 @@ class ImprovementService:
         return changes
 
     async def handle_command(self, event: Event, delivery: Delivery) -> None:
+        """One version command. One that fails goes to dead_letter with the reason and the
+        next is read: the command loop commits only what it handled, so an exception here
+        stopped the service and the same command stopped it again at every start."""
+        try:
+            await self._command(event, delivery)
+        except _ViewBehind:
+            raise
+        except Exception as exc:
+            log.exception("%s %s failed; dead-lettered: %s", event.event_type, event.event_id, exc)
+            await self.ctx.producer.send(
+                failed_letter(
+                    event,
+                    exc,
+                    source=SOURCE,
+                    topic=delivery.topic,
+                    partition=delivery.partition,
+                    offset=delivery.offset,
+                    codec=self.ctx.producer.codec,
+                )
+            )
+
+    async def _command(self, event: Event, delivery: Delivery) -> None:
         now = self.ctx.clock.now
         if isinstance(event, ImprovementAvailable):
-            ledger = self.state.flow(event.workflow_id)
+            refused = self._refused(event)
+            if refused is not None:
+                # Not something the platform proposed: kept on dead_letter for a person to
+                # look at, and no ledger is made for its workflow.
+                log.warning(
+                    "improvement %s on %s refused: %s",
+                    event.improvement_id,
+                    event.workflow_id[:200],
+                    refused,
+                )
+                await self.ctx.producer.send(
+                    self._dead_letter(event, delivery, refused, "ImprovementRefused")
+                )
+                return
             source: ChangeSource = (
                 "automated" if event.kind == "goal_win" else "user" if event.user_id else "system"
             )
@@ -944,7 +1037,7 @@ class ImprovementService:
                 if isinstance(changes, str):
                     refusal.append(changes)
                     return []
-                return ledger.propose(
+                return self.state.flow(event.workflow_id).propose(
                     event,
                     now=now(),
                     share=self.config.canary.share,
@@ -953,6 +1046,7 @@ class ImprovementService:
                 )
 
             done = await self._write(decide)
+            ledger = self.state.flows.get(event.workflow_id)
             if refusal:
                 log.info(
                     "improvement %s on %s not saved: %s",
@@ -960,7 +1054,7 @@ class ImprovementService:
                     event.workflow_id,
                     refusal[0],
                 )
-            elif not done and ledger.state.canary is not None:
+            elif not done and ledger is not None and ledger.state.canary is not None:
                 # One canary at a time, or neither could be measured; the proposal stays
                 # in the log as improvement_available for a person to look at.
                 log.info(
@@ -977,9 +1071,9 @@ class ImprovementService:
                     self._dead_letter(event, delivery, reason, "NotOperator")
                 )
                 return
-            ledger = self.state.flow(event.workflow_id)
-            if not ledger.knows(event.to_version):
-                reason = f"workflow {event.workflow_id!r} has no version {event.to_version}"
+            known = self.state.flows.get(event.workflow_id)  # none is made for a made-up one
+            if known is None or not known.knows(event.to_version):
+                reason = f"workflow {event.workflow_id[:200]!r} has no version {event.to_version}"
                 log.warning("rollback refused: %s", reason)
                 await self.ctx.producer.send(
                     self._dead_letter(event, delivery, reason, "UnknownVersion")
@@ -987,7 +1081,7 @@ class ImprovementService:
                 return
             reason = event.reason or f"requested by {event.user_id or 'an operator'}"
             await self._write(
-                lambda: ledger.rollback(
+                lambda: known.rollback(
                     event.to_version, now=now(), source="user", reason=reason, user_id=event.user_id
                 ),
             )

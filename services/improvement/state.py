@@ -167,10 +167,14 @@ class ImprovementState:
         ):
             return
         run = self._run(event.run_id)
+        # The first owner, goal and message seen stay the run's: every event of a run
+        # carries its request's, so a later request_received under the same run id that
+        # says otherwise is a replay or a forgery, and must not hand the run (and
+        # feedback on it) to another user.
         run.user_id = run.user_id or _shared(event.user_id)
         run.goal_id = run.goal_id or _shared(event.goal_id)
         if isinstance(event, RequestReceived):
-            run.message, run.user_id = event.message, _shared(event.user_id)
+            run.message = run.message or event.message
         elif isinstance(event, RouteDecided):
             run.routed_specialty = _shared(event.specialty)
             if run.judge_probability is None:  # the first decision's, as the judge saw it
@@ -263,8 +267,8 @@ class ImprovementState:
 
     def current_instructions(self, workflow_id: str) -> list[str]:
         """A workflow's vetted instructions in the version that serves everyone now."""
-        ledger = self.flow(workflow_id)
-        saved = ledger.versions.get(ledger.state.base)
+        ledger = self.flows.get(workflow_id)  # asking makes no ledger
+        saved = ledger.versions.get(ledger.state.base) if ledger is not None else None
         return split_instructions(saved.changes.get("instructions")) if saved else []
 
 

@@ -58,7 +58,7 @@ from streams.registry import AgentRecord, RegistryView
 from streams.runtime import ServiceContext
 from streams.signatures import exact_key, signature_of
 from streams.snapshots import SnapshotStore, Snapshotter
-from streams.specialties import PROFILES
+from streams.specialties import PROFILES, asked_specialty, is_specialty_name
 from streams.views import TopicView
 
 __all__ = ["Router", "main"]
@@ -340,7 +340,7 @@ class Router:
     def choose(
         self, request: RequestReceived
     ) -> tuple[str, AgentRecord | None, RouteDecided, AutomationHit | None]:
-        asked = request.context.get("specialty", "").strip().lower()
+        asked = asked_specialty(request.context)  # a name _route has checked
         features = features_of(request.message)
         model: str | None = None  # any of the specialty's agents; a new one on the default
         busy: dict[str, int] = {}  # models left out of the choice, with their answers in flight
@@ -561,6 +561,18 @@ class Router:
         now = self.ctx.clock.now()
         if event.deadline_at is not None and event.deadline_at <= now:
             await self._end(self._failed(event, "timeout", "deadline passed before routing"))
+            return
+        asked = asked_specialty(event.context)
+        if asked and not is_specialty_name(asked):
+            # The name becomes an agent's specialty and a workflow id (<goal>/<specialty>):
+            # a '/' in it made the improvement service save a version it could not write.
+            # Asked for by name, so refused by name rather than routed somewhere else.
+            detail = (
+                f"context specialty {asked[:60]!r} is not a specialty name: use a lower-case"
+                " letter, then up to 47 lower-case letters, digits or _ (e.g. code,"
+                " customer_support), or leave it out to let the platform choose"
+            )
+            await self._end(self._failed(event, "invalid", detail))
             return
         specialty, agent, decision, hit = self.choose(event)
         if hit is not None and hit.cached is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -14,11 +15,13 @@ from services.improvement.feedback import (
 )
 from services.improvement.http import SlackSettings, build_app
 from services.improvement.patterns import PatternSettings
+from services.improvement.service import ImprovementConfig, ImprovementService
 from services.improvement.state import ImprovementState
-from streams.clock import FakeClock
+from streams.clock import FakeClock, SystemClock
 from streams.errors import InvalidRequest, NotRunOwner, PromotionRefused, RateLimited, UnknownRun
 from streams.events import (
     ApiKeyRevoked,
+    Event,
     FeedbackDecided,
     FeedbackReceived,
     PromotionDecided,
@@ -30,6 +33,7 @@ from streams.events import (
     WorkflowFailed,
 )
 from streams.keys import Identity, KeyRegistry, mint_key
+from tests.samples import RecordingProducer
 from tests.slack import slash_command
 
 SECRET = "8f742231b10e8888abcd99yyyzzz85a5"
@@ -131,6 +135,8 @@ class _Sink:
         text: str,
         channel: str,
         goal_id: str | None = None,
+        *,
+        wait: bool = False,
     ) -> FeedbackReceived:
         owners = {"r1": ("u1", "g1"), "r2": ("slack:U123", "g2")}
         if run_id not in owners:
@@ -317,3 +323,54 @@ async def test_slack_signed_command_is_accepted_and_a_bad_signature_refused():
         foreign = await client.post("/slack/commands", data=body, headers=headers)
         assert foreign.status == 200 and "does not own" in await foreign.text()
     assert len(sink.sent) == 1
+
+
+class _Deciding(RecordingProducer):
+    """Sends feedback, and its verdict comes back at once, as the view would read it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.service: ImprovementService | None = None
+
+    async def send(self, event: Event) -> None:
+        await super().send(event)
+        if isinstance(event, FeedbackReceived) and self.service is not None:
+            verdict = FeedbackDecided(
+                source="improvement",
+                run_id=event.run_id,
+                user_id=event.user_id,
+                feedback_id=event.event_id,
+                accepted=True,
+                reason="recorded",
+            )
+            self.service._view_event(verdict)  # noqa: SLF001
+
+
+async def test_slack_and_http_feedback_leave_nothing_behind_waiting_for_a_verdict():
+    # Each Slack /improve once kept a waiter for a verdict nobody asked for: one more
+    # entry per command, for as long as the service ran.
+    producer = _Deciding()
+    ctx = SimpleNamespace(producer=producer, clock=SystemClock())
+    service = ImprovementService(ctx, ImprovementConfig(http_port=None, feedback_limit=100), None)  # type: ignore[arg-type]
+    producer.service = service
+    key, issued = mint_key("g1", "u1", "user", source="t")
+    for event in (
+        issued,
+        RequestReceived(source="t", run_id="r1", goal_id="g1", user_id="u1", message="hi"),
+        RequestReceived(source="t", run_id="r2", goal_id="g2", user_id="slack:U123", message="x"),
+    ):
+        service._view_event(event)  # noqa: SLF001
+    app = build_app(service, SlackSettings(SECRET))
+    async with TestClient(TestServer(app)) as client:
+        for n in range(30):
+            body, headers = slash_command(SECRET, f"r2 2 shorter answers please {n}")
+            ok = await client.post("/slack/commands", data=body, headers=headers)
+            assert ok.status == 200 and "recorded" in await ok.text()
+        answered = await client.post(
+            "/improve",
+            json={"run_id": "r1", "score": 2},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert answered.status == 200 and (await answered.json())["accepted"]
+    assert len(producer.of(FeedbackReceived)) == 31
+    assert service._waiters == {}  # noqa: SLF001

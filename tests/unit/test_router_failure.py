@@ -51,3 +51,34 @@ async def test_a_request_that_already_ended_is_not_routed_again():
     )
     await router.handle(request, None)  # type: ignore[arg-type]
     assert producer.sent == []
+
+
+def _pinning(asked: str) -> RequestReceived:
+    return RequestReceived(
+        source="test",
+        run_id="r1",
+        goal_id="g1",
+        user_id="u1",
+        message="fix this python bug",
+        context={"specialty": asked},
+    )
+
+
+@pytest.mark.parametrize("asked", ["x/y", "../code", "Code Review", "a" * 49, "c\u00f6de"])
+async def test_a_pinned_specialty_that_is_no_specialty_name_fails_the_request_by_name(asked: str):
+    # context specialty=x/y once became the agent's specialty and the workflow id g1/x/y,
+    # which the improvement service could not save a version of: it crashed on feedback.
+    producer = RecordingProducer()
+    router = Router(SimpleNamespace(producer=producer, clock=FakeClock()))  # type: ignore[arg-type]
+    await router.handle(_pinning(asked), None)  # type: ignore[arg-type]
+    [failed] = producer.sent  # one terminal event, and no route, spawn or task
+    assert isinstance(failed, WorkflowFailed)
+    assert failed.reason == "invalid" and failed.event_id == terminal_event_id("r1")
+    assert "is not a specialty name" in failed.detail and failed.specialty is None
+
+
+def test_a_pinned_specialty_name_is_still_forced_whatever_its_case():
+    router = Router(SimpleNamespace(producer=RecordingProducer(), clock=FakeClock()))  # type: ignore[arg-type]
+    specialty, _, decision, _ = router.choose(_pinning(" Customer_Support "))
+    assert specialty == decision.specialty == "customer_support"
+    assert decision.policy == "forced"
