@@ -29,6 +29,7 @@ __all__ = [
     "KeyRegistry",
     "KeyView",
     "hash_key",
+    "key_id_of",
     "mint_key",
     "operators_from",
 ]
@@ -54,6 +55,12 @@ class Identity:
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def key_id_of(key: str) -> str | None:
+    """The id in a string shaped like a key, or None; the shape says nothing of validity."""
+    match = _KEY.match(key.strip())
+    return match.group(1) if match else None
 
 
 def mint_key(
@@ -99,10 +106,10 @@ class KeyRegistry:
 
     def authenticate(self, key: str) -> Identity | None:
         """The identity of a valid, unrevoked key; None for anything else."""
-        match = _KEY.match(key.strip())
-        if match is None:
+        key_id = key_id_of(key)
+        if key_id is None:
             return None
-        record = self._keys.get(match.group(1))
+        record = self._keys.get(key_id)
         if record is None or record.revoked_at is not None:
             return None
         if not hmac.compare_digest(record.issued.key_hash, hash_key(key.strip())):

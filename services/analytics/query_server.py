@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import secrets
 import threading
 from http import HTTPStatus
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _ROWS_FORMAT = "JSONCompact"
 _MAX_BODY = 1024 * 1024
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class QueryServer:
@@ -39,7 +41,9 @@ class QueryServer:
     ``POST /query`` with ``{"sql": ..., "format": "table|json|csv|tsv|rows"}`` and
     ``Authorization: Bearer <token>`` answers 200 with the rendered result, or 400
     with ``{"error": <the guard's or ClickHouse's message>}`` (and ``"refused": true``
-    when the guard refused the statement).
+    when the guard refused the statement). The body is read only when its
+    ``Content-Length`` is one whole number up to 1 MiB: 411 without one, 400 for
+    any other, 413 when larger.
     """
 
     def __init__(self, store: ClickHouseStore, *, info_file: Path | None = None) -> None:
@@ -97,7 +101,16 @@ def _handler(surface: GuardedQueries, token: str) -> type[BaseHTTPRequestHandler
             if not secrets.compare_digest(sent.encode(), f"Bearer {token}".encode()):
                 self._reply(HTTPStatus.UNAUTHORIZED, {"error": "bad or missing token"})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            lengths = self.headers.get_all("Content-Length") or []
+            if not lengths:
+                self._reply(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length required"})
+                return
+            # rfile.read(-1) would read until the client hangs up, however long that is.
+            if len(lengths) > 1 or not _DIGITS.fullmatch(lengths[0].strip()):
+                error = f"Content-Length must be one whole number of bytes, not {lengths!r}"
+                self._reply(HTTPStatus.BAD_REQUEST, {"error": error})
+                return
+            length = int(lengths[0])
             if length > _MAX_BODY:
                 self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "query too large"})
                 return

@@ -180,6 +180,24 @@ _DENIED: dict[str, str] = {
             "demangle",
             "tid",
             "currentrequesturl",
+            # PostgreSQL compatibility: pgGetUserById(any) answers the current user.
+            "pggetuserbyid",
+            "pgtableisvisible",
+            # The session's and the server's time zone (a setting and the host's own).
+            "timezone",
+            "servertimezone",
+            # The embedded engine's version, as version() is the server's.
+            "chdb",
+            # This connection, query and shard as the server knows them.
+            "connectionid",
+            "currenthandler",
+            "currentqueryid",
+            "queryid",
+            "initialqueryid",
+            "initialquerystarttime",
+            "shardnum",
+            "shardcount",
+            "hasthreadfuzzer",
         ],
         _SERVER,
     ),

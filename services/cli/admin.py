@@ -95,7 +95,7 @@ def keys_list(as_json: JsonOpt = False) -> None:
     for r in rows:
         table.add_row(
             *(
-                str(r[k] or "")
+                escape(str(r[k] or ""))  # a label is free text: shown, not read as markup
                 for k in (
                     "key_id",
                     "goal_id",

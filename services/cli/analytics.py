@@ -15,6 +15,7 @@ from services.cli.common import (
     out,
     parse_duration,
     print_json,
+    visible,
 )
 from services.cli.dashboard import compute_metrics, format_metrics
 from streams.errors import StoreError
@@ -37,7 +38,11 @@ def sql(
         text = query_sql(query, fmt)
     except StoreError as exc:
         fail(str(exc))
-    # ClickHouse renders the result; it goes out as it is, never through rich markup.
+    # ClickHouse renders the result; it goes out as it is, never through rich markup, but
+    # with what the terminal would act on (stored text may hold anything) as escapes. Its
+    # JSON escapes C0 controls itself; there C1 and bidirectional ones become \u009b, so
+    # that the values read back the same.
+    text = visible(text, as_json=fmt == "json")
     sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
 
 

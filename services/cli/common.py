@@ -6,14 +6,15 @@ import asyncio
 import json
 import re
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import timedelta
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from aiokafka.errors import KafkaError
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, ConsoleRenderable, RenderHook
 from rich.markup import escape
+from rich.segment import Segment
 
 from local.localkafka import kafka_answers
 from streams.client import OrchestratorClient
@@ -35,6 +36,7 @@ __all__ = [
     "print_json",
     "require_kafka",
     "run",
+    "visible",
     "with_client",
 ]
 
@@ -44,8 +46,58 @@ EXIT_TIMEOUT = 3
 
 T = TypeVar("T")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+
+# -- what reaches the terminal ----------------------------------------------------------
+
+# What the terminal would act on rather than show: C0 controls (ESC starts a sequence that
+# can retitle the window, clear the screen or recolour what follows; CR overwrites a line),
+# DEL, C1 controls (U+009B is a one-character CSI) and the bidirectional controls, which
+# reorder the text around them so that it reads as something else.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def visible(text: str, *, as_json: bool = False) -> str:
+    """``text`` with what a terminal would act on written as an escape (``\\x1b``,
+    ``\\u202e``); tab and newline stay. ``as_json``: a JSON text, whose strings then
+    hold the same values (its escapes are ``\\u001b``)."""
+
+    def escaped(match: re.Match[str]) -> str:
+        char = match.group()
+        if char in "\t\n":
+            return char
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 and not as_json else f"\\u{code:04x}"
+
+    return _UNSAFE.sub(escaped, text)
+
+
+class _Visible:
+    """A renderable as rich lays it out, with :func:`visible` text."""
+
+    def __init__(self, renderable: ConsoleRenderable) -> None:
+        self.renderable = renderable
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Segment]:
+        for segment in console.render(self.renderable, options):
+            # Control segments are rich's own (cursor moves); only text can come from data.
+            yield segment if segment.control else Segment(visible(segment.text), segment.style)
+
+
+class _ShowControls(RenderHook):
+    def process_renderables(self, renderables: list[ConsoleRenderable]) -> list[ConsoleRenderable]:
+        return [_Visible(r) for r in renderables]
+
+
+def _console(*, stderr: bool) -> Console:
+    # Every command prints stored text (answers, labels, instructions, errors quoting
+    # values); whatever it prints, through any renderable, shows control characters.
+    console = Console(stderr=stderr, highlight=False)
+    console.push_render_hook(_ShowControls())
+    return console
+
+
+out = _console(stderr=False)
+err = _console(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")]
 
@@ -54,7 +106,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON onl
 
 
 def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, default=str) + "\n")
+    # json.dumps escapes all but DEL already; the values read back the same.
+    sys.stdout.write(visible(json.dumps(value, indent=2, default=str), as_json=True) + "\n")
 
 
 def fail(message: str, code: int = EXIT_FAILED, *, as_json: bool = False, **extra: Any) -> NoReturn:

@@ -295,8 +295,9 @@ class GatewayApp:
     # -- routes --------------------------------------------------------------------
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        # The key first: a request nobody sent with a key takes no slot of those who did.
+        who = await self._identity(request)
         with self._admitted():
-            who = await self._identity(request)
             timeout = self._timeout(request)
             try:
                 chat = parse_chat(await self._json(request), self.limits)
@@ -367,8 +368,8 @@ class GatewayApp:
         return web.json_response(model_list())
 
     async def feedback(self, request: web.Request) -> web.Response:
+        who = await self._identity(request)
         with self._admitted():
-            who = await self._identity(request)
             run_id, score, text = _feedback_fields(await self._json(request), who)
             goal = await self.backend.run_goal(run_id)
             if goal is None:

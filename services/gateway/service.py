@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -23,34 +23,71 @@ from services.gateway.settings import GatewaySettings
 from streams.client import Answer, OrchestratorClient
 from streams.clock import Clock
 from streams.events import FeedbackDecided
-from streams.keys import Identity, KeyView, operators_from
+from streams.keys import Identity, KeyView, key_id_of, operators_from
 from streams.runtime import ServiceContext, announce_url
 
-__all__ = ["PlatformBackend", "main"]
+__all__ = ["KeyCatchUp", "PlatformBackend", "main"]
 
 log = logging.getLogger(__name__)
 
 SOURCE = "gateway"
-_KEY_ID = re.compile(r"^orch_([0-9a-f]{16})_")
+# Reads of the key topics for keys the gateway has not seen: at most one per this many s.
+CATCH_UP_INTERVAL_S = 1.0
+
+
+class KeyCatchUp:
+    """Reads the key topics up to now for a key not seen yet, at most once per ``interval`` s.
+
+    Anyone may send a string shaped like a key, so a read per unknown key would be a
+    broker round trip per request, as often as they like. A caller waits for a read that
+    starts after it called (a key created before its request was sent is then read);
+    callers that come while one waits or runs share the next.
+    """
+
+    def __init__(
+        self, sync: Callable[[], Awaitable[object]], interval: float = CATCH_UP_INTERVAL_S
+    ) -> None:
+        self._sync = sync
+        self._interval = interval
+        self._lock = asyncio.Lock()
+        self._started: float | None = None
+
+    async def __call__(self) -> None:
+        loop = asyncio.get_running_loop()
+        called = loop.time()
+        async with self._lock:
+            if self._started is not None:
+                if self._started >= called:
+                    return  # a read that began after this call has ended
+                await asyncio.sleep(self._started + self._interval - loop.time())
+            self._started = loop.time()
+            await self._sync()
 
 
 class PlatformBackend:
     """The platform as the HTTP layer sees it: the SDK client plus the key and run views."""
 
     def __init__(
-        self, client: OrchestratorClient, keys: KeyView, runs: RunIndex, clock: Clock
+        self,
+        client: OrchestratorClient,
+        keys: KeyView,
+        runs: RunIndex,
+        clock: Clock,
+        *,
+        catch_up_interval: float = CATCH_UP_INTERVAL_S,
     ) -> None:
         self.client = client
         self.keys = keys
         self.runs = runs
         self.clock = clock
+        self.catch_up = KeyCatchUp(lambda: keys.sync(timeout=2.0), catch_up_interval)
 
     async def identify(self, key: str) -> Identity | None:
         who = self.keys.registry.authenticate(key)
-        match = _KEY_ID.match(key)
-        if who is None and match is not None and not self.keys.registry.known(match.group(1)):
+        key_id = key_id_of(key)
+        if who is None and key_id is not None and not self.keys.registry.known(key_id):
             # A key created a moment ago may not have been read yet.
-            await self.keys.sync(timeout=2.0)
+            await self.catch_up()
             who = self.keys.registry.authenticate(key)
         return who
 

@@ -35,7 +35,8 @@ class GatewaySettings(EnvSettings):
     max_in_flight: int = setting(
         "ORCH_GATEWAY_MAX_IN_FLIGHT",
         256,
-        "Chat and feedback requests one process handles at once; one more is answered 503 "
+        "Chat and feedback requests one process handles at once, counted once their key is "
+        "checked (a request without a valid key takes no slot); one more is answered 503 "
         "(`code: overloaded`, `Retry-After: 1`) at once. >= 1.",
         read_by="gateway",
         ge=1,

@@ -1,0 +1,99 @@
+"""The sink's loopback query server refuses a body it cannot bound before reading it.
+
+A real server on 127.0.0.1 over the embedded engine, spoken to through raw sockets so
+that the headers are exactly what an attacker would send.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from services.analytics.query_server import QueryServer
+from services.analytics.store import ClickHouseStore
+from streams.sql import RemoteQueries
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[QueryServer]:
+    base = tmp_path_factory.mktemp("query-server")
+    store = ClickHouseStore(path=base / "clickhouse")
+    store.apply_schema()
+    server = QueryServer(store, info_file=base / "clickhouse-query.json").start()
+    yield server
+    server.close()
+    store.close()
+
+
+def _token(server: QueryServer) -> str:
+    return str(json.loads(server.info_file.read_text(encoding="utf-8"))["token"])
+
+
+def _exchange(server: QueryServer, head: str, body: bytes = b"") -> tuple[int, dict[str, str]]:
+    """Sends ``head`` and ``body`` and keeps the connection open; the status and JSON answer."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n" + body)
+        # Not shutting down our side: a server that reads to the end of the stream would
+        # wait for us forever, and recv() would time out here instead of answering.
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def _head(server: QueryServer, *lines: str) -> str:
+    return "".join(
+        f"{line}\r\n"
+        for line in (
+            "POST /query HTTP/1.1",
+            "Host: 127.0.0.1",
+            f"Authorization: Bearer {_token(server)}",
+            *lines,
+        )
+    )
+
+
+BODY = json.dumps({"sql": "SELECT 1", "format": "csv"}).encode()
+
+
+@pytest.mark.parametrize(
+    "length", ["-1", "-99999", "lots", "1e3", "0x10", "+5", "", " ", "²"], ids=repr
+)
+def test_a_length_that_is_not_a_whole_number_is_refused_unread(
+    server: QueryServer, length: str
+) -> None:
+    status, answer = _exchange(server, _head(server, f"Content-Length: {length}"), BODY)
+    assert status == 400
+    assert "Content-Length must be one whole number of bytes" in answer["error"]
+
+
+def test_two_lengths_are_refused(server: QueryServer) -> None:
+    head = _head(server, f"Content-Length: {len(BODY)}", "Content-Length: -1")
+    status, answer = _exchange(server, head, BODY)
+    assert status == 400
+    assert "Content-Length" in answer["error"]
+
+
+def test_a_missing_length_is_411(server: QueryServer) -> None:
+    status, answer = _exchange(server, _head(server, "Transfer-Encoding: chunked"), b"0\r\n\r\n")
+    assert status == 411
+    assert answer == {"error": "Content-Length required"}
+
+
+def test_an_oversized_length_is_refused_unread(server: QueryServer) -> None:
+    status, answer = _exchange(server, _head(server, "Content-Length: 1048577"), BODY)
+    assert status == 413
+    assert answer == {"error": "query too large"}
+
+
+def test_a_well_formed_query_still_answers(server: QueryServer) -> None:
+    remote = RemoteQueries(info_file=server.info_file, timeout=10)
+    assert remote.text("SELECT 7 AS n", "csv") == '"n"\n7\n'
+    status, answer = _exchange(server, _head(server, "Content-Length: 2"), b"{}")
+    assert status == 400
+    assert answer == {"error": 'expected {"sql": ..., "format": ...}'}
