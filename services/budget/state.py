@@ -244,7 +244,8 @@ class BudgetState:
     in_flight: dict[str, list[Any]] = field(default_factory=dict)
     # ended runs whose answer's cost is not known yet: run -> [held USD, lapse ISO, the
     # cost id and model of a call still running (None: no call known to run), ISO of
-    # the last report the budget sent for it at the lapse ("" none)]
+    # the last report the budget sent for it at the lapse ("" none), ISO of the task's
+    # admission (the day its cost counts on)]; older records have fewer fields
     pending: dict[str, list[Any]] = field(default_factory=dict)
     # approved spawns and platform calls whose cost is not known yet: key -> [at, USD]
     spawn_holds: dict[str, list[Any]] = field(default_factory=dict)
@@ -823,8 +824,10 @@ class BudgetState:
 
     # -- costs and ends ----------------------------------------------------------
     def _charge(self, e: LlmCallCompleted, now: datetime) -> None:
-        # Budget time: the day of the budget's clock now, as every check uses.
-        day = utc_day(now)
+        # Counted on the day the call was let start (by the budget's clock), whose cap its
+        # hold was checked against: a call held before midnight and reported after it is
+        # the day before's (the endpoint billed it then), not the new day's.
+        day = utc_day(self._held_at(e) or now)
         self.spend[day] = self.spend.get(day, 0.0) + e.cost_usd
         if e.run_id and e.purpose == "spawn_prompt":
             self.spawn_holds.pop(e.run_id, None)
@@ -847,6 +850,24 @@ class BudgetState:
         # Keep a few days of history only.
         for old in sorted(self.spend)[:-7]:
             del self.spend[old]
+
+    def _held_at(self, e: LlmCallCompleted) -> datetime | None:
+        """When the budget held the reported call's money (None: no hold of it known)."""
+        if not e.run_id:
+            return None
+        at: Any = None
+        if e.purpose == "answer":
+            run = _ref(e.run_id)
+            if run in self.in_flight:
+                at = self.in_flight[run][0]
+            elif run in self.pending and len(self.pending[run]) > 4:
+                at = self.pending[run][4]
+        elif e.purpose == "spawn_prompt" and e.run_id in self.spawn_holds:
+            at = self.spawn_holds[e.run_id][0]
+        elif e.purpose in ("judge", "improvement"):
+            held = self.spawn_holds.get(_platform_hold(e.purpose, e.run_id))
+            at = held[0] if held is not None else None
+        return datetime.fromisoformat(at) if isinstance(at, str) and at else None
 
     def _release(self, e: WorkflowCompleted | WorkflowFailed, defaults: BudgetDefaults) -> None:
         run = _ref(e.run_id)
@@ -881,7 +902,7 @@ class BudgetState:
         call: list[str] | None = None,
     ) -> None:
         lapse = datetime.fromisoformat(held[2]) + timedelta(seconds=defaults.lease_seconds)
-        self.pending[run] = [float(held[1]), lapse.isoformat(), call, ""]
+        self.pending[run] = [float(held[1]), lapse.isoformat(), call, "", held[0]]
 
     def _agent_changed(self, e: GoalAgentsChanged) -> None:
         if e.change in ("spawned", "spawn_failed") and e.approval_id:
@@ -938,7 +959,7 @@ class BudgetState:
             sent = pending[3] if len(pending) > 3 else ""
             if sent and (now - datetime.fromisoformat(sent)).total_seconds() < _RESEND_SECONDS:
                 continue
-            pending[3:] = [now.isoformat()]
+            pending[3:4] = [now.isoformat()]
             out.append(self._unreported_cost(run, call, model, float(pending[0]), now))
         return out
 

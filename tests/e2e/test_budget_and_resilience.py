@@ -12,7 +12,7 @@ from services.budget.state import BudgetDefaults
 from streams.budgets import read_budget
 from streams.client import OrchestratorClient
 from streams.clock import OffsetFileClock
-from streams.errors import BudgetExceededError
+from streams.errors import BudgetExceededError, RunRejected
 from streams.events import AgentRetired, DeadLetter, LlmCallCompleted
 from streams.llm import PriceTable
 
@@ -241,10 +241,26 @@ async def test_daily_cost_stops_a_goal_and_the_next_utc_day_reopens_it(platform,
         await asyncio.sleep(0.2)
     # Never more than the cap, and what was admitted could never have passed it.
     assert view["spent_today"] + worst + 0.02 > cap >= view["spent_today"] + view["held"]
+    moved = OffsetFileClock(str(platform.clock_file))  # the budget's clock, a day on
     platform.move_clock(86400)
     try:
         await asyncio.sleep(0.5)
-        answer = await client.ask("Write one more poem", goal_id=goal, user_id="u1")
+        # The judge grades every answer (ORCH_JUDGE_SAMPLE=1) after it ends: its calls may
+        # still hold their worst case when the day turns, and holds count whatever the day,
+        # until the calls report. While they do, a task is refused, or queued (and its
+        # deadline, set by this unmoved client, has passed on the budget's moved clock).
+        # Their cost is yesterday's (they were held then): the new day starts at nothing.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                answer = await client.ask("Write one more poem", goal_id=goal, user_id="u1")
+                break
+            except (BudgetExceededError, RunRejected) as exc:
+                assert exc.limit == "max_daily_cost" or exc.reason == "timeout", exc
+                view = await read_budget(platform.settings, goal, moved)
+                assert view["spent_today"] == 0, view
+                assert time.monotonic() < deadline, view
+                await asyncio.sleep(0.5)
         assert answer.degradation_tier == "llm"
     finally:
         platform.move_clock(-86400)

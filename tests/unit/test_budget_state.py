@@ -64,6 +64,19 @@ def _cost(i: int, usd: float, when: datetime) -> LlmCallCompleted:
     )
 
 
+def _judged(run: str, usd: float, when: datetime) -> LlmCallCompleted:
+    """The improvement service's report of a judge call it made for ``run``."""
+    return LlmCallCompleted(
+        source="improvement",
+        run_id=run,
+        goal_id="g1",
+        model="m",
+        purpose="judge",
+        cost_usd=usd,
+        occurred_at=when,
+    )
+
+
 def test_spawns_stop_at_max_agents_with_the_limit_named():
     clock = FakeClock()
     state = _state(max_agents=3)
@@ -173,6 +186,36 @@ def test_daily_cost_stops_the_goal_and_the_next_utc_day_reopens_it():
     assert [type(e) for e in out] == [TaskAdmitted]
 
 
+def test_calls_held_before_midnight_and_reported_after_count_on_the_day_before():
+    # The judge grades answers after they end: its calls may report after midnight. They
+    # were let start against the old day's cap and billed then: the new day starts at 0.
+    clock = FakeClock(datetime(2026, 3, 1, 23, 59, 50, tzinfo=UTC))
+    day1 = clock.now()
+    state = _state(max_daily_cost=1.0)
+    state.handle(_task(1), clock.now(), DEFAULTS)  # admitted: its answer call may run
+    state.handle(_task(2), clock.now(), DEFAULTS)
+    answered = _done(2).model_copy(update={"cost_usd": 0.005})
+    state.handle(answered, clock.now(), DEFAULTS)  # answered before its cost is reported
+    assert "r2" in state.pending
+    judge = SpendRequested(
+        source="improvement", run_id="r0", goal_id="g1", purpose="judge", amount_usd=0.03
+    )
+    state.handle(judge, clock.now(), DEFAULTS)
+    clock.advance(20)  # 00:00:10 the next day
+    state.handle(_cost(1, 0.004, clock.now()), clock.now(), DEFAULTS)
+    state.handle(_cost(2, 0.005, clock.now()), clock.now(), DEFAULTS)
+    state.handle(_judged("r0", 0.012, clock.now()), clock.now(), DEFAULTS)
+    assert state.spent_today(clock.now()) == 0
+    assert state.spent_today(day1) == pytest.approx(0.021)
+    # A call the budget held nothing for (none known) counts when it is reported.
+    state.handle(_cost(9, 0.5, clock.now()), clock.now(), DEFAULTS)
+    assert state.spent_today(clock.now()) == 0.5
+    # Pending entries written before the admission time was kept still count, on today.
+    state.pending["r7"] = [0.01, clock.now().isoformat(), None, ""]
+    state.handle(_cost(7, 0.25, clock.now()), clock.now(), DEFAULTS)
+    assert state.spent_today(clock.now()) == 0.75 and "r7" not in state.pending
+
+
 def test_reservations_keep_concurrent_tasks_inside_the_daily_cost():
     clock = FakeClock()
     state = _state(max_daily_cost=0.035, max_concurrent=10)
@@ -262,16 +305,7 @@ def test_a_platform_call_is_held_before_it_is_made_and_refused_past_the_cap():
     assert "max_daily_cost" in refused.reason
     assert isinstance(exceeded, BudgetExceeded) and exceeded.limit == "max_daily_cost"
     # The judge's real cost replaces its hold.
-    paid = LlmCallCompleted(
-        source="improvement",
-        run_id="r1",
-        goal_id="g1",
-        model="m",
-        purpose="judge",
-        cost_usd=0.012,
-        occurred_at=clock.now(),
-    )
-    state.handle(paid, clock.now(), DEFAULTS)
+    state.handle(_judged("r1", 0.012, clock.now()), clock.now(), DEFAULTS)
     assert state.reserved() == 0.01
     assert state.spent_today(clock.now()) == 0.062
 
