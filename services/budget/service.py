@@ -109,7 +109,8 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         else:
             state = BudgetState.new(event.goal_id, defaults, runs)
         decision = state.handle(event, ctx.clock.now(), defaults)
-        table[event.goal_id] = state.to_dict()
+        if decision.changed or not raw:
+            table[event.goal_id] = state.to_dict()
         if isinstance(event, BudgetUpdateRequested):
             await _report(event.goal_id)  # a limit shows at once
         else:

@@ -30,6 +30,8 @@ Two clocks, each for one thing:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import MutableMapping
@@ -68,7 +70,9 @@ _NS = uuid.UUID("5b0c7e2a-91d4-4f3e-8a6b-2c1d0e9f8a7b")
 # Redeliveries after a crash come from the last uncommitted stretch (Faust commits
 # every few seconds); a thousand ids covers it. The whole record is rewritten on every
 # event, so every list in it is bounded: at most ~40 bytes an id, the record stays
-# under ~200 KB whatever the input (queue 1000 ids, seen 1000, ended 1000).
+# under ~200 KB whatever the input (queue 1000 ids, seen 1000, ended 1000). The two
+# lists every busy goal fills, the ids seen and the runs other services ended, are kept
+# as digests of 14 bytes in the record instead of ids of 39 (see _digest).
 _SEEN_LIMIT = 1000
 # Runs that ended, so that a replayed or re-routed task_requested is not admitted
 # again; a run the budget failed keeps how, to send the same failure again.
@@ -87,6 +91,14 @@ _LEASE_GRACE_SECONDS = 30.0
 _SPAWN_MAX_TOKENS = 300
 _SPAWN_PROMPT_BYTES = 1500
 _ID_MAX = 64
+
+
+def _digest(ref: str) -> str:
+    """An id as the record keeps it where only "was it seen?" is asked: 64 bits of its
+    BLAKE2b hash, 11 characters. A false "seen" needs a collision among the 1,000 kept
+    (about 1 in 10^16 for each event read)."""
+    raw = hashlib.blake2b(ref.encode(), digest_size=8).digest()
+    return base64.urlsafe_b64encode(raw)[:11].decode()
 
 
 def _in_order(raw: dict[str, Any] | list[list[Any]]) -> dict[str, Any]:
@@ -222,6 +234,10 @@ class Decision:
     """Events a rule wants sent, in order."""
 
     events: list[Event] = field(default_factory=list)
+    # False: the goal's record is as it was (an event seen before, sent again): nothing
+    # to write back. A busy goal's record is tens of KB; a budget that fell behind reads
+    # many tasks twice (the router sends a task again while it waits for a decision).
+    changed: bool = True
 
 
 @dataclass
@@ -251,9 +267,11 @@ class BudgetState:
     spawn_holds: dict[str, list[Any]] = field(default_factory=dict)
     # run ids waiting for a slot, oldest first; their tasks live in the RunStore
     queue: list[str] = field(default_factory=list)
-    # run -> "" (ended by another service) or the budget's failure:
-    # [causing event id, reason, limit, current, maximum, at ISO]
+    # runs the budget failed -> [causing event id, reason, limit, current, maximum, at
+    # ISO], to send the same failure again; runs ended by another service, by digest
+    # (only whether a run ended is asked of them), oldest first
     ended: dict[str, Any] = field(default_factory=dict)
+    closed: dict[str, None] = field(default_factory=dict)
     # spend request id -> [approved, at ISO, committed USD]
     spends: dict[str, list[Any]] = field(default_factory=dict)
     spend: dict[str, float] = field(default_factory=dict)
@@ -295,9 +313,10 @@ class BudgetState:
             # read back in C (JSON and dicts keep their keys in order, oldest first); their
             # values are replaced, never changed in place, so the copies may share them.
             "ended": dict(self.ended),
+            "closed": list(self.closed),
             "spends": dict(self.spends),
             "spend": dict(self.spend),
-            "seen": list(self.seen),
+            "seen_digests": list(self.seen),
             "event_time": self.event_time,
             "cost_weight": self.cost_weight,
         }
@@ -321,6 +340,13 @@ class BudgetState:
                 end = datetime.fromisoformat(entry[0]) + timedelta(seconds=lease)
                 entry += [end.isoformat(), ""]
             in_flight[run] = entry
+        ended: dict[str, Any] = {}
+        closed: list[str] = list(data.get("closed", []))
+        for run, failure in _in_order(data.get("ended", {})).items():
+            if failure:
+                ended[run] = failure
+            else:  # older records kept the runs other services ended here, by id
+                closed.append(_digest(run))
         queue: list[str] = []
         for q in data.get("queue", []):
             if isinstance(q, dict):  # older records kept whole tasks here
@@ -340,14 +366,18 @@ class BudgetState:
             pending={k: list(v) for k, v in data.get("pending", {}).items()},
             spawn_holds={k: list(v) for k, v in data.get("spawn_holds", {}).items()},
             queue=queue,
-            ended=_in_order(data.get("ended", {})),
+            ended=ended,
+            closed=dict.fromkeys(closed),
             spends=_in_order(data.get("spends", {})),
             spend={k: float(v) for k, v in data.get("spend", {}).items()},
             event_time=str(data.get("event_time", "")),
             cost_weight=float(data.get("cost_weight", 0.0)),
             runs=runs,
         )
-        state.seen.extend(data.get("seen", []))
+        if "seen_digests" in data:
+            state.seen.extend(data["seen_digests"])
+        else:  # older records kept the ids themselves
+            state.seen.extend(_digest(ref) for ref in data.get("seen", []))
         if "spawning" not in data:
             # Records from before live counting: each approval counts until it is known
             # to be spawned, which for these it never will be (they count as before).
@@ -397,9 +427,10 @@ class BudgetState:
                 return Decision(again)
             lapsed = self._expire(now, defaults)
             return Decision(lapsed + self._drain(_ref(event.event_id), now, defaults))
-        if _ref(event.event_id) in self.seen:
-            return Decision(self._replay(event))
-        self.seen.append(_ref(event.event_id))
+        seen = _digest(_ref(event.event_id))
+        if seen in self.seen:
+            return Decision(self._replay(event), changed=False)
+        self.seen.append(seen)
         if not self.event_time or event.occurred_at > datetime.fromisoformat(self.event_time):
             self.event_time = event.occurred_at.isoformat()
         cause = _ref(event.event_id)
@@ -550,12 +581,20 @@ class BudgetState:
         self._end(run, failure)
         return self._failure_events(run, failure, task)
 
+    def _ended(self, run: str) -> bool:
+        return run in self.ended or _digest(run) in self.closed
+
     def _end(self, run: str, failure: list[Any] | None = None) -> None:
         if run in self.ended:
-            if failure is not None and not self.ended[run]:
-                self.ended[run] = failure
+            return  # failed by the budget already: the first failure is the one sent
+        if not failure:
+            # Its queued task or running entry left the runs table as it ended: only
+            # whether it ended is kept.
+            self.closed[_digest(run)] = None
+            while len(self.closed) > _ENDED_LIMIT:
+                del self.closed[next(iter(self.closed))]
             return
-        self.ended[run] = failure or ""
+        self.ended[run] = failure
         while len(self.ended) > _ENDED_LIMIT:
             old = next(iter(self.ended))
             del self.ended[old]
@@ -661,7 +700,7 @@ class BudgetState:
     # -- tasks -----------------------------------------------------------------
     def _task(self, e: TaskRequested, now: datetime, defaults: BudgetDefaults) -> list[Event]:
         run = _ref(e.run_id)
-        if run in self.in_flight or run in self.ended or run in self.pending or run in self.queue:
+        if run in self.in_flight or self._ended(run) or run in self.pending or run in self.queue:
             # Admitted, waiting or over already: a re-routed request changes nothing.
             return []
         cause = _ref(e.event_id)

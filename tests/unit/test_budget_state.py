@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from services.budget.state import BudgetDefaults, BudgetState, RunStore
+from services.budget.state import BudgetDefaults, BudgetState, RunStore, _digest
 from streams.clock import FakeClock
 from streams.events import (
     BudgetExceeded,
@@ -437,7 +437,7 @@ def test_a_waiting_task_past_its_deadline_ends_on_a_tick_with_nothing_else_happe
     assert failed.event_id == terminal_event_id("r1")
     assert state.queue == [] and list(state.in_flight) == ["r0"]
     # Ticks are not remembered as applied events: they would push real ids out.
-    assert all("tick" not in ref for ref in state.seen)
+    assert len(state.seen) == 2 and _digest(tick.event_id) not in state.seen
 
 
 def _one_running_one_waiting(
@@ -739,21 +739,65 @@ def test_ended_runs_and_spends_keep_their_order_and_records_of_the_older_form_st
         )
         state.handle(ask, clock.now(), DEFAULTS)
     raw = state.to_dict()
-    # The oldest went first: runs r0-r4 and the first five spend decisions are gone.
-    assert list(raw["ended"]) == [f"r{i}" for i in range(5, 1005)]
+    # The oldest went first: runs r0-r4 and the first five spend decisions are gone. Runs
+    # ended by the loader are kept by digest, as are the event ids seen.
+    assert raw["closed"] == [_digest(f"r{i}") for i in range(5, 1005)] and raw["ended"] == {}
     assert len(raw["spends"]) == 200
+    assert raw["seen_digests"][-1] == _digest(ask.event_id)
     # Kept as JSON objects, in order, and read back the same.
     again = BudgetState.from_dict(json.loads(json.dumps(raw)), RunStore(), DEFAULTS)
     assert again.to_dict() == raw
-    # A record written before (lists of [key, value] pairs) reads back to the same state.
-    older = {
-        **raw,
-        "ended": [[k, v] for k, v in raw["ended"].items()],
-        "spends": [[k, v] for k, v in raw["spends"].items()],
-    }
-    assert BudgetState.from_dict(older, RunStore(), DEFAULTS).to_dict() == raw
-    # An ended run is still not admitted again after the round trip.
+    # Records written before (lists of [key, value] pairs; later objects, the ids seen and
+    # the runs ended elsewhere kept whole) read back to the same state.
+    applied = _cost(7, 0.0, clock.now())
+    whole = {k: v for k, v in raw.items() if k not in ("closed", "seen_digests")}
+    for ended, spends in (
+        ({f"r{i}": "" for i in range(5, 1005)}, raw["spends"]),
+        ([[f"r{i}", ""] for i in range(5, 1005)], [[k, v] for k, v in raw["spends"].items()]),
+    ):
+        record = {**whole, "seen": [applied.event_id], "ended": ended, "spends": spends}
+        older = BudgetState.from_dict(record, RunStore(), DEFAULTS)
+        assert older.to_dict() == {**raw, "seen_digests": [_digest(applied.event_id)]}
+        # An event it applied is not applied again, an ended run not admitted again.
+        older.handle(applied.model_copy(update={"cost_usd": 5.0}), clock.now(), DEFAULTS)
+        assert older.spent_today(clock.now()) == state.spent_today(clock.now())
+        assert older.handle(_at(clock, 1004), clock.now(), DEFAULTS).events == []
     assert again.handle(_at(clock, 1004), clock.now(), DEFAULTS).events == []
+
+
+def test_an_event_read_again_leaves_the_record_as_it_was_so_nothing_is_written():
+    clock = FakeClock()
+    state = _state(max_concurrent=1)
+    first, waiting = _at(clock, 0), _at(clock, 1)
+    assert state.handle(first, clock.now(), DEFAULTS).changed
+    assert state.handle(waiting, clock.now(), DEFAULTS).changed  # queued
+    before = state.to_dict()
+    for again in (first, waiting, first):  # the router sends a task again while it waits
+        decision = state.handle(again, clock.now(), DEFAULTS)
+        assert not decision.changed and state.to_dict() == before
+    assert [type(e) for e in state.handle(first, clock.now(), DEFAULTS).events] == [TaskAdmitted]
+
+
+def test_runs_the_budget_failed_keep_their_failure_beside_the_runs_ended_elsewhere():
+    clock = FakeClock()
+    state = _state(max_concurrent=1, max_daily_cost=1.0)
+    state.handle(_at(clock, 0), clock.now(), DEFAULTS)
+    state.handle(_done(0), clock.now(), DEFAULTS)
+    state.handle(_cost(9, 0.999, clock.now()), clock.now(), DEFAULTS)
+    task = _at(clock, 1)
+    sent = state.handle(task, clock.now(), DEFAULTS).events
+    (failed,) = [e for e in sent if isinstance(e, WorkflowFailed)]
+    assert failed.limit == "max_daily_cost"
+    raw = state.to_dict()
+    assert raw["closed"] == [_digest("r0")] and list(raw["ended"]) == ["r1"]
+    # A replay of the failed run's task sends the same failure again, after a round trip.
+    again = BudgetState.from_dict(json.loads(json.dumps(raw)), RunStore(), DEFAULTS)
+    assert again.handle(task, clock.now(), DEFAULTS).events == sent
+    assert again.handle(_at(clock, 1), clock.now(), DEFAULTS).events == []  # re-routed
+    # The loader's end of a run the budget failed does not hide the failure.
+    lost = _done(1)
+    again.handle(lost, clock.now(), DEFAULTS)
+    assert list(again.ended) == ["r1"] and _digest("r1") not in again.closed
 
 
 def test_a_waiting_tasks_deadline_is_read_as_its_event_would_have_it():

@@ -86,6 +86,20 @@ async def test_a_task_is_sent_a_last_time_past_its_deadline_then_left_to_the_bud
     assert sends == [1, 1, 1, 0, 0, 0]
 
 
+async def test_the_sending_backs_off_while_the_budget_is_only_slow(monkeypatch):
+    # A slow budget reads every task sent again: each is sent again after 5, 5, 10, 20, 40,
+    # then every 80 s (was every 5 s), and once more right past its deadline.
+    router, producer, clock = _router(monkeypatch)
+    router.learn(_agent())
+    await router.handle(_request(clock, timeout_s=400), None)  # type: ignore[arg-type]
+    at = []
+    for tenth in range(1, 4200):
+        clock.advance(0.1)
+        if await router.resend_unanswered():
+            at.append(round(tenth / 10))
+    assert at == [5, 10, 20, 40, 80, 160, 240, 320, 400, 405]
+
+
 async def test_an_outcome_ends_the_sending_too(monkeypatch):
     router, producer, clock = _router(monkeypatch)
     router.learn(_agent())
