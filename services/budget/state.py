@@ -79,6 +79,8 @@ _SEEN_LIMIT = 1000
 _ENDED_LIMIT = 1000
 # Spawn denials and spend decisions kept to be sent again on a replay.
 _DECISIONS_LIMIT = 200
+# Queues this short are looked at whole for deadlines on every event, longer ones on ticks.
+_SCAN_EVERY_EVENT = 32
 _SPAWN_HOLD_SECONDS = 60.0
 # A report the budget sends for a call nobody reported is sent again after this long if
 # it has not come back (a crash between the record's write and the send lost it).
@@ -450,7 +452,7 @@ class BudgetState:
         elif isinstance(event, GoalAgentsChanged):
             self._agent_changed(event)
         # Any event may have freed a slot or money (a release, a cost, a lapse, a limit).
-        return Decision(out + self._drain(cause, now, defaults))
+        return Decision(out + self._drain(cause, now, defaults, every_deadline=False))
 
     def _lease_now(self, now: datetime) -> datetime:
         """Lease time: the earlier of the budget's clock and the goal's event time."""
@@ -756,15 +758,21 @@ class BudgetState:
         self.in_flight[_ref(task.run_id)] = [now.isoformat(), worst, end.isoformat(), cause]
         return self._admission(task, now)
 
-    def _drain(self, cause: str, now: datetime, defaults: BudgetDefaults) -> list[Event]:
+    def _drain(
+        self, cause: str, now: datetime, defaults: BudgetDefaults, *, every_deadline: bool = True
+    ) -> list[Event]:
         out: list[Event] = []
         spent = self.spent_today(now)
         # A waiting task times out by the budget's clock, whether or not a slot is free:
         # its client gave up by then, and failing it frees no slot a running task needs.
-        # Every event looks at every waiting run, so only a deadline is read here: a whole
-        # task is validated for the runs that end (validating each of a full queue's
-        # thousand tasks took 18 ms an event: `python -m bench.budget_state`).
-        for run in list(self.queue):
+        # Only a deadline is read here: a whole task is validated for the runs that end
+        # (validating each of a full queue's thousand tasks took 18 ms an event:
+        # `python -m bench.budget_state`). A long queue is looked at whole only on the
+        # goal's tick (every ORCH_BUDGET_TICK_SECONDS): on every event, a budget that fell
+        # behind spent more on each event the longer its queue grew, and never caught up
+        # (one goal at 20/s). A task at the head past its deadline is never admitted.
+        scan = every_deadline or len(self.queue) <= _SCAN_EVERY_EVENT
+        for run in list(self.queue) if scan else []:
             kept = self.runs.get(run)
             raw = kept.get("task") if kept is not None else None
             if not isinstance(raw, dict):
@@ -786,6 +794,10 @@ class BudgetState:
             if task is None:
                 self.queue.pop(0)
                 out += self._recover_queued(cause, run, now)
+                continue
+            if task.deadline_at is not None and task.deadline_at <= now:
+                self.queue.pop(0)
+                out += self._end_queued(cause, task, "timeout", "", spent, now)
                 continue
             worst = defaults.task_worst_case(task.message, task.context)
             if self._revival_refused(task):

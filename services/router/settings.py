@@ -119,7 +119,8 @@ class RouterSettings(EnvSettings):
         5.0,
         "Seconds after which the router sends a task (or a spawn request) again, under the "
         "same event id, while it has seen neither the budget's decision nor an outcome; "
-        "again every as many seconds until its deadline has passed. 0 turns it off.",
+        "the next sends follow 1, 2, 4, 8, then every 16 times as many seconds later, and "
+        "once more right after its deadline. 0 turns it off.",
         read_by="router",
         ge=0,
     )

@@ -778,6 +778,34 @@ def test_an_event_read_again_leaves_the_record_as_it_was_so_nothing_is_written()
     assert [type(e) for e in state.handle(first, clock.now(), DEFAULTS).events] == [TaskAdmitted]
 
 
+def test_a_long_queue_times_out_on_the_tick_and_an_expired_head_is_never_admitted():
+    clock = FakeClock()
+    state = _state(max_concurrent=1)
+    state.handle(_at(clock, 0), clock.now(), DEFAULTS)  # runs
+    soon = clock.now() + timedelta(seconds=5)
+    for i in range(1, 101):  # 100 wait; the first 50 give up after 5 s, the rest after 60
+        late = soon if i <= 50 else clock.now() + timedelta(seconds=60)
+        state.handle(_at(clock, i, deadline_at=late), clock.now(), DEFAULTS)
+    assert len(state.queue) == 100
+    clock.advance(6)
+    # An event that frees a slot: the head is past its deadline, so is the next... the
+    # first task still waiting in time is admitted, the expired ones it passed fail.
+    out = state.handle(_done(0), clock.now(), DEFAULTS).events
+    admitted = [e.run_id for e in out if isinstance(e, TaskAdmitted)]
+    failed = [e.run_id for e in out if isinstance(e, WorkflowFailed)]
+    assert admitted == ["r51"] and failed == [f"r{i}" for i in range(1, 51)]
+    assert all(e.reason == "timeout" for e in out if isinstance(e, WorkflowFailed))
+    # Another event does not look at the rest of a long queue; the tick does.
+    clock.advance(60)
+    assert state.handle(_cost(9, 0.0, clock.now()), clock.now(), DEFAULTS).events == []
+    assert len(state.queue) == 49
+    out = state.handle(BudgetTicked(source="budget", goal_id="g1"), clock.now(), DEFAULTS).events
+    assert sorted(e.run_id for e in out if isinstance(e, WorkflowFailed)) == sorted(
+        f"r{i}" for i in range(52, 101)
+    )
+    assert state.queue == []
+
+
 def test_runs_the_budget_failed_keep_their_failure_beside_the_runs_ended_elsewhere():
     clock = FakeClock()
     state = _state(max_concurrent=1, max_daily_cost=1.0)
