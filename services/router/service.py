@@ -689,17 +689,17 @@ class Router:
             if last:
                 self._unanswered.pop(key, None)
             else:
-                # Backing off (5, 10, 20, 40, then 80 s): a budget that is only slow, not
-                # gone, would otherwise read every waiting task again every 5 s, and fall
-                # further behind by it (one goal at 20/s went from 20 ms to 15 s this way).
-                # A task is still sent once more right after its deadline.
+                # Backing off (then 5, 10, 20, 40, and every 80 s): a budget that is only
+                # slow, not gone, would otherwise read every waiting task again every 5 s,
+                # and fall further behind by it. A task is still sent once more right
+                # after its deadline (no sooner than the base interval from now).
                 backoff = self.resend_seconds * 2 ** min(waiting.sent - 1, 4)
                 waiting.resend_at = now + timedelta(seconds=backoff)
                 if waiting.deadline is not None:
                     after_deadline = waiting.deadline + timedelta(seconds=0.5)
                     waiting.resend_at = max(
                         min(waiting.resend_at, after_deadline),
-                        now + timedelta(seconds=min(self.resend_seconds, backoff)),
+                        now + timedelta(seconds=self.resend_seconds),
                     )
             waiting.sent += 1
             log.warning(
