@@ -15,7 +15,14 @@ from types import TracebackType
 
 from local.fake_openai import remote_stats
 from local.localkafka import ensure_broker
-from local.platform import FAKE_LLM, Instance, Launcher, fake_llm_spec, process_cpu_s
+from local.platform import (
+    FAKE_LLM,
+    Instance,
+    Launcher,
+    StopOnSignals,
+    fake_llm_spec,
+    process_cpu_s,
+)
 from streams.kafka import KafkaSettings
 from streams.topics import create_topics
 
@@ -74,6 +81,10 @@ class BenchPlatform:
     (:class:`local.platform.Launcher`). ``env`` adds to (and overrides) the services'
     environment; ``python_prefix`` runs code before each service's module (the
     bench's ``--uvloop`` uses it).
+
+    A bench stopped with SIGTERM or SIGHUP stops the services on its way out, and one
+    killed outright takes them with it (Linux): none is left polling the broker beside
+    the next run.
     """
 
     instances: Mapping[str, int] = field(default_factory=lambda: dict.fromkeys(SERVICES, 1))
@@ -84,19 +95,25 @@ class BenchPlatform:
     base_url: str = field(init=False, default="")
     _launcher: Launcher | None = field(init=False, default=None)
     _stack: contextlib.ExitStack = field(init=False, default_factory=contextlib.ExitStack)
+    _signals: StopOnSignals = field(init=False, default_factory=StopOnSignals)
 
     async def __aenter__(self) -> BenchPlatform:
+        self._signals.__enter__()
         try:
             await self._start()
-        except BaseException:
+        except BaseException as exc:
             self.close()
+            self._signals.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await asyncio.to_thread(self.close)
+        try:
+            await asyncio.to_thread(self.close)
+        finally:
+            self._signals.__exit__(et, e, tb)
 
     async def _start(self) -> None:
         bootstrap = await asyncio.to_thread(ensure_broker)
@@ -111,6 +128,8 @@ class BenchPlatform:
             data_dir=self.data_dir,
             env={"ORCH_LOG_LEVEL": "WARNING", **self.env},
             python_prefix=self.python_prefix,
+            # Started from this (the main) thread: a SIGKILLed bench takes them along.
+            die_with_parent=True,
         )
         # Its own process keeps the fake LLM's CPU off the measured client's core and GIL.
         self.base_url = self.launcher.start(fake_llm_spec(port=0)).url or ""

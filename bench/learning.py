@@ -376,7 +376,10 @@ async def _run_one(
             f"{name}={m.input_per_m:g}/{m.output_per_m:g}" for name, m in world.models.items()
         )
         env["ORCH_LLM_MODEL"] = world.strongest_model()
-    launcher = Launcher(run_dir / "logs", settings=settings, data_dir=run_dir, env=env)
+    # Started from the main thread: a killed bench takes its services along (Linux).
+    launcher = Launcher(
+        run_dir / "logs", settings=settings, data_dir=run_dir, env=env, die_with_parent=True
+    )
     tracker = _Tracker(settings)
     outcomes: list[Outcome | None] = [None] * len(requests)
     started = time.monotonic()

@@ -38,6 +38,7 @@ __all__ = [
     "Instance",
     "LaunchError",
     "Launcher",
+    "StopOnSignals",
     "available_services",
     "describe_exit",
     "fake_llm_spec",
@@ -259,6 +260,45 @@ def popen(
         start_new_session=True,
         preexec_fn=_die_with_parent if die_with_parent and linux else None,
     )
+
+
+class StopOnSignals:
+    """SIGTERM or SIGHUP cancels the task that entered this block, as Ctrl-C does under
+    ``asyncio.run``: its ``finally`` and ``async with`` exits then stop what it started.
+    On the way out the cancellation becomes ``SystemExit(128 + signal)``. Enter and leave
+    it on the event loop's thread (the main thread); elsewhere it does nothing.
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGHUP)) -> None:
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._installed: list[int] = []
+
+    def _on_signal(self, task: asyncio.Task[object], signum: int) -> None:
+        if self.received is None:
+            self.received = signum
+            task.cancel()
+
+    def __enter__(self) -> StopOnSignals:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        if task is None:
+            return self
+        for signum in self.signals:
+            try:
+                loop.add_signal_handler(signum, self._on_signal, task, signum)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue  # not the main thread, or no such signal here
+            self._installed.append(signum)
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in self._installed:
+            loop.remove_signal_handler(signum)
+        self._installed.clear()
+        if self.received is not None and et is not None and issubclass(et, asyncio.CancelledError):
+            raise SystemExit(128 + self.received) from None
 
 
 class Launcher:

@@ -7,6 +7,7 @@ decides a child's environment by its name.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -181,3 +182,74 @@ def test_services_are_found_without_importing_them(
     monkeypatch.setenv("ORCH_SERVICES_PACKAGE", "launcher_svcs")
     assert known_services() == [*SERVICE_ORDER, "planned", "probe"]
     assert available_services() == ["router", "probe"]
+
+
+_SUPERVISOR = """
+import asyncio, sys
+from pathlib import Path
+from local.platform import ChildSpec, Launcher, StopOnSignals
+
+async def main() -> None:
+    launcher = Launcher(Path(sys.argv[1]), environ={"PYTHONPATH": sys.argv[2]},
+                        die_with_parent=True, stop_timeout=5.0)
+    with StopOnSignals():
+        try:
+            child = launcher.start(ChildSpec("loader", "launcher_child", ("sleep",)))
+            print(child.proc.pid, flush=True)
+            await asyncio.sleep(60)
+        finally:
+            launcher.stop_all()
+            print("stopped its children", flush=True)
+
+asyncio.run(main())
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGKILL])
+def test_a_supervisor_stopped_or_killed_leaves_no_child_running(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    # What a benchmark stopped by a signal used to leave: its services polling the broker.
+    import subprocess
+    import sys
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "launcher_child.py").write_text(_CHILD)
+    script = tmp_path / "supervisor.py"
+    script.write_text(_SUPERVISOR)
+    root = Path(__file__).resolve().parents[2]
+    sup = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "logs"), str(tmp_path / "pkg")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        assert sup.stdout is not None
+        child = int(sup.stdout.readline())
+        assert _alive(child)
+        sup.send_signal(sig)
+        code = sup.wait(timeout=20)
+        rest = sup.stdout.read()
+        _until(f"child {child} to exit", lambda: not _alive(child))
+        if sig == signal.SIGKILL:
+            assert code == -signal.SIGKILL
+        else:
+            # Cancelled, cleaned up, and the exit status says which signal stopped it.
+            assert "stopped its children" in rest
+            assert code == 128 + sig
+    finally:
+        sup.kill()
+        sup.wait()
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
