@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from rich.table import Table
 # Runs as `python bench/latency.py` too (as `make bench` used to), not only with -m.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._platform import BenchPlatform, parse_instances  # noqa: E402
+from bench._platform import SERVICES, BenchPlatform, parse_instances  # noqa: E402
 from bench.llm_baseline import measure_direct  # noqa: E402
 from streams.client import OrchestratorClient  # noqa: E402
 
@@ -239,6 +240,43 @@ async def _settle(platform: BenchPlatform, timeout: float = 15.0) -> None:
             return
 
 
+@dataclass(frozen=True)
+class Pause:
+    """``--pause budget:2@20``: stop the service's first instance for 2 s, 20 s into each
+    rate's run, then let it go on (SIGSTOP, SIGCONT): does the platform catch up?"""
+
+    service: str
+    seconds: float
+    at: float
+
+    @classmethod
+    def parse(cls, spec: str) -> Pause:
+        name, _, rest = spec.partition(":")
+        seconds, _, at = rest.partition("@")
+        try:
+            pause = cls(name, float(seconds), float(at))
+        except ValueError:
+            pause = None
+        if (
+            pause is None
+            or name not in SERVICES
+            or not (0 < pause.seconds < 3600 and 0 <= pause.at < 86400)
+        ):
+            raise argparse.ArgumentTypeError(
+                f"bad pause {spec!r}: want SERVICE:SECONDS@AT, SERVICE one of {SERVICES}"
+            )
+        return pause
+
+    async def run(self, platform: BenchPlatform) -> None:
+        await asyncio.sleep(self.at)
+        instance = platform.instances_of(self.service)[0]
+        platform.launcher.send(instance, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(self.seconds)
+        finally:
+            platform.launcher.send(instance, signal.SIGCONT)
+
+
 async def _step(
     platform: BenchPlatform,
     args: argparse.Namespace,
@@ -250,10 +288,14 @@ async def _step(
     n = args.n or max(300, int(rate * seconds))
     if rate == args.profile_rate:
         profiler.start(f"r{rate:g}")
+    pause = asyncio.create_task(args.pause.run(platform)) if args.pause else None
     try:
         plat = await measure_platform(platform, rate, n, args.goals, progress)
     finally:
         profiler.stop()
+        if pause is not None:
+            pause.cancel()  # its SIGCONT runs on the way out
+            await asyncio.gather(pause, return_exceptions=True)
     platform.check_alive()
     await _settle(platform)
     direct = await measure_direct_at(platform, rate, n, args.goals, progress)
@@ -320,6 +362,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "env": env,
             "uvloop": args.uvloop,
             "goals": args.goals,
+            "pause": asdict(args.pause) if args.pause else None,
             "cpus": os.cpu_count(),
             "loadavg_before": load,
         },
@@ -414,6 +457,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--py-spy", type=Path, help="record services with py-spy into DIR")
     parser.add_argument("--profile-rate", type=float, default=100.0)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--pause",
+        type=Pause.parse,
+        help="SERVICE:SECONDS@AT: stop SERVICE for SECONDS, AT seconds into each rate",
+    )
     args = parser.parse_args(argv)
     results = asyncio.run(run(args))
     for table in render(results):

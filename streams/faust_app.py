@@ -197,37 +197,63 @@ class EventTopic(faust.Topic):
         await self.app.send(prefix + DeadLetter.topic, key=dead.key(), value=dead)
 
 
-# aiokafka sends a node no fetch while any partition fetched from it holds records not yet
-# taken, for up to ``prefetch_backoff`` (0.1 s). Records of partitions Faust does not take
-# (it "pauses" a partition only by leaving it out of what it asks for) sit there until
-# that time is up, so Faust's consumer idled up to 0.1 s between inputs at light load:
-# the budget's hop was 45 ms at the median at one answer at a time, 24 ms with 1 ms here
-# (docs/performance.md, "Faust's fetch pause"). Our own consumers keep the default.
-FAUST_PREFETCH_BACKOFF_S = 0.001
+# aiokafka sends a broker no fetch while a partition fetched from it holds records not yet
+# taken, for up to ``prefetch_backoff`` (0.1 s); then it sends one that leaves that
+# partition out, and the broker may hold that fetch for the whole wait (Faust asks for
+# 1.5 s) when the partitions it names stay quiet. Faust "pauses" a partition only by not
+# asking for it (its tables' changelogs, once recovered, are never asked for), so the
+# records fetched for those held every fetch back 0.1 s: the budget's hop was 45 ms at
+# the median at one answer at a time ("Faust's fetch pause" in docs/performance.md).
+# A 1 ms back-off for every partition cured that and did worse under load: records of a
+# partition Faust does take, left untaken 1 ms while it was busy, were left out of the
+# next fetch, held up to 1.5 s. After a 2 s pause the budget read the loader's answers
+# 0.8 s late from then on, holding each slot that much longer, and one goal at 20 requests
+# a second never recovered ("A held fetch"). Now only partitions Faust did not ask for
+# in its last read lose the back-off; the ones it takes keep aiokafka's.
+#
 # aiokafka's fetch loop looks again this often when nothing wakes it (an idle consumer);
 # records and assignments wake it at once. Faust leaves aiokafka's 0.2 s; our own consumers
 # set consumer_timeout_ms to the same 1 s (streams/kafka.py).
 FAUST_FETCHER_TIMEOUT_S = 1.0
 
 
-def _short_prefetch_backoff() -> None:
+def _faust_fetcher() -> None:
     """Faust builds its aiokafka consumer inside its consumer thread with no way to pass
-    ``prefetch_backoff`` or the fetch loop's timeout; set them where aiokafka builds the
-    fetcher, for Faust's consumers (the ones started from a Faust consumer thread) only."""
+    the fetch loop's timeout, nor to say which partitions it leaves alone; set both where
+    aiokafka builds and runs the fetcher, for Faust's consumers (the ones started from a
+    Faust consumer thread) only."""
     from aiokafka.consumer import fetcher
 
-    if getattr(fetcher.Fetcher.__init__, "_orch_faust", False):
+    cls = fetcher.Fetcher
+    if getattr(cls.__init__, "_orch_faust", False):
         return
-    original = fetcher.Fetcher.__init__
+    init0, fetched0, actions0 = cls.__init__, cls.fetched_records, cls._get_actions_per_node
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         if _in_faust_consumer_thread():
-            kwargs.setdefault("prefetch_backoff", FAUST_PREFETCH_BACKOFF_S)
             kwargs["fetcher_timeout"] = FAUST_FETCHER_TIMEOUT_S
-        original(self, *args, **kwargs)
+            self._orch_asked = frozenset()  # what Faust last asked for; None elsewhere
+        init0(self, *args, **kwargs)
+
+    async def fetched_records(
+        self: Any, partitions: Any, timeout: float = 0, max_records: int | None = None
+    ) -> Any:
+        if partitions and getattr(self, "_orch_asked", None) is not None:
+            self._orch_asked = frozenset(partitions)
+        return await fetched0(self, partitions, timeout, max_records)
+
+    def get_actions(self: Any, assignment: Any) -> Any:
+        asked = getattr(self, "_orch_asked", None)
+        if asked:
+            for tp, held in self._records.items():
+                if tp not in asked:
+                    held._backoff = 0.0  # not taken until Faust asks: no reason to wait
+        return actions0(self, assignment)
 
     init._orch_faust = True  # type: ignore[attr-defined]
-    fetcher.Fetcher.__init__ = init
+    cls.__init__ = init
+    cls.fetched_records = fetched_records
+    cls._get_actions_per_node = get_actions
 
 
 def _in_faust_consumer_thread() -> bool:
@@ -247,7 +273,7 @@ def create_app(
 ) -> faust.App:
     """A Faust app on the platform's broker, codec and topic naming."""
     register_codec()
-    _short_prefetch_backoff()
+    _faust_fetcher()
     datadir = data_root() / "faust" / (settings.prefix + name)
     datadir.mkdir(parents=True, exist_ok=True)
     broker = ";".join(f"kafka://{h.strip()}" for h in settings.bootstrap.split(","))
