@@ -203,7 +203,7 @@ class EventTopic(faust.Topic):
 # 1.5 s) when the partitions it names stay quiet. Faust "pauses" a partition only by not
 # asking for it (its tables' changelogs, once recovered, are never asked for), so the
 # records fetched for those held every fetch back 0.1 s: the budget's hop was 45 ms at
-# the median at one answer at a time ("Faust's fetch pause" in docs/performance.md).
+# the median at one answer at a time (docs/performance.md, "Tuning tried").
 # A 1 ms back-off for every partition cured that and did worse under load: records of a
 # partition Faust does take, left untaken 1 ms while it was busy, were left out of the
 # next fetch, held up to 1.5 s. After a 2 s pause the budget read the loader's answers
