@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -219,9 +221,6 @@ def test_a_supervisor_stopped_or_killed_leaves_no_child_running(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
     # What a benchmark stopped by a signal used to leave: its services polling the broker.
-    import subprocess
-    import sys
-
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "launcher_child.py").write_text(_CHILD)
     script = tmp_path / "supervisor.py"
