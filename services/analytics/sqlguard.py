@@ -11,9 +11,12 @@ decided here before it runs:
    statement that later runs is the one ``formatQuery`` returned.
 2. ``EXPLAIN AST`` of that one statement (it parses, it does not execute) gives
    the syntax tree, which is walked against allowlists: statement kinds, node
-   kinds, tables (the event log's own, from ``infra/clickhouse``) and functions
-   (ClickHouse's own list minus everything that reaches files, the network,
-   processes, other servers, settings or the environment).
+   kinds, tables (the event log's own, from ``infra/clickhouse``) and functions:
+   those of the engine's own list that were reviewed (``functions.txt``, which
+   leaves out everything that reaches files, the network, processes, other
+   servers, settings or the environment). A function a newer engine brings is
+   refused until it is reviewed: ``python -m services.analytics.sqlguard`` lists
+   them.
 3. It runs on a session whose limits (:class:`QueryLimits`) are set before
    ``readonly=1``, so the statement cannot lift them.
 
@@ -24,10 +27,12 @@ removed or normalised them.
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import NamedTuple, Protocol
 
 from services.analytics.store import QueryLimits, QueryResult, ddl_statements
 from streams.errors import QueryRefused, StoreError
@@ -35,6 +40,7 @@ from streams.errors import QueryRefused, StoreError
 __all__ = [
     "Catalog",
     "GuardEngine",
+    "Reviewed",
     "GuardedQueries",
     "QueryLimits",
     "QueryRefused",
@@ -42,6 +48,8 @@ __all__ = [
     "event_tables",
     "load_catalog",
     "parse_ast",
+    "reviewed_functions",
+    "unreviewed",
 ]
 
 
@@ -183,6 +191,9 @@ _DENIED: dict[str, str] = {
             # PostgreSQL compatibility: pgGetUserById(any) answers the current user.
             "pggetuserbyid",
             "pgtableisvisible",
+            # Domains cut by a top-level-domain list the server's configuration names.
+            "cuttofirstsignificantsubdomaincustom*",
+            "firstsignificantsubdomaincustom*",
             # The session's and the server's time zone (a setting and the host's own).
             "timezone",
             "servertimezone",
@@ -228,9 +239,39 @@ def _denial(name: str) -> str | None:
     return None
 
 
+# The functions and aggregate combinators someone has looked at and found to compute
+# only from their arguments, the rows and the query's own text: the engine's list is
+# met with this one, so what a newer engine (or a server) adds is refused until it is
+# reviewed, whatever it does.
+_REVIEWED_FILE = Path(__file__).with_name("functions.txt")
+
+
+class Reviewed(NamedTuple):
+    """The reviewed allowlist: function names (exact case) and combinators (``If``, ...)."""
+
+    functions: frozenset[str]
+    combinators: frozenset[str]
+
+
+def reviewed_functions(path: Path | None = None) -> Reviewed:
+    """The allowlist in ``functions.txt``: a name a line, combinators written ``-If``."""
+    functions: set[str] = set()
+    combinators: set[str] = set()
+    for line in (path or _REVIEWED_FILE).read_text(encoding="utf-8").splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry.startswith("-"):
+            combinators.add(entry[1:])
+        elif entry:
+            functions.add(entry)
+    if not functions:
+        raise StoreError(f"no reviewed function in {path or _REVIEWED_FILE}")
+    return Reviewed(frozenset(functions), frozenset(combinators))
+
+
 @dataclass
 class Catalog:
-    """The functions the surface allows, from the engine's own ``system.functions``."""
+    """The functions the surface allows: the engine's ``system.functions`` met with the
+    reviewed list, minus :data:`_DENIED`."""
 
     exact: frozenset[str]
     case_insensitive: frozenset[str]  # lower-case
@@ -238,6 +279,8 @@ class Catalog:
     combinators: tuple[str, ...]
     aliases: dict[str, str] = field(default_factory=dict)  # name -> the function it stands for
     tables: frozenset[str] = field(default_factory=event_tables)
+    # The engine's functions nobody has reviewed yet (lower-case): refused as such.
+    new: frozenset[str] = frozenset()
     _seen: dict[str, bool] = field(default_factory=dict, repr=False)
 
     def refusal(self, name: str) -> str | None:
@@ -248,6 +291,11 @@ class Catalog:
             return f"refused: function {name}() {reason}"
         if self._known(name):
             return None
+        if name.lower() in self.new:
+            return (
+                f"refused: function {name}() is new in this ClickHouse and not yet reviewed"
+                " for this surface"
+            )
         return f"refused: function {name}() is not one of the functions the surface allows"
 
     def _known(self, name: str) -> bool:
@@ -272,8 +320,11 @@ class Catalog:
         )
 
 
-def load_catalog(engine: GuardEngine, tables: frozenset[str] | None = None) -> Catalog:
-    """Allowed functions: the engine's built-in ones minus :data:`_DENIED` (names and aliases)."""
+def load_catalog(
+    engine: GuardEngine, tables: frozenset[str] | None = None, reviewed: Reviewed | None = None
+) -> Catalog:
+    """Allowed functions: the engine's built-in ones that are reviewed and not denied."""
+    reviewed = reviewed or reviewed_functions()
     rows = engine.query(
         "SELECT name, is_aggregate, case_insensitive, alias_to FROM system.functions"
         " WHERE origin = 'System'"
@@ -282,18 +333,52 @@ def load_catalog(engine: GuardEngine, tables: frozenset[str] | None = None) -> C
     aliases.update({str(r[0]).lower(): str(r[3]) for r in rows if r[3] and r[2]})
 
     def allowed(name: str) -> bool:
-        return _denial(name) is None and _denial(aliases.get(name, "")) is None
+        return (
+            name in reviewed.functions
+            and _denial(name) is None
+            and _denial(aliases.get(name, "")) is None
+        )
 
     names = [r for r in rows if allowed(str(r[0]))]
-    combinators = engine.query("SELECT name FROM system.aggregate_function_combinators").rows
+    new = [str(r[0]) for r in rows if str(r[0]) not in reviewed.functions]
+    combinators = [
+        str(r[0])
+        for r in engine.query("SELECT name FROM system.aggregate_function_combinators").rows
+        if str(r[0]) in reviewed.combinators
+    ]
     return Catalog(
         exact=frozenset(str(r[0]) for r in names),
         case_insensitive=frozenset(str(r[0]).lower() for r in names if r[2]),
         aggregates=frozenset(str(r[0]) for r in names if r[1]),
-        combinators=tuple(sorted((str(r[0]) for r in combinators), key=len, reverse=True)),
+        combinators=tuple(sorted(combinators, key=len, reverse=True)),
         aliases=aliases,
         tables=tables if tables is not None else event_tables(),
+        new=frozenset(n.lower() for n in new if _denial(n) is None),
     )
+
+
+def unreviewed(engine: GuardEngine, reviewed: Reviewed | None = None) -> dict[str, list[str]]:
+    """What to review after an engine upgrade: its functions and combinators that are
+    neither reviewed nor denied, and reviewed ones the engine no longer has."""
+    reviewed = reviewed or reviewed_functions()
+    rows = engine.query("SELECT name, alias_to FROM system.functions WHERE origin = 'System'").rows
+    names = {str(r[0]): str(r[1]) for r in rows}
+    combinators = {
+        str(r[0])
+        for r in engine.query("SELECT name FROM system.aggregate_function_combinators").rows
+    }
+    return {
+        "functions": sorted(
+            n
+            for n, target in names.items()
+            if n not in reviewed.functions and _denial(n) is None and _denial(target) is None
+        ),
+        "combinators": sorted(combinators - reviewed.combinators),
+        "gone": sorted(
+            [n for n in reviewed.functions if n not in names]
+            + ["-" + c for c in reviewed.combinators if c not in combinators]
+        ),
+    }
 
 
 # -- the syntax tree --------------------------------------------------------------------
@@ -568,3 +653,52 @@ class GuardedQueries:
     def close(self) -> None:
         if self._owns:
             self.store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.analytics.sqlguard``: what this engine has that nobody reviewed.
+
+    Asks the engine the surface would read (``CLICKHOUSE_READ_URL`` or ``CLICKHOUSE_URL``'s
+    server, else a throw-away embedded one) and prints its functions and combinators that
+    the reviewed list neither allows nor :data:`_DENIED` refuses: the surface refuses
+    them until each is added to one or the other. Exit status 1 when there are any.
+    """
+    import argparse
+    import tempfile
+
+    from services.analytics.settings import AnalyticsSettings
+    from services.analytics.store import ClickHouseStore
+
+    parser = argparse.ArgumentParser(
+        prog="python -m services.analytics.sqlguard",
+        description="List the functions of this ClickHouse that the SQL surface's reviewed"
+        " list (functions.txt) neither allows nor denies.",
+    )
+    parser.add_argument(
+        "--functions", type=Path, default=_REVIEWED_FILE, help="the reviewed list to check"
+    )
+    args = parser.parse_args(argv)
+    reviewed = reviewed_functions(args.functions)
+    url = AnalyticsSettings.from_env().read_url
+    with tempfile.TemporaryDirectory(prefix="orch-sqlguard-") as tmp:
+        store = ClickHouseStore(url=url) if url else ClickHouseStore(path=Path(tmp) / "ch")
+        try:
+            version = store.query("SELECT version()").rows[0][0]
+            found = unreviewed(store, reviewed)
+        finally:
+            store.close()
+    print(f"ClickHouse {version}, against {args.functions}")
+    for title, key in (
+        ("functions to review", "functions"),
+        ("combinators to review", "combinators"),
+        ("reviewed, no longer in this engine", "gone"),
+    ):
+        names = found[key]
+        print(f"{title}: {len(names)}")
+        for name in names:
+            print(f"  {name}")
+    return 1 if found["functions"] or found["combinators"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

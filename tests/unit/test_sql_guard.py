@@ -8,19 +8,26 @@ queries the guard lets through must be stopped by the engine's limits.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from services.analytics import sqlguard
 from services.analytics.settings import AnalyticsSettings
 from services.analytics.sqlguard import (
     GuardedQueries,
     QueryRefused,
+    Reviewed,
     check_query,
     event_tables,
+    load_catalog,
     parse_ast,
+    reviewed_functions,
+    unreviewed,
 )
 from services.analytics.store import ClickHouseStore, QueryLimits
 from services.cli.dashboard import compute_metrics, metric_queries
@@ -126,6 +133,12 @@ HOSTILE: list[tuple[str, str]] = [
     ("SELECT currentUser()", "function currentUser()"),
     ("SELECT version(), uptime()", "function version()"),
     ("SELECT pgGetUserById(1)", "function pgGetUserById()"),
+    # a top-level-domain list from the server's configuration
+    (
+        "SELECT firstSignificantSubdomainCustom('a.b.com', 'public_suffix_list')",
+        "function firstSignificantSubdomainCustom()",
+    ),
+    ("SELECT cutToFirstSignificantSubdomainCustomRFC('a.b', 'x')", "SubdomainCustomRFC()"),
     ("SELECT pg_get_userbyid(1)", "function pg_get_userbyid()"),
     ("SELECT serverTimezone()", "function serverTimezone()"),
     ("SELECT timezone()", "function timezone()"),
@@ -287,8 +300,8 @@ REVIEWED_HARMLESS = frozenset(
 def test_every_server_category_function_is_refused_or_reviewed(
     surface: GuardedQueries, store: ClickHouseStore
 ) -> None:
-    # A new engine version adds functions the deny-list has never seen; those that read
-    # the server land here, and this fails until someone decides which side they are on.
+    # functions.txt holds no function of these categories that reads the server: each
+    # one it allows there is in the list above, which says why it is harmless.
     listed = store.query(
         "SELECT name, categories FROM system.functions"
         " WHERE origin = 'System' AND alias_to = '' AND categories IN"
@@ -302,6 +315,64 @@ def test_every_server_category_function_is_refused_or_reviewed(
     )
     assert unreviewed == [], f"refuse them in sqlguard._DENIED or review them: {unreviewed}"
     assert len(listed) > len(REVIEWED_HARMLESS)  # the engine still files functions there
+
+
+def test_a_function_nobody_reviewed_is_refused_even_when_the_engine_has_it(
+    store: ClickHouseStore,
+) -> None:
+    # As a newer engine's new function would be: the engine lists it, functions.txt does
+    # not. The same for an aggregate combinator.
+    full = reviewed_functions()
+    assert {"lower", "upper", "count"} <= full.functions and "If" in full.combinators
+    catalog = load_catalog(store, reviewed=Reviewed(full.functions - {"lower"}, full.combinators))
+    with pytest.raises(QueryRefused, match=r"function lower\(\) is new .* not yet reviewed"):
+        check_query("SELECT lower('A')", store, catalog)
+    with pytest.raises(QueryRefused, match=r"function LOWER\(\) is new"):
+        check_query("SELECT LOWER('A')", store, catalog)
+    assert check_query("SELECT upper('a')", store, catalog) == "SELECT upper('a')"
+    no_if = load_catalog(store, reviewed=Reviewed(full.functions, full.combinators - {"If"}))
+    with pytest.raises(QueryRefused, match=r"function countIf\(\) is not one of"):
+        check_query("SELECT countIf(1 = 1)", store, no_if)
+    assert check_query("SELECT count()", store, no_if) == "SELECT count()"
+    # The review lists both, and a reviewed name the engine lacks as gone.
+    found = unreviewed(
+        store, Reviewed(full.functions - {"lower"} | {"notAFunction"}, full.combinators - {"If"})
+    )
+    assert found == {"functions": ["lower"], "combinators": ["If"], "gone": ["notAFunction"]}
+
+
+def test_the_reviewed_list_allows_nothing_the_guard_denies(store: ClickHouseStore) -> None:
+    reviewed = reviewed_functions()
+    aliases = dict(
+        store.query(
+            "SELECT name, alias_to FROM system.functions WHERE origin = 'System' AND alias_to != ''"
+        ).rows
+    )
+    denied = sorted(
+        name
+        for name in reviewed.functions
+        if sqlguard._denial(name) or sqlguard._denial(aliases.get(name, ""))
+    )
+    assert denied == []
+    assert len(reviewed.functions) > 1500 and len(reviewed.combinators) >= 10
+    catalog = load_catalog(store)
+    for name in ("file", "getSetting", "hostName", "dictGet", "sleep"):
+        assert catalog.refusal(name) is not None
+
+
+def test_the_review_command_lists_what_the_file_lacks(tmp_path: Path) -> None:
+    # A process of its own: one embedded engine per process, and this module has one.
+    text = sqlguard._REVIEWED_FILE.read_text(encoding="utf-8")
+    short = tmp_path / "functions.txt"
+    short.write_text(text.replace("\nlower\n", "\n").replace("\n-If\n", "\n"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKHOUSE_")}
+    command = [sys.executable, "-m", "services.analytics.sqlguard", "--functions"]
+    done = subprocess.run(
+        [*command, str(short)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    assert "functions to review: 1\n  lower\n" in done.stdout
+    assert "combinators to review: 1\n  If\n" in done.stdout
 
 
 def test_refused_statements_had_no_effect(
