@@ -67,6 +67,9 @@ class QueryLimits:
             "max_result_bytes": self.max_result_bytes,
             "result_overflow_mode": "throw",
             "max_threads": self.max_threads,
+            # Days and times in UTC, as the budget's days are, whatever the host's zone:
+            # today() means the same day everywhere, and the host's zone is not shown.
+            "session_timezone": "UTC",
             "readonly": 1,
         }
 

@@ -375,6 +375,35 @@ def test_the_review_command_lists_what_the_file_lacks(tmp_path: Path) -> None:
     assert "combinators to review: 1\n  If\n" in done.stdout
 
 
+_ZONE_PROBE = """
+import tempfile
+from pathlib import Path
+from services.analytics.sqlguard import GuardedQueries
+from services.analytics.store import ClickHouseStore
+store = ClickHouseStore(path=Path(tempfile.mkdtemp()) / "ch")
+store.apply_schema()
+host = store.query("SELECT timezoneOf(now())").rows[0][0]
+seen = GuardedQueries(store).query("SELECT timezoneOf(now()), toString(today())").rows[0]
+print(host, *seen)
+"""
+
+
+def test_the_surface_shows_utc_not_the_hosts_time_zone() -> None:
+    # A process of its own, in a zone far from UTC: the trusted reader shows it, the
+    # surface's sessions do not, and its today() is the UTC day the budget counts in.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKHOUSE_")}
+    env["TZ"] = "Pacific/Kiritimati"  # UTC+14: from 10:00 UTC on, its date is tomorrow's
+    before = datetime.now(UTC).date().isoformat()
+    done = subprocess.run(
+        [sys.executable, "-c", _ZONE_PROBE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    host, zone, day = done.stdout.split()
+    assert host == "Pacific/Kiritimati"
+    assert zone == "UTC"
+    assert day in (before, datetime.now(UTC).date().isoformat())
+
+
 def test_refused_statements_had_no_effect(
     surface: GuardedQueries, store: ClickHouseStore, secret_file: Path
 ) -> None:
