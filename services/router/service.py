@@ -597,7 +597,9 @@ class Router:
                 user_id=event.user_id,
                 specialty=specialty,
                 message=event.message,
-                context=dict(event.context),
+                # Not the request's context (the caller's system message, earlier turns):
+                # nothing that makes the agent reads it, and it stays on the request's
+                # own events instead of travelling to the budget and the spawner.
                 model=model,
                 occurred_at=now,
             )

@@ -115,12 +115,14 @@ async def test_a_spawn_request_is_sent_again_while_requests_wait_for_it(monkeypa
     routing = asyncio.create_task(router.handle(_request(clock), None))  # type: ignore[arg-type]
     await asyncio.sleep(0.01)
     [spawn] = producer.of(SpawnRequested)
+    assert spawn.context == {}  # the request's context goes only to its own task
     clock.advance(5.5)
     assert await router.resend_unanswered() == 1
     assert producer.of(SpawnRequested) == [spawn, spawn]
     router.learn(_agent())  # the spawn happened: the waiting request gets its task
     await asyncio.wait_for(routing, 5)
     assert [t.agent_id for t in producer.of(TaskRequested)] == ["code_1"]
+    assert producer.of(TaskRequested)[0].context == {"specialty": "code"}
     clock.advance(5.5)
     # Now the task is the one without a decision; the spawn request is done.
     assert await router.resend_unanswered() == 1

@@ -60,7 +60,7 @@ def _attack() -> SpawnApproved:
         user_id="u1",
         specialty=chat.context["specialty"],
         message=chat.message,
-        context=dict(chat.context),  # the router's spawn request copies the request's context
+        context=dict(chat.context),  # as older routers sent it: the spawner must not read it
     )
 
 
