@@ -32,6 +32,7 @@ from streams.errors import (
     refusal,
 )
 from streams.events import (
+    MAX_WAIT_SECONDS,
     ApiKeyIssued,
     ApiKeyRevoked,
     BudgetUpdateRequested,
@@ -190,6 +191,10 @@ class OrchestratorClient(AsyncLifecycle):
         timeout: float = 30.0,
     ) -> RequestReceived:
         """The validated request event, or :class:`InvalidRequest` before anything is sent."""
+        if not 0 < timeout <= MAX_WAIT_SECONDS:  # NaN fails this too
+            raise InvalidRequest(
+                f"timeout: {timeout:g} s; give more than 0 and at most {MAX_WAIT_SECONDS} s"
+            )
         now = self.clock.now()
         try:
             return RequestReceived(

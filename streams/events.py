@@ -12,7 +12,14 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "ALL_EVENTS",
@@ -59,6 +66,7 @@ __all__ = [
     "WorkflowStarted",
     "WorkflowVersionSaved",
     "event_class",
+    "MAX_WAIT_SECONDS",
     "new_event_id",
     "terminal_event_id",
     "validate_identifier",
@@ -66,6 +74,12 @@ __all__ = [
 ]
 
 MAX_MESSAGE_BYTES = 32 * 1024
+# A request's deadline is at most this long after the request: a lease, a queue's wait
+# and every time sum the budget makes stay within reach of the clock.
+MAX_WAIT_SECONDS = 86_400
+# Later than this no event time is: adding a deadline, a lease or a grace to one can
+# never overflow Python's datetime (year 9999).
+_LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}$")
 
 
@@ -139,7 +153,9 @@ class Event(BaseModel):
     the envelope or body field its Kafka key is taken from.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No NaN or infinity in any number: JSON state (the budget's table) cannot keep them,
+    # and every comparison with a NaN is false (a cap it meets never holds).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     topic: ClassVar[str]
     key_field: ClassVar[str]
@@ -160,8 +176,22 @@ class Event(BaseModel):
             if value.tzinfo is None:
                 value = value.replace(tzinfo=UTC)
             value = value.astimezone(UTC)
+            if value >= _LATEST:
+                raise ValueError(f"a time after {_LATEST.year} ({value.isoformat()})")
             return value.replace(microsecond=value.microsecond // 1000 * 1000)
         return value
+
+    @model_validator(mode="after")
+    def _deadline_in_reach(self) -> Self:
+        deadline = getattr(self, "deadline_at", None)
+        if isinstance(deadline, datetime):
+            wait = (deadline - self.occurred_at).total_seconds()
+            if wait > MAX_WAIT_SECONDS:
+                raise ValueError(
+                    f"deadline_at is {wait:.0f} s after occurred_at; at most"
+                    f" {MAX_WAIT_SECONDS} s (a day) is allowed"
+                )
+        return self
 
     def key(self) -> bytes | None:
         value = getattr(self, self.key_field)
@@ -310,10 +340,10 @@ class LlmCallCompleted(Event):
     agent_id: str | None = None
     model: str
     purpose: Literal["answer", "spawn_prompt", "judge", "improvement"] = "answer"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    latency_ms: float = 0.0
+    prompt_tokens: int = Field(default=0, ge=0)
+    completion_tokens: int = Field(default=0, ge=0)
+    cost_usd: float = Field(default=0.0, ge=0)
+    latency_ms: float = Field(default=0.0, ge=0)
     ok: bool = True
     error: str | None = None
 
@@ -329,8 +359,8 @@ class WorkflowCompleted(Event):
     agent_id: str | None = None
     specialty: str
     text: str
-    cost_usd: float = 0.0
-    latency_ms: float = 0.0
+    cost_usd: float = Field(default=0.0, ge=0)
+    latency_ms: float = Field(default=0.0, ge=0)
     degradation_tier: Tier = "llm"
     quality: float | None = None
     automation_id: str | None = None
@@ -351,7 +381,7 @@ class WorkflowFailed(Event):
     limit: Limit | None = None
     agent_id: str | None = None
     specialty: str | None = None
-    latency_ms: float = 0.0
+    latency_ms: float = Field(default=0.0, ge=0)
     admitted: bool = False
 
 
@@ -380,7 +410,7 @@ class AgentRetired(Event):
     agent_id: str
     specialty: str
     reason: str = "idle"
-    idle_seconds: float = 0.0
+    idle_seconds: float = Field(default=0.0, ge=0)
 
 
 class GoalAgentsChanged(Event):
@@ -447,7 +477,7 @@ class WorkflowAssessed(Event):
     # is only the heuristic's guess (services/improvement/assess.py); learn it from feedback.
     method: Literal["judge", "heuristic", "world", "unjudged"] = "heuristic"
     # What the assessed answer cost (its LLM call), so quality can be weighed against it.
-    cost_usd: float = 0.0
+    cost_usd: float = Field(default=0.0, ge=0)
 
 
 class PatternDiscovered(Event):

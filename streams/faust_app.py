@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import faust
+from faust.exceptions import ValueDecodeError
 from faust.serializers import codecs
 from faust.types import AppT, Message
 
@@ -168,6 +169,43 @@ class EventTopic(faust.Topic):
         super().__init__(*args, **kwargs)
         self.source = event_source
         self.settings = event_settings
+
+    def _compile_decode(self) -> None:
+        super()._compile_decode()
+        decode = self.decode
+
+        async def checked(message: Message, *, propagate: bool = False) -> Any:
+            # The codec (Faust's, shared by every topic) does not know the topic: what it
+            # decoded is checked here as our own consumers check it (streams/codec.py),
+            # and against the record's key, which decides the partition and so which
+            # instance owns the goal's state.
+            event = await decode(message, propagate=propagate)
+            problem = self._misplaced(event.value if event is not None else None, message)
+            if problem is None:
+                return event
+            exc = ValueDecodeError(problem)
+            exc.__cause__ = DecodeError(problem, topic=message.topic)
+            if propagate:
+                raise exc
+            await self.on_value_decode_error(exc, message)
+            return None
+
+        self.decode = checked  # type: ignore[method-assign]
+
+    def _misplaced(self, value: Any, message: Message) -> str | None:
+        if not isinstance(value, Event):
+            return None  # the codec's own errors went their way already
+        logical = self.settings.logical(message.topic) if self.settings else message.topic
+        if value.topic != logical:
+            return f"a {value.topic} event does not belong on this topic"
+        key = value.key()
+        if key is not None and message.key != key:
+            shown = message.key[:80] if isinstance(message.key, bytes) else message.key
+            return (
+                f"the record's key {shown!r} is not the event's {value.key_field}"
+                f" {key.decode('utf-8', 'replace')!r}"
+            )
+        return None
 
     def _clone_args(self) -> Mapping[str, Any]:
         # Agents subscribe through clones; they must keep where dead letters go.

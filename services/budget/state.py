@@ -93,6 +93,8 @@ _LEASE_GRACE_SECONDS = 30.0
 _SPAWN_MAX_TOKENS = 300
 _SPAWN_PROMPT_BYTES = 1500
 _ID_MAX = 64
+# How far ahead of the budget's clock an event's time may move the goal's event time.
+_EVENT_TIME_AHEAD_SECONDS = 60.0
 
 
 def _digest(ref: str) -> str:
@@ -332,6 +334,9 @@ class BudgetState:
     ) -> BudgetState:
         runs = runs or RunStore()
         lease = (defaults or BudgetDefaults()).lease_seconds
+        # JSON has no infinity or NaN: records from before events refused them kept such a
+        # cap or spend as null. Read back as "nothing more to spend" until a budget set.
+        cap = 0.0 if data["max_daily_cost"] is None else float(data["max_daily_cost"])
         raw_agents = data.get("agents", {})
         if isinstance(raw_agents, list):  # records written before agents kept their time
             raw_agents = {a: ["", i + 1] for i, a in enumerate(raw_agents)}
@@ -359,7 +364,7 @@ class BudgetState:
             goal_id=data["goal_id"],
             max_agents=int(data["max_agents"]),
             max_concurrent=int(data["max_concurrent"]),
-            max_daily_cost=float(data["max_daily_cost"]),
+            max_daily_cost=cap,
             agents={k: list(v) for k, v in raw_agents.items()},
             spawning=dict(data.get("spawning", {})),
             live=OrderedDict((k, v) for k, v in data.get("live", [])),
@@ -371,9 +376,9 @@ class BudgetState:
             ended=ended,
             closed=dict.fromkeys(closed),
             spends=_in_order(data.get("spends", {})),
-            spend={k: float(v) for k, v in data.get("spend", {}).items()},
+            spend={k: cap if v is None else float(v) for k, v in data.get("spend", {}).items()},
             event_time=str(data.get("event_time", "")),
-            cost_weight=float(data.get("cost_weight", 0.0)),
+            cost_weight=float(data.get("cost_weight") or 0.0),
             runs=runs,
         )
         if "seen_digests" in data:
@@ -433,8 +438,12 @@ class BudgetState:
         if seen in self.seen:
             return Decision(self._replay(event), changed=False)
         self.seen.append(seen)
-        if not self.event_time or event.occurred_at > datetime.fromisoformat(self.event_time):
-            self.event_time = event.occurred_at.isoformat()
+        # Event time moves with what producers stamp, but never past the budget's own
+        # clock by more than a skew: one event stamped years ahead would otherwise leave
+        # lease time to the budget's clock alone, and an outage would expire live slots.
+        stamp = min(event.occurred_at, now + timedelta(seconds=_EVENT_TIME_AHEAD_SECONDS))
+        if not self.event_time or stamp > datetime.fromisoformat(self.event_time):
+            self.event_time = stamp.isoformat()
         cause = _ref(event.event_id)
         out: list[Event] = self._expire(now, defaults)
         if isinstance(event, SpawnRequested):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from typing import Annotated, Any
@@ -196,9 +197,9 @@ def budget_set(
             as_json=as_json,
         )
     for key, value in limits.items():
-        if value < 0:
+        if not 0 <= value < math.inf:  # NaN fails this too
             fail(
-                f"--{key.replace('_', '-')} must be >= 0, got {value:g}",
+                f"--{key.replace('_', '-')} must be a finite number >= 0, got {value:g}",
                 EXIT_INVALID,
                 as_json=as_json,
             )

@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 
-from streams.events import DeadLetter, TaskRequested
+from streams.codec import default_codec
+from streams.events import DeadLetter, RouteDecided, TaskRequested
 from streams.faust_app import FAUST_FETCHER_TIMEOUT_S, create_app, event_topic, start_app
 from streams.kafka import EventConsumer, EventProducer
 
@@ -48,8 +49,15 @@ async def test_faust_agent_updates_a_table_in_key_order(settings):
         # The table's changelog was created ahead of the app, with the table's partitions.
         consumer = app.consumer
         assert consumer.topic_partitions(seen.changelog_topic_name) == 4
+        codec = default_codec()
+        misfiled = RouteDecided(source="test", run_id="run-x", specialty="general", action="reuse")
+        miskeyed = events[1].model_copy(update={"run_id": "run-k", "context": {"seq": "999"}})
         async with EventProducer(settings) as producer:
             await producer.send_raw("task_requested", b"\x00garbage", key=b"g0")
+            # Valid events, wrongly placed: another topic's event, and a goal's task under
+            # another goal's key (another partition: another instance's state).
+            await producer.send_raw("task_requested", codec.encode(misfiled), key=b"g0")
+            await producer.send_raw("task_requested", codec.encode(miskeyed), key=b"g2")
             await producer.send_many(events)
         await asyncio.wait_for(done.wait(), 60)
         # Faust's aiokafka consumer (built in Faust's consumer thread) keeps aiokafka's back-off
@@ -76,12 +84,18 @@ async def test_faust_agent_updates_a_table_in_key_order(settings):
     finally:
         await app.stop()
 
-    # The garbage value went to dead_letter with its reason; the agent kept going.
+    # The garbage value and the two misplaced events went to dead_letter with their
+    # reasons; the agent kept going and never saw them (seq 999 is in no goal's list).
+    letters = []
     async with EventConsumer(settings, ["dead_letter"], group_id=None) as dead:
         async for delivery in dead:
-            letter = delivery.event
-            break
-    assert isinstance(letter, DeadLetter)
-    assert letter.original_topic == "task_requested"
-    assert letter.source == "faust-test"
-    assert "header" in letter.reason
+            letters.append(delivery.event)
+            if len(letters) == 3:
+                break
+    assert all(isinstance(letter, DeadLetter) for letter in letters)
+    assert {letter.original_topic for letter in letters} == {"task_requested"}
+    assert {letter.source for letter in letters} == {"faust-test"}
+    header, topic, key = (letter.reason for letter in letters)
+    assert "header" in header
+    assert topic == "a route_decided event does not belong on this topic"
+    assert key == "the record's key b'g2' is not the event's goal_id 'g1'"

@@ -1,0 +1,184 @@
+"""Numbers and times a hostile or broken producer may put in an event, and what they would
+have done to a goal's budget: each is refused where the event is made or read (so it goes
+to dead_letter with the reason), and the budget holds where one slips past."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from services.budget.state import BudgetDefaults, BudgetState, RunStore
+from services.cli import admin
+from services.cli.main import app
+from streams.client import OrchestratorClient
+from streams.clock import SystemClock
+from streams.codec import default_codec
+from streams.errors import DecodeError, InvalidRequest
+from streams.events import (
+    MAX_WAIT_SECONDS,
+    BudgetTicked,
+    BudgetUpdateRequested,
+    Event,
+    LlmCallCompleted,
+    RequestReceived,
+    RouteDecided,
+    TaskAdmitted,
+    TaskRequested,
+    WorkflowAssessed,
+    WorkflowCompleted,
+)
+from streams.llm import ModelPrice, PriceTable
+from tests.unit.test_budget_state import _task as budget_task
+
+NOW = datetime(2026, 12, 5, 12, tzinfo=UTC)
+NAN, INF = float("nan"), float("inf")
+
+
+def _cost(usd: float, **fields: Any) -> dict[str, Any]:
+    return {"source": "loader", "goal_id": "g1", "model": "m", "cost_usd": usd, **fields}
+
+
+def _task(i: int, at: datetime = NOW, **fields: Any) -> TaskRequested:
+    base = budget_task(i).model_dump()
+    return TaskRequested.model_validate(base | {"occurred_at": at, **fields})
+
+
+HOSTILE: list[tuple[type[Event], dict[str, Any], str]] = [
+    (LlmCallCompleted, _cost(-1000.0), "greater than or equal to 0"),
+    (LlmCallCompleted, _cost(NAN), "finite number"),
+    (LlmCallCompleted, _cost(INF), "finite number"),
+    (LlmCallCompleted, _cost(0.01, prompt_tokens=-5), "greater than or equal to 0"),
+    (LlmCallCompleted, _cost(0.01, latency_ms=-1.0), "greater than or equal to 0"),
+    (
+        WorkflowCompleted,
+        {"source": "loader", "goal_id": "g1", "run_id": "r", "specialty": "s", "text": "t",
+         "cost_usd": -0.5},
+        "greater than or equal to 0",
+    ),
+    (
+        WorkflowAssessed,
+        {"source": "improvement", "run_id": "r", "specialty": "s", "quality": NAN},
+        "finite number",
+    ),
+    (
+        WorkflowAssessed,
+        {"source": "improvement", "run_id": "r", "specialty": "s", "quality": 0.5,
+         "cost_usd": -INF},
+        "finite number",
+    ),
+    (
+        RouteDecided,
+        {"source": "router", "run_id": "r", "specialty": "s", "action": "reuse",
+         "scores": {"code": INF}},
+        "finite number",
+    ),
+    (BudgetUpdateRequested, {"source": "cli", "goal_id": "g1", "max_daily_cost": INF},
+     "finite number"),
+    (BudgetUpdateRequested, {"source": "cli", "goal_id": "g1", "cost_weight": NAN},
+     "finite number"),
+    (
+        TaskRequested,
+        {"source": "router", "run_id": "r", "goal_id": "g1", "agent_id": "a", "specialty": "s",
+         "message": "hi", "occurred_at": NOW,
+         "deadline_at": datetime(9999, 12, 31, 23, 59, tzinfo=UTC)},
+        "a time after 9000",
+    ),
+    (
+        RequestReceived,
+        {"source": "sdk", "run_id": "r", "goal_id": "g1", "user_id": "u1", "message": "hi",
+         "occurred_at": NOW, "deadline_at": NOW + timedelta(days=30)},
+        "at most 86400 s",
+    ),
+    (LlmCallCompleted, _cost(0.01, occurred_at=datetime(9000, 1, 1, tzinfo=UTC)),
+     "a time after 9000"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("model", "fields", "named"), HOSTILE)
+def test_a_hostile_number_or_time_is_refused_where_the_event_is_made(
+    model: type[Event], fields: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ValidationError, match=named):
+        model.model_validate(fields)
+
+
+@pytest.mark.parametrize(("model", "fields", "named"), HOSTILE)
+def test_and_where_it_is_read_off_a_topic_with_the_reason(
+    model: type[Event], fields: dict[str, Any], named: str
+) -> None:
+    # What a producer without our models would write: the same record, unchecked.
+    codec = default_codec()
+    data = codec.encode(model.model_construct(**(model.model_construct().__dict__ | fields)))
+    with pytest.raises(DecodeError, match=named) as refused:
+        codec.decode(data, topic=model.topic)
+    assert refused.value.reason.startswith(f"invalid {model.topic}: ")
+
+
+def test_a_deadline_a_day_away_is_still_an_event() -> None:
+    at_most = NOW + timedelta(seconds=MAX_WAIT_SECONDS)
+    assert _task(1, deadline_at=at_most).deadline_at == at_most
+    # A task the router makes hours after its request carries the request's deadline.
+    assert _task(2, at=NOW + timedelta(hours=3), deadline_at=NOW).deadline_at == NOW
+
+
+def test_the_client_refuses_a_timeout_beyond_a_day_before_anything_is_sent() -> None:
+    client = OrchestratorClient.__new__(OrchestratorClient)
+    client.clock = SystemClock()
+    client.source = "sdk"
+    for timeout in (2 * 86400, 2.5e11, 1e300, INF, NAN, 0, -1):
+        with pytest.raises(InvalidRequest, match="at most 86400 s"):
+            client.request("hi", goal_id="g1", user_id="u1", timeout=timeout)
+    assert client.request("hi", goal_id="g1", user_id="u1", timeout=86400).deadline_at
+
+
+def test_budget_set_refuses_an_infinite_cap_and_sends_nothing(monkeypatch) -> None:
+    sent: list[object] = []
+    monkeypatch.setattr(admin, "run", lambda coro, *a, **k: sent.append(coro) or coro.close())
+    for value in ("inf", "nan", "-1"):
+        result = CliRunner().invoke(app, ["budget", "set", "g1", "--max-daily-cost", value])
+        assert result.exit_code == 2, result.output
+        assert "--max-daily-cost must be a finite number >= 0" in result.output
+    assert sent == []
+
+
+def test_an_event_stamped_years_ahead_does_not_switch_off_the_lease() -> None:
+    # Lease time is the earlier of the budget's clock and the goal's event time, so a
+    # budget whose clock jumps (an outage) takes back no slot of a run still running.
+    defaults = BudgetDefaults(
+        max_daily_cost=100.0, max_concurrent=1, prices=PriceTable({}, ModelPrice(1.0, 2.0))
+    )
+    for stamp in (NOW, datetime(8999, 1, 1, tzinfo=UTC)):
+        state = BudgetState.new("g1", defaults)
+        state.handle(_task(1), NOW, defaults)
+        state.handle(LlmCallCompleted(**_cost(0.0, occurred_at=stamp)), NOW, defaults)
+        later = NOW + timedelta(hours=1)
+        decided = state.handle(_task(2), later, defaults).events
+        decided += state.handle(BudgetTicked(source="budget", goal_id="g1"), later, defaults).events
+        assert list(state.in_flight) == ["r1"], stamp
+        assert not any(isinstance(e, TaskAdmitted) for e in decided), stamp
+        assert datetime.fromisoformat(state.event_time) <= NOW + timedelta(minutes=1)
+
+
+def test_a_record_left_with_a_null_cap_reads_back_closed_and_a_budget_set_reopens_it() -> None:
+    # Faust keeps the goal's record as JSON, where an infinite cap or NaN spend of a record
+    # written before events refused them became null: reading it failed on every event of
+    # the goal from then on. Now it reads as "nothing more to spend".
+    defaults = BudgetDefaults(prices=PriceTable({}, ModelPrice(1.0, 2.0)))
+    record = BudgetState.new("g1", defaults).to_dict()
+    record["max_daily_cost"] = None
+    record["spend"] = {NOW.date().isoformat(): None}
+    state = BudgetState.from_dict(orjson.loads(orjson.dumps(record)), RunStore(), defaults)
+    assert state.max_daily_cost == 0.0
+    refused = state.handle(_task(1), NOW, defaults).events
+    assert not any(isinstance(e, TaskAdmitted) for e in refused)
+    state.handle(
+        BudgetUpdateRequested(source="cli", goal_id="g1", max_daily_cost=5.0), NOW, defaults
+    )
+    state.spend.clear()
+    admitted = state.handle(_task(2), NOW, defaults).events
+    assert any(isinstance(e, TaskAdmitted) for e in admitted)
