@@ -2,13 +2,16 @@
 
 Two requests with the same signature are "the same kind of work": same
 specialty, same content words (order, case, numbers and stop words ignored).
-``exact_key`` is stricter: identical requests, for a response cache.
+``exact_key`` is stricter: identical requests with identical context, for a response
+cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from collections.abc import Mapping
 
 __all__ = ["exact_key", "intent_words", "signature_of"]
 
@@ -37,7 +40,12 @@ def signature_of(message: str, specialty: str, steps: str = "answer") -> str:
     return "sig_" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def exact_key(message: str, specialty: str) -> str:
-    """Identical requests (whitespace and case folded) to the same specialty."""
+def exact_key(message: str, specialty: str, context: Mapping[str, str] | None = None) -> str:
+    """Identical requests (whitespace and case folded) to the same specialty, with the same
+    context: an answer made from one caller's system message or earlier turns is another
+    request's answer only when those are the same too."""
     norm = " ".join(message.lower().split())
-    return "req_" + hashlib.sha256(f"{specialty}|{norm}".encode()).hexdigest()[:16]
+    text = f"{specialty}|{norm}"
+    if context:
+        text += "|" + json.dumps(sorted(context.items()), ensure_ascii=False)
+    return "req_" + hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -13,6 +13,7 @@ agent, and an agent belongs to one goal, so it serves only that goal.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -164,10 +165,14 @@ class Automations:
         now: datetime,
         goal_id: str | None,
         registry: RegistryView | None = None,
+        *,
+        context: Mapping[str, str] | None = None,
     ) -> AutomationHit | None:
         """The automation that serves this request of ``goal_id`` in ``specialty`` now, if any.
 
-        A cache hit first: only an answer computed for ``goal_id`` itself. The routing
+        A cache hit first: only an answer computed for ``goal_id`` itself, for the same
+        message with the same ``context`` (the caller's system message and earlier turns
+        shape the answer, and are that caller's). The routing
         policy picks the specialty before this is asked, so an automation only ever
         saves the cost of the answer the policy chose, never replaces it with another
         specialty's. A direct route serves only the goal its agent belongs to: the
@@ -178,7 +183,7 @@ class Automations:
         sig = signature_of(message, specialty)
         cache = self._by_signature.get(f"response_cache:{sig}")
         if cache is not None and now < self._expires[f"response_cache:{sig}"]:
-            answer = self._answers.get((goal_id, exact_key(message, specialty)))
+            answer = self._answers.get((goal_id, exact_key(message, specialty, context)))
             if answer is not None and answer.goal_id == goal_id:
                 return AutomationHit(cache, specialty, answer)
         route = self._by_signature.get(f"direct_route:{sig}")

@@ -367,7 +367,12 @@ class Router:
             None
             if asked
             else self.automations.lookup(
-                request.message, specialty, self.ctx.clock.now(), request.goal_id, self.registry
+                request.message,
+                specialty,
+                self.ctx.clock.now(),
+                request.goal_id,
+                self.registry,
+                context=request.context,
             )
         )
         candidates = [
@@ -412,7 +417,7 @@ class Router:
             model=model,
             judge_probability=judge,
             features=features.as_list(),
-            request_key=exact_key(request.message, specialty),
+            request_key=exact_key(request.message, specialty, request.context),
             signature=signature_of(request.message, specialty),
             occurred_at=self.ctx.clock.now(),
         )

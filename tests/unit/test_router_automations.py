@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
+from services.gateway.chat import parse_chat
 from services.router.automations import Automations, CachedAnswer
 from services.router.policy import make_policy
 from services.router.service import Router
@@ -246,3 +247,53 @@ def test_the_router_asks_for_the_requests_own_goal():
     served = ask("goal-a")
     assert served is not None and served.run_id == "a1"
     assert ask("goal-b") is None
+
+
+def test_a_cached_answer_made_from_a_callers_conversation_serves_only_that_conversation():
+    # Through the gateway the caller's system message and earlier turns travel as the
+    # request's context; the answer they shaped may hold what only that caller said.
+    alice = parse_chat(
+        {
+            "model": "auto",
+            "messages": [
+                {"role": "system", "content": "You are Alice's banking assistant."},
+                {"role": "user", "content": "My account number is 4417-2291."},
+                {"role": "assistant", "content": "Noted."},
+                {"role": "user", "content": "Summarize what I told you"},
+            ],
+        }
+    )
+    bob = parse_chat({"model": "auto", "messages": [{"role": "user", "content": alice.message}]})
+    assert alice.message == bob.message and alice.context != bob.context
+    auto = Automations()
+    auto.learn(
+        _automation("response_cache").model_copy(
+            update={"signature": signature_of(alice.message, CS)}
+        )
+    )
+    decided = _decided("r1", alice.message, CS).model_copy(
+        update={"request_key": exact_key(alice.message, CS, alice.context)}
+    )
+    auto.learn(decided)
+    auto.learn(_answer("r1", text="You told me your account number is 4417-2291."))
+    auto.learn(_assessed("r1"))
+    assert auto.lookup(bob.message, CS, T0, "g", context=bob.context) is None
+    assert auto.lookup(bob.message, CS, T0, "g") is None
+    other = {**alice.context, "history": "user: My account number is 0000."}
+    assert auto.lookup(alice.message, CS, T0, "g", context=other) is None
+    hit = auto.lookup(alice.message, CS, T0, "g", context=alice.context)
+    assert hit is not None and hit.cached is not None and hit.cached.run_id == "r1"
+    # Without context the key is what it always was: caches kept across the change still hit.
+    assert exact_key(MSG, CS, {}) == exact_key(MSG, CS)
+
+
+async def test_the_router_keys_a_request_with_its_context(monkeypatch):
+    from tests.unit.test_router_resend import _agent, _request, _router
+
+    router, producer, clock = _router(monkeypatch)
+    router.learn(_agent())
+    request = _request(clock)
+    await router.handle(request, None)  # type: ignore[arg-type]
+    [decision] = producer.of(RouteDecided)
+    assert decision.request_key == exact_key(request.message, "code", request.context)
+    assert decision.request_key != exact_key(request.message, "code")
