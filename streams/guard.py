@@ -8,12 +8,21 @@ service that writes into a prompt can use them.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["MAX_INSTRUCTION_CHARS", "GuardVerdict", "fold", "guard_instruction", "guard_prompt"]
+__all__ = [
+    "COPY_RUN_WORDS",
+    "MAX_INSTRUCTION_CHARS",
+    "GuardVerdict",
+    "copies_text",
+    "fold",
+    "guard_instruction",
+    "guard_prompt",
+]
 
 MAX_INSTRUCTION_CHARS = 240
 
@@ -47,14 +56,65 @@ def _selector(ch: str) -> bool:
     return 0xFE00 <= code <= 0xFE0F or 0xE0100 <= code <= 0xE01EF
 
 
+@functools.cache
+def _homoglyphs() -> Mapping[str, Sequence[Mapping[str, str]]]:
+    """Unicode's confusables (UTS #39) as confusable_homoglyphs ships them: for a character,
+    the characters it can be mistaken for. Loaded (about 1 MB) on the first non-ASCII text."""
+    from confusable_homoglyphs.confusables import confusables_data
+
+    data: Mapping[str, Sequence[Mapping[str, str]]] = confusables_data
+    return data
+
+
+# A Latin letter's name says which letter it is a variant of: "LATIN LETTER SMALL CAPITAL A",
+# "LATIN SMALL LETTER DOTLESS I", "LATIN SMALL LETTER TURNED A", "LATIN SMALL LETTER L WITH
+# BELT". Names with no single base letter (EZH, SCHWA, AE) say none.
+_LATIN_LETTER = re.compile(r"LATIN (?:[A-Z]+ )*?LETTER (?:(?!WITH )[A-Z]+ )*?([A-Z])(?: |$)")
+
+
+@functools.lru_cache(maxsize=8192)
+def _lookalike(ch: str) -> str:
+    """The ASCII letters or digits a non-ASCII letter, number or symbol reads as, else ``ch``.
+
+    A decimal digit is its value (Arabic-Indic ``٥`` 5, Bengali ``০`` 0). Otherwise Unicode's
+    confusables data first (``ı`` i, Armenian ``օ`` o, ``ɑ`` a, ``ᴏ`` o, Cherokee
+    ``Ꭺ`` A, Armenian ``ս`` u), then a Latin letter's own name for the variants that data
+    ties to no ASCII letter (small capitals ``ᴀ ʀ ɴ``, IPA letters ``ɛ ɔ ɹ``).
+    """
+    category = unicodedata.category(ch)
+    if category == "Nd":
+        return str(unicodedata.decimal(ch))  # a digit of any script is that digit
+    if category[0] not in "LNS":
+        return ch
+    for glyph in _homoglyphs().get(ch, ()):
+        target = glyph.get("c", "")
+        if target.isascii() and target.isalnum():
+            return target
+    match = _LATIN_LETTER.match(unicodedata.name(ch, ""))
+    if match is None:
+        return ch
+    letter = match.group(1)
+    return letter.lower() if "SMALL" in match.group() else letter
+
+
+def _ascii_lookalikes(text: str) -> str:
+    """``text`` with every character that reads as ASCII letters or digits replaced by them."""
+    if text.isascii():
+        return text
+    return "".join(ch if ch.isascii() else _lookalike(ch) for ch in text)
+
+
 def fold(text: str) -> str:
     """NFKC, invisible characters out, casefolded, accents off, look-alikes mapped to ASCII."""
     text = unicodedata.normalize("NFKC", text).replace("\u2028", "\n").replace("\u2029", "\n")
-    text = _strip_invisible(text).casefold()
+    # Look-alikes before casefolding too: a capital can fold to a letter that looks like none
+    # (Greek Η reads as H; its small η does not read as h).
+    text = _ascii_lookalikes(_strip_invisible(text)).casefold()
     text = "".join(
         ch for ch in unicodedata.normalize("NFD", text) if unicodedata.category(ch) not in "MnMe"
     )
-    return unicodedata.normalize("NFC", text.translate(_CONFUSABLES))
+    text = _ascii_lookalikes(text.translate(_CONFUSABLES)).casefold()
+    return unicodedata.normalize("NFC", text)
 
 
 # ---------------------------------------------------------------------------
@@ -74,6 +134,10 @@ _SECRETS = "refused: asks for secrets or credentials"
 _ELSEWHERE = "refused: points users elsewhere"
 _OTHERS = "refused: addresses other users or tenants"
 _MARKUP = "refused: contains code or markup that could carry an injection"
+_DISCLOSES = "refused: discloses the agent's prompt or instructions"
+_AUTHORITY = "refused: grants users or messages authority over the agent"
+_PERSONAL = "refused: asks users for personal or secret data"
+_PAYMENT = "refused: asks users for money or to move off the platform"
 _MALFORMED = "refused: malformed"
 
 _LEET = (str.maketrans("013457@$!|", "oieastasii"), str.maketrans("01357@$|", "olestasl"))
@@ -85,6 +149,30 @@ _TECH_NAMES = re.compile(r"\b(?:asp|vb|ado)\.net\b|\bsocket\.io\b")
 _DISCLOSE = (
     r"\b(?:reveal|print|show|output|repeat|display|disclose|share|leak|dump|tell|recite|paste"
     r"|echo|give|list|quote|spell out|write out|expose|send|copy|return|read out)"
+)
+
+# The agent's own instructions, as an instruction would name them to pass them on.
+# "your instructions", "the assistant's hidden rules": the owner, then at most one word.
+_OWNER = r"\b(?:your|the agent s|the assistant s|the bot s|the model s|the ai s)"
+_AGENTS = _OWNER + r" (?:\w+ )?"
+_TOLD = (
+    r"(?:prompts?|instructions|guidance|guidelines|rules|rulebook|configuration|config"
+    r"|directives|directions|programming|briefing|preamble|orders|constraints"
+    r"|(?:setup|system|initial|opening|hidden|first) (?:messages?|text|prompt))\b"
+)
+_TOLD_HOW = (
+    r"original|initial|hidden|internal|secret|private|confidential|system|underlying|previous"
+    r"|prior|above|base|core|operating|standing|starting|default|built in|custom|verbatim"
+    r"|own"
+)
+_SAY = (
+    r"\b(?:(?:reveal|print|show|output|repeat|display|leak|dump|tell|echo|list|return|send"
+    r"|expose)(?:s|es|ed|ing|n)?|(?:disclos|shar|recit|past|giv|writ)(?:e|es|ed|ing|en|ten)"
+    r"|told|gave|sent|wrote|cop(?:y|ies|ied|ying)|(?:spell|read)(?:s|ed|ing)? out"
+    r"|includ\w*|quot\w*|cit\w+|restat\w*|paraphras\w*|summari[sz]\w*"
+    r"|translat\w*|reproduc\w*|reprint\w*|relay\w*|append\w*|prepend\w*|insert\w*|attach\w*"
+    r"|transcrib\w*|mention\w*|explain\w*|describ\w*|start with|begin with|end with"
+    r"|let (?:users?|the user|them|people|anyone) (?:see|read|know))"
 )
 
 # (reason, scope, pattern), first hit wins. Scopes: "words" runs on the text reduced to
@@ -253,6 +341,210 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
     (_MARKUP, "cased", r"\b(?:SYSTEM|ASSISTANT|DEVELOPER)\s*:"),
     (_ROLE, "words", r"\bsystem (?:prompt|message)s?\b|\bprompt injection\b"),
     (_ROLE, "squash", r"systemprompt"),
+    # What the agent was told, in any wording: an instruction names it only to pass it on.
+    (
+        _DISCLOSES,
+        "words",
+        "|".join(
+            (
+                r"\b(?:contents?|text|wording|words|copy|full text|body|transcript|summary|gist"
+                r"|paraphrase|translation|verbatim) of (?:\w+ ){0,2}?" + _AGENTS + _TOLD,
+                _OWNER + r" (?:(?:" + _TOLD_HOW + r") )+" + _TOLD,
+                _SAY + r" (?:\w+ ){0,4}?" + _AGENTS + _TOLD,
+            )
+        ),
+    ),
+    (
+        _DISCLOSES,
+        "words",
+        _TOLD + r" (?:that |which )?(?:you|the agent|the assistant|the model)"
+        r" (?:(?:were|was|have been|ve been|had been|are|re|get|got) )?(?:given|told|provided"
+        r"|configured|instructed|set up|programmed|briefed|shown|fed|sent|prompted|handed"
+        r"|loaded|received|started with|run on|run with|operate under|follow)\b"
+        r"|\b(?:what|how|everything|anything|all) (?:that )?(?:you|the agent|the assistant)"
+        r" (?:were|was|have been|ve been|had been|are|re) (?:told|given|instructed|configured"
+        r"|programmed|prompted|briefed|set up)\b"
+        r"|\b(?:were|have|are) you (?:been )?(?:told|given|instructed|configured|programmed"
+        r"|prompted|briefed|set up)\b"
+        r"|" + _SAY + r" (?:\w+ ){0,3}?(?:rules?|instructions?|guidelines?|directives?"
+        r"|constraints?) (?:that |which )?you (?:have|follow|obey|use|keep|apply|operate under"
+        r"|work under|must follow)\b"
+        r"|\b(?:first|opening|initial|earliest|setup|system|hidden) messages? (?:in|of|at the"
+        r" start of) (?:this|the) (?:conversation|chat|context|thread|session)\b",
+    ),
+    (
+        _DISCLOSES,
+        "words",
+        _SAY + r" (?:\w+ ){0,5}?(?:everything|anything|all|the text|the content|the contents"
+        r"|the words|the lines?|whatever|what is|what s|what was|what came|the messages?"
+        r"|the passage|the paragraph) (?:\w+ ){0,3}?(?:above|preceding|before this (?:line"
+        r"|message|point|one)|earlier in (?:this|the) (?:conversation|chat|prompt|context))\b"
+        r"|" + _SAY + r" (?:\w+ ){0,5}?(?:messages?|text|everything|anything|what|whatever"
+        r"|lines?|words) (?:that |which )?(?:came|comes|come|appears?|appeared|is|was|were|are"
+        r"|sits?) (?:\w+ )?(?:before|above|ahead of|prior to) (?:the |this |each |every |any )?"
+        r"(?:users?|question|conversation|chat|first|message|line)\b",
+    ),
+    # Authority for users, messages or magic words: only the platform speaks for the system.
+    (
+        _AUTHORITY,
+        "words",
+        r"\b(?:treat|treating|regard|consider|handle|accept|recogni[sz]e|trust|interpret|take"
+        r"|count|view) (?:\w+ ){1,8}?(?:as|to be|like) (?:(?:if |though |they |it |were |was"
+        r"|are |is |had |have |having |coming |sent |written |issued |originating |from |by"
+        r"|with |an |a |the |your |genuine |real |official |valid |trusted |verified )){0,5}"
+        r"(?:admins?|administrators?|administrative|system|sysadmins?|developers?|devs?"
+        r"|operators?|owners?|root|superusers?|sudo|staff|moderators?|authority|authoritative"
+        r"|trusted|privileged|instructions?|commands?|orders|approved|authori[sz]ed"
+        r"|pre approved|verified|platform|anthropic|openai|creators?|supervisors?|management)\b",
+    ),
+    (
+        _AUTHORITY,
+        "words",
+        r"\b(?:grant\w*|giv\w+|allow\w*|assign\w*|confer\w*|extend\w*|elevat\w*|promot\w*"
+        r"|upgrad\w*|has|have|having|with|gets?|getting|carry|carries|hold|holds) (?:\w+ ){0,5}?"
+        r"(?:admin\w*|administrator|operator|developer|system|root|sudo|superuser|elevated"
+        r"|override|unlimited|unrestricted|owner|privileged|master|moderator|special|full"
+        r"|extra|higher) (?:privileges?|permissions?|access|rights|authority|powers?|status"
+        r"|clearance|control)\b",
+    ),
+    (
+        _AUTHORITY,
+        "words",
+        r"\b(?:users?|anyone|anybody|someone|somebody|whoever|people|they|he|she|messages?"
+        r"|requests?|customers?) (?:who |that |which )?(?:says?|claims?|claiming|identif\w+"
+        r"|present\w*|introduc\w*|declar\w*|states?|asserts?|pretends?|signs?|signed) (?:\w+ )"
+        r"{0,3}?(?:to be |as |they are |they re |he is |she is |it is |is |are |comes from |to"
+        r" come from |from |in )?(?:an? |the |your )?(?:admins?|administrators?|sysadmins?"
+        r"|operators?|system|root|superusers?|owners?|moderators?|staff|employees?|ceo"
+        r"|creators?|anthropic|openai|supervisors?|management|in charge|the developers?"
+        r"|your developers?|a developer of|one of your developers)\b",
+    ),
+    (
+        _AUTHORITY,
+        "words",
+        r"\b(?:comply with|follow|obey|execute|carry out|do|perform|accept|honou?r|run)"
+        r" (?:whatever|anything|everything|all|any|every)(?: (?:instructions?|commands?|requests?"
+        r"|orders|demands|directions|text|messages?))? (?:\w+ ){0,3}?(?:follows|comes (?:after"
+        r"|next)|after|that (?:starts?|begins?|follows|comes)|which (?:starts?|begins?)|starting"
+        r"|beginning|prefixed|preceded|marked|tagged|labell?ed|containing|contains|it (?:says"
+        r"|asks)|(?:the )?(?:users?|they|he|she|customers?|people) (?:says?|asks?|wants?"
+        r"|requests?|demands?|tells? you|types?))\b"
+        r"|\bcomply with (?:whatever|anything|everything|all|any)\b"
+        r"|\b(?:code ?words?|trigger ?words?|magic ?words?|safe ?words?|secret (?:word|phrase"
+        r"|command|code)|override (?:codes?|keywords?|commands?|words?|phrases?))\b"
+        r"|\b(?:keyword|prefix|tag|word|phrase|token|code) (?:\w+ ){0,3}?(?:unlocks?|grants?"
+        r"|bypass\w*|lifts?)\b"
+        r"|\bunlock\w* (?:\w+ )?(?:mode|modes|capabilit\w+|restrictions?|behaviou?rs?|powers?"
+        r"|answers?|responses?|everything)\b",
+    ),
+    (
+        _AUTHORITY,
+        "words",
+        r"\b(?:instructions?|commands?|orders|directives?|messages?|requests?|text|input|lines?"
+        r"|anything|whatever) (?:\w+ ){0,4}?(?:comes?|came|coming|are|is|were|was|sent"
+        r"|written|issued)? ?from (?:the |your |an? |our )?(?:operators?|developers?|system"
+        r"(?! (?:logs?|calls?|clock|time|files?|errors?|librar\w+|packages?|tools?|settings"
+        r"|monitor\w*|output|console|shell|paths?|fonts?|requirements))"
+        r"|admins?|administrators?|sysadmins?|owners?|staff|creators?|anthropic|openai"
+        r"|management|supervisors?|moderators?|root)\b"
+        r"|\b(?:users?|anyone|anybody|someone|whoever|people|customers?|messages?|requests?)"
+        r" (?:\w+ ){0,5}?(?:can|may|could|are allowed to|is allowed to|get to|are able to"
+        r"|is able to) (?:change|override|edit|update|rewrite|modify|redefine|replace|disable"
+        r"|turn off|lift|relax|remove|reset|reprogram|reconfigure) (?:" + _AGENTS + r"|(?:the"
+        r" system s|these) (?:\w+ )?)(?:rules|instructions|prompts?|guidelines|behaviou?r"
+        r"|settings|restrictions|limits|persona|role|configuration|programming)\b",
+    ),
+    # Personal or secret data: an answer never asks for what a fraud would.
+    (
+        _PERSONAL,
+        "words",
+        r"\bdates? of birth\b|\bbirth ?dates?\b|\bdob\b|\bmaiden names?\b"
+        r"|\bsocial (?:security|insurance)(?: numbers?)?\b|\bssns?\b"
+        r"|\bnational (?:id|identity|insurance) (?:numbers?|cards?)\b|\btax (?:id|ids|numbers?)\b"
+        r"|\bpassport (?:numbers?|details|scans?|photos?|copy|copies)\b"
+        r"|\bdriv(?:er s|ers|er|ing) licen[cs]e(?: numbers?)?\b"
+        r"|\bcvv2?\b|\bcvc2?\b"
+        r"|\bcard (?:security|verification) codes?\b"
+        r"|\bpins? (?:codes?|numbers?)\b|\b(?:bank|card|atm) pins?\b"
+        r"|\bone time (?:codes?|pass\w*|pins?)\b|\botps?\b"
+        r"|\b(?:2fa|mfa|two factor|sms|verification|login) codes?\b"
+        r"|\b(?:login|sign in|banking) (?:details|info\w*|data)\b"
+        r"|\bbank (?:login|details|account (?:numbers?|details|info\w*))\b|\brouting numbers?\b"
+        r"|\b(?:seed|recovery|mnemonic|wallet|backup) (?:phrases?|words)\b"
+        r"|\bsecurity (?:questions?|answers?)\b",
+    ),
+    (
+        _PERSONAL,
+        "words",
+        # Not "don't ask for personal details": a refusal to ask is what the rule wants.
+        r"(?<!\bdon t )(?<!\bdo not )(?<!\bnever )(?<!\bavoid )(?<!\bwithout )"
+        r"\b(?:ask\w*|request\w*|collect\w*|gather\w*|obtain\w*|requir\w*|demand\w*|prompt\w*"
+        r"|invit\w*|encourag\w*|remind\w*|verify\w*|confirm\w*|enter|provid\w*|shar\w*|send\w*"
+        r"|submit\w*|typ\w*|supply\w*|record\w*|stor\w*|sav\w*|captur\w*|harvest\w*|get the"
+        r"|fetch\w*|reply with|respond with) (?:\w+ ){0,6}?"
+        r"(?:(?:their|your|the user s|users|the customer s|customers|his|her|my) (?:\w+ )?"
+        r"(?:(?:home |postal |mailing |billing |street |email |e mail |ip )?address(?:es)?"
+        r"|(?:phone|mobile|cell|telephone) numbers?|id|ids|identity|usernames?|logins?|pins?"
+        r"|salary|income|medical \w+|health \w+|birthday|full name|card|cards)"
+        r"|(?:home|postal|mailing|billing) address(?:es)?|(?:phone|mobile|cell|telephone)"
+        r" numbers?|photo ids?|id (?:cards?|numbers?|documents?)|government ids?|proof of"
+        r" (?:identity|address)|selfies?|account numbers?|bank accounts?|(?:credit|debit) cards?"
+        r"|card (?:numbers?|details|info\w*|data)|iban|(?:personal|private|sensitive"
+        r"|identifying|contact|financial|banking|payment) (?:data|details|info\w*)"
+        r"|personally identifiable \w+|pii)\b",
+    ),
+    # Money and contact off the platform: a style instruction never moves either.
+    (
+        _PAYMENT,
+        "words",
+        r"\bgift ?cards? (?:payments?|codes?|numbers?|fees?)\b"
+        r"|\b(?:pay\w*|buy\w*|purchas\w*|send\w*|requir\w*|need\w*|costs?|fees?|charg\w*"
+        r"|deposit\w*) (?:\w+ ){0,5}?(?:gift ?cards?|prepaid (?:cards?|vouchers?)|itunes cards?"
+        r"|steam cards?|google play cards?)\b"
+        r"|\bwestern union\b|\bmoneygram\b"
+        r"|\b(?:pay|paying|pays|send|sending|transfer\w*|deposit\w*|wire|wiring)"
+        r" (?:\w+ ){0,5}?(?:via|through|on|using|with|to|by|into) (?:\w+ ){0,2}?"
+        r"(?:paypal|venmo|zelle|cash ?app|revolut|western union|moneygram|wallets?|iban"
+        r"|accounts?|crypto\w*|bitcoin|btc|gift ?cards?)\b",
+    ),
+    (
+        _PAYMENT,
+        "words",
+        r"\b(?:pay|paying|pays|send|sending|wire|wiring|transfer|transferring|deposit|depositing"
+        r"|remit\w*|donat\w*) (?:\w+ ){0,5}?(?:money|cash|funds|fees?|deposits?|dollars?|usd"
+        r"|euros?|eur|pounds?|gbp|payments?|crypto\w*|bitcoins?|btc|ethereum|eth|usdt|tether"
+        r"|monero|xmr|dogecoin|\w{2,}coins?)\b"
+        r"|\b(?:pay|paying|charg\w*|requir\w*|need\w*|ask\w*|collect\w*|request\w*|demand\w*)"
+        r" (?:\w+ ){0,4}?(?:processing|handling|verification|release|unlock|activation"
+        r"|upfront|advance|clearance|customs|admin\w*) fees?\b"
+        r"|\b(?:refunds?|returns?|support|help|access|answers?|replies|unlock\w*|verification"
+        r"|accounts?|delivery|withdrawals?|prizes?|winnings) (?:\w+ ){0,3}?(?:requires?"
+        r"|required|needs?|costs?|demands?) (?:\w+ ){0,4}?(?:payments?|a fee|fees?|deposits?"
+        r"|money|dollars?|gift|crypto\w*|bitcoin)\b"
+        r"|\b(?:buy|purchase|invest in) (?:\w+ ){0,3}?(?:today|now|immediately|right away"
+        r"|while (?:it|they|stocks?|supplies) lasts?)\b"
+        r"|\b(?:buy\w*|purchas\w*|invest\w*|promot\w*|recommend\w*|shill\w*|stak\w*|hold)"
+        r" (?:\w+ ){0,4}?(?:crypto ?currenc\w*|bitcoin|btc|ethereum|usdt|tether|monero"
+        r"|dogecoin|nfts?|\w{2,}coins?|tokens? (?:sale|presale|offering))\b"
+        r"|\b(?:buy\w*|purchas\w*|invest\w*) (?:in )?(?:\w+ ){0,3}?tokens?\b"
+        r"|\bwallet address\w*\b|\bact now\b|\blimited time (?:offer|deal)s?\b",
+    ),
+    (
+        _PAYMENT,
+        "words",
+        r"\b(?:reach|message|dm|text|write|talk|chat|contact|follow|add|find|join|call|ping"
+        r"|connect) (?:\w+ ){0,3}?(?:on|via|through|over|at|in) (?:our |my |the )?(?:signal"
+        r"|wechat|skype|instagram|insta|snapchat|facebook|messenger|kik|viber|tiktok|twitter"
+        r"|reddit|linkedin|line|threads|zoom|teams)\b"
+        r"|\breach (?:out (?:to \w+ )?|us |me |them |him |her |the team |our team |an agent )"
+        r"(?:on|via|at|through|over|by)\b"
+        r"|\b(?:continue|move|take|talk|chat|discuss|contact|reach|message|meet|pay|deal|trade"
+        r"|transact|communicat\w*|follow up|speak|settle|finish) (?:\w+ ){0,3}?(?:off|outside"
+        r"|away from) (?:of )?(?:the |this )?(?:platform|chat|app|site|service|conversation)\b"
+        r"|\bprivate(?:ly)? (?:message|chat|dm)\w*|\b(?:text|message|dm|ping|whisper) me\b"
+        r"|\bmy (?:number|handle|inbox|dms?|username|profile|channel)\b"
+        r"|\bpersonal (?:email|number|phone|account|handle)\b",
+    ),
 )
 
 
@@ -274,7 +566,7 @@ def _join_spaced(words: str) -> str:
 
 
 def _variants(text: str) -> dict[str, list[str]]:
-    cased = _strip_invisible(unicodedata.normalize("NFKC", text))
+    cased = _ascii_lookalikes(_strip_invisible(unicodedata.normalize("NFKC", text)))
     folded = fold(text)
     text_form = _TECH_NAMES.sub(" ", folded)
     deleeted = [folded.translate(table) for table in _LEET]
@@ -358,3 +650,31 @@ def guard_prompt(text: str, max_chars: int) -> GuardVerdict:
 
 def _any(match: re.Match[str]) -> bool:
     return True
+
+
+# ---------------------------------------------------------------------------
+# Copies: an instruction an LLM was asked to write from untrusted text must not be that text.
+# ---------------------------------------------------------------------------
+
+COPY_RUN_WORDS = 8
+
+
+def _plain_words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", fold(text))
+
+
+def copies_text(text: str, source: str, run: int = COPY_RUN_WORDS) -> bool:
+    """Whether ``text`` repeats ``source`` rather than saying it in other words.
+
+    Both folded as the guard folds them and cut to words: ``text`` copies ``source`` when
+    all its words stand in that order in ``source``, or when ``run`` words in a row of it
+    do. An LLM that hands untrusted feedback back as the "instruction" it was asked to
+    write has let that user write into the prompt, whatever the guard thinks of the words.
+    """
+    words, original = _plain_words(text), _plain_words(source)
+    if not words or not original:
+        return False
+    if f" {' '.join(words)} " in f" {' '.join(original)} ":
+        return True
+    shared = {tuple(original[i : i + run]) for i in range(len(original) - run + 1)}
+    return any(tuple(words[i : i + run]) in shared for i in range(len(words) - run + 1))

@@ -41,6 +41,7 @@ from services.improvement.http import SlackSettings, build_app
 from services.improvement.instructions import (
     ADJUSTMENTS,
     clean_instruction,
+    copies_text,
     guard_instruction,
     instruction_messages,
     match_adjustments,
@@ -776,6 +777,17 @@ class ImprovementService:
                 verdict = guard_instruction(instruction)
                 if not verdict.ok:
                     raise FeedbackRefused(f"the change it asks for was refused: {verdict.reason}")
+                if copies_text(instruction, event.text):
+                    # The model handed the user's words back: saved, they would be the
+                    # user's text in the prompt verbatim, which the guard alone cannot vet.
+                    # The platform's own wording of what it asks for still applies.
+                    named = _named(event)
+                    if named[0]:
+                        return named
+                    raise FeedbackRefused(
+                        "the change it asks for was refused: the model's instruction copies"
+                        " the feedback instead of rewording it"
+                    )
                 return [instruction], "llm"
         return _named(event)
 
