@@ -4,11 +4,17 @@ Every ``/v1`` route needs ``Authorization: Bearer <API key>`` (``orchestrator ke
 create``): the key, never the body, says which goal and user a request is for.
 Statuses: 200 answer (a degraded one too: its tier is in ``x-orchestrator-tier``),
 400 invalid request, 401 unknown or revoked key, 403 another user's or goal's run,
-404 unknown run, 413 body too large, 429 budget exceeded (``code`` names the limit,
-``Retry-After`` says when it can pass) or feedback rate, 502 the LLM failed and no
-lower tier answered, 503 the gateway or platform cannot take the request now
-(in-flight limit, stopping, Kafka unreachable), 504 no answer before the deadline.
+404 unknown run, 408 the body did not arrive in time, 413 body too large, 429 budget
+exceeded (``code`` names the limit, ``Retry-After`` says when it can pass), feedback rate
+or the key's share of the in-flight requests, 502 the LLM failed and no lower tier
+answered, 503 the gateway or platform cannot take the request now (in-flight limit,
+stopping, Kafka unreachable), 504 no answer before the deadline.
 Errors use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+Slow clients hold no slot for long: a request's body is read, within
+``body_timeout_s``, before it takes one of the in-flight slots, and a connection must
+deliver a request's complete headers within ``header_timeout_s`` of opening (or of its
+previous answer) or it is closed (``build_runner``).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from streams.errors import (
 from streams.events import FeedbackDecided
 from streams.keys import Identity
 
-__all__ = ["Backend", "GatewayApp", "build_app"]
+__all__ = ["Backend", "GatewayApp", "build_app", "build_runner"]
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +106,14 @@ class _Refusal(Exception):
         self.headers = headers or {}
 
     def response(self) -> web.Response:
-        return web.json_response(
+        response = web.json_response(
             error_body(self.message, self.kind, self.code),
             status=self.status,
             headers=self.headers,
         )
+        if self.headers.get("Connection") == "close":
+            response.force_close()
+        return response
 
 
 def _invalid(message: str, code: str | None = None) -> _Refusal:
@@ -166,13 +175,23 @@ class GatewayApp:
         timeout_s: float = 60.0,
         max_body: int = 1024 * 1024,
         limits: Limits | None = None,
+        max_in_flight_per_key: int | None = None,
+        body_timeout_s: float = 10.0,
+        header_timeout_s: float = 20.0,
     ) -> None:
         self.backend = backend
         self.max_in_flight = max_in_flight
+        # None: half the slots, so one key never holds them all (unless there is one slot).
+        self.max_in_flight_per_key = max(1, max_in_flight_per_key or max_in_flight // 2)
         self.timeout_s = timeout_s
         self.max_body = max_body
+        self.body_timeout_s = body_timeout_s
+        self.header_timeout_s = header_timeout_s
         self.limits = limits or Limits()
         self.in_flight = 0
+        # Per key id: the slots its requests hold, and its requests whose body is coming.
+        self.held: dict[str, int] = {}
+        self.receiving: dict[str, int] = {}
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -183,8 +202,7 @@ class GatewayApp:
 
     # -- admission and stop --------------------------------------------------------
 
-    @contextmanager
-    def _admitted(self) -> Iterator[None]:
+    def _refuse_while_draining(self) -> None:
         if self.draining:
             raise _Refusal(
                 503,
@@ -193,6 +211,23 @@ class GatewayApp:
                 "stopping",
                 {"Retry-After": "1", "Connection": "close"},
             )
+
+    def _key_share_refusal(self, what: str, count: int) -> _Refusal:
+        return _Refusal(
+            429,
+            f"this API key has {count} requests {what} on this gateway, its share "
+            f"(ORCH_GATEWAY_KEY_SHARE of {self.max_in_flight} slots: "
+            f"{self.max_in_flight_per_key}); wait for one to end",
+            "rate_limit_exceeded",
+            "key_in_flight",
+            {"Retry-After": "1"},
+        )
+
+    @contextmanager
+    def _admitted(self, who: Identity) -> Iterator[None]:
+        """One in-flight slot, taken once the body is in: 503 when none is free, 429 when
+        the key holds its share of them already."""
+        self._refuse_while_draining()
         if self.in_flight >= self.max_in_flight:
             raise _Refusal(
                 503,
@@ -201,10 +236,14 @@ class GatewayApp:
                 "overloaded",
                 {"Retry-After": "1"},
             )
+        held = self.held.get(who.key_id, 0)
+        if held >= self.max_in_flight_per_key:
+            raise self._key_share_refusal("in flight", held)
         self.in_flight += 1
         self._idle.clear()
         try:
-            yield
+            with _counted(self.held, who.key_id):
+                yield
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
@@ -263,9 +302,17 @@ class GatewayApp:
             raise _Refusal(401, _NO_KEY, "invalid_request_error", "invalid_api_key")
         return who
 
-    async def _json(self, request: web.Request) -> Any:
+    async def _json(self, request: web.Request, who: Identity) -> Any:
+        """The body, read before any slot is taken and within ``body_timeout_s`` (else
+        408 and the connection closes); a key has at most its share of such reads."""
+        self._refuse_while_draining()
+        receiving = self.receiving.get(who.key_id, 0)
+        if receiving >= self.max_in_flight_per_key:
+            raise self._key_share_refusal("sending their body", receiving)
         try:
-            raw = await request.read()
+            with _counted(self.receiving, who.key_id):
+                async with asyncio.timeout(self.body_timeout_s):
+                    raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _Refusal(
                 413,
@@ -273,9 +320,19 @@ class GatewayApp:
                 "invalid_request_error",
                 "body_too_large",
             ) from None
+        except TimeoutError:
+            raise _Refusal(
+                408,
+                f"the body did not arrive within {self.body_timeout_s:g} s",
+                "invalid_request_error",
+                "body_timeout",
+                {"Connection": "close"},  # what is left of it is not read
+            ) from None
         try:
+            # From the bytes, as JSON says (UTF-8, or UTF-16/32 told by the first bytes), never
+            # by the charset of Content-Type (an unknown one would be a LookupError).
             return json.loads(raw)
-        except (ValueError, RecursionError):
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
             raise _invalid("the body must be JSON", "invalid_json") from None
 
     def _timeout(self, request: web.Request) -> float:
@@ -297,12 +354,12 @@ class GatewayApp:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         # The key first: a request nobody sent with a key takes no slot of those who did.
         who = await self._identity(request)
-        with self._admitted():
-            timeout = self._timeout(request)
-            try:
-                chat = parse_chat(await self._json(request), self.limits)
-            except InvalidRequest as exc:
-                raise _invalid(str(exc)) from None
+        timeout = self._timeout(request)
+        try:
+            chat = parse_chat(await self._json(request, who), self.limits)
+        except InvalidRequest as exc:
+            raise _invalid(str(exc)) from None
+        with self._admitted(who):
             if chat.user is not None and chat.user != who.user_id:
                 raise _Refusal(
                     403,
@@ -369,8 +426,8 @@ class GatewayApp:
 
     async def feedback(self, request: web.Request) -> web.Response:
         who = await self._identity(request)
-        with self._admitted():
-            run_id, score, text = _feedback_fields(await self._json(request), who)
+        run_id, score, text = _feedback_fields(await self._json(request, who), who)
+        with self._admitted(who):
             goal = await self.backend.run_goal(run_id)
             if goal is None:
                 raise _Refusal(404, f"unknown run {run_id!r}", "not_found", "unknown_run")
@@ -416,6 +473,17 @@ class GatewayApp:
         return web.json_response(
             {"ok": not self.draining, "in_flight": self.in_flight}, status=status
         )
+
+
+@contextmanager
+def _counted(counts: dict[str, int], key: str) -> Iterator[None]:
+    counts[key] = counts.get(key, 0) + 1
+    try:
+        yield
+    finally:
+        counts[key] -= 1
+        if not counts[key]:
+            del counts[key]
 
 
 def _feedback_fields(body: Any, who: Identity) -> tuple[str, int | None, str]:
@@ -475,3 +543,16 @@ def build_app(gateway: GatewayApp) -> web.Application:
     app.router.add_post("/v1/feedback", gateway.feedback)
     app.router.add_get("/health", gateway.health)
     return app
+
+
+def build_runner(gateway: GatewayApp) -> web.AppRunner:
+    """The server for ``gateway``'s app. Its keep-alive timeout is the header deadline: aiohttp
+    closes a connection still waiting for a request's complete headers that long after it
+    opened (or after its previous answer), however slowly the bytes trickle in; idle
+    keep-alive connections close after it too."""
+    return web.AppRunner(
+        build_app(gateway),
+        access_log=None,
+        shutdown_timeout=1.0,
+        keepalive_timeout=gateway.header_timeout_s,
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from services.gateway.http import GatewayApp, build_app
+from services.gateway.http import GatewayApp, build_runner
 from services.gateway.runs import RunIndex
 from services.gateway.settings import GatewaySettings
 from streams.client import Answer, OrchestratorClient
@@ -132,8 +132,11 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         timeout_s=config.timeout_s,
         max_body=config.max_body,
         limits=config.limits,
+        max_in_flight_per_key=config.max_in_flight_per_key,
+        body_timeout_s=config.body_timeout_s,
+        header_timeout_s=config.header_timeout_s,
     )
-    runner = web.AppRunner(build_app(gateway), access_log=None, shutdown_timeout=1.0)
+    runner = build_runner(gateway)
     url_file: list[Path] = []
 
     async def close() -> None:

@@ -36,10 +36,23 @@ class GatewaySettings(EnvSettings):
         "ORCH_GATEWAY_MAX_IN_FLIGHT",
         256,
         "Chat and feedback requests one process handles at once, counted once their key is "
-        "checked (a request without a valid key takes no slot); one more is answered 503 "
-        "(`code: overloaded`, `Retry-After: 1`) at once. >= 1.",
+        "checked and their body has come (a request without a valid key, or still sending "
+        "its body, takes no slot); one more is answered 503 (`code: overloaded`, "
+        "`Retry-After: 1`) at once. >= 1.",
         read_by="gateway",
         ge=1,
+    )
+    key_share: float = setting(
+        "ORCH_GATEWAY_KEY_SHARE",
+        0.5,
+        "Largest share of `ORCH_GATEWAY_MAX_IN_FLIGHT` one API key may hold at once (at least "
+        "one slot), so one key cannot take every slot from the others; one more of its "
+        "requests is answered 429 (`code: key_in_flight`, `Retry-After: 1`). The same number "
+        "bounds its requests still sending their body. Raise it to 1 when a single key is all "
+        "that uses the gateway. More than 0, at most 1.",
+        read_by="gateway",
+        gt=0.0,
+        le=1.0,
     )
     timeout_s: float = setting(
         "ORCH_GATEWAY_TIMEOUT_SECONDS",
@@ -59,6 +72,25 @@ class GatewaySettings(EnvSettings):
         read_by="gateway",
         ge=0.0,
         le=8.0,
+    )
+    body_timeout_s: float = setting(
+        "ORCH_GATEWAY_BODY_TIMEOUT_SECONDS",
+        10.0,
+        "How long a request's body may take to arrive, from the end of its headers; a slower "
+        "one gets 408 (`code: body_timeout`) and its connection is closed. The body is read "
+        "before the request takes an in-flight slot. >= 0.1.",
+        read_by="gateway",
+        ge=0.1,
+    )
+    header_timeout_s: float = setting(
+        "ORCH_GATEWAY_HEADER_TIMEOUT_SECONDS",
+        20.0,
+        "How long a connection may take to send a request's complete headers, from its opening "
+        "or its previous answer, however slowly the bytes come; then it is closed. Idle "
+        "keep-alive connections close after it too: keep it above the idle time after which "
+        "your clients drop a pooled connection (httpx: 5 s, aiohttp: 15 s). >= 0.1.",
+        read_by="gateway",
+        ge=0.1,
     )
     max_body: int = setting(
         "ORCH_GATEWAY_MAX_BODY_BYTES",
@@ -90,6 +122,10 @@ class GatewaySettings(EnvSettings):
     @property
     def run_lookback(self) -> timedelta:
         return timedelta(hours=self.run_lookback_hours)
+
+    @property
+    def max_in_flight_per_key(self) -> int:
+        return max(1, int(self.max_in_flight * self.key_share))
 
     @property
     def limits(self) -> Limits:

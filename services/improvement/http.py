@@ -22,10 +22,15 @@ is given by the platform user ``ORCH_SLACK_USERS[slack_user_id]``
 (``U123=alice,U456=bob``) or else ``slack:<slack_user_id>``; the reply is
 ephemeral text. No bot token is needed: the answer goes back in the HTTP
 response, so authorization is local and makes no call to Slack.
+
+Slow clients are cut off: a JSON body must arrive within ``BODY_TIMEOUT_S`` (else
+408), and a connection must send a request's complete headers within
+``HEADER_TIMEOUT_S`` of opening or of its previous answer (``build_runner``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, Protocol
@@ -43,10 +48,19 @@ from streams.errors import (
 from streams.events import FeedbackDecided, FeedbackReceived, PromotionDecided, PromotionRequested
 from streams.keys import Identity
 
-__all__ = ["FeedbackSink", "SlackSettings", "build_app"]
+__all__ = [
+    "BODY_TIMEOUT_S",
+    "HEADER_TIMEOUT_S",
+    "FeedbackSink",
+    "SlackSettings",
+    "build_app",
+    "build_runner",
+]
 
 log = logging.getLogger(__name__)
 _MAX_BODY = 64 * 1024
+BODY_TIMEOUT_S = 10.0
+HEADER_TIMEOUT_S = 20.0
 
 
 class FeedbackSink(Protocol):
@@ -139,15 +153,45 @@ async def _answer(sink: FeedbackSink, request_id: str, run_id: str | None) -> we
     return web.json_response(body, status=200)
 
 
-def _improve_handler(sink: FeedbackSink) -> Any:
+class _BodyRefused(Exception):
+    """A body refused before it is parsed into feedback: ``response`` is the answer."""
+
+    def __init__(self, response: web.Response) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+async def _json_body(request: web.Request, timeout: float) -> Any:
+    """The request's JSON, read within ``timeout`` s; _BodyRefused with a 400, 408 or 413.
+
+    Read as the gateway reads a body (``GatewayApp._json``; a service imports no other
+    service): decoded from the bytes as JSON says (UTF-8, or UTF-16/32 told by the first
+    bytes), never by the charset of Content-Type, so an unknown one is no LookupError;
+    nesting too deep to parse is a 400, not a RecursionError."""
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        response = _error(408, f"the body did not arrive within {timeout:g} s")
+        response.force_close()  # what is left of it is not read
+        raise _BodyRefused(response) from None
+    except web.HTTPRequestEntityTooLarge:
+        raise _BodyRefused(_error(413, f"the body is larger than {_MAX_BODY} bytes")) from None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _BodyRefused(_error(400, "body must be JSON")) from None
+
+
+def _improve_handler(sink: FeedbackSink, body_timeout: float) -> Any:
     async def improve(request: web.Request) -> web.Response:
         who = _identity(sink, request)
         if who is None:
             return _error(401, _NO_KEY)
         try:
-            body = json.loads(await request.text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "body must be JSON")
+            body = await _json_body(request, body_timeout)
+        except _BodyRefused as refused:
+            return refused.response
         try:
             run_id, user_id, score, text = _parse(body)
             if user_id is not None and user_id != who.user_id:
@@ -228,9 +272,11 @@ def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
     return slack_commands
 
 
-def build_app(sink: FeedbackSink, slack: SlackSettings | None) -> web.Application:
+def build_app(
+    sink: FeedbackSink, slack: SlackSettings | None, *, body_timeout: float = BODY_TIMEOUT_S
+) -> web.Application:
     app = web.Application(client_max_size=_MAX_BODY)
-    app.router.add_post("/improve", _improve_handler(sink))
+    app.router.add_post("/improve", _improve_handler(sink, body_timeout))
     app.router.add_post("/improvements/{improvement_id}/approve", _approve_handler(sink))
 
     async def health(_: web.Request) -> web.Response:
@@ -246,3 +292,13 @@ def build_app(sink: FeedbackSink, slack: SlackSettings | None) -> web.Applicatio
 
         app.router.add_post("/slack/commands", disabled)
     return app
+
+
+def build_runner(
+    app: web.Application, *, header_timeout: float = HEADER_TIMEOUT_S
+) -> web.AppRunner:
+    """The server for ``app``. Its keep-alive timeout is the header deadline: aiohttp closes a
+    connection still waiting for a request's complete headers ``header_timeout`` s after it
+    opened (or after its previous answer), however slowly the bytes trickle in; idle
+    keep-alive connections close after it too."""
+    return web.AppRunner(app, access_log=None, keepalive_timeout=header_timeout)

@@ -37,7 +37,7 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from services.improvement.assess import JUDGE_MAX_TOKENS, Assessor, judge_messages
 from services.improvement.feedback import wants_improvement
-from services.improvement.http import SlackSettings, build_app
+from services.improvement.http import SlackSettings, build_app, build_runner
 from services.improvement.instructions import (
     ADJUSTMENTS,
     clean_instruction,
@@ -1176,7 +1176,7 @@ class ImprovementService:
             return None
         if self.config.slack is None:
             log.info("Slack /improve disabled: SLACK_SIGNING_SECRET is not set")
-        runner = web.AppRunner(build_app(self, self.config.slack), access_log=None)
+        runner = build_runner(build_app(self, self.config.slack))
         await runner.setup()
         site = web.TCPSite(runner, self.config.http_host, self.config.http_port)
         try:

@@ -4,6 +4,7 @@ and the stop that answers what is in flight. The real platform's tests are in te
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.gateway.http import GatewayApp, build_app
+from services.gateway.settings import GatewaySettings
 from streams.client import Answer
 from streams.errors import BudgetExceededError, LLMFailure, RunRejected
 from streams.events import FeedbackDecided
@@ -18,6 +20,7 @@ from streams.keys import Identity
 
 KEY = "orch_0123456789abcdef_secret-secret-secret-secret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+OTHER = "orch_fedcba9876543210_other-other-other-other-oth"  # another goal's key
 BODY = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
 NOW = datetime(2026, 3, 1, 22, 0, 0, tzinfo=UTC)
 
@@ -33,7 +36,10 @@ class Scripted:
         self.entered = asyncio.Semaphore(0)  # one release per ask that started
 
     async def identify(self, key: str) -> Identity | None:
-        return Identity("0123456789abcdef", "g1", "u1", "user") if key == KEY else None
+        return {
+            KEY: Identity("0123456789abcdef", "g1", "u1", "user"),
+            OTHER: Identity("fedcba9876543210", "g2", "u2", "user"),
+        }.get(key)
 
     async def ask(self, message: str, **kwargs: Any) -> Answer:
         self.asked.append({"message": message, **kwargs})
@@ -62,6 +68,10 @@ async def setup() -> Any:
     gateway = GatewayApp(backend, max_in_flight=2, timeout_s=5.0)
     async with TestClient(TestServer(build_app(gateway))) as http:
         yield backend, gateway, http
+
+
+def _auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 async def _post(http: TestClient, body: Any = BODY, **headers: str) -> tuple[int, Any, Any]:
@@ -107,7 +117,8 @@ async def test_a_degraded_answer_is_200_and_names_its_tier(setup) -> None:
 async def test_beyond_the_in_flight_limit_the_answer_is_503_at_once(setup) -> None:
     backend, gateway, http = setup
     backend.release.clear()
-    held = [asyncio.create_task(_post(http)) for _ in range(2)]
+    # One request per key: a key alone may hold only half the slots (see the next test).
+    held = [asyncio.create_task(_post(http, **auth)) for auth in (AUTH, _auth(OTHER))]
     for _ in held:
         await backend.entered.acquire()
     status, body, headers = await _post(http)
@@ -115,6 +126,52 @@ async def test_beyond_the_in_flight_limit_the_answer_is_503_at_once(setup) -> No
     assert headers["Retry-After"] == "1"
     backend.release.set()
     assert [s for s, _, _ in await asyncio.gather(*held)] == [200, 200]
+
+
+async def test_one_key_holds_at_most_its_share_of_the_slots(setup) -> None:
+    backend, gateway, http = setup
+    assert gateway.max_in_flight_per_key == 1  # half of 2
+    backend.release.clear()
+    held = asyncio.create_task(_post(http))
+    await backend.entered.acquire()
+    status, body, headers = await _post(http)
+    assert status == 429 and body["error"]["code"] == "key_in_flight"
+    assert headers["Retry-After"] == "1" and "share" in body["error"]["message"]
+    other = asyncio.create_task(_post(http, **_auth(OTHER)))  # the free slot is another's
+    await backend.entered.acquire()
+    backend.release.set()
+    assert [s for s, _, _ in await asyncio.gather(held, other)] == [200, 200]
+    assert gateway.held == {} and gateway.in_flight == 0
+
+
+def test_the_key_share_setting_bounds_each_key() -> None:
+    def per_key(**env: str) -> int:
+        names = {"max_in_flight": "ORCH_GATEWAY_MAX_IN_FLIGHT", "share": "ORCH_GATEWAY_KEY_SHARE"}
+        return GatewaySettings.from_env({names[k]: v for k, v in env.items()}).max_in_flight_per_key
+
+    assert per_key() == 128  # half of 256
+    assert per_key(max_in_flight="5") == 2
+    assert per_key(max_in_flight="5", share="1") == 5
+    assert per_key(max_in_flight="1") == 1  # one slot: the only key may use it
+    for bad in ("0", "1.5", "-1"):
+        with pytest.raises(ValueError, match="ORCH_GATEWAY_KEY_SHARE"):
+            per_key(share=bad)
+
+
+async def test_bad_bodies_are_400_never_500(setup) -> None:
+    backend, _, http = setup
+    for path in ("/v1/chat/completions", "/v1/feedback"):
+        for raw in (b"[" * 20000 + b"]" * 20000, b"\x80{", b"{nope"):
+            response = await http.post(path, data=raw, headers=AUTH)
+            assert response.status == 400, (path, raw[:8])
+            assert (await response.json())["error"]["code"] == "invalid_json"
+    # The charset of Content-Type is not how JSON is decoded: an unknown one is no error.
+    response = await http.post(
+        "/v1/chat/completions",
+        data=json.dumps(BODY).encode(),
+        headers={**AUTH, "Content-Type": "application/json; charset=x-nope"},
+    )
+    assert response.status == 200
 
 
 async def test_a_stop_answers_what_is_in_flight_and_refuses_what_comes_after(setup) -> None:

@@ -223,6 +223,33 @@ async def test_http_improve_statuses():
     assert len(sink.sent) == 2
 
 
+async def test_http_improve_bad_bodies_are_400_and_the_endpoint_keeps_answering():
+    sink = _Sink()
+    u1 = {"Authorization": f"Bearer {sink.key('g1', 'u1')}"}
+    async with TestClient(TestServer(build_app(sink, None))) as client:
+        for raw in (
+            b"[" * 20000 + b"]" * 20000,  # deeper than the parser goes: was RecursionError, 500
+            b"\x80{",  # not UTF-8
+            b"{not json",
+        ):
+            bad = await client.post("/improve", data=raw, headers=u1)
+            assert bad.status == 400, raw[:8]
+            assert await bad.json() == {"error": "body must be JSON"}
+        # An unknown charset was a LookupError (500): the bytes are read as JSON says they
+        # are, whatever Content-Type claims, as the gateway reads them.
+        json_with = {**u1, "Content-Type": "application/json; charset=x-nope"}
+        garbled = await client.post("/improve", data=b"{not json", headers=json_with)
+        assert garbled.status == 400 and await garbled.json() == {"error": "body must be JSON"}
+        ok = await client.post("/improve", data=b'{"run_id": "r1", "score": 1}', headers=json_with)
+        assert ok.status == 200 and (await ok.json())["accepted"] is True
+        utf16 = '{"run_id": "r1", "text": "shorter"}'.encode("utf-16")
+        ok = await client.post("/improve", data=utf16, headers=u1)
+        assert ok.status == 200 and (await ok.json())["accepted"] is True
+        health = await client.get("/health")
+        assert health.status == 200 and (await health.json())["ok"] is True
+    assert [e.run_id for e in sink.sent] == ["r1", "r1"]
+
+
 @pytest.mark.parametrize(
     "header",
     [

@@ -1,0 +1,260 @@
+"""Slow clients against the real servers (the gateway's and the improvement service's feedback
+endpoint), built as the services build them and attacked over raw sockets on 127.0.0.1: a body
+that never comes holds no in-flight slot and gets 408, one key cannot take every slot, and a
+connection that never finishes its headers is closed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from services.gateway.http import GatewayApp, build_runner
+from services.improvement.http import build_app as build_improvement_app
+from services.improvement.http import build_runner as build_improvement_runner
+from streams.keys import Identity
+from tests.unit.test_gateway_http import Scripted
+from tests.unit.test_improvement_feedback import _Sink
+
+KEYS = {
+    "orch_aaaaaaaaaaaaaaaa_mallory-mallory-mallory-mall": Identity(
+        "aaaaaaaaaaaaaaaa", "goalA", "mallory", "user"
+    ),
+    "orch_bbbbbbbbbbbbbbbb_victim-victim-victim-victim-": Identity(
+        "bbbbbbbbbbbbbbbb", "goalB", "victim", "user"
+    ),
+}
+MALLORY, VICTIM = KEYS
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+PARTIAL_HEADERS = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-a: "
+
+
+class Platform(Scripted):
+    """The gateway tests' scripted platform, knowing mallory's and the victim's keys."""
+
+    async def identify(self, key: str) -> Identity | None:
+        return KEYS.get(key)
+
+
+@asynccontextmanager
+async def _serving(runner: web.AppRunner) -> AsyncIterator[str]:
+    """``runner`` listening on a free port of 127.0.0.1; yields its base URL."""
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def _gateway(**options: Any) -> AsyncIterator[tuple[Platform, GatewayApp, str]]:
+    platform = Platform()
+    gateway = GatewayApp(platform, timeout_s=5.0, **options)
+    async with _serving(build_runner(gateway)) as url:
+        yield platform, gateway, url
+
+
+async def _open(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _slow_body(url: str, key: str, path: str = "/v1/chat/completions") -> Any:
+    """A request whose headers promise a megabyte of body, of which one byte comes."""
+    reader, writer = await _open(url)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{".encode()
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def _status_line(reader: asyncio.StreamReader, within: float) -> bytes:
+    return await asyncio.wait_for(reader.readline(), within)
+
+
+async def _post(url: str, key: str, body: Any = CHAT, path: str = "/v1/chat/completions") -> Any:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url + path, json=body, headers={"Authorization": f"Bearer {key}"}) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def _until(check: Callable[[], bool], within: float = 2.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not check():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+async def _closed_after(
+    reader: asyncio.StreamReader, trickle: Callable[[], Coroutine[Any, Any, None]]
+) -> float:
+    """Seconds until the server closes the connection, while ``trickle`` keeps sending."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    dripping = asyncio.create_task(trickle())
+    try:
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""  # EOF, nothing answered
+    finally:
+        dripping.cancel()
+    return loop.time() - start
+
+
+def _dripper(writer: asyncio.StreamWriter) -> Callable[[], Coroutine[Any, Any, None]]:
+    async def drip() -> None:  # a header byte every 0.1 s: never idle, never done
+        while True:
+            await asyncio.sleep(0.1)
+            writer.write(b"a")
+            await writer.drain()
+
+    return drip
+
+
+# -- the gateway ---------------------------------------------------------------------------
+
+
+async def test_a_body_that_never_comes_takes_no_slot_gets_408_and_is_cut_off() -> None:
+    async with _gateway(max_in_flight=2, max_in_flight_per_key=2, body_timeout_s=0.5) as (
+        _,
+        gateway,
+        url,
+    ):
+        slow = [await _slow_body(url, MALLORY) for _ in range(2)]
+        await _until(lambda: gateway.receiving.get("aaaaaaaaaaaaaaaa") == 2)
+        assert gateway.in_flight == 0  # bodies still coming hold no slot
+        # Another tenant is answered at once, while both bodies are still coming.
+        assert (await _post(url, VICTIM))[0] == 200
+        for reader, writer in slow:
+            assert (await _status_line(reader, 3.0)).startswith(b"HTTP/1.1 408")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 1.0)
+            assert b"Connection: close" in head
+            writer.close()
+        assert gateway.receiving == {} and gateway.in_flight == 0
+        assert (await _post(url, VICTIM))[0] == 200
+
+
+async def test_a_slow_feedback_body_gets_408_too() -> None:
+    async with _gateway(body_timeout_s=0.3) as (_, gateway, url):
+        reader, writer = await _slow_body(url, MALLORY, "/v1/feedback")
+        line = await _status_line(reader, 3.0)
+        writer.close()
+        assert line.startswith(b"HTTP/1.1 408") and gateway.receiving == {}
+
+
+async def test_one_key_holds_at_most_its_share_of_the_slots() -> None:
+    async with _gateway(max_in_flight=4) as (platform, gateway, url):
+        assert gateway.max_in_flight_per_key == 2  # half, by default
+        platform.release.clear()
+        held = [asyncio.create_task(_post(url, MALLORY)) for _ in range(2)]
+        for _ in held:
+            await asyncio.wait_for(platform.entered.acquire(), 2.0)
+        status, body = await _post(url, MALLORY)
+        assert status == 429 and body["error"]["code"] == "key_in_flight"
+        assert "share" in body["error"]["message"]
+        # The other key still gets a slot: the flood took only its own share.
+        victim = asyncio.create_task(_post(url, VICTIM))
+        await asyncio.wait_for(platform.entered.acquire(), 2.0)
+        assert gateway.in_flight == 3
+        platform.release.set()
+        assert (await victim)[0] == 200
+        assert [s for s, _ in await asyncio.gather(*held)] == [200, 200]
+        assert gateway.held == {} and gateway.in_flight == 0
+
+
+async def test_one_key_sends_at_most_its_share_of_bodies_at_once() -> None:
+    async with _gateway(max_in_flight=4, body_timeout_s=5.0) as (_, gateway, url):
+        slow = [await _slow_body(url, MALLORY) for _ in range(2)]
+        await _until(lambda: gateway.receiving.get("aaaaaaaaaaaaaaaa") == 2)
+        status, body = await _post(url, MALLORY)
+        assert status == 429 and body["error"]["code"] == "key_in_flight"
+        assert (await _post(url, VICTIM))[0] == 200
+        for _, writer in slow:
+            writer.close()
+        await _until(lambda: gateway.receiving == {})
+        assert (await _post(url, MALLORY))[0] == 200
+
+
+async def test_the_gateway_cuts_a_connection_that_never_finishes_its_headers() -> None:
+    async with _gateway(header_timeout_s=0.5) as (_, _, url):
+        reader, writer = await _open(url)
+        writer.write(PARTIAL_HEADERS)
+        await writer.drain()
+        waited = await _closed_after(reader, _dripper(writer))
+        writer.close()
+        assert 0.4 <= waited < 3.0
+        assert (await _post(url, VICTIM))[0] == 200  # the server still answers
+
+
+async def test_the_header_deadline_counts_from_the_previous_answer_on_a_kept_connection() -> None:
+    async with _gateway(header_timeout_s=0.5) as (_, _, url):
+        reader, writer = await _open(url)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        assert (await _status_line(reader, 2.0)).startswith(b"HTTP/1.1 200")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
+        )
+        assert json.loads(await reader.readexactly(length))["ok"] is True
+        writer.write(PARTIAL_HEADERS)
+        await writer.drain()
+        waited = await _closed_after(reader, _dripper(writer))
+        writer.close()
+        assert waited < 3.0
+
+
+async def test_an_answer_slower_than_the_header_deadline_still_comes() -> None:
+    async with _gateway(header_timeout_s=0.3) as (platform, _, url):
+        platform.release.clear()
+        asked = asyncio.create_task(_post(url, VICTIM))
+        await asyncio.wait_for(platform.entered.acquire(), 2.0)
+        await asyncio.sleep(0.8)  # past the header deadline, while the request is handled
+        platform.release.set()
+        assert (await asked)[0] == 200
+
+
+# -- the improvement service's feedback endpoint ------------------------------------------
+
+
+def _feedback_sink() -> tuple[_Sink, str]:
+    """The feedback tests' sink, and a key of u1, who owns its run r1."""
+    sink = _Sink()
+    return sink, sink.key("g1", "u1")
+
+
+async def test_the_feedback_endpoint_cuts_a_connection_that_never_finishes_its_headers() -> None:
+    sink, owner = _feedback_sink()
+    runner = build_improvement_runner(build_improvement_app(sink, None), header_timeout=0.5)
+    async with _serving(runner) as url:
+        reader, writer = await _open(url)
+        writer.write(b"POST /improve HTTP/1.1\r\nHost: x\r\nX-a: ")
+        await writer.drain()
+        waited = await _closed_after(reader, _dripper(writer))
+        writer.close()
+        assert 0.4 <= waited < 3.0
+        status, body = await _post(url, owner, {"run_id": "r1", "score": 4}, "/improve")
+        assert status == 200 and body["accepted"] is True
+
+
+async def test_a_feedback_body_that_never_comes_gets_408() -> None:
+    sink, owner = _feedback_sink()
+    runner = build_improvement_runner(build_improvement_app(sink, None, body_timeout=0.3))
+    async with _serving(runner) as url:
+        reader, writer = await _slow_body(url, owner, "/improve")
+        line = await _status_line(reader, 3.0)
+        writer.close()
+        assert line.startswith(b"HTTP/1.1 408")
+        assert (await _post(url, owner, {"run_id": "r1", "score": 4}, "/improve"))[0] == 200
