@@ -116,6 +116,17 @@ class _Refusal(Exception):
         return response
 
 
+def _kafka_refusal(what: str, exc: KafkaError) -> _Refusal:
+    # The client's message names the broker's addresses: logged here, not sent to callers.
+    log.warning("gateway cannot reach Kafka for %s: %s", what, exc)
+    return _Refusal(
+        503,
+        f"the platform cannot take {what} now: its event log is out of reach; retry later",
+        "unavailable",
+        "kafka",
+    )
+
+
 def _invalid(message: str, code: str | None = None) -> _Refusal:
     return _Refusal(400, message, "invalid_request_error", code)
 
@@ -398,9 +409,7 @@ class GatewayApp:
                 {"x-orchestrator-run-id": exc.run_id, "x-should-retry": "false"},
             ) from None
         except KafkaError as exc:
-            raise _Refusal(
-                503, f"the platform cannot take requests now: {exc}", "unavailable", "kafka"
-            ) from None
+            raise _kafka_refusal("requests", exc) from None
 
     async def _stream(
         self, request: web.Request, chat: ChatRequest, answer: Answer
@@ -455,9 +464,7 @@ class GatewayApp:
             except NoVerdict:
                 return web.json_response({"status": "pending", "run_id": run_id}, status=202)
             except KafkaError as exc:
-                raise _Refusal(
-                    503, f"the platform cannot take feedback now: {exc}", "unavailable", "kafka"
-                ) from None
+                raise _kafka_refusal("feedback", exc) from None
             return web.json_response(
                 {
                     "accepted": True,

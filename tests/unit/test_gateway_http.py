@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka.errors import KafkaConnectionError
 
 from services.gateway.http import GatewayApp, build_app
 from services.gateway.settings import GatewaySettings
@@ -96,6 +97,15 @@ async def test_each_failed_run_has_its_status_and_run_id(setup, error, status, c
     assert got == status
     assert body["error"]["code"] == code and error.detail in body["error"]["message"]
     assert headers["x-orchestrator-run-id"] == "r1"
+
+
+async def test_an_unreachable_broker_is_503_without_its_address(setup) -> None:
+    backend, _, http = setup
+    backend.outcome = KafkaConnectionError("Unable to bootstrap from [('10.1.2.3', 9092)]")
+    got, body, _ = await _post(http)
+    assert got == 503 and body["error"]["code"] == "kafka"
+    assert "out of reach" in body["error"]["message"]
+    assert "10.1.2.3" not in json.dumps(body) and "9092" not in json.dumps(body)
 
 
 async def test_the_daily_cost_limit_says_when_the_next_utc_day_starts(setup) -> None:
