@@ -62,6 +62,9 @@ __all__ = ["Breaker", "Loader", "main"]
 
 log = logging.getLogger(__name__)
 SOURCE = "loader"
+# The longest answer a terminal event carries: with the run's ids and meta it stays well
+# inside a Kafka record's default limit (1 MB), whatever the endpoint sent.
+MAX_ANSWER_BYTES = 256 * 1024
 _NS = uuid.UUID("0f3e9a8c-2d41-4c6b-9a77-3b1d5e2f8c90")
 
 
@@ -330,6 +333,13 @@ class Loader:
         meta: dict[str, str] | None = None,
     ) -> WorkflowCompleted:
         meta = dict(meta or {})
+        size = len(text.encode("utf-8"))
+        if size > MAX_ANSWER_BYTES:
+            # An endpoint that ignored max_tokens: the whole answer would not fit a Kafka
+            # record, the broker would refuse the terminal event for good and the run
+            # would never end. What fits is the answer, and it says it was cut.
+            text = text.encode("utf-8")[:MAX_ANSWER_BYTES].decode("utf-8", "ignore")
+            meta["truncated"] = f"{size} bytes, kept {len(text.encode('utf-8'))}"
         pending = self._settling.get(task.run_id)
         if pending is not None:
             # A call given up on at the timeout still runs: the budget keeps the task's

@@ -7,9 +7,9 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 
-from services.loader.service import Loader, _cost_id
+from services.loader.service import MAX_ANSWER_BYTES, Loader, _cost_id
 from streams.clock import SystemClock
 from streams.codec import default_codec
 from streams.ended import EndedRuns, failed_call_id
@@ -45,13 +45,16 @@ class _Broker:
         self.refuse_once: type | None = None  # the first record of this type fails
         self.acked: list[Event] = []
         self.codec = default_codec()
+        self.max_bytes: int | None = None  # the broker's largest record
 
     async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         refused = self.refuse_once is not None and isinstance(
             self.codec.decode(value), self.refuse_once
         )
-        if self.down or refused:
+        if self.max_bytes is not None and len(value) > self.max_bytes:
+            future.set_exception(MessageSizeTooLargeError(f"{len(value)} bytes"))
+        elif self.down or refused:
             self.refuse_once = None if refused else self.refuse_once
             future.set_exception(KafkaConnectionError("broker down"))
         else:
@@ -63,13 +66,15 @@ class _Broker:
         return await (await self.send(topic, value, key))
 
 
-def _loader(llm: InMemoryLLM) -> tuple[Loader, _Broker]:
+def _loader(llm: InMemoryLLM, max_tokens: int | None = None) -> tuple[Loader, _Broker]:
     settings = KafkaSettings("127.0.0.1:1", "")
     producer = EventProducer(settings)
     broker = _Broker()
     producer._producer = broker  # type: ignore[assignment]
     ctx = ServiceContext("loader", settings, SystemClock(), producer)
-    loader = Loader(ctx, llm, LLMSettings(base_url="http://x", prices=PRICES), capacity=4)
+    tokens = {} if max_tokens is None else {"max_tokens": max_tokens}
+    llm_settings = LLMSettings(base_url="http://x", prices=PRICES, **tokens)
+    loader = Loader(ctx, llm, llm_settings, capacity=4)
     loader.learn(
         AgentSpawned(
             source="spawner",
@@ -296,3 +301,19 @@ async def test_an_earlier_attempt_whose_call_failed_is_not_counted_again():
     (report,) = [e for e in broker2.acked if isinstance(e, LlmCallCompleted)]
     (started,) = [e for e in broker2.acked if isinstance(e, WorkflowStarted)]
     assert not report.ok and report.event_id == failed_call_id(started.event_id, False)
+
+
+async def test_an_answer_too_large_for_the_log_ends_the_run_cut_to_fit():
+    # An endpoint that ignores max_tokens can answer more than a Kafka record holds (1 MB
+    # by default): the broker refuses the record for good, so the run would never end.
+    huge = "é" * 600_000 + "THE END"  # 1.2 MB of UTF-8
+    llm = InMemoryLLM([huge], prices=PRICES)
+    loader, broker = _loader(llm, max_tokens=1_000_000)
+    broker.max_bytes = 1_000_000
+    await asyncio.wait_for(loader.handle(_task()), 10)
+    [done] = [e for e in broker.acked if isinstance(e, WorkflowCompleted)]
+    kept = len(done.text.encode("utf-8"))
+    assert kept <= MAX_ANSWER_BYTES < 1_000_000
+    assert huge.startswith(done.text) and len(done.text) > 100_000
+    assert done.meta["truncated"] == f"{len(huge.encode('utf-8'))} bytes, kept {kept}"
+    assert done.degradation_tier == "llm"
