@@ -10,6 +10,7 @@ it runs within the limits of ``ORCH_SQL_*`` on a ``readonly=1`` session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 _ROWS_FORMAT = "JSONCompact"
 _MAX_BODY = 1024 * 1024
+_CLIENT_TIMEOUT_S = 10.0
 _DIGITS = re.compile(r"[0-9]+")
 
 
@@ -43,16 +45,24 @@ class QueryServer:
     with ``{"error": <the guard's or ClickHouse's message>}`` (and ``"refused": true``
     when the guard refused the statement). The body is read only when its
     ``Content-Length`` is one whole number up to 1 MiB: 411 without one, 400 for
-    any other, 413 when larger.
+    any other, 413 when larger. A connection that sends nothing for ``client_timeout``
+    seconds is closed.
     """
 
-    def __init__(self, store: ClickHouseStore, *, info_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        store: ClickHouseStore,
+        *,
+        info_file: Path | None = None,
+        client_timeout: float = _CLIENT_TIMEOUT_S,
+    ) -> None:
         self._store = store
         base = store.path.parent if store.path is not None else None
         self.info_file = info_file or query_server_file(base)
         self._token = secrets.token_urlsafe(24)
         surface = GuardedQueries(store)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(surface, self._token))
+        handler = _handler(surface, self._token, client_timeout)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="analytics-query-server", daemon=True
@@ -67,8 +77,12 @@ class QueryServer:
         self._thread.start()
         self.info_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.info_file.with_suffix(".tmp")
-        # Only the owner may read the token: it is the key to the event log.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Only the owner may read the token: it is the key to the event log. A file left
+        # at the temporary name (a crash, or someone else) would keep its own mode: made
+        # afresh here, or not at all.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump({"url": self.url, "token": self._token, "pid": os.getpid()}, fh)
         os.replace(tmp, self.info_file)
@@ -86,9 +100,14 @@ class QueryServer:
             pass
 
 
-def _handler(surface: GuardedQueries, token: str) -> type[BaseHTTPRequestHandler]:
+def _handler(
+    surface: GuardedQueries, token: str, client_timeout: float
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "orchestrator-analytics"
+        # Every read and write of the connection; a client that stops sending (before its
+        # token is even checked) frees its thread then, not never.
+        timeout = client_timeout
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("query server: " + format, *args)
@@ -117,7 +136,7 @@ def _handler(surface: GuardedQueries, token: str) -> type[BaseHTTPRequestHandler
             try:
                 request = json.loads(self.rfile.read(length))
                 sql, fmt = str(request["sql"]), str(request.get("format", "table"))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 expected = 'expected {"sql": ..., "format": ...}'
                 self._reply(HTTPStatus.BAD_REQUEST, {"error": expected})
                 return

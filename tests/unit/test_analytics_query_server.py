@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import socket
+import stat
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +100,40 @@ def test_a_well_formed_query_still_answers(server: QueryServer) -> None:
     status, answer = _exchange(server, _head(server, "Content-Length: 2"), b"{}")
     assert status == 400
     assert answer == {"error": 'expected {"sql": ..., "format": ...}'}
+
+
+def test_a_deeply_nested_body_is_400(server: QueryServer) -> None:
+    body = b"[" * 200_000 + b"]" * 200_000
+    status, answer = _exchange(server, _head(server, f"Content-Length: {len(body)}"), body)
+    assert status == 400 and "expected" in answer["error"]
+    test_a_well_formed_query_still_answers(server)
+
+
+def test_a_client_that_stops_sending_is_cut_off_and_holds_no_thread(
+    server: QueryServer, tmp_path: Path
+) -> None:
+    quick = QueryServer(server._store, info_file=tmp_path / "q.json", client_timeout=0.5).start()
+    try:
+        host, port = quick.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /query HTTP/1.1\r\nHost: x\r\nX-a: ")  # no token, never done
+            started = time.monotonic()
+            assert sock.recv(1024) == b""  # closed by the server, nothing answered
+            assert time.monotonic() - started < 3.0
+    finally:
+        quick.close()
+
+
+def test_the_token_file_is_the_owners_alone_even_over_a_file_left_behind(
+    server: QueryServer, tmp_path: Path
+) -> None:
+    info = tmp_path / "clickhouse-query.json"
+    left = info.with_suffix(".tmp")
+    left.write_text("{}")
+    left.chmod(0o644)  # a file someone else could read, left at the temporary name
+    other = QueryServer(server._store, info_file=info).start()
+    try:
+        assert stat.S_IMODE(info.stat().st_mode) == 0o600
+        assert not left.exists()
+    finally:
+        other.close()
