@@ -181,18 +181,6 @@ class Event(BaseModel):
             return value.replace(microsecond=value.microsecond // 1000 * 1000)
         return value
 
-    @model_validator(mode="after")
-    def _deadline_in_reach(self) -> Self:
-        deadline = getattr(self, "deadline_at", None)
-        if isinstance(deadline, datetime):
-            wait = (deadline - self.occurred_at).total_seconds()
-            if wait > MAX_WAIT_SECONDS:
-                raise ValueError(
-                    f"deadline_at is {wait:.0f} s after occurred_at; at most"
-                    f" {MAX_WAIT_SECONDS} s (a day) is allowed"
-                )
-        return self
-
     def key(self) -> bytes | None:
         value = getattr(self, self.key_field)
         return None if value is None else str(value).encode("utf-8")
@@ -220,6 +208,19 @@ class RequestReceived(Event):
     message: Message
     context: dict[str, str] = Field(default_factory=dict)
     deadline_at: datetime | None = None
+
+    @model_validator(mode="after")
+    def _deadline_in_reach(self) -> Self:
+        # Both times come from the sender's clock here. The events that follow carry this
+        # deadline beside their own service's time, so only the request is checked.
+        if self.deadline_at is not None:
+            wait = (self.deadline_at - self.occurred_at).total_seconds()
+            if wait > MAX_WAIT_SECONDS:
+                raise ValueError(
+                    f"deadline_at is {wait:.0f} s after occurred_at; at most"
+                    f" {MAX_WAIT_SECONDS} s (a day) is allowed"
+                )
+        return self
 
 
 class RouteDecided(Event):
