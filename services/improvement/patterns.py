@@ -1,21 +1,33 @@
 """The pattern learner: recurring run signatures in a sliding window, and the automations they earn.
 
-A run's signature is ``signature_of(message, specialty)``. A signature seen
-``threshold`` times within ``window_s`` (by the injected clock) is a pattern:
-one ``pattern_discovered``, ever. A pattern whose runs keep succeeding earns one
-``automation_created`` per kind, ever:
+Everything here is per goal: what one goal's runs teach changes only that goal
+(docs/architecture.md, "The trust boundary"). A run's signature is
+``signature_of(message, specialty)``; a goal's runs of one signature are that
+goal's pattern, and another goal's runs of the same signature neither count
+towards it, nor weigh on its statistics, nor veto what it earns. A signature seen
+``threshold`` times by one goal within ``window_s`` (by the injected clock) is a
+pattern of that goal: one ``pattern_discovered`` per (goal, signature), ever. A
+goal's pattern whose runs keep succeeding earns one ``automation_created`` per
+kind for that goal, ever; its ``goal_id`` is the goal and its ``automation_id``
+names the goal too, so each goal earns its own:
 
-- ``response_cache``: the router answers a request identical to one of the
-  pattern's runs (same ``exact_key(message, specialty)``) from the last good
-  answer, for ``ttl_seconds``, with no LLM call. The event's ``signature`` is
+- ``response_cache``: the router answers a request of that goal identical to one
+  of its earlier runs (same ``exact_key(message, specialty)``) from that goal's last
+  good answer, for ``ttl_seconds``, with no LLM call. The event's ``signature`` is
   the pattern's; the router computes ``exact_key`` per request itself.
-- ``direct_route``: requests with this signature go straight to ``agent_id``,
-  the agent with the best mean quality on the pattern (of goal ``goal_id``).
+- ``direct_route``: requests of that goal with this signature go straight to
+  ``agent_id``, the agent with the best mean quality on the goal's pattern.
 
-"Keep succeeding" means: at least ``min_successes`` assessed runs in the window,
-their mean quality at least ``min_quality``, and no failure among the last
-``recent`` outcomes. Nothing here does I/O; :meth:`PatternLearner.evaluate`
+"Keep succeeding" means: at least ``min_successes`` assessed runs of the goal in the
+window, their mean quality at least ``min_quality``, and no failure among the goal's
+last ``recent`` outcomes. Nothing here does I/O; :meth:`PatternLearner.evaluate`
 returns the events to send.
+
+Decisions read back from the log count only when they are of this kind: a
+``pattern_discovered`` without a goal, or an ``automation_created`` without one or
+with an id other than :func:`automation_id` of its goal (what the learner wrote
+before patterns were per goal, on every goal's runs together), marks nothing, so
+each goal earns its own on its own runs.
 """
 
 from __future__ import annotations
@@ -46,8 +58,9 @@ AUTOMATION_KINDS = ("response_cache", "direct_route")
 _NS = uuid.UUID("5b0c6f0e-8f7a-4b59-9d1e-2c4a7e3b9a01")
 
 
-def automation_id(signature: str, kind: str) -> str:
-    return "auto_" + hashlib.sha256(f"{signature}|{kind}".encode()).hexdigest()[:16]
+def automation_id(signature: str, kind: str, goal_id: str) -> str:
+    """The id of the ``kind`` automation a goal earns on a signature: one per goal."""
+    return "auto_" + hashlib.sha256(f"{goal_id}|{signature}|{kind}".encode()).hexdigest()[:16]
 
 
 class PatternSettings(EnvSettings):
@@ -128,16 +141,19 @@ class _Outcome(NamedTuple):
     quality: float | None  # None: the run failed
 
 
-_OUTCOMES = 200  # the last outcomes of a signature that are weighed (by arrival)
+_OUTCOMES = 200  # the last outcomes of a goal's pattern that are weighed (by arrival)
+_ROW = 8  # fields of a dumped pattern: see PatternLearner.dump
+_LEGACY_ROW = 7  # ... and of one dumped before patterns were per goal (no goal)
 
 
 @dataclass
 class _Pattern:
+    goal_id: str
     signature: str
     specialty: str
     example: str
-    # The latest runs' times, oldest first, at most the threshold: enough to tell whether
-    # the window holds a pattern's worth of runs (the count in the window, up to it).
+    # The goal's latest runs' times, oldest first, at most the threshold: enough to tell
+    # whether the window holds a pattern's worth of runs (the count in the window, up to it).
     seen: list[datetime] = field(default_factory=list)
     outcomes: deque[_Outcome] = field(default_factory=lambda: deque(maxlen=_OUTCOMES))
     discovered: bool = False
@@ -145,38 +161,43 @@ class _Pattern:
 
 
 class PatternLearner:
-    """Counts signatures and decides on patterns and automations; state folds from events."""
+    """Counts each goal's signatures and decides on its patterns and automations; state
+    folds from events. Iterating gives the signatures (any goal's) it knows."""
 
     def __init__(self, settings: PatternSettings, clock: Clock) -> None:
         self.settings = settings
         self.clock = clock
-        self._patterns: dict[str, _Pattern] = {}
+        # signature -> goal -> that goal's pattern of it (never one of several goals)
+        self._patterns: dict[str, dict[str, _Pattern]] = {}
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._patterns))
 
     @property
     def _kept(self) -> int:
-        """How many of a signature's latest run times are kept (see :class:`_Pattern`)."""
+        """How many of a pattern's latest run times are kept (see :class:`_Pattern`)."""
         return max(self.settings.threshold, 1)
 
-    def _get(self, signature: str, specialty: str = "", example: str = "") -> _Pattern:
-        found = self._patterns.get(signature)
+    def _get(
+        self, goal_id: str, signature: str, specialty: str = "", example: str = ""
+    ) -> _Pattern:
+        goals = self._patterns.setdefault(signature, {})
+        found = goals.get(goal_id)
         if found is None:
-            found = self._patterns[signature] = _Pattern(signature, specialty, example)
+            found = goals[goal_id] = _Pattern(goal_id, signature, specialty, example)
         return found
 
     # -- folding ---------------------------------------------------------------
-    def observe(self, message: str, specialty: str, at: datetime) -> str:
-        """One finished run (completed or failed), once per run (the state's join sees to
-        it); returns its signature.
+    def observe(self, message: str, specialty: str, at: datetime, *, goal_id: str) -> str:
+        """One finished run of ``goal_id`` (completed or failed), once per run (the state's
+        join sees to it); returns its signature. It counts towards that goal's pattern only.
 
-        Only the latest ``threshold`` run times are kept, so a signature's state does not
+        Only the latest ``threshold`` run times are kept, so a pattern's state does not
         grow with its runs: the window holds ``threshold`` runs exactly when it holds the
         latest ``threshold`` (they come in any time order; an older one is not kept).
         """
         signature = signature_of(message, specialty)
-        pattern = self._get(signature, specialty, message)
+        pattern = self._get(goal_id, signature, specialty, message)
         pattern.example = message
         seen = pattern.seen  # oldest first
         if len(seen) < self._kept:
@@ -195,20 +216,32 @@ class PatternLearner:
         quality: float | None,
         at: datetime,
     ) -> None:
-        """How a run of the pattern went: its assessed quality, or None when it failed."""
-        self._get(signature).outcomes.append(_Outcome(at, agent_id, goal_id, quality))
+        """How a run of ``goal_id``'s pattern went: its assessed quality, or None when it
+        failed. A run of no goal counts for no pattern."""
+        if goal_id is None:
+            return
+        self._get(goal_id, signature).outcomes.append(_Outcome(at, agent_id, goal_id, quality))
 
     def learn(self, event: Event) -> None:
-        """Our own earlier decisions, read back from the log: never made twice."""
+        """Our own earlier decisions, read back from the log: never made twice. Only a
+        goal's own decisions count (see the module's docstring): an older one, made on
+        every goal's runs together, marks nothing and the goal earns its own."""
+        goal_id = event.goal_id
+        if goal_id is None:
+            return
         if isinstance(event, PatternDiscovered):
-            self._get(event.signature, event.specialty, event.example_message).discovered = True
+            self._get(
+                goal_id, event.signature, event.specialty, event.example_message
+            ).discovered = True
         elif isinstance(event, AutomationCreated):
-            self._get(event.signature, event.specialty).automated.add(event.kind)
+            if event.automation_id == automation_id(event.signature, event.kind, goal_id):
+                self._get(goal_id, event.signature, event.specialty).automated.add(event.kind)
 
     # -- snapshots -------------------------------------------------------------
     def dump(self) -> list[tuple[Any, ...]]:
-        """Every signature's latest run times, outcomes and decisions as plain values
-        (copied; times and outcomes are immutable, shared)."""
+        """Every goal's patterns, their latest run times, outcomes and decisions, as plain
+        values (copied; times and outcomes are immutable, shared). The goal comes last, so
+        a row reads as before with one more field."""
         return [
             (
                 p.signature,
@@ -218,29 +251,68 @@ class PatternLearner:
                 tuple(tuple(o) for o in p.outcomes),
                 p.discovered,
                 tuple(sorted(p.automated)),
+                p.goal_id,
             )
-            for p in self._patterns.values()
+            for goals in self._patterns.values()
+            for p in goals.values()
         ]
 
     def restore(self, rows: list[tuple[Any, ...]]) -> None:
-        """Replace every signature with those of a :meth:`dump`."""
-        patterns: dict[str, _Pattern] = {}
-        for signature, specialty, example, seen, outcomes, discovered, automated in rows:
-            pattern = _Pattern(signature, specialty, example)
-            pattern.seen = sorted(seen)[-self._kept :]
-            pattern.outcomes.extend(map(_Outcome._make, outcomes))
-            pattern.discovered, pattern.automated = bool(discovered), set(automated)
-            patterns[signature] = pattern
+        """Replace every pattern with those of a :meth:`dump`; raises, changing nothing, on
+        a row it cannot read.
+
+        A row of the learner before patterns were per goal (seven fields, no goal: one
+        signature's runs of every goal together) is split by the goals its outcomes name:
+        each goal gets its own outcomes, and as its run times those outcomes' times (a run
+        not yet assessed is not counted; what cannot be told to be a goal's counts for
+        none). What that row had decided (discovered, automated) was decided on every
+        goal's runs, so it is not carried over: each goal earns its own.
+        """
+        patterns: dict[str, dict[str, _Pattern]] = {}
+
+        def add(pattern: _Pattern) -> None:
+            goals = patterns.setdefault(pattern.signature, {})
+            if pattern.goal_id in goals:
+                raise ValueError(f"pattern {pattern.signature} of {pattern.goal_id} twice")
+            goals[pattern.goal_id] = pattern
+
+        for row in rows:
+            if len(row) == _ROW:
+                signature, specialty, example, seen, outcomes, discovered, automated, goal = row
+                if not isinstance(goal, str):
+                    raise ValueError(f"pattern {signature} has no goal")
+                pattern = _Pattern(goal, signature, specialty, example)
+                pattern.seen = sorted(seen)[-self._kept :]
+                pattern.outcomes.extend(map(_Outcome._make, outcomes))
+                pattern.discovered, pattern.automated = bool(discovered), set(automated)
+                add(pattern)
+            elif len(row) == _LEGACY_ROW:
+                signature, specialty, example, _seen, outcomes, _discovered, _automated = row
+                by_goal: dict[str, list[_Outcome]] = {}
+                for o in map(_Outcome._make, outcomes):
+                    if o.goal_id is not None:
+                        by_goal.setdefault(o.goal_id, []).append(o)
+                for goal, own in by_goal.items():
+                    pattern = _Pattern(goal, signature, specialty, example)
+                    pattern.seen = sorted(o.at for o in own)[-self._kept :]
+                    pattern.outcomes.extend(own)
+                    add(pattern)
+            else:
+                raise ValueError(f"a pattern is a row of {_ROW} fields, not {len(row)}")
         self._patterns = patterns
 
     # -- deciding --------------------------------------------------------------
-    def occurrences(self, signature: str) -> int:
-        """Runs of ``signature`` in the window, counted up to the threshold."""
-        pattern = self._patterns.get(signature)
-        if pattern is None:
-            return 0
-        self._prune(pattern)
-        return len(pattern.seen)
+    def occurrences(self, signature: str, goal_id: str | None = None) -> int:
+        """Runs of ``signature`` by ``goal_id`` in the window, counted up to the threshold;
+        without a goal, those of every goal added up (each counted up to the threshold)."""
+        goals = self._patterns.get(signature, {})
+        patterns = list(goals.values()) if goal_id is None else [goals.get(goal_id)]
+        count = 0
+        for pattern in patterns:
+            if pattern is not None:
+                self._prune(pattern)
+                count += len(pattern.seen)
+        return count
 
     def _prune(self, pattern: _Pattern) -> None:
         since = self.clock.now() - timedelta(seconds=self.settings.window_s)
@@ -253,30 +325,43 @@ class PatternLearner:
             pattern.outcomes.extend(kept_outcomes)
 
     def sweep(self) -> int:
-        """Forget signatures with no run left in the window that earned nothing; how many."""
-        idle = []
-        for signature, pattern in self._patterns.items():
-            self._prune(pattern)
-            if not pattern.seen and not pattern.discovered and not pattern.automated:
-                idle.append(signature)
-        for signature in idle:
-            del self._patterns[signature]
-        return len(idle)
+        """Forget goals' patterns with no run left in the window that earned nothing (and
+        signatures with no pattern left); how many patterns."""
+        forgotten = 0
+        for signature, goals in list(self._patterns.items()):
+            for goal_id, pattern in list(goals.items()):
+                self._prune(pattern)
+                if not pattern.seen and not pattern.discovered and not pattern.automated:
+                    del goals[goal_id]
+                    forgotten += 1
+            if not goals:
+                del self._patterns[signature]
+        return forgotten
 
     def evaluate(self, signature: str) -> list[Event]:
-        """Events this signature has earned and not yet had; marks them as had."""
-        pattern = self._patterns.get(signature)
-        if pattern is None:
-            return []
+        """Events each goal's pattern of this signature has earned and not yet had; marks
+        them as had. Each goal is judged on its own runs alone."""
+        goals = self._patterns.get(signature, {})
+        out: list[Event] = []
+        for goal_id in sorted(goals):
+            out += self._evaluate(goals[goal_id])
+        return out
+
+    def _evaluate(self, pattern: _Pattern) -> list[Event]:
+        wanted = [k for k in self.settings.kinds if k not in pattern.automated]
+        if pattern.discovered and not wanted:
+            return []  # all this goal's pattern can earn, it has (many goals, one signature)
         self._prune(pattern)
         now = self.clock.now()
+        signature, goal_id = pattern.signature, pattern.goal_id
         out: list[Event] = []
         if not pattern.discovered and len(pattern.seen) >= self.settings.threshold:
             pattern.discovered = True
             out.append(
                 PatternDiscovered(
-                    event_id=str(uuid.uuid5(_NS, f"{signature}:discovered")),
+                    event_id=str(uuid.uuid5(_NS, f"{signature}:discovered:{goal_id}")),
                     source=SOURCE,
+                    goal_id=goal_id,
                     signature=signature,
                     specialty=pattern.specialty,
                     occurrences=len(pattern.seen),
@@ -284,17 +369,16 @@ class PatternLearner:
                     occurred_at=now,
                 )
             )
-        wanted = [k for k in self.settings.kinds if k not in pattern.automated]
         if pattern.discovered and wanted and self._succeeding(pattern):
-            agent_id, goal_id = self._best_agent(pattern)
+            agent_id = self._best_agent(pattern)
             for kind in wanted:
                 pattern.automated.add(kind)
                 out.append(
                     AutomationCreated(
-                        event_id=str(uuid.uuid5(_NS, f"{signature}:{kind}")),
+                        event_id=str(uuid.uuid5(_NS, f"{signature}:{kind}:{goal_id}")),
                         source=SOURCE,
                         goal_id=goal_id,
-                        automation_id=automation_id(signature, kind),
+                        automation_id=automation_id(signature, kind, goal_id),
                         signature=signature,
                         kind=kind,  # type: ignore[arg-type]
                         specialty=pattern.specialty,
@@ -316,17 +400,15 @@ class PatternLearner:
         return sum(qualities) / len(qualities) >= self.settings.min_quality
 
     @staticmethod
-    def _best_agent(pattern: _Pattern) -> tuple[str | None, str | None]:
+    def _best_agent(pattern: _Pattern) -> str | None:
+        """The agent with the best mean quality on the goal's own runs of the pattern."""
         by_agent: dict[str, list[float]] = {}
-        goals: dict[str, str | None] = {}
         for o in pattern.outcomes:
             if o.agent_id and o.quality is not None:
                 by_agent.setdefault(o.agent_id, []).append(o.quality)
-                goals[o.agent_id] = o.goal_id
         if not by_agent:
-            return None, None
+            return None
         # Best mean quality; more runs breaks a tie (better evidence), then the id.
-        best = max(
+        return max(
             by_agent, key=lambda a: (sum(by_agent[a]) / len(by_agent[a]), len(by_agent[a]), a)
         )
-        return best, goals[best]

@@ -7,8 +7,9 @@ exactly once, when the pieces each needs are there.
 
 What is kept does not grow with history: the last ``_MAX_RUNS`` runs (for joining and
 for feedback on them; a run with its signature and its assessment drops its message,
-which nothing reads again), and per signature what
-:class:`~services.improvement.patterns.PatternLearner` bounds. Names that repeat run
+which nothing reads again), and per goal and signature what
+:class:`~services.improvement.patterns.PatternLearner` bounds (a goal's runs count only
+towards that goal's pattern). Names that repeat run
 after run (users, goals, specialties, agents, versions) are interned, so a run holds
 references, not copies, and a snapshot writes each once.
 """
@@ -199,8 +200,14 @@ class ImprovementState:
     def _join(self, run: RunInfo) -> None:
         ended = run.completed_at or run.failed_at
         workflow = run.workflow_id
-        if run.signature is None and run.message is not None and workflow and ended:
-            run.signature = self.learner.observe(run.message, workflow, ended)
+        if (
+            run.signature is None
+            and run.message is not None
+            and run.goal_id is not None  # a pattern is one goal's: a run of none counts for none
+            and workflow
+            and ended
+        ):
+            run.signature = self.learner.observe(run.message, workflow, ended, goal_id=run.goal_id)
             self.dirty_signatures.add(run.signature)
         if run.signature is not None and not run.outcome_done and ended is not None:
             failed = run.completed_at is None
@@ -285,7 +292,8 @@ def state_from_v1(data: dict[str, Any]) -> dict[str, Any]:
     version 1, as it writes it now: a signature's runs, ``(time, run_id)``, become their
     times (the restore keeps the latest), its outcomes lose their run ids, and a run with
     its signature and its assessment loses its message; fields added since (the router's
-    chance of a judge) are unknown."""
+    chance of a judge) are unknown. A signature's row stays one of every goal's runs
+    together, which :meth:`PatternLearner.restore` splits per goal."""
     patterns = [
         (sig, specialty, example, [at for at, _ in seen], [(o[0], *o[2:]) for o in outcomes], *rest)
         for sig, specialty, example, seen, outcomes, *rest in data["patterns"]

@@ -6,8 +6,13 @@ knowledge: which run had which request key (``route_decided``) and what the
 LLM answered it (``workflow_completed``).
 
 Answers never cross goals: a cached answer is kept under its goal and the request
-key, and only a request of that same goal is served it. A direct route pins an
-agent, and an agent belongs to one goal, so it serves only that goal.
+key, and only a request of that same goal is served it. Automations are per goal
+too: each is kept under its goal, and serves only the goal it was earned by
+(``goal_id``), so one goal's runs never turn on an automation for another. A
+response cache without a goal (one written before automations were per goal)
+serves no goal. A direct route pins an agent, and an agent belongs to one goal, so
+it serves only that goal (a route without a goal: only the goal the registry says
+its agent belongs to).
 """
 
 from __future__ import annotations
@@ -62,12 +67,14 @@ class _Run:
 
 # (goal_id, request key): one goal's answer is never another's.
 _AnswerKey = tuple[str, str]
+# (kind, goal_id, signature): one goal's automation is never another's.
+_AutomationKey = tuple[str, str | None, str]
 
 
 class Automations:
     def __init__(self, max_answers: int = 20_000, min_quality: float = 0.6) -> None:
-        self._by_signature: dict[str, AutomationCreated] = {}
-        self._expires: dict[str, datetime] = {}
+        self._automations: dict[_AutomationKey, AutomationCreated] = {}
+        self._expires: dict[_AutomationKey, datetime] = {}
         self._specialties: set[str] = set()
         self._answers: OrderedDict[_AnswerKey, CachedAnswer] = OrderedDict()
         self._quality: dict[_AnswerKey, float] = {}
@@ -79,14 +86,15 @@ class Automations:
         self.min_quality = min_quality
 
     def __len__(self) -> int:
-        return len(self._by_signature)
+        return len(self._automations)
 
     def learn(self, event: Event) -> None:
         if isinstance(event, AutomationCreated):
-            self._by_signature[f"{event.kind}:{event.signature}"] = event
-            self._expires[f"{event.kind}:{event.signature}"] = event.occurred_at + timedelta(
-                seconds=event.ttl_seconds
-            )
+            if event.kind == "response_cache" and event.goal_id is None:
+                return  # an older one, earned on every goal's runs: it serves no goal
+            key = (event.kind, event.goal_id, event.signature)
+            self._automations[key] = event
+            self._expires[key] = event.occurred_at + timedelta(seconds=event.ttl_seconds)
             self._specialties.add(event.specialty)
         elif isinstance(event, RouteDecided) and event.request_key:
             run = self._run(event.run_id)
@@ -108,7 +116,7 @@ class Automations:
         """What was learned, as plain values (for a snapshot; answers are immutable but for
         their meta, which nothing changes once kept)."""
         return {
-            "automations": [e.model_dump(mode="json") for e in self._by_signature.values()],
+            "automations": [e.model_dump(mode="json") for e in self._automations.values()],
             "answers": [
                 (key, tuple(a), self._quality.get(key)) for key, a in self._answers.items()
             ],
@@ -175,26 +183,31 @@ class Automations:
         shape the answer, and are that caller's). The routing
         policy picks the specialty before this is asked, so an automation only ever
         saves the cost of the answer the policy chose, never replaces it with another
-        specialty's. A direct route serves only the goal its agent belongs to: the
-        ``registry`` says whose the agent is; without it, the route's own ``goal_id``.
+        specialty's. Only an automation ``goal_id`` itself earned serves it: another
+        goal's response cache or direct route for the same signature does not. A direct
+        route serves only the goal its agent belongs to: the ``registry`` says whose the
+        agent is; without it, the route's own ``goal_id``.
         """
         if goal_id is None or specialty not in self._specialties:
             return None
         sig = signature_of(message, specialty)
-        cache = self._by_signature.get(f"response_cache:{sig}")
-        if cache is not None and now < self._expires[f"response_cache:{sig}"]:
+        cache_key = ("response_cache", goal_id, sig)
+        cache = self._automations.get(cache_key)
+        if cache is not None and cache.goal_id == goal_id and now < self._expires[cache_key]:
             answer = self._answers.get((goal_id, exact_key(message, specialty, context)))
             if answer is not None and answer.goal_id == goal_id:
                 return AutomationHit(cache, specialty, answer)
-        route = self._by_signature.get(f"direct_route:{sig}")
-        if (
-            route is not None
-            and route.agent_id
-            and route.goal_id in (None, goal_id)
-            and _owner(route, registry) == goal_id
-            and now < self._expires[f"direct_route:{sig}"]
-        ):
-            return AutomationHit(route, specialty)
+        # The goal's own route; else one without a goal, whose agent's goal decides.
+        for route_key in (("direct_route", goal_id, sig), ("direct_route", None, sig)):
+            route = self._automations.get(route_key)
+            if (
+                route is not None
+                and route.agent_id
+                and route.goal_id in (None, goal_id)
+                and _owner(route, registry) == goal_id
+                and now < self._expires[route_key]
+            ):
+                return AutomationHit(route, specialty)
         return None
 
 

@@ -92,8 +92,9 @@ async def test_a_cached_answer_is_served_only_to_the_goal_it_was_computed_for(pl
         assert again.degradation_tier == "automation_cache"
         assert await cached_from(again) in a_runs
 
-        # Goal B sends the same message again and again: never A's answer. Once one of
-        # B's own answers is assessed, B is served from B's cache.
+        # Goal B sends the same message again and again: never A's answer, nor A's cache
+        # (A's runs earned A's automation only). Once B's own runs earn B's cache, B is
+        # served from it, its own answer.
         b_runs: set[str] = set()
         b_hits: list[str | None] = []
         deadline = time.monotonic() + 30

@@ -508,24 +508,29 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
 async def test_two_instances_share_the_work_and_decide_once(
     settings: KafkaSettings, tmp_path: Path
 ):
-    """Runs of many goals land on both instances; each run is assessed once, the pattern found
-    once; with one instance stopped, the other takes over its partitions."""
+    """Runs of four goals land on both instances; each run is assessed once, each goal's
+    pattern found once (a goal's runs teach only that goal); with one instance stopped, the
+    other takes over its partitions."""
     message = "Summarize this quarterly sales csv by region"
     async with _platform(settings, tmp_path, None, instances=2) as platform:
-        for i in range(8):
-            await platform.run(f"m{i}", message, goal=f"goal{i}", meta={"quality": "0.8"})
-        await platform.until(lambda: len(platform.of(AutomationCreated)) == 2)
+        for i in range(16):
+            await platform.run(f"m{i}", message, goal=f"goal{i % 4}", meta={"quality": "0.8"})
+        await platform.until(lambda: len(platform.of(AutomationCreated)) == 8)
         await asyncio.sleep(1.0)  # time for a duplicate to show up, if there were one
         assert sorted(e.run_id or "" for e in platform.of(WorkflowAssessed)) == sorted(
-            f"m{i}" for i in range(8)
+            f"m{i}" for i in range(16)
         )
-        assert len(platform.of(PatternDiscovered)) == 1
-        assert len(platform.of(AutomationCreated)) == 2
+        found = platform.of(PatternDiscovered)
+        assert sorted(e.goal_id or "" for e in found) == [f"goal{g}" for g in range(4)]
+        earned = platform.of(AutomationCreated)
+        assert sorted((e.goal_id or "", e.kind) for e in earned) == sorted(
+            (f"goal{g}", kind) for g in range(4) for kind in ("direct_route", "response_cache")
+        )
 
         first = platform.instances[0]
         first.stop.set()
         await asyncio.wait_for(first.task, 20)
-        for i in range(8, 16):
-            await platform.run(f"m{i}", "Draft a polite reminder email", goal=f"goal{i}")
-        await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 16, timeout=25)
-        await platform.until(lambda: len(platform.of(PatternDiscovered)) == 2)
+        for i in range(16, 32):
+            await platform.run(f"m{i}", "Draft a polite reminder email", goal=f"goal{i % 4}")
+        await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 32, timeout=25)
+        await platform.until(lambda: len(platform.of(PatternDiscovered)) == 8)

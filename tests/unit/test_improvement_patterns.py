@@ -1,15 +1,27 @@
-"""The pattern learner: sliding window, one discovery, one automation per kind, what they save."""
+"""The pattern learner: sliding window, one discovery, one automation per kind, what they save;
+all of it per goal."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from datetime import datetime, timedelta
 
 import pytest
 
 from services.improvement.patterns import PatternLearner, PatternSettings, automation_id
+from services.improvement.state import ImprovementState
 from streams.clock import FakeClock
-from streams.events import AutomationCreated, PatternDiscovered
+from streams.events import (
+    AutomationCreated,
+    Event,
+    PatternDiscovered,
+    RequestReceived,
+    RouteDecided,
+    WorkflowAssessed,
+    WorkflowCompleted,
+    WorkflowFailed,
+)
 from streams.signatures import exact_key, signature_of
 
 MSG = "Explain python decorators with an example"
@@ -24,9 +36,10 @@ def _run(
     agent: str = "a1",
     quality: float | None = 0.9,
     specialty: str = "code",
+    goal: str = "g1",
 ) -> str:
-    sig = learner.observe(message, specialty, clock.now())
-    learner.outcome(sig, agent_id=agent, goal_id="g1", quality=quality, at=clock.now())
+    sig = learner.observe(message, specialty, clock.now(), goal_id=goal)
+    learner.outcome(sig, agent_id=agent, goal_id=goal, quality=quality, at=clock.now())
     return sig
 
 
@@ -48,8 +61,8 @@ def test_three_runs_make_one_pattern_and_one_automation_per_kind():
     assert sorted(a.kind for a in autos) == ["direct_route", "response_cache"]
     assert {a.agent_id for a in autos} == {"a1"}  # the better agent of the two
     assert {a.automation_id for a in autos} == {
-        automation_id(sig, "direct_route"),
-        automation_id(sig, "response_cache"),
+        automation_id(sig, "direct_route", "g1"),
+        automation_id(sig, "response_cache", "g1"),
     }
     assert learner.evaluate(sig) == []
 
@@ -80,7 +93,7 @@ def test_the_window_is_counted_from_the_latest_run_times_alone():
     found = 0
     for _ in range(400):
         at = clock.now() - timedelta(seconds=rng.uniform(0, 900))
-        sig = learner.observe(MSG, "code", at)
+        sig = learner.observe(MSG, "code", at, goal_id="g1")
         every.append(at)
         clock.advance(rng.choice([0.0, 1.0, 20.0, 300.0]))
         in_window = sum(1 for t in every if t >= clock.now() - timedelta(seconds=600))
@@ -214,3 +227,234 @@ def test_what_automations_save_on_a_repetitive_workload():
     assert route["routed"] > 0 and route["cost"] == pytest.approx(route["base_cost"])
     assert route["q"] > route["base_q"]
     assert both["cost"] <= 0.7 * both["base_cost"] and both["q"] >= both["base_q"]
+
+
+# -- one goal's runs teach that goal only (DESIGN.md, "Trust boundary") ----------------
+
+CS = "customer_support"
+ASKED = "Reset my account password please"
+
+
+def _goal_run(
+    state: ImprovementState, clock: FakeClock, i: int, goal: str, quality: float | None = 0.9
+) -> None:
+    """One run of ``goal`` asking ``ASKED`` (its own agent ``cs_<goal>``), folded as the
+    service folds the log; ``quality`` None: it failed over budget."""
+    run, agent = f"{goal}-r{i}", f"cs_{goal}"
+    events: list[Event] = [
+        RequestReceived(source="sdk", run_id=run, goal_id=goal, user_id="u", message=ASKED),
+        RouteDecided(source="router", run_id=run, goal_id=goal, specialty=CS, action="reuse"),
+    ]
+    if quality is None:
+        events.append(
+            WorkflowFailed(
+                source="budget",
+                run_id=run,
+                goal_id=goal,
+                reason="budget_exceeded",
+                detail="over budget",
+                specialty=CS,
+                occurred_at=clock.now(),
+            )
+        )
+    else:
+        events += [
+            WorkflowCompleted(
+                source="loader",
+                run_id=run,
+                goal_id=goal,
+                agent_id=agent,
+                specialty=CS,
+                text=f"{goal}'s answer",
+                cost_usd=0.01,
+                degradation_tier="llm",
+                occurred_at=clock.now(),
+            ),
+            WorkflowAssessed(
+                source="improvement",
+                run_id=run,
+                goal_id=goal,
+                specialty=CS,
+                quality=quality,
+                method="judge",
+            ),
+        ]
+    for e in events:
+        state.apply(e)
+    clock.advance(30)
+
+
+def _earned(events: list[Event]) -> list[tuple[str, str | None, str | None]]:
+    return sorted(
+        (e.kind, e.goal_id, e.agent_id) for e in events if isinstance(e, AutomationCreated)
+    )
+
+
+BOTH = ["direct_route", "response_cache"]
+
+
+def test_a_goal_that_automated_a_signature_first_does_not_claim_it_for_every_goal():
+    """F8: goal A's three good runs earn A's automations; goal B's later runs of the same
+    signature earn B's own, with B's agent, B's goal and ids of B's."""
+    clock = FakeClock()
+    state = ImprovementState(PatternSettings(), clock)
+    sig = signature_of(ASKED, CS)
+    first: list[Event] = []
+    for i in range(3):
+        _goal_run(state, clock, i, "goal-a")
+        first += state.learner.evaluate(sig)
+    assert _earned(first) == [(k, "goal-a", "cs_goal-a") for k in BOTH]
+    later: list[Event] = []
+    for i in range(9):
+        _goal_run(state, clock, i, "goal-b", quality=1.0)
+        later += state.learner.evaluate(sig)
+    assert _earned(later) == [(k, "goal-b", "cs_goal-b") for k in BOTH]
+    found = [e for e in first + later if isinstance(e, PatternDiscovered)]
+    assert [(e.goal_id, e.signature) for e in found] == [("goal-a", sig), ("goal-b", sig)]
+    ids = {e.automation_id for e in first + later if isinstance(e, AutomationCreated)}
+    assert ids == {automation_id(sig, k, g) for k in BOTH for g in ("goal-a", "goal-b")}
+    assert len({e.event_id for e in first + later}) == 6  # one event per goal and decision
+    assert state.learner.evaluate(sig) == []  # each goal's, once
+
+
+def test_another_goals_failures_or_poor_runs_do_not_veto_a_goals_automations():
+    """F9: goal B's six runs at 0.95 earn both automations, whatever goal A's runs of the
+    same signature did: one failed over budget, or six at 0.3."""
+    sig = signature_of(ASKED, CS)
+    for label, a_runs in (("none", []), ("one failure", [None]), ("six poor", [0.3] * 6)):
+        clock = FakeClock()
+        state = ImprovementState(PatternSettings(), clock)
+        for i in range(6):
+            _goal_run(state, clock, i, "goal-b", quality=0.95)
+        for i, quality in enumerate(a_runs):
+            _goal_run(state, clock, 100 + i, "goal-a", quality=quality)
+        earned = _earned(state.learner.evaluate(sig))
+        assert [(k, g) for k, g, _ in earned] == [(k, "goal-b") for k in BOTH], label
+
+
+def test_another_goals_runs_do_not_count_towards_a_goals_pattern():
+    clock = FakeClock()
+    learner = PatternLearner(PatternSettings(), clock)
+    for i in range(2):
+        sig = _run(learner, clock, i, goal="goal-a")
+    _run(learner, clock, 2, goal="goal-b")  # three runs of the signature, of two goals
+    assert learner.occurrences(sig, "goal-a") == 2 and learner.occurrences(sig, "goal-b") == 1
+    assert learner.evaluate(sig) == []
+    _run(learner, clock, 3, goal="goal-b")
+    _run(learner, clock, 4, goal="goal-b")
+    assert {(e.event_type, e.goal_id) for e in learner.evaluate(sig)} == {
+        ("pattern_discovered", "goal-b"),
+        ("automation_created", "goal-b"),
+    }
+
+
+def test_decisions_read_back_are_a_goals_own_and_older_ones_mark_nothing():
+    """A goal's own decisions read back are never made twice; one written before patterns
+    were per goal (no goal, or the id of a signature for every goal) marks nothing, so the
+    goal earns its own on its own runs; none of them breaks the fold."""
+    clock = FakeClock()
+    sig = signature_of(MSG, "code")
+    older: list[Event] = [
+        PatternDiscovered(source="improvement", signature=sig, specialty="code", occurrences=3),
+        AutomationCreated(
+            source="improvement",
+            automation_id="auto_" + hashlib.sha256(f"{sig}|direct_route".encode()).hexdigest()[:16],
+            signature=sig,
+            kind="direct_route",
+            specialty="code",
+            agent_id="a1",
+            goal_id="g1",
+        ),
+        AutomationCreated(
+            source="improvement",
+            automation_id="auto-1",
+            signature=sig,
+            kind="response_cache",
+            specialty="code",
+        ),
+    ]
+    learner = PatternLearner(PatternSettings(), clock)
+    for e in older:
+        learner.learn(e)
+    for i in range(3):
+        _run(learner, clock, i, goal="g1")
+    emitted = learner.evaluate(sig)
+    assert sorted((e.event_type, e.goal_id) for e in emitted) == [
+        ("automation_created", "g1"),
+        ("automation_created", "g1"),
+        ("pattern_discovered", "g1"),
+    ]
+    restarted = PatternLearner(PatternSettings(), clock)
+    for e in [*older, *emitted]:
+        restarted.learn(e)
+    for i in range(3):
+        _run(restarted, clock, i, goal="g1")
+    assert restarted.evaluate(sig) == []
+    # Another goal's decisions, read back, mark nothing of this goal's.
+    other = PatternLearner(PatternSettings(), clock)
+    for e in emitted:
+        other.learn(e)
+    for i in range(3):
+        _run(other, clock, i, goal="g2")
+    assert {e.goal_id for e in other.evaluate(sig)} == {"g2"}
+
+
+def test_a_snapshot_of_two_goals_patterns_restores_each_goals_own():
+    clock = FakeClock()
+    learner = PatternLearner(PatternSettings(), clock)
+    for i in range(3):
+        sig = _run(learner, clock, i, goal="goal-a", agent="a")
+        _run(learner, clock, i, goal="goal-b", agent="b", quality=None if i == 2 else 0.9)
+    learner.evaluate(sig)
+    restored = PatternLearner(PatternSettings(), clock)
+    restored.restore(learner.dump())
+    assert restored.dump() == learner.dump() and len(learner.dump()) == 2
+    assert list(restored) == [sig]
+    with pytest.raises(ValueError):
+        restored.restore([row[:-1] + (None,) for row in learner.dump()])  # a row of no goal
+    assert restored.dump() == learner.dump()  # a restore that fails changes nothing
+
+
+def test_a_pattern_dumped_before_patterns_were_per_goal_restores_split_by_goal():
+    """An older snapshot's row (no goal: every goal's runs of a signature together, with
+    what was decided on them) restores without error: each goal gets its own outcomes,
+    nothing decided on every goal's runs is carried over, and no goal's runs count for
+    another; so each goal then earns its own on its own runs alone."""
+    clock = FakeClock()
+    sig = signature_of(MSG, "code")
+    at = [clock.now() - timedelta(seconds=60 * k) for k in range(6)]
+    legacy = (
+        sig,
+        "code",
+        MSG,
+        tuple(sorted(at)[-3:]),
+        (
+            (at[5], "a1", "goal-a", 0.9),
+            (at[4], "a1", "goal-a", 0.9),
+            (at[3], "a1", "goal-a", 0.9),
+            (at[2], "b1", "goal-b", 0.9),
+            (at[1], None, None, 0.9),  # a run of no goal: nobody's
+            (at[0], "b1", "goal-b", None),  # goal B's failure: B's alone
+        ),
+        True,
+        ("direct_route", "response_cache"),
+    )
+    state = ImprovementState(PatternSettings(), clock)
+    state.restore({**state.dump(), "patterns": [legacy]})
+    assert list(state.learner) == [sig] and state.dirty_signatures == {sig}
+    rows = {row[-1]: row for row in state.learner.dump()}
+    assert set(rows) == {"goal-a", "goal-b"}
+    assert [o[1] for o in rows["goal-a"][4]] == ["a1"] * 3 and len(rows["goal-b"][4]) == 2
+    assert len(rows["goal-a"][3]) == 3 and len(rows["goal-b"][3]) == 2
+    assert all(row[5] is False and row[6] == () for row in rows.values())
+    emitted = state.learner.evaluate(sig)
+    assert sorted((e.event_type, e.goal_id) for e in emitted) == [
+        ("automation_created", "goal-a"),
+        ("automation_created", "goal-a"),
+        ("pattern_discovered", "goal-a"),
+    ]
+    assert all(
+        e.automation_id == automation_id(sig, e.kind, "goal-a")
+        for e in emitted
+        if isinstance(e, AutomationCreated)
+    )

@@ -146,7 +146,8 @@ def _learn_run(auto: Automations, run: str, goal: str, text: str, quality: float
 
 def test_one_goal_is_never_served_another_goals_answer():
     auto = Automations()
-    auto.learn(_automation("response_cache"))
+    for goal in ("goal-a", "goal-b", "goal-c"):  # each goal's own automation
+        auto.learn(_automation("response_cache", goal=goal))
     _learn_run(auto, "a1", "goal-a", "A's answer")
     served = _served(auto, "goal-a")
     assert served is not None and served.run_id == "a1"  # a goal hits its own cache
@@ -162,7 +163,8 @@ def test_one_goal_is_never_served_another_goals_answer():
 
 def test_an_answer_whose_goal_is_unclear_is_never_cached():
     auto = Automations()
-    auto.learn(_automation("response_cache"))
+    for goal in ("goal-a", "goal-b"):  # each goal's own automation
+        auto.learn(_automation("response_cache", goal=goal))
     # Decided for A, answered as B's: a mismatch, so nobody gets it.
     auto.learn(_decided("r1", MSG, CS, goal="goal-a"))
     auto.learn(_answer("r1", goal="goal-b"))
@@ -181,7 +183,8 @@ def test_events_in_any_order_keep_answers_apart():
         runs += [_assessed(run)]
     for order in (runs, runs[::-1], sorted(runs, key=lambda e: type(e).__name__)):
         auto = Automations()
-        auto.learn(_automation("response_cache"))
+        for goal in ("goal-a", "goal-b"):  # each goal's own automation
+            auto.learn(_automation("response_cache", goal=goal))
         for event in order:
             auto.learn(event)
         for goal in ("goal-a", "goal-b"):
@@ -230,7 +233,8 @@ def test_a_direct_route_naming_a_goal_its_agent_does_not_belong_to_serves_nobody
 def test_the_router_asks_for_the_requests_own_goal():
     ctx = SimpleNamespace(producer=None, clock=FakeClock(T0))
     router = Router(ctx, policy=make_policy("static"))  # type: ignore[arg-type]
-    router.learn(_automation("response_cache"))
+    for goal in ("goal-a", "goal-b"):  # each goal's own automation
+        router.learn(_automation("response_cache", goal=goal))
     for event in (_decided("a1", MSG, CS, goal="goal-a"), _answer("a1", goal="goal-a")):
         router.learn(event)
     router.learn(_assessed("a1"))
@@ -297,3 +301,90 @@ async def test_the_router_keys_a_request_with_its_context(monkeypatch):
     [decision] = producer.of(RouteDecided)
     assert decision.request_key == exact_key(request.message, "code", request.context)
     assert decision.request_key != exact_key(request.message, "code")
+
+
+# -- automations are per goal: one goal's runs turn nothing on for another ----------------
+
+
+def test_one_goals_response_cache_does_not_serve_another_goal_its_own_answer():
+    """F10: goal A's runs earned a response cache; goal B, which never reached the
+    threshold itself, is not served even its own cached answer, until it earns its own."""
+    auto = Automations()
+    auto.learn(_automation("response_cache", goal="goal-a"))
+    _learn_run(auto, "a1", "goal-a", "A's answer")
+    _learn_run(auto, "b1", "goal-b", "B's answer")
+    a = _served(auto, "goal-a")
+    assert a is not None and a.run_id == "a1"
+    assert auto.lookup(MSG, CS, T0, "goal-b") is None
+    auto.learn(_automation("response_cache", goal="goal-b"))  # B's own, once B earns it
+    b = _served(auto, "goal-b")
+    assert b is not None and b.run_id == "b1"
+    a = _served(auto, "goal-a")  # A's kept: B's did not replace it
+    assert a is not None and a.run_id == "a1" and len(auto) == 2
+
+
+def test_each_goal_is_routed_by_its_own_direct_route_only():
+    registry = _registry("cs_a", "goal-a")
+    registry.apply(
+        AgentSpawned(
+            source="spawner",
+            agent_id="cs_b",
+            goal_id="goal-b",
+            specialty=CS,
+            system_prompt="p",
+            temperature=0.2,
+        )
+    )
+    auto = Automations()
+    auto.learn(_automation("direct_route", goal="goal-a", agent="cs_a"))
+    assert auto.lookup(MSG, CS, T0, "goal-b", registry) is None
+    auto.learn(_automation("direct_route", goal="goal-b", agent="cs_b"))
+    for goal, agent in (("goal-a", "cs_a"), ("goal-b", "cs_b")):
+        hit = auto.lookup(MSG, CS, T0, goal, registry)
+        assert hit is not None and hit.automation.agent_id == agent
+        assert hit.automation.goal_id == goal
+    assert auto.lookup(MSG, CS, T0, "goal-c", registry) is None
+
+
+def test_an_older_response_cache_without_a_goal_serves_no_goal_even_restored():
+    """An automation_created written before automations were per goal (no goal_id)
+    folds, and restores from a snapshot, without error, and serves no goal (it used to
+    serve every goal with an answer cached)."""
+    older = _automation("response_cache", goal=None)
+    auto = Automations()
+    auto.learn(older)
+    _learn_run(auto, "a1", "goal-a", "A's answer")
+    assert auto.lookup(MSG, CS, T0, "goal-a") is None
+    dumped = auto.dump()
+    dumped["automations"].append(older.model_dump(mode="json"))  # as an older dump held it
+    restored = Automations()
+    restored.restore(dumped)
+    assert restored.lookup(MSG, CS, T0, "goal-a") is None
+    assert restored.lookup(MSG, CS, T0, "goal-b") is None
+    restored.learn(_automation("response_cache", goal="goal-a"))
+    served = _served(restored, "goal-a")
+    assert served is not None and served.run_id == "a1"
+    assert _served(restored, "goal-b") is None
+
+
+def test_an_older_automation_naming_its_goal_serves_only_that_goal():
+    """One with a goal but the id of a signature for every goal (the older learner's):
+    it is that goal's, and never serves another, folded or restored."""
+    auto = Automations()
+    for kind in ("response_cache", "direct_route"):
+        auto.learn(
+            _automation(kind, goal="goal-a", agent="cs_a").model_copy(
+                update={"automation_id": f"auto_{kind}_of_every_goal"}
+            )
+        )
+    _learn_run(auto, "a1", "goal-a", "A's answer")
+    _learn_run(auto, "b1", "goal-b", "B's answer")
+    restored = Automations()
+    restored.restore(auto.dump())
+    assert restored.dump() == auto.dump()
+    registry = _registry("cs_a", "goal-a")
+    for router in (auto, restored):
+        hit = router.lookup(MSG, CS, T0, "goal-a", registry)
+        assert hit is not None and hit.cached is not None and hit.cached.run_id == "a1"
+        assert router.lookup(MSG, CS, T0, "goal-b", registry) is None
+        assert router.lookup("reset my account password", CS, T0, "goal-b", registry) is None

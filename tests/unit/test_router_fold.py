@@ -31,6 +31,7 @@ def _log() -> list[Event]:
         AutomationCreated(
             source="improvement",
             automation_id="auto-1",
+            goal_id="g",  # the goal whose runs earned it: the only one it serves
             kind="response_cache",
             signature=signature_of(MESSAGES[0], SPECIALTIES[0]),
             specialty=SPECIALTIES[0],
