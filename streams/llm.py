@@ -8,8 +8,9 @@ import logging
 import math
 import os
 import re
+import sys
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, ClassVar, Protocol, Self, cast, runtime_checkable
@@ -37,6 +38,12 @@ __all__ = [
     "LLMUnavailable",
     "LLMUnsettled",
     "LateOutcome",
+    "MAX_META_ENTRIES",
+    "MAX_META_KEY_CHARS",
+    "MAX_META_VALUE_CHARS",
+    "MAX_MODEL_CHARS",
+    "MAX_RESPONSE_BYTES",
+    "MAX_USAGE_TOKENS",
     "ModelEndpoints",
     "ModelPrice",
     "ModelSpec",
@@ -61,9 +68,29 @@ CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
 META_FIELD = "x_orchestrator"
 """Top-level response field whose string values become :attr:`Completion.meta`."""
 
+# What an endpoint answers is read within these bounds: its answer, model name and meta go
+# into Kafka records (the call's cost, the run's answer), which the broker refuses past its
+# size limit, and its token counts into prices and Avro longs.
+MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+"""The most a response body may be, as sent and once inflated (gzip, deflate); a chat
+completion is a few KiB. A longer one is refused (:class:`LLMUnavailable`, or for an error
+status the error that status calls for)."""
+MAX_META_ENTRIES = 16
+"""At most this many entries of ``x_orchestrator`` become :attr:`Completion.meta`."""
+MAX_META_KEY_CHARS = 64
+MAX_META_VALUE_CHARS = 512
+"""An ``x_orchestrator`` entry with a longer key or value is left out."""
+MAX_MODEL_CHARS = 128
+"""The model name an endpoint reports is cut to this many characters."""
+MAX_USAGE_TOKENS = 100_000_000
+"""Token counts above this (or not whole numbers) are not believed: the call is counted at
+its estimate instead, as when an endpoint reports no usage."""
+
 _OPENAI_URL = "https://api.openai.com/v1"
 # Local compatible servers ignore the key, but the openai client refuses to start without one.
 _PLACEHOLDER_KEY = "not-needed"
+# The most of an endpoint's error text an LLMError's message carries.
+_MAX_ERROR_CHARS = 2000
 # On a polite stop, how long calls given up on at their timeout may still take to answer.
 _SETTLE_AT_CLOSE_S = 10.0
 
@@ -415,6 +442,13 @@ class Completion:
     meta: dict[str, str] = field(default_factory=dict)
     """Hidden fields a simulated endpoint sends in the response's ``x_orchestrator`` object."""
 
+    def __post_init__(self) -> None:
+        # Whichever client made it, what the endpoint said of itself stays small: the model
+        # and the meta go on in Kafka records, which have a size limit.
+        if len(self.model) > MAX_MODEL_CHARS:
+            object.__setattr__(self, "model", self.model[:MAX_MODEL_CHARS])
+        object.__setattr__(self, "meta", _bounded_meta(self.meta))
+
 
 LateOutcome = Callable[["Completion | LLMError"], Awaitable[None]]
 """Told how a call ended that its caller stopped waiting for (see :meth:`LLMClient.complete`)."""
@@ -493,6 +527,13 @@ class OpenAILLM:
             api_key=settings.api_key or _PLACEHOLDER_KEY,
             timeout=settings.timeout_s,
             max_retries=settings.max_retries,
+            # The client the openai package would make, each body it reads bounded: the
+            # answer, an error's body, a redirect's (see _bound_body).
+            http_client=openai.DefaultAsyncHttpxClient(
+                timeout=settings.timeout_s,
+                headers={"Accept-Encoding": _ACCEPTED_ENCODINGS},
+                event_hooks={"response": [_bound_body]},
+            ),
         )
 
     async def complete(
@@ -628,17 +669,23 @@ class OpenAILLM:
             raise LLMUnavailable("LLM endpoint answered unusably: the message is not text")
         text = content or ""
         model = data.get("model")
-        answered_by = model if isinstance(model, str) and model else wanted
+        # The name it gives is recorded (cut short), not priced: a call costs what the model
+        # asked for costs, whatever cheaper name the endpoint claims.
+        answered_by = model[:MAX_MODEL_CHARS] if isinstance(model, str) and model else wanted
         usage = data.get("usage")
         counts = (
             (usage.get("prompt_tokens"), usage.get("completion_tokens"))
             if isinstance(usage, dict)
             else (None, None)
         )
-        if all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        if all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_USAGE_TOKENS
+            for n in counts
+        ):
             prompt_tokens, completion_tokens = cast("tuple[int, int]", counts)
         else:
-            # Some compatible servers omit usage; an estimate keeps budgets counting.
+            # Some compatible servers omit usage; an estimate keeps budgets counting. So do
+            # counts no call has (a priced 1e20 tokens overflows the cost record's fields).
             prompt_tokens = _estimate_prompt(messages)
             completion_tokens = estimate_tokens(text)
         return Completion(
@@ -646,7 +693,7 @@ class OpenAILLM:
             model=answered_by,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
-            cost_usd=self.settings.prices.cost_usd(answered_by, prompt_tokens, completion_tokens),
+            cost_usd=self.settings.prices.cost_usd(wanted, prompt_tokens, completion_tokens),
             latency_ms=latency_ms,
             raw_finish_reason=_text_or_none(choice.get("finish_reason")),
             meta=_meta(data),
@@ -666,7 +713,10 @@ class OpenAILLM:
         import openai
 
         def scrubbed(text: str) -> str:
-            return redact_secrets(text, [self.settings.api_key or ""])
+            # An error's body may be megabytes: its message is cut, before it is searched for
+            # keys (with room for a key that starts before the cut) and after.
+            text = text[: _MAX_ERROR_CHARS + 512]
+            return redact_secrets(text, [self.settings.api_key or ""])[:_MAX_ERROR_CHARS]
 
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
@@ -719,7 +769,8 @@ def _answer_body(response: Any) -> dict[str, Any]:
     """The JSON object an endpoint answered with; LLMUnavailable for anything else."""
     try:
         data = json.loads(response.content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: arrays or objects nested deeper than the parser goes.
         raise LLMUnavailable("LLM endpoint answered unusably: the body is not JSON") from None
     if not isinstance(data, dict):
         raise LLMUnavailable("LLM endpoint answered unusably: the body is not a JSON object")
@@ -734,7 +785,149 @@ def _meta(extra: Mapping[str, Any] | None) -> dict[str, str]:
     hidden = (extra or {}).get(META_FIELD)
     if not isinstance(hidden, dict):
         return {}
-    return {str(key): str(value) for key, value in hidden.items()}
+    return _bounded_meta(hidden)
+
+
+def _bounded_meta(hidden: Mapping[Any, Any]) -> dict[str, str]:
+    """The first :data:`MAX_META_ENTRIES` entries of ``hidden`` with a text key and a text
+    (or number) value within :data:`MAX_META_KEY_CHARS` and :data:`MAX_META_VALUE_CHARS`."""
+    kept: dict[str, str] = {}
+    for key, value in hidden.items():
+        if len(kept) >= MAX_META_ENTRIES:
+            break
+        if isinstance(value, float) or (isinstance(value, int) and value.bit_length() <= 1024):
+            # A number as its text (a longer whole number would not fit anyway).
+            value = str(value)
+        if (
+            isinstance(key, str)
+            and isinstance(value, str)
+            and 0 < len(key) <= MAX_META_KEY_CHARS
+            and len(value) <= MAX_META_VALUE_CHARS
+        ):
+            kept[key] = value
+    return kept
+
+
+# Only what _BoundedBody can measure once inflated: a server may not answer in another.
+_ACCEPTED_ENCODINGS = "gzip, deflate"
+_INFLATED_BY_CLIENT = ("gzip", "deflate", "br", "zstd")
+_INFLATE_STEP = 1 << 20
+
+
+async def _bound_body(response: Any) -> None:
+    """An httpx response hook, run before the body is read: the client reads it through a
+    :class:`_BoundedBody`, inside its own retries and timeouts."""
+    # The stream must be an AsyncByteStream of the package the response comes from
+    # (httpx2 for openai >= 3, httpx before).
+    base = sys.modules[type(response).__module__.partition(".")[0]].AsyncByteStream
+    bounded = _bounded_stream_type(base)
+    response.stream = bounded(response.stream, response.status_code, response.headers)
+
+
+@lru_cache(maxsize=4)
+def _bounded_stream_type(base: type) -> type[_BoundedBody]:
+    return cast("type[_BoundedBody]", type("BoundedBody", (_BoundedBody, base), {}))
+
+
+class _BoundedBody:
+    """A response body read no further than :data:`MAX_RESPONSE_BYTES`, as sent (whatever its
+    Content-Length says) or once inflated.
+
+    An answer (2xx) past the limit is refused: :class:`LLMUnavailable`, as any 200 that is
+    not a chat completion. Any other body (an error's, a redirect's) just ends at the limit:
+    its status is what counts, and the client retries it or not as ever. A body in an
+    encoding not asked for, or that does not inflate, is refused with the error its status
+    calls for (as :meth:`OpenAILLM._failure` classifies it).
+    """
+
+    def __init__(self, inner: Any, status: int, headers: Mapping[str, str]) -> None:
+        self._inner = inner
+        self._status = status
+        self._answer = 200 <= status < 300
+        declared = str(headers.get("content-length") or "").strip()
+        self._declared = int(declared) if declared.isdigit() else None
+        codings = str(headers.get("content-encoding") or "").lower().split(",")
+        self._codings = [c.strip() for c in codings if c.strip() in _INFLATED_BY_CLIENT]
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        limit = MAX_RESPONSE_BYTES
+        if self._answer and self._declared is not None and self._declared > limit:
+            raise self._refused(f"it declares {self._declared} bytes")
+        inflate = self._inflater()
+        sent = inflated = 0
+        chunks = self._inner.__aiter__()
+        try:
+            async for chunk in chunks:
+                sent += len(chunk)
+                if inflate is not None:
+                    inflated += inflate(chunk, limit - inflated)
+                if sent > limit or inflated > limit:
+                    if self._answer:
+                        how = "were read" if inflated <= limit else f"inflated to over {limit}"
+                        raise self._refused(f"{sent} bytes {how} before it was cut off")
+                    if inflate is None:
+                        yield chunk[: len(chunk) - (sent - limit)]
+                    return
+                yield chunk
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()
+
+    def _inflater(self) -> Callable[[bytes, int], int] | None:
+        """None for a body the client does not inflate, else a function of the next piece
+        sent and the room left, that tells how many bytes that piece inflates to."""
+        if not self._codings:
+            return None
+        coding = self._codings[0]
+        if len(self._codings) > 1 or coding not in ("gzip", "deflate"):
+            encoded = ", ".join(self._codings)
+            raise self._refused(
+                f"it is encoded as {encoded}, not {_ACCEPTED_ENCODINGS}", size=False
+            )
+        window = zlib.MAX_WBITS | 16 if coding == "gzip" else zlib.MAX_WBITS
+        inflater = zlib.decompressobj(window)
+        first = True
+
+        def inflate(chunk: bytes, room: int) -> int:
+            nonlocal inflater, first
+            was_first, first = first, False
+            try:
+                return _inflated_size(inflater, chunk, room)
+            except zlib.error:
+                if not (was_first and coding == "deflate"):
+                    raise self._refused(f"it does not inflate as {coding}", size=False) from None
+            # "deflate" may come without its zlib header: as the client does, inflate it raw
+            # when its first piece does not inflate (and refuse it if that fails too).
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            return inflate(chunk, room)
+
+        return inflate
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    def _refused(self, why: str, *, size: bool = True) -> LLMError:
+        status = self._status
+        what = f"over the limit of {MAX_RESPONSE_BYTES} bytes" if size else "unreadable"
+        if self._answer:
+            return LLMUnavailable(f"LLM endpoint answered unusably: the body is {what}: {why}")
+        message = f"LLM endpoint answered HTTP {status} with a body {what}: {why}"
+        if 400 <= status < 500 and status not in (408, 429):
+            return LLMRejected(message, status_code=status)
+        return LLMUnavailable(message, status_code=status if status >= 400 else None)
+
+
+def _inflated_size(inflater: Any, data: bytes, room: int) -> int:
+    """How many bytes ``data`` inflates to through ``inflater``, counted in steps and not
+    kept; counting stops once past ``room``."""
+    total = 0
+    while True:
+        piece = inflater.decompress(data, _INFLATE_STEP)
+        total += len(piece)
+        data = inflater.unconsumed_tail
+        if total > room or (not data and len(piece) < _INFLATE_STEP):
+            return total
 
 
 # ---------------------------------------------------------------------------------------

@@ -497,7 +497,7 @@ class Loader:
                     **failed,
                     ok=False,
                     error=f"{type(exc).__name__}: {exc}"[:500],
-                    latency_ms=(self.ctx.clock.now() - started).total_seconds() * 1000.0,
+                    latency_ms=max(0.0, (self.ctx.clock.now() - started).total_seconds() * 1e3),
                 )
             )
             raise
@@ -525,7 +525,13 @@ class Loader:
         for charge in charges:
             ack = await self.ctx.producer.enqueue(charge)
             self._acks.setdefault(task.run_id, []).append((charge, ack))
-        meta = dict(done.meta)
+        # What the endpoint said (bounded by Completion), but never under a key this loader
+        # sets: the budget reads cost_pending/cost_id/cost_model, the improvement service
+        # workflow_version/workflow_id; an endpoint's own would hold or free budget, or
+        # credit another version.
+        own = {"truncated", "cost_pending", "cost_id", "cost_model", "requested_specialty"}
+        own |= {"workflow_version", "workflow_id"}
+        meta = {key: value for key, value in done.meta.items() if key not in own}
         if not legacy:
             meta["workflow_version"] = str(served.version)
             meta["workflow_id"] = served.workflow_id
