@@ -657,7 +657,7 @@ class OpenAILLM:
     def _completion(
         self, response: Any, messages: list[dict[str, str]], wanted: str, started: float
     ) -> Completion:
-        latency_ms = (self._clock.monotonic() - started) * 1000.0
+        latency_ms = max(0.0, (self._clock.monotonic() - started) * 1000.0)
         data = _answer_body(response)
         choices = data.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -1023,7 +1023,7 @@ class InMemoryLLM:
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             cost_usd=self._prices.cost_usd(wanted, prompt_tokens, completion_tokens),
-            latency_ms=(self._clock.monotonic() - started) * 1000.0,
+            latency_ms=max(0.0, (self._clock.monotonic() - started) * 1000.0),
             raw_finish_reason=finish,
             meta=meta,
         )

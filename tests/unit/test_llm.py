@@ -6,6 +6,7 @@ import pytest
 
 from streams.clock import FakeClock
 from streams.errors import OrchestratorError
+from streams.events import LlmCallCompleted
 from streams.llm import (
     Completion,
     InMemoryLLM,
@@ -316,3 +317,20 @@ async def test_a_model_with_its_own_endpoint_is_called_there() -> None:
     built = create_llm(settings)
     assert isinstance(built, ModelEndpoints) and set(built.by_model) == {"b"}
     await built.aclose()
+
+
+async def test_a_clock_stepped_back_during_a_call_gives_no_negative_latency():
+    # The latency becomes an event's latency_ms, which must be >= 0: a clock moved back
+    # mid-call (a test's offset clock, a host's correction) must not make it fail.
+    clock = FakeClock()
+
+    def stepped_back(messages: list[dict[str, str]]) -> str:
+        clock.advance(-5.0)
+        return "an answer"
+
+    done = await InMemoryLLM(stepped_back, clock=clock).complete([{"role": "user", "content": "q"}])
+    assert done.latency_ms == 0.0
+    event = LlmCallCompleted(
+        source="loader", goal_id="g1", model=done.model, latency_ms=done.latency_ms
+    )
+    assert event.latency_ms == 0.0
