@@ -66,6 +66,7 @@ __all__ = [
     "WorkflowStarted",
     "WorkflowVersionSaved",
     "event_class",
+    "MAX_CONTEXT_BYTES",
     "MAX_WAIT_SECONDS",
     "new_event_id",
     "terminal_event_id",
@@ -74,6 +75,9 @@ __all__ = [
 ]
 
 MAX_MESSAGE_BYTES = 32 * 1024
+# A request's context (keys and values, UTF-8): the gateway's system message and history
+# fit, and a task carrying message and context stays far inside a Kafka record (1 MB).
+MAX_CONTEXT_BYTES = 64 * 1024
 # A request's deadline is at most this long after the request: a lease, a queue's wait
 # and every time sum the budget makes stay within reach of the clock.
 MAX_WAIT_SECONDS = 86_400
@@ -208,6 +212,15 @@ class RequestReceived(Event):
     message: Message
     context: dict[str, str] = Field(default_factory=dict)
     deadline_at: datetime | None = None
+
+    @field_validator("context")
+    @classmethod
+    def _context_fits(cls, value: dict[str, str]) -> dict[str, str]:
+        # The router's task carries it on, with the message: both must fit one record.
+        size = sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in value.items())
+        if size > MAX_CONTEXT_BYTES:
+            raise ValueError(f"context is {size} bytes; the limit is {MAX_CONTEXT_BYTES}")
+        return value
 
     @model_validator(mode="after")
     def _deadline_in_reach(self) -> Self:

@@ -21,7 +21,7 @@ from aiokafka import (
     ConsumerRecord,
     TopicPartition,
 )
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from streams.codec import EventCodec, default_codec
 from streams.config import BrokerSettings
@@ -185,6 +185,8 @@ class EventProducer(AsyncLifecycle):
             try:
                 await self.send_many(pending)
                 return
+            except MessageSizeTooLargeError:
+                raise  # no retry makes a record smaller: the caller's error path must act
             except (KafkaError, OSError) as exc:
                 log.warning("%s not acknowledged (%s); retrying in %.1f s", what, exc, delay)
                 await asyncio.sleep(delay)

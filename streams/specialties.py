@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_SPECIALTY",
     "PROFILES",
     "Profile",
+    "tokens_in_order",
     "asked_specialty",
     "classify",
     "default_prompt",
@@ -137,6 +138,11 @@ def is_specialty_name(name: str) -> bool:
 
 def tokens(text: str) -> set[str]:
     return set(_WORD.findall(text.lower()))
+
+
+def tokens_in_order(text: str) -> list[str]:
+    """The distinct tokens of ``text``, in the order they first appear."""
+    return list(dict.fromkeys(_WORD.findall(text.lower())))
 
 
 def profile_for(specialty: str) -> Profile:

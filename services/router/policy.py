@@ -12,6 +12,7 @@ exploration is explicit and the bonus deterministic, so propensities are exact.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import re
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from services.router.settings import RouterSettings
-from streams.specialties import classify, tokens
+from streams.specialties import classify, tokens_in_order
 
 __all__ = [
     "Choice",
@@ -39,6 +40,8 @@ _STOP = frozenset(
     " please can could would should how what why when do does from at by as about".split()
 )
 _DIGITS = re.compile(r"^\d+$")
+# Content words a request brings to the policy: far more than any real question has.
+MAX_FEATURE_WORDS = 64
 # The change detector's least standard deviation of a word's rewards: outcomes that never
 # varied yet (a repeated message's fixed draw) must not turn every small move into a change.
 _MIN_SPREAD = 0.05
@@ -59,7 +62,11 @@ class Features:
 
 
 def features_of(message: str) -> Features:
-    words = frozenset(w for w in tokens(message) if w not in _STOP and not _DIGITS.match(w))
+    """The message's content words (its first :data:`MAX_FEATURE_WORDS` distinct ones) and
+    its keyword guess. A request's features are kept until its outcome teaches the policy,
+    and each word is a statistic per arm: a 32 KB message of distinct words made 5,000."""
+    content = (w for w in tokens_in_order(message) if w not in _STOP and not _DIGITS.match(w))
+    words = frozenset(itertools.islice(content, MAX_FEATURE_WORDS))
     guess, _ = classify(message)
     return Features(words, guess)
 

@@ -10,14 +10,13 @@ KAFKA_LIMIT = 1024 * 1024
 
 
 def _near_the_limit() -> RequestReceived:
-    # The message is capped at 32 KB, the context is not: a record just under 1 MB.
-    return RequestReceived(
-        source="sdk",
-        run_id="r1",
-        goal_id="g1",
-        user_id="u1",
-        message="hello",
-        context={f"k{i}": "v" * 10_300 for i in range(100)},
+    # A request's context is capped at 64 KB, but a producer without our models can write
+    # more: a record just under 1 MB, which the handler then fails on.
+    return RequestReceived.model_construct(
+        **RequestReceived(
+            source="sdk", run_id="r1", goal_id="g1", user_id="u1", message="h"
+        ).model_dump()
+        | {"context": {f"k{i}": "v" * 10_300 for i in range(100)}}
     )
 
 

@@ -4,11 +4,13 @@ to dead_letter with the reason), and the budget holds where one slips past."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import pytest
+from aiokafka.errors import MessageSizeTooLargeError
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
@@ -20,6 +22,7 @@ from streams.clock import SystemClock
 from streams.codec import default_codec
 from streams.errors import DecodeError, InvalidRequest
 from streams.events import (
+    MAX_CONTEXT_BYTES,
     MAX_WAIT_SECONDS,
     BudgetTicked,
     BudgetUpdateRequested,
@@ -32,6 +35,7 @@ from streams.events import (
     WorkflowAssessed,
     WorkflowCompleted,
 )
+from streams.kafka import EventProducer, KafkaSettings
 from streams.llm import ModelPrice, PriceTable
 from tests.unit.test_budget_state import _task as budget_task
 
@@ -188,3 +192,30 @@ def test_a_record_left_with_a_null_cap_reads_back_closed_and_a_budget_set_reopen
     state.spend.clear()
     admitted = state.handle(_task(2), NOW, defaults).events
     assert any(isinstance(e, TaskAdmitted) for e in admitted)
+
+
+def test_a_request_context_too_large_for_its_task_is_refused_before_it_is_sent() -> None:
+    # The router's task carries the message and the context on: a request of almost a
+    # megabyte made a task over Kafka's record limit, and the router retried it for ever.
+    client = OrchestratorClient.__new__(OrchestratorClient)
+    client.clock = SystemClock()
+    client.source = "sdk"
+    fits = {"system": "s" * (MAX_CONTEXT_BYTES - 100), "k": "v"}
+    assert client.request("hi", goal_id="g1", user_id="u1", context=fits).context == fits
+    for context in ({"blob": "x" * MAX_CONTEXT_BYTES}, {str(i): "é" * 20 for i in range(2000)}):
+        with pytest.raises(InvalidRequest, match=f"context is .* the limit is {MAX_CONTEXT_BYTES}"):
+            client.request("hi", goal_id="g1", user_id="u1", context=context)
+
+
+async def test_a_record_too_large_is_not_retried_for_ever() -> None:
+    # No retry makes a record smaller: the caller's error path (a failed run) must act.
+    from tests.unit.test_loader_attempts import _Broker
+
+    broker = _Broker()
+    broker.max_bytes = 1000
+    producer = EventProducer(KafkaSettings("127.0.0.1:1", ""))
+    producer._producer = broker  # type: ignore[assignment]
+    big = budget_task(1).model_copy(update={"message": "x" * 2000})
+    with pytest.raises(MessageSizeTooLargeError):
+        await asyncio.wait_for(producer.deliver([big], what="a task"), 2.0)
+    assert broker.acked == []

@@ -17,6 +17,7 @@ from aiohttp import web
 from services.gateway.http import GatewayApp, build_runner
 from services.improvement.http import build_app as build_improvement_app
 from services.improvement.http import build_runner as build_improvement_runner
+from streams.client import Answer
 from streams.keys import Identity
 from tests.unit.test_gateway_http import Scripted
 from tests.unit.test_improvement_feedback import _Sink
@@ -35,10 +36,20 @@ PARTIAL_HEADERS = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-a: "
 
 
 class Platform(Scripted):
-    """The gateway tests' scripted platform, knowing mallory's and the victim's keys."""
+    """The gateway tests' scripted platform, knowing mallory's and the victim's keys, and
+    counting the asks that were cancelled while they waited."""
+
+    cancelled = 0
 
     async def identify(self, key: str) -> Identity | None:
         return KEYS.get(key)
+
+    async def ask(self, message: str, **kwargs: Any) -> Answer:
+        try:
+            return await super().ask(message, **kwargs)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
 
 
 @asynccontextmanager
@@ -170,6 +181,32 @@ async def test_one_key_holds_at_most_its_share_of_the_slots() -> None:
         assert (await victim)[0] == 200
         assert [s for s, _ in await asyncio.gather(*held)] == [200, 200]
         assert gateway.held == {} and gateway.in_flight == 0
+
+
+async def test_hanging_up_does_not_let_a_key_start_more_than_its_share() -> None:
+    # A request whose client went away keeps its slot until its answer comes: hanging up
+    # right after sending cannot start run after run past the key's share.
+    async with _gateway(max_in_flight=4) as (platform, gateway, url):
+        platform.release.clear()
+        body = json.dumps(CHAT).encode()
+        for _ in range(2):
+            reader, writer = await _open(url)
+            writer.write(
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer"
+                f" {MALLORY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+            await asyncio.wait_for(platform.entered.acquire(), 2.0)
+            writer.close()
+        await asyncio.sleep(0.3)
+        status, answer = await _post(url, MALLORY)
+        assert status == 429 and answer["error"]["code"] == "key_in_flight"
+        assert len(platform.asked) == 2 and platform.cancelled == 0
+        platform.release.set()
+        await _until(lambda: gateway.in_flight == 0)
+        assert (await _post(url, MALLORY))[0] == 200
 
 
 async def test_one_key_sends_at_most_its_share_of_bodies_at_once() -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import random
 
-from services.router.policy import Features, LearnedPolicy, StaticPolicy, features_of
+from services.router.policy import (
+    MAX_FEATURE_WORDS,
+    Features,
+    LearnedPolicy,
+    StaticPolicy,
+    features_of,
+)
 
 
 def test_features_drop_stop_words_and_keep_the_keyword_guess():
@@ -67,3 +73,14 @@ def test_optimism_tries_a_specialty_the_words_were_never_seen_with():
     for _ in range(5):
         plain.update(f, "a", 0.55)
     assert plain.choose(f, ["a", "b"]).specialty == "a"
+
+
+def test_a_message_of_thousands_of_distinct_words_brings_the_policy_only_its_first_ones():
+    # Each word is a statistic per arm, kept until the run's outcome teaches the policy:
+    # a 32 KB message of distinct words made 5,458 and 800 KiB per waiting run.
+    words = [f"w{i}x" for i in range(5000)]
+    hostile = features_of(" ".join(["please", "42", *words]))
+    assert hostile.words == frozenset(words[:MAX_FEATURE_WORDS])
+    # A real question keeps every content word, as before.
+    normal = features_of("Why does my python function raise KeyError on 3 dict lookups?")
+    assert normal.words == {"python", "function", "raise", "keyerror", "dict", "lookups"}
