@@ -195,6 +195,9 @@ class OrchestratorClient(AsyncLifecycle):
             raise InvalidRequest(
                 f"timeout: {timeout:g} s; give more than 0 and at most {MAX_WAIT_SECONDS} s"
             )
+        fields = {str(k): str(v) for k, v in (context or {}).items()}
+        if len(fields) != len(context or {}):
+            raise InvalidRequest("context: keys that are the same as text (1 and '1')")
         now = self.clock.now()
         try:
             return RequestReceived(
@@ -203,7 +206,7 @@ class OrchestratorClient(AsyncLifecycle):
                 goal_id=goal_id,
                 user_id=user_id,
                 message=message,
-                context={str(k): str(v) for k, v in (context or {}).items()},
+                context=fields,
                 occurred_at=now,
                 deadline_at=now + timedelta(seconds=timeout),
             )

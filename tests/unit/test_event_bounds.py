@@ -219,3 +219,13 @@ async def test_a_record_too_large_is_not_retried_for_ever() -> None:
     with pytest.raises(MessageSizeTooLargeError):
         await asyncio.wait_for(producer.deliver([big], what="a task"), 2.0)
     assert broker.acked == []
+
+
+def test_context_keys_that_collide_as_text_are_refused_not_merged() -> None:
+    client = OrchestratorClient.__new__(OrchestratorClient)
+    client.clock = SystemClock()
+    client.source = "sdk"
+    colliding: dict[Any, str] = {1: "a", "1": "b"}
+    with pytest.raises(InvalidRequest, match="context: keys that are the same as text"):
+        client.request("hi", goal_id="g1", user_id="u1", context=colliding)
+    assert client.request("hi", goal_id="g1", user_id="u1", context={2: 3}).context == {"2": "3"}  # type: ignore[dict-item]
