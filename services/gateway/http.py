@@ -20,7 +20,6 @@ previous answer) or it is closed (``build_runner``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -53,6 +52,7 @@ from streams.errors import (
     UnknownRun,
 )
 from streams.events import FeedbackDecided
+from streams.http import BodyNotJson, BodyTimeout, BodyTooLarge, read_json, runner
 from streams.keys import Identity
 
 __all__ = ["Backend", "GatewayApp", "build_app", "build_runner"]
@@ -322,28 +322,23 @@ class GatewayApp:
             raise self._key_share_refusal("sending their body", receiving)
         try:
             with _counted(self.receiving, who.key_id):
-                async with asyncio.timeout(self.body_timeout_s):
-                    raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
+                return await read_json(request, self.body_timeout_s)
+        except BodyTooLarge:
             raise _Refusal(
                 413,
                 f"the body is larger than {self.max_body} bytes",
                 "invalid_request_error",
                 "body_too_large",
             ) from None
-        except TimeoutError:
+        except BodyTimeout as exc:
             raise _Refusal(
                 408,
-                f"the body did not arrive within {self.body_timeout_s:g} s",
+                str(exc),
                 "invalid_request_error",
                 "body_timeout",
                 {"Connection": "close"},  # what is left of it is not read
             ) from None
-        try:
-            # From the bytes, as JSON says (UTF-8, or UTF-16/32 told by the first bytes), never
-            # by the charset of Content-Type (an unknown one would be a LookupError).
-            return json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
+        except BodyNotJson:
             raise _invalid("the body must be JSON", "invalid_json") from None
 
     def _timeout(self, request: web.Request) -> float:
@@ -553,13 +548,6 @@ def build_app(gateway: GatewayApp) -> web.Application:
 
 
 def build_runner(gateway: GatewayApp) -> web.AppRunner:
-    """The server for ``gateway``'s app. Its keep-alive timeout is the header deadline: aiohttp
-    closes a connection still waiting for a request's complete headers that long after it
-    opened (or after its previous answer), however slowly the bytes trickle in; idle
-    keep-alive connections close after it too."""
-    return web.AppRunner(
-        build_app(gateway),
-        access_log=None,
-        shutdown_timeout=1.0,
-        keepalive_timeout=gateway.header_timeout_s,
-    )
+    """The server for ``gateway``'s app, closing connections whose headers do not finish
+    within ``header_timeout_s`` (:func:`streams.http.runner`)."""
+    return runner(build_app(gateway), gateway.header_timeout_s, shutdown_timeout=1.0)

@@ -30,8 +30,6 @@ Slow clients are cut off: a JSON body must arrive within ``BODY_TIMEOUT_S`` (els
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 from typing import Any, Protocol
 
@@ -46,6 +44,7 @@ from streams.errors import (
     UnknownRun,
 )
 from streams.events import FeedbackDecided, FeedbackReceived, PromotionDecided, PromotionRequested
+from streams.http import BodyNotJson, BodyTimeout, BodyTooLarge, read_json, runner
 from streams.keys import Identity
 
 __all__ = [
@@ -153,34 +152,18 @@ async def _answer(sink: FeedbackSink, request_id: str, run_id: str | None) -> we
     return web.json_response(body, status=200)
 
 
-class _BodyRefused(Exception):
-    """A body refused before it is parsed into feedback: ``response`` is the answer."""
-
-    def __init__(self, response: web.Response) -> None:
-        super().__init__(response.status)
-        self.response = response
-
-
 async def _json_body(request: web.Request, timeout: float) -> Any:
-    """The request's JSON, read within ``timeout`` s; _BodyRefused with a 400, 408 or 413.
-
-    Read as the gateway reads a body (``GatewayApp._json``; a service imports no other
-    service): decoded from the bytes as JSON says (UTF-8, or UTF-16/32 told by the first
-    bytes), never by the charset of Content-Type, so an unknown one is no LookupError;
-    nesting too deep to parse is a 400, not a RecursionError."""
+    """The request's JSON (:func:`streams.http.read_json`), or the 400, 408 or 413 to answer."""
     try:
-        async with asyncio.timeout(timeout):
-            raw = await request.read()
-    except TimeoutError:
-        response = _error(408, f"the body did not arrive within {timeout:g} s")
+        return await read_json(request, timeout)
+    except BodyTimeout as exc:
+        response = _error(408, str(exc))
         response.force_close()  # what is left of it is not read
-        raise _BodyRefused(response) from None
-    except web.HTTPRequestEntityTooLarge:
-        raise _BodyRefused(_error(413, f"the body is larger than {_MAX_BODY} bytes")) from None
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        raise _BodyRefused(_error(400, "body must be JSON")) from None
+        return response
+    except BodyTooLarge:
+        return _error(413, f"the body is larger than {_MAX_BODY} bytes")
+    except BodyNotJson:
+        return _error(400, "body must be JSON")
 
 
 def _improve_handler(sink: FeedbackSink, body_timeout: float) -> Any:
@@ -188,10 +171,9 @@ def _improve_handler(sink: FeedbackSink, body_timeout: float) -> Any:
         who = _identity(sink, request)
         if who is None:
             return _error(401, _NO_KEY)
-        try:
-            body = await _json_body(request, body_timeout)
-        except _BodyRefused as refused:
-            return refused.response
+        body = await _json_body(request, body_timeout)
+        if isinstance(body, web.Response):
+            return body
         try:
             run_id, user_id, score, text = _parse(body)
             if user_id is not None and user_id != who.user_id:
@@ -297,8 +279,6 @@ def build_app(
 def build_runner(
     app: web.Application, *, header_timeout: float = HEADER_TIMEOUT_S
 ) -> web.AppRunner:
-    """The server for ``app``. Its keep-alive timeout is the header deadline: aiohttp closes a
-    connection still waiting for a request's complete headers ``header_timeout`` s after it
-    opened (or after its previous answer), however slowly the bytes trickle in; idle
-    keep-alive connections close after it too."""
-    return web.AppRunner(app, access_log=None, keepalive_timeout=header_timeout)
+    """The server for ``app``, closing connections whose headers do not finish within
+    ``header_timeout`` seconds (:func:`streams.http.runner`)."""
+    return runner(app, header_timeout)
