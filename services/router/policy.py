@@ -16,7 +16,8 @@ import itertools
 import math
 import random
 import re
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -137,7 +138,7 @@ def _fallback(arms: list[str]) -> str:
     return general[0] if general else sorted(arms)[0]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Stat:
     n: float = 0.0
     total: float = 0.0
@@ -149,6 +150,76 @@ class _Stat:
     # Learned before a change was detected on its word: still the estimate, but the next
     # outcome replaces it, and the choice tries the arm again (see ``choose``).
     stale: bool = False
+
+
+class _WordStats:
+    """The per-(word, arm) statistics, at most ``limit`` of them.
+
+    Every distinct word of every request the policy learns from makes one per arm it
+    was answered by, so a stream of made-up words would grow the table (and the router's
+    snapshot) without end. A statistic learned once waits in a probation segment (the
+    oldest leave first, once it holds more than a fifth of the table); a second outcome
+    moves it to the kept segment, whose least recently updated leave only when the
+    table is full. A flood of words never seen again pushes out other words seen once,
+    not what the policy learned from repeated outcomes.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(2, int(limit))
+        self._new: OrderedDict[tuple[str, str], _Stat] = OrderedDict()
+        self._kept: OrderedDict[tuple[str, str], _Stat] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._new) + len(self._kept)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._kept or key in self._new
+
+    def get(self, key: tuple[str, str]) -> _Stat | None:
+        st = self._kept.get(key)
+        return st if st is not None else self._new.get(key)
+
+    def values(self) -> Iterator[_Stat]:
+        yield from self._kept.values()
+        yield from self._new.values()
+
+    def rows(self) -> Iterator[tuple[tuple[str, str], _Stat, bool]]:
+        """Every statistic with whether it is still on probation, oldest first in each
+        segment: what :meth:`put` rebuilds the same table from."""
+        for key, st in self._kept.items():
+            yield key, st, False
+        for key, st in self._new.items():
+            yield key, st, True
+
+    def put(self, key: tuple[str, str], st: _Stat, probation: bool) -> None:
+        """A restored statistic, as the newest of its segment."""
+        self._new.pop(key, None)
+        self._kept.pop(key, None)
+        (self._new if probation else self._kept)[key] = st
+        self._evict()
+
+    def touch(self, key: tuple[str, str]) -> _Stat:
+        """The statistic an outcome is about to update: made on probation if new, kept
+        from its second outcome on, and the newest of its segment."""
+        st = self._kept.get(key)
+        if st is not None:
+            self._kept.move_to_end(key)
+            return st
+        st = self._new.pop(key, None)
+        if st is None:
+            st = self._new[key] = _Stat()
+        else:
+            self._kept[key] = st
+        self._evict()
+        return st
+
+    def _evict(self) -> None:
+        probation = max(1, self.limit // 5)
+        while len(self) > self.limit:
+            if len(self._new) > probation or not self._kept:
+                self._new.popitem(last=False)
+            else:
+                self._kept.popitem(last=False)
 
 
 @dataclass
@@ -186,8 +257,14 @@ class LearnedPolicy:
     changes: int = 0
     rng: random.Random = field(default_factory=random.Random)
     updates: int = 0
+    # At most this many (word, arm) statistics (``_WordStats``): memory and snapshots stay
+    # bounded whatever words requests bring.
+    max_word_stats: int = RouterSettings.model_fields["max_word_stats"].default
     _arm: dict[str, _Stat] = field(default_factory=lambda: defaultdict(_Stat))
-    _word: dict[tuple[str, str], _Stat] = field(default_factory=lambda: defaultdict(_Stat))
+    _word: _WordStats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._word = _WordStats(self.max_word_stats)
 
     @property
     def version(self) -> int:
@@ -238,13 +315,13 @@ class LearnedPolicy:
         prior, prior_cost = self._prior(arm)
         arm_mean = (base.total + prior) / (base.n + 1.0) if base else prior
         arm_cost = (base.cost + prior_cost) / (base.n + 1.0) if base else prior_cost
-        words = [w for w in features.words if (w, arm) in self._word]
-        if not words:
+        known = [st for w in features.words if (st := self._word.get((w, arm))) is not None]
+        if not known:
             value, cost = arm_mean, arm_cost
         else:
             parts, costs = [], []
-            for w in words:
-                st = self._fresh(self._word[(w, arm)])
+            for st in known:
+                self._fresh(st)
                 # Few observations lean on the arm's overall mean.
                 parts.append((st.total + self.shrink * arm_mean) / (st.n + self.shrink))
                 costs.append((st.cost + self.shrink * arm_cost) / (st.n + self.shrink))
@@ -264,7 +341,7 @@ class LearnedPolicy:
         request without words."""
         if features.words:
             counts = [
-                self._fresh(self._word[(w, arm)]).n if (w, arm) in self._word else 0.0
+                self._fresh(st).n if (st := self._word.get((w, arm))) is not None else 0.0
                 for w in features.words
             ]
             return sum(counts) / len(counts)
@@ -320,8 +397,8 @@ class LearnedPolicy:
             "updates": self.updates,
             "arms": [[a, s.n, s.total, s.cost] for a, s in self._arm.items()],
             "words": [
-                [w, a, s.n, s.total, s.cost, s.squares, s.up, s.down, int(s.stale)]
-                for (w, a), s in self._word.items()
+                [w, a, s.n, s.total, s.cost, s.squares, s.up, s.down, int(s.stale), int(new)]
+                for (w, a), s, new in self._word.rows()
             ],
             "changes": self.changes,
         }
@@ -329,16 +406,17 @@ class LearnedPolicy:
     def restore(self, data: dict[str, Any]) -> None:
         """Replace what was learned with a :meth:`dump`."""
         arms: dict[str, _Stat] = defaultdict(_Stat)
-        words: dict[tuple[str, str], _Stat] = defaultdict(_Stat)
+        words = _WordStats(self.max_word_stats)
         # Snapshots from before costs were learned have no cost column.
         for arm, n, total, *cost in data["arms"]:
             arms[arm] = _Stat(float(n), float(total), float(cost[0]) if cost else 0.0)
         for word, arm, n, total, *more in data["words"]:
-            # Older snapshots stop after the cost, or before it.
-            cost, squares, up, down, stale = (*map(float, more), 0.0, 0.0, 0.0, 0.0, 0.0)[:5]
-            words[(word, arm)] = _Stat(
-                float(n), float(total), cost, 0, squares, up, down, bool(stale)
-            )
+            # Older snapshots stop after the cost, or before it, and do not say which
+            # statistics are on probation: those learned from one outcome at most are.
+            cost, squares, up, down, stale = (*map(float, more[:5]), 0.0, 0.0, 0.0, 0.0, 0.0)[:5]
+            new = bool(more[5]) if len(more) > 5 else float(n) < 1.5
+            st = _Stat(float(n), float(total), cost, 0, squares, up, down, bool(stale))
+            words.put((str(word), str(arm)), st, new)
         self.updates, self._arm, self._word = int(data["updates"]), arms, words
         self.changes = int(data.get("changes", 0))
         for st in (*arms.values(), *words.values()):
@@ -350,18 +428,16 @@ class LearnedPolicy:
         st.n += 1
         st.total += reward
         st.cost += cost
+        stats = [self._fresh(self._word.touch((w, arm))) for w in features.words]
         # Every word's detector sees the outcome (a list, not a generator that stops early).
-        surprised = [
-            self._surprised(self._fresh(self._word[(w, arm)]), reward) for w in features.words
-        ]
+        surprised = [self._surprised(ws, reward) for ws in stats]
         if any(surprised):
             # Words of one request come together: the change is the request's kind's, so
             # what every arm learned on all of its words is stale.
             self.changes += 1
             for w in features.words:
                 self._make_stale(w)
-        for w in features.words:
-            ws = self._fresh(self._word[(w, arm)])
+        for ws in stats:
             if ws.stale:
                 ws.n = ws.total = ws.cost = ws.squares = ws.up = ws.down = 0.0
                 ws.stale = False
@@ -409,5 +485,6 @@ def make_policy(
             epsilon0=settings.epsilon,
             half_life=settings.half_life,
             change_threshold=settings.change_threshold,
+            max_word_stats=settings.max_word_stats,
         )
     raise ValueError(f"ORCH_ROUTER_POLICY must be learned or static, got {chosen!r}")

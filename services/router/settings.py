@@ -55,6 +55,18 @@ class RouterSettings(EnvSettings):
         read_by="router",
         ge=0,
     )
+    max_word_stats: int = setting(
+        "ORCH_ROUTER_MAX_WORD_STATS",
+        200_000,
+        "Most (word, specialty) statistics the learned policy keeps: each distinct word a "
+        "request brings makes one per specialty that answered it, about 400 bytes each (80 MB "
+        "at the default), so made-up words would otherwise grow the router's memory and "
+        "snapshot without end. "
+        "Words seen once leave first (oldest first); then the least recently taught. "
+        ">= 1000.",
+        read_by="router",
+        ge=1000,
+    )
     seed: int | None = setting(
         "ORCH_ROUTER_SEED",
         None,

@@ -84,3 +84,80 @@ def test_a_message_of_thousands_of_distinct_words_brings_the_policy_only_its_fir
     # A real question keeps every content word, as before.
     normal = features_of("Why does my python function raise KeyError on 3 dict lookups?")
     assert normal.words == {"python", "function", "raise", "keyerror", "dict", "lookups"}
+
+
+def _made_up(rng: random.Random, n: int = MAX_FEATURE_WORDS) -> Features:
+    return Features(frozenset(f"w{rng.getrandbits(48):x}" for _ in range(n)), "general")
+
+
+def test_made_up_words_do_not_grow_the_policy_past_its_limit():
+    # Before the limit, 1,000 requests of 64 made-up words kept 64,000 statistics.
+    policy = LearnedPolicy(rng=random.Random(1), max_word_stats=5_000)
+    rng = random.Random(2)
+    for _ in range(1_000):
+        policy.update(_made_up(rng), "general", 0.5)
+    assert len(policy._word) == 5_000
+    assert len(policy.dump()["words"]) == 5_000
+
+
+def test_a_flood_of_words_seen_once_keeps_what_repeated_outcomes_taught():
+    policy = LearnedPolicy(rng=random.Random(1), max_word_stats=5_000, bonus=0.0)
+    arms = ["research", "writing"]
+    invoice = features_of("invoice billing refund")
+    for _ in range(30):
+        policy.update(invoice, "research", 0.9)
+        policy.update(invoice, "writing", 0.2)
+    rng = random.Random(3)
+    for _ in range(2_000):  # 128,000 statistics of words never seen again
+        policy.update(_made_up(rng), "writing", 1.0)
+    assert len(policy._word) == 5_000
+    assert all((w, a) in policy._word for w in invoice.words for a in arms)
+    scores = policy.choose(invoice, arms).scores
+    assert scores["research"] > scores["writing"] + 0.5
+
+
+def test_when_the_table_is_full_of_repeated_words_the_least_recently_taught_leave():
+    policy = LearnedPolicy(rng=random.Random(1), max_word_stats=1_000)
+    words = [f"word{i}" for i in range(600)]
+    for _ in range(2):  # each learned twice: all kept, none on probation
+        for w in words:
+            policy.update(Features(frozenset([w]), "general"), "general", 0.5)
+    policy.update(Features(frozenset(["word0"]), "general"), "general", 0.5)  # taught again
+    for w in (f"new{i}" for i in range(500)):
+        for _ in range(2):
+            policy.update(Features(frozenset([w]), "general"), "general", 0.5)
+    assert len(policy._word) == 1_000
+    assert ("word0", "general") in policy._word  # recently taught
+    assert ("word1", "general") not in policy._word  # the oldest teaching left first
+    assert ("new499", "general") in policy._word
+
+
+def test_a_snapshot_keeps_the_limit_and_which_words_are_on_probation():
+    policy = LearnedPolicy(rng=random.Random(1), max_word_stats=2_000)
+    rng = random.Random(4)
+    kept = features_of("invoice billing refund")
+    for _ in range(3):
+        policy.update(kept, "research", 0.8)
+    for _ in range(100):
+        policy.update(_made_up(rng), "general", 0.5)
+    dump = policy.dump()
+    again = LearnedPolicy(rng=random.Random(1), max_word_stats=2_000)
+    again.restore(dump)
+    assert again.dump() == dump
+    assert all(row[-1] == 0 for row in dump["words"] if row[0] in kept.words)
+    # A smaller limit on restore (or a snapshot written with none) is held to at once,
+    # and the words seen once leave before the kept ones.
+    small = LearnedPolicy(rng=random.Random(1), max_word_stats=1_000)
+    small.restore(dump)
+    assert len(small._word) == 1_000
+    assert all((w, "research") in small._word for w in kept.words)
+
+
+def test_a_snapshot_from_before_the_limit_puts_words_seen_once_on_probation():
+    rows = [["often", "research", 5.0, 4.0], ["once", "research", 1.0, 0.5]]
+    rows += [[f"x{i}", "general", 1.0, 0.5, 0.0, 0.25, 0.0, 0.0, 0] for i in range(1_500)]
+    policy = LearnedPolicy(rng=random.Random(1), max_word_stats=1_000)
+    policy.restore({"updates": 10, "arms": [["research", 6.0, 4.5]], "words": rows})
+    assert len(policy._word) == 1_000
+    assert ("often", "research") in policy._word
+    assert ("once", "research") not in policy._word  # the oldest on probation left
