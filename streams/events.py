@@ -67,6 +67,8 @@ __all__ = [
     "WorkflowVersionSaved",
     "event_class",
     "MAX_CONTEXT_BYTES",
+    "MAX_FEEDBACK_CHARS",
+    "MAX_RUN_ID_CHARS",
     "MAX_WAIT_SECONDS",
     "new_event_id",
     "terminal_event_id",
@@ -78,6 +80,12 @@ MAX_MESSAGE_BYTES = 32 * 1024
 # A request's context (keys and values, UTF-8): the gateway's system message and history
 # fit, and a task carrying message and context stays far inside a Kafka record (1 MB).
 MAX_CONTEXT_BYTES = 64 * 1024
+# A run id: every service keys tables, snapshots and the budget's record by it, so a
+# made-up id of a megabyte would be kept whole in each (the SDK makes uuid4s: 36).
+MAX_RUN_ID_CHARS = 200
+# Feedback text: the improvement service reads it on its event loop, the guard compares
+# instructions with it; what a person writes about one answer fits.
+MAX_FEEDBACK_CHARS = 4_000
 # A request's deadline is at most this long after the request: a lease, a queue's wait
 # and every time sum the budget makes stay within reach of the clock.
 MAX_WAIT_SECONDS = 86_400
@@ -133,9 +141,25 @@ def _optional_identifier(value: str | None) -> str | None:
     return None if value is None else validate_identifier(value)
 
 
+def validate_run_id(value: str) -> str:
+    """Run ids: 1-200 characters, none of them blank or a control character."""
+    if not value or len(value) > MAX_RUN_ID_CHARS or not value.isprintable() or value.isspace():
+        raise ValueError(
+            f"invalid run id {value[:40]!r}{'...' if len(value) > 40 else ''}: use 1-"
+            f"{MAX_RUN_ID_CHARS} printable characters"
+        )
+    return value
+
+
+def _optional_run_id(value: str | None) -> str | None:
+    return None if value is None else validate_run_id(value)
+
+
 Identifier = Annotated[str, AfterValidator(validate_identifier)]
 OptionalIdentifier = Annotated[str | None, AfterValidator(_optional_identifier)]
 Message = Annotated[str, AfterValidator(validate_message)]
+RunId = Annotated[str, AfterValidator(validate_run_id)]
+OptionalRunId = Annotated[str | None, AfterValidator(_optional_run_id)]
 Tier = Literal[
     "llm", "legacy_routing", "legacy_static", "keyword", "static_fallback", "automation_cache"
 ]
@@ -168,7 +192,7 @@ class Event(BaseModel):
     event_type: str
     occurred_at: datetime = Field(default_factory=_utcnow)
     source: str
-    run_id: str | None = None
+    run_id: OptionalRunId = None
     goal_id: OptionalIdentifier = None
     user_id: OptionalIdentifier = None
 
@@ -206,7 +230,7 @@ class RequestReceived(Event):
     topic = "request_received"
     key_field = "run_id"
     event_type: Literal["request_received"] = "request_received"
-    run_id: str
+    run_id: RunId
     goal_id: Identifier
     user_id: Identifier
     message: Message
@@ -240,7 +264,7 @@ class RouteDecided(Event):
     topic = "route_decided"
     key_field = "run_id"
     event_type: Literal["route_decided"] = "route_decided"
-    run_id: str
+    run_id: RunId
     specialty: str
     agent_id: str | None = None
     action: Literal["reuse", "spawn", "wait", "automation", "degraded", "secondary"]
@@ -313,7 +337,7 @@ class AgentSpawned(Event):
 class _Task(Event):
     """A task for one agent: what the router asks for and the budget lets through alike."""
 
-    run_id: str
+    run_id: RunId
     goal_id: Identifier
     agent_id: str
     specialty: str
@@ -341,7 +365,7 @@ class WorkflowStarted(Event):
     topic = "workflow_started"
     key_field = "run_id"
     event_type: Literal["workflow_started"] = "workflow_started"
-    run_id: str
+    run_id: RunId
     agent_id: str
     specialty: str
 
@@ -369,7 +393,7 @@ class WorkflowCompleted(Event):
     key_field = "goal_id"
     event_type: Literal["workflow_completed"] = "workflow_completed"
     goal_id: Identifier
-    run_id: str
+    run_id: RunId
     agent_id: str | None = None
     specialty: str
     text: str
@@ -389,7 +413,7 @@ class WorkflowFailed(Event):
     key_field = "goal_id"
     event_type: Literal["workflow_failed"] = "workflow_failed"
     goal_id: Identifier
-    run_id: str
+    run_id: RunId
     reason: FailureReason
     detail: str
     limit: Limit | None = None
@@ -472,10 +496,10 @@ class FeedbackReceived(Event):
     topic = "feedback_received"
     key_field = "run_id"
     event_type: Literal["feedback_received"] = "feedback_received"
-    run_id: str
+    run_id: RunId
     user_id: Identifier
     score: int | None = Field(default=None, ge=1, le=5)
-    text: str = ""
+    text: str = Field(default="", max_length=MAX_FEEDBACK_CHARS)
     channel: str = "sdk"
 
 
@@ -483,7 +507,7 @@ class WorkflowAssessed(Event):
     topic = "workflow_assessed"
     key_field = "run_id"
     event_type: Literal["workflow_assessed"] = "workflow_assessed"
-    run_id: str
+    run_id: RunId
     agent_id: str | None = None
     specialty: str
     quality: float
@@ -600,7 +624,7 @@ class FeedbackDecided(Event):
     topic = "feedback_decided"
     key_field = "run_id"
     event_type: Literal["feedback_decided"] = "feedback_decided"
-    run_id: str
+    run_id: RunId
     feedback_id: str
     accepted: bool
     reason: str = ""

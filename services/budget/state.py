@@ -132,7 +132,7 @@ def _drop_oldest(entries: dict[str, Any], limit: int) -> None:
 
 
 def _ref(value: str) -> str:
-    """Ids as kept in the record: a long one (ids are not length-checked) by its digest."""
+    """Ids as kept in the record: a long one (run ids may have 200 characters) by its digest."""
     return value if len(value) <= _ID_MAX else str(uuid.uuid5(_NS, value))
 
 
@@ -705,7 +705,7 @@ class BudgetState:
         self.spawning[_approval_id(e)] = now.isoformat()
         if e.run_id:
             # The spawner may ask the LLM to write the prompt; hold its cost until known.
-            self.spawn_holds[e.run_id] = [now.isoformat(), worst]
+            self.spawn_holds[_ref(e.run_id)] = [now.isoformat(), worst]
         return [self._approval(e, self.agents[cause])]
 
     # -- tasks -----------------------------------------------------------------
@@ -890,7 +890,7 @@ class BudgetState:
         day = utc_day(self._held_at(e) or now)
         self.spend[day] = self.spend.get(day, 0.0) + e.cost_usd
         if e.run_id and e.purpose == "spawn_prompt":
-            self.spawn_holds.pop(e.run_id, None)
+            self.spawn_holds.pop(_ref(e.run_id), None)
         if e.purpose in ("judge", "improvement"):
             self.spawn_holds.pop(_platform_hold(e.purpose, e.run_id), None)
         if e.run_id and e.purpose == "answer" and (e.ok or e.cost_usd > 0):
@@ -922,8 +922,8 @@ class BudgetState:
                 at = self.in_flight[run][0]
             elif run in self.pending and len(self.pending[run]) > 4:
                 at = self.pending[run][4]
-        elif e.purpose == "spawn_prompt" and e.run_id in self.spawn_holds:
-            at = self.spawn_holds[e.run_id][0]
+        elif e.purpose == "spawn_prompt" and _ref(e.run_id) in self.spawn_holds:
+            at = self.spawn_holds[_ref(e.run_id)][0]
         elif e.purpose in ("judge", "improvement"):
             held = self.spawn_holds.get(_platform_hold(e.purpose, e.run_id))
             at = held[0] if held is not None else None
@@ -1056,4 +1056,4 @@ def _approval_id(e: SpawnRequested) -> str:
 
 def _platform_hold(purpose: str, run_id: str | None) -> str:
     # Beside the spawn holds (keyed by run id) without colliding with them.
-    return f"{purpose}:{run_id or ''}"
+    return f"{purpose}:{_ref(run_id or '')}"

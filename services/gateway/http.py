@@ -51,7 +51,7 @@ from streams.errors import (
     RunTimeout,
     UnknownRun,
 )
-from streams.events import FeedbackDecided
+from streams.events import MAX_FEEDBACK_CHARS, MAX_RUN_ID_CHARS, FeedbackDecided
 from streams.http import BodyNotJson, BodyTimeout, BodyTooLarge, read_json, runner
 from streams.keys import Identity
 
@@ -492,12 +492,14 @@ def _feedback_fields(body: Any, who: Identity) -> tuple[str, int | None, str]:
     if not isinstance(body, dict):
         raise _invalid("the body must be a JSON object")
     run_id, score, text = body.get("run_id"), body.get("score"), body.get("text", "")
-    if not isinstance(run_id, str) or not run_id.strip() or len(run_id) > 200:
+    if not isinstance(run_id, str) or not run_id.strip() or len(run_id) > MAX_RUN_ID_CHARS:
         raise _invalid("run_id must be a non-empty string (x-orchestrator-run-id of an answer)")
     if score is not None and (isinstance(score, bool) or not isinstance(score, int)):
         raise _invalid("score must be a whole number from 1 to 5")
     if not isinstance(text, str):
         raise _invalid("text must be a string")
+    if len(text) > MAX_FEEDBACK_CHARS:
+        raise _invalid(f"text has {len(text)} characters; the limit is {MAX_FEEDBACK_CHARS}")
     if not text.strip() and score is None:
         raise _invalid("give feedback text or a score")
     user = body.get("user_id", body.get("user"))

@@ -717,10 +717,10 @@ def test_the_goal_record_stays_small_whatever_the_input():
     big = "x" * 30_000
     for i in range(3000):
         task = _at(clock, i).model_copy(
-            update={"message": big, "context": {"blob": big}, "run_id": f"r{i}" + "z" * 300}
+            update={"message": big, "context": {"blob": big}, "run_id": f"r{i}" + "z" * 190}
         )
         state.handle(task, clock.now(), DEFAULTS)
-        done = _done(i).model_copy(update={"run_id": f"gone{i}" + "z" * 300})
+        done = _done(i).model_copy(update={"run_id": f"gone{i}" + "z" * 190})
         state.handle(done, clock.now(), DEFAULTS)
     assert len(state.queue) == DEFAULTS.max_queue
     size = len(json.dumps(state.to_dict()))

@@ -23,13 +23,17 @@ from streams.codec import default_codec
 from streams.errors import DecodeError, InvalidRequest
 from streams.events import (
     MAX_CONTEXT_BYTES,
+    MAX_FEEDBACK_CHARS,
+    MAX_RUN_ID_CHARS,
     MAX_WAIT_SECONDS,
     BudgetTicked,
     BudgetUpdateRequested,
     Event,
+    FeedbackReceived,
     LlmCallCompleted,
     RequestReceived,
     RouteDecided,
+    SpendRequested,
     TaskAdmitted,
     TaskRequested,
     WorkflowAssessed,
@@ -100,6 +104,21 @@ HOSTILE: list[tuple[type[Event], dict[str, Any], str]] = [
     ),
     (LlmCallCompleted, _cost(0.01, occurred_at=datetime(9000, 1, 1, tzinfo=UTC)),
      "a time after 9000"),
+    # A made-up run id of a megabyte was kept whole by every run-keyed table and snapshot,
+    # and three of them in spend holds pushed a goal's budget record over a Kafka record.
+    (FeedbackReceived, {"source": "sdk", "run_id": "r" * 900_000, "user_id": "u1"},
+     "invalid run id"),
+    (FeedbackReceived, {"source": "sdk", "run_id": "r" * (MAX_RUN_ID_CHARS + 1),
+     "user_id": "u1"}, "invalid run id"),
+    (FeedbackReceived, {"source": "sdk", "run_id": "run\n1", "user_id": "u1"},
+     "invalid run id"),
+    (SpendRequested, {"source": "improvement", "run_id": "x" * 400_000, "goal_id": "g1",
+     "purpose": "judge", "amount_usd": 0.01}, "invalid run id"),
+    (RequestReceived, {"source": "sdk", "run_id": " ", "goal_id": "g1", "user_id": "u1",
+     "message": "hi"}, "invalid run id"),
+    # A megabyte of feedback held the improvement service's loop for seconds.
+    (FeedbackReceived, {"source": "sdk", "run_id": "r1", "user_id": "u1",
+     "text": "x" * (MAX_FEEDBACK_CHARS + 1)}, "at most 4000 characters"),
 ]  # fmt: skip
 
 
@@ -229,3 +248,21 @@ def test_context_keys_that_collide_as_text_are_refused_not_merged() -> None:
     with pytest.raises(InvalidRequest, match="context: keys that are the same as text"):
         client.request("hi", goal_id="g1", user_id="u1", context=colliding)
     assert client.request("hi", goal_id="g1", user_id="u1", context={2: 3}).context == {"2": "3"}  # type: ignore[dict-item]
+
+
+def test_the_longest_run_id_is_kept_by_its_digest_in_every_budget_hold() -> None:
+    # Spend holds were keyed by the whole run id: 400 KB ids made a 1.2 MB goal record.
+    defaults = BudgetDefaults()
+    state = BudgetState.new("g1", defaults)
+    run_id = "r" * MAX_RUN_ID_CHARS
+    for i in range(3):
+        state.handle(
+            SpendRequested(
+                source="improvement", run_id=f"{run_id[:-1]}{i}", goal_id="g1",
+                purpose="judge", amount_usd=0.01, occurred_at=NOW,
+            ),
+            NOW, defaults,
+        )  # fmt: skip
+    assert len(state.spawn_holds) == 3
+    assert all(len(key) <= 64 for key in state.spawn_holds)
+    assert len(orjson.dumps(state.to_dict())) < 4_000

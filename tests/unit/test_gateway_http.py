@@ -16,7 +16,7 @@ from services.gateway.http import GatewayApp, build_app
 from services.gateway.settings import GatewaySettings
 from streams.client import Answer
 from streams.errors import BudgetExceededError, LLMFailure, RunRejected
-from streams.events import FeedbackDecided
+from streams.events import MAX_FEEDBACK_CHARS, MAX_RUN_ID_CHARS, FeedbackDecided
 from streams.keys import Identity
 
 KEY = "orch_0123456789abcdef_secret-secret-secret-secret"
@@ -182,6 +182,17 @@ async def test_bad_bodies_are_400_never_500(setup) -> None:
         headers={**AUTH, "Content-Type": "application/json; charset=x-nope"},
     )
     assert response.status == 200
+
+
+async def test_feedback_too_long_or_on_a_made_up_run_id_is_400_before_any_lookup(setup) -> None:
+    _, _, http = setup  # the scripted platform knows no run: a lookup would answer 404
+    for body, named in (
+        ({"run_id": "r1", "text": "x" * (MAX_FEEDBACK_CHARS + 1)}, "4000"),
+        ({"run_id": "r" * (MAX_RUN_ID_CHARS + 1), "score": 5}, "run_id"),
+    ):
+        response = await http.post("/v1/feedback", json=body, headers=AUTH)
+        assert response.status == 400
+        assert named in (await response.json())["error"]["message"]
 
 
 async def test_a_stop_answers_what_is_in_flight_and_refuses_what_comes_after(setup) -> None:
