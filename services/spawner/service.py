@@ -173,39 +173,49 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     registry = app.Table("registry", default=None, partitions=PARTITIONS, use_partitioner=True)
     approvals = event_topic(app, SpawnApproved.topic, ctx.settings, source=SOURCE)
 
-    async def _spawn(event: SpawnApproved) -> None:
+    async def _agent_of(event: SpawnApproved) -> AgentSpawned:
+        """The approval's agent, made and written to the registry if it is new. Until the
+        registry holds it, nothing exists and a failure here frees the approval's slot."""
         agent_id = agent_id_for(event.specialty, event.event_id)
         known = registry.get(agent_id)
         if known is not None:
-            spawned = AgentSpawned.model_validate(known)
-        else:
-            late = late_prompt_report(ctx, settings, event)
-            spawned, cost = await new_agent(event, llm, settings, ctx.clock, late)
-            if cost is not None:
-                await ctx.producer.send(cost)
-            registry[agent_id] = spawned.model_dump(mode="json")
-        # Sent again after a crash between table write and send: same event_id, so
-        # every reader treats it as the same event.
-        await ctx.producer.send(spawned)
-        await ctx.producer.send(_changed(event, agent_id, "spawned"))
-        log.info(
-            "spawned %s for goal %s (%s prompt)", agent_id, event.goal_id, spawned.prompt_source
-        )
+            return AgentSpawned.model_validate(known)
+        late = late_prompt_report(ctx, settings, event)
+        spawned, cost = await new_agent(event, llm, settings, ctx.clock, late)
+        if cost is not None:
+            # The prompt call was made and is paid for: counted whatever happens next.
+            await ctx.producer.deliver([cost], what=f"the prompt call's cost for {agent_id}")
+        registry[agent_id] = spawned.model_dump(mode="json")
+        return spawned
 
     @app.agent(approvals)
     async def spawn(stream: Any) -> None:
         async for event in stream:
             if not isinstance(event, SpawnApproved):
                 continue
+            agent_id = agent_id_for(event.specialty, event.event_id)
             try:
-                await _spawn(event)
+                spawned = await _agent_of(event)
             except Exception:  # a failed spawn is logged; the router times the wait out
                 log.exception("spawn failed for %s", event.event_id)
                 # The budget counted the approval under max_agents until it hears of it.
-                failed = _changed(
-                    event, agent_id_for(event.specialty, event.event_id), "spawn_failed"
-                )
+                failed = _changed(event, agent_id, "spawn_failed")
                 await ctx.producer.deliver([failed], what=f"the failed spawn {event.event_id}")
+                continue
+            # The agent exists from here on: it is announced until the broker has both
+            # events, never reported failed (the budget would free the slot of a live
+            # agent and approve one more past max_agents). Sent again after a crash
+            # between the table write and the send: the same event ids, one event to
+            # every reader.
+            await ctx.producer.deliver(
+                [spawned, _changed(event, agent_id, "spawned")], what=f"the spawn of {agent_id}"
+            )
+            log.info(
+                "spawned %s for goal %s (%s prompt)",
+                agent_id,
+                event.goal_id,
+                spawned.prompt_source,
+            )
 
     await start_app(app, ctx.settings)
     try:

@@ -1,0 +1,99 @@
+"""The spawner on the real broker when the broker fails a send in the middle of a spawn."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka.errors import KafkaTimeoutError
+
+from services.budget.state import BudgetState
+from services.spawner import service as spawner
+from streams.clock import SystemClock
+from streams.events import AgentSpawned, Event, GoalAgentsChanged, SpawnApproved, SpawnDenied
+from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+from streams.runtime import ServiceContext
+from tests.unit.test_budget_state import DEFAULTS, _spawn_req
+
+
+class NoticeFailsOnce(EventProducer):
+    """A broker that fails the first send carrying the budget's "spawned" notice, after
+    ``agent_spawned`` was acknowledged (a leader move between two sends does that)."""
+
+    failed = 0
+
+    def _trip(self, events: Iterable[Event]) -> None:
+        notice = any(isinstance(e, GoalAgentsChanged) and e.change == "spawned" for e in events)
+        if notice and not self.failed:
+            self.failed += 1
+            raise KafkaTimeoutError("the broker moved the partition's leader")
+
+    async def send(self, event: Event) -> None:
+        self._trip([event])
+        await super().send(event)
+
+    async def send_many(self, events: Iterable[Event]) -> None:
+        events = list(events)
+        self._trip(events)
+        await super().send_many(events)
+
+
+async def _read(settings: KafkaSettings, topics: list[str]) -> list[Any]:
+    view = EventConsumer(settings, topics, group_id=None, source="test")
+    await view.start()
+    out: list[Any] = []
+    try:
+        for _ in range(4):
+            for records in (await view.raw.getmany(timeout_ms=500)).values():
+                for record in records:
+                    decoded = await view.decode(record)
+                    if decoded is not None:
+                        out.append(decoded.event)
+    finally:
+        await view.stop()
+    return out
+
+
+async def test_a_failed_send_after_the_agent_exists_never_frees_its_slot(
+    settings: KafkaSettings, monkeypatch: Any, tmp_path: Any
+) -> None:
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)  # template prompts: no LLM call
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    clock = SystemClock()
+    budget = BudgetState.new("g1", DEFAULTS)
+    budget.max_agents = 1
+    (approval,) = budget.handle(_spawn_req(0), clock.now(), DEFAULTS).events
+    assert isinstance(approval, SpawnApproved)
+
+    producer = NoticeFailsOnce(settings, client_id="spawner-test")
+    await producer.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        spawner.main(ServiceContext("spawner", settings, clock, producer), stop)
+    )
+    try:
+        async with EventProducer(settings) as client:
+            await client.send(approval)
+        notices: list[GoalAgentsChanged] = []
+        spawned: list[AgentSpawned] = []
+        for _ in range(60):
+            await asyncio.sleep(1)
+            seen = await _read(settings, [AgentSpawned.topic, GoalAgentsChanged.topic])
+            notices = [e for e in seen if isinstance(e, GoalAgentsChanged)]
+            spawned = [e for e in seen if isinstance(e, AgentSpawned)]
+            if notices:
+                break
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await producer.stop()
+
+    assert producer.failed == 1  # the fault did happen
+    assert len({e.agent_id for e in spawned}) == 1  # the agent is live
+    # The budget hears that it was spawned, never that it failed, and so holds the limit.
+    assert [e.change for e in notices] == ["spawned"]
+    for notice in notices:
+        budget.handle(notice, clock.now(), DEFAULTS)
+    assert budget.agent_count() == 1
+    assert isinstance(budget.handle(_spawn_req(1), clock.now(), DEFAULTS).events[-1], SpawnDenied)
