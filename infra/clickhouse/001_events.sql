@@ -10,7 +10,8 @@
 -- months' partitions would never be merged. Until a merge runs, duplicates exist on
 -- disk; queries that must count each event once read `events FINAL` (or the views of
 -- 002_metrics.sql). A table made with the earlier key (event_type, occurred_at,
--- event_key) is moved to this one when the sink starts (services/analytics/store.py).
+-- event_key) is moved to this one when the sink starts (services/analytics/store.py),
+-- through events_before_key_change, which is dropped only after its rows are copied.
 --
 -- Typed columns: each one takes the event's field of the same name when the event
 -- type has one (see services/analytics/_ingest.py). Add a column here and every

@@ -42,6 +42,8 @@ __all__ = [
 
 DDL_DIR = ROOT / "infra" / "clickhouse"
 TABLE = "events"
+# Where a table made with an earlier sorting key waits while its rows move to a new one.
+_SET_ASIDE = f"{TABLE}_before_key_change"
 
 # ClickHouse error codes that blame the rows, not the store: parse and conversion
 # failures, a violated constraint, a corrupt Avro body. Anything else (server down,
@@ -291,38 +293,57 @@ class ClickHouseStore:
 
     # -- schema -----------------------------------------------------------------
     def apply_schema(self) -> None:
-        """Create the table and views (idempotent) and learn the table's typed columns."""
+        """Create the table and views (idempotent) and learn the table's typed columns.
+
+        A table made with an earlier sorting key is renamed to :data:`_SET_ASIDE` and its
+        rows are copied into the new table; the set-aside table is dropped only after its
+        rows are in. Every start finishes a move that an earlier start began and did not
+        finish (killed after the rename, or during the copy): copying again is harmless,
+        since the new key deduplicates by event and every read goes through ``FINAL``.
+        """
         from clickhouse_connect.driver.exceptions import DatabaseError
 
         writer = self._client(readonly=False)
-        moved = self._set_aside_old_table(writer)
+        try:
+            self._set_aside_old_table(writer)
+        except DatabaseError as exc:
+            raise StoreError(f"cannot set aside {TABLE!r} made with an earlier key: {exc}") from exc
         for statement in ddl_statements(self._ddl_dir):
             try:
                 writer.command(statement)
             except DatabaseError as exc:
                 raise StoreError(f"schema statement failed: {exc}\n{statement}") from exc
         self._columns = self._load_columns(writer)
-        if moved:
-            names = ", ".join(c.name for c in [*self._columns, _ingest.Column("payload", "")])
-            writer.command(f"INSERT INTO {TABLE} ({names}) SELECT {names} FROM {moved}")
-            writer.command(f"DROP TABLE {moved}")
+        try:
+            self._finish_move(writer)
+        except DatabaseError as exc:
+            raise StoreError(f"cannot copy {_SET_ASIDE!r} into {TABLE!r}: {exc}") from exc
 
-    def _set_aside_old_table(self, client: Client) -> str | None:
+    def _set_aside_old_table(self, client: Client) -> None:
         """Rename an event table made with an earlier sorting key; its rows move after DDL.
 
         The key decides what deduplicates, so a table whose key still holds
         occurred_at would count a re-created event twice.
         """
-        found = client.query(
-            "SELECT sorting_key FROM system.tables WHERE database = currentDatabase()"
-            f" AND name = '{TABLE}'"
-        ).result_rows
-        if not found or str(found[0][0]).replace(" ", "") == "event_type,event_key":
-            return None
-        old = f"{TABLE}_before_key_change"
-        client.command(f"DROP TABLE IF EXISTS {old}")
-        client.command(f"RENAME TABLE {TABLE} TO {old}")
-        return old
+        key = _sorting_key(client, TABLE)
+        if key is None or key.replace(" ", "") == "event_type,event_key":
+            return
+        if _sorting_key(client, _SET_ASIDE) is not None:
+            # A move was cut short and an earlier release then made `events` again: the
+            # set-aside rows go into it before the name is taken for its own rows.
+            self._finish_move(client)
+        client.command(f"RENAME TABLE {TABLE} TO {_SET_ASIDE}")
+
+    def _finish_move(self, client: Client) -> None:
+        # Copy first, drop last: a kill in between leaves the set-aside table for the next
+        # start to copy again, and the table's key folds the second copy into the first.
+        if _sorting_key(client, _SET_ASIDE) is None:
+            return
+        ours = _copyable_columns(client, TABLE)
+        theirs = set(_copyable_columns(client, _SET_ASIDE))
+        names = ", ".join(f"`{name}`" for name in ours if name in theirs)
+        client.command(f"INSERT INTO {TABLE} ({names}) SELECT {names} FROM {_SET_ASIDE}")
+        client.command(f"DROP TABLE {_SET_ASIDE}")
 
     def _load_columns(self, client: Client) -> list[_ingest.Column]:
         result = client.query(
@@ -515,6 +536,26 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _sorting_key(client: Client, table: str) -> str | None:
+    """The table's sorting key in the current database, or None when there is no such table."""
+    found = client.query(
+        "SELECT sorting_key FROM system.tables WHERE database = currentDatabase()"
+        " AND name = {table:String}",
+        parameters={"table": table},
+    ).result_rows
+    return str(found[0][0]) if found else None
+
+
+def _copyable_columns(client: Client, table: str) -> list[str]:
+    """The columns an ``INSERT ... SELECT`` carries over: stored values, not computed ones."""
+    result = client.query(
+        "SELECT name FROM system.columns WHERE database = currentDatabase()"
+        " AND table = {table:String} AND default_kind IN ('', 'DEFAULT') ORDER BY position",
+        parameters={"table": table},
+    )
+    return [str(row[0]) for row in result.result_rows]
 
 
 class _Sources:

@@ -30,7 +30,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from local.platform import Instance, Launcher
 from services.analytics.sink import SinkConfig, SinkStats, run_sink
-from services.analytics.store import DDL_DIR, ClickHouseStore, MemoryEventStore
+from services.analytics.store import (
+    DDL_DIR,
+    ClickHouseStore,
+    MemoryEventStore,
+    ddl_statements,
+)
 from services.cli.dashboard import compute_metrics
 from streams import events as ev
 from streams.clock import SystemClock
@@ -585,6 +590,20 @@ async def test_store_outage_pauses_consumption_then_catches_up(settings: KafkaSe
 # -- the ClickHouse adapter in process: the contract, on the real engine ----------------
 
 
+def earlier_key_ddl(tmp_path: Path) -> Path:
+    """The DDL as the sink had it before deduplication ignored occurred_at."""
+    old_ddl = tmp_path / "ddl"
+    old_ddl.mkdir(exist_ok=True)
+    for path in DDL_DIR.glob("*.sql"):
+        text = path.read_text(encoding="utf-8").replace(
+            "ENGINE = ReplacingMergeTree\nORDER BY (event_type, event_key);",
+            "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM(occurred_at)\n"
+            "ORDER BY (event_type, occurred_at, event_key);",
+        )
+        (old_ddl / path.name).write_text(text, encoding="utf-8")
+    return old_ddl
+
+
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("chdb") / "clickhouse"
@@ -617,18 +636,8 @@ class TestClickHouseStore(EventStoreContract):
     def test_a_table_with_the_earlier_key_is_moved_with_its_rows(
         self, engine: Path, tmp_path: Path
     ) -> None:
-        # The table as the sink made it before deduplication ignored occurred_at.
-        old_ddl = tmp_path / "ddl"
-        old_ddl.mkdir()
-        for path in DDL_DIR.glob("*.sql"):
-            text = path.read_text(encoding="utf-8").replace(
-                "ENGINE = ReplacingMergeTree\nORDER BY (event_type, event_key);",
-                "ENGINE = ReplacingMergeTree\nPARTITION BY toYYYYMM(occurred_at)\n"
-                "ORDER BY (event_type, occurred_at, event_key);",
-            )
-            (old_ddl / path.name).write_text(text, encoding="utf-8")
         database = f"t_{uuid.uuid4().hex[:8]}"
-        old = ClickHouseStore(path=engine, database=database, ddl_dir=old_ddl)
+        old = ClickHouseStore(path=engine, database=database, ddl_dir=earlier_key_ddl(tmp_path))
         old.apply_schema()
         events = mixed(12)
         old.insert([encoded(e) for e in events])
@@ -658,3 +667,201 @@ class TestClickHouseStore(EventStoreContract):
         assert store.query_text("SELECT count() AS n FROM events FINAL", "CSVWithNames") == (
             '"n"\n1\n'
         )
+
+
+# -- moving a table made with the earlier key, cut short at each step ----------------------
+
+# What a kill leaves at each step of the move: the statements before it ran, none after.
+# "mid-copy" writes part of the INSERT ... SELECT first, as a kill during it would.
+MOVE_STEPS = {
+    "after-rename": "RENAME TABLE events TO",
+    "after-create": "CREATE TABLE IF NOT EXISTS events",
+    "mid-copy": "INSERT INTO events (",
+    "after-copy": "INSERT INTO events (",
+}
+OLD_EVENTS = 40
+SET_ASIDE = "events_before_key_change"
+
+
+class Killed(Exception):
+    """Stands in for the SIGKILL in process: raised right where the kill would land."""
+
+
+@pytest.fixture(params=ENGINES)
+def reopen(
+    request: pytest.FixtureRequest, containers: ContainerInfra | None
+) -> Callable[..., ClickHouseStore]:
+    """Opens a new store on one namespace of its own, the way a restarted sink would."""
+    if request.param == "server":
+        assert containers is not None
+        url = containers.fresh_database()
+        return lambda ddl_dir=DDL_DIR: ClickHouseStore(url=url, ddl_dir=ddl_dir)
+    engine = request.getfixturevalue("engine")
+    database = f"t_{uuid.uuid4().hex[:8]}"
+    return lambda ddl_dir=DDL_DIR: ClickHouseStore(path=engine, database=database, ddl_dir=ddl_dir)
+
+
+def kill_during_move(store: ClickHouseStore, step: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    writer = store._client(readonly=False)
+    real = writer.command
+
+    def command(sql: str, *args: Any, **kwargs: Any) -> Any:
+        if step == "mid-copy" and sql.startswith(MOVE_STEPS[step]):
+            real(f"{sql} LIMIT {OLD_EVENTS // 2}", *args, **kwargs)
+            raise Killed(step)
+        out = real(sql, *args, **kwargs)
+        if sql.startswith(MOVE_STEPS[step]):
+            raise Killed(step)
+        return out
+
+    monkeypatch.setattr(writer, "command", command)
+
+
+def with_old_events(reopen: Callable[..., ClickHouseStore], tmp_path: Path) -> list[ev.Event]:
+    old = reopen(ddl_dir=earlier_key_ddl(tmp_path))
+    try:
+        old.apply_schema()
+        events = mixed(OLD_EVENTS)
+        assert old.insert([encoded(e) for e in events]) == []
+        return events
+    finally:
+        old.close()
+
+
+def assert_each_event_once(store: ClickHouseStore, events: list[ev.Event]) -> None:
+    ids = sorted(e.event_id for e in events)
+    assert store.count() == len(events)
+    assert sorted(r[0] for r in store.query("SELECT event_id FROM events FINAL").rows) == ids
+    # The SQL surface's views read the same table.
+    assert sorted(r[0] for r in store.query("SELECT event_id FROM events_final").rows) == ids
+    window = "since = '2000-01-01 00:00:00', until = '2199-01-01 00:00:00'"
+    done = store.query(
+        f"SELECT events FROM metric_event_count(event_type = 'workflow_completed', {window})"
+    )
+    assert done.rows == [(sum(isinstance(e, ev.WorkflowCompleted) for e in events),)]
+    tables = store.query(
+        "SELECT name, sorting_key FROM system.tables WHERE database = currentDatabase()"
+        " AND engine LIKE '%MergeTree'"
+    )
+    assert tables.rows == [("events", "event_type, event_key")]
+
+
+@pytest.mark.parametrize("step", list(MOVE_STEPS))
+def test_a_move_cut_short_is_finished_by_the_next_start(
+    reopen: Callable[..., ClickHouseStore],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+) -> None:
+    events = with_old_events(reopen, tmp_path)
+    moving = reopen()
+    kill_during_move(moving, step, monkeypatch)
+    with pytest.raises(Killed):
+        moving.apply_schema()
+    moving.close()
+
+    restarted = reopen()
+    try:
+        restarted.apply_schema()
+        assert_each_event_once(restarted, events)
+        restarted.apply_schema()
+        assert_each_event_once(restarted, events)
+    finally:
+        restarted.close()
+
+
+def test_rows_set_aside_survive_an_earlier_release_started_in_between(
+    reopen: Callable[..., ClickHouseStore], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events = with_old_events(reopen, tmp_path)
+    moving = reopen()
+    kill_during_move(moving, "after-rename", monkeypatch)
+    with pytest.raises(Killed):
+        moving.apply_schema()
+    moving.close()
+    # A rollback: the earlier release makes `events` with its own key again and writes to it.
+    earlier = reopen(ddl_dir=earlier_key_ddl(tmp_path))
+    try:
+        for statement in ddl_statements(earlier_key_ddl(tmp_path)):
+            earlier.execute(statement)
+        newer = mixed(10)
+        assert earlier.insert([encoded(e) for e in newer]) == []
+    finally:
+        earlier.close()
+
+    restarted = reopen()
+    try:
+        restarted.apply_schema()
+        assert_each_event_once(restarted, events + newer)
+    finally:
+        restarted.close()
+
+
+_KILLED_CHILD = """
+import os, signal, sys
+from services.analytics.store import ClickHouseStore
+from tests.integration.test_analytics_sink import MOVE_STEPS, OLD_EVENTS, earlier_key_ddl
+from tests.unit.test_analytics_store import encoded, mixed
+from pathlib import Path
+
+data, tmp, step = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+old = ClickHouseStore(path=data, ddl_dir=earlier_key_ddl(tmp))
+old.apply_schema()
+events = mixed(OLD_EVENTS)
+old.insert([encoded(e) for e in events])
+old.close()
+(tmp / "ids").write_text("\\n".join(sorted(e.event_id for e in events)))
+store = ClickHouseStore(path=data)
+writer = store._client(readonly=False)
+real = writer.command
+
+def command(sql, *args, **kwargs):
+    if step == "mid-copy" and sql.startswith(MOVE_STEPS[step]):
+        real(f"{sql} LIMIT {OLD_EVENTS // 2}", *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    out = real(sql, *args, **kwargs)
+    if sql.startswith(MOVE_STEPS[step]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+writer.command = command
+store.apply_schema()
+"""
+
+_RESTARTED_CHILD = """
+import json, sys
+from services.analytics.store import ClickHouseStore
+
+store = ClickHouseStore(path=sys.argv[1])
+store.apply_schema()
+print(json.dumps({
+    "count": store.count(),
+    "ids": sorted(r[0] for r in store.query("SELECT event_id FROM events_final").rows),
+    "tables": [r[0] for r in store.query(
+        "SELECT name FROM system.tables WHERE database = currentDatabase()"
+        " AND engine LIKE '%MergeTree'").rows],
+}))
+store.close()
+"""
+
+
+def test_a_sink_killed_mid_copy_loses_no_event_after_a_restart(tmp_path: Path) -> None:
+    # The SIGKILL itself, in a process of its own (chdb lets a process open one path).
+    data = str(tmp_path / "clickhouse")
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_CHILD, data, str(tmp_path), "mid-copy"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    restarted = subprocess.run(
+        [sys.executable, "-c", _RESTARTED_CHILD, data],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    found = json.loads(restarted.stdout)
+    ids = (tmp_path / "ids").read_text().split("\n")
+    assert found == {"count": OLD_EVENTS, "ids": ids, "tables": ["events"]}
