@@ -147,6 +147,7 @@ class Loader:
         candidates = [r for r in self.registry.live() if self._owns(r.agent_id)]
         out: list[Event] = []
         retired: list[AgentRetired] = []
+        marked: list[AgentRecord] = []
         for record, idle in self.pool.idle(candidates, now, self.idle_seconds):
             if self.pool.drop(record.agent_id) is not None:
                 out.append(self._evicted(record.agent_id, record.specialty, "retired", now))
@@ -159,13 +160,27 @@ class Loader:
                 idle_seconds=idle,
                 occurred_at=now,
             )
+            # Marked before the send, so a task that revives the agent meanwhile sees it
+            # retired and says so.
             record.retired = True
+            marked.append(record)
             out.append(event)
             if record.goal_id:
                 out.append(self._agents_changed(record, "retired", now))
             retired.append(event)
         if out:
-            await self.ctx.producer.send_many(out)
+            try:
+                await self.ctx.producer.send_many(out)
+            except BaseException:
+                # Nobody may have been told (a broker outage): live again here, so the next
+                # sweep retires them again rather than leaving the budget counting them for
+                # good. Notices sent twice are one retirement to every reader.
+                for record in marked:
+                    record.retired = False
+                raise
+            for record in marked:
+                if record.retired:
+                    self.pool.last_used.pop(record.agent_id, None)
         return retired
 
     def _agents_changed(self, record: AgentRecord, change: str, now: datetime) -> GoalAgentsChanged:

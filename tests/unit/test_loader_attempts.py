@@ -158,6 +158,26 @@ async def test_the_loader_tells_the_goal_of_a_retirement_and_a_revival():
     assert [n.change for n in notices] == ["retired", "revived"]
 
 
+async def test_a_retirement_the_broker_refused_is_sent_again_by_the_next_sweep():
+    # The agent was marked retired before the send; when the send failed, no later sweep
+    # saw it live again, and the budget counted it under max_agents until a restart.
+    loader, broker = _loader(InMemoryLLM(prices=PRICES))
+    loader.idle_seconds = 0.0
+    broker.down = True
+    try:
+        await loader.retire_idle()
+    except KafkaConnectionError:
+        pass
+    else:
+        raise AssertionError("the sweep should have seen the broker down")
+    broker.down = False
+    (retired,) = await loader.retire_idle()
+    notices = [e for e in broker.acked if isinstance(e, GoalAgentsChanged)]
+    assert [(n.agent_id, n.change) for n in notices] == [("a1", "retired")]
+    assert retired.agent_id == "a1" and loader.registry.get("a1").retired
+    assert await loader.retire_idle() == []  # told once: nothing more to send
+
+
 async def test_a_restarted_loader_estimates_an_unreported_call_from_the_agents_last_answer():
     # Chaos seed 6: the repeat ran in a loader just restarted, which had been paid for no
     # answer yet, so the earlier attempt was counted at the call's worst case.
