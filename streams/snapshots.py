@@ -17,10 +17,15 @@ is plain values (lists, tuples, dicts, sets, strings, numbers, dates and datetim
 zlib-compressed pickle, read by an unpickler that refuses every other class, so a snapshot
 can build nothing but those values, as inert as JSON; it is 5-10 times faster than JSON
 both ways on our states (tuples and datetimes need no conversion in the service's loop).
-Keys are unique per snapshot; once its manifest is written, the writer tombstones the
-snapshots it knows to be older, so compaction keeps about one. Any instance may write: all
-fold the same records, and a reader takes the newest complete snapshot. Only the service's
-own principal should be allowed to write its snapshot topic, as for its events.
+Keys are unique per snapshot; once its manifest is written, the writer tombstones older
+snapshots, so compaction keeps about one: the first save after a start reads the topic's
+keys and tombstones every other snapshot all of whose records precede the new one's (what
+a writer killed mid-way left, and the snapshot before its last), later saves the writer's
+own previous one. Any instance may write: all fold the same records, and a reader takes
+the newest usable snapshot; a manifest of another shape, a state too large to inflate
+(``MAX_STATE_BYTES``) or one that does not decode or restore is skipped for the one before
+it. Only the service's own principal should be allowed to write its snapshot topic, as for
+its events.
 """
 
 from __future__ import annotations
@@ -36,23 +41,28 @@ import pickle
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from streams.kafka import KafkaSettings
 from streams.topics import create_state_topics, snapshot_topic
 from streams.views import Bounds, TopicView
 
-__all__ = ["CHUNK_BYTES", "Snapshot", "SnapshotStore", "Snapshotter"]
+__all__ = ["CHUNK_BYTES", "MAX_STATE_BYTES", "Snapshot", "SnapshotStore", "Snapshotter"]
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 512 * 1024
 _MAGIC = b"OSN1"
 _LOOK_BACK = 256  # records read back from the end per step when looking for a manifest
+# A state larger than this, compressed or not, is not read: a few chunks of zeros would
+# inflate to gigabytes (the largest states we write are ~11 MB compressed).
+MAX_STATE_BYTES = 1 << 30
+_SWEEP_S = 60.0  # at most this long reading the topic's keys (then the next save tries)
 
 
 class SnapshotUnusable(Exception):
@@ -116,9 +126,81 @@ def encode_state(state: Any) -> bytes:
 
 
 def decode_state(blob: bytes) -> Any:
-    """What :func:`encode_state` wrote; ``UnpicklingError`` for anything else."""
+    """What :func:`encode_state` wrote; ``UnpicklingError`` for anything else,
+    ``SnapshotUnusable`` for a state over :data:`MAX_STATE_BYTES`."""
+    limit = MAX_STATE_BYTES
+    inflate = zlib.decompressobj()
+    raw = inflate.decompress(blob, limit + 1)
+    if len(raw) > limit:
+        raise SnapshotUnusable(f"the state inflates past {limit} bytes")
+    if not inflate.eof:
+        raise SnapshotUnusable("the state is truncated")
     with _no_gc():
-        return _PlainUnpickler(io.BytesIO(zlib.decompress(blob))).load()
+        return _PlainUnpickler(io.BytesIO(raw)).load()
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _is_partition(value: object) -> bool:
+    return _is_count(value) or (
+        isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 10
+    )
+
+
+def _check_manifest(manifest: dict[str, Any]) -> None:
+    """Raise ``SnapshotUnusable`` unless ``manifest`` has the shape
+    :meth:`SnapshotStore.save` writes: a later release's or a hand-written one may not."""
+    chunks, offsets = manifest.get("chunks"), manifest.get("offsets")
+    if not isinstance(manifest.get("id"), str):
+        raise SnapshotUnusable("the manifest has no id")
+    if type(manifest.get("version")) is not int:
+        raise SnapshotUnusable("the manifest has no state version")
+    if not isinstance(manifest.get("sha256"), str):
+        raise SnapshotUnusable("the manifest has no checksum")
+    if not (
+        isinstance(chunks, list) and all(map(_is_count, chunks)) and len(set(chunks)) == len(chunks)
+    ):
+        raise SnapshotUnusable("the manifest's chunks are not offsets")
+    if not (
+        isinstance(offsets, dict)
+        and all(
+            isinstance(topic, str)
+            and isinstance(by_partition, dict)
+            and all(_is_partition(p) and _is_count(o) for p, o in by_partition.items())
+            for topic, by_partition in offsets.items()
+        )
+    ):
+        raise SnapshotUnusable("the manifest's offsets are not offsets by topic and partition")
+
+
+def _snapshot_of(key: str) -> str:
+    """The snapshot a record's key belongs to (``manifest:<id>``, ``<id>:<chunk>``)."""
+    if key.startswith("manifest:"):
+        return key.removeprefix("manifest:")
+    return key.rpartition(":")[0] or key
+
+
+def _stale_keys(
+    last: Mapping[str, tuple[int, bool]], before: int, keep: Collection[str]
+) -> list[str]:
+    """Of ``last`` (each key's latest record below a manifest just written: its offset and
+    whether it holds a value), the keys to tombstone: those holding a value, not of the
+    snapshot written (``keep``), of a snapshot with no value at or after ``before`` (the
+    written snapshot's first record). Another instance's snapshot with a record past that
+    is left: it may be one being written now, newer than ours. Two writers never tombstone
+    each other: each would need all of the other's records to come before its own first."""
+    newest: dict[str, int] = {}
+    for key, (offset, held) in last.items():
+        if held:
+            snapshot = _snapshot_of(key)
+            newest[snapshot] = max(newest.get(snapshot, offset), offset)
+    return [
+        key
+        for key, (_, held) in last.items()
+        if held and key not in keep and newest[_snapshot_of(key)] < before
+    ]
 
 
 class SnapshotStore:
@@ -132,7 +214,8 @@ class SnapshotStore:
         self.topic = settings.topic(snapshot_topic(service))
         self.chunk_bytes = chunk_bytes
         self._producer: AIOKafkaProducer | None = None
-        self._older: list[list[str]] = []  # keys of snapshots known, oldest first
+        self._previous: list[str] = []  # keys of the snapshot this store wrote last
+        self._swept = False  # the topic read for what earlier writers left, since start
         self._created = False
 
     async def _ensure_topic(self) -> None:
@@ -177,19 +260,28 @@ class SnapshotStore:
             "saved_at_ms": int(time.time() * 1000),
         }
         key = f"manifest:{snapshot_id}"
-        await producer.send_and_wait(self.topic, _pack(manifest), key=key.encode())
+        written = await producer.send_and_wait(self.topic, _pack(manifest), key=key.encode())
         # The new one is complete: older snapshots may go (compaction drops them).
-        for old in self._older:
-            for old_key in old:
+        try:
+            stale = self._previous
+            if not self._swept:
+                first = min(placed, default=written.offset)
+                stale = await asyncio.wait_for(
+                    self._stale(first, written.offset, keep={*keys, key}), _SWEEP_S
+                )
+            for old_key in stale:
                 await producer.send(self.topic, None, key=old_key.encode())
-        await producer.flush()
-        self._older = [[*keys, key]]
+            await producer.flush()
+            self._swept = True
+        except Exception:
+            # Saved all the same; the next save reads the topic again for what to drop.
+            log.warning("%s: older snapshots not dropped", self.service, exc_info=True)
+            self._swept = False
+        self._previous = [*keys, key]
         return snapshot_id
 
-    async def latest(self, version: int, older: Collection[int] = ()) -> Snapshot | None:
-        """The newest complete snapshot of ``version`` or one of the ``older`` versions;
-        None when there is none (a warning names each newer one that could not be used)."""
-        await self._ensure_topic()
+    async def _reader(self) -> tuple[AIOKafkaConsumer, TopicPartition]:
+        """A started consumer assigned the topic's one partition (the caller stops it)."""
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap,
             enable_auto_commit=False,
@@ -197,9 +289,45 @@ class SnapshotStore:
             max_partition_fetch_bytes=4 * self.chunk_bytes,
         )
         await consumer.start()
+        tp = TopicPartition(self.topic, 0)
+        consumer.assign([tp])
+        return consumer, tp
+
+    async def _stale(self, first: int, manifest: int, keep: Collection[str]) -> list[str]:
+        """Keys to tombstone once the snapshot whose records (``keep``) run from offset
+        ``first`` to its manifest at ``manifest`` is written (:func:`_stale_keys`): one
+        pass over the topic below the manifest, keeping keys only."""
+        consumer, tp = await self._reader()
         try:
-            tp = TopicPartition(self.topic, 0)
-            consumer.assign([tp])
+            consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
+            last: dict[str, tuple[int, bool]] = {}
+            while await consumer.position(tp) < manifest:
+                batch = await consumer.getmany(tp, timeout_ms=500)
+                for record in batch.get(tp, []):
+                    if record.offset < manifest and record.key is not None:
+                        key = record.key.decode(errors="replace")
+                        last[key] = (record.offset, record.value is not None)
+            return _stale_keys(last, first, keep)
+        finally:
+            await consumer.stop()
+
+    async def latest(self, version: int, older: Collection[int] = ()) -> Snapshot | None:
+        """The newest usable snapshot of ``version`` or one of the ``older`` versions; None
+        when there is none (a warning names each newer one that could not be used)."""
+        async with contextlib.aclosing(self.snapshots(version, older)) as found:
+            async for snapshot in found:
+                return snapshot
+        return None
+
+    async def snapshots(
+        self, version: int, older: Collection[int] = ()
+    ) -> AsyncGenerator[Snapshot, None]:
+        """The complete snapshots of ``version`` or one of the ``older`` versions, newest
+        first, decoded; a warning names each one skipped and why (partial, corrupt, of
+        another version or shape, too large, not decodable)."""
+        await self._ensure_topic()
+        consumer, tp = await self._reader()
+        try:
             first = (await consumer.beginning_offsets([tp]))[tp]
             end = (await consumer.end_offsets([tp]))[tp]
             stop = end
@@ -211,30 +339,25 @@ class SnapshotStore:
                     if "chunks" in header
                 ]
                 for offset, manifest in reversed(manifests):
-                    self._older.append(
-                        [*(f"{manifest['id']}:{i}" for i in range(len(manifest["chunks"])))]
-                        + [f"manifest:{manifest['id']}"]
-                    )
                     try:
-                        return await self._restore(consumer, tp, offset, manifest, version, older)
-                    except (
-                        SnapshotUnusable,
-                        ValueError,
-                        KeyError,
-                        TypeError,
-                        zlib.error,
-                        pickle.UnpicklingError,
-                        EOFError,
-                    ) as exc:
+                        snapshot = await self._restore(
+                            consumer, tp, offset, manifest, version, older
+                        )
+                    except KafkaError:
+                        raise  # the broker's, not the snapshot's
+                    except Exception as exc:
+                        # Whatever the record holds, an older snapshot or the log will do.
                         log.warning(
-                            "%s: snapshot %s at offset %d unusable (%s); trying an older one",
+                            "%s: snapshot %s at offset %d unusable (%s: %s); trying an older one",
                             self.service,
                             manifest.get("id"),
                             offset,
+                            type(exc).__name__,
                             exc,
                         )
+                        continue
+                    yield snapshot
                 stop = start
-            return None
         finally:
             await consumer.stop()
 
@@ -247,17 +370,22 @@ class SnapshotStore:
         version: int,
         older: Collection[int] = (),
     ) -> Snapshot:
-        saved_as = manifest.get("version")
+        _check_manifest(manifest)
+        saved_as = manifest["version"]
         if saved_as != version and saved_as not in older:
             raise SnapshotUnusable(f"state version {saved_as}, not {version}")
         placed: list[int] = manifest["chunks"]
         wanted = {offset: i for i, offset in enumerate(placed)}
         parts: dict[int, bytes] = {}
+        size = 0
         if placed:
             for offset, header, body in await _read(consumer, tp, min(placed), at):
                 i = wanted.get(offset)
                 if i is not None and header.get("id") == manifest["id"] and header.get("i") == i:
                     parts[i] = body
+                    size += len(body)
+                    if size > MAX_STATE_BYTES:
+                        raise SnapshotUnusable(f"chunks of more than {MAX_STATE_BYTES} bytes")
         if len(parts) != len(placed):
             raise SnapshotUnusable(f"{len(placed) - len(parts)} of {len(placed)} chunks missing")
         blob = b"".join(parts[i] for i in range(len(placed)))
@@ -265,11 +393,11 @@ class SnapshotStore:
             raise SnapshotUnusable("checksum mismatch")
         state = await asyncio.to_thread(decode_state, blob)
         offsets = {
-            TopicPartition(self.settings.topic(topic), int(p)): int(offset)
+            TopicPartition(self.settings.topic(topic), int(p)): offset
             for topic, by_partition in manifest["offsets"].items()
             for p, offset in by_partition.items()
         }
-        return Snapshot(manifest["id"], manifest["version"], offsets, state, len(blob))
+        return Snapshot(manifest["id"], saved_as, offsets, state, len(blob))
 
 
 async def _read(
@@ -288,7 +416,7 @@ async def _read(
                 continue
             try:
                 header, body = _unpack(record.value)
-            except (SnapshotUnusable, ValueError):
+            except Exception:  # not JSON, JSON nested past the recursion limit, ...
                 log.warning("%s: record %d is not a snapshot record", tp.topic, record.offset)
                 continue
             out.append((record.offset, header, body))
@@ -302,7 +430,8 @@ class Snapshotter:
     ``dump`` returns the state as plain values (see the module's docstring) and must copy
     what the fold may change (the encoding runs in a thread while the view goes on
     folding; immutable values such as tuples and datetimes may be shared); ``restore``
-    replaces the state with a dumped one and raises, changing nothing, on one it cannot read.
+    replaces the state with a dumped one and raises, changing nothing, on one it cannot read
+    (the snapshot before it is tried next).
     Bump ``version`` whenever what ``dump`` writes or what the fold does changes; an older
     version in ``upgrades`` is still read, its state turned into the current version's by
     the function given for it (which raises like ``restore`` on one it cannot turn).
@@ -332,51 +461,57 @@ class Snapshotter:
 
     async def resume(self, bounds: Bounds) -> dict[TopicPartition, int]:
         """For ``TopicView(resume=...)``: where to start each partition (empty: everywhere
-        from the beginning, the state untouched)."""
+        from the beginning, the state untouched). A snapshot that does not upgrade or
+        restore is skipped for the one before it."""
         service = self.store.service
-        snapshot = await self.store.latest(self.version, older=tuple(self.upgrades))
-        if snapshot is None:
-            log.info("%s: no snapshot; folding the whole log", service)
-            return {}
+        found = self.store.snapshots(self.version, older=tuple(self.upgrades))
+        async with contextlib.aclosing(found):
+            async for snapshot in found:
+                outside = self._outside(snapshot, bounds)
+                if outside is not None:
+                    # Retention or a recreated topic: an older snapshot fits no better.
+                    log.warning("%s: %s; folding the whole log", service, outside)
+                    return {}
+                try:
+                    with _no_gc():
+                        state = snapshot.state
+                        if snapshot.version != self.version:
+                            state = self.upgrades[snapshot.version](state)
+                        self._restore(state)
+                except Exception as exc:
+                    # The restore changed nothing (its contract): the next one starts clean.
+                    log.warning(
+                        "%s: snapshot %s does not restore (%s: %s); trying an older one",
+                        service,
+                        snapshot.snapshot_id,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    continue
+                self.restored = snapshot
+                log.info(
+                    "%s: restored snapshot %s (%d bytes, state version %d); folding the tail",
+                    service,
+                    snapshot.snapshot_id,
+                    snapshot.size,
+                    snapshot.version,
+                )
+                # Partitions the snapshot does not name (a topic added since) are read whole.
+                return {tp: snapshot.offsets.get(tp, first) for tp, (first, _) in bounds.items()}
+        log.info("%s: no usable snapshot; folding the whole log", service)
+        return {}
+
+    @staticmethod
+    def _outside(snapshot: Snapshot, bounds: Bounds) -> str | None:
+        """Why ``snapshot`` does not fit the topics as they are now, or None."""
         for tp, (first, end) in bounds.items():
             covered = snapshot.offsets.get(tp)
             if covered is not None and not first <= covered <= end:
-                log.warning(
-                    "%s: snapshot %s covers %s up to %d, but the topic holds %d..%d;"
-                    " folding the whole log",
-                    service,
-                    snapshot.snapshot_id,
-                    tp,
-                    covered,
-                    first,
-                    end,
+                return (
+                    f"snapshot {snapshot.snapshot_id} covers {tp} up to {covered},"
+                    f" but the topic holds {first}..{end}"
                 )
-                return {}
-        try:
-            with _no_gc():
-                state = snapshot.state
-                if snapshot.version != self.version:
-                    state = self.upgrades[snapshot.version](state)
-                self._restore(state)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            log.warning(
-                "%s: snapshot %s does not restore (%s: %s); folding the whole log",
-                service,
-                snapshot.snapshot_id,
-                type(exc).__name__,
-                exc,
-            )
-            return {}
-        self.restored = snapshot
-        log.info(
-            "%s: restored snapshot %s (%d bytes, state version %d); folding the tail",
-            service,
-            snapshot.snapshot_id,
-            snapshot.size,
-            snapshot.version,
-        )
-        # Partitions the snapshot does not name (a topic added since) are read whole.
-        return {tp: snapshot.offsets.get(tp, first) for tp, (first, _) in bounds.items()}
+        return None
 
     async def save(self, view: TopicView) -> str:
         """Snapshot the state now, with the offsets it covers."""

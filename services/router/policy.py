@@ -404,7 +404,7 @@ class LearnedPolicy:
         }
 
     def restore(self, data: dict[str, Any]) -> None:
-        """Replace what was learned with a :meth:`dump`."""
+        """Replace what was learned with a :meth:`dump`; nothing changes if it fails."""
         arms: dict[str, _Stat] = defaultdict(_Stat)
         words = _WordStats(self.max_word_stats)
         # Snapshots from before costs were learned have no cost column.
@@ -417,10 +417,11 @@ class LearnedPolicy:
             new = bool(more[5]) if len(more) > 5 else float(n) < 1.5
             st = _Stat(float(n), float(total), cost, 0, squares, up, down, bool(stale))
             words.put((str(word), str(arm)), st, new)
-        self.updates, self._arm, self._word = int(data["updates"]), arms, words
-        self.changes = int(data.get("changes", 0))
+        updates, changes = int(data["updates"]), int(data.get("changes", 0))
         for st in (*arms.values(), *words.values()):
-            st.at = self.updates
+            st.at = updates
+        # Only now, with every value read: a restore that fails changes nothing.
+        self.updates, self.changes, self._arm, self._word = updates, changes, arms, words
 
     def update(self, features: Features, arm: str, reward: float, cost: float = 0.0) -> None:
         self.updates += 1

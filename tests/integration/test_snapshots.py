@@ -7,13 +7,17 @@ import asyncio
 import hashlib
 import json
 import logging
+import pickle
+import zlib
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from services.router.policy import LearnedPolicy
 from services.router.service import KNOWLEDGE_TOPICS, SNAPSHOT_VERSION, Router
+from streams import snapshots as snapshots_module
 from streams.events import AgentRetired, Event, FeedbackReceived
 from streams.kafka import EventProducer, KafkaSettings
 from streams.snapshots import SnapshotStore, Snapshotter, _pack, encode_state
@@ -183,3 +187,145 @@ async def test_a_snapshot_that_cannot_be_used_means_a_full_fold(
     for e in events:
         full.learn(e)
     assert _canonical(router.dump()) == _canonical(full.dump())
+
+
+class _Overflow:
+    """Pickles as a timedelta the unpickler may build, too large to build (OverflowError)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (timedelta, (10**10,))
+
+
+def _manifest(**over: Any) -> dict[str, Any]:
+    good = {"id": "odd", "version": SNAPSHOT_VERSION, "chunks": [], "sha256": "", "offsets": {}}
+    return {**good, **over}
+
+
+# One odd record newest on the topic (a later release's manifest, a hand-written tool's, a
+# writer with produce rights): (the state its one chunk holds, or None for no chunk; the
+# manifest; what the warning says). A state is given a chunk and the right checksum.
+_ODD: dict[str, tuple[bytes | None, dict[str, Any] | bytes, str]] = {
+    "chunks-a-number": (None, _manifest(chunks=5), "chunks are not offsets"),
+    "chunks-objects": (None, _manifest(chunks=[{"offset": 0}]), "chunks are not offsets"),
+    "chunks-strings": (None, _manifest(chunks=["0"]), "chunks are not offsets"),
+    "chunks-negative": (None, _manifest(chunks=[-1]), "chunks are not offsets"),
+    "no-id": (None, {k: v for k, v in _manifest().items() if k != "id"}, "has no id"),
+    "no-checksum": (None, _manifest(sha256=None), "has no checksum"),
+    "version-a-string": (None, _manifest(version=str(SNAPSHOT_VERSION)), "no state version"),
+    "offsets-a-list": (encode_state({}), _manifest(offsets=[]), "offsets are not"),
+    "offsets-of-lists": (encode_state({}), _manifest(offsets={"t": {"0": [1]}}), "offsets are"),
+    "offsets-partition-a-word": (encode_state({}), _manifest(offsets={"t": {"p": 1}}), "offsets"),
+    "header-nested-deep": (None, b"[" * 100_000 + b"]" * 100_000, "not a snapshot record"),
+    "state-overflows": (zlib.compress(pickle.dumps(_Overflow())), _manifest(), "OverflowError"),
+    "state-does-not-restore": (encode_state({"policy": "learned"}), _manifest(), "not restore"),
+}
+
+
+async def _write_odd(settings: KafkaSettings, state: bytes | None, manifest: Any) -> None:
+    if isinstance(manifest, bytes):  # a header that is not a manifest's
+        head = manifest
+        await _write(settings, [("manifest:odd", b"OSN1" + len(head).to_bytes(4, "big") + head)])
+        return
+    if state is not None:
+        [chunk] = await _write(settings, [("odd:0", _pack({"id": "odd", "i": 0}, state))])
+        manifest = {**manifest, "chunks": [chunk], "sha256": hashlib.sha256(state).hexdigest()}
+    await _write(settings, [("manifest:odd", _pack(manifest))])
+
+
+async def _saved_then_tail(settings: KafkaSettings, seed: int) -> tuple[str, int]:
+    """Half a history folded and snapshotted, the rest written after: (snapshot id, tail)."""
+    events = _knowledge(history(seed=seed, runs=40, unique=True))
+    half = len(events) // 2
+    async with EventProducer(settings) as producer:
+        await producer.send_many(events[:half])
+        first = _router()
+        snapshots = _snapshotter(settings, first)
+        view = await _fold(settings, first, snapshots)
+        saved = await snapshots.save(view)
+        await view.stop()
+        await snapshots.stop()
+        await producer.send_many(events[half:])
+    return saved, len(events) - half
+
+
+@pytest.mark.parametrize("case", list(_ODD))
+async def test_an_odd_newest_snapshot_is_skipped_for_the_one_before(
+    settings: KafkaSettings, caplog: pytest.LogCaptureFixture, case: str
+):
+    caplog.set_level(logging.WARNING, logger="streams.snapshots")
+    saved, tail = await _saved_then_tail(settings, seed=9)
+    state, manifest, warning = _ODD[case]
+    await _write_odd(settings, state, manifest)
+
+    router = _router()
+    snapshots = _snapshotter(settings, router)
+    view = await _fold(settings, router, snapshots)  # the router's start
+    await view.stop()
+    await snapshots.stop()
+    assert snapshots.restored is not None and snapshots.restored.snapshot_id == saved
+    assert view.folded == tail
+    assert warning in caplog.text
+
+
+async def test_a_snapshot_that_would_inflate_past_the_limit_is_skipped(
+    settings: KafkaSettings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    caplog.set_level(logging.WARNING, logger="streams.snapshots")
+    saved, tail = await _saved_then_tail(settings, seed=10)
+    # A state the router would restore, holding 8 MB of zeros (a few KB on the topic).
+    bomb = encode_state({**_router().dump(), "pad": bytes(8 << 20)})
+    assert len(bomb) < 64 << 10
+    await _write_odd(settings, bomb, _manifest())
+    monkeypatch.setattr(snapshots_module, "MAX_STATE_BYTES", 1 << 20, raising=False)
+
+    router = _router()
+    snapshots = _snapshotter(settings, router)
+    view = await _fold(settings, router, snapshots)
+    await view.stop()
+    await snapshots.stop()
+    assert snapshots.restored is not None and snapshots.restored.snapshot_id == saved
+    assert view.folded == tail
+    assert "inflates past" in caplog.text
+
+
+async def _live_keys(settings: KafkaSettings) -> set[str]:
+    """Keys of the router's snapshot topic whose latest record is not a tombstone."""
+    topic = settings.topic(snapshot_topic("router"))
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        latest: dict[str, bool] = {}
+        while await consumer.position(tp) < end:
+            for record in (await consumer.getmany(tp, timeout_ms=500)).get(tp, []):
+                latest[record.key.decode()] = record.value is not None
+        return {key for key, held in latest.items() if held}
+    finally:
+        await consumer.stop()
+
+
+async def test_a_restart_drops_what_killed_writers_left(settings: KafkaSettings):
+    saved, _ = await _saved_then_tail(settings, seed=11)  # S1, by an instance that stops
+    blob = encode_state(_router().dump())
+    # A writer killed between chunks: two of its three chunks, no manifest.
+    await _write(settings, [(f"dead:{i}", _pack({"id": "dead", "i": i}, b"x")) for i in (0, 1)])
+    # A writer killed after its manifest, before tombstoning S1 (an empty state, complete).
+    [chunk] = await _write(settings, [("s2:0", _pack({"id": "s2", "i": 0}, blob))])
+    s2 = _manifest(id="s2", chunks=[chunk], sha256=hashlib.sha256(blob).hexdigest())
+    await _write(settings, [("manifest:s2", _pack(s2))])
+    assert len(await _live_keys(settings)) > 2
+
+    router = _router()
+    snapshots = _snapshotter(settings, router, chunk_bytes=1024)
+    view = await _fold(settings, router, snapshots)
+    assert snapshots.restored is not None and snapshots.restored.snapshot_id == "s2"
+    latest = await snapshots.save(view)
+    await view.stop()
+    await snapshots.stop()
+    live = await _live_keys(settings)
+    assert {key.removeprefix("manifest:").split(":")[0] for key in live} == {latest}
+    assert f"manifest:{latest}" in live and len(live) > 2  # its chunks and its manifest
+    assert not any(saved in key for key in live)

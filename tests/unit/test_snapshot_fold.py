@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 import random
 import zlib
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import TypeVar
@@ -19,9 +19,17 @@ from services.improvement.state import ImprovementState
 from services.router.policy import LearnedPolicy, features_of
 from services.router.service import Router
 from streams import events as ev
+from streams import snapshots
 from streams.clock import FakeClock
 from streams.signatures import exact_key, signature_of
-from streams.snapshots import Snapshot, Snapshotter, decode_state, encode_state
+from streams.snapshots import (
+    Snapshot,
+    Snapshotter,
+    SnapshotUnusable,
+    _stale_keys,
+    decode_state,
+    encode_state,
+)
 
 SPECIALTIES = ["code", "math", "writing"]
 WORDS = "invoice refund login python error proof essay travel budget".split()
@@ -237,15 +245,34 @@ def test_router_restore_that_fails_changes_nothing() -> None:
     for e in history(seed=4, runs=30):
         router.learn(e)
     before = router.dump()
-    broken = {**before, "stats": {"agents": [["x", 1]]}}
-    with pytest.raises(ValueError):
-        router.restore(broken)
-    assert router.dump() == before
+    # The last value the policy reads is bad: what it read before that must not stay.
+    learned = {**before["learned"], "arms": [], "words": [], "changes": "many"}
+    for broken in ({**before, "stats": {"agents": [["x", 1]]}}, {**before, "learned": learned}):
+        with pytest.raises(ValueError):
+            router.restore(broken)
+        assert router.dump() == before
 
 
 def _improvement() -> ImprovementService:
     ctx = SimpleNamespace(producer=None, clock=FakeClock(T0 + timedelta(hours=1)))
     return ImprovementService(ctx, ImprovementConfig(http_port=None), None)  # type: ignore[arg-type]
+
+
+def test_improvement_restore_that_fails_changes_nothing() -> None:
+    service = _improvement()
+    for e in history(seed=4, runs=30):
+        service._view_event(e)
+    before = service.dump()
+    state = before["state"]
+    for broken in (
+        {**before, "reported": None},
+        {**before, "state": {**state, "wins": [("w", "text")]}},
+        {**before, "state": {**state, "spend": {**state["spend"], "exceeded": [1]}}},
+        {**before, "state": {**state, "runs": [("run-x",)]}},
+    ):
+        with pytest.raises((ValueError, TypeError)):
+            service.restore(broken)
+        assert service.dump() == before
 
 
 @pytest.mark.parametrize("cut", [0, 1, 700, -1])
@@ -343,9 +370,12 @@ async def test_a_snapshotter_reads_an_older_version_it_is_given_the_way_from() -
     class Store:
         service = "test"
 
-        async def latest(self, version: int, older: tuple[int, ...] = ()) -> Snapshot | None:
+        async def snapshots(
+            self, version: int, older: tuple[int, ...] = ()
+        ) -> AsyncGenerator[Snapshot, None]:
             saved = Snapshot("s1", 1, {}, {"n": 1}, 10)
-            return saved if saved.version in (version, *older) else None
+            if saved.version in (version, *older):
+                yield saved
 
     restored: list[object] = []
     plain = Snapshotter(Store(), 2, dict, restored.append)  # type: ignore[arg-type]
@@ -374,3 +404,69 @@ def test_dumps_are_plain_values_and_nothing_else_is_read() -> None:
         decode_state(zlib.compress(pickle.dumps(state.learner)))
     with pytest.raises(pickle.UnpicklingError, match="may not hold"):
         decode_state(zlib.compress(pickle.dumps(SimpleNamespace(a=1))))
+
+
+async def test_a_snapshot_that_does_not_restore_is_skipped_for_the_one_before() -> None:
+    class Store:
+        service = "test"
+
+        async def snapshots(
+            self, version: int, older: tuple[int, ...] = ()
+        ) -> AsyncGenerator[Snapshot, None]:
+            yield Snapshot("new", 1, {}, {"n": "not a number"}, 10)
+            yield Snapshot("old", 1, {}, {"n": 1}, 10)
+
+    restored: list[int] = []
+
+    def restore(state: dict[str, object]) -> None:
+        n = state["n"]
+        if not isinstance(n, int):
+            raise RecursionError("deep")  # not a ValueError: any exception will do
+        restored.append(n)
+
+    snapshotter = Snapshotter(Store(), 1, dict, restore)  # type: ignore[arg-type]
+    await snapshotter.resume({})
+    assert restored == [1] and snapshotter.restored is not None
+    assert snapshotter.restored.snapshot_id == "old"
+
+
+def test_a_state_that_inflates_past_the_limit_is_not_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bomb = encode_state({"pad": "0" * (4 << 20)})
+    assert len(bomb) < 64 << 10
+    monkeypatch.setattr(snapshots, "MAX_STATE_BYTES", 1 << 20)
+    with pytest.raises(SnapshotUnusable, match="inflates past"):
+        decode_state(bomb)
+    assert decode_state(encode_state({"n": 1})) == {"n": 1}
+    with pytest.raises(SnapshotUnusable, match="truncated"):
+        decode_state(encode_state({"n": 1})[:-4])
+
+
+def _below(log: list[str], manifest: str) -> tuple[dict[str, tuple[int, bool]], int]:
+    """Each key's latest record (offset, holds a value) in ``log`` (keys in offset order,
+    ``-key`` a tombstone) below ``manifest``, and the offset of ``manifest``."""
+    at = log.index(manifest)
+    return {key.lstrip("-"): (i, not key.startswith("-")) for i, key in enumerate(log[:at])}, at
+
+
+def test_a_sweep_drops_what_a_killed_writer_left_and_nothing_being_written() -> None:
+    """Snapshot s0, tombstoned for s1 by its writer, which was killed before dropping s1
+    for s2; chunks of a writer killed mid-way; then two instances save at once, their
+    chunks interleaved (a's first chunk, then b's)."""
+    earlier = ["s0:0", "manifest:s0", "s1:0", "s1:1", "manifest:s1", "-s0:0", "-manifest:s0"]
+    earlier += ["s2:0", "manifest:s2", "dead:0", "dead:1"]
+    log = [*earlier, "a:0", "b:0", "a:1", "b:1", "manifest:a", "manifest:b"]
+    a_keys, b_keys = {"a:0", "a:1", "manifest:a"}, {"b:0", "b:1", "manifest:b"}
+    stale_a = _stale_keys(*_below(log, "manifest:a")[:1], log.index("a:0"), a_keys)
+    assert sorted(stale_a) == sorted(
+        ["s1:0", "s1:1", "manifest:s1", "s2:0", "manifest:s2", "dead:0", "dead:1"]
+    )
+    # b's records since a's first may be a snapshot being written: a leaves them.
+    stale_b = _stale_keys(*_below(log, "manifest:b")[:1], log.index("b:0"), b_keys)
+    assert not set(stale_b) & a_keys and not set(stale_a) & b_keys
+    # Had b written its chunks before a began, a drops them, and b then leaves a's.
+    log = [*earlier, "b:0", "b:1", "a:0", "a:1", "manifest:a", "manifest:b"]
+    stale_a = _stale_keys(*_below(log, "manifest:a")[:1], log.index("a:0"), a_keys)
+    stale_b = _stale_keys(*_below(log, "manifest:b")[:1], log.index("b:0"), b_keys)
+    assert "b:0" in stale_a and not set(stale_b) & a_keys
