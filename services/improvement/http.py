@@ -26,16 +26,25 @@ response, so authorization is local and makes no call to Slack.
 Slow clients are cut off: a JSON body must arrive within ``BODY_TIMEOUT_S`` (else
 408), and a connection must send a request's complete headers within
 ``HEADER_TIMEOUT_S`` of opening or of its previous answer (``build_runner``).
+
+Like the gateway, the JSON routes handle at most ``max_in_flight`` requests at once
+(counted once the key is checked and the body has come; one more is 503 with
+``Retry-After: 1``), and one key at most its share of them (429): a request holds its
+body and waits up to ~17 s for its run and verdict, so without a bound one key could hold
+thousands. A key also has at most its share of requests still sending their body (429).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from services.improvement.feedback import parse_slack_command, slack_platform_user
+from services.improvement.quotas import KeyShareFull, Slots, SlotsFull
 from streams.errors import (
     InvalidRequest,
     NotRunOwner,
@@ -50,6 +59,7 @@ from streams.keys import Identity
 __all__ = [
     "BODY_TIMEOUT_S",
     "HEADER_TIMEOUT_S",
+    "MAX_IN_FLIGHT",
     "FeedbackSink",
     "SlackSettings",
     "build_app",
@@ -60,6 +70,7 @@ log = logging.getLogger(__name__)
 _MAX_BODY = 64 * 1024
 BODY_TIMEOUT_S = 10.0
 HEADER_TIMEOUT_S = 20.0
+MAX_IN_FLIGHT = 64
 
 
 class FeedbackSink(Protocol):
@@ -166,35 +177,87 @@ async def _json_body(request: web.Request, timeout: float) -> Any:
         return _error(400, "body must be JSON")
 
 
-def _improve_handler(sink: FeedbackSink, body_timeout: float) -> Any:
+class _Admission:
+    """The in-flight bound of the JSON routes, and each key's share of it (see the module)."""
+
+    def __init__(self, max_in_flight: int, key_share: float) -> None:
+        per_key = max(1, int(max_in_flight * key_share))
+        self.slots = Slots(max_in_flight, per_key)
+        self.receiving = Slots(sys.maxsize, per_key)  # per key: bodies still coming
+
+    def _share(self, what: str, held: int) -> web.Response:
+        return web.json_response(
+            {
+                "error": f"this API key has {held} requests {what} on this endpoint, its share"
+                f" (ORCH_IMPROVE_KEY_SHARE of {self.slots.limit} slots: {self.slots.per_key});"
+                " wait for one to end"
+            },
+            status=429,
+            headers={"Retry-After": "1"},
+        )
+
+    async def body(self, request: web.Request, who: Identity, timeout: float) -> Any:
+        """The request's JSON as :func:`_json_body`, or 429 when the key has its share of
+        bodies coming already."""
+        try:
+            with self.receiving.taken(who.key_id):
+                return await _json_body(request, timeout)
+        except KeyShareFull as exc:
+            return self._share("sending their body", exc.held)
+
+    async def run(
+        self, who: Identity, handle: Callable[[], Awaitable[web.Response]]
+    ) -> web.Response:
+        """``handle()`` in one of the slots: 503 when none is free, 429 when the key holds
+        its share already."""
+        try:
+            with self.slots.taken(who.key_id):
+                return await handle()
+        except SlotsFull:
+            return web.json_response(
+                {
+                    "error": f"this endpoint has {self.slots.in_use} requests in flight, its"
+                    " limit (ORCH_IMPROVE_MAX_IN_FLIGHT); try again"
+                },
+                status=503,
+                headers={"Retry-After": "1"},
+            )
+        except KeyShareFull as exc:
+            return self._share("in flight", exc.held)
+
+
+def _improve_handler(sink: FeedbackSink, body_timeout: float, admission: _Admission) -> Any:
     async def improve(request: web.Request) -> web.Response:
         who = _identity(sink, request)
         if who is None:
             return _error(401, _NO_KEY)
-        body = await _json_body(request, body_timeout)
+        body = await admission.body(request, who, body_timeout)
         if isinstance(body, web.Response):
             return body
-        try:
-            run_id, user_id, score, text = _parse(body)
-            if user_id is not None and user_id != who.user_id:
-                raise NotRunOwner(f"the key speaks for {who.user_id!r}, not {user_id!r}")
-            event = await sink.submit(
-                run_id, who.user_id, score, text, "http", who.goal_id, wait=True
-            )
-        except InvalidRequest as exc:
-            return _error(400, str(exc))
-        except UnknownRun as exc:
-            return _error(404, str(exc))
-        except NotRunOwner as exc:
-            return _error(403, str(exc))
-        except RateLimited as exc:
-            return _error(429, str(exc))
-        return await _answer(sink, event.event_id, event.run_id)
+        return await admission.run(who, lambda: _improve(sink, who, body))
 
     return improve
 
 
-def _approve_handler(sink: FeedbackSink) -> Any:
+async def _improve(sink: FeedbackSink, who: Identity, body: Any) -> web.Response:
+    """One feedback request, admitted: its verdict, or why there is none."""
+    try:
+        run_id, user_id, score, text = _parse(body)
+        if user_id is not None and user_id != who.user_id:
+            raise NotRunOwner(f"the key speaks for {who.user_id!r}, not {user_id!r}")
+        event = await sink.submit(run_id, who.user_id, score, text, "http", who.goal_id, wait=True)
+    except InvalidRequest as exc:
+        return _error(400, str(exc))
+    except UnknownRun as exc:
+        return _error(404, str(exc))
+    except NotRunOwner as exc:
+        return _error(403, str(exc))
+    except RateLimited as exc:
+        return _error(429, str(exc))
+    return await _answer(sink, event.event_id, event.run_id)
+
+
+def _approve_handler(sink: FeedbackSink, admission: _Admission) -> Any:
     async def approve(request: web.Request) -> web.Response:
         who = _identity(sink, request)
         if who is None:
@@ -204,11 +267,15 @@ def _approve_handler(sink: FeedbackSink) -> Any:
                 403,
                 f"approving an improvement needs an operator key; {who.user_id!r}'s is a user key",
             )
-        try:
-            event = await sink.approve(request.match_info["improvement_id"], who.user_id)
-        except PromotionRefused as exc:
-            return _error(404, str(exc))
-        return await _answer(sink, event.event_id, None)
+
+        async def approved() -> web.Response:
+            try:
+                event = await sink.approve(request.match_info["improvement_id"], who.user_id)
+            except PromotionRefused as exc:
+                return _error(404, str(exc))
+            return await _answer(sink, event.event_id, None)
+
+        return await admission.run(who, approved)
 
     return approve
 
@@ -255,11 +322,19 @@ def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
 
 
 def build_app(
-    sink: FeedbackSink, slack: SlackSettings | None, *, body_timeout: float = BODY_TIMEOUT_S
+    sink: FeedbackSink,
+    slack: SlackSettings | None,
+    *,
+    body_timeout: float = BODY_TIMEOUT_S,
+    max_in_flight: int = MAX_IN_FLIGHT,
+    key_share: float = 0.5,
 ) -> web.Application:
+    """The endpoint's routes; the JSON ones handle at most ``max_in_flight`` requests at
+    once, one key at most ``key_share`` of them (at least one)."""
+    admission = _Admission(max_in_flight, key_share)
     app = web.Application(client_max_size=_MAX_BODY)
-    app.router.add_post("/improve", _improve_handler(sink, body_timeout))
-    app.router.add_post("/improvements/{improvement_id}/approve", _approve_handler(sink))
+    app.router.add_post("/improve", _improve_handler(sink, body_timeout, admission))
+    app.router.add_post("/improvements/{improvement_id}/approve", _approve_handler(sink, admission))
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"ok": True, "slack": slack is not None})

@@ -23,6 +23,19 @@ window, their mean quality at least ``min_quality``, and no failure among the go
 last ``recent`` outcomes. Nothing here does I/O; :meth:`PatternLearner.evaluate`
 returns the events to send.
 
+What is kept is bounded (docs/architecture.md, "Restarts start from a snapshot"): a
+pattern keeps the first ``EXAMPLE_CHARS`` of its latest message (what
+``pattern_discovered`` carries), a goal holds at most ``max_per_goal`` patterns (past it
+its least recently seen undecided pattern goes first, then its least recently seen
+decided one) and all goals together ``max_patterns`` (past it the goal holding the most
+loses one), so one goal's traffic never pushes another goal's patterns out. A pattern no
+run of which is left in the window is forgotten by :meth:`PatternLearner.sweep`; one that
+was decided (discovered or automated) only once ``ttl_seconds`` have also passed since its
+last decision, so its automations have lapsed in the router. Should it come back, it is
+decided again under the same event ids (derived from goal, signature and kind): the sink
+keeps one row per event id, and the router takes the second ``automation_created`` as the
+same automation, renewed.
+
 Decisions read back from the log count only when they are of this kind: a
 ``pattern_discovered`` without a goal, or an ``automation_created`` without one or
 with an id other than :func:`automation_id` of its goal (what the learner wrote
@@ -35,12 +48,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, NamedTuple
 
+from services.improvement.quotas import Tally
 from streams.clock import Clock
 from streams.events import AutomationCreated, Event, PatternDiscovered
 from streams.settings import EnvSettings, comma_list, parsed, setting
@@ -48,6 +62,7 @@ from streams.signatures import signature_of
 
 __all__ = [
     "AUTOMATION_KINDS",
+    "EXAMPLE_CHARS",
     "PatternLearner",
     "PatternSettings",
     "automation_id",
@@ -56,6 +71,7 @@ __all__ = [
 SOURCE = "improvement"
 AUTOMATION_KINDS = ("response_cache", "direct_route")
 _NS = uuid.UUID("5b0c6f0e-8f7a-4b59-9d1e-2c4a7e3b9a01")
+EXAMPLE_CHARS = 500  # of a pattern's message: what pattern_discovered carries
 
 
 def automation_id(signature: str, kind: str, goal_id: str) -> str:
@@ -117,6 +133,23 @@ class PatternSettings(EnvSettings):
         shown="`response_cache,direct_route`",
         blank="keep",
     )
+    max_per_goal: int = setting(
+        "ORCH_PATTERN_MAX_PER_GOAL",
+        10_000,
+        "Patterns (signatures with recent runs, or decided) one goal keeps; past it the goal's "
+        "least recently seen undiscovered pattern is forgotten first, then its least recently "
+        "seen decided one (decided again, under the same event ids, should it come back); >= 1.",
+        read_by="improvement",
+        ge=1,
+    )
+    max_patterns: int = setting(
+        "ORCH_PATTERN_MAX",
+        500_000,
+        "Patterns all goals keep together; past it the goal holding the most loses one (as "
+        "above), so a goal holding fewer is never pushed out by another's runs; >= 1.",
+        read_by="improvement",
+        ge=1,
+    )
     recent: ClassVar[int] = 5
     """The last outcomes of a pattern that must hold no failure."""
 
@@ -142,7 +175,8 @@ class _Outcome(NamedTuple):
 
 
 _OUTCOMES = 200  # the last outcomes of a goal's pattern that are weighed (by arrival)
-_ROW = 8  # fields of a dumped pattern: see PatternLearner.dump
+_ROW = 9  # fields of a dumped pattern: see PatternLearner.dump
+_UNTIMED_ROW = 8  # ... of one dumped before decisions had a time (snapshot version 2)
 _LEGACY_ROW = 7  # ... and of one dumped before patterns were per goal (no goal)
 
 
@@ -158,6 +192,19 @@ class _Pattern:
     outcomes: deque[_Outcome] = field(default_factory=lambda: deque(maxlen=_OUTCOMES))
     discovered: bool = False
     automated: set[str] = field(default_factory=set)
+    decided_at: datetime | None = None  # the latest decision's (discovered, automated)
+
+    @property
+    def decided(self) -> bool:
+        return self.discovered or bool(self.automated)
+
+
+@dataclass
+class _GoalPatterns:
+    """One goal's signatures, least recently seen first: undecided ones, then decided ones."""
+
+    undecided: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    decided: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
 
 class PatternLearner:
@@ -169,9 +216,16 @@ class PatternLearner:
         self.clock = clock
         # signature -> goal -> that goal's pattern of it (never one of several goals)
         self._patterns: dict[str, dict[str, _Pattern]] = {}
+        # goal -> its signatures in eviction order, and how many each goal holds
+        self._goals: dict[str, _GoalPatterns] = {}
+        self._tally: Tally[str] = Tally()
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._patterns))
+
+    def __len__(self) -> int:
+        """How many patterns (goal, signature) are kept."""
+        return self._tally.total
 
     @property
     def _kept(self) -> int:
@@ -181,11 +235,57 @@ class PatternLearner:
     def _get(
         self, goal_id: str, signature: str, specialty: str = "", example: str = ""
     ) -> _Pattern:
-        goals = self._patterns.setdefault(signature, {})
-        found = goals.get(goal_id)
+        found = self._patterns.get(signature, {}).get(goal_id)
         if found is None:
-            found = goals[goal_id] = _Pattern(goal_id, signature, specialty, example)
+            found = _Pattern(goal_id, signature, specialty, example[:EXAMPLE_CHARS])
+            self._add(found)
         return found
+
+    def _add(self, pattern: _Pattern) -> None:
+        """Keep a new pattern, within its goal's quota and the overall cap (evicting first)."""
+        goal_id = pattern.goal_id
+        while self._tally.count(goal_id) >= self.settings.max_per_goal:
+            self._evict(goal_id)
+        while self._tally.total >= self.settings.max_patterns:
+            self._evict(self._tally.largest())
+        self._patterns.setdefault(pattern.signature, {})[goal_id] = pattern
+        index = self._goals.setdefault(goal_id, _GoalPatterns())
+        (index.decided if pattern.decided else index.undecided)[pattern.signature] = None
+        self._tally.add(goal_id)
+
+    def _evict(self, goal_id: str) -> None:
+        """Forget the goal's least recently seen pattern, an undecided one if it has any."""
+        index = self._goals[goal_id]
+        tier = index.undecided or index.decided
+        signature = next(iter(tier))
+        self._forget(self._patterns[signature][goal_id])
+
+    def _forget(self, pattern: _Pattern) -> None:
+        signature, goal_id = pattern.signature, pattern.goal_id
+        goals = self._patterns[signature]
+        del goals[goal_id]
+        if not goals:
+            del self._patterns[signature]
+        index = self._goals[goal_id]
+        index.undecided.pop(signature, None)
+        index.decided.pop(signature, None)
+        self._tally.remove(goal_id)
+        if not self._tally.count(goal_id):
+            del self._goals[goal_id]
+
+    def _seen(self, pattern: _Pattern) -> None:
+        """The pattern had a run: it is its goal's most recently seen."""
+        index = self._goals[pattern.goal_id]
+        (index.decided if pattern.decided else index.undecided).move_to_end(pattern.signature)
+
+    def _decide(self, pattern: _Pattern, at: datetime) -> None:
+        """Mark the pattern decided (after setting ``discovered`` or ``automated``)."""
+        if pattern.decided_at is None or at > pattern.decided_at:
+            pattern.decided_at = at
+        index = self._goals[pattern.goal_id]
+        if pattern.signature in index.undecided:
+            del index.undecided[pattern.signature]
+            index.decided[pattern.signature] = None
 
     # -- folding ---------------------------------------------------------------
     def observe(self, message: str, specialty: str, at: datetime, *, goal_id: str) -> str:
@@ -198,7 +298,8 @@ class PatternLearner:
         """
         signature = signature_of(message, specialty)
         pattern = self._get(goal_id, signature, specialty, message)
-        pattern.example = message
+        pattern.example = message[:EXAMPLE_CHARS]
+        self._seen(pattern)
         seen = pattern.seen  # oldest first
         if len(seen) < self._kept:
             bisect.insort(seen, at)
@@ -217,10 +318,10 @@ class PatternLearner:
         at: datetime,
     ) -> None:
         """How a run of ``goal_id``'s pattern went: its assessed quality, or None when it
-        failed. A run of no goal counts for no pattern."""
-        if goal_id is None:
-            return
-        self._get(goal_id, signature).outcomes.append(_Outcome(at, agent_id, goal_id, quality))
+        failed. A run of no goal counts for no pattern, nor one whose pattern was forgotten."""
+        pattern = None if goal_id is None else self._patterns.get(signature, {}).get(goal_id)
+        if pattern is not None:
+            pattern.outcomes.append(_Outcome(at, agent_id, goal_id, quality))
 
     def learn(self, event: Event) -> None:
         """Our own earlier decisions, read back from the log: never made twice. Only a
@@ -230,32 +331,38 @@ class PatternLearner:
         if goal_id is None:
             return
         if isinstance(event, PatternDiscovered):
-            self._get(
-                goal_id, event.signature, event.specialty, event.example_message
-            ).discovered = True
+            pattern = self._get(goal_id, event.signature, event.specialty, event.example_message)
+            pattern.discovered = True
+            self._decide(pattern, event.occurred_at)
         elif isinstance(event, AutomationCreated):
             if event.automation_id == automation_id(event.signature, event.kind, goal_id):
-                self._get(goal_id, event.signature, event.specialty).automated.add(event.kind)
+                pattern = self._get(goal_id, event.signature, event.specialty)
+                pattern.automated.add(event.kind)
+                self._decide(pattern, event.occurred_at)
 
     # -- snapshots -------------------------------------------------------------
     def dump(self) -> list[tuple[Any, ...]]:
         """Every goal's patterns, their latest run times, outcomes and decisions, as plain
-        values (copied; times and outcomes are immutable, shared). The goal comes last, so
-        a row reads as before with one more field."""
-        return [
-            (
-                p.signature,
-                p.specialty,
-                p.example,
-                tuple(p.seen),
-                tuple(tuple(o) for o in p.outcomes),
-                p.discovered,
-                tuple(sorted(p.automated)),
-                p.goal_id,
-            )
-            for goals in self._patterns.values()
-            for p in goals.values()
-        ]
+        values (copied; times and outcomes are immutable, shared), each goal's in eviction
+        order, so a restore keeps the same ones. The goal comes last."""
+        rows: list[tuple[Any, ...]] = []
+        for goal_id, index in self._goals.items():
+            for signature in (*index.undecided, *index.decided):
+                p = self._patterns[signature][goal_id]
+                rows.append(
+                    (
+                        p.signature,
+                        p.specialty,
+                        p.example,
+                        tuple(p.seen),
+                        tuple(tuple(o) for o in p.outcomes),
+                        p.discovered,
+                        tuple(sorted(p.automated)),
+                        p.decided_at,
+                        p.goal_id,
+                    )
+                )
+        return rows
 
     def restore(self, rows: list[tuple[Any, ...]]) -> None:
         """Replace every pattern with those of a :meth:`dump`; raises, changing nothing, on
@@ -267,24 +374,35 @@ class PatternLearner:
         not yet assessed is not counted; what cannot be told to be a goal's counts for
         none). What that row had decided (discovered, automated) was decided on every
         goal's runs, so it is not carried over: each goal earns its own.
+
+        The caps hold as in :meth:`observe`: rows past them evict as runs would (a goal's
+        least recently seen first), whatever the snapshot held. A decision dumped without
+        its time (snapshot version 2) counts as made now, so it is kept one automation TTL.
         """
-        patterns: dict[str, dict[str, _Pattern]] = {}
+        fresh = PatternLearner(self.settings, self.clock)
 
         def add(pattern: _Pattern) -> None:
-            goals = patterns.setdefault(pattern.signature, {})
-            if pattern.goal_id in goals:
+            if pattern.goal_id in fresh._patterns.get(pattern.signature, {}):
                 raise ValueError(f"pattern {pattern.signature} of {pattern.goal_id} twice")
-            goals[pattern.goal_id] = pattern
+            pattern.example = pattern.example[:EXAMPLE_CHARS]
+            fresh._add(pattern)
 
+        now = self.clock.now()
         for row in rows:
-            if len(row) == _ROW:
-                signature, specialty, example, seen, outcomes, discovered, automated, goal = row
+            if len(row) in (_ROW, _UNTIMED_ROW):
+                signature, specialty, example, seen, outcomes, discovered, automated = row[:7]
+                goal = row[-1]
                 if not isinstance(goal, str):
                     raise ValueError(f"pattern {signature} has no goal")
                 pattern = _Pattern(goal, signature, specialty, example)
                 pattern.seen = sorted(seen)[-self._kept :]
                 pattern.outcomes.extend(map(_Outcome._make, outcomes))
                 pattern.discovered, pattern.automated = bool(discovered), set(automated)
+                if pattern.decided:
+                    decided_at = row[7] if len(row) == _ROW else None
+                    if decided_at is not None and not isinstance(decided_at, datetime):
+                        raise ValueError(f"pattern {signature}: decided at {decided_at!r}")
+                    pattern.decided_at = decided_at or now
                 add(pattern)
             elif len(row) == _LEGACY_ROW:
                 signature, specialty, example, _seen, outcomes, _discovered, _automated = row
@@ -299,7 +417,7 @@ class PatternLearner:
                     add(pattern)
             else:
                 raise ValueError(f"a pattern is a row of {_ROW} fields, not {len(row)}")
-        self._patterns = patterns
+        self._patterns, self._goals, self._tally = fresh._patterns, fresh._goals, fresh._tally
 
     # -- deciding --------------------------------------------------------------
     def occurrences(self, signature: str, goal_id: str | None = None) -> int:
@@ -325,17 +443,21 @@ class PatternLearner:
             pattern.outcomes.extend(kept_outcomes)
 
     def sweep(self) -> int:
-        """Forget goals' patterns with no run left in the window that earned nothing (and
-        signatures with no pattern left); how many patterns."""
+        """Forget goals' patterns with no run left in the window, once ``ttl_seconds``
+        have passed since the last decision of one that was decided (so what it earned has
+        lapsed); how many patterns."""
         forgotten = 0
-        for signature, goals in list(self._patterns.items()):
-            for goal_id, pattern in list(goals.items()):
+        lapsed = self.clock.now() - timedelta(seconds=self.settings.ttl_seconds)
+        for goals in list(self._patterns.values()):
+            for pattern in list(goals.values()):
                 self._prune(pattern)
-                if not pattern.seen and not pattern.discovered and not pattern.automated:
-                    del goals[goal_id]
+                if not pattern.seen and (
+                    not pattern.decided
+                    or pattern.decided_at is None
+                    or pattern.decided_at <= lapsed
+                ):
+                    self._forget(pattern)
                     forgotten += 1
-            if not goals:
-                del self._patterns[signature]
         return forgotten
 
     def evaluate(self, signature: str) -> list[Event]:
@@ -357,6 +479,7 @@ class PatternLearner:
         out: list[Event] = []
         if not pattern.discovered and len(pattern.seen) >= self.settings.threshold:
             pattern.discovered = True
+            self._decide(pattern, now)
             out.append(
                 PatternDiscovered(
                     event_id=str(uuid.uuid5(_NS, f"{signature}:discovered:{goal_id}")),
@@ -365,7 +488,7 @@ class PatternLearner:
                     signature=signature,
                     specialty=pattern.specialty,
                     occurrences=len(pattern.seen),
-                    example_message=pattern.example[:500],
+                    example_message=pattern.example[:EXAMPLE_CHARS],
                     occurred_at=now,
                 )
             )
@@ -373,6 +496,7 @@ class PatternLearner:
             agent_id = self._best_agent(pattern)
             for kind in wanted:
                 pattern.automated.add(kind)
+                self._decide(pattern, now)
                 out.append(
                     AutomationCreated(
                         event_id=str(uuid.uuid5(_NS, f"{signature}:{kind}:{goal_id}")),

@@ -83,7 +83,7 @@ from streams.events import (
     WorkflowCompleted,
     WorkflowFailed,
 )
-from streams.kafka import BACKGROUND_FETCH, Delivery, EventConsumer, failed_letter
+from streams.kafka import BACKGROUND_FETCH, Delivery, EventConsumer, dead_letter, failed_letter
 from streams.keys import DEFAULT_OPERATORS, Identity, operators_from
 from streams.llm import (
     Completion,
@@ -101,6 +101,7 @@ from streams.specialties import is_specialty_name
 from streams.topics import partition_for
 from streams.views import TopicView
 from streams.workflows import (
+    MAX_ADJUSTMENTS,
     goal_of,
     goal_workflow,
     join_instructions,
@@ -136,7 +137,10 @@ COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 # snapshots are then ignored and the next start folds the whole log, unless _UPGRADES
 # says how to read them. 2: a signature keeps its latest run times, not every run id in
 # the pattern window; outcomes without run ids; a joined, assessed run without its message.
-SNAPSHOT_VERSION = 2
+# 3: a pattern's row holds when it was last decided (decided patterns are forgotten once
+# their automations lapsed); a version 2 row reads as decided now, runs and patterns
+# restore within the caps.
+SNAPSHOT_VERSION = 3
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 # The kinds of improvement_available the platform proposes; the single writer saves no other.
 _KINDS = ("instructions", "approved", "goal_win")
@@ -162,6 +166,10 @@ class ImprovementConfig:
     # users trusted as operators without a key (ORCH_OPERATORS; the local CLI's identity)
     operators: frozenset[str] = frozenset({DEFAULT_OPERATORS})
     spend_wait_s: float = 5.0  # how long a platform call waits for the budget's hold
+    max_in_flight: int = 64  # HTTP requests handled at once (ORCH_IMPROVE_MAX_IN_FLIGHT)
+    key_share: float = 0.5  # of those, the share one key may hold (ORCH_IMPROVE_KEY_SHARE)
+    max_runs: int | None = None  # runs kept (None: the state's default, 200,000)
+    max_runs_per_goal: int | None = None  # of them, one goal's (None: 50,000)
 
     @classmethod
     def from_env(cls) -> ImprovementConfig:
@@ -187,6 +195,10 @@ class ImprovementConfig:
             llm_reserve_usd=settings.llm_reserve_usd,
             promote_goals=settings.promote_goals,
             operators=operators_from(),
+            max_in_flight=settings.max_in_flight,
+            key_share=settings.key_share,
+            max_runs=settings.max_runs,
+            max_runs_per_goal=settings.max_runs_per_goal,
         )
 
 
@@ -194,8 +206,12 @@ def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
     return {**data, "state": state_from_v1(data["state"])}
 
 
+def _from_v2(data: dict[str, Any]) -> dict[str, Any]:
+    return data  # the restore reads a version 2 pattern row (no decision time) as it is
+
+
 # Older snapshot versions still read, with the way from each to the current one.
-_UPGRADES = {1: _from_v1}
+_UPGRADES = {1: _from_v1, 2: _from_v2}
 
 
 class _ViewBehind(TimeoutError):
@@ -234,7 +250,13 @@ class ImprovementService:
         self.config = config
         self.llm = llm
         self.assessor = Assessor(llm, model=config.judge_model, sample=config.judge_sample)
-        self.state = ImprovementState(config.patterns, ctx.clock)
+        self.state = ImprovementState(
+            config.patterns,
+            ctx.clock,
+            max_runs=config.max_runs,
+            max_runs_per_goal=config.max_runs_per_goal,
+            feedback_window_s=config.feedback_window_s,
+        )
         self._assessed: OrderedDict[str, None] = OrderedDict()
         self._write_lock = asyncio.Lock()
         self._view: TopicView | None = None
@@ -700,18 +722,20 @@ class ImprovementService:
     def _dead_letter(
         self, event: Event, delivery: Delivery, reason: str, error_type: str
     ) -> DeadLetter:
-        """A valid event this service refuses to apply: kept, with the reason, not dropped."""
-        return DeadLetter(
+        """A valid event this service refuses to apply: kept, with the reason, not dropped;
+        an excerpt of it (:func:`streams.kafka.dead_letter`), so a large one still makes a
+        dead letter the broker takes, and where the whole record is."""
+        letter = dead_letter(
             source=SOURCE,
-            original_topic=delivery.topic,
+            topic=delivery.topic,
             partition=delivery.partition,
             offset=delivery.offset,
-            original_key=event.key(),
+            key=event.key(),
             payload=self.ctx.producer.codec.encode(event),
             reason=reason,
             error_type=error_type,
-            occurred_at=self.ctx.clock.now(),
         )
+        return letter.model_copy(update={"occurred_at": self.ctx.clock.now()})
 
     def _verdict(
         self,
@@ -982,12 +1006,15 @@ class ImprovementService:
 
     def _changes(self, event: ImprovementAvailable) -> dict[str, str] | str:
         """What a version of ``event`` (one :meth:`_refused` let through) holds: its vetted
-        instructions added to the workflow's current ones; or why it is not saved now."""
+        instructions added to the workflow's current ones, the latest ``MAX_ADJUSTMENTS``
+        of them (all the loader serves: a version does not copy every earlier one); or why
+        it is not saved now."""
         current = self.state.current_instructions(event.workflow_id)
         fresh = [line for line in split_instructions(event.proposal) if line not in current]
         if not fresh:
             return "the workflow already has these instructions"
-        changes = {"instructions": join_instructions([*current, *fresh]), "added": "\n".join(fresh)}
+        kept = [*current, *fresh][-MAX_ADJUSTMENTS:]
+        changes = {"instructions": join_instructions(kept), "added": "\n".join(fresh)}
         if event.kind == "goal_win":
             goals = self.state.wins.get((event.workflow_id, event.proposal), set())
             if len(goals) < self.config.promote_goals:
@@ -1176,7 +1203,13 @@ class ImprovementService:
             return None
         if self.config.slack is None:
             log.info("Slack /improve disabled: SLACK_SIGNING_SECRET is not set")
-        runner = build_runner(build_app(self, self.config.slack))
+        app = build_app(
+            self,
+            self.config.slack,
+            max_in_flight=self.config.max_in_flight,
+            key_share=self.config.key_share,
+        )
+        runner = build_runner(app)
         await runner.setup()
         site = web.TCPSite(runner, self.config.http_host, self.config.http_port)
         try:

@@ -100,6 +100,43 @@ class ImprovementSettings(EnvSettings):
         ge=1,
     )
 
+    max_in_flight: int = setting(
+        "ORCH_IMPROVE_MAX_IN_FLIGHT",
+        64,
+        "Feedback and approval requests the endpoint handles at once, counted once their key "
+        "is checked and their body has come; one more is answered 503 (`Retry-After: 1`) at "
+        "once. >= 1.",
+        read_by="improvement",
+        ge=1,
+    )
+    key_share: float = setting(
+        "ORCH_IMPROVE_KEY_SHARE",
+        0.5,
+        "Largest share of `ORCH_IMPROVE_MAX_IN_FLIGHT` one API key may hold at once (at least "
+        "one slot); one more of its requests is answered 429 (`Retry-After: 1`). The same "
+        "number bounds its requests still sending their body. More than 0, at most 1.",
+        read_by="improvement",
+        gt=0.0,
+        le=1.0,
+    )
+    max_runs: int = setting(
+        "ORCH_IMPROVE_MAX_RUNS",
+        200_000,
+        "Runs the service keeps to join their events and to check feedback on them (the run "
+        "must be known); past it the oldest run of the goal holding the most is forgotten, so "
+        "one goal's traffic never evicts another goal's runs; >= 1.",
+        read_by="improvement",
+        ge=1,
+    )
+    max_runs_per_goal: int = setting(
+        "ORCH_IMPROVE_MAX_RUNS_PER_GOAL",
+        50_000,
+        "Of those, the most one goal keeps; past it that goal's oldest run is forgotten "
+        "(feedback on it is answered 404); >= 1.",
+        read_by="improvement",
+        ge=1,
+    )
+
     _port = parsed("http_port", lambda text: _port(text))
 
     @property

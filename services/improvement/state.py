@@ -6,10 +6,15 @@ order; a run feeds the pattern learner and its workflow's canary statistics
 exactly once, when the pieces each needs are there.
 
 What is kept does not grow with history: the last ``_MAX_RUNS`` runs (for joining and
-for feedback on them; a run with its signature and its assessment drops its message,
-which nothing reads again), and per goal and signature what
-:class:`~services.improvement.patterns.PatternLearner` bounds (a goal's runs count only
-towards that goal's pattern). Names that repeat run
+for feedback on them), at most ``_MAX_RUNS_PER_GOAL`` of them of one goal, and past the
+overall cap the goal holding the most loses its oldest, so one goal's flood never evicts
+another goal's runs (its feedback would find no run). A run whose signature is known and
+that cannot be assessed any more (it has its assessment, or it failed: only completed
+runs are assessed) drops its message, which nothing reads again. Per goal and signature
+:class:`~services.improvement.patterns.PatternLearner` bounds what it keeps (a goal's runs
+count only towards that goal's pattern). The spend copy keeps the last two UTC days (only
+today's is read) and the feedback times only those within two rate windows of the latest.
+Names that repeat run
 after run (users, goals, specialties, agents, versions) are interned, so a run holds
 references, not copies, and a snapshot writes each once.
 """
@@ -18,12 +23,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from operator import attrgetter
 from sys import intern
 from typing import Any
 
 from services.improvement.patterns import PatternLearner, PatternSettings
+from services.improvement.quotas import Tally
 from services.improvement.versions import WorkflowLedger
 from streams.clock import Clock
 from streams.config import BudgetSettings
@@ -53,10 +59,20 @@ from streams.workflows import split_instructions
 __all__ = ["GoalSpend", "ImprovementState", "RunInfo", "state_from_v1"]
 
 _MAX_RUNS = 200_000
+_MAX_RUNS_PER_GOAL = 50_000
+_MAX_FEEDBACK_USERS = 100_000  # users whose recent feedback times are kept
+_SPEND_DAYS = 2  # UTC days of spend kept: today's is read, yesterday's while days turn
 
 
 def _shared(name: str | None) -> str | None:
     return None if name is None else intern(name)
+
+
+def _judged(assessed: bool, completed_at: datetime | None, failed_at: datetime | None) -> bool:
+    """Whether a run can no longer be assessed: it has its one assessment, or it failed
+    (only a completed run is assessed). Then nothing reads its message once its
+    signature is known (the assessor asks for it only before the assessment)."""
+    return assessed or (completed_at is None and failed_at is not None)
 
 
 @dataclass
@@ -84,20 +100,81 @@ class RunInfo:
         return self.specialty or self.routed_specialty
 
 
+class _RunTable:
+    """Runs by id, at most ``max_per_goal`` of one goal (its oldest goes first) and
+    ``max_runs`` in all (past it, the oldest of the goal holding the most goes): O(1) each."""
+
+    def __init__(self, max_runs: int, max_per_goal: int) -> None:
+        self.max_runs, self.max_per_goal = max(1, max_runs), max(1, max_per_goal)
+        self.runs: OrderedDict[str, RunInfo | tuple[Any, ...]] = OrderedDict()
+        # goal (None: not known yet) -> its runs' ids, oldest first; and how many each holds
+        self._by_goal: dict[str | None, OrderedDict[str, None]] = {}
+        self._tally: Tally[str | None] = Tally()
+
+    def keep(self, run_id: str, run: RunInfo | tuple[Any, ...], goal_id: str | None) -> None:
+        """Keep a new run within its goal's quota and the overall cap (evicting first)."""
+        self._make_room(goal_id)
+        while len(self.runs) >= self.max_runs:
+            self._evict(self._tally.largest())
+        self.runs[run_id] = run
+        self._by_goal.setdefault(goal_id, OrderedDict())[run_id] = None
+        self._tally.add(goal_id)
+
+    def regroup(self, run_id: str, goal_id: str) -> None:
+        """A run first seen without a goal learnt its goal: it counts towards that goal now,
+        as its newest run (in the table's order too, so a snapshot restores the same order)."""
+        self._remove(None, run_id)
+        self._make_room(goal_id)
+        self._by_goal.setdefault(goal_id, OrderedDict())[run_id] = None
+        self._tally.add(goal_id)
+        self.runs.move_to_end(run_id)
+
+    def _make_room(self, goal_id: str | None) -> None:
+        while self._tally.count(goal_id) >= self.max_per_goal:
+            self._evict(goal_id)
+
+    def _evict(self, goal_id: str | None) -> None:
+        """Forget the goal's oldest run."""
+        run_id = next(iter(self._by_goal[goal_id]))
+        self._remove(goal_id, run_id)
+        del self.runs[run_id]
+
+    def _remove(self, goal_id: str | None, run_id: str) -> None:
+        runs = self._by_goal[goal_id]
+        del runs[run_id]
+        if not runs:
+            del self._by_goal[goal_id]
+        self._tally.remove(goal_id)
+
+
 class ImprovementState:
     """Runs, patterns and workflow ledgers; ``dirty_*`` say what to re-evaluate."""
 
-    def __init__(self, patterns: PatternSettings, clock: Clock) -> None:
+    def __init__(
+        self,
+        patterns: PatternSettings,
+        clock: Clock,
+        *,
+        max_runs: int | None = None,
+        max_runs_per_goal: int | None = None,
+        feedback_window_s: float = 3600.0,
+    ) -> None:
+        self._table = _RunTable(
+            _MAX_RUNS if max_runs is None else max_runs,
+            _MAX_RUNS_PER_GOAL if max_runs_per_goal is None else max_runs_per_goal,
+        )
+        self.feedback_window_s = feedback_window_s
         # run_id -> the run; a run restored from a snapshot stays the row it was saved as
         # (a tuple of RunInfo's fields) until it is looked at: most never are again.
-        self.runs: OrderedDict[str, RunInfo | tuple[Any, ...]] = OrderedDict()
+        self.runs = self._table.runs
         self.learner = PatternLearner(patterns, clock)
         self.flows: dict[str, WorkflowLedger] = {}
         self.dirty_signatures: set[str] = set()
         self.dirty_flows: set[str] = set()
         self.keys = KeyRegistry()
         self.spend = GoalSpend()
-        # user -> feedback_id -> when its verdict was given, for the per-user rate limit
+        # user -> feedback_id -> when its verdict was given, for the per-user rate limit;
+        # users in the order of their latest feedback
         self.feedback: dict[str, OrderedDict[str, datetime]] = {}
         # (specialty, instruction) -> goals whose canary of it beat their baseline
         self.wins: dict[tuple[str, str], set[str]] = {}
@@ -108,12 +185,11 @@ class ImprovementState:
             found = self.runs[run_id] = RunInfo(*found)  # in place: the order stays
         return found  # type: ignore[return-value]
 
-    def _run(self, run_id: str) -> RunInfo:
+    def _run(self, run_id: str, goal_id: str | None) -> RunInfo:
         found = self.run(run_id)
         if found is None:
-            found = self.runs[run_id] = RunInfo(run_id)
-            if len(self.runs) > _MAX_RUNS:
-                self.runs.popitem(last=False)
+            found = RunInfo(run_id, goal_id=goal_id)
+            self._table.keep(run_id, found, goal_id)
         return found
 
     def flow(self, workflow_id: str) -> WorkflowLedger:
@@ -123,10 +199,26 @@ class ImprovementState:
         return found
 
     def note_feedback(self, user_id: str, feedback_id: str, at: datetime) -> None:
-        seen = self.feedback.setdefault(user_id, OrderedDict())
+        """An accepted feedback of ``user_id`` at ``at``. Times older than two rate windows
+        before it are dropped, the user's and those of users whose latest feedback is that
+        old (users are kept in the order of their latest): a rate check looks one window
+        back from its own feedback's time, which may lag the latest a little."""
+        seen = self.feedback.pop(user_id, None) or OrderedDict()
+        self.feedback[user_id] = seen  # the latest user to give feedback
         seen[feedback_id] = at
-        while len(seen) > 1000:
+        horizon = at - timedelta(seconds=2 * self.feedback_window_s)
+        while len(seen) > 1000 or next(iter(seen.values())) < horizon:
             seen.popitem(last=False)
+            if not seen:
+                del self.feedback[user_id]
+                break
+        while self.feedback:
+            user, oldest = next(iter(self.feedback.items()))
+            if len(self.feedback) <= _MAX_FEEDBACK_USERS and next(reversed(oldest.values())) >= (
+                horizon
+            ):
+                break
+            del self.feedback[user]
 
     def feedback_count(self, user_id: str, since: datetime, *, excluding: str) -> int:
         seen: dict[str, datetime] = self.feedback.get(user_id, {})
@@ -167,13 +259,15 @@ class ImprovementState:
             RequestReceived | RouteDecided | WorkflowCompleted | WorkflowFailed | WorkflowAssessed,
         ):
             return
-        run = self._run(event.run_id)
+        run = self._run(event.run_id, _shared(event.goal_id))
         # The first owner, goal and message seen stay the run's: every event of a run
         # carries its request's, so a later request_received under the same run id that
         # says otherwise is a replay or a forgery, and must not hand the run (and
         # feedback on it) to another user.
         run.user_id = run.user_id or _shared(event.user_id)
-        run.goal_id = run.goal_id or _shared(event.goal_id)
+        if run.goal_id is None and event.goal_id is not None:
+            run.goal_id = intern(event.goal_id)
+            self._table.regroup(run.run_id, run.goal_id)
         if isinstance(event, RequestReceived):
             run.message = run.message or event.message
         elif isinstance(event, RouteDecided):
@@ -232,9 +326,7 @@ class ImprovementState:
             flow = run.version_flow or run.specialty
             self.flow(flow).observe(run.run_id, run.version_label, run.quality, run.completed_at)
             self.dirty_flows.add(flow)
-        if run.signature is not None and run.assessed:
-            # Its signature and its one assessment are in: nothing reads the message again
-            # (the assessor asks for it only before the assessment).
+        if run.signature is not None and _judged(run.assessed, run.completed_at, run.failed_at):
             run.message = None
 
     # -- snapshots -------------------------------------------------------------
@@ -256,9 +348,12 @@ class ImprovementState:
         rows: list[tuple[Any, ...]] = data["runs"]
         if not all(type(row) is tuple and len(row) == _RUN_FIELDS for row in rows):
             raise ValueError(f"a run is not a row of {_RUN_FIELDS} fields")
-        runs: OrderedDict[str, RunInfo | tuple[Any, ...]] = OrderedDict(
-            (row[0], row) for row in rows
-        )
+        # The same caps as the fold: a snapshot written before them restores within them.
+        table = _RunTable(self._table.max_runs, self._table.max_per_goal)
+        for row in rows:
+            if row[0] in table.runs:
+                raise ValueError(f"run {row[0]!r} twice")
+            table.keep(row[0], _lean(row), row[_GOAL])
         learner = PatternLearner(self.learner.settings, self.learner.clock)
         learner.restore(data["patterns"])
         flows = {w: WorkflowLedger.from_dump(w, raw) for w, raw in data["flows"]}
@@ -267,8 +362,11 @@ class ImprovementState:
         spend = GoalSpend(self.spend.default_limit)
         spend.restore(data["spend"])
         feedback = {user: OrderedDict(seen) for user, seen in data["feedback"]}
+        for user in list(feedback)[: max(0, len(feedback) - _MAX_FEEDBACK_USERS)]:
+            del feedback[user]
         wins = {(w, text): set(goals) for w, text, goals in data["wins"]}
-        self.runs, self.learner, self.flows, self.keys = runs, learner, flows, keys
+        self._table, self.runs = table, table.runs
+        self.learner, self.flows, self.keys = learner, flows, keys
         self.spend, self.feedback, self.wins = spend, feedback, wins
         self.dirty_signatures, self.dirty_flows = set(learner), set(flows)
 
@@ -282,9 +380,22 @@ class ImprovementState:
 # A run as a tuple of its fields in order, which RunInfo(*row) reads back.
 _run_row = attrgetter(*(f.name for f in fields(RunInfo)))
 _RUN_FIELDS = len(fields(RunInfo))
-_MESSAGE, _SIGNATURE, _ASSESSED = (
-    [f.name for f in fields(RunInfo)].index(name) for name in ("message", "signature", "assessed")
+_MESSAGE, _SIGNATURE, _ASSESSED, _GOAL, _COMPLETED, _FAILED = (
+    [f.name for f in fields(RunInfo)].index(name)
+    for name in ("message", "signature", "assessed", "goal_id", "completed_at", "failed_at")
 )
+
+
+def _lean(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A dumped run as the fold keeps it now: without its message once nothing reads it
+    (a snapshot written before failed runs dropped theirs keeps them)."""
+    if (
+        row[_MESSAGE] is not None
+        and row[_SIGNATURE] is not None
+        and _judged(row[_ASSESSED], row[_COMPLETED], row[_FAILED])
+    ):
+        return (*row[:_MESSAGE], None, *row[_MESSAGE + 1 :])
+    return row
 
 
 def state_from_v1(data: dict[str, Any]) -> dict[str, Any]:
@@ -324,6 +435,7 @@ class GoalSpend:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._limits: dict[str, tuple[datetime, float]] = {}
         self._exceeded: set[tuple[str, date]] = set()
+        self._latest: date | None = None  # the latest day of a spend or refusal seen
 
     def apply(self, event: Event) -> None:
         if event.goal_id is None:
@@ -334,14 +446,29 @@ class GoalSpend:
             self._seen[event.event_id] = None
             if len(self._seen) > 100_000:
                 self._seen.popitem(last=False)
-            day = (event.goal_id, event.occurred_at.date())
-            self._spent[day] = self._spent.get(day, 0.0) + event.cost_usd
+            if self._current(event.occurred_at.date()):
+                day = (event.goal_id, event.occurred_at.date())
+                self._spent[day] = self._spent.get(day, 0.0) + event.cost_usd
         elif isinstance(event, BudgetUpdateRequested) and event.max_daily_cost is not None:
             known = self._limits.get(event.goal_id)
             if known is None or known[0] <= event.occurred_at:  # the latest update wins
                 self._limits[event.goal_id] = (event.occurred_at, event.max_daily_cost)
         elif isinstance(event, BudgetExceeded) and event.limit == "max_daily_cost":
-            self._exceeded.add((event.goal_id, event.occurred_at.date()))
+            if self._current(event.occurred_at.date()):
+                self._exceeded.add((event.goal_id, event.occurred_at.date()))
+
+    def _current(self, day: date) -> bool:
+        """Whether ``day`` is among the last ``_SPEND_DAYS`` UTC days seen (only today's is
+        read); a later day than any seen drops those that are no longer."""
+        if self._latest is not None and day <= self._latest:
+            return day > self._latest - timedelta(days=_SPEND_DAYS)
+        self._latest = day
+        first = day - timedelta(days=_SPEND_DAYS - 1)
+        if any(d < first for _, d in self._spent):
+            self._spent = {k: usd for k, usd in self._spent.items() if k[1] >= first}
+        if any(d < first for _, d in self._exceeded):
+            self._exceeded = {k for k in self._exceeded if k[1] >= first}
+        return True
 
     def dump(self) -> dict[str, Any]:
         """Spend, limits and refusals as plain values (for a snapshot)."""
@@ -358,7 +485,11 @@ class GoalSpend:
         seen = OrderedDict.fromkeys(str(i) for i in data["seen"])
         limits = {g: (at, float(usd)) for g, (at, usd) in data["limits"]}
         exceeded = {(g, d) for g, d in data["exceeded"]}
+        days = [d for _, d in (*spent, *exceeded)]
         self._spent, self._seen, self._limits, self._exceeded = spent, seen, limits, exceeded
+        self._latest = None
+        if days:
+            self._current(max(days))  # what a snapshot of before kept beyond the days goes
 
     def limit(self, goal_id: str) -> float:
         known = self._limits.get(goal_id)

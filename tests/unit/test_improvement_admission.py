@@ -1,0 +1,85 @@
+"""The feedback endpoint's in-flight bound, over a real server and real sockets on 127.0.0.1:
+at most ``max_in_flight`` requests at once (503 past it), one key at most its share (429),
+also while bodies are still coming; slots are given back when requests end."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.improvement.http import build_app, build_runner
+from streams.events import FeedbackDecided, PromotionDecided
+from tests.unit.test_http_slow_clients import _open, _post, _serving
+from tests.unit.test_improvement_feedback import _Sink
+
+FEEDBACK = {"run_id": "r1", "score": 4}
+
+
+class _Waiting(_Sink):
+    """Holds every verdict until ``release``; ``entered`` counts the requests waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Semaphore(0)
+        self.release = asyncio.Event()
+
+    async def verdict(
+        self, request_id: str, timeout: float
+    ) -> FeedbackDecided | PromotionDecided | None:
+        self.entered.release()
+        await self.release.wait()
+        return await super().verdict(request_id, timeout)
+
+
+async def test_the_feedback_endpoint_bounds_requests_in_flight_and_each_keys_share() -> None:
+    sink = _Waiting()
+    # Three keys of the run's owner (u1 of g1): each its own key id, so its own share.
+    first, second, third = (sink.key("g1", "u1") for _ in range(3))
+    app = build_app(sink, None, max_in_flight=4, key_share=0.5)
+    async with _serving(build_runner(app)) as url:
+
+        async def improve(key: str) -> asyncio.Task[tuple[int, dict[str, object]]]:
+            return asyncio.create_task(_post(url, key, FEEDBACK, "/improve"))
+
+        held = [await improve(first) for _ in range(2)]
+        for _ in held:
+            await asyncio.wait_for(sink.entered.acquire(), 2.0)
+        status, body = await _post(url, first, FEEDBACK, "/improve")
+        assert status == 429 and "share" in str(body["error"])
+        # Another key still gets its slots: the first took only its share.
+        held += [await improve(second) for _ in range(2)]
+        for _ in held[2:]:
+            await asyncio.wait_for(sink.entered.acquire(), 2.0)
+        status, body = await _post(url, third, FEEDBACK, "/improve")
+        assert status == 503 and "in flight" in str(body["error"])
+        sink.release.set()
+        assert [s for s, _ in await asyncio.gather(*held)] == [200] * 4
+        # Every slot was given back.
+        answers = await asyncio.gather(*(_post(url, k, FEEDBACK, "/improve") for k in (first,) * 2))
+        assert [s for s, _ in answers] == [200, 200]
+    assert len(sink.sent) == 6
+
+
+async def test_a_key_has_at_most_its_share_of_bodies_still_coming() -> None:
+    sink = _Sink()
+    key = sink.key("g1", "u1")
+    app = build_app(sink, None, max_in_flight=4, key_share=0.5, body_timeout=5.0)
+    async with _serving(build_runner(app)) as url:
+        slow = []
+        for _ in range(2):
+            reader, writer = await _open(url)
+            writer.write(
+                b"POST /improve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + key.encode() + b"\r\nContent-Length: 100\r\n\r\n{"
+            )
+            await writer.drain()
+            slow.append((reader, writer))
+        await asyncio.sleep(0.2)  # both are reading their body now
+        status, body = await _post(url, key, FEEDBACK, "/improve")
+        assert status == 429 and "sending their body" in str(body["error"])
+        other = sink.key("g1", "u1")
+        assert (await _post(url, other, FEEDBACK, "/improve"))[0] == 200
+        for _, writer in slow:
+            writer.close()
+            await writer.wait_closed()
+        await asyncio.sleep(0.2)  # the server sees them gone and gives the share back
+        assert (await _post(url, key, FEEDBACK, "/improve"))[0] == 200
