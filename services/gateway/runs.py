@@ -3,16 +3,19 @@
 The improvement service checks that the user giving feedback owns the run; a key
 also names a goal, and a run of another goal must be refused even when the same
 user asked it. The index reads the terminal topics outside any group, from
-``lookback`` before the gateway started, and keeps at most ``capacity`` runs.
+``lookback`` before the gateway started, and keeps at most ``capacity`` runs, at most
+``per_goal`` of one goal: a goal's runs push out only its own older runs, and past
+``capacity`` the goal holding the most loses its oldest, so one key's flood of requests
+never makes another goal's feedback 404.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from datetime import datetime, timedelta
 
 from streams.events import Event, WorkflowCompleted, WorkflowFailed
 from streams.kafka import BACKGROUND_FETCH, KafkaSettings
+from streams.quotas import PerGoal
 from streams.views import TopicView
 
 __all__ = ["RunIndex"]
@@ -27,21 +30,25 @@ class RunIndex:
         *,
         lookback: timedelta,
         capacity: int = 200_000,
+        per_goal: int = 50_000,
         source: str = "gateway",
     ) -> None:
         self.settings = settings
         self.lookback = lookback
         self.capacity = capacity
         self.source = source
-        self._goals: OrderedDict[str, str] = OrderedDict()
+        self._runs: PerGoal[str, None] = PerGoal(per_goal, capacity)
+        self._goals: dict[str, str] = {}  # run_id -> goal_id of every run in _runs
         self._view: TopicView | None = None
 
     def note(self, run_id: str, goal_id: str) -> None:
         """Record a run's goal (the gateway records the runs it answered at once)."""
+        known = self._goals.get(run_id)
+        if known is not None and known != goal_id:
+            self._runs.pop(known, run_id)
         self._goals[run_id] = goal_id
-        self._goals.move_to_end(run_id)
-        while len(self._goals) > self.capacity:
-            self._goals.popitem(last=False)
+        for _, old, _ in self._runs.put(goal_id, run_id, None):
+            del self._goals[old]
 
     def goal_of(self, run_id: str) -> str | None:
         return self._goals.get(run_id)

@@ -125,7 +125,12 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     config = GatewaySettings.from_env()
     client = OrchestratorClient(ctx.settings, source=SOURCE, clock=ctx.clock)
     keys = KeyView(ctx.settings, operators=operators_from())
-    runs = RunIndex(ctx.settings, lookback=config.run_lookback, source=SOURCE)
+    runs = RunIndex(
+        ctx.settings,
+        lookback=config.run_lookback,
+        per_goal=config.runs_per_goal,
+        source=SOURCE,
+    )
     gateway = GatewayApp(
         PlatformBackend(client, keys, runs, ctx.clock),
         max_in_flight=config.max_in_flight,

@@ -118,6 +118,18 @@ class GatewaySettings(EnvSettings):
         read_by="gateway",
         ge=0.0,
     )
+    runs_per_goal: int = setting(
+        "ORCH_GATEWAY_RUNS_PER_GOAL",
+        50_000,
+        "Most runs of one goal the gateway remembers for `POST /v1/feedback` (of 200,000 for "
+        "all goals): a goal's newer runs push out only its own older ones, and past 200,000 "
+        "the goal holding the most loses its oldest, so one key's flood of requests never "
+        "makes another goal's feedback 404. Raise it when one goal answers more than this "
+        "within `ORCH_GATEWAY_RUN_LOOKBACK_HOURS`. 1-200000.",
+        read_by="gateway",
+        ge=1,
+        le=200_000,
+    )
 
     @property
     def run_lookback(self) -> timedelta:

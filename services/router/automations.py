@@ -13,16 +13,31 @@ response cache without a goal (one written before automations were per goal)
 serves no goal. A direct route pins an agent, and an agent belongs to one goal, so
 it serves only that goal (a route without a goal: only the goal the registry says
 its agent belongs to).
+
+Nothing here grows with history or with one goal's traffic. Cached answers are kept per
+goal (``per_goal``, of ``max_answers`` for all goals, and at most ``max_bytes`` of text;
+an answer over ``answer_bytes`` is never cached): a goal's answers push out only its own,
+and past a total cap the goal holding the most loses its oldest (``streams.quotas``), so
+one goal's distinct requests never make another goal's earned cache miss. An answer is
+kept where it can be served: under a (goal, signature) with a response cache in force.
+One without (yet) waits among a few candidates per goal (a tenth of each cap): the
+improvement service earns a response cache from runs the router has already answered, so
+the answer that taught it is served at once instead of after one more LLM call; a
+candidate moves into the cache when its automation comes, and back when it expires.
+Expired automations are dropped (at most ``MAX_AUTOMATIONS`` are kept, the soonest to
+expire leaving first).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
+from streams.clock import Clock
 from streams.events import (
     AutomationCreated,
     Event,
@@ -30,10 +45,15 @@ from streams.events import (
     WorkflowAssessed,
     WorkflowCompleted,
 )
+from streams.quotas import PerGoal
 from streams.registry import RegistryView
 from streams.signatures import exact_key, signature_of
 
-__all__ = ["AutomationHit", "Automations", "CachedAnswer"]
+__all__ = ["MAX_AUTOMATIONS", "AutomationHit", "Automations", "CachedAnswer"]
+
+# Automations in force kept at most (the improvement service earns one per goal, signature
+# and kind, for a TTL): past it the one that expires soonest is dropped.
+MAX_AUTOMATIONS = 100_000
 
 
 class CachedAnswer(NamedTuple):
@@ -49,6 +69,11 @@ class CachedAnswer(NamedTuple):
     def of(cls, e: WorkflowCompleted) -> CachedAnswer:
         return cls(e.run_id, e.goal_id, e.agent_id, e.text, dict(e.meta))
 
+    def size(self) -> int:
+        """Bytes it holds (its text and meta), what the cache's byte caps count."""
+        meta = sum(len(k) + len(v) for k, v in self.meta.items())
+        return len(self.text.encode("utf-8", "replace")) + meta + len(self.run_id)
+
 
 @dataclass(frozen=True)
 class AutomationHit:
@@ -63,6 +88,16 @@ class _Run:
     goal_id: str | None = None  # the goal the request was routed for
     answer: CachedAnswer | None = None
     quality: float | None = None
+    signature: str = ""  # the request's signature ("" unknown: a decision that had none)
+
+
+class _Kept(NamedTuple):
+    """A cached answer, its quality and the signature whose response cache serves it."""
+
+    answer: CachedAnswer
+    quality: float
+    signature: str
+    size: int
 
 
 # (goal_id, request key): one goal's answer is never another's.
@@ -72,39 +107,64 @@ _AutomationKey = tuple[str, str | None, str]
 
 
 class Automations:
-    def __init__(self, max_answers: int = 20_000, min_quality: float = 0.6) -> None:
+    def __init__(
+        self,
+        max_answers: int = 20_000,
+        min_quality: float = 0.6,
+        *,
+        per_goal: int = 1_000,
+        max_bytes: int = 64 * 1024 * 1024,
+        answer_bytes: int = 16 * 1024,
+        clock: Clock | None = None,
+    ) -> None:
         self._automations: dict[_AutomationKey, AutomationCreated] = {}
         self._expires: dict[_AutomationKey, datetime] = {}
-        self._specialties: set[str] = set()
-        self._answers: OrderedDict[_AnswerKey, CachedAnswer] = OrderedDict()
-        self._quality: dict[_AnswerKey, float] = {}
+        # (expiry, order, key) of every automation kept, soonest first (stale ones skipped)
+        self._expiry: list[tuple[datetime, int, _AutomationKey]] = []
+        self._order = 0
+        self._specialties: dict[str, int] = {}  # specialty -> automations kept for it
+        self._cache_goals: dict[str, int] = {}  # goal -> its response caches kept
+        # Answers a response cache in force serves, per goal; and candidates: answers of a
+        # (goal, signature) without one (yet). A request key is in one of them at most.
+        self._answers: PerGoal[str, _Kept] = PerGoal(per_goal, max_answers, total_weight=max_bytes)
+        self._candidates: PerGoal[str, _Kept] = PerGoal(
+            max(1, per_goal // 10), max(1, max_answers // 10), total_weight=max(1, max_bytes // 10)
+        )
+        # (goal, signature) -> request keys of its answers in either table
+        self._keys: dict[tuple[str, str], set[str]] = {}
         # run_id -> what is known of the run so far (its request key, its LLM answer, the
         # answer's quality), until all three are: the topics are read side by side, so
         # after a restart they arrive in any order.
         self._runs: OrderedDict[str, _Run] = OrderedDict()
         self._max = max_answers
+        self._per_goal, self._max_bytes, self.answer_bytes = per_goal, max_bytes, answer_bytes
         self.min_quality = min_quality
+        self.clock = clock
 
     def __len__(self) -> int:
         return len(self._automations)
 
     def learn(self, event: Event) -> None:
+        if self.clock is not None:
+            self.prune(self.clock.now())
         if isinstance(event, AutomationCreated):
             if event.kind == "response_cache" and event.goal_id is None:
                 return  # an older one, earned on every goal's runs: it serves no goal
-            key = (event.kind, event.goal_id, event.signature)
-            self._automations[key] = event
-            self._expires[key] = event.occurred_at + timedelta(seconds=event.ttl_seconds)
-            self._specialties.add(event.specialty)
+            self._keep_automation(event)
         elif isinstance(event, RouteDecided) and event.request_key:
             run = self._run(event.run_id)
             run.key, run.goal_id = event.request_key, event.goal_id
+            run.signature = event.signature
             self._complete(event.run_id)
         elif isinstance(event, WorkflowCompleted):
             if event.degradation_tier != "llm":
                 self._runs.pop(event.run_id, None)  # never cached: not an LLM answer
                 return
-            self._run(event.run_id).answer = CachedAnswer.of(event)
+            answer = CachedAnswer.of(event)
+            if answer.size() > self.answer_bytes:
+                self._runs.pop(event.run_id, None)  # never cached: too large to keep
+                return
+            self._run(event.run_id).answer = answer
             self._complete(event.run_id)
         elif isinstance(event, WorkflowAssessed):
             # An unjudged answer's quality is a guess: it is never served again as good.
@@ -112,32 +172,156 @@ class Automations:
             self._run(event.run_id).quality = -1.0 if unjudged else event.quality
             self._complete(event.run_id)
 
+    # -- automations in force --------------------------------------------------------
+    def _keep_automation(self, event: AutomationCreated) -> None:
+        key = (event.kind, event.goal_id, event.signature)
+        expires = event.occurred_at + timedelta(seconds=event.ttl_seconds)
+        if self.clock is not None and expires <= self.clock.now():
+            return  # expired already: it would serve nothing
+        old = self._automations.get(key)
+        if old is not None:  # the same (goal, signature): its answers stay where they are
+            _count(self._specialties, old.specialty, -1)
+        elif event.kind == "response_cache" and event.goal_id is not None:
+            _count(self._cache_goals, event.goal_id, 1)
+        _count(self._specialties, event.specialty, 1)
+        self._automations[key] = event
+        self._expires[key] = expires
+        self._order += 1
+        heapq.heappush(self._expiry, (expires, self._order, key))
+        if len(self._expiry) > 2 * len(self._expires) + 64:  # drop what is stale
+            self._expiry = [(e, n, k) for e, n, k in self._expiry if self._expires.get(k) == e]
+            heapq.heapify(self._expiry)
+        if len(self._automations) > MAX_AUTOMATIONS:
+            self._drop_soonest()
+        if old is None and event.kind == "response_cache" and event.goal_id is not None:
+            self._move(event.goal_id, event.signature, self._candidates, self._answers)
+            # Answers whose decision carried no signature: any cache of their goal may serve.
+            self._move(event.goal_id, "", self._candidates, self._answers)
+
+    def prune(self, now: datetime) -> None:
+        """Drop the automations expired at ``now`` (an answer they served becomes a
+        candidate again)."""
+        while self._expiry and self._expiry[0][0] <= now:
+            self._drop_soonest()
+
+    def _drop_soonest(self) -> None:
+        while self._expiry:
+            expires, _, key = heapq.heappop(self._expiry)
+            if self._expires.get(key) == expires:
+                self._drop_automation(key)
+                return
+
+    def _drop_automation(self, key: _AutomationKey) -> None:
+        event = self._automations.pop(key)
+        del self._expires[key]
+        _count(self._specialties, event.specialty, -1)
+        kind, goal_id, signature = key
+        if kind == "response_cache" and goal_id is not None:
+            _count(self._cache_goals, goal_id, -1)
+            self._move(goal_id, signature, self._answers, self._candidates)
+            if goal_id not in self._cache_goals:
+                self._move(goal_id, "", self._answers, self._candidates)
+
+    def _serves(self, goal_id: str, signature: str) -> bool:
+        """Whether a response cache of the goal is in force for answers of ``signature``
+        (any of the goal's when the signature is unknown: a decision that carried none)."""
+        if signature:
+            return ("response_cache", goal_id, signature) in self._automations
+        return goal_id in self._cache_goals
+
+    # -- cached answers --------------------------------------------------------------
+    def _move(
+        self, goal_id: str, signature: str, src: PerGoal[str, _Kept], dst: PerGoal[str, _Kept]
+    ) -> None:
+        for request_key in list(self._keys.get((goal_id, signature), ())):
+            kept = src.pop(goal_id, request_key)
+            if kept is not None:
+                self._put(dst, goal_id, request_key, kept)
+
+    def _put(self, table: PerGoal[str, _Kept], goal_id: str, request_key: str, kept: _Kept) -> None:
+        self._keys.setdefault((goal_id, kept.signature), set()).add(request_key)
+        for goal, key, old in table.put(goal_id, request_key, kept, kept.size):
+            self._unindex(goal, key, old.signature)
+
+    def _unindex(self, goal_id: str, request_key: str, signature: str) -> None:
+        keys = self._keys.get((goal_id, signature))
+        if keys is not None:
+            keys.discard(request_key)
+            if not keys:
+                del self._keys[(goal_id, signature)]
+
+    def _kept(self, goal_id: str, request_key: str) -> _Kept | None:
+        found = self._answers.get(goal_id, request_key)
+        return found if found is not None else self._candidates.get(goal_id, request_key)
+
+    def _cache(self, goal_id: str, request_key: str, kept: _Kept) -> None:
+        """Keep an answer: in the cache when a response cache serves it, else a candidate."""
+        for table in (self._answers, self._candidates):
+            old = table.pop(goal_id, request_key)
+            if old is not None:
+                self._unindex(goal_id, request_key, old.signature)
+        served = self._serves(goal_id, kept.signature)
+        self._put(self._answers if served else self._candidates, goal_id, request_key, kept)
+
     def dump(self) -> dict[str, Any]:
         """What was learned, as plain values (for a snapshot; answers are immutable but for
         their meta, which nothing changes once kept)."""
+        if self.clock is not None:
+            self.prune(self.clock.now())
         return {
             "automations": [e.model_dump(mode="json") for e in self._automations.values()],
+            # ((goal, request key), answer, quality, signature): older dumps hold only the
+            # first three
             "answers": [
-                (key, tuple(a), self._quality.get(key)) for key, a in self._answers.items()
+                ((goal, key), tuple(k.answer), k.quality, k.signature)
+                for table in (self._answers, self._candidates)
+                for goal, key, k in table.items()
             ],
             "runs": [
-                (run_id, r.key, r.goal_id, tuple(r.answer) if r.answer else None, r.quality)
+                (
+                    run_id,
+                    r.key,
+                    r.goal_id,
+                    tuple(r.answer) if r.answer else None,
+                    r.quality,
+                    r.signature,
+                )
                 for run_id, r in self._runs.items()
             ],
         }
 
     def restore(self, data: dict[str, Any]) -> None:
-        """Replace what was learned with a :meth:`dump`."""
-        fresh = Automations(self._max, self.min_quality)
+        """Replace what was learned with a :meth:`dump` (or an older one's), under the same
+        caps as what is learned."""
+        fresh = Automations(
+            self._max,
+            self.min_quality,
+            per_goal=self._per_goal,
+            max_bytes=self._max_bytes,
+            answer_bytes=self.answer_bytes,
+            clock=self.clock,
+        )
         for raw in data["automations"]:
             fresh.learn(AutomationCreated.model_validate(raw))
-        for key, answer, quality in data["answers"]:
-            fresh._answers[key] = CachedAnswer._make(answer)
-            if quality is not None:
-                fresh._quality[key] = float(quality)
-        for run_id, request_key, goal, answer, quality in data["runs"]:
-            cached = CachedAnswer._make(answer) if answer is not None else None
-            fresh._runs[run_id] = _Run(request_key, goal, cached, quality)
+        for row in data["answers"]:
+            (goal_id, request_key), answer, quality = row[:3]
+            signature = str(row[3]) if len(row) > 3 else ""
+            cached = CachedAnswer._make(answer)
+            # An older dump kept answers whose goal had no response cache too, and no
+            # quality for some: kept as the answers learned now would be.
+            if quality is None or cached.size() > fresh.answer_bytes:
+                continue
+            kept = _Kept(cached, float(quality), signature, cached.size())
+            fresh._cache(str(goal_id), str(request_key), kept)
+        for row in data["runs"]:
+            run_id, request_key, goal, answer, quality = row[:5]
+            pending = CachedAnswer._make(answer) if answer is not None else None
+            if pending is not None and pending.size() > fresh.answer_bytes:
+                continue
+            signature = str(row[5]) if len(row) > 5 else ""
+            fresh._runs[run_id] = _Run(request_key, goal, pending, quality, signature)
+            if len(fresh._runs) > fresh._max:
+                fresh._runs.popitem(last=False)
         self.__dict__.update(fresh.__dict__)
 
     def _run(self, run_id: str) -> _Run:
@@ -156,15 +340,12 @@ class Automations:
         goal_id = run.answer.goal_id
         if goal_id is None or goal_id != run.goal_id:
             return  # whose answer it is is unclear: it serves nobody
-        key, quality = (goal_id, run.key), run.quality
+        quality = run.quality
+        kept = self._kept(goal_id, run.key)
         # Keep the best answer seen for an identical request, not merely the latest.
-        if quality >= self.min_quality and quality >= self._quality.get(key, -1.0):
-            self._answers[key] = run.answer
-            self._quality[key] = quality
-            self._answers.move_to_end(key)
-            if len(self._answers) > self._max:
-                old, _ = self._answers.popitem(last=False)
-                self._quality.pop(old, None)
+        if quality >= self.min_quality and quality >= (kept.quality if kept else -1.0):
+            size = run.answer.size()
+            self._cache(goal_id, run.key, _Kept(run.answer, quality, run.signature, size))
 
     def lookup(
         self,
@@ -188,15 +369,16 @@ class Automations:
         route serves only the goal its agent belongs to: the ``registry`` says whose the
         agent is; without it, the route's own ``goal_id``.
         """
+        self.prune(now)
         if goal_id is None or specialty not in self._specialties:
             return None
         sig = signature_of(message, specialty)
         cache_key = ("response_cache", goal_id, sig)
         cache = self._automations.get(cache_key)
         if cache is not None and cache.goal_id == goal_id and now < self._expires[cache_key]:
-            answer = self._answers.get((goal_id, exact_key(message, specialty, context)))
-            if answer is not None and answer.goal_id == goal_id:
-                return AutomationHit(cache, specialty, answer)
+            kept = self._answers.get(goal_id, exact_key(message, specialty, context))
+            if kept is not None and kept.answer.goal_id == goal_id:
+                return AutomationHit(cache, specialty, kept.answer)
         # The goal's own route; else one without a goal, whose agent's goal decides.
         for route_key in (("direct_route", goal_id, sig), ("direct_route", None, sig)):
             route = self._automations.get(route_key)
@@ -209,6 +391,14 @@ class Automations:
             ):
                 return AutomationHit(route, specialty)
         return None
+
+
+def _count(counts: dict[str, int], key: str, delta: int) -> None:
+    left = counts.get(key, 0) + delta
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _owner(route: AutomationCreated, registry: RegistryView | None) -> str | None:

@@ -15,7 +15,11 @@ from typing import Any
 from streams.registry import AgentRecord
 from streams.specialties import profile_for, tokens
 
-__all__ = ["CRITERIA", "AgentStats", "OutcomeStats", "Weights", "score_agent"]
+__all__ = ["CRITERIA", "MAX_PREFERENCES", "AgentStats", "OutcomeStats", "Weights", "score_agent"]
+
+# (user, agent) preferences kept: every user who scores a run makes one per agent, so the
+# least recently scored pair leaves past this (a user with none scores 0.5, neutral).
+MAX_PREFERENCES = 100_000
 
 CRITERIA = (
     "specialty_match",
@@ -65,8 +69,8 @@ class OutcomeStats:
     """What the router has seen of each agent and each user's experience with it."""
 
     agents: dict[str, AgentStats] = field(default_factory=lambda: defaultdict(AgentStats))
-    # (user_id, agent_id) -> [score sum, count]
-    preference: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    # (user_id, agent_id) -> [score sum, count], least recently scored first
+    preference: OrderedDict[tuple[str, str], list[float]] = field(default_factory=OrderedDict)
     # run_id -> (agent_id, user_id), the newest 100,000. An OrderedDict: dropping a plain
     # dict's oldest key scans the slots its earlier deletions left, and a long fold slowed down.
     run_agent: OrderedDict[str, tuple[str, str]] = field(default_factory=OrderedDict)
@@ -94,9 +98,13 @@ class OutcomeStats:
         known = self.run_agent.get(run_id)
         if known is None or score is None or known[1] != user_id:
             return
-        entry = self.preference.setdefault((user_id, known[0]), [0.0, 0.0])
+        key = (user_id, known[0])
+        entry = self.preference.setdefault(key, [0.0, 0.0])
         entry[0] += (score - 1) / 4
         entry[1] += 1
+        self.preference.move_to_end(key)
+        while len(self.preference) > MAX_PREFERENCES:
+            self.preference.popitem(last=False)
 
     def dump(self) -> dict[str, Any]:
         """The statistics as plain values (for a snapshot); in-flight counts are this
@@ -115,7 +123,8 @@ class OutcomeStats:
         stats = cls()
         for agent_id, runs, successes, quality_sum, quality_n, cost_sum in data["agents"]:
             stats.agents[agent_id] = AgentStats(runs, successes, quality_sum, quality_n, cost_sum)
-        stats.preference = {(u, a): [float(t), float(n)] for u, a, t, n in data["preference"]}
+        kept = data["preference"][-MAX_PREFERENCES:]  # a dump lists them oldest first
+        stats.preference = OrderedDict(((u, a), [float(t), float(n)]) for u, a, t, n in kept)
         stats.run_agent = OrderedDict(data["run_agent"])
         return stats
 

@@ -84,6 +84,12 @@ _MAX_RUNS = 100_000
 # Distinct users whose feedback is kept for a run whose decision (and so its user) is not
 # read yet: the owner's is the one that counts, and nobody else's may crowd it out for long.
 _MAX_FEEDBACK_USERS = 8
+# Runs with feedback read before anything else of the run (after a restart the topics are
+# read side by side): kept aside, the oldest forgotten past this, so that feedback on runs
+# the router never sees (made-up run ids) cannot push real runs' signals out of _runs.
+_MAX_EARLY_FEEDBACK = 10_000
+# A run id longer than any the platform makes is not one the router will see routed.
+_MAX_RUN_ID = 200
 KNOWLEDGE_TOPICS = (
     BudgetReported.topic,
     RouteDecided.topic,
@@ -196,8 +202,15 @@ class Router:
         # run_id -> its decision, assessment and feedback, until it has taught the policy
         # (then a marker that it did), the oldest forgotten past _MAX_RUNS
         self._runs: OrderedDict[str, _RunSignals] = OrderedDict()
+        # run_id -> user -> reward: feedback on runs not in _runs yet (see _MAX_EARLY_FEEDBACK)
+        self._early_feedback: OrderedDict[str, dict[str, float]] = OrderedDict()
         self.registry = RegistryView()
-        self.automations = Automations()
+        self._cache_limits = {
+            "per_goal": settings.cache_per_goal,
+            "max_bytes": settings.cache_bytes,
+            "answer_bytes": settings.cache_answer_bytes,
+        }
+        self.automations = self._automations()
         self.stats = OutcomeStats()
         self.spawn_timeout = settings.spawn_timeout
         self.model_busy = settings.model_busy
@@ -271,21 +284,42 @@ class Router:
                 self._teach(run)
         elif isinstance(event, FeedbackReceived):
             self.stats.feedback(event.run_id, event.user_id, event.score)
-            run = self._signals(event.run_id)
-            if event.score is not None and not run.done:
-                given = run.feedback if run.feedback is not None else {}
+            if event.score is None:
+                return
+            reward = (event.score - 1) / 4
+            known = self._runs.get(event.run_id)
+            if known is None:  # nothing else of the run read yet: kept aside, not in _runs
+                self._feedback_early(event.run_id, event.user_id, reward)
+            elif not known.done:
+                given = known.feedback if known.feedback is not None else {}
                 if event.user_id not in given and len(given) < _MAX_FEEDBACK_USERS:
-                    given[event.user_id] = (event.score - 1) / 4
-                run.feedback = given
-                self._teach(run)
+                    given[event.user_id] = reward
+                known.feedback = given
+                self._teach(known)
+
+    def _feedback_early(self, run_id: str, user_id: str, reward: float) -> None:
+        if len(run_id) > _MAX_RUN_ID:
+            return
+        given = self._early_feedback.get(run_id)
+        if given is None:
+            given = self._early_feedback[run_id] = {}
+            if len(self._early_feedback) > _MAX_EARLY_FEEDBACK:
+                self._early_feedback.popitem(last=False)
+        if user_id not in given and len(given) < _MAX_FEEDBACK_USERS:
+            given[user_id] = reward
 
     def _signals(self, run_id: str) -> _RunSignals:
         found = self._runs.get(run_id)
         if found is None:
-            found = self._runs[run_id] = _RunSignals()
+            found = self._runs[run_id] = _RunSignals(
+                feedback=self._early_feedback.pop(run_id, None)
+            )
             if len(self._runs) > _MAX_RUNS:
                 self._runs.popitem(last=False)
         return found
+
+    def _automations(self) -> Automations:
+        return Automations(clock=self.ctx.clock, **self._cache_limits)
 
     def _teach(self, run: _RunSignals) -> None:
         """Update the policy from the run once what it teaches is known (see _RunSignals)."""
@@ -310,6 +344,9 @@ class Router:
             "policy": self.policy.name,
             "learned": self.policy.dump() if isinstance(self.policy, LearnedPolicy) else None,
             "runs": [signals.row(run) for run, signals in self._runs.items()],
+            "early_feedback": [
+                [run, sorted(given.items())] for run, given in self._early_feedback.items()
+            ],
             "ended": self.ended.dump(),
             "registry": self.registry.dump(),
             "automations": self.automations.dump(),
@@ -322,17 +359,22 @@ class Router:
         if data["policy"] != self.policy.name:
             raise ValueError(f"a snapshot of the {data['policy']} policy, not {self.policy.name}")
         runs = OrderedDict(_RunSignals.from_row(row) for row in data["runs"])
+        # An older snapshot has none (its feedback-only runs are in its runs).
+        early = OrderedDict(
+            (str(run), {str(u): float(r) for u, r in given})
+            for run, given in data.get("early_feedback", [])
+        )
         weights = {str(g): float(w) for g, w in data.get("cost_weights", {}).items()}
         ended = EndedRuns(self.ctx.clock)
         ended.restore(data["ended"])
         registry = RegistryView()
         registry.restore(data["registry"])
-        automations = Automations()
+        automations = self._automations()
         automations.restore(data["automations"])
         stats = OutcomeStats.from_dump(data["stats"])
         if isinstance(self.policy, LearnedPolicy):
             self.policy.restore(data["learned"])
-        self._runs, self.ended = runs, ended
+        self._runs, self._early_feedback, self.ended = runs, early, ended
         self.registry, self.automations, self.stats = registry, automations, stats
         self.cost_weights = weights
 

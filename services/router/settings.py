@@ -67,6 +67,36 @@ class RouterSettings(EnvSettings):
         read_by="router",
         ge=1000,
     )
+    cache_per_goal: int = setting(
+        "ORCH_ROUTER_CACHE_PER_GOAL",
+        1_000,
+        "Most cached answers (response-cache automations) the router keeps for one goal, of "
+        "20,000 for all goals: a goal's new answers push out only its own oldest, and past "
+        "20,000 (or `ORCH_ROUTER_CACHE_BYTES`) the goal holding the most loses its oldest, so "
+        "one goal's distinct requests never make another goal's cache miss. An answer is kept "
+        "only for a (goal, signature) with a response cache in force; a tenth as many wait as "
+        "candidates for one still to be earned. >= 1.",
+        read_by="router",
+        ge=1,
+    )
+    cache_bytes: int = setting(
+        "ORCH_ROUTER_CACHE_BYTES",
+        64 * 1024 * 1024,
+        "Most bytes of answer text the router's answer cache keeps for all goals (in memory "
+        "and in each router snapshot), the goal holding the most losing its oldest past it; "
+        "candidates take at most a tenth more. >= 65536.",
+        read_by="router",
+        ge=65536,
+    )
+    cache_answer_bytes: int = setting(
+        "ORCH_ROUTER_CACHE_ANSWER_BYTES",
+        16 * 1024,
+        "Largest answer (UTF-8 bytes of text and meta) the router caches; a larger one is "
+        "answered by the LLM every time, so an endpoint that ignores `max_tokens` cannot fill "
+        "the cache. >= 1024.",
+        read_by="router",
+        ge=1024,
+    )
     seed: int | None = setting(
         "ORCH_ROUTER_SEED",
         None,

@@ -388,3 +388,123 @@ def test_an_older_automation_naming_its_goal_serves_only_that_goal():
         assert hit is not None and hit.cached is not None and hit.cached.run_id == "a1"
         assert router.lookup(MSG, CS, T0, "goal-b", registry) is None
         assert router.lookup("reset my account password", CS, T0, "goal-b", registry) is None
+
+
+# -- bounded: one goal's traffic never evicts another's cache; nothing grows with history ----
+
+
+def _answered(auto: Automations, run: str, goal: str, message: str, text: str = "ok") -> None:
+    auto.learn(_decided(run, message, CS, goal=goal))
+    auto.learn(_answer(run, goal=goal, text=text))
+    auto.learn(_assessed(run))
+
+
+def _flood(auto: Automations, goal: str, n: int) -> None:
+    """n distinct good answers of ``goal``, each of a signature with its cache in force."""
+    for i in range(n):
+        message = f"reset my account password please {i}"
+        auto.learn(
+            _automation("response_cache", goal=goal).model_copy(
+                update={"signature": signature_of(message, CS)}
+            )
+        )
+        _answered(auto, f"{goal}-{i}", goal, message)
+
+
+def test_one_goals_flood_of_answers_never_evicts_another_goals_cached_answer():
+    for make in (lambda: Automations(100), lambda: Automations(100, per_goal=20)):
+        auto = make()
+        auto.learn(_automation("response_cache", goal="victim"))
+        _learn_run(auto, "v1", "victim", "9 to 5")
+        _flood(auto, "attacker", 500)
+        served = _served(auto, "victim")
+        assert served is not None and served.text == "9 to 5"
+        # past the total the goal holding the most loses its oldest; then its own quota
+        assert auto._answers.count_of("attacker") == min(99, auto._per_goal)
+
+
+def test_an_answer_is_kept_only_where_a_response_cache_serves_it():
+    auto = Automations(max_answers=1_000, per_goal=100)
+    for i in range(500):  # no automation: at most a tenth of the goal's share waits
+        _answered(auto, f"r{i}", "g", f"question number {i}")
+    assert len(auto._answers) == 0 and len(auto._candidates) == 10
+    # The answer that earned the automation waits for it, and is served once it comes.
+    _learn_run(auto, "r-msg", "g", "Use the reset link.")
+    auto.learn(_automation("response_cache", ttl=60))
+    served = _served(auto, "g")
+    assert served is not None and served.run_id == "r-msg"
+    assert len(auto._answers) == 1 and len(auto._candidates) == 9
+
+
+def test_an_answer_too_large_is_never_cached_and_the_cache_is_bounded_in_bytes():
+    auto = Automations(max_bytes=100 * 1024, answer_bytes=16 * 1024)
+    auto.learn(_automation("response_cache"))
+    _learn_run(auto, "big", "g", "y" * (256 * 1024))  # an endpoint that ignored max_tokens
+    assert _served(auto, "g") is None
+    assert all(run.answer is None for run in auto._runs.values())  # nor kept while it waits
+    for goal in ("g", *(f"goal-{i}" for i in range(20))):
+        auto.learn(_automation("response_cache", goal=goal))
+        for i in range(3):  # 15 KiB each, three requests of the goal's
+            message = f"{MSG} {i}"
+            auto.learn(
+                _automation("response_cache", goal=goal).model_copy(
+                    update={"signature": signature_of(message, CS)}
+                )
+            )
+            _answered(auto, f"{goal}-{i}", goal, message, text="z" * (15 * 1024))
+    assert auto._answers.weight <= 100 * 1024
+    assert 0 < len(auto._answers) <= 100 * 1024 // (15 * 1024)
+
+
+def test_expired_automations_are_dropped_and_their_answers_wait_again():
+    clock = FakeClock(T0)
+    auto = Automations(clock=clock)
+    auto.learn(_automation("response_cache", ttl=60))
+    auto.learn(_automation("direct_route", ttl=600))
+    _learn_run(auto, "r1", "g", "Use the reset link.")
+    assert len(auto) == 2 and len(auto._answers) == 1
+    clock.advance(61)
+    auto.learn(_assessed("unrelated"))  # any event: the fold drops what expired
+    assert len(auto) == 1 and len(auto._answers) == 0 and len(auto._candidates) == 1
+    assert [a["kind"] for a in auto.dump()["automations"]] == ["direct_route"]
+    # lookup drops by the time it is asked at, and so does dump
+    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=601), "g") is None and len(auto) == 0
+    for i in range(1_000):  # every automation ever earned, all long expired
+        auto.learn(_automation("direct_route", ttl=60).model_copy(update={"signature": f"s{i}"}))
+    assert len(auto) == 0 and auto.dump()["automations"] == []
+
+
+def test_automations_in_force_are_capped(monkeypatch):
+    from services.router import automations
+
+    monkeypatch.setattr(automations, "MAX_AUTOMATIONS", 10)
+    auto = Automations()
+    for i in range(30):
+        auto.learn(
+            _automation("direct_route", ttl=1_000 + i).model_copy(update={"signature": f"s{i}"})
+        )
+    assert len(auto) == 10  # the soonest to expire went first
+    assert sorted(a["signature"] for a in auto.dump()["automations"]) == sorted(
+        f"s{i}" for i in range(20, 30)
+    )
+
+
+def test_restore_holds_the_caps_and_reads_an_older_dump():
+    older = {  # what a router wrote before answers were per goal and bounded
+        "automations": [_automation("response_cache").model_dump(mode="json")],
+        "answers": [
+            (("g", exact_key(MSG, CS)), ("r1", "g", "cs_g", "Use the reset link.", {}), 0.9),
+            (("g", "k-huge"), ("r2", "g", "cs_g", "y" * (256 * 1024), {}), 0.9),
+            (("other", "k-other"), ("r3", "other", "cs_o", "no cache of its own", {}), 0.9),
+            *((("g", f"k{i}"), (f"x{i}", "g", "cs_g", "answer", {}), 0.9) for i in range(50)),
+        ],
+        "runs": [("r9", "k9", "g", None, None)],
+    }
+    auto = Automations(per_goal=20)
+    auto.restore(older)
+    assert len(auto._answers) == 20 and auto._answers.count_of("other") == 0
+    assert auto._answers.get("g", "k-huge") is None and auto._kept("g", "k-huge") is None
+    assert list(auto._runs) == ["r9"]
+    again = Automations(per_goal=20)
+    again.restore(auto.dump())
+    assert again.dump() == auto.dump()

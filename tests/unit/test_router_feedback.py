@@ -263,3 +263,62 @@ def _expected_updates(events: list[ev.Event]) -> int:
     fed_back = sum(1 for r in learned if method.get(r) == "unjudged" and r in scored)
     assert judged and fed_back
     return judged + fed_back
+
+
+# -- bounded: feedback on runs the router never sees, user preferences --------------------
+
+
+def test_feedback_on_runs_the_router_never_saw_does_not_push_real_runs_out(monkeypatch):
+    from services.router import service
+
+    monkeypatch.setattr(service, "_MAX_RUNS", 50)
+    monkeypatch.setattr(service, "_MAX_EARLY_FEEDBACK", 20, raising=False)
+    router, policy = _router()
+    router.learn(_decided("real"))  # routed; its assessment is still to come
+    for i in range(1_000):  # SDK feedback on made-up run ids
+        router.learn(_feedback(f"made-up-{i}", 1, user="mallory"))
+    router.learn(_assessed("real", "judge", 0.7))
+    assert policy.taught == [("code", 0.7, 0.002)]
+    assert len(router._runs) == 1 and len(router._early_feedback) == 20
+
+
+def test_feedback_read_before_its_run_teaches_across_a_snapshot_and_older_ones_restore():
+    router, policy = _router()
+    router.learn(_feedback("r1", 5))  # read before anything else of the run
+    assert "r1" not in router._runs and "r1" in router._early_feedback
+    state = decode_state(encode_state(router.dump()))
+    resumed, resumed_policy = _router()
+    resumed.restore(state)
+    for e in (_decided("r1"), _completed("r1"), _assessed("r1", "unjudged")):
+        resumed.learn(e)
+    assert resumed_policy.taught == [("code", 1.0, 0.002)]
+    older = dict(state)  # a snapshot written before the early feedback was kept aside
+    del older["early_feedback"]
+    older["runs"] = [["r1", False, None, None, None, None, None, [["u1", 1.0]], False]]
+    again, again_policy = _router()
+    again.restore(older)
+    for e in (_decided("r1"), _assessed("r1", "unjudged")):
+        again.learn(e)
+    assert again_policy.taught == [("code", 1.0, 0.002)]
+
+
+def test_user_preferences_are_capped_least_recently_scored_first(monkeypatch):
+    from services.router import scoring
+
+    monkeypatch.setattr(scoring, "MAX_PREFERENCES", 5, raising=False)
+    router, _ = _router()
+    for i in range(20):
+        run, user = f"r{i}", f"user-{i}"
+        router.learn(_completed(run).model_copy(update={"user_id": user}))
+        router.learn(_feedback(run, 5, user=user))
+        if i >= 1:  # user-0 scores again each time: the most recent, never dropped
+            router.learn(_completed(f"again-{i}").model_copy(update={"user_id": "user-0"}))
+            router.learn(_feedback(f"again-{i}", 4, user="user-0"))
+    kept = list(router.stats.preference)
+    assert len(kept) == 5 and ("user-0", "code-agent") in kept
+    assert kept[-1] == ("user-0", "code-agent")
+    restored, _ = _router()
+    dumped = router.dump()
+    dumped["stats"]["preference"] = [[f"old-{i}", "a", 1.0, 1.0] for i in range(10)]
+    restored.restore(dumped)
+    assert list(restored.stats.preference) == [(f"old-{i}", "a") for i in range(5, 10)]

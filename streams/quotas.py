@@ -1,0 +1,166 @@
+"""Tables every goal shares, bounded so that one goal's traffic never evicts another's entries.
+
+A table of runs or answers with one cap for all goals lets one tenant's flood push every
+other tenant's entries out (invariant 6: tenants stay apart). :class:`PerGoal` keeps each
+goal's entries apart, oldest first, under a cap per goal and a cap for the whole table, on
+their count and optionally on their weight (bytes): an entry that takes its goal over the
+goal's cap pushes out that goal's oldest, and one that takes the table over its cap pushes
+out the oldest entry of the goal holding the most, so the goal that fills the table is the
+one that loses entries.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator
+from typing import Generic, TypeVar
+
+__all__ = ["PerGoal"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class _Largest:
+    """The goal with the largest value, in O(log goals) per change.
+
+    A lazy max-heap: each goal has an entry at least its value (its ceiling); a value
+    above its ceiling pushes a new entry, a fall pushes nothing, and the top is checked
+    (and pushed again at its value) when asked for.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self._ceiling: dict[str, int] = {}  # goal -> its largest entry in the heap
+        self._heap: list[tuple[int, str]] = []
+
+    def set(self, goal: str, value: int) -> None:
+        if value <= 0:
+            self.values.pop(goal, None)
+            return
+        self.values[goal] = value
+        if value > self._ceiling.get(goal, 0):
+            self._push(goal, value)
+            if len(self._heap) > 2 * len(self.values) + 64:
+                self._heap = [(-v, g) for g, v in self.values.items()]
+                self._ceiling = dict(self.values)
+                heapq.heapify(self._heap)
+
+    def top(self) -> str | None:
+        while self._heap:
+            value, goal = self._heap[0]
+            current = self.values.get(goal, 0)
+            if -value == current:
+                return goal
+            heapq.heappop(self._heap)
+            if self._ceiling.get(goal) == -value:  # its largest entry: replace it
+                del self._ceiling[goal]
+                if current > 0:
+                    self._push(goal, current)
+        return None
+
+    def _push(self, goal: str, value: int) -> None:
+        heapq.heappush(self._heap, (-value, goal))
+        self._ceiling[goal] = value
+
+
+class PerGoal(Generic[K, V]):
+    """``(goal, key) -> value``, oldest first within each goal, under per-goal and total caps.
+
+    ``per_goal`` and ``total`` bound the number of entries; ``per_goal_weight`` and
+    ``total_weight`` (when set) the sum of the weights :meth:`put` is given. An entry whose
+    weight alone is over a weight cap is not kept. :meth:`put` returns what it pushed out.
+    """
+
+    def __init__(
+        self,
+        per_goal: int,
+        total: int,
+        *,
+        per_goal_weight: int | None = None,
+        total_weight: int | None = None,
+    ) -> None:
+        self.per_goal, self.total = max(1, per_goal), max(1, total)
+        self.per_goal_weight, self.total_weight = per_goal_weight, total_weight
+        self._goals: dict[str, OrderedDict[K, tuple[V, int]]] = {}
+        self._counts = _Largest()
+        self._weights = _Largest()
+        self._count = 0
+        self._weight = 0
+        self._weighed = per_goal_weight is not None or total_weight is not None
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def weight(self) -> int:
+        return self._weight
+
+    def count_of(self, goal: str) -> int:
+        return len(self._goals.get(goal, ()))
+
+    def get(self, goal: str, key: K) -> V | None:
+        entries = self._goals.get(goal)
+        found = entries.get(key) if entries is not None else None
+        return found[0] if found is not None else None
+
+    def items(self) -> Iterator[tuple[str, K, V]]:
+        """Every entry, goal by goal, oldest first."""
+        for goal, entries in self._goals.items():
+            for key, (value, _) in entries.items():
+                yield goal, key, value
+
+    def keys_of(self, goal: str) -> list[K]:
+        return list(self._goals.get(goal, ()))
+
+    def pop(self, goal: str, key: K) -> V | None:
+        entries = self._goals.get(goal)
+        if entries is None or key not in entries:
+            return None
+        value, weight = entries.pop(key)
+        self._forget(goal, entries, weight)
+        return value
+
+    def put(self, goal: str, key: K, value: V, weight: int = 1) -> list[tuple[str, K, V]]:
+        """Keep ``value`` as the goal's newest entry; returns the entries pushed out (the
+        new one itself when its weight alone is over a cap)."""
+        self.pop(goal, key)
+        if self._weighed and weight > min(
+            self.per_goal_weight or weight, self.total_weight or weight
+        ):
+            return [(goal, key, value)]
+        entries = self._goals.setdefault(goal, OrderedDict())
+        entries[key] = (value, weight)
+        self._count += 1
+        self._weight += weight
+        self._counts.set(goal, len(entries))
+        if self._weighed:
+            self._weights.set(goal, self._weights.values.get(goal, 0) + weight)
+        out: list[tuple[str, K, V]] = []
+        while len(entries) > self.per_goal or (
+            self.per_goal_weight is not None
+            and self._weights.values.get(goal, 0) > self.per_goal_weight
+        ):
+            out.append(self._pop_oldest(goal))
+        while self._count > self.total:
+            out.append(self._pop_oldest(self._counts.top()))
+        while self.total_weight is not None and self._weight > self.total_weight:
+            out.append(self._pop_oldest(self._weights.top()))
+        return out
+
+    def _pop_oldest(self, goal: str | None) -> tuple[str, K, V]:
+        assert goal is not None  # the table is over a cap, so some goal holds entries
+        entries = self._goals[goal]
+        key, (value, weight) = entries.popitem(last=False)
+        self._forget(goal, entries, weight)
+        return goal, key, value
+
+    def _forget(self, goal: str, entries: OrderedDict[K, tuple[V, int]], weight: int) -> None:
+        self._count -= 1
+        self._weight -= weight
+        self._counts.set(goal, len(entries))
+        if self._weighed:
+            self._weights.set(goal, self._weights.values.get(goal, 0) - weight)
+        if not entries:
+            del self._goals[goal]
