@@ -70,6 +70,7 @@ __all__ = [
     "MAX_FEEDBACK_CHARS",
     "MAX_RUN_ID_CHARS",
     "MAX_WAIT_SECONDS",
+    "SPAWN_APPROVAL_SECONDS",
     "new_event_id",
     "terminal_event_id",
     "validate_identifier",
@@ -86,6 +87,11 @@ MAX_RUN_ID_CHARS = 200
 # Feedback text: the improvement service reads it on its event loop, the guard compares
 # instructions with it; what a person writes about one answer fits.
 MAX_FEEDBACK_CHARS = 4_000
+# A spawn approval older than this (by its occurred_at, the budget's clock) is not acted
+# on: the spawner reports spawn_failed instead, and the budget gives the approval's place
+# under max_agents back after twice this, so an approval nobody acts on (one the spawner
+# cannot read, say) does not hold it for ever, and none is acted on after it was freed.
+SPAWN_APPROVAL_SECONDS = 300.0
 # A request's deadline is at most this long after the request: a lease, a queue's wait
 # and every time sum the budget makes stay within reach of the clock.
 MAX_WAIT_SECONDS = 86_400

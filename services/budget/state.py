@@ -43,6 +43,7 @@ from typing import Any
 from streams.clock import utc_day
 from streams.config import BudgetSettings
 from streams.events import (
+    SPAWN_APPROVAL_SECONDS,
     BudgetExceeded,
     BudgetTicked,
     BudgetUpdateRequested,
@@ -993,6 +994,12 @@ class BudgetState:
         for key, (held_at, _) in list(self.spawn_holds.items()):
             if (t - datetime.fromisoformat(held_at)).total_seconds() > _SPAWN_HOLD_SECONDS:
                 del self.spawn_holds[key]
+        # An approval the spawner never answered gives its place back; the spawner acts
+        # on none this old (SPAWN_APPROVAL_SECONDS), so no agent comes of it after this.
+        for approval, approved_at in list(self.spawning.items()):
+            age = (t - datetime.fromisoformat(approved_at)).total_seconds()
+            if age > 2 * SPAWN_APPROVAL_SECONDS:
+                del self.spawning[approval]
         # A task past its deadline and the LLM timeout cannot be running any more: its
         # slot comes back (the queue drains after this), its money stays held a while.
         for run, held in list(self.in_flight.items()):

@@ -19,7 +19,13 @@ from services.spawner.design import (
     writing_request,
 )
 from streams.clock import Clock
-from streams.events import AgentSpawned, GoalAgentsChanged, LlmCallCompleted, SpawnApproved
+from streams.events import (
+    SPAWN_APPROVAL_SECONDS,
+    AgentSpawned,
+    GoalAgentsChanged,
+    LlmCallCompleted,
+    SpawnApproved,
+)
 from streams.faust_app import create_app, event_topic, start_app
 from streams.llm import (
     Completion,
@@ -40,6 +46,10 @@ log = logging.getLogger(__name__)
 APP_NAME = "orchestrator.spawner"
 SOURCE = "spawner"
 _NS = uuid.UUID("7c2e4a1b-5d3f-4e8a-9b6c-1f0a2d3e4b5c")
+
+
+class StaleApproval(Exception):
+    """An approval too old to act on (see ``SPAWN_APPROVAL_SECONDS``)."""
 
 
 def _changed(approval: SpawnApproved, agent_id: str, change: str) -> GoalAgentsChanged:
@@ -185,6 +195,10 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         if cost is not None:
             # The prompt call was made and is paid for: counted whatever happens next.
             await ctx.producer.deliver([cost], what=f"the prompt call's cost for {agent_id}")
+        age = (ctx.clock.now() - event.occurred_at).total_seconds()
+        if age > SPAWN_APPROVAL_SECONDS:
+            # The budget gives this approval's place back soon, if it has not already.
+            raise StaleApproval(f"approved {age:.0f} s ago; {SPAWN_APPROVAL_SECONDS:.0f} s at most")
         registry[agent_id] = spawned.model_dump(mode="json")
         return spawned
 

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
+import pytest
 from aiokafka.errors import KafkaTimeoutError
 
 from services.budget.state import BudgetState
 from services.spawner import service as spawner
 from streams.clock import SystemClock
-from streams.events import AgentSpawned, Event, GoalAgentsChanged, SpawnApproved, SpawnDenied
+from streams.events import (
+    SPAWN_APPROVAL_SECONDS,
+    AgentSpawned,
+    Event,
+    GoalAgentsChanged,
+    SpawnApproved,
+    SpawnDenied,
+)
 from streams.kafka import EventConsumer, EventProducer, KafkaSettings
 from streams.runtime import ServiceContext
 from tests.unit.test_budget_state import DEFAULTS, _spawn_req
@@ -55,28 +64,19 @@ async def _read(settings: KafkaSettings, topics: list[str]) -> list[Any]:
     return out
 
 
-async def test_a_failed_send_after_the_agent_exists_never_frees_its_slot(
-    settings: KafkaSettings, monkeypatch: Any, tmp_path: Any
-) -> None:
-    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)  # template prompts: no LLM call
-    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
-    clock = SystemClock()
-    budget = BudgetState.new("g1", DEFAULTS)
-    budget.max_agents = 1
-    (approval,) = budget.handle(_spawn_req(0), clock.now(), DEFAULTS).events
-    assert isinstance(approval, SpawnApproved)
-
-    producer = NoticeFailsOnce(settings, client_id="spawner-test")
+async def _spawn(
+    settings: KafkaSettings, producer: EventProducer, approval: SpawnApproved
+) -> tuple[list[GoalAgentsChanged], list[AgentSpawned]]:
+    """Run the spawner on ``approval`` until the budget's notice of it is on the topic."""
     await producer.start()
     stop = asyncio.Event()
-    task = asyncio.create_task(
-        spawner.main(ServiceContext("spawner", settings, clock, producer), stop)
-    )
+    ctx = ServiceContext("spawner", settings, SystemClock(), producer)
+    task = asyncio.create_task(spawner.main(ctx, stop))
+    notices: list[GoalAgentsChanged] = []
+    spawned: list[AgentSpawned] = []
     try:
         async with EventProducer(settings) as client:
             await client.send(approval)
-        notices: list[GoalAgentsChanged] = []
-        spawned: list[AgentSpawned] = []
         for _ in range(60):
             await asyncio.sleep(1)
             seen = await _read(settings, [AgentSpawned.topic, GoalAgentsChanged.topic])
@@ -88,6 +88,26 @@ async def test_a_failed_send_after_the_agent_exists_never_frees_its_slot(
         stop.set()
         await asyncio.wait_for(task, 60)
         await producer.stop()
+    return notices, spawned
+
+
+@pytest.fixture
+def no_llm(monkeypatch: Any, tmp_path: Any) -> None:
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)  # template prompts: no LLM call
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+
+
+async def test_a_failed_send_after_the_agent_exists_never_frees_its_slot(
+    settings: KafkaSettings, no_llm: None
+) -> None:
+    clock = SystemClock()
+    budget = BudgetState.new("g1", DEFAULTS)
+    budget.max_agents = 1
+    (approval,) = budget.handle(_spawn_req(0), clock.now(), DEFAULTS).events
+    assert isinstance(approval, SpawnApproved)
+
+    producer = NoticeFailsOnce(settings, client_id="spawner-test")
+    notices, spawned = await _spawn(settings, producer, approval)
 
     assert producer.failed == 1  # the fault did happen
     assert len({e.agent_id for e in spawned}) == 1  # the agent is live
@@ -97,3 +117,25 @@ async def test_a_failed_send_after_the_agent_exists_never_frees_its_slot(
         budget.handle(notice, clock.now(), DEFAULTS)
     assert budget.agent_count() == 1
     assert isinstance(budget.handle(_spawn_req(1), clock.now(), DEFAULTS).events[-1], SpawnDenied)
+
+
+async def test_an_approval_older_than_the_budget_keeps_its_place_makes_no_agent(
+    settings: KafkaSettings, no_llm: None
+) -> None:
+    # The budget gives an unanswered approval's place back after 2 x SPAWN_APPROVAL_SECONDS;
+    # one the spawner reads after SPAWN_APPROVAL_SECONDS (it was down, or behind) would
+    # make an agent past max_agents.
+    stamped = SystemClock().now() - timedelta(seconds=SPAWN_APPROVAL_SECONDS + 60)
+    approval = SpawnApproved.model_validate(
+        {**_approval_of(_spawn_req(0)).model_dump(), "occurred_at": stamped}
+    )
+    notices, spawned = await _spawn(settings, EventProducer(settings), approval)
+    assert [e.change for e in notices] == ["spawn_failed"]
+    assert spawned == []
+
+
+def _approval_of(request: Any) -> SpawnApproved:
+    budget = BudgetState.new("g1", DEFAULTS)
+    (approval,) = budget.handle(request, SystemClock().now(), DEFAULTS).events
+    assert isinstance(approval, SpawnApproved)
+    return approval

@@ -10,6 +10,7 @@ import pytest
 from services.budget.state import BudgetDefaults, BudgetState, RunStore, _digest
 from streams.clock import FakeClock
 from streams.events import (
+    SPAWN_APPROVAL_SECONDS,
     BudgetExceeded,
     BudgetTicked,
     BudgetUpdateRequested,
@@ -134,6 +135,21 @@ def test_a_failed_spawn_does_not_keep_its_place():
     state.handle(_changed("s0_x", "spawn_failed", approved.event_id), clock.now(), DEFAULTS)
     assert state.agent_count() == 0
     assert isinstance(state.handle(_spawn_req(2), clock.now(), DEFAULTS).events[0], SpawnApproved)
+
+
+def test_an_approval_nobody_acted_on_gives_its_place_back_after_twice_the_spawners_limit():
+    # An approval the spawner cannot read (a release it does not know) is never answered:
+    # it held its place under max_agents for ever.
+    clock = FakeClock()
+    state = _state(max_agents=1)
+    state.handle(_spawn_req(0), clock.now(), DEFAULTS)
+    clock.advance(2 * SPAWN_APPROVAL_SECONDS - 1)
+    assert isinstance(state.handle(_spawn_req(1), clock.now(), DEFAULTS).events[-1], SpawnDenied)
+    clock.advance(2)
+    (approved,) = state.handle(_spawn_req(2), clock.now(), DEFAULTS).events
+    assert isinstance(approved, SpawnApproved) and state.agent_count() == 1
+    again = BudgetState.from_dict(state.to_dict(), RunStore(), DEFAULTS)
+    assert again.spawning == {approved.event_id: clock.now().isoformat()}
 
 
 def test_a_revival_under_the_cap_counts_the_agent_live_again():
