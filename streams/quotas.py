@@ -1,12 +1,15 @@
-"""Tables every goal shares, bounded so that one goal's traffic never evicts another's entries.
+"""Shares of what the platform bounds: table entries per goal, requests in flight per key.
 
-A table of runs or answers with one cap for all goals lets one tenant's flood push every
-other tenant's entries out (invariant 6: tenants stay apart). :class:`PerGoal` keeps each
-goal's entries apart, oldest first, under a cap per goal and a cap for the whole table, on
-their count and optionally on their weight (bytes): an entry that takes its goal over the
-goal's cap pushes out that goal's oldest, and one that takes the table over its cap pushes
-out the oldest entry of the goal holding the most, so the goal that fills the table is the
-one that loses entries.
+A table of runs, answers or patterns with one cap for all goals lets one tenant's flood
+push every other tenant's entries out (invariant 6: tenants stay apart). Such a table
+evicts instead within the goal that goes over its own cap, and at the table's overall cap
+from the goal holding the most, so a goal holding less than the largest never loses an
+entry to another's traffic. :class:`PerGoal` is such a table, on the count of entries and
+optionally on their weight (bytes); :class:`Tally` keeps the counts, and the goal holding
+the most, for tables that order and evict their entries themselves.
+
+An HTTP server's in-flight bound is the same idea for requests: :class:`Slots`, at most
+so many at once and one API key at most its share of them.
 """
 
 from __future__ import annotations
@@ -14,16 +17,68 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
-__all__ = ["PerGoal"]
+__all__ = ["KeyShareFull", "PerGoal", "Slots", "SlotsFull", "Tally"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+G = TypeVar("G", bound=Hashable)
+
+
+class Tally(Generic[G]):
+    """Entries per group, and the group holding the most, each in O(1)."""
+
+    def __init__(self) -> None:
+        self._counts: dict[G, int] = {}
+        self._by_count: dict[int, dict[G, None]] = {}  # count -> groups holding that many
+        self._top = 0
+        self.total = 0
+
+    def __len__(self) -> int:
+        """How many groups hold at least one entry."""
+        return len(self._counts)
+
+    def count(self, group: G) -> int:
+        return self._counts.get(group, 0)
+
+    def add(self, group: G) -> None:
+        count = self._counts.get(group, 0)
+        self._move(group, count, count + 1)
+
+    def remove(self, group: G) -> None:
+        self._move(group, self._counts[group], self._counts[group] - 1)
+
+    def largest(self) -> G:
+        """A group holding the most entries (of those, the first to reach that many)."""
+        return next(iter(self._by_count[self._top]))
+
+    def _move(self, group: G, old: int, new: int) -> None:
+        if old:
+            bucket = self._by_count[old]
+            del bucket[group]
+            if not bucket:
+                del self._by_count[old]
+        if new:
+            self._by_count.setdefault(new, {})[group] = None
+            self._counts[group] = new
+        else:
+            del self._counts[group]
+        self.total += new - old
+        if new > self._top:
+            self._top = new
+        elif old == self._top and old not in self._by_count:
+            # The one group at the top went down by one: it is still the largest.
+            self._top = new
 
 
 class _Largest:
-    """The goal with the largest value, in O(log goals) per change.
+    """The goal with the largest value (of those, the least by name), in O(log goals) per change.
+
+    :class:`PerGoal` counts with it as well as weighs: a weight moves by any amount, which
+    :class:`Tally` cannot follow, and a tie on the count goes to the least name, not (as
+    in a :class:`Tally`) to the goal that reached the count first.
 
     A lazy max-heap: each goal has an entry at least its value (its ceiling); a value
     above its ceiling pushes a new entry, a fall pushes nothing, and the top is checked
@@ -164,3 +219,54 @@ class PerGoal(Generic[K, V]):
             self._weights.set(goal, self._weights.values.get(goal, 0) - weight)
         if not entries:
             del self._goals[goal]
+
+
+class SlotsFull(Exception):
+    """Every slot is taken."""
+
+
+class KeyShareFull(Exception):
+    """The key holds its share of the slots already."""
+
+    def __init__(self, held: int) -> None:
+        super().__init__(f"{held} held")
+        self.held = held
+
+
+class Slots:
+    """At most ``limit`` things at once, and at most ``per_key`` of them for one key."""
+
+    def __init__(self, limit: int, per_key: int) -> None:
+        self.limit = max(1, limit)
+        self.per_key = max(1, min(per_key, self.limit))
+        self.in_use = 0
+        self.held: dict[str, int] = {}  # key -> slots it holds; no entry at zero
+
+    def take(self, key: str) -> None:
+        """One slot for ``key``, until :meth:`give`; raises :class:`SlotsFull` or
+        :class:`KeyShareFull` (taking nothing) when there is none for it."""
+        if self.in_use >= self.limit:
+            raise SlotsFull(f"{self.in_use} in use")
+        held = self.held.get(key, 0)
+        if held >= self.per_key:
+            raise KeyShareFull(held)
+        self.in_use += 1
+        self.held[key] = held + 1
+
+    def give(self, key: str) -> None:
+        """Give back a slot ``key`` took."""
+        self.in_use -= 1
+        left = self.held[key] - 1
+        if left:
+            self.held[key] = left
+        else:
+            del self.held[key]
+
+    @contextmanager
+    def taken(self, key: str) -> Iterator[None]:
+        """One slot for ``key`` while the block runs (:meth:`take`, then :meth:`give`)."""
+        self.take(key)
+        try:
+            yield
+        finally:
+            self.give(key)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -54,6 +55,7 @@ from streams.errors import (
 from streams.events import MAX_FEEDBACK_CHARS, MAX_RUN_ID_CHARS, FeedbackDecided
 from streams.http import BodyNotJson, BodyTimeout, BodyTooLarge, read_json, runner
 from streams.keys import Identity
+from streams.quotas import KeyShareFull, Slots, SlotsFull
 
 __all__ = ["Backend", "GatewayApp", "build_app", "build_runner"]
 
@@ -199,10 +201,8 @@ class GatewayApp:
         self.body_timeout_s = body_timeout_s
         self.header_timeout_s = header_timeout_s
         self.limits = limits or Limits()
-        self.in_flight = 0
-        # Per key id: the slots its requests hold, and its requests whose body is coming.
-        self.held: dict[str, int] = {}
-        self.receiving: dict[str, int] = {}
+        self._slots = Slots(max_in_flight, self.max_in_flight_per_key)
+        self._receiving = Slots(sys.maxsize, self.max_in_flight_per_key)  # bodies still coming
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -210,6 +210,20 @@ class GatewayApp:
         # Called when a drain ends: closes the server's idle connections (busy ones close
         # once their request is answered).
         self.on_drain: Callable[[], None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return self._slots.in_use
+
+    @property
+    def held(self) -> dict[str, int]:
+        """Per key id, the slots its requests hold (no entry at zero)."""
+        return self._slots.held
+
+    @property
+    def receiving(self) -> dict[str, int]:
+        """Per key id, its requests whose body is coming (no entry at zero)."""
+        return self._receiving.held
 
     # -- admission and stop --------------------------------------------------------
 
@@ -239,24 +253,23 @@ class GatewayApp:
         """One in-flight slot, taken once the body is in: 503 when none is free, 429 when
         the key holds its share of them already."""
         self._refuse_while_draining()
-        if self.in_flight >= self.max_in_flight:
+        try:
+            self._slots.take(who.key_id)
+        except SlotsFull:
             raise _Refusal(
                 503,
                 f"this gateway has {self.in_flight} requests in flight, its limit; try again",
                 "unavailable",
                 "overloaded",
                 {"Retry-After": "1"},
-            )
-        held = self.held.get(who.key_id, 0)
-        if held >= self.max_in_flight_per_key:
-            raise self._key_share_refusal("in flight", held)
-        self.in_flight += 1
+            ) from None
+        except KeyShareFull as exc:
+            raise self._key_share_refusal("in flight", exc.held) from None
         self._idle.clear()
         try:
-            with _counted(self.held, who.key_id):
-                yield
+            yield
         finally:
-            self.in_flight -= 1
+            self._slots.give(who.key_id)
             if self.in_flight == 0:
                 self._idle.set()
 
@@ -317,12 +330,11 @@ class GatewayApp:
         """The body, read before any slot is taken and within ``body_timeout_s`` (else
         408 and the connection closes); a key has at most its share of such reads."""
         self._refuse_while_draining()
-        receiving = self.receiving.get(who.key_id, 0)
-        if receiving >= self.max_in_flight_per_key:
-            raise self._key_share_refusal("sending their body", receiving)
         try:
-            with _counted(self.receiving, who.key_id):
+            with self._receiving.taken(who.key_id):
                 return await read_json(request, self.body_timeout_s)
+        except KeyShareFull as exc:
+            raise self._key_share_refusal("sending their body", exc.held) from None
         except BodyTooLarge:
             raise _Refusal(
                 413,
@@ -475,17 +487,6 @@ class GatewayApp:
         return web.json_response(
             {"ok": not self.draining, "in_flight": self.in_flight}, status=status
         )
-
-
-@contextmanager
-def _counted(counts: dict[str, int], key: str) -> Iterator[None]:
-    counts[key] = counts.get(key, 0) + 1
-    try:
-        yield
-    finally:
-        counts[key] -= 1
-        if not counts[key]:
-            del counts[key]
 
 
 def _feedback_fields(body: Any, who: Identity) -> tuple[str, int | None, str]:

@@ -44,7 +44,6 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from services.improvement.feedback import parse_slack_command, slack_platform_user
-from services.improvement.quotas import KeyShareFull, Slots, SlotsFull
 from streams.errors import (
     InvalidRequest,
     NotRunOwner,
@@ -55,6 +54,7 @@ from streams.errors import (
 from streams.events import FeedbackDecided, FeedbackReceived, PromotionDecided, PromotionRequested
 from streams.http import BodyNotJson, BodyTimeout, BodyTooLarge, read_json, runner
 from streams.keys import Identity
+from streams.quotas import KeyShareFull, Slots, SlotsFull
 
 __all__ = [
     "BODY_TIMEOUT_S",

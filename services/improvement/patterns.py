@@ -54,9 +54,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, NamedTuple
 
-from services.improvement.quotas import Tally
 from streams.clock import Clock
 from streams.events import AutomationCreated, Event, PatternDiscovered
+from streams.quotas import Tally
 from streams.settings import EnvSettings, comma_list, parsed, setting
 from streams.signatures import signature_of
 

@@ -29,7 +29,6 @@ from sys import intern
 from typing import Any
 
 from services.improvement.patterns import PatternLearner, PatternSettings
-from services.improvement.quotas import Tally
 from services.improvement.versions import WorkflowLedger
 from streams.clock import Clock
 from streams.config import BudgetSettings
@@ -54,6 +53,7 @@ from streams.events import (
     WorkflowVersionSaved,
 )
 from streams.keys import KeyRegistry
+from streams.quotas import Tally
 from streams.workflows import split_instructions
 
 __all__ = ["GoalSpend", "ImprovementState", "RunInfo", "state_from_v1"]
