@@ -18,23 +18,28 @@ _MB = 1024 * 1024
 class SinkConfig:
     """Batching and retry policy.
 
-    A batch is written once it holds ``batch_rows`` rows or its oldest row is
-    ``batch_wait`` seconds old. One insert runs at a time; while it runs, rows keep
-    arriving into the next batch up to ``max_batch_rows``, so under a backlog each
-    insert grows and its fixed cost is paid less often. Past that bound the sink
-    pauses its partitions: memory stays bounded by two batches (about 120 MB at
-    100,000 rows of a few hundred bytes).
+    A batch is written once it holds ``batch_rows`` rows or ``max_batch_bytes`` bytes,
+    or its oldest row is ``batch_wait`` seconds old. One insert runs at a time; while
+    it runs (or is retried), rows keep arriving into the next batch up to
+    ``max_batch_rows`` rows and ``max_batch_bytes`` bytes, so under a backlog each
+    insert grows and its fixed cost is paid less often. At either bound the sink
+    pauses its partitions: memory stays bounded by two batches of at most
+    ``max_batch_bytes`` each (a record larger than that is a batch of its own) and
+    one fetch.
     """
 
     batch_rows: int = 5000
     batch_wait: float = 0.2
     max_batch_rows: int = 100_000
+    max_batch_bytes: int = 64 * _MB
     backoff_initial: float = 0.1
     backoff_max: float = 10.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_rows <= self.max_batch_rows:
             raise ValueError("need 1 <= batch_rows <= max_batch_rows")
+        if self.max_batch_bytes < 1:
+            raise ValueError("max_batch_bytes must be at least 1")
         if self.batch_wait <= 0 or self.backoff_initial <= 0 or self.backoff_max <= 0:
             raise ValueError("batch_wait and backoff times must be positive")
 
@@ -110,6 +115,16 @@ class AnalyticsSettings(EnvSettings):
         "bounds memory to about two batches. >= 1.",
         read_by="analytics",
         shown="`max(100_000, ORCH_SINK_BATCH_ROWS)`",
+        ge=1,
+    )
+    max_batch_bytes: int = setting(
+        "ORCH_SINK_MAX_BATCH_BYTES",
+        _SINK.max_batch_bytes,
+        "Largest batch in bytes of records, idle or while an insert runs or is retried: a "
+        "batch that reaches it is written at once, or the sink pauses its partitions until "
+        "the running insert ends. A record larger than it is written alone. >= 1.",
+        read_by="analytics",
+        shown="`67108864` (64 MiB)",
         ge=1,
     )
     backoff_max_ms: float = setting(
@@ -200,6 +215,7 @@ class AnalyticsSettings(EnvSettings):
             batch_rows=self.batch_rows,
             batch_wait=self.batch_ms / 1000,
             max_batch_rows=self.max_batch_rows or max(_SINK.max_batch_rows, self.batch_rows),
+            max_batch_bytes=self.max_batch_bytes,
             backoff_max=self.backoff_max_ms / 1000,
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from streams.kafka import (
     EventConsumer,
     EventProducer,
     KafkaSettings,
+    dead_letter,
 )
 from streams.runtime import ServiceContext
 from streams.topics import CATALOG
@@ -61,13 +63,16 @@ class SinkStats:
     reencoded: int = 0
     retries: int = 0
     commits_failed: int = 0
+    dead_letters_failed: int = 0
     largest_batch: int = 0
+    largest_batch_bytes: int = 0
     paused: bool = False
 
 
 @dataclass
 class _Batch:
     rows: list[EncodedEvent] = field(default_factory=list)
+    size: int = 0  # bytes of the rows' values
     # First and last offset read per partition, open in the consumer's offset tracker
     # until the insert succeeds: nothing at or past them is committed before that.
     marks: list[tuple[TopicPartition, int]] = field(default_factory=list)
@@ -109,6 +114,9 @@ class _Sink:
         self._headers = {settings.topic(t): MAGIC + codec.fingerprint_for(t) for t in topics}
         self._logical = {settings.topic(t): t for t in topics}
         self._batch = _Batch()
+        # Records read but not yet in a batch (they did not fit): nothing more is fetched
+        # until they are in, and nothing of them is committed.
+        self._backlog: deque[tuple[TopicPartition, list[ConsumerRecord[Any, Any]]]] = deque()
         self._inflight: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self._last_progress = (time.monotonic(), 0)
@@ -119,10 +127,13 @@ class _Sink:
         await self._consumer.start()
         try:
             while not stop.is_set():
-                fetched = await self._consumer.raw.getmany(
-                    timeout_ms=self._poll_timeout_ms(), max_records=self._room()
-                )
-                await self._add(fetched)
+                room = self._room()
+                if room:
+                    fetched = await self._consumer.raw.getmany(
+                        timeout_ms=self._poll_timeout_ms(), max_records=room
+                    )
+                    self._backlog.extend(fetched.items())
+                await self._fill()
                 await self._maybe_flush()
                 self._progress()
         finally:
@@ -144,10 +155,22 @@ class _Sink:
         return self._inflight is not None and not self._inflight.done()
 
     def _room(self) -> int:
+        """Records the next fetch may bring: none while the batch is full."""
+        if self._full():
+            return 0
         # Idle store: fill to batch_rows and write at once. Busy store: keep reading up
         # to the cap, so the next insert is larger and its fixed cost is paid once.
         limit = self._config.max_batch_rows if self._inserting() else self._config.batch_rows
         return max(1, limit - len(self._batch.rows))
+
+    def _full(self) -> bool:
+        """The batch takes no more: at its row or byte cap, or read records did not fit."""
+        batch = self._batch
+        return (
+            bool(self._backlog)
+            or len(batch.rows) >= self._config.max_batch_rows
+            or batch.size >= self._config.max_batch_bytes
+        )
 
     def _poll_timeout_ms(self) -> int:
         if self._batch.empty:
@@ -159,30 +182,61 @@ class _Sink:
         age = time.monotonic() - self._batch.started
         return max(0, int((self._config.batch_wait - age) * 1000))
 
-    async def _add(self, fetched: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+    async def _fill(self) -> None:
+        """Move read records into the batch, in order, until all are in or it is full."""
+        assigned = self._consumer.raw.assignment()
+        while self._backlog:
+            tp, records = self._backlog[0]
+            if tp not in assigned:
+                # Revoked since it was read: the next owner reads it from the committed offset.
+                self._backlog.popleft()
+                continue
+            taken = await self._take(tp, records)
+            if taken < len(records):
+                self._backlog[0] = (tp, records[taken:])
+                return
+            self._backlog.popleft()
+
+    async def _take(self, tp: TopicPartition, records: list[ConsumerRecord[Any, Any]]) -> int:
+        """Add records of one partition while the batch has room; how many it took."""
         batch = self._batch
-        if fetched and batch.empty:
-            batch.started = time.monotonic()
-        rows = batch.rows
-        for tp, records in fetched.items():
-            header = self._headers.get(tp.topic)
-            topic = self._logical.get(tp.topic, tp.topic)
-            slow: list[ConsumerRecord[Any, Any]] = []
-            for record in records:
-                value = record.value
-                if header is not None and value is not None and value[:HEADER_LEN] == header:
-                    rows.append(EncodedEvent(topic, value, tp.partition, record.offset, record.key))
-                else:
-                    slow.append(record)
-            for record in slow:
+        header = self._headers.get(tp.topic)
+        topic = self._logical.get(tp.topic, tp.topic)
+        max_rows, max_bytes = self._config.max_batch_rows, self._config.max_batch_bytes
+        taken = 0
+        for record in records:
+            value = record.value
+            size = len(value) if isinstance(value, bytes) else 0
+            if batch.rows and (len(batch.rows) >= max_rows or batch.size + size > max_bytes):
+                break
+            if header is not None and value is not None and value[:HEADER_LEN] == header:
+                row: EncodedEvent | None = EncodedEvent(
+                    topic, value, tp.partition, record.offset, record.key
+                )
+            else:
                 row = await self._reencode(record, topic)
-                if row is not None:
-                    rows.append(row)
-            if records:
-                for offset in {records[0].offset, records[-1].offset}:
-                    self._consumer.tracker.start(tp, offset)
-                    batch.marks.append((tp, offset))
-                self._stats.consumed += len(records)
+            if row is not None:
+                batch.rows.append(row)
+                batch.size += len(row.value)
+            if taken == 0:
+                # Opened once the first record is handled (dead-lettering one opens and
+                # closes its offset) and before the next: a commit by the running insert
+                # must not pass records of this run that are not stored yet.
+                self._mark(tp, record.offset)
+            taken += 1
+        if taken > 1:
+            self._mark(tp, records[taken - 1].offset)
+        self._stats.consumed += taken
+        return taken
+
+    def _mark(self, tp: TopicPartition, offset: int) -> None:
+        # First and last offset of each run of records: nothing at or past the first is
+        # committed until the batch is stored.
+        batch = self._batch
+        if batch.empty:
+            batch.started = time.monotonic()
+        self._consumer.tracker.start(tp, offset)
+        batch.marks.append((tp, offset))
 
     async def _reencode(self, record: ConsumerRecord[Any, Any], topic: str) -> EncodedEvent | None:
         # The codec resolves older writer schemas and dead-letters what it cannot read.
@@ -198,7 +252,7 @@ class _Sink:
         batch = self._batch
         if batch.empty:
             return False
-        if len(batch.rows) >= self._config.batch_rows:
+        if self._full() or len(batch.rows) >= self._config.batch_rows:
             return True
         return time.monotonic() - batch.started >= self._config.batch_wait
 
@@ -206,7 +260,7 @@ class _Sink:
         if not self._due():
             return
         if self._inflight is not None and self._inserting():
-            if len(self._batch.rows) < self._config.max_batch_rows:
+            if not self._full():
                 return  # keep filling while the previous insert runs
             if not await self._wait_paused(self._inflight):
                 return  # stopping: the shutdown flush takes over
@@ -218,6 +272,7 @@ class _Sink:
             previous.result()  # a failed write is a bug: crash loudly, redelivery dedupes
         batch, self._batch = self._batch, _Batch()
         self._stats.largest_batch = max(self._stats.largest_batch, len(batch.rows))
+        self._stats.largest_batch_bytes = max(self._stats.largest_batch_bytes, batch.size)
         self._inflight = asyncio.create_task(self._write(batch), name="analytics-write")
 
     async def _wait_paused(self, inflight: asyncio.Task[None]) -> bool:
@@ -236,15 +291,17 @@ class _Sink:
                 if self._stop.is_set():
                     return False
                 # A long outage outlasts max_poll_interval_ms unless we poll; partitions a
-                # rebalance just assigned are paused too, and a fetch that slipped in is kept.
+                # rebalance just assigned are paused too, and a fetch that slipped in waits
+                # in the backlog.
                 raw.pause(*raw.assignment())
-                await self._add(await raw.getmany(timeout_ms=0))
+                self._backlog.extend((await raw.getmany(timeout_ms=0)).items())
         finally:
             raw.resume(*raw.assignment())
             self._stats.paused = False
         return True
 
     async def _final_flush(self) -> None:
+        # The backlog is left: none of it is committed, so it is read again next time.
         if self._inflight is not None:
             await self._inflight
             self._inflight = None
@@ -296,19 +353,35 @@ class _Sink:
                 row.offset,
             )
             return
-        log.warning("row refused by the table, dead-lettered: %s", rejection.reason)
-        await self._producer.send(
-            DeadLetter(
-                source="analytics",
-                original_topic=row.topic,
-                partition=row.partition,
-                offset=row.offset,
-                original_key=row.key,
-                payload=row.value,
-                reason=rejection.reason,
-                error_type="RowRejected",
-            )
+        log.warning(
+            "row refused by the table, dead-lettered: %s (%s[%d]@%d)",
+            rejection.reason,
+            row.topic,
+            row.partition,
+            row.offset,
         )
+        letter = dead_letter(
+            source="analytics",
+            topic=row.topic,
+            partition=row.partition,
+            offset=row.offset,
+            key=row.key,
+            payload=row.value,
+            reason=rejection.reason,
+            error_type="RowRejected",
+        )
+        try:
+            await self._producer.send(letter)
+        except Exception:
+            # Stopping here would stop the event log for good (the successor reads the
+            # same batch); the record stays on its topic, where this line points.
+            self._stats.dead_letters_failed += 1
+            log.exception(
+                "could not dead-letter the refused row %s[%d]@%d; it is still on its topic",
+                row.topic,
+                row.partition,
+                row.offset,
+            )
 
     async def _commit(self) -> None:
         # The tracker commits below the oldest batch still open, per partition, and has

@@ -52,6 +52,8 @@ _ROW_ERRORS = frozenset(
     {6, 26, 27, 32, 33, 38, 41, 53, 69, 70, 72, 117, 131, 321, 349, 407, 469, 748}
 )
 _AVRO_EXCEPTION = 748
+# A refused part this small is inserted row by row rather than halved again.
+_ONE_BY_ONE = 8
 T = TypeVar("T")
 
 
@@ -363,18 +365,59 @@ class ClickHouseStore:
 
     # -- writes -----------------------------------------------------------------
     def insert(self, rows: Sequence[EncodedEvent]) -> list[Rejection]:
-        """Insert in one statement; on a row error, halve the batch until bad rows stand alone."""
+        """Insert in one statement; a refused batch is sorted out in a few more.
+
+        First the rows whose Avro body the Python codec cannot read either are refused
+        (one pass, no insert) and the rest is inserted once; only if that is refused too
+        are bad rows looked for by halving, and parts of :data:`_ONE_BY_ONE` rows or
+        fewer go in one row at a time.
+        """
         if not rows:
             return []
         try:
             self._insert(rows)
             return []
         except _RowsRefused as refused:
-            if len(rows) == 1:
-                self._confirm_refusal(rows[0], refused)
-                return [Rejection(rows[0], refused.reason)]
+            first = refused
+        rejected: list[Rejection] = []
+        readable: list[EncodedEvent] = []
+        for row in rows:
+            try:
+                # Avro only, not the model's checks: a row the table takes is stored
+                # whatever batch it comes in, so its fate never depends on its neighbours.
+                self._codec.decode_record(row.value, topic=row.topic)
+            except DecodeError as err:
+                rejected.append(Rejection(row, err.reason))
+            else:
+                readable.append(row)
+        if rejected:
+            rejected.extend(self._insert_or_isolate(readable))
+        else:
+            rejected = self._isolate(readable, first)
+        order = {id(row): i for i, row in enumerate(rows)}
+        return sorted(rejected, key=lambda r: order[id(r.row)])
+
+    def _insert_or_isolate(self, rows: Sequence[EncodedEvent]) -> list[Rejection]:
+        if not rows:
+            return []
+        try:
+            self._insert(rows)
+            return []
+        except _RowsRefused as refused:
+            return self._isolate(rows, refused)
+
+    def _isolate(self, rows: Sequence[EncodedEvent], refused: _RowsRefused) -> list[Rejection]:
+        """The rows of a refused part that the table refuses, each with its own reason."""
+        if len(rows) == 1:
+            self._confirm_refusal(rows[0], refused)
+            return [Rejection(rows[0], refused.reason)]
+        if len(rows) <= _ONE_BY_ONE:
+            out: list[Rejection] = []
+            for row in rows:
+                out.extend(self._insert_or_isolate([row]))
+            return out
         mid = len(rows) // 2
-        return self.insert(rows[:mid]) + self.insert(rows[mid:])
+        return self._insert_or_isolate(rows[:mid]) + self._insert_or_isolate(rows[mid:])
 
     def _confirm_refusal(self, row: EncodedEvent, refused: _RowsRefused) -> None:
         # ClickHouse failing to read Avro that Python reads is our bug, not the event's:

@@ -33,13 +33,14 @@ from services.analytics.sink import SinkConfig, SinkStats, run_sink
 from services.analytics.store import (
     DDL_DIR,
     ClickHouseStore,
+    EncodedEvent,
     MemoryEventStore,
     ddl_statements,
 )
 from services.cli.dashboard import compute_metrics
 from streams import events as ev
 from streams.clock import SystemClock
-from streams.codec import default_codec
+from streams.codec import MAGIC, default_codec
 from streams.errors import QueryRefused, StoreError
 from streams.kafka import EventProducer, KafkaSettings
 from streams.runtime import ServiceContext, group_id
@@ -587,6 +588,66 @@ async def test_store_outage_pauses_consumption_then_catches_up(settings: KafkaSe
             await asyncio.wait_for(task, 15)
 
 
+class RecordingStore(MemoryEventStore):
+    """The in-memory store, noting the rows and bytes of every insert that went in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[tuple[int, int]] = []
+
+    def insert(self, rows: Any) -> Any:
+        rejected = super().insert(rows)
+        self.batches.append((len(rows), sum(len(row.value) for row in rows)))
+        return rejected
+
+
+async def test_batches_are_bounded_in_bytes_also_while_an_insert_is_retried(
+    settings: KafkaSettings,
+) -> None:
+    limit = 256 * 1024
+    store = RecordingStore()
+    store.available = False
+    # Rows alone would let a whole fetch into one batch: 5,000 rows, 100,000 while inserting.
+    config = SinkConfig(batch_wait=0.05, max_batch_bytes=limit, backoff_max=0.2)
+    stats = SinkStats()
+    events = [
+        sample_event(ev.RequestReceived, source="test", message=f"{i} " + "x" * 30_000)
+        for i in range(200)
+    ]
+    size = len(default_codec().encode(events[0]))
+    await produce(settings, events)
+    stop = asyncio.Event()
+    async with EventProducer(settings) as producer:
+        ctx = ServiceContext("analytics", settings, SystemClock(), producer)
+        task = asyncio.create_task(run_sink(ctx, stop, store, config=config, stats=stats))
+        try:
+            deadline = time.monotonic() + 30
+            while store.failed_attempts < 5:
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+            # Reading stopped at two batches of bytes: the one retried and the next.
+            assert stats.paused
+            assert stats.consumed * size <= 2 * limit
+            consumed = stats.consumed
+            await asyncio.sleep(0.5)
+            assert stats.consumed == consumed
+
+            store.available = True
+            deadline = time.monotonic() + 30
+            while store.count() < len(events):
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+            await wait_caught_up(settings)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 15)
+    assert store.count() == len(events)
+    assert sorted(e.event_id for e in store.events()) == sorted(e.event_id for e in events)
+    assert all(0 < n_bytes <= limit for _, n_bytes in store.batches), store.batches
+    assert 0 < stats.largest_batch_bytes <= limit
+    assert len(store.batches) >= len(events) * size // limit
+
+
 # -- the ClickHouse adapter in process: the contract, on the real engine ----------------
 
 
@@ -602,6 +663,19 @@ def earlier_key_ddl(tmp_path: Path) -> Path:
         )
         (old_ddl / path.name).write_text(text, encoding="utf-8")
     return old_ddl
+
+
+def count_inserts(store: ClickHouseStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of each INSERT the store runs from now on."""
+    sent: list[int] = []
+    inner = store._insert  # noqa: SLF001
+
+    def counting(rows: Any) -> None:
+        sent.append(len(rows))
+        inner(rows)
+
+    monkeypatch.setattr(store, "_insert", counting)
+    return sent
 
 
 @pytest.fixture(scope="module")
@@ -656,6 +730,44 @@ class TestClickHouseStore(EventStoreContract):
             assert store.count() == 12
         finally:
             store.close()
+
+    def test_rows_the_codec_cannot_read_cost_one_more_insert_not_a_bisection(
+        self, store: ClickHouseStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        header = MAGIC + default_codec().fingerprint_for("workflow_completed")
+        good = [encoded(e) for e in mixed(400)]
+        bad = [EncodedEvent("workflow_completed", header + b"\xff" * 100, 0, i) for i in range(8)]
+        rows = list(good)
+        for i, row in enumerate(bad):
+            rows.insert(25 + 50 * i, row)
+        sent = count_inserts(store, monkeypatch)
+
+        rejected = store.insert(rows)
+
+        assert [r.row for r in rejected] == bad
+        assert all("corrupt Avro body" in r.reason for r in rejected)
+        assert sent == [408, 400]  # the batch, then its readable rows once
+        assert store.count() == 400
+
+    def test_rows_the_table_refuses_among_unreadable_ones_are_found_and_the_rest_kept(
+        self, store: ClickHouseStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        header = MAGIC + default_codec().fingerprint_for("workflow_completed")
+        good = [encoded(e) for e in mixed(200)]
+        unreadable = EncodedEvent("workflow_completed", header + b"\xff" * 100, 0, 1)
+        ancient = [encoded(sample_event(ev.WorkflowCompleted, occurred_at=ANCIENT)) for _ in "ab"]
+        rows = [*good[:50], ancient[0], *good[50:120], unreadable, *good[120:190], ancient[1]]
+        rows += good[190:]
+        sent = count_inserts(store, monkeypatch)
+
+        rejected = store.insert(rows)
+
+        assert [r.row for r in rejected] == [ancient[0], unreadable, ancient[1]]
+        assert "corrupt Avro body" in rejected[1].reason
+        assert all("occurred_at_in_range" in rejected[i].reason for i in (0, 2))
+        assert store.count() == 200
+        # Halving down to 8 rows, then row by row: far fewer than one insert per row.
+        assert len(sent) <= 40, sent
 
     def test_reads_refuse_writes_with_clickhouses_error(self, store: ClickHouseStore) -> None:
         store.insert([encoded(e) for e in [sample_event(ev.WorkflowCompleted)]])
