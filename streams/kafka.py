@@ -484,17 +484,20 @@ class EventConsumer(AsyncLifecycle):
         if self._producer is None:
             return
         value = record.value if isinstance(record.value, bytes) else b""
-        await self._producer.send(
-            dead_letter(
-                source=self.source,
-                topic=self.settings.logical(record.topic),
-                partition=record.partition,
-                offset=record.offset,
-                key=record.key,
-                payload=value,
-                reason=err.reason,
-                error_type=type(err).__name__,
-            )
+        letter = dead_letter(
+            source=self.source,
+            topic=self.settings.logical(record.topic),
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            payload=value,
+            reason=err.reason,
+            error_type=type(err).__name__,
+        )
+        # Until the broker has it: the offset then moves past the record, which nothing
+        # else will ever show (a broker blip here stopped the consuming service).
+        await self._producer.deliver(
+            [letter], what=f"the dead letter of {record.topic}[{record.partition}]@{record.offset}"
         )
 
     async def _handler_failed(self, delivery: Delivery, exc: Exception) -> None:

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.structs import ConsumerRecord
+
 from streams.codec import default_codec
 from streams.events import DeadLetter, RequestReceived
-from streams.kafka import DEAD_LETTER_EXCERPT, dead_letter, failed_letter
+from streams.kafka import (
+    DEAD_LETTER_EXCERPT,
+    EventConsumer,
+    EventProducer,
+    KafkaSettings,
+    dead_letter,
+    failed_letter,
+)
 
 KAFKA_LIMIT = 1024 * 1024
 
@@ -65,3 +78,40 @@ def test_undecodable_bytes_and_a_huge_key_are_cut_too():
         error_type="DecodeError",
     )
     assert (small.payload, small.original_key, small.reason) == (b"abc", b"k", "bad")
+
+
+async def test_a_dead_letter_the_broker_refuses_at_first_is_sent_again_not_lost() -> None:
+    # The decode path sent its dead letter once: a broker blip there raised out of the
+    # consumer's loop and the service stopped, while the offset could still move past it.
+    settings = KafkaSettings("127.0.0.1:1", "t.")
+    producer = EventProducer(settings)
+    broker = _FirstSendFails()
+    producer._producer = broker  # type: ignore[assignment]
+    consumer = EventConsumer(
+        settings, ["request_received"], group_id=None, producer=producer, source="router"
+    )
+    record = ConsumerRecord(
+        "t.request_received", 2, 17, 0, 0, b"k1", b"\x00not avro", None, 2, 9, []
+    )
+    assert await consumer.decode(record) is None
+    assert broker.attempts == 2
+    (letter,) = broker.sent
+    assert (letter.original_topic, letter.partition, letter.offset) == ("request_received", 2, 17)
+
+
+class _FirstSendFails:
+    """What AIOKafkaProducer.send gives: a future, failed on the first record only."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.sent: list[Any] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+        self.attempts += 1
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self.attempts == 1:
+            future.set_exception(KafkaConnectionError("broker restarting"))
+        else:
+            self.sent.append(default_codec().decode(value))
+            future.set_result(None)
+        return future
