@@ -966,7 +966,9 @@ class BudgetState:
         self.pending[run] = [float(held[1]), lapse.isoformat(), call, "", held[0]]
 
     def _agent_changed(self, e: GoalAgentsChanged) -> None:
-        if e.change in ("spawned", "spawn_failed") and e.approval_id:
+        # An approval ends in its agent spawned, failed, or (announced too late to count
+        # it) retired at once.
+        if e.change in ("spawned", "spawn_failed", "retired") and e.approval_id:
             self.spawning.pop(e.approval_id, None)
         if e.change == "spawn_failed":
             return

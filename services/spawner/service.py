@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from datetime import datetime
 from typing import Any
 
 from services.spawner.design import (
@@ -21,7 +22,9 @@ from services.spawner.design import (
 from streams.clock import Clock
 from streams.events import (
     SPAWN_APPROVAL_SECONDS,
+    AgentRetired,
     AgentSpawned,
+    Event,
     GoalAgentsChanged,
     LlmCallCompleted,
     SpawnApproved,
@@ -63,6 +66,28 @@ def _changed(approval: SpawnApproved, agent_id: str, change: str) -> GoalAgentsC
         change=change,  # type: ignore[arg-type]
         approval_id=approval.event_id,
     )
+
+
+def announcement(
+    approval: SpawnApproved, spawned: AgentSpawned, *, new: bool, now: datetime
+) -> list[Event]:
+    """What announces the approval's agent: spawned, counted by the budget; or, when it
+    was written before a crash and is read again too late (the budget may have given the
+    approval's place back and approved another), spawned and retired at once, so that it
+    serves again only if a revival fits the goal's max_agents (the budget counts those)."""
+    agent_id = spawned.agent_id
+    if new or (now - approval.occurred_at).total_seconds() <= SPAWN_APPROVAL_SECONDS:
+        return [spawned, _changed(approval, agent_id, "spawned")]
+    retired = AgentRetired(
+        event_id=str(uuid.uuid5(_NS, f"{approval.event_id}:retired late")),
+        source=SOURCE,
+        goal_id=approval.goal_id,
+        agent_id=agent_id,
+        specialty=approval.specialty,
+        reason="announced too late after its approval",
+        occurred_at=now,
+    )
+    return [spawned, retired, _changed(approval, agent_id, "retired")]
 
 
 def _model_for(event: SpawnApproved, settings: LLMSettings) -> str:
@@ -183,24 +208,27 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     registry = app.Table("registry", default=None, partitions=PARTITIONS, use_partitioner=True)
     approvals = event_topic(app, SpawnApproved.topic, ctx.settings, source=SOURCE)
 
-    async def _agent_of(event: SpawnApproved) -> AgentSpawned:
-        """The approval's agent, made and written to the registry if it is new. Until the
-        registry holds it, nothing exists and a failure here frees the approval's slot."""
+    def _age(event: SpawnApproved) -> float:
+        return (ctx.clock.now() - event.occurred_at).total_seconds()
+
+    async def _agent_of(event: SpawnApproved) -> tuple[AgentSpawned, bool]:
+        """The approval's agent, made and written to the registry if it is new, and
+        whether it was. Until the registry holds it, nothing exists and a failure here
+        frees the approval's slot."""
         agent_id = agent_id_for(event.specialty, event.event_id)
         known = registry.get(agent_id)
         if known is not None:
-            return AgentSpawned.model_validate(known)
+            return AgentSpawned.model_validate(known), False
         late = late_prompt_report(ctx, settings, event)
         spawned, cost = await new_agent(event, llm, settings, ctx.clock, late)
         if cost is not None:
             # The prompt call was made and is paid for: counted whatever happens next.
             await ctx.producer.deliver([cost], what=f"the prompt call's cost for {agent_id}")
-        age = (ctx.clock.now() - event.occurred_at).total_seconds()
-        if age > SPAWN_APPROVAL_SECONDS:
+        if (age := _age(event)) > SPAWN_APPROVAL_SECONDS:
             # The budget gives this approval's place back soon, if it has not already.
             raise StaleApproval(f"approved {age:.0f} s ago; {SPAWN_APPROVAL_SECONDS:.0f} s at most")
         registry[agent_id] = spawned.model_dump(mode="json")
-        return spawned
+        return spawned, True
 
     @app.agent(approvals)
     async def spawn(stream: Any) -> None:
@@ -209,26 +237,25 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
                 continue
             agent_id = agent_id_for(event.specialty, event.event_id)
             try:
-                spawned = await _agent_of(event)
+                spawned, new = await _agent_of(event)
             except Exception:  # a failed spawn is logged; the router times the wait out
                 log.exception("spawn failed for %s", event.event_id)
                 # The budget counted the approval under max_agents until it hears of it.
                 failed = _changed(event, agent_id, "spawn_failed")
                 await ctx.producer.deliver([failed], what=f"the failed spawn {event.event_id}")
                 continue
-            # The agent exists from here on: it is announced until the broker has both
-            # events, never reported failed (the budget would free the slot of a live
-            # agent and approve one more past max_agents). Sent again after a crash
-            # between the table write and the send: the same event ids, one event to
-            # every reader.
-            await ctx.producer.deliver(
-                [spawned, _changed(event, agent_id, "spawned")], what=f"the spawn of {agent_id}"
-            )
+            # The agent exists from here on: it is announced until the broker has every
+            # event, never reported failed (the budget would free the slot of a live agent
+            # and approve one more past max_agents). Sent again after a crash between the
+            # table write and the send: the same event ids, one event to every reader.
+            announce = announcement(event, spawned, new=new, now=ctx.clock.now())
+            await ctx.producer.deliver(announce, what=f"the spawn of {agent_id}")
             log.info(
-                "spawned %s for goal %s (%s prompt)",
+                "spawned %s for goal %s (%s prompt)%s",
                 agent_id,
                 event.goal_id,
                 spawned.prompt_source,
+                "" if len(announce) == 2 else ", retired at once: read again too late",
             )
 
     await start_app(app, ctx.settings)
