@@ -112,6 +112,7 @@ class Loader:
         self.registry = RegistryView()
         self.versions = WorkflowVersions()
         self.idle_seconds = self.settings.idle_seconds
+        self._untold: list[Event] = []  # retirement events a failed send may not have told
         self.max_tokens = llm_settings.max_tokens
         self.degrade = self.settings.degraded_answers
         self.breaker = Breaker(ctx.clock, cooldown=llm_settings.breaker_cooldown_s)
@@ -144,10 +145,17 @@ class Loader:
     async def retire_idle(self) -> list[AgentRetired]:
         """Retire agents of this loader's partitions that sat idle too long."""
         now = self.ctx.clock.now()
+        # Retirements a failed send may not have told: the same events again, except for
+        # agents a task revived meanwhile (the revival said so).
+        out: list[Event] = [
+            e
+            for e in self._untold
+            if (record := self.registry.get(getattr(e, "agent_id", ""))) is not None
+            and record.retired
+        ]
+        self._untold = []
         candidates = [r for r in self.registry.live() if self._owns(r.agent_id)]
-        out: list[Event] = []
         retired: list[AgentRetired] = []
-        marked: list[AgentRecord] = []
         for record, idle in self.pool.idle(candidates, now, self.idle_seconds):
             if self.pool.drop(record.agent_id) is not None:
                 out.append(self._evicted(record.agent_id, record.specialty, "retired", now))
@@ -160,10 +168,10 @@ class Loader:
                 idle_seconds=idle,
                 occurred_at=now,
             )
-            # Marked before the send, so a task that revives the agent meanwhile sees it
-            # retired and says so.
+            # Marked before the send, and kept whatever the send does (part of it may have
+            # reached the budget): a task that revives the agent sees it retired and says so.
             record.retired = True
-            marked.append(record)
+            self.pool.last_used.pop(record.agent_id, None)
             out.append(event)
             if record.goal_id:
                 out.append(self._agents_changed(record, "retired", now))
@@ -172,15 +180,10 @@ class Loader:
             try:
                 await self.ctx.producer.send_many(out)
             except BaseException:
-                # Nobody may have been told (a broker outage): live again here, so the next
-                # sweep retires them again rather than leaving the budget counting them for
-                # good. Notices sent twice are one retirement to every reader.
-                for record in marked:
-                    record.retired = False
+                # Perhaps nobody was told (a broker outage): the next sweep sends them again;
+                # an event read twice is one retirement to every reader.
+                self._untold = out
                 raise
-            for record in marked:
-                if record.retired:
-                    self.pool.last_used.pop(record.agent_id, None)
         return retired
 
     def _agents_changed(self, record: AgentRecord, change: str, now: datetime) -> GoalAgentsChanged:
