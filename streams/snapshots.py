@@ -63,6 +63,9 @@ _LOOK_BACK = 256  # records read back from the end per step when looking for a m
 # inflate to gigabytes (the largest states we write are ~11 MB compressed).
 MAX_STATE_BYTES = 1 << 30
 _SWEEP_S = 60.0  # at most this long reading the topic's keys (then the next save tries)
+# Chunks with no manifest this long after their last record: a writer killed mid-way left
+# them (a save takes seconds), not one still writing.
+_ABANDONED_S = 600.0
 
 
 class SnapshotUnusable(Exception):
@@ -183,23 +186,35 @@ def _snapshot_of(key: str) -> str:
 
 
 def _stale_keys(
-    last: Mapping[str, tuple[int, bool]], before: int, keep: Collection[str]
+    last: Mapping[str, tuple[int, bool, int]], before: int, keep: Collection[str], now_ms: int
 ) -> list[str]:
-    """Of ``last`` (each key's latest record below a manifest just written: its offset and
-    whether it holds a value), the keys to tombstone: those holding a value, not of the
-    snapshot written (``keep``), of a snapshot with no value at or after ``before`` (the
-    written snapshot's first record). Another instance's snapshot with a record past that
-    is left: it may be one being written now, newer than ours. Two writers never tombstone
-    each other: each would need all of the other's records to come before its own first."""
+    """Of ``last`` (each key's latest record below a manifest just written: its offset,
+    whether it holds a value, its timestamp in ms), the keys to tombstone: those holding a
+    value, not of the snapshot written (``keep``), of a snapshot with no value at or after
+    ``before`` (the written snapshot's first record). Another instance's snapshot with a
+    record past that is left: it may be one being written now, newer than ours; so are the
+    chunks of a snapshot with no manifest yet whose last record is less than
+    :data:`_ABANDONED_S` old (one being written whose chunks all came before ours), which
+    only a writer killed mid-way leaves for longer. Two writers never tombstone each other:
+    each would need all of the other's records to come before its own first."""
     newest: dict[str, int] = {}
-    for key, (offset, held) in last.items():
+    latest_ms: dict[str, int] = {}
+    manifests = {
+        _snapshot_of(k) for k, (_, held, _) in last.items() if held and k.startswith("manifest:")
+    }
+    for key, (offset, held, stamp) in last.items():
         if held:
             snapshot = _snapshot_of(key)
             newest[snapshot] = max(newest.get(snapshot, offset), offset)
+            latest_ms[snapshot] = max(latest_ms.get(snapshot, stamp), stamp)
+    abandoned_before = now_ms - int(_ABANDONED_S * 1000)
     return [
         key
-        for key, (_, held) in last.items()
-        if held and key not in keep and newest[_snapshot_of(key)] < before
+        for key, (_, held, _) in last.items()
+        if held
+        and key not in keep
+        and newest[(snapshot := _snapshot_of(key))] < before
+        and (snapshot in manifests or latest_ms[snapshot] < abandoned_before)
     ]
 
 
@@ -300,14 +315,14 @@ class SnapshotStore:
         consumer, tp = await self._reader()
         try:
             consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
-            last: dict[str, tuple[int, bool]] = {}
+            last: dict[str, tuple[int, bool, int]] = {}
             while await consumer.position(tp) < manifest:
                 batch = await consumer.getmany(tp, timeout_ms=500)
                 for record in batch.get(tp, []):
                     if record.offset < manifest and record.key is not None:
                         key = record.key.decode(errors="replace")
-                        last[key] = (record.offset, record.value is not None)
-            return _stale_keys(last, first, keep)
+                        last[key] = (record.offset, record.value is not None, record.timestamp)
+            return _stale_keys(last, first, keep, int(time.time() * 1000))
         finally:
             await consumer.stop()
 

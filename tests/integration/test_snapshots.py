@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import pickle
+import time
 import zlib
 from datetime import timedelta
 from typing import Any
@@ -105,13 +106,19 @@ async def test_restart_folds_only_the_tail_and_reaches_the_full_fold(settings: K
     assert _canonical(resumed.dump()) == _canonical(full.dump())
 
 
-async def _write(settings: KafkaSettings, records: list[tuple[str, bytes]]) -> list[int]:
+async def _write(
+    settings: KafkaSettings, records: list[tuple[str, bytes]], age_s: float = 0.0
+) -> list[int]:
+    """Records on the router's snapshot topic, stamped ``age_s`` in the past."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
     await producer.start()
+    stamp = int((time.time() - age_s) * 1000)
     try:
         topic = settings.topic(snapshot_topic("router"))
         return [
-            (await producer.send_and_wait(topic, value, key=key.encode())).offset
+            (
+                await producer.send_and_wait(topic, value, key=key.encode(), timestamp_ms=stamp)
+            ).offset
             for key, value in records
         ]
     finally:
@@ -310,8 +317,11 @@ async def _live_keys(settings: KafkaSettings) -> set[str]:
 async def test_a_restart_drops_what_killed_writers_left(settings: KafkaSettings):
     saved, _ = await _saved_then_tail(settings, seed=11)  # S1, by an instance that stops
     blob = encode_state(_router().dump())
-    # A writer killed between chunks: two of its three chunks, no manifest.
-    await _write(settings, [(f"dead:{i}", _pack({"id": "dead", "i": i}, b"x")) for i in (0, 1)])
+    # A writer killed between chunks, an hour ago: two of its three chunks, no manifest.
+    dead = [(f"dead:{i}", _pack({"id": "dead", "i": i}, b"x")) for i in (0, 1)]
+    await _write(settings, dead, age_s=3600)
+    # Chunks of a snapshot another instance is writing now (no manifest yet): kept.
+    await _write(settings, [("busy:0", _pack({"id": "busy", "i": 0}, b"x"))])
     # A writer killed after its manifest, before tombstoning S1 (an empty state, complete).
     [chunk] = await _write(settings, [("s2:0", _pack({"id": "s2", "i": 0}, blob))])
     s2 = _manifest(id="s2", chunks=[chunk], sha256=hashlib.sha256(blob).hexdigest())
@@ -326,6 +336,6 @@ async def test_a_restart_drops_what_killed_writers_left(settings: KafkaSettings)
     await view.stop()
     await snapshots.stop()
     live = await _live_keys(settings)
-    assert {key.removeprefix("manifest:").split(":")[0] for key in live} == {latest}
+    assert {key.removeprefix("manifest:").split(":")[0] for key in live} == {latest, "busy"}
     assert f"manifest:{latest}" in live and len(live) > 2  # its chunks and its manifest
     assert not any(saved in key for key in live)

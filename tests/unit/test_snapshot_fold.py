@@ -443,11 +443,21 @@ def test_a_state_that_inflates_past_the_limit_is_not_read(
         decode_state(encode_state({"n": 1})[:-4])
 
 
-def _below(log: list[str], manifest: str) -> tuple[dict[str, tuple[int, bool]], int]:
-    """Each key's latest record (offset, holds a value) in ``log`` (keys in offset order,
-    ``-key`` a tombstone) below ``manifest``, and the offset of ``manifest``."""
+NOW_MS = 10_000_000
+
+
+def _below(
+    log: list[str], manifest: str, fresh_from: int | None = None
+) -> dict[str, tuple[int, bool, int]]:
+    """Each key's latest record (offset, holds a value, timestamp) in ``log`` (keys in
+    offset order, ``-key`` a tombstone) below ``manifest``: records from ``fresh_from`` on
+    written a moment ago, those before it an hour ago."""
     at = log.index(manifest)
-    return {key.lstrip("-"): (i, not key.startswith("-")) for i, key in enumerate(log[:at])}, at
+    fresh = at if fresh_from is None else fresh_from
+    return {
+        key.lstrip("-"): (i, not key.startswith("-"), NOW_MS - (0 if i >= fresh else 3_600_000))
+        for i, key in enumerate(log[:at])
+    }
 
 
 def test_a_sweep_drops_what_a_killed_writer_left_and_nothing_being_written() -> None:
@@ -457,16 +467,20 @@ def test_a_sweep_drops_what_a_killed_writer_left_and_nothing_being_written() -> 
     earlier = ["s0:0", "manifest:s0", "s1:0", "s1:1", "manifest:s1", "-s0:0", "-manifest:s0"]
     earlier += ["s2:0", "manifest:s2", "dead:0", "dead:1"]
     log = [*earlier, "a:0", "b:0", "a:1", "b:1", "manifest:a", "manifest:b"]
+    now = len(earlier)
     a_keys, b_keys = {"a:0", "a:1", "manifest:a"}, {"b:0", "b:1", "manifest:b"}
-    stale_a = _stale_keys(*_below(log, "manifest:a")[:1], log.index("a:0"), a_keys)
+    stale_a = _stale_keys(_below(log, "manifest:a", now), log.index("a:0"), a_keys, NOW_MS)
     assert sorted(stale_a) == sorted(
         ["s1:0", "s1:1", "manifest:s1", "s2:0", "manifest:s2", "dead:0", "dead:1"]
     )
     # b's records since a's first may be a snapshot being written: a leaves them.
-    stale_b = _stale_keys(*_below(log, "manifest:b")[:1], log.index("b:0"), b_keys)
+    stale_b = _stale_keys(_below(log, "manifest:b", now), log.index("b:0"), b_keys, NOW_MS)
     assert not set(stale_b) & a_keys and not set(stale_a) & b_keys
-    # Had b written its chunks before a began, a drops them, and b then leaves a's.
+    # b wrote its chunks before a began and its manifest after a's: a leaves them too (b
+    # is still writing: they are fresh and have no manifest), and b leaves a's.
     log = [*earlier, "b:0", "b:1", "a:0", "a:1", "manifest:a", "manifest:b"]
-    stale_a = _stale_keys(*_below(log, "manifest:a")[:1], log.index("a:0"), a_keys)
-    stale_b = _stale_keys(*_below(log, "manifest:b")[:1], log.index("b:0"), b_keys)
-    assert "b:0" in stale_a and not set(stale_b) & a_keys
+    stale_a = _stale_keys(_below(log, "manifest:a", now), log.index("a:0"), a_keys, NOW_MS)
+    stale_b = _stale_keys(_below(log, "manifest:b", now), log.index("b:0"), b_keys, NOW_MS)
+    assert not set(stale_a) & b_keys and not set(stale_b) & a_keys
+    # Chunks with no manifest, written long ago, are what a killed writer left.
+    assert {"dead:0", "dead:1"} <= set(stale_a)
