@@ -74,7 +74,8 @@ class Tally(Generic[G]):
 
 
 class _Largest:
-    """The goal with the largest value (of those, the least by name), in O(log goals) per change.
+    """The goal with the largest value (of those, the least by name but the one just put
+    for), in O(log goals) per change.
 
     :class:`PerGoal` counts with it as well as weighs: a weight moves by any amount, which
     :class:`Tally` cannot follow, and a tie on the count goes to the least name, not (as
@@ -102,7 +103,28 @@ class _Largest:
                 self._ceiling = dict(self.values)
                 heapq.heapify(self._heap)
 
-    def top(self) -> str | None:
+    def top(self, avoid: str | None = None) -> str | None:
+        """The goal with the largest value; of several, the least by name other than
+        ``avoid`` (the goal an entry was just put for: a full table of goals holding one
+        entry each must not push out the entry just put)."""
+        best = self._valid_top()
+        if best is None or best != avoid:
+            return best
+        value, held = self.values[best], []
+        try:
+            while self._heap:  # the rest of the tie, in name order (stale entries skipped)
+                entry = heapq.heappop(self._heap)
+                held.append(entry)
+                if -entry[0] < value:
+                    break
+                if entry[1] != avoid and self.values.get(entry[1]) == value:
+                    return entry[1]
+            return best
+        finally:
+            for entry in held:
+                heapq.heappush(self._heap, entry)
+
+    def _valid_top(self) -> str | None:
         while self._heap:
             value, goal = self._heap[0]
             current = self.values.get(goal, 0)
@@ -199,9 +221,9 @@ class PerGoal(Generic[K, V]):
         ):
             out.append(self._pop_oldest(goal))
         while self._count > self.total:
-            out.append(self._pop_oldest(self._counts.top()))
+            out.append(self._pop_oldest(self._counts.top(avoid=goal)))
         while self.total_weight is not None and self._weight > self.total_weight:
-            out.append(self._pop_oldest(self._weights.top()))
+            out.append(self._pop_oldest(self._weights.top(avoid=goal)))
         return out
 
     def _pop_oldest(self, goal: str | None) -> tuple[str, K, V]:

@@ -48,9 +48,10 @@ def test_it_keeps_what_a_plain_model_of_the_rules_keeps(seed: int):
     table: PerGoal[int, int] = PerGoal(per_goal=8, total=20, per_goal_weight=40, total_weight=70)
     model: dict[str, list[tuple[int, int]]] = {}  # goal -> [(key, weight)] oldest first
 
-    def largest(by_weight: bool) -> str:
+    def largest(by_weight: bool, put_for: str) -> str:
+        # The most; of a tie, the least name but the goal just put for.
         size = {g: sum(w for _, w in e) if by_weight else len(e) for g, e in model.items() if e}
-        return min(size, key=lambda g: (-size[g], g))
+        return min(size, key=lambda g: (-size[g], g == put_for, g))
 
     for step in range(3_000):
         goal, key, weight = f"g{rng.randrange(6)}", rng.randrange(15), rng.randrange(1, 12)
@@ -64,9 +65,20 @@ def test_it_keeps_what_a_plain_model_of_the_rules_keeps(seed: int):
         while len(entries) > 8 or sum(w for _, w in entries) > 40:
             entries.pop(0)
         while sum(len(e) for e in model.values()) > 20:
-            model[largest(False)].pop(0)
+            model[largest(False, goal)].pop(0)
         while sum(w for e in model.values() for _, w in e) > 70:
-            model[largest(True)].pop(0)
+            model[largest(True, goal)].pop(0)
         for g in [f"g{i}" for i in range(6)]:
             assert table.keys_of(g) == [k for k, _ in model.get(g, [])], (step, g)
         assert table.weight == sum(w for e in model.values() for _, w in e)
+
+
+def test_a_full_table_of_goals_holding_one_each_keeps_the_entry_just_put():
+    # A tie for the most went to the least name, which could be the goal just put for:
+    # its one new entry was pushed out at once, and a new goal could never get in.
+    table: PerGoal[str, str] = PerGoal(per_goal=5, total=2)
+    table.put("b", "k1", "b")
+    table.put("c", "k2", "c")
+    out = table.put("a", "k3", "a")
+    assert out == [("b", "k1", "b")]
+    assert table.get("a", "k3") == "a" and table.get("c", "k2") == "c"
