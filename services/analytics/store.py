@@ -372,13 +372,8 @@ class ClickHouseStore:
         are bad rows looked for by halving, and parts of :data:`_ONE_BY_ONE` rows or
         fewer go in one row at a time.
         """
-        if not rows:
+        if not rows or (first := self._refused(rows)) is None:
             return []
-        try:
-            self._insert(rows)
-            return []
-        except _RowsRefused as refused:
-            first = refused
         rejected: list[Rejection] = []
         readable: list[EncodedEvent] = []
         for row in rows:
@@ -397,14 +392,18 @@ class ClickHouseStore:
         order = {id(row): i for i, row in enumerate(rows)}
         return sorted(rejected, key=lambda r: order[id(r.row)])
 
-    def _insert_or_isolate(self, rows: Sequence[EncodedEvent]) -> list[Rejection]:
-        if not rows:
-            return []
+    def _refused(self, rows: Sequence[EncodedEvent]) -> _RowsRefused | None:
+        """Insert ``rows``; the table's refusal of them, or None when they went in."""
         try:
             self._insert(rows)
-            return []
         except _RowsRefused as refused:
-            return self._isolate(rows, refused)
+            return refused
+        return None
+
+    def _insert_or_isolate(self, rows: Sequence[EncodedEvent]) -> list[Rejection]:
+        if not rows or (refused := self._refused(rows)) is None:
+            return []
+        return self._isolate(rows, refused)
 
     def _isolate(self, rows: Sequence[EncodedEvent], refused: _RowsRefused) -> list[Rejection]:
         """The rows of a refused part that the table refuses, each with its own reason."""
