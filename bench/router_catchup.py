@@ -199,7 +199,7 @@ async def main(argv: list[str]) -> int:
         say(f"{what:42} {r:>10,.0f} {per_million / r:>18,.0f}")
     say(
         f"catch-up: {count:,} events in {elapsed:.2f} s ({per_request_ms:.3f} ms per request);"
-        f" policy updates {router.policy.version - 1:,}; peak RSS of this process (the"
+        f" policy updates {router.policy.version('g1') - 1:,}; peak RSS of this process (the"
         f" generated log included) {rss_before:.0f} -> {_rss_mb():.0f} MB"
     )
     return 0

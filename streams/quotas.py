@@ -20,7 +20,7 @@ from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
-__all__ = ["KeyShareFull", "PerGoal", "Slots", "SlotsFull", "Tally"]
+__all__ = ["KeyShareFull", "Largest", "PerGoal", "Slots", "SlotsFull", "Tally"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -73,7 +73,7 @@ class Tally(Generic[G]):
             self._top = new
 
 
-class _Largest:
+class Largest:
     """The goal with the largest value (of those, the least by name but the one just put
     for), in O(log goals) per change.
 
@@ -161,8 +161,8 @@ class PerGoal(Generic[K, V]):
         self.per_goal, self.total = max(1, per_goal), max(1, total)
         self.per_goal_weight, self.total_weight = per_goal_weight, total_weight
         self._goals: dict[str, OrderedDict[K, tuple[V, int]]] = {}
-        self._counts = _Largest()
-        self._weights = _Largest()
+        self._counts = Largest()
+        self._weights = Largest()
         self._count = 0
         self._weight = 0
         self._weighed = per_goal_weight is not None or total_weight is not None

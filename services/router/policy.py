@@ -18,10 +18,11 @@ import random
 import re
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 from services.router.settings import RouterSettings
+from streams.quotas import Largest
 from streams.specialties import classify, tokens_in_order
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "arm_name",
     "split_arm",
     "Features",
+    "GoalPolicies",
     "LearnedPolicy",
     "Policy",
     "StaticPolicy",
@@ -213,6 +215,15 @@ class _WordStats:
         self._evict()
         return st
 
+    def shed(self) -> None:
+        """Let one statistic go as a full table would (see :class:`GoalPolicies`): one on
+        probation while they are more than a fifth of the table, else the least recently
+        taught of the kept ones."""
+        if self._new and (5 * len(self._new) > len(self) or not self._kept):
+            self._new.popitem(last=False)
+        elif self._kept:
+            self._kept.popitem(last=False)
+
     def _evict(self) -> None:
         probation = max(1, self.limit // 5)
         while len(self) > self.limit:
@@ -226,9 +237,9 @@ class _WordStats:
 class LearnedPolicy:
     """Epsilon-greedy over per-(word, arm) mean rewards, shrunk toward each arm's mean.
 
-    An arm's value for a goal is its estimated quality minus the goal's cost weight times
-    its estimated cost (both learned the same way), so goals that weigh cost differently
-    share what is learned and still choose for themselves.
+    An arm's value is its estimated quality minus the goal's cost weight times its
+    estimated cost (both learned the same way). One such policy learns for one goal
+    (:class:`GoalPolicies`): what it is taught comes from that goal's outcomes only.
 
     ``bonus`` scales an upper-confidence term, ``bonus * sqrt(ln(2 + updates) / (1 + n))``
     with ``n`` the mean number of times the request's words were seen with the
@@ -265,6 +276,26 @@ class LearnedPolicy:
 
     def __post_init__(self) -> None:
         self._word = _WordStats(self.max_word_stats)
+
+    def blank(self) -> LearnedPolicy:
+        """A policy with these settings that has learned nothing, drawing from the same
+        random source (a goal's own policy, see :class:`GoalPolicies`)."""
+        state = {"updates", "changes", "_arm"}
+        return LearnedPolicy(
+            **{
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if f.init and f.name not in state
+            }
+        )
+
+    @property
+    def word_stats(self) -> int:
+        return len(self._word)
+
+    def shed(self) -> None:
+        """Forget one (word, arm) statistic: the one a full table would let go first."""
+        self._word.shed()
 
     @property
     def version(self) -> int:
@@ -467,6 +498,140 @@ class LearnedPolicy:
             if st is not None:
                 st.stale = True
                 st.up = st.down = 0.0
+
+
+class GoalPolicies:
+    """A policy per goal: what one goal's outcomes teach changes only that goal's routing.
+
+    Tenants stay apart (the design's invariant 6): the assessments and feedback of one
+    goal's answers must not move where another goal's requests go, as one policy learning
+    from every goal's outcomes would (a tenant scoring every answer 1 would steer all the
+    others away from what serves them). So each goal learns in a policy of its own, made
+    the first time one of its outcomes is taught; a goal with nothing taught yet chooses
+    with a blank one (its keyword guess first, explored like any policy that is new).
+
+    Bounds: at most ``max_goals`` goals are kept (the least recently taught leaves first,
+    and starts from blank should it come back), and the (word, arm) statistics of all of
+    them together number at most ``max_word_stats``: past that, the goal holding the most
+    lets one of its own go (see :meth:`LearnedPolicy.shed`), so a goal holding fewer than
+    the largest never loses what it learned to another goal's words.
+    """
+
+    def __init__(self, template: Policy, *, max_goals: int, max_word_stats: int) -> None:
+        self.template = template
+        self.max_goals = max(1, max_goals)
+        self.max_word_stats = max(1, max_word_stats)
+        self._goals: OrderedDict[str, Policy] = OrderedDict()  # least recently taught first
+        self._sizes = Largest()  # goal -> its (word, arm) statistics
+        self._words = 0
+
+    @property
+    def name(self) -> str:
+        return self.template.name
+
+    @property
+    def learned(self) -> bool:
+        return isinstance(self.template, LearnedPolicy)
+
+    @property
+    def word_stats(self) -> int:
+        return self._words
+
+    def __len__(self) -> int:
+        return len(self._goals)
+
+    def __contains__(self, goal: object) -> bool:
+        return goal in self._goals
+
+    def _new(self) -> Policy:
+        t = self.template
+        return t.blank() if isinstance(t, LearnedPolicy) else t
+
+    def of(self, goal: str) -> Policy:
+        """The goal's policy, to choose with (a blank one for a goal taught nothing yet)."""
+        found = self._goals.get(goal)
+        return found if found is not None else self._new()
+
+    def version(self, goal: str) -> int:
+        return self.of(goal).version
+
+    def choose(
+        self, goal: str, features: Features, arms: list[str], cost_weight: float = 0.0
+    ) -> Choice:
+        return self.of(goal).choose(features, arms, cost_weight)
+
+    def estimate(self, goal: str, features: Features, arm: str, cost_weight: float = 0.0) -> float:
+        policy = self.of(goal)
+        return (
+            policy.estimate(features, arm, cost_weight)
+            if isinstance(policy, LearnedPolicy)
+            else 0.0
+        )
+
+    def known(self, goal: str, features: Features, arm: str) -> float:
+        policy = self.of(goal)
+        return policy.known(features, arm) if isinstance(policy, LearnedPolicy) else 0.0
+
+    def update(
+        self, goal: str, features: Features, arm: str, reward: float, cost: float = 0.0
+    ) -> None:
+        policy = self._goals.get(goal)
+        if policy is None:
+            policy = self._keep(goal, self._new())
+        else:
+            self._goals.move_to_end(goal)
+        policy.update(features, arm, reward, cost)
+        self._counted(goal, policy)
+
+    def _keep(self, goal: str, policy: Policy) -> Policy:
+        """``policy`` as the goal's, the most recently taught; the least recently taught
+        goals leave past ``max_goals``."""
+        self._goals[goal] = policy
+        self._goals.move_to_end(goal)
+        while len(self._goals) > self.max_goals:
+            gone, _ = self._goals.popitem(last=False)
+            self._words -= self._sizes.values.get(gone, 0)
+            self._sizes.set(gone, 0)
+        return policy
+
+    def _counted(self, goal: str, policy: Policy) -> None:
+        """Count the goal's statistics again, and shed past the cap from the largest."""
+        if not isinstance(policy, LearnedPolicy):
+            return
+        self._words += policy.word_stats - self._sizes.values.get(goal, 0)
+        self._sizes.set(goal, policy.word_stats)
+        while self._words > self.max_word_stats:
+            largest = self._sizes.top(avoid=goal)
+            victim = self._goals.get(largest) if largest is not None else None
+            if largest is None or not isinstance(victim, LearnedPolicy) or not victim.word_stats:
+                break  # cannot happen while the counts are right; never loop on it
+            victim.shed()
+            self._words -= 1
+            self._sizes.set(largest, victim.word_stats)
+
+    def dump(self) -> dict[str, Any]:
+        """Each goal's policy (least recently taught first), as plain values."""
+        return {
+            "goals": [
+                [goal, policy.dump()]
+                for goal, policy in self._goals.items()
+                if isinstance(policy, LearnedPolicy)
+            ]
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Replace what was learned with a :meth:`dump`, under the same bounds; nothing
+        changes if it fails."""
+        fresh = GoalPolicies(
+            self.template, max_goals=self.max_goals, max_word_stats=self.max_word_stats
+        )
+        for goal, learned in data["goals"]:
+            policy = fresh._new()
+            if not isinstance(policy, LearnedPolicy):
+                continue
+            policy.restore(learned)
+            fresh._counted(str(goal), fresh._keep(str(goal), policy))
+        self._goals, self._sizes, self._words = fresh._goals, fresh._sizes, fresh._words
 
 
 def make_policy(

@@ -26,7 +26,14 @@ from datetime import datetime
 
 from aiokafka.errors import KafkaError
 
-from services.router.policy import Features, LearnedPolicy, Policy, StaticPolicy, arm_name
+from services.router.policy import (
+    Features,
+    GoalPolicies,
+    LearnedPolicy,
+    Policy,
+    StaticPolicy,
+    arm_name,
+)
 from streams.events import Event, RouteDecided, WorkflowAssessed
 from streams.kafka import KafkaSettings
 from streams.registry import read_topics_to_end
@@ -42,6 +49,7 @@ class Logged:
     reward: float
     policy: str
     at: datetime
+    goal: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ def join_log(events: list[Event], since: datetime | None = None) -> list[Logged]
                 quality[e.run_id],
                 e.policy,
                 e.occurred_at,
+                e.goal_id or "",
             )
         )
     out.sort(key=lambda r: r.at)
@@ -120,19 +129,20 @@ def _candidate(name: str, seed: int) -> Policy:
 
 
 def evaluate(log: list[Logged], candidate: str, arms: list[str], seed: int = 0) -> ReplayResult:
-    policy = _candidate(candidate, seed)
+    # Each goal learns on its own, as the live router's do (one policy per goal).
+    policy = GoalPolicies(_candidate(candidate, seed), max_goals=1 << 30, max_word_stats=1 << 30)
     arms = arms or sorted({r.specialty for r in log})
     weighted: list[float] = []
     weights: list[float] = []
     matched = 0
     for rec in log:
-        choice = policy.choose(rec.features, arms)
+        choice = policy.choose(rec.goal, rec.features, arms)
         hit = choice.specialty == rec.specialty
         w = (1.0 / rec.probability) if hit else 0.0
         matched += int(hit)
         weighted.append(w * rec.reward)
         weights.append(w)
-        policy.update(rec.features, rec.specialty, rec.reward)
+        policy.update(rec.goal, rec.features, rec.specialty, rec.reward)
     n = len(log)
     ips = sum(weighted) / n if n else 0.0
     total_w = sum(weights)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from services.router.automations import AutomationHit, Automations
 from services.router.policy import (
     Features,
-    LearnedPolicy,
+    GoalPolicies,
     Policy,
     arm_name,
     features_of,
@@ -77,8 +77,9 @@ def _id(run_id: str, what: str) -> str:
 
 
 # Bump when what Router.dump writes or what Router.learn folds changes: older snapshots
-# are then ignored and the next start folds the whole log.
-SNAPSHOT_VERSION = 2
+# are then ignored and the next start folds the whole log. 3: a policy per goal (what a
+# version 2 snapshot learned came from every goal at once and cannot be split).
+SNAPSHOT_VERSION = 3
 # Runs whose learning the router remembers (decision, assessment, feedback), oldest forgotten.
 _MAX_RUNS = 100_000
 # Distinct users whose feedback is kept for a run whose decision (and so its user) is not
@@ -127,6 +128,7 @@ class _RunSignals:
     """
 
     routed: bool = False  # a route_decided was read
+    goal: str = ""  # whose policy it teaches
     decision: tuple[Features, str] | None = None  # None: routed, but it teaches nothing
     user: str | None = None  # who asked: only their feedback counts
     judged: tuple[float, float] | None = None  # (quality, cost) of a judged assessment
@@ -146,13 +148,15 @@ class _RunSignals:
             self.unjudged,
             sorted(self.feedback.items()) if self.feedback is not None else None,
             self.done,
+            self.goal,
         ]
 
     @classmethod
     def from_row(cls, row: list[Any]) -> tuple[str, _RunSignals]:
-        run_id, routed, words, arm, user, judged, unjudged, feedback, done = row
+        run_id, routed, words, arm, user, judged, unjudged, feedback, done, *goal = row
         return str(run_id), cls(
             routed=bool(routed),
+            goal=str(goal[0]) if goal else "",  # rows of older dumps name no goal
             decision=(Features.from_list(words), str(arm)) if words is not None else None,
             user=None if user is None else str(user),
             judged=(float(judged[0]), float(judged[1])) if judged is not None else None,
@@ -174,13 +178,25 @@ class Router:
     """Routing decisions; I/O is the producer passed in, state is rebuilt from events."""
 
     def __init__(
-        self, ctx: ServiceContext, weights: Weights | None = None, policy: Policy | None = None
+        self,
+        ctx: ServiceContext,
+        weights: Weights | None = None,
+        policy: Policy | GoalPolicies | None = None,
     ) -> None:
         self.ctx = ctx
         self.ended = EndedRuns(ctx.clock)
         settings = RouterSettings.from_env()
         self.weights = weights or settings.weights
-        self.policy = policy or make_policy(settings=settings)
+        # A policy per goal: one goal's outcomes never move another goal's routing.
+        self.policy = (
+            policy
+            if isinstance(policy, GoalPolicies)
+            else GoalPolicies(
+                policy or make_policy(settings=settings),
+                max_goals=settings.max_goals,
+                max_word_stats=settings.max_word_stats,
+            )
+        )
         specialties = list(settings.arms) or list(PROFILES)
         # With several models the policy chooses (specialty, model): each arm named
         # `specialty@model`, the platform's own model first.
@@ -246,7 +262,7 @@ class Router:
                 # A later decision of the run (a secondary agent served it) replaces the first.
                 teaches = event.features and event.policy not in ("forced", "automation")
                 arm = arm_name(event.specialty, event.model)
-                run.routed, run.user = True, event.user_id
+                run.routed, run.user, run.goal = True, event.user_id, event.goal_id or ""
                 run.decision = (Features.from_list(event.features), arm) if teaches else None
                 self._teach(run)
         elif isinstance(event, AgentSpawned) and record is not None:
@@ -328,11 +344,11 @@ class Router:
         if run.decision is None:
             run.done = True  # forced or automated: nothing to teach, whatever comes later
         elif run.judged is not None:
-            self.policy.update(*run.decision, *run.judged)
+            self.policy.update(run.goal, *run.decision, *run.judged)
             run.done = True
         elif run.user is not None and run.feedback and run.user in run.feedback:
             assert run.unjudged is not None
-            self.policy.update(*run.decision, run.feedback[run.user], run.unjudged)
+            self.policy.update(run.goal, *run.decision, run.feedback[run.user], run.unjudged)
             run.done = True
         if run.done:  # a marker from now on: later feedback or decisions teach nothing
             run.decision, run.feedback = None, None
@@ -342,7 +358,7 @@ class Router:
         """What :meth:`learn` folded, as plain values (for a snapshot)."""
         return {
             "policy": self.policy.name,
-            "learned": self.policy.dump() if isinstance(self.policy, LearnedPolicy) else None,
+            "learned": self.policy.dump() if self.policy.learned else None,
             "runs": [signals.row(run) for run, signals in self._runs.items()],
             "early_feedback": [
                 [run, sorted(given.items())] for run, given in self._early_feedback.items()
@@ -372,7 +388,7 @@ class Router:
         automations = self._automations()
         automations.restore(data["automations"])
         stats = OutcomeStats.from_dump(data["stats"])
-        if isinstance(self.policy, LearnedPolicy):
+        if self.policy.learned:
             self.policy.restore(data["learned"])
         self._runs, self._early_feedback, self.ended = runs, early, ended
         self.registry, self.automations, self.stats = registry, automations, stats
@@ -392,16 +408,13 @@ class Router:
             arm_scores: dict[str, float] = {asked: 1.0}
         else:
             weight = self.cost_weights.get(request.goal_id, 0.0)
-            offered, busy = self._offered_arms(features, weight)
-            choice = self.policy.choose(features, offered, weight)
+            offered, busy = self._offered_arms(request.goal_id, features, weight)
+            choice = self.policy.choose(request.goal_id, features, offered, weight)
             specialty, model = split_arm(choice.specialty)
             probability = choice.probability
-            policy, version, arm_scores = self.policy.name, self.policy.version, choice.scores
-            known = (
-                self.policy.known(features, choice.specialty)
-                if isinstance(self.policy, LearnedPolicy)
-                else 0.0
-            )
+            policy, version = self.policy.name, self.policy.version(request.goal_id)
+            arm_scores = choice.scores
+            known = self.policy.known(request.goal_id, features, choice.specialty)
             _, judge = self.judge.decide(known, judge_draw(request.run_id), choice.explored)
         # An automation only serves the specialty the policy chose: it saves cost,
         # it never overrides what the policy learned about quality.
@@ -468,7 +481,7 @@ class Router:
         return specialty, (best[2] if best else None), decision, hit
 
     def _offered_arms(
-        self, features: Features, cost_weight: float
+        self, goal: str, features: Features, cost_weight: float
     ) -> tuple[list[str], dict[str, int]]:
         """The arms the policy may choose from now, and the models left out as busy with
         their answers in flight: a model with ``model_busy`` or more of this instance's
@@ -487,10 +500,10 @@ class Router:
         if not busy or len(busy) >= len(self.models):
             return self.arms, {}
         free = [a for a in self.arms if split_arm(a)[1] not in busy]
-        if isinstance(self.policy, LearnedPolicy) and self.busy_margin < 1.0:
+        if self.policy.learned and self.busy_margin < 1.0:
             taken = [a for a in self.arms if split_arm(a)[1] in busy]
-            best_free = max(self.policy.estimate(features, a, cost_weight) for a in free)
-            best_busy = max(self.policy.estimate(features, a, cost_weight) for a in taken)
+            best_free = max(self.policy.estimate(goal, features, a, cost_weight) for a in free)
+            best_busy = max(self.policy.estimate(goal, features, a, cost_weight) for a in taken)
             if best_free < best_busy - self.busy_margin:
                 return self.arms, {}  # worth the wait: the busy model's answer is better
         return free, busy

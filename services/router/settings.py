@@ -58,14 +58,24 @@ class RouterSettings(EnvSettings):
     max_word_stats: int = setting(
         "ORCH_ROUTER_MAX_WORD_STATS",
         200_000,
-        "Most (word, specialty) statistics the learned policy keeps: each distinct word a "
-        "request brings makes one per specialty that answered it, about 400 bytes each (80 MB "
-        "at the default), so made-up words would otherwise grow the router's memory and "
-        "snapshot without end. "
-        "Words seen once leave first (oldest first); then the least recently taught. "
+        "Most (word, specialty) statistics the learned policy keeps, all goals together: each "
+        "distinct word a request brings makes one per specialty that answered it, about 400 "
+        "bytes each (80 MB at the default), so made-up words would otherwise grow the router's "
+        "memory and snapshot without end. Past it the goal holding the most lets one of its "
+        "own go: words seen once first (oldest first), then the least recently taught. "
         ">= 1000.",
         read_by="router",
         ge=1000,
+    )
+    max_goals: int = setting(
+        "ORCH_ROUTER_MAX_GOALS",
+        10_000,
+        "Most goals the learned policy keeps what it learned for. Each goal learns on its own "
+        "(one goal's outcomes never move another goal's routing); past this many the goal "
+        "taught least recently is forgotten and starts again from the keyword guess. About "
+        "1 KB a goal besides its word statistics. >= 1.",
+        read_by="router",
+        ge=1,
     )
     cache_per_goal: int = setting(
         "ORCH_ROUTER_CACHE_PER_GOAL",

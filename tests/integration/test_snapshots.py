@@ -35,8 +35,8 @@ def _router() -> Router:
     snapshot plus the tail equals a full fold only up to those sums (the fold in one fixed
     order is exact with it on: tests/unit/test_snapshot_fold.py)."""
     router = _any_router()
-    if isinstance(router.policy, LearnedPolicy):
-        router.policy.change_threshold = 0.0
+    assert isinstance(router.policy.template, LearnedPolicy)
+    router.policy.template.change_threshold = 0.0  # every goal's policy is made from it
     return router
 
 

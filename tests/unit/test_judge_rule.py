@@ -65,13 +65,13 @@ async def test_the_router_logs_more_judging_where_its_policy_knows_less(monkeypa
     monkeypatch.setenv("ORCH_JUDGE_SAMPLE", "0.2")
     monkeypatch.setenv("ORCH_JUDGE_RULE", "uncertain")
     router, producer, clock = _router(monkeypatch)
-    assert isinstance(router.policy, LearnedPolicy)
-    router.policy.epsilon0 = router.policy.epsilon_min = 0.0
+    assert isinstance(router.policy.template, LearnedPolicy)
+    router.policy.template.epsilon0 = router.policy.template.epsilon_min = 0.0
     router.learn(_spawned("cs_strong", "strong"))
     router.learn(_spawned("cs_cheap", "cheap"))
     for _ in range(200):  # much is known of both arms on a refund's words
-        router.policy.update(FEATURES, "customer_support@strong", 0.9)
-        router.policy.update(FEATURES, "customer_support@cheap", 0.5)
+        router.policy.update("g1", FEATURES, "customer_support@strong", 0.9)
+        router.policy.update("g1", FEATURES, "customer_support@cheap", 0.5)
     refund, invoice = "I want a refund for my order", "Invoice shows wrong charge"
     runs = [(f"r{i}", refund if i % 2 else invoice) for i in range(400)]
     decided = await _decisions(router, producer, clock, runs)
@@ -90,8 +90,8 @@ async def test_the_router_logs_more_judging_where_its_policy_knows_less(monkeypa
 
 async def test_a_forced_specialty_and_the_default_log_what_the_sample_says(monkeypatch) -> None:
     router, producer, clock = _router(monkeypatch)
-    assert isinstance(router.policy, LearnedPolicy)
-    router.policy.epsilon0 = router.policy.epsilon_min = 0.0
+    assert isinstance(router.policy.template, LearnedPolicy)
+    router.policy.template.epsilon0 = router.policy.template.epsilon_min = 0.0
     router.learn(_spawned("cs_strong", "strong"))
     router.learn(_spawned("cs_cheap", "cheap"))
     (decided,) = await _decisions(router, producer, clock, [("r1", "I want a refund")])

@@ -15,11 +15,11 @@ FEATURES = Features(frozenset({"refund", "order", "want"}), "customer_support")
 
 
 def _prefers_strong(router) -> None:  # type: ignore[no-untyped-def]
-    assert isinstance(router.policy, LearnedPolicy)
-    router.policy.epsilon0 = router.policy.epsilon_min = 0.0
+    assert isinstance(router.policy.template, LearnedPolicy)
+    router.policy.template.epsilon0 = router.policy.template.epsilon_min = 0.0
     for _ in range(40):  # quality only: strong is the better arm
-        router.policy.update(FEATURES, "customer_support@strong", 0.90)
-        router.policy.update(FEATURES, "customer_support@cheap", 0.80)
+        router.policy.update("g1", FEATURES, "customer_support@strong", 0.90)
+        router.policy.update("g1", FEATURES, "customer_support@cheap", 0.80)
 
 
 async def _route(router, producer, clock, run: str, message: str = "") -> RouteDecided:  # type: ignore[no-untyped-def]
@@ -97,15 +97,15 @@ async def test_a_request_the_busy_model_serves_much_better_waits_for_it(monkeypa
     monkeypatch.setenv("ORCH_ROUTER_MODEL_BUSY", "1")
     monkeypatch.setenv("ORCH_ROUTER_BUSY_MARGIN", "0.05")
     router, producer, clock = _router(monkeypatch)
-    assert isinstance(router.policy, LearnedPolicy)
-    router.policy.epsilon0 = router.policy.epsilon_min = 0.0
+    assert isinstance(router.policy.template, LearnedPolicy)
+    router.policy.template.epsilon0 = router.policy.template.epsilon_min = 0.0
     # A refund: strong 0.90, cheap 0.80 (a tenth given up: more than the margin).
     _prefers_strong(router)
     # A password reset: strong 0.90, cheap 0.88 (within the margin).
     close = Features(frozenset({"password", "reset"}), "customer_support")
     for _ in range(40):
-        router.policy.update(close, "customer_support@strong", 0.90)
-        router.policy.update(close, "customer_support@cheap", 0.88)
+        router.policy.update("g1", close, "customer_support@strong", 0.90)
+        router.policy.update("g1", close, "customer_support@cheap", 0.88)
     router.learn(_spawned("cs_strong", "strong"))
     router.learn(_spawned("cs_cheap", "cheap"))
     assert (await _route(router, producer, clock, "r1")).model == "strong"

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
 
-from services.router.policy import Features, LearnedPolicy, features_of
+from services.router.policy import Features, GoalPolicies, LearnedPolicy, features_of
 from services.router.service import Router
 from streams import events as ev
 from streams.clock import FakeClock
@@ -21,19 +20,28 @@ T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 MESSAGE = "refund my invoice please"
 
 
-@dataclass
-class _Recording(LearnedPolicy):
-    """The router's learned policy, remembering each update it was given."""
+class _Recording(GoalPolicies):
+    """The router's policies, remembering each update they were given."""
 
-    taught: list[tuple[str, float, float]] = field(default_factory=list)
+    def __init__(self) -> None:
+        template = LearnedPolicy(rng=random.Random(0))
+        super().__init__(template, max_goals=100, max_word_stats=10_000)
+        self.taught: list[tuple[str, float, float]] = []
 
-    def update(self, features: Features, arm: str, reward: float, cost: float = 0.0) -> None:
+    def update(
+        self, goal: str, features: Features, arm: str, reward: float, cost: float = 0.0
+    ) -> None:
         self.taught.append((arm, round(reward, 6), round(cost, 6)))
-        super().update(features, arm, reward, cost)
+        super().update(goal, features, arm, reward, cost)
+
+    @property
+    def updates(self) -> int:
+        """What goal g's policy was taught (every run here is g's)."""
+        return self.version("g") - 1
 
 
 def _router() -> tuple[Router, _Recording]:
-    policy = _Recording(rng=random.Random(0))
+    policy = _Recording()
     ctx = SimpleNamespace(producer=None, clock=FakeClock(T0))
     return Router(ctx, policy=policy), policy  # type: ignore[arg-type]
 
@@ -247,7 +255,7 @@ def test_a_snapshot_plus_the_tail_learns_what_the_whole_log_does(cut: int):
         resumed.learn(e)
     assert resumed.dump() == full.dump()
     assert resumed_policy.updates == full_policy.updates == _expected_updates(events)
-    assert resumed.policy.version == full.policy.version
+    assert resumed.policy.version("g") == full.policy.version("g")
 
 
 def _expected_updates(events: list[ev.Event]) -> int:

@@ -87,10 +87,12 @@ def test_assessments_read_before_their_decisions_still_teach_the_policy_and_the_
     by_type += [e for e in log if isinstance(e, RouteDecided | AutomationCreated)]
     reordered = _fold(by_type)
 
-    assert in_order.policy.version == reordered.policy.version == 1 + len(MESSAGES)
+    assert in_order.policy.version("g") == reordered.policy.version("g") == 1 + len(MESSAGES)
     probe = features_of("refund my invoice")
     for arm in set(SPECIALTIES):
-        assert in_order.policy.estimate(probe, arm) == reordered.policy.estimate(probe, arm)
+        assert in_order.policy.estimate("g", probe, arm) == reordered.policy.estimate(
+            "g", probe, arm
+        )
     for router in (in_order, reordered):
         hit = router.automations.lookup(MESSAGES[0], SPECIALTIES[0], T0, "g")
         assert hit is not None and hit.cached is not None

@@ -134,11 +134,11 @@ async def test_the_router_spawns_and_reuses_an_agent_of_the_chosen_model(monkeyp
         "general@cheap",
     ]
     features = Features(frozenset({"refund", "order", "want"}), "customer_support")
-    assert isinstance(router.policy, LearnedPolicy)
-    router.policy.epsilon0 = router.policy.epsilon_min = 0.0
+    assert isinstance(router.policy.template, LearnedPolicy)
+    router.policy.template.epsilon0 = router.policy.template.epsilon_min = 0.0
     for _ in range(40):  # what earlier runs taught it
-        router.policy.update(features, "customer_support@strong", 0.90, cost=0.0060)
-        router.policy.update(features, "customer_support@cheap", 0.86, cost=0.0004)
+        router.policy.update("g1", features, "customer_support@strong", 0.90, cost=0.0060)
+        router.policy.update("g1", features, "customer_support@cheap", 0.86, cost=0.0004)
     # The goal weighs cost: 20 quality points per USD (reported by the budget).
     router.learn(
         BudgetReported(
@@ -174,7 +174,7 @@ async def test_the_router_spawns_and_reuses_an_agent_of_the_chosen_model(monkeyp
     # The outcome teaches the arm its quality and its cost (the router reads its own
     # decision back from the log first).
     router.learn(decided)
-    before = router.policy.dump()
+    before = router.policy.dump()["goals"][0][1]
     router.learn(
         WorkflowAssessed(
             source="improvement",
@@ -187,7 +187,9 @@ async def test_the_router_spawns_and_reuses_an_agent_of_the_chosen_model(monkeyp
             cost_usd=0.0005,
         )
     )
-    after = {row[0]: row for row in router.policy.dump()["arms"]}
+    ((goal, learned),) = router.policy.dump()["goals"]
+    assert goal == "g1"
+    after = {row[0]: row for row in learned["arms"]}
     old = {row[0]: row for row in before["arms"]}
     assert after["customer_support@cheap"][1] == old["customer_support@cheap"][1] + 1
     assert after["customer_support@cheap"][3] == pytest.approx(

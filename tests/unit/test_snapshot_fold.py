@@ -230,8 +230,8 @@ def test_router_snapshot_plus_tail_equals_the_full_fold(cut: int) -> None:
     assert resumed.dump() == full.dump()
     # ... and it routes the same way (exploration drawing the same numbers).
     for router in (full, resumed):
-        assert isinstance(router.policy, LearnedPolicy)
-        router.policy.rng = random.Random(1)
+        assert isinstance(router.policy.template, LearnedPolicy)
+        router.policy.template.rng.seed(1)  # every goal's policy draws from it
     for message in ("python error login", "proof of budget", "travel essay case 3"):
         request = ev.RequestReceived(
             source="client", run_id="new", goal_id="g0", user_id="u1", message=message
@@ -246,7 +246,9 @@ def test_router_restore_that_fails_changes_nothing() -> None:
         router.learn(e)
     before = router.dump()
     # The last value the policy reads is bad: what it read before that must not stay.
-    learned = {**before["learned"], "arms": [], "words": [], "changes": "many"}
+    *kept, (goal, last) = before["learned"]["goals"]
+    bad = {**last, "arms": [], "words": [], "changes": "many"}
+    learned = {"goals": [*kept, [goal, bad]]}
     for broken in ({**before, "stats": {"agents": [["x", 1]]}}, {**before, "learned": learned}):
         with pytest.raises(ValueError):
             router.restore(broken)

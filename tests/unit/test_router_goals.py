@@ -1,0 +1,146 @@
+"""What one goal teaches the router changes only that goal's routing (invariant 6).
+
+Before the policy was per goal, one learned policy took every goal's outcomes: a tenant
+scoring its answers could steer every other tenant's requests. These tests attack that
+through the router's own log folding, and hold the per-goal policies to their bounds.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+from services.router.policy import (
+    MAX_FEATURE_WORDS,
+    Features,
+    GoalPolicies,
+    LearnedPolicy,
+    features_of,
+)
+from services.router.service import Router
+from streams.clock import FakeClock
+from streams.events import FeedbackReceived, RequestReceived, RouteDecided, WorkflowAssessed
+from streams.snapshots import decode_state, encode_state
+
+T0 = datetime(2026, 12, 5, 9, 0, tzinfo=UTC)
+MESSAGE = "refund my invoice for the damaged order"
+ARMS = ["customer_support", "research", "writing"]
+
+
+def _router() -> Router:
+    policy = LearnedPolicy(rng=random.Random(1), epsilon0=0.0, epsilon_min=0.0)
+    ctx = SimpleNamespace(producer=None, clock=FakeClock(T0))
+    return Router(ctx, policy=policy)  # type: ignore[arg-type]
+
+
+def _taught(router: Router, goal: str, arm: str, score: int, runs: int) -> None:
+    """``runs`` answers of ``goal`` by ``arm`` on MESSAGE, each left unjudged and scored
+    ``score`` (1-5) by the user who asked: the feedback path a tenant controls."""
+    for i in range(runs):
+        run = f"{goal}-{arm}-{i}"
+        router.learn(
+            RouteDecided(
+                source="router",
+                run_id=run,
+                goal_id=goal,
+                user_id="u",
+                specialty=arm,
+                action="reuse",
+                policy="learned",
+                probability=1.0,
+                features=features_of(MESSAGE).as_list(),
+            )
+        )
+        router.learn(
+            WorkflowAssessed(
+                source="improvement",
+                run_id=run,
+                goal_id=goal,
+                agent_id=f"{arm}-agent",
+                specialty=arm,
+                quality=0.5,
+                method="unjudged",
+                cost_usd=0.001,
+            )
+        )
+        router.learn(
+            FeedbackReceived(source="gateway", run_id=run, goal_id=goal, user_id="u", score=score)
+        )
+
+
+def _scores(router: Router, goal: str) -> dict[str, float]:
+    request = RequestReceived(
+        source="client", run_id=f"ask-{goal}", goal_id=goal, user_id="u", message=MESSAGE
+    )
+    return router.policy.choose(goal, features_of(request.message), ARMS).scores
+
+
+def test_one_goals_feedback_does_not_move_another_goals_routing() -> None:
+    router, untouched = _router(), _router()
+    _taught(router, "victim", "customer_support", 5, 20)
+    _taught(untouched, "victim", "customer_support", 5, 20)
+    before = _scores(router, "victim")
+    assert max(before, key=before.__getitem__) == "customer_support"
+    # The attacker's goal says, 200 times, that writing is perfect and support useless
+    # on the victim's very words.
+    _taught(router, "attacker", "writing", 5, 200)
+    _taught(router, "attacker", "customer_support", 1, 200)
+    assert _scores(router, "victim") == before == _scores(untouched, "victim")
+    # ... and the attacker's own routing did move: the check can fail.
+    mine = _scores(router, "attacker")
+    assert max(mine, key=mine.__getitem__) == "writing"
+    # A goal nothing was taught for chooses as a new policy does, whatever others taught.
+    assert _scores(router, "newcomer") == _scores(_router(), "newcomer")
+    assert router.policy.version("victim") == 21 and router.policy.version("newcomer") == 1
+
+
+def test_the_goals_policies_survive_a_snapshot_apart() -> None:
+    router = _router()
+    _taught(router, "a", "writing", 5, 30)
+    _taught(router, "b", "research", 5, 30)
+    again = _router()
+    again.restore(decode_state(encode_state(router.dump())))
+    assert again.dump() == router.dump()
+    for goal in ("a", "b"):
+        assert _scores(again, goal) == _scores(router, goal)
+
+
+def _made_up(rng: random.Random) -> Features:
+    return Features(
+        frozenset(f"w{rng.getrandbits(48):x}" for _ in range(MAX_FEATURE_WORDS)), "general"
+    )
+
+
+def test_one_goals_made_up_words_push_out_only_its_own_statistics() -> None:
+    goals = GoalPolicies(LearnedPolicy(rng=random.Random(1)), max_goals=100, max_word_stats=5_000)
+    invoice = features_of("invoice billing refund")
+    for _ in range(3):
+        goals.update("quiet", invoice, "research", 0.9)
+    quiet = goals.of("quiet")
+    assert isinstance(quiet, LearnedPolicy)
+    learned = quiet.dump()
+    rng = random.Random(2)
+    for _ in range(1_000):  # 64,000 statistics of words never seen again
+        goals.update("flood", _made_up(rng), "general", 0.5)
+    assert goals.word_stats == 5_000
+    assert quiet.dump() == learned  # every statistic of the quiet goal kept
+    flood = goals.of("flood")
+    assert isinstance(flood, LearnedPolicy)
+    assert flood.word_stats == 5_000 - quiet.word_stats
+
+
+def test_goals_past_the_cap_leave_least_recently_taught_first() -> None:
+    goals = GoalPolicies(LearnedPolicy(rng=random.Random(1)), max_goals=3, max_word_stats=1_000)
+    words = features_of("invoice billing refund")
+    for goal in ("a", "b", "c"):
+        goals.update(goal, words, "research", 0.9)
+    goals.update("a", words, "research", 0.9)  # a taught again: b is now the oldest
+    goals.update("d", words, "research", 0.9)
+    assert "b" not in goals and all(g in goals for g in ("a", "c", "d"))
+    assert len(goals) == 3 and goals.word_stats == 9  # b's three words went with it
+    assert goals.version("b") == 1  # starts again from blank
+    # A restore holds a smaller cap too, keeping the most recently taught.
+    small = GoalPolicies(LearnedPolicy(rng=random.Random(1)), max_goals=2, max_word_stats=1_000)
+    small.restore(goals.dump())
+    assert len(small) == 2 and "d" in small and "a" in small and small.word_stats == 6
