@@ -12,12 +12,14 @@ exploration is explicit and the bonus deterministic, so propensities are exact.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
 import re
+import statistics
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
@@ -45,6 +47,14 @@ _STOP = frozenset(
 _DIGITS = re.compile(r"^\d+$")
 # Content words a request brings to the policy: far more than any real question has.
 MAX_FEATURE_WORDS = 64
+# Outcomes of its own on a word past which a goal's policy no longer asks what other goals
+# agree on (see GoalPolicies): its own evidence outweighs the prior five to one.
+_OWN_ENOUGH = 10.0
+# Goals remembered per (word, arm) as having learned it: the median of at most this many
+# other goals' means is what they agree on.
+_MAX_VOTERS = 9
+# Outcomes a goal must have learned of a word before its mean counts towards agreement.
+_VOTER_MIN = 2.0
 # The change detector's least standard deviation of a word's rewards: outcomes that never
 # varied yet (a repeated message's fixed draw) must not turn every small move into a change.
 _MIN_SPREAD = 0.05
@@ -273,6 +283,10 @@ class LearnedPolicy:
     max_word_stats: int = RouterSettings.model_fields["max_word_stats"].default
     _arm: dict[str, _Stat] = field(default_factory=lambda: defaultdict(_Stat))
     _word: _WordStats = field(init=False)
+    # (word, arm) -> the mean reward other goals agree on, or None (set by GoalPolicies)
+    commons: Callable[[str, str], float | None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         self._word = _WordStats(self.max_word_stats)
@@ -280,7 +294,7 @@ class LearnedPolicy:
     def blank(self) -> LearnedPolicy:
         """A policy with these settings that has learned nothing, drawing from the same
         random source (a goal's own policy, see :class:`GoalPolicies`)."""
-        state = {"updates", "changes", "_arm"}
+        state = {"updates", "changes", "_arm", "commons"}
         return LearnedPolicy(
             **{
                 f.name: getattr(self, f.name)
@@ -346,16 +360,31 @@ class LearnedPolicy:
         prior, prior_cost = self._prior(arm)
         arm_mean = (base.total + prior) / (base.n + 1.0) if base else prior
         arm_cost = (base.cost + prior_cost) / (base.n + 1.0) if base else prior_cost
-        known = [st for w in features.words if (st := self._word.get((w, arm))) is not None]
-        if not known:
+        agreed = self.commons
+        parts, costs = [], []
+        for w in features.words:
+            st = self._word.get((w, arm))
+            if st is not None:
+                self._fresh(st)
+            # What several other goals learned of the word (see GoalPolicies) stands in for
+            # the arm's mean where this goal has learned little of it itself.
+            shared = (
+                agreed(w, arm)
+                if agreed is not None and (st is None or st.n < _OWN_ENOUGH)
+                else None
+            )
+            if st is None:
+                if shared is not None:
+                    parts.append(shared)
+                    costs.append(arm_cost)
+                continue
+            # Few observations lean on the arm's overall mean.
+            mean = arm_mean if shared is None else shared
+            parts.append((st.total + self.shrink * mean) / (st.n + self.shrink))
+            costs.append((st.cost + self.shrink * arm_cost) / (st.n + self.shrink))
+        if not parts:
             value, cost = arm_mean, arm_cost
         else:
-            parts, costs = [], []
-            for st in known:
-                self._fresh(st)
-                # Few observations lean on the arm's overall mean.
-                parts.append((st.total + self.shrink * arm_mean) / (st.n + self.shrink))
-                costs.append((st.cost + self.shrink * arm_cost) / (st.n + self.shrink))
             value, cost = sum(parts) / len(parts), sum(costs) / len(costs)
         seen = base.n if base else 0.0
         prior = self.keyword_prior / (1.0 + seen / 10.0)
@@ -515,15 +544,35 @@ class GoalPolicies:
     them together number at most ``max_word_stats``: past that, the goal holding the most
     lets one of its own go (see :meth:`LearnedPolicy.shed`), so a goal holding fewer than
     the largest never loses what it learned to another goal's words.
+
+    Promotion by evidence from several goals (``promote_goals``, 0: never): what a word
+    tells of an arm becomes a prior for other goals once at least that many goals each
+    learned it from two outcomes or more. The prior is the median of those goals' mean
+    rewards (of the first nine goals to learn the word with the arm), so one goal scoring
+    against the others moves it no further than the honest goals' own spread, and a goal's
+    own outcomes still replace it as they come (it weighs as two of them, and is not asked
+    once the goal has ten). A goal new to a kind of request then starts where the others
+    agree, instead of from the keyword guess.
     """
 
-    def __init__(self, template: Policy, *, max_goals: int, max_word_stats: int) -> None:
+    def __init__(
+        self,
+        template: Policy,
+        *,
+        max_goals: int,
+        max_word_stats: int,
+        promote_goals: int = 0,
+    ) -> None:
         self.template = template
         self.max_goals = max(1, max_goals)
         self.max_word_stats = max(1, max_word_stats)
+        self.promote_goals = max(0, promote_goals)
         self._goals: OrderedDict[str, Policy] = OrderedDict()  # least recently taught first
         self._sizes = Largest()  # goal -> its (word, arm) statistics
         self._words = 0
+        # (word, arm) -> goals that learned it (at most _MAX_VOTERS, some may have let it go
+        # since), least recently taught first, at most max_word_stats of them
+        self._voters: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
 
     @property
     def name(self) -> str:
@@ -543,14 +592,54 @@ class GoalPolicies:
     def __contains__(self, goal: object) -> bool:
         return goal in self._goals
 
-    def _new(self) -> Policy:
+    def _new(self, goal: str) -> Policy:
         t = self.template
-        return t.blank() if isinstance(t, LearnedPolicy) else t
+        if not isinstance(t, LearnedPolicy):
+            return t
+        policy = t.blank()
+        if self.promote_goals:
+            policy.commons = functools.partial(self.agreed, goal)
+        return policy
+
+    def agreed(self, goal: str, word: str, arm: str) -> float | None:
+        """What goals other than ``goal`` agree ``word`` tells of ``arm``: the median of
+        their mean rewards, when ``promote_goals`` of them learned it from two outcomes or
+        more; else None."""
+        voters = self._voters.get((word, arm))
+        if voters is None or len(voters) < self.promote_goals:
+            return None
+        means = []
+        for voter in voters:
+            st = self._stat(voter, word, arm) if voter != goal else None
+            if st is not None and st.n >= _VOTER_MIN and not st.stale:
+                means.append(st.total / st.n)
+        return statistics.median(means) if len(means) >= self.promote_goals else None
+
+    def _stat(self, goal: str, word: str, arm: str) -> _Stat | None:
+        policy = self._goals.get(goal)
+        return policy._word.get((word, arm)) if isinstance(policy, LearnedPolicy) else None
+
+    def _voted(self, goal: str, features: Features, arm: str) -> None:
+        """Remember that ``goal`` learned the request's words with ``arm``."""
+        for word in features.words:
+            key = (word, arm)
+            voters = self._voters.get(key)
+            if voters is None:
+                voters = self._voters[key] = []
+            else:
+                self._voters.move_to_end(key)
+            if goal not in voters:
+                if len(voters) >= _MAX_VOTERS:  # make room: goals that let it go
+                    voters[:] = [v for v in voters if self._stat(v, word, arm) is not None]
+                if len(voters) < _MAX_VOTERS:
+                    voters.append(goal)
+        while len(self._voters) > self.max_word_stats:
+            self._voters.popitem(last=False)
 
     def of(self, goal: str) -> Policy:
         """The goal's policy, to choose with (a blank one for a goal taught nothing yet)."""
         found = self._goals.get(goal)
-        return found if found is not None else self._new()
+        return found if found is not None else self._new(goal)
 
     def version(self, goal: str) -> int:
         return self.of(goal).version
@@ -577,11 +666,13 @@ class GoalPolicies:
     ) -> None:
         policy = self._goals.get(goal)
         if policy is None:
-            policy = self._keep(goal, self._new())
+            policy = self._keep(goal, self._new(goal))
         else:
             self._goals.move_to_end(goal)
         policy.update(features, arm, reward, cost)
         self._counted(goal, policy)
+        if self.promote_goals:
+            self._voted(goal, features, arm)
 
     def _keep(self, goal: str, policy: Policy) -> Policy:
         """``policy`` as the goal's, the most recently taught; the least recently taught
@@ -616,22 +707,35 @@ class GoalPolicies:
                 [goal, policy.dump()]
                 for goal, policy in self._goals.items()
                 if isinstance(policy, LearnedPolicy)
-            ]
+            ],
+            "voters": [[w, a, list(goals)] for (w, a), goals in self._voters.items()],
         }
 
     def restore(self, data: dict[str, Any]) -> None:
         """Replace what was learned with a :meth:`dump`, under the same bounds; nothing
         changes if it fails."""
         fresh = GoalPolicies(
-            self.template, max_goals=self.max_goals, max_word_stats=self.max_word_stats
+            self.template,
+            max_goals=self.max_goals,
+            max_word_stats=self.max_word_stats,
+            promote_goals=self.promote_goals,
         )
         for goal, learned in data["goals"]:
-            policy = fresh._new()
+            policy = fresh._new(str(goal))
             if not isinstance(policy, LearnedPolicy):
                 continue
             policy.restore(learned)
             fresh._counted(str(goal), fresh._keep(str(goal), policy))
+        for word, arm, goals in data.get("voters", []) if self.promote_goals else []:
+            fresh._voters[(str(word), str(arm))] = [str(g) for g in goals][:_MAX_VOTERS]
+        while len(fresh._voters) > fresh.max_word_stats:
+            fresh._voters.popitem(last=False)
+        # The goals' policies ask this object what others agree on: it keeps them now.
         self._goals, self._sizes, self._words = fresh._goals, fresh._sizes, fresh._words
+        self._voters = fresh._voters
+        for goal, policy in self._goals.items():
+            if isinstance(policy, LearnedPolicy) and self.promote_goals:
+                policy.commons = functools.partial(self.agreed, goal)
 
 
 def make_policy(

@@ -195,6 +195,7 @@ class Router:
                 policy or make_policy(settings=settings),
                 max_goals=settings.max_goals,
                 max_word_stats=settings.max_word_stats,
+                promote_goals=settings.promote_goals,
             )
         )
         specialties = list(settings.arms) or list(PROFILES)

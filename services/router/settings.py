@@ -77,6 +77,17 @@ class RouterSettings(EnvSettings):
         read_by="router",
         ge=1,
     )
+    promote_goals: int = setting(
+        "ORCH_ROUTER_PROMOTE_GOALS",
+        3,
+        "Goals that must have learned a request word with an arm (two outcomes or more each) "
+        "before what they learned becomes a prior for other goals: the median of their mean "
+        "rewards, which a goal's own outcomes then replace. One goal's scores never move "
+        "another goal's routing below this many; 0 never promotes (each goal learns alone). "
+        'Measured in docs/performance.md, "Routing knowledge across goals". >= 0.',
+        read_by="router",
+        ge=0,
+    )
     cache_per_goal: int = setting(
         "ORCH_ROUTER_CACHE_PER_GOAL",
         1_000,

@@ -11,6 +11,8 @@ import random
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
+import pytest
+
 from services.router.policy import (
     MAX_FEATURE_WORDS,
     Features,
@@ -144,3 +146,64 @@ def test_goals_past_the_cap_leave_least_recently_taught_first() -> None:
     small = GoalPolicies(LearnedPolicy(rng=random.Random(1)), max_goals=2, max_word_stats=1_000)
     small.restore(goals.dump())
     assert len(small) == 2 and "d" in small and "a" in small and small.word_stats == 6
+
+
+def _promoting(promote: int = 3) -> GoalPolicies:
+    template = LearnedPolicy(rng=random.Random(1), epsilon0=0.0, epsilon_min=0.0, bonus=0.0)
+    return GoalPolicies(template, max_goals=100, max_word_stats=10_000, promote_goals=promote)
+
+
+INVOICE = features_of("invoice billing refund")  # the keyword guess: customer_support
+
+
+def _learns(goals: GoalPolicies, goal: str, good: str, bad: str, runs: int = 5) -> None:
+    for _ in range(runs):
+        goals.update(goal, INVOICE, good, 0.9)
+        goals.update(goal, INVOICE, bad, 0.2)
+
+
+def test_what_three_goals_agree_on_is_where_a_new_goal_starts() -> None:
+    arms = ["customer_support", "research"]
+    assert INVOICE.keyword_guess == "customer_support"
+    promoted, alone = _promoting(3), _promoting(0)
+    for goals in (promoted, alone):
+        for goal in ("a", "b", "c"):
+            _learns(goals, goal, "research", "customer_support")
+    assert promoted.choose("new", INVOICE, arms).specialty == "research"
+    assert alone.choose("new", INVOICE, arms).specialty == "customer_support"
+    assert promoted.agreed("new", "invoice", "research") == pytest.approx(0.9)
+    # The prior gives way to the goal's own outcomes: this goal's research answers are bad.
+    for _ in range(10):
+        promoted.update("new", INVOICE, "research", 0.1)
+        promoted.update("new", INVOICE, "customer_support", 0.8)
+    assert promoted.choose("new", INVOICE, arms).specialty == "customer_support"
+    # ... and what it learned moves nobody else: a, b and c still choose research.
+    assert {promoted.choose(g, INVOICE, arms).specialty for g in "abc"} == {"research"}
+
+
+def test_fewer_goals_than_the_rule_promote_nothing_and_one_liar_moves_little() -> None:
+    arms = ["customer_support", "research"]
+    goals = _promoting(3)
+    _learns(goals, "honest", "research", "customer_support")
+    _learns(goals, "liar", "customer_support", "research", runs=200)
+    blank = _promoting(0).choose("new", INVOICE, arms).scores
+    assert goals.choose("new", INVOICE, arms).scores == blank  # two goals: nothing shared
+    for goal in ("honest2", "honest3"):
+        _learns(goals, goal, "research", "customer_support")
+    # Four goals know the words now, one lying with forty times the outcomes: the median of
+    # their means is an honest goal's.
+    assert goals.agreed("new", "invoice", "research") == pytest.approx(0.9)
+    assert goals.agreed("new", "invoice", "customer_support") == pytest.approx(0.2)
+    assert goals.choose("new", INVOICE, arms).specialty == "research"
+
+
+def test_what_goals_agree_on_survives_a_snapshot() -> None:
+    goals = _promoting(3)
+    for goal in ("a", "b", "c"):
+        _learns(goals, goal, "research", "customer_support")
+    again = _promoting(3)
+    again.restore(decode_state(encode_state(goals.dump())))
+    assert again.dump() == goals.dump()
+    arms = ["customer_support", "research"]
+    assert again.choose("new", INVOICE, arms).scores == goals.choose("new", INVOICE, arms).scores
+    assert again.choose("a", INVOICE, arms).scores == goals.choose("a", INVOICE, arms).scores
