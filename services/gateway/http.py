@@ -6,9 +6,10 @@ Statuses: 200 answer (a degraded one too: its tier is in ``x-orchestrator-tier``
 400 invalid request, 401 unknown or revoked key, 403 another user's or goal's run,
 404 unknown run, 408 the body did not arrive in time, 413 body too large, 429 budget
 exceeded (``code`` names the limit, ``Retry-After`` says when it can pass), feedback rate
-or the key's share of the in-flight requests, 502 the LLM failed and no lower tier
-answered, 503 the gateway or platform cannot take the request now (in-flight limit,
-stopping, Kafka unreachable), 504 no answer before the deadline.
+or the key's (or its goal's, all its keys together) share of the in-flight requests,
+502 the LLM failed and no lower tier answered, 503 the gateway or platform cannot take
+the request now (in-flight limit, stopping, Kafka unreachable), 504 no answer before the
+deadline.
 Errors use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 Slow clients hold no slot for long: a request's body is read, within
@@ -202,6 +203,9 @@ class GatewayApp:
         self.header_timeout_s = header_timeout_s
         self.limits = limits or Limits()
         self._slots = Slots(max_in_flight, self.max_in_flight_per_key)
+        # The same share bounds each goal, all its keys together: a tenant holding several
+        # keys of one goal cannot take every slot from the other goals either.
+        self._goal_slots = Slots(sys.maxsize, self.max_in_flight_per_key)
         self._receiving = Slots(sys.maxsize, self.max_in_flight_per_key)  # bodies still coming
         self.draining = False
         self._idle = asyncio.Event()
@@ -221,6 +225,11 @@ class GatewayApp:
         return self._slots.held
 
     @property
+    def held_by_goal(self) -> dict[str, int]:
+        """Per goal, the slots its requests hold (no entry at zero)."""
+        return self._goal_slots.held
+
+    @property
     def receiving(self) -> dict[str, int]:
         """Per key id, its requests whose body is coming (no entry at zero)."""
         return self._receiving.held
@@ -238,20 +247,27 @@ class GatewayApp:
             )
 
     def _key_share_refusal(self, what: str, count: int) -> _Refusal:
+        return self._share_refusal(f"this API key has {count} requests {what}", "", "key")
+
+    def _goal_share_refusal(self, goal_id: str, count: int) -> _Refusal:
+        held = f"goal {goal_id!r} has {count} requests in flight"
+        return self._share_refusal(held, ", for all its keys together", "goal")
+
+    def _share_refusal(self, held: str, whose: str, code: str) -> _Refusal:
         return _Refusal(
             429,
-            f"this API key has {count} requests {what} on this gateway, its share "
-            f"(ORCH_GATEWAY_KEY_SHARE of {self.max_in_flight} slots: "
-            f"{self.max_in_flight_per_key}); wait for one to end",
+            f"{held} on this gateway, its share (ORCH_GATEWAY_KEY_SHARE of"
+            f" {self.max_in_flight} slots: {self.max_in_flight_per_key}{whose}); wait for one"
+            " to end",
             "rate_limit_exceeded",
-            "key_in_flight",
+            f"{code}_in_flight",
             {"Retry-After": "1"},
         )
 
     @contextmanager
     def _admitted(self, who: Identity) -> Iterator[None]:
         """One in-flight slot, taken once the body is in: 503 when none is free, 429 when
-        the key holds its share of them already."""
+        the key, or its goal (all its keys together), holds its share of them already."""
         self._refuse_while_draining()
         try:
             self._slots.take(who.key_id)
@@ -265,11 +281,17 @@ class GatewayApp:
             ) from None
         except KeyShareFull as exc:
             raise self._key_share_refusal("in flight", exc.held) from None
+        try:
+            self._goal_slots.take(who.goal_id)
+        except KeyShareFull as exc:
+            self._slots.give(who.key_id)
+            raise self._goal_share_refusal(who.goal_id, exc.held) from None
         self._idle.clear()
         try:
             yield
         finally:
             self._slots.give(who.key_id)
+            self._goal_slots.give(who.goal_id)
             if self.in_flight == 0:
                 self._idle.set()
 

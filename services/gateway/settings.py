@@ -47,9 +47,11 @@ class GatewaySettings(EnvSettings):
         0.5,
         "Largest share of `ORCH_GATEWAY_MAX_IN_FLIGHT` one API key may hold at once (at least "
         "one slot), so one key cannot take every slot from the others; one more of its "
-        "requests is answered 429 (`code: key_in_flight`, `Retry-After: 1`). The same number "
-        "bounds its requests still sending their body. Raise it to 1 when a single key is all "
-        "that uses the gateway. More than 0, at most 1.",
+        "requests is answered 429 (`code: key_in_flight`, `Retry-After: 1`). The same share "
+        "bounds one goal, all its keys together (`code: goal_in_flight`), so a tenant with "
+        "many keys cannot take every slot from the other goals either; and each key's "
+        "requests still sending their body. Raise it to 1 when a single goal is all that "
+        "uses the gateway. More than 0, at most 1.",
         read_by="gateway",
         gt=0.0,
         le=1.0,

@@ -29,16 +29,18 @@ Slow clients are cut off: a JSON body must arrive within ``BODY_TIMEOUT_S`` (els
 
 Like the gateway, the JSON routes handle at most ``max_in_flight`` requests at once
 (counted once the key is checked and the body has come; one more is 503 with
-``Retry-After: 1``), and one key at most its share of them (429): a request holds its
-body and waits up to ~17 s for its run and verdict, so without a bound one key could hold
-thousands. A key also has at most its share of requests still sending their body (429).
+``Retry-After: 1``), and one key at most its share of them (429), one goal too (all its
+keys together): a request holds its body and waits up to ~17 s for its run and verdict, so
+without a bound one key could hold thousands, and one tenant's keys every slot. A key also
+has at most its share of requests still sending their body (429).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -183,6 +185,9 @@ class _Admission:
     def __init__(self, max_in_flight: int, key_share: float) -> None:
         per_key = max(1, int(max_in_flight * key_share))
         self.slots = Slots(max_in_flight, per_key)
+        # The same share bounds each goal, all its keys together: a tenant with several keys
+        # of one goal cannot take every slot from the other goals either.
+        self.goals = Slots(sys.maxsize, per_key)
         self.receiving = Slots(sys.maxsize, per_key)  # per key: bodies still coming
 
     def _share(self, what: str, held: int) -> web.Response:
@@ -208,11 +213,21 @@ class _Admission:
     async def run(
         self, who: Identity, handle: Callable[[], Awaitable[web.Response]]
     ) -> web.Response:
-        """``handle()`` in one of the slots: 503 when none is free, 429 when the key holds
-        its share already."""
+        """``handle()`` in one of the slots: 503 when none is free, 429 when the key, or its
+        goal (all its keys together), holds its share already."""
         try:
-            with self.slots.taken(who.key_id):
+            with self.slots.taken(who.key_id), self._goal_share(who.goal_id):
                 return await handle()
+        except _GoalShareFull as exc:
+            return web.json_response(
+                {
+                    "error": f"goal {who.goal_id!r} has {exc.held} requests in flight on this"
+                    f" endpoint, its share (ORCH_IMPROVE_KEY_SHARE of {self.slots.limit} slots:"
+                    f" {self.slots.per_key}, for all its keys together); wait for one to end"
+                },
+                status=429,
+                headers={"Retry-After": "1"},
+            )
         except SlotsFull:
             return web.json_response(
                 {
@@ -224,6 +239,21 @@ class _Admission:
             )
         except KeyShareFull as exc:
             return self._share("in flight", exc.held)
+
+    @contextmanager
+    def _goal_share(self, goal_id: str) -> Iterator[None]:
+        try:
+            self.goals.take(goal_id)
+        except KeyShareFull as exc:
+            raise _GoalShareFull(exc.held) from None
+        try:
+            yield
+        finally:
+            self.goals.give(goal_id)
+
+
+class _GoalShareFull(KeyShareFull):
+    """The goal (all its keys together) holds its share of the slots already."""
 
 
 def _improve_handler(sink: FeedbackSink, body_timeout: float, admission: _Admission) -> Any:

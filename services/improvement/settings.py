@@ -114,7 +114,9 @@ class ImprovementSettings(EnvSettings):
         0.5,
         "Largest share of `ORCH_IMPROVE_MAX_IN_FLIGHT` one API key may hold at once (at least "
         "one slot); one more of its requests is answered 429 (`Retry-After: 1`). The same "
-        "number bounds its requests still sending their body. More than 0, at most 1.",
+        "share bounds one goal, all its keys together (so one tenant's keys cannot take every "
+        "slot from the other goals), and each key's requests still sending their body. More "
+        "than 0, at most 1.",
         read_by="improvement",
         gt=0.0,
         le=1.0,

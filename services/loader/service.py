@@ -420,6 +420,20 @@ class Loader:
                     break
         if record is None:
             return self._failure(task, "no_agent", f"agent {task.agent_id} is not in the registry")
+        if record.goal_id and record.goal_id != task.goal_id:
+            # An agent serves its own goal only: its prompt may have been written from that
+            # goal's first request, and its versions are that goal's. The router never
+            # sends one goal's task to another's agent; this holds whoever sends one.
+            log.warning(
+                "run %s of goal %s named agent %s of goal %s; refused",
+                task.run_id,
+                task.goal_id,
+                record.agent_id,
+                record.goal_id,
+            )
+            return self._failure(
+                task, "no_agent", f"agent {task.agent_id} is not an agent of goal {task.goal_id}"
+            )
         revived = record.retired
         if revived:
             # The router revived a retired agent rather than spawning another one;

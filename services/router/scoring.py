@@ -9,6 +9,7 @@ learned policy can replace or extend them without changing the router.
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,14 +142,26 @@ def score_agent(
     stats: OutcomeStats,
     weights: Weights,
     max_in_flight: int = 10,
+    *,
+    peers: Iterable[AgentRecord] | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """Total weighted score of one candidate and its per-criterion values."""
+    """Total weighted score of one candidate and its per-criterion values.
+
+    ``peers``: the agents it is ranked against (its goal's candidates). Cost efficiency is
+    its mean cost against the dearest of them, so another goal's agents, however dear
+    their answers, never move how this goal's agents rank. None: against every agent the
+    statistics know, of every goal (what callers did before; another goal's traffic then
+    changes this goal's choice).
+    """
     st = stats.agents.get(agent.agent_id) or AgentStats()
     words = tokens(message)
     profile_words = profile_for(agent.specialty).keywords | tokens(agent.system_prompt)
     relevance = len(words & profile_words) / len(words) if words else 0.0
-    all_costs = [s.mean_cost() for s in stats.agents.values() if s.runs]
-    top_cost = max(all_costs, default=0.0)
+    if peers is None:
+        known: Iterable[AgentStats] = stats.agents.values()
+    else:
+        known = [p for a in (agent, *peers) if (p := stats.agents.get(a.agent_id)) is not None]
+    top_cost = max((s.mean_cost() for s in known if s.runs), default=0.0)
     criteria = {
         "specialty_match": 1.0 if agent.specialty == specialty else 0.0,
         "context_relevance": min(1.0, relevance),

@@ -235,7 +235,11 @@ class Router:
         # Which answers the judge grades: decided here, where what the policy knows is
         # (ORCH_JUDGE_RULE), logged on route_decided for the improvement service.
         judge = JudgeSettings.from_env()
-        self.judge = JudgeRule(judge.sample, judge.rule)
+        # One rule per goal: another goal's traffic never spends a goal's share of the judge.
+        self._judge_settings = (judge.sample, judge.rule)
+        JudgeRule(*self._judge_settings)  # refuses bad settings at start
+        self._judges: OrderedDict[str, JudgeRule] = OrderedDict()
+        self._max_judges = settings.max_goals
         # (goal_id, specialty) -> requests waiting for that agent to exist
         self._waiting: dict[tuple[str, str], list[_Waiter]] = defaultdict(list)
         self._dispatched: dict[str, str] = {}  # run_id -> agent_id, until its outcome
@@ -416,7 +420,8 @@ class Router:
             policy, version = self.policy.name, self.policy.version(request.goal_id)
             arm_scores = choice.scores
             known = self.policy.known(request.goal_id, features, choice.specialty)
-            _, judge = self.judge.decide(known, judge_draw(request.run_id), choice.explored)
+            rule = self.judge_of(request.goal_id)
+            _, judge = rule.decide(known, judge_draw(request.run_id), choice.explored)
         # An automation only serves the specialty the policy chose: it saves cost,
         # it never overrides what the policy learned about quality.
         hit = (
@@ -445,7 +450,13 @@ class Router:
         scored = [
             (
                 *score_agent(
-                    a, specialty, request.message, request.user_id, self.stats, self.weights
+                    a,
+                    specialty,
+                    request.message,
+                    request.user_id,
+                    self.stats,
+                    self.weights,
+                    peers=candidates,  # cost weighed against the goal's own agents
                 ),
                 a,
             )
@@ -480,6 +491,18 @@ class Router:
         if hit is not None:
             decision = decision.model_copy(update={"action": "automation"})
         return specialty, (best[2] if best else None), decision, hit
+
+    def judge_of(self, goal: str) -> JudgeRule:
+        """The goal's own judge rule (its share and running mean), the least recently used
+        forgotten past ``ORCH_ROUTER_MAX_GOALS`` goals."""
+        rule = self._judges.get(goal)
+        if rule is None:
+            rule = self._judges[goal] = JudgeRule(*self._judge_settings)
+            while len(self._judges) > self._max_judges:
+                self._judges.popitem(last=False)
+        else:
+            self._judges.move_to_end(goal)
+        return rule
 
     def _offered_arms(
         self, goal: str, features: Features, cost_weight: float
@@ -591,7 +614,13 @@ class Router:
         def rank(agent: AgentRecord) -> tuple[float, float]:
             chosen = decision.scores.get(f"specialty:{self._arm_of(agent)}", 0.0)
             own, _ = score_agent(
-                agent, agent.specialty, request.message, request.user_id, self.stats, self.weights
+                agent,
+                agent.specialty,
+                request.message,
+                request.user_id,
+                self.stats,
+                self.weights,
+                peers=live,
             )
             return chosen, own
 

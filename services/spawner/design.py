@@ -22,6 +22,7 @@ __all__ = [
     "AgentDesign",
     "agent_id_for",
     "design_agent",
+    "legacy_agent_id",
     "template_prompt",
 ]
 
@@ -37,8 +38,19 @@ _ASK_BYTES = 1500
 _EXCERPT_CHARS = 500
 
 
-def agent_id_for(specialty: str, approval_event_id: str) -> str:
-    """Deterministic, so a redelivered approval makes the same agent, not a second one."""
+def agent_id_for(specialty: str, approval_event_id: str, goal_id: str) -> str:
+    """Deterministic, so a redelivered approval makes the same agent, not a second one.
+
+    64 bits of the hash of the goal and the approval: with the 32 bits of the approval
+    alone (:func:`legacy_agent_id`), two goals' agents of one specialty took the same id
+    once some tens of thousands were made (a birthday collision), and the second goal's
+    approval was answered with the first goal's agent."""
+    digest = hashlib.sha256(f"{goal_id}\x00{approval_event_id}".encode()).hexdigest()[:16]
+    return f"{specialty}_{digest}"
+
+
+def legacy_agent_id(specialty: str, approval_event_id: str) -> str:
+    """The id approvals made before ids named their goal (a redelivered one finds its agent)."""
     return f"{specialty}_{hashlib.sha256(approval_event_id.encode()).hexdigest()[:8]}"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from services.spawner.design import (
     WRITE_MAX_TOKENS,
     agent_id_for,
     design_agent,
+    legacy_agent_id,
     spawned_event_id,
     writing_request,
 )
@@ -43,7 +45,7 @@ from streams.llm import (
 from streams.runtime import ServiceContext
 from streams.topics import PARTITIONS
 
-__all__ = ["APP_NAME", "main", "new_agent"]
+__all__ = ["APP_NAME", "AgentIdTaken", "known_agent", "main", "new_agent"]
 
 log = logging.getLogger(__name__)
 APP_NAME = "orchestrator.spawner"
@@ -53,6 +55,35 @@ _NS = uuid.UUID("7c2e4a1b-5d3f-4e8a-9b6c-1f0a2d3e4b5c")
 
 class StaleApproval(Exception):
     """An approval too old to act on (see ``SPAWN_APPROVAL_SECONDS``)."""
+
+
+class AgentIdTaken(Exception):
+    """The approval's agent id names another goal's agent in the registry."""
+
+
+def known_agent(registry: Mapping[str, Any], event: SpawnApproved) -> AgentSpawned | None:
+    """The approval's agent when the registry holds it already (a redelivered approval),
+    under its id or the id approvals made before ids named their goal; None when it is new.
+
+    Only an agent of the approval's own goal is its agent: another goal's agent under the
+    same id is a collision, and answering with it handed one goal's agent (its prompt, its
+    place in the router) to another goal's approval. A collision under the old, short id
+    is left alone (the approval makes its agent under its own id); one under its own id
+    raises :class:`AgentIdTaken`, so the approval fails (its slot is given back) rather
+    than overwrite the other goal's agent."""
+    agent_id = agent_id_for(event.specialty, event.event_id, event.goal_id)
+    raw = registry.get(agent_id)
+    if raw is not None:
+        known = AgentSpawned.model_validate(raw)
+        if known.goal_id != event.goal_id:
+            raise AgentIdTaken(f"agent id {agent_id} is another goal's agent")
+        return known
+    raw = registry.get(legacy_agent_id(event.specialty, event.event_id))
+    if raw is not None:
+        known = AgentSpawned.model_validate(raw)
+        if known.goal_id == event.goal_id:
+            return known
+    return None
 
 
 def _changed(approval: SpawnApproved, agent_id: str, change: str) -> GoalAgentsChanged:
@@ -108,7 +139,7 @@ def late_prompt_report(
     ctx: ServiceContext, settings: LLMSettings, event: SpawnApproved
 ) -> LateOutcome:
     """Counts a prompt-writing call that went on past the timeout (the template served)."""
-    agent_id = agent_id_for(event.specialty, event.event_id)
+    agent_id = agent_id_for(event.specialty, event.event_id, event.goal_id)
 
     async def report(outcome: Completion | LLMError) -> None:
         if isinstance(outcome, Completion):
@@ -156,7 +187,7 @@ async def new_agent(
     The approval's ``context`` (the caller's system message, earlier turns) is not read:
     it belongs to the request that asked, and the loader gives it to that request's call.
     """
-    agent_id = agent_id_for(event.specialty, event.event_id)
+    agent_id = agent_id_for(event.specialty, event.event_id, event.goal_id)
     design = await design_agent(event.specialty, event.message, llm, late=late)
     now = clock.now()
     spawned = AgentSpawned(
@@ -215,10 +246,10 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         """The approval's agent, made and written to the registry if it is new, and
         whether it was. Until the registry holds it, nothing exists and a failure here
         frees the approval's slot."""
-        agent_id = agent_id_for(event.specialty, event.event_id)
-        known = registry.get(agent_id)
+        agent_id = agent_id_for(event.specialty, event.event_id, event.goal_id)
+        known = known_agent(registry, event)
         if known is not None:
-            return AgentSpawned.model_validate(known), False
+            return known, False
         late = late_prompt_report(ctx, settings, event)
         spawned, cost = await new_agent(event, llm, settings, ctx.clock, late)
         if cost is not None:
@@ -235,7 +266,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         async for event in stream:
             if not isinstance(event, SpawnApproved):
                 continue
-            agent_id = agent_id_for(event.specialty, event.event_id)
+            agent_id = agent_id_for(event.specialty, event.event_id, event.goal_id)
             try:
                 spawned, new = await _agent_of(event)
             except Exception:  # a failed spawn is logged; the router times the wait out

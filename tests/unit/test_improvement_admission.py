@@ -1,10 +1,12 @@
 """The feedback endpoint's in-flight bound, over a real server and real sockets on 127.0.0.1:
-at most ``max_in_flight`` requests at once (503 past it), one key at most its share (429),
+at most ``max_in_flight`` requests at once (503 past it), one key (and one goal, all its
+keys together) at most its share (429),
 also while bodies are still coming; slots are given back when requests end."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from services.improvement.http import build_app, build_runner
 from streams.events import FeedbackDecided, PromotionDecided
@@ -32,21 +34,26 @@ class _Waiting(_Sink):
 
 async def test_the_feedback_endpoint_bounds_requests_in_flight_and_each_keys_share() -> None:
     sink = _Waiting()
-    # Three keys of the run's owner (u1 of g1): each its own key id, so its own share.
-    first, second, third = (sink.key("g1", "u1") for _ in range(3))
+    # Two keys of the run's owner (u1 of g1): each its own key id, so its own share, but
+    # one goal's share for both together. Another goal's owner (of r2), a third goal.
+    first, same_goal = (sink.key("g1", "u1") for _ in range(2))
+    second, third = sink.key("g2", "slack:U123"), sink.key("g3", "u3")
     app = build_app(sink, None, max_in_flight=4, key_share=0.5)
     async with _serving(build_runner(app)) as url:
 
-        async def improve(key: str) -> asyncio.Task[tuple[int, dict[str, object]]]:
-            return asyncio.create_task(_post(url, key, FEEDBACK, "/improve"))
+        async def improve(key: str, body: dict[str, object]) -> asyncio.Task[Any]:
+            return asyncio.create_task(_post(url, key, body, "/improve"))
 
-        held = [await improve(first) for _ in range(2)]
+        held = [await improve(first, FEEDBACK) for _ in range(2)]
         for _ in held:
             await asyncio.wait_for(sink.entered.acquire(), 2.0)
         status, body = await _post(url, first, FEEDBACK, "/improve")
         assert status == 429 and "share" in str(body["error"])
-        # Another key still gets its slots: the first took only its share.
-        held += [await improve(second) for _ in range(2)]
+        # Another key of the same goal does not add a share: the goal has its own.
+        status, body = await _post(url, same_goal, FEEDBACK, "/improve")
+        assert status == 429 and "goal 'g1'" in str(body["error"])
+        # Another goal's key still gets its slots: the first goal took only its share.
+        held += [await improve(second, {"run_id": "r2", "score": 4}) for _ in range(2)]
         for _ in held[2:]:
             await asyncio.wait_for(sink.entered.acquire(), 2.0)
         status, body = await _post(url, third, FEEDBACK, "/improve")

@@ -84,7 +84,7 @@ async def test_the_router_logs_more_judging_where_its_policy_knows_less(monkeypa
     # The router's own count of judged runs is what the draws under its chances give,
     # and stays within the share.
     drawn = sum(judged(d.run_id, d.judge_probability or 0.0) for d in decided)
-    assert drawn == router.judge.judged <= 0.2 * len(decided) + 1e-9
+    assert drawn == router.judge_of("g1").judged <= 0.2 * len(decided) + 1e-9
     assert drawn >= 0.15 * len(decided)
 
 
