@@ -584,9 +584,10 @@ class ImprovementService:
             )
         return run
 
-    def check_rate(self, user_id: str, feedback_id: str, at: datetime) -> None:
+    def check_rate(self, goal_id: str | None, user_id: str, feedback_id: str, at: datetime) -> None:
         window = timedelta(seconds=self.config.feedback_window_s)
-        recent = self.state.feedback_count(user_id, at - window, excluding=feedback_id)
+        since = at - window
+        recent = self.state.feedback_count(goal_id, user_id, since, excluding=feedback_id)
         if recent >= self.config.feedback_limit:
             raise RateLimited(
                 f"user {user_id!r} sent {self.config.feedback_limit} feedback in the last"
@@ -711,7 +712,7 @@ class ImprovementService:
             at=self.ctx.clock.now(),
         )
         run = await self.check_owner(run_id, user_id, goal_id)
-        self.check_rate(user_id, event.event_id, event.occurred_at)
+        self.check_rate(run.goal_id, user_id, event.event_id, event.occurred_at)
         event = event.model_copy(update={"goal_id": run.goal_id})
         if wait:
             await self._send_awaited(event)
@@ -818,14 +819,14 @@ class ImprovementService:
     async def on_feedback(self, event: FeedbackReceived, delivery: Delivery) -> list[Event]:
         try:
             run = await self.check_owner(event.run_id, event.user_id, event.goal_id)
-            self.check_rate(event.user_id, event.event_id, event.occurred_at)
+            self.check_rate(run.goal_id, event.user_id, event.event_id, event.occurred_at)
         except FeedbackRefused as exc:
             log.warning("feedback %s refused: %s", event.event_id, exc)
             return [
                 self._verdict(event, False, str(exc), error_type=type(exc).__name__),
                 self._dead_letter(event, delivery, str(exc), type(exc).__name__),
             ]
-        self.state.note_feedback(event.user_id, event.event_id, event.occurred_at)
+        self.state.note_feedback(run.goal_id, event.user_id, event.event_id, event.occurred_at)
         specialty = run.workflow_id
         if not wants_improvement(event.score, event.text) or not specialty or not run.goal_id:
             return [self._verdict(event, True, "recorded; it asks for no change", run.goal_id)]

@@ -147,6 +147,13 @@ class _RunTable:
         self._tally.remove(goal_id)
 
 
+def rater(goal_id: str | None, user_id: str) -> str:
+    """Whose feedback rate a feedback counts towards: the user within its goal. User ids
+    are the tenants' own names, so two goals' users called ``admin`` are two people, and
+    one tenant's feedback never uses up another's limit."""
+    return f"{goal_id or ''}\x1f{user_id}"
+
+
 class ImprovementState:
     """Runs, patterns and workflow ledgers; ``dirty_*`` say what to re-evaluate."""
 
@@ -173,8 +180,8 @@ class ImprovementState:
         self.dirty_flows: set[str] = set()
         self.keys = KeyRegistry()
         self.spend = GoalSpend()
-        # user -> feedback_id -> when its verdict was given, for the per-user rate limit;
-        # users in the order of their latest feedback
+        # who (goal and user, see rater) -> feedback_id -> when its verdict was given, for the
+        # per-user rate limit; in the order of their latest feedback
         self.feedback: dict[str, OrderedDict[str, datetime]] = {}
         # (specialty, instruction) -> goals whose canary of it beat their baseline
         self.wins: dict[tuple[str, str], set[str]] = {}
@@ -198,11 +205,15 @@ class ImprovementState:
             found = self.flows[workflow_id] = WorkflowLedger(workflow_id)
         return found
 
-    def note_feedback(self, user_id: str, feedback_id: str, at: datetime) -> None:
-        """An accepted feedback of ``user_id`` at ``at``. Times older than two rate windows
-        before it are dropped, the user's and those of users whose latest feedback is that
-        old (users are kept in the order of their latest): a rate check looks one window
-        back from its own feedback's time, which may lag the latest a little."""
+    def note_feedback(
+        self, goal_id: str | None, user_id: str, feedback_id: str, at: datetime
+    ) -> None:
+        """An accepted feedback of ``user_id`` of ``goal_id`` at ``at``. Times older than two
+        rate windows before it are dropped, the user's and those of users whose latest
+        feedback is that old (users are kept in the order of their latest): a rate check
+        looks one window back from its own feedback's time, which may lag the latest a
+        little."""
+        user_id = rater(goal_id, user_id)
         seen = self.feedback.pop(user_id, None) or OrderedDict()
         self.feedback[user_id] = seen  # the latest user to give feedback
         seen[feedback_id] = at
@@ -220,8 +231,10 @@ class ImprovementState:
                 break
             del self.feedback[user]
 
-    def feedback_count(self, user_id: str, since: datetime, *, excluding: str) -> int:
-        seen: dict[str, datetime] = self.feedback.get(user_id, {})
+    def feedback_count(
+        self, goal_id: str | None, user_id: str, since: datetime, *, excluding: str
+    ) -> int:
+        seen: dict[str, datetime] = self.feedback.get(rater(goal_id, user_id), {})
         return sum(1 for fid, at in seen.items() if at >= since and fid != excluding)
 
     def improvement(self, improvement_id: str) -> WorkflowVersionSaved | None:
@@ -241,7 +254,9 @@ class ImprovementState:
             return
         if isinstance(event, FeedbackDecided):
             if event.user_id is not None and event.accepted:
-                self.note_feedback(event.user_id, event.feedback_id, event.occurred_at)
+                self.note_feedback(
+                    event.goal_id, event.user_id, event.feedback_id, event.occurred_at
+                )
             return
         if isinstance(event, ImprovementAvailable):
             if event.kind == "goal_win" and event.goal_id is not None:

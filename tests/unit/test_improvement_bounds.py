@@ -13,7 +13,7 @@ import pytest
 
 from services.improvement.patterns import EXAMPLE_CHARS, PatternLearner, PatternSettings
 from services.improvement.service import ImprovementConfig, ImprovementService
-from services.improvement.state import GoalSpend, ImprovementState, RunInfo
+from services.improvement.state import GoalSpend, ImprovementState, RunInfo, rater
 from streams.clock import FakeClock
 from streams.events import (
     AutomationCreated,
@@ -311,17 +311,20 @@ def test_feedback_times_outside_the_rate_window_and_idle_users_are_dropped():
     clock = FakeClock()
     state = ImprovementState(PatternSettings(), clock, feedback_window_s=3600)
     for u in range(1000):
-        state.note_feedback(f"user{u}", f"fb{u}", clock.now())
+        state.note_feedback("g1", f"user{u}", f"fb{u}", clock.now())
     clock.advance(3 * 3600)
-    state.note_feedback("user0", "late", clock.now())
-    state.note_feedback("newcomer", "n1", clock.now())
-    assert set(state.feedback) == {"user0", "newcomer"}
-    assert list(state.feedback["user0"]) == ["late"]
+    state.note_feedback("g1", "user0", "late", clock.now())
+    state.note_feedback("g1", "newcomer", "n1", clock.now())
+    assert set(state.feedback) == {rater("g1", "user0"), rater("g1", "newcomer")}
+    assert list(state.feedback[rater("g1", "user0")]) == ["late"]
     # Within the window nothing a rate check reads is dropped.
     for k in range(5):
         clock.advance(60)
-        state.note_feedback("newcomer", f"n{k + 2}", clock.now())
-    assert state.feedback_count("newcomer", clock.now() - timedelta(hours=1), excluding="") == 6
+        state.note_feedback("g1", "newcomer", f"n{k + 2}", clock.now())
+    hour_ago = clock.now() - timedelta(hours=1)
+    assert state.feedback_count("g1", "newcomer", hour_ago, excluding="") == 6
+    # A user of the same name in another goal is another person: none of it counts there.
+    assert state.feedback_count("g2", "newcomer", hour_ago, excluding="") == 0
 
 
 # -- the service -----------------------------------------------------------------------------
