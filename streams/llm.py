@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import zlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -37,6 +38,7 @@ __all__ = [
     "LLMSettings",
     "LLMUnavailable",
     "LLMUnsettled",
+    "LastCosts",
     "LateOutcome",
     "MAX_META_ENTRIES",
     "MAX_META_KEY_CHARS",
@@ -489,6 +491,30 @@ def worst_case_usd(
     worse) plus a few per message, and every one of ``max_tokens`` generated."""
     prompt = sum(len(m.get("content", "").encode("utf-8")) + 8 for m in messages)
     return prices.cost_usd(model, prompt, max_tokens)
+
+
+class LastCosts:
+    """The last paid cost of a kind of call (a model, a purpose), per goal: what a call
+    whose own report was lost is counted at. Per goal, so one goal's dear calls never
+    raise what another goal is charged; at most ``limit`` (goal, kind) pairs, the least
+    recently paid forgotten (then the worst case counts, which is never less)."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = max(1, limit)
+        self._paid: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._paid)
+
+    def paid(self, goal_id: str | None, kind: str, usd: float) -> None:
+        key = (goal_id or "", kind)
+        self._paid[key] = usd
+        self._paid.move_to_end(key)
+        while len(self._paid) > self.limit:
+            self._paid.popitem(last=False)
+
+    def get(self, goal_id: str | None, kind: str) -> float | None:
+        return self._paid.get((goal_id or "", kind))
 
 
 def estimate_tokens(text: str) -> int:

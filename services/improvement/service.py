@@ -87,6 +87,7 @@ from streams.kafka import BACKGROUND_FETCH, Delivery, EventConsumer, dead_letter
 from streams.keys import DEFAULT_OPERATORS, Identity, operators_from
 from streams.llm import (
     Completion,
+    LastCosts,
     LLMClient,
     LLMError,
     LLMSettings,
@@ -269,7 +270,7 @@ class ImprovementService:
         # attempt that held and never reported is counted by the next (_earlier_attempts)
         self._run_holds: OrderedDict[str, list[str]] = OrderedDict()
         self._reported: OrderedDict[str, None] = OrderedDict()
-        self._last_cost: dict[str, float] = {}  # purpose -> the last call's cost
+        self._last_cost = LastCosts()  # (goal, purpose) -> the last paid call's cost
         self._mine: OrderedDict[str, None] = OrderedDict()  # holds this process asked for
         llm_settings = LLMSettings.from_env()
         self.prices: PriceTable = llm_settings.prices
@@ -443,7 +444,9 @@ class ImprovementService:
                 event.goal_id,
                 "judge",
                 cause=attempt,
-                estimate=self._estimate("judge", judge_messages(message, event.text), model),
+                estimate=self._estimate(
+                    event.goal_id, "judge", judge_messages(message, event.text), model
+                ),
                 model=model,
             )
         self._assessed[event.run_id] = None
@@ -505,7 +508,7 @@ class ImprovementService:
         self.state.spend.apply(event)  # at once: the next call must see this one's cost
         self._reported[event.event_id] = None
         if call is not None:
-            self._last_cost[purpose] = call.cost_usd
+            self._last_cost.paid(goal_id, purpose, call.cost_usd)
         return event
 
     def _earlier_attempts(
@@ -553,14 +556,15 @@ class ImprovementService:
 
     def _estimate(
         self,
+        goal_id: str | None,
         purpose: str,
         messages: list[dict[str, str]],
         model: str,
         max_tokens: int = JUDGE_MAX_TOKENS,
     ) -> float:
-        """What an unreported call of ``purpose`` is counted at: the last one's cost, or
-        the call's worst case when none is known yet."""
-        last = self._last_cost.get(purpose)
+        """What an unreported call of ``purpose`` is counted at: the goal's last one's cost,
+        or the call's worst case when none is known yet."""
+        last = self._last_cost.get(goal_id, purpose)
         return (
             last if last is not None else worst_case_usd(self.prices, model, messages, max_tokens)
         )
@@ -619,7 +623,7 @@ class ImprovementService:
             if event.ok and event.error is None and event.cost_usd > 0:
                 # A paid call's real cost (not an estimate): what an unreported one of the
                 # same purpose is counted at, also by an instance that just started.
-                self._last_cost[event.purpose] = event.cost_usd
+                self._last_cost.paid(event.goal_id, event.purpose, event.cost_usd)
         self.state.apply(event)
         if isinstance(event, FeedbackDecided | PromotionDecided):
             waiter = self._waiters.get(
@@ -793,7 +797,9 @@ class ImprovementService:
                 run.goal_id,
                 "improvement",
                 cause=attempt,
-                estimate=self._estimate("improvement", messages, model, max_tokens=120),
+                estimate=self._estimate(
+                    run.goal_id, "improvement", messages, model, max_tokens=120
+                ),
                 model=model,
             )
             if call is not None:

@@ -42,6 +42,7 @@ from streams.events import (
 from streams.kafka import Delivery, EventConsumer
 from streams.llm import (
     Completion,
+    LastCosts,
     LLMClient,
     LLMError,
     LLMRejected,
@@ -118,7 +119,7 @@ class Loader:
         self.breaker = Breaker(ctx.clock, cooldown=llm_settings.breaker_cooldown_s)
         self._finished: OrderedDict[str, None] = OrderedDict()
         # model -> the cost of the last answer call paid with it (an unknown call's estimate)
-        self._last_cost: dict[str, float] = {}
+        self._last_cost = LastCosts()  # (goal, model) -> its last paid answer's cost
         # run_id -> cost events sent without waiting, and their acknowledgements
         self._acks: dict[str, list[tuple[LlmCallCompleted, asyncio.Future[Any]]]] = {}
         self.ended = EndedRuns(ctx.clock)
@@ -275,9 +276,9 @@ class Loader:
             {"role": "system", "content": str(sorted(task.context.items()))},
             {"role": "user", "content": task.message},
         ]
-        # This process's last paid answer with the model, or (a loader just restarted)
-        # the agent's newest answer on the terminal topics.
-        known = self._last_cost.get(model)
+        # This process's last paid answer of the goal with the model, or (a loader just
+        # restarted) the agent's newest answer on the terminal topics.
+        known = self._last_cost.get(task.goal_id, model)
         if known is None:
             known = self.ended.last_cost(task.agent_id)
         if known is not None:
@@ -538,7 +539,7 @@ class Loader:
         cost = self._paid(task, done, _cost_id(attempt, legacy))
         charges = [cost]
         if done.cost_usd > 0:
-            self._last_cost[model] = done.cost_usd
+            self._last_cost.paid(task.goal_id, model, done.cost_usd)
         if not legacy and lost:
             # An earlier attempt of this run that started and never answered may have paid
             # for the same call: counted at this call's cost under that attempt's own cost
@@ -585,7 +586,7 @@ class Loader:
         self._settling.pop(task.run_id, None)
         if isinstance(outcome, Completion):
             if outcome.cost_usd > 0:
-                self._last_cost[model] = outcome.cost_usd
+                self._last_cost.paid(task.goal_id, model, outcome.cost_usd)
             cost = self._paid(
                 task,
                 outcome,

@@ -356,3 +356,34 @@ async def test_an_answer_too_large_for_the_log_ends_the_run_cut_to_fit():
     assert huge.startswith(done.text) and len(done.text) > 100_000
     assert done.meta["truncated"] == f"{len(huge.encode('utf-8'))} bytes, kept {kept}"
     assert done.degradation_tier == "llm"
+
+
+async def test_another_goals_dear_answers_never_set_what_a_goals_lost_call_is_counted_at():
+    # The estimate of a call whose report was lost was the last answer of the model,
+    # whichever goal paid it: goal g2's long answers raised what goal g1 was charged.
+    llm = InMemoryLLM(prices=PRICES)
+    loader, broker = _loader(llm)
+    loader.learn(
+        AgentSpawned(
+            source="spawner",
+            goal_id="g2",
+            agent_id="a2",
+            specialty="code",
+            system_prompt="You are a coder.",
+            temperature=0.2,
+        )
+    )
+    dear = _task("r0").model_copy(
+        update={"goal_id": "g2", "agent_id": "a2", "message": "why " * 5_000}
+    )
+    await loader.handle(dear)
+    (g2_paid,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted)]
+    broker.acked.clear()
+    loader.ended.apply(
+        WorkflowStarted(source="loader", run_id="r1", goal_id="g1", agent_id="a1", specialty="code")
+    )
+    llm.fail_next(10)  # g1's repeat makes no call to compare with
+    await loader.handle(_task("r1"))
+    (counted,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.cost_usd > 0]
+    assert "worst case" in (counted.error or "")
+    assert counted.cost_usd < g2_paid.cost_usd  # g1's own short call's worst case
