@@ -236,9 +236,10 @@ class JudgeSettings(EnvSettings):
         "ORCH_JUDGE_RULE",
         "uncertain",
         "How the router spreads the judge's share over the answers: `uncertain` (more where "
-        "the learned policy knows the chosen arm little on the request's words, and on "
-        "explorations; each router instance keeps the share it judged at or under "
-        "`ORCH_JUDGE_SAMPLE`) or `uniform` (each at the share). Set but empty means the "
+        "the goal's learned policy knows the chosen arm little on the request's words, and "
+        "on explorations; each router instance keeps the share of each goal's answers it "
+        "judged at or under `ORCH_JUDGE_SAMPLE`, so one goal's traffic never spends another's) "
+        "or `uniform` (each at the share). Set but empty means the "
         'default. Measured in docs/performance.md, "Judging where the policy is unsure".',
         read_by="router",
     )
