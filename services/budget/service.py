@@ -14,6 +14,7 @@ from typing import Any
 from faust import current_event
 
 from services.budget.state import BudgetDefaults, BudgetState, RunStore
+from services.budget.ticks import BusyGoals
 from streams.codec import default_codec
 from streams.config import BudgetSettings
 from streams.errors import NotOperator
@@ -84,6 +85,15 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             )
         return outputs[name]
 
+    # Goals with tasks queued or running: the tick reads only theirs, not every record.
+    busy = BusyGoals(table)
+
+    async def _recovered() -> None:
+        # After every recovery (this instance's partitions changed, or it started): goals
+        # whose records came from the changelog, another instance's writes, are ticked too.
+        busy.recovered(table.items())
+
+    table.on_recover(_recovered)
     keys = KeyView(ctx.settings, operators=operators_from())
     changed: set[str] = set()  # goals whose record changed since their last report
 
@@ -110,7 +120,9 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             state = BudgetState.new(event.goal_id, defaults, runs)
         decision = state.handle(event, ctx.clock.now(), defaults)
         if decision.changed or not raw:
-            table[event.goal_id] = state.to_dict()
+            record = table[event.goal_id] = state.to_dict()
+            # After the write: one that raised left the old record, and the set as it was.
+            busy.note(event.goal_id, record)
         if isinstance(event, BudgetUpdateRequested):
             await _report(event.goal_id)  # a limit shows at once
         else:
@@ -150,14 +162,11 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
 
         The ticks go through the goal's own partition like every other event, so a
         task waiting past its deadline ends (and a lapsed lease frees its slot) even
-        when nothing else happens to its goal.
+        when nothing else happens to its goal. Idle goals' records are not read
+        (``services/budget/ticks.py``).
         """
-        ticks = [
-            BudgetTicked(source="budget", goal_id=goal)
-            for goal, raw in list(table.items())
-            if raw and (raw.get("queue") or raw.get("in_flight"))
-        ]
-        for event in ticks[:10_000]:
+        for goal in busy.due(10_000):
+            event = BudgetTicked(source="budget", goal_id=goal)
             await _output(BudgetTicked.topic).send(key=event.key(), value=event)
 
     report_every = BudgetSettings.read("report_seconds")

@@ -26,13 +26,23 @@ the answer that taught it is served at once instead of after one more LLM call; 
 candidate moves into the cache when its automation comes, and back when it expires.
 Expired automations are dropped (at most ``MAX_AUTOMATIONS`` are kept, the soonest to
 expire leaving first).
+
+A run waits here until its decision, its answer and its assessment are all known (the
+three topics are read side by side), per goal too: at most a quarter of ``max_answers``
+runs of one goal, ``max_answers`` in all, and their answers at most a quarter of
+``max_bytes`` (a goal at most a quarter of that); past a cap the goal holding the most
+loses the run it heard of longest ago, so one goal's burst of runs never pushes out the
+run whose assessment would have cached another goal's answer. A run that can no longer
+be cached (it failed, or its answer is degraded or too large) holds no answer while it
+waits, and leaves once its decision and assessment are known too (what is kept does not
+depend on the order the topics are read in); a failed run, which nobody assesses, waits
+untouched, so it is among the first of its goal's to go.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -44,6 +54,7 @@ from streams.events import (
     RouteDecided,
     WorkflowAssessed,
     WorkflowCompleted,
+    WorkflowFailed,
 )
 from streams.quotas import PerGoal
 from streams.registry import RegistryView
@@ -89,6 +100,62 @@ class _Run:
     answer: CachedAnswer | None = None
     quality: float | None = None
     signature: str = ""  # the request's signature ("" unknown: a decision that had none)
+    # The goal it waits under: the first one an event of the run named ("" none yet).
+    owner: str = ""
+    # It will never be cached (it failed, or its answer is degraded or too large): it
+    # holds no answer, and only waits for the rest of the run.
+    uncacheable: bool = False
+
+    def size(self) -> int:
+        """Bytes it holds, what the byte caps on waiting runs count."""
+        held = len(self.key or "") + len(self.signature)
+        return held + (self.answer.size() if self.answer is not None else 0)
+
+
+class _Waiting:
+    """run_id -> what is known of the run so far, filed under its goal (a
+    :class:`PerGoal`), with run ids to find it by."""
+
+    def __init__(self, per_goal: int, total: int, per_goal_bytes: int, total_bytes: int) -> None:
+        self._runs: PerGoal[str, _Run] = PerGoal(
+            per_goal, total, per_goal_weight=per_goal_bytes, total_weight=total_bytes
+        )
+        self._owner: dict[str, str] = {}  # run_id -> the goal it is filed under
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __iter__(self) -> Iterator[str]:
+        return (run_id for _, run_id, _ in self._runs.items())
+
+    def values(self) -> Iterator[_Run]:
+        return (run for _, _, run in self._runs.items())
+
+    def items(self) -> Iterator[tuple[str, _Run]]:
+        """Every run waiting, goal by goal, the least recently heard of first."""
+        return ((run_id, run) for _, run_id, run in self._runs.items())
+
+    @property
+    def weight(self) -> int:
+        return self._runs.weight
+
+    def take(self, run_id: str, goal_id: str | None) -> _Run:
+        """The run (new if unknown), out of the table until :meth:`put` back; filed
+        under ``goal_id`` from now on if it waited under no goal."""
+        owner = self._owner.pop(run_id, None)
+        run = self._runs.pop(owner, run_id) if owner is not None else None
+        if run is None:
+            run = _Run()
+        if not run.owner and goal_id:
+            run.owner = goal_id
+        return run
+
+    def put(self, run_id: str, run: _Run) -> None:
+        """Keep the run as its goal's newest; past a cap the run heard of longest ago of
+        the goal over its share, or of the goal holding the most, goes."""
+        self._owner[run_id] = run.owner
+        for _, gone, _ in self._runs.put(run.owner, run_id, run, run.size()):
+            del self._owner[gone]
 
 
 class _Kept(NamedTuple):
@@ -134,8 +201,11 @@ class Automations:
         self._keys: dict[tuple[str, str], set[str]] = {}
         # run_id -> what is known of the run so far (its request key, its LLM answer, the
         # answer's quality), until all three are: the topics are read side by side, so
-        # after a restart they arrive in any order.
-        self._runs: OrderedDict[str, _Run] = OrderedDict()
+        # after a restart they arrive in any order. A quarter of each cap for one goal.
+        waiting_bytes = max(max_bytes // 4, 8 * answer_bytes)
+        self._runs = _Waiting(
+            max(1, max_answers // 4), max_answers, waiting_bytes // 4, waiting_bytes
+        )
         self._max = max_answers
         self._per_goal, self._max_bytes, self.answer_bytes = per_goal, max_bytes, answer_bytes
         self.min_quality = min_quality
@@ -152,25 +222,32 @@ class Automations:
                 return  # an older one, earned on every goal's runs: it serves no goal
             self._keep_automation(event)
         elif isinstance(event, RouteDecided) and event.request_key:
-            run = self._run(event.run_id)
+            run = self._runs.take(event.run_id, event.goal_id)
             run.key, run.goal_id = event.request_key, event.goal_id
             run.signature = event.signature
-            self._complete(event.run_id)
+            self._complete(event.run_id, run)
         elif isinstance(event, WorkflowCompleted):
-            if event.degradation_tier != "llm":
-                self._runs.pop(event.run_id, None)  # never cached: not an LLM answer
-                return
+            run = self._runs.take(event.run_id, event.goal_id)
             answer = CachedAnswer.of(event)
-            if answer.size() > self.answer_bytes:
-                self._runs.pop(event.run_id, None)  # never cached: too large to keep
-                return
-            self._run(event.run_id).answer = answer
-            self._complete(event.run_id)
+            # Not an LLM answer, or too large to keep: never cached, and not held while
+            # the run's decision or assessment is still to come.
+            if event.degradation_tier != "llm" or answer.size() > self.answer_bytes:
+                run.answer, run.uncacheable = None, True
+            elif not run.uncacheable:
+                run.answer = answer
+            self._complete(event.run_id, run)
         elif isinstance(event, WorkflowAssessed):
+            run = self._runs.take(event.run_id, event.goal_id)
             # An unjudged answer's quality is a guess: it is never served again as good.
-            unjudged = event.method == "unjudged"
-            self._run(event.run_id).quality = -1.0 if unjudged else event.quality
-            self._complete(event.run_id)
+            run.quality = -1.0 if event.method == "unjudged" else event.quality
+            self._complete(event.run_id, run)
+        elif isinstance(event, WorkflowFailed):
+            # No answer is coming. Marked, not dropped: a decision or an assessment read
+            # after it (the topics are read side by side) would start the wait again, and
+            # a fold's result would depend on the order it read them in.
+            run = self._runs.take(event.run_id, event.goal_id)
+            run.answer, run.uncacheable = None, True
+            self._complete(event.run_id, run)
 
     # -- automations in force --------------------------------------------------------
     def _keep_automation(self, event: AutomationCreated) -> None:
@@ -277,6 +354,8 @@ class Automations:
                 for table in (self._answers, self._candidates)
                 for goal, key, k in table.items()
             ],
+            # (run, request key, goal, answer, quality, signature, goal it waits under,
+            # uncacheable): older dumps hold only the first five or six
             "runs": [
                 (
                     run_id,
@@ -285,6 +364,8 @@ class Automations:
                     tuple(r.answer) if r.answer else None,
                     r.quality,
                     r.signature,
+                    r.owner,
+                    r.uncacheable,
                 )
                 for run_id, r in self._runs.items()
             ],
@@ -319,24 +400,22 @@ class Automations:
             if pending is not None and pending.size() > fresh.answer_bytes:
                 continue
             signature = str(row[5]) if len(row) > 5 else ""
-            fresh._runs[run_id] = _Run(request_key, goal, pending, quality, signature)
-            if len(fresh._runs) > fresh._max:
-                fresh._runs.popitem(last=False)
+            # An older dump kept one list for every goal: a run waits under the goal its
+            # decision or its answer names, and the caps of each goal hold as it is read.
+            owner = str(row[6]) if len(row) > 6 else goal or (pending.goal_id if pending else "")
+            uncacheable = bool(row[7]) if len(row) > 7 else False
+            run = _Run(request_key, goal, pending, quality, signature, owner or "", uncacheable)
+            fresh._runs.put(str(run_id), run)
         self.__dict__.update(fresh.__dict__)
 
-    def _run(self, run_id: str) -> _Run:
-        run = self._runs.get(run_id)
-        if run is None:
-            run = self._runs[run_id] = _Run()
-            if len(self._runs) > self._max:
-                self._runs.popitem(last=False)
-        return run
-
-    def _complete(self, run_id: str) -> None:
-        run = self._runs[run_id]
-        if run.key is None or run.answer is None or run.quality is None:
+    def _complete(self, run_id: str, run: _Run) -> None:
+        """Cache the run's answer once all of it is known; until then it waits again."""
+        answered = run.answer is not None or run.uncacheable
+        if run.key is None or not answered or run.quality is None:
+            self._runs.put(run_id, run)
             return
-        del self._runs[run_id]
+        if run.answer is None:
+            return  # nothing to cache, and nothing more of the run to wait for
         goal_id = run.answer.goal_id
         if goal_id is None or goal_id != run.goal_id:
             return  # whose answer it is is unclear: it serves nobody

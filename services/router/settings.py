@@ -105,7 +105,8 @@ class RouterSettings(EnvSettings):
         64 * 1024 * 1024,
         "Most bytes of answer text the router's answer cache keeps for all goals (in memory "
         "and in each router snapshot), the goal holding the most losing its oldest past it; "
-        "candidates take at most a tenth more. >= 65536.",
+        "candidates take at most a tenth more, and answers of runs still waiting for their "
+        "assessment a quarter more (one goal's at most a quarter of that). >= 65536.",
         read_by="router",
         ge=65536,
     )

@@ -149,6 +149,22 @@ async def test_a_decision_written_but_not_sent_is_sent_by_the_next_instance(
     assert len({e.event_id for e in found}) == 1
 
 
+def waiting_task(goal: str, run: str, deadline_s: float) -> TaskRequested:
+    """A task of ``goal`` for agent a1, due ``deadline_s`` from now."""
+    now = datetime.now(UTC)
+    return TaskRequested(
+        source="router",
+        run_id=run,
+        goal_id=goal,
+        user_id="u1",
+        agent_id="a1",
+        specialty="general",
+        message="hello",
+        requested_at=now,
+        deadline_at=now + timedelta(seconds=deadline_s),
+    )
+
+
 # The same, for a decision a tick made: a waiting task's timeout. Ticks are not kept as
 # applied events, so the replayed tick must find what it decided by its own id.
 _DIES_BEFORE_SENDING_A_TIMEOUT = _DIES_BEFORE_SENDING_TEMPLATE.replace(
@@ -160,18 +176,7 @@ async def test_a_ticks_decision_written_but_not_sent_is_sent_by_the_next_instanc
     settings: KafkaSettings, tmp_path: Path
 ):
     def task(run: str, deadline_s: float) -> TaskRequested:
-        now = datetime.now(UTC)
-        return TaskRequested(
-            source="router",
-            run_id=run,
-            goal_id="g-tick",
-            user_id="u1",
-            agent_id="a1",
-            specialty="general",
-            message="hello",
-            requested_at=now,
-            deadline_at=now + timedelta(seconds=deadline_s),
-        )
+        return waiting_task("g-tick", run, deadline_s)
 
     one_slot = {"ORCH_BUDGET_MAX_CONCURRENT": "1"}
     running = task("r-running", 600)

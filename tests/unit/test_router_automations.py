@@ -508,3 +508,101 @@ def test_restore_holds_the_caps_and_reads_an_older_dump():
     again = Automations(per_goal=20)
     again.restore(auto.dump())
     assert again.dump() == auto.dump()
+
+
+# -- runs waiting for their last piece: per goal, and bounded in bytes -----------------------
+
+
+def _pending(auto: Automations, run: str, goal: str, text: str) -> None:
+    """A run decided and answered, its assessment still to come."""
+    auto.learn(_decided(run, f"{MSG} {run}", CS, goal=goal))
+    auto.learn(_answer(run, goal=goal, text=text))
+
+
+def _pending_bytes(auto: Automations) -> int:
+    return sum(r.answer.size() for r in auto._runs.values() if r.answer is not None)
+
+
+def test_one_goals_flood_of_waiting_runs_never_pushes_out_another_goals_run():
+    """Goal A's runs waiting for their assessment do not make goal B's good answer miss
+    the cache: B's run, decided and answered, is still there when its assessment comes."""
+    auto = Automations(max_answers=100, per_goal=20)
+    auto.learn(_automation("response_cache", goal="goal-b"))
+    auto.learn(_decided("b1", MSG, CS, goal="goal-b"))
+    auto.learn(_answer("b1", goal="goal-b", text="B's answer"))
+    for i in range(500):  # A's flood: decided and answered, none assessed yet
+        _pending(auto, f"a{i}", "goal-a", "A's answer")
+    auto.learn(_assessed("b1"))
+    served = _served(auto, "goal-b")
+    assert served is not None and served.run_id == "b1" and served.text == "B's answer"
+
+
+def test_waiting_runs_are_bounded_in_bytes_as_well_as_in_count():
+    """Answers waiting for their assessment take at most a quarter of ``max_bytes`` (they
+    were bounded by count alone: 20,000 answers of up to 16 KiB, over 300 MiB), and a goal
+    holding less than the largest keeps its waiting answer."""
+    auto = Automations(max_answers=20_000, max_bytes=1024 * 1024, answer_bytes=16 * 1024)
+    auto.learn(_automation("response_cache", goal="goal-b"))
+    auto.learn(_decided("b1", MSG, CS, goal="goal-b"))
+    auto.learn(_answer("b1", goal="goal-b", text="B's answer"))
+    for i in range(300):  # 15 KiB each: 4.4 MiB if all were kept
+        _pending(auto, f"a{i}", "goal-a", "z" * (15 * 1024))
+        assert _pending_bytes(auto) <= 1024 * 1024 // 4
+    assert len(list(auto._runs)) < 300
+    auto.learn(_assessed("b1"))
+    served = _served(auto, "goal-b")
+    assert served is not None and served.run_id == "b1"
+
+
+def test_waiting_runs_restore_per_goal_and_from_an_older_dump():
+    """A snapshot keeps the waiting runs of each goal; an older one (one list for all
+    goals, as long as ``max_answers``) restores under the caps, other goals' runs kept."""
+    older = {
+        "automations": [_automation("response_cache", goal="goal-b").model_dump(mode="json")],
+        "answers": [],
+        "runs": [
+            ("b1", exact_key(MSG, CS), "goal-b", ("b1", "goal-b", "cs_b", "B's answer", {}), None),
+            *(
+                (f"a{i}", f"k{i}", "goal-a", (f"a{i}", "goal-a", "cs_a", "z" * 15_000, {}), None)
+                for i in range(300)
+            ),
+        ],
+    }
+    auto = Automations(max_answers=100, per_goal=20, max_bytes=1024 * 1024)
+    auto.restore(older)
+    assert _pending_bytes(auto) <= 1024 * 1024 // 4 and len(list(auto._runs)) <= 100
+    again = Automations(max_answers=100, per_goal=20, max_bytes=1024 * 1024)
+    again.restore(auto.dump())
+    assert again.dump() == auto.dump()
+    again.learn(_assessed("b1"))
+    served = _served(again, "goal-b")
+    assert served is not None and served.run_id == "b1"
+
+
+def test_a_run_that_can_no_longer_be_cached_holds_no_answer_and_leaves_in_any_order():
+    """A degraded or too large answer, or a failure, is not held while the run waits, and
+    the run leaves once its decision and assessment are known, whatever order they are read
+    in (a degraded answer's assessment used to start a new wait that only other runs'
+    traffic ended)."""
+    from streams.events import WorkflowFailed
+
+    def ends(run: str) -> list[Event]:
+        failed = WorkflowFailed(
+            source="budget", run_id=run, goal_id="g", reason="timeout", detail="late"
+        )
+        return {
+            "degraded": [_answer(run, tier="keyword")],
+            "too-large": [_answer(run, text="y" * 4096)],
+            "failed": [failed],
+        }[run]
+
+    for order in (lambda e: e, lambda e: e[::-1]):
+        auto = Automations(answer_bytes=1024)
+        for run in ("degraded", "too-large", "failed"):
+            for event in order([_decided(run, MSG, CS), *ends(run), _assessed(run)]):
+                auto.learn(event)
+        assert list(auto._runs) == [] and auto._runs.weight == 0
+    auto = Automations(answer_bytes=1024)
+    for event in (_decided("r1", MSG, CS), _answer("r1", text="y" * 4096)):
+        auto.learn(event)
+    assert [run.answer for run in auto._runs.values()] == [None]  # waits, holding nothing
