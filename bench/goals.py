@@ -15,6 +15,10 @@ requests and over all of them, as a share of the oracle's on the same requests, 
 - ``shared, 1 liar``: one policy learning from every goal (the router before 2026-12-05),
   goal 0 lying as above.
 
+A second table gives what asking costs the router's ``choose``: 20 goals learn 600
+requests each of mixed-bag, then ``choose`` is timed for a new goal and for one of them,
+with promotion off (the baseline) and on, on a world request and on one of 64 words.
+
     python -m bench.goals [--goals 3] [--requests 600] [--new 300] [--random 501 502]
 """
 
@@ -24,6 +28,7 @@ import argparse
 import random
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,6 +95,37 @@ def oracle(world: World, new: int, seed: int) -> list[float]:
     return [world.oracle_quality(r, seed) for r in world.sample_requests(new, seed * 1000 + 999)]
 
 
+def choose_cost(world: World, promote: int) -> dict[tuple[str, str], float]:
+    """Microseconds per ``choose``: (request, goal) -> time, after 20 goals learned."""
+    arms = list(world.specialties)
+    policies = GoalPolicies(
+        LearnedPolicy(rng=random.Random(1)),
+        max_goals=10_000,
+        max_word_stats=200_000,
+        promote_goals=promote,
+    )
+    for k in range(20):
+        for request in world.sample_requests(600, k):
+            features = features_of(request.message)
+            arm = policies.choose(f"g{k}", features, arms).specialty
+            judged = world.quality_of(request.message, arm, 1)
+            policies.update(f"g{k}", features, arm, judged[1] if judged else 0.0)
+    messages = [r.message for r in world.sample_requests(200, 99)]
+    asks = {
+        "a world request": [features_of(m) for m in messages],
+        "64 words": [features_of(" ".join(messages[:40]))] * 200,
+    }
+    out = {}
+    for label, features in asks.items():
+        for goal, who in (("new", "new goal"), ("g0", "goal of 600 outcomes")):
+            started = time.perf_counter()
+            for _ in range(5):
+                for f in features:
+                    policies.choose(goal, f, arms)
+            out[(label, who)] = (time.perf_counter() - started) / (5 * len(features)) * 1e6
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--goals", type=int, default=3, help="goals learning before the new one")
@@ -127,6 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{world.name}: " + "; ".join(f"{m} {c}" for m, c in zip(MODES, cells, strict=True))
         )
     console.print(table)
+    mixed = World.load(ROOT / "bench" / "worlds" / "mixed-bag.json")
+    off, on = choose_cost(mixed, 0), choose_cost(mixed, 3)
+    cost = Table(title="router choose, µs (mixed-bag, 20 goals of 600 outcomes, six arms)")
+    for column in ("request", "goal", "promotion off", "promotion on (3)"):
+        cost.add_column(column, justify="right" if "promotion" in column else "left")
+    for label, who in off:
+        cost.add_row(label, who, f"{off[(label, who)]:,.0f}", f"{on[(label, who)]:,.0f}")
+    console.print(cost)
     return 0
 
 

@@ -50,6 +50,9 @@ MAX_FEATURE_WORDS = 64
 # Outcomes of its own on a word past which a goal's policy no longer asks what other goals
 # agree on (see GoalPolicies): its own evidence outweighs the prior five to one.
 _OWN_ENOUGH = 10.0
+# Outcomes a goal's policy has learned in all past which it stops asking what other goals
+# agree on (see GoalPolicies): by then its own words cover what it is asked.
+_YOUNG = 500
 # Goals remembered per (word, arm) as having learned it: the median of at most this many
 # other goals' means is what they agree on.
 _MAX_VOTERS = 9
@@ -319,6 +322,14 @@ class LearnedPolicy:
     def epsilon(self) -> float:
         return max(self.epsilon_min, self.epsilon0 / math.sqrt(1.0 + self.updates / 50.0))
 
+    def weight_now(self, st: _Stat) -> float:
+        """``st.n`` as :meth:`_fresh` would decay it now, without touching ``st``: what
+        another goal reads of this policy must not depend on whether this goal's own
+        requests (or a snapshot) happened to decay it already."""
+        if self.half_life > 0 and st.at < self.updates:
+            return st.n * float(0.5 ** ((self.updates - st.at) / self.half_life))
+        return st.n
+
     def _fresh(self, st: _Stat) -> _Stat:
         """``st`` decayed to now: each update since it was last touched weighs it down by
         ``0.5 ** (1 / half_life)``. Lazy, so an update costs what the request's words do."""
@@ -360,7 +371,9 @@ class LearnedPolicy:
         prior, prior_cost = self._prior(arm)
         arm_mean = (base.total + prior) / (base.n + 1.0) if base else prior
         arm_cost = (base.cost + prior_cost) / (base.n + 1.0) if base else prior_cost
-        agreed = self.commons
+        # Only a goal still young asks what others agree on: it is what the prior is for,
+        # and asking costs the request path (docs/performance.md).
+        agreed = self.commons if self.updates < _YOUNG else None
         parts, costs = [], []
         for w in features.words:
             st = self._word.get((w, arm))
@@ -551,8 +564,9 @@ class GoalPolicies:
     rewards (of the first nine goals to learn the word with the arm), so one goal scoring
     against the others moves it no further than the honest goals' own spread, and a goal's
     own outcomes still replace it as they come (it weighs as two of them, and is not asked
-    once the goal has ten). A goal new to a kind of request then starts where the others
-    agree, instead of from the keyword guess.
+    once the goal has ten of the word, nor at all once it learned 500 outcomes in all). A
+    goal new to the platform then starts where the others agree, instead of from the
+    keyword guess.
     """
 
     def __init__(
@@ -610,9 +624,15 @@ class GoalPolicies:
             return None
         means = []
         for voter in voters:
-            st = self._stat(voter, word, arm) if voter != goal else None
-            if st is not None and st.n >= _VOTER_MIN and not st.stale:
-                means.append(st.total / st.n)
+            policy = self._goals.get(voter) if voter != goal else None
+            if not isinstance(policy, LearnedPolicy):
+                continue
+            st = policy._word.get((word, arm))
+            # The count as decayed now (read, not written: a read here must not change what
+            # the voter's own requests, or a later read, see), so that every instance
+            # folding the same log, restored from a snapshot or not, agrees.
+            if st is not None and not st.stale and policy.weight_now(st) >= _VOTER_MIN:
+                means.append(st.total / st.n)  # decay scales both alike: the mean is as is
         return statistics.median(means) if len(means) >= self.promote_goals else None
 
     def _stat(self, goal: str, word: str, arm: str) -> _Stat | None:

@@ -34,6 +34,7 @@ from services.router.policy import (
     StaticPolicy,
     arm_name,
 )
+from services.router.settings import RouterSettings
 from streams.events import Event, RouteDecided, WorkflowAssessed
 from streams.kafka import KafkaSettings
 from streams.registry import read_topics_to_end
@@ -130,7 +131,12 @@ def _candidate(name: str, seed: int) -> Policy:
 
 def evaluate(log: list[Logged], candidate: str, arms: list[str], seed: int = 0) -> ReplayResult:
     # Each goal learns on its own, as the live router's do (one policy per goal).
-    policy = GoalPolicies(_candidate(candidate, seed), max_goals=1 << 30, max_word_stats=1 << 30)
+    policy = GoalPolicies(
+        _candidate(candidate, seed),
+        max_goals=1 << 30,
+        max_word_stats=1 << 30,
+        promote_goals=RouterSettings.from_env().promote_goals,  # as the live router does
+    )
     arms = arms or sorted({r.specialty for r in log})
     weighted: list[float] = []
     weights: list[float] = []

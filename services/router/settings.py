@@ -82,9 +82,11 @@ class RouterSettings(EnvSettings):
         3,
         "Goals that must have learned a request word with an arm (two outcomes or more each) "
         "before what they learned becomes a prior for other goals: the median of their mean "
-        "rewards, which a goal's own outcomes then replace. One goal's scores never move "
+        "rewards, which a goal's own outcomes then replace (a goal asks only until it has "
+        "learned 500 outcomes). One goal's scores never move "
         "another goal's routing below this many; 0 never promotes (each goal learns alone). "
-        'Measured in docs/performance.md, "Routing knowledge across goals". >= 0.',
+        'Measured in docs/performance.md, "Routing knowledge across goals". 0, or 3 and more '
+        "(with two, one of them would move their median half-way).",
         read_by="router",
         ge=0,
     )
@@ -196,6 +198,16 @@ class RouterSettings(EnvSettings):
         if chosen not in ("learned", "static"):
             raise ValueError(f"ORCH_ROUTER_POLICY must be learned or static, got {chosen!r}")
         return chosen
+
+    @field_validator("promote_goals")
+    @classmethod
+    def _promote_goals(cls, value: int) -> int:
+        # Two goals' median is their mean: one of them alone would move it half-way.
+        if value in (1, 2):
+            raise ValueError(
+                f"ORCH_ROUTER_PROMOTE_GOALS must be 0 (never) or at least 3, got {value}"
+            )
+        return value
 
     _arms = parsed("arms", comma_list)
     _weights = parsed("weights", lambda text: _weights(text))

@@ -207,3 +207,53 @@ def test_what_goals_agree_on_survives_a_snapshot() -> None:
     arms = ["customer_support", "research"]
     assert again.choose("new", INVOICE, arms).scores == goals.choose("new", INVOICE, arms).scores
     assert again.choose("a", INVOICE, arms).scores == goals.choose("a", INVOICE, arms).scores
+
+
+def test_what_goals_agree_on_does_not_depend_on_whose_requests_were_read() -> None:
+    """With a half-life, a statistic decays lazily (when its own goal reads or learns it):
+    whether another goal's outcome count passes the promotion's two must be the decayed
+    count, not whatever reading the owner's requests last left behind. Otherwise two
+    router instances with the same log (or one restored from a snapshot, which decays
+    every statistic) promote different things for the same request."""
+    arms = ["customer_support", "research"]
+    other = features_of("poem stanza rhyme")
+
+    def folded() -> GoalPolicies:
+        template = LearnedPolicy(
+            rng=random.Random(1), epsilon0=0.0, epsilon_min=0.0, bonus=0.0, half_life=10.0
+        )
+        goals = GoalPolicies(template, max_goals=100, max_word_stats=10_000, promote_goals=3)
+        for goal in ("a", "b", "c"):
+            _learns(goals, goal, "research", "customer_support", runs=5)
+            for _ in range(20):  # twenty more outcomes each: the invoice words weigh ~1 now
+                goals.update(goal, other, "research", 0.5)
+        return goals
+
+    quiet, read, restored = folded(), folded(), folded()
+    want = quiet.choose("new", INVOICE, arms).scores
+    for goal in ("a", "b", "c"):  # this instance served a request of each goal: a read
+        read.choose(goal, INVOICE, arms)
+    restored.restore(decode_state(encode_state(folded().dump())))
+    # The decayed counts are below two: nothing is promoted, whoever read what.
+    assert quiet.agreed("new", "invoice", "research") is None
+    assert read.agreed("new", "invoice", "research") is None
+    assert restored.agreed("new", "invoice", "research") is None
+    assert read.choose("new", INVOICE, arms).scores == pytest.approx(want)
+    assert restored.choose("new", INVOICE, arms).scores == pytest.approx(want)
+
+
+def test_a_goal_past_its_first_500_outcomes_asks_nobody() -> None:
+    arms = ["customer_support", "research"]
+    other = features_of("poem stanza rhyme")
+    promoted, alone = _promoting(3), _promoting(0)
+    for goals in (promoted, alone):
+        for goal in ("a", "b", "c"):
+            _learns(goals, goal, "research", "customer_support")
+        for _ in range(499):
+            goals.update("old", other, "writing", 0.7)
+    # Young still (499 outcomes): it starts invoices where the three others agree.
+    assert promoted.choose("old", INVOICE, arms).specialty == "research"
+    promoted.update("old", other, "writing", 0.7)
+    alone.update("old", other, "writing", 0.7)
+    # 500: what it does not know it takes from its own arm means, as a goal alone does.
+    assert promoted.choose("old", INVOICE, arms).scores == alone.choose("old", INVOICE, arms).scores

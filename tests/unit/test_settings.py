@@ -143,6 +143,8 @@ def test_router_settings() -> None:
         ({"ORCH_ROUTER_WEIGHTS": '{"luck": 1}'}, "unknown criteria"),
         ({"ORCH_ROUTER_WEIGHTS": '{"cost_efficiency": "x"}'}, "must be a number"),
         ({"ORCH_ROUTER_EPSILON": "-1"}, "ORCH_ROUTER_EPSILON must be a finite number >= 0"),
+        ({"ORCH_ROUTER_PROMOTE_GOALS": "2"}, "ORCH_ROUTER_PROMOTE_GOALS must be 0 .* at least 3"),
+        ({"ORCH_ROUTER_PROMOTE_GOALS": "-1"}, "ORCH_ROUTER_PROMOTE_GOALS"),
     ]:
         with pytest.raises(ValueError, match=message):
             RouterSettings.from_env(env)
