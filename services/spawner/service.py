@@ -236,7 +236,13 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     settings = LLMSettings.from_env()
     llm = create_llm(settings, ctx.clock)
     app = create_app(APP_NAME, ctx.settings)
-    registry = app.Table("registry", default=None, partitions=PARTITIONS, use_partitioner=True)
+    # Written on the partition of the approval being handled (Faust's default): an agent sits
+    # with its goal's approvals, so whichever instance handles a goal's approvals after a
+    # rebalance or restart has recovered that goal's agents, and a redelivered approval
+    # finds its agent (it once went to the partition of the agent id's hash, which another
+    # instance may own: the approval then looked new, and one read too late was reported
+    # spawn_failed for a live agent, freeing a max_agents place it still held).
+    registry = app.Table("registry", default=None, partitions=PARTITIONS)
     approvals = event_topic(app, SpawnApproved.topic, ctx.settings, source=SOURCE)
 
     def _age(event: SpawnApproved) -> float:

@@ -8,10 +8,12 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaTimeoutError
 
 from services.budget.state import BudgetState
 from services.spawner import service as spawner
+from services.spawner.design import agent_id_for
 from streams.clock import SystemClock
 from streams.events import (
     SPAWN_APPROVAL_SECONDS,
@@ -23,6 +25,7 @@ from streams.events import (
 )
 from streams.kafka import EventConsumer, EventProducer, KafkaSettings
 from streams.runtime import ServiceContext
+from streams.topics import PARTITIONS, partition_for
 from tests.unit.test_budget_state import DEFAULTS, _spawn_req
 
 
@@ -139,3 +142,38 @@ def _approval_of(request: Any) -> SpawnApproved:
     (approval,) = budget.handle(request, SystemClock().now(), DEFAULTS).events
     assert isinstance(approval, SpawnApproved)
     return approval
+
+
+async def test_an_agent_is_kept_on_its_goals_partition(
+    settings: KafkaSettings, no_llm: None
+) -> None:
+    # The instance that owns a goal's approvals after a rebalance must have recovered that
+    # goal's agents, or a redelivered approval looks new (and one read too late is reported
+    # spawn_failed for a live agent). The registry entry went to the partition of the
+    # agent id's hash: another instance's, in general.
+    requests = (_spawn_req(i) for i in range(50))
+    approval = next(
+        a
+        for a in map(_approval_of, requests)
+        if partition_for(a.goal_id, PARTITIONS)
+        != partition_for(agent_id_for(a.specialty, a.event_id, a.goal_id), PARTITIONS)
+    )
+    notices, spawned = await _spawn(settings, EventProducer(settings), approval)
+    assert [e.change for e in notices] == ["spawned"]
+    (agent,) = {e.agent_id for e in spawned}
+    changelog = settings.topic(f"{spawner.APP_NAME}-registry-changelog")
+    consumer = AIOKafkaConsumer(
+        changelog, bootstrap_servers=settings.bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        written = {}
+        for _ in range(10):
+            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                for record in records:
+                    written[record.key] = tp.partition
+    finally:
+        await consumer.stop()
+    keys = [k for k in written if k is not None and agent.encode() in k]
+    assert keys, written
+    assert {written[k] for k in keys} == {partition_for(approval.goal_id, PARTITIONS)}
