@@ -96,6 +96,7 @@ from streams.llm import (
     create_llm,
     worst_case_usd,
 )
+from streams.quotas import PerGoal
 from streams.runtime import ServiceContext
 from streams.snapshots import SnapshotStore, Snapshotter
 from streams.specialties import is_specialty_name
@@ -220,6 +221,18 @@ class _ViewBehind(TimeoutError):
     command is read again (by the next start or owner) rather than dead-lettered."""
 
 
+# Runs whose approved platform-call holds are kept for their next attempt (see
+# _earlier_attempts): at most this many, filed by goal, the goal holding the most losing
+# its oldest past it (so another goal's traffic never pushes out a goal's holds, and one
+# goal alone keeps them all).
+_RUN_HOLDS = 20_000
+_RUN_HOLDS_PER_GOAL = _RUN_HOLDS
+# Cost reports of platform calls seen (so an earlier attempt's reported call is not counted
+# again), filed by goal the same way: five times the holds.
+_REPORTED = 100_000
+_REPORTED_PER_GOAL = _REPORTED
+
+
 def _hold_id(attempt: str, purpose: str) -> str:
     return str(uuid.uuid5(_NS, f"{attempt}:{purpose}:hold"))
 
@@ -258,6 +271,9 @@ class ImprovementService:
             max_runs_per_goal=config.max_runs_per_goal,
             feedback_window_s=config.feedback_window_s,
         )
+        # Runs this process assessed, against a redelivery before the view reads the
+        # assessment; one list for every goal is enough: past that the view's runs (per goal,
+        # ImprovementState) say it was assessed, so another goal's traffic costs no judge call.
         self._assessed: OrderedDict[str, None] = OrderedDict()
         self._write_lock = asyncio.Lock()
         self._view: TopicView | None = None
@@ -265,11 +281,17 @@ class ImprovementService:
         self._owned: frozenset[int] = frozenset()
         self._waiters: dict[str, asyncio.Future[FeedbackDecided | PromotionDecided]] = {}
         self._holds: dict[str, asyncio.Future[SpendDecided]] = {}
-        self._decided: OrderedDict[str, bool] = OrderedDict()  # spend request -> approved
+        # spend request -> approved. Each attempt's request id is new, so a decision
+        # forgotten costs at most a resend the budget answers the same: one list suffices.
+        self._decided: OrderedDict[str, bool] = OrderedDict()
         # run -> approved holds of its platform calls, and the cost reports seen: an
-        # attempt that held and never reported is counted by the next (_earlier_attempts)
-        self._run_holds: OrderedDict[str, list[str]] = OrderedDict()
-        self._reported: OrderedDict[str, None] = OrderedDict()
+        # attempt that held and never reported is counted by the next (_earlier_attempts).
+        # Per goal (the goal the hold is on, the run's): one goal's calls never push out the
+        # hold of another goal's run, whose next attempt would then not count a paid call.
+        self._run_holds: PerGoal[str, list[str]] = PerGoal(_RUN_HOLDS_PER_GOAL, _RUN_HOLDS)
+        # Per goal too, five times as many as the holds (as in one list before): a hold kept
+        # has its report kept, so a later attempt on the run never counts a reported call.
+        self._reported: PerGoal[str, bool] = PerGoal(_REPORTED_PER_GOAL, _REPORTED)
         self._last_cost = LastCosts()  # (goal, purpose) -> the last paid call's cost
         self._mine: OrderedDict[str, None] = OrderedDict()  # holds this process asked for
         llm_settings = LLMSettings.from_env()
@@ -506,7 +528,7 @@ class ImprovementService:
             occurred_at=self.ctx.clock.now(),
         )
         self.state.spend.apply(event)  # at once: the next call must see this one's cost
-        self._reported[event.event_id] = None
+        self._reported.put(goal_id, event.event_id, True)
         if call is not None:
             self._last_cost.paid(goal_id, purpose, call.cost_usd)
         return event
@@ -532,9 +554,9 @@ class ImprovementService:
         """
         own = _hold_id(cause, purpose)
         out: list[LlmCallCompleted] = []
-        for hold in self._run_holds.get(run_id, []):
+        for hold in self._holds_of(goal_id, run_id):
             cost_id = _cost_id(hold)
-            if hold == own or hold in self._mine or cost_id in self._reported:
+            if hold == own or hold in self._mine or self._was_reported(goal_id, cost_id):
                 continue
             event = LlmCallCompleted(
                 event_id=cost_id,
@@ -550,9 +572,17 @@ class ImprovementService:
                 occurred_at=self.ctx.clock.now(),
             )
             self.state.spend.apply(event)
-            self._reported[cost_id] = None
+            self._reported.put(goal_id, cost_id, True)
             out.append(event)
         return out
+
+    def _was_reported(self, goal_id: str, cost_id: str) -> bool:
+        return bool(self._reported.get(goal_id, cost_id) or self._reported.get("", cost_id))
+
+    def _holds_of(self, goal_id: str, run_id: str) -> list[str]:
+        """The approved holds of the run's platform calls (an older snapshot's: no goal)."""
+        holds = self._run_holds.get(goal_id, run_id) or []
+        return holds + (self._run_holds.get("", run_id) or [])
 
     def _estimate(
         self,
@@ -607,19 +637,17 @@ class ImprovementService:
             if len(self._decided) > 10_000:
                 self._decided.popitem(last=False)
             if event.approved and event.run_id:
-                holds = self._run_holds.setdefault(event.run_id, [])
-                if event.request_id not in holds:
+                holds = self._run_holds.get(event.goal_id, event.run_id)
+                if holds is None:
+                    self._run_holds.put(event.goal_id, event.run_id, [event.request_id])
+                elif event.request_id not in holds:
                     holds.append(event.request_id)
-                if len(self._run_holds) > 20_000:
-                    self._run_holds.popitem(last=False)
             hold = self._holds.get(event.request_id)
             if hold is not None and not hold.done():
                 hold.set_result(event)
             return
         if isinstance(event, LlmCallCompleted) and event.purpose in ("judge", "improvement"):
-            self._reported[event.event_id] = None
-            if len(self._reported) > 100_000:
-                self._reported.popitem(last=False)
+            self._reported.put(event.goal_id, event.event_id, True)
             if event.ok and event.error is None and event.cost_usd > 0:
                 # A paid call's real cost (not an estimate): what an unreported one of the
                 # same purpose is counted at, also by an instance that just started.
@@ -637,17 +665,20 @@ class ImprovementService:
         return {
             "state": self.state.dump(),
             "decided": list(self._decided.items()),
-            "run_holds": [[run, list(holds)] for run, holds in self._run_holds.items()],
-            "reported": list(self._reported),
+            "run_holds": [[run, list(holds), goal] for goal, run, holds in self._run_holds.items()],
+            "reported": [[cost_id, goal] for goal, cost_id, _ in self._reported.items()],
         }
 
     def restore(self, data: dict[str, Any]) -> None:
         """Replace what the view folded with a :meth:`dump`; nothing changes if it fails."""
         decided = OrderedDict((str(i), bool(ok)) for i, ok in data["decided"])
-        run_holds = OrderedDict(
-            (str(run), [str(h) for h in holds]) for run, holds in data.get("run_holds", [])
-        )
-        reported = OrderedDict.fromkeys(str(i) for i in data.get("reported", []))
+        run_holds: PerGoal[str, list[str]] = PerGoal(_RUN_HOLDS_PER_GOAL, _RUN_HOLDS)
+        for run, holds, *goal in data.get("run_holds", []):  # an older one's name no goal
+            run_holds.put(str(goal[0]) if goal else "", str(run), [str(h) for h in holds])
+        reported: PerGoal[str, bool] = PerGoal(_REPORTED_PER_GOAL, _REPORTED)
+        for row in data.get("reported", []):  # an older snapshot's: cost ids, no goal
+            cost_id, goal = (row, "") if isinstance(row, str) else row
+            reported.put(str(goal), str(cost_id), True)
         self.state.restore(data["state"])
         self._decided = decided
         self._run_holds = run_holds

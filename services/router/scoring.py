@@ -8,19 +8,33 @@ learned policy can replace or extend them without changing the router.
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.quotas import PerGoal
 from streams.registry import AgentRecord
 from streams.specialties import profile_for, tokens
 
-__all__ = ["CRITERIA", "MAX_PREFERENCES", "AgentStats", "OutcomeStats", "Weights", "score_agent"]
+__all__ = [
+    "CRITERIA",
+    "MAX_PREFERENCES",
+    "MAX_RUN_AGENTS",
+    "AgentStats",
+    "OutcomeStats",
+    "Weights",
+    "score_agent",
+]
 
 # (user, agent) preferences kept: every user who scores a run makes one per agent, so the
-# least recently scored pair leaves past this (a user with none scores 0.5, neutral).
+# least recently scored pair leaves past this (a user with none scores 0.5, neutral). Kept
+# per goal (the scored run's, its agent's): past this the goal holding the most loses its
+# least recently scored, so one goal's users never push out another goal's users'
+# preferences, and a goal alone keeps them all.
 MAX_PREFERENCES = 100_000
+# Runs whose agent and user are kept for their feedback, per goal the same way.
+MAX_RUN_AGENTS = 100_000
 
 CRITERIA = (
     "specialty_match",
@@ -65,19 +79,35 @@ class AgentStats:
         return self.cost_sum / self.runs if self.runs else 0.0
 
 
+def _preferences() -> PerGoal[tuple[str, str], list[float]]:
+    return PerGoal(MAX_PREFERENCES, MAX_PREFERENCES)
+
+
+def _run_agents() -> PerGoal[str, tuple[str, str]]:
+    return PerGoal(MAX_RUN_AGENTS, MAX_RUN_AGENTS)
+
+
 @dataclass
 class OutcomeStats:
     """What the router has seen of each agent and each user's experience with it."""
 
     agents: dict[str, AgentStats] = field(default_factory=lambda: defaultdict(AgentStats))
-    # (user_id, agent_id) -> [score sum, count], least recently scored first
-    preference: OrderedDict[tuple[str, str], list[float]] = field(default_factory=OrderedDict)
-    # run_id -> (agent_id, user_id), the newest 100,000. An OrderedDict: dropping a plain
-    # dict's oldest key scans the slots its earlier deletions left, and a long fold slowed down.
-    run_agent: OrderedDict[str, tuple[str, str]] = field(default_factory=OrderedDict)
+    # goal -> (user_id, agent_id) -> [score sum, count], least recently scored first
+    preference: PerGoal[tuple[str, str], list[float]] = field(default_factory=_preferences)
+    # goal -> run_id -> (agent_id, user_id), the newest
+    run_agent: PerGoal[str, tuple[str, str]] = field(default_factory=_run_agents)
+    # run_id -> the goal it is kept under in run_agent; (user, agent) -> in preference
+    _run_goal: dict[str, str] = field(default_factory=dict)
+    _pair_goal: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def completed(
-        self, run_id: str, agent_id: str | None, user_id: str | None, cost: float, ok: bool
+        self,
+        run_id: str,
+        agent_id: str | None,
+        user_id: str | None,
+        cost: float,
+        ok: bool,
+        goal_id: str | None = None,
     ) -> None:
         if not agent_id:
             return
@@ -85,9 +115,27 @@ class OutcomeStats:
         st.runs += 1
         st.successes += int(ok)
         st.cost_sum += cost
-        self.run_agent[run_id] = (agent_id, user_id or "")
-        if len(self.run_agent) > 100_000:
-            self.run_agent.popitem(last=False)
+        self._keep_run(run_id, agent_id, user_id or "", goal_id or "")
+
+    def _keep_run(self, run_id: str, agent_id: str, user_id: str, goal: str) -> None:
+        old = self._run_goal.pop(run_id, None)
+        if old is not None:
+            self.run_agent.pop(old, run_id)
+        self._run_goal[run_id] = goal
+        for _, gone, _ in self.run_agent.put(goal, run_id, (agent_id, user_id)):
+            del self._run_goal[gone]
+
+    def _keep_preference(self, goal: str, key: tuple[str, str], entry: list[float]) -> None:
+        old = self._pair_goal.pop(key, None)
+        if old is not None:
+            self.preference.pop(old, key)
+        self._pair_goal[key] = goal
+        for _, gone, _ in self.preference.put(goal, key, entry):
+            del self._pair_goal[gone]
+
+    def preferences(self) -> list[tuple[str, str]]:
+        """The (user, agent) pairs kept, goal by goal, least recently scored first."""
+        return [key for _, key, _ in self.preference.items()]
 
     def assessed(self, agent_id: str | None, quality: float) -> None:
         if agent_id:
@@ -96,16 +144,17 @@ class OutcomeStats:
             st.quality_n += 1
 
     def feedback(self, run_id: str, user_id: str, score: int | None) -> None:
-        known = self.run_agent.get(run_id)
-        if known is None or score is None or known[1] != user_id:
+        goal = self._run_goal.get(run_id)
+        known = self.run_agent.get(goal, run_id) if goal is not None else None
+        if goal is None or known is None or score is None or known[1] != user_id:
             return
         key = (user_id, known[0])
-        entry = self.preference.setdefault(key, [0.0, 0.0])
+        owner = self._pair_goal.get(key)
+        found = self.preference.get(owner, key) if owner is not None else None
+        entry = found if found is not None else [0.0, 0.0]
         entry[0] += (score - 1) / 4
         entry[1] += 1
-        self.preference.move_to_end(key)
-        while len(self.preference) > MAX_PREFERENCES:
-            self.preference.popitem(last=False)
+        self._keep_preference(goal, key, entry)  # the goal's most recently scored
 
     def dump(self) -> dict[str, Any]:
         """The statistics as plain values (for a snapshot); in-flight counts are this
@@ -115,22 +164,37 @@ class OutcomeStats:
                 [a, s.runs, s.successes, s.quality_sum, s.quality_n, s.cost_sum]
                 for a, s in self.agents.items()
             ],
-            "preference": [[u, a, v[0], v[1]] for (u, a), v in self.preference.items()],
-            "run_agent": list(self.run_agent.items()),
+            "preference": [[u, a, v[0], v[1], g] for g, (u, a), v in self.preference.items()],
+            "run_agent": [[r, [a, u], g] for g, r, (a, u) in self.run_agent.items()],
         }
 
     @classmethod
-    def from_dump(cls, data: dict[str, Any]) -> OutcomeStats:
+    def from_dump(
+        cls, data: dict[str, Any], goal_of: Callable[[str], str | None] | None = None
+    ) -> OutcomeStats:
+        """The statistics of a :meth:`dump`; ``goal_of`` (agent -> its goal) files the
+        rows of an older dump, which name no goal (kept under "" when it does not know)."""
         stats = cls()
+
+        def goal(agent: str, named: list[Any]) -> str:
+            if named:
+                return str(named[0])
+            return (goal_of(agent) if goal_of is not None else None) or ""
+
         for agent_id, runs, successes, quality_sum, quality_n, cost_sum in data["agents"]:
             stats.agents[agent_id] = AgentStats(runs, successes, quality_sum, quality_n, cost_sum)
-        kept = data["preference"][-MAX_PREFERENCES:]  # a dump lists them oldest first
-        stats.preference = OrderedDict(((u, a), [float(t), float(n)]) for u, a, t, n in kept)
-        stats.run_agent = OrderedDict(data["run_agent"])
+        # Oldest first within each goal; an older dump's rows name no goal (kept under "").
+        for u, a, t, n, *named in data["preference"]:
+            key = (str(u), str(a))
+            stats._keep_preference(goal(key[1], named), key, [float(t), float(n)])
+        for run, (agent, user), *named in data["run_agent"]:
+            stats._keep_run(str(run), str(agent), str(user), goal(str(agent), named))
         return stats
 
     def user_preference(self, user_id: str, agent_id: str) -> float:
-        entry = self.preference.get((user_id, agent_id))
+        key = (user_id, agent_id)
+        goal = self._pair_goal.get(key)
+        entry = self.preference.get(goal, key) if goal is not None else None
         return entry[0] / entry[1] if entry and entry[1] else 0.5
 
 

@@ -54,6 +54,7 @@ from streams.events import (
 from streams.judging import JudgeRule, judge_draw
 from streams.kafka import Delivery, EventConsumer
 from streams.llm import LLMSettings
+from streams.quotas import PerGoal
 from streams.registry import AgentRecord, RegistryView
 from streams.runtime import ServiceContext
 from streams.signatures import exact_key, signature_of
@@ -80,8 +81,12 @@ def _id(run_id: str, what: str) -> str:
 # are then ignored and the next start folds the whole log. 3: a policy per goal (what a
 # version 2 snapshot learned came from every goal at once and cannot be split).
 SNAPSHOT_VERSION = 3
-# Runs whose learning the router remembers (decision, assessment, feedback), oldest forgotten.
+# Runs whose learning the router remembers (decision, assessment, feedback), oldest forgotten,
+# per goal (see _Runs): _MAX_RUNS still to teach, and half as many markers of runs that
+# taught (or never will); past either the goal holding the most loses its oldest, so
+# another goal's burst never pushes a goal's runs out, and a goal alone may hold them all.
 _MAX_RUNS = 100_000
+_MAX_RUNS_PER_GOAL = _MAX_RUNS
 # Distinct users whose feedback is kept for a run whose decision (and so its user) is not
 # read yet: the owner's is the one that counts, and nobody else's may crowd it out for long.
 _MAX_FEEDBACK_USERS = 8
@@ -166,6 +171,73 @@ class _RunSignals:
         )
 
 
+class _Runs:
+    """run_id -> :class:`_RunSignals`, filed under its goal (a :class:`PerGoal`, like the
+    automations' waiting runs): the first goal an event of the run names ("" until then).
+
+    Runs still to teach and the markers of runs that taught (or never will) are kept
+    apart, each table with per-goal shares: a run that taught becomes a marker, which only
+    another marker can push out, so markers never cost a run still waiting for its
+    assessment or its user's feedback its place. A marker forgotten lets a late decision
+    or assessment of its run start a wait again (it teaches only if both come again, a
+    redelivery of both); a waiting run forgotten teaches nothing ever.
+    """
+
+    def __init__(self, per_goal: int, total: int) -> None:
+        self._pending: PerGoal[str, _RunSignals] = PerGoal(per_goal, total)
+        self._done: PerGoal[str, None] = PerGoal(max(1, per_goal // 2), max(1, total // 2))
+        self._owner: dict[str, str] = {}  # run_id -> the goal it waits under
+        self._marked: dict[str, str] = {}  # run_id -> the goal of its marker
+
+    def __len__(self) -> int:
+        return len(self._pending) + len(self._done)
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self._owner or run_id in self._marked
+
+    def get(self, run_id: str) -> _RunSignals | None:
+        goal = self._owner.get(run_id)
+        if goal is not None:
+            return self._pending.get(goal, run_id)
+        goal = self._marked.get(run_id)
+        return None if goal is None else _RunSignals(routed=True, goal=goal, done=True)
+
+    def put(self, run_id: str, run: _RunSignals) -> None:
+        """Keep a run new to the table as its goal's newest (a marker if it is done)."""
+        if run.done:
+            self._marked[run_id] = run.goal
+            for _, old, _ in self._done.put(run.goal, run_id, None):
+                del self._marked[old]
+        else:
+            self._owner[run_id] = run.goal
+            for _, old, _ in self._pending.put(run.goal, run_id, run):
+                del self._owner[old]
+
+    def settle(self, run_id: str, run: _RunSignals, goal: str) -> None:
+        """After an event of the run: a run done becomes a marker (its goal's newest), and
+        a run filed under no goal is filed under ``goal`` (the first an event named)."""
+        owner = self._owner.get(run_id)
+        if owner is None or not (run.done or (not owner and goal)):
+            return
+        self._pending.pop(owner, run_id)
+        del self._owner[run_id]
+        run.goal = run.goal or goal
+        self.put(run_id, run)
+
+    def rows(self) -> list[list[Any]]:
+        """What is kept, waiting runs first, each table goal by goal, oldest first."""
+        rows = [run.row(run_id) for _, run_id, run in self._pending.items()]
+        return rows + [
+            _RunSignals(routed=True, goal=goal, done=True).row(run_id)
+            for goal, run_id, _ in self._done.items()
+        ]
+
+
+def _goal_of(registry: RegistryView, agent_id: str) -> str | None:
+    record = registry.get(agent_id)
+    return record.goal_id if record is not None else None
+
+
 @dataclass
 class _Waiter:
     request: RequestReceived
@@ -217,8 +289,8 @@ class Router:
         # goal -> quality it gives up per USD of an answer (the budget's reports)
         self.cost_weights: dict[str, float] = {}
         # run_id -> its decision, assessment and feedback, until it has taught the policy
-        # (then a marker that it did), the oldest forgotten past _MAX_RUNS
-        self._runs: OrderedDict[str, _RunSignals] = OrderedDict()
+        # (then a marker that it did), per goal: see _Runs
+        self._runs = self._new_runs()
         # run_id -> user -> reward: feedback on runs not in _runs yet (see _MAX_EARLY_FEEDBACK)
         self._early_feedback: OrderedDict[str, dict[str, float]] = OrderedDict()
         self.registry = RegistryView()
@@ -262,14 +334,14 @@ class Router:
         if isinstance(event, RouteDecided):
             # Automation-served runs teach the policy too: the policy chose their
             # specialty, and a cached answer scores what that specialty answered.
-            run = self._signals(event.run_id)
+            run = self._signals(event.run_id, event.goal_id)
             if not run.done:
                 # A later decision of the run (a secondary agent served it) replaces the first.
                 teaches = event.features and event.policy not in ("forced", "automation")
                 arm = arm_name(event.specialty, event.model)
                 run.routed, run.user, run.goal = True, event.user_id, event.goal_id or ""
                 run.decision = (Features.from_list(event.features), arm) if teaches else None
-                self._teach(run)
+                self._teach(event.run_id, run, event.goal_id)
         elif isinstance(event, AgentSpawned) and record is not None:
             for waiter in self._waiting.pop((record.goal_id, self._arm_of(record)), []):
                 if not waiter.future.done():
@@ -288,7 +360,12 @@ class Router:
                 )
             cost = event.cost_usd if isinstance(event, WorkflowCompleted) else 0.0
             self.stats.completed(
-                event.run_id, agent_id, event.user_id, cost, isinstance(event, WorkflowCompleted)
+                event.run_id,
+                agent_id,
+                event.user_id,
+                cost,
+                isinstance(event, WorkflowCompleted),
+                event.goal_id,
             )
         elif isinstance(event, WorkflowAssessed):
             unjudged = event.method == "unjudged"
@@ -296,13 +373,13 @@ class Router:
                 self.stats.assessed(event.agent_id, event.quality)
             # Catching up after a restart reads the topics side by side: the assessment
             # may come before its decision, and is kept until then. The first one counts.
-            run = self._signals(event.run_id)
+            run = self._signals(event.run_id, event.goal_id)
             if not run.done and run.judged is None and run.unjudged is None:
                 if unjudged:
                     run.unjudged = event.cost_usd
                 else:
                     run.judged = (event.quality, event.cost_usd)
-                self._teach(run)
+                self._teach(event.run_id, run, event.goal_id)
         elif isinstance(event, FeedbackReceived):
             self.stats.feedback(event.run_id, event.user_id, event.score)
             if event.score is None:
@@ -316,7 +393,7 @@ class Router:
                 if event.user_id not in given and len(given) < _MAX_FEEDBACK_USERS:
                     given[event.user_id] = reward
                 known.feedback = given
-                self._teach(known)
+                self._teach(event.run_id, known, event.goal_id)
 
     def _feedback_early(self, run_id: str, user_id: str, reward: float) -> None:
         if len(run_id) > _MAX_RUN_ID:
@@ -329,21 +406,26 @@ class Router:
         if user_id not in given and len(given) < _MAX_FEEDBACK_USERS:
             given[user_id] = reward
 
-    def _signals(self, run_id: str) -> _RunSignals:
+    def _signals(self, run_id: str, goal_id: str | None) -> _RunSignals:
         found = self._runs.get(run_id)
         if found is None:
-            found = self._runs[run_id] = _RunSignals(
-                feedback=self._early_feedback.pop(run_id, None)
-            )
-            if len(self._runs) > _MAX_RUNS:
-                self._runs.popitem(last=False)
+            found = _RunSignals(goal=goal_id or "", feedback=self._early_feedback.pop(run_id, None))
+            self._runs.put(run_id, found)
         return found
+
+    @staticmethod
+    def _new_runs() -> _Runs:
+        return _Runs(_MAX_RUNS_PER_GOAL, _MAX_RUNS)
 
     def _automations(self) -> Automations:
         return Automations(clock=self.ctx.clock, **self._cache_limits)
 
-    def _teach(self, run: _RunSignals) -> None:
+    def _teach(self, run_id: str, run: _RunSignals, goal_id: str | None) -> None:
         """Update the policy from the run once what it teaches is known (see _RunSignals)."""
+        self._learn_from(run)
+        self._runs.settle(run_id, run, goal_id or "")
+
+    def _learn_from(self, run: _RunSignals) -> None:
         if run.done or not run.routed or (run.judged is None and run.unjudged is None):
             return
         if run.decision is None:
@@ -364,7 +446,7 @@ class Router:
         return {
             "policy": self.policy.name,
             "learned": self.policy.dump() if self.policy.learned else None,
-            "runs": [signals.row(run) for run, signals in self._runs.items()],
+            "runs": self._runs.rows(),
             "early_feedback": [
                 [run, sorted(given.items())] for run, given in self._early_feedback.items()
             ],
@@ -379,7 +461,9 @@ class Router:
         """Replace what was learned with a :meth:`dump`; nothing changes if it fails."""
         if data["policy"] != self.policy.name:
             raise ValueError(f"a snapshot of the {data['policy']} policy, not {self.policy.name}")
-        runs = OrderedDict(_RunSignals.from_row(row) for row in data["runs"])
+        runs = self._new_runs()
+        for row in data["runs"]:  # an older snapshot's are in one list, oldest first
+            runs.put(*_RunSignals.from_row(row))
         # An older snapshot has none (its feedback-only runs are in its runs).
         early = OrderedDict(
             (str(run), {str(u): float(r) for u, r in given})
@@ -392,7 +476,7 @@ class Router:
         registry.restore(data["registry"])
         automations = self._automations()
         automations.restore(data["automations"])
-        stats = OutcomeStats.from_dump(data["stats"])
+        stats = OutcomeStats.from_dump(data["stats"], lambda agent: _goal_of(registry, agent))
         if self.policy.learned:
             self.policy.restore(data["learned"])
         self._runs, self._early_feedback, self.ended = runs, early, ended

@@ -224,3 +224,60 @@ async def test_a_judge_call_given_up_on_at_the_timeout_is_counted_when_it_ends(o
     # The id this attempt's report has (derived from its hold): sent again, it counts once;
     # the next owner, seeing it, does not count the call again.
     assert late.event_id == _cost_id(hold.event_id)
+
+
+async def test_another_goals_holds_do_not_push_out_a_killed_attempts_hold():
+    # The approved hold of an attempt killed after its paid call is what makes the next
+    # attempt count that call. Another goal's platform calls (each one approved hold) pushed
+    # it out of one list for every goal, and the call was never counted on its goal.
+    done = _done("an answer")
+    first, first_budget, _ = _instance()
+    await first.assess(done)  # killed before its report reached the log
+    [hold] = [e for e in first_budget.sent if isinstance(e, SpendRequested)]
+    second, _, _ = _instance()
+    approved = SpendDecided(
+        source="budget", run_id=done.run_id, goal_id="g1", request_id=hold.event_id, approved=True
+    )
+    second._view_event(approved)  # noqa: SLF001
+    for i in range(20_001):  # another goal's judge calls, each held and approved
+        other = SpendDecided(
+            source="budget", run_id=f"b-{i}", goal_id="g2", request_id=f"h-{i}", approved=True
+        )
+        second._view_event(other)  # noqa: SLF001
+    # Kept across a snapshot too, and an older snapshot's holds (no goal) still count.
+    state = second.dump()
+    resumed, _, _ = _instance()
+    resumed.restore(state)
+    assert resumed.dump() == state
+    older, _, _ = _instance()
+    older.restore({**state, "run_holds": [[done.run_id, [hold.event_id]]]})
+    for instance in (second, resumed, older):
+        reports = [e for e in await instance.assess(done) if isinstance(e, LlmCallCompleted)]
+        assert _cost_id(hold.event_id) in {r.event_id for r in reports}
+
+
+async def test_another_goals_reports_do_not_make_a_reported_call_count_again():
+    # A run's hold outlived 100,000 reports of other goals' calls, which pushed its own
+    # report out of one list for every goal: its next attempt counted the reported call
+    # again. Per goal, a goal's holds and reports are kept (and pushed out) together.
+    done = _done("an answer")
+    first, first_budget, _ = _instance()
+    reported = [e for e in await first.assess(done) if isinstance(e, LlmCallCompleted)]
+    [hold] = [e for e in first_budget.sent if isinstance(e, SpendRequested)]
+    second, _, _ = _instance()
+    second._view_event(  # noqa: SLF001
+        SpendDecided(
+            source="budget", run_id="r1", goal_id="g1", request_id=hold.event_id, approved=True
+        )
+    )
+    second._view_event(reported[0])  # noqa: SLF001  (the first attempt's report, on the log)
+    for i in range(100_001):  # another goal's platform calls, each reported
+        other = LlmCallCompleted(
+            source="improvement", run_id=f"b-{i}", goal_id="g2", model="m", purpose="judge"
+        )
+        second._view_event(other)  # noqa: SLF001
+    resumed, _, _ = _instance()
+    resumed.restore(second.dump())
+    for instance in (second, resumed):
+        again = [e for e in await instance.assess(done) if isinstance(e, LlmCallCompleted)]
+        assert _cost_id(hold.event_id) not in {e.event_id for e in again}

@@ -239,20 +239,29 @@ def _history(seed: int, runs: int = 200) -> list[ev.Event]:
     return out
 
 
+def _both_ways(
+    events: list[ev.Event], cut: int
+) -> tuple[tuple[Router, _Recording], tuple[Router, _Recording]]:
+    """Routers that folded ``events`` whole, and from a snapshot taken after ``cut`` of them
+    plus the rest."""
+    full = _router()
+    for e in events:
+        full[0].learn(e)
+    before, _ = _router()
+    for e in events[:cut]:
+        before.learn(e)
+    resumed = _router()
+    resumed[0].restore(decode_state(encode_state(before.dump())))
+    for e in events[cut:]:
+        resumed[0].learn(e)
+    return full, resumed
+
+
 @pytest.mark.parametrize("cut", [0, 1, 150, 400, -1])
 def test_a_snapshot_plus_the_tail_learns_what_the_whole_log_does(cut: int):
     events = _history(seed=11)
     cut = len(events) if cut == -1 else cut
-    full, full_policy = _router()
-    for e in events:
-        full.learn(e)
-    before, _ = _router()
-    for e in events[:cut]:
-        before.learn(e)
-    resumed, resumed_policy = _router()
-    resumed.restore(decode_state(encode_state(before.dump())))
-    for e in events[cut:]:
-        resumed.learn(e)
+    (full, full_policy), (resumed, resumed_policy) = _both_ways(events, cut)
     assert resumed.dump() == full.dump()
     assert resumed_policy.updates == full_policy.updates == _expected_updates(events)
     assert resumed.policy.version("g") == full.policy.version("g")
@@ -322,11 +331,170 @@ def test_user_preferences_are_capped_least_recently_scored_first(monkeypatch):
         if i >= 1:  # user-0 scores again each time: the most recent, never dropped
             router.learn(_completed(f"again-{i}").model_copy(update={"user_id": "user-0"}))
             router.learn(_feedback(f"again-{i}", 4, user="user-0"))
-    kept = list(router.stats.preference)
+    kept = router.stats.preferences()
     assert len(kept) == 5 and ("user-0", "code-agent") in kept
     assert kept[-1] == ("user-0", "code-agent")
     restored, _ = _router()
     dumped = router.dump()
     dumped["stats"]["preference"] = [[f"old-{i}", "a", 1.0, 1.0] for i in range(10)]
     restored.restore(dumped)
-    assert list(restored.stats.preference) == [(f"old-{i}", "a") for i in range(5, 10)]
+    assert restored.stats.preferences() == [(f"old-{i}", "a") for i in range(5, 10)]
+
+
+def test_a_goals_users_do_not_push_out_another_goals_user_preferences(monkeypatch):
+    from services.router import scoring
+
+    monkeypatch.setattr(scoring, "MAX_PREFERENCES", 20, raising=False)
+    monkeypatch.setattr(scoring, "MAX_RUN_AGENTS", 20, raising=False)
+    router, _ = _router()
+    b_run = _completed("b-run").model_copy(update={"goal_id": "b", "agent_id": "b-agent"})
+    b_scored = _completed("b-scored").model_copy(update={"goal_id": "b", "agent_id": "b-agent"})
+    for goal, agent in (("b", "b-agent"), ("a", "code-agent")):
+        router.learn(
+            ev.AgentSpawned(
+                source="spawner",
+                goal_id=goal,
+                agent_id=agent,
+                specialty="code",
+                system_prompt="You write code.",
+                temperature=0.2,
+            )
+        )
+    for e in (b_scored, _feedback("b-scored", 5), b_run):  # b's user likes b's agent
+        router.learn(e)
+    for i in range(500):  # goal a's users, each scoring a run of a's agent
+        run, user = f"a-{i}", f"a-user-{i}"
+        router.learn(_completed(run).model_copy(update={"goal_id": "a", "user_id": user}))
+        router.learn(_feedback(run, 1, user=user))
+    assert router.stats.user_preference("u1", "b-agent") == 1.0
+    router.learn(_feedback("b-run", 1))  # b's run is still known: its feedback counts
+    assert router.stats.user_preference("u1", "b-agent") == 0.5
+    # A snapshot keeps them per goal; an older one's rows are filed under their agent's goal.
+    state = decode_state(encode_state(router.dump()))
+    resumed, _ = _router()
+    resumed.restore(state)
+    assert resumed.dump() == router.dump()
+    assert resumed.stats.user_preference("u1", "b-agent") == 0.5
+    stats = state["stats"]
+    older = {
+        **state,
+        "stats": {
+            **stats,
+            "preference": [row[:4] for row in stats["preference"]],
+            "run_agent": [row[:2] for row in stats["run_agent"]],
+        },
+    }
+    again, _ = _router()
+    again.restore(older)
+    assert again.stats.user_preference("u1", "b-agent") == 0.5
+    assert again.dump()["stats"] == resumed.dump()["stats"]  # each row under its agent's goal
+
+
+# -- per goal: one goal's runs never push out another goal's run still to teach -------------
+
+
+def _of(goal: str, e: ev.Event) -> ev.Event:
+    return e.model_copy(update={"goal_id": goal})
+
+
+def _recording_router() -> tuple[Router, list[tuple[str, float]]]:
+    taught: list[tuple[str, float]] = []
+    router, policy = _router()
+    update = policy.update
+
+    def record(goal, features, arm, reward, cost=0.0):  # type: ignore[no-untyped-def]
+        taught.append((goal, round(reward, 6)))
+        update(goal, features, arm, reward, cost)
+
+    policy.update = record  # type: ignore[method-assign]
+    return router, taught
+
+
+def test_a_goals_burst_of_runs_does_not_push_out_another_goals_run_waiting_for_feedback(
+    monkeypatch,
+):
+    from services.router import service
+
+    monkeypatch.setattr(service, "_MAX_RUNS", 200)
+    monkeypatch.setattr(service, "_MAX_RUNS_PER_GOAL", 100, raising=False)
+    router, taught = _recording_router()
+    # Goal b's run, assessed unjudged: it waits for its user's feedback.
+    for e in (_decided("b-run"), _completed("b-run"), _assessed("b-run", "unjudged")):
+        router.learn(_of("b", e))
+    # Goal a's burst: runs judged at once (they teach) and runs waiting for feedback.
+    for i in range(1_000):
+        method = "judge" if i % 2 else "unjudged"
+        for e in (_decided(f"a-{i}"), _assessed(f"a-{i}", method, 0.5)):
+            router.learn(_of("a", e))
+    router.learn(_feedback("b-run", 5))
+    assert ("b", 1.0) in taught
+    # a's runs still to teach are a's newest, within its share; its runs that taught are
+    # markers: a's run a-999 judged, its feedback teaches nothing more.
+    router.learn(_feedback("a-999", 5))
+    router.learn(_feedback("a-998", 1))
+    assert taught[-2:] == [("b", 1.0), ("a", 0.0)]
+    assert len(router._runs) <= 2 * 200
+    # A snapshot keeps it all, per goal: the same state as the fold.
+    resumed, _ = _recording_router()
+    resumed.restore(decode_state(encode_state(router.dump())))
+    assert resumed.dump() == router.dump()
+
+
+def test_a_marker_of_a_run_that_taught_gives_way_before_a_run_still_to_teach(monkeypatch):
+    from services.router import service
+
+    monkeypatch.setattr(service, "_MAX_RUNS", 20)
+    monkeypatch.setattr(service, "_MAX_RUNS_PER_GOAL", 20, raising=False)
+    router, taught = _recording_router()
+    for e in (_decided("waits"), _assessed("waits", "unjudged")):
+        router.learn(e)
+    for i in range(100):  # runs of the same goal that teach at once: markers after
+        for e in (_decided(f"r{i}"), _assessed(f"r{i}", "judge", 0.5)):
+            router.learn(e)
+    router.learn(_feedback("waits", 5))
+    assert ("g", 1.0) in taught
+    assert "r99" in router._runs and "r0" not in router._runs
+
+
+def test_an_older_snapshots_runs_restore_under_their_goals():
+    router, taught = _recording_router()
+    state = router.dump()
+    # Rows of a snapshot written before runs were kept per goal: one list, "b-run" waiting
+    # for feedback (goal named), "old" with no goal, "done" a marker.
+    words = features_of(MESSAGE).as_list()
+    state["runs"] = [
+        ["b-run", True, words, "code", "u1", None, 0.002, None, False, "b"],
+        ["old", True, words, "code", "u1", None, 0.002, None, False],
+        ["done", True, None, None, "u1", None, None, None, True],
+    ]
+    router.restore(state)
+    for run in ("b-run", "old", "done"):
+        router.learn(_feedback(run, 5))
+    assert taught == [("b", 1.0), ("", 1.0)]
+
+
+@pytest.mark.parametrize("cut", [0, 150, 333, 700, -1])
+def test_a_snapshot_plus_the_tail_is_the_full_fold_with_goals_over_their_caps(monkeypatch, cut):
+    from services.router import scoring, service
+
+    monkeypatch.setattr(service, "_MAX_RUNS", 30)
+    monkeypatch.setattr(service, "_MAX_RUNS_PER_GOAL", 15)
+    monkeypatch.setattr(scoring, "MAX_PREFERENCES", 12)
+    monkeypatch.setattr(scoring, "MAX_RUN_AGENTS", 12)
+    rng = random.Random(5)
+    events: list[ev.Event] = []
+    for i in range(250):
+        goal, run, user = rng.choice("aabc"), f"r{i}", f"u{rng.randrange(6)}"
+        method = rng.choice(["judge", "unjudged", "unjudged"])
+        for e in (
+            _decided(run, user=user),
+            _completed(run).model_copy(update={"user_id": user}),
+            _assessed(run, method),
+            _feedback(run, rng.randrange(1, 6), user=user),
+        ):
+            events.append(_of(goal, e) if not isinstance(e, ev.FeedbackReceived) else e)
+    rng.shuffle(events)  # the topics are read side by side
+    cut = len(events) if cut == -1 else cut
+    (full, _), (resumed, _) = _both_ways(events, cut)
+    assert decode_state(encode_state(resumed.dump())) == decode_state(encode_state(full.dump()))
+    assert len(full._runs) <= 30 + 15
