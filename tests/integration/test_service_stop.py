@@ -1,4 +1,5 @@
-"""A service whose clean stop hangs still leaves when told to stop."""
+"""A service whose clean stop hangs still leaves when told to stop, and one whose stop
+ended does not wait for what it left behind."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,34 @@ _STUCK = textwrap.dedent(
 )
 
 
-def _run(kafka_bootstrap: str, grace: str) -> tuple[int, str]:
+# A service whose main leaves behind a task that swallows its cancellation, as some of
+# Faust's do: under `orchestrator up`, about one Ctrl-C of three left the budget or the
+# spawner running after it logged "stopped" (asyncio.run waits for every task it cancels
+# on its way out), until the supervisor's SIGKILL 15 s later.
+_STUBBORN = textwrap.dedent(
+    """
+    import asyncio
+    from streams.runtime import service_main
+
+    left = []
+
+    async def main(ctx, stop):
+        async def stubborn():
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    continue
+        left.append(asyncio.get_running_loop().create_task(stubborn()))
+        print("serving", flush=True)
+        await stop.wait()
+
+    service_main("stubborn", main)
+    """
+)
+
+
+def _run(kafka_bootstrap: str, grace: str, script: str = _STUCK) -> tuple[int, str]:
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
@@ -39,7 +68,7 @@ def _run(kafka_bootstrap: str, grace: str) -> tuple[int, str]:
         "PYTHONUNBUFFERED": "1",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-c", _STUCK],
+        [sys.executable, "-c", script],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -65,3 +94,14 @@ def test_a_stop_that_hangs_ends_the_process_after_the_grace_period(kafka_bootstr
     code, output = _run(kafka_bootstrap, "1")
     assert code == 1
     assert "stuck: clean stop took over 1 s; exiting" in output
+
+
+def test_a_stop_that_ended_does_not_wait_for_a_task_that_ignores_its_cancellation(
+    kafka_bootstrap,
+):
+    started = time.monotonic()
+    code, output = _run(kafka_bootstrap, "60", _STUBBORN)
+    # Before: still running at the 30 s wait (the grace is 60 s), then killed.
+    assert code == 0, output
+    assert time.monotonic() - started < 25
+    assert "stubborn stopped" in output
