@@ -14,7 +14,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,28 @@ async def _start_when_the_broker_answers(
             delay = min(delay * 2, 5.0)
 
 
+# How long ``main`` has to end on its own once ``stop`` is set, before it is cancelled.
+MAIN_STOP_S = 10.0
+
+
+async def until_stopped(stop: asyncio.Event, work: Awaitable[None]) -> None:
+    """``work`` until it ends (its error raised) or ``stop`` is set; then it is cancelled
+    and waited for: a consumer's clean stop (``EventConsumer.run_concurrently`` finishes the
+    handlers running and commits them) is its cancellation. A service's ``main`` ends this
+    way on ``stop`` by itself, as :func:`run_service` expects of it."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+    if not task.cancelled():
+        task.result()
+
+
 async def run_service(
     name: str,
     main: ServiceMain,
@@ -125,14 +147,17 @@ async def run_service(
     stopper = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            task.result()  # a crashed service exits non-zero, with its error
-        else:
-            task.cancel()
-            try:
-                await asyncio.wait_for(task, 10)
-            except (asyncio.CancelledError, TimeoutError):
-                pass
+        if task not in done:
+            # ``main`` stops itself on ``stop`` (Faust's app.stop commits offsets and flushes
+            # the sends it buffered; the sink closes its store): cancelling it here, as soon
+            # as ``stop`` was set, cut that stop off at its first await. It is cancelled
+            # only if it has not ended within MAIN_STOP_S.
+            done, _ = await asyncio.wait({task}, timeout=MAIN_STOP_S)
+            if task not in done:
+                task.cancel()
+                await asyncio.wait({task}, timeout=10)  # a task may ignore its cancellation
+        if task.done() and not task.cancelled():
+            task.result()  # a crashed service (or stop) exits non-zero, with its error
     finally:
         stopper.cancel()
         await producer.stop()

@@ -53,7 +53,7 @@ from streams.llm import (
     worst_case_usd,
 )
 from streams.registry import AgentRecord, RegistryView
-from streams.runtime import ServiceContext
+from streams.runtime import ServiceContext, until_stopped
 from streams.specialties import default_prompt, profile_for
 from streams.topics import partition_for, spec_for
 from streams.views import TopicView
@@ -713,7 +713,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         tracker = asyncio.create_task(_track_assignment())
         sweeper = asyncio.create_task(_sweep(loader, loader.settings.sweep_seconds))
         try:
-            await tasks.run_concurrently(loader.handle)
+            await until_stopped(stop, tasks.run_concurrently(loader.handle))
         finally:
             tracker.cancel()
             await tasks.stop()

@@ -56,7 +56,7 @@ from streams.kafka import Delivery, EventConsumer
 from streams.llm import LLMSettings
 from streams.quotas import PerGoal
 from streams.registry import AgentRecord, RegistryView
-from streams.runtime import ServiceContext
+from streams.runtime import ServiceContext, until_stopped
 from streams.signatures import exact_key, signature_of
 from streams.snapshots import SnapshotStore, Snapshotter
 from streams.specialties import PROFILES, asked_specialty, is_specialty_name
@@ -925,7 +925,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         log.info("router caught up: %d agents known", len(router.registry.agents))
         await requests.start()
         try:
-            await requests.run_concurrently(router.handle)
+            await until_stopped(stop, requests.run_concurrently(router.handle))
         finally:
             await requests.stop()
     finally:
