@@ -328,6 +328,37 @@ class BudgetSettings(EnvSettings):
         read_by="budget",
         ge=0.05,
     )
+    admission_tokens: int = setting(
+        "ORCH_ADMISSION_TOKENS",
+        0,
+        "Admission tokens a router instance keeps per busy goal (0, the default: the budget "
+        "decides every task). A token is a `max_concurrent` slot and a worst case of money the "
+        "budget sets aside for one router instance; the router admits a task with one and tells "
+        "the budget, so the answer does not wait for the budget's decision. Tokens are granted "
+        "only from free slots and money, never while the goal has tasks queued "
+        '(docs/architecture.md, "Admission tokens"). 0-64.',
+        read_by="router (asks), budget (grants)",
+        ge=0,
+        le=64,
+    )
+    admission_token_seconds: float = setting(
+        "ORCH_ADMISSION_TOKEN_SECONDS",
+        5.0,
+        "How long a router may use an admission token after its grant; a task admitted with "
+        "one starts by then or not at all, and the token's slot comes back `ORCH_LLM_TIMEOUT` "
+        "plus 30 s later if it was never used nor given back. > 0.",
+        read_by="budget",
+        gt=0,
+    )
+    admission_token_bytes: int = setting(
+        "ORCH_ADMISSION_TOKEN_BYTES",
+        8192,
+        "The request size (message and context, UTF-8 bytes) an admission token's money "
+        "covers: each token holds the worst case of a request this large; a larger request "
+        "goes to the budget. >= 0.",
+        read_by="budget",
+        ge=0,
+    )
     report_seconds: float = setting(
         "ORCH_BUDGET_REPORT_SECONDS",
         0.5,

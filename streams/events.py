@@ -24,6 +24,8 @@ from pydantic import (
 __all__ = [
     "ALL_EVENTS",
     "MAX_MESSAGE_BYTES",
+    "AdmissionGranted",
+    "AdmissionReturned",
     "AgentEvicted",
     "ApiKeyIssued",
     "ApiKeyRevoked",
@@ -351,20 +353,33 @@ class _Task(Event):
     context: dict[str, str] = Field(default_factory=dict)
     requested_at: datetime | None = None
     deadline_at: datetime | None = None
+    # The admission token this task was let through with (see AdmissionGranted): the
+    # router admitted it itself, and the budget only counts it. None: the budget decides.
+    token: str | None = Field(default=None, max_length=64)
 
 
 class TaskRequested(_Task):
     topic = "task_requested"
     key_field = "goal_id"
     event_type: Literal["task_requested"] = "task_requested"
+    # The router instance asking (``holder``) for this many admission tokens of the goal.
+    want_tokens: int = Field(default=0, ge=0, le=64)
+    holder: str | None = Field(default=None, max_length=64)
+    # The loader gives back a task admitted with ``token`` that it did not start (its
+    # agent is retired, and only the budget may count a revival): decided afresh.
+    given_back: bool = False
 
 
 class TaskAdmitted(_Task):
-    """A :class:`TaskRequested` the budget admitted (``TaskAdmitted.caused_by(request)``)."""
+    """A :class:`TaskRequested` the budget admitted (``TaskAdmitted.caused_by(request)``),
+    or the router with an admission token (``token`` set)."""
 
     topic = "task_admitted"
     key_field = "agent_id"
     event_type: Literal["task_admitted"] = "task_admitted"
+    # With a token: the token's slot is held for a task started by then, so the loader
+    # starts it by then or gives it back to the budget (``TaskRequested.given_back``).
+    start_by: datetime | None = None
 
 
 class WorkflowStarted(Event):
@@ -685,6 +700,38 @@ class SpendDecided(Event):
     reason: str = ""
 
 
+class AdmissionGranted(Event):
+    """Slots the budget set aside for one router instance (``holder``) to admit tasks with.
+
+    Each token is one of the goal's ``max_concurrent`` slots and ``hold_usd`` of its day,
+    both held by the budget from now on. The holder admits a task with one (a task whose
+    worst case fits ``hold_usd``) by telling the budget first (``task_requested`` naming
+    the token) and the loader after, with the task's start deadline at most ``bind_by``;
+    a token not used by then is never used, and its slot comes back once no task it let
+    start can still run.
+    """
+
+    topic = "admission_granted"
+    key_field = "goal_id"
+    event_type: Literal["admission_granted"] = "admission_granted"
+    goal_id: Identifier
+    holder: str = Field(max_length=64)
+    tokens: list[Annotated[str, Field(max_length=64)]] = Field(max_length=64)
+    hold_usd: float = Field(ge=0)
+    bind_by: datetime
+
+
+class AdmissionReturned(Event):
+    """The holder will not use these tokens: the budget may give their slots back now."""
+
+    topic = "admission_returned"
+    key_field = "goal_id"
+    event_type: Literal["admission_returned"] = "admission_returned"
+    goal_id: Identifier
+    holder: str = Field(max_length=64)
+    tokens: list[Annotated[str, Field(max_length=64)]] = Field(max_length=64)
+
+
 class BudgetTicked(Event):
     """The budget's clock for one goal: lets waiting tasks time out with no other event."""
 
@@ -767,6 +814,8 @@ ALL_EVENTS: tuple[type[Event], ...] = (
     PromotionDecided,
     SpendRequested,
     SpendDecided,
+    AdmissionGranted,
+    AdmissionReturned,
     BudgetTicked,
     BudgetReported,
     DeadLetter,

@@ -92,6 +92,8 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("promotion_decided", ev.PromotionDecided, retention_ms=_FOREVER),
     TopicSpec("spend_requested", ev.SpendRequested),
     TopicSpec("spend_decided", ev.SpendDecided),
+    TopicSpec("admission_granted", ev.AdmissionGranted, retention_ms=_DAY_MS),
+    TopicSpec("admission_returned", ev.AdmissionReturned, retention_ms=_DAY_MS),
     TopicSpec("budget_ticked", ev.BudgetTicked, retention_ms=_DAY_MS),
     TopicSpec("budget_reported", ev.BudgetReported, compact=True),
     TopicSpec("dead_letter", ev.DeadLetter, retention_ms=30 * _DAY_MS),

@@ -19,6 +19,7 @@ from streams.codec import default_codec
 from streams.config import BudgetSettings
 from streams.errors import NotOperator
 from streams.events import (
+    AdmissionReturned,
     BudgetReported,
     BudgetTicked,
     BudgetUpdateRequested,
@@ -59,6 +60,7 @@ BUDGET_TOPICS = (
     SpendRequested.topic,
     BudgetTicked.topic,
     GoalAgentsChanged.topic,
+    AdmissionReturned.topic,
 )
 
 

@@ -40,10 +40,13 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
 
+from streams.admission import WorstCase
 from streams.clock import utc_day
 from streams.config import BudgetSettings
 from streams.events import (
     SPAWN_APPROVAL_SECONDS,
+    AdmissionGranted,
+    AdmissionReturned,
     BudgetExceeded,
     BudgetTicked,
     BudgetUpdateRequested,
@@ -61,7 +64,7 @@ from streams.events import (
     WorkflowFailed,
     terminal_event_id,
 )
-from streams.llm import LLMSettings, ModelPrice, PriceTable, worst_case_usd
+from streams.llm import LLMSettings, PriceTable, worst_case_usd
 from streams.workflows import MAX_PROMPT_CHARS
 
 __all__ = ["BudgetDefaults", "BudgetState", "Decision", "RunStore"]
@@ -156,6 +159,11 @@ class BudgetDefaults:
     # characters, and a character is at most 4 UTF-8 bytes.
     system_prompt_tokens: int = 4 * MAX_PROMPT_CHARS
     llm_timeout_s: float = 30.0
+    # Admission tokens (see AdmissionGranted): at most this many granted at a time, each
+    # usable this long after its grant and holding the worst case of a request this large.
+    admission_tokens: int = 0
+    admission_token_seconds: float = 5.0
+    admission_token_bytes: int = 8192
 
     @classmethod
     def from_env(cls) -> BudgetDefaults:
@@ -173,43 +181,33 @@ class BudgetDefaults:
             max_tokens=LLMSettings.read("max_tokens"),
             system_prompt_tokens=budget.system_prompt_tokens,
             llm_timeout_s=LLMSettings.read("timeout_s"),
+            admission_tokens=budget.admission_tokens,
+            admission_token_seconds=budget.admission_token_seconds,
+            admission_token_bytes=budget.admission_token_bytes,
         )
 
     @cached_property
+    def worst(self) -> WorstCase:
+        return WorstCase(
+            self.prices, self.max_tokens, self.system_prompt_tokens, self.task_reserve_usd
+        )
+
+    @property
     def dearest_prices(self) -> PriceTable:
-        """Every model at the dearest input and output price of the table.
-
-        The budget cannot see which model a call will use: an agent keeps the model it
-        was spawned with after ``ORCH_LLM_MODEL`` changes, and the loader prices a call
-        by the model the endpoint reports, an unknown one at the table's default. The
-        dearest price covers all of them.
-        """
-        known = [*self.prices.prices.values(), self.prices.default]
-        top = ModelPrice(max(p.input_per_m for p in known), max(p.output_per_m for p in known))
-        return PriceTable({}, top)
-
-    @cached_property
-    def _system_placeholder(self) -> dict[str, str]:
-        return {"role": "system", "content": "x" * self.system_prompt_tokens}
+        return self.worst.dearest_prices
 
     def task_worst_case(self, message: str, context: dict[str, str]) -> float:
         """The most an answer to ``message`` can cost: the loader's messages, bounded."""
-        messages = [
-            self._system_placeholder,
-            {"role": "system", "content": "Request context: " + _context_text(context)},
-            {"role": "user", "content": message},
-        ]
-        worst = worst_case_usd(self.dearest_prices, "any", messages, self.max_tokens)
-        return max(self.task_reserve_usd, worst)
+        return self.worst.task(message, context)
+
+    def token_hold(self) -> float:
+        """What one admission token holds: the worst case of a request of the covered size."""
+        return self.worst.request_of(self.admission_token_bytes)
 
     def spawn_worst_case(self, specialty: str) -> float:
         messages = [{"role": "user", "content": "x" * (_SPAWN_PROMPT_BYTES + len(specialty))}]
         worst = worst_case_usd(self.dearest_prices, "any", messages, _SPAWN_MAX_TOKENS)
         return max(self.task_reserve_usd, worst)
-
-
-def _context_text(context: dict[str, str]) -> str:
-    return "; ".join(f"{k}={v}" for k, v in sorted(context.items()))
 
 
 class RunStore:
@@ -280,6 +278,13 @@ class BudgetState:
     # spend request id -> [approved, at ISO, committed USD]
     spends: dict[str, list[Any]] = field(default_factory=dict)
     spend: dict[str, float] = field(default_factory=dict)
+    # admission tokens granted and neither used nor given back (see AdmissionGranted): each
+    # holds a slot and money like a running task. token -> [granted_at ISO, held USD, slot
+    # end ISO (lease time), causing event id, holder]
+    tokens: dict[str, list[Any]] = field(default_factory=dict)
+    # grants by causing event id -> [holder, tokens, held USD each, bind_by ISO, at ISO],
+    # to send the same grant again on a replay
+    grants: dict[str, list[Any]] = field(default_factory=dict)
     seen: deque[str] = field(default_factory=lambda: deque(maxlen=_SEEN_LIMIT))
     # newest occurred_at read for the goal (lease time)
     event_time: str = ""
@@ -321,6 +326,8 @@ class BudgetState:
             "closed": list(self.closed),
             "spends": dict(self.spends),
             "spend": dict(self.spend),
+            "tokens": dict(self.tokens),
+            "grants": dict(self.grants),
             "seen_digests": list(self.seen),
             "event_time": self.event_time,
             "cost_weight": self.cost_weight,
@@ -378,6 +385,8 @@ class BudgetState:
             closed=dict.fromkeys(closed),
             spends=_in_order(data.get("spends", {})),
             spend={k: cap if v is None else float(v) for k, v in data.get("spend", {}).items()},
+            tokens={k: list(v) for k, v in data.get("tokens", {}).items()},
+            grants=_in_order(data.get("grants", {})),
             event_time=str(data.get("event_time", "")),
             cost_weight=float(data.get("cost_weight") or 0.0),
             runs=runs,
@@ -400,8 +409,13 @@ class BudgetState:
         """What max_agents limits: live agents plus approved spawns not yet resolved."""
         return len(self.spawning) + sum(1 for v in self.live.values() if v == "live")
 
+    def busy(self) -> int:
+        """What max_concurrent limits: running tasks and unused admission tokens."""
+        return len(self.in_flight) + len(self.tokens)
+
     def reserved(self) -> float:
         held = [h[1] for h in self.in_flight.values()]
+        held += [h[1] for h in self.tokens.values()]
         held += [h[0] for h in self.pending.values()]
         held += [h[1] for h in self.spawn_holds.values()]
         return sum(float(v) for v in held)
@@ -430,14 +444,14 @@ class BudgetState:
             # decided names it as the cause (a run it admitted, a queued run it failed):
             # a replayed tick finds that and sends it again, as a replayed event would.
             # One that decided nothing is as good as a new tick.
-            again = self._replay(event)
+            again = self._replay(event, defaults)
             if again:
                 return Decision(again)
             lapsed = self._expire(now, defaults)
             return Decision(lapsed + self._drain(_ref(event.event_id), now, defaults))
         seen = _digest(_ref(event.event_id))
         if seen in self.seen:
-            return Decision(self._replay(event), changed=False)
+            return Decision(self._replay(event, defaults), changed=False)
         self.seen.append(seen)
         # Event time moves with what producers stamp, but never past the budget's own
         # clock by more than a skew: one event stamped years ahead would otherwise leave
@@ -461,6 +475,8 @@ class BudgetState:
             out += self._hold(event, now)
         elif isinstance(event, GoalAgentsChanged):
             self._agent_changed(event)
+        elif isinstance(event, AdmissionReturned):
+            self._returned(event)
         # Any event may have freed a slot or money (a release, a cost, a lapse, a limit).
         return Decision(out + self._drain(cause, now, defaults, every_deadline=False))
 
@@ -471,7 +487,7 @@ class BudgetState:
         return min(now, datetime.fromisoformat(self.event_time))
 
     # -- sending what was decided, the first time and on a replay -------------
-    def _replay(self, e: Event) -> list[Event]:
+    def _replay(self, e: Event, defaults: BudgetDefaults) -> list[Event]:
         cause = _ref(e.event_id)
         out: list[Event] = []
         if isinstance(e, TaskRequested) and _ref(e.run_id) in self.queue:
@@ -479,7 +495,7 @@ class BudgetState:
             # write was lost in the crash (the goal's record and the store are two writes).
             if self.runs.get(_ref(e.run_id)) is None:
                 self.runs.put(_ref(e.run_id), {"task": e.model_dump(mode="json")})
-        for run, (at, _held, _end, by) in self.in_flight.items():
+        for run, (at, _held, end, by) in self.in_flight.items():
             if by == cause:
                 task = e if isinstance(e, TaskRequested) and _ref(e.run_id) == run else None
                 if task is None:
@@ -487,7 +503,14 @@ class BudgetState:
                     if kept is not None and isinstance(kept.get("task"), dict):
                         task = TaskRequested.model_validate(kept["task"])
                 if task is not None:
-                    out.append(self._admission(task, datetime.fromisoformat(at)))
+                    # A task the router admitted with a token, read again: the router may
+                    # have died before its own admission went out. Sent with the token's
+                    # start deadline, which the slot was held for.
+                    bound = task.token is not None and not task.given_back
+                    bind_by = _bind_by(end, defaults) if bound else None
+                    out.append(self._admission(task, datetime.fromisoformat(at), bind_by))
+        if isinstance(e, TaskRequested) and cause in self.grants:
+            out.append(self._granted(cause))
         for run, failure in self.ended.items():
             if failure and failure[0] == cause:
                 task = e if isinstance(e, TaskRequested) and _ref(e.run_id) == run else None
@@ -503,12 +526,18 @@ class BudgetState:
             out += self._spend_decision(e, self.spends[cause])
         return out
 
-    def _admission(self, task: TaskRequested, at: datetime) -> TaskAdmitted:
+    def _admission(
+        self, task: TaskRequested, at: datetime, bind_by: datetime | None = None
+    ) -> TaskAdmitted:
         return TaskAdmitted.caused_by(
             task,
             event_id=str(uuid.uuid5(_NS, f"{task.run_id}:admitted")),
             source=SOURCE,
             occurred_at=at,
+            start_by=bind_by,
+            # Admitted by the budget (also a task given back): no token. A token-admitted
+            # task sent again keeps its token (the loader gives it back if it must revive).
+            token=task.token if bind_by is not None else None,
         )
 
     def _exceeded(
@@ -711,11 +740,25 @@ class BudgetState:
 
     # -- tasks -----------------------------------------------------------------
     def _task(self, e: TaskRequested, now: datetime, defaults: BudgetDefaults) -> list[Event]:
+        cause = _ref(e.event_id)
+        if e.token is not None and not e.given_back:
+            return self._bind(e, now, defaults) + self._grant(e, cause, now, defaults)
+        if e.given_back:
+            # The loader did not start this token-admitted task (its agent is retired, and
+            # a revival needs a place under max_agents): its slot is free, and the task is
+            # decided here like any other.
+            held = self.in_flight.get(_ref(e.run_id))
+            if held is not None and held[3] != cause:
+                del self.in_flight[_ref(e.run_id)]
+        return self._decide(e, cause, now, defaults) + self._grant(e, cause, now, defaults)
+
+    def _decide(
+        self, e: TaskRequested, cause: str, now: datetime, defaults: BudgetDefaults
+    ) -> list[Event]:
         run = _ref(e.run_id)
         if run in self.in_flight or self._ended(run) or run in self.pending or run in self.queue:
             # Admitted, waiting or over already: a re-routed request changes nothing.
             return []
-        cause = _ref(e.event_id)
         if self._revival_refused(e):
             # The router revives a retired agent instead of spawning one: a live agent
             # again, so it needs a place under max_agents like a spawn.
@@ -731,7 +774,7 @@ class BudgetState:
             )
         committed = spent + self.reserved()
         fits = committed + worst <= self.max_daily_cost + 1e-12
-        if fits and len(self.in_flight) < self.max_concurrent and not self.queue:
+        if fits and self.busy() < self.max_concurrent and not self.queue:
             return [self._admit(e, cause, worst, now, defaults)]
         if len(self.queue) >= defaults.max_queue or self.max_concurrent == 0:
             return self._fail(
@@ -739,7 +782,7 @@ class BudgetState:
                 e,
                 "budget_exceeded",
                 "max_concurrent",
-                len(self.in_flight),
+                self.busy(),
                 self.max_concurrent,
                 now,
             )
@@ -767,6 +810,73 @@ class BudgetState:
             self.live[task.agent_id] = "live"
         self.in_flight[_ref(task.run_id)] = [now.isoformat(), worst, end.isoformat(), cause]
         return self._admission(task, now)
+
+    # -- admission tokens ---------------------------------------------------------
+    def _bind(self, e: TaskRequested, now: datetime, defaults: BudgetDefaults) -> list[Event]:
+        """The router admitted ``e`` with a token: its slot and money become the run's."""
+        run = _ref(e.run_id)
+        token = self.tokens.pop(str(e.token), None)
+        if token is None:
+            # Given back, lapsed or never granted: then no task of it can have started by
+            # now (a task starts by the token's bind_by at the latest, and its slot lapses
+            # only once a task started by then has ended), so there is nothing to hold.
+            return []
+        granted_at, hold, end, _by, _holder = token
+        if run in self.in_flight or self._ended(run) or run in self.pending or run in self.queue:
+            return []  # the run is counted already: the token's slot is free again
+        worst = defaults.task_worst_case(e.message, e.context)
+        # The router admits only tasks whose worst case fits the token (same settings);
+        # should one not, the hold is its worst case all the same.
+        self.in_flight[run] = [granted_at, max(float(hold), worst), end, _ref(e.event_id)]
+        return []
+
+    def _grant(
+        self, e: TaskRequested, cause: str, now: datetime, defaults: BudgetDefaults
+    ) -> list[Event]:
+        """Tokens for the router instance that asked, from free slots and money only."""
+        if e.want_tokens <= 0 or not e.holder or defaults.admission_tokens <= 0:
+            return []
+        if self.queue:
+            return []  # tasks wait for a slot: they come first
+        held = sum(1 for t in self.tokens.values() if t[4] == e.holder)
+        hold = defaults.token_hold()
+        room = self.max_daily_cost - self.spent_today(now) - self.reserved()
+        by_money = int((room + 1e-12) // hold) if hold > 0 else e.want_tokens
+        count = min(
+            e.want_tokens,
+            defaults.admission_tokens - held,
+            self.max_concurrent - self.busy(),
+            by_money,
+        )
+        if count <= 0:
+            return []
+        bind_by = now + timedelta(seconds=defaults.admission_token_seconds)
+        end = bind_by + timedelta(seconds=defaults.llm_timeout_s + _LEASE_GRACE_SECONDS)
+        tokens = [str(uuid.uuid5(_NS, f"{cause}:token:{i}")) for i in range(count)]
+        for token in tokens:
+            self.tokens[token] = [now.isoformat(), hold, end.isoformat(), cause, e.holder]
+        self.grants[cause] = [e.holder, tokens, hold, bind_by.isoformat(), now.isoformat()]
+        _drop_oldest(self.grants, _DECISIONS_LIMIT)
+        return [self._granted(cause)]
+
+    def _granted(self, cause: str) -> AdmissionGranted:
+        holder, tokens, hold, bind_by, at = self.grants[cause]
+        return AdmissionGranted(
+            event_id=str(uuid.uuid5(_NS, f"{cause}:granted")),
+            source=SOURCE,
+            goal_id=self.goal_id,
+            holder=holder,
+            tokens=list(tokens),
+            hold_usd=float(hold),
+            bind_by=datetime.fromisoformat(bind_by),
+            occurred_at=datetime.fromisoformat(at),
+        )
+
+    def _returned(self, e: AdmissionReturned) -> None:
+        for token in e.tokens:
+            held = self.tokens.get(token)
+            if held is not None and held[4] == e.holder:
+                del self.tokens[token]
 
     def _drain(
         self, cause: str, now: datetime, defaults: BudgetDefaults, *, every_deadline: bool = True
@@ -798,7 +908,7 @@ class BudgetState:
                 out += self._end_queued(
                     cause, TaskRequested.model_validate(raw), "timeout", "", spent, now
                 )
-        while self.queue and len(self.in_flight) < self.max_concurrent:
+        while self.queue and self.busy() < self.max_concurrent:
             run = self.queue[0]
             task = self._queued(run)
             if task is None:
@@ -1002,6 +1112,11 @@ class BudgetState:
             age = (t - datetime.fromisoformat(approved_at)).total_seconds()
             if age > 2 * SPAWN_APPROVAL_SECONDS:
                 del self.spawning[approval]
+        # An admission token never used by now never will be, nor can a task it let start
+        # still run: its slot and money come back.
+        for token, held in list(self.tokens.items()):
+            if t > datetime.fromisoformat(held[2]):
+                del self.tokens[token]
         # A task past its deadline and the LLM timeout cannot be running any more: its
         # slot comes back (the queue drains after this), its money stays held a while.
         for run, held in list(self.in_flight.items()):
@@ -1057,6 +1172,12 @@ def _pending_call(pending: list[Any]) -> tuple[str | None, str]:
     if not isinstance(call, list) or len(call) != 2:
         return None, ""
     return str(call[0]), str(call[1])
+
+
+def _bind_by(end: str, defaults: BudgetDefaults) -> datetime:
+    """The start deadline of a token whose slot ends at ``end`` (see BudgetState._grant)."""
+    grace = defaults.llm_timeout_s + _LEASE_GRACE_SECONDS
+    return datetime.fromisoformat(end) - timedelta(seconds=grace)
 
 
 def _approval_id(e: SpawnRequested) -> str:

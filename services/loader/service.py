@@ -33,6 +33,7 @@ from streams.events import (
     ImprovementRolledBack,
     LlmCallCompleted,
     TaskAdmitted,
+    TaskRequested,
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowStarted,
@@ -220,6 +221,8 @@ class Loader:
             # Being answered here: the budget sent its admission again (the router sends a
             # task again while it has seen no decision on it).
             return
+        if event.token is not None and await self._given_back(event):
+            return
         try:
             terminal = await self._run(event)
         except Exception as exc:  # an answer must come even when this code has a bug
@@ -255,6 +258,38 @@ class Loader:
         self._own_attempts.discard(own)
         if len(self._finished) > 50_000:
             self._finished.popitem(last=False)
+
+    async def _given_back(self, task: TaskAdmitted) -> bool:
+        """A task the router admitted with a token that may not start here: given back.
+
+        The token held its slot for a task started by ``start_by``, and a retired agent's
+        revival needs a place under the goal's max_agents that only the budget can give. A
+        task past either (its own deadline still ahead) goes to the budget, which frees
+        the token's slot and decides the task as any other; its admission comes back here
+        without a token. Nothing of the run is started or marked done here.
+        """
+        now = self.ctx.clock.now()
+        if task.deadline_at is not None and task.deadline_at <= now:
+            return False  # failed at its deadline as any task
+        record = self.registry.get(task.agent_id)
+        late = task.start_by is not None and task.start_by <= now
+        if not late and not (record is not None and record.retired):
+            return False
+        back = TaskRequested.caused_by(
+            task,
+            event_id=str(uuid.uuid5(_NS, f"{task.run_id}:given-back:{task.token}")),
+            source=SOURCE,
+            given_back=True,
+            occurred_at=now,
+        )
+        log.info(
+            "run %s: its admission token %s cannot be used (%s); given back to the budget",
+            task.run_id,
+            task.token,
+            "started too late" if late else f"agent {task.agent_id} is retired",
+        )
+        await self.ctx.producer.deliver([back], what=f"the task of run {task.run_id}")
+        return True
 
     def _unrepeated(self, task: TaskAdmitted, lost: list[str]) -> list[LlmCallCompleted]:
         """Earlier attempts' possible calls when this attempt paid for none to compare.
@@ -472,8 +507,12 @@ class Loader:
             if self.ended.has(task.run_id):
                 # Answered by another owner while this one waited for the broker.
                 return self._failure(task, "internal", "answered elsewhere meanwhile")
-            if task.deadline_at is not None and task.deadline_at <= self.ctx.clock.now():
-                # The budget frees a slot on the promise that no call starts past this.
+            latest = min(
+                (t for t in (task.deadline_at, task.start_by) if t is not None), default=None
+            )
+            if latest is not None and latest <= self.ctx.clock.now():
+                # The budget frees a slot on the promise that no call starts past this
+                # (a task's deadline, or the start deadline of the token it was admitted with).
                 return self._failure(
                     task, "timeout", "deadline passed while the broker was unreachable"
                 )

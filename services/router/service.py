@@ -29,9 +29,11 @@ from services.router.policy import (
 )
 from services.router.scoring import OutcomeStats, Weights, score_agent
 from services.router.settings import RouterSettings
-from streams.config import JudgeSettings
+from services.router.tokens import AdmissionTokens
+from streams.config import BudgetSettings, JudgeSettings
 from streams.ended import EndedRuns
 from streams.events import (
+    AdmissionGranted,
     AgentRetired,
     AgentSpawned,
     AutomationCreated,
@@ -97,6 +99,7 @@ _MAX_EARLY_FEEDBACK = 10_000
 # A run id longer than any the platform makes is not one the router will see routed.
 _MAX_RUN_ID = 200
 KNOWLEDGE_TOPICS = (
+    AdmissionGranted.topic,
     BudgetReported.topic,
     RouteDecided.topic,
     TaskAdmitted.topic,
@@ -319,6 +322,10 @@ class Router:
         # seen yet: sent again, same id, until one comes (see resend_unanswered).
         self.resend_seconds = settings.resend_seconds
         self._unanswered: dict[str | tuple[str, str], _Unanswered] = {}
+        # Slots the budget set aside for this instance (ORCH_ADMISSION_TOKENS; 0: none).
+        self.tokens = AdmissionTokens(
+            BudgetSettings.read("admission_tokens"), max_goals=settings.max_goals
+        )
 
     # -- knowledge -----------------------------------------------------------
     def learn(self, event: Event) -> None:
@@ -329,6 +336,8 @@ class Router:
             self._unanswered.pop((event.goal_id, self._arm_of(event)), None)
         elif isinstance(event, BudgetReported):
             self.cost_weights[event.goal_id] = event.cost_weight
+        elif isinstance(event, AdmissionGranted):
+            self.tokens.granted(event)
         record = self.registry.apply(event)
         self.automations.learn(event)
         if isinstance(event, RouteDecided):
@@ -754,8 +763,7 @@ class Router:
             return
         if agent is not None:
             # The task is what the run's outcome depends on: it must reach the budget.
-            task = self._expect(self._task(event, agent))
-            await producer.deliver([task, decision], what="a task")
+            await self._dispatch(self._task(event, agent), decision)
             return
         model = decision.model or (self.default_model if self.models else None)
         key = (event.goal_id, arm_name(specialty, model) if self.models else specialty)
@@ -811,8 +819,7 @@ class Router:
                         "occurred_at": self.ctx.clock.now(),
                     }
                 )
-                task = self._expect(self._task(event, fallback, specialty))
-                await producer.deliver([task, secondary], what="a task")
+                await self._dispatch(self._task(event, fallback, specialty), secondary)
                 return
             await self._end(
                 self._failed(
@@ -824,7 +831,42 @@ class Router:
                 )
             )
             return
-        await producer.deliver([self._expect(self._task(event, outcome))], what="a task")
+        await self._dispatch(self._task(event, outcome))
+
+    async def _dispatch(self, task: TaskRequested, *others: Event) -> None:
+        """Send ``task`` to the budget to decide, or admit it here with an admission token.
+
+        With a token the budget is told first, and the broker has it before the loader is
+        told: the budget counts the token's slot for the run before the run can start, and
+        a task the loader gives back (TaskRequested.given_back) comes after it on the
+        goal's partition. A retired agent's task goes to the budget: its revival needs a
+        place under max_agents."""
+        now = self.ctx.clock.now()
+        want = self.tokens.ask(task.goal_id, now)
+        if want:
+            task = task.model_copy(update={"want_tokens": want, "holder": self.tokens.holder})
+        record = self.registry.get(task.agent_id)
+        token = None
+        if self.tokens.enabled and not (record is not None and record.retired):
+            token = self.tokens.take(task.goal_id, task.message, task.context, now)
+        if token is None:
+            await self.ctx.producer.deliver([self._expect(task), *others], what="a task")
+            return
+        bound = task.model_copy(update={"token": token.token})
+        await self.ctx.producer.deliver([bound, *others], what="a task")
+        admitted = TaskAdmitted.caused_by(
+            bound,
+            event_id=_id(task.run_id, "admitted"),
+            source=SOURCE,
+            start_by=token.bind_by,
+            occurred_at=self.ctx.clock.now(),
+        )
+        await self.ctx.producer.deliver([admitted], what=f"the admission of run {task.run_id}")
+
+    async def return_tokens(self, *, everything: bool = False) -> None:
+        """Tell the budget which tokens this instance will not use (all of them on a stop)."""
+        for returned in self.tokens.returns(self.ctx.clock.now(), everything=everything):
+            await self.ctx.producer.send(returned)
 
     # -- sending again what got no decision ------------------------------------------
     def _expect(self, event: E, spawn_key: tuple[str, str] | None = None) -> E:
@@ -920,6 +962,16 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
                 log.warning("sending unanswered tasks again failed", exc_info=True)
 
     resending = asyncio.create_task(resend(), name="router-resend")
+
+    async def give_back() -> None:
+        while router.tokens.enabled:
+            await asyncio.sleep(1.0)
+            try:
+                await router.return_tokens()
+            except Exception:  # their slots lapse by themselves
+                log.warning("giving admission tokens back failed", exc_info=True)
+
+    returning = asyncio.create_task(give_back(), name="router-tokens")
     try:
         await asyncio.wait_for(knowledge.ready.wait(), 120)
         log.info("router caught up: %d agents known", len(router.registry.agents))
@@ -928,9 +980,15 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             await until_stopped(stop, requests.run_concurrently(router.handle))
         finally:
             await requests.stop()
+            if router.tokens.enabled:
+                try:
+                    await asyncio.wait_for(router.return_tokens(everything=True), 5.0)
+                except Exception:  # their slots lapse by themselves
+                    log.warning("giving admission tokens back at the stop failed")
     finally:
         saving.cancel()
         resending.cancel()
-        await asyncio.gather(saving, resending, return_exceptions=True)
+        returning.cancel()
+        await asyncio.gather(saving, resending, returning, return_exceptions=True)
         await snapshots.stop()
         await knowledge.stop()

@@ -32,10 +32,12 @@ def _request() -> TaskRequested:
 def test_the_envelope_and_the_shared_fields_come_from_the_cause() -> None:
     cause = _request()
     admitted = TaskAdmitted.caused_by(cause, event_id="e-2", source="budget", occurred_at=AT)
-    shared = cause.model_dump(exclude={"event_id", "event_type", "source", "occurred_at"})
-    assert (
-        admitted.model_dump(exclude={"event_id", "event_type", "source", "occurred_at"}) == shared
-    )
+    own = {"event_id", "event_type", "source", "occurred_at"}
+    # What only a request says (tokens asked for, a task given back) stays on the request;
+    # what only an admission says (a token's start deadline) is not in the request.
+    shared = cause.model_dump(exclude=own | {"want_tokens", "holder", "given_back"})
+    assert admitted.model_dump(exclude=own | {"start_by"}) == shared
+    assert admitted.start_by is None
     # What an event says of itself is its own, never the cause's.
     assert (admitted.event_id, admitted.source, admitted.event_type) == (
         "e-2",
