@@ -374,9 +374,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
             await _measure(platform, args, progress, results)
+        results["admitted_by"] = await _admitted_by(platform)
+        from bench._hops import read_hops, render_hops
+
+        results["hops"] = await read_hops(platform.settings, 0, int(time.time() * 1000))
+        for line in render_hops(results["hops"]):
+            console.print(line.replace("at c=1 ", ""))
+        console.print(
+            "tasks admitted by: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(results["admitted_by"].items()))
+            + " (router: with an admission token, ORCH_ADMISSION_TOKENS)"
+        )
     results["config"]["loadavg_after"] = os.getloadavg()
     results["direct_max_sustained_rps"] = _max_sustained(results["rates"], "direct")
     return results
+
+
+async def _admitted_by(platform: BenchPlatform) -> dict[str, int]:
+    """Runs admitted by the budget and by the router with a token, over the whole run."""
+    from streams.registry import read_topics_to_end
+
+    admitted = await read_topics_to_end(platform.settings, ["task_admitted"])
+    return dict(Counter(e.source for e in admitted))
 
 
 def _ms(v: float) -> str:

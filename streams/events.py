@@ -705,9 +705,9 @@ class AdmissionGranted(Event):
 
     Each token is one of the goal's ``max_concurrent`` slots and ``hold_usd`` of its day,
     both held by the budget from now on. The holder admits a task with one (a task whose
-    worst case fits ``hold_usd``) by telling the budget first (``task_requested`` naming
-    the token) and the loader after, with the task's start deadline at most ``bind_by``;
-    a token not used by then is never used, and its slot comes back once no task it let
+    worst case fits ``hold_usd``) by telling the budget (``task_requested`` naming the
+    token) and the loader (``task_admitted`` with ``start_by`` = ``bind_by``) at once; a
+    token not used by then is never used, and its slot comes back once no task it let
     start can still run.
     """
 

@@ -822,6 +822,11 @@ class BudgetState:
             # only once a task started by then has ended), so there is nothing to hold.
             return []
         granted_at, hold, end, _by, _holder = token
+        if self._ended(run) and run not in self.pending:
+            # Its end was read first (the budget reads the topics side by side): the run is
+            # over, but its call's cost may still be on its way and is held until then.
+            self._keep_pending(run, [granted_at, hold, end], defaults)
+            return []
         if run in self.in_flight or self._ended(run) or run in self.pending or run in self.queue:
             return []  # the run is counted already: the token's slot is free again
         worst = defaults.task_worst_case(e.message, e.context)
@@ -846,6 +851,9 @@ class BudgetState:
             e.want_tokens,
             defaults.admission_tokens - held,
             self.max_concurrent - self.busy(),
+            # Unused tokens of every holder take at most half the goal's slots (rounded up):
+            # a router that dies with its tokens leaves the rest to serve until they lapse.
+            (self.max_concurrent + 1) // 2 - len(self.tokens),
             by_money,
         )
         if count <= 0:

@@ -29,7 +29,7 @@ from services.router.policy import (
 )
 from services.router.scoring import OutcomeStats, Weights, score_agent
 from services.router.settings import RouterSettings
-from services.router.tokens import AdmissionTokens
+from services.router.tokens import AdmissionTokens, Token
 from streams.config import BudgetSettings, JudgeSettings
 from streams.ended import EndedRuns
 from streams.events import (
@@ -322,16 +322,20 @@ class Router:
         # seen yet: sent again, same id, until one comes (see resend_unanswered).
         self.resend_seconds = settings.resend_seconds
         self._unanswered: dict[str | tuple[str, str], _Unanswered] = {}
-        # Slots the budget set aside for this instance (ORCH_ADMISSION_TOKENS; 0: none).
+        # Slots the budget set aside for this instance (ORCH_ADMISSION_TOKENS; 0: none),
+        # and the token each run admitted here used, until the run ends.
         self.tokens = AdmissionTokens(
             BudgetSettings.read("admission_tokens"), max_goals=settings.max_goals
         )
+        self._bound: OrderedDict[str, Token] = OrderedDict()
 
     # -- knowledge -----------------------------------------------------------
     def learn(self, event: Event) -> None:
         self.ended.apply(event)
         if isinstance(event, TaskAdmitted | WorkflowCompleted | WorkflowFailed) and event.run_id:
             self._unanswered.pop(event.run_id, None)
+            if not isinstance(event, TaskAdmitted):
+                self._bound.pop(event.run_id, None)
         elif isinstance(event, AgentSpawned | SpawnDenied) and event.goal_id:
             self._unanswered.pop((event.goal_id, self._arm_of(event)), None)
         elif isinstance(event, BudgetReported):
@@ -836,24 +840,27 @@ class Router:
     async def _dispatch(self, task: TaskRequested, *others: Event) -> None:
         """Send ``task`` to the budget to decide, or admit it here with an admission token.
 
-        With a token the budget is told first, and the broker has it before the loader is
-        told: the budget counts the token's slot for the run before the run can start, and
-        a task the loader gives back (TaskRequested.given_back) comes after it on the
-        goal's partition. A retired agent's task goes to the budget: its revival needs a
-        place under max_agents."""
+        With a token the budget's copy names it (the token's slot becomes the run's) and
+        the loader's admission starts the run by the token's ``bind_by``. A retired agent's
+        task goes to the budget: its revival needs a place under max_agents."""
         now = self.ctx.clock.now()
         want = self.tokens.ask(task.goal_id, now)
         if want:
             task = task.model_copy(update={"want_tokens": want, "holder": self.tokens.holder})
         record = self.registry.get(task.agent_id)
-        token = None
-        if self.tokens.enabled and not (record is not None and record.retired):
+        # A request handled again by this instance (redelivered) keeps its token: its task
+        # id is the same, so the budget reads it as a replay and binds nothing new.
+        token = self._bound.get(task.run_id)
+        if token is None and self.tokens.enabled and not (record is not None and record.retired):
             token = self.tokens.take(task.goal_id, task.message, task.context, now)
+            if token is not None:
+                self._bound[task.run_id] = token
+                while len(self._bound) > _MAX_RUNS:
+                    self._bound.popitem(last=False)
         if token is None:
             await self.ctx.producer.deliver([self._expect(task), *others], what="a task")
             return
         bound = task.model_copy(update={"token": token.token})
-        await self.ctx.producer.deliver([bound, *others], what="a task")
         admitted = TaskAdmitted.caused_by(
             bound,
             event_id=_id(task.run_id, "admitted"),
@@ -861,7 +868,10 @@ class Router:
             start_by=token.bind_by,
             occurred_at=self.ctx.clock.now(),
         )
-        await self.ctx.producer.deliver([admitted], what=f"the admission of run {task.run_id}")
+        # Both at once: the token's slot is held whichever the budget and the loader read
+        # first (a task given back before its binding is read is decided afresh, and the
+        # binding then frees the token), and the request is not done until both are sent.
+        await self.ctx.producer.deliver([bound, *others, admitted], what="a task")
 
     async def return_tokens(self, *, everything: bool = False) -> None:
         """Tell the budget which tokens this instance will not use (all of them on a stop)."""

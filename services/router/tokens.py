@@ -3,9 +3,9 @@
 With ``ORCH_ADMISSION_TOKENS`` > 0 the router asks the budget, on the tasks it sends
 anyway, for tokens of the task's goal. Each token is a ``max_concurrent`` slot and the
 worst case of a request up to a size, both held by the budget from its grant. A task
-that fits a token is admitted here: the router tells the budget first (the task names
-the token, acknowledged), then the loader (``task_admitted`` with the token's start
-deadline), so the answer never waits for the budget's decision.
+that fits a token is admitted here: the router tells the budget (the task names the
+token) and the loader (``task_admitted`` with the token's start deadline) at once, so
+the answer never waits for the budget's decision.
 
 A token is used only in the first half of its life (its grant to its ``bind_by``), so
 the loader has the second half to start the task; one not used by then is given back.

@@ -152,6 +152,7 @@ def _running(
     fake_llm: FakeOpenAIServer,
     tmp_path_factory: pytest.TempPathFactory,
     instances: dict[str, int],
+    env: dict[str, str] | None = None,
 ) -> Iterator[Platform]:
     settings = KafkaSettings(kafka_bootstrap, f"e2e{uuid.uuid4().hex[:8]}.")
     asyncio.run(create_topics(kafka_bootstrap, prefix=settings.prefix))
@@ -159,7 +160,7 @@ def _running(
     try:
         for name in SERVICES:
             for _ in range(instances.get(name, 1)):
-                plat.start_service(name)
+                plat.start_service(name, **(env or {}))
         # One request all the way through: every service has joined its group.
         asyncio.run(plat.warm_up(settings, timeout=90))
         yield plat
@@ -178,4 +179,5 @@ async def client(platform: Platform) -> AsyncIterator[OrchestratorClient]:
         yield c
 
 
-__all__ = ["EventConsumer", "Platform"]
+__all__ = ["EventConsumer", "Platform", "running_platform"]
+running_platform = _running

@@ -70,12 +70,15 @@ def test_a_router_asking_gets_tokens_from_free_slots_each_holding_a_slot_and_mon
     admitted = [e for e in out if isinstance(e, TaskAdmitted)]
     grant = next(e for e in out if isinstance(e, AdmissionGranted))
     assert [a.run_id for a in admitted] == ["r1"] and admitted[0].token is None
-    # Three slots were free after the task's own: three tokens, not the eight asked for.
-    assert (grant.holder, len(grant.tokens), grant.hold_usd) == ("R1", 3, 0.01)
+    # Three slots were free after the task's own, but unused tokens take at most half the
+    # goal's slots: two, not the eight asked for.
+    assert (grant.holder, len(grant.tokens), grant.hold_usd) == ("R1", 2, 0.01)
     assert grant.bind_by == NOW + timedelta(seconds=5)
-    assert state.busy() == 4 and abs(state.reserved() - 0.04) < 1e-9
-    # The goal is full: the next task waits although no task but r1 runs.
-    assert state.handle(_task(2), NOW, DEFAULTS).events == []
+    assert state.busy() == 3 and abs(state.reserved() - 0.03) < 1e-9
+    # One slot is left for the budget's own admissions; then the goal is full and the next
+    # task waits although no task but r1 and r2 runs.
+    assert [e.run_id for e in state.handle(_task(2), NOW, DEFAULTS).events] == ["r2"]
+    assert state.handle(_task(3), NOW, DEFAULTS).events == []
     assert state.summary(NOW)["queued"] == 1
 
 
@@ -107,7 +110,7 @@ def test_no_tokens_while_tasks_wait_and_none_past_the_money() -> None:
 
 
 def test_a_holder_never_holds_more_than_the_setting_however_often_it_asks() -> None:
-    state = _state(max_concurrent=20)
+    state = _state(max_concurrent=40)
     assert len(_grant(state, 1, want=4).tokens) == 4
     out = state.handle(_task(2, want_tokens=4, holder="R1"), NOW, DEFAULTS).events
     assert not any(isinstance(e, AdmissionGranted) for e in out)
@@ -240,3 +243,40 @@ def test_tokens_survive_the_records_round_trip() -> None:
     assert back.busy() == state.busy()
     assert back.handle(_task(3, token=grant.tokens[1]), NOW, DEFAULTS).events == []
     assert "r3" in back.in_flight
+
+
+def test_a_binding_read_after_its_runs_end_holds_the_money_until_the_cost_comes() -> None:
+    """The budget reads task_requested, workflow_completed and llm_call_completed side by
+    side: a run's end may come before the binding that made it the token's."""
+    state = _state(max_concurrent=2, max_daily_cost=0.03)
+    grant = _grant(state, 1, want=1)
+    state.handle(_done(1), NOW, DEFAULTS)
+    state.handle(_done(2), NOW, DEFAULTS)  # r2's end, before its binding
+    state.handle(_task(2, token=grant.tokens[0]), NOW, DEFAULTS)
+    assert state.busy() == 0 and abs(state.reserved() - 0.01) < 1e-12
+    state.handle(
+        LlmCallCompleted(
+            source="loader", run_id="r2", goal_id="g1", model="m", cost_usd=0.004, occurred_at=NOW
+        ),
+        NOW,
+        DEFAULTS,
+    )
+    assert state.reserved() == 0 and abs(state.spent_today(NOW) - 0.004) < 1e-12
+
+
+def test_a_task_given_back_before_its_binding_is_read_has_one_slot() -> None:
+    """The router sends the binding and the admission at once: the loader may give the task
+    back before the budget reads the binding. It is decided afresh; the binding that comes
+    after it frees the token."""
+    state = _state(max_concurrent=3)
+    grant = _grant(state, 1, want=1)
+    state.handle(_done(1), NOW, DEFAULTS)
+    binding = _task(2, token=grant.tokens[0])
+    back = binding.model_copy(update={"event_id": "given-back-2", "given_back": True})
+    admitted = [e for e in state.handle(back, NOW, DEFAULTS).events if isinstance(e, TaskAdmitted)]
+    assert [(a.run_id, a.token) for a in admitted] == [("r2", None)]
+    assert state.busy() == 2  # r2 and the token
+    assert state.handle(binding, NOW, DEFAULTS).events == []
+    assert state.busy() == 1 and not state.tokens and "r2" in state.in_flight
+    state.handle(_done(2), NOW, DEFAULTS)
+    assert state.busy() == 0
