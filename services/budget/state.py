@@ -285,6 +285,8 @@ class BudgetState:
     # grants by causing event id -> [holder, tokens, held USD each, bind_by ISO, at ISO],
     # to send the same grant again on a replay
     grants: dict[str, list[Any]] = field(default_factory=dict)
+    # runs admitted with a token whose slot lapsed with no end read (see _expire)
+    relapsed: dict[str, None] = field(default_factory=dict)
     seen: deque[str] = field(default_factory=lambda: deque(maxlen=_SEEN_LIMIT))
     # newest occurred_at read for the goal (lease time)
     event_time: str = ""
@@ -328,6 +330,7 @@ class BudgetState:
             "spend": dict(self.spend),
             "tokens": dict(self.tokens),
             "grants": dict(self.grants),
+            "relapsed": list(self.relapsed),
             "seen_digests": list(self.seen),
             "event_time": self.event_time,
             "cost_weight": self.cost_weight,
@@ -387,6 +390,7 @@ class BudgetState:
             spend={k: cap if v is None else float(v) for k, v in data.get("spend", {}).items()},
             tokens={k: list(v) for k, v in data.get("tokens", {}).items()},
             grants=_in_order(data.get("grants", {})),
+            relapsed=dict.fromkeys(data.get("relapsed", [])),
             event_time=str(data.get("event_time", "")),
             cost_weight=float(data.get("cost_weight") or 0.0),
             runs=runs,
@@ -451,7 +455,16 @@ class BudgetState:
             return Decision(lapsed + self._drain(_ref(event.event_id), now, defaults))
         seen = _digest(_ref(event.event_id))
         if seen in self.seen:
-            return Decision(self._replay(event, defaults), changed=False)
+            again = self._replay(event, defaults)
+            if not again and isinstance(event, TaskRequested):
+                run = _ref(event.run_id)
+                if run in self.relapsed:
+                    del self.relapsed[run]
+                    # Its token's slot lapsed with no end of the run read: its admission may
+                    # never have gone out, and nothing else would end it.
+                    cause = _ref(event.event_id)
+                    return Decision(self._decide(event, cause, now, defaults, afresh=True))
+            return Decision(again, changed=False)
         self.seen.append(seen)
         # Event time moves with what producers stamp, but never past the budget's own
         # clock by more than a skew: one event stamped years ahead would otherwise leave
@@ -495,19 +508,26 @@ class BudgetState:
             # write was lost in the crash (the goal's record and the store are two writes).
             if self.runs.get(_ref(e.run_id)) is None:
                 self.runs.put(_ref(e.run_id), {"task": e.model_dump(mode="json")})
-        for run, (at, _held, end, by) in self.in_flight.items():
+        for run, entry in self.in_flight.items():
+            at, end, by = entry[0], entry[2], entry[3]
             if by == cause:
                 task = e if isinstance(e, TaskRequested) and _ref(e.run_id) == run else None
                 if task is None:
                     kept = self.runs.get(run)
                     if kept is not None and isinstance(kept.get("task"), dict):
                         task = TaskRequested.model_validate(kept["task"])
+                bind_by = None
+                if task is not None and len(entry) > 6:
+                    # A task the router admitted with a token, read again (the router may
+                    # have died before its admission went out; a router started since may
+                    # have routed the request elsewhere): the admission the token held its
+                    # slot for, to the same agent, by the token's start deadline.
+                    token, agent, specialty = entry[4:7]
+                    task = task.model_copy(
+                        update={"token": token, "agent_id": agent, "specialty": specialty}
+                    )
+                    bind_by = _bind_by(end, defaults)
                 if task is not None:
-                    # A task the router admitted with a token, read again: the router may
-                    # have died before its own admission went out. Sent with the token's
-                    # start deadline, which the slot was held for.
-                    bound = task.token is not None and not task.given_back
-                    bind_by = _bind_by(end, defaults) if bound else None
                     out.append(self._admission(task, datetime.fromisoformat(at), bind_by))
         if isinstance(e, TaskRequested) and cause in self.grants:
             out.append(self._granted(cause))
@@ -750,13 +770,24 @@ class BudgetState:
             held = self.in_flight.get(_ref(e.run_id))
             if held is not None and held[3] != cause:
                 del self.in_flight[_ref(e.run_id)]
+            self.relapsed.pop(_ref(e.run_id), None)
+            return self._decide(e, cause, now, defaults, afresh=True)
         return self._decide(e, cause, now, defaults) + self._grant(e, cause, now, defaults)
 
     def _decide(
-        self, e: TaskRequested, cause: str, now: datetime, defaults: BudgetDefaults
+        self,
+        e: TaskRequested,
+        cause: str,
+        now: datetime,
+        defaults: BudgetDefaults,
+        *,
+        afresh: bool = False,
     ) -> list[Event]:
+        """``afresh``: the run is known not to run (its loader gave it back, or its token's
+        admission never went out): decided even if its slot lapsed or its money is held."""
         run = _ref(e.run_id)
-        if run in self.in_flight or self._ended(run) or run in self.pending or run in self.queue:
+        over = run in self.ended if afresh else self._ended(run) or run in self.pending
+        if run in self.in_flight or over or run in self.queue:
             # Admitted, waiting or over already: a re-routed request changes nothing.
             return []
         if self._revival_refused(e):
@@ -817,11 +848,15 @@ class BudgetState:
         run = _ref(e.run_id)
         token = self.tokens.pop(str(e.token), None)
         if token is None:
-            # Given back, lapsed or never granted: then no task of it can have started by
-            # now (a task starts by the token's bind_by at the latest, and its slot lapses
-            # only once a task started by then has ended), so there is nothing to hold.
+            # Given back, lapsed or never granted: no task of it can still run (a task starts
+            # by the token's bind_by, and its slot lapses only once a task started then has
+            # ended). A lapsed token's money is held until its run's cost may have come.
+            lapsed = self.pending.pop(_token_key(str(e.token)), None)
+            if lapsed is not None and run not in self.pending:
+                self.pending[run] = lapsed
             return []
         granted_at, hold, end, _by, _holder = token
+        self.relapsed.pop(run, None)
         if self._ended(run) and run not in self.pending:
             # Its end was read first (the budget reads the topics side by side): the run is
             # over, but its call's cost may still be on its way and is held until then.
@@ -832,7 +867,15 @@ class BudgetState:
         worst = defaults.task_worst_case(e.message, e.context)
         # The router admits only tasks whose worst case fits the token (same settings);
         # should one not, the hold is its worst case all the same.
-        self.in_flight[run] = [granted_at, max(float(hold), worst), end, _ref(e.event_id)]
+        self.in_flight[run] = [
+            granted_at,
+            max(float(hold), worst),
+            end,
+            _ref(e.event_id),
+            str(e.token),
+            e.agent_id,
+            e.specialty,
+        ]
         return []
 
     def _grant(
@@ -1071,6 +1114,7 @@ class BudgetState:
         elif run in self.queue:
             self.queue.remove(run)
             self.runs.delete(run)
+        self.relapsed.pop(run, None)
         self._end(run)
 
     def _keep_pending(
@@ -1125,6 +1169,8 @@ class BudgetState:
         for token, held in list(self.tokens.items()):
             if t > datetime.fromisoformat(held[2]):
                 del self.tokens[token]
+                # A run it let start may have a cost still unread (its binding too): held.
+                self._keep_pending(_token_key(token), held, defaults)
         # A task past its deadline and the LLM timeout cannot be running any more: its
         # slot comes back (the queue drains after this), its money stays held a while.
         for run, held in list(self.in_flight.items()):
@@ -1133,7 +1179,14 @@ class BudgetState:
                 self.runs.delete(run)
                 if float(held[1]) > 0:
                     self._keep_pending(run, held, defaults)
-                self._end(run)
+                if len(held) > 6:
+                    # Admitted with a token whose admission may never have gone out (the
+                    # router died between its two sends): not ended, so that its task read
+                    # again is decided afresh.
+                    self.relapsed[run] = None
+                    _drop_oldest(self.relapsed, _ENDED_LIMIT)
+                else:
+                    self._end(run)
         out: list[Event] = []
         for run, pending in list(self.pending.items()):
             if t <= datetime.fromisoformat(pending[1]):
@@ -1180,6 +1233,11 @@ def _pending_call(pending: list[Any]) -> tuple[str | None, str]:
     if not isinstance(call, list) or len(call) != 2:
         return None, ""
     return str(call[0]), str(call[1])
+
+
+def _token_key(token: str) -> str:
+    """Where a lapsed token's money is held among the runs' pending holds."""
+    return f"token:{token}"
 
 
 def _bind_by(end: str, defaults: BudgetDefaults) -> datetime:

@@ -323,11 +323,13 @@ class Router:
         self.resend_seconds = settings.resend_seconds
         self._unanswered: dict[str | tuple[str, str], _Unanswered] = {}
         # Slots the budget set aside for this instance (ORCH_ADMISSION_TOKENS; 0: none),
-        # and the token each run admitted here used, until the run ends.
+        # and what this instance sent for each run (its token, agent and specialty), until the
+        # run ends.
         self.tokens = AdmissionTokens(
             BudgetSettings.read("admission_tokens"), max_goals=settings.max_goals
         )
-        self._bound: OrderedDict[str, Token] = OrderedDict()
+        self._sent: OrderedDict[str, tuple[Token | None, str, str]] = OrderedDict()
+        self._started = ctx.clock.now()
 
     # -- knowledge -----------------------------------------------------------
     def learn(self, event: Event) -> None:
@@ -335,7 +337,7 @@ class Router:
         if isinstance(event, TaskAdmitted | WorkflowCompleted | WorkflowFailed) and event.run_id:
             self._unanswered.pop(event.run_id, None)
             if not isinstance(event, TaskAdmitted):
-                self._bound.pop(event.run_id, None)
+                self._sent.pop(event.run_id, None)
         elif isinstance(event, AgentSpawned | SpawnDenied) and event.goal_id:
             self._unanswered.pop((event.goal_id, self._arm_of(event)), None)
         elif isinstance(event, BudgetReported):
@@ -847,16 +849,21 @@ class Router:
         want = self.tokens.ask(task.goal_id, now)
         if want:
             task = task.model_copy(update={"want_tokens": want, "holder": self.tokens.holder})
-        record = self.registry.get(task.agent_id)
-        # A request handled again by this instance (redelivered) keeps its token: its task
-        # id is the same, so the budget reads it as a replay and binds nothing new.
-        token = self._bound.get(task.run_id)
-        if token is None and self.tokens.enabled and not (record is not None and record.retired):
+        # A request this instance sent before (redelivered) goes as it went: its task id is
+        # the same, so the budget reads it as a replay and decides nothing new. With the same
+        # token and agent, every copy of an admission names one agent, whose loader runs
+        # one of them or gives them all back.
+        sent = self._sent.get(task.run_id)
+        token = None
+        if sent is not None:
+            token, agent, specialty = sent
+            task = task.model_copy(update={"agent_id": agent, "specialty": specialty})
+        elif self._may_use_token(task):
             token = self.tokens.take(task.goal_id, task.message, task.context, now)
-            if token is not None:
-                self._bound[task.run_id] = token
-                while len(self._bound) > _MAX_RUNS:
-                    self._bound.popitem(last=False)
+        if sent is None:
+            self._sent[task.run_id] = (token, task.agent_id, task.specialty)
+            while len(self._sent) > _MAX_RUNS:
+                self._sent.popitem(last=False)
         if token is None:
             await self.ctx.producer.deliver([self._expect(task), *others], what="a task")
             return
@@ -872,6 +879,17 @@ class Router:
         # first (a task given back before its binding is read is decided afresh, and the
         # binding then frees the token), and the request is not done until both are sent.
         await self.ctx.producer.deliver([bound, *others, admitted], what="a task")
+
+    def _may_use_token(self, task: TaskRequested) -> bool:
+        """Not for a retired agent (its revival needs a place under max_agents), nor for a
+        request that came before this instance started: another instance may have sent its
+        task, and what the budget decided for it stands."""
+        if not self.tokens.enabled:
+            return False
+        record = self.registry.get(task.agent_id)
+        if record is not None and record.retired:
+            return False
+        return task.requested_at is None or task.requested_at >= self._started
 
     async def return_tokens(self, *, everything: bool = False) -> None:
         """Tell the budget which tokens this instance will not use (all of them on a stop)."""

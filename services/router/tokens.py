@@ -30,6 +30,9 @@ __all__ = ["AdmissionTokens", "Token"]
 SOURCE = "router"
 # Seconds after an ask with no grant seen before the same goal is asked for again.
 _ASK_AGAIN_SECONDS = 1.0
+# Tokens remembered as granted: a grant read again comes within the budget's redelivery
+# window (its uncommitted input after a crash), far fewer tokens than this.
+_KNOWN_TOKENS = 100_000
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class AdmissionTokens:
         self._stock: OrderedDict[str, deque[Token]] = OrderedDict()
         self._asked: dict[str, datetime] = {}
         self._lapsed: dict[str, list[str]] = {}
+        # Every token ever granted here, so that a grant read again (the budget sends the
+        # same grant when it reads the ask again) never brings back one used or returned.
+        self._known: OrderedDict[str, None] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
@@ -74,10 +80,13 @@ class AdmissionTokens:
         use_by = event.occurred_at + life / 2
         stock = self._stock.setdefault(event.goal_id, deque())
         self._stock.move_to_end(event.goal_id)
-        known = {t.token for t in stock}
-        stock.extend(
-            Token(t, use_by, event.bind_by, event.hold_usd) for t in event.tokens if t not in known
-        )
+        for token in event.tokens:
+            if token in self._known:
+                continue
+            self._known[token] = None
+            stock.append(Token(token, use_by, event.bind_by, event.hold_usd))
+        while len(self._known) > _KNOWN_TOKENS:
+            self._known.popitem(last=False)
         while len(self._stock) > self.max_goals:
             goal, old = self._stock.popitem(last=False)
             self._lapsed.setdefault(goal, []).extend(t.token for t in old)
