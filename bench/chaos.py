@@ -309,6 +309,11 @@ def compute_report(
         "conflicting_outcomes": conflicting,
         "outcomes": dict(sorted(outcomes.items())),
         "without_terminal_last_step": {k: stuck[k] for k in stages if stuck[k]},
+        "admitted_by": dict(
+            sorted(
+                Counter(e.source for e in by_type["task_admitted"] if e.run_id in on_kafka).items()
+            )
+        ),
         "examples_without_terminal": none_ids[:5],
         "examples_with_several": multi_ids[:5],
     }
@@ -343,7 +348,12 @@ def compute_report(
             # no task past its deadline and its call ends within the timeout, which is when
             # the budget's lease gives the slot back (plus a grace). A loader that was down
             # longer sends that run's timeout failure later; the run never ran meanwhile.
-            deadlines = [a.deadline_at for a in admitted[r] if a.deadline_at is not None]
+            # (A task admitted with an admission token starts by its start_by or not at all.)
+            deadlines = [
+                min(d for d in (a.deadline_at, a.start_by) if d is not None)
+                for a in admitted[r]
+                if a.deadline_at is not None or a.start_by is not None
+            ]
             if deadlines:
                 end = min(end, _ts(min(deadlines)) + LLM_TIMEOUT_S)
             intervals.append((start, max(start, end)))
@@ -1248,6 +1258,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
                 # The ids to look for on the log (and in the services' logs), to trace the path.
                 console.print(f"{purpose} calls {label}: {', '.join(by_id[f'examples_{key}'])}")
     console.print(f"outcomes on Kafka (first terminal event of each request): {r['outcomes']}")
+    console.print(f"tasks admitted by: {r.get('admitted_by', {})}")
     if r["without_terminal_last_step"]:
         console.print(
             f"requests without a terminal event, by the last step on Kafka:"

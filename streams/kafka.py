@@ -297,7 +297,8 @@ class _Revocations(ConsumerRebalanceListener):  # type: ignore[misc]
         self._consumer.tracker.forget(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        return None
+        for hook in self._consumer.on_assigned:
+            hook(assigned)
 
 
 class EventConsumer(AsyncLifecycle):
@@ -337,6 +338,8 @@ class EventConsumer(AsyncLifecycle):
         self.drain_s = 5.0
         self._running: set[asyncio.Task[None]] = set()
         self._generation = 0  # moves when partitions are revoked
+        # Called with the partitions each time the group assigns this consumer some.
+        self.on_assigned: list[Callable[[list[TopicPartition]], None]] = []
 
     @property
     def raw(self) -> AIOKafkaConsumer:

@@ -285,8 +285,9 @@ class BudgetState:
     # grants by causing event id -> [holder, tokens, held USD each, bind_by ISO, at ISO],
     # to send the same grant again on a replay
     grants: dict[str, list[Any]] = field(default_factory=dict)
-    # runs admitted with a token whose slot lapsed with no end read (see _expire)
-    relapsed: dict[str, None] = field(default_factory=dict)
+    # runs admitted with a token whose slot lapsed with no end read (see _expire): run ->
+    # [token, agent id, specialty, slot end ISO]
+    relapsed: dict[str, list[Any]] = field(default_factory=dict)
     seen: deque[str] = field(default_factory=lambda: deque(maxlen=_SEEN_LIMIT))
     # newest occurred_at read for the goal (lease time)
     event_time: str = ""
@@ -330,7 +331,7 @@ class BudgetState:
             "spend": dict(self.spend),
             "tokens": dict(self.tokens),
             "grants": dict(self.grants),
-            "relapsed": list(self.relapsed),
+            "relapsed": dict(self.relapsed),
             "seen_digests": list(self.seen),
             "event_time": self.event_time,
             "cost_weight": self.cost_weight,
@@ -390,7 +391,7 @@ class BudgetState:
             spend={k: cap if v is None else float(v) for k, v in data.get("spend", {}).items()},
             tokens={k: list(v) for k, v in data.get("tokens", {}).items()},
             grants=_in_order(data.get("grants", {})),
-            relapsed=dict.fromkeys(data.get("relapsed", [])),
+            relapsed=_in_order(data.get("relapsed") or {}),
             event_time=str(data.get("event_time", "")),
             cost_weight=float(data.get("cost_weight") or 0.0),
             runs=runs,
@@ -457,13 +458,20 @@ class BudgetState:
         if seen in self.seen:
             again = self._replay(event, defaults)
             if not again and isinstance(event, TaskRequested):
-                run = _ref(event.run_id)
-                if run in self.relapsed:
-                    del self.relapsed[run]
+                relapsed = self.relapsed.get(_ref(event.run_id))
+                if isinstance(relapsed, list) and len(relapsed) == 4:
                     # Its token's slot lapsed with no end of the run read: its admission may
-                    # never have gone out, and nothing else would end it.
-                    cause = _ref(event.event_id)
-                    return Decision(self._decide(event, cause, now, defaults, afresh=True))
+                    # never have gone out, and nothing else would end the run. Sent now, past
+                    # its start deadline: the loader drops it if the run ran, or gives it
+                    # back, and the budget decides it then.
+                    token, agent, specialty, end = relapsed
+                    task = event.model_copy(
+                        update={"token": token, "agent_id": agent, "specialty": specialty}
+                    )
+                    at = now
+                    return Decision(
+                        [self._admission(task, at, _bind_by(end, defaults))], changed=False
+                    )
             return Decision(again, changed=False)
         self.seen.append(seen)
         # Event time moves with what producers stamp, but never past the budget's own
@@ -768,8 +776,8 @@ class BudgetState:
             # a revival needs a place under max_agents): its slot is free, and the task is
             # decided here like any other.
             held = self.in_flight.get(_ref(e.run_id))
-            if held is not None and held[3] != cause:
-                del self.in_flight[_ref(e.run_id)]
+            if held is not None and len(held) > 6 and held[4] == e.token:
+                del self.in_flight[_ref(e.run_id)]  # its binding's; not another admission's
             self.relapsed.pop(_ref(e.run_id), None)
             return self._decide(e, cause, now, defaults, afresh=True)
         return self._decide(e, cause, now, defaults) + self._grant(e, cause, now, defaults)
@@ -783,10 +791,10 @@ class BudgetState:
         *,
         afresh: bool = False,
     ) -> list[Event]:
-        """``afresh``: the run is known not to run (its loader gave it back, or its token's
-        admission never went out): decided even if its slot lapsed or its money is held."""
+        """``afresh``: the run is known not to run (its loader gave it back): decided even if
+        its money is held."""
         run = _ref(e.run_id)
-        over = run in self.ended if afresh else self._ended(run) or run in self.pending
+        over = self._ended(run) or (run in self.pending and not afresh)
         if run in self.in_flight or over or run in self.queue:
             # Admitted, waiting or over already: a re-routed request changes nothing.
             return []
@@ -854,6 +862,12 @@ class BudgetState:
             lapsed = self.pending.pop(_token_key(str(e.token)), None)
             if lapsed is not None and run not in self.pending:
                 self.pending[run] = lapsed
+            if lapsed is not None and not (run in self.in_flight or self._ended(run)):
+                # Its admission may have gone out, or not (the router died between): its
+                # task read again is sent that admission, late, for the loader to drop (the
+                # run ran) or give back (it did not).
+                # (Its start deadline is long past: any end before now will do.)
+                self._relapse(run, str(e.token), e.agent_id, e.specialty, now.isoformat())
             return []
         granted_at, hold, end, _by, _holder = token
         self.relapsed.pop(run, None)
@@ -922,6 +936,10 @@ class BudgetState:
             bind_by=datetime.fromisoformat(bind_by),
             occurred_at=datetime.fromisoformat(at),
         )
+
+    def _relapse(self, run: str, token: str, agent: str, specialty: str, end: str) -> None:
+        self.relapsed[run] = [token, agent, specialty, end]
+        _drop_oldest(self.relapsed, _ENDED_LIMIT)
 
     def _returned(self, e: AdmissionReturned) -> None:
         for token in e.tokens:
@@ -1181,10 +1199,9 @@ class BudgetState:
                     self._keep_pending(run, held, defaults)
                 if len(held) > 6:
                     # Admitted with a token whose admission may never have gone out (the
-                    # router died between its two sends): not ended, so that its task read
-                    # again is decided afresh.
-                    self.relapsed[run] = None
-                    _drop_oldest(self.relapsed, _ENDED_LIMIT)
+                    # router died between its two sends): not ended; its task read again is
+                    # sent the admission, late (see _relapse).
+                    self._relapse(run, held[4], held[5], held[6], held[2])
                 else:
                     self._end(run)
         out: list[Event] = []

@@ -119,6 +119,9 @@ class Loader:
         self.degrade = self.settings.degraded_answers
         self.breaker = Breaker(ctx.clock, cooldown=llm_settings.breaker_cooldown_s)
         self._finished: OrderedDict[str, None] = OrderedDict()
+        # (run, token) of token admissions given back: any other copy of one is given back
+        # too (an agent retired then is not retired for good; a copy must not run later).
+        self._given: OrderedDict[tuple[str, str], None] = OrderedDict()
         # model -> the cost of the last answer call paid with it (an unknown call's estimate)
         self._last_cost = LastCosts()  # (goal, model) -> its last paid answer's cost
         # run_id -> cost events sent without waiting, and their acknowledgements
@@ -269,12 +272,18 @@ class Loader:
         without a token. Nothing of the run is started or marked done here.
         """
         now = self.ctx.clock.now()
+        given = (task.run_id, str(task.token))
+        if given in self._given:
+            return True  # another copy of one given back: the budget decides it now
         if task.deadline_at is not None and task.deadline_at <= now:
             return False  # failed at its deadline as any task
         record = self.registry.get(task.agent_id)
         late = task.start_by is not None and task.start_by <= now
         if not late and not (record is not None and record.retired):
             return False
+        self._given[given] = None
+        while len(self._given) > 50_000:
+            self._given.popitem(last=False)
         back = TaskRequested.caused_by(
             task,
             event_id=str(uuid.uuid5(_NS, f"{task.run_id}:given-back:{task.token}")),

@@ -842,9 +842,10 @@ class Router:
     async def _dispatch(self, task: TaskRequested, *others: Event) -> None:
         """Send ``task`` to the budget to decide, or admit it here with an admission token.
 
-        With a token the budget's copy names it (the token's slot becomes the run's) and
-        the loader's admission starts the run by the token's ``bind_by``. A retired agent's
-        task goes to the budget: its revival needs a place under max_agents."""
+        With a token the budget's copy names it (the token's slot becomes the run's), and
+        once the broker has it, the loader's admission starts the run by the token's
+        ``bind_by``. A retired agent's task goes to the budget: its revival needs a place
+        under max_agents."""
         now = self.ctx.clock.now()
         want = self.tokens.ask(task.goal_id, now)
         if want:
@@ -868,6 +869,10 @@ class Router:
             await self.ctx.producer.deliver([self._expect(task), *others], what="a task")
             return
         bound = task.model_copy(update={"token": token.token})
+        # The budget's copy first, until the broker has it: an admission on the log without
+        # its binding (this instance dying between two partitions' writes) would leave the
+        # budget to decide the same task again when another instance routes it.
+        await self.ctx.producer.deliver([bound, *others], what="a task")
         admitted = TaskAdmitted.caused_by(
             bound,
             event_id=_id(task.run_id, "admitted"),
@@ -875,15 +880,16 @@ class Router:
             start_by=token.bind_by,
             occurred_at=self.ctx.clock.now(),
         )
-        # Both at once: the token's slot is held whichever the budget and the loader read
-        # first (a task given back before its binding is read is decided afresh, and the
-        # binding then frees the token), and the request is not done until both are sent.
-        await self.ctx.producer.deliver([bound, *others, admitted], what="a task")
+        await self.ctx.producer.deliver([admitted], what=f"the admission of run {task.run_id}")
+
+    def assigned(self) -> None:
+        """Requests partitions were given to this instance (at its start or a rebalance)."""
+        self._started = self.ctx.clock.now()
 
     def _may_use_token(self, task: TaskRequested) -> bool:
         """Not for a retired agent (its revival needs a place under max_agents), nor for a
-        request that came before this instance started: another instance may have sent its
-        task, and what the budget decided for it stands."""
+        request that came before this instance was last given partitions: another
+        instance may have sent its task, and what the budget decided for it stands."""
         if not self.tokens.enabled:
             return False
         record = self.registry.get(task.agent_id)
@@ -978,6 +984,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         producer=ctx.producer,
         source=SOURCE,
     )
+    requests.on_assigned.append(lambda _assigned: router.assigned())
     await knowledge.start()
     saving = asyncio.create_task(snapshots.run(knowledge), name="router-snapshots")
 

@@ -4,8 +4,12 @@ sends when it admits a task itself (ORCH_ADMISSION_TOKENS > 0)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
+
+from aiokafka.errors import KafkaConnectionError
 
 from services.router.service import Router, _id
 from services.router.tokens import AdmissionTokens
@@ -23,6 +27,7 @@ from streams.events import (
     TaskAdmitted,
     TaskRequested,
 )
+from streams.kafka import EventProducer, KafkaSettings
 from streams.llm import ModelPrice, PriceTable
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -285,23 +290,25 @@ def _round_trips(event: Event) -> None:
     assert codec.decode(codec.encode(event)) == event
 
 
-async def test_a_task_admitted_with_a_token_goes_to_the_budget_and_the_loader_at_once(monkeypatch):
+async def test_a_task_admitted_with_a_token_reaches_the_budget_before_its_admission(monkeypatch):
     router, producer, clock = _router(monkeypatch)
     router.learn(_agent())
     grant = _give(router, clock, ["tok-1", "tok-2", "tok-3", "tok-4"])
     clock.advance(1)
-    producer.hold = TaskRequested  # the broker has not acknowledged them yet
+    producer.hold = TaskRequested  # the broker has not acknowledged the task yet
     routing = asyncio.create_task(router.handle(_request(clock, "r2"), None))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
-    assert not routing.done()  # the request is not done before the broker has both
+    assert not routing.done()
+    assert producer.of(TaskAdmitted) == []  # the loader is not told before the budget is
+    assert [kind for kind, _ in producer.log] == ["deliver"]
     producer.release.set()
     await asyncio.wait_for(routing, 5)
 
-    # One delivery: the budget's copy naming the token, the decision, the loader's admission
-    # (the budget's rules hold the token's slot whichever of the two is read first).
     assert [(kind, [type(e) for e in events]) for kind, events in producer.log] == [
-        ("deliver", [TaskRequested, RouteDecided, TaskAdmitted]),
-        ("acknowledged", [TaskRequested, RouteDecided, TaskAdmitted]),
+        ("deliver", [TaskRequested, RouteDecided]),
+        ("acknowledged", [TaskRequested, RouteDecided]),
+        ("deliver", [TaskAdmitted]),
+        ("acknowledged", [TaskAdmitted]),
     ]
     [task] = producer.of(TaskRequested)
     [admitted] = producer.of(TaskAdmitted)
@@ -423,3 +430,81 @@ async def test_a_request_routed_again_does_not_take_a_second_token(monkeypatch):
     # bound to the run nor given back (the router forgot it when it took it).
     assert again == first
     assert router.tokens.held("g1") == 3
+
+
+class _PartialBroker:
+    """AIOKafkaProducer.send for the real EventProducer: records to ``down`` fail (that
+    partition's leader is away), every other one is acknowledged."""
+
+    def __init__(self, down: str) -> None:
+        self.down = down
+        self.acked: list[Event] = []
+        self.codec = default_codec()
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if topic == self.down:
+            future.set_exception(KafkaConnectionError("leader not available"))
+        else:
+            self.acked.append(self.codec.decode(value))
+            future.set_result(None)
+        return future
+
+
+async def test_an_admission_never_reaches_the_broker_without_its_binding(monkeypatch):
+    """Model seeds 134 and 843 (before the loader mirror), 251 (before the clean stop). The
+    binding (task_requested) and the admission (task_admitted) go to two partitions in one
+    delivery: the broker can acknowledge the admission and not the binding, and a router
+    that dies then leaves the loader running a task whose token the budget never sees
+    bound. The request, routed again by the next instance (no token: it came before that
+    instance started), is a plain task under the binding's id: the budget decides it as
+    if nothing ran (it queues it, and fails it at its deadline while the loader answers;
+    or admits it again)."""
+    _router(monkeypatch)  # the settings
+    clock = FakeClock(NOW)
+    producer = EventProducer(KafkaSettings("127.0.0.1:1", ""))
+    broker = _PartialBroker(TaskRequested.topic)
+    producer._producer = broker  # type: ignore[assignment]
+    router = Router(SimpleNamespace(producer=producer, clock=clock))  # type: ignore[arg-type]
+    router.learn(_agent())
+    _give(router, clock, ["t1", "t2", "t3", "t4"])
+    clock.advance(1)
+    routing = asyncio.create_task(router.handle(_request(clock, "r2"), None))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    routing.cancel()  # the process dies
+    with contextlib.suppress(asyncio.CancelledError):
+        await routing
+    admitted = [e for e in broker.acked if isinstance(e, TaskAdmitted)]
+    bindings = [e for e in broker.acked if isinstance(e, TaskRequested)]
+    assert bindings or not admitted, (
+        f"the loader has r2's admission with token {admitted[0].token}; the budget never"
+        " reads its binding"
+    )
+
+
+async def test_a_request_another_instance_sent_takes_no_token_at_an_older_instance(monkeypatch):
+    """Two routers in one consumer group (docs/performance.md runs two): the first admits
+    r2 with its token and dies before committing; r2's partition goes to the other, which
+    started before r2 came, so _may_use_token lets it use a token of its own. The budget
+    reads the second binding (same task id) as a replay: the second token is never bound
+    (held until it lapses), and the loader gets two admissions of r2 with two tokens and
+    two start deadlines (with two agents if the routing changed meanwhile): it may give
+    one back and run the other, or two loaders run it twice."""
+    older, older_sent, older_clock = _router(monkeypatch)  # running since NOW
+    first, first_sent, first_clock = _router(monkeypatch)
+    for router, clock in ((older, older_clock), (first, first_clock)):
+        router.learn(_agent())
+        _give(router, clock, [f"{router.tokens.holder}-{i}" for i in range(4)])
+        clock.advance(1)
+    request = _request(first_clock, "r2")
+    await first.handle(request, None)  # type: ignore[arg-type]
+    [by_first] = first_sent.of(TaskAdmitted)
+    assert isinstance(by_first, TaskAdmitted) and by_first.token is not None
+    older_clock.advance(1)
+    older.assigned()  # the group gives r2's partition to this instance
+    await older.handle(request, None)  # type: ignore[arg-type]
+    assert older_sent.of(TaskAdmitted) == [], (
+        "r2, sent by another instance with its token, admitted here with a second token"
+    )
+    [task] = older_sent.of(TaskRequested)
+    assert isinstance(task, TaskRequested) and task.token is None
