@@ -457,7 +457,8 @@ class BudgetState:
         seen = _digest(_ref(event.event_id))
         if seen in self.seen:
             again = self._replay(event, defaults)
-            if not again and isinstance(event, TaskRequested):
+            decided = any(e.run_id == event.run_id for e in again)  # not only a grant again
+            if not decided and isinstance(event, TaskRequested):
                 relapsed = self.relapsed.get(_ref(event.run_id))
                 if isinstance(relapsed, list) and len(relapsed) == 4:
                     # Its token's slot lapsed with no end of the run read: its admission may
@@ -468,10 +469,8 @@ class BudgetState:
                     task = event.model_copy(
                         update={"token": token, "agent_id": agent, "specialty": specialty}
                     )
-                    at = now
-                    return Decision(
-                        [self._admission(task, at, _bind_by(end, defaults))], changed=False
-                    )
+                    late = self._admission(task, now, _bind_by(end, defaults))
+                    return Decision([*again, late], changed=False)
             return Decision(again, changed=False)
         self.seen.append(seen)
         # Event time moves with what producers stamp, but never past the budget's own

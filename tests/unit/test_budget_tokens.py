@@ -280,3 +280,23 @@ def test_a_task_given_back_before_its_binding_is_read_has_one_slot() -> None:
     assert state.busy() == 1 and not state.tokens and "r2" in state.in_flight
     state.handle(_done(2), NOW, DEFAULTS)
     assert state.busy() == 0
+
+
+def test_a_lapsed_bound_run_read_again_is_sent_its_admission_late_beside_its_grant() -> None:
+    """Model seed 3065: the binding also asked for tokens, so reading it again sends its
+    grant again; the run whose slot lapsed with no end read must still get its admission
+    (late: the loader drops it if the run ran, or gives it back)."""
+    state = _state(max_concurrent=4)
+    grant = _grant(state, 1, want=1)
+    state.handle(_done(1), NOW, DEFAULTS)
+    binding = _task(2, token=grant.tokens[0], want_tokens=1, holder="R1")
+    out = state.handle(binding, NOW, DEFAULTS).events
+    assert [type(e) for e in out] == [AdmissionGranted]
+    late = grant.bind_by + timedelta(seconds=61)
+    state.handle(_task(9, occurred_at=late), late, DEFAULTS)  # the slot lapses
+    assert "r2" not in state.in_flight and "r2" in state.relapsed
+    again = state.handle(binding.model_copy(update={"occurred_at": late}), late, DEFAULTS).events
+    admitted = [e for e in again if isinstance(e, TaskAdmitted)]
+    assert [(a.run_id, a.token) for a in admitted] == [("r2", grant.tokens[0])]
+    assert admitted[0].start_by is not None and admitted[0].start_by < late
+    assert any(isinstance(e, AdmissionGranted) for e in again)
