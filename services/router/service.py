@@ -861,7 +861,7 @@ class Router:
             task = task.model_copy(update={"agent_id": agent, "specialty": specialty})
         elif self._may_use_token(task):
             token = self.tokens.take(task.goal_id, task.message, task.context, now)
-        if sent is None:
+        if sent is None and self.tokens.enabled:
             self._sent[task.run_id] = (token, task.agent_id, task.specialty)
             while len(self._sent) > _MAX_RUNS:
                 self._sent.popitem(last=False)
