@@ -122,7 +122,11 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
             state = BudgetState.new(event.goal_id, defaults, runs)
         decision = state.handle(event, ctx.clock.now(), defaults)
         if decision.changed or not raw:
-            record = table[event.goal_id] = state.to_dict()
+            record = state.to_dict()
+            # A tick that found nothing to do (a goal waiting on a hold's lapse is ticked
+            # each second) leaves the record as it was: nothing to write.
+            if not (isinstance(event, BudgetTicked) and raw and record == raw):
+                table[event.goal_id] = record
             # After the write: one that raised left the old record, and the set as it was.
             busy.note(event.goal_id, record)
         if isinstance(event, BudgetUpdateRequested):

@@ -1,4 +1,5 @@
-"""Which goals the budget's timer ticks: those of its table with tasks queued or running.
+"""Which goals the budget's timer ticks: those of its table with tasks queued or running
+(or holds and tokens that lapse by time).
 
 The table keeps a record for every goal it ever saw, and most are idle: their tasks all
 ended, and only their limits, spend and the ids kept for replays are left. The tick used
@@ -26,8 +27,15 @@ __all__ = ["BusyGoals", "is_busy"]
 
 
 def is_busy(record: Mapping[str, Any] | None) -> bool:
-    """Whether a goal's record has tasks queued or running (what a tick can act on)."""
-    return record is not None and bool(record.get("queue") or record.get("in_flight"))
+    """Whether a goal's record has something a tick acts on by time alone: tasks queued or
+    running, holds waiting for a cost (one its loader never reported is counted at the
+    lapse by the budget's own report), admission tokens (given back at their lapse)."""
+    return record is not None and bool(
+        record.get("queue")
+        or record.get("in_flight")
+        or record.get("pending")
+        or record.get("tokens")
+    )
 
 
 class BusyGoals:

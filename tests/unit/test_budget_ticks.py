@@ -83,3 +83,16 @@ def test_every_busy_goal_is_ticked_in_turn_past_the_limit():
         assert len(due) == 10
         ticked += due
     assert set(ticked) == {f"g{i:02d}" for i in range(25)}
+
+
+def test_a_goal_with_only_a_hold_waiting_for_its_cost_or_a_token_is_ticked():
+    """A call given up on at the timeout whose loader died is counted by the budget at the
+    hold's lapse, and an unused admission token gives its slot back at its lapse: both by
+    time alone, with nothing else of the goal happening."""
+    table, goals = _Table(), BusyGoals(_Table())
+    goals.table = table
+    pending = IDLE | {"goal_id": "p", "pending": {"r1": [0.01, "2026-05-01T00:00:00", None]}}
+    tokens = IDLE | {"goal_id": "t", "tokens": {"k": ["", 0.01, "", "", "R1"]}}
+    for goal, record in (("idle", IDLE), ("p", pending), ("t", tokens)):
+        _written(table, goals, goal, record)
+    assert sorted(goals.due(10)) == ["p", "t"]
