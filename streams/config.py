@@ -323,8 +323,9 @@ class BudgetSettings(EnvSettings):
     tick_seconds: float = setting(
         "ORCH_BUDGET_TICK_SECONDS",
         1.0,
-        "Seconds between the budget's ticks of each goal with tasks queued or running (so a "
-        "task waiting past its deadline ends and a lapsed lease frees its slot); >= 0.05.",
+        "Seconds between the budget's ticks of each goal with tasks queued or running, holds "
+        "waiting for a cost or unused admission tokens (so a task waiting past its deadline "
+        "ends, a lapsed lease frees its slot and a call nobody reported is counted); >= 0.05.",
         read_by="budget",
         ge=0.05,
     )
