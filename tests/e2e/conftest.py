@@ -179,5 +179,27 @@ async def client(platform: Platform) -> AsyncIterator[OrchestratorClient]:
         yield c
 
 
-__all__ = ["EventConsumer", "Platform", "running_platform"]
+async def budget_shows(platform: Platform, goal: str, **expected: object) -> dict:
+    """The goal's budget once its report shows ``expected`` (it follows a change within
+    ORCH_BUDGET_REPORT_SECONDS)."""
+    from streams.budgets import read_budget
+
+    deadline = time.monotonic() + 20
+    view: dict | None = None
+    while time.monotonic() < deadline:
+        view = await read_budget(platform.settings, goal)
+        if view and all(view[k] == v for k, v in expected.items()):
+            return view
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"budget of {goal} never showed {expected}: {view}")
+
+
+async def set_budget(
+    platform: Platform, client: OrchestratorClient, goal: str, **limits: object
+) -> dict:
+    await client.set_budget(goal, **limits)  # type: ignore[arg-type]
+    return await budget_shows(platform, goal, **limits)
+
+
+__all__ = ["EventConsumer", "Platform", "budget_shows", "running_platform", "set_budget"]
 running_platform = _running

@@ -9,15 +9,13 @@ while holding tokens loses no request and keeps no slot for good.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from local.fake_openai import FakeOpenAIServer
-from streams.budgets import read_budget
 from streams.client import OrchestratorClient
-from tests.e2e.conftest import SERVICES, Platform, running_platform
+from tests.e2e.conftest import SERVICES, Platform, budget_shows, running_platform, set_budget
 
 pytestmark = pytest.mark.e2e
 
@@ -39,32 +37,9 @@ async def client(token_platform: Platform) -> AsyncIterator[OrchestratorClient]:
         yield c
 
 
-async def _limits(platform: Platform, client: OrchestratorClient, goal: str, **limits) -> None:
-    await client.set_budget(goal, **limits)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        view = await read_budget(platform.settings, goal)
-        if view and all(view[k] == v for k, v in limits.items()):
-            return
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"budget of {goal} never showed {limits}")
-
-
-async def _idle(platform: Platform, goal: str) -> dict:
-    """The goal's budget once no task of it runs or waits (its report follows within 0.5 s)."""
-    deadline = time.monotonic() + 20
-    view: dict | None = None
-    while time.monotonic() < deadline:
-        view = await read_budget(platform.settings, goal)
-        if view and view["in_flight"] == 0 and view["queued"] == 0:
-            return view
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"budget of {goal} still busy: {view}")
-
-
 async def test_the_router_admits_with_tokens_and_max_concurrent_holds(token_platform, client):
     platform, goal = token_platform, "g-tokens"
-    await _limits(platform, client, goal, max_concurrent=4)
+    await set_budget(platform, client, goal, max_concurrent=4)
     # One at a time first: the budget grants tokens while nothing waits.
     warm = [
         await client.ask(f"Explain topic {i} in a sentence", goal_id=goal, user_id="u1")
@@ -105,12 +80,12 @@ async def test_the_router_admits_with_tokens_and_max_concurrent_holds(token_plat
         overlapping = [r for r in runs if r != run and started[r] <= start < ended[r]]
         assert len(overlapping) <= 3, (run, overlapping)
     # Every slot of an ended run is back.
-    await _idle(platform, goal)
+    await budget_shows(platform, goal, in_flight=0, queued=0)
 
 
 async def test_a_router_killed_with_tokens_loses_no_request(token_platform, client):
     platform, goal = token_platform, "g-tokens-kill"
-    await _limits(platform, client, goal, max_concurrent=4)
+    await set_budget(platform, client, goal, max_concurrent=4)
     for i in range(3):
         await client.ask(f"Explain topic {i} briefly", goal_id=goal, user_id="u1")
     grants = [e for e in await platform.events("admission_granted") if e.goal_id == goal]
@@ -139,4 +114,4 @@ async def test_a_router_killed_with_tokens_loses_no_request(token_platform, clie
     # The new router serves the goal beside the dead one's tokens, which lapse by themselves.
     after = await client.ask("Explain one more thing", goal_id=goal, user_id="u1", timeout=60)
     assert after.degradation_tier == "llm"
-    await _idle(platform, goal)
+    await budget_shows(platform, goal, in_flight=0, queued=0)

@@ -15,30 +15,14 @@ from streams.clock import OffsetFileClock
 from streams.errors import BudgetExceededError, RunRejected
 from streams.events import AgentRetired, DeadLetter, LlmCallCompleted
 from streams.llm import PriceTable
+from tests.e2e.conftest import budget_shows, set_budget
 
 pytestmark = pytest.mark.e2e
 
 
-async def _budget_shows(platform, goal: str, **expected) -> dict:
-    """The goal's budget once its report shows ``expected`` (it follows a change within
-    ORCH_BUDGET_REPORT_SECONDS)."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        view = await read_budget(platform.settings, goal)
-        if view and all(view[k] == v for k, v in expected.items()):
-            return view
-        await asyncio.sleep(0.2)
-    raise AssertionError(f"budget of {goal} never showed {expected}")
-
-
-async def _set_budget(platform, client, goal: str, **limits) -> dict:
-    await client.set_budget(goal, **limits)
-    return await _budget_shows(platform, goal, **limits)
-
-
 async def test_fifty_concurrent_asks_spawn_exactly_max_agents(platform, client):
     goal = "g-max-agents"
-    await _set_budget(platform, client, goal, max_agents=3)
+    await set_budget(platform, client, goal, max_agents=3)
     results = await asyncio.gather(
         *[
             client.ask(f"task {i}", goal_id=goal, user_id="u1", context={"specialty": f"s{i}"})
@@ -54,7 +38,7 @@ async def test_fifty_concurrent_asks_spawn_exactly_max_agents(platform, client):
     assert all("max_agents is 3" in f.detail for f in failures)
     spawned = [e for e in await platform.events("agent_spawned") if e.goal_id == goal]
     assert len(spawned) == 3
-    await _budget_shows(platform, goal, agents=3)
+    await budget_shows(platform, goal, agents=3)
 
 
 async def test_a_goal_at_its_agent_limit_answers_through_its_best_agent(platform, client):
@@ -63,7 +47,7 @@ async def test_a_goal_at_its_agent_limit_answers_through_its_best_agent(platform
     the policy is told which specialty served. A request that pins a specialty is still
     refused: it asked for that specialty, not any answer."""
     goal = "g-one-agent"
-    await _set_budget(platform, client, goal, max_agents=1)
+    await set_budget(platform, client, goal, max_agents=1)
     first = await client.ask("Fix this python bug in my function", goal_id=goal, user_id="u1")
     assert first.specialty == "code" and first.degradation_tier == "llm"
     asks = [
@@ -96,7 +80,7 @@ async def test_a_goal_at_its_agent_limit_answers_through_its_best_agent(platform
 
 async def test_max_concurrent_holds_under_a_burst(platform, client):
     goal = "g-concurrent"
-    await _set_budget(platform, client, goal, max_concurrent=2)
+    await set_budget(platform, client, goal, max_concurrent=2)
     platform.llm.configure(latency_ms=150)
     try:
         answers = await asyncio.gather(
@@ -126,7 +110,7 @@ async def test_max_concurrent_holds_under_a_burst(platform, client):
 
 async def test_redelivered_llm_cost_is_charged_once(platform, client):
     goal = f"g-redeliver-{uuid.uuid4().hex[:6]}"
-    await _set_budget(platform, client, goal, max_agents=5)
+    await set_budget(platform, client, goal, max_agents=5)
     call = LlmCallCompleted(
         source="test", run_id="r-1", goal_id=goal, model="gpt-4o-mini", cost_usd=0.25
     )
@@ -224,7 +208,7 @@ async def test_daily_cost_stops_a_goal_and_the_next_utc_day_reopens_it(platform,
     prices = PriceTable.from_json(platform.environ["ORCH_LLM_PRICES"])
     worst = BudgetDefaults(prices=prices).task_worst_case("Write a short poem number 10", {})
     cap = round(worst + 0.08, 6)
-    await _set_budget(platform, client, goal, max_daily_cost=cap)
+    await set_budget(platform, client, goal, max_daily_cost=cap)
     stopped = None
     for i in range(40):
         try:
@@ -277,7 +261,7 @@ async def test_an_agent_idle_24_hours_is_retired_and_revived_without_a_new_spawn
     moved_by = 0.0
     try:
         async with moved as client:
-            await _set_budget(platform, client, goal, max_agents=1)
+            await set_budget(platform, client, goal, max_agents=1)
             first = await client.ask(
                 "Write a short poem about rain", goal_id=goal, user_id="u1", timeout=40
             )
@@ -302,7 +286,7 @@ async def test_an_agent_idle_24_hours_is_retired_and_revived_without_a_new_spawn
             spawned = [e for e in await platform.events("agent_spawned") if e.goal_id == goal]
             assert len(spawned) == 1
             # The revival is a live agent again (the report follows within a moment).
-            await _budget_shows(platform, goal, agents=1)
+            await budget_shows(platform, goal, agents=1)
     finally:
         platform.kill("loader")
         platform.move_clock(-moved_by)
