@@ -26,6 +26,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._platform import SERVICES, BenchPlatform, parse_instances  # noqa: E402
+from bench._records import commits_by_group, per_answer, record_counts  # noqa: E402
 from bench.llm_baseline import measure_direct  # noqa: E402
 from streams.client import OrchestratorClient  # noqa: E402
 
@@ -289,6 +290,7 @@ async def _step(
     if rate == args.profile_rate:
         profiler.start(f"r{rate:g}")
     pause = asyncio.create_task(args.pause.run(platform)) if args.pause else None
+    counts0 = await record_counts(platform.settings.bootstrap, platform.settings.prefix)
     try:
         plat = await measure_platform(platform, rate, n, args.goals, progress)
     finally:
@@ -298,6 +300,10 @@ async def _step(
             await asyncio.gather(pause, return_exceptions=True)
     platform.check_alive()
     await _settle(platform)
+    counts1 = await record_counts(platform.settings.bootstrap, platform.settings.prefix)
+    records = per_answer(counts0.by_topic(), counts1.by_topic(), plat.ok)
+    commits = await commits_by_group(platform.settings.bootstrap, counts0, counts1)
+    records |= {f"  {k}": v / max(1, plat.ok) for k, v in commits.most_common()}
     direct = await measure_direct_at(platform, rate, n, args.goals, progress)
     status = "sustained" if plat.sustained else "NOT sustained"
     console.print(
@@ -306,7 +312,7 @@ async def _step(
         f"direct p50 {direct.p50_ms:.1f} p99 {direct.p99_ms:.1f} ms; "
         f"sender lag p99 {plat.send_lag_p99_ms:.1f} ms; load {os.getloadavg()[0]:.1f}"
     )
-    return {"platform": asdict(plat), "direct": asdict(direct)}
+    return {"platform": asdict(plat), "direct": asdict(direct), "records_per_answer": records}
 
 
 async def _measure(
@@ -446,7 +452,34 @@ def render(results: dict[str, Any]) -> list[Table]:
             f"{sum(per.values()):.1f}",
             f"{row['direct']['cpu_ms_per_req'].get('client', 0.0):.2f}",
         )
-    return [lat, cpu]
+    return [lat, cpu, _records_table(rows)]
+
+
+def _records_table(rows: list[dict[str, Any]]) -> Table:
+    """Records the broker appended per answer, by topic, one column per rate."""
+    table = Table(title="records appended per answer, by topic (end offsets before and after)")
+    table.add_column("topic")
+    per = [r.get("records_per_answer", {}) for r in rows]
+    for row in rows:
+        table.add_column(f"{row['platform']['offered_rps']:g}/s", justify="right")
+    topics: dict[str, float] = {}
+    for counts in per:
+        for topic, n in counts.items():
+            topics[topic] = max(topics.get(topic, 0.0), n)
+    # Topics by count; under __consumer_offsets (indented), its commits by group: topic.
+    main = sorted((t for t in topics if not t.startswith(" ")), key=lambda t: -topics[t])
+    for topic in main:
+        table.add_row(topic, *(f"{c.get(topic, 0.0):.2f}" for c in per))
+        if topic == "__consumer_offsets":
+            for sub in sorted((t for t in topics if t.startswith(" ")), key=lambda t: -topics[t]):
+                table.add_row(sub, *(f"{c.get(sub, 0.0):.2f}" for c in per))
+    total = [sum(v for k, v in c.items() if not k.startswith(" ")) for c in per]
+    table.add_row("total", *(f"{t:.2f}" for t in total))
+    table.caption = (
+        "__consumer_offsets: the services' offset commits (indented: by group and topic); "
+        "*-changelog: Faust table writes."
+    )
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -108,6 +108,18 @@ class BrokerSettings(EnvSettings):
         ge=1,
     )
 
+    commit_interval_ms: int = setting(
+        "ORCH_COMMIT_INTERVAL_MS",
+        2000,
+        "How often a consumer on the answer's path commits the offsets of what it finished "
+        "(the router's and loader's consumers; the budget's Faust consumer uses the larger of "
+        "this and 500 ms); >= 10. A clean stop or a partition moving commits at once; a "
+        "crash replays what finished since the last commit, which every handler tolerates. "
+        "Each commit is a record the broker appends (`python -m bench.latency` counts them).",
+        read_by="router, loader, budget, improvement",
+        ge=10,
+    )
+
     @property
     def bootstrap(self) -> str:
         """``KAFKA_BOOTSTRAP_SERVERS`` when set, else the local broker on 127.0.0.1."""

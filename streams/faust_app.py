@@ -17,7 +17,7 @@ from faust.serializers import codecs
 from faust.types import AppT, Message
 
 from streams.codec import EventCodec, default_codec
-from streams.config import data_root
+from streams.config import BrokerSettings, data_root
 from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 from streams.kafka import KafkaSettings, dead_letter
@@ -329,7 +329,7 @@ def create_app(
         "consumer_auto_offset_reset": "earliest",
         "stream_wait_empty": False,
         "broker_commit_every": 100,
-        "broker_commit_interval": 0.5,
+        "broker_commit_interval": max(0.5, BrokerSettings.read("commit_interval_ms") / 1000.0),
         # A crashed instance should hand its partitions over in seconds, not a minute.
         "broker_session_timeout": 10.0,
         "broker_heartbeat_interval": 1.0,

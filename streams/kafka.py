@@ -417,7 +417,7 @@ class EventConsumer(AsyncLifecycle):
         handler: Handler,
         *,
         max_in_flight: int = 1000,
-        commit_every: float = 0.2,
+        commit_every: float | None = None,
     ) -> None:
         """Handle each event in its own task; commit below the oldest unfinished one.
 
@@ -425,6 +425,8 @@ class EventConsumer(AsyncLifecycle):
         A clean stop (cancellation) or a rebalance first lets running handlers
         finish and commits them, so another instance does not repeat their work.
         """
+        if commit_every is None:
+            commit_every = BrokerSettings.read("commit_interval_ms") / 1000.0
         slots = asyncio.Semaphore(max_in_flight)
         running = self._running
         loop = asyncio.get_running_loop()

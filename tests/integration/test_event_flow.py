@@ -9,6 +9,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from streams.codec import default_codec
+from streams.config import BrokerSettings
 from streams.events import DeadLetter, RequestReceived, TaskRequested
 from streams.kafka import EventConsumer, EventProducer
 
@@ -156,7 +157,8 @@ async def test_an_idle_concurrent_consumer_polls_rarely_and_still_commits_what_i
     settings,
 ):
     """Nothing to do: one poll a second, not ten. A handler that finishes while no record
-    comes is committed within the short poll, not at the next record."""
+    comes is committed within the commit interval and the short poll, not at the next
+    record."""
     group = f"idle-test-{uuid.uuid4().hex[:6]}"
     release = asyncio.Event()
     handled = asyncio.Event()
@@ -193,9 +195,47 @@ async def test_an_idle_concurrent_consumer_polls_rarely_and_still_commits_what_i
                 tp = next(tp for tp in consumer.raw.assignment() if tp in high)
                 loop = asyncio.get_running_loop()
                 started = loop.time()
+                within = BrokerSettings.read("commit_interval_ms") / 1000.0 + 0.6
                 while (await consumer.raw.committed(tp) or 0) <= high[tp]:
-                    assert loop.time() - started < 0.6, "the finished record was not committed"
+                    assert loop.time() - started < within, "the finished record was not committed"
                     await asyncio.sleep(0.05)
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_commits_wait_for_the_interval_and_a_clean_stop_commits_at_once(
+    settings, monkeypatch
+):
+    """ORCH_COMMIT_INTERVAL_MS spaces the commits (each is a record on the broker): with a
+    minute's interval, records handled are not committed while the consumer runs, and a
+    clean stop commits every one of them, so the group's next member repeats none."""
+    monkeypatch.setenv("ORCH_COMMIT_INTERVAL_MS", "60000")
+    group = f"interval-test-{uuid.uuid4().hex[:6]}"
+    handled: list[str] = []
+    all_done = asyncio.Event()
+
+    async def handler(event, delivery):
+        handled.append(event.run_id)
+        if len(handled) == 6:
+            all_done.set()
+
+    async with EventProducer(settings) as producer:
+        await producer.send_many(_requests(6, ["g-a", "g-b"]))
+        consumer = EventConsumer(
+            settings, ["request_received"], group_id=group, producer=producer, source="interval"
+        )
+        async with consumer:
+            task = asyncio.create_task(consumer.run_concurrently(handler))
+            try:
+                await asyncio.wait_for(all_done.wait(), 30)
+                await asyncio.sleep(1.5)  # several polls with finished work to commit
+                parts = list(consumer.raw.assignment())
+                assert [await consumer.raw.committed(tp) for tp in parts] == [None] * len(parts)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            ends = await consumer.raw.end_offsets(parts)
+            committed = {tp: await consumer.raw.committed(tp) or 0 for tp in parts}
+        assert committed == ends
+        assert len(handled) == 6
