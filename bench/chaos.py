@@ -162,6 +162,7 @@ class ChaosConfig:
     ask_timeout_s: float = 30.0
     goals: tuple[GoalSpec, ...] = DEFAULT_GOALS
     keep: bool = False
+    env: tuple[tuple[str, str], ...] = ()  # the services' settings, over the bench's own
 
     @property
     def per_target(self) -> int:
@@ -1071,6 +1072,7 @@ async def run_chaos(cfg: ChaosConfig, console: Console) -> dict[str, Any]:
             "ORCH_IMPROVE_PORT": "0",
             "ORCH_LOG_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
+            **dict(cfg.env),
         }
         services = ChaosServices(env, run_dir / "logs")
         for name in SERVICES:
@@ -1156,6 +1158,7 @@ async def run_chaos(cfg: ChaosConfig, console: Console) -> dict[str, Any]:
         "minutes": cfg.minutes,
         "rate": cfg.rate,
         "own_broker": cfg.own_broker,
+        "env": dict(cfg.env),
         "broker_faults": broker_faults,
         "broker_starts": broker.starts if broker is not None else None,
         "wall_s": round(time.monotonic() - started, 1),
@@ -1331,9 +1334,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the Kafka and ClickHouse data")
     parser.add_argument("--json", action="store_true", help="print the report as JSON only")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting for every service, over the bench's (e.g. ORCH_ADMISSION_TOKENS=4)",
+    )
     args = parser.parse_args(argv)
     if args.minutes <= 0 or args.rate <= 0:
         parser.error("--minutes and --rate must be positive")
+    if any("=" not in kv for kv in args.env):
+        parser.error("--env takes KEY=VALUE")
     cfg = ChaosConfig(
         seed=args.seed,
         minutes=args.minutes,
@@ -1344,6 +1356,7 @@ def main(argv: list[str] | None = None) -> int:
         settle_s=args.settle,
         goals=goals_for(args.minutes, args.rate),
         keep=args.keep,
+        env=tuple(tuple(kv.split("=", 1)) for kv in args.env),
     )
     import logging
 

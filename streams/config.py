@@ -374,7 +374,7 @@ class BudgetSettings(EnvSettings):
     )
     report_seconds: float = setting(
         "ORCH_BUDGET_REPORT_SECONDS",
-        0.5,
+        2.0,
         "Seconds between the budget's reports of the goals whose record changed "
         "(`budget_reported`, what `orchestrator budget show` prints): at most one per goal "
         "per interval, off the request path; a limit change is reported at once. >= 0.05.",
