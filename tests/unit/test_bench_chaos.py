@@ -273,6 +273,44 @@ def test_answer_calls_are_matched_to_their_cost_reports_by_request_id():
     # c3: an attempt killed mid-call, counted at an estimate, whose call was never billed
     assert out["counted_not_billed"] == 1 and out["examples_not_billed"] == ["c3"]
     assert out["amount_differs"] == 1 and out["billed_without_id"] == 0
+    assert out["unexplained"] == 3  # none of these is one of the budget's two designed cases
+
+
+def test_the_budgets_designed_differences_are_told_apart_and_balance_the_cost():
+    """A call whose loader died mid-call, counted by the budget at its worst case, and one
+    still held awaiting its report: paid = counted holds once both are accounted for; any
+    other difference does not."""
+    from bench.chaos import _paid_is_counted
+
+    def report(cost_id: str, usd: float, source: str = "loader") -> LlmCallCompleted:
+        return _cost("r1", usd, 1).model_copy(update={"event_id": cost_id, "source": source})
+
+    calls = [
+        LlmCall("g", 1, "answer", 0.01, at(1), "ok"),
+        LlmCall("g", 2, "answer", 0.01, at(2), "died"),  # loader killed before reporting
+        LlmCall("g", 3, "answer", 0.01, at(3), "held"),  # its hold has not lapsed yet
+    ]
+    reports = [
+        report("ok", 0.01),
+        report("died", 0.0196, source="budget"),  # the budget's report at the hold
+        report("died", 0.01),  # a late report under the same id: the first counted
+    ]
+    out = reconcile_calls(calls, reports, held_ids=frozenset({"held"}))
+    assert out["counted_at_worst_case_by_budget"] == 1
+    assert out["worst_case_over_billed_usd"] == 0.0096
+    assert out["held_not_yet_counted"] == 1 and out["held_not_yet_counted_usd"] == 0.01
+    assert out["unexplained"] == 0
+    cost = {"answer_calls_by_id": out, "judge_calls_by_id": reconcile_calls(calls, [], "judge")}
+    ok, detail = _paid_is_counted(0.03, 0.0296, cost)
+    assert ok, detail
+    assert "counted at their worst case (+$0.0096)" in detail and "still held" in detail
+    # The budget's spend off by anything else: refused.
+    assert not _paid_is_counted(0.03, 0.0300, cost)[0]
+    # A loader's own report counted above what was billed is not the budget's design.
+    loader_over = reconcile_calls(calls, [report("ok", 0.02)], held_ids=frozenset())
+    assert loader_over["counted_at_worst_case_by_budget"] == 0 and loader_over["unexplained"]
+    bad = {"answer_calls_by_id": loader_over, "judge_calls_by_id": {}}
+    assert not _paid_is_counted(0.03, 0.02, bad)[0]
 
 
 def test_daily_caps_scale_with_the_length_and_rate_of_the_run():
