@@ -393,23 +393,42 @@ class Node:
     children: list[Node] = field(default_factory=list)
 
 
-_LINE = re.compile(r"^( *)(\S+)(?: +(.*?))?(?: +\(children \d+\))?$")
+_LINE = re.compile(r"^( *)(\S+)(?: +(.*))?$")
+_CHILDREN = re.compile(r" +\(children (\d+)\)$")
+# Characters that break or hide a line of the parser's dump: ClickHouse splits its dump
+# into rows at each "\n" itself, and prints names as written and some control characters
+# of literals raw. None of them may reach the walk (see check_query).
+_UNSAFE = re.compile("[\x00-\x09\x0b-\x1f\x7f\x85\u2028\u2029]")
+# The quoted tokens of a statement as formatQuery writes it (no comments; quotes and
+# backslashes inside a token escaped with a backslash): string literals, then names.
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|`(?:[^`\\]|\\.)*`|\"(?:[^\"\\]|\\.)*\"", re.DOTALL)
 _NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?: \(alias .*\))?$")
 _TABLE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?(?: \(alias .*\))?$")
 
 
 def parse_ast(text: str) -> Node:
-    """The tree of ``EXPLAIN AST`` output (TabSeparated: one node per line, one space per level)."""
+    """The tree of ``EXPLAIN AST`` output (TabSeparated: one node per line, one space per level).
+
+    Lines are split at "\n" only (``str.splitlines`` would also split at characters a
+    literal may carry raw, making a line of its own from the literal's text), and each
+    node must have exactly the children it declares: a dump that does not add up is
+    refused, not read the way it seems to read.
+    """
+    if _UNSAFE.search(text):
+        raise QueryRefused(_CONTROL)
     root: Node | None = None
     stack: list[tuple[int, Node]] = []
-    for line in text.splitlines():
+    declared: list[tuple[Node, int]] = []
+    for line in text.split("\n"):
         if not line.strip():
             continue
-        match = _LINE.match(line)
+        count = _CHILDREN.search(line)
+        match = _LINE.match(line[: count.start()] if count else line)
         if match is None:
             raise QueryRefused(f"refused: unexpected parser output {line.strip()!r}")
         depth = len(match.group(1))
         node = Node(match.group(2), (match.group(3) or "").strip())
+        declared.append((node, int(count.group(1)) if count else 0))
         while stack and stack[-1][0] >= depth:
             stack.pop()
         if stack:
@@ -423,7 +442,29 @@ def parse_ast(text: str) -> Node:
         stack.append((depth, node))
     if root is None:
         raise QueryRefused("refused: the parser found no statement")
+    if any(len(node.children) != n for node, n in declared):
+        raise QueryRefused("refused: unexpected parser output (children)")
     return root
+
+
+_CONTROL = (
+    "refused: control or line-separator characters in the statement; write them as escapes"
+    " in a string literal (e.g. '\\n')"
+)
+
+
+def _check_names(statement: str) -> None:
+    """Refuse names that could forge a line of the parser's dump: a quoted name with a
+    line break or control character in it (formatQuery writes one with a backslash
+    escape; the dump prints it raw, as a line of its own) or any backslash escape."""
+    for match in _QUOTED.finditer(statement):
+        token = match.group(0)
+        if token[0] in '`"' and ("\\" in token or _UNSAFE.search(token) or "\n" in token):
+            raise QueryRefused(
+                f"refused: the name {token[:40]!r} has an escape or a control character in it"
+            )
+    if _UNSAFE.search(statement):
+        raise QueryRefused(_CONTROL)
 
 
 # Node kinds a read of the event log is made of. Function and table nodes are checked
@@ -600,6 +641,7 @@ def check_query(sql: str, engine: GuardEngine, catalog: Catalog | None = None) -
             raise QueryRefused("refused: more than one statement; send one at a time") from None
         raise _syntax_error(err) from None
     statement = str(formatted[0][0])
+    _check_names(statement)
     try:
         tree = parse_ast(engine.text_limited(f"EXPLAIN AST {statement}", None, parsing=True))
     except QueryRefused:

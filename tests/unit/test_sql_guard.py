@@ -252,6 +252,60 @@ HOSTILE: list[tuple[str, str]] = [
 ]
 
 
+# A line of the parser's dump forged from inside a name or a literal: ClickHouse splits
+# its EXPLAIN AST output at each newline (a quoted name keeps one raw), and prints some
+# control characters of literals raw (which str.splitlines breaks at). The forged
+# "TableIdentifier events" made what follows it its children, which the walk never read:
+# file(), other tables and system.* ran through the surface.
+_FORGED_LINE = "    TableIdentifier events (alias z"
+# A literal's raw character is refused as such; one formatQuery writes as an escape (\f)
+# forges nothing, and the file() after it is refused by name.
+_RAW = r"control|function file\(\)"
+FORGED: list[tuple[str, str]] = [
+    (f"SELECT tuple(file('/etc/hostname')) AS `x)\n{_FORGED_LINE}`", "has an escape"),
+    (f"SELECT (SELECT file('/etc/hostname')) AS `x\n{_FORGED_LINE}`", "has an escape"),
+    (f"SELECT tuple(file('/etc/hostname')) AS \"x)\n{_FORGED_LINE}\"", "has an escape"),
+    (f"SELECT tuple(file('/etc/hostname')) AS `x)\u2028{_FORGED_LINE}`", "has an escape"),
+    (f"SELECT tuple(file('/etc/hostname')) AS `x)\x0b{_FORGED_LINE}`", "has an escape"),
+    (f"SELECT count() FROM events AS `e\n{_FORGED_LINE}`", "has an escape"),
+    (f"SELECT `event_id\n{_FORGED_LINE}` FROM events", "has an escape"),
+    ("SELECT 1 AS `a\\`b`", "has an escape"),
+    *(
+        (f"SELECT tuple('a{sep} {_FORGED_LINE}' AS q, file('/etc/hostname')) AS r", _RAW)
+        for sep in ("\u2028", "\u2029", "\x1c", "\x1d", "\x1e", "\x85", "\x0b", "\x0c")
+    ),
+]
+
+
+@pytest.mark.parametrize(("sql", "named"), FORGED, ids=[repr(s) for s, _ in FORGED])
+def test_a_forged_line_of_the_parsers_dump_is_refused(
+    surface: GuardedQueries, sql: str, named: str
+) -> None:
+    with pytest.raises(QueryRefused, match=named):
+        surface.query(sql)
+    with pytest.raises(QueryRefused):
+        surface.text(sql, "CSVWithNames")
+
+
+def test_names_and_literals_that_forge_nothing_still_answer(surface: GuardedQueries) -> None:
+    # A newline written as an escape in a literal, a quoted name with a space, non-ASCII.
+    assert surface.query("SELECT 'a\\nb' AS `my col`, 'ü' AS `größe`").rows == [("a\nb", "ü")]
+    assert surface.query('SELECT 1 AS "quoted name"').columns == ["quoted name"]
+
+
+def test_a_dump_that_does_not_add_up_is_refused() -> None:
+    ok = "SelectWithUnionQuery (children 1)\n ExpressionList (children 1)\n  Literal UInt64_1"
+    assert parse_ast(ok).children[0].children[0].text == "UInt64_1"
+    # A node with more or fewer children than it declares, or a line broken elsewhere.
+    for bad in (
+        "SelectWithUnionQuery (children 2)\n ExpressionList (children 1)\n  Literal UInt64_1",
+        "SelectWithUnionQuery (children 1)\n ExpressionList\n  Literal UInt64_1",
+        "SelectWithUnionQuery (children 1)\n ExpressionList (children 1)\n  Literal 'a\u2028'",
+    ):
+        with pytest.raises(QueryRefused, match="parser output|control"):
+            parse_ast(bad)
+
+
 @pytest.mark.parametrize(("sql", "named"), HOSTILE, ids=[s for s, _ in HOSTILE])
 def test_hostile_statement_is_refused_naming_what(
     surface: GuardedQueries, sql: str, named: str
