@@ -71,6 +71,10 @@ class QueryLimits:
             "max_result_rows": self.max_result_rows,
             "max_result_bytes": self.max_result_bytes,
             "result_overflow_mode": "throw",
+            # The result limits are checked between blocks, and one block may hold any
+            # number of rows (SELECT arrayJoin(range(3000000)) came back whole): the
+            # query stops one row past the limit, and the check above then throws.
+            "limit": self.max_result_rows + 1,
             "max_threads": self.max_threads,
             # Days and times in UTC, as the budget's days are, whatever the host's zone:
             # today() means the same day everywhere, and the host's zone is not shown.

@@ -216,6 +216,25 @@ _DENIED: dict[str, str] = {
         ["dict*", "dictionary", "joinget*", "hascolumnintable", "region*", "merge", "view*"],
         _LOOKUP,
     ),
+    **dict.fromkeys(
+        [
+            # Time quadratic in a row's own values (strings up to the memory limit): one
+            # row can take minutes, and the time limit is checked between blocks only.
+            "editdistance",
+            "editdistanceutf8",
+            "dameraulevenshteindistance",
+            "jarosimilarity",
+            "jarowinklersimilarity",
+            "arraylevenshteindistance*",
+            "arraysimilarity",
+            "multifuzzymatch*",
+            # Calls its lambda once per element with a growing accumulator: the same.
+            "arrayfold",
+        ],
+        "can run past the time limit within one row",
+    ),
+    # The engine's own stack traces (introspection), as addressToSymbol is.
+    "flamegraph": _SERVER,
     "sleep": "holds a query thread idle",
     "sleepeachrow": "holds a query thread idle",
     "__*": "is internal to ClickHouse",

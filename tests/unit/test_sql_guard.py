@@ -246,6 +246,21 @@ HOSTILE: list[tuple[str, str]] = [
     # holding a thread idle
     ("SELECT sleep(3)", "function sleep()"),
     ("SELECT sleepEachRow(1) FROM events", "function sleepEachRow()"),
+    # a row's own values costing time quadratic in their size, past the time limit
+    (
+        "SELECT editDistance(repeat('a', 50000), repeat(toString(x), 50000))"
+        " FROM (SELECT arrayJoin([1, 2, 3, 4]) AS x)",
+        "function editDistance() can run past the time limit",
+    ),
+    ("SELECT levenshteinDistance('a', 'b')", "function levenshteinDistance() can run past"),
+    ("SELECT jaroWinklerSimilarity('a', 'b')", "function jaroWinklerSimilarity() can run"),
+    ("SELECT arrayLevenshteinDistance([1], [2])", "function arrayLevenshteinDistance() can"),
+    (
+        "SELECT arrayFold((acc, x) -> arrayConcat(acc, [x]), range(100000), [0])",
+        "function arrayFold() can run past",
+    ),
+    ("SELECT multiFuzzyMatchAny('abc', 1, ['a.c'])", "function multiFuzzyMatchAny() can run"),
+    ("SELECT flameGraph(trace) FROM (SELECT [1, 2] AS trace)", "function flameGraph() reads"),
     # functions the engine does not list
     ("SELECT no_such_function(1)", "function no_such_function() is not one of"),
     ("SELECT __getScalar('x')", "function __getScalar()"),
@@ -607,6 +622,8 @@ HEAVY = {
     "SELECT groupArray(repeat(payload, 1000)) FROM events": "MEMORY_LIMIT_EXCEEDED",
     "SELECT length(repeat('x', 1000000000))": "MEMORY_LIMIT_EXCEEDED",
     "SELECT length(arrayJoin([range(100000000)]))": "MEMORY_LIMIT_EXCEEDED",
+    # One block of rows past the result limit (the limit is checked between blocks).
+    "SELECT arrayJoin(range(3000000))": "TOO_MANY_ROWS_OR_BYTES",
 }
 
 
