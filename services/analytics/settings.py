@@ -187,7 +187,8 @@ class AnalyticsSettings(EnvSettings):
     sql_max_result_mb: int = setting(
         "ORCH_SQL_MAX_RESULT_MB",
         _LIMITS.max_result_bytes // _MB,
-        "`max_result_bytes`, in MiB; >= 1.",
+        "`max_result_bytes`, in MiB (ClickHouse checks it between blocks; a rendered answer, "
+        "as `orchestrator sql` and the query server give, is held to it whole); >= 1.",
         read_by="as above",
         ge=1,
     )

@@ -539,6 +539,13 @@ class ClickHouseStore:
 
         def run(client: Client) -> str:
             data = client.raw_query(_clean(sql), fmt=clickhouse_format)
+            if not parsing and len(data) > self.limits.max_result_bytes:
+                # ClickHouse checks max_result_bytes between blocks, and one block can be
+                # larger: the rendered answer is held to the limit here.
+                raise StoreError(
+                    f"the result is {len(data):,} bytes, over the {self.limits.max_result_bytes:,}"
+                    " a result may have (ORCH_SQL_MAX_RESULT_MB) (TOO_MANY_ROWS_OR_BYTES)"
+                )
             return data.decode("utf-8", errors="replace")
 
         return self._limited_call(parsing, run)

@@ -753,6 +753,20 @@ def test_heavy_query_is_stopped_by_a_limit_and_the_surface_still_answers(
     assert surface.text("SELECT 7 AS n", "CSVWithNames") == '"n"\n7\n'
 
 
+def test_a_result_rendered_past_the_byte_limit_fails_and_the_surface_still_answers(
+    surface: GuardedQueries,
+) -> None:
+    # 19,000 rows of 1,000 bytes (19 MB) under a 16 MiB limit: ClickHouse checks the limit
+    # between blocks, and these came in one; the rendered answer is held to it too.
+    sql = "SELECT repeat('x', 1000) FROM (SELECT arrayJoin(range(19000)))"
+    with pytest.raises(StoreError, match=r"over the 16,777,216 .*\(TOO_MANY_ROWS_OR_BYTES\)"):
+        surface.text(sql, "CSV")
+    assert surface.text("SELECT 7 AS n", "CSVWithNames") == '"n"\n7\n'
+    # Under the limit, the same kind of answer comes whole.
+    small = "SELECT repeat('x', 1000) FROM (SELECT arrayJoin(range(1000)))"
+    assert surface.text(small, "CSV").count("\n") == 1000
+
+
 # -- parts without the engine -------------------------------------------------------------
 
 
