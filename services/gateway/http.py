@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -42,6 +42,7 @@ from services.gateway.chat import (
 )
 from streams.client import Answer
 from streams.errors import (
+    BrokerUnavailable,
     BudgetExceededError,
     FeedbackRefused,
     InvalidRequest,
@@ -119,7 +120,9 @@ class _Refusal(Exception):
         return response
 
 
-def _kafka_refusal(what: str, exc: KafkaError) -> _Refusal:
+def _kafka_refusal(
+    what: str, exc: KafkaError | BrokerUnavailable, headers: Mapping[str, str] | None = None
+) -> _Refusal:
     # The client's message names the broker's addresses: logged here, not sent to callers.
     log.warning("gateway cannot reach Kafka for %s: %s", what, exc)
     return _Refusal(
@@ -127,6 +130,7 @@ def _kafka_refusal(what: str, exc: KafkaError) -> _Refusal:
         f"the platform cannot take {what} now: its event log is out of reach; retry later",
         "unavailable",
         "kafka",
+        dict(headers or {}),
     )
 
 
@@ -163,7 +167,17 @@ def _failure(exc: RunFailed, now: datetime) -> _Refusal:
         return _Refusal(400, exc.detail, "invalid_request_error", "invalid", headers)
     if exc.reason == "no_agent":
         return _Refusal(503, exc.detail, "unavailable", "no_agent", headers)
-    return _Refusal(500, exc.detail, "server_error", exc.reason, headers)
+    # What failed inside the platform (a service's exception text) is for its log, not
+    # for callers: the run id finds it there.
+    log.warning("run %s failed inside the platform (%s): %s", exc.run_id, exc.reason, exc.detail)
+    return _Refusal(
+        500,
+        f"the platform failed on this request ({exc.reason}); its run id,"
+        " x-orchestrator-run-id, names it in the platform's log",
+        "server_error",
+        exc.reason,
+        headers,
+    )
 
 
 def _answer_headers(answer: Answer) -> dict[str, str]:
@@ -341,7 +355,13 @@ class GatewayApp:
     # -- shared pieces -------------------------------------------------------------
 
     async def _identity(self, request: web.Request) -> Identity:
-        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        given = request.headers.getall("Authorization", [])
+        if len(given) > 1:
+            # Which one counts would be up to whoever reads them: a proxy may read the last.
+            raise _Refusal(
+                400, "send one Authorization header, not several", "invalid_request_error"
+            )
+        scheme, _, key = (given[0] if given else "").partition(" ")
         key = key.strip()
         who = await self.backend.identify(key) if scheme.lower() == "bearer" and key else None
         if who is None:
@@ -439,6 +459,12 @@ class GatewayApp:
             ) from None
         except KafkaError as exc:
             raise _kafka_refusal("requests", exc) from None
+        except BrokerUnavailable as exc:
+            # The request may yet run (a broker that wrote it and died before saying so):
+            # its run id goes with the refusal, so a retry can be told from it.
+            raise _kafka_refusal(
+                "requests", exc, {"x-orchestrator-run-id": exc.run_id, "Retry-After": "1"}
+            ) from None
 
     async def _stream(
         self, request: web.Request, chat: ChatRequest, answer: Answer

@@ -15,7 +15,7 @@ from aiokafka.errors import KafkaConnectionError
 from services.gateway.http import GatewayApp, build_app
 from services.gateway.settings import GatewaySettings
 from streams.client import Answer
-from streams.errors import BudgetExceededError, LLMFailure, RunRejected
+from streams.errors import BrokerUnavailable, BudgetExceededError, LLMFailure, RunRejected
 from streams.events import MAX_FEEDBACK_CHARS, MAX_RUN_ID_CHARS, FeedbackDecided
 from streams.keys import Identity
 
@@ -95,7 +95,22 @@ async def test_each_failed_run_has_its_status_and_run_id(setup, error, status, c
     backend.outcome = error
     got, body, headers = await _post(http)
     assert got == status
-    assert body["error"]["code"] == code and error.detail in body["error"]["message"]
+    assert body["error"]["code"] == code
+    # What failed inside the platform stays in its log; the other reasons say their detail.
+    shown = error.detail in body["error"]["message"]
+    assert shown == (status != 500), body
+    assert headers["x-orchestrator-run-id"] == "r1"
+
+
+async def test_an_internal_failure_names_its_run_and_not_the_exception(setup) -> None:
+    backend, _, http = setup
+    backend.outcome = RunRejected(
+        "r1", "internal", "loader error: KeyError: '/srv/orchestrator/secret-path'"
+    )
+    got, body, headers = await _post(http)
+    assert got == 500 and body["error"]["code"] == "internal"
+    assert "secret-path" not in json.dumps(body) and "KeyError" not in json.dumps(body)
+    assert "x-orchestrator-run-id" in body["error"]["message"]
     assert headers["x-orchestrator-run-id"] == "r1"
 
 
@@ -106,6 +121,31 @@ async def test_an_unreachable_broker_is_503_without_its_address(setup) -> None:
     assert got == 503 and body["error"]["code"] == "kafka"
     assert "out of reach" in body["error"]["message"]
     assert "10.1.2.3" not in json.dumps(body) and "9092" not in json.dumps(body)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_the_broker_did_not_acknowledge_is_503_with_its_run_id(
+    setup, stream: bool
+) -> None:
+    """What the SDK client raises when its send times out in an outage (was a bare 500)."""
+    backend, _, http = setup
+    backend.outcome = BrokerUnavailable("r9", "KafkaTimeoutError at 10.1.2.3:9092")
+    got, body, headers = await _post(http, {**BODY, "stream": stream})
+    assert got == 503 and body["error"]["code"] == "kafka"
+    assert "10.1.2.3" not in json.dumps(body)
+    # It may still run once the broker is back: the run id tells a retry from it.
+    assert headers["x-orchestrator-run-id"] == "r9" and headers["Retry-After"] == "1"
+
+
+async def test_two_authorization_headers_are_refused(setup) -> None:
+    _, _, http = setup
+    response = await http.post(
+        "/v1/chat/completions",
+        json=BODY,
+        headers=[("Authorization", f"Bearer {OTHER}"), ("Authorization", f"Bearer {KEY}")],
+    )
+    assert response.status == 400
+    assert "one Authorization header" in (await response.json())["error"]["message"]
 
 
 async def test_the_daily_cost_limit_says_when_the_next_utc_day_starts(setup) -> None:
