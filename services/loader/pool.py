@@ -10,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from streams.admission import context_messages
 from streams.registry import AgentRecord
 
 __all__ = ["AgentInstance", "AgentPool", "PoolChange"]
@@ -27,18 +28,11 @@ class AgentInstance:
     def messages(
         self, message: str, context: dict[str, str], system_prompt: str | None = None
     ) -> list[dict[str, str]]:
-        out = [{"role": "system", "content": system_prompt or self.record.system_prompt}]
-        extra = {k: v for k, v in context.items() if k != "specialty"}
-        if extra:
-            out.append(
-                {
-                    "role": "system",
-                    "content": "Request context: "
-                    + "; ".join(f"{k}={v}" for k, v in sorted(extra.items())[:20]),
-                }
-            )
-        out.append({"role": "user", "content": message})
-        return out
+        return [
+            {"role": "system", "content": system_prompt or self.record.system_prompt},
+            *context_messages(context),
+            {"role": "user", "content": message},
+        ]
 
 
 @dataclass
