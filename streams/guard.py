@@ -659,8 +659,17 @@ def _any(match: re.Match[str]) -> bool:
 COPY_RUN_WORDS = 8
 
 
+# Scripts written without spaces between words (Thai, Lao, Myanmar, Khmer, CJK, kana,
+# Hangul): each character counts as a word of its own.
+_UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_WORD = re.compile(f"[{_UNSPACED}]|[^\\W_{_UNSPACED}]+")
+
+
 def _plain_words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", fold(text))
+    # Letters and digits of every script: cut to [a-z0-9], Chinese, Arabic or Thai text
+    # had no words at all, and an instruction that was the feedback word for word in one
+    # of them passed as no copy.
+    return _WORD.findall(fold(text))
 
 
 def copies_text(text: str, source: str, run: int = COPY_RUN_WORDS) -> bool:

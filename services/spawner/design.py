@@ -13,7 +13,7 @@ import hashlib
 import unicodedata
 import uuid
 
-from streams.guard import guard_prompt
+from streams.guard import GuardVerdict, copies_text, guard_prompt
 from streams.llm import LateOutcome, LLMClient, LLMError
 from streams.specialties import default_prompt, profile_for
 
@@ -151,6 +151,10 @@ async def design_agent(
         return design  # the template serves; the event says which one was used
     text = done.text.strip()
     verdict = guard_prompt(text, _MAX_WRITTEN_CHARS)
+    if verdict.ok and copies_text(text, message):
+        # The writer handed the request back (asked to copy nothing from it): the request
+        # would be the prompt every later user of the goal is served by.
+        verdict = GuardVerdict(False, "refused: the written prompt copies the request")
     if verdict.ok:
         design.system_prompt = text
         design.prompt_source = "llm"
