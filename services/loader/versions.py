@@ -78,7 +78,7 @@ class WorkflowVersions:
         flow = self._flows.get(workflow_id)
         if flow is None:
             return Served(1, None, workflow_id)
-        version = _pick(flow, {*flow.prompts, *flow.instructions}, run_id)
+        version = _pick(flow, {*flow.prompts, *flow.instructions}, workflow_id, run_id)
         if version == 1:
             return Served(1, None, workflow_id)
         return Served(
@@ -92,16 +92,19 @@ class WorkflowVersions:
         flow = self._flows.get(workflow_id)
         if flow is None:
             return platform
-        version = _pick(flow, set(flow.instructions), run_id)
+        version = _pick(flow, set(flow.instructions), workflow_id, run_id)
         own = flow.instructions.get(version, ()) if version > 1 else ()
         return Served(version, platform.system_prompt, workflow_id, (*platform.instructions, *own))
 
 
-def _pick(flow: _Workflow, known: set[int], run_id: str) -> int:
+def _pick(flow: _Workflow, known: set[int], workflow_id: str, run_id: str) -> int:
     version = flow.base if flow.base == 1 or flow.base in known else 1
     canary = flow.canary
     # A canary whose content has not arrived yet (another topic) is not served: a run
     # labelled with a version must really have had that version's prompt.
-    if canary is not None and canary in known and share_of(run_id) < flow.share:
+    # Each workflow draws its canary runs apart: drawn by the run alone, a goal's canary
+    # runs were exactly the platform canary's runs among its own, so whatever the
+    # platform's trial did to them was measured as the goal's own change.
+    if canary is not None and canary in known and share_of(f"{workflow_id}:{run_id}") < flow.share:
         version = canary
     return version

@@ -124,3 +124,42 @@ def test_a_goal_version_serves_only_that_goals_runs_on_top_of_the_platform():
         "You are a coder.", versions.serve_for("g1", "code", "r1").instructions
     )
     assert prompt.startswith("You are a coder.\n\n") and prompt.endswith("- Include an example.")
+
+
+def test_a_goals_canary_runs_are_drawn_apart_from_the_platforms():
+    """Drawn by the run alone, a goal's canary runs were exactly the platform canary's
+    runs among its own: whatever the platform's trial did to them was measured as the
+    goal's own change (and rolled back), while the platform's trial went unmeasured."""
+    versions = WorkflowVersions()
+    for workflow, text in (("code", "Sponsored line."), ("g1/code", "Be shorter.")):
+        versions.learn(
+            WorkflowVersionSaved(
+                source="improvement",
+                workflow_id=workflow,
+                version=2,
+                parent_version=1,
+                changes={"instructions": text},
+            )
+        )
+        versions.learn(
+            ImprovementApplied(
+                source="improvement",
+                improvement_id=f"i-{workflow}",
+                workflow_id=workflow,
+                version=2,
+                traffic_share=0.5,
+            )
+        )
+    runs = [f"run-{i}" for i in range(2000)]
+    served = [versions.serve_for("g1", "code", r) for r in runs]
+    platform = ["Sponsored line." in s.instructions for s in served]
+    own = [s.version == 2 for s in served]
+    assert all(("Be shorter." in s.instructions) == (s.version == 2) for s in served)
+    # Each about half; together about a quarter, as two independent draws give.
+    assert 0.45 < sum(platform) / len(runs) < 0.55 and 0.45 < sum(own) / len(runs) < 0.55
+    both = sum(p and o for p, o in zip(platform, own, strict=True)) / len(runs)
+    assert 0.2 < both < 0.3
+    # Among the goal's canary runs and its control runs alike, about half had the platform's.
+    with_platform = [p for p, o in zip(platform, own, strict=True) if o]
+    without = [p for p, o in zip(platform, own, strict=True) if not o]
+    assert abs(sum(with_platform) / len(with_platform) - sum(without) / len(without)) < 0.08
