@@ -81,7 +81,7 @@ class BrokerSettings(EnvSettings):
     )
     fetch_max_wait_ms: int = setting(
         "ORCH_FETCH_MAX_WAIT_MS",
-        2000,
+        500,
         "How long the broker may hold a consumer's fetch that finds no data (aiokafka "
         "`fetch_max_wait_ms`); >= 0. The broker answers a held fetch as soon as a record "
         "comes, so this sets how often an idle consumer polls, not how late it reads "
@@ -91,7 +91,7 @@ class BrokerSettings(EnvSettings):
     )
     background_fetch_max_wait_ms: int = setting(
         "ORCH_BACKGROUND_FETCH_MAX_WAIT_MS",
-        2000,
+        500,
         "The same for consumers off the answer's path (the analytics sink, the improvement "
         "service's view of the log): how long the broker may hold their fetch while it "
         "gathers `ORCH_BACKGROUND_FETCH_MIN_BYTES`; >= 0. What they read arrives up to this "
