@@ -12,6 +12,7 @@ from streams.workflows import (
     ADJUSTMENTS_HEADER,
     MAX_ADJUSTMENTS,
     MAX_PROMPT_CHARS,
+    split_instructions,
     with_adjustments,
 )
 
@@ -28,6 +29,7 @@ __all__ = [
     "guard_instruction",
     "instruction_messages",
     "match_adjustments",
+    "named_only",
 ]
 
 _LOW_SCORE = 2
@@ -53,6 +55,16 @@ ADJUSTMENTS: dict[str, str] = {
     "ask_clarifying": "When a request is ambiguous, ask one short clarifying question before"
     " answering.",
 }
+
+_NAMED = frozenset(ADJUSTMENTS.values())
+
+
+def named_only(text: str) -> bool:
+    """True when every instruction line of ``text`` is one of the platform's named
+    adjustments, word for word (and there is at least one)."""
+    lines = split_instructions(text)
+    return bool(lines) and all(line in _NAMED for line in lines)
+
 
 # ---------------------------------------------------------------------------
 # match_adjustments: ordered phrase rules over the folded feedback. A rule's match is

@@ -45,6 +45,7 @@ from services.improvement.instructions import (
     guard_instruction,
     instruction_messages,
     match_adjustments,
+    named_only,
 )
 from services.improvement.patterns import PatternSettings
 from services.improvement.settings import ImprovementSettings
@@ -1036,6 +1037,11 @@ class ImprovementService:
             return f"{event.kind} changes apply to platform-wide workflows only"
         if event.kind == "approved" and not self.is_operator(event.user_id):
             return _not_operator(event.user_id)
+        if event.kind == "goal_win" and not named_only(event.proposal):
+            return (
+                "a goal's win reaches every goal only with the platform's named adjustments;"
+                " other instructions need an operator's approval"
+            )
         for line in split_instructions(event.proposal):
             verdict = guard_instruction(line)
             if not verdict.ok:
@@ -1198,10 +1204,15 @@ class ImprovementService:
             beat = (
                 verdict is not None
                 and verdict.action == "promote"
-                and verdict.canary_mean > verdict.control_mean
+                and verdict.p_better is not None
+                and verdict.p_better < self.config.canary.alpha
             )
-            if verdict is not None and beat and goal is not None and added:
-                # A goal's change that beat its baseline counts towards every goal having it.
+            if verdict is not None and beat and goal is not None and added and named_only(added):
+                # A goal's change counts towards every goal having it only when it is the
+                # platform's own words (an LLM-written line from one goal's feedback reaches
+                # other goals only by an operator's approval) and it beat the goal's
+                # baseline outright, not merely "not worse": goals are counted by id, and
+                # one party may hold several.
                 events.append(
                     ImprovementAvailable(
                         event_id=str(uuid.uuid5(_NS, f"{workflow_id}:win:{canary}")),

@@ -94,8 +94,9 @@ class ImprovementSettings(EnvSettings):
     promote_goals: int = setting(
         "ORCH_PROMOTE_GOALS",
         3,
-        "Distinct goals whose canary of the same change must beat their baseline before it is "
-        "proposed to every goal (as a platform-wide canary); >= 1.",
+        "Distinct goals whose canary of the same named adjustment must beat their baseline "
+        "(one-sided Welch p < `ORCH_CANARY_ALPHA`) before it is proposed to every goal (as a "
+        "platform-wide canary); >= 1.",
         read_by="improvement",
         ge=1,
     )

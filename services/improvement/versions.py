@@ -122,6 +122,9 @@ class Verdict:
     canary_mean: float
     control_mean: float
     p_value: float | None = None
+    # One-sided Welch p for "the canary is better than the base" (no margin): what a
+    # goal's win must show before it counts towards every goal having the change.
+    p_better: float | None = None
 
 
 def judge_canary(
@@ -131,14 +134,16 @@ def judge_canary(
     nc, nb, mc, mb = len(canary), len(control), mean(canary), mean(control)
     summary = f"canary {mc:.3f} over {nc} runs vs base {mb:.3f} over {nb} runs"
 
+    if nc < policy.min_runs or nb < policy.min_runs:
+        why = f"need {policy.min_runs} runs on each side"
+        return Verdict("wait", f"{summary}: {why}", nc, nb, mc, mb)
+    worse = welch(canary, control)
+
     def verdict(
         action: Literal["wait", "rollback", "promote"], why: str, p: float | None
     ) -> Verdict:
-        return Verdict(action, f"{summary}: {why}", nc, nb, mc, mb, p)
+        return Verdict(action, f"{summary}: {why}", nc, nb, mc, mb, p, worse.p_greater)
 
-    if nc < policy.min_runs or nb < policy.min_runs:
-        return verdict("wait", f"need {policy.min_runs} runs on each side", None)
-    worse = welch(canary, control)
     if worse.p_less < policy.alpha:
         return verdict(
             "rollback",
