@@ -22,6 +22,7 @@ __all__ = [
     "fold",
     "guard_instruction",
     "guard_prompt",
+    "not_english",
 ]
 
 MAX_INSTRUCTION_CHARS = 240
@@ -139,6 +140,7 @@ _AUTHORITY = "refused: grants users or messages authority over the agent"
 _PERSONAL = "refused: asks users for personal or secret data"
 _PAYMENT = "refused: asks users for money or to move off the platform"
 _MALFORMED = "refused: malformed"
+_NOT_ENGLISH = "refused: not English, the only language the guard reads"
 
 _LEET = (str.maketrans("013457@$!|", "oieastasii"), str.maketrans("01357@$|", "olestasl"))
 _TLDS = (
@@ -618,6 +620,51 @@ def _refusal(text: str, rules: tuple[tuple[str, str, re.Pattern[str]], ...]) -> 
     return None
 
 
+# An instruction is English when, folded, it has no letter of another script and few words
+# English text rarely uses: at most this many, and at most this share of its words.
+# "Rarely" is a Zipf frequency below 3 (under one in a million words of English text):
+# product names and jargon ("pytest", "kubectl") are, and so are most words of other
+# languages ("Nutzer", "usuarios", "pengguna").
+ENGLISH_ZIPF = 3.0
+MAX_RARE_WORDS = 2
+MAX_RARE_SHARE = 0.3
+
+
+def _phonetic(ch: str) -> bool:
+    # IPA letters and modifier letters ("/ˈsɪstəm/" in a pronunciation hint) are no script.
+    return "\u0250" <= ch <= "\u02ff"
+
+
+@functools.cache
+def _english_frequency() -> Callable[[str], float]:
+    from wordfreq import zipf_frequency  # about 0.2 s and 20 MB: only where instructions are judged
+
+    return functools.lru_cache(maxsize=65536)(
+        lambda word: zipf_frequency(word, "en", wordlist="small")
+    )
+
+
+def not_english(text: str) -> str | None:
+    """Why ``text`` does not read as English, or None when it does.
+
+    The guard's rules are English: a takeover paraphrased in German or Chinese passed them.
+    So an instruction the guard is to judge must be English; the LLM that writes one from
+    feedback in any language is asked for English.
+    """
+    folded = fold(text)
+    foreign = sorted(
+        {ch for ch in folded if ch.isalpha() and not ch.isascii() and not _phonetic(ch)}
+    )
+    if foreign:
+        return f"letters of another script ({''.join(foreign[:5])})"
+    words = re.findall(r"[a-z]+(?:'[a-z]+)?", folded)
+    frequency = _english_frequency()
+    rare = [w for w in words if frequency(w) < ENGLISH_ZIPF]
+    if len(rare) > MAX_RARE_WORDS or (words and len(rare) / len(words) > MAX_RARE_SHARE):
+        return f"{len(rare)} of {len(words)} words are rare in English ({', '.join(rare[:4])})"
+    return None
+
+
 def guard_instruction(text: str) -> GuardVerdict:
     """Whether an instruction may enter a prompt; the reason names the rule that refused it."""
     reason = _refusal(text[: 4 * MAX_INSTRUCTION_CHARS], _GUARDS)
@@ -626,6 +673,9 @@ def guard_instruction(text: str) -> GuardVerdict:
     problem = _malformed(text)
     if problem is not None:
         return GuardVerdict(False, f"{_MALFORMED}: {problem}")
+    foreign = not_english(text)
+    if foreign is not None:
+        return GuardVerdict(False, f"{_NOT_ENGLISH}: {foreign}")
     return _OK
 
 
