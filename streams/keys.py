@@ -9,11 +9,12 @@ role (``user`` or ``operator``); ``api_key_revoked`` ends it for good.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,11 +25,14 @@ from streams.kafka import KafkaSettings
 from streams.views import TopicView
 
 __all__ = [
+    "CATCH_UP_INTERVAL_S",
     "KEY_TOPICS",
     "Identity",
+    "KeyCatchUp",
     "KeyRegistry",
     "KeyView",
     "hash_key",
+    "identify_reading",
     "key_id_of",
     "mint_key",
     "operators_from",
@@ -37,6 +41,39 @@ __all__ = [
 KEY_TOPICS = (ApiKeyIssued.topic, ApiKeyRevoked.topic)
 
 _KEY = re.compile(r"^orch_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}$")
+
+
+# Reads of the key topics for keys a service has not seen: at most one per this many s.
+CATCH_UP_INTERVAL_S = 1.0
+
+
+class KeyCatchUp:
+    """Reads the key topics up to now for a key not seen yet, at most once per ``interval`` s.
+
+    Anyone may send a string shaped like a key, so a read per unknown key would be a
+    broker round trip per request, as often as they like. A caller waits for a read that
+    starts after it called (a key created before its request was sent is then read);
+    callers that come while one waits or runs share the next.
+    """
+
+    def __init__(
+        self, sync: Callable[[], Awaitable[object]], interval: float = CATCH_UP_INTERVAL_S
+    ) -> None:
+        self._sync = sync
+        self._interval = interval
+        self._lock = asyncio.Lock()
+        self._started: float | None = None
+
+    async def __call__(self) -> None:
+        loop = asyncio.get_running_loop()
+        called = loop.time()
+        async with self._lock:
+            if self._started is not None:
+                if self._started >= called:
+                    return  # a read that began after this call has ended
+                await asyncio.sleep(self._started + self._interval - loop.time())
+            self._started = loop.time()
+            await self._sync()
 
 
 @dataclass(frozen=True)
@@ -210,3 +247,16 @@ class KeyView:
             return True
         await self.sync()
         return self.registry.is_operator(user_id)
+
+
+async def identify_reading(
+    registry: KeyRegistry, key: str, catch_up: Callable[[], Awaitable[object]]
+) -> Identity | None:
+    """Who ``key`` speaks for; a key-shaped string not seen yet has the key topics read up
+    to now first (``catch_up``), since a key created a moment ago may not have been read."""
+    who = registry.authenticate(key)
+    key_id = key_id_of(key)
+    if who is None and key_id is not None and not registry.known(key_id):
+        await catch_up()
+        who = registry.authenticate(key)
+    return who

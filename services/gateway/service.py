@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +22,14 @@ from services.gateway.settings import GatewaySettings
 from streams.client import Answer, OrchestratorClient
 from streams.clock import Clock
 from streams.events import FeedbackDecided
-from streams.keys import Identity, KeyView, key_id_of, operators_from
+from streams.keys import (
+    CATCH_UP_INTERVAL_S,
+    Identity,
+    KeyCatchUp,
+    KeyView,
+    identify_reading,
+    operators_from,
+)
 from streams.runtime import ServiceContext, announce_url
 
 __all__ = ["KeyCatchUp", "PlatformBackend", "main"]
@@ -31,37 +37,6 @@ __all__ = ["KeyCatchUp", "PlatformBackend", "main"]
 log = logging.getLogger(__name__)
 
 SOURCE = "gateway"
-# Reads of the key topics for keys the gateway has not seen: at most one per this many s.
-CATCH_UP_INTERVAL_S = 1.0
-
-
-class KeyCatchUp:
-    """Reads the key topics up to now for a key not seen yet, at most once per ``interval`` s.
-
-    Anyone may send a string shaped like a key, so a read per unknown key would be a
-    broker round trip per request, as often as they like. A caller waits for a read that
-    starts after it called (a key created before its request was sent is then read);
-    callers that come while one waits or runs share the next.
-    """
-
-    def __init__(
-        self, sync: Callable[[], Awaitable[object]], interval: float = CATCH_UP_INTERVAL_S
-    ) -> None:
-        self._sync = sync
-        self._interval = interval
-        self._lock = asyncio.Lock()
-        self._started: float | None = None
-
-    async def __call__(self) -> None:
-        loop = asyncio.get_running_loop()
-        called = loop.time()
-        async with self._lock:
-            if self._started is not None:
-                if self._started >= called:
-                    return  # a read that began after this call has ended
-                await asyncio.sleep(self._started + self._interval - loop.time())
-            self._started = loop.time()
-            await self._sync()
 
 
 class PlatformBackend:
@@ -83,13 +58,7 @@ class PlatformBackend:
         self.catch_up = KeyCatchUp(lambda: keys.sync(timeout=2.0), catch_up_interval)
 
     async def identify(self, key: str) -> Identity | None:
-        who = self.keys.registry.authenticate(key)
-        key_id = key_id_of(key)
-        if who is None and key_id is not None and not self.keys.registry.known(key_id):
-            # A key created a moment ago may not have been read yet.
-            await self.catch_up()
-            who = self.keys.registry.authenticate(key)
-        return who
+        return await identify_reading(self.keys.registry, key, self.catch_up)
 
     async def ask(
         self, message: str, *, goal_id: str, user_id: str, context: dict[str, str], timeout: float

@@ -82,7 +82,7 @@ class FeedbackSink(Protocol):
     asks for ``verdict`` next, which lets go of what was kept for it.
     """
 
-    def identify(self, key: str) -> Identity | None: ...
+    async def identify(self, key: str) -> Identity | None: ...
 
     async def submit(
         self,
@@ -137,11 +137,11 @@ def _parse(body: Any) -> tuple[str, str | None, int | None, str]:
 _VERDICT_WAIT_S = 15.0
 
 
-def _identity(sink: FeedbackSink, request: web.Request) -> Identity | None:
+async def _identity(sink: FeedbackSink, request: web.Request) -> Identity | None:
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return None
-    return sink.identify(key.strip())
+    return await sink.identify(key.strip())
 
 
 _NO_KEY = "a valid API key is required: Authorization: Bearer <key> (orchestrator keys create)"
@@ -258,7 +258,7 @@ class _GoalShareFull(KeyShareFull):
 
 def _improve_handler(sink: FeedbackSink, body_timeout: float, admission: _Admission) -> Any:
     async def improve(request: web.Request) -> web.Response:
-        who = _identity(sink, request)
+        who = await _identity(sink, request)
         if who is None:
             return _error(401, _NO_KEY)
         body = await admission.body(request, who, body_timeout)
@@ -289,7 +289,7 @@ async def _improve(sink: FeedbackSink, who: Identity, body: Any) -> web.Response
 
 def _approve_handler(sink: FeedbackSink, admission: _Admission) -> Any:
     async def approve(request: web.Request) -> web.Response:
-        who = _identity(sink, request)
+        who = await _identity(sink, request)
         if who is None:
             return _error(401, _NO_KEY)
         if not who.is_operator:

@@ -85,7 +85,14 @@ from streams.events import (
     WorkflowFailed,
 )
 from streams.kafka import BACKGROUND_FETCH, Delivery, EventConsumer, dead_letter, failed_letter
-from streams.keys import DEFAULT_OPERATORS, Identity, operators_from
+from streams.keys import (
+    DEFAULT_OPERATORS,
+    KEY_TOPICS,
+    Identity,
+    KeyCatchUp,
+    identify_reading,
+    operators_from,
+)
 from streams.llm import (
     Completion,
     LastCosts,
@@ -278,6 +285,12 @@ class ImprovementService:
         self._assessed: OrderedDict[str, None] = OrderedDict()
         self._write_lock = asyncio.Lock()
         self._view: TopicView | None = None
+        # A key issued a moment before it is used may not have been read yet: an unknown
+        # key on HTTP reads the key topics up to now (at most once a second: anyone may send
+        # key-shaped strings), and so does a command from a user not known as an operator
+        # (each time: only clients inside the boundary write commands).
+        self._http_keys = KeyCatchUp(self._sync_keys)
+        self._command_keys = KeyCatchUp(self._sync_keys, interval=0.0)
         self._commands: EventConsumer | None = None
         self._owned: frozenset[int] = frozenset()
         self._waiters: dict[str, asyncio.Future[FeedbackDecided | PromotionDecided]] = {}
@@ -629,8 +642,20 @@ class ImprovementService:
                 f" {self.config.feedback_window_s / 60:g} minutes, the limit; try again later"
             )
 
-    def identify(self, key: str) -> Identity | None:
-        return self.state.keys.authenticate(key)
+    async def identify(self, key: str) -> Identity | None:
+        return await identify_reading(self.state.keys, key, self._http_keys)
+
+    async def _sync_keys(self) -> None:
+        if self._view is not None:
+            await self._view.sync(KEY_TOPICS, timeout=2.0)
+
+    async def _operator_now(self, user_id: str | None) -> bool:
+        """Whether ``user_id`` is an operator, the key topics read up to now first when the
+        view does not know it as one yet (an operator key issued just before the command)."""
+        if self.is_operator(user_id) or user_id is None:
+            return user_id is not None
+        await self._command_keys()
+        return self.is_operator(user_id)
 
     def _view_event(self, event: Event) -> None:
         if isinstance(event, SpendDecided):
@@ -951,7 +976,7 @@ class ImprovementService:
                 occurred_at=self.ctx.clock.now(),
             )
 
-        if not self.is_operator(event.user_id):
+        if not await self._operator_now(event.user_id):
             return [decided(False, _not_operator(event.user_id), "NotOperator")]
         assert self._view is not None
         await self._sync_versions()
@@ -1094,6 +1119,8 @@ class ImprovementService:
     async def _command(self, event: Event, delivery: Delivery) -> None:
         now = self.ctx.clock.now
         if isinstance(event, ImprovementAvailable):
+            if event.kind == "approved":
+                await self._operator_now(event.user_id)  # another instance may know the key
             refused = self._refused(event)
             if refused is not None:
                 # Not something the platform proposed: kept on dead_letter for a person to
@@ -1147,7 +1174,7 @@ class ImprovementService:
                     ledger.state.canary,
                 )
         elif isinstance(event, RollbackRequested):
-            if not self.is_operator(event.user_id):
+            if not await self._operator_now(event.user_id):
                 reason = _not_operator(event.user_id, "rolling a workflow back")
                 log.warning("rollback refused: %s", reason)
                 await self.ctx.producer.send(

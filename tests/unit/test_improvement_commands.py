@@ -22,6 +22,8 @@ from streams.events import (
     FeedbackReceived,
     ImprovementApplied,
     ImprovementAvailable,
+    PromotionDecided,
+    PromotionRequested,
     RequestReceived,
     RollbackRequested,
     RouteDecided,
@@ -29,6 +31,7 @@ from streams.events import (
     WorkflowVersionSaved,
 )
 from streams.kafka import Delivery
+from streams.keys import KEY_TOPICS, mint_key
 from streams.workflows import goal_of, goal_workflow, parse_workflow
 from tests.samples import RecordingProducer
 
@@ -307,3 +310,61 @@ async def test_a_change_merely_not_worse_in_its_goal_is_promoted_there_and_count
     events = await _goal_canary(ADJUSTMENTS["examples"], *_NOT_WORSE)
     assert any(isinstance(e, ImprovementApplied) and e.traffic_share == 1.0 for e in events)
     assert _wins(events) == []
+
+
+class _LateKeysView(_View):
+    """A view that has not read the key topics yet: a sync of them folds what is there."""
+
+    def __init__(self, service: ImprovementService, pending: list[Event]) -> None:
+        super().__init__()
+        self.service, self.pending, self.key_syncs = service, pending, 0
+
+    async def sync(self, topics: Iterable[str] | None = None, timeout: float = 10.0) -> bool:
+        if topics is None or set(KEY_TOPICS) & set(topics):
+            self.key_syncs += 1
+            for event in self.pending:
+                self.service._view_event(event)  # noqa: SLF001
+            self.pending.clear()
+        return True
+
+
+def _late_key(role: str = "operator") -> tuple[ImprovementService, _Producer, _LateKeysView, str]:
+    service, producer, _ = _service(operators=frozenset())
+    key, issued = mint_key("ops", "admin", role, source="t")  # type: ignore[arg-type]
+    view = _LateKeysView(service, [issued])
+    service._view = view  # type: ignore[assignment]  # noqa: SLF001
+    return service, producer, view, key
+
+
+async def test_a_command_from_an_operator_whose_key_was_just_issued_is_not_refused():
+    # The key's event is on the log before the command but the view has not read it: the
+    # service reads the key topics up to now before it refuses.
+    service, producer, view, _ = _late_key()
+    command = RollbackRequested(
+        source="cli", user_id="admin", workflow_id="g1/nothing_here", to_version=1
+    )
+    await service.handle_command(command, _delivery(command))
+    [letter] = producer.of(DeadLetter)
+    assert letter.error_type == "UnknownVersion" and view.key_syncs == 1  # not NotOperator
+    service, _, view, _ = _late_key()
+    asked = PromotionRequested(source="t", user_id="admin", improvement_id="imp_unknown")
+    [decided] = await service.on_promotion(asked)
+    assert isinstance(decided, PromotionDecided) and decided.error_type == "PromotionRefused"
+
+
+async def test_a_command_from_a_user_key_is_still_refused_after_the_keys_are_read():
+    service, producer, view, _ = _late_key("user")
+    asked = PromotionRequested(source="t", user_id="admin", improvement_id="imp_1")
+    [decided] = await service.on_promotion(asked)
+    assert isinstance(decided, PromotionDecided) and decided.error_type == "NotOperator"
+    assert view.key_syncs == 1
+
+
+async def test_a_key_issued_a_moment_before_its_first_http_use_is_read_then():
+    service, _, view, key = _late_key("user")
+    who = await service.identify(key)
+    assert who is not None and (who.user_id, who.goal_id) == ("admin", "ops")
+    # A key-shaped string nobody issued costs at most one read a second, shared.
+    assert await service.identify("orch_0123456789abcdef_" + "x" * 40) is None
+    assert await service.identify("not a key") is None
+    assert view.key_syncs == 2

@@ -124,7 +124,7 @@ class _Sink:
         self.keys.apply(event)
         return key
 
-    def identify(self, key: str) -> Identity | None:
+    async def identify(self, key: str) -> Identity | None:
         return self.keys.authenticate(key)
 
     async def submit(
