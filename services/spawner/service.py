@@ -146,7 +146,7 @@ def late_prompt_report(
             usd, tokens = outcome.cost_usd, (outcome.prompt_tokens, outcome.completion_tokens)
             note = "answered after the timeout; the template served, the call is counted"
         elif isinstance(outcome, LLMUnsettled):
-            ask = writing_request(event.specialty, event.message)
+            ask = writing_request(event.specialty)
             usd = worst_case_usd(settings.prices, settings.model, ask, WRITE_MAX_TOKENS)
             tokens, note = (0, 0), f"{outcome}; counted at the call's worst case"
         else:

@@ -231,7 +231,7 @@ async def test_a_prompt_call_given_up_on_at_the_timeout_is_counted_when_it_ends(
     (report,) = producer.of(LlmCallCompleted)
     assert report.purpose == "spawn_prompt" and report.ok and report.cost_usd > 0
     if outcome == "unsettled":
-        ask = writing_request("code", "fix it")
+        ask = writing_request("code")
         assert report.cost_usd == worst_case_usd(settings.prices, "gpt-4o-mini", ask, 300)
 
 
