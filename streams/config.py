@@ -291,9 +291,10 @@ class BudgetSettings(EnvSettings):
         "USD a goal may spend on LLM calls per UTC day (of the budget's clock), held amounts "
         "included: a hard cap. A task whose worst case does not fit beside today's spend "
         "fails; one that does not fit beside the running tasks' holds waits for them to "
-        "settle. >= 0.",
+        "settle. 0 to 1e9.",
         read_by="budget, improvement (its own calls stay within it)",
         ge=0,
+        le=1e9,
     )
     task_reserve_usd: float = setting(
         "ORCH_BUDGET_TASK_RESERVE_USD",

@@ -73,6 +73,7 @@ __all__ = [
     "MAX_RUN_ID_CHARS",
     "MAX_WAIT_SECONDS",
     "SPAWN_APPROVAL_SECONDS",
+    "MAX_DAILY_COST_USD",
     "new_event_id",
     "terminal_event_id",
     "validate_identifier",
@@ -94,6 +95,7 @@ MAX_FEEDBACK_CHARS = 4_000
 # under max_agents back after twice this, so an approval nobody acts on (one the spawner
 # cannot read, say) does not hold it for ever, and none is acted on after it was freed.
 SPAWN_APPROVAL_SECONDS = 300.0
+MAX_DAILY_COST_USD = 1e9
 # A request's deadline is at most this long after the request: a lease, a queue's wait
 # and every time sum the budget makes stay within reach of the clock.
 MAX_WAIT_SECONDS = 86_400
@@ -507,7 +509,9 @@ class BudgetUpdateRequested(Event):
     goal_id: Identifier
     max_agents: int | None = Field(default=None, ge=0)
     max_concurrent: int | None = Field(default=None, ge=0)
-    max_daily_cost: float | None = Field(default=None, ge=0)
+    # At most a billion USD a day: a cap past it is no cap, and 1e308 overflowed the
+    # budget's arithmetic (every task asking for admission tokens failed in its handler).
+    max_daily_cost: float | None = Field(default=None, ge=0, le=MAX_DAILY_COST_USD)
     # Quality given up per USD of an answer's cost: the router maximises
     # quality - cost_weight * cost_usd for this goal.
     cost_weight: float | None = Field(default=None, ge=0, le=1_000_000)

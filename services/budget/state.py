@@ -86,6 +86,8 @@ _DECISIONS_LIMIT = 200
 # Queues this short are looked at whole for deadlines on every event, longer ones on ticks.
 _SCAN_EVERY_EVENT = 32
 _SPAWN_HOLD_SECONDS = 60.0
+# Platform calls (judge, feedback instructions) held at once for one run; more are refused.
+_PLATFORM_HOLDS_PER_RUN = 8
 # A report the budget sends for a call nobody reported is sent again after this long if
 # it has not come back (a crash between the record's write and the send lost it).
 _RESEND_SECONDS = 60.0
@@ -232,6 +234,44 @@ class RunStore:
             del self.data[run]
 
 
+class GoalRuns(RunStore):
+    """One goal's view of the shared store. Run ids are the sender's, and two goals may send
+    the same one: an entry another goal stored is neither read, overwritten nor deleted here
+    (once, goal B's queued task was admitted when goal A's run of that id ended, past B's
+    max_concurrent and max_daily_cost, and A's own task never ran)."""
+
+    def __init__(self, store: RunStore, goal_id: str) -> None:
+        super().__init__(store.data)
+        self.goal_id = goal_id
+
+    def taken(self, run: str) -> bool:
+        """Whether another goal's entry is stored under ``run``."""
+        found = super().get(run)
+        if found is None:
+            return False
+        task = found.get("task")
+        owner = task.get("goal_id") if isinstance(task, dict) else found.get("goal_id")
+        return owner is not None and owner != self.goal_id
+
+    def get(self, run: str) -> dict[str, Any] | None:
+        return None if self.taken(run) else super().get(run)
+
+    def put(self, run: str, value: dict[str, Any]) -> None:
+        if not self.taken(run):
+            super().put(run, value)
+
+    def delete(self, run: str) -> None:
+        if not self.taken(run):
+            super().delete(run)
+
+
+def _goal_runs(runs: RunStore | None, goal_id: str) -> GoalRuns:
+    store = runs or RunStore()
+    if isinstance(store, GoalRuns) and store.goal_id == goal_id:
+        return store
+    return GoalRuns(store, goal_id)
+
+
 @dataclass
 class Decision:
     """Events a rule wants sent, in order."""
@@ -305,7 +345,7 @@ class BudgetState:
             defaults.max_agents,
             defaults.max_concurrent,
             defaults.max_daily_cost,
-            runs=runs or RunStore(),
+            runs=_goal_runs(runs, goal_id),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -344,7 +384,7 @@ class BudgetState:
         runs: RunStore | None = None,
         defaults: BudgetDefaults | None = None,
     ) -> BudgetState:
-        runs = runs or RunStore()
+        runs = _goal_runs(runs, data["goal_id"])
         lease = (defaults or BudgetDefaults()).lease_seconds
         # JSON has no infinity or NaN: records from before events refused them kept such a
         # cap or spend as null. Read back as "nothing more to spend" until a budget set.
@@ -582,6 +622,8 @@ class BudgetState:
         )
 
     def _detail(self, reason: str, limit: str, current: float, maximum: float) -> str:
+        if reason == "invalid":
+            return "another goal's task waits or runs under this run id; send a unique one"
         if reason == "timeout":
             return "deadline passed while waiting for a max_concurrent slot"
         if limit == "max_agents":
@@ -673,12 +715,29 @@ class BudgetState:
         """A platform call (judge, feedback instruction) for this goal: hold its worst case."""
         committed = self.spent_today(now) + self.reserved()
         approved = committed + e.amount_usd <= self.max_daily_cost + 1e-12
-        if approved:
-            self.spawn_holds[_platform_hold(e.purpose, e.run_id)] = [now.isoformat(), e.amount_usd]
+        key = self._free_hold(e.purpose, e.run_id)
+        approved = approved and key is not None
+        if approved and key is not None:
+            # Each call its own hold: several for one run (feedback sent again and again on
+            # one answer) once replaced one another, and a $0.01 cap let $0.04 be spent.
+            self.spawn_holds[key] = [now.isoformat(), e.amount_usd]
         decision = [approved, now.isoformat(), round(committed, 9)]
         self.spends[_ref(e.event_id)] = decision
         _drop_oldest(self.spends, _DECISIONS_LIMIT)
         return self._spend_decision(e, decision)
+
+    def _free_hold(self, purpose: str, run_id: str | None) -> str | None:
+        """The key of a new hold of a ``purpose`` call for ``run_id``; None when the run has
+        ``_PLATFORM_HOLDS_PER_RUN`` of them already."""
+        for key in _platform_holds(purpose, run_id):
+            if key not in self.spawn_holds:
+                return key
+        return None
+
+    def _held_call(self, purpose: str, run_id: str | None) -> str | None:
+        """The oldest hold of a ``purpose`` call for ``run_id`` (what its report settles)."""
+        held = [k for k in _platform_holds(purpose, run_id) if k in self.spawn_holds]
+        return min(held, key=lambda k: str(self.spawn_holds[k][0]), default=None)
 
     def _spend_decision(self, e: SpendRequested, decision: list[Any]) -> list[Event]:
         approved, at, committed = decision
@@ -797,6 +856,10 @@ class BudgetState:
         if run in self.in_flight or over or run in self.queue:
             # Admitted, waiting or over already: a re-routed request changes nothing.
             return []
+        if isinstance(self.runs, GoalRuns) and self.runs.taken(run):
+            # Another goal's task waits or runs under this run id: this one is refused
+            # rather than stored over it (or admitted when the other's ends).
+            return self._fail(cause, e, "invalid", "", 0.0, 0.0, now)
         if self._revival_refused(e):
             # The router revives a retired agent instead of spawning one: a live agent
             # again, so it needs a place under max_agents like a spawn.
@@ -902,7 +965,7 @@ class BudgetState:
         held = sum(1 for t in self.tokens.values() if t[4] == e.holder)
         hold = defaults.token_hold()
         room = self.max_daily_cost - self.spent_today(now) - self.reserved()
-        by_money = int((room + 1e-12) // hold) if hold > 0 else e.want_tokens
+        by_money = int(min((room + 1e-12) // hold, e.want_tokens)) if hold > 0 else e.want_tokens
         count = min(
             e.want_tokens,
             defaults.admission_tokens - held,
@@ -976,6 +1039,17 @@ class BudgetState:
                 out += self._end_queued(
                     cause, TaskRequested.model_validate(raw), "timeout", "", spent, now
                 )
+        while self.queue and self.max_concurrent == 0:
+            # No slot will ever come: the tasks that waited fail as new ones do (one without
+            # a deadline waited for good).
+            run = self.queue.pop(0)
+            task = self._queued(run)
+            if task is None:
+                out += self._recover_queued(cause, run, now)
+                continue
+            out += self._end_queued(
+                cause, task, "budget_exceeded", "max_concurrent", self.busy(), now, maximum=0
+            )
         while self.queue and self.busy() < self.max_concurrent:
             run = self.queue[0]
             task = self._queued(run)
@@ -1051,6 +1125,7 @@ class BudgetState:
             _ref(task.run_id),
             {
                 "run_id": task.run_id,
+                "goal_id": self.goal_id,
                 "info": {
                     "user_id": task.user_id,
                     "agent_id": task.agent_id,
@@ -1071,7 +1146,9 @@ class BudgetState:
         if e.run_id and e.purpose == "spawn_prompt":
             self.spawn_holds.pop(_ref(e.run_id), None)
         if e.purpose in ("judge", "improvement"):
-            self.spawn_holds.pop(_platform_hold(e.purpose, e.run_id), None)
+            settled = self._held_call(e.purpose, e.run_id)
+            if settled is not None:
+                del self.spawn_holds[settled]
         if e.run_id and e.purpose == "answer" and (e.ok or e.cost_usd > 0):
             # A refused call (ok=False, no cost) may be followed by a paid one.
             run = _ref(e.run_id)
@@ -1104,8 +1181,8 @@ class BudgetState:
         elif e.purpose == "spawn_prompt" and _ref(e.run_id) in self.spawn_holds:
             at = self.spawn_holds[_ref(e.run_id)][0]
         elif e.purpose in ("judge", "improvement"):
-            held = self.spawn_holds.get(_platform_hold(e.purpose, e.run_id))
-            at = held[0] if held is not None else None
+            key = self._held_call(e.purpose, e.run_id)
+            at = self.spawn_holds[key][0] if key is not None else None
         return datetime.fromisoformat(at) if isinstance(at, str) and at else None
 
     def _release(self, e: WorkflowCompleted | WorkflowFailed, defaults: BudgetDefaults) -> None:
@@ -1266,6 +1343,9 @@ def _approval_id(e: SpawnRequested) -> str:
     return str(uuid.uuid5(_NS, f"{e.event_id}:approved"))
 
 
-def _platform_hold(purpose: str, run_id: str | None) -> str:
-    # Beside the spawn holds (keyed by run id) without colliding with them.
-    return f"{purpose}:{_ref(run_id or '')}"
+def _platform_holds(purpose: str, run_id: str | None) -> list[str]:
+    """The keys a run's holds of ``purpose`` calls take, beside the spawn holds (keyed by
+    run id) without colliding with them; the first is the one key records before
+    2026-12-06 had."""
+    first = f"{purpose}:{_ref(run_id or '')}"
+    return [first] + [f"{first}#{n}" for n in range(1, _PLATFORM_HOLDS_PER_RUN)]

@@ -41,11 +41,11 @@ def _state(**limits) -> BudgetState:
     return state
 
 
-def _task(i: int) -> TaskRequested:
+def _task(i: int, goal: str = "g1", run: str | None = None) -> TaskRequested:
     return TaskRequested(
         source="router",
-        run_id=f"r{i}",
-        goal_id="g1",
+        run_id=run or f"r{i}",
+        goal_id=goal,
         user_id="u1",
         agent_id="a1",
         specialty="code",
@@ -65,14 +65,14 @@ def _cost(i: int, usd: float, when: datetime) -> LlmCallCompleted:
     )
 
 
-def _judged(run: str, usd: float, when: datetime) -> LlmCallCompleted:
-    """The improvement service's report of a judge call it made for ``run``."""
+def _judged(run: str, usd: float, when: datetime, purpose: str = "judge") -> LlmCallCompleted:
+    """The improvement service's report of a judge (or other) call it made for ``run``."""
     return LlmCallCompleted(
         source="improvement",
         run_id=run,
         goal_id="g1",
         model="m",
-        purpose="judge",
+        purpose=purpose,
         cost_usd=usd,
         occurred_at=when,
     )
@@ -866,3 +866,70 @@ def test_a_waiting_tasks_deadline_is_read_as_its_event_would_have_it():
         assert _deadline_of(stored) == TaskRequested.model_validate(stored).deadline_at, raw
     with pytest.raises(ValueError):
         _deadline_of({**_task(1).model_dump(mode="json"), "deadline_at": "soon"})
+
+
+# -- hostile or unlucky input a review found (2026-12-06) -----------------------------
+
+
+def test_several_platform_calls_for_one_run_each_hold_and_the_cap_holds():
+    # The owner of a run may send feedback on it again and again; each feedback asks for an
+    # instruction-writing call. Those holds once replaced one another: twenty were approved
+    # against a cap that paid for five, and $0.04 was spent under a $0.01 cap.
+    clock = FakeClock()
+    state = _state(max_daily_cost=0.01)
+    asks = [
+        SpendRequested(
+            source="improvement", run_id="r1", goal_id="g1", purpose="improvement", amount_usd=0.002
+        )
+        for _ in range(20)
+    ]
+    decided = [e for ask in asks for e in state.handle(ask, clock.now(), DEFAULTS).events]
+    approved = [e for e in decided if isinstance(e, SpendDecided) and e.approved]
+    assert len(approved) == 5 and state.reserved() == pytest.approx(0.01)
+    # Each report settles one hold; what is spent never passes the cap.
+    for _ in approved:
+        state.handle(_judged("r1", 0.002, clock.now(), "improvement"), clock.now(), DEFAULTS)
+    assert state.reserved() == 0.0
+    assert state.spent_today(clock.now()) == pytest.approx(0.01)
+
+
+def test_a_run_id_another_goal_is_using_cannot_take_its_place_or_pass_its_own_limits():
+    # Run ids are the sender's. Goal B's task queued under goal A's run id was once admitted
+    # when A's run ended (past B's max_concurrent), and A's own task never ran.
+    clock = FakeClock()
+    runs = RunStore()
+    a = BudgetState.new("ga", DEFAULTS, runs)
+    b = BudgetState.new("gb", DEFAULTS, runs)
+    a.max_concurrent = b.max_concurrent = 1
+
+    a.handle(_task(0, "ga", "a0"), clock.now(), DEFAULTS)  # A runs a0; its X will wait
+    assert a.handle(_task(1, "ga", "X"), clock.now(), DEFAULTS).events == []
+    b.handle(_task(2, "gb", "b0"), clock.now(), DEFAULTS)  # B runs b0
+    (failed,) = b.handle(_task(3, "gb", "X"), clock.now(), DEFAULTS).events
+    assert isinstance(failed, WorkflowFailed) and failed.reason == "invalid"
+    assert failed.goal_id == "gb" and "another goal" in failed.detail
+    # A's X is still A's, and runs when A's slot frees.
+    done = WorkflowCompleted(source="loader", run_id="a0", goal_id="ga", specialty="code", text="")
+    (admitted,) = a.handle(done, clock.now(), DEFAULTS).events
+    assert isinstance(admitted, TaskAdmitted) and admitted.goal_id == "ga"
+    assert admitted.message == "task 1" and len(b.in_flight) == 1
+
+
+def test_a_huge_daily_cap_is_refused_where_it_is_made():
+    # 1e308 overflowed the admission tokens' arithmetic: every task asking for one failed.
+    with pytest.raises(ValueError):
+        BudgetUpdateRequested(source="cli", goal_id="g1", max_daily_cost=1e308)
+    BudgetUpdateRequested(source="cli", goal_id="g1", max_daily_cost=1e9)
+
+
+def test_tasks_waiting_when_max_concurrent_drops_to_zero_fail_at_once():
+    clock = FakeClock()
+    state = _state(max_concurrent=1)
+    state.handle(_task(1), clock.now(), DEFAULTS)
+    state.handle(_task(2), clock.now(), DEFAULTS)  # waits; it has no deadline
+    assert len(state.queue) == 1
+    update = BudgetUpdateRequested(source="cli", goal_id="g1", max_concurrent=0)
+    out = state.handle(update, clock.now(), DEFAULTS).events
+    out += state.handle(_tick(), clock.now(), DEFAULTS).events
+    (failed,) = [e for e in out if isinstance(e, WorkflowFailed)]
+    assert failed.run_id == "r2" and failed.limit == "max_concurrent" and state.queue == []

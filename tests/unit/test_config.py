@@ -29,7 +29,8 @@ def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
         (
             {"ORCH_BUDGET_MAX_DAILY_COST": "nan"},
-            "ORCH_BUDGET_MAX_DAILY_COST must be a finite number >= 0, got 'nan'",
+            "ORCH_BUDGET_MAX_DAILY_COST must be a finite number between 0 and 1000000000.0,"
+            " got 'nan'",
         ),
         (
             {"ORCH_BUDGET_TICK_SECONDS": "0"},
