@@ -73,6 +73,7 @@ __all__ = [
     "MAX_RUN_ID_CHARS",
     "MAX_WAIT_SECONDS",
     "SPAWN_APPROVAL_SECONDS",
+    "SPAWN_WRITE_SECONDS",
     "MAX_DAILY_COST_USD",
     "new_event_id",
     "terminal_event_id",
@@ -95,6 +96,10 @@ MAX_FEEDBACK_CHARS = 4_000
 # under max_agents back after twice this, so an approval nobody acts on (one the spawner
 # cannot read, say) does not hold it for ever, and none is acted on after it was freed.
 SPAWN_APPROVAL_SECONDS = 300.0
+# The spawner asks the LLM for a prompt only for an approval at most this old (the template
+# serves an older one): the budget's hold of the call's cost lapses at max(60 s, the LLM
+# timeout + 30 s) after the approval, and a call begun later could run past it.
+SPAWN_WRITE_SECONDS = 30.0
 MAX_DAILY_COST_USD = 1e9
 # A request's deadline is at most this long after the request: a lease, a queue's wait
 # and every time sum the budget makes stay within reach of the clock.

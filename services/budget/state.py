@@ -1248,9 +1248,12 @@ class BudgetState:
     def _expire(self, now: datetime, defaults: BudgetDefaults) -> list[Event]:
         """Give back what lapsed; the reports of the calls nobody reported, to send."""
         t = self._lease_now(now)
-        # A spawn written from a template reports no cost; its hold lapses quickly.
+        # A spawn written from a template reports no cost; its hold lapses quickly, but not
+        # before the call it covers has timed out (a 120 s LLM timeout once outlived a 60 s
+        # hold, and a second judge call was approved beside a first still running).
+        lapse = max(_SPAWN_HOLD_SECONDS, defaults.llm_timeout_s + _LEASE_GRACE_SECONDS)
         for key, (held_at, _) in list(self.spawn_holds.items()):
-            if (t - datetime.fromisoformat(held_at)).total_seconds() > _SPAWN_HOLD_SECONDS:
+            if (t - datetime.fromisoformat(held_at)).total_seconds() > lapse:
                 del self.spawn_holds[key]
         # An approval the spawner never answered gives its place back; the spawner acts
         # on none this old (SPAWN_APPROVAL_SECONDS), so no agent comes of it after this.

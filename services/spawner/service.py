@@ -24,6 +24,7 @@ from services.spawner.design import (
 from streams.clock import Clock
 from streams.events import (
     SPAWN_APPROVAL_SECONDS,
+    SPAWN_WRITE_SECONDS,
     AgentRetired,
     AgentSpawned,
     Event,
@@ -45,7 +46,7 @@ from streams.llm import (
 from streams.runtime import ServiceContext
 from streams.topics import PARTITIONS
 
-__all__ = ["APP_NAME", "AgentIdTaken", "known_agent", "main", "new_agent"]
+__all__ = ["APP_NAME", "AgentIdTaken", "known_agent", "main", "new_agent", "prompt_writer"]
 
 log = logging.getLogger(__name__)
 APP_NAME = "orchestrator.spawner"
@@ -119,6 +120,12 @@ def announcement(
         occurred_at=now,
     )
     return [spawned, retired, _changed(approval, agent_id, "retired")]
+
+
+def prompt_writer(llm: LLMClient | None, age_s: float) -> LLMClient | None:
+    """Who writes the prompt of an approval ``age_s`` old: the LLM while the budget's hold of
+    the call's cost outlasts the call (``SPAWN_WRITE_SECONDS``), else nobody (the template)."""
+    return llm if age_s <= SPAWN_WRITE_SECONDS else None
 
 
 def _model_for(event: SpawnApproved, settings: LLMSettings) -> str:
@@ -257,7 +264,10 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         if known is not None:
             return known, False
         late = late_prompt_report(ctx, settings, event)
-        spawned, cost = await new_agent(event, llm, settings, ctx.clock, late)
+        # An approval read late (a spawner restarted or behind) gets the template: the
+        # budget's hold of a writing call's cost may lapse before a call begun now ends.
+        writer = prompt_writer(llm, _age(event))
+        spawned, cost = await new_agent(event, writer, settings, ctx.clock, late)
         if cost is not None:
             # The prompt call was made and is paid for: counted whatever happens next.
             await ctx.producer.deliver([cost], what=f"the prompt call's cost for {agent_id}")

@@ -933,3 +933,28 @@ def test_tasks_waiting_when_max_concurrent_drops_to_zero_fail_at_once():
     out += state.handle(_tick(), clock.now(), DEFAULTS).events
     (failed,) = [e for e in out if isinstance(e, WorkflowFailed)]
     assert failed.run_id == "r2" and failed.limit == "max_concurrent" and state.queue == []
+
+
+def test_a_platform_calls_hold_outlasts_a_long_llm_timeout():
+    # With a 120 s LLM timeout a judge call may run 120 s; its hold once lapsed at 60 s and a
+    # second call was approved beside the first, past the cap.
+    clock = FakeClock()
+    slow = BudgetDefaults(
+        task_reserve_usd=0.01, prices=PriceTable({}, ModelPrice(0.0, 0.0)), llm_timeout_s=120.0
+    )
+    state = BudgetState.new("g1", slow)
+    state.max_daily_cost = 0.01
+    ask = SpendRequested(
+        source="improvement",
+        run_id="r1",
+        goal_id="g1",
+        purpose="judge",
+        amount_usd=0.01,
+        occurred_at=clock.now(),
+    )
+    assert state.handle(ask, clock.now(), slow).events[-1].approved
+    for step, held in ((61, 0.01), (88, 0.01), (2, 0.0)):  # at 61 s, 149 s, 151 s
+        clock.advance(step)
+        # Lease time moves with the goal's events: another run's report, stamped now.
+        state.handle(_judged("r9", 0.0, clock.now()), clock.now(), slow)
+        assert state.reserved() == pytest.approx(held)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 from services.budget.state import BudgetState
-from services.spawner.service import announcement
+from services.spawner.service import announcement, prompt_writer
 from streams.clock import FakeClock
 from streams.events import (
     SPAWN_APPROVAL_SECONDS,
+    SPAWN_WRITE_SECONDS,
     AgentRetired,
     AgentSpawned,
     GoalAgentsChanged,
@@ -81,3 +82,11 @@ def test_a_late_retirement_while_the_budget_still_holds_the_approval_frees_its_p
     budget.handle(notice, clock.now(), DEFAULTS)
     assert budget.spawning == {} and budget.agent_count() == 0
     assert isinstance(budget.handle(_spawn_req(1), clock.now(), DEFAULTS).events[0], SpawnApproved)
+
+
+def test_an_approval_read_late_gets_the_template_not_a_paid_call_its_hold_may_not_cover():
+    llm = object()
+    assert prompt_writer(llm, 0.0) is llm  # type: ignore[arg-type]
+    assert prompt_writer(llm, SPAWN_WRITE_SECONDS) is llm  # type: ignore[arg-type]
+    assert prompt_writer(llm, SPAWN_WRITE_SECONDS + 0.1) is None  # type: ignore[arg-type]
+    assert prompt_writer(None, 0.0) is None
