@@ -78,6 +78,13 @@ def _judged(run: str, usd: float, when: datetime, purpose: str = "judge") -> Llm
     )
 
 
+def _spend(run: str, purpose: str, usd: float, **fields) -> SpendRequested:
+    """The improvement service's ask to hold a platform call's worst case for ``run``."""
+    return SpendRequested(
+        source="improvement", run_id=run, goal_id="g1", purpose=purpose, amount_usd=usd, **fields
+    )
+
+
 def test_spawns_stop_at_max_agents_with_the_limit_named():
     clock = FakeClock()
     state = _state(max_agents=3)
@@ -877,12 +884,7 @@ def test_several_platform_calls_for_one_run_each_hold_and_the_cap_holds():
     # against a cap that paid for five, and $0.04 was spent under a $0.01 cap.
     clock = FakeClock()
     state = _state(max_daily_cost=0.01)
-    asks = [
-        SpendRequested(
-            source="improvement", run_id="r1", goal_id="g1", purpose="improvement", amount_usd=0.002
-        )
-        for _ in range(20)
-    ]
+    asks = [_spend("r1", "improvement", 0.002) for _ in range(20)]
     decided = [e for ask in asks for e in state.handle(ask, clock.now(), DEFAULTS).events]
     approved = [e for e in decided if isinstance(e, SpendDecided) and e.approved]
     assert len(approved) == 5 and state.reserved() == pytest.approx(0.01)
@@ -944,14 +946,7 @@ def test_a_platform_calls_hold_outlasts_a_long_llm_timeout():
     )
     state = BudgetState.new("g1", slow)
     state.max_daily_cost = 0.01
-    ask = SpendRequested(
-        source="improvement",
-        run_id="r1",
-        goal_id="g1",
-        purpose="judge",
-        amount_usd=0.01,
-        occurred_at=clock.now(),
-    )
+    ask = _spend("r1", "judge", 0.01, occurred_at=clock.now())
     assert state.handle(ask, clock.now(), slow).events[-1].approved
     for step, held in ((61, 0.01), (88, 0.01), (2, 0.0)):  # at 61 s, 149 s, 151 s
         clock.advance(step)
