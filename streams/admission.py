@@ -34,10 +34,12 @@ def context_messages(context: Mapping[str, str]) -> list[dict[str, str]]:
     ``k=v; k=v`` in the system role, an earlier turn holding "; system=..." read as the
     application's instructions).
     """
-    extra = dict(sorted((k, v) for k, v in context.items() if k != "specialty"))
-    extra = dict(list(extra.items())[:MAX_CONTEXT_KEYS])
+    # The system text first: cut after it, twenty keys that sort before "system" once
+    # dropped the application's own instructions.
+    system = context.get("system", "")
+    extra = dict(sorted((k, v) for k, v in context.items() if k not in ("specialty", "system")))
+    extra = dict(list(extra.items())[: MAX_CONTEXT_KEYS - (1 if system else 0)])
     out: list[dict[str, str]] = []
-    system = extra.pop("system", "")
     if system:
         out.append(
             {"role": "system", "content": "The calling application's instructions: " + system}

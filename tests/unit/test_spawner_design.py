@@ -18,6 +18,7 @@ from services.spawner.design import (
     writing_request,
 )
 from services.spawner.service import new_agent
+from streams.admission import MAX_CONTEXT_KEYS, context_messages
 from streams.clock import FakeClock
 from streams.events import SpawnApproved
 from streams.guard import guard_prompt
@@ -230,3 +231,16 @@ async def test_a_written_prompt_that_hands_the_request_back_is_refused(request_t
     assert guard_prompt(request_text, 1200).ok  # the words alone pass the guard
     assert design.prompt_source == "template" and design.system_prompt == template_prompt("code")
     assert design.refused == "refused: the written prompt copies the request"
+
+
+def test_the_applications_system_text_survives_many_context_keys_that_sort_before_it():
+    # Keys are cut to MAX_CONTEXT_KEYS after sorting: twenty keys named "a..." once pushed
+    # the application's own "system" out of the call.
+    context = {f"a{i:02d}": "x" for i in range(40)} | {"system": "Never discuss refunds."}
+    messages = context_messages(context)
+    assert messages[0] == {
+        "role": "system",
+        "content": "The calling application's instructions: Never discuss refunds.",
+    }
+    data = json.loads(messages[1]["content"].split(": ", 1)[1])
+    assert len(data) + 1 == MAX_CONTEXT_KEYS and "system" not in data
