@@ -49,7 +49,7 @@ from services.improvement.instructions import (
 )
 from services.improvement.patterns import PatternSettings
 from services.improvement.settings import ImprovementSettings
-from services.improvement.state import ImprovementState, RunInfo, state_from_v1
+from services.improvement.state import ImprovementState, RunInfo, pad_runs, state_from_v1
 from services.improvement.versions import VERSION_TOPICS, CanaryPolicy, ChangeSource
 from streams.client import feedback_event
 from streams.config import JudgeSettings, data_root
@@ -149,8 +149,8 @@ COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 # the pattern window; outcomes without run ids; a joined, assessed run without its message.
 # 3: a pattern's row holds when it was last decided (decided patterns are forgotten once
 # their automations lapsed); a version 2 row reads as decided now, runs and patterns
-# restore within the caps.
-SNAPSHOT_VERSION = 3
+# restore within the caps. 4: a run keeps the platform's version under a goal's own.
+SNAPSHOT_VERSION = 4
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 # The kinds of improvement_available the platform proposes; the single writer saves no other.
 _KINDS = ("instructions", "approved", "goal_win")
@@ -217,11 +217,16 @@ def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_v2(data: dict[str, Any]) -> dict[str, Any]:
-    return data  # the restore reads a version 2 pattern row (no decision time) as it is
+    # The restore reads a version 2 pattern row (no decision time) as it is.
+    return _from_v3(data)
+
+
+def _from_v3(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "state": pad_runs(data["state"])}
 
 
 # Older snapshot versions still read, with the way from each to the current one.
-_UPGRADES = {1: _from_v1, 2: _from_v2}
+_UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3}
 
 
 class _ViewBehind(TimeoutError):

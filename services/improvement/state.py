@@ -94,6 +94,9 @@ class RunInfo:
     version_done: bool = False
     assessed: bool = False  # it has its one workflow_assessed, whatever the method
     judge_probability: float | None = None  # the router's, with its decision (route_decided)
+    # A run of a goal's own workflow: the platform-wide version under it (its specialty's
+    # workflow), so the platform's trial measures the goal's runs too.
+    platform_label: str | None = None
 
     @property
     def workflow_id(self) -> str | None:
@@ -294,6 +297,7 @@ class ImprovementState:
             run.completed_at = event.occurred_at
             run.version_label = _shared(event.meta.get("workflow_version"))
             run.version_flow = _shared(event.meta.get("workflow_id") or event.specialty)
+            run.platform_label = _shared(event.meta.get("platform_version"))
         elif isinstance(event, WorkflowFailed):
             run.failed_at = event.occurred_at
             run.specialty = run.specialty or _shared(event.specialty)
@@ -341,6 +345,14 @@ class ImprovementState:
             flow = run.version_flow or run.specialty
             self.flow(flow).observe(run.run_id, run.version_label, run.quality, run.completed_at)
             self.dirty_flows.add(flow)
+            if run.platform_label is not None and flow != run.specialty:
+                # The goal's canary and the platform's draw apart (streams: share_of per
+                # workflow), so each trial compares its own versions fairly on these runs.
+                under = run.specialty
+                self.flow(under).observe(
+                    run.run_id, run.platform_label, run.quality, run.completed_at
+                )
+                self.dirty_flows.add(under)
         if run.signature is not None and _judged(run.assessed, run.completed_at, run.failed_at):
             run.message = None
 
@@ -430,9 +442,9 @@ def state_from_v1(data: dict[str, Any]) -> dict[str, Any]:
         else tuple(row)
         for row in data["runs"]
     ]
-    # Fields added since version 1 (the router's chance of a judge) start unknown.
-    runs = [(*row, *(None,) * (_RUN_FIELDS - len(row))) for row in runs]
-    return {**data, "patterns": patterns, "runs": runs}
+    # Fields added since version 1 (the router's chance of a judge, the platform's version
+    # under a goal's own) start unknown.
+    return pad_runs({**data, "patterns": patterns, "runs": runs})
 
 
 class GoalSpend:
@@ -521,3 +533,9 @@ class GoalSpend:
         if (goal_id, day) in self._exceeded:
             return False
         return self.spent(goal_id, day) + reserve <= self.limit(goal_id) + 1e-12
+
+
+def pad_runs(data: dict[str, Any]) -> dict[str, Any]:
+    """A dump whose runs have fewer fields than a run has now, the new ones unknown."""
+    runs = [(*row, *(None,) * (_RUN_FIELDS - len(row))) for row in data["runs"]]
+    return {**data, "runs": runs}

@@ -611,11 +611,14 @@ class Loader:
         # workflow_version/workflow_id; an endpoint's own would hold or free budget, or
         # credit another version.
         own = {"truncated", "cost_pending", "cost_id", "cost_model", "requested_specialty"}
-        own |= {"workflow_version", "workflow_id"}
+        own |= {"workflow_version", "workflow_id", "platform_version"}
         meta = {key: value for key, value in done.meta.items() if key not in own}
         if not legacy:
             meta["workflow_version"] = str(served.version)
             meta["workflow_id"] = served.workflow_id
+            if served.platform_version is not None:
+                # A goal's own version sits on the platform's: the run is in both trials.
+                meta["platform_version"] = str(served.platform_version)
         return done.text, done.cost_usd, meta
 
     async def _settled(

@@ -35,6 +35,9 @@ class Served:
     system_prompt: str | None  # None: the agent's own prompt (version 1)
     workflow_id: str = ""  # the workflow whose version this is ("" when unnamed)
     instructions: tuple[str, ...] = ()  # a goal's vetted adjustments, added to the prompt
+    # With a goal's own workflow: the platform-wide version under it (its workflow is the
+    # specialty), so the run counts in the platform's trial too. None otherwise.
+    platform_version: int | None = None
 
 
 @dataclass
@@ -94,7 +97,13 @@ class WorkflowVersions:
             return platform
         version = _pick(flow, set(flow.instructions), workflow_id, run_id)
         own = flow.instructions.get(version, ()) if version > 1 else ()
-        return Served(version, platform.system_prompt, workflow_id, (*platform.instructions, *own))
+        return Served(
+            version,
+            platform.system_prompt,
+            workflow_id,
+            (*platform.instructions, *own),
+            platform_version=platform.version,
+        )
 
 
 def _pick(flow: _Workflow, known: set[int], workflow_id: str, run_id: str) -> int:

@@ -6,12 +6,19 @@ import random
 
 import pytest
 
+from services.improvement.patterns import PatternSettings
+from services.improvement.service import _from_v3
+from services.improvement.state import ImprovementState
 from services.improvement.versions import CanaryPolicy, WorkflowLedger, judge_canary
 from streams.clock import FakeClock
 from streams.events import (
     ImprovementApplied,
     ImprovementAvailable,
     ImprovementRolledBack,
+    RequestReceived,
+    RouteDecided,
+    WorkflowAssessed,
+    WorkflowCompleted,
     WorkflowVersionSaved,
 )
 
@@ -179,3 +186,31 @@ def test_judge_canary_undecided_at_max_keeps_the_higher_mean():
     policy = CanaryPolicy(min_runs=2, promote_runs=1000, max_runs=4, margin=0.0)
     assert judge_canary([0.5, 0.6, 0.5, 0.6], [0.55, 0.5, 0.6, 0.55], policy).action == "promote"
     assert judge_canary([0.5, 0.6], [0.9, 0.1], policy).action == "wait"
+
+
+def test_a_goals_run_counts_in_its_goals_trial_and_in_the_platforms_under_it():
+    # A run of a goal with its own versions was labelled with the goal's version only, so
+    # the platform's trial of a change never saw that goal's runs.
+    clock = FakeClock()
+    state = ImprovementState(PatternSettings(), clock)
+    meta = {"workflow_version": "2", "workflow_id": "g1/code", "platform_version": "3"}
+    for event in (
+        RequestReceived(source="t", run_id="r1", goal_id="g1", user_id="u1", message="fix it"),
+        RouteDecided(source="t", run_id="r1", specialty="code", action="spawn"),
+        WorkflowCompleted(
+            source="loader", run_id="r1", goal_id="g1", specialty="code", text="ok", meta=meta
+        ),
+        WorkflowAssessed(source="t", run_id="r1", specialty="code", quality=0.8, method="world"),
+    ):
+        state.apply(event)
+    seen = {
+        flow: [(o.label, o.quality) for o in ledger._observations.values()]  # noqa: SLF001
+        for flow, ledger in state.flows.items()
+    }
+    assert seen == {"g1/code": [("2", 0.8)], "code": [("3", 0.8)]}
+    # A snapshot written before runs kept the platform's version reads back, that unknown.
+    dump = state.dump()
+    older = {"state": {**dump, "runs": [row[:-1] for row in dump["runs"]]}}
+    again = ImprovementState(PatternSettings(), clock)
+    again.restore(_from_v3(older)["state"])
+    assert again.dump()["runs"] == [(*dump["runs"][0][:-1], None)]

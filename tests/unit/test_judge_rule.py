@@ -123,11 +123,12 @@ def test_the_first_decision_s_chance_is_the_one_kept():
     state.apply(_route("r1", 0.1))  # a redelivered request decided again: not believed
     run = state.run("r1")
     assert run is not None and run.judge_probability == 0.7
-    # A version 1 snapshot's row, from before the chance was kept, reads back without it.
+    # A version 1 snapshot's row, from before the chance (and the platform's version under
+    # a goal's own) was kept, reads back without it.
     state.apply(_route("r2", None))
     row = state.dump()["runs"]
     again = ImprovementState(PatternSettings(), FakeClock())
-    again.restore(state_from_v1({**state.dump(), "runs": [r[:-1] for r in row]}))
+    again.restore(state_from_v1({**state.dump(), "runs": [r[:-2] for r in row]}))
     assert again.run("r1") is not None and again.run("r1").judge_probability is None  # type: ignore[union-attr]
 
 

@@ -120,6 +120,10 @@ def test_a_goal_version_serves_only_that_goals_runs_on_top_of_the_platform():
         "Be concise.",
         "Include an example.",
     )
+    # The goal's run names the platform's version under its own, so it counts in the
+    # platform's trial too; a goal without versions of its own serves the platform's alone.
+    assert versions.serve_for("g1", "code", "r1").platform_version == 2
+    assert versions.serve_for("g2", "code", "r1").platform_version is None
     prompt = with_adjustments(
         "You are a coder.", versions.serve_for("g1", "code", "r1").instructions
     )
