@@ -240,11 +240,13 @@ def simulate_priced(
             )
             paid += judge_cost_usd(world, request, arm)
             seen = None if grade is None else (grade - 1) / 9
+        judged = seen is not None
         if seen is None:
             score = world.feedback_score(f"{seed}/{index}", quality, seed)
             seen = None if score is None else (score - 1) / 4
         if seen is not None:
-            policy.update(features, arm, seen, cost)
+            # As the router: a user's score raises no change (services/router/service.py).
+            policy.update(features, arm, seen, cost, detect=judged)
             sampler.learned(features, arm)
         run.add(arm, quality, paid, judged=judge)
     return run

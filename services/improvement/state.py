@@ -302,6 +302,11 @@ class ImprovementState:
             run.failed_at = event.occurred_at
             run.specialty = run.specialty or _shared(event.specialty)
             run.agent_id = run.agent_id or _shared(event.agent_id)
+            if event.reason not in _AGENTS_FAILURES and run.completed_at is None:
+                # A deadline, a budget or a request the client chose failed it, not the
+                # agent: no outcome of the pattern (a user's own short deadlines once kept
+                # a goal's automations from ever being earned).
+                run.outcome_done = True
         elif not run.assessed and run.quality is None:  # the first assessment counts
             run.assessed = True
             # An unjudged run's heuristic number must not pass for a grade: the canary test
@@ -403,6 +408,10 @@ class ImprovementState:
         saved = ledger.versions.get(ledger.state.base) if ledger is not None else None
         return split_instructions(saved.changes.get("instructions")) if saved else []
 
+
+# Failures that say something of the agent or the platform serving it; the others (a
+# timeout, a budget, an invalid request) come of what the client or its goal chose.
+_AGENTS_FAILURES = frozenset({"llm_failure", "internal", "no_agent"})
 
 # A run as a tuple of its fields in order, which RunInfo(*row) reads back.
 _run_row = attrgetter(*(f.name for f in fields(RunInfo)))

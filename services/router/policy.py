@@ -53,14 +53,20 @@ _OWN_ENOUGH = 10.0
 # Outcomes a goal's policy has learned in all past which it stops asking what other goals
 # agree on (see GoalPolicies): by then its own words cover what it is asked.
 _YOUNG = 500
+# The words of a request for which a young goal asks what other goals agree on.
+_SHARED_WORDS = 16
 # Goals remembered per (word, arm) as having learned it: the median of at most this many
 # other goals' means is what they agree on.
 _MAX_VOTERS = 9
+# Goals kept per word as having learned it with any arm (see GoalPolicies.agreed).
+_MAX_KNOWERS = 4 * _MAX_VOTERS
 # Outcomes a goal must have learned of a word before its mean counts towards agreement.
 _VOTER_MIN = 2.0
 # The change detector's least standard deviation of a word's rewards: outcomes that never
 # varied yet (a repeated message's fixed draw) must not turn every small move into a change.
 _MIN_SPREAD = 0.05
+# The most one outcome's surprise counts, in standard deviations (see _surprised).
+_MAX_SURPRISE = 4.0
 
 
 @dataclass(frozen=True)
@@ -125,8 +131,17 @@ class Policy(Protocol):
         """The arm to serve with; ``cost_weight``: quality given up per USD of an answer."""
         ...
 
-    def update(self, features: Features, arm: str, reward: float, cost: float = 0.0) -> None:
-        """What serving with ``arm`` gave: its quality (``reward``) and its cost in USD."""
+    def update(
+        self,
+        features: Features,
+        arm: str,
+        reward: float,
+        cost: float = 0.0,
+        *,
+        detect: bool = True,
+    ) -> None:
+        """What serving with ``arm`` gave: its quality (``reward``) and its cost in USD;
+        ``detect``: whether the outcome may raise a change (False for a user's feedback)."""
         ...
 
 
@@ -144,7 +159,15 @@ class StaticPolicy:
             pick = _fallback(arms) if arms else guess
         return Choice(pick, 1.0, {a: float(a == pick) for a in arms})
 
-    def update(self, features: Features, arm: str, reward: float, cost: float = 0.0) -> None:
+    def update(
+        self,
+        features: Features,
+        arm: str,
+        reward: float,
+        cost: float = 0.0,
+        *,
+        detect: bool = True,
+    ) -> None:
         return None
 
 
@@ -375,7 +398,11 @@ class LearnedPolicy:
         # and asking costs the request path (docs/performance.md).
         agreed = self.commons if self.updates < _YOUNG else None
         parts, costs = [], []
-        for w in features.words:
+        for i, w in enumerate(features.words):
+            if i == _SHARED_WORDS:
+                # Each ask reads up to nine other goals' statistics: a request's first words
+                # ask, the rest do not (64 words, 9 voters each, once took 6-18 ms a choice).
+                agreed = None
             st = self._word.get((w, arm))
             if st is not None:
                 self._fresh(st)
@@ -496,15 +523,25 @@ class LearnedPolicy:
         # Only now, with every value read: a restore that fails changes nothing.
         self.updates, self.changes, self._arm, self._word = updates, changes, arms, words
 
-    def update(self, features: Features, arm: str, reward: float, cost: float = 0.0) -> None:
+    def update(
+        self,
+        features: Features,
+        arm: str,
+        reward: float,
+        cost: float = 0.0,
+        *,
+        detect: bool = True,
+    ) -> None:
         self.updates += 1
         st = self._fresh(self._arm[arm])
         st.n += 1
         st.total += reward
         st.cost += cost
         stats = [self._fresh(self._word.touch((w, arm))) for w in features.words]
-        # Every word's detector sees the outcome (a list, not a generator that stops early).
-        surprised = [self._surprised(ws, reward) for ws in stats]
+        # Every word's detector sees the outcome (a list, not a generator that stops early),
+        # unless it is a user's own score: two scores of 1 from one user on the goal's
+        # common words once made the goal forget what 1,500 outcomes taught it.
+        surprised = [self._surprised(ws, reward) for ws in stats] if detect else []
         if any(surprised):
             # Words of one request come together: the change is the request's kind's, so
             # what every arm learned on all of its words is stale.
@@ -529,7 +566,9 @@ class LearnedPolicy:
             return False
         mean = st.total / st.n
         spread = math.sqrt(max(0.0, st.squares / st.n - mean * mean))
-        z = (reward - mean) / max(spread, _MIN_SPREAD)
+        # Bounded: one outcome, however far out, moves a sum by at most _MAX_SURPRISE less
+        # the slack, so a change needs several surprising outcomes in a row.
+        z = max(-_MAX_SURPRISE, min(_MAX_SURPRISE, (reward - mean) / max(spread, _MIN_SPREAD)))
         st.up = max(0.0, st.up + z - self.change_slack)
         st.down = max(0.0, st.down - z - self.change_slack)
         return st.n >= self.change_min and max(st.up, st.down) > self.change_threshold
@@ -587,6 +626,9 @@ class GoalPolicies:
         # (word, arm) -> goals that learned it (at most _MAX_VOTERS, some may have let it go
         # since), least recently taught first, at most max_word_stats of them
         self._voters: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
+        # word -> goals that learned it with any arm (at most _MAX_KNOWERS), least recently
+        # taught first: an arm's prior needs the votes of half of them (see agreed)
+        self._knowers: OrderedDict[str, list[str]] = OrderedDict()
 
     @property
     def name(self) -> str:
@@ -617,11 +659,15 @@ class GoalPolicies:
 
     def agreed(self, goal: str, word: str, arm: str) -> float | None:
         """What goals other than ``goal`` agree ``word`` tells of ``arm``: the median of
-        their mean rewards, when ``promote_goals`` of them learned it from two outcomes or
-        more; else None."""
+        their mean rewards, when ``promote_goals`` of them, and half of the goals that
+        learned the word with any arm, learned it from two outcomes or more; else None.
+        (Without the half, three goals of one party that scored a poor arm on a word set
+        every young goal's prior of it: honest goals seldom learn a poor arm twice, so on
+        that arm the party's goals were the only voters.)"""
         voters = self._voters.get((word, arm))
         if voters is None or len(voters) < self.promote_goals:
             return None
+        knowers = sum(1 for k in self._knowers.get(word, ()) if k != goal and k in self._goals)
         means = []
         for voter in voters:
             policy = self._goals.get(voter) if voter != goal else None
@@ -633,7 +679,9 @@ class GoalPolicies:
             # folding the same log, restored from a snapshot or not, agrees.
             if st is not None and not st.stale and policy.weight_now(st) >= _VOTER_MIN:
                 means.append(st.total / st.n)  # decay scales both alike: the mean is as is
-        return statistics.median(means) if len(means) >= self.promote_goals else None
+        if len(means) < max(self.promote_goals, knowers / 2.0):
+            return None
+        return statistics.median(means)
 
     def _stat(self, goal: str, word: str, arm: str) -> _Stat | None:
         policy = self._goals.get(goal)
@@ -642,6 +690,16 @@ class GoalPolicies:
     def _voted(self, goal: str, features: Features, arm: str) -> None:
         """Remember that ``goal`` learned the request's words with ``arm``."""
         for word in features.words:
+            knowers = self._knowers.get(word)
+            if knowers is None:
+                knowers = self._knowers[word] = []
+            else:
+                self._knowers.move_to_end(word)
+            if goal not in knowers:
+                if len(knowers) >= _MAX_KNOWERS:  # make room: goals no longer kept
+                    knowers[:] = [k for k in knowers if k in self._goals]
+                if len(knowers) < _MAX_KNOWERS:
+                    knowers.append(goal)
             key = (word, arm)
             voters = self._voters.get(key)
             if voters is None:
@@ -655,6 +713,8 @@ class GoalPolicies:
                     voters.append(goal)
         while len(self._voters) > self.max_word_stats:
             self._voters.popitem(last=False)
+        while len(self._knowers) > self.max_word_stats:
+            self._knowers.popitem(last=False)
 
     def of(self, goal: str) -> Policy:
         """The goal's policy, to choose with (a blank one for a goal taught nothing yet)."""
@@ -682,14 +742,21 @@ class GoalPolicies:
         return policy.known(features, arm) if isinstance(policy, LearnedPolicy) else 0.0
 
     def update(
-        self, goal: str, features: Features, arm: str, reward: float, cost: float = 0.0
+        self,
+        goal: str,
+        features: Features,
+        arm: str,
+        reward: float,
+        cost: float = 0.0,
+        *,
+        detect: bool = True,
     ) -> None:
         policy = self._goals.get(goal)
         if policy is None:
             policy = self._keep(goal, self._new(goal))
         else:
             self._goals.move_to_end(goal)
-        policy.update(features, arm, reward, cost)
+        policy.update(features, arm, reward, cost, detect=detect)
         self._counted(goal, policy)
         if self.promote_goals:
             self._voted(goal, features, arm)
@@ -729,6 +796,7 @@ class GoalPolicies:
                 if isinstance(policy, LearnedPolicy)
             ],
             "voters": [[w, a, list(goals)] for (w, a), goals in self._voters.items()],
+            "knowers": [[w, list(goals)] for w, goals in self._knowers.items()],
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -750,9 +818,19 @@ class GoalPolicies:
             fresh._voters[(str(word), str(arm))] = [str(g) for g in goals][:_MAX_VOTERS]
         while len(fresh._voters) > fresh.max_word_stats:
             fresh._voters.popitem(last=False)
+        knowers = data.get("knowers") if self.promote_goals else []
+        if knowers is None:  # a snapshot from before they were kept: the voters of each word
+            union: OrderedDict[str, list[str]] = OrderedDict()
+            for (word, _), goals in fresh._voters.items():
+                union.setdefault(word, []).extend(g for g in goals if g not in union[word])
+            knowers = [[w, goals] for w, goals in union.items()]
+        for word, goals in knowers:
+            fresh._knowers[str(word)] = [str(g) for g in goals][:_MAX_KNOWERS]
+        while len(fresh._knowers) > fresh.max_word_stats:
+            fresh._knowers.popitem(last=False)
         # The goals' policies ask this object what others agree on: it keeps them now.
         self._goals, self._sizes, self._words = fresh._goals, fresh._sizes, fresh._words
-        self._voters = fresh._voters
+        self._voters, self._knowers = fresh._voters, fresh._knowers
         for goal, policy in self._goals.items():
             if isinstance(policy, LearnedPolicy) and self.promote_goals:
                 policy.commons = functools.partial(self.agreed, goal)

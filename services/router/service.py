@@ -450,7 +450,11 @@ class Router:
             run.done = True
         elif run.user is not None and run.feedback and run.user in run.feedback:
             assert run.unjudged is not None
-            self.policy.update(run.goal, *run.decision, run.feedback[run.user], run.unjudged)
+            # A user's own score teaches the policy but raises no change: only the platform's
+            # assessments may make a goal forget what it learned.
+            self.policy.update(
+                run.goal, *run.decision, run.feedback[run.user], run.unjudged, detect=False
+            )
             run.done = True
         if run.done:  # a marker from now on: later feedback or decisions teach nothing
             run.decision, run.feedback = None, None

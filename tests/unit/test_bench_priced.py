@@ -55,7 +55,7 @@ class _Counting:
 
         return Choice(arms[0], 1.0, {})
 
-    def update(self, features, arm, reward, cost=0.0):
+    def update(self, features, arm, reward, cost=0.0, *, detect=True):
         self.taught.append(reward)
 
 
@@ -105,7 +105,7 @@ class _Habit:
         pick = arms[1] if self.calls % 10 == 0 else arms[0]
         return Choice(pick, 1.0, {})
 
-    def update(self, features, arm, reward, cost=0.0):
+    def update(self, features, arm, reward, cost=0.0, *, detect=True):
         return None
 
 

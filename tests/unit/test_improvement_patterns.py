@@ -236,10 +236,15 @@ ASKED = "Reset my account password please"
 
 
 def _goal_run(
-    state: ImprovementState, clock: FakeClock, i: int, goal: str, quality: float | None = 0.9
+    state: ImprovementState,
+    clock: FakeClock,
+    i: int,
+    goal: str,
+    quality: float | None = 0.9,
+    reason: str = "budget_exceeded",
 ) -> None:
     """One run of ``goal`` asking ``ASKED`` (its own agent ``cs_<goal>``), folded as the
-    service folds the log; ``quality`` None: it failed over budget."""
+    service folds the log; ``quality`` None: it failed (over budget, or ``reason``)."""
     run, agent = f"{goal}-r{i}", f"cs_{goal}"
     events: list[Event] = [
         RequestReceived(source="sdk", run_id=run, goal_id=goal, user_id="u", message=ASKED),
@@ -251,8 +256,8 @@ def _goal_run(
                 source="budget",
                 run_id=run,
                 goal_id=goal,
-                reason="budget_exceeded",
-                detail="over budget",
+                reason=reason,
+                detail="failed",
                 specialty=CS,
                 occurred_at=clock.now(),
             )
@@ -458,3 +463,23 @@ def test_a_pattern_dumped_before_patterns_were_per_goal_restores_split_by_goal()
         for e in emitted
         if isinstance(e, AutomationCreated)
     )
+
+
+@pytest.mark.parametrize(
+    ("reason", "earned"),
+    [("timeout", BOTH), ("budget_exceeded", BOTH), ("invalid", BOTH), ("llm_failure", [])],
+)
+def test_only_failures_of_the_agent_or_platform_veto_a_goals_automations(reason, earned):
+    """A user who sends the goal's common request with a deadline too short to meet (or
+    over the goal's budget) once kept the goal from ever earning its automations; a failure
+    of the answer's call still does."""
+    sig = signature_of(ASKED, CS)
+    clock = FakeClock()
+    state = ImprovementState(PatternSettings(), clock)
+    got: list[Event] = []
+    for i in range(12):
+        _goal_run(state, clock, i, "g1", quality=0.95)
+        if i % 3 == 0:
+            _goal_run(state, clock, 100 + i, "g1", quality=None, reason=reason)
+        got += state.learner.evaluate(sig)
+    assert [k for k, _, _ in _earned(got)] == earned

@@ -27,12 +27,21 @@ class _Recording(GoalPolicies):
         template = LearnedPolicy(rng=random.Random(0))
         super().__init__(template, max_goals=100, max_word_stats=10_000)
         self.taught: list[tuple[str, float, float]] = []
+        self.detected: list[bool] = []  # whether each update may raise a change
 
     def update(
-        self, goal: str, features: Features, arm: str, reward: float, cost: float = 0.0
+        self,
+        goal: str,
+        features: Features,
+        arm: str,
+        reward: float,
+        cost: float = 0.0,
+        *,
+        detect: bool = True,
     ) -> None:
         self.taught.append((arm, round(reward, 6), round(cost, 6)))
-        super().update(goal, features, arm, reward, cost)
+        self.detected.append(detect)
+        super().update(goal, features, arm, reward, cost, detect=detect)
 
     @property
     def updates(self) -> int:
@@ -155,6 +164,8 @@ def test_feedback_on_an_unjudged_run_teaches_once_at_the_runs_cost():
     assert policy.taught == []
     router.learn(_feedback("r1", 4))
     assert policy.taught == [("code", 0.75, 0.004)]
+    # A user's own score teaches, but may not raise a change (see test_router_policy).
+    assert policy.detected == [False]
     router.learn(_feedback("r1", 1, n=1))  # a second word on the same run
     router.learn(_decided("r1", "math"))  # a late decision of the run
     router.learn(_feedback("r1", 2, n=2))
@@ -402,9 +413,9 @@ def _recording_router() -> tuple[Router, list[tuple[str, float]]]:
     router, policy = _router()
     update = policy.update
 
-    def record(goal, features, arm, reward, cost=0.0):  # type: ignore[no-untyped-def]
+    def record(goal, features, arm, reward, cost=0.0, *, detect=True):  # type: ignore[no-untyped-def]
         taught.append((goal, round(reward, 6)))
-        update(goal, features, arm, reward, cost)
+        update(goal, features, arm, reward, cost, detect=detect)
 
     policy.update = record  # type: ignore[method-assign]
     return router, taught

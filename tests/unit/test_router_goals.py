@@ -257,3 +257,31 @@ def test_a_goal_past_its_first_500_outcomes_asks_nobody() -> None:
     alone.update("old", other, "writing", 0.7)
     # 500: what it does not know it takes from its own arm means, as a goal alone does.
     assert promoted.choose("old", INVOICE, arms).scores == alone.choose("old", INVOICE, arms).scores
+
+
+def test_one_partys_goals_voting_alone_on_a_poor_arm_do_not_set_its_prior() -> None:
+    # Honest goals seldom learn a poor arm twice, so on that arm three goals of one party
+    # were the only voters, and their score of it became every young goal's prior.
+    goals = _promoting(3)
+    for goal in ("h1", "h2", "h3", "h4", "h5"):
+        for _ in range(5):
+            goals.update(goal, INVOICE, "customer_support", 0.9)
+    for goal in ("m1", "m2", "m3"):
+        for _ in range(2):
+            goals.update(goal, INVOICE, "research", 1.0)
+    assert goals.agreed("new", "invoice", "customer_support") == pytest.approx(0.9)
+    # Three of the eight goals that know the word: not half of them.
+    assert goals.agreed("new", "invoice", "research") is None
+    # Where nobody else knows the word, three goals still agree as before.
+    alone = _promoting(3)
+    for goal in ("m1", "m2", "m3"):
+        for _ in range(2):
+            alone.update(goal, INVOICE, "research", 1.0)
+    assert alone.agreed("new", "invoice", "research") == pytest.approx(1.0)
+    # The rule survives a snapshot, and one written before it kept who knows a word.
+    again = _promoting(3)
+    again.restore(goals.dump())
+    assert again.agreed("new", "invoice", "research") is None
+    older = _promoting(3)
+    older.restore({k: v for k, v in goals.dump().items() if k != "knowers"})
+    assert older.agreed("new", "invoice", "research") is None
