@@ -102,6 +102,14 @@ class EventCodec:
     def fingerprint_for(self, topic: str) -> bytes:
         return self._current[topic].fingerprint
 
+    def event_type_for(self, topic: str) -> str | None:
+        """The ``event_type`` every event of ``topic`` has (None: a topic of no model)."""
+        model = self._models.get(topic)
+        if model is None:
+            return None
+        value = model.model_fields["event_type"].default
+        return value if isinstance(value, str) else None
+
     # -- encode ---------------------------------------------------------------
     def encode(self, event: Event) -> bytes:
         sch = self._current.get(event.topic)

@@ -115,14 +115,24 @@ def _unwrap(ch_type: str, wrapper: str) -> str:
     return ch_type[len(prefix) : -1] if ch_type.startswith(prefix) else ch_type
 
 
-def select_for(schema: Mapping[str, Any], columns: Sequence[Column], source: str) -> str:
-    """``SELECT`` of one event type from ``source`` shaped as ``columns`` plus ``payload``."""
+def select_for(
+    schema: Mapping[str, Any],
+    columns: Sequence[Column],
+    source: str,
+    event_type: str | None = None,
+) -> str:
+    """``SELECT`` of one event type from ``source`` shaped as ``columns`` plus ``payload``.
+
+    ``event_type``: the topic's own, written as it is whatever a record's body says (a
+    record on one topic naming another's type once replaced that type's row)."""
     fields = {f["name"]: f for f in schema["fields"]}
     exprs: list[str] = []
     for col in columns:
         field = fields.get(col.name)
         target_nullable = col.type.startswith("Nullable(")
-        if field is None:
+        if col.name == "event_type" and event_type is not None:
+            value = quote_string(event_type)
+        elif field is None:
             value = f"defaultValueOfTypeName({quote_string(col.type)})"
         elif clickhouse_type(field["type"]).startswith("Nullable(") and not target_nullable:
             # An absent optional id reads as '' in a non-Nullable column: filters stay simple.
@@ -171,7 +181,10 @@ def _avro_bytes(data: bytes) -> bytes:
 
 
 def avro_container(schema: Mapping[str, Any], bodies: Sequence[bytes]) -> bytes:
-    """An Avro object-container file with ``bodies`` (records of ``schema``) as one block."""
+    """An Avro object-container file with each of ``bodies`` (records of ``schema``) a
+    block of its own. In one block the bodies ran together: a record with bytes past its
+    end (which the codec ignores) was read by ClickHouse as the next record, a forged row
+    in place of an honest event that went missing."""
     sync = os.urandom(16)
     meta = (
         _long(2)
@@ -181,5 +194,5 @@ def avro_container(schema: Mapping[str, Any], bodies: Sequence[bytes]) -> bytes:
         + _avro_bytes(b"null")
         + _long(0)
     )
-    data = b"".join(bodies)
-    return b"".join((b"Obj\x01", meta, sync, _long(len(bodies)), _long(len(data)), data, sync))
+    blocks = b"".join(b"".join((_long(1), _long(len(body)), body, sync)) for body in bodies)
+    return b"".join((b"Obj\x01", meta, sync, blocks))

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -34,7 +35,41 @@ log = logging.getLogger(__name__)
 _ROWS_FORMAT = "JSONCompact"
 _MAX_BODY = 1024 * 1024
 _CLIENT_TIMEOUT_S = 10.0
+# Connections served at once; more are answered 503 and closed. Each holds a thread, and
+# 500 that trickled a header byte every half second once held 502 threads of the sink.
+_MAX_CONNECTIONS = 32
 _DIGITS = re.compile(r"[0-9]+")
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: Any, max_connections: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                    b"Connection: close\r\n\r\n"
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class QueryServer:
@@ -46,7 +81,8 @@ class QueryServer:
     when the guard refused the statement). The body is read only when its
     ``Content-Length`` is one whole number up to 1 MiB: 411 without one, 400 for
     any other, 413 when larger. A connection that sends nothing for ``client_timeout``
-    seconds is closed.
+    seconds is closed, and so is one whose request (headers and body) has not all come
+    within three times that; at most ``max_connections`` are served at once (503 past it).
     """
 
     def __init__(
@@ -55,6 +91,7 @@ class QueryServer:
         *,
         info_file: Path | None = None,
         client_timeout: float = _CLIENT_TIMEOUT_S,
+        max_connections: int = _MAX_CONNECTIONS,
     ) -> None:
         self._store = store
         base = store.path.parent if store.path is not None else None
@@ -62,8 +99,7 @@ class QueryServer:
         self._token = secrets.token_urlsafe(24)
         surface = GuardedQueries(store)
         handler = _handler(surface, self._token, client_timeout)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _BoundedServer(("127.0.0.1", 0), handler, max_connections)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="analytics-query-server", daemon=True
         )
@@ -109,6 +145,22 @@ def _handler(
         # token is even checked) frees its thread then, not never.
         timeout = client_timeout
 
+        def setup(self) -> None:
+            super().setup()
+            # The timeout above bounds each read; a client trickling a byte at a time
+            # never trips it, so the whole request has a deadline too.
+            self._deadline = threading.Timer(3 * client_timeout, self._cut_off)
+            self._deadline.daemon = True
+            self._deadline.start()
+
+        def _cut_off(self) -> None:
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+        def finish(self) -> None:
+            self._deadline.cancel()
+            super().finish()
+
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("query server: " + format, *args)
 
@@ -134,7 +186,9 @@ def _handler(
                 self._reply(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "query too large"})
                 return
             try:
-                request = json.loads(self.rfile.read(length))
+                raw = self.rfile.read(length)
+                self._deadline.cancel()  # all of it is in: the query has limits of its own
+                request = json.loads(raw)
                 sql, fmt = str(request["sql"]), str(request.get("format", "table"))
             except (ValueError, KeyError, TypeError, RecursionError):
                 expected = 'expected {"sql": ..., "format": ...}'

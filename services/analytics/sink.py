@@ -206,7 +206,8 @@ class _Sink:
         taken = 0
         for record in records:
             value = record.value
-            size = len(value) if isinstance(value, bytes) else 0
+            # The key counts too: a producer's large keys once filled memory past the cap.
+            size = (len(value) if isinstance(value, bytes) else 0) + len(record.key or b"")
             if batch.rows and (len(batch.rows) >= max_rows or batch.size + size > max_bytes):
                 break
             if header is not None and value is not None and value[:HEADER_LEN] == header:
@@ -217,7 +218,7 @@ class _Sink:
                 row = await self._reencode(record, topic)
             if row is not None:
                 batch.rows.append(row)
-                batch.size += len(row.value)
+                batch.size += len(row.value) + len(row.key or b"")
             if taken == 0:
                 # Opened once the first record is handled (dead-lettering one opens and
                 # closes its offset) and before the next: a commit by the running insert

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -408,8 +409,18 @@ class ClickHouseStore:
     def _isolate(self, rows: Sequence[EncodedEvent], refused: _RowsRefused) -> list[Rejection]:
         """The rows of a refused part that the table refuses, each with its own reason."""
         if len(rows) == 1:
-            self._confirm_refusal(rows[0], refused)
-            return [Rejection(rows[0], refused.reason)]
+            canonical = self._canonical(rows[0], refused)
+            if canonical is None:
+                return [Rejection(rows[0], refused.reason)]
+            # The codec reads it but ClickHouse does not: written as the codec writes it
+            # (a boolean byte 2, an overlong varint: each once stalled the sink for good).
+            again = self._refused([canonical])
+            if again is not None:
+                raise StoreUnavailable(
+                    f"ClickHouse cannot read an event the codec writes ({canonical.topic}):"
+                    f" {again.reason}"
+                )
+            return []
         if len(rows) <= _ONE_BY_ONE:
             out: list[Rejection] = []
             for row in rows:
@@ -418,18 +429,16 @@ class ClickHouseStore:
         mid = len(rows) // 2
         return self._insert_or_isolate(rows[:mid]) + self._insert_or_isolate(rows[mid:])
 
-    def _confirm_refusal(self, row: EncodedEvent, refused: _RowsRefused) -> None:
-        # ClickHouse failing to read Avro that Python reads is our bug, not the event's:
-        # stall loudly rather than dead-letter every event.
+    def _canonical(self, row: EncodedEvent, refused: _RowsRefused) -> EncodedEvent | None:
+        """``row`` as the codec writes it, when ClickHouse refused its Avro and the codec
+        reads it; None when the row itself is at fault (it is dead-lettered)."""
         if refused.code != _AVRO_EXCEPTION:
-            return
+            return None
         try:
-            self._codec.decode(row.value, topic=row.topic)
+            event = self._codec.decode(row.value, topic=row.topic)
         except DecodeError:
-            return
-        raise StoreUnavailable(
-            f"ClickHouse cannot read an event the codec decodes ({row.topic}): {refused.reason}"
-        )
+            return None
+        return dataclasses.replace(row, value=self._codec.encode(event))
 
     def _insert(self, rows: Sequence[EncodedEvent]) -> None:
         from clickhouse_connect.driver.exceptions import DatabaseError
@@ -646,7 +655,8 @@ class _Sources:
                 external.add_file(
                     file_name=f"{source}.avro", data=data, fmt="Avro", structure=structure
                 )
-            selects.append(_ingest.select_for(schema, self._columns, source))
+            event_type = store._codec.event_type_for(topic)  # noqa: SLF001
+            selects.append(_ingest.select_for(schema, self._columns, source, event_type))
         return selects, external
 
     def __exit__(self, *exc: object) -> None:

@@ -66,4 +66,17 @@ def parse_slack_command(text: str) -> SlackCommand:
 
 def slack_platform_user(slack_user: str, mapping: dict[str, str]) -> str:
     """The platform user of a Slack user: ``mapping[id]``, else ``slack:<id>``."""
-    return validate_identifier(mapping.get(slack_user) or f"slack:{slack_user}")
+    return slack_identity(slack_user, mapping)[1]
+
+
+def slack_identity(slack_user: str, mapping: dict[str, str]) -> tuple[str | None, str]:
+    """The goal and platform user a Slack user speaks as: ``mapping[id]`` read as
+    ``goal/user`` (or ``user`` alone, in any goal whose run it owns), else ``slack:<id>``.
+
+    Users are per goal (two tenants' ``admin`` are two people): a bare name let one goal's
+    admin give feedback on another goal's runs over Slack, where the HTTP key is refused."""
+    mapped = mapping.get(slack_user)
+    if not mapped:
+        return None, validate_identifier(f"slack:{slack_user}")
+    goal, _, user = mapped.rpartition("/")
+    return (validate_identifier(goal) if goal else None), validate_identifier(user)

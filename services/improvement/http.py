@@ -37,15 +37,18 @@ has at most its share of requests still sending their body (429).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from services.improvement.feedback import parse_slack_command, slack_platform_user
+from services.improvement.feedback import parse_slack_command, slack_identity
 from streams.errors import (
     InvalidRequest,
     NotRunOwner,
@@ -71,6 +74,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 _MAX_BODY = 64 * 1024
 BODY_TIMEOUT_S = 10.0
+# Slack refuses a request older than five minutes; a signature seen is kept that long (and
+# at most this many of them).
+_SLACK_REPLAY_S = 330.0
+_SLACK_REPLAYS_KEPT = 100_000
 HEADER_TIMEOUT_S = 20.0
 MAX_IN_FLIGHT = 64
 
@@ -337,16 +344,39 @@ def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
     async def on_improve(ack: AsyncAck, command: dict[str, Any]) -> None:
         try:
             parsed = parse_slack_command(str(command.get("text", "")))
-            user = slack_platform_user(str(command.get("user_id", "")), slack.users)
+            goal, user = slack_identity(str(command.get("user_id", "")), slack.users)
             # Slack gets its answer now, not the verdict: nothing waits for one.
-            event = await sink.submit(parsed.run_id, user, parsed.score, parsed.text, "slack")
+            event = await sink.submit(parsed.run_id, user, parsed.score, parsed.text, "slack", goal)
         except (InvalidRequest, ValueError, UnknownRun, NotRunOwner, RateLimited) as exc:
             await ack(text=f"Feedback not recorded: {exc}")
             return
         await ack(text=f"Thanks: feedback on run {event.run_id} recorded (event {event.event_id}).")
 
+    # Signatures of requests already answered, for as long as Slack's timestamp window lets
+    # one be sent again: a signed command sent twice once recorded its feedback twice.
+    answered: OrderedDict[str, float] = OrderedDict()
+
     async def slack_commands(request: web.Request) -> web.Response:
-        return await to_aiohttp_response(await bolt.async_dispatch(await to_bolt_request(request)))
+        stamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        signature = request.headers.get("X-Slack-Signature", "")
+        if not stamp.isdigit() or len(stamp) > 12:
+            return _error(401, "X-Slack-Request-Timestamp must be the request's Unix time")
+        now = time.monotonic()
+        while answered and next(iter(answered.values())) < now - _SLACK_REPLAY_S:
+            answered.popitem(last=False)
+        if signature in answered:
+            return _error(401, "this signed request was answered already")
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_S):  # signed only once the body is in
+                bolt_request = await to_bolt_request(request)
+        except TimeoutError:
+            return _error(408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s")
+        response = await bolt.async_dispatch(bolt_request)
+        if response.status == 200:  # Bolt checked the signature: it may not come again
+            answered[signature] = now
+            while len(answered) > _SLACK_REPLAYS_KEPT:
+                answered.popitem(last=False)
+        return await to_aiohttp_response(response)
 
     return slack_commands
 

@@ -53,8 +53,10 @@ class ImprovementSettings(EnvSettings):
     slack_users: str = setting(
         "ORCH_SLACK_USERS",
         "",
-        "Slack user ids to platform users, `U123=alice,U456=bob`; an unmapped Slack user gives "
-        "feedback as `slack:<slack_user_id>`. Items without `=` are ignored.",
+        "Slack user ids to the goal and platform user each speaks as, `U123=g1/alice,"
+        "U456=g2/bob`; a bare `U123=alice` speaks as alice in any goal (users are per goal: "
+        "name the goal). An unmapped Slack user gives feedback as `slack:<slack_user_id>`. "
+        "Items without `=` are ignored.",
         read_by="improvement",
     )
     judge_model: str | None = setting(

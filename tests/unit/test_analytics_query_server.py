@@ -109,19 +109,53 @@ def test_a_deeply_nested_body_is_400(server: QueryServer) -> None:
     test_a_well_formed_query_still_answers(server)
 
 
-def test_a_client_that_stops_sending_is_cut_off_and_holds_no_thread(
-    server: QueryServer, tmp_path: Path
+@pytest.mark.parametrize("trickle", [False, True], ids=["silent", "trickling"])
+def test_a_client_that_stops_or_trickles_is_cut_off_and_holds_no_thread(
+    server: QueryServer, tmp_path: Path, trickle: bool
 ) -> None:
+    # Silent: the 0.5 s read timeout closes it. Trickling a byte every 0.2 s never trips
+    # that timeout: the whole request's deadline (three times it) ends the connection.
     quick = QueryServer(server._store, info_file=tmp_path / "q.json", client_timeout=0.5).start()
     try:
         host, port = quick.url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=5) as sock:
             sock.sendall(b"POST /query HTTP/1.1\r\nHost: x\r\nX-a: ")  # no token, never done
-            started = time.monotonic()
-            assert sock.recv(1024) == b""  # closed by the server, nothing answered
-            assert time.monotonic() - started < 3.0
+            started, closed = time.monotonic(), False
+            sock.settimeout(0.2)
+            while not closed and time.monotonic() - started < 4.0:
+                try:
+                    if trickle:
+                        sock.sendall(b"a")
+                    closed = sock.recv(1024) == b""  # closed by the server, nothing answered
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+            assert closed and time.monotonic() - started < 3.0
     finally:
         quick.close()
+
+
+def test_connections_past_the_cap_are_refused_and_the_server_still_answers(
+    server: QueryServer, tmp_path: Path
+) -> None:
+    capped = QueryServer(server._store, info_file=tmp_path / "c.json", max_connections=3).start()
+    host, port = capped.url.removeprefix("http://").split(":")
+    held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(3)]
+    try:
+        for sock in held:
+            sock.sendall(b"POST /query HTTP/1.1\r\n")  # and nothing more
+        time.sleep(0.2)
+        with socket.create_connection((host, int(port)), timeout=5) as extra:
+            assert extra.recv(1024).startswith(b"HTTP/1.1 503")
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)  # the held connections' threads end and give their places back
+    try:
+        assert RemoteQueries(info_file=capped.info_file).text("SELECT 1 AS n", "csv") == '"n"\n1\n'
+    finally:
+        capped.close()
 
 
 def test_the_token_file_is_the_owners_alone_even_over_a_file_left_behind(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from types import SimpleNamespace
 
@@ -401,3 +402,47 @@ async def test_slack_and_http_feedback_leave_nothing_behind_waiting_for_a_verdic
         assert answered.status == 200 and (await answered.json())["accepted"]
     assert len(producer.of(FeedbackReceived)) == 31
     assert service._waiters == {}  # noqa: SLF001
+
+
+async def test_a_slack_user_speaks_for_the_goal_they_are_mapped_to():
+    # Users are per goal: a Slack user mapped to a bare "u1" gave feedback on any goal's run
+    # of a user named u1, where that goal's HTTP key is refused. A goal in the mapping binds it.
+    sink = _Sink()
+    users = {"UG1": "g1/u1", "UG2": "g2/u1", "UBARE": "u1"}
+    app = build_app(sink, SlackSettings(SECRET, users=users))
+    async with TestClient(TestServer(app)) as client:
+        said = {}
+        for slack_user in users:
+            body, headers = slash_command(SECRET, f"r1 2 from {slack_user}", user_id=slack_user)
+            answer = await client.post("/slack/commands", data=body, headers=headers)
+            said[slack_user] = answer.status, await answer.text()
+    assert said["UG2"][0] == 200 and "not of goal" in said["UG2"][1]
+    assert "recorded" in said["UG1"][1] and "recorded" in said["UBARE"][1]
+    assert [e.text for e in sink.sent] == ["from UG1", "from UBARE"]
+
+
+async def test_a_signed_slack_command_is_recorded_once_and_odd_timestamps_are_refused(
+    monkeypatch,
+):
+    sink = _Sink()
+    app = build_app(sink, SlackSettings(SECRET))
+    async with TestClient(TestServer(app)) as client:
+        body, headers = slash_command(SECRET, "r2 2 cite sources")
+        first = await client.post("/slack/commands", data=body, headers=headers)
+        again = await client.post("/slack/commands", data=body, headers=headers)
+        assert first.status == 200 and again.status == 401
+        for stamp in ("abc", "1e3", "", "-5", "9" * 30):
+            odd = {**headers, "X-Slack-Request-Timestamp": stamp}
+            assert (await client.post("/slack/commands", data=body, headers=odd)).status == 401
+        # A body that trickles in is cut off at the deadline, before any signature check.
+        monkeypatch.setattr("services.improvement.http.BODY_TIMEOUT_S", 0.3)
+        body, headers = slash_command(SECRET, "r2 3 slow")
+
+        async def trickle():
+            yield body[:10]
+            await asyncio.sleep(2)
+            yield body[10:]
+
+        slow = await client.post("/slack/commands", data=trickle(), headers=headers)
+        assert slow.status == 408
+    assert len(sink.sent) == 1
