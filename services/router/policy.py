@@ -65,8 +65,6 @@ _VOTER_MIN = 2.0
 # The change detector's least standard deviation of a word's rewards: outcomes that never
 # varied yet (a repeated message's fixed draw) must not turn every small move into a change.
 _MIN_SPREAD = 0.05
-# The most one outcome's surprise counts, in standard deviations (see _surprised).
-_MAX_SURPRISE = 4.0
 
 
 @dataclass(frozen=True)
@@ -566,9 +564,7 @@ class LearnedPolicy:
             return False
         mean = st.total / st.n
         spread = math.sqrt(max(0.0, st.squares / st.n - mean * mean))
-        # Bounded: one outcome, however far out, moves a sum by at most _MAX_SURPRISE less
-        # the slack, so a change needs several surprising outcomes in a row.
-        z = max(-_MAX_SURPRISE, min(_MAX_SURPRISE, (reward - mean) / max(spread, _MIN_SPREAD)))
+        z = (reward - mean) / max(spread, _MIN_SPREAD)
         st.up = max(0.0, st.up + z - self.change_slack)
         st.down = max(0.0, st.down - z - self.change_slack)
         return st.n >= self.change_min and max(st.up, st.down) > self.change_threshold
