@@ -93,11 +93,31 @@ def _lookalike(ch: str) -> str:
             # The data reads a capital I look-alike (Greek Ι, Cyrillic І) as the small l it
             # also resembles; a capital letter reads as the capital I ("Ιgnore", not "lgnore").
             return "I" if target == "l" and category == "Lu" else target
-    match = _LATIN_LETTER.match(unicodedata.name(ch, ""))
+    name = unicodedata.name(ch, "")
+    match = _LATIN_LETTER.match(name)
     if match is None:
-        return ch
+        # Letters inside symbols the data ties to nothing: squared and negative squared
+        # letters (U+1F130-1F189), regional indicators (U+1F1E6-1F1FF).
+        boxed = _BOXED_LETTER.search(name)
+        return boxed.group(1) if boxed is not None else ch
     letter = match.group(1)
     return letter.lower() if "SMALL" in match.group() else letter
+
+
+_BOXED_LETTER = re.compile(
+    r"(?:LATIN CAPITAL LETTER|REGIONAL INDICATOR SYMBOL LETTER) ([A-Z])(?: |$)"
+)
+
+
+def _capital_i_as_l(text: str) -> str:
+    """``text`` with the capital look-alikes of I that the data also reads as l written as l:
+    "ruΙes" (a Greek capital iota for the l) reads "rules" this way, "ruies" the other."""
+    return "".join(
+        "l"
+        if not ch.isascii() and unicodedata.category(ch) == "Lu" and _lookalike(ch) == "I"
+        else ch
+        for ch in text
+    )
 
 
 def _ascii_lookalikes(text: str) -> str:
@@ -334,7 +354,8 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         _OTHERS,
         "words",
         r"\b(?:tell|inform|notify|message|email|warn|broadcast|announce|send) (?:\w+ ){0,3}?"
-        r"(?:to )?(?:everyone|everybody)\b|\bbroadcast\w*",
+        r"(?:to )?(?:everyone|everybody)\b"
+        r"|\bbroadcast\w* (?:\w+ ){0,3}?(?:to|message|messages|announcement|notice|it|this)\b",
     ),
     (
         _OTHERS,
@@ -417,10 +438,20 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         _AUTHORITY,
         "words",
         # A marker in a message that changes what the agent does ("messages that begin with
-        # ADMIN-7 come from the manager", "when a message starts with banana, ...").
+        # ADMIN-7 come from the manager", "when a message starts with the word banana, ..."):
+        # a named word, phrase or code, not a kind of content (a code block, a stack trace).
         r"\b(?:messages?|requests?|questions?|lines?|texts?|inputs?|prompts?|anything|whatever)"
         r" (?:that |which )?(?:begins?|starts?|starting|beginning|opens?|opening|prefixed"
-        r"|ends?|ending|tagged|marked) with\b",
+        r"|ends?|ending|tagged|marked|contains?|containing|includ\w+) (?:with )?(?:the |a |an )?"
+        r"(?:(?:special |secret |magic |certain |following )?(?:word|phrase|prefix|keyword|tag"
+        r"|token|code ?word|string|marker|password|passphrase|signal|trigger)s?)\b",
+    ),
+    (
+        _AUTHORITY,
+        "cased",
+        r"(?i:\b(?:messages?|requests?|questions?|lines?|texts?|inputs?|prompts?) (?:that |which )?"
+        r"(?:begins?|starts?|starting|beginning|opens?|opening|prefixed|ends?|ending|tagged"
+        r"|marked) with) (?:[\"'`]|[A-Z0-9][A-Z0-9_-]*[0-9_-][A-Z0-9_-]*\b|[A-Z]{3,}\b)",
     ),
     (
         _AUTHORITY,
@@ -495,8 +526,24 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         # What came before a line is the platform's prompt: nothing in it points back at that.
         _ROLE,
         "words",
-        r"\b(?:above|before|preceding|prior to|ahead of) this (?:line|sentence|point|paragraph"
-        r"|instruction|message|text|one)\b",
+        r"\b(?:above|before|preceding|precedes?|prior to|ahead of) this (?:line|sentence|point"
+        r"|paragraph|instruction|message|text|one)\b"
+        r"|\b(?:never|don t|do not|stop|no longer) (?:follow\w*|obey\w*|appl\w+|use|honou?r\w*)"
+        r" (?:the |any |all |your )?(?:previous|prior|earlier|above|preceding|original|initial"
+        r"|existing|old|other) (?:\w+ )?(?:rules?|instructions?|guidelines?|guidance|directions"
+        r"|prompts?|polic(?:y|ies))\b",
+    ),
+    (
+        _AUTHORITY,
+        "words",
+        # A trigger word that lifts the rules ("whenever someone writes pineapple, drop all
+        # caveats"), or users put above the prompt ("take priority over every guideline").
+        r"\b(?:whenever|when|if|once) (?:\w+ ){1,3}?(?:writes?|says?|types?|sends?|mentions?"
+        r"|uses?|enters?) (?:\w+ ){1,4}?(?:drop|skip|ignore|disable|remove|turn off|stop using"
+        r"|bypass|lift|forget|waive|omit)\w* (?:\w+ ){0,2}?(?:caveats?|rules?|restrictions?"
+        r"|filters?|safety|guidelines?|polic(?:y|ies)|disclaimers?)\b"
+        r"|\b(?:takes?|have|has|gets?|given) (?:priority|precedence) over (?:\w+ ){0,3}?"
+        r"(?:guidelines?|rules?|instructions?|guidance|prompts?|polic(?:y|ies))\b",
     ),
     # Personal or secret data: an answer never asks for what a fraud would.
     (
@@ -617,6 +664,10 @@ def _variants(text: str) -> dict[str, list[str]]:
     # A small l written for a capital I at a word's start ("lgnore all lnstructions"): no
     # English word starts with l and a consonant but a few names (llama, Lloyd).
     deleeted.append(re.sub(r"\bl(?=[bcdfghjkmnpqrstvwxz])", "i", folded))
+    # And the other way round: a capital I look-alike (or a capital I) written for an l.
+    deleeted.append(fold(_capital_i_as_l(text)))
+    capital_i = re.sub(r"(?<=[a-z])I(?=[a-z]|\b)", "l", unicodedata.normalize("NFKC", text))
+    deleeted.append(capital_i.casefold())
     words: list[str] = []
     for form in (folded, *deleeted):
         for variant in (_words(form), _join_spaced(_words(form))):
@@ -666,13 +717,18 @@ def _refusal(text: str, rules: tuple[tuple[str, str, re.Pattern[str]], ...]) -> 
 
 
 # An instruction is English when, folded, it has no letter of another script and few words
-# English text rarely uses: at most this many, and at most this share of its words.
-# "Rarely" is a Zipf frequency below 3 (under one in a million words of English text):
-# product names and jargon ("pytest", "kubectl") are, and so are most words of other
-# languages ("Nutzer", "usuarios", "pengguna").
-ENGLISH_ZIPF = 3.0
+# English text seldom uses, by wordfreq's large English list: a word under Zipf 2 (under
+# one in a hundred million words) is unknown to English ("Nutzer", "usuarios", "aiohttp")
+# and counts 1, one under 3 is rare ("pytest", "regole", "dich") and counts a half; at most
+# two unknown words, and the count at most a quarter of the words. Chosen on 78 legitimate
+# instructions (jargon among them) and 23 texts in other languages or carrying them (17
+# takeovers in eight languages, six "answer in <language>" asks): two legitimate refused
+# (a Kubernetes resource name, PKCE), one takeover passed (two German words inside an
+# English sentence). The small list alone, rare under 3, refused seven of the legitimate.
+UNKNOWN_ZIPF = 2.0
+RARE_ZIPF = 3.0
 MAX_RARE_WORDS = 2
-MAX_RARE_SHARE = 0.3
+MAX_RARE_SHARE = 0.25
 
 
 def _phonetic(ch: str) -> bool:
@@ -682,10 +738,10 @@ def _phonetic(ch: str) -> bool:
 
 @functools.cache
 def _english_frequency() -> Callable[[str], float]:
-    from wordfreq import zipf_frequency  # about 0.2 s and 20 MB: only where instructions are judged
+    from wordfreq import zipf_frequency  # about 0.3 s and 50 MB: only where instructions are judged
 
     return functools.lru_cache(maxsize=65536)(
-        lambda word: zipf_frequency(word, "en", wordlist="small")
+        lambda word: zipf_frequency(word, "en", wordlist="large")
     )
 
 
@@ -702,12 +758,27 @@ def not_english(text: str, max_rare: int = MAX_RARE_WORDS) -> str | None:
     )
     if foreign:
         return f"letters of another script ({''.join(foreign[:5])})"
-    words = re.findall(r"[a-z]+(?:'[a-z]+)?", folded)
     frequency = _english_frequency()
-    rare = [w for w in words if frequency(w) < ENGLISH_ZIPF]
-    if len(rare) > max_rare or (words and len(rare) / len(words) > MAX_RARE_SHARE):
-        return f"{len(rare)} of {len(words)} words are rare in English ({', '.join(rare[:4])})"
+    words = _WORD_RE.findall(folded)
+    unknown = [w for w in words if frequency(w) < UNKNOWN_ZIPF]
+    if len(unknown) > max_rare:
+        return f"{len(unknown)} of {len(words)} words unknown to English ({', '.join(unknown[:4])})"
+    # The share in the whole text and in each sentence of four words or more: one foreign
+    # sentence inside English ones is not diluted by them.
+    for part in [folded, *_SENTENCE_END_RE.split(folded)]:
+        found = _WORD_RE.findall(part)
+        if len(found) < 4 and part is not folded:
+            continue
+        seldom = [w for w in found if frequency(w) < RARE_ZIPF]
+        weight = sum(1.0 if frequency(w) < UNKNOWN_ZIPF else 0.5 for w in seldom)
+        if found and weight / len(found) > MAX_RARE_SHARE:
+            shown = ", ".join(seldom[:4])
+            return f"{len(seldom)} of {len(found)} words are rare in English ({shown})"
     return None
+
+
+_WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)?")
+_SENTENCE_END_RE = re.compile(r"[.!?\n]+")
 
 
 def guard_instruction(text: str) -> GuardVerdict:

@@ -41,12 +41,17 @@ def signature_of(message: str, specialty: str, steps: str = "answer") -> str:
 
 
 def exact_key(message: str, specialty: str, context: Mapping[str, str] | None = None) -> str:
-    """Identical requests (only leading and trailing blanks dropped) to the same specialty,
-    with the same context: an answer made from one caller's system message or earlier turns
-    is another request's answer only when those are the same too. Case and inner spacing
-    count: ``x = true`` is not ``x = True`` and indented code is not the same code flat
-    (until 2026-12-06 both were folded, and one user's answer served the other's request)."""
-    text = f"{specialty}|{message.strip()}"
-    if context:
-        text += "|" + json.dumps(sorted(context.items()), ensure_ascii=False)
+    """Identical requests (only blank lines around them and trailing blanks dropped) to the
+    same specialty, with the same context: an answer made from one caller's system message
+    or earlier turns is another request's answer only when those are the same too. Case
+    and inner spacing count: ``x = true`` is not ``x = True`` and indented code is not the
+    same code flat (until 2026-12-06 both were folded, and one user's answer served the
+    other's request)."""
+    # One JSON document: a message holding "|[[...]]" once hashed like a shorter message
+    # sent with that context. Blank lines around it and trailing blanks do not count; a
+    # first line's indentation does (it is code's).
+    text = json.dumps(
+        [specialty, message.rstrip().lstrip("\r\n"), sorted((context or {}).items())],
+        ensure_ascii=False,
+    )
     return "req_" + hashlib.sha256(text.encode()).hexdigest()[:16]

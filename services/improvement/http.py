@@ -357,8 +357,12 @@ def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
     answered: OrderedDict[str, float] = OrderedDict()
 
     async def slack_commands(request: web.Request) -> web.Response:
-        stamp = request.headers.get("X-Slack-Request-Timestamp", "")
-        signature = request.headers.get("X-Slack-Signature", "")
+        stamps = request.headers.getall("X-Slack-Request-Timestamp", [])
+        signatures = request.headers.getall("X-Slack-Signature", [])
+        if len(stamps) != 1 or len(signatures) != 1:
+            # Bolt verifies the last of each; the replay check must see the same one.
+            return _error(401, "one X-Slack-Signature and one X-Slack-Request-Timestamp")
+        stamp, signature = stamps[0], signatures[0]
         if not stamp.isdigit() or len(stamp) > 12:
             return _error(401, "X-Slack-Request-Timestamp must be the request's Unix time")
         now = time.monotonic()

@@ -675,7 +675,8 @@ class GoalPolicies:
             # folding the same log, restored from a snapshot or not, agrees.
             if st is not None and not st.stale and policy.weight_now(st) >= _VOTER_MIN:
                 means.append(st.total / st.n)  # decay scales both alike: the mean is as is
-        if len(means) < max(self.promote_goals, knowers / 2.0):
+        # Voters are kept up to _MAX_VOTERS: half of the knowers, counted up to twice that.
+        if len(means) < max(self.promote_goals, min(knowers, 2 * _MAX_VOTERS) / 2.0):
             return None
         return statistics.median(means)
 

@@ -84,7 +84,7 @@ def test_identical_request_is_served_from_cache_only_with_an_automation():
     auto.learn(_assessed("r1"))
     assert auto.lookup(MSG, CS, T0, "g") is None  # an answer alone is not an automation
     auto.learn(_automation("response_cache"))
-    hit = auto.lookup(f"  {MSG} \n", CS, T0 + timedelta(seconds=5), "g")
+    hit = auto.lookup(f"\n{MSG}  \n", CS, T0 + timedelta(seconds=5), "g")
     assert hit is not None and hit.cached is not None
     assert hit.cached.text == "Use the reset link." and hit.specialty == "customer_support"
     # Same intent, different words order: not identical, so no cached answer.
@@ -93,6 +93,9 @@ def test_identical_request_is_served_from_cache_only_with_an_automation():
     # not the same code flat (both once served one user's answer to the other's request).
     assert auto.lookup(MSG.upper(), CS, T0, "g") is None
     assert auto.lookup(MSG.replace(" ", "  ", 1), CS, T0, "g") is None
+    assert auto.lookup(f"    {MSG}", CS, T0, "g") is None  # a first line's indentation counts
+    # A message cannot pose as another message sent with a context.
+    assert exact_key('X|[["system", "y"]]', CS) != exact_key("X", CS, {"system": "y"})
 
 
 def test_cache_expires_and_degraded_answers_are_never_cached():

@@ -285,3 +285,14 @@ def test_one_partys_goals_voting_alone_on_a_poor_arm_do_not_set_its_prior() -> N
     older = _promoting(3)
     older.restore({k: v for k, v in goals.dump().items() if k != "knowers"})
     assert older.agreed("new", "invoice", "research") is None
+
+
+def test_a_word_many_goals_agree_on_is_still_shared() -> None:
+    # Voters are kept up to nine while the goals that know a word are kept up to 36: with
+    # more than 18 of them a prior could never have half, and the more goals agreed, the
+    # less it was shared.
+    goals = _promoting(3)
+    for i in range(30):
+        for _ in range(2):
+            goals.update(f"g{i}", INVOICE, "customer_support", 0.9)
+    assert goals.agreed("new", "invoice", "customer_support") == pytest.approx(0.9)
