@@ -91,6 +91,19 @@ GRANTS: Mapping[str, Vars] = {
     "clickhouse": Vars(names=_PROXIES, prefixes=("CLICKHOUSE_",)),
     # Slack's signing secret and bot token, and who may use /improve.
     "slack": Vars(prefixes=("SLACK_", "ORCH_SLACK_")),
+    # The JVM's and Maven's own settings, and the proxies Maven reaches Central through.
+    "jvm": Vars(
+        names=_PROXIES
+        | {
+            "KAFKA_HEAP_OPTS",
+            "KAFKA_OPTS",
+            "KAFKA_JVM_PERFORMANCE_OPTS",
+            "KAFKA_LOG4J_OPTS",
+            "M2_HOME",
+            "MAVEN_HOME",
+        },
+        prefixes=("JAVA_", "_JAVA_", "JDK_", "MAVEN_"),
+    ),
 }
 
 SERVICE_GRANTS: Mapping[str, frozenset[str]] = {
@@ -102,6 +115,9 @@ SERVICE_GRANTS: Mapping[str, frozenset[str]] = {
     "improvement": frozenset({"llm", "slack"}),  # the judge and prompt rewrites; /improve
     "gateway": frozenset(),  # HTTP in front of the SDK: no LLM key, no ClickHouse
     "fake-llm": frozenset(),
+    # The local broker, its storage tool and the Maven fetch of its jars: none of the
+    # platform's secrets (the broker outlives the CLI that started it).
+    "kafka": frozenset({"jvm"}),
 }
 """The table: which grants each service process gets on top of :data:`COMMON`."""
 

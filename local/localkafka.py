@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from local.environment import service_env
 from streams.config import (
     DEFAULT_KAFKA_PORT,
     ROOT,
@@ -33,6 +34,7 @@ from streams.config import (
     bootstrap_servers,
     data_root,
     kafka_port,
+    private_files,
 )
 
 INFRA = ROOT / "infra" / "kafka"
@@ -198,7 +200,7 @@ def _ensure_jars() -> Path:
         mvn, "-B", "-q", "-f", str(INFRA / "pom.xml"), "dependency:copy-dependencies",
         "-DincludeScope=runtime", f"-DoutputDirectory={partial}",
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=service_env("kafka"))
     if done.returncode != 0:
         output = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
         raise LocalKafkaError(f"mvn failed to fetch the Kafka jars:\n{output}")
@@ -236,7 +238,7 @@ def _format_storage(java: str, libs: Path, props: Path) -> None:
         java, "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
         "-t", _cluster_id(), "-c", str(props), "--ignore-formatted",
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=service_env("kafka"))
     if done.returncode != 0:
         output = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
         raise LocalKafkaError(f"kafka StorageTool format failed:\n{output}")
@@ -258,6 +260,7 @@ def _spawn(java: str, libs: Path, props: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             cwd=_kafka_dir(),
             start_new_session=True,
+            env=service_env("kafka"),
         )
     _pid_path().write_text(f"{proc.pid}\n")
     return proc
@@ -378,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--timeout", type=float, default=90.0)
     args = parser.parse_args(argv)
+    private_files()
     try:
         if args.command == "up":
             started = time.monotonic()

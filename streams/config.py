@@ -8,6 +8,8 @@ docs/configuration.md.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -185,6 +187,19 @@ def data_root() -> Path:
     """Where the platform keeps local data: ``ORCH_DATA_DIR`` or ``<project>/.local``."""
     path: Path = ProcessSettings.read("data_dir")
     return path
+
+
+def private_files() -> None:
+    """What this process writes is its user's alone: umask 077, and the data dir 0700.
+
+    The data dir holds the whole event log (every tenant's requests and answers), the
+    logs and the snapshots; made 755/644 under the usual umask, any local user could copy
+    the embedded ClickHouse and read it, whatever the SQL surface's token guards."""
+    os.umask(0o077)
+    root = data_root()
+    with contextlib.suppress(OSError):
+        if root.is_dir() and root.stat().st_uid == os.getuid():
+            root.chmod(0o700)
 
 
 def kafka_port() -> int:

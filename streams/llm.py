@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import unicodedata
 import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -394,6 +395,18 @@ class LLMSettings(EnvSettings):
     _models = parsed("models", parse_models)
 
     @model_validator(mode="after")
+    def _key_is_one_token(self) -> Self:
+        # A key with a line break pasted into it went into the Authorization header, whose
+        # error quoted it escaped ("\\n"): the exact key was not found to redact, and its
+        # part after the break reached the cost events everyone's SQL can read.
+        key = self.api_key
+        if key is not None and (key != key.strip() or any(ch.isspace() for ch in key)):
+            raise ValueError("OPENAI_API_KEY must be one token, without spaces or line breaks")
+        if key is not None and any(unicodedata.category(ch)[0] == "C" for ch in key):
+            raise ValueError("OPENAI_API_KEY must not hold control characters")
+        return self
+
+    @model_validator(mode="after")
     def _model_prices(self) -> Self:
         if self.models:
             merged = {**self.prices.prices, **{m.name: m.price for m in self.models}}
@@ -739,10 +752,13 @@ class OpenAILLM:
         import openai
 
         def scrubbed(text: str) -> str:
-            # An error's body may be megabytes: its message is cut, before it is searched for
-            # keys (with room for a key that starts before the cut) and after.
-            text = text[: _MAX_ERROR_CHARS + 512]
-            return redact_secrets(text, [self.settings.api_key or ""])[:_MAX_ERROR_CHARS]
+            # The key is replaced everywhere first (the body is bounded at 8 MiB; a cut
+            # first let a copy straddling it move into what was kept, no longer whole),
+            # then the text is cut, then searched for anything else key-like.
+            key = self.settings.api_key or ""
+            if len(key) >= _MIN_SECRET_CHARS:
+                text = text.replace(key, REDACTED)
+            return redact_secrets(text[: _MAX_ERROR_CHARS + 512])[:_MAX_ERROR_CHARS]
 
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code

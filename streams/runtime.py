@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from streams.clock import Clock, clock_from_env
-from streams.config import ProcessSettings, data_root
+from streams.config import ProcessSettings, data_root, private_files
 from streams.kafka import EventProducer, KafkaSettings
 
 __all__ = [
@@ -196,6 +196,7 @@ def _exit_if_stuck(name: str, grace: float) -> None:
 
 def service_main(name: str, main: ServiceMain) -> None:
     """Process entry point: SIGTERM and SIGINT stop the service cleanly."""
+    private_files()
     configure_logging()
 
     async def _run() -> None:

@@ -62,6 +62,9 @@ class StoreUnavailable(StoreError):
     """The store takes no writes now (down, disk full, locked); the same insert may work later."""
 
 
+_URL_HINT = " (percent-encode '#', '/', '?' and '@' in the user name and password)"
+
+
 @dataclass(frozen=True, slots=True)
 class EncodedEvent:
     """One event as it travels on Kafka: single-object Avro with its topic's current writer schema.
@@ -259,7 +262,13 @@ class ClickHouseStore:
         if self.path is not None:
             return f"embedded ClickHouse (chdb) at {self.path}"
         parts = urlsplit(self.url or "")
-        return f"ClickHouse at {parts.scheme}://{parts.hostname}:{parts.port or 8123}{parts.path}"
+        try:
+            port = parts.port or 8123
+        except ValueError:
+            # An unescaped '#', '/' or '?' in the password ends the host early, and the
+            # error names what follows (the password's start): never repeated here.
+            return f"ClickHouse at a {parts.scheme or 'URL'} URL that does not parse{_URL_HINT}"
+        return f"ClickHouse at {parts.scheme}://{parts.hostname}:{port}{parts.path}"
 
     # -- clients ----------------------------------------------------------------
     def _client(self, *, readonly: bool) -> Client:
@@ -291,6 +300,9 @@ class ClickHouseStore:
                 path = str(self.path)
                 return clickhouse_connect.get_client(interface="chdb", path=path, **kwargs)
             return clickhouse_connect.get_client(dsn=self.url, **kwargs)
+        except ValueError:
+            # The driver's parse error may quote part of the URL, its password included.
+            raise StoreUnavailable(f"cannot open {self.describe()}{_URL_HINT}") from None
         except Exception as exc:
             raise StoreUnavailable(f"cannot open {self.describe()}: {exc}") from exc
 

@@ -13,6 +13,7 @@ from services.cli.demo import demo_command
 from services.cli.platform import agents, down, service, status, up
 from services.cli.requests import ask, improve
 from services.cli.workflows import workflows_app
+from streams.config import private_files
 
 __all__ = ["app"]
 
@@ -26,6 +27,7 @@ app = typer.Typer(
 
 @app.callback()
 def _setup() -> None:
+    private_files()  # and of every process it starts: they inherit the umask
     # aiokafka logs every retry while the CLI already reports what failed, in one line.
     for name in ("aiokafka", "kafka", "faust", "mode"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

@@ -14,6 +14,7 @@ from aiokafka.errors import KafkaError
 from rich.markup import escape
 from rich.table import Table
 
+from local.environment import service_env
 from local.localkafka import LocalKafkaError, ensure_broker, stop_broker
 from local.platform import (
     ChildSpec,
@@ -265,7 +266,9 @@ def service(name: Annotated[str, typer.Argument(help="The service to run.")]) ->
             EXIT_INVALID,
         )
     module = service_module(name)
-    os.execv(sys.executable, [sys.executable, "-m", module])
+    # With only what the service may see: the analytics sink never gets the LLM key, the
+    # gateway neither the key nor Slack's secrets (docs/architecture.md, "Secrets").
+    os.execve(sys.executable, [sys.executable, "-m", module], service_env(name))
 
 
 def agents(

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from services.analytics.store import (
+    ClickHouseStore,
     EncodedEvent,
     EventStore,
     MemoryEventStore,
@@ -171,3 +172,14 @@ def test_batch_files_of_dead_processes_are_removed(tmp_path):
     assert mine.exists()
     store.close()
     assert not staging.exists()
+
+
+@pytest.mark.parametrize("password", ["hunter2#prod", "hunter2/prod", "hunter2?prod"])
+def test_a_url_whose_password_breaks_its_parse_is_never_repeated(password: str) -> None:
+    # An unescaped '#', '/' or '?' ends the host early, and Python's and the driver's parse
+    # errors quote what follows: the password's start went into the sink's log.
+    store = ClickHouseStore(url=f"http://orch:{password}@ch.internal:8123/orchestrator")
+    assert "hunter2" not in store.describe() and "percent-encode" in store.describe()
+    with pytest.raises(StoreError) as raised:
+        store.query("SELECT 1")
+    assert "hunter2" not in str(raised.value) and raised.value.__cause__ is None

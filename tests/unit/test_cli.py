@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,28 @@ def test_service_unknown_lists_the_valid_ones() -> None:
     assert result.exit_code == 2
     assert "unknown service 'nosuch'" in result.output
     assert "valid:" in result.output
+
+
+@pytest.mark.parametrize("name", ["analytics", "gateway", "router", "loader"])
+def test_service_starts_with_only_the_environment_its_service_may_see(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It handed every service the whole environment: the sink (whose SQL engine can read
+    # its process's environment) and the gateway got the LLM key and Slack's secrets.
+    secrets = {"OPENAI_API_KEY": "sk-test", "SLACK_BOT_TOKEN": "xoxb-1", "CLICKHOUSE_URL": "x"}
+    for key, value in secrets.items():
+        monkeypatch.setenv(key, value)
+    started: list[dict[str, str]] = []
+    monkeypatch.setattr(
+        "services.cli.platform.os.execve", lambda path, argv, env: started.append(env)
+    )
+    result = invoke("service", name)
+    assert result.exit_code == 0, result.output
+    (env,) = started
+    assert ("OPENAI_API_KEY" in env) == (name == "loader")
+    assert "SLACK_BOT_TOKEN" not in env
+    assert ("CLICKHOUSE_URL" in env) == (name == "analytics")
+    assert env.get("PATH") == os.environ.get("PATH")
 
 
 def test_up_only_unknown_service_is_refused_before_starting_anything() -> None:

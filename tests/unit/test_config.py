@@ -6,10 +6,20 @@ its own in test_settings.py; these tests hold the real classes to them.
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
+
 import pytest
 
 from services.budget.state import BudgetDefaults
-from streams.config import BrokerSettings, BudgetSettings, ProcessSettings, bootstrap_servers
+from streams.config import (
+    BrokerSettings,
+    BudgetSettings,
+    ProcessSettings,
+    bootstrap_servers,
+    private_files,
+)
 
 
 def test_reads_os_environ_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,3 +86,24 @@ def test_budget_defaults_unchanged_for_valid_values(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("ORCH_BUDGET_MAX_QUEUE", "0")
     monkeypatch.setenv("ORCH_BUDGET_TASK_RESERVE_USD", "0.01")
     assert BudgetDefaults.from_env() == BudgetDefaults(max_queue=0, task_reserve_usd=0.01)
+
+
+def test_what_the_platform_writes_is_its_users_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The data dir (the whole event log, logs, snapshots) was 755/644: any local user could
+    # copy the embedded ClickHouse and read every tenant's requests.
+    root = tmp_path / "data"
+    root.mkdir(mode=0o755)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(root))
+    before = os.umask(0o022)
+    try:
+        private_files()
+        made = root / "events.log"
+        made.write_text("x")
+        (root / "sub").mkdir()
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        assert stat.S_IMODE(made.stat().st_mode) == 0o600
+        assert stat.S_IMODE((root / "sub").stat().st_mode) == 0o700
+    finally:
+        os.umask(before)

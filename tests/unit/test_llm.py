@@ -334,3 +334,25 @@ async def test_a_clock_stepped_back_during_a_call_gives_no_negative_latency():
         source="loader", goal_id="g1", model=done.model, latency_ms=done.latency_ms
     )
     assert event.latency_ms == 0.0
+
+
+def test_a_key_with_a_line_break_or_control_character_is_refused_at_start() -> None:
+    # httpx quoted such a key escaped ("\\n") in its error: the exact key was not found to
+    # redact, and its part after the break went into the cost events.
+    for key in ("sk-abcdefgh\nijklmnop", "sk-abcdefgh ijklmnop", "sk-abcdefgh\x00ijkl"):
+        with pytest.raises(ValueError, match="OPENAI_API_KEY"):
+            LLMSettings.from_env({"OPENAI_API_KEY": key})
+    assert LLMSettings.from_env({"OPENAI_API_KEY": "sk-abcdefgh-ijklmnop"}).api_key
+
+
+def test_a_key_echoed_across_the_cut_of_a_long_error_is_not_kept_in_part() -> None:
+    # The text was cut before the key was replaced: each replacement shortened it, and a
+    # copy straddling the first cut moved into the kept part, no longer whole.
+    key = "gsk_" + "Zq9Xw8Vu7Ts6Rq5P" * 3  # not sk-: only the exact value finds it
+    llm = OpenAILLM(LLMSettings.from_env({"OPENAI_API_KEY": key, "OPENAI_BASE_URL": "http://x"}))
+    echoed = " ".join([key] * 12) + " "
+    prefix = "LLM endpoint answered unusably: "  # what _failure puts before the text
+    # The last copy starts 40 characters before the first cut (2,000 + 512): it straddles it.
+    filler = "x" * (2000 + 512 - 40 - len(prefix) - len(echoed))
+    failure = llm._failure(RuntimeError(echoed + filler + key))  # noqa: SLF001
+    assert str(failure).startswith(prefix) and "Zq9Xw8Vu" not in str(failure)

@@ -102,8 +102,34 @@ def test_the_default_source_is_this_process_environment(monkeypatch: pytest.Monk
 
 
 def test_every_process_the_supervisor_starts_has_a_row() -> None:
-    assert set(SERVICE_GRANTS) == {*SERVICE_ORDER, FAKE_LLM}
+    assert set(SERVICE_GRANTS) == {*SERVICE_ORDER, FAKE_LLM, "kafka"}
     assert all(grants <= set(GRANTS) for grants in SERVICE_GRANTS.values())
+
+
+def test_the_local_broker_and_maven_get_their_own_settings_and_no_secret() -> None:
+    # The broker outlives the CLI that starts it; it was given the whole environment.
+    environ = {
+        "PATH": "/usr/bin",
+        "JAVA_HOME": "/opt/jdk",
+        "KAFKA_HEAP_OPTS": "-Xmx1g",
+        "MAVEN_OPTS": "-Xmx512m",
+        "HTTPS_PROXY": "http://proxy:3128",
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
+        "OPENAI_API_KEY": "sk-test",
+        "SLACK_SIGNING_SECRET": "s",
+        "CLICKHOUSE_URL": "http://u:p@h/db",
+    }
+    env = service_env("kafka", environ)
+    assert set(env) == {
+        "PATH",
+        "JAVA_HOME",
+        "KAFKA_HEAP_OPTS",
+        "MAVEN_OPTS",
+        "HTTPS_PROXY",
+        "KAFKA_BOOTSTRAP_SERVERS",
+    }
+    # Granting the JVM's settings takes nothing common from the others.
+    assert "KAFKA_BOOTSTRAP_SERVERS" in service_env("router", environ)
 
 
 def _source(service: str) -> str:
