@@ -51,3 +51,18 @@ CREATE TABLE IF NOT EXISTS events
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (event_type, event_key);
+
+-- What the event models refuse, the table refuses too (the sink's fast path hands
+-- ClickHouse the bytes without the models' checks): a negative or infinite cost, token
+-- count or latency, a goal or user id no model takes. Such a row is dead-lettered, as the
+-- services dead-letter the event. Added to a table made before them; none is stricter
+-- than the models (streams/events.py), so no event a service takes is refused here.
+ALTER TABLE events ADD CONSTRAINT IF NOT EXISTS amounts_are_counts CHECK
+    (cost_usd IS NULL OR (isFinite(cost_usd) AND cost_usd >= 0))
+    AND (latency_ms IS NULL OR (isFinite(latency_ms) AND latency_ms >= 0))
+    AND (prompt_tokens IS NULL OR prompt_tokens >= 0)
+    AND (completion_tokens IS NULL OR completion_tokens >= 0);
+
+ALTER TABLE events ADD CONSTRAINT IF NOT EXISTS ids_are_identifiers CHECK
+    (goal_id = '' OR match(goal_id, '^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$'))
+    AND (user_id = '' OR match(user_id, '^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$'));

@@ -14,6 +14,7 @@ from services.analytics._ingest import HEADER_LEN
 from services.analytics.store import ClickHouseStore, EncodedEvent
 from streams import events as ev
 from streams.codec import MAGIC, default_codec
+from streams.errors import DecodeError
 from streams.events import terminal_event_id
 from tests.samples import sample_event
 
@@ -95,3 +96,39 @@ def test_a_record_on_one_topic_cannot_replace_another_topics_row(store: ClickHou
         ("feedback_received", "evil"),
         ("workflow_completed", "victim"),
     ]
+
+
+def _with(model: type[ev.Event], **fields: object) -> bytes:
+    """A current-schema record of ``model`` holding values its own checks refuse."""
+    event = sample_event(model)
+    body = event.model_dump() | fields
+    buf = io.BytesIO()
+    buf.write(MAGIC + CODEC.fingerprint_for(event.topic))
+    fastavro.schemaless_writer(buf, CODEC._current[event.topic].parsed, body)  # noqa: SLF001
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("model", "fields"),
+    [
+        (ev.LlmCallCompleted, {"cost_usd": -1000.0}),
+        (ev.LlmCallCompleted, {"cost_usd": float("inf")}),
+        (ev.LlmCallCompleted, {"prompt_tokens": -5}),
+        (ev.WorkflowCompleted, {"latency_ms": -1.0}),
+        (ev.WorkflowCompleted, {"goal_id": "other/goal"}),
+        (ev.FeedbackReceived, {"user_id": "-x"}),
+    ],
+)
+def test_values_every_service_refuses_are_not_stored_either(
+    store: ClickHouseStore, model: type[ev.Event], fields: dict[str, object]
+):
+    # The fast path gave ClickHouse a current-schema record's bytes unchecked: a cost of
+    # -1000 for a victim goal was stored and counted, though every service refused it.
+    value = _with(model, **fields)
+    with pytest.raises(DecodeError):
+        CODEC.decode(value, topic=model.topic)
+    rejected = store.insert([EncodedEvent(model.topic, value, 0, 1)])
+    assert len(rejected) == 1
+    assert store.query("SELECT count() FROM events").rows[0][0] == 0
+    # A valid event of the same type goes in as before.
+    assert store.insert([EncodedEvent(model.topic, CODEC.encode(sample_event(model)), 0, 2)]) == []
