@@ -44,6 +44,7 @@ from streams.admission import WorstCase
 from streams.clock import utc_day
 from streams.config import BudgetSettings
 from streams.events import (
+    MAX_WAIT_SECONDS,
     SPAWN_APPROVAL_SECONDS,
     AdmissionGranted,
     AdmissionReturned,
@@ -901,7 +902,10 @@ class BudgetState:
         defaults: BudgetDefaults,
     ) -> TaskAdmitted:
         if task.deadline_at is not None:
-            end = task.deadline_at
+            # The sender stamps both the request's time and its deadline (a day apart at
+            # most): one stamped in 8999 held its slot's lease until then. A day from the
+            # budget's clock at most.
+            end = min(task.deadline_at, now + timedelta(seconds=MAX_WAIT_SECONDS))
         else:
             end = self._lease_now(now) + timedelta(seconds=defaults.lease_seconds)
         end += timedelta(seconds=defaults.llm_timeout_s + _LEASE_GRACE_SECONDS)

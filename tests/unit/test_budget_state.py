@@ -953,3 +953,15 @@ def test_a_platform_calls_hold_outlasts_a_long_llm_timeout():
         # Lease time moves with the goal's events: another run's report, stamped now.
         state.handle(_judged("r9", 0.0, clock.now()), clock.now(), slow)
         assert state.reserved() == pytest.approx(held)
+
+
+def test_a_deadline_stamped_far_ahead_leases_a_slot_for_a_day_at_most():
+    # The sender stamps the request's time and its deadline: one stamped in 8999 held its
+    # slot's lease until then.
+    clock = FakeClock()
+    state = _state()
+    far = datetime(8999, 1, 1, tzinfo=UTC)
+    task = _task(1).model_copy(update={"occurred_at": far, "deadline_at": far})
+    state.handle(task, clock.now(), DEFAULTS)
+    end = datetime.fromisoformat(state.in_flight["r1"][2])
+    assert end <= clock.now() + timedelta(days=1, seconds=DEFAULTS.llm_timeout_s + 30)
