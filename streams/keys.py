@@ -241,9 +241,12 @@ class KeyView:
         await self._view.sync(timeout=timeout)
 
     async def is_operator(self, user_id: str | None) -> bool:
+        """Whether ``user_id`` is an operator as the key topics say now: read up to now
+        first (operator commands are few), so a key issued a moment ago counts and one
+        revoked a moment ago does not (the view once answered from what it had read)."""
         if user_id is None:
             return False
-        if user_id in self.operators or self.registry.is_operator(user_id):
+        if user_id in self.operators:
             return True
         await self.sync()
         return self.registry.is_operator(user_id)

@@ -655,10 +655,13 @@ class ImprovementService:
             await self._view.sync(KEY_TOPICS, timeout=2.0)
 
     async def _operator_now(self, user_id: str | None) -> bool:
-        """Whether ``user_id`` is an operator, the key topics read up to now first when the
-        view does not know it as one yet (an operator key issued just before the command)."""
-        if self.is_operator(user_id) or user_id is None:
-            return user_id is not None
+        """Whether ``user_id`` is an operator, the key topics read up to now first: an
+        operator key issued just before the command counts, one revoked just before it
+        does not (commands are few; each costs a read of the key topics' ends)."""
+        if user_id is None:
+            return False
+        if user_id in self.config.operators:
+            return True
         await self._command_keys()
         return self.is_operator(user_id)
 

@@ -19,8 +19,9 @@ from services.gateway.http import GatewayApp, build_app
 from services.gateway.service import KeyCatchUp, PlatformBackend
 from streams.client import Answer
 from streams.clock import FakeClock
-from streams.events import Event
-from streams.keys import KeyRegistry, mint_key
+from streams.events import ApiKeyRevoked, Event
+from streams.kafka import KafkaSettings
+from streams.keys import KeyRegistry, KeyView, mint_key
 
 INTERVAL = 0.3
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
@@ -161,3 +162,23 @@ async def test_callers_share_a_read_that_started_after_they_called() -> None:
     assert len(started) == 2
     assert started[1] >= called  # the read they waited for began after they called
     assert started[1] - started[0] >= 0.2 - 0.01
+
+
+async def test_an_operator_revoked_a_moment_ago_is_no_operator_to_a_key_view() -> None:
+    # The budget asks a KeyView before changing limits; it answered from what it had read,
+    # so a key revoked just before the command still passed.
+    view = KeyView(KafkaSettings("127.0.0.1:1"), operators={"operator"})
+    _, issued = mint_key("ops", "admin", "operator", source="t")
+    view.registry.apply(issued)
+    pending = [ApiKeyRevoked(source="t", key_id=issued.key_id)]
+
+    class _Topics:
+        async def sync(self, timeout: float = 5.0) -> bool:
+            for event in pending:
+                view.registry.apply(event)
+            pending.clear()
+            return True
+
+    view._view = _Topics()  # type: ignore[assignment]  # noqa: SLF001
+    assert await view.is_operator("operator")  # named in ORCH_OPERATORS: no key involved
+    assert not await view.is_operator("admin")

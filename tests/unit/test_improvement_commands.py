@@ -16,6 +16,7 @@ from services.improvement.versions import CanaryPolicy
 from streams.clock import FakeClock
 from streams.codec import default_codec
 from streams.events import (
+    ApiKeyRevoked,
     DeadLetter,
     Event,
     FeedbackDecided,
@@ -368,3 +369,20 @@ async def test_a_key_issued_a_moment_before_its_first_http_use_is_read_then():
     assert await service.identify("orch_0123456789abcdef_" + "x" * 40) is None
     assert await service.identify("not a key") is None
     assert view.key_syncs == 2
+
+
+async def test_a_command_from_an_operator_whose_key_was_just_revoked_is_refused():
+    # The service answered from what its view had read: a key revoked a moment before the
+    # command still made its holder an operator.
+    service, producer, _ = _service(operators=frozenset())
+    _, issued = mint_key("ops", "admin", "operator", source="t")
+    service._view_event(issued)  # noqa: SLF001
+    revoked = ApiKeyRevoked(source="t", key_id=issued.key_id)
+    view = _LateKeysView(service, [revoked])
+    service._view = view  # type: ignore[assignment]  # noqa: SLF001
+    command = RollbackRequested(
+        source="cli", user_id="admin", workflow_id="g1/nothing_here", to_version=1
+    )
+    await service.handle_command(command, _delivery(command))
+    [letter] = producer.of(DeadLetter)
+    assert letter.error_type == "NotOperator" and view.key_syncs == 1
