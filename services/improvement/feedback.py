@@ -18,7 +18,7 @@ __all__ = [
     "SlackCommand",
     "asks_for_change",
     "parse_slack_command",
-    "slack_platform_user",
+    "slack_identity",
     "wants_improvement",
 ]
 
@@ -62,11 +62,6 @@ def parse_slack_command(text: str) -> SlackCommand:
     if not body and score is None:
         raise ValueError("say what should be better, or give a score 1-5")
     return SlackCommand(run_id, score, body)
-
-
-def slack_platform_user(slack_user: str, mapping: dict[str, str]) -> str:
-    """The platform user of a Slack user: ``mapping[id]``, else ``slack:<id>``."""
-    return slack_identity(slack_user, mapping)[1]
 
 
 def slack_identity(slack_user: str, mapping: dict[str, str]) -> tuple[str | None, str]:

@@ -58,8 +58,9 @@ _SHARED_WORDS = 16
 # Goals remembered per (word, arm) as having learned it: the median of at most this many
 # other goals' means is what they agree on.
 _MAX_VOTERS = 9
-# Goals kept per word as having learned it with any arm (see GoalPolicies.agreed).
-_MAX_KNOWERS = 4 * _MAX_VOTERS
+# Goals kept per word as having learned it with any arm (see GoalPolicies.agreed): it
+# counts them up to twice _MAX_VOTERS, besides the goal asking.
+_MAX_KNOWERS = 2 * _MAX_VOTERS + 1
 # Outcomes a goal must have learned of a word before its mean counts towards agreement.
 _VOTER_MIN = 2.0
 # The change detector's least standard deviation of a word's rewards: outcomes that never

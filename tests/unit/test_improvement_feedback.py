@@ -12,7 +12,7 @@ from multidict import CIMultiDict
 
 from services.improvement.feedback import (
     parse_slack_command,
-    slack_platform_user,
+    slack_identity,
     wants_improvement,
 )
 from services.improvement.http import SlackSettings, build_app
@@ -59,8 +59,8 @@ def test_slack_command_text_and_user_mapping():
     for bad in ("", "r-1", "r-1 9 nope"):
         with pytest.raises(ValueError):
             parse_slack_command(bad)
-    assert slack_platform_user("U123", {}) == "slack:U123"
-    assert slack_platform_user("U123", {"U123": "alice"}) == "alice"
+    assert slack_identity("U123", {})[1] == "slack:U123"
+    assert slack_identity("U123", {"U123": "alice"})[1] == "alice"
 
 
 def test_runs_join_in_any_order():
