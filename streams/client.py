@@ -298,7 +298,9 @@ class OrchestratorClient(AsyncLifecycle):
     async def approve(
         self, improvement_id: str, *, user_id: str, reason: str = "", timeout: float = 30.0
     ) -> PromotionDecided:
-        """Ask for a goal's improvement to serve every goal; ``user_id`` must be an operator.
+        """Approve an improvement; ``user_id`` must be an operator. A goal's proposal that
+        waits for review goes to that goal's canary; a goal's improvement already saved is
+        made to serve every goal.
 
         Raises ``NotOperator`` or ``PromotionRefused`` when refused, ``NoVerdict`` on timeout.
         """

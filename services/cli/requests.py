@@ -154,8 +154,10 @@ def improve(
 ) -> None:
     """Give feedback on a run (`/improve`) and print the improvement service's verdict.
 
-    `orchestrator improve approve IMPROVEMENT_ID [--user OPERATOR]` makes a goal's
-    improvement serve every goal (OPERATOR: in ORCH_OPERATORS or holding an operator key).
+    `orchestrator improve approve IMPROVEMENT_ID [--user OPERATOR]` puts a goal's
+    proposal that waits for review (an instruction the LLM wrote from a user's feedback)
+    in that goal's canary, or makes a goal's improvement serve every goal (OPERATOR: in
+    ORCH_OPERATORS or holding an operator key).
     Exit 0 when accepted, 1 when refused (the reason is printed), 3 with no verdict.
     """
     if run_id == "approve":

@@ -49,7 +49,13 @@ from services.improvement.instructions import (
 )
 from services.improvement.patterns import PatternSettings
 from services.improvement.settings import ImprovementSettings
-from services.improvement.state import ImprovementState, RunInfo, pad_runs, state_from_v1
+from services.improvement.state import (
+    REVIEW_KIND,
+    ImprovementState,
+    RunInfo,
+    pad_runs,
+    state_from_v1,
+)
 from services.improvement.versions import VERSION_TOPICS, CanaryPolicy, ChangeSource
 from streams.client import feedback_event
 from streams.config import JudgeSettings, data_root
@@ -150,7 +156,9 @@ COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 # 3: a pattern's row holds when it was last decided (decided patterns are forgotten once
 # their automations lapsed); a version 2 row reads as decided now, runs and patterns
 # restore within the caps. 4: a run keeps the platform's version under a goal's own.
-SNAPSHOT_VERSION = 4
+# 5: proposals waiting for review (a version 4 snapshot holds none: its writer kept none,
+# so one made while an older instance ran is lost; its feedback can be given again).
+SNAPSHOT_VERSION = 5
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 # The kinds of improvement_available the platform proposes; the single writer saves no other.
 _KINDS = ("instructions", "approved", "goal_win")
@@ -173,6 +181,8 @@ class ImprovementConfig:
     feedback_window_s: float = 3600.0
     llm_reserve_usd: float = 0.002  # what a judge or rewrite call may cost, held against the goal
     promote_goals: int = 3  # goals whose canary of a change must win before every goal gets it
+    # an LLM-written instruction from a user's feedback waits for an operator (ORCH_IMPROVE_REVIEW)
+    review: bool = True
     # users trusted as operators without a key (ORCH_OPERATORS; the local CLI's identity)
     operators: frozenset[str] = frozenset({DEFAULT_OPERATORS})
     spend_wait_s: float = 5.0  # how long a platform call waits for the budget's hold
@@ -204,6 +214,7 @@ class ImprovementConfig:
             feedback_window_s=settings.feedback_window_s,
             llm_reserve_usd=settings.llm_reserve_usd,
             promote_goals=settings.promote_goals,
+            review=settings.review,
             operators=operators_from(),
             max_in_flight=settings.max_in_flight,
             key_share=settings.key_share,
@@ -213,7 +224,7 @@ class ImprovementConfig:
 
 
 def _from_v1(data: dict[str, Any]) -> dict[str, Any]:
-    return {**data, "state": state_from_v1(data["state"])}
+    return _from_v4({**data, "state": state_from_v1(data["state"])})
 
 
 def _from_v2(data: dict[str, Any]) -> dict[str, Any]:
@@ -222,11 +233,15 @@ def _from_v2(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_v3(data: dict[str, Any]) -> dict[str, Any]:
-    return {**data, "state": pad_runs(data["state"])}
+    return _from_v4({**data, "state": pad_runs(data["state"])})
+
+
+def _from_v4(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "state": {**data["state"], "pending": []}}
 
 
 # Older snapshot versions still read, with the way from each to the current one.
-_UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3}
+_UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3, 4: _from_v4}
 
 
 class _ViewBehind(TimeoutError):
@@ -929,6 +944,9 @@ class ImprovementService:
             return [*out, self._verdict(event, True, why, run.goal_id)]
         improvement_id = f"imp_{uuid.uuid5(_NS, event.event_id).hex[:16]}"
         scored = f"score {event.score}" if event.score is not None else "no score"
+        # What the LLM wrote from a user's words serves the goal's other users too: no rule
+        # refuses every harmful paraphrase, so it waits for an operator unless one wrote it.
+        review = how == "llm" and self.config.review and not await self._operator_now(event.user_id)
         out.append(
             ImprovementAvailable(
                 event_id=str(uuid.uuid5(_NS, f"{event.event_id}:available")),
@@ -938,19 +956,24 @@ class ImprovementService:
                 user_id=event.user_id,
                 improvement_id=improvement_id,
                 workflow_id=workflow,
-                kind="instructions",
+                kind=REVIEW_KIND if review else "instructions",
                 proposal=join_instructions(added),
                 reason=f"{how} from feedback on run {run.run_id} ({scored})"[:1000],
                 occurred_at=self.ctx.clock.now(),
             )
         )
         said = "; ".join(added)
+        then = (
+            f"; it waits for an operator's approval (orchestrator improve approve {improvement_id})"
+            if review
+            else ""
+        )
         out.append(
             self._verdict(
                 event,
                 True,
                 f"improvement {improvement_id} proposed for goal {run.goal_id} ({specialty}):"
-                f" {said}",
+                f" {said}{then}"[:1000],
                 run.goal_id,
                 improvement_id,
             )
@@ -988,6 +1011,33 @@ class ImprovementService:
             return [decided(False, _not_operator(event.user_id), "NotOperator")]
         assert self._view is not None
         await self._sync_versions()
+        # A proposal made a moment ago may not be in the view yet.
+        await self._view.sync((ImprovementAvailable.topic,), timeout=10.0)
+        waiting = self.state.pending.get(event.improvement_id)
+        if waiting is not None:
+            # A goal's proposal waiting for review: approved, it goes to that goal's canary.
+            return [
+                ImprovementAvailable(
+                    event_id=str(uuid.uuid5(_NS, f"{event.event_id}:available")),
+                    source=SOURCE,
+                    run_id=waiting.run_id,
+                    goal_id=waiting.goal_id,
+                    user_id=event.user_id,
+                    improvement_id=event.improvement_id,
+                    workflow_id=waiting.workflow_id,
+                    kind="instructions",
+                    proposal=waiting.proposal,
+                    reason=f"approved by operator {event.user_id}: {event.reason}"[:1000],
+                    occurred_at=self.ctx.clock.now(),
+                ),
+                decided(
+                    True,
+                    f"{event.improvement_id} goes to goal {waiting.goal_id}'s"
+                    f" {waiting.workflow_id} as a canary",
+                    None,
+                    waiting.workflow_id,
+                ),
+            ]
         saved = self.state.improvement(event.improvement_id)
         if saved is None:
             return [
@@ -1127,6 +1177,10 @@ class ImprovementService:
     async def _command(self, event: Event, delivery: Delivery) -> None:
         now = self.ctx.clock.now
         if isinstance(event, ImprovementAvailable):
+            if event.kind == REVIEW_KIND:
+                # Waits in the view for an operator (on_promotion); no version is made.
+                log.info("improvement %s waits for an operator", event.improvement_id)
+                return
             if event.kind == "approved":
                 await self._operator_now(event.user_id)  # another instance may know the key
             refused = self._refused(event)

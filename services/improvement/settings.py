@@ -103,6 +103,19 @@ class ImprovementSettings(EnvSettings):
         ge=1,
     )
 
+    review: bool = setting(
+        "ORCH_IMPROVE_REVIEW",
+        True,
+        "Whether an instruction the LLM writes from a user's feedback waits for an operator "
+        "(`orchestrator improve approve IMPROVEMENT_ID`) before it reaches the goal's prompt. "
+        "On (the default), only the platform's named adjustments and an operator's own "
+        "feedback go to the goal's canary at once: the guard refuses known takeovers, but no "
+        "rule can refuse every harmful paraphrase, and the goal's prompt serves its other "
+        "users. Off: every vetted instruction goes to the goal's canary at once (for goals "
+        "whose users are trusted alike). `0`, `false` or `off` turn it off.",
+        read_by="improvement",
+        shown="on",
+    )
     max_in_flight: int = setting(
         "ORCH_IMPROVE_MAX_IN_FLIGHT",
         64,

@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
 from operator import attrgetter
 from sys import intern
-from typing import Any
+from typing import Any, NamedTuple
 
 from services.improvement.patterns import PatternLearner, PatternSettings
 from services.improvement.versions import WorkflowLedger
@@ -56,12 +56,25 @@ from streams.keys import KeyRegistry
 from streams.quotas import Tally
 from streams.workflows import split_instructions
 
-__all__ = ["GoalSpend", "ImprovementState", "RunInfo", "state_from_v1"]
+__all__ = [
+    "REVIEW_KIND",
+    "GoalSpend",
+    "ImprovementState",
+    "Pending",
+    "Proposals",
+    "RunInfo",
+    "state_from_v1",
+]
 
 _MAX_RUNS = 200_000
 _MAX_RUNS_PER_GOAL = 50_000
 _MAX_FEEDBACK_USERS = 100_000  # users whose recent feedback times are kept
 _SPEND_DAYS = 2  # UTC days of spend kept: today's is read, yesterday's while days turn
+# improvement_available of this kind: a goal's instruction the LLM wrote from a user's
+# feedback, waiting for an operator's approval before it becomes the goal's canary
+REVIEW_KIND = "review"
+_MAX_PENDING = 10_000  # proposals waiting for review, the oldest forgotten past it
+_MAX_PENDING_PER_GOAL = 100  # of them, one goal's (its oldest forgotten first)
 
 
 def _shared(name: str | None) -> str | None:
@@ -73,6 +86,65 @@ def _judged(assessed: bool, completed_at: datetime | None, failed_at: datetime |
     (only a completed run is assessed). Then nothing reads its message once its
     signature is known (the assessor asks for it only before the assessment)."""
     return assessed or (completed_at is None and failed_at is not None)
+
+
+class Pending(NamedTuple):
+    """A goal's proposal waiting for an operator (``improvement_available`` of REVIEW_KIND)."""
+
+    workflow_id: str
+    goal_id: str
+    run_id: str | None
+    user_id: str | None
+    proposal: str
+
+
+class Proposals:
+    """Proposals waiting for review by improvement id, oldest first: at most
+    ``_MAX_PENDING_PER_GOAL`` of one goal and ``_MAX_PENDING`` in all, the oldest forgotten
+    (a forgotten one is approved no more; its feedback can be given again)."""
+
+    def __init__(self) -> None:
+        self._all: OrderedDict[str, Pending] = OrderedDict()
+        self._of: dict[str, OrderedDict[str, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def get(self, improvement_id: str) -> Pending | None:
+        return self._all.get(improvement_id)
+
+    def add(self, improvement_id: str, proposal: Pending) -> None:
+        if improvement_id in self._all:
+            return  # read again (a replay): it keeps its place
+        mine = self._of.setdefault(proposal.goal_id, OrderedDict())
+        while len(mine) >= _MAX_PENDING_PER_GOAL:
+            self.pop(next(iter(mine)))
+        mine = self._of.setdefault(proposal.goal_id, OrderedDict())
+        mine[improvement_id] = None
+        self._all[improvement_id] = proposal
+        while len(self._all) > _MAX_PENDING:
+            self.pop(next(iter(self._all)))
+
+    def pop(self, improvement_id: str) -> None:
+        found = self._all.pop(improvement_id, None)
+        if found is None:
+            return
+        mine = self._of[found.goal_id]
+        del mine[improvement_id]
+        if not mine:
+            del self._of[found.goal_id]
+
+    def dump(self) -> list[list[Any]]:
+        return [[i, *p] for i, p in self._all.items()]
+
+    @classmethod
+    def restore(cls, rows: list[list[Any]]) -> Proposals:
+        found = cls()
+        for row in rows:
+            if len(row) != len(Pending._fields) + 1:
+                raise ValueError("a proposal waiting for review is not a row of its fields")
+            found.add(row[0], Pending(*row[1:]))
+        return found
 
 
 @dataclass
@@ -188,6 +260,8 @@ class ImprovementState:
         self.feedback: dict[str, OrderedDict[str, datetime]] = {}
         # (specialty, instruction) -> goals whose canary of it beat their baseline
         self.wins: dict[tuple[str, str], set[str]] = {}
+        # improvement_id -> a goal's proposal waiting for review
+        self.pending = Proposals()
 
     def run(self, run_id: str) -> RunInfo | None:
         found = self.runs.get(run_id)
@@ -264,6 +338,19 @@ class ImprovementState:
         if isinstance(event, ImprovementAvailable):
             if event.kind == "goal_win" and event.goal_id is not None:
                 self.wins.setdefault((event.workflow_id, event.proposal), set()).add(event.goal_id)
+            elif event.kind == REVIEW_KIND and event.goal_id is not None:
+                self.pending.add(
+                    event.improvement_id,
+                    Pending(
+                        event.workflow_id,
+                        intern(event.goal_id),
+                        event.run_id,
+                        event.user_id,
+                        event.proposal,
+                    ),
+                )
+            else:  # approved (or anything else under its id): no longer waiting
+                self.pending.pop(event.improvement_id)
             return
         if isinstance(event, PatternDiscovered | AutomationCreated):
             self.learner.learn(event)
@@ -372,6 +459,7 @@ class ImprovementState:
             "spend": self.spend.dump(),
             "feedback": [(user, list(seen.items())) for user, seen in self.feedback.items()],
             "wins": [[w, text, sorted(goals)] for (w, text), goals in self.wins.items()],
+            "pending": self.pending.dump(),
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -397,9 +485,11 @@ class ImprovementState:
         for user in list(feedback)[: max(0, len(feedback) - _MAX_FEEDBACK_USERS)]:
             del feedback[user]
         wins = {(w, text): set(goals) for w, text, goals in data["wins"]}
+        pending = Proposals.restore(data["pending"])
         self._table, self.runs = table, table.runs
         self.learner, self.flows, self.keys = learner, flows, keys
         self.spend, self.feedback, self.wins = spend, feedback, wins
+        self.pending = pending
         self.dirty_signatures, self.dirty_flows = set(learner), set(flows)
 
     def current_instructions(self, workflow_id: str) -> list[str]:

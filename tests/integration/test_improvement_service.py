@@ -443,7 +443,21 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
     await platform.producer.send(
         FeedbackReceived(source="sdk", run_id="c0", user_id="u1", score=2, text="too vague")
     )
+    # What the LLM wrote from a user's words waits for an operator (ORCH_IMPROVE_REVIEW).
+    await platform.until(lambda: len(platform.of(ImprovementAvailable)) == 1)
+    (waiting,) = platform.of(ImprovementAvailable)
+    assert isinstance(waiting, ImprovementAvailable) and waiting.kind == "review"
+    (told,) = platform.of(FeedbackDecided)
+    assert "waits for an operator's approval" in told.reason  # type: ignore[attr-defined]
+    await asyncio.sleep(0.5)
+    assert platform.of(WorkflowVersionSaved) == []
+    await platform.producer.send(
+        PromotionRequested(source="t", user_id="operator", improvement_id=waiting.improvement_id)
+    )
     await platform.until(lambda: len(platform.of(ImprovementApplied)) == 1)
+    (approved,) = platform.of(PromotionDecided)
+    assert isinstance(approved, PromotionDecided) and approved.accepted
+    assert approved.workflow_id == "g1/code"
     (saved,) = platform.of(WorkflowVersionSaved)
     assert isinstance(saved, WorkflowVersionSaved) and saved.workflow_id == "g1/code"
     assert saved.changes["instructions"] == "Always include a runnable example and a test."
