@@ -529,6 +529,19 @@ class LastCosts:
     def get(self, goal_id: str | None, kind: str) -> float | None:
         return self._paid.get((goal_id or "", kind))
 
+    def dump(self) -> list[list[Any]]:
+        """Every pair and its cost, least recently paid first (for a snapshot)."""
+        return [[goal, kind, usd] for (goal, kind), usd in self._paid.items()]
+
+    def restore(self, rows: list[list[Any]]) -> None:
+        """Replace every pair with those of a :meth:`dump`, within the limit."""
+        paid: OrderedDict[tuple[str, str], float] = OrderedDict()
+        for goal, kind, usd in rows:
+            paid[(str(goal), str(kind))] = float(usd)
+        while len(paid) > self.limit:
+            paid.popitem(last=False)
+        self._paid = paid
+
 
 def estimate_tokens(text: str) -> int:
     """About four characters a token: the usual rule of thumb for English text."""

@@ -7,6 +7,7 @@ registry's events into this view, read outside any consumer group.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -57,6 +58,7 @@ class AgentRecord:
 
 
 _FIELDS = fields(AgentRecord)
+_RETIRED_FIRST = 10_000  # retirements kept for agents not read yet, the oldest forgotten
 
 
 @dataclass
@@ -67,6 +69,9 @@ class RegistryView:
 
     agents: dict[str, AgentRecord] = field(default_factory=dict)
     _by_goal: dict[str, dict[str, AgentRecord]] = field(default_factory=dict, repr=False)
+    # Agents retired before their spawn was read (two topics read side by side, and the
+    # spawner sends both at once for an agent announced too late): applied when it comes.
+    _retired_first: OrderedDict[str, None] = field(default_factory=OrderedDict, repr=False)
 
     def _index(self, record: AgentRecord) -> None:
         self.agents[record.agent_id] = record
@@ -83,12 +88,19 @@ class RegistryView:
                 record.retired = known.retired
                 if known.goal_id != record.goal_id:  # a later config of another goal wins
                     self._by_goal.get(known.goal_id, {}).pop(known.agent_id, None)
+            elif event.agent_id in self._retired_first:
+                del self._retired_first[event.agent_id]
+                record.retired = True
             self._index(record)
             return record
         if isinstance(event, AgentRetired):
             found = self.agents.get(event.agent_id)
             if found is not None:
                 found.retired = True
+            else:
+                self._retired_first[event.agent_id] = None
+                while len(self._retired_first) > _RETIRED_FIRST:
+                    self._retired_first.popitem(last=False)
             return found
         return None
 
@@ -122,11 +134,16 @@ class RegistryView:
             for a in self.agents.values()
         ]
 
-    def restore(self, rows: list[list[Any]]) -> None:
-        """Replace every record with those of a :meth:`dump`."""
+    def restore(self, rows: list[list[Any]], retired_first: Iterable[str] = ()) -> None:
+        """Replace every record with those of a :meth:`dump` (and :meth:`retired_first`)."""
         self.agents, self._by_goal = {}, {}
         for row in rows:
             self._index(AgentRecord(*row))
+        self._retired_first = OrderedDict.fromkeys(str(a) for a in retired_first)
+
+    def retired_first(self) -> list[str]:
+        """Agents whose retirement was read before their spawn (for a snapshot)."""
+        return list(self._retired_first)
 
     @classmethod
     async def load(cls, settings: KafkaSettings) -> RegistryView:

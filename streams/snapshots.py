@@ -186,7 +186,11 @@ def _snapshot_of(key: str) -> str:
 
 
 def _stale_keys(
-    last: Mapping[str, tuple[int, bool, int]], before: int, keep: Collection[str], now_ms: int
+    last: Mapping[str, tuple[int, bool, int]],
+    before: int,
+    keep: Collection[str],
+    now_ms: int,
+    newer: Collection[str] = (),
 ) -> list[str]:
     """Of ``last`` (each key's latest record below a manifest just written: its offset,
     whether it holds a value, its timestamp in ms), the keys to tombstone: those holding a
@@ -196,7 +200,10 @@ def _stale_keys(
     chunks of a snapshot with no manifest yet whose last record is less than
     :data:`_ABANDONED_S` old (one being written whose chunks all came before ours), which
     only a writer killed mid-way leaves for longer. Two writers never tombstone each other:
-    each would need all of the other's records to come before its own first."""
+    each would need all of the other's records to come before its own first. Nor is a
+    snapshot of a newer state version (``newer``, by id) dropped: during a rolling upgrade
+    an instance of the older release saving its own once deleted the new release's, whose
+    next start then folded what retention had left of the log."""
     newest: dict[str, int] = {}
     latest_ms: dict[str, int] = {}
     manifests = {
@@ -213,9 +220,22 @@ def _stale_keys(
         for key, (_, held, _) in last.items()
         if held
         and key not in keep
-        and newest[(snapshot := _snapshot_of(key))] < before
+        and (snapshot := _snapshot_of(key)) not in newer
+        and newest[snapshot] < before
         and (snapshot in manifests or latest_ms[snapshot] < abandoned_before)
     ]
+
+
+def _newer(key: str, value: bytes, version: int) -> bool:
+    """Whether the record is a manifest of a state version newer than ``version`` (one that
+    cannot be read says nothing of its version: it is not kept for it)."""
+    if not key.startswith("manifest:"):
+        return False
+    try:
+        found = _unpack(value)[0].get("version")
+    except (SnapshotUnusable, ValueError):
+        return False
+    return isinstance(found, int) and found > version
 
 
 class SnapshotStore:
@@ -282,7 +302,8 @@ class SnapshotStore:
             if not self._swept:
                 first = min(placed, default=written.offset)
                 stale = await asyncio.wait_for(
-                    self._stale(first, written.offset, keep={*keys, key}), _SWEEP_S
+                    self._stale(first, written.offset, keep={*keys, key}, version=version),
+                    _SWEEP_S,
                 )
             for old_key in stale:
                 await producer.send(self.topic, None, key=old_key.encode())
@@ -308,21 +329,27 @@ class SnapshotStore:
         consumer.assign([tp])
         return consumer, tp
 
-    async def _stale(self, first: int, manifest: int, keep: Collection[str]) -> list[str]:
+    async def _stale(
+        self, first: int, manifest: int, keep: Collection[str], *, version: int
+    ) -> list[str]:
         """Keys to tombstone once the snapshot whose records (``keep``) run from offset
         ``first`` to its manifest at ``manifest`` is written (:func:`_stale_keys`): one
-        pass over the topic below the manifest, keeping keys only."""
+        pass over the topic below the manifest, keeping keys only (and which manifests
+        are of a state version newer than ``version``)."""
         consumer, tp = await self._reader()
         try:
             consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
             last: dict[str, tuple[int, bool, int]] = {}
+            newer: set[str] = set()
             while await consumer.position(tp) < manifest:
                 batch = await consumer.getmany(tp, timeout_ms=500)
                 for record in batch.get(tp, []):
                     if record.offset < manifest and record.key is not None:
                         key = record.key.decode(errors="replace")
                         last[key] = (record.offset, record.value is not None, record.timestamp)
-            return _stale_keys(last, first, keep, int(time.time() * 1000))
+                        if record.value is not None and _newer(key, record.value, version):
+                            newer.add(_snapshot_of(key))
+            return _stale_keys(last, first, keep, int(time.time() * 1000), newer)
         finally:
             await consumer.stop()
 

@@ -463,6 +463,14 @@ class PatternLearner:
     def evaluate(self, signature: str) -> list[Event]:
         """Events each goal's pattern of this signature has earned and not yet had; marks
         them as had. Each goal is judged on its own runs alone."""
+        out = self.earned(signature)
+        for event in out:
+            self.learn(event)
+        return out
+
+    def earned(self, signature: str) -> list[Event]:
+        """What :meth:`evaluate` returns, marking nothing: a service marks them (``learn``)
+        once they are on the log, so no snapshot holds a decision the log never got."""
         goals = self._patterns.get(signature, {})
         out: list[Event] = []
         for goal_id in sorted(goals):
@@ -477,9 +485,9 @@ class PatternLearner:
         now = self.clock.now()
         signature, goal_id = pattern.signature, pattern.goal_id
         out: list[Event] = []
-        if not pattern.discovered and len(pattern.seen) >= self.settings.threshold:
-            pattern.discovered = True
-            self._decide(pattern, now)
+        discovered = pattern.discovered
+        if not discovered and len(pattern.seen) >= self.settings.threshold:
+            discovered = True
             out.append(
                 PatternDiscovered(
                     event_id=str(uuid.uuid5(_NS, f"{signature}:discovered:{goal_id}")),
@@ -492,11 +500,9 @@ class PatternLearner:
                     occurred_at=now,
                 )
             )
-        if pattern.discovered and wanted and self._succeeding(pattern):
+        if discovered and wanted and self._succeeding(pattern):
             agent_id = self._best_agent(pattern)
             for kind in wanted:
-                pattern.automated.add(kind)
-                self._decide(pattern, now)
                 out.append(
                     AutomationCreated(
                         event_id=str(uuid.uuid5(_NS, f"{signature}:{kind}:{goal_id}")),

@@ -157,7 +157,8 @@ COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 # their automations lapsed); a version 2 row reads as decided now, runs and patterns
 # restore within the caps. 4: a run keeps the platform's version under a goal's own.
 # 5: proposals waiting for review (a version 4 snapshot holds none: its writer kept none,
-# so one made while an older instance ran is lost; its feedback can be given again).
+# so one made while an older instance ran is lost; its feedback can be given again), and
+# the last paid cost of each goal's platform calls (a version 4 one: none known).
 SNAPSHOT_VERSION = 5
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 # The kinds of improvement_available the platform proposes; the single writer saves no other.
@@ -237,7 +238,7 @@ def _from_v3(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_v4(data: dict[str, Any]) -> dict[str, Any]:
-    return {**data, "state": {**data["state"], "pending": []}}
+    return {**data, "state": {**data["state"], "pending": []}, "last_cost": []}
 
 
 # Older snapshot versions still read, with the way from each to the current one.
@@ -561,9 +562,12 @@ class ImprovementService:
             error=None if call is not None else (error or "")[:500],
             occurred_at=self.ctx.clock.now(),
         )
-        self.state.spend.apply(event)  # at once: the next call must see this one's cost
-        self._reported.put(goal_id, event.event_id, True)
-        if call is not None:
+        # At once: the next call must see this one's cost. It counts as reported only once
+        # the view reads it back from the log: a snapshot taken before it was sent, then a
+        # kill, once restored a state in which the next attempt took this paid call for
+        # reported and never counted it (an attempt of this process is known by _mine).
+        self.state.spend.apply(event)
+        if call is not None:  # a real cost paid: what an unreported call is counted at
             self._last_cost.paid(goal_id, purpose, call.cost_usd)
         return event
 
@@ -606,7 +610,7 @@ class ImprovementService:
                 occurred_at=self.ctx.clock.now(),
             )
             self.state.spend.apply(event)
-            self._reported.put(goal_id, cost_id, True)
+            self._mine[hold] = None  # counted now; reported once the view reads it back
             out.append(event)
         return out
 
@@ -716,6 +720,7 @@ class ImprovementService:
             "decided": list(self._decided.items()),
             "run_holds": [[run, list(holds), goal] for goal, run, holds in self._run_holds.items()],
             "reported": [[cost_id, goal] for goal, cost_id, _ in self._reported.items()],
+            "last_cost": self._last_cost.dump(),
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -728,10 +733,13 @@ class ImprovementService:
         for row in data.get("reported", []):  # an older snapshot's: cost ids, no goal
             cost_id, goal = (row, "") if isinstance(row, str) else row
             reported.put(str(goal), str(cost_id), True)
+        last_cost = LastCosts()
+        last_cost.restore(data["last_cost"])
         self.state.restore(data["state"])
         self._decided = decided
         self._run_holds = run_holds
         self._reported = reported
+        self._last_cost = last_cost
 
     async def verdict(
         self, request_id: str, timeout: float
@@ -1075,7 +1083,9 @@ class ImprovementService:
         else:
             return
         if out:
-            await self.ctx.producer.send_many(out)
+            # Until the broker has them: a cost report lost to a failed send was never
+            # counted (the cause was dead-lettered and its attempt's hold is this process's).
+            await self.ctx.producer.deliver(out, what=f"{event.event_type} results")
 
     # -- versions (single writer per workflow) ----------------------------------------
     async def _sync_versions(self) -> None:
@@ -1267,9 +1277,17 @@ class ImprovementService:
         events: list[Event] = []
         for signature in signatures:
             if self.owns(signature):
-                events.extend(self.state.learner.evaluate(signature))
+                events.extend(self.state.learner.earned(signature))
         if events:
-            await self.ctx.producer.send_many(events)
+            try:
+                await self.ctx.producer.deliver(events, what="pattern decisions")
+            except BaseException:
+                self.state.dirty_signatures |= signatures  # decided next time instead
+                raise
+            # Marked once on the log: marked before, a failed send was never retried and a
+            # snapshot taken meanwhile kept a decision the log never got.
+            for event in events:
+                self.state.learner.learn(event)
         flows, self.state.dirty_flows = self.state.dirty_flows, set()
         for workflow_id in flows:
             if not self.owns(workflow_id):

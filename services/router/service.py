@@ -471,6 +471,7 @@ class Router:
             ],
             "ended": self.ended.dump(),
             "registry": self.registry.dump(),
+            "registry_retired_first": self.registry.retired_first(),
             "automations": self.automations.dump(),
             "stats": self.stats.dump(),
             "cost_weights": dict(self.cost_weights),
@@ -492,7 +493,8 @@ class Router:
         ended = EndedRuns(self.ctx.clock)
         ended.restore(data["ended"])
         registry = RegistryView()
-        registry.restore(data["registry"])
+        # An older snapshot has none: its registry applied no retirement read first.
+        registry.restore(data["registry"], data.get("registry_retired_first", []))
         automations = self._automations()
         automations.restore(data["automations"])
         stats = OutcomeStats.from_dump(data["stats"], lambda agent: _goal_of(registry, agent))

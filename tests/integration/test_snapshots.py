@@ -22,7 +22,7 @@ from streams import snapshots as snapshots_module
 from streams.events import AgentRetired, Event, FeedbackReceived
 from streams.kafka import EventProducer, KafkaSettings
 from streams.snapshots import SnapshotStore, Snapshotter, _pack, encode_state
-from streams.topics import snapshot_topic
+from streams.topics import create_state_topics, snapshot_topic
 from streams.views import TopicView
 from tests.unit.test_snapshot_fold import _router as _any_router
 from tests.unit.test_snapshot_fold import history
@@ -339,3 +339,28 @@ async def test_a_restart_drops_what_killed_writers_left(settings: KafkaSettings)
     assert {key.removeprefix("manifest:").split(":")[0] for key in live} == {latest, "busy"}
     assert f"manifest:{latest}" in live and len(live) > 2  # its chunks and its manifest
     assert not any(saved in key for key in live)
+
+
+async def test_an_older_release_saving_keeps_a_newer_releases_snapshot(settings: KafkaSettings):
+    # A rolling upgrade: an instance of the new release saved a snapshot of a newer state
+    # version; one of the old release, saving its own, once tombstoned it, and the new
+    # release's next start folded what retention had left of the log.
+    await create_state_topics(settings.bootstrap, prefix=settings.prefix)
+    blob = b"a newer release's state"
+    [chunk] = await _write(settings, [("new:0", _pack({"id": "new", "i": 0}, blob))], age_s=60)
+    newer = _manifest(
+        id="new",
+        version=SNAPSHOT_VERSION + 1,
+        chunks=[chunk],
+        sha256=hashlib.sha256(blob).hexdigest(),
+    )
+    await _write(settings, [("manifest:new", _pack(newer))], age_s=60)
+    router = _router()
+    snapshots = _snapshotter(settings, router)
+    view = await _fold(settings, router, snapshots)
+    assert snapshots.restored is None  # its own release cannot read it, and has none
+    latest = await snapshots.save(view)
+    await view.stop()
+    await snapshots.stop()
+    live = await _live_keys(settings)
+    assert {"manifest:new", "new:0", f"manifest:{latest}"} <= live

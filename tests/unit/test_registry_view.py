@@ -78,3 +78,25 @@ def test_a_goals_agents_are_found_without_looking_at_other_goals():
     assert _ids(view.live("g7", "code")) == {"code-7"}
     assert _ids(view.live("g7")) == {"code-7", "writing-7", "math-7"}
     assert view.retired("g7", "code") == []
+
+
+def test_a_retirement_read_before_its_spawn_still_retires_the_agent():
+    # The spawner sends both at once for an agent announced too late after its approval;
+    # read side by side after a restart, the retirement may come first. It was dropped, and
+    # the agent served again as live (a replay in the other order retired it).
+    retired = AgentRetired(source="spawner", agent_id="a1", goal_id="g1", specialty="code")
+    for order in ([_spawned("a1", "g1", "code"), retired], [retired, _spawned("a1", "g1", "code")]):
+        view = RegistryView()
+        for event in order:
+            view.apply(event)
+        assert _ids(view.live("g1")) == set() and _ids(view.retired("g1", "code")) == {"a1"}
+    # Across a snapshot taken between the two as well.
+    view = RegistryView()
+    view.apply(retired)
+    restored = RegistryView()
+    restored.restore(view.dump(), view.retired_first())
+    restored.apply(_spawned("a1", "g1", "code"))
+    assert _ids(restored.live("g1")) == set()
+    # A later config of a retired agent keeps it retired, as before.
+    restored.apply(_spawned("a1", "g1", "code", version=2))
+    assert _ids(restored.retired("g1", "code")) == {"a1"}
