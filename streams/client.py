@@ -47,7 +47,8 @@ from streams.events import (
     WorkflowFailed,
 )
 from streams.kafka import AsyncLifecycle, EventConsumer, EventProducer, KafkaSettings
-from streams.keys import mint_key
+from streams.keys import KEY_TOPICS, KeyRegistry, mint_key, operators_from
+from streams.registry import read_topics_to_end
 
 __all__ = ["Answer", "OrchestratorClient", "feedback_event", "invalid_request"]
 
@@ -323,11 +324,30 @@ class OrchestratorClient(AsyncLifecycle):
     async def create_key(
         self, goal_id: str, user_id: str, role: Role = "user", *, label: str = ""
     ) -> tuple[str, ApiKeyIssued]:
-        """A new API key for the HTTP surfaces; the key is returned once and kept nowhere."""
+        """A new API key for the HTTP surfaces; the key is returned once and kept nowhere.
+
+        An operator is known by user id alone (``ORCH_OPERATORS`` names users; an operator
+        key makes its user an operator in every goal), so a user key is refused for a user
+        id that is an operator's, and an operator key for one that holds user keys: a
+        tenant's user named like an operator spoke as one (its feedback's instructions
+        skipped the operator's review)."""
         try:
             key, event = mint_key(goal_id, user_id, role, source=self.source, label=label)
         except ValidationError as exc:
             raise invalid_request(exc) from None
+        keys = KeyRegistry()
+        for issued in await read_topics_to_end(self.settings, KEY_TOPICS):
+            keys.apply(issued)
+        if role == "user" and (user_id in operators_from() or keys.is_operator(user_id)):
+            raise InvalidRequest(
+                f"user {user_id!r} is an operator (ORCH_OPERATORS or an operator key), and an"
+                " operator is known by user id in every goal: choose another user id"
+            )
+        if role == "operator" and keys.holds_user_key(user_id):
+            raise InvalidRequest(
+                f"user {user_id!r} holds user keys; an operator key would make that user an"
+                " operator in every goal: choose another user id (or revoke those keys)"
+            )
         await self._producer.send(event)
         return key, event
 

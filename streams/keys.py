@@ -160,6 +160,13 @@ class KeyRegistry:
             for r in self._keys.values()
         )
 
+    def holds_user_key(self, user_id: str) -> bool:
+        """Whether ``user_id`` holds an unrevoked key of the user role, in any goal."""
+        return any(
+            r.revoked_at is None and r.issued.role == "user" and r.issued.user_id == user_id
+            for r in self._keys.values()
+        )
+
     def known(self, key_id: str) -> bool:
         return key_id in self._keys
 

@@ -27,6 +27,7 @@ from services.cli.common import (
 )
 from streams.budgets import read_budget
 from streams.client import OrchestratorClient, invalid_request
+from streams.errors import InvalidRequest
 from streams.events import (
     ApiKeyIssued,
     ApiKeyRevoked,
@@ -61,7 +62,10 @@ def keys_create(
     async def send(client: OrchestratorClient) -> tuple[str, ApiKeyIssued]:
         return await client.create_key(goal, user, chosen, label=label)
 
-    key, event = run(with_client(settings, send), settings, as_json=as_json)
+    try:
+        key, event = run(with_client(settings, send), settings, as_json=as_json)
+    except InvalidRequest as exc:
+        fail(str(exc), EXIT_INVALID, as_json=as_json, error_type="InvalidRequest")
     if as_json:
         print_json(
             {"key_id": event.key_id, "goal_id": goal, "user_id": user, "role": role, "key": key}

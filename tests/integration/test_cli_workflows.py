@@ -257,3 +257,38 @@ async def test_improve_reports_the_verdict_and_keys_are_created_listed_and_revok
         assert revoked[made["key_id"]] is not None
         code, _, err = await _cli(settings, "keys", "revoke", "../../etc", "--json")
         assert code == 2
+        # An operator is known by user id in every goal: a tenant's user named like one
+        # would speak as one, so such keys are refused, either way round.
+        code, out, _ = await _cli(
+            settings, "keys", "create", "--goal", "g2", "--user", "operator", "--json"
+        )
+        assert (
+            code == 2 and out["error_type"] == "InvalidRequest" and "is an operator" in out["error"]
+        )
+        code, out, _ = await _cli(
+            settings, "keys", "create", "--goal", "ops", "--user", "ops-root", "--role", "operator"
+        )
+        assert code == 0
+        code, out, _ = await _cli(
+            settings, "keys", "create", "--goal", "g2", "--user", "ops-root", "--json"
+        )
+        assert code == 2 and "is an operator" in out["error"]
+        code, out, _ = await _cli(
+            settings,
+            "keys",
+            "create",
+            "--goal",
+            "ops",
+            "--user",
+            "bob",
+            "--role",
+            "operator",
+            "--json",
+        )
+        assert code == 2 and "holds user keys" in out["error"]
+        code, rows, _ = await _cli(settings, "keys", "list", "--json")
+        assert {(r["user_id"], r["role"]) for r in rows} == {
+            ("alice", "user"),
+            ("bob", "user"),
+            ("ops-root", "operator"),
+        }
