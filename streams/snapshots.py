@@ -37,17 +37,20 @@ import hashlib
 import io
 import json
 import logging
+import os
 import pickle
 import time
 import uuid
 import zlib
 from collections.abc import AsyncGenerator, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from streams.config import data_root
 from streams.kafka import KafkaSettings
 from streams.topics import create_state_topics, snapshot_topic
 from streams.views import Bounds, TopicView
@@ -238,16 +241,55 @@ def _newer(key: str, value: bytes, version: int) -> bool:
     return isinstance(found, int) and found > version
 
 
+def _mark(marker: Path) -> None:
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(str(os.getpid()))
+    except OSError:  # nowhere to mark: restored all the same, unguarded
+        log.warning("cannot mark a restore at %s", marker, exc_info=True)
+
+
+def _killed_restoring(marker: Path) -> bool:
+    """Whether ``marker`` (a restore's, holding its process id) was left by a process that
+    is gone: that process died decoding or restoring the snapshot."""
+    try:
+        pid = int(marker.read_text().strip() or "0")
+    except (OSError, ValueError):
+        return marker.exists()  # there, and unreadable: not one a live restore is writing
+    if pid <= 0 or pid == os.getpid():
+        return pid <= 0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
+
+
 class SnapshotStore:
-    """The snapshot topic of one service: write a snapshot, find the newest complete one."""
+    """The snapshot topic of one service: write a snapshot, find the newest complete one.
+
+    A snapshot being decoded and restored is marked by a file in ``marker_dir`` (default
+    ``<ORCH_DATA_DIR>/run/snapshots``) holding the process id, removed once it is done
+    with. A start that finds a snapshot's mark left by a process that is gone skips that
+    snapshot: a state whose decoding takes all memory (a pickle of a few MB can build
+    gigabytes of objects) or a restore that kills the process once killed every start
+    the same way."""
 
     def __init__(
-        self, settings: KafkaSettings, service: str, *, chunk_bytes: int = CHUNK_BYTES
+        self,
+        settings: KafkaSettings,
+        service: str,
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+        marker_dir: Path | None = None,
     ) -> None:
         self.settings = settings
         self.service = service
         self.topic = settings.topic(snapshot_topic(service))
         self.chunk_bytes = chunk_bytes
+        self.marker_dir = marker_dir
         self._producer: AIOKafkaProducer | None = None
         self._previous: list[str] = []  # keys of the snapshot this store wrote last
         self._swept = False  # the topic read for what earlier writers left, since start
@@ -381,13 +423,27 @@ class SnapshotStore:
                     if "chunks" in header
                 ]
                 for offset, manifest in reversed(manifests):
+                    marker = self._marker(manifest.get("id"))
+                    if _killed_restoring(marker):
+                        log.warning(
+                            "%s: snapshot %s at offset %d: a process restoring it died"
+                            " (out of memory?); trying an older one",
+                            self.service,
+                            manifest.get("id"),
+                            offset,
+                        )
+                        marker.unlink(missing_ok=True)
+                        continue
+                    _mark(marker)
                     try:
                         snapshot = await self._restore(
                             consumer, tp, offset, manifest, version, older
                         )
                     except KafkaError:
+                        marker.unlink(missing_ok=True)
                         raise  # the broker's, not the snapshot's
                     except Exception as exc:
+                        marker.unlink(missing_ok=True)
                         # Whatever the record holds, an older snapshot or the log will do.
                         log.warning(
                             "%s: snapshot %s at offset %d unusable (%s: %s); trying an older one",
@@ -398,10 +454,20 @@ class SnapshotStore:
                             exc,
                         )
                         continue
-                    yield snapshot
+                    try:
+                        yield snapshot  # the caller restores it before it asks for more
+                    finally:
+                        marker.unlink(missing_ok=True)
                 stop = start
         finally:
             await consumer.stop()
+
+    def _marker(self, snapshot_id: object) -> Path:
+        """The file marking a restore of ``snapshot_id`` (named from a hash: the id is the
+        record's, whatever it holds)."""
+        folder = self.marker_dir or data_root() / "run" / "snapshots"
+        name = hashlib.sha256(f"{self.topic}\0{snapshot_id}".encode()).hexdigest()[:32]
+        return folder / f"{name}.restoring"
 
     async def _restore(
         self,
