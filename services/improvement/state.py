@@ -330,7 +330,11 @@ class ImprovementState:
             self.spend.apply(event)
             return
         if isinstance(event, FeedbackDecided):
-            if event.user_id is not None and event.accepted:
+            # What on_feedback noted: accepted, or refused for the change it asked for (the
+            # guard's FeedbackRefused comes after the rate check), so a restart counts the
+            # same feedback against the user's rate as the live service did.
+            counted = event.accepted or event.error_type == "FeedbackRefused"
+            if event.user_id is not None and counted:
                 self.note_feedback(
                     event.goal_id, event.user_id, event.feedback_id, event.occurred_at
                 )
