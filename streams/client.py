@@ -97,12 +97,14 @@ def feedback_event(
     channel: str,
     source: str,
     at: datetime | None = None,
+    event_id: str | None = None,
 ) -> FeedbackReceived:
     """The one way ``/improve`` feedback becomes an event, for the SDK, the CLI and the
     improvement service's HTTP and Slack endpoints alike: a bad field is refused as
-    :class:`~streams.errors.InvalidRequest` naming it."""
+    :class:`~streams.errors.InvalidRequest` naming it. ``event_id``: one derived from what
+    was sent (a signed Slack command), so the same request sent again is the same event."""
     try:
-        return FeedbackReceived(
+        event = FeedbackReceived(
             source=source,
             run_id=run_id,
             user_id=user_id,
@@ -113,6 +115,7 @@ def feedback_event(
         )
     except ValidationError as exc:
         raise invalid_request(exc) from None
+    return event if event_id is None else event.model_copy(update={"event_id": event_id})
 
 
 def _failure(event: WorkflowFailed) -> RunFailed:

@@ -41,9 +41,11 @@ import asyncio
 import logging
 import sys
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -78,6 +80,17 @@ BODY_TIMEOUT_S = 10.0
 # at most this many of them).
 _SLACK_REPLAY_S = 330.0
 _SLACK_REPLAYS_KEPT = 100_000
+# The signature of the Slack request being dispatched: a command's feedback event is named
+# after it, so the same signed command sent to another instance (or after a restart, which
+# forgets ``answered``) is the same event, which the service decides once.
+_SIGNED: ContextVar[str | None] = ContextVar("slack_signature", default=None)
+_SLACK_NS = uuid.UUID("3b8f2c1e-5d7a-4e9b-a6c4-2f1d0e9b8a7c")
+
+
+def _slack_event_id(signature: str | None) -> str | None:
+    return None if not signature else str(uuid.uuid5(_SLACK_NS, signature))
+
+
 HEADER_TIMEOUT_S = 20.0
 MAX_IN_FLIGHT = 64
 
@@ -101,6 +114,7 @@ class FeedbackSink(Protocol):
         goal_id: str | None = None,
         *,
         wait: bool = False,
+        event_id: str | None = None,
     ) -> FeedbackReceived: ...
 
     async def approve(self, improvement_id: str, user_id: str) -> PromotionRequested: ...
@@ -346,7 +360,15 @@ def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
             parsed = parse_slack_command(str(command.get("text", "")))
             goal, user = slack_identity(str(command.get("user_id", "")), slack.users)
             # Slack gets its answer now, not the verdict: nothing waits for one.
-            event = await sink.submit(parsed.run_id, user, parsed.score, parsed.text, "slack", goal)
+            event = await sink.submit(
+                parsed.run_id,
+                user,
+                parsed.score,
+                parsed.text,
+                "slack",
+                goal,
+                event_id=_slack_event_id(_SIGNED.get()),
+            )
         except (InvalidRequest, ValueError, UnknownRun, NotRunOwner, RateLimited) as exc:
             await ack(text=f"Feedback not recorded: {exc}")
             return
@@ -375,7 +397,11 @@ def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
                 bolt_request = await to_bolt_request(request)
         except TimeoutError:
             return _error(408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s")
-        response = await bolt.async_dispatch(bolt_request)
+        signed = _SIGNED.set(signature)  # the command's handler names its event after it
+        try:
+            response = await bolt.async_dispatch(bolt_request)
+        finally:
+            _SIGNED.reset(signed)
         if response.status == 200:  # Bolt checked the signature: it may not come again
             answered[signature] = now
             while len(answered) > _SLACK_REPLAYS_KEPT:

@@ -787,12 +787,14 @@ class ImprovementService:
         goal_id: str | None = None,
         *,
         wait: bool = False,
+        event_id: str | None = None,
     ) -> FeedbackReceived:
         """HTTP and Slack: refuse early with the reason, else send ``feedback_received``.
 
         ``goal_id``: the caller's key is for this goal; a run of another goal is refused.
         ``wait``: the caller waits for the verdict next (:meth:`verdict`); without it
-        (Slack answers at once) nothing is kept for the verdict.
+        (Slack answers at once) nothing is kept for the verdict. ``event_id``: derived
+        from the request (Slack's signature), so one sent again is decided once.
         """
         event = feedback_event(
             run_id,
@@ -802,6 +804,7 @@ class ImprovementService:
             channel=channel,
             source=SOURCE,
             at=self.ctx.clock.now(),
+            event_id=event_id,
         )
         run = await self.check_owner(run_id, user_id, goal_id)
         self.check_rate(run.goal_id, user_id, event.event_id, event.occurred_at)
@@ -920,6 +923,11 @@ class ImprovementService:
                 self._verdict(event, False, str(exc), error_type=type(exc).__name__),
                 self._dead_letter(event, delivery, str(exc), type(exc).__name__),
             ]
+        if self.state.feedback_noted(run.goal_id, event.user_id, event.event_id):
+            # Decided already: read again after a crash, or a signed Slack command sent
+            # again to another instance. No second verdict, no second paid call.
+            log.info("feedback %s was decided already", event.event_id)
+            return []
         self.state.note_feedback(run.goal_id, event.user_id, event.event_id, event.occurred_at)
         specialty = run.workflow_id
         if not wants_improvement(event.score, event.text) or not specialty or not run.goal_id:

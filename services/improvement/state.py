@@ -308,6 +308,10 @@ class ImprovementState:
                 break
             del self.feedback[user]
 
+    def feedback_noted(self, goal_id: str | None, user_id: str, feedback_id: str) -> bool:
+        """Whether this feedback was counted already (decided, here or by the log)."""
+        return feedback_id in self.feedback.get(rater(goal_id, user_id), {})
+
     def feedback_count(
         self, goal_id: str | None, user_id: str, since: datetime, *, excluding: str
     ) -> int:

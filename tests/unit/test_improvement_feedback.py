@@ -139,6 +139,7 @@ class _Sink:
         goal_id: str | None = None,
         *,
         wait: bool = False,
+        event_id: str | None = None,
     ) -> FeedbackReceived:
         owners = {"r1": ("u1", "g1"), "r2": ("slack:U123", "g2")}
         if run_id not in owners:
@@ -154,6 +155,8 @@ class _Sink:
         event = FeedbackReceived(
             source="t", run_id=run_id, user_id=user_id, score=score, text=text, channel=channel
         )
+        if event_id is not None:
+            event = event.model_copy(update={"event_id": event_id})
         self.sent.append(event)
         refused = "refuse me" in text
         self.verdicts[event.event_id] = FeedbackDecided(
@@ -453,3 +456,22 @@ async def test_a_signed_slack_command_is_recorded_once_and_odd_timestamps_are_re
         slow = await client.post("/slack/commands", data=trickle(), headers=headers)
         assert slow.status == 408
     assert len(sink.sent) == 1
+
+
+async def test_a_signed_slack_command_sent_to_two_instances_is_one_event():
+    # Each instance remembers only the signatures it answered: the same signed command sent
+    # to another (or after a restart) was a second feedback. Its event is named after the
+    # signature now, so the service decides it once (see test_improvement_review.py).
+    sink = _Sink()
+    body, headers = slash_command(SECRET, "r2 2 cite sources")
+    for _ in range(2):
+        app = build_app(sink, SlackSettings(SECRET))
+        async with TestClient(TestServer(app)) as client:
+            assert (await client.post("/slack/commands", data=body, headers=headers)).status == 200
+    first, second = sink.sent
+    assert first.event_id == second.event_id
+    other, headers = slash_command(SECRET, "r2 2 cite sources, please")
+    app = build_app(sink, SlackSettings(SECRET))
+    async with TestClient(TestServer(app)) as client:
+        assert (await client.post("/slack/commands", data=other, headers=headers)).status == 200
+    assert sink.sent[-1].event_id != first.event_id

@@ -280,3 +280,23 @@ async def test_feedback_refused_for_its_change_counts_against_the_rate_after_a_r
     folded = ImprovementState(PatternSettings(), FakeClock())
     folded.apply(verdict)
     assert live == folded.feedback_count("g1", "u1", since, excluding="-") == 1
+
+
+async def test_a_feedback_decided_already_is_not_decided_again() -> None:
+    # Read again after a crash, or one signed Slack command sent to two instances (same
+    # event id): one verdict, one paid call.
+    service, producer = _service("Show the command's output after each shell example.")
+    event = FeedbackReceived(
+        source="t", run_id="r-u1", user_id="u1", score=1, text="what do the commands print"
+    )
+    first = await service.on_feedback(event, Delivery(event, event.topic, 0, 7))
+    assert [e for e in first if isinstance(e, FeedbackDecided)]
+    calls = len(service.llm.calls)  # type: ignore[union-attr]
+    assert await service.on_feedback(event, Delivery(event, event.topic, 0, 8)) == []
+    assert len(service.llm.calls) == calls  # type: ignore[union-attr]
+    # An instance that only read the verdict from the log knows it too.
+    other, _ = _service("Show the command's output after each shell example.")
+    for verdict in first:
+        if isinstance(verdict, FeedbackDecided):
+            other._view_event(verdict)  # noqa: SLF001
+    assert await other.on_feedback(event, Delivery(event, event.topic, 0, 8)) == []
