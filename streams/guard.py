@@ -9,10 +9,13 @@ service that writes into a prompt can use them.
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+
+from streams.workflows import ADJUSTMENTS_HEADER
 
 __all__ = [
     "COPY_RUN_WORDS",
@@ -129,7 +132,10 @@ def _ascii_lookalikes(text: str) -> str:
 
 def fold(text: str) -> str:
     """NFKC, invisible characters out, casefolded, accents off, look-alikes mapped to ASCII."""
-    text = unicodedata.normalize("NFKC", text).replace("\u2028", "\n").replace("\u2029", "\n")
+    # Look-alikes before NFKC as well: NFKC turns some into another letter first (the lunate
+    # sigma ϲ, read as c, becomes a σ, read as o; the bar ￨, read as l, a box-drawing line).
+    text = unicodedata.normalize("NFKC", _ascii_lookalikes(_strip_invisible(text)))
+    text = text.replace("\u2028", "\n").replace("\u2029", "\n")
     # Look-alikes before casefolding too: a capital can fold to a letter that looks like none
     # (Greek Η reads as H; its small η does not read as h).
     text = _ascii_lookalikes(_strip_invisible(text)).casefold()
@@ -162,12 +168,16 @@ _AUTHORITY = "refused: grants users or messages authority over the agent"
 _PERSONAL = "refused: asks users for personal or secret data"
 _PAYMENT = "refused: asks users for money or to move off the platform"
 _MALFORMED = "refused: malformed"
+_ENCODED = "refused: hides or encodes what it asks for"
+_SELF = "refused: imitates or points at the platform's own prompt"
+_UNFAIR = "refused: turns users away for who they are"
 _NOT_ENGLISH = "refused: not English, the only language the guard reads"
 
 _LEET = (str.maketrans("013457@$!|", "oieastasii"), str.maketrans("01357@$|", "olestasl"))
 _TLDS = (
     "com|net|org|io|ai|co|dev|app|xyz|info|biz|me|ru|cn|uk|de|fr|ly|gg|to|link|site|online"
     "|shop|store|top|tk|gov|edu|us|ca|in|cc|ws|su|click|page|live|tech|cloud|example"
+    "|support|help|services|center|care"
 )
 _TECH_NAMES = re.compile(r"\b(?:asp|vb|ado)\.net\b|\bsocket\.io\b")
 _DISCLOSE = (
@@ -199,6 +209,51 @@ _SAY = (
     r"|let (?:users?|the user|them|people|anyone) (?:see|read|know))"
 )
 
+# What the agent was given to follow, as a line declaring it void would name it.
+_GUIDANCE = (
+    r"(?:guidance|rules?|instructions?|guidelines?|directions|directives?|prompts?"
+    r"|polic(?:y|ies)|constraints|restrictions)"
+)
+# A secret by name. Followed by what is done with it or to it ("password hashing", "API key
+# rotation", "secrets management"), it is a topic to explain, not a value to hand over.
+_SECRET = (
+    r"\b(?:api ?keys?|(?:secret|private|ssh|access|signing|encryption) keys?|pass ?words?"
+    r"|passwd|passphrases?|passcodes?|credentials?|creds|(?:access|auth|bearer|refresh|session"
+    r"|oauth|api|secret|jwt|github|slack|csrf) tokens?|(?<!\btrade )secrets?"
+    r"|env(?:ironment)? var(?:iable)?s?|env|environ|dotenv|getenv|session (?:ids?|cookies?)"
+    r"|connection strings?)\b(?! (?:hash\w*|strength|polic\w*|manag\w*|rotat\w*|reset\w*"
+    r"|complexity|requirements?|validat\w*|verif\w*|length|securit\w*|storage|best practices"
+    r"|tips?|rules?|format\w*|expir\w*|lifetimes?|scopes?|types?|flows?|handling|hygiene"
+    r"|generat\w*|vaults?|scann\w*|leak detection)\b)"
+)
+# A secret put somewhere in answers without a verb ("passwords of the admin go in the footer").
+_SECRET_PLACED = _SECRET + r" (?:\w+ ){0,4}?(?:go|goes|belongs?|appears?) (?:in|into|at|on)\b"
+# Asking users for something, or handing it out: what makes a secret's name a request for
+# its value ("ask users for their password", "reveal your environment variables"). Not
+# when the verb is explained or forbidden ("how to list", "never share", "not to paste").
+_HAND_OVER = (
+    r"(?<!\bhow to )(?<!\bhow )(?<!\bdon t )(?<!\bdo not )(?<!\bnever )(?<!\bnever to )"
+    r"(?<!\bnot to )(?<!\bavoid )(?<!\bwithout )(?<!\brefuse to )"
+    r"\b(?:ask(?:s|ed|ing)?|request(?:s|ed|ing)?|collect(?:s|ed|ing)?|gather(?:s|ed|ing)?"
+    r"|obtain(?:s|ed|ing)?|requir(?:e|es|ed|ing)|demand(?:s|ed|ing)?|prompt(?:s|ed|ing)?"
+    r"|enter(?:s|ed|ing)?|typ(?:e|es|ed|ing)|provid(?:e|es|ed|ing)|submit\w*|suppl(?:y|ies"
+    r"|ied|ying)|send(?:s|ing)?|sent|shar(?:e|es|ed|ing)|giv(?:e|es|en|ing)|gave|hand(?:s|ed"
+    r"|ing)? over|e ?mail(?:s|ed|ing)?|text|dm|message|post(?:s|ed|ing)?|past(?:e|es|ed|ing)"
+    r"|upload(?:s|ed|ing)?|forward(?:s|ed|ing)?|reply with|respond with|reveal(?:s|ed|ing)?"
+    r"|print(?:s|ed|ing)?|show(?:s|n|ed|ing)?|output(?:s|ting)?|repeat(?:s|ed|ing)?"
+    r"|display(?:s|ed|ing)?|disclos(?:e|es|ed|ing)|leak(?:s|ed|ing)?|dump(?:s|ed|ing)?"
+    r"|tell(?:s|ing)?|told|recit(?:e|es|ed|ing)|echo(?:es|ed|ing)?|list(?:s|ed|ing)?"
+    r"|quot(?:e|es|ed|ing)|spell\w* out|write out|expos(?:e|es|ed|ing)|cop(?:y|ies|ied|ying)"
+    r"|return(?:s|ed|ing)?|read\w* out|includ(?:e|es|ed)|append\w*|insert\w*|attach\w*)"
+)
+# A word between such a verb and the secret that makes the secret its topic ("show how
+# to read environment variables", "include a note on API keys", "give examples of strong
+# passwords").
+_ASIDE = (
+    r"(?!(?:how|why|when|whether|where|who|about|on|between|like|regarding"
+    r"|without|against|vs|versus|to|examples?|samples?|kinds?|sorts?|\w+ing)\b)"
+)
+
 # (reason, scope, pattern), first hit wins. Scopes: "words" runs on the text reduced to
 # lowercase ASCII words (also de-leeted and with s p a c e d letters joined), "squash" on
 # its letters alone, "text" on the folded text with punctuation, "cased" on the NFKC text
@@ -215,7 +270,8 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         _ROLE,
         "words",
         r"\b(?:ignore|ignoring|disregard|forget|override|overwrite|bypass|discard|drop|skip"
-        r"|abandon|replace|delete|remove|disable|suspend) (?:\w+ ){0,4}?(?:instructions?"
+        r"|abandon|replace|delete|remove|disable|suspend|(?:set|put|lay)(?:s|ting)? aside"
+        r"|circumvent\w*|nullif\w*|revok\w*) (?:\w+ ){0,4}?(?:instructions?"
         r"|prompts?|guidelines|directives?|guardrails?|restrictions?|programming|training"
         r"|polic(?:y|ies)|safety|filters?|guidance|directions|rules(?! of))\b",
     ),
@@ -224,6 +280,17 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         "words",
         r"\b(?:ignore|disregard|forget) (?:\w+ ){0,2}?(?:everything|anything|all|what)"
         r" (?:above|before|earlier|prior|previous|else|you (?:were|have been|ve been) told)\b",
+    ),
+    (
+        _ROLE,
+        "words",
+        r"\b(?:(?:earlier|previous|prior|above|original|initial|preceding|existing|old|base"
+        r"|system|your) (?:\w+ )?" + _GUIDANCE + r"|" + _GUIDANCE + r" (?:\w+ )?(?:earlier"
+        r"|above|before|previously)) (?:\w+ ){0,2}?(?:is|are|was|were|as|be|now) (?:now |all "
+        r"|completely |entirely |hereby )?(?:obsolete|outdated|out of date|void|invalid|cancell?ed"
+        r"|revoked|superseded|retired|withdrawn|suspended|lifted|null|moot|optional|irrelevant"
+        r"|no longer (?:valid|in effect|in force|relevant|binding))\b"
+        r"|\bwithout (?:any )?refus(?:als?|ing)\b|\bno refusals?\b",
     ),
     (_ROLE, "words", r"\bact (?:as|like)\b|\bpretend\w*|\brole ?play\w*|\bimpersonat\w*"),
     (
@@ -235,6 +302,16 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         r"|teacher|tutor)\b)",
     ),
     (_ROLE, "words", r"\b(?:break|stay in|out of) character\b|\bobey\w*"),
+    (
+        # Speaking in the platform's name ("sign each answer as the platform security team").
+        _ROLE,
+        "words",
+        r"\bsign (?:off )?as\b|\bsign (?:each|every|all|your) (?:\w+ )?(?:answers?|repl(?:y|ies)"
+        r"|responses?|messages?) (?:as|with the name)\b|\bofficial (?:notice|message|announcement"
+        r"|warning|alert|notification|statement)s? from\b|\bplatform (?:security |support "
+        r"|safety |trust and safety )?(?:team|administrators?|admins?|staff|owners?|operators?"
+        r"|moderators?)\b",
+    ),
     (
         _ROLE,
         "words",
@@ -260,11 +337,7 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
     (
         _SECRETS,
         "words",
-        r"\bapi ?keys?\b|\b(?:secret|private|ssh|access|signing|encryption) keys?\b"
-        r"|\bpass ?words?\b|\bpasswd\b|\bpassphrases?\b|\bcredentials?\b|\bcreds\b"
-        r"|\b(?:access|auth|bearer|refresh|session|oauth|api|secret|jwt|github|slack|csrf)"
-        r" tokens?\b|(?<!\btrade )\bsecrets?\b|\benv(?:ironment)? var(?:iable)?s?\b"
-        r"|\bsession (?:ids?|cookies?)\b|\bconnection strings?\b",
+        _HAND_OVER + r" (?:" + _ASIDE + r"\w+ ){0,5}?" + _SECRET + r"|" + _SECRET_PLACED,
     ),
     (
         _SECRETS,
@@ -279,7 +352,6 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         r"\bwhat (?:is|are|were|was) your (?:\w+ )?(?:prompt|instructions|rules|configuration)\b"
         r"|" + _DISCLOSE + r" (?:me |us )?(?:\w+ ){0,3}?tokens?\b(?! (?:count|limit|budget|usage))",
     ),
-    (_SECRETS, "text", r"(?:^|[\s\"'`(])\.env\b|\bos\.environ\b|\bprocess\.env\b|\bgetenv\b"),
     (_SECRETS, "cased", r"\$\{?[A-Z][A-Z0-9_]{3,}\b|%[A-Z][A-Z0-9_]{3,}%"),
     (
         _ELSEWHERE,
@@ -293,8 +365,31 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
     (_ELSEWHERE, "phone", r"\+?\(?\d[\d\s().-]{7,}\d"),
     (
         _ELSEWHERE,
+        "text",
+        # A public IP address, a vanity toll-free number, a domain given apart from its name.
+        r"\b(?!(?:127|10|0)\.|192\.168\.|172\.(?:1[6-9]|2\d|3[01])\.)\d{1,3}(?:\.\d{1,3}){3}\b"
+        r"|\b1[ .-]?8(?:00|33|44|55|66|77|88)[ .-][a-z0-9][a-z0-9-]{5,}"
+        r"|\b(?:followed by|then|plus|ending in|ends in|ending with|ends with|and) (?:a )?\."
+        r"(?:com|net|org|io|ai|co|dev|app|xyz|info|biz|ru)\b",
+    ),
+    (
+        _ELSEWHERE,
         "words",
-        r"\bvisit\b|\bcontact\b|\bgo to\b(?! the (?:point|next|main|heart|core)\b)"
+        r"\b(?:write|writing|email\w*|mail\w*|message\w*|reach\w*|contact\w*|dm) (?:to )?"
+        r"(?:\w+ ){1,3}?(?:on|at|via) (?:gmail|googlemail|outlook|hotmail|yahoo|protonmail|proton"
+        r"|icloud|aol|gmx)\b"
+        # A phone number spelled out ("five five five, zero one zero, ...").
+        r"|\b(?:(?:zero|oh|one|two|three|four|five|six|seven|eight|nine) ){6,}"
+        r"(?:zero|oh|one|two|three|four|five|six|seven|eight|nine)\b"
+        r"|\bthe only (?:trustworthy|reliable|trusted|safe|good|legitimate|real|honest|sensible)"
+        r" (?:choice|option|provider|vendor|company|brand|service|product|solution|bank)s?\b",
+    ),
+    (
+        _ELSEWHERE,
+        "words",
+        r"\bvisit\b|\bcontact\b(?! (?:info\w*|details?|data|fields?|lists?|records?|names?"
+        r"|entries|entry|cards?|management|manager)\b)"
+        r"|\bgo to\b(?! the (?:point|next|main|heart|core)\b)"
         r"|\bhead (?:over )?to\b|\bnavigate to\b|\bclick\b(?! through)|\bsign ?up\b"
         r"|\bregister (?:at|on|with|for)\b|\bsubscrib\w*|\bfollow us\b"
         r"|\bwhatsapp\b|\btelegram\b|\bdiscord\b"
@@ -348,7 +443,12 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         "words",
         r"\bother (?:users?|customers?|tenants?|clients?|accounts?|goals?|teams?|members?"
         r"|organi[sz]ations?|orgs?|people|workspaces?|companies|subscribers?)\b"
-        r"|\btenants?\b|\b(?:everyone|everybody|anyone|anybody) else\b",
+        r"(?! (?:files? |director(?:y|ies) |folders? )?(?:permissions?|processes)\b)"
+        r"|(?<!\bmulti )(?<!\bsingle )\btenants?\b(?! (?:ids?|isolation|columns?|fields?|keys?"
+        r"|aware|models?|architecture|design)\b)|\b(?:everyone|everybody|anyone|anybody) else\b"
+        # Whoever asked before or will ask after ("the previous user's question").
+        r"|\b(?:previous|prior|earlier|past|former|last|later|next) (?:users?|customers?"
+        r"|visitors?|callers?|clients?|members?|people|askers?|requesters?)\b",
     ),
     (
         _OTHERS,
@@ -365,7 +465,8 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         r"|questions|request|requests|when|if|and|or|the|a|an|their|your|s|input|feedback"
         r"|needs|preferences|level|expertise|experience|language|data|intent|context|goals?"
         r"|expectations|queries|query|messages?)\b)[a-z0-9]\w*"
-        r"|\b(?:user|customer|tenant|account) ?ids?\b",
+        r"|\b(?:user|customer|tenant|account) ?ids?\b(?! (?:columns?|fields?|keys?|index\w*"
+        r"|attributes?|propert\w+|param\w*|variables?|foreign)\b)",
     ),
     (_OTHERS, "text", r"<@\w+>|<#\w+"),
     (
@@ -377,8 +478,71 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         r"|\bjavascript\s*:|\bdata\s*:\s*\w+/\w+|!\[[^\]]*\]\(|\]\(",
     ),
     (_MARKUP, "cased", r"\b(?:SYSTEM|ASSISTANT|DEVELOPER)\s*:"),
+    (
+        # A chat message's keys written out ({"role": "system", ...}), or HTML entities.
+        _MARKUP,
+        "text",
+        r"[\"'](?:role|system|content|assistant|user|developer|instructions?|prompt)[\"']\s*:"
+        r"|&(?:#x?[0-9a-f]+|[a-z][a-z0-9]+);",
+    ),
+    (
+        # Something to decode and then follow: what it says, the guard never read.
+        _ENCODED,
+        "words",
+        r"\b(?:decod\w*|convert\w*|translat\w*|unrot\w*|un rot\w*|rot ?13|url ?decod\w*|decrypt\w*"
+        r"|deciph\w*|deobfuscat\w*|unscrambl\w*|revers\w*|backwards|unescap\w*|turn\w* (?:\w+ )"
+        r"{0,4}?into (?:plain )?(?:text|letters|words|characters|ascii)) (?:\w+ ){0,14}?"
+        r"(?:(?:follow|obey|heed|execute|carry out|comply with|act on|act upon)(?:s|ed|ing)?"
+        r" (?:it|them|that|this|those|these|its \w+|the (?:result|output|decoded|text|message"
+        r"|instruction|phrase|word)\w*)|(?:do|follow) (?:what|whatever) (?:it|they|this|that"
+        r"|the \w+) (?:says?|asks?|said|tells? you|means?))\b"
+        r"|\b(?:phrase|word|message|text|instructions?|sentence)s? (?:\w+ )?(?:spelled|spelt"
+        r"|formed|made|hidden|written) (?:out )?(?:by|from|in|with) (?:the )?(?:first|initial"
+        r"|last|capital|starting|opening) (?:letters?|characters?|words?)\b"
+        # Text in the answer its reader is not to see.
+        r"|\b(?:invisible|transparent|zero width|white on white) (?:\w+ )?(?:text|font|ink)\b"
+        r"|\bwhite (?:text|font|ink) on (?:a )?white\b",
+    ),
+    (
+        # Numbers, hex or escapes standing for text: ASCII codes, bytes, %XX.
+        _ENCODED,
+        "text",
+        r"\b\d+(?:(?:\s*,\s*|\s+)\d+){7,}\b|(?:\b|(?<=0x))[0-9a-f]{16,}\b"
+        r"|\b(?:[0-9a-f]{2}[\s,:]){7,}[0-9a-f]{2}\b|(?:\\x[0-9a-f]{2}|\\u[0-9a-f]{4}){3,}"
+        r"|(?<!\d)%[0-9a-f]{2}|%[0-9a-f]{2}%[0-9a-f]{2}",
+    ),
     (_ROLE, "words", r"\bsystem (?:prompt|message)s?\b|\bprompt injection\b"),
     (_ROLE, "squash", r"systemprompt"),
+    (
+        # The platform's own block of adjustments, as a line copying or ranking it would name
+        # it: nothing a user's feedback asks for needs to speak of the prompt it goes into.
+        _SELF,
+        "words",
+        r"\b" + r" ".join(re.findall(r"[a-z0-9]+", fold(ADJUSTMENTS_HEADER))) + r"\b"
+        r"|\badjustments learned from\b|\bvetted by (?:the )?platform\b"
+        r"|\b(?:list|block|section|set) of (?:\w+ )?adjustments\b"
+        r"|\bthis (?:whole |entire |full |very |same |current )?(?:system )?prompt\b"
+        r"(?! engineering)"
+        r"|\b(?:final|last|latest|newest|most recent|later|next|bottom|lowest) (?:\w+ )?"
+        r"(?:adjustments?|instructions?|lines?|rules?|items?|entry|entries|bullets?)\b"
+        r" (?:\w+ ){0,6}?(?:outranks?|overrides?|overrules?|supersedes?|trumps?|prevails?|wins?"
+        r"|beats?|takes? (?:priority|precedence))\b"
+        r"|\b(?:outranks?|overrules?|supersedes?|trumps?|takes? precedence over|prevails? over)"
+        r" (?:everything|anything|the rest|(?:all|every|any|the) (?:other |earlier |previous )?"
+        r"(?:rules?|instructions?|guidance|lines?|adjustments?))\b",
+    ),
+    (
+        _DISCLOSES,
+        "words",
+        # Word for word is how a prompt is handed on; an answer quoting anything else does
+        # not need the words.
+        r"\b(?:quot|recit|cop(?:y|ies|ied|ying)|repeat|reproduc|past(?:e|es|ed|ing)\b|restat"
+        r"|echo|transcrib|print|output)\w* (?:\w+ ){0,8}?(?:word for word|verbatim)\b"
+        r"|\b(?:word for word|verbatim) (?:\w+ ){0,3}?(?:quot|recit|cop(?:y|ies|ied|ying)|repeat"
+        r"|reproduc|past(?:e|es|ed|ing)\b|restat|echo|transcrib)\w*"
+        r"|" + _SAY + r" (?:\w+ ){0,5}?(?:text|words|everything|anything|lines?|paragraphs?"
+        r"|content|what) (?:that |which )?(?:precedes?|preceded)\b",
+    ),
     # What the agent was told, in any wording: an instruction names it only to pass it on.
     (
         _DISCLOSES,
@@ -545,6 +709,20 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         r"|\b(?:takes?|have|has|gets?|given) (?:priority|precedence) over (?:\w+ ){0,3}?"
         r"(?:guidelines?|rules?|instructions?|guidance|prompts?|polic(?:y|ies))\b",
     ),
+    (
+        # Service refused to people for who they are.
+        _UNFAIR,
+        "words",
+        r"\b(?:declin\w*|refus\w*|den(?:y|ies|ied|ying)|stop\w*|don t|do not|never|not|won t"
+        r"|avoid\w*|ignor\w*|reject\w*) (?:\w+ ){0,3}?(?:help|serv|assist|answer|respond|reply"
+        r"|support)\w* (?:to )?"
+        r"(?:questions from|requests from|messages from|anyone|anybody|someone|people|persons?"
+        r"|users?|customers?|clients?|those|visitors?) (?:\w+ ){0,5}?(?:muslims?|jews?|jewish"
+        r"|christians?|hindus?|buddhists?|sikhs?|atheists?|asians?|hispanics?|latin[oax]s?"
+        r"|arabs?|africans?|women|woman|girls?|men|immigrants?|refugees?|foreigners?|migrants?"
+        r"|gay|lesbians?|transgender|trans (?:people|users|women|men)|queer|disabled|elderly"
+        r"|old people|religio\w*|race|ethnic\w*|gender|nationalit\w*|accents?)\b",
+    ),
     # Personal or secret data: an answer never asks for what a fraud would.
     (
         _PERSONAL,
@@ -656,11 +834,45 @@ def _join_spaced(words: str) -> str:
     return re.sub(r"(?<= )(?:[a-z0-9] ){3,}", lambda m: m.group().replace(" ", "") + " ", words)
 
 
+# Punctuation inside a word, which splits it for the rules ("ig.nore", "dis-regard").
+_INNER_PUNCTUATION = re.compile(r"(?<=[a-z])[-._:/~=^]+(?=[a-z])")
+# A star for a letter inside a word ("ign*re", "guid*nce"): at most three to a word.
+_STARRED = re.compile(r"\b[a-z]+(?:\*[a-z]+){1,3}\b")
+_VOWELS = "aeiouy"
+
+
+def _likeliest(match: re.Match[str]) -> str:
+    """The starred word with each star read as the vowel that makes it the most common English
+    word: "ign*re" -> "ignore", "guid*nce" -> "guidance"."""
+    parts = match.group().split("*")
+    frequency = _english_frequency()
+    spellings = [
+        "".join(part + vowel for part, vowel in zip(parts, (*vowels, ""), strict=True))
+        for vowels in itertools.product(_VOWELS, repeat=len(parts) - 1)
+    ]
+    return max(spellings, key=frequency)
+
+
+def _unsplit(text: str) -> str:
+    """``text`` read as the words its inner punctuation splits or stands in for: "ig.nore"
+    ignore, "sys+em" system, "(redentials" credentials, "s€cret" secret, "ign*re" ignore.
+    Only for the rules: "follow-up" reads "followup", which names nothing a rule refuses."""
+    text = re.sub(r"(?<=[a-z])\+(?=[a-z])", "t", text)
+    text = re.sub(r"\((?=[a-z])(?![^()]*\))", "c", text)  # an opening bracket never closed
+    text = re.sub(r"€(?=[a-z])|(?<=[a-z])€", "e", text)
+    text = _STARRED.sub(_likeliest, text)
+    return _INNER_PUNCTUATION.sub("", text)
+
+
 def _variants(text: str) -> dict[str, list[str]]:
-    cased = _ascii_lookalikes(_strip_invisible(unicodedata.normalize("NFKC", text)))
+    nfkc = unicodedata.normalize("NFKC", _ascii_lookalikes(_strip_invisible(text)))
+    cased = _ascii_lookalikes(_strip_invisible(nfkc))
     folded = fold(text)
     text_form = _TECH_NAMES.sub(" ", folded)
     deleeted = [folded.translate(table) for table in _LEET]
+    joined = _unsplit(folded)
+    if joined != folded:
+        deleeted += [joined, *(joined.translate(table) for table in _LEET)]
     # A small l written for a capital I at a word's start ("lgnore all lnstructions"): no
     # English word starts with l and a consonant but a few names (llama, Lloyd).
     deleeted.append(re.sub(r"\bl(?=[bcdfghjkmnpqrstvwxz])", "i", folded))
@@ -674,34 +886,107 @@ def _variants(text: str) -> dict[str, list[str]]:
             if variant not in words:
                 words.append(variant)
     squash = list(dict.fromkeys(re.sub(r"[^a-z]", "", form) for form in (folded, *deleeted)))
+    # A phone number with letters for digits ("555-O1O-9999").
+    phone = re.sub(r"\d[\dol().\s-]{7,}\d", _digits_for_letters, text_form)
     return {
         "words": words,
         "squash": squash,
         "text": [text_form],
         "cased": [cased],
-        "phone": [text_form],
+        "phone": list(dict.fromkeys((text_form, phone))),
     }
+
+
+_DIGIT_LETTERS = str.maketrans("ol", "01")
+
+
+def _digits_for_letters(match: re.Match[str]) -> str:
+    return match.group().translate(_DIGIT_LETTERS)
 
 
 def _phone_like(match: re.Match[str]) -> bool:
     return 9 <= sum(ch.isdigit() for ch in match.group()) <= 15
 
 
-def _malformed(
-    text: str, max_chars: int = MAX_INSTRUCTION_CHARS, one_line: bool = True
-) -> str | None:
+def _unfit(text: str, max_chars: int, one_line: bool, max_rare: int) -> str | None:
+    """Why ``text`` may not enter a prompt whatever its words, or None: its size, then its
+    language, then its shape. Language before shape: another script's vowel signs are
+    combining marks and its punctuation sits inside its words, yet all of it is shown."""
     body = text.strip()
     if not body:
-        return "empty"
+        return f"{_MALFORMED}: empty"
     if len(body) > max_chars:
-        return f"too long ({len(body)} > {max_chars} characters)"
-    if any(
-        unicodedata.category(ch) in ("Cc", "Cf", "Co", "Cs", "Cn") and ch not in "\n\r\t"
-        for ch in body
-    ) or any(ch in _INVISIBLE for ch in body):
-        return "contains control or invisible characters"
+        return f"{_MALFORMED}: too long ({len(body)} > {max_chars} characters)"
+    foreign = not_english(body, max_rare)
+    if foreign is not None:
+        return f"{_NOT_ENGLISH}: {foreign}"
+    problem = _malformed(body, one_line)
+    return None if problem is None else f"{_MALFORMED}: {problem}"
+
+
+def _malformed(body: str, one_line: bool) -> str | None:
+    unshown = _unshown(body)
+    if unshown is not None:
+        return (
+            "holds characters that are not shown (invisible, control, selector or combining:"
+            f" U+{ord(unshown):04X})"
+        )
     if one_line and len(body.splitlines()) > 1:
         return "more than one line"
+    symbol = _symbol_in_word(body)
+    if symbol is not None:
+        return f"a word holds a symbol in a letter's place (U+{ord(symbol):04X})"
+    return None
+
+
+def _unshown(text: str) -> str | None:
+    """The first character of ``text`` its reader is not shown, or None.
+
+    Whoever reviews a text reads what it shows; a model reads every character. So none may
+    be invisible, a control, format, private or unassigned character, a variation selector
+    (a byte each, in a row after an emoji or anywhere) or a combining mark NFC leaves
+    standing (combining letters stacked on a word spell out a second text). An accent NFC
+    composes into its letter ("café" written either way) is shown.
+    """
+    for ch in unicodedata.normalize("NFC", text):
+        if ch in "\n\r\t":
+            continue
+        if ch in _INVISIBLE or _selector(ch) or unicodedata.category(ch) in _UNSHOWN:
+            return ch
+    return None
+
+
+_UNSHOWN = frozenset({"Cc", "Cf", "Co", "Cs", "Cn", "Mn", "Me", "Mc"})
+# Signs that sit at a word's edge in plain English ("25°C", "Python®", "«quoted»", "€5").
+_EDGE_SIGNS = frozenset("°®©™℠†‡′″")
+_EDGE_CATEGORIES = frozenset({"Ps", "Pe", "Pi", "Pf", "Sc", "So"})
+
+
+def _symbol_in_word(text: str) -> str | None:
+    """A sign that is no letter standing where a letter of a word would be, or None.
+
+    A reader (and a model) takes it for the letter it looks like: "¡nstructions",
+    "pass€ode", "ru￨es". The rules read it as nothing or as the letter, never as what the
+    reviewer saw. Inside a word any such sign counts (read before look-alikes are mapped);
+    at a word's start or end, not quotes, brackets, currency, emoji or the few signs
+    English puts there.
+    """
+    shown = unicodedata.normalize("NFKC", _strip_invisible(text)).casefold()
+    shown = f" {shown.translate(_CONFUSABLES)} "
+    for i in range(1, len(shown) - 1):
+        ch = shown[i]
+        if ch.isascii() or ch.isalnum() or ch.isspace() or unicodedata.category(ch)[0] == "M":
+            continue
+        before, after = shown[i - 1], shown[i + 1]
+        if before.isalpha() and after.isalpha():
+            return ch
+        if (
+            (before.isalpha() or after.isalpha())
+            and not (before.isalnum() and after.isalnum())
+            and unicodedata.category(ch) not in _EDGE_CATEGORIES
+            and ch not in _EDGE_SIGNS
+        ):
+            return ch
     return None
 
 
@@ -784,15 +1069,9 @@ _SENTENCE_END_RE = re.compile(r"[.!?\n]+")
 def guard_instruction(text: str) -> GuardVerdict:
     """Whether an instruction may enter a prompt; the reason names the rule that refused it."""
     reason = _refusal(text[: 4 * MAX_INSTRUCTION_CHARS], _GUARDS)
-    if reason is not None:
-        return GuardVerdict(False, reason)
-    problem = _malformed(text)
-    if problem is not None:
-        return GuardVerdict(False, f"{_MALFORMED}: {problem}")
-    foreign = not_english(text)
-    if foreign is not None:
-        return GuardVerdict(False, f"{_NOT_ENGLISH}: {foreign}")
-    return _OK
+    if reason is None:
+        reason = _unfit(text, MAX_INSTRUCTION_CHARS, one_line=True, max_rare=MAX_RARE_WORDS)
+    return _OK if reason is None else GuardVerdict(False, reason)
 
 
 def guard_prompt(text: str, max_chars: int) -> GuardVerdict:
@@ -806,16 +1085,11 @@ def guard_prompt(text: str, max_chars: int) -> GuardVerdict:
     request could have steered must not pass where an instruction from feedback would not.
     """
     reason = _refusal(text[: 2 * max_chars], _PROMPT_GUARDS)
-    if reason is not None:
-        return GuardVerdict(False, reason)
-    problem = _malformed(text, max_chars, one_line=False)
-    if problem is not None:
-        return GuardVerdict(False, f"{_MALFORMED}: {problem}")
-    # A whole prompt may name more jargon than one instruction: one rare word in twelve.
-    foreign = not_english(text, max_rare=max(MAX_RARE_WORDS, len(text.split()) // 12))
-    if foreign is not None:
-        return GuardVerdict(False, f"{_NOT_ENGLISH}: {foreign}")
-    return _OK
+    if reason is None:
+        # A whole prompt may name more jargon than one instruction: one rare word in twelve.
+        rare = max(MAX_RARE_WORDS, len(text.split()) // 12)
+        reason = _unfit(text, max_chars, one_line=False, max_rare=rare)
+    return _OK if reason is None else GuardVerdict(False, reason)
 
 
 def _any(match: re.Match[str]) -> bool:

@@ -287,6 +287,13 @@ _PREFIX = re.compile(
     re.I,
 )
 _QUOTES = "\"'`“”‘’«»*_"
+# A first line that only introduces the reply ("Here is the instruction:", "Sure:"). Any
+# other line ending in ':' is part of what the model wrote, and two lines are refused.
+_PREAMBLE = re.compile(
+    r"(?:\*\*)?(?:here(?:\s+is|\s+are|['’]s)|sure|okay|ok|certainly|of course|alright"
+    r"|(?:the |new |suggested |proposed |my )?instruction)\b",
+    re.I,
+)
 _NONE_REPLY = re.compile(r"(?:none|n/?a|no instruction|nothing)\W*", re.I)
 _ENUMERATION = re.compile(r"(?:^|\s)(?:\d+[.)]|[-*•])\s")
 _SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
@@ -299,7 +306,7 @@ def clean_instruction(text: str) -> str | None:
     if fenced:
         body = fenced.group(1).strip()
     lines = [line.strip() for line in body.splitlines() if line.strip()]
-    while len(lines) > 1 and lines[0].endswith(":"):
+    while len(lines) > 1 and lines[0].endswith(":") and _PREAMBLE.match(lines[0]):
         lines.pop(0)  # a preamble such as "Here is the instruction:"
     if len(lines) != 1:
         return None
