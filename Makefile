@@ -19,8 +19,10 @@ up: venv
 	$(BIN)/python -m local.localkafka up
 	$(BIN)/python -m streams.topics create
 
+# The services `orchestrator up` started first: a broker stopped under them had them
+# reconnect to whoever took its port next.
 down:
-	@if [ -x $(BIN)/python ]; then $(BIN)/python -m local.localkafka down; fi
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m services.cli.main down; fi
 
 # The broker is stopped whatever happens, and the first failing step's exit code is kept.
 test: venv

@@ -31,6 +31,7 @@ from streams.config import (
     DEFAULT_KAFKA_PORT,
     ROOT,
     BrokerSettings,
+    DataDirUnsafe,
     bootstrap_servers,
     data_root,
     kafka_port,
@@ -128,10 +129,20 @@ def _cmdline(pid: int) -> str:
 
 
 def _is_our_broker(pid: int) -> bool:
-    # The command line names our properties file, so a recycled pid is never mistaken
-    # for the broker (a zombie has an empty command line and counts as gone).
-    cmd = _cmdline(pid)
-    return "kafka.Kafka" in cmd and str(_props_path()) in cmd
+    # The command line names our properties file as an argument of its own, so a recycled
+    # pid is never mistaken for the broker, nor is another data dir's broker whose path
+    # holds ours (a zombie has an empty command line and counts as gone).
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        owner = Path(f"/proc/{pid}").stat().st_uid
+    except FileNotFoundError:
+        if Path("/proc/self").exists():
+            return False
+        cmd = _cmdline(pid)  # no /proc: what ps shows
+        return "kafka.Kafka" in cmd.split() and str(_props_path()) in cmd.split()
+    except OSError:
+        return False
+    return owner == os.getuid() and "kafka.Kafka" in argv and str(_props_path()) in argv
 
 
 def _our_pid() -> int | None:
@@ -381,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status"])
     parser.add_argument("--timeout", type=float, default=90.0)
     args = parser.parse_args(argv)
-    private_files()
+    try:
+        private_files()
+    except DataDirUnsafe as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.command == "up":
             started = time.monotonic()

@@ -22,6 +22,7 @@ __all__ = [
     "BrokerSettings",
     "BudgetSettings",
     "DEFAULT_KAFKA_PORT",
+    "DataDirUnsafe",
     "JudgeSettings",
     "LauncherSettings",
     "OperatorSettings",
@@ -197,9 +198,25 @@ def private_files() -> None:
     the embedded ClickHouse and read it, whatever the SQL surface's token guards."""
     os.umask(0o077)
     root = data_root()
+    try:
+        found = root.stat()  # through a symlink: the directory written to is what counts
+    except FileNotFoundError:
+        return  # made later, under the umask: 0700
+    except OSError as exc:
+        raise DataDirUnsafe(f"{root}: {exc.strerror or exc}") from None
+    if found.st_uid != os.getuid():
+        # Another user's directory: pid files, logs and the broker's files written there
+        # follow whatever links that user plants, and `down` would signal the pids they name.
+        raise DataDirUnsafe(
+            f"{root} belongs to another user (uid {found.st_uid}); set ORCH_DATA_DIR to a"
+            " directory of your own"
+        )
     with contextlib.suppress(OSError):
-        if root.is_dir() and root.stat().st_uid == os.getuid():
-            root.chmod(0o700)
+        root.chmod(0o700)
+
+
+class DataDirUnsafe(RuntimeError):
+    """The data dir is not this user's alone: the platform will not write there."""
 
 
 def kafka_port() -> int:

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from streams.clock import Clock, clock_from_env
-from streams.config import ProcessSettings, data_root, private_files
+from streams.config import DataDirUnsafe, ProcessSettings, data_root, private_files
 from streams.kafka import EventProducer, KafkaSettings
+from streams.procs import process_start, still_running
 
 __all__ = [
     "ServiceContext",
@@ -50,16 +51,27 @@ def announce_url(service: str, url: str, port: int) -> Path:
     file, which the instance removes when it stops. ``orchestrator status`` lists them."""
     path = _url_dir(service) / f"{port}.url"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(url + "\n")
+    pid = os.getpid()
+    path.write_text(f"{url}\n{pid}\n{process_start(pid)}\n")
     return path
 
 
 def announced_urls(service: str) -> list[str]:
-    """The URLs instances of ``service`` on this data dir announced (live or not: check)."""
+    """The URLs instances of ``service`` on this data dir announced, less those of
+    instances that are gone (killed before they removed their file: whoever holds the port
+    now is not the platform's); answering is still the caller's to check."""
     folder = _url_dir(service)
     if not folder.is_dir():
         return []
-    return sorted({p.read_text().strip() for p in folder.glob("*.url")} - {""})
+    urls: set[str] = set()
+    for path in folder.glob("*.url"):
+        url, pid, started, *_ = [*path.read_text().split("\n"), "", "", ""]
+        if pid.strip().isdigit() and not still_running(int(pid), started.strip()):
+            path.unlink(missing_ok=True)
+            continue
+        if url.strip():
+            urls.add(url.strip())
+    return sorted(urls)
 
 
 @dataclass
@@ -196,8 +208,12 @@ def _exit_if_stuck(name: str, grace: float) -> None:
 
 def service_main(name: str, main: ServiceMain) -> None:
     """Process entry point: SIGTERM and SIGINT stop the service cleanly."""
-    private_files()
     configure_logging()
+    try:
+        private_files()
+    except DataDirUnsafe as exc:
+        log.error("%s does not start: %s", name, exc)
+        sys.exit(1)
 
     async def _run() -> None:
         stop = asyncio.Event()

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Protocol
 
 from streams.config import data_root
 from streams.errors import QueryRefused, StoreError
+from streams.procs import still_running
 
 __all__ = [
     "FORMATS",
@@ -73,7 +74,8 @@ class RemoteQueries:
     def _endpoint(self) -> tuple[str, str]:
         try:
             info = json.loads(self.info_file.read_text(encoding="utf-8"))
-            return str(info["url"]), str(info["token"])
+            url, token = str(info["url"]), str(info["token"])
+            pid, started = info.get("pid"), info.get("started")
         except FileNotFoundError:
             raise StoreError(
                 f"the analytics sink is not running (no {self.info_file}); start the platform"
@@ -81,6 +83,14 @@ class RemoteQueries:
             ) from None
         except (OSError, ValueError, KeyError) as exc:
             raise StoreError(f"cannot read {self.info_file}: {exc}") from exc
+        if isinstance(pid, int) and not still_running(pid, str(started or "")):
+            # Left by a sink killed before it could remove it: whoever holds its port now
+            # would get the token and the query, and its answer would be printed as ours.
+            raise StoreError(
+                f"the analytics sink that wrote {self.info_file} (pid {pid}) is gone; start"
+                " the platform with `make run` or the service with `python -m services.analytics`"
+            )
+        return url, token
 
     def text(self, sql: str, fmt: str) -> str:
         """The result rendered by ClickHouse: ``fmt`` is a key of :data:`FORMATS` or ``rows``."""

@@ -26,6 +26,7 @@ from typing import Any
 from services.analytics.sqlguard import GuardedQueries
 from services.analytics.store import ClickHouseStore
 from streams.errors import QueryRefused, StoreError
+from streams.procs import process_start
 from streams.sql import FORMATS, query_server_file
 
 __all__ = ["QueryServer"]
@@ -120,7 +121,11 @@ class QueryServer:
             tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"url": self.url, "token": self._token, "pid": os.getpid()}, fh)
+            pid = os.getpid()
+            json.dump(
+                {"url": self.url, "token": self._token, "pid": pid, "started": process_start(pid)},
+                fh,
+            )
         os.replace(tmp, self.info_file)
         log.info("analytics: read-only SQL on %s (%s)", self.url, self.info_file)
         return self

@@ -9,11 +9,12 @@ import typer
 from services.cli.admin import budget_app, keys_app
 from services.cli.analytics import metrics, sql
 from services.cli.bench import bench_app
+from services.cli.common import fail
 from services.cli.demo import demo_command
 from services.cli.platform import agents, down, service, status, up
 from services.cli.requests import ask, improve
 from services.cli.workflows import workflows_app
-from streams.config import private_files
+from streams.config import DataDirUnsafe, private_files
 
 __all__ = ["app"]
 
@@ -27,7 +28,10 @@ app = typer.Typer(
 
 @app.callback()
 def _setup() -> None:
-    private_files()  # and of every process it starts: they inherit the umask
+    try:
+        private_files()  # and of every process it starts: they inherit the umask
+    except DataDirUnsafe as exc:
+        fail(str(exc))
     # aiokafka logs every retry while the CLI already reports what failed, in one line.
     for name in ("aiokafka", "kafka", "faust", "mode"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

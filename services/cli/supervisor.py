@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -23,6 +24,7 @@ from local.platform import (
     popen,
 )
 from streams.config import data_root
+from streams.procs import process_start, still_running
 
 __all__ = [
     "Supervisor",
@@ -74,22 +76,29 @@ def _cmdline(pid: int) -> str:
 
 
 def _write_pid_file(path: Path, pid: int, cmdline: str) -> None:
-    # The command line is kept beside the pid so that `down` never signals a process
-    # that merely inherited a recycled pid.
+    # The command line and the start time are kept beside the pid so that `down` never
+    # signals a process that merely inherited a recycled pid.
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{pid}\n{cmdline}\n")
+    partial = path.with_suffix(".partial")
+    partial.write_text(f"{pid}\n{cmdline}\n{process_start(pid)}\n")
+    partial.replace(path)
 
 
-def _read_pid_file(path: Path) -> tuple[int, str] | None:
+def _read_pid_file(path: Path) -> tuple[int, str, str] | None:
     try:
-        pid_line, _, rest = path.read_text().partition("\n")
-        return int(pid_line.strip()), rest.strip()
+        pid_line, cmdline, started, *_ = [*path.read_text().split("\n"), "", ""]
+        return int(pid_line.strip()), cmdline.strip(), started.strip()
     except (FileNotFoundError, ValueError):
         return None
 
 
-def _ours(pid: int, cmdline: str) -> bool:
-    return bool(cmdline) and _cmdline(pid) == cmdline
+def _ours(pid: int, cmdline: str, started: str = "") -> bool:
+    """Whether ``pid`` is still the process a pid file recorded: its command line, and its
+    start time and owner where the file has them (one written before they were kept: its
+    owner must be this user)."""
+    if not cmdline or _cmdline(pid) != cmdline:
+        return False
+    return not process_start(pid) or still_running(pid, started)
 
 
 def supervisor_pid() -> int | None:
@@ -109,18 +118,20 @@ def read_state() -> dict[str, Any] | None:
     return state
 
 
-def _signal_and_wait(pid: int, cmdline: str, timeout: float) -> bool:
-    """SIGTERM, then SIGKILL after ``timeout``; True once the process is gone."""
+def _signal_and_wait(pid: int, cmdline: str, timeout: float, started: str = "") -> bool:
+    """SIGTERM, then SIGKILL after ``timeout``; True once the process is gone. A stopped
+    process (SIGSTOP) is continued first: it would take a SIGTERM only once continued."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
             os.kill(pid, sig)
-        # Not our child (its parent reaps it): gone is when the command line no longer matches.
+        # Not our child (its parent reaps it): gone is when it is no longer what was recorded.
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if not _ours(pid, cmdline):
+            if not _ours(pid, cmdline, started):
                 return True
             time.sleep(0.1)
-    return not _ours(pid, cmdline)
+    return not _ours(pid, cmdline, started)
 
 
 def stop_recorded(timeout: float = 20.0, report: Report = print) -> list[str]:
@@ -135,10 +146,15 @@ def stop_recorded(timeout: float = 20.0, report: Report = print) -> list[str]:
         found = _read_pid_file(path)
         if found is None:
             continue
-        pid, cmdline = found
+        pid, cmdline, started = found
         name = path.stem
-        if _ours(pid, cmdline):
-            if _signal_and_wait(pid, cmdline, timeout):
+        if _ours(pid, cmdline, started):
+            try:
+                gone = _signal_and_wait(pid, cmdline, timeout, started)
+            except PermissionError:  # another user's process: never ours to stop
+                report(f"{name}: pid {pid} is another user's process; left alone")
+                gone = True
+            if gone:
                 stopped.append(name)
                 report(f"stopped {name} (pid {pid})")
             else:
@@ -194,6 +210,7 @@ class Supervisor:
         self._backoff: dict[Instance, _Backoff] = {}
         self._stopping = False
         self._signals = 0
+        self._lock: int | None = None  # the data dir's lock, once claimed
 
     @property
     def llm_url(self) -> str | None:
@@ -202,14 +219,39 @@ class Supervisor:
     # -- lifecycle -----------------------------------------------------------------
 
     def claim(self) -> None:
-        """Record this process as the supervisor of the data dir; refuse a second one."""
+        """Record this process as the supervisor of the data dir; refuse a second one.
+
+        The data dir's lock, held for as long as this process lives, decides: two `up`s
+        started together both found no supervisor's pid file and both claimed the dir.
+        Children a supervisor killed before it could stop them (a stopped child takes its
+        parent's death signal only once continued) are stopped first."""
         running = supervisor_pid()
         if running is not None and running != os.getpid():
             raise SupervisorError(
                 f"a supervisor already runs for {data_root()} (pid {running}); "
                 "run `orchestrator down` first"
             )
+        run_dir().mkdir(parents=True, exist_ok=True)
+        if self._lock is None:
+            fd = os.open(run_dir() / f"{_SUPERVISOR}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise SupervisorError(
+                    f"a supervisor already runs for {data_root()}; run `orchestrator down` first"
+                ) from None
+            self._lock = fd
         _write_pid_file(run_dir() / f"{_SUPERVISOR}.pid", os.getpid(), _cmdline(os.getpid()))
+        for path in sorted(run_dir().glob("*.pid")):
+            found = _read_pid_file(path)
+            if path.stem == _SUPERVISOR or found is None:
+                continue
+            if _ours(*found):
+                self.report(f"stopping {path.stem} (pid {found[0]}), left by an earlier supervisor")
+                with contextlib.suppress(PermissionError):
+                    _signal_and_wait(found[0], found[1], 10.0, found[2])
+            path.unlink(missing_ok=True)
 
     def start_all(self) -> None:
         for spec in self.specs:
@@ -319,6 +361,9 @@ class Supervisor:
         if found is not None and found[0] == os.getpid():
             (run_dir() / f"{_SUPERVISOR}.pid").unlink(missing_ok=True)
             _state_path().unlink(missing_ok=True)
+        if self._lock is not None:
+            os.close(self._lock)  # the lock goes with it
+            self._lock = None
 
 
 def _pid_file(instance: Instance) -> Path:

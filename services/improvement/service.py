@@ -1452,6 +1452,8 @@ class ImprovementService:
             await asyncio.gather(*tasks, return_exceptions=True)
             if runner is not None:
                 await runner.cleanup()
+                if self.config.port_file is not None:  # nobody serves on it any more
+                    self.config.port_file.unlink(missing_ok=True)
             await snapshots.stop()
             # Stopping a consumer that never started (or failed to) is harmless.
             for consumer in (commands, work, view):

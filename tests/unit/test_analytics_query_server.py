@@ -171,3 +171,30 @@ def test_the_token_file_is_the_owners_alone_even_over_a_file_left_behind(
         assert not left.exists()
     finally:
         other.close()
+
+
+def test_a_file_left_by_a_killed_sink_sends_nothing_to_whoever_holds_its_port(
+    server: QueryServer, tmp_path: Path
+) -> None:
+    # A sink killed with SIGKILL leaves its file: `orchestrator sql` sent the token and the
+    # query to whoever took the port next and printed its answer as the event log's.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from streams.errors import StoreError
+    from streams.procs import process_start
+
+    info = json.loads(server.info_file.read_text())
+    assert info["started"] == process_start(os.getpid())  # who wrote it, recorded
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    left = tmp_path / "left.json"
+    left.write_text(json.dumps({**info, "pid": int(gone.stdout), "started": "1:0"}))
+    with pytest.raises(StoreError, match="is gone"):
+        RemoteQueries(info_file=left).text("SELECT 1 AS n", "csv")
+    # The live one's file still works.
+    assert RemoteQueries(info_file=server.info_file).text("SELECT 1 AS n", "csv") == '"n"\n1\n'

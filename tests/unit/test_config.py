@@ -16,6 +16,7 @@ from services.budget.state import BudgetDefaults
 from streams.config import (
     BrokerSettings,
     BudgetSettings,
+    DataDirUnsafe,
     ProcessSettings,
     bootstrap_servers,
     private_files,
@@ -107,3 +108,52 @@ def test_what_the_platform_writes_is_its_users_alone(
         assert stat.S_IMODE((root / "sub").stat().st_mode) == 0o700
     finally:
         os.umask(before)
+
+
+def test_a_data_dir_of_another_user_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Another user's (say, world-writable in /tmp) data dir was used as it was: pid files,
+    # logs and the broker's files followed the links that user planted, and `down`
+    # signalled the pids its pid files named.
+    root = tmp_path / "data"
+    root.mkdir()
+    root.chmod(0o777)
+    link = tmp_path / "link"
+    link.symlink_to(root)
+    theirs = os.getuid() + 1
+    monkeypatch.setattr(os, "getuid", lambda: theirs)
+    before = os.umask(0o022)
+    try:
+        for where in (root, link):
+            monkeypatch.setenv("ORCH_DATA_DIR", str(where))
+            with pytest.raises(DataDirUnsafe, match="belongs to another user"):
+                private_files()
+        assert stat.S_IMODE(root.stat().st_mode) == 0o777  # left alone
+        monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "not-yet"))
+        private_files()  # made later, under the umask
+    finally:
+        os.umask(before)
+
+
+def test_the_cli_and_a_service_refuse_another_users_data_dir(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from streams.config import ROOT
+
+    root = tmp_path / "data"
+    root.mkdir()
+    env = {**os.environ, "ORCH_DATA_DIR": str(root), "ORCH_TEST_UID": str(os.getuid() + 1)}
+    fake_uid = "import os; os.getuid = lambda: int(os.environ['ORCH_TEST_UID']); "
+    cli = subprocess.run(
+        [sys.executable, "-c", fake_uid + "from services.cli.main import app; app(['status'])"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 1 and "belongs to another user" in cli.stderr
+    broker_status = "import sys; from local.localkafka import main; sys.exit(main(['status']))"
+    broker = subprocess.run(
+        [sys.executable, "-c", fake_uid + broker_status],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert broker.returncode == 1 and "belongs to another user" in broker.stderr

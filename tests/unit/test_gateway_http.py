@@ -297,3 +297,16 @@ async def test_status_lists_the_gateways_that_answer(setup, tmp_path, monkeypatc
     await asyncio.to_thread(_fill_http, status)
     assert status.gateway_urls == [live] and status.services[0].instances == 1
     assert status.services[0].state == "running"
+    # A file of a killed instance whose port someone else answers on now: the impostor
+    # was listed as the platform's gateway. Who wrote the file is recorded and checked.
+    left = announce_url("gateway", "http://127.0.0.1:8/v1", 8)
+    pid = await asyncio.create_subprocess_exec("true")
+    await pid.wait()
+    url, _, started, _ = left.read_text().split("\n")
+    left.write_text(f"{url}\n{pid.pid}\n{started}\n")
+    impostor = left.with_name(f"{http.port + 1}.url")
+    impostor.write_text(f"{live}-impostor\n{pid.pid}\n1:0\n")
+    from streams.runtime import announced_urls
+
+    assert announced_urls("gateway") == [live, "http://127.0.0.1:9/v1"]
+    assert not left.exists() and not impostor.exists()
