@@ -79,6 +79,9 @@ class QueryLimits:
             # Days and times in UTC, as the budget's days are, whatever the host's zone:
             # today() means the same day everywhere, and the host's zone is not shown.
             "session_timezone": "UTC",
+            # The engine's stack and symbols: addressToSymbol is refused by name, but
+            # arrayReduce('flameGraph', ...) called the same by a string.
+            "allow_introspection_functions": 0,
             "readonly": 1,
         }
 

@@ -230,6 +230,14 @@ _DENIED: dict[str, str] = {
             "multifuzzymatch*",
             # Calls its lambda once per element with a growing accumulator: the same.
             "arrayfold",
+            # Every element against every other (60,000 strings each side: 12 s a row at
+            # a 1 s limit), every needle against the haystack, every pattern compiled.
+            "hasany",
+            "hasall",
+            "hassubstr",
+            "countsubstrings*",
+            "multisearch*",
+            "multimatch*",
         ],
         "can run past the time limit within one row",
     ),
@@ -524,9 +532,12 @@ def _statement_name(kind: str) -> str:
 
 
 class _Walker:
-    def __init__(self, catalog: Catalog, local_tables: frozenset[str]) -> None:
+    def __init__(
+        self, catalog: Catalog, local_tables: frozenset[str], with_names: frozenset[str]
+    ) -> None:
         self.catalog = catalog
         self.local_tables = local_tables
+        self.with_names = with_names
 
     def statement(self, root: Node) -> None:
         if root.kind == "SelectWithUnionQuery":
@@ -612,11 +623,16 @@ class _Walker:
             )
         if table in self.catalog.tables:
             return
-        # Any other bare name is a WITH name of this query (its body is checked where it
-        # is defined) unless a table of the current database has it: the engine would
-        # read that table, so it must be one of ours.
-        if table in self.local_tables:
-            raise QueryRefused(f"refused: table {table} is not part of the event log")
+        # Any other bare name must be a WITH name of this query (its body is checked where
+        # it is defined), and no table of the current database: the engine would read that
+        # table. A name that is neither reached the engine, which looked it up among the
+        # files of its working directory (READONLY for a file there, UNKNOWN_TABLE else:
+        # which files exist) and among other tables ("maybe you meant ...").
+        if table in self.local_tables or table not in self.with_names:
+            raise QueryRefused(
+                f"refused: table {table} is not part of the event log; read "
+                f"{_tables_hint(self.catalog.tables)}"
+            )
 
 
 def _table_name(node: Node) -> tuple[str | None, str]:
@@ -661,6 +677,11 @@ def check_query(sql: str, engine: GuardEngine, catalog: Catalog | None = None) -
         raise _syntax_error(err) from None
     statement = str(formatted[0][0])
     _check_names(statement)
+    if _SETTINGS_CLAUSE.search(statement):
+        # Also the settings ClickHouse folds into the query (limit, offset, select, filter,
+        # order, ...): no Set node shows them, readonly lets them through, and limit = 0
+        # lifted the row cut the session sets.
+        raise QueryRefused(_SETTINGS)
     try:
         tree = parse_ast(engine.text_limited(f"EXPLAIN AST {statement}", None, parsing=True))
     except QueryRefused:
@@ -677,8 +698,26 @@ def check_query(sql: str, engine: GuardEngine, catalog: Catalog | None = None) -
             "SELECT name FROM system.tables WHERE database = currentDatabase()"
         ).rows
     )
-    _Walker(catalog, local).statement(tree)
+    try:
+        _Walker(catalog, local, _with_names(statement)).statement(tree)
+    except RecursionError:
+        raise QueryRefused("refused: the query nests too deep to be checked") from None
     return statement
+
+
+# formatQuery's text: a SETTINGS clause starts a line (a string's line breaks are escaped);
+# a WITH name's subquery opens on the line after "<name> AS".
+_SETTINGS_CLAUSE = re.compile(r"(?m)^\s*SETTINGS\b")
+_WITH_NAME = re.compile(r"(?m)^\s*(`(?:[^`\\]|\\.)*`|[A-Za-z_][A-Za-z0-9_]*) AS\n\s*\(")
+
+
+def _with_names(statement: str) -> frozenset[str]:
+    """The names WITH gives subqueries in ``statement`` (formatQuery's text)."""
+    names = set()
+    for match in _WITH_NAME.finditer(statement):
+        name = match.group(1)
+        names.add(name[1:-1].replace("\\`", "`") if name.startswith("`") else name)
+    return frozenset(names)
 
 
 class GuardedQueries:

@@ -819,3 +819,69 @@ def test_parser_output_that_is_not_one_tree_is_refused() -> None:
 
 def test_no_file_was_written_by_the_corpus() -> None:
     assert not os.path.exists(OUT)
+
+
+# Found by a review on 2026-12-06; each ran before (through the real query server).
+FOUND_LATER: list[tuple[str, str]] = [
+    # Settings ClickHouse folds into the query: no Set node, readonly lets them through;
+    # limit = 0 lifted the session's row cut (3,000,000 rows back under a 1,000,000 cut).
+    ("SELECT arrayJoin(range(3000000)) AS n SETTINGS limit = 0", "SETTINGS clause"),
+    ("SELECT * FROM events SETTINGS offset = 0", "SETTINGS clause"),
+    ("SELECT * FROM (SELECT 1 SETTINGS limit = 0)", "SETTINGS clause"),
+    # Quadratic in a row's own values: 8-12 s a row at a 1 s limit.
+    (
+        "SELECT hasAny(arrayMap(x -> toString(x), range(60000)),"
+        " arrayMap(x -> toString(x + 1000000), range(60000)))",
+        "function hasAny()",
+    ),
+    ("SELECT hasAll([1], [1])", "function hasAll()"),
+    (
+        "SELECT countSubstringsCaseInsensitiveUTF8(repeat('a', 1000000), 'aab')",
+        "function countSubstringsCaseInsensitiveUTF8()",
+    ),
+    ("SELECT multiSearchAllPositions('abc', ['a'])", "function multiSearchAllPositions()"),
+    ("SELECT multiMatchAny('x', ['q[a-z]{2,9}z'])", "function multiMatchAny()"),
+    # A bare name that is neither an event table nor a WITH name reached the engine, which
+    # told files of its working directory (READONLY) from names of nothing (UNKNOWN_TABLE).
+    ("SELECT * FROM Makefile", "table Makefile is not part of the event log"),
+    ("SELECT * FROM Makefil", "table Makefil is not part of the event log"),
+    ("SELECT * FROM api_token", "table api_token is not part of the event log"),
+]
+
+
+@pytest.mark.parametrize(("sql", "named"), FOUND_LATER, ids=[s[:60] for s, _ in FOUND_LATER])
+def test_what_a_later_review_ran_is_refused(surface: GuardedQueries, sql: str, named: str) -> None:
+    with pytest.raises(QueryRefused) as refused:
+        surface.text(sql, "CSVWithNames")
+    assert named in str(refused.value), str(refused.value)
+
+
+def test_an_aggregate_named_by_a_string_is_no_way_into_introspection(
+    surface: GuardedQueries,
+) -> None:
+    # flameGraph is refused by name; arrayReduce('flameGraph', ...) turned addresses of the
+    # sink's process into its symbols. Introspection is off for the session.
+    with pytest.raises(StoreError, match="FUNCTION_NOT_ALLOWED|allow_introspection"):
+        surface.text("SELECT arrayReduce('flameGraph', [[toUInt64(1)]])", "CSVWithNames")
+
+
+def test_with_names_and_the_event_tables_still_answer(surface: GuardedQueries) -> None:
+    assert (
+        surface.text(
+            "WITH t AS (SELECT 1 AS x), `u` AS (SELECT 2 AS y) SELECT x, y FROM t, `u`", "CSV"
+        )
+        == "1,2\n"
+    )
+    assert surface.text("SELECT count() > -1 FROM events", "CSV") == "1\n"
+    assert surface.text("SELECT 1 AS SETTINGS", "CSV") == "1\n"  # a name, not a clause
+
+
+def test_a_query_nested_past_pythons_recursion_is_refused_and_the_surface_answers(
+    surface: GuardedQueries,
+) -> None:
+    # 200 nested calls overflowed the walker's recursion: the server dropped the
+    # connection, and the CLI said the analytics service was not running.
+    deep = "SELECT " + "abs(" * 300 + "1" + ")" * 300
+    with pytest.raises(StoreError, match="nests too deep|too deep|TOO_DEEP"):
+        surface.text(deep, "CSV")
+    assert surface.text("SELECT 1", "CSV") == "1\n"
