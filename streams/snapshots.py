@@ -52,6 +52,7 @@ from aiokafka.errors import KafkaError
 
 from streams.config import data_root
 from streams.kafka import KafkaSettings
+from streams.procs import process_start, still_running
 from streams.topics import create_state_topics, snapshot_topic
 from streams.views import Bounds, TopicView
 
@@ -244,27 +245,25 @@ def _newer(key: str, value: bytes, version: int) -> bool:
 def _mark(marker: Path) -> None:
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(str(os.getpid()))
+        pid = os.getpid()
+        marker.write_text(f"{pid}\n{process_start(pid)}\n")
     except OSError:  # nowhere to mark: restored all the same, unguarded
         log.warning("cannot mark a restore at %s", marker, exc_info=True)
 
 
 def _killed_restoring(marker: Path) -> bool:
-    """Whether ``marker`` (a restore's, holding its process id) was left by a process that
-    is gone: that process died decoding or restoring the snapshot."""
+    """Whether ``marker`` (a restore's: the process id and its start time) was left by a
+    process that is gone: that process died decoding or restoring the snapshot. Our own
+    pid in it is another process's (we have marked nothing yet): in a container every
+    start is pid 1."""
     try:
-        pid = int(marker.read_text().strip() or "0")
+        pid_line, started, *_ = [*marker.read_text().split("\n"), "", ""]
+        pid = int(pid_line.strip() or "0")
+    except FileNotFoundError:
+        return False
     except (OSError, ValueError):
-        return marker.exists()  # there, and unreadable: not one a live restore is writing
-    if pid <= 0 or pid == os.getpid():
-        return pid <= 0
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # alive, another user's
-    return False
+        return True  # there, and unreadable: not one a live restore is writing
+    return pid == os.getpid() or not still_running(pid, started.strip())
 
 
 class SnapshotStore:

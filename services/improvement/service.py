@@ -157,8 +157,9 @@ COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 # their automations lapsed); a version 2 row reads as decided now, runs and patterns
 # restore within the caps. 4: a run keeps the platform's version under a goal's own.
 # 5: proposals waiting for review (a version 4 snapshot holds none: its writer kept none,
-# so one made while an older instance ran is lost; its feedback can be given again), and
-# the last paid cost of each goal's platform calls (a version 4 one: none known).
+# so one made while an older instance ran is lost; its feedback can be given again), the
+# last paid cost of each goal's platform calls and the feedback ids with a verdict (a
+# version 4 one: none known).
 SNAPSHOT_VERSION = 5
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 # The kinds of improvement_available the platform proposes; the single writer saves no other.
@@ -238,7 +239,9 @@ def _from_v3(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_v4(data: dict[str, Any]) -> dict[str, Any]:
-    return {**data, "state": {**data["state"], "pending": []}, "last_cost": []}
+    """What version 5 added, none known: a version 4 snapshot holds none of it."""
+    state = {"pending": [], "decided": [], **data["state"]}
+    return {"last_cost": [], **data, "state": state}
 
 
 # Older snapshot versions still read, with the way from each to the current one.
@@ -329,6 +332,8 @@ class ImprovementService:
         self._reported: PerGoal[str, bool] = PerGoal(_REPORTED_PER_GOAL, _REPORTED)
         self._last_cost = LastCosts()  # (goal, purpose) -> the last paid call's cost
         self._mine: OrderedDict[str, None] = OrderedDict()  # holds this process asked for
+        # feedback this process is deciding or decided (never in a snapshot)
+        self._deciding: OrderedDict[str, None] = OrderedDict()
         llm_settings = LLMSettings.from_env()
         self.prices: PriceTable = llm_settings.prices
         self.model = llm_settings.model
@@ -754,8 +759,12 @@ class ImprovementService:
             self._waiters.pop(request_id, None)
 
     async def approve(self, improvement_id: str, user_id: str) -> PromotionRequested:
-        """HTTP: an operator asks for a goal's improvement to serve every goal."""
-        if self.state.improvement(improvement_id) is None:
+        """HTTP: an operator approves a goal's proposal waiting for review (into the goal's
+        canary), or asks for a goal's improvement to serve every goal."""
+        if (
+            self.state.pending.get(improvement_id) is None
+            and self.state.improvement(improvement_id) is None
+        ):
             raise PromotionRefused(f"unknown improvement {improvement_id!r}")
         event = PromotionRequested(
             source=SOURCE,
@@ -923,11 +932,16 @@ class ImprovementService:
                 self._verdict(event, False, str(exc), error_type=type(exc).__name__),
                 self._dead_letter(event, delivery, str(exc), type(exc).__name__),
             ]
-        if self.state.feedback_noted(run.goal_id, event.user_id, event.event_id):
+        if self.state.feedback_decided(event.event_id) or event.event_id in self._deciding:
             # Decided already: read again after a crash, or a signed Slack command sent
-            # again to another instance. No second verdict, no second paid call.
+            # again to another instance. No second verdict, no second paid call. Only a
+            # verdict read from the log counts (and this process's own decisions under
+            # way): a snapshot taken while the first was decided holds no verdict for it.
             log.info("feedback %s was decided already", event.event_id)
             return []
+        self._deciding[event.event_id] = None
+        while len(self._deciding) > 10_000:
+            self._deciding.popitem(last=False)
         self.state.note_feedback(run.goal_id, event.user_id, event.event_id, event.occurred_at)
         specialty = run.workflow_id
         if not wants_improvement(event.score, event.text) or not specialty or not run.goal_id:
@@ -962,7 +976,16 @@ class ImprovementService:
         scored = f"score {event.score}" if event.score is not None else "no score"
         # What the LLM wrote from a user's words serves the goal's other users too: no rule
         # refuses every harmful paraphrase, so it waits for an operator unless one wrote it.
-        review = how == "llm" and self.config.review and not await self._operator_now(event.user_id)
+        review = (
+            how == "llm"
+            and self.config.review
+            # A user key under an operator's name (ORCH_OPERATORS as this service reads it,
+            # not as the shell that made the key did) is a tenant's user all the same.
+            and (
+                self.state.keys.holds_user_key(event.user_id)
+                or not await self._operator_now(event.user_id)
+            )
+        )
         out.append(
             ImprovementAvailable(
                 event_id=str(uuid.uuid5(_NS, f"{event.event_id}:available")),
@@ -1031,6 +1054,16 @@ class ImprovementService:
         await self._view.sync((ImprovementAvailable.topic,), timeout=10.0)
         waiting = self.state.pending.get(event.improvement_id)
         if waiting is not None:
+            ledger = self.state.flows.get(waiting.workflow_id)
+            if ledger is not None and ledger.state.canary is not None:
+                # The single writer would skip it (one canary at a time) and the approval
+                # would be lost: it stays waiting, and says when to approve it.
+                why = (
+                    f"goal {waiting.goal_id}'s {waiting.workflow_id} is measuring canary"
+                    f" v{ledger.state.canary}; {event.improvement_id} waits: approve it again"
+                    " once that canary is decided"
+                )
+                return [decided(False, why, "PromotionRefused")]
             # A goal's proposal waiting for review: approved, it goes to that goal's canary.
             return [
                 ImprovementAvailable(
@@ -1049,7 +1082,8 @@ class ImprovementService:
                 decided(
                     True,
                     f"{event.improvement_id} goes to goal {waiting.goal_id}'s"
-                    f" {waiting.workflow_id} as a canary",
+                    f" {waiting.workflow_id} as a canary (approved again once saved, it"
+                    " would serve every goal)",
                     None,
                     waiting.workflow_id,
                 ),

@@ -75,6 +75,7 @@ _SPEND_DAYS = 2  # UTC days of spend kept: today's is read, yesterday's while da
 REVIEW_KIND = "review"
 _MAX_PENDING = 10_000  # proposals waiting for review, the oldest forgotten past it
 _MAX_PENDING_PER_GOAL = 100  # of them, one goal's (its oldest forgotten first)
+_MAX_DECIDED = 100_000  # feedback ids with a verdict on the log, kept to skip one read again
 
 
 def _shared(name: str | None) -> str | None:
@@ -100,8 +101,9 @@ class Pending(NamedTuple):
 
 class Proposals:
     """Proposals waiting for review by improvement id, oldest first: at most
-    ``_MAX_PENDING_PER_GOAL`` of one goal and ``_MAX_PENDING`` in all, the oldest forgotten
-    (a forgotten one is approved no more; its feedback can be given again)."""
+    ``_MAX_PENDING_PER_GOAL`` of one goal (its oldest forgotten) and ``_MAX_PENDING`` in
+    all (the oldest of the goal holding the most forgotten). A forgotten one is approved
+    no more; its feedback can be given again."""
 
     def __init__(self) -> None:
         self._all: OrderedDict[str, Pending] = OrderedDict()
@@ -123,7 +125,10 @@ class Proposals:
         mine[improvement_id] = None
         self._all[improvement_id] = proposal
         while len(self._all) > _MAX_PENDING:
-            self.pop(next(iter(self._all)))
+            # The oldest of the goal holding the most: goals at their own cap never push
+            # out another goal's only proposal.
+            fullest = max(self._of.values(), key=len)
+            self.pop(next(iter(fullest)))
 
     def pop(self, improvement_id: str) -> None:
         found = self._all.pop(improvement_id, None)
@@ -262,6 +267,8 @@ class ImprovementState:
         self.wins: dict[tuple[str, str], set[str]] = {}
         # improvement_id -> a goal's proposal waiting for review
         self.pending = Proposals()
+        # feedback ids whose verdict was read from the log, oldest first
+        self.decided: OrderedDict[str, None] = OrderedDict()
 
     def run(self, run_id: str) -> RunInfo | None:
         found = self.runs.get(run_id)
@@ -308,9 +315,9 @@ class ImprovementState:
                 break
             del self.feedback[user]
 
-    def feedback_noted(self, goal_id: str | None, user_id: str, feedback_id: str) -> bool:
-        """Whether this feedback was counted already (decided, here or by the log)."""
-        return feedback_id in self.feedback.get(rater(goal_id, user_id), {})
+    def feedback_decided(self, feedback_id: str) -> bool:
+        """Whether a verdict on this feedback is on the log (as far as this view has read)."""
+        return feedback_id in self.decided
 
     def feedback_count(
         self, goal_id: str | None, user_id: str, since: datetime, *, excluding: str
@@ -334,6 +341,9 @@ class ImprovementState:
             self.spend.apply(event)
             return
         if isinstance(event, FeedbackDecided):
+            self.decided[event.feedback_id] = None
+            while len(self.decided) > _MAX_DECIDED:
+                self.decided.popitem(last=False)
             # What on_feedback noted: accepted, or refused for the change it asked for (the
             # guard's FeedbackRefused comes after the rate check), so a restart counts the
             # same feedback against the user's rate as the live service did.
@@ -357,13 +367,15 @@ class ImprovementState:
                         event.proposal,
                     ),
                 )
-            else:  # approved (or anything else under its id): no longer waiting
-                self.pending.pop(event.improvement_id)
             return
         if isinstance(event, PatternDiscovered | AutomationCreated):
             self.learner.learn(event)
             return
         if isinstance(event, WorkflowVersionSaved | ImprovementApplied | ImprovementRolledBack):
+            if isinstance(event, WorkflowVersionSaved):
+                # Waiting no more once saved (not once approved: the writer may skip an
+                # approval, a canary being measured, and the proposal must stay).
+                self.pending.pop(str(event.changes.get("improvement_id", "")))
             if self.flow(event.workflow_id).apply(event):
                 self.dirty_flows.add(event.workflow_id)
             return
@@ -468,6 +480,7 @@ class ImprovementState:
             "feedback": [(user, list(seen.items())) for user, seen in self.feedback.items()],
             "wins": [[w, text, sorted(goals)] for (w, text), goals in self.wins.items()],
             "pending": self.pending.dump(),
+            "decided": list(self.decided),
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -494,10 +507,11 @@ class ImprovementState:
             del feedback[user]
         wins = {(w, text): set(goals) for w, text, goals in data["wins"]}
         pending = Proposals.restore(data["pending"])
+        decided = OrderedDict.fromkeys(str(i) for i in data["decided"][-_MAX_DECIDED:])
         self._table, self.runs = table, table.runs
         self.learner, self.flows, self.keys = learner, flows, keys
         self.spend, self.feedback, self.wins = spend, feedback, wins
-        self.pending = pending
+        self.pending, self.decided = pending, decided
         self.dirty_signatures, self.dirty_flows = set(learner), set(flows)
 
     def current_instructions(self, workflow_id: str) -> list[str]:

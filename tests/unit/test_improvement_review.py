@@ -300,3 +300,74 @@ async def test_a_feedback_decided_already_is_not_decided_again() -> None:
         if isinstance(verdict, FeedbackDecided):
             other._view_event(verdict)  # noqa: SLF001
     assert await other.on_feedback(event, Delivery(event, event.topic, 0, 8)) == []
+
+
+async def test_a_snapshot_taken_while_a_feedback_was_decided_does_not_swallow_it() -> None:
+    # The feedback was noted (for the rate) before its paid call; a snapshot then, a kill
+    # before the verdict was sent, and the feedback read again was taken for decided: no
+    # verdict, no proposal. Only verdicts read from the log count.
+    service, _ = _service("Show the command's output after each shell example.")
+    event = FeedbackReceived(
+        source="t", run_id="r-u1", user_id="u1", score=1, text="what do the commands print"
+    )
+    await service.on_feedback(event, Delivery(event, event.topic, 0, 7))
+    restarted, _ = _service("Show the command's output after each shell example.")
+    restarted.restore(service.dump())  # taken before the verdict reached the log
+    again = await restarted.on_feedback(event, Delivery(event, event.topic, 0, 7))
+    assert [e for e in again if isinstance(e, FeedbackDecided)]
+    assert [e for e in again if isinstance(e, ImprovementAvailable)]
+
+
+async def test_a_proposal_is_approved_over_http_and_waits_while_a_canary_is_measured() -> None:
+    service, producer = _service("Show the command's output after each shell example.")
+    proposal, _ = await _feedback(service, "u1", "I never know what the commands print", score=1)
+    await _write(service, proposal)
+    # HTTP's approve looked only at saved improvements: 404 for every proposal waiting.
+    asked = await service.approve(proposal.improvement_id, "root")
+    assert asked.improvement_id == proposal.improvement_id
+    # A canary of the goal's workflow is being measured: the writer would skip the approved
+    # line and the proposal was gone. It is refused, and stays waiting.
+    other = ImprovementAvailable(
+        source="improvement",
+        goal_id="g1",
+        improvement_id="imp_other",
+        workflow_id="g1/code",
+        kind="instructions",
+        proposal=ADJUSTMENTS["shorter"],
+    )
+    await _write(service, other)
+    for saved in producer.of(WorkflowVersionSaved):
+        service._view_event(saved)  # noqa: SLF001
+    assert service.state.flows["g1/code"].state.canary is not None
+    request = PromotionRequested(source="t", user_id="root", improvement_id=proposal.improvement_id)
+    [refused] = await service.on_promotion(request)
+    assert isinstance(refused, PromotionDecided) and not refused.accepted
+    assert "measuring canary" in refused.reason
+    assert service.state.pending.get(proposal.improvement_id) is not None
+
+
+async def test_a_user_key_under_an_operators_name_is_reviewed_all_the_same() -> None:
+    # ORCH_OPERATORS is read by this service; the shell that made the key may have read
+    # another value, and the key check there let a user key named "root" through.
+    service, _ = _service("Show the command's output after each shell example.")
+    _, user_key = mint_key("g1", "root", "user", source="t")
+    service._view_event(user_key)  # noqa: SLF001
+    proposal, verdict = await _feedback(service, "root", "what do the commands print", score=1)
+    assert proposal.kind == REVIEW_KIND and "waits" in verdict.reason
+
+
+def test_the_cap_on_all_waiting_proposals_takes_from_the_fullest_goal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import services.improvement.state as state_module
+
+    monkeypatch.setattr(state_module, "_MAX_PENDING_PER_GOAL", 3)
+    monkeypatch.setattr(state_module, "_MAX_PENDING", 5)
+    state = ImprovementState(PatternSettings(), FakeClock())
+    state.apply(_waiting(0, "g2"))  # g2's only one, the oldest of all
+    for i in range(3):
+        state.apply(_waiting(i))
+    state.apply(_waiting(0, "g3"))
+    state.apply(_waiting(1, "g3"))  # six: the oldest of g1, the fullest, goes
+    assert state.pending.get("imp_g2_0") is not None
+    assert state.pending.get("imp_g1_0") is None and len(state.pending) == 5
