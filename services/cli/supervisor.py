@@ -241,6 +241,8 @@ class Supervisor:
                 raise SupervisorError(
                     f"a supervisor already runs for {data_root()}; run `orchestrator down` first"
                 ) from None
+            except OSError as exc:  # a file system without locks (ENOLCK, ENOTSUP)
+                self.report(f"no lock on {data_root()} ({exc.strerror}): the pid file decides")
             self._lock = fd
         _write_pid_file(run_dir() / f"{_SUPERVISOR}.pid", os.getpid(), _cmdline(os.getpid()))
         for path in sorted(run_dir().glob("*.pid")):

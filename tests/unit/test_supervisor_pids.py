@@ -121,3 +121,23 @@ def test_a_child_left_stopped_by_a_killed_supervisor_is_stopped_by_the_next(
         assert any("left by an earlier supervisor" in line for line in said)
     finally:
         supervisor._release()  # noqa: SLF001
+
+
+def test_a_file_system_without_locks_still_lets_up_start(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    said: list[str] = []
+    supervisor = Supervisor([], report=said.append)
+    supervisor.claim()  # was a traceback
+    try:
+        assert any("no lock on" in line for line in said)
+        assert sup.supervisor_pid() == os.getpid()
+    finally:
+        supervisor._release()  # noqa: SLF001
