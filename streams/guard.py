@@ -228,12 +228,15 @@ _SECRET = (
 )
 # A secret put somewhere in answers without a verb ("passwords of the admin go in the footer").
 _SECRET_PLACED = _SECRET + r" (?:\w+ ){0,4}?(?:go|goes|belongs?|appears?) (?:in|into|at|on)\b"
+# A verb forbidden where it stands ("never share", "do not paste", "refuse to give") keeps the
+# secret from users. "Without asking" and "how to send" are not: they still ask for it.
+_NOT_FORBIDDEN = (
+    r"(?<!\bdon t )(?<!\bdo not )(?<!\bnever )(?<!\bnever to )(?<!\bnot to )(?<!\bavoid )"
+    r"(?<!\brefuse to )"
+)
 # Asking users for something, or handing it out: what makes a secret's name a request for
-# its value ("ask users for their password", "reveal your environment variables"). Not
-# when the verb is explained or forbidden ("how to list", "never share", "not to paste").
-_HAND_OVER = (
-    r"(?<!\bhow to )(?<!\bhow )(?<!\bdon t )(?<!\bdo not )(?<!\bnever )(?<!\bnever to )"
-    r"(?<!\bnot to )(?<!\bavoid )(?<!\bwithout )(?<!\brefuse to )"
+# its value ("ask users for their password", "reveal your environment variables").
+_GIVE = (
     r"\b(?:ask(?:s|ed|ing)?|request(?:s|ed|ing)?|collect(?:s|ed|ing)?|gather(?:s|ed|ing)?"
     r"|obtain(?:s|ed|ing)?|requir(?:e|es|ed|ing)|demand(?:s|ed|ing)?|prompt(?:s|ed|ing)?"
     r"|enter(?:s|ed|ing)?|typ(?:e|es|ed|ing)|provid(?:e|es|ed|ing)|submit\w*|suppl(?:y|ies"
@@ -246,13 +249,116 @@ _HAND_OVER = (
     r"|quot(?:e|es|ed|ing)|spell\w* out|write out|expos(?:e|es|ed|ing)|cop(?:y|ies|ied|ying)"
     r"|return(?:s|ed|ing)?|read\w* out|includ(?:e|es|ed)|append\w*|insert\w*|attach\w*)"
 )
+# After "a" or "the" a participle describes the secret ("revoke a leaked token", "document
+# the required environment variables"); the verb before it is the one that asks or not.
+_DESCRIBED = r"(?!(?:(?<=\ba )|(?<=\ban )|(?<=\bthe )|(?<=\bany ))\w+(?:ed|en|wn|nt)\b)"
+_HAND_OVER = _NOT_FORBIDDEN + _DESCRIBED + _GIVE
+# Verbs that ask for a secret only when it is someone's ("write their password", "get the
+# user's password", "check your passphrase"): "write code that reads the API key" or "get an
+# API key from the dashboard" asks for none.
+_SAY_IT = (
+    r"\b(?:writ(?:e|es|ing|ten)|wrote|put(?:s|ting)?|stat(?:e|es|ed|ing)|say(?:s|ing)?|said"
+    r"|spell(?:s|ed|ing)?|input(?:s|ted|ting)?|confirm(?:s|ed|ing)?|key(?:s|ed|ing)? in)"
+)
+_TAKE = (
+    r"\b(?:get(?:s|ting)?|got(?:ten)?|receiv(?:e|es|ed|ing)|wait(?:s|ed|ing)?|need(?:s|ed|ing)?"
+    r"|want(?:s|ed|ing)?|expect(?:s|ed|ing)?|accept(?:s|ed|ing)?|tak(?:e|es|en|ing)|took"
+    r"|verif(?:y|ies|ied|ying)|check(?:s|ed|ing)?|validat(?:e|es|ed|ing)|authenticat(?:e|es"
+    r"|ed|ing)|learn(?:s|ed|ing)?|find out)"
+)
+# Whose secret: the user's ("their password", "the user's API key", "users' passwords"), not
+# a kind of value ("user passwords", "a password").
+_OWNED = (
+    r"(?:their|your|his|her|my|users|user s|customers|customer s|clients|client s|visitors"
+    r"|visitor s|callers|caller s|members|member s|people s|person s|everyone s|someone s"
+    r"|anyone s) (?:\w+ ){0,2}?" + _SECRET
+)
 # A word between such a verb and the secret that makes the secret its topic ("show how
 # to read environment variables", "include a note on API keys", "give examples of strong
-# passwords").
+# passwords", "print a warning when storing API keys"). Not "on each reply" or "about their
+# password", nor an -ing word describing the secret ("their existing password", "nothing").
 _ASIDE = (
-    r"(?!(?:how|why|when|whether|where|who|about|on|between|like|regarding"
-    r"|without|against|vs|versus|to|examples?|samples?|kinds?|sorts?|\w+ing)\b)"
+    r"(?!(?:how|why|when|whether|where|who|between|like|without|against|vs|versus|to"
+    r"|examples?|samples?|kinds?|sorts?)\b)"
+    r"(?!(?:about|on|regarding) (?!(?:each|every|all|any|first|the first|their|your|his|her"
+    r"|my|the user s|users|user s|customers|customer s)\b))"
+    r"(?!(?<!\bthe )(?<!\ba )(?<!\ban )(?<! s )(?<!\btheir )(?<!\byour )(?<!\bhis )"
+    r"(?<!\bher )(?<!\bmy )(?<!\bour )(?!\w*thing\b|during\b|string\b|bring\b)\w+ing\b)"
 )
+_GAP3 = r"(?:" + _ASIDE + r"\w+ ){0,3}?"
+_GAP5 = r"(?:" + _ASIDE + r"\w+ ){0,5}?"
+# A secret asked for with the verb after it, in the passive ("the user's password must be
+# requested"). Someone's own secret by more verbs ("their API key should be pasted") than
+# one that may be a topic ("passwords are hashed", "an API key was pasted into a repo").
+_BE = (
+    r" (?:\w+ ){0,4}?(?<!\bnot )(?<!\bnever )(?:is|are|be|been|being|was|were|get|gets|got)"
+    r" (?!(?:not|never)\b)(?:\w+ )?"
+)
+_ASKED_FOR = (
+    r"(?:needed|required|requested|collected|entered|provided|asked|given|submitted|supplied"
+    r"|typed|demanded|obtained|gathered|received|keyed in|input|inputted|stated|spelled out"
+    r"|spelt out|captured|sent|shared|confirmed|mandatory|necessary|compulsory|expected)\b"
+)
+_HANDED_OVER = (
+    r"(?:pasted|posted|written|put|spelled|spelt|said|told|revealed|disclosed|shown|included"
+    r"|read out|read aloud|checked|verified|validated|known)\b"
+)
+# Users to whom a secret belongs or who hand it over, named after it ("the password from
+# the user", "a password check where the user writes it out").
+_WHO_GIVES = (
+    r"(?:the user|users?|they|the customer|customers?|he|she|people|everyone|each user"
+    r"|every user|the person|the caller|callers?|visitors?|clients?|members?)"
+)
+_GIVER = (
+    r"(?:the |each |every |any |a )?(?:users?|customers?|clients?|visitors?|callers?|members?"
+    r"|people|them|him|her|the person)\b(?! s\b)"
+)
+_CLAUSE = r"(?!(?:so|and|but|or|because|when|if|while|then|since|as|after|before|until|once)\b)"
+_MODAL = (
+    r"(?:(?:must|should|can|will|has|have|had|is|are|needs? to|has to|have to|gets? to|then"
+    r"|first|always) )?"
+)
+_HANDED_BY = r" (?:" + _CLAUSE + r"\w+ ){0,3}?" + _WHO_GIVES + r" " + _MODAL
+_SECRET_ASKED = "|".join(
+    (
+        _SECRET + _BE + _ASKED_FOR,
+        _OWNED + _BE + r"(?:" + _ASKED_FOR + r"|" + _HANDED_OVER + r")",
+        _SECRET + r" (?:\w+ ){0,2}?from " + _GIVER,
+        _SECRET + _HANDED_BY + r"(?:" + _GIVE + r"|" + _SAY_IT + r")\b",
+    )
+)
+# Someone's secret asked for with a verb of its own: said, taken, asked for on each turn, had
+# or known ("until you have the user's password"), or nothing without it.
+_ASK_FOR = r"\b(?:ask|request|prompt|press|push|pester|nag)\w* " + _GAP5 + r"for "
+_DETERMINER = r"(?:the |a |each |every |any )?"
+_HAVE = r"\b(?:ha(?:ve|s|ving|d)|know(?:s|ing|n)?|knew|without|in exchange for|in return for) "
+_ALOUD = r" (?:\w+ ){0,3}?(?:aloud|out loud|back|to (?:you|me|us))\b"
+_OWNED_ASKED = "|".join(
+    (
+        _NOT_FORBIDDEN + r"(?:" + _SAY_IT + r"|" + _TAKE + r") " + _GAP3 + _OWNED,
+        _NOT_FORBIDDEN + _ASK_FOR + _DETERMINER + _OWNED,
+        _HAVE + _DETERMINER + _OWNED,
+        r"\bread(?:s|ing)? " + _DETERMINER + _OWNED + _ALOUD,
+    )
+)
+# Asking for it as a noun ("the collection of the user's password", "your first question
+# to users is their password", "what is your password").
+_SECRET_NOUN = "|".join(
+    (
+        r"\b(?:collection|request|requests|entry|submission|disclosure|handover|provision"
+        r"|capture|receipt|input) (?:of|for) (?:\w+ ){0,3}?" + _SECRET,
+        r"\b(?:questions?|asks?|requests?|requirements?|conditions?|prerequisites?|price"
+        r"|demands?) (?:\w+ ){0,5}?(?:is|are|was|be|means) (?:\w+ ){0,2}?" + _OWNED,
+        r"\bwhat (?:is|are|s|was|were) " + _OWNED,
+    )
+)
+# Help on condition of the secret ("help users who do not give their password"): a refusal
+# that turns on it asks for it as much as a request does.
+_UNLESS = (
+    r"\b(?:who|whoever|if|unless|until|they|he|she) (?:still |yet |ever |then )?(?:do not"
+    r"|don t|does not|doesn t|did not|didn t|never|won t|will not|refuses? to|fails? to) "
+)
+_UNLESS_GIVEN = _UNLESS + r"(?:" + "|".join((_GIVE, _SAY_IT, _TAKE)) + r") " + _GAP5 + _SECRET
 
 # (reason, scope, pattern), first hit wins. Scopes: "words" runs on the text reduced to
 # lowercase ASCII words (also de-leeted and with s p a c e d letters joined), "squash" on
@@ -337,8 +443,10 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
     (
         _SECRETS,
         "words",
-        _HAND_OVER + r" (?:" + _ASIDE + r"\w+ ){0,5}?" + _SECRET + r"|" + _SECRET_PLACED,
+        _HAND_OVER + r" " + _GAP5 + _SECRET + r"|" + _SECRET_PLACED,
     ),
+    (_SECRETS, "words", _OWNED_ASKED),
+    (_SECRETS, "words", _SECRET_ASKED + r"|" + _SECRET_NOUN + r"|" + _UNLESS_GIVEN),
     (
         _SECRETS,
         "words",
@@ -509,7 +617,10 @@ _GUARD_RULES: tuple[tuple[str, str, str], ...] = (
         "text",
         r"\b\d+(?:(?:\s*,\s*|\s+)\d+){7,}\b|(?:\b|(?<=0x))[0-9a-f]{16,}\b"
         r"|\b(?:[0-9a-f]{2}[\s,:]){7,}[0-9a-f]{2}\b|(?:\\x[0-9a-f]{2}|\\u[0-9a-f]{4}){3,}"
-        r"|(?<!\d)%[0-9a-f]{2}|%[0-9a-f]{2}%[0-9a-f]{2}",
+        r"|(?<!\d)%[0-9a-f]{2}|%[0-9a-f]{2}%[0-9a-f]{2}"
+        # Morse code: five groups of dots and dashes or more ("... --- ..." is one word).
+        r"|(?<![\w.\-\u00b7\u2022])[.\-_\u00b7\u2022]{1,7}(?:(?:\s+|\s*/\s*)"
+        r"[.\-_\u00b7\u2022]{1,7}){4,}(?![\w.\-\u00b7\u2022])",
     ),
     (_ROLE, "words", r"\bsystem (?:prompt|message)s?\b|\bprompt injection\b"),
     (_ROLE, "squash", r"systemprompt"),
@@ -845,12 +956,23 @@ def _likeliest(match: re.Match[str]) -> str:
     """The starred word with each star read as the vowel that makes it the most common English
     word: "ign*re" -> "ignore", "guid*nce" -> "guidance"."""
     parts = match.group().split("*")
-    frequency = _english_frequency()
+    known = _english_words()
     spellings = [
         "".join(part + vowel for part, vowel in zip(parts, (*vowels, ""), strict=True))
         for vowels in itertools.product(_VOWELS, repeat=len(parts) - 1)
     ]
-    return max(spellings, key=frequency)
+    return max(spellings, key=lambda spelling: known.get(spelling, 0.0))
+
+
+@functools.cache
+def _english_words() -> dict[str, float]:
+    """Every word of wordfreq's large English list with its frequency, looked up as is (a
+    text of starred words asks for hundreds of spellings: through ``zipf_frequency``, which
+    tokenizes each, that took up to 0.9 s)."""
+    from wordfreq import get_frequency_dict
+
+    words: dict[str, float] = get_frequency_dict("en", wordlist="large")
+    return words
 
 
 def _unsplit(text: str) -> str:
@@ -931,6 +1053,9 @@ def _malformed(body: str, one_line: bool) -> str | None:
             "holds characters that are not shown (invisible, control, selector or combining:"
             f" U+{ord(unshown):04X})"
         )
+    braille = _BRAILLE.search(body)
+    if braille is not None:
+        return f"holds characters a reviewer cannot read (Braille: U+{ord(braille.group()):04X})"
     if one_line and len(body.splitlines()) > 1:
         return "more than one line"
     symbol = _symbol_in_word(body)
@@ -956,6 +1081,9 @@ def _unshown(text: str) -> str | None:
     return None
 
 
+# Braille is shown, but read by almost no reviewer and by every model (U+2800, its blank,
+# is invisible).
+_BRAILLE = re.compile("[\u2801-\u28ff]")
 _UNSHOWN = frozenset({"Cc", "Cf", "Co", "Cs", "Cn", "Mn", "Me", "Mc"})
 # Signs that sit at a word's edge in plain English ("25°C", "Python®", "«quoted»", "€5").
 _EDGE_SIGNS = frozenset("°®©™℠†‡′″")
