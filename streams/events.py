@@ -23,7 +23,9 @@ from pydantic import (
 
 __all__ = [
     "ALL_EVENTS",
+    "MAX_AUTOMATION_TTL_SECONDS",
     "MAX_MESSAGE_BYTES",
+    "MAX_VERSION",
     "AdmissionGranted",
     "AdmissionReturned",
     "AgentEvicted",
@@ -104,6 +106,13 @@ MAX_DAILY_COST_USD = 1e9
 # A request's deadline is at most this long after the request: a lease, a queue's wait
 # and every time sum the budget makes stay within reach of the clock.
 MAX_WAIT_SECONDS = 86_400
+# A workflow's versions count up from 1 and the next is the largest + 1: one version past
+# what Avro's long holds (2**63 - 1 was valid) made every later one of that workflow fail
+# to encode, for good.
+MAX_VERSION = 2**31 - 1
+# An automation lasts at most this long (ten years): 2**63 - 1 seconds overflowed the
+# router's timedelta.
+MAX_AUTOMATION_TTL_SECONDS = 10 * 365 * 86_400
 # Later than this no event time is: adding a deadline, a lease or a grace to one can
 # never overflow Python's datetime (year 9999).
 _LATEST = datetime(9000, 1, 1, tzinfo=UTC)
@@ -567,7 +576,7 @@ class AutomationCreated(Event):
     kind: Literal["direct_route", "response_cache"]
     specialty: str
     agent_id: str | None = None
-    ttl_seconds: int = 3600
+    ttl_seconds: int = Field(default=3600, ge=0, le=MAX_AUTOMATION_TTL_SECONDS)
 
 
 class ImprovementAvailable(Event):
@@ -587,7 +596,7 @@ class ImprovementApplied(Event):
     event_type: Literal["improvement_applied"] = "improvement_applied"
     improvement_id: str
     workflow_id: str
-    version: int
+    version: int = Field(ge=0, le=MAX_VERSION)
     traffic_share: float = 1.0
 
 
@@ -596,8 +605,8 @@ class ImprovementRolledBack(Event):
     key_field = "workflow_id"
     event_type: Literal["improvement_rolled_back"] = "improvement_rolled_back"
     workflow_id: str
-    from_version: int
-    to_version: int
+    from_version: int = Field(ge=0, le=MAX_VERSION)
+    to_version: int = Field(ge=0, le=MAX_VERSION)
     reason: str
 
 
@@ -606,8 +615,8 @@ class WorkflowVersionSaved(Event):
     key_field = "workflow_id"
     event_type: Literal["workflow_version_saved"] = "workflow_version_saved"
     workflow_id: str
-    version: int
-    parent_version: int | None = None
+    version: int = Field(ge=0, le=MAX_VERSION)
+    parent_version: int | None = Field(default=None, ge=0, le=MAX_VERSION)
     changes: dict[str, str] = Field(default_factory=dict)
     change_source: Literal["user", "system", "automated"] = "system"
 
@@ -619,7 +628,7 @@ class RollbackRequested(Event):
     key_field = "workflow_id"
     event_type: Literal["rollback_requested"] = "rollback_requested"
     workflow_id: str
-    to_version: int
+    to_version: int = Field(ge=0, le=MAX_VERSION)
     reason: str = ""
 
 

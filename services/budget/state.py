@@ -495,8 +495,11 @@ class BudgetState:
                 return Decision(again)
             lapsed = self._expire(now, defaults)
             return Decision(lapsed + self._drain(_ref(event.event_id), now, defaults))
-        seen = _digest(_ref(event.event_id))
-        if seen in self.seen:
+        # By type and id: ids are derived from the run, so an event of another type sent
+        # first under a task's id (or its terminal event's) made the real one "seen" and
+        # it was dropped. A record written before keeps ids alone: those still count.
+        seen = _digest(f"{event.event_type}:{_ref(event.event_id)}")
+        if seen in self.seen or _digest(_ref(event.event_id)) in self.seen:
             again = self._replay(event, defaults)
             decided = any(e.run_id == event.run_id for e in again)  # not only a grant again
             if not decided and isinstance(event, TaskRequested):

@@ -55,7 +55,12 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, NamedTuple
 
 from streams.clock import Clock
-from streams.events import AutomationCreated, Event, PatternDiscovered
+from streams.events import (
+    MAX_AUTOMATION_TTL_SECONDS,
+    AutomationCreated,
+    Event,
+    PatternDiscovered,
+)
 from streams.quotas import Tally
 from streams.settings import EnvSettings, comma_list, parsed, setting
 from streams.signatures import signature_of
@@ -120,9 +125,11 @@ class PatternSettings(EnvSettings):
     ttl_seconds: int = setting(
         "ORCH_AUTOMATION_TTL_S",
         3600,
-        "Seconds an automation stays in force after it is created; a whole number >= 0.",
+        "Seconds an automation stays in force after it is created; a whole number from 0 "
+        "to ten years (315360000).",
         read_by="improvement (the router applies it)",
         ge=0,
+        le=MAX_AUTOMATION_TTL_SECONDS,
     )
     kinds: tuple[str, ...] = setting(
         "ORCH_AUTOMATION_KINDS",

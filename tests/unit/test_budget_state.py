@@ -766,7 +766,7 @@ def test_ended_runs_and_spends_keep_their_order_and_records_of_the_older_form_st
     # ended by the loader are kept by digest, as are the event ids seen.
     assert raw["closed"] == [_digest(f"r{i}") for i in range(5, 1005)] and raw["ended"] == {}
     assert len(raw["spends"]) == 200
-    assert raw["seen_digests"][-1] == _digest(ask.event_id)
+    assert raw["seen_digests"][-1] == _digest(f"{ask.event_type}:{ask.event_id}")
     # Kept as JSON objects, in order, and read back the same.
     again = BudgetState.from_dict(json.loads(json.dumps(raw)), RunStore(), DEFAULTS)
     assert again.to_dict() == raw
@@ -965,3 +965,17 @@ def test_a_deadline_stamped_far_ahead_leases_a_slot_for_a_day_at_most():
     state.handle(task, clock.now(), DEFAULTS)
     end = datetime.fromisoformat(state.in_flight["r1"][2])
     assert end <= clock.now() + timedelta(days=1, seconds=DEFAULTS.llm_timeout_s + 30)
+
+
+def test_an_event_of_another_type_under_a_tasks_id_does_not_swallow_the_task():
+    # Ids are derived from the run (a task's is uuid5 of its run): any event of the goal
+    # sent first under that id made the task "seen", and it was never queued or admitted.
+    clock = FakeClock()
+    state = _state(max_concurrent=5)
+    task = _at(clock, 1)
+    first = _cost(1, 0.0, clock.now()).model_copy(update={"event_id": task.event_id})
+    state.handle(first, clock.now(), DEFAULTS)
+    admitted = state.handle(task, clock.now(), DEFAULTS).events
+    assert [type(e).__name__ for e in admitted] == ["TaskAdmitted"]
+    # The same event read again is still the one already applied.
+    assert state.handle(task, clock.now(), DEFAULTS).events == admitted

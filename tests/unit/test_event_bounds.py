@@ -25,19 +25,25 @@ from streams.events import (
     MAX_CONTEXT_BYTES,
     MAX_FEEDBACK_CHARS,
     MAX_RUN_ID_CHARS,
+    MAX_VERSION,
     MAX_WAIT_SECONDS,
+    AutomationCreated,
     BudgetTicked,
     BudgetUpdateRequested,
     Event,
     FeedbackReceived,
+    ImprovementApplied,
+    ImprovementRolledBack,
     LlmCallCompleted,
     RequestReceived,
+    RollbackRequested,
     RouteDecided,
     SpendRequested,
     TaskAdmitted,
     TaskRequested,
     WorkflowAssessed,
     WorkflowCompleted,
+    WorkflowVersionSaved,
 )
 from streams.kafka import EventProducer, KafkaSettings
 from streams.llm import ModelPrice, PriceTable
@@ -119,6 +125,21 @@ HOSTILE: list[tuple[type[Event], dict[str, Any], str]] = [
     # A megabyte of feedback held the improvement service's loop for seconds.
     (FeedbackReceived, {"source": "sdk", "run_id": "r1", "user_id": "u1",
      "text": "x" * (MAX_FEEDBACK_CHARS + 1)}, "at most 4000 characters"),
+    # One version at 2**63 - 1 made the workflow's next version unencodable for good.
+    (WorkflowVersionSaved, {"source": "improvement", "workflow_id": "g1/code",
+     "version": 2**63 - 1}, "less than or equal to 2147483647"),
+    (WorkflowVersionSaved, {"source": "improvement", "workflow_id": "g1/code", "version": 2,
+     "parent_version": -1}, "greater than or equal to 0"),
+    (ImprovementApplied, {"source": "improvement", "improvement_id": "i", "workflow_id": "w",
+     "version": MAX_VERSION + 1}, "less than or equal to 2147483647"),
+    (ImprovementRolledBack, {"source": "improvement", "workflow_id": "w", "from_version": 2,
+     "to_version": 2**40, "reason": ""}, "less than or equal to 2147483647"),
+    (RollbackRequested, {"source": "cli", "workflow_id": "w", "to_version": -3},
+     "greater than or equal to 0"),
+    # 2**63 - 1 seconds overflowed the router's timedelta where it learned the automation.
+    (AutomationCreated, {"source": "improvement", "automation_id": "a", "signature": "s",
+     "kind": "response_cache", "specialty": "code", "ttl_seconds": 2**63 - 1},
+     "less than or equal to 315360000"),
 ]  # fmt: skip
 
 
