@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -51,6 +52,8 @@ from streams.keys import KEY_TOPICS, KeyRegistry, mint_key, operators_from
 from streams.registry import read_topics_to_end
 
 __all__ = ["Answer", "OrchestratorClient", "feedback_event", "invalid_request"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,10 @@ class OrchestratorClient(AsyncLifecycle):
             from_end=True,
             source=source,
         )
-        self._waiting: dict[str, asyncio.Future[Event]] = {}
+        # id -> (its future, the kinds of reply it takes, the goal an answer must be of)
+        self._waiting: dict[
+            str, tuple[asyncio.Future[Event], tuple[type[Event], ...], str | None]
+        ] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -181,9 +187,22 @@ class OrchestratorClient(AsyncLifecycle):
                     run_id = event.request_id
                 else:
                     run_id = event.run_id
-                future = self._waiting.get(run_id) if run_id else None
-                if future is not None and not future.done():
-                    future.set_result(delivery.event)
+                waiting = self._waiting.get(run_id) if run_id else None
+                if waiting is None:
+                    continue
+                future, kinds, goal_id = waiting
+                # The reply it waits for: its kind, and for an answer the request's goal. Any
+                # event naming the id once did (a verdict under a run's id ended the wait
+                # with an AssertionError; another goal's answer was taken for the run's).
+                if not isinstance(event, kinds) or (
+                    goal_id is not None and event.goal_id != goal_id
+                ):
+                    log.warning(
+                        "%s %s names a wait for another reply; ignored", event.event_type, run_id
+                    )
+                    continue
+                if not future.done():
+                    future.set_result(event)
 
     def request(
         self,
@@ -232,7 +251,7 @@ class OrchestratorClient(AsyncLifecycle):
         )
         assert request.run_id is not None
         future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        self._waiting[request.run_id] = future
+        self._waiting[request.run_id] = (future, (WorkflowCompleted, WorkflowFailed), goal_id)
         started = self.clock.monotonic()
         try:
             try:
@@ -254,7 +273,8 @@ class OrchestratorClient(AsyncLifecycle):
     async def _verdict(self, event: Event, timeout: float) -> Event:
         """Send a command and wait for the verdict that names its event id."""
         future: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        self._waiting[event.event_id] = future
+        kind = FeedbackDecided if isinstance(event, FeedbackReceived) else PromotionDecided
+        self._waiting[event.event_id] = (future, (kind,), None)
         try:
             await self._producer.send(event)
             try:

@@ -53,8 +53,8 @@ class EndedRuns:
         self._attempts: OrderedDict[str, list[str]] = OrderedDict()
         # run id -> ids of the reports of its answer calls that failed (unbilled)
         self._failed: OrderedDict[str, set[str]] = OrderedDict()
-        # agent id -> the cost of its newest paid answer read from the terminal topics
-        self._cost: OrderedDict[str, float] = OrderedDict()
+        # (goal, agent) -> the cost of its newest paid answer read from the terminal topics
+        self._cost: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._limit = limit
 
     def __len__(self) -> int:
@@ -66,8 +66,11 @@ class EndedRuns:
             self._attempts.pop(event.run_id, None)
             self._failed.pop(event.run_id, None)
             if isinstance(event, WorkflowCompleted) and event.agent_id and event.cost_usd > 0:
-                self._cost.pop(event.agent_id, None)
-                self._cost[event.agent_id] = event.cost_usd
+                # By goal too: another goal's answer naming this agent set what its own
+                # goal was charged for an unreported call.
+                key = (event.goal_id or "", event.agent_id)
+                self._cost.pop(key, None)
+                self._cost[key] = event.cost_usd
                 if len(self._cost) > self._limit:
                     self._cost.popitem(last=False)
         elif isinstance(event, WorkflowStarted) and event.run_id not in self._runs:
@@ -92,9 +95,10 @@ class EndedRuns:
         """True when the attempt's answer call is known to have failed (nothing paid)."""
         return failed_call_id(attempt, False) in self._failed.get(run_id, ())
 
-    def last_cost(self, agent_id: str) -> float | None:
-        """What the agent's newest paid answer cost (an estimate for a call not reported)."""
-        return self._cost.get(agent_id)
+    def last_cost(self, goal_id: str | None, agent_id: str) -> float | None:
+        """What the agent's newest paid answer for ``goal_id`` cost (an estimate for a call
+        not reported)."""
+        return self._cost.get((goal_id or "", agent_id))
 
     def attempts(self, run_id: str) -> list[str]:
         """The ids of the ``workflow_started`` events of a run that has not ended."""

@@ -324,12 +324,14 @@ class Loader:
         # restarted) the agent's newest answer on the terminal topics.
         known = self._last_cost.get(task.goal_id, model)
         if known is None:
-            known = self.ended.last_cost(task.agent_id)
-        if known is not None:
+            known = self.ended.last_cost(task.goal_id, task.agent_id)
+        worst = worst_case_usd(self.llm_settings.prices, model, messages, self.max_tokens)
+        if known is not None and known <= worst:
             usd, how = known, "the cost of the last answer of this model or agent"
         else:
-            usd = worst_case_usd(self.llm_settings.prices, model, messages, self.max_tokens)
-            how = "the call's worst case"
+            # Never more than the call could cost: an answer's cost on the log is whatever
+            # its producer wrote (1.7e308 once charged a goal its whole budget).
+            usd, how = worst, "the call's worst case"
         return [
             self._call_event(
                 task,

@@ -210,14 +210,14 @@ async def test_a_restarted_loader_estimates_an_unreported_call_from_the_agents_l
         agent_id="a1",
         specialty="code",
         text="ok",
-        cost_usd=0.01,
+        cost_usd=0.0005,  # under this call's worst case (0.001076): an estimate is never more
     )
     loader, broker = _loader(InMemoryLLM(prices=PRICES, fail_times=10))
     loader.ended.apply(earlier_answer)  # read from the terminal topics at start
     loader.ended.apply(cut_off)
     await loader.handle(_task())
     (counted,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.cost_usd > 0]
-    assert counted.cost_usd == 0.01 and "last answer" in (counted.error or "")
+    assert counted.cost_usd == 0.0005 and "last answer" in (counted.error or "")
 
 
 async def test_an_admission_sent_again_while_the_task_runs_makes_no_second_call():
@@ -387,3 +387,26 @@ async def test_another_goals_dear_answers_never_set_what_a_goals_lost_call_is_co
     (counted,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.cost_usd > 0]
     assert "worst case" in (counted.error or "")
     assert counted.cost_usd < g2_paid.cost_usd  # g1's own short call's worst case
+
+
+async def test_an_answer_of_another_goal_or_past_the_worst_case_never_sets_the_estimate():
+    # Any goal's answer naming an agent set what the agent's goal was charged for an
+    # unreported call, at any amount: 1.7e308 USD took g1's whole budget.
+    cut_off = WorkflowStarted(
+        source="loader", run_id="r1", goal_id="g1", agent_id="a1", specialty="code"
+    )
+    for forged in (
+        {"goal_id": "g2", "cost_usd": 0.01},  # another goal's answer naming g1's agent
+        {"goal_id": "g1", "cost_usd": 1.7e308},  # g1's, past anything the call can cost
+    ):
+        loader, broker = _loader(InMemoryLLM(prices=PRICES, fail_times=10))
+        loader.ended.apply(
+            WorkflowCompleted(
+                source="loader", run_id="r0", agent_id="a1", specialty="code", text="ok",
+                **forged,
+            )
+        )  # fmt: skip
+        loader.ended.apply(cut_off)
+        await loader.handle(_task())
+        (counted,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.cost_usd > 0]
+        assert "worst case" in (counted.error or "") and counted.cost_usd < 1.0
