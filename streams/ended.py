@@ -43,16 +43,26 @@ def failed_call_id(attempt: str, legacy: bool) -> str:
     return str(uuid.uuid5(_CALLS, f"{attempt}:failed:{int(legacy)}"))
 
 
+# The goal of runs a snapshot written before runs were kept by goal ended: any goal's.
+_ANY_GOAL = "*"  # never a goal id (those start with a letter or digit)
+
+
 class EndedRuns:
-    """Run ids with a terminal event, the newest ``limit`` of them."""
+    """Runs with a terminal event, the newest ``limit`` of them, each by its goal and run id.
+
+    A run is its goal's: a run id that another goal used too (a producer that chose its
+    own ids) names another run, which has not ended because the first did, and whose
+    attempts are its own.
+    """
 
     def __init__(self, clock: Clock, limit: int = 500_000) -> None:
         self.clock = clock
-        self._runs: OrderedDict[str, None] = OrderedDict()
-        # run id -> ids of the workflow_started events of its attempts (each a possible call)
-        self._attempts: OrderedDict[str, list[str]] = OrderedDict()
-        # run id -> ids of the reports of its answer calls that failed (unbilled)
-        self._failed: OrderedDict[str, set[str]] = OrderedDict()
+        self._runs: OrderedDict[tuple[str, str], None] = OrderedDict()  # (goal, run)
+        self._goals: dict[str, int] = {}  # run id -> how many goals' runs of it ended
+        # (goal, run) -> ids of the workflow_started events of its attempts (each a possible call)
+        self._attempts: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
+        # (goal, run) -> ids of the reports of its answer calls that failed (unbilled)
+        self._failed: OrderedDict[tuple[str, str], set[str]] = OrderedDict()
         # (goal, agent) -> the cost of its newest paid answer read from the terminal topics
         self._cost: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._limit = limit
@@ -61,20 +71,21 @@ class EndedRuns:
         return len(self._runs)
 
     def apply(self, event: Event) -> None:
+        goal = event.goal_id or ""
         if isinstance(event, WorkflowCompleted | WorkflowFailed):
-            self.add(event.run_id)
-            self._attempts.pop(event.run_id, None)
-            self._failed.pop(event.run_id, None)
+            self.add(event.run_id, goal)
+            self._attempts.pop((goal, event.run_id), None)
+            self._failed.pop((goal, event.run_id), None)
             if isinstance(event, WorkflowCompleted) and event.agent_id and event.cost_usd > 0:
                 # By goal too: another goal's answer naming this agent set what its own
                 # goal was charged for an unreported call.
-                key = (event.goal_id or "", event.agent_id)
+                key = (goal, event.agent_id)
                 self._cost.pop(key, None)
                 self._cost[key] = event.cost_usd
                 if len(self._cost) > self._limit:
                     self._cost.popitem(last=False)
-        elif isinstance(event, WorkflowStarted) and event.run_id not in self._runs:
-            seen = self._attempts.setdefault(event.run_id, [])
+        elif isinstance(event, WorkflowStarted) and not self.has(event.run_id, goal):
+            seen = self._attempts.setdefault((goal, event.run_id), [])
             if event.event_id not in seen:
                 seen.append(event.event_id)
             if len(self._attempts) > self._limit:
@@ -85,48 +96,71 @@ class EndedRuns:
             and event.purpose == "answer"
             and not event.ok
             and event.run_id
-            and event.run_id not in self._runs
+            and not self.has(event.run_id, goal)
         ):
-            self._failed.setdefault(event.run_id, set()).add(event.event_id)
+            self._failed.setdefault((goal, event.run_id), set()).add(event.event_id)
             if len(self._failed) > self._limit:
                 self._failed.popitem(last=False)
 
-    def unbilled(self, run_id: str, attempt: str) -> bool:
+    def unbilled(self, run_id: str, attempt: str, *, goal_id: str) -> bool:
         """True when the attempt's answer call is known to have failed (nothing paid)."""
-        return failed_call_id(attempt, False) in self._failed.get(run_id, ())
+        return failed_call_id(attempt, False) in self._failed.get((goal_id, run_id), ())
 
     def last_cost(self, goal_id: str | None, agent_id: str) -> float | None:
         """What the agent's newest paid answer for ``goal_id`` cost (an estimate for a call
         not reported)."""
         return self._cost.get((goal_id or "", agent_id))
 
-    def attempts(self, run_id: str) -> list[str]:
+    def attempts(self, run_id: str, *, goal_id: str) -> list[str]:
         """The ids of the ``workflow_started`` events of a run that has not ended."""
-        return list(self._attempts.get(run_id, ()))
+        return list(self._attempts.get((goal_id, run_id), ()))
 
-    def add(self, run_id: str) -> None:
-        self._runs[run_id] = None
-        self._runs.move_to_end(run_id)
-        if len(self._runs) > self._limit:
-            self._runs.popitem(last=False)
+    def add(self, run_id: str, goal_id: str | None) -> None:
+        key = (goal_id or "", run_id)
+        if key in self._runs:
+            self._runs.move_to_end(key)
+            return
+        self._runs[key] = None
+        self._goals[run_id] = self._goals.get(run_id, 0) + 1
+        while len(self._runs) > self._limit:
+            (_, old), _ = self._runs.popitem(last=False)
+            left = self._goals.pop(old) - 1
+            if left:
+                self._goals[old] = left
 
-    def has(self, run_id: str) -> bool:
-        return run_id in self._runs
+    def has(self, run_id: str, goal_id: str | None = None) -> bool:
+        """Whether ``goal_id``'s run ``run_id`` ended; with no goal, any goal's."""
+        if goal_id is None:
+            return run_id in self._goals
+        return (goal_id, run_id) in self._runs or (_ANY_GOAL, run_id) in self._runs
 
     def dump(self) -> dict[str, Any]:
         """The runs as plain values, oldest first (for a snapshot)."""
         return {
-            "runs": list(self._runs),
-            "attempts": [[r, list(i)] for r, i in self._attempts.items()],
-            "failed": [[r, sorted(i)] for r, i in self._failed.items()],
+            # Run ids as before (what an older reader reads), and beside them their goals.
+            "runs": [r for _, r in self._runs],
+            "goals": [g for g, _ in self._runs],
+            "attempts": [[r, list(i), g] for (g, r), i in self._attempts.items()],
+            "failed": [[r, sorted(i), g] for (g, r), i in self._failed.items()],
         }
 
     def restore(self, data: dict[str, Any]) -> None:
-        """Replace what is known with a :meth:`dump`."""
-        runs = OrderedDict.fromkeys(str(r) for r in data["runs"])
-        attempts = OrderedDict((str(r), [str(i) for i in ids]) for r, ids in data["attempts"])
-        failed = OrderedDict((str(r), {str(i) for i in ids}) for r, ids in data.get("failed", []))
-        self._runs, self._attempts, self._failed = runs, attempts, failed
+        """Replace what is known with a :meth:`dump`, or with an older one's runs: those
+        (their goal not written) ended for any goal, as they did for their writer."""
+        runs = [str(r) for r in data["runs"]]
+        goals = [str(g) for g in data.get("goals", [_ANY_GOAL] * len(runs))]
+        if len(goals) != len(runs):
+            raise ValueError(f"{len(runs)} ended runs with {len(goals)} goals")
+
+        def key(row: list[Any]) -> tuple[str, str]:
+            return (str(row[2]) if len(row) > 2 else _ANY_GOAL), str(row[0])
+
+        attempts = OrderedDict((key(row), [str(i) for i in row[1]]) for row in data["attempts"])
+        failed = OrderedDict((key(row), {str(i) for i in row[1]}) for row in data.get("failed", []))
+        self._runs, self._goals = OrderedDict(), {}
+        for goal, run in zip(goals, runs, strict=True):
+            self.add(run, goal)
+        self._attempts, self._failed = attempts, failed
 
 
 async def follow_recent(

@@ -3,7 +3,9 @@
 ``task_admitted`` is keyed by agent_id, so an agent lives on one loader at a
 time. Each task ends in exactly one terminal event whose event_id is derived
 from the run_id: a task replayed after a crash produces the same event id, and
-every reader (client, budget, analytics) treats the two as one.
+every reader (client, budget, analytics) treats the two as one. A run is its goal's:
+what is known of runs here (answered, running, paid for) is by goal and run id, so a
+run id another goal used too never stands for this goal's run.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def _cost_id(attempt: str, legacy: bool) -> str:
     return str(uuid.uuid5(_NS, f"{attempt}:cost:{int(legacy)}"))
 
 
+def _run_of(task: TaskAdmitted) -> tuple[str, str]:
+    """The task's run: its goal and run id (another goal may use the same run id)."""
+    return task.goal_id, task.run_id
+
+
 class Breaker:
     """Stop calling an LLM that keeps failing; probe it again after a cool-down."""
 
@@ -118,22 +125,22 @@ class Loader:
         self.max_tokens = llm_settings.max_tokens
         self.degrade = self.settings.degraded_answers
         self.breaker = Breaker(ctx.clock, cooldown=llm_settings.breaker_cooldown_s)
-        self._finished: OrderedDict[str, None] = OrderedDict()
-        # (run, token) of token admissions given back: any other copy of one is given back
-        # too (an agent retired then is not retired for good; a copy must not run later).
-        self._given: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._finished: OrderedDict[tuple[str, str], None] = OrderedDict()  # (goal, run)
+        # (goal, run, token) of token admissions given back: any other copy of one is given
+        # back too (an agent retired then is not retired for good; a copy must not run later).
+        self._given: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         # model -> the cost of the last answer call paid with it (an unknown call's estimate)
         self._last_cost = LastCosts()  # (goal, model) -> its last paid answer's cost
-        # run_id -> cost events sent without waiting, and their acknowledgements
-        self._acks: dict[str, list[tuple[LlmCallCompleted, asyncio.Future[Any]]]] = {}
+        # (goal, run) -> cost events sent without waiting, and their acknowledgements
+        self._acks: dict[tuple[str, str], list[tuple[LlmCallCompleted, asyncio.Future[Any]]]] = {}
         self.ended = EndedRuns(ctx.clock)
         # This process's attempts (workflow_started ids), and per running task: its
         # attempt and the earlier attempts of the same run that may have paid a call.
         self._own_attempts: set[str] = set()
-        self._attempt: dict[str, tuple[str, list[str]]] = {}
-        # Runs whose call was given up on at the timeout and still runs (its cost to come).
-        # run -> (cost id, model) of its answer call given up on at the timeout, still running
-        self._settling: dict[str, tuple[str, str]] = {}
+        self._attempt: dict[tuple[str, str], tuple[str, list[str]]] = {}  # by (goal, run)
+        # (goal, run) -> (cost id, model) of its answer call given up on at the timeout,
+        # still running (its cost to come)
+        self._settling: dict[tuple[str, str], tuple[str, str]] = {}
         self._partitions = spec_for(TaskAdmitted.topic).partitions
         self.owned_partitions: set[int] | None = None  # None: all (no group yet)
 
@@ -216,11 +223,12 @@ class Loader:
     async def handle(self, event: Event, delivery: Delivery | None = None) -> None:
         if not isinstance(event, TaskAdmitted):
             return
-        if event.run_id in self._finished or self.ended.has(event.run_id):
+        run = _run_of(event)
+        if run in self._finished or self.ended.has(event.run_id, event.goal_id):
             # Answered already, here or by an earlier owner of this agent's partition
             # (a replay after a crash or a rebalance): no second LLM call, no second answer.
             return
-        if event.run_id in self._attempt:
+        if run in self._attempt:
             # Being answered here: the budget sent its admission again (the router sends a
             # task again while it has seen no decision on it).
             return
@@ -233,22 +241,22 @@ class Loader:
             terminal = self._failure(
                 event, "internal", f"loader error: {type(exc).__name__}: {exc}"
             )
-        _, uncounted = self._attempt.get(event.run_id, ("", []))
+        _, uncounted = self._attempt.get(run, ("", []))
         for charge in self._unrepeated(event, uncounted):
             ack = await self.ctx.producer.enqueue(charge)
-            self._acks.setdefault(event.run_id, []).append((charge, ack))
+            self._acks.setdefault(run, []).append((charge, ack))
         # The LLM call's cost event went out right after the call; the broker has it
         # before the answer goes out. Once the run has an answer on the log, no later
         # owner counts this attempt's call, so an answer acknowledged ahead of its cost
         # (the cost's first send failed and was retried behind it) and a kill then lost
         # the cost for good (a path that fits chaos seed 8's answer calls paid once and
         # never counted, with no repeat of their run).
-        for cost, ack in self._acks.pop(event.run_id, []):
+        for cost, ack in self._acks.pop(run, []):
             try:
                 await ack
             except Exception:  # not acknowledged: send it again (same id) until it is
                 await self.ctx.producer.deliver([cost], what=f"the cost of run {event.run_id}")
-        if self.ended.has(event.run_id):
+        if self.ended.has(event.run_id, event.goal_id):
             # Another owner answered it while this one worked (it was paused, or lost the
             # partition): its answer stands; the cost of this call is still counted.
             log.warning(
@@ -256,8 +264,8 @@ class Loader:
             )
         else:
             await self.ctx.producer.deliver([terminal], what=f"the answer of run {event.run_id}")
-        self._finished[event.run_id] = None
-        own, _ = self._attempt.pop(event.run_id, ("", []))
+        self._finished[run] = None
+        own, _ = self._attempt.pop(run, ("", []))
         self._own_attempts.discard(own)
         if len(self._finished) > 50_000:
             self._finished.popitem(last=False)
@@ -272,7 +280,7 @@ class Loader:
         without a token. Nothing of the run is started or marked done here.
         """
         now = self.ctx.clock.now()
-        given = (task.run_id, str(task.token))
+        given = (*_run_of(task), str(task.token))
         if given in self._given:
             return True  # another copy of one given back: the budget decides it now
         if task.deadline_at is not None and task.deadline_at <= now:
@@ -310,7 +318,7 @@ class Loader:
         prompt), under the attempt's own cost id (its loader's report, if it comes back,
         counts once).
         """
-        if not lost or self.ended.has(task.run_id):
+        if not lost or self.ended.has(task.run_id, task.goal_id):
             # The owner that answered counted them, at the cost of its call.
             return []
         record = self.registry.get(task.agent_id)
@@ -405,7 +413,7 @@ class Loader:
             # would never end. What fits is the answer, and it says it was cut.
             text = text.encode("utf-8")[:MAX_ANSWER_BYTES].decode("utf-8", "ignore")
             meta["truncated"] = f"{size} bytes, kept {len(text.encode('utf-8'))}"
-        pending = self._settling.get(task.run_id)
+        pending = self._settling.get(_run_of(task))
         if pending is not None:
             # A call given up on at the timeout still runs: the budget keeps the task's
             # hold until its cost comes (see _settled), under the id and model named here,
@@ -441,12 +449,13 @@ class Loader:
         # an LLM call whose cost never reached the budget: counted by this attempt, at the
         # cost of its own call, or at the call's worst case if it makes none (handle()).
         # An attempt whose call failed for good (its report says so) paid nothing.
+        run, goal = _run_of(task), task.goal_id
         lost = [
             a
-            for a in self.ended.attempts(task.run_id)
-            if a not in self._own_attempts and not self.ended.unbilled(task.run_id, a)
+            for a in self.ended.attempts(task.run_id, goal_id=goal)
+            if a not in self._own_attempts and not self.ended.unbilled(task.run_id, a, goal_id=goal)
         ]
-        self._attempt[task.run_id] = ("", lost)
+        self._attempt[run] = ("", lost)
         if task.deadline_at is not None and task.deadline_at <= now:
             retired = self.registry.get(task.agent_id)
             if retired is not None and retired.retired and retired.goal_id:
@@ -490,7 +499,7 @@ class Loader:
         instance, change = self.pool.acquire(record, now)
         started = WorkflowStarted.caused_by(task, source=SOURCE, occurred_at=now)
         self._own_attempts.add(started.event_id)
-        self._attempt[task.run_id] = (started.event_id, lost)
+        self._attempt[run] = (started.event_id, lost)
         notices: list[Event] = [started]
         if revived and record.goal_id:
             notices.append(self._agents_changed(record, "revived", now))
@@ -515,7 +524,7 @@ class Loader:
         await self.ctx.producer.deliver([started], what=f"the start of run {task.run_id}")
         sent = asyncio.create_task(self.ctx.producer.send_many(notices[1:]))
         try:
-            if self.ended.has(task.run_id):
+            if self.ended.has(task.run_id, task.goal_id):
                 # Answered by another owner while this one waited for the broker.
                 return self._failure(task, "internal", "answered elsewhere meanwhile")
             latest = min(
@@ -552,7 +561,7 @@ class Loader:
             )
             model, temperature = record.model or self.llm_settings.model, record.temperature
         started = self.ctx.clock.now()
-        attempt, lost = self._attempt.get(task.run_id, (task.run_id, []))
+        attempt, lost = self._attempt.get(_run_of(task), (task.run_id, []))
 
         async def settled(outcome: Completion | LLMError) -> None:
             await self._settled(task, model, _cost_id(attempt, legacy), messages, outcome)
@@ -568,7 +577,7 @@ class Loader:
             )
         except (LLMUnavailable, LLMRejected) as exc:
             if exc.settling:
-                self._settling[task.run_id] = (_cost_id(attempt, legacy), model)
+                self._settling[_run_of(task)] = (_cost_id(attempt, legacy), model)
             # Failed for good, the report's id says so to whoever runs the task next (this
             # attempt paid nothing); a call that goes on past the timeout may still be paid,
             # and its real report comes later under the attempt's cost id.
@@ -604,10 +613,10 @@ class Loader:
                 )
                 for earlier in lost
             ]
-            self._attempt[task.run_id] = (attempt, [])
+            self._attempt[_run_of(task)] = (attempt, [])
         for charge in charges:
             ack = await self.ctx.producer.enqueue(charge)
-            self._acks.setdefault(task.run_id, []).append((charge, ack))
+            self._acks.setdefault(_run_of(task), []).append((charge, ack))
         # What the endpoint said (bounded by Completion), but never under a key this loader
         # sets: the budget reads cost_pending/cost_id/cost_model, the improvement service
         # workflow_version/workflow_id; an endpoint's own would hold or free budget, or
@@ -636,7 +645,7 @@ class Loader:
         The run already has its answer (a timeout or a lower tier); the budget kept the
         task's hold for this report (the answer said ``cost_pending``).
         """
-        self._settling.pop(task.run_id, None)
+        self._settling.pop(_run_of(task), None)
         if isinstance(outcome, Completion):
             if outcome.cost_usd > 0:
                 self._last_cost.paid(task.goal_id, model, outcome.cost_usd)

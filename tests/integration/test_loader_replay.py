@@ -1,6 +1,6 @@
 """A loader that takes over tasks an earlier owner already answered calls no LLM and answers
 nothing twice: the state a SIGKILL leaves (answer on Kafka, offset not committed), on the real
-broker with a real HTTP LLM endpoint."""
+broker with a real HTTP LLM endpoint. Another goal's run under an answered run id is answered."""
 
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ from streams.runtime import run_service
 pytestmark = pytest.mark.broker
 
 
-def _task(run_id: str) -> TaskAdmitted:
+def _task(run_id: str, goal: str = "g1") -> TaskAdmitted:
     now = datetime.now(UTC)
     return TaskAdmitted(
         source="budget",
         run_id=run_id,
-        goal_id="g1",
+        goal_id=goal,
         user_id="u1",
-        agent_id="code_replay1",
+        agent_id=f"code_replay_{goal}",
         specialty="code",
         message=f"question of {run_id}",
         requested_at=now,
@@ -50,32 +50,35 @@ async def test_a_replayed_task_that_was_answered_is_not_answered_or_paid_again(
     monkeypatch.setenv("OPENAI_BASE_URL", llm.base_url)
     monkeypatch.setenv("OPENAI_API_KEY", "test")
     answered, fresh, lost = _task("r-answered"), _task("r-fresh"), _task("r-lost")
+    # Goal g2's own run under the run id g1's answered run has (its producer chose the id).
+    theirs = _task("r-answered", "g2")
     # An attempt that started (and may have paid for its call) when its loader was killed.
     cut_off = WorkflowStarted(
-        source="loader", run_id="r-lost", goal_id="g1", agent_id="code_replay1", specialty="code"
+        source="loader", run_id="r-lost", goal_id="g1", agent_id="code_replay_g1", specialty="code"
     )
     earlier = WorkflowCompleted(
         event_id=terminal_event_id("r-answered"),
         source="loader",
         run_id="r-answered",
         goal_id="g1",
-        agent_id="code_replay1",
+        agent_id="code_replay_g1",
         specialty="code",
         text="the earlier owner's answer",
     )
     async with EventProducer(settings) as producer:
-        await producer.send(
-            AgentSpawned(
-                source="spawner",
-                goal_id="g1",
-                agent_id="code_replay1",
-                specialty="code",
-                system_prompt="You are a coder.",
-                temperature=0.2,
+        for goal in ("g1", "g2"):
+            await producer.send(
+                AgentSpawned(
+                    source="spawner",
+                    goal_id=goal,
+                    agent_id=f"code_replay_{goal}",
+                    specialty="code",
+                    system_prompt="You are a coder.",
+                    temperature=0.2,
+                )
             )
-        )
         # What a loader killed after answering and before committing leaves behind.
-        await producer.send_many([answered, earlier, fresh, cut_off, lost])
+        await producer.send_many([answered, earlier, fresh, cut_off, lost, theirs])
     watcher = EventConsumer(
         settings,
         [WorkflowCompleted.topic, WorkflowFailed.topic, LlmCallCompleted.topic],
@@ -91,10 +94,10 @@ async def test_a_replayed_task_that_was_answered_is_not_answered_or_paid_again(
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 40
-        while not {"r-fresh", "r-lost"} <= {
-            e.run_id for e in seen if not isinstance(e, LlmCallCompleted)
+        while not {("g1", "r-fresh"), ("g1", "r-lost"), ("g2", "r-answered")} <= {
+            (e.goal_id, e.run_id) for e in seen if not isinstance(e, LlmCallCompleted)
         }:
-            assert loop.time() < deadline, f"no answer for the fresh task; saw {seen}"
+            assert loop.time() < deadline, f"a task not answered; saw {seen}"
             assert not service.done(), service
             async for batch in watcher.batches(timeout_ms=200, idle=True):
                 seen.extend(d.event for d in batch)
@@ -110,12 +113,19 @@ async def test_a_replayed_task_that_was_answered_is_not_answered_or_paid_again(
         llm.stop()
     costs = [e for e in seen if isinstance(e, LlmCallCompleted)]
     seen = [e for e in seen if not isinstance(e, LlmCallCompleted)]
-    by_run = {run: [e for e in seen if e.run_id == run] for run in ("r-answered", "r-fresh")}
+    by_run = {
+        run: [e for e in seen if e.run_id == run and e.goal_id == "g1"]
+        for run in ("r-answered", "r-fresh")
+    }
     assert [e.text for e in by_run["r-answered"]] == ["the earlier owner's answer"]  # type: ignore[union-attr]
     assert len(by_run["r-fresh"]) == 1 and by_run["r-fresh"][0].event_id == terminal_event_id(
         "r-fresh"
     )
-    assert llm.requests == 2  # the fresh task and the cut-off one, not the answered one
+    (their_answer,) = [e for e in seen if e.goal_id == "g2"]
+    assert isinstance(their_answer, WorkflowCompleted) and their_answer.run_id == "r-answered"
+    assert their_answer.agent_id == "code_replay_g2"
+    # The fresh task, the cut-off one and g2's, not g1's answered one.
+    assert llm.requests == 3
     # The cut-off attempt may have paid for its call: it is counted, at the repeat's cost,
     # under an id of its own attempt (so its loader's own report would count once).
     lost_costs = [c for c in costs if c.run_id == "r-lost"]
@@ -123,3 +133,4 @@ async def test_a_replayed_task_that_was_answered_is_not_answered_or_paid_again(
     assert len({c.cost_usd for c in lost_costs}) == 1 and lost_costs[0].cost_usd > 0
     assert sum("earlier attempt" in (c.error or "") for c in lost_costs) == 1
     assert [c.run_id for c in costs].count("r-fresh") == 1
+    assert [(c.goal_id, c.run_id) for c in costs].count(("g2", "r-answered")) == 1

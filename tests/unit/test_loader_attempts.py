@@ -89,6 +89,20 @@ def _loader(llm: InMemoryLLM, max_tokens: int | None = None) -> tuple[Loader, _B
     return loader, broker
 
 
+def _learn_g2s_agent(loader: Loader) -> None:
+    """Goal g2's agent a2, of the same specialty as g1's a1."""
+    loader.learn(
+        AgentSpawned(
+            source="spawner",
+            goal_id="g2",
+            agent_id="a2",
+            specialty="code",
+            system_prompt="You are a coder.",
+            temperature=0.2,
+        )
+    )
+
+
 def _task(run: str = "r1") -> TaskAdmitted:
     now = datetime.now(UTC)
     return TaskAdmitted(
@@ -326,10 +340,10 @@ async def test_an_earlier_attempt_whose_call_failed_is_not_counted_again():
     loader, broker = _loader(llm)
     loader.ended.apply(cut_off)
     loader.ended.apply(failed)
-    assert loader.ended.unbilled("r1", cut_off.event_id)
+    assert loader.ended.unbilled("r1", cut_off.event_id, goal_id="g1")
     copy = EndedRuns(loader.ended.clock)
     copy.restore(loader.ended.dump())
-    assert copy.unbilled("r1", cut_off.event_id)
+    assert copy.unbilled("r1", cut_off.event_id, goal_id="g1")
     await loader.handle(_task())
     costs = [e for e in broker.acked if isinstance(e, LlmCallCompleted)]
     assert len(costs) == 1 and costs[0].cost_usd > 0  # this attempt's own call, alone
@@ -363,16 +377,7 @@ async def test_another_goals_dear_answers_never_set_what_a_goals_lost_call_is_co
     # whichever goal paid it: goal g2's long answers raised what goal g1 was charged.
     llm = InMemoryLLM(prices=PRICES)
     loader, broker = _loader(llm)
-    loader.learn(
-        AgentSpawned(
-            source="spawner",
-            goal_id="g2",
-            agent_id="a2",
-            specialty="code",
-            system_prompt="You are a coder.",
-            temperature=0.2,
-        )
-    )
+    _learn_g2s_agent(loader)
     dear = _task("r0").model_copy(
         update={"goal_id": "g2", "agent_id": "a2", "message": "why " * 5_000}
     )
