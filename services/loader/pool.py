@@ -85,11 +85,16 @@ class AgentPool:
     def idle(
         self, records: list[AgentRecord], now: datetime, idle_seconds: float
     ) -> list[tuple[AgentRecord, float]]:
-        """Agents not used (or, if never used, not spawned) for ``idle_seconds``."""
+        """Agents not used (or, if never used, not spawned) for ``idle_seconds``.
+
+        A spawn stamped ahead of ``now`` counts as idle for as long as it is ahead: one
+        stamped in year 8999 (a valid event) was never idle, so it held a place under its
+        goal's max_agents for good.
+        """
         out = []
         for record in records:
             since = self.last_used.get(record.agent_id, record.spawned_at)
-            idle = (now - since).total_seconds()
+            idle = abs((now - since).total_seconds())
             if idle >= idle_seconds:
                 out.append((record, idle))
         return out

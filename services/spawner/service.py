@@ -46,7 +46,15 @@ from streams.llm import (
 from streams.runtime import ServiceContext
 from streams.topics import PARTITIONS
 
-__all__ = ["APP_NAME", "AgentIdTaken", "known_agent", "main", "new_agent", "prompt_writer"]
+__all__ = [
+    "APP_NAME",
+    "AgentIdTaken",
+    "approval_age",
+    "known_agent",
+    "main",
+    "new_agent",
+    "prompt_writer",
+]
 
 log = logging.getLogger(__name__)
 APP_NAME = "orchestrator.spawner"
@@ -60,6 +68,16 @@ class StaleApproval(Exception):
 
 class AgentIdTaken(Exception):
     """The approval's agent id names another goal's agent in the registry."""
+
+
+def approval_age(approval: SpawnApproved, now: datetime) -> float:
+    """How old the approval is at ``now``, in seconds; one stamped ahead of ``now`` counts
+    as old as it is ahead.
+
+    A few seconds of clock skew leave an approval fresh; one stamped in year 8999 (a valid
+    event) was never stale, so it made an agent long after the budget gave its place back.
+    """
+    return abs((now - approval.occurred_at).total_seconds())
 
 
 def known_agent(registry: Mapping[str, Any], event: SpawnApproved) -> AgentSpawned | None:
@@ -108,7 +126,7 @@ def announcement(
     approval's place back and approved another), spawned and retired at once, so that it
     serves again only if a revival fits the goal's max_agents (the budget counts those)."""
     agent_id = spawned.agent_id
-    if new or (now - approval.occurred_at).total_seconds() <= SPAWN_APPROVAL_SECONDS:
+    if new or approval_age(approval, now) <= SPAWN_APPROVAL_SECONDS:
         return [spawned, _changed(approval, agent_id, "spawned")]
     retired = AgentRetired(
         event_id=str(uuid.uuid5(_NS, f"{approval.event_id}:retired late")),
@@ -253,7 +271,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     approvals = event_topic(app, SpawnApproved.topic, ctx.settings, source=SOURCE)
 
     def _age(event: SpawnApproved) -> float:
-        return (ctx.clock.now() - event.occurred_at).total_seconds()
+        return approval_age(event, ctx.clock.now())
 
     async def _agent_of(event: SpawnApproved) -> tuple[AgentSpawned, bool]:
         """The approval's agent, made and written to the registry if it is new, and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -122,13 +122,17 @@ async def test_a_failed_send_after_the_agent_exists_never_frees_its_slot(
     assert isinstance(budget.handle(_spawn_req(1), clock.now(), DEFAULTS).events[-1], SpawnDenied)
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["past", "future"])
 async def test_an_approval_older_than_the_budget_keeps_its_place_makes_no_agent(
-    settings: KafkaSettings, no_llm: None
+    settings: KafkaSettings, no_llm: None, ahead: bool
 ) -> None:
     # The budget gives an unanswered approval's place back after 2 x SPAWN_APPROVAL_SECONDS;
     # one the spawner reads after SPAWN_APPROVAL_SECONDS (it was down, or behind) would
-    # make an agent past max_agents.
+    # make an agent past max_agents. One stamped that far ahead of the clock is as stale
+    # (one stamped in year 8999 was never stale).
     stamped = SystemClock().now() - timedelta(seconds=SPAWN_APPROVAL_SECONDS + 60)
+    if ahead:
+        stamped = datetime(8999, 1, 1, tzinfo=UTC)
     approval = SpawnApproved.model_validate(
         {**_approval_of(_spawn_req(0)).model_dump(), "occurred_at": stamped}
     )

@@ -173,6 +173,20 @@ async def test_the_loader_tells_the_goal_of_a_retirement_and_a_revival():
     assert [n.change for n in notices] == ["retired", "revived"]
 
 
+async def test_an_agent_spawned_with_a_stamp_from_the_future_is_retired_when_idle():
+    # A valid agent_spawned stamped in year 8999 was never idle: never used, it held a
+    # place under its goal's max_agents for good.
+    loader, broker = _loader(InMemoryLLM(prices=PRICES))
+    loader.learn(
+        AgentSpawned(
+            source="spawner", goal_id="g1", agent_id="a9", specialty="code",
+            system_prompt="p", temperature=0.2, occurred_at=datetime(8999, 1, 1, tzinfo=UTC),
+        )
+    )  # fmt: skip
+    assert [r.agent_id for r in await loader.retire_idle()] == ["a9"]
+    assert loader.registry.get("a9").retired and not loader.registry.get("a1").retired
+
+
 async def _sweep_in_an_outage() -> tuple[Loader, _Broker]:
     """A loader whose idle sweep met a broker outage, the broker back since."""
     loader, broker = _loader(InMemoryLLM(prices=PRICES))

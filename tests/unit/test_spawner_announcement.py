@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from services.budget.state import BudgetState
-from services.spawner.service import announcement, prompt_writer
+from services.spawner.service import announcement, approval_age, prompt_writer
 from streams.clock import FakeClock
 from streams.events import (
     SPAWN_APPROVAL_SECONDS,
@@ -90,3 +90,25 @@ def test_an_approval_read_late_gets_the_template_not_a_paid_call_its_hold_may_no
     assert prompt_writer(llm, SPAWN_WRITE_SECONDS) is llm  # type: ignore[arg-type]
     assert prompt_writer(llm, SPAWN_WRITE_SECONDS + 0.1) is None  # type: ignore[arg-type]
     assert prompt_writer(None, 0.0) is None
+
+
+def test_an_approval_stamped_ahead_of_the_clock_is_as_old_as_it_is_ahead():
+    # A valid approval stamped in year 8999 was never stale: read again at any time, its
+    # agent was announced spawned (counted live), and its prompt was written by a paid call.
+    clock = FakeClock()
+    budget = BudgetState.new("g1", DEFAULTS)
+    approval = _approved(clock, budget, 0)
+
+    def stamped(at: datetime) -> SpawnApproved:
+        return SpawnApproved.model_validate({**approval.model_dump(), "occurred_at": at})
+
+    future = stamped(datetime(8999, 1, 1, tzinfo=UTC))
+    assert approval_age(future, clock.now()) > SPAWN_APPROVAL_SECONDS
+    events = announcement(future, _agent(future), new=False, now=clock.now())
+    assert [type(e) for e in events] == [AgentSpawned, AgentRetired, GoalAgentsChanged]
+    assert prompt_writer(object(), approval_age(future, clock.now())) is None  # type: ignore[arg-type]
+    # A few seconds of clock skew leave it fresh.
+    skewed = stamped(clock.now() + timedelta(seconds=2))
+    assert approval_age(skewed, clock.now()) == 2.0
+    events = announcement(skewed, _agent(skewed), new=False, now=clock.now())
+    assert [type(e) for e in events] == [AgentSpawned, GoalAgentsChanged]
