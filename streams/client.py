@@ -42,6 +42,7 @@ from streams.events import (
     FeedbackReceived,
     PromotionDecided,
     PromotionRequested,
+    PromotionScope,
     RequestReceived,
     Role,
     WorkflowCompleted,
@@ -322,18 +323,36 @@ class OrchestratorClient(AsyncLifecycle):
     async def approve(
         self, improvement_id: str, *, user_id: str, reason: str = "", timeout: float = 30.0
     ) -> PromotionDecided:
-        """Approve an improvement; ``user_id`` must be an operator. A goal's proposal that
-        waits for review goes to that goal's canary; a goal's improvement already saved is
-        made to serve every goal.
+        """Approve a goal's proposal that waits for review into that goal's canary;
+        ``user_id`` must be an operator. Approving again what is already approved changes
+        nothing (the verdict's ``reason`` says which version it is); :meth:`promote` alone
+        makes it serve every goal.
 
         Raises ``NotOperator`` or ``PromotionRefused`` when refused, ``NoVerdict`` on timeout.
         """
+        return await self._promotion(improvement_id, "goal", user_id, reason, timeout)
+
+    async def promote(
+        self, improvement_id: str, *, user_id: str, reason: str = "", timeout: float = 30.0
+    ) -> PromotionDecided:
+        """Make an improvement saved for one goal serve every goal (a platform-wide canary
+        first); ``user_id`` must be an operator. One still waiting for review is refused
+        (approve it first); one promoted already is left as it is.
+
+        Raises ``NotOperator`` or ``PromotionRefused`` when refused, ``NoVerdict`` on timeout.
+        """
+        return await self._promotion(improvement_id, "all", user_id, reason, timeout)
+
+    async def _promotion(
+        self, improvement_id: str, scope: PromotionScope, user_id: str, reason: str, timeout: float
+    ) -> PromotionDecided:
         try:
             event = PromotionRequested(
                 source=self.source,
                 user_id=user_id,
                 improvement_id=improvement_id,
                 reason=reason,
+                scope=scope,
                 occurred_at=self.clock.now(),
             )
         except ValidationError as exc:

@@ -53,6 +53,7 @@ __all__ = [
     "PatternDiscovered",
     "PromotionDecided",
     "PromotionRequested",
+    "PromotionScope",
     "RequestReceived",
     "Role",
     "RollbackRequested",
@@ -671,14 +672,21 @@ class FeedbackDecided(Event):
     improvement_id: str | None = None
 
 
+PromotionScope = Literal["goal", "all"]
+
+
 class PromotionRequested(Event):
-    """Command: make a goal's improvement serve every goal (``orchestrator improve approve``)."""
+    """Command from an operator. ``scope="goal"`` (``orchestrator improve approve``): a
+    goal's proposal waiting for review goes to that goal's canary. ``scope="all"``
+    (``orchestrator improve promote``): an improvement saved for one goal serves every goal.
+    Events written before ``scope`` existed read as ``"goal"``."""
 
     topic = "promotion_requested"
     key_field = "improvement_id"
     event_type: Literal["promotion_requested"] = "promotion_requested"
     improvement_id: str
     reason: str = ""
+    scope: PromotionScope = "goal"
 
 
 class PromotionDecided(Event):

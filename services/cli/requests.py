@@ -137,14 +137,17 @@ def ask(
 
 def improve(
     run_id: Annotated[
-        str, typer.Argument(help="The run the feedback is about (or `approve`, see below).")
+        str,
+        typer.Argument(
+            help="The run the feedback is about (or `approve` or `promote`, see below)."
+        ),
     ],
     text: Annotated[str, typer.Argument(help="What should be better (or the improvement id).")],
     user: Annotated[
         str | None,
         typer.Option(
             "--user",
-            help="Who gives the feedback (required); for `approve`, the operator"
+            help="Who gives the feedback (required); for `approve` and `promote`, the operator"
             " (default $ORCH_OPERATOR_USER, else `operator`).",
         ),
     ] = None,
@@ -156,12 +159,15 @@ def improve(
 
     `orchestrator improve approve IMPROVEMENT_ID [--user OPERATOR]` puts a goal's
     proposal that waits for review (an instruction the LLM wrote from a user's feedback)
-    in that goal's canary, or makes a goal's improvement serve every goal (OPERATOR: in
-    ORCH_OPERATORS or holding an operator key).
+    in that goal's canary; approving it again changes nothing and says which version it
+    is. `orchestrator improve promote IMPROVEMENT_ID [--user OPERATOR]` makes an
+    improvement saved for one goal serve every goal (refused for one never approved).
+    OPERATOR: in ORCH_OPERATORS or holding an operator key.
     Exit 0 when accepted, 1 when refused (the reason is printed), 3 with no verdict.
     """
-    if run_id == "approve":
-        _approve(text, user or OperatorSettings.read("operator_user"), timeout, as_json)
+    if run_id in ("approve", "promote"):
+        operator = user or OperatorSettings.read("operator_user")
+        _approve(text, run_id == "promote", operator, timeout, as_json)
         return
     if user is None:
         fail("--user is required: who gives the feedback", EXIT_INVALID, as_json=as_json)
@@ -205,14 +211,17 @@ def _decided(coro: Coroutine[Any, Any, T], settings: KafkaSettings, as_json: boo
         fail(str(exc), EXIT_TIMEOUT, as_json=as_json)
 
 
-def _approve(improvement_id: str, user: str, timeout: float, as_json: bool) -> None:
+def _approve(improvement_id: str, everyone: bool, user: str, timeout: float, as_json: bool) -> None:
+    """`improve approve` (into the goal's canary) or, ``everyone``, `improve promote`."""
     user = checked_id(user, "--user", as_json=as_json)
+    verb = "promote" if everyone else "approve"
     if not improvement_id.strip():
-        fail("give the improvement id to approve", EXIT_INVALID, as_json=as_json)
+        fail(f"give the improvement id to {verb}", EXIT_INVALID, as_json=as_json)
     settings = kafka_settings()
 
     async def send(client: OrchestratorClient) -> PromotionDecided:
-        return await client.approve(improvement_id, user_id=user, timeout=timeout)
+        ask = client.promote if everyone else client.approve
+        return await ask(improvement_id, user_id=user, timeout=timeout)
 
     verdict = _decided(with_client(settings, send), settings, as_json)
     if as_json:
@@ -225,4 +234,4 @@ def _approve(improvement_id: str, user: str, timeout: float, as_json: bool) -> N
             }
         )
     else:
-        out.print(f"approved: {escape(verdict.reason)}")
+        out.print(f"{'promoted' if everyone else 'approved'}: {escape(verdict.reason)}")

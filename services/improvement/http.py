@@ -12,8 +12,11 @@ must be the key's) and answers with the improvement service's verdict: 200
 an unknown run, 403 when the key's user does not own the run (or the run is
 another goal's), 429 past the per-user feedback limit.
 
-``POST /improvements/<id>/approve`` (operator keys only, else 403) asks for a
-goal's improvement to serve every goal; the verdict comes back the same way.
+``POST /improvements/<id>/approve`` (operator keys only, else 403) sends a goal's
+proposal waiting for review to that goal's canary (one already approved stays as it is:
+200, and the reason says where it is); ``POST /improvements/<id>/promote`` (operator
+keys only) makes an improvement saved for one goal serve every goal, and refuses (422)
+one never approved. 404 for an unknown id; the verdict comes back the same way.
 
 ``POST /slack/commands`` is a slack-bolt ``AsyncApp`` (enabled when
 ``SLACK_SIGNING_SECRET`` is set): Bolt refuses a request whose
@@ -58,7 +61,13 @@ from streams.errors import (
     RateLimited,
     UnknownRun,
 )
-from streams.events import FeedbackDecided, FeedbackReceived, PromotionDecided, PromotionRequested
+from streams.events import (
+    FeedbackDecided,
+    FeedbackReceived,
+    PromotionDecided,
+    PromotionRequested,
+    PromotionScope,
+)
 from streams.http import BodyNotJson, BodyTimeout, BodyTooLarge, read_json, runner
 from streams.keys import Identity
 from streams.quotas import KeyShareFull, Slots, SlotsFull
@@ -117,7 +126,9 @@ class FeedbackSink(Protocol):
         event_id: str | None = None,
     ) -> FeedbackReceived: ...
 
-    async def approve(self, improvement_id: str, user_id: str) -> PromotionRequested: ...
+    async def approve(
+        self, improvement_id: str, user_id: str, scope: PromotionScope = "goal"
+    ) -> PromotionRequested: ...
 
     async def verdict(
         self, request_id: str, timeout: float
@@ -308,7 +319,9 @@ async def _improve(sink: FeedbackSink, who: Identity, body: Any) -> web.Response
     return await _answer(sink, event.event_id, event.run_id)
 
 
-def _approve_handler(sink: FeedbackSink, admission: _Admission) -> Any:
+def _approve_handler(sink: FeedbackSink, admission: _Admission, scope: PromotionScope) -> Any:
+    what = "promoting" if scope == "all" else "approving"
+
     async def approve(request: web.Request) -> web.Response:
         who = await _identity(sink, request)
         if who is None:
@@ -316,12 +329,13 @@ def _approve_handler(sink: FeedbackSink, admission: _Admission) -> Any:
         if not who.is_operator:
             return _error(
                 403,
-                f"approving an improvement needs an operator key; {who.user_id!r}'s is a user key",
+                f"{what} an improvement needs an operator key; {who.user_id!r}'s is a user key",
             )
 
         async def approved() -> web.Response:
+            improvement_id = request.match_info["improvement_id"]
             try:
-                event = await sink.approve(request.match_info["improvement_id"], who.user_id)
+                event = await sink.approve(improvement_id, who.user_id, scope)
             except PromotionRefused as exc:
                 return _error(404, str(exc))
             return await _answer(sink, event.event_id, None)
@@ -424,7 +438,12 @@ def build_app(
     admission = _Admission(max_in_flight, key_share)
     app = web.Application(client_max_size=_MAX_BODY)
     app.router.add_post("/improve", _improve_handler(sink, body_timeout, admission))
-    app.router.add_post("/improvements/{improvement_id}/approve", _approve_handler(sink, admission))
+    app.router.add_post(
+        "/improvements/{improvement_id}/approve", _approve_handler(sink, admission, "goal")
+    )
+    app.router.add_post(
+        "/improvements/{improvement_id}/promote", _approve_handler(sink, admission, "all")
+    )
 
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"ok": True, "slack": slack is not None})

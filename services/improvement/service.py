@@ -81,6 +81,7 @@ from streams.events import (
     PatternDiscovered,
     PromotionDecided,
     PromotionRequested,
+    PromotionScope,
     RequestReceived,
     RollbackRequested,
     RouteDecided,
@@ -89,6 +90,7 @@ from streams.events import (
     WorkflowAssessed,
     WorkflowCompleted,
     WorkflowFailed,
+    WorkflowVersionSaved,
 )
 from streams.kafka import BACKGROUND_FETCH, Delivery, EventConsumer, dead_letter, failed_letter
 from streams.keys import (
@@ -758,9 +760,12 @@ class ImprovementService:
         finally:
             self._waiters.pop(request_id, None)
 
-    async def approve(self, improvement_id: str, user_id: str) -> PromotionRequested:
-        """HTTP: an operator approves a goal's proposal waiting for review (into the goal's
-        canary), or asks for a goal's improvement to serve every goal."""
+    async def approve(
+        self, improvement_id: str, user_id: str, scope: PromotionScope = "goal"
+    ) -> PromotionRequested:
+        """HTTP: an operator approves a goal's proposal waiting for review into the goal's
+        canary (``scope="goal"``), or asks for a goal's saved improvement to serve every
+        goal (``scope="all"``); :meth:`on_promotion` decides."""
         if (
             self.state.pending.get(improvement_id) is None
             and self.state.improvement(improvement_id) is None
@@ -770,6 +775,7 @@ class ImprovementService:
             source=SOURCE,
             user_id=user_id,
             improvement_id=improvement_id,
+            scope=scope,
             occurred_at=self.ctx.clock.now(),
         )
         await self._send_awaited(event)
@@ -1025,95 +1031,176 @@ class ImprovementService:
         )
 
     async def on_promotion(self, event: PromotionRequested) -> list[Event]:
-        """An operator makes a goal's improvement serve every goal (as a canary first)."""
+        """An operator's command on an improvement; each scope is its own request.
 
-        def decided(
-            accepted: bool,
-            reason: str,
-            error_type: str | None = None,
-            workflow_id: str | None = None,
-        ) -> Event:
-            return PromotionDecided(
-                event_id=str(uuid.uuid5(_NS, f"{event.event_id}:decided")),
-                source=SOURCE,
-                user_id=event.user_id,
-                improvement_id=event.improvement_id,
-                request_id=event.event_id,
-                accepted=accepted,
-                reason=reason[:1000],
-                error_type=error_type,
-                workflow_id=workflow_id,
-                occurred_at=self.ctx.clock.now(),
-            )
-
+        ``goal`` (approve): a goal's proposal waiting for review goes to that goal's canary;
+        one already saved stays as it is and the verdict says where it is. ``all``
+        (promote): an improvement saved for one goal serves every goal (as a canary first).
+        Until 2026-12-06 approving a saved improvement again promoted it, so a retried
+        approval put one tenant's LLM-written instruction into every tenant's prompts.
+        """
         if not await self._operator_now(event.user_id):
-            return [decided(False, _not_operator(event.user_id), "NotOperator")]
+            what = "promoting" if event.scope == "all" else "approving"
+            why = _not_operator(event.user_id, f"{what} an improvement")
+            return [self._promotion_verdict(event, False, why, "NotOperator")]
         assert self._view is not None
         await self._sync_versions()
         # A proposal made a moment ago may not be in the view yet.
         await self._view.sync((ImprovementAvailable.topic,), timeout=10.0)
-        waiting = self.state.pending.get(event.improvement_id)
-        if waiting is not None:
-            ledger = self.state.flows.get(waiting.workflow_id)
-            if ledger is not None and ledger.state.canary is not None:
-                # The single writer would skip it (one canary at a time) and the approval
-                # would be lost: it stays waiting, and says when to approve it.
-                why = (
-                    f"goal {waiting.goal_id}'s {waiting.workflow_id} is measuring canary"
-                    f" v{ledger.state.canary}; {event.improvement_id} waits: approve it again"
-                    " once that canary is decided"
-                )
-                return [decided(False, why, "PromotionRefused")]
-            # A goal's proposal waiting for review: approved, it goes to that goal's canary.
-            return [
-                ImprovementAvailable(
-                    event_id=str(uuid.uuid5(_NS, f"{event.event_id}:available")),
-                    source=SOURCE,
-                    run_id=waiting.run_id,
-                    goal_id=waiting.goal_id,
-                    user_id=event.user_id,
-                    improvement_id=event.improvement_id,
-                    workflow_id=waiting.workflow_id,
-                    kind="instructions",
-                    proposal=waiting.proposal,
-                    reason=f"approved by operator {event.user_id}: {event.reason}"[:1000],
-                    occurred_at=self.ctx.clock.now(),
-                ),
-                decided(
-                    True,
-                    f"{event.improvement_id} goes to goal {waiting.goal_id}'s"
-                    f" {waiting.workflow_id} as a canary (approved again once saved, it"
-                    " would serve every goal)",
-                    None,
-                    waiting.workflow_id,
-                ),
-            ]
         saved = self.state.improvement(event.improvement_id)
-        if saved is None:
-            return [
-                decided(False, f"unknown improvement {event.improvement_id!r}", "PromotionRefused")
-            ]
+        waiting = self.state.pending.get(event.improvement_id)
+        if saved is None and waiting is None:
+            why = f"unknown improvement {event.improvement_id!r}"
+            return [self._promotion_verdict(event, False, why, "PromotionRefused")]
+        if event.scope == "all":
+            if saved is None:
+                assert waiting is not None
+                why = (
+                    f"{event.improvement_id} waits for review in goal {waiting.goal_id}'s"
+                    f" {waiting.workflow_id} and was never approved: approve it first"
+                    f" (orchestrator improve approve {event.improvement_id}); once it is saved"
+                    " for that goal it may be promoted"
+                )
+                return [self._promotion_verdict(event, False, why, "PromotionRefused")]
+            return self._promote(event, saved)
+        if saved is not None:
+            # Approved already (or saved without review): a retry changes nothing.
+            goal, _ = goal_of(saved.workflow_id)
+            then = (
+                f"; to make it serve every goal run `orchestrator improve promote"
+                f" {event.improvement_id}`"
+                if goal is not None
+                else "; it serves every goal"
+            )
+            why = (
+                f"{event.improvement_id} is already approved: saved as {self._where(saved)};"
+                f" nothing changed{then}"
+            )
+            return [self._promotion_verdict(event, True, why, workflow_id=saved.workflow_id)]
+        assert waiting is not None
+        ledger = self.state.flows.get(waiting.workflow_id)
+        if ledger is not None and ledger.state.canary is not None:
+            # The single writer would skip it (one canary at a time) and the approval
+            # would be lost: it stays waiting, and says when to approve it.
+            why = (
+                f"goal {waiting.goal_id}'s {waiting.workflow_id} is measuring canary"
+                f" v{ledger.state.canary}; {event.improvement_id} waits: approve it again"
+                " once that canary is decided"
+            )
+            return [self._promotion_verdict(event, False, why, "PromotionRefused")]
+        # A goal's proposal waiting for review: approved, it goes to that goal's canary.
+        return [
+            ImprovementAvailable(
+                event_id=str(uuid.uuid5(_NS, f"{event.event_id}:available")),
+                source=SOURCE,
+                run_id=waiting.run_id,
+                goal_id=waiting.goal_id,
+                user_id=event.user_id,
+                improvement_id=event.improvement_id,
+                workflow_id=waiting.workflow_id,
+                kind="instructions",
+                proposal=waiting.proposal,
+                reason=f"approved by operator {event.user_id}: {event.reason}"[:1000],
+                occurred_at=self.ctx.clock.now(),
+            ),
+            self._promotion_verdict(
+                event,
+                True,
+                f"{event.improvement_id} goes to goal {waiting.goal_id}'s {waiting.workflow_id}"
+                " as a canary; it serves no other goal unless an operator promotes it"
+                f" (orchestrator improve promote {event.improvement_id})",
+                workflow_id=waiting.workflow_id,
+            ),
+        ]
+
+    def _promote(self, event: PromotionRequested, saved: WorkflowVersionSaved) -> list[Event]:
+        """Scope ``all``: the saved goal improvement's lines proposed to every goal."""
         goal, specialty = goal_of(saved.workflow_id)
+        if goal is None:
+            why = (
+                f"{event.improvement_id} is saved as {self._where(saved)}: it serves every"
+                " goal already; nothing changed"
+            )
+            return [self._promotion_verdict(event, True, why, workflow_id=saved.workflow_id)]
+        everyone = f"{event.improvement_id}-all"
+        promoted = self.state.improvement(everyone)
+        if promoted is not None:
+            why = (
+                f"{event.improvement_id} is already promoted: saved as {self._where(promoted)};"
+                " nothing changed"
+            )
+            return [self._promotion_verdict(event, True, why, workflow_id=promoted.workflow_id)]
         added = saved.changes.get("added", "")
-        if goal is None or not added:
-            why = f"{event.improvement_id} already serves every goal of {specialty}"
-            return [decided(False, why, "PromotionRefused")]
+        if not added:
+            why = f"{event.improvement_id} adds no instruction to {saved.workflow_id} to pass on"
+            return [self._promotion_verdict(event, False, why, "PromotionRefused")]
+        ledger = self.state.flows.get(specialty)
+        if ledger is not None and ledger.state.canary is not None:
+            # As for an approval: the single writer would skip it and the promotion be lost.
+            why = (
+                f"the platform-wide {specialty} is measuring canary v{ledger.state.canary};"
+                f" promote {event.improvement_id} again once that canary is decided"
+            )
+            return [self._promotion_verdict(event, False, why, "PromotionRefused")]
         return [
             ImprovementAvailable(
                 event_id=str(uuid.uuid5(_NS, f"{event.event_id}:available")),
                 source=SOURCE,
                 user_id=event.user_id,
-                improvement_id=f"{event.improvement_id}-all",
+                improvement_id=everyone,
                 workflow_id=specialty,
                 kind="approved",
                 proposal=added,
-                reason=f"approved by operator {event.user_id}: {event.reason}"[:1000],
+                reason=f"promoted by operator {event.user_id}: {event.reason}"[:1000],
                 occurred_at=self.ctx.clock.now(),
             ),
-            decided(
-                True, f"{event.improvement_id} goes to every goal of {specialty}", None, specialty
+            self._promotion_verdict(
+                event,
+                True,
+                f"{event.improvement_id} goes to every goal of {specialty} (as {everyone},"
+                " a canary first)",
+                workflow_id=specialty,
             ),
         ]
+
+    def _where(self, saved: WorkflowVersionSaved) -> str:
+        """Which version of which workflow ``saved`` is, and what it is now there."""
+        goal, _ = goal_of(saved.workflow_id)
+        whose = (
+            f"goal {goal}'s workflow {saved.workflow_id}"
+            if goal is not None
+            else f"the platform-wide workflow {saved.workflow_id}"
+        )
+        ledger = self.state.flows.get(saved.workflow_id)
+        rows = {row["version"]: row for row in ledger.listing()} if ledger is not None else {}
+        row = rows.get(saved.version)
+        now = (
+            f" ({row['status'].replace('_', ' ')}, {row['traffic_share']:.0%} of its runs)"
+            if row is not None
+            else ""
+        )
+        return f"v{saved.version} of {whose}{now}"
+
+    def _promotion_verdict(
+        self,
+        event: PromotionRequested,
+        accepted: bool,
+        reason: str,
+        error_type: str | None = None,
+        workflow_id: str | None = None,
+    ) -> PromotionDecided:
+        return PromotionDecided(
+            event_id=str(uuid.uuid5(_NS, f"{event.event_id}:decided")),
+            source=SOURCE,
+            user_id=event.user_id,
+            improvement_id=event.improvement_id,
+            request_id=event.event_id,
+            accepted=accepted,
+            reason=reason[:1000],
+            error_type=error_type,
+            workflow_id=workflow_id,
+            occurred_at=self.ctx.clock.now(),
+        )
 
     async def handle_work(self, event: Event, delivery: Delivery) -> None:
         if isinstance(event, WorkflowCompleted):

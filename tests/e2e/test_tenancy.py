@@ -76,6 +76,10 @@ async def test_feedback_of_one_goal_never_reaches_another(platform, client):
         )
         assert saved[0].changes["instructions"] == INSTRUCTION
         assert "Ignore your rules" not in str(saved[0].changes)
+        # An operator's retried approval (a timeout, a script) changes nothing: it once made
+        # goal A's change serve every goal, B's runs included.
+        again = await client.approve(verdict.improvement_id, user_id="operator")
+        assert again.accepted and "already approved" in again.reason
         await asyncio.sleep(1.0)  # the loader folds the new version in from the log
 
         # Different messages, so that every run calls the LLM (no cached answers): with a

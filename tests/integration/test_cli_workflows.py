@@ -21,6 +21,7 @@ from streams.events import (
     ImprovementAvailable,
     WorkflowAssessed,
     WorkflowCompleted,
+    WorkflowVersionSaved,
 )
 from streams.kafka import EventProducer, KafkaSettings
 from tests.integration.test_improvement_service import _platform
@@ -235,11 +236,31 @@ async def test_improve_reports_the_verdict_and_keys_are_created_listed_and_revok
             "--json",
         )
         assert code == 0 and out["accepted"] and out["improvement_id"].startswith("imp_")
-        # A user cannot approve it for every goal; the local operator identity can.
-        code, out, _ = await _cli(
-            settings, "improve", "approve", out["improvement_id"], "--user", "alice", "--json"
-        )
-        assert code == 1 and out["error_type"] == "NotOperator"
+        improvement_id = out["improvement_id"]
+        # A user can neither approve it nor promote it to every goal; an operator can.
+        for verb in ("approve", "promote"):
+            code, out, _ = await _cli(
+                settings, "improve", verb, improvement_id, "--user", "alice", "--json"
+            )
+            assert code == 1 and out["error_type"] == "NotOperator"
+        # A named adjustment goes to its goal's canary at once: approving it (a retry,
+        # say) changes nothing and says so; only `promote` makes it serve every goal.
+        await platform.until(lambda: len(platform.of(WorkflowVersionSaved)) == 1)
+        code, out, err = await _cli(settings, "improve", "approve", improvement_id, "--json")
+        assert code == 0 and out["workflow_id"] == "g1/code", err
+        assert "already approved" in out["reason"]
+        assert f"improve promote {improvement_id}" in out["reason"]
+        code, out, _ = await _cli(settings, "improve", "promote", "imp_nope", "--json")
+        assert code == 1 and out["error_type"] == "PromotionRefused"
+        code, out, err = await _cli(settings, "improve", "promote", improvement_id, "--json")
+        assert code == 0 and out["workflow_id"] == "code", err
+        await platform.until(lambda: len(platform.of(WorkflowVersionSaved)) == 2)
+        code, out, err = await _cli(settings, "improve", "promote", improvement_id, "--json")
+        assert code == 0 and "already promoted" in out["reason"], err
+        assert [e.workflow_id for e in platform.of(WorkflowVersionSaved)] == [  # type: ignore[attr-defined]
+            "g1/code",
+            "code",
+        ]
 
         code, made, _ = await _cli(
             settings, "keys", "create", "--goal", "g1", "--user", "alice", "--json"

@@ -319,8 +319,9 @@ async def test_feedback_ownership_http_and_slack(platform: Platform):
     # The refused feedback changed nothing: one improvement, from the owner's feedback.
     assert len(platform.of(DeadLetter)) == 1
 
-    # Approving it for every goal needs an operator.
-    ask = PromotionRequested(source="t", user_id="u1", improvement_id=available.improvement_id)
+    # Promoting it to every goal needs an operator.
+    improvement_id = available.improvement_id
+    ask = PromotionRequested(source="t", user_id="u1", improvement_id=improvement_id, scope="all")
     await platform.producer.send(ask)
     await platform.until(lambda: len(platform.of(PromotionDecided)) == 1)
     (no,) = platform.of(PromotionDecided)
@@ -329,11 +330,21 @@ async def test_feedback_ownership_http_and_slack(platform: Platform):
     _, ops = mint_key("ops", "admin", "operator", source="test")
     await platform.producer.send(ops)
     await asyncio.sleep(0.5)
-    yes = PromotionRequested(source="t", user_id="admin", improvement_id=available.improvement_id)
-    await platform.producer.send(yes)
+    # An operator approving the saved improvement (again) changes nothing: it said so.
+    again = PromotionRequested(source="t", user_id="admin", improvement_id=improvement_id)
+    await platform.producer.send(again)
     await platform.until(lambda: len(platform.of(PromotionDecided)) == 2)
-    assert platform.of(PromotionDecided)[1].accepted  # type: ignore[attr-defined]
+    same = platform.of(PromotionDecided)[1]
+    assert isinstance(same, PromotionDecided) and same.accepted
+    assert "already approved: saved as v2 of goal g1's workflow g1/code" in same.reason
+    yes = PromotionRequested(
+        source="t", user_id="admin", improvement_id=improvement_id, scope="all"
+    )
+    await platform.producer.send(yes)
+    await platform.until(lambda: len(platform.of(PromotionDecided)) == 3)
+    assert platform.of(PromotionDecided)[2].accepted  # type: ignore[attr-defined]
     await platform.until(lambda: len(platform.of(WorkflowVersionSaved)) == 2)
+    assert len(platform.of(ImprovementAvailable)) == 2  # the approval made none
     everyone = platform.of(WorkflowVersionSaved)[1]
     assert isinstance(everyone, WorkflowVersionSaved)
     assert everyone.workflow_id == "code" and everyone.goal_id is None

@@ -10,7 +10,7 @@ import pytest
 
 from streams.codec import MAGIC, SCHEMA_DIR, EventCodec, default_codec, load_schema_file
 from streams.errors import DecodeError, UnknownSchemaError
-from streams.events import ALL_EVENTS, RequestReceived, WorkflowCompleted
+from streams.events import ALL_EVENTS, PromotionRequested, RequestReceived, WorkflowCompleted
 from tests.samples import sample_event
 
 
@@ -131,3 +131,30 @@ def test_events_written_before_meta_was_added_still_decode():
     decoded = default_codec().decode(old_writer.encode(event), topic="workflow_completed")
     assert decoded.meta == {}
     assert decoded.model_dump(exclude={"meta"}) == event.model_dump(exclude={"meta"})
+
+
+def test_a_promotion_requested_before_scope_existed_reads_as_an_approval():
+    # Before `scope`, approving a saved improvement again promoted it to every goal; one
+    # still on the topic from then is read as what its sender ran: `improve approve`.
+    v1 = load_schema_file(SCHEMA_DIR / "history" / "promotion_requested.v1.avsc")
+    assert "scope" not in {f["name"] for f in v1["fields"]}
+    old = EventCodec({"promotion_requested": v1}).encode(
+        PromotionRequested(source="cli", user_id="operator", improvement_id="imp_1")
+    )
+    decoded = default_codec().decode(old, topic="promotion_requested")
+    assert isinstance(decoded, PromotionRequested)
+    assert (decoded.improvement_id, decoded.scope) == ("imp_1", "goal")
+
+
+def test_a_promotion_scope_other_than_goal_or_all_is_a_decode_error():
+    codec = default_codec()
+    event = PromotionRequested(source="cli", user_id="operator", improvement_id="imp_1")
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(
+        buf,
+        fastavro.parse_schema(codec.schema_for("promotion_requested")),
+        event.model_dump() | {"scope": "everyone"},
+    )
+    data = MAGIC + codec.fingerprint_for("promotion_requested") + buf.getvalue()
+    with pytest.raises(DecodeError, match="scope"):
+        codec.decode(data, topic="promotion_requested")

@@ -120,6 +120,7 @@ class _Sink:
         self.keys = KeyRegistry()
         self.verdicts: dict[str, FeedbackDecided | PromotionDecided] = {}
         self.limited: set[str] = set()
+        self.asked: list[PromotionRequested] = []
 
     def key(self, goal: str, user: str, role: str = "user") -> str:
         key, event = mint_key(goal, user, "operator" if role == "operator" else "user", source="t")
@@ -169,16 +170,24 @@ class _Sink:
         )
         return event
 
-    async def approve(self, improvement_id: str, user_id: str) -> PromotionRequested:
-        if improvement_id != "imp_1":
+    async def approve(
+        self, improvement_id: str, user_id: str, scope: str = "goal"
+    ) -> PromotionRequested:
+        if improvement_id not in ("imp_1", "imp_waiting"):
             raise PromotionRefused(f"unknown improvement {improvement_id!r}")
-        event = PromotionRequested(source="t", user_id=user_id, improvement_id=improvement_id)
+        event = PromotionRequested(
+            source="t", user_id=user_id, improvement_id=improvement_id, scope=scope
+        )
+        self.asked.append(event)
+        never_approved = scope == "all" and improvement_id == "imp_waiting"
         self.verdicts[event.event_id] = PromotionDecided(
             source="t",
             improvement_id=improvement_id,
             request_id=event.event_id,
-            accepted=True,
-            workflow_id="code",
+            accepted=not never_approved,
+            reason="imp_waiting was never approved" if never_approved else "",
+            error_type="PromotionRefused" if never_approved else None,
+            workflow_id="code" if scope == "all" else "g1/code",
         )
         return event
 
@@ -310,7 +319,28 @@ async def test_only_an_operator_key_approves():
         assert (await client.post("/improvements/imp_1/approve", headers=user)).status == 403
         assert (await client.post("/improvements/nope/approve", headers=ops)).status == 404
         ok = await client.post("/improvements/imp_1/approve", headers=ops)
+        assert ok.status == 200 and (await ok.json())["workflow_id"] == "g1/code"
+    assert [a.scope for a in sink.asked] == ["goal"]
+
+
+async def test_only_an_operator_key_promotes_and_promote_is_its_own_route():
+    sink = _Sink()
+    user = {"Authorization": f"Bearer {sink.key('g1', 'u1')}"}
+    ops = {"Authorization": f"Bearer {sink.key('ops', 'admin', 'operator')}"}
+    async with TestClient(TestServer(build_app(sink, None))) as client:
+        assert (await client.post("/improvements/imp_1/promote")).status == 401
+        no = await client.post("/improvements/imp_1/promote", headers=user)
+        assert no.status == 403 and "promoting" in (await no.json())["error"]
+        assert (await client.post("/improvements/nope/promote", headers=ops)).status == 404
+        assert sink.asked == []  # refused at the edge: nothing sent
+        waiting = await client.post("/improvements/imp_waiting/promote", headers=ops)
+        assert waiting.status == 422 and "never approved" in (await waiting.json())["error"]
+        ok = await client.post("/improvements/imp_1/promote", headers=ops)
         assert ok.status == 200 and (await ok.json())["workflow_id"] == "code"
+    assert [(a.improvement_id, a.scope, a.user_id) for a in sink.asked] == [
+        ("imp_waiting", "all", "admin"),
+        ("imp_1", "all", "admin"),
+    ]
 
 
 def test_key_registry_stores_only_a_hash_and_knows_operators():

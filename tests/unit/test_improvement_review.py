@@ -19,6 +19,7 @@ from services.improvement.service import ImprovementConfig, ImprovementService
 from services.improvement.state import REVIEW_KIND, ImprovementState, Pending, Proposals
 from streams.clock import FakeClock
 from streams.codec import default_codec
+from streams.errors import PromotionRefused
 from streams.events import (
     DeadLetter,
     Event,
@@ -157,6 +158,7 @@ async def test_an_operator_approves_it_into_the_goals_canary_and_a_user_cannot()
     approved, decided = await service.on_promotion(asked)
     assert isinstance(decided, PromotionDecided) and decided.accepted
     assert decided.workflow_id == "g1/code" and "as a canary" in decided.reason
+    assert f"orchestrator improve promote {proposal.improvement_id}" in decided.reason
     assert isinstance(approved, ImprovementAvailable)
     assert (approved.kind, approved.workflow_id, approved.goal_id) == (
         "instructions",
@@ -168,9 +170,11 @@ async def test_an_operator_approves_it_into_the_goals_canary_and_a_user_cannot()
     [saved] = producer.of(WorkflowVersionSaved)
     assert saved.workflow_id == "g1/code" and saved.changes["added"] == benign
     assert service.state.pending.get(proposal.improvement_id) is None  # no longer waiting
-    # Approving again now means what it meant before: every goal gets the goal's change.
-    again = PromotionRequested(source="t", user_id="admin", improvement_id=proposal.improvement_id)
-    available, decided = await service.on_promotion(again)
+    # Only an explicit promotion makes it serve every goal.
+    promote = PromotionRequested(
+        source="t", user_id="admin", improvement_id=proposal.improvement_id, scope="all"
+    )
+    available, decided = await service.on_promotion(promote)
     assert isinstance(available, ImprovementAvailable) and available.kind == "approved"
     assert available.workflow_id == "code"
 
@@ -371,3 +375,155 @@ def test_the_cap_on_all_waiting_proposals_takes_from_the_fullest_goal(
     state.apply(_waiting(1, "g3"))  # six: the oldest of g1, the fullest, goes
     assert state.pending.get("imp_g2_0") is not None
     assert state.pending.get("imp_g1_0") is None and len(state.pending) == 5
+
+
+# -- approve and promote are two requests ------------------------------------------------
+# Approving an improvement already saved for its goal once promoted it to every goal, so an
+# operator's retried `improve approve` (a timeout, a double click, a script) put one tenant's
+# LLM-written instruction into every tenant's prompts. Now approving again changes nothing,
+# and only `improve promote` (scope "all") reaches every goal.
+
+BENIGN = "Show the command's output after each shell example."
+
+
+async def _ask(
+    service: ImprovementService, improvement_id: str, user: str = "root", **fields: Any
+) -> list[Event]:
+    request = PromotionRequested(source="t", user_id=user, improvement_id=improvement_id, **fields)
+    return await service.on_promotion(request)
+
+
+async def _approved_and_saved() -> tuple[ImprovementService, _Producer, str]:
+    """A user's LLM-written proposal, approved once by the operator and saved for g1."""
+    service, producer = _service(BENIGN)
+    proposal, _ = await _feedback(service, "u1", "I never know what the commands print")
+    await _write(service, proposal)
+    approved, decided = await _ask(service, proposal.improvement_id)
+    assert isinstance(decided, PromotionDecided) and decided.accepted
+    assert isinstance(approved, ImprovementAvailable)
+    await _write(service, approved)
+    [saved] = producer.of(WorkflowVersionSaved)
+    assert (saved.workflow_id, saved.version) == ("g1/code", 2)
+    return service, producer, proposal.improvement_id
+
+
+async def test_approving_a_saved_improvement_again_changes_nothing_and_says_where_it_is() -> None:
+    service, producer, improvement_id = await _approved_and_saved()
+    for _ in range(3):  # a script retrying
+        out = await _ask(service, improvement_id)
+        promoted = [e for e in out if isinstance(e, ImprovementAvailable)]
+        assert promoted == [], "a retried approval made the goal's change serve every goal"
+        [decided] = out
+        assert isinstance(decided, PromotionDecided)
+        assert decided.accepted and decided.error_type is None
+        assert decided.workflow_id == "g1/code"
+        assert (
+            f"{improvement_id} is already approved: saved as v2 of goal g1's workflow g1/code"
+            " (canary, 50% of its runs); nothing changed" in decided.reason
+        )
+        assert f"orchestrator improve promote {improvement_id}" in decided.reason
+    # Nothing reached the platform-wide workflow.
+    assert [s.workflow_id for s in producer.of(WorkflowVersionSaved)] == ["g1/code"]
+    assert "code" not in service.state.flows
+
+
+async def test_approving_twice_before_the_version_is_saved_saves_it_once_for_its_goal() -> None:
+    # A double click: both approvals are decided before the writer saved the first.
+    service, producer = _service(BENIGN)
+    proposal, _ = await _feedback(service, "u1", "I never know what the commands print")
+    await _write(service, proposal)
+    first, _ = await _ask(service, proposal.improvement_id)
+    second, _ = await _ask(service, proposal.improvement_id)
+    assert isinstance(first, ImprovementAvailable) and isinstance(second, ImprovementAvailable)
+    await _write(service, first)
+    await _write(service, second)
+    # A third one, retried after the version was saved, is the no-op.
+    late = await _ask(service, proposal.improvement_id)
+    assert [e for e in late if isinstance(e, ImprovementAvailable)] == []
+    assert isinstance(late[0], PromotionDecided) and "already approved" in late[0].reason
+    assert [s.workflow_id for s in producer.of(WorkflowVersionSaved)] == ["g1/code"]
+
+
+async def test_only_a_promotion_makes_it_serve_every_goal_and_once() -> None:
+    service, producer, improvement_id = await _approved_and_saved()
+    available, decided = await _ask(service, improvement_id, scope="all", reason="reviewed")
+    assert isinstance(decided, PromotionDecided) and decided.accepted
+    assert decided.workflow_id == "code" and "goes to every goal of code" in decided.reason
+    assert isinstance(available, ImprovementAvailable)
+    assert (available.kind, available.workflow_id, available.improvement_id) == (
+        "approved",
+        "code",
+        f"{improvement_id}-all",
+    )
+    assert available.proposal == BENIGN and available.user_id == "root"
+    await _write(service, available)
+    everyone = [s for s in producer.of(WorkflowVersionSaved) if s.workflow_id == "code"]
+    assert len(everyone) == 1 and everyone[0].changes["added"] == BENIGN
+    # Promoted again, or approved again: nothing more, and it says where it is.
+    [again] = await _ask(service, improvement_id, scope="all")
+    assert isinstance(again, PromotionDecided) and again.accepted
+    assert again.workflow_id == "code"
+    assert (
+        f"{improvement_id} is already promoted: saved as v2 of the platform-wide workflow code"
+        in again.reason
+    )
+    [approved_again] = await _ask(service, improvement_id)
+    assert isinstance(approved_again, PromotionDecided) and approved_again.accepted
+    assert "already approved" in approved_again.reason
+    # The platform-wide version itself already serves every goal.
+    [itself] = await _ask(service, f"{improvement_id}-all", scope="all")
+    assert isinstance(itself, PromotionDecided) and itself.accepted
+    assert "serves every goal already" in itself.reason
+    assert len(producer.of(WorkflowVersionSaved)) == 2
+
+
+async def test_a_proposal_never_approved_is_not_promoted() -> None:
+    service, producer = _service(HARMFUL)
+    proposal, _ = await _feedback(service, "u1", "treat some customers differently", score=1)
+    await _write(service, proposal)
+    [refused] = await _ask(service, proposal.improvement_id, scope="all")
+    assert isinstance(refused, PromotionDecided) and not refused.accepted
+    assert refused.error_type == "PromotionRefused"
+    assert "was never approved" in refused.reason
+    assert f"orchestrator improve approve {proposal.improvement_id}" in refused.reason
+    assert producer.of(WorkflowVersionSaved) == []
+    assert service.state.pending.get(proposal.improvement_id) is not None  # still waiting
+
+
+async def test_a_promotion_of_an_unknown_id_or_by_a_user_is_refused() -> None:
+    service, producer, improvement_id = await _approved_and_saved()
+    [unknown] = await _ask(service, "imp_nope", scope="all")
+    assert isinstance(unknown, PromotionDecided) and not unknown.accepted
+    assert unknown.error_type == "PromotionRefused" and "unknown improvement" in unknown.reason
+    # A user key, and a user id nobody gave an operator key.
+    _, user_key = mint_key("g1", "u1", "user", source="t")
+    service._view_event(user_key)  # noqa: SLF001
+    for user in ("u1", "mallory"):
+        [no] = await _ask(service, improvement_id, user=user, scope="all")
+        assert isinstance(no, PromotionDecided) and not no.accepted
+        assert no.error_type == "NotOperator"
+        assert "promoting an improvement needs an operator" in no.reason
+    assert [s.workflow_id for s in producer.of(WorkflowVersionSaved)] == ["g1/code"]
+    with pytest.raises(PromotionRefused, match="unknown improvement"):
+        await service.approve("imp_nope", "root", "all")
+    asked = await service.approve(improvement_id, "root", "all")  # HTTP's promote
+    assert asked.scope == "all" and producer.of(PromotionRequested)[-1] == asked
+
+
+async def test_a_promotion_waits_while_the_platform_wide_canary_is_measured() -> None:
+    # The single writer would skip it (one canary at a time) and the promotion be lost.
+    service, producer, improvement_id = await _approved_and_saved()
+    other = ImprovementAvailable(
+        source="improvement",
+        user_id="root",
+        improvement_id="imp_other-all",
+        workflow_id="code",
+        kind="approved",
+        proposal=ADJUSTMENTS["shorter"],
+    )
+    await _write(service, other)
+    assert service.state.flows["code"].state.canary is not None
+    [refused] = await _ask(service, improvement_id, scope="all")
+    assert isinstance(refused, PromotionDecided) and not refused.accepted
+    assert "is measuring canary" in refused.reason
+    assert service.state.improvement(f"{improvement_id}-all") is None
