@@ -117,7 +117,9 @@ MAX_AUTOMATION_TTL_SECONDS = 10 * 365 * 86_400
 # Later than this no event time is: adding a deadline, a lease or a grace to one can
 # never overflow Python's datetime (year 9999).
 _LATEST = datetime(9000, 1, 1, tzinfo=UTC)
-_IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}$")
+# Matched whole (fullmatch): with ``match`` a ``$`` also matched before a final newline, so
+# "g1\n" was a goal id.
+_IDENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,127}")
 
 
 def new_event_id() -> str:
@@ -145,7 +147,7 @@ def _utcnow() -> datetime:
 
 def validate_identifier(value: str) -> str:
     """Goal, user and agent ids: 1-128 chars of letters, digits and ``_.:@-``."""
-    if not _IDENT.match(value):
+    if _IDENT.fullmatch(value) is None:
         raise ValueError(
             f"invalid identifier {value!r}: use 1-128 letters, digits or _ . : @ -,"
             " starting with a letter or digit"

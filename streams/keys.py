@@ -40,7 +40,7 @@ __all__ = [
 
 KEY_TOPICS = (ApiKeyIssued.topic, ApiKeyRevoked.topic)
 
-_KEY = re.compile(r"^orch_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}$")
+_KEY = re.compile(r"orch_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}")  # matched whole
 
 
 # Reads of the key topics for keys a service has not seen: at most one per this many s.
@@ -96,7 +96,7 @@ def hash_key(key: str) -> str:
 
 def key_id_of(key: str) -> str | None:
     """The id in a string shaped like a key, or None; the shape says nothing of validity."""
-    match = _KEY.match(key.strip())
+    match = _KEY.fullmatch(key.strip())
     return match.group(1) if match else None
 
 
