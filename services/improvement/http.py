@@ -35,7 +35,9 @@ Like the gateway, the JSON routes handle at most ``max_in_flight`` requests at o
 ``Retry-After: 1``), and one key at most its share of them (429), one goal too (all its
 keys together): a request holds its body and waits up to ~17 s for its run and verdict, so
 without a bound one key could hold thousands, and one tenant's keys every slot. A key also
-has at most its share of requests still sending their body (429).
+has at most its share of requests still sending their body (429). A request with more than
+one ``Authorization`` header is refused (400): which one counts would be up to whoever reads
+them, and a proxy in front may have checked another than the one this service uses.
 """
 
 from __future__ import annotations
@@ -169,14 +171,20 @@ def _parse(body: Any) -> tuple[str, str | None, int | None, str]:
 _VERDICT_WAIT_S = 15.0
 
 
-async def _identity(sink: FeedbackSink, request: web.Request) -> Identity | None:
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
-        return None
-    return await sink.identify(key.strip())
-
-
 _NO_KEY = "a valid API key is required: Authorization: Bearer <key> (orchestrator keys create)"
+
+
+async def _identity(sink: FeedbackSink, request: web.Request) -> Identity | web.Response:
+    """Who the request's key speaks for, or the 400 (several Authorization headers) or 401
+    (no valid key) to answer."""
+    given = request.headers.getall("Authorization", [])
+    if len(given) > 1:
+        # Which one counts would be up to whoever reads them: a proxy may check the last.
+        return _error(400, "send one Authorization header, not several")
+    scheme, _, key = (given[0] if given else "").partition(" ")
+    key = key.strip()
+    who = await sink.identify(key) if scheme.lower() == "bearer" and key else None
+    return who if who is not None else _error(401, _NO_KEY)
 
 
 async def _answer(sink: FeedbackSink, request_id: str, run_id: str | None) -> web.Response:
@@ -291,8 +299,8 @@ class _GoalShareFull(KeyShareFull):
 def _improve_handler(sink: FeedbackSink, body_timeout: float, admission: _Admission) -> Any:
     async def improve(request: web.Request) -> web.Response:
         who = await _identity(sink, request)
-        if who is None:
-            return _error(401, _NO_KEY)
+        if isinstance(who, web.Response):
+            return who
         body = await admission.body(request, who, body_timeout)
         if isinstance(body, web.Response):
             return body
@@ -324,8 +332,8 @@ def _approve_handler(sink: FeedbackSink, admission: _Admission, scope: Promotion
 
     async def approve(request: web.Request) -> web.Response:
         who = await _identity(sink, request)
-        if who is None:
-            return _error(401, _NO_KEY)
+        if isinstance(who, web.Response):
+            return who
         if not who.is_operator:
             return _error(
                 403,

@@ -1,12 +1,16 @@
 """The feedback endpoint's in-flight bound, over a real server and real sockets on 127.0.0.1:
 at most ``max_in_flight`` requests at once (503 past it), one key (and one goal, all its
 keys together) at most its share (429),
-also while bodies are still coming; slots are given back when requests end."""
+also while bodies are still coming; slots are given back when requests end. One
+Authorization header per request."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 
 from services.improvement.http import build_app, build_runner
 from streams.events import FeedbackDecided, PromotionDecided
@@ -90,3 +94,23 @@ async def test_a_key_has_at_most_its_share_of_bodies_still_coming() -> None:
             await writer.wait_closed()
         await asyncio.sleep(0.2)  # the server sees them gone and gives the share back
         assert (await _post(url, key, FEEDBACK, "/improve"))[0] == 200
+
+
+async def test_a_request_with_two_authorization_headers_is_refused() -> None:
+    # The service acted as the first key while a proxy in front may have checked the second.
+    sink = _Sink()
+    mine, operator = sink.key("g1", "u1"), sink.key("g1", "ops", role="operator")
+    async with TestClient(TestServer(build_app(sink, None))) as client:
+        for path, first, second in (
+            ("/improve", mine, sink.key("g9", "u9")),
+            ("/improve", sink.key("g9", "u9"), mine),
+            ("/improvements/imp_1/approve", operator, mine),
+            ("/improvements/imp_1/promote", operator, mine),
+        ):
+            both = [("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")]
+            resp = await client.post(path, json=FEEDBACK, headers=CIMultiDict(both))
+            assert resp.status == 400, path
+            assert (await resp.json())["error"] == "send one Authorization header, not several"
+        one = {"Authorization": f"Bearer {mine}"}
+        assert (await client.post("/improve", json=FEEDBACK, headers=one)).status == 200
+    assert len(sink.sent) == 1 and sink.asked == []
