@@ -25,7 +25,8 @@ improvement service earns a response cache from runs the router has already answ
 the answer that taught it is served at once instead of after one more LLM call; a
 candidate moves into the cache when its automation comes, and back when it expires.
 Expired automations are dropped (at most ``MAX_AUTOMATIONS`` are kept, the soonest to
-expire leaving first).
+expire leaving first). A TTL runs from the automation's stamp, or from the router's clock
+plus a minute's skew when it is stamped further ahead.
 
 A run waits here until its decision, its answer and its assessment are all known (the
 three topics are read side by side), per goal too: at most a quarter of ``max_answers``
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
+from services.router.settings import not_ahead
 from streams.clock import Clock
 from streams.events import (
     AutomationCreated,
@@ -252,8 +254,14 @@ class Automations:
     # -- automations in force --------------------------------------------------------
     def _keep_automation(self, event: AutomationCreated) -> None:
         key = (event.kind, event.goal_id, event.signature)
+        now = self.clock.now() if self.clock is not None else None
+        if now is not None and event.occurred_at != not_ahead(event.occurred_at, now):
+            # Its TTL runs from its stamp, but from no later than the router's clock (and a
+            # skew): one stamped in year 8999 never expired. Kept with the stamp it is
+            # timed by, so a snapshot's restore does not give it a new life.
+            event = event.model_copy(update={"occurred_at": not_ahead(event.occurred_at, now)})
         expires = event.occurred_at + timedelta(seconds=event.ttl_seconds)
-        if self.clock is not None and expires <= self.clock.now():
+        if now is not None and expires <= now:
             return  # expired already: it would serve nothing
         old = self._automations.get(key)
         if old is not None:  # the same (goal, signature): its answers stay where they are

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 from typing import ClassVar
 
 from pydantic import field_validator
@@ -10,7 +11,17 @@ from pydantic import field_validator
 from services.router.scoring import CRITERIA, Weights
 from streams.settings import EnvSettings, comma_list, parsed, setting
 
-__all__ = ["RouterSettings"]
+__all__ = ["EVENT_TIME_AHEAD", "RouterSettings", "not_ahead"]
+
+# How far ahead of the router's clock an event's own stamp may reach, as in the budget
+# (services/budget/state.py): a few seconds of skew count as they are, a stamp years
+# ahead (a valid event) does not make what it starts last for years more.
+EVENT_TIME_AHEAD = timedelta(seconds=60)
+
+
+def not_ahead(stamp: datetime, now: datetime) -> datetime:
+    """``stamp``, or ``now`` plus :data:`EVENT_TIME_AHEAD` if it is further ahead."""
+    return min(stamp, now + EVENT_TIME_AHEAD)
 
 
 class RouterSettings(EnvSettings):

@@ -613,3 +613,45 @@ def test_a_run_that_can_no_longer_be_cached_holds_no_answer_and_leaves_in_any_or
     for event in (_decided("r1", MSG, CS), _answer("r1", text="y" * 4096)):
         auto.learn(event)
     assert [run.answer for run in auto._runs.values()] == [None]  # waits, holding nothing
+
+
+# -- a stamp ahead of the router's clock: a skew counts, years ahead do not -----------------
+
+
+def _cached_for(auto: Automations, stamp: datetime, ttl: int) -> None:
+    auto.learn(_automation("response_cache", ttl=ttl).model_copy(update={"occurred_at": stamp}))
+    _learn_run(auto, "r1", "g", "Use the reset link.")
+
+
+def test_an_automation_stamped_years_ahead_still_expires_a_ttl_after_it_was_read():
+    # A valid automation_created stamped in year 8999 (a producer inside the boundary, a
+    # clock gone wrong) served its cached answer for good: its TTL ran from its stamp.
+    clock = FakeClock(T0)
+    auto = Automations(clock=clock)
+    _cached_for(auto, datetime(8999, 1, 1, tzinfo=UTC), ttl=600)
+    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=5), "g") is not None
+    # From no later than the router's clock plus the skew allowed (60 s, as the budget's).
+    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=659), "g") is not None
+    clock.advance(661)
+    assert auto.lookup(MSG, CS, clock.now(), "g") is None
+    assert len(auto) == 0
+
+
+def test_a_restore_gives_an_automation_stamped_ahead_no_new_life():
+    clock = FakeClock(T0)
+    auto = Automations(clock=clock)
+    _cached_for(auto, datetime(8999, 1, 1, tzinfo=UTC), ttl=600)
+    clock.advance(500)  # restarted from a snapshot 500 s later
+    restored = Automations(clock=clock)
+    restored.restore(auto.dump())
+    assert restored.lookup(MSG, CS, clock.now(), "g") is not None
+    clock.advance(161)  # 661 s after it was first read
+    assert restored.lookup(MSG, CS, clock.now(), "g") is None
+
+
+def test_an_automation_stamped_a_few_seconds_ahead_keeps_its_whole_ttl():
+    clock = FakeClock(T0)
+    auto = Automations(clock=clock)
+    _cached_for(auto, T0 + timedelta(seconds=5), ttl=60)
+    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=64), "g") is not None
+    assert auto.lookup(MSG, CS, T0 + timedelta(seconds=65), "g") is None
