@@ -34,9 +34,13 @@ Like the gateway, the JSON routes handle at most ``max_in_flight`` requests at o
 (counted once the key is checked and the body has come; one more is 503 with
 ``Retry-After: 1``), and one key at most its share of them (429), one goal too (all its
 keys together): a request holds its body and waits up to ~17 s for its run and verdict, so
-without a bound one key could hold thousands, and one tenant's keys every slot. A key also
-has at most its share of requests still sending their body (429). A request with more than
-one ``Authorization`` header is refused (400): which one counts would be up to whoever reads
+without a bound one key could hold thousands, and one tenant's keys every slot. Requests
+still sending their body (each buffered, up to 64 KiB) are bounded the same way: at most
+``max_in_flight`` of them at once (503), one key and one goal (all its keys together) at
+most its share (429), and Slack commands, whose sender is known only once the body is in,
+one share together (503): one tenant's many keys, or many senders, cannot make the server
+buffer more than ``max_in_flight`` x 64 KiB of bodies. A request with more than one
+``Authorization`` header is refused (400): which one counts would be up to whoever reads
 them, and a proxy in front may have checked another than the one this service uses.
 """
 
@@ -219,8 +223,18 @@ async def _json_body(request: web.Request, timeout: float) -> Any:
         return _error(400, "body must be JSON")
 
 
+def _busy(message: str) -> web.Response:
+    return web.json_response({"error": message}, status=503, headers={"Retry-After": "1"})
+
+
+# The share of bodies still coming on the Slack route: no key is known before the body is
+# in (Bolt checks its signature then), so all Slack senders share one (not a key id's shape).
+_SLACK_BODIES = "slack:commands"
+
+
 class _Admission:
-    """The in-flight bound of the JSON routes, and each key's share of it (see the module)."""
+    """The in-flight bound of the JSON routes, each key's and each goal's share of it, and the
+    same bounds on requests still sending their body (see the module)."""
 
     def __init__(self, max_in_flight: int, key_share: float) -> None:
         per_key = max(1, int(max_in_flight * key_share))
@@ -228,7 +242,11 @@ class _Admission:
         # The same share bounds each goal, all its keys together: a tenant with several keys
         # of one goal cannot take every slot from the other goals either.
         self.goals = Slots(sys.maxsize, per_key)
-        self.receiving = Slots(sys.maxsize, per_key)  # per key: bodies still coming
+        # Bodies still coming, each buffered up to _MAX_BODY: as many in all as the slots,
+        # each key and each goal its share of them. Per key alone, a tenant's many keys of
+        # one goal made the server buffer as many bodies as it had keys.
+        self.receiving = Slots(max_in_flight, per_key)
+        self.receiving_goals = Slots(sys.maxsize, per_key)
 
     def _share(self, what: str, held: int) -> web.Response:
         return web.json_response(
@@ -241,14 +259,62 @@ class _Admission:
             headers={"Retry-After": "1"},
         )
 
+    def _goal_share(self, goal_id: str, what: str, held: int) -> web.Response:
+        return web.json_response(
+            {
+                "error": f"goal {goal_id!r} has {held} requests {what} on this endpoint, its"
+                f" share (ORCH_IMPROVE_KEY_SHARE of {self.slots.limit} slots:"
+                f" {self.slots.per_key}, for all its keys together); wait for one to end"
+            },
+            status=429,
+            headers={"Retry-After": "1"},
+        )
+
+    def _full(self, what: str, held: int) -> web.Response:
+        return _busy(
+            f"this endpoint has {held} requests {what}, its limit (ORCH_IMPROVE_MAX_IN_FLIGHT);"
+            " try again"
+        )
+
     async def body(self, request: web.Request, who: Identity, timeout: float) -> Any:
-        """The request's JSON as :func:`_json_body`, or 429 when the key has its share of
-        bodies coming already."""
+        """The request's JSON as :func:`_json_body`, or 503 when as many bodies as there are
+        slots are coming already, 429 when the key, or its goal, has its share of them."""
+        what = "sending their body"
         try:
-            with self.receiving.taken(who.key_id):
+            with (
+                self.receiving.taken(who.key_id),
+                _goal_taken(self.receiving_goals, who.goal_id),
+            ):
                 return await _json_body(request, timeout)
+        except _GoalShareFull as exc:
+            return self._goal_share(who.goal_id, what, exc.held)
+        except SlotsFull:
+            return self._full(what, self.receiving.in_use)
         except KeyShareFull as exc:
-            return self._share("sending their body", exc.held)
+            return self._share(what, exc.held)
+
+    @contextmanager
+    def slack_body(self) -> Iterator[web.Response | None]:
+        """While a Slack command's body comes: None, or the 503 to answer when as many bodies
+        as there are slots, or Slack's share of them, are coming already."""
+        refused = None
+        try:
+            self.receiving.take(_SLACK_BODIES)
+        except SlotsFull:
+            refused = self._full("sending their body", self.receiving.in_use)
+        except KeyShareFull as exc:
+            refused = _busy(
+                f"this endpoint has {exc.held} Slack commands sending their body, their share"
+                f" (ORCH_IMPROVE_KEY_SHARE of {self.slots.limit} slots: {self.slots.per_key},"
+                " for every Slack sender together); try again"
+            )
+        if refused is not None:
+            yield refused
+            return
+        try:
+            yield None
+        finally:
+            self.receiving.give(_SLACK_BODIES)
 
     async def run(
         self, who: Identity, handle: Callable[[], Awaitable[web.Response]]
@@ -256,40 +322,28 @@ class _Admission:
         """``handle()`` in one of the slots: 503 when none is free, 429 when the key, or its
         goal (all its keys together), holds its share already."""
         try:
-            with self.slots.taken(who.key_id), self._goal_share(who.goal_id):
+            with self.slots.taken(who.key_id), _goal_taken(self.goals, who.goal_id):
                 return await handle()
         except _GoalShareFull as exc:
-            return web.json_response(
-                {
-                    "error": f"goal {who.goal_id!r} has {exc.held} requests in flight on this"
-                    f" endpoint, its share (ORCH_IMPROVE_KEY_SHARE of {self.slots.limit} slots:"
-                    f" {self.slots.per_key}, for all its keys together); wait for one to end"
-                },
-                status=429,
-                headers={"Retry-After": "1"},
-            )
+            return self._goal_share(who.goal_id, "in flight", exc.held)
         except SlotsFull:
-            return web.json_response(
-                {
-                    "error": f"this endpoint has {self.slots.in_use} requests in flight, its"
-                    " limit (ORCH_IMPROVE_MAX_IN_FLIGHT); try again"
-                },
-                status=503,
-                headers={"Retry-After": "1"},
-            )
+            return self._full("in flight", self.slots.in_use)
         except KeyShareFull as exc:
             return self._share("in flight", exc.held)
 
-    @contextmanager
-    def _goal_share(self, goal_id: str) -> Iterator[None]:
-        try:
-            self.goals.take(goal_id)
-        except KeyShareFull as exc:
-            raise _GoalShareFull(exc.held) from None
-        try:
-            yield
-        finally:
-            self.goals.give(goal_id)
+
+@contextmanager
+def _goal_taken(goals: Slots, goal_id: str) -> Iterator[None]:
+    """One of ``goals``' slots for ``goal_id`` while the block runs; raises
+    :class:`_GoalShareFull` when the goal holds its share."""
+    try:
+        goals.take(goal_id)
+    except KeyShareFull as exc:
+        raise _GoalShareFull(exc.held) from None
+    try:
+        yield
+    finally:
+        goals.give(goal_id)
 
 
 class _GoalShareFull(KeyShareFull):
@@ -353,7 +407,7 @@ def _approve_handler(sink: FeedbackSink, admission: _Admission, scope: Promotion
     return approve
 
 
-def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
+def _slack_handler(sink: FeedbackSink, slack: SlackSettings, admission: _Admission) -> Any:
     from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
     from slack_bolt.async_app import AsyncAck, AsyncApp
     from slack_bolt.authorization import AuthorizeResult
@@ -414,11 +468,14 @@ def _slack_handler(sink: FeedbackSink, slack: SlackSettings) -> Any:
             answered.popitem(last=False)
         if signature in answered:
             return _error(401, "this signed request was answered already")
-        try:
-            async with asyncio.timeout(BODY_TIMEOUT_S):  # signed only once the body is in
-                bolt_request = await to_bolt_request(request)
-        except TimeoutError:
-            return _error(408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s")
+        with admission.slack_body() as refused:
+            if refused is not None:
+                return refused
+            try:
+                async with asyncio.timeout(BODY_TIMEOUT_S):  # signed only once the body is in
+                    bolt_request = await to_bolt_request(request)
+            except TimeoutError:
+                return _error(408, f"the body did not arrive within {BODY_TIMEOUT_S:g} s")
         signed = _SIGNED.set(signature)  # the command's handler names its event after it
         try:
             response = await bolt.async_dispatch(bolt_request)
@@ -458,7 +515,7 @@ def build_app(
 
     app.router.add_get("/health", health)
     if slack is not None:
-        app.router.add_post("/slack/commands", _slack_handler(sink, slack))
+        app.router.add_post("/slack/commands", _slack_handler(sink, slack, admission))
     else:
 
         async def disabled(_: web.Request) -> web.Response:

@@ -121,7 +121,8 @@ class ImprovementSettings(EnvSettings):
         64,
         "Feedback and approval requests the endpoint handles at once, counted once their key "
         "is checked and their body has come; one more is answered 503 (`Retry-After: 1`) at "
-        "once. >= 1.",
+        "once. Requests still sending their body (Slack commands among them) are bounded the "
+        "same, apart: at most this many at once (64 KiB each), one more 503. >= 1.",
         read_by="improvement",
         ge=1,
     )
@@ -131,8 +132,8 @@ class ImprovementSettings(EnvSettings):
         "Largest share of `ORCH_IMPROVE_MAX_IN_FLIGHT` one API key may hold at once (at least "
         "one slot); one more of its requests is answered 429 (`Retry-After: 1`). The same "
         "share bounds one goal, all its keys together (so one tenant's keys cannot take every "
-        "slot from the other goals), and each key's requests still sending their body. More "
-        "than 0, at most 1.",
+        "slot from the other goals), and each key's and each goal's requests still sending "
+        "their body (all Slack commands together one share, 503). More than 0, at most 1.",
         read_by="improvement",
         gt=0.0,
         le=1.0,
