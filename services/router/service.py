@@ -326,7 +326,9 @@ class Router:
         # and what this instance sent for each run (its token, agent and specialty), until the
         # run ends.
         self.tokens = AdmissionTokens(
-            BudgetSettings.read("admission_tokens"), max_goals=settings.max_goals
+            BudgetSettings.read("admission_tokens"),
+            max_goals=settings.max_goals,
+            life_seconds=BudgetSettings.read("admission_token_seconds"),
         )
         self._sent: OrderedDict[str, tuple[Token | None, str, str]] = OrderedDict()
         self._started = ctx.clock.now()
@@ -343,7 +345,7 @@ class Router:
         elif isinstance(event, BudgetReported):
             self.cost_weights[event.goal_id] = event.cost_weight
         elif isinstance(event, AdmissionGranted):
-            self.tokens.granted(event)
+            self.tokens.granted(event, self.ctx.clock.now())
         record = self.registry.apply(event)
         self.automations.learn(event)
         if isinstance(event, RouteDecided):

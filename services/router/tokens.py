@@ -9,6 +9,10 @@ the answer never waits for the budget's decision.
 
 A token is used only in the first half of its life (its grant to its ``bind_by``), so
 the loader has the second half to start the task; one not used by then is given back.
+Its life runs from the grant's stamp, or from the router's clock plus a minute's skew
+when the grant is stamped further ahead, and lasts no longer than the token life the
+router knows (``ORCH_ADMISSION_TOKEN_SECONDS``): a grant stamped ahead, or naming a
+``bind_by`` far ahead, never makes a token that does not lapse.
 The budget takes a token's slot back by itself only once no task it let start can still
 run, so a router that dies with tokens costs the goal their slots for a while, never a
 limit passed.
@@ -20,8 +24,9 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from services.router.settings import not_ahead
 from streams.admission import WorstCase
 from streams.events import AdmissionGranted, AdmissionReturned
 
@@ -51,12 +56,16 @@ class AdmissionTokens:
         *,
         holder: str | None = None,
         max_goals: int = 10_000,
+        life_seconds: float | None = None,
     ) -> None:
         self.want = max(0, want)
         self.worst = worst or WorstCase.from_env()
         # One per process: a restarted router never uses what its earlier life was given.
         self.holder = holder or uuid.uuid4().hex
         self.max_goals = max(1, max_goals)
+        # The longest life a token has here (the budget's ORCH_ADMISSION_TOKEN_SECONDS);
+        # None: as long as its grant says.
+        self.life = timedelta(seconds=life_seconds) if life_seconds is not None else None
         self._stock: OrderedDict[str, deque[Token]] = OrderedDict()
         self._asked: dict[str, datetime] = {}
         self._lapsed: dict[str, list[str]] = {}
@@ -71,20 +80,26 @@ class AdmissionTokens:
     def held(self, goal: str) -> int:
         return len(self._stock.get(goal, ()))
 
-    def granted(self, event: AdmissionGranted) -> None:
-        """A grant read from the log: kept if it names this instance."""
+    def granted(self, event: AdmissionGranted, now: datetime) -> None:
+        """A grant read from the log at ``now``: kept if it names this instance."""
         if not self.enabled or event.holder != self.holder:
             return
         self._asked.pop(event.goal_id, None)
+        # A grant stamped in year 8999 made tokens this instance used, and tasks that could
+        # start, for good: its life runs from no later than now (and a skew), for no longer
+        # than a token lives. An honest grant keeps its own times.
+        start = not_ahead(event.occurred_at, now)
         life = event.bind_by - event.occurred_at
-        use_by = event.occurred_at + life / 2
+        if self.life is not None:
+            life = min(life, self.life)
+        use_by, bind_by = start + life / 2, start + life
         stock = self._stock.setdefault(event.goal_id, deque())
         self._stock.move_to_end(event.goal_id)
         for token in event.tokens:
             if token in self._known:
                 continue
             self._known[token] = None
-            stock.append(Token(token, use_by, event.bind_by, event.hold_usd))
+            stock.append(Token(token, use_by, bind_by, event.hold_usd))
         while len(self._known) > _KNOWN_TOKENS:
             self._known.popitem(last=False)
         while len(self._stock) > self.max_goals:

@@ -267,7 +267,7 @@ class Router:
                 self.ended.add(str(event.run_id))
         elif isinstance(event, AdmissionGranted):
             before = self.tokens.held(GOAL)
-            self.tokens.granted(event)
+            self.tokens.granted(event, self.w.now)
             self.w.trace(
                 f"router {self.holder} reads grant {event.event_id[:8]} for {event.holder}:"
                 f" {[t[:8] for t in event.tokens]}, stock {before} -> {self.tokens.held(GOAL)}"
@@ -987,11 +987,11 @@ def test_a_grant_read_again_never_gives_the_router_a_token_it_used() -> None:
     state = BudgetState.new(GOAL, FREE)
     stock = AdmissionTokens(1, FREE.worst, holder="R1")
     ask = _task("r1", want_tokens=stock.ask(GOAL, NOW), holder="R1")
-    stock.granted(_granted(state.handle(ask, NOW, FREE).events))
+    stock.granted(_granted(state.handle(ask, NOW, FREE).events), NOW)
     first = stock.take(GOAL, "task r2", {}, NOW)
     assert first is not None
     state.handle(_task("r2", token=first.token), NOW, FREE)  # r1 and r2 run: the goal is full
-    stock.granted(_granted(state.handle(ask, NOW, FREE).events))
+    stock.granted(_granted(state.handle(ask, NOW, FREE).events), NOW)
     again = stock.take(GOAL, "task r3", {}, NOW)
     if again is not None:
         state.handle(_task("r3", token=again.token), NOW, FREE)

@@ -78,13 +78,13 @@ def _returned(events: list[AdmissionReturned]) -> dict[str, list[str]]:
 
 def test_only_grants_naming_this_instance_are_kept():
     tokens = _tokens()
-    tokens.granted(_grant(["a", "b"], holder="another-router"))
+    tokens.granted(_grant(["a", "b"], holder="another-router"), NOW)
     assert tokens.held("g1") == 0
     assert tokens.take("g1", "hi", {}, NOW) is None
-    tokens.granted(_grant(["c", "d"]))
+    tokens.granted(_grant(["c", "d"]), NOW)
     assert tokens.held("g1") == 2
     # The same grant read again (a replay of the log) adds nothing.
-    tokens.granted(_grant(["c", "d"]))
+    tokens.granted(_grant(["c", "d"]), NOW)
     assert tokens.held("g1") == 2
     taken = tokens.take("g1", "hi", {}, NOW)
     assert taken is not None and taken.token in {"c", "d"}
@@ -93,14 +93,14 @@ def test_only_grants_naming_this_instance_are_kept():
 
 def test_a_token_is_used_only_in_the_first_half_of_its_life():
     tokens = _tokens()
-    tokens.granted(_grant(["a"], life=10.0))
+    tokens.granted(_grant(["a"], life=10.0), NOW)
     [held] = tokens._stock["g1"]
     assert held.use_by == NOW + timedelta(seconds=5) and held.bind_by == NOW + timedelta(seconds=10)
     almost = tokens.take("g1", "hi", {}, NOW + timedelta(seconds=4.9))
     assert almost is not None and almost.token == "a"
     assert almost.bind_by == NOW + timedelta(seconds=10)  # the task's start deadline
 
-    tokens.granted(_grant(["b"], at=NOW + timedelta(seconds=1), life=10.0))  # usable to 6 s
+    tokens.granted(_grant(["b"], at=NOW + timedelta(seconds=1), life=10.0), NOW)  # usable to 6 s
     assert tokens.take("g1", "hi", {}, NOW + timedelta(seconds=6)) is None
     assert tokens.held("g1") == 0  # expired: no longer this instance's to use
     assert _returned(tokens.returns(NOW + timedelta(seconds=6))) == {"g1": ["b"]}
@@ -109,8 +109,8 @@ def test_a_token_is_used_only_in_the_first_half_of_its_life():
 def test_a_token_is_taken_only_for_a_task_its_money_covers():
     tokens = _tokens()
     small, large = "m" * 1000, "m" * 5000
-    tokens.granted(_grant(["cheap"], hold=WORST.task(small, {})))
-    tokens.granted(_grant(["dear"], hold=WORST.task(large, {})))
+    tokens.granted(_grant(["cheap"], hold=WORST.task(small, {})), NOW)
+    tokens.granted(_grant(["dear"], hold=WORST.task(large, {})), NOW)
     assert WORST.task(small, {}) < WORST.task(large, {}) < WORST.task("m" * 5001, {})
     # Too large for either: none, and both are still held.
     assert tokens.take("g1", "m" * 5001, {}, NOW) is None
@@ -138,12 +138,12 @@ def test_it_asks_for_the_rest_when_half_or_fewer_are_left_and_not_again_within_a
     # After a second with no grant: asked again.
     assert tokens.ask("g1", NOW + timedelta(seconds=1.0)) == 4
     # A grant lets it ask again at once, if half or fewer are left.
-    tokens.granted(_grant(["a", "b", "c"], at=NOW + timedelta(seconds=1.0)))
+    tokens.granted(_grant(["a", "b", "c"], at=NOW + timedelta(seconds=1.0)), NOW)
     assert tokens.ask("g1", NOW + timedelta(seconds=1.1)) == 0  # 3 > 4 // 2
     assert tokens.take("g1", "hi", {}, NOW + timedelta(seconds=1.1)) is not None
     assert tokens.ask("g1", NOW + timedelta(seconds=1.2)) == 2  # 2 held: the 2 missing
     assert tokens.ask("g1", NOW + timedelta(seconds=1.3)) == 0  # asked 0.1 s ago
-    tokens.granted(_grant(["d"], at=NOW + timedelta(seconds=1.4)))
+    tokens.granted(_grant(["d"], at=NOW + timedelta(seconds=1.4)), NOW)
     assert tokens.held("g1") == 3
     assert tokens.ask("g1", NOW + timedelta(seconds=1.5)) == 0
     tokens.take("g1", "hi", {}, NOW + timedelta(seconds=1.5))
@@ -153,7 +153,7 @@ def test_it_asks_for_the_rest_when_half_or_fewer_are_left_and_not_again_within_a
 
 def test_an_odd_want_asks_at_its_lower_half():
     tokens = _tokens(want=5)
-    tokens.granted(_grant(["a", "b", "c"]))
+    tokens.granted(_grant(["a", "b", "c"]), NOW)
     assert tokens.ask("g1", NOW) == 0  # 3 > 5 // 2
     tokens.take("g1", "hi", {}, NOW)
     assert tokens.ask("g1", NOW) == 3  # 2 <= 2
@@ -161,9 +161,9 @@ def test_an_odd_want_asks_at_its_lower_half():
 
 def test_expired_tokens_are_returned_and_forgotten_first():
     tokens = _tokens()
-    tokens.granted(_grant(["a", "b"], life=10.0))  # usable to 5 s
-    tokens.granted(_grant(["c"], at=NOW + timedelta(seconds=2), life=10.0))  # to 7 s
-    tokens.granted(_grant(["x"], goal="g2", life=20.0))  # to 10 s
+    tokens.granted(_grant(["a", "b"], life=10.0), NOW)  # usable to 5 s
+    tokens.granted(_grant(["c"], at=NOW + timedelta(seconds=2), life=10.0), NOW)  # to 7 s
+    tokens.granted(_grant(["x"], goal="g2", life=20.0), NOW)  # to 10 s
     assert tokens.returns(NOW + timedelta(seconds=4)) == []
     back = tokens.returns(NOW + timedelta(seconds=5))
     assert all(isinstance(e, AdmissionReturned) for e in back)
@@ -181,9 +181,9 @@ def test_expired_tokens_are_returned_and_forgotten_first():
 def test_everything_is_returned_on_a_stop_in_events_of_at_most_64_tokens():
     tokens = _tokens(want=64)
     first = [f"t{i}" for i in range(64)]
-    tokens.granted(_grant(first))
-    tokens.granted(_grant(["t64", "t65", "t66"], at=NOW + timedelta(seconds=1)))
-    tokens.granted(_grant(["y"], goal="g2"))
+    tokens.granted(_grant(first), NOW)
+    tokens.granted(_grant(["t64", "t65", "t66"], at=NOW + timedelta(seconds=1)), NOW)
+    tokens.granted(_grant(["y"], goal="g2"), NOW)
     back = tokens.returns(NOW, everything=True)
     assert sorted(len(e.tokens) for e in back) == [1, 3, 64]
     assert all(len(e.tokens) <= 64 for e in back)
@@ -202,11 +202,43 @@ def test_zero_turns_tokens_off():
     tokens = _tokens(want=0)
     assert not tokens.enabled
     assert tokens.ask("g1", NOW) == 0
-    tokens.granted(_grant(["a"]))
+    tokens.granted(_grant(["a"]), NOW)
     assert tokens.held("g1") == 0
     assert tokens.take("g1", "hi", {}, NOW) is None
     assert tokens.returns(NOW, everything=True) == []
     assert not AdmissionTokens(-3, WORST).enabled
+
+
+def test_a_grant_stamped_years_ahead_still_lapses_a_token_life_after_it_was_read():
+    # A valid grant stamped in year 8999 (its bind_by with it) made tokens this router
+    # used, and whose tasks could start, for good.
+    tokens = _tokens()
+    tokens.granted(_grant(["a", "b"], at=datetime(8999, 1, 1, tzinfo=UTC), life=10.0), NOW)
+    # Timed from no later than the router's clock plus a minute's skew (the budget's).
+    [held, _] = tokens._stock["g1"]
+    assert held.use_by == NOW + timedelta(seconds=65)
+    assert held.bind_by == NOW + timedelta(seconds=70)
+    assert tokens.take("g1", "hi", {}, NOW + timedelta(seconds=1)) is not None
+    assert tokens.take("g1", "hi", {}, NOW + timedelta(seconds=65)) is None
+    assert _returned(tokens.returns(NOW + timedelta(seconds=65))) == {"g1": ["b"]}
+
+
+def test_a_grant_naming_a_bind_by_far_ahead_lives_no_longer_than_a_token():
+    tokens = AdmissionTokens(4, WORST, holder="me", life_seconds=5.0)
+    far = _grant(["a"], life=10.0).model_copy(update={"bind_by": datetime(8999, 1, 1, tzinfo=UTC)})
+    tokens.granted(far, NOW)
+    [held] = tokens._stock["g1"]
+    assert held.use_by == NOW + timedelta(seconds=2.5)
+    assert held.bind_by == NOW + timedelta(seconds=5)
+
+
+def test_a_grant_stamped_a_few_seconds_ahead_keeps_its_own_times():
+    tokens = AdmissionTokens(4, WORST, holder="me", life_seconds=5.0)
+    grant = _grant(["a"], at=NOW + timedelta(seconds=5), life=5.0)
+    tokens.granted(grant, NOW)
+    [held] = tokens._stock["g1"]
+    assert held.use_by == grant.occurred_at + timedelta(seconds=2.5)
+    assert held.bind_by == grant.bind_by
 
 
 # -- the router ----------------------------------------------------------------------
@@ -508,3 +540,23 @@ async def test_a_request_another_instance_sent_takes_no_token_at_an_older_instan
     )
     [task] = older_sent.of(TaskRequested)
     assert isinstance(task, TaskRequested) and task.token is None
+
+
+async def test_a_task_admitted_with_a_token_of_a_grant_stamped_ahead_starts_by_a_near_deadline(
+    monkeypatch,
+):
+    # The loader gives a task back by its admission's start_by: a token of a grant stamped
+    # a day ahead made one that could start for a day, and the token was never returned.
+    monkeypatch.setenv("ORCH_ADMISSION_TOKEN_SECONDS", "5")
+    router, producer, clock = _router(monkeypatch)
+    router.learn(_agent())
+    ahead = clock.now() + timedelta(days=1)
+    router.learn(_grant(["t1", "t2"], holder=router.tokens.holder, at=ahead, life=5.0))
+    await router.handle(_request(clock, "r2"), None)  # type: ignore[arg-type]
+    [admitted] = producer.of(TaskAdmitted)
+    assert isinstance(admitted, TaskAdmitted) and admitted.token in {"t1", "t2"}
+    assert admitted.start_by is not None
+    assert admitted.start_by <= clock.now() + timedelta(seconds=65)
+    clock.advance(63)
+    [back] = router.tokens.returns(clock.now())
+    assert back.tokens == [{"t1", "t2"}.difference({admitted.token}).pop()]
