@@ -5,7 +5,14 @@ The improvement service is the single writer of a workflow's versions
 anyone may fold them to learn what serves now: :class:`VersionLedger` does, and the
 service's own ledger adds its decisions to it. Version 1 is each agent's own prompt
 (never saved as an event). The fold orders events by time, then by kind, so it does
-not depend on the order topics are read in.
+not depend on the order topics are read in; but an event counts as no later than any
+that came after it on its own topic (each topic is keyed by workflow id, so one
+workflow's events of a kind are one partition's, in the order written). So a valid event
+stamped ahead (an ``improvement_applied`` in year 8999) is read where the log has it:
+the next decision (a rollback's or a promotion's ``improvement_applied``) still comes
+after it. Folding by the log rather than by a reader's clock keeps every reader (the
+improvement service, its snapshot's restore, the CLI reading from the beginning) at
+the same result.
 
 :func:`list_versions` and :func:`request_rollback` are the operator's side: read the
 ledger, and ask the improvement service for a rollback with ``rollback_requested``.
@@ -89,10 +96,25 @@ class VersionLedger:
             self._state = self._fold()
         return self._state
 
+    def _ordered(self) -> list[tuple[datetime, Event]]:
+        """The events as the fold reads them, each with the time it counts at: its own, or
+        the earliest of those after it on its topic if that is earlier (events are kept in
+        the order read, each topic's in its log order); by that time, then kind, then the
+        order read."""
+        events = list(self._events.values())
+        at = [e.occurred_at for e in events]
+        later: dict[str, datetime] = {}  # topic -> the earliest time of what came after
+        for i in reversed(range(len(events))):
+            topic = events[i].topic
+            if topic in later and later[topic] < at[i]:
+                at[i] = later[topic]
+            later[topic] = at[i]
+        order = sorted(range(len(events)), key=lambda i: (at[i], _rank(events[i]), i))
+        return [(at[i], events[i]) for i in order]
+
     def _fold(self) -> FlowState:
         st = FlowState()
-        ordered = sorted(self._events.values(), key=lambda e: (e.occurred_at, _rank(e)))
-        for e in ordered:
+        for at, e in self._ordered():
             if isinstance(e, ImprovementApplied):
                 st.applied.add(e.version)
                 if e.traffic_share >= 1.0:
@@ -100,7 +122,7 @@ class VersionLedger:
                     st.canary_since = st.canary_improvement = None
                 else:
                     st.canary, st.share = e.version, e.traffic_share
-                    st.canary_since, st.canary_improvement = e.occurred_at, e.improvement_id
+                    st.canary_since, st.canary_improvement = at, e.improvement_id
             elif isinstance(e, ImprovementRolledBack):
                 st.rolled_back[e.from_version] = e.reason
                 if st.canary == e.from_version:
