@@ -4,7 +4,8 @@ Requests come from the router group (``request_received``, keyed by run_id).
 What every instance must know (the registry, spawn denials, outcomes to learn
 from) is read by each instance from all partitions, outside the group. A request
 that waits for a spawn keeps its offset uncommitted until it is resolved, so a
-crash replays it instead of losing it.
+crash replays it instead of losing it. A request's producer chooses its run id: a
+request under one another goal's request has is refused with a failure of its own.
 """
 
 from __future__ import annotations
@@ -77,6 +78,21 @@ E = TypeVar("E", TaskRequested, SpawnRequested)
 def _id(run_id: str, what: str) -> str:
     """An id derived from the run: a request routed again after a crash sends the same ids."""
     return str(uuid.uuid5(_NS, f"{run_id}:{what}"))
+
+
+def _refusal_id(goal_id: str, run_id: str) -> str:
+    """The id of the failure that refuses ``goal_id``'s request under a run id another goal
+    used: by goal and run (neither holds a NUL), so it is never the run's own terminal
+    event id, nor another goal's refusal's."""
+    return str(uuid.uuid5(_NS, f"run id taken\x00{goal_id}\x00{run_id}"))
+
+
+def _is_refusal(event: Event) -> bool:
+    return (
+        isinstance(event, WorkflowFailed)
+        and event.goal_id is not None
+        and event.event_id == _refusal_id(event.goal_id, event.run_id)
+    )
 
 
 # Bump when what Router.dump writes or what Router.learn folds changes: older snapshots
@@ -236,6 +252,39 @@ class _Runs:
         ]
 
 
+class _RunOwners:
+    """run_id -> the goal whose run it is: the first goal it was routed for (here, or by
+    any instance: read on ``route_decided``).
+
+    ``request_received`` is public and its producer chooses the run id: another goal's
+    request under one is refused (see :meth:`Router.handle`). Filed per goal (a
+    :class:`PerGoal`, like :class:`_Runs`): a goal's flood of run ids pushes out only its
+    own, and past the total the goal holding the most loses its oldest.
+    """
+
+    def __init__(self, per_goal: int, total: int) -> None:
+        self._runs: PerGoal[str, None] = PerGoal(per_goal, total)
+        self._goal: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._goal)
+
+    def get(self, run_id: str) -> str | None:
+        return self._goal.get(run_id)
+
+    def claim(self, run_id: str, goal_id: str) -> None:
+        """``run_id`` is ``goal_id``'s, unless a goal is known for it already."""
+        if run_id in self._goal:
+            return
+        self._goal[run_id] = goal_id
+        for _, old, _ in self._runs.put(goal_id, run_id, None):
+            del self._goal[old]
+
+    def rows(self) -> list[list[str]]:
+        """(goal, run) of every run kept, goal by goal, oldest first."""
+        return [[goal, run] for goal, run, _ in self._runs.items()]
+
+
 def _goal_of(registry: RegistryView, agent_id: str) -> str | None:
     record = registry.get(agent_id)
     return record.goal_id if record is not None else None
@@ -294,6 +343,8 @@ class Router:
         # run_id -> its decision, assessment and feedback, until it has taught the policy
         # (then a marker that it did), per goal: see _Runs
         self._runs = self._new_runs()
+        # run_id -> the goal it was first routed for (see _RunOwners)
+        self._owners = self._new_owners()
         # run_id -> user -> reward: feedback on runs not in _runs yet (see _MAX_EARLY_FEEDBACK)
         self._early_feedback: OrderedDict[str, dict[str, float]] = OrderedDict()
         self.registry = RegistryView()
@@ -335,6 +386,10 @@ class Router:
 
     # -- knowledge -----------------------------------------------------------
     def learn(self, event: Event) -> None:
+        if _is_refusal(event):
+            # Not the outcome of the run its id names (another goal's): nothing of that run
+            # (its wait, its agent's load, its cached answer) ends with it.
+            return
         self.ended.apply(event)
         if isinstance(event, TaskAdmitted | WorkflowCompleted | WorkflowFailed) and event.run_id:
             self._unanswered.pop(event.run_id, None)
@@ -349,6 +404,8 @@ class Router:
         record = self.registry.apply(event)
         self.automations.learn(event)
         if isinstance(event, RouteDecided):
+            if event.goal_id:
+                self._owners.claim(event.run_id, event.goal_id)
             # Automation-served runs teach the policy too: the policy chose their
             # specialty, and a cached answer scores what that specialty answered.
             run = self._signals(event.run_id, event.goal_id)
@@ -434,6 +491,10 @@ class Router:
     def _new_runs() -> _Runs:
         return _Runs(_MAX_RUNS_PER_GOAL, _MAX_RUNS)
 
+    @staticmethod
+    def _new_owners() -> _RunOwners:
+        return _RunOwners(_MAX_RUNS_PER_GOAL, _MAX_RUNS)
+
     def _automations(self) -> Automations:
         return Automations(clock=self.ctx.clock, **self._cache_limits)
 
@@ -468,6 +529,7 @@ class Router:
             "policy": self.policy.name,
             "learned": self.policy.dump() if self.policy.learned else None,
             "runs": self._runs.rows(),
+            "run_owners": self._owners.rows(),
             "early_feedback": [
                 [run, sorted(given.items())] for run, given in self._early_feedback.items()
             ],
@@ -486,6 +548,9 @@ class Router:
         runs = self._new_runs()
         for row in data["runs"]:  # an older snapshot's are in one list, oldest first
             runs.put(*_RunSignals.from_row(row))
+        owners = self._new_owners()
+        for goal, run in data.get("run_owners", []):  # an older snapshot has none
+            owners.claim(str(run), str(goal))
         # An older snapshot has none (its feedback-only runs are in its runs).
         early = OrderedDict(
             (str(run), {str(u): float(r) for u, r in given})
@@ -503,6 +568,7 @@ class Router:
         if self.policy.learned:
             self.policy.restore(data["learned"])
         self._runs, self._early_feedback, self.ended = runs, early, ended
+        self._owners = owners
         self.registry, self.automations, self.stats = registry, automations, stats
         self.cost_weights = weights
 
@@ -736,8 +802,16 @@ class Router:
     async def handle(self, event: Event, delivery: Delivery) -> None:
         if not isinstance(event, RequestReceived):
             return
-        if self.ended.has(event.run_id):
+        if self.ended.has(event.run_id, event.goal_id):
             return  # routed and answered before a restart or rebalance: nothing to do again
+        if self._taken(event.run_id, event.goal_id):
+            # Its producer chose a run id another goal's request has: both routed, each
+            # service would take one for the other (its answer, its end, its analytics
+            # row), and dropped, its client waited for ever. Every copy of a run id comes
+            # to this instance (request_received is keyed by run id).
+            await self._end(self._refused(event))
+            return
+        self._owners.claim(event.run_id, event.goal_id)
         try:
             await self._route(event)
         except Exception as exc:
@@ -746,6 +820,27 @@ class Router:
                 self._failed(event, "internal", f"routing failed: {type(exc).__name__}: {exc}")
             )
             raise
+
+    def _taken(self, run_id: str, goal_id: str) -> bool:
+        """Whether a request of another goal than ``goal_id`` used ``run_id``: routed (by
+        any instance), or ended (a refusal is no use of it)."""
+        owner = self._owners.get(run_id)
+        if owner is not None:
+            return owner != goal_id
+        return self.ended.has(run_id)  # the caller asked for goal_id's own first
+
+    def _refused(self, request: RequestReceived) -> WorkflowFailed:
+        return WorkflowFailed.caused_by(
+            request,
+            event_id=_refusal_id(request.goal_id, request.run_id),
+            source=SOURCE,
+            reason="invalid",
+            detail=(
+                "the run id is another request's already: send this request under a new"
+                " run id (the SDK makes a uuid4 for each)"
+            ),
+            occurred_at=self.ctx.clock.now(),
+        )
 
     async def _end(self, terminal: Event, *others: Event) -> None:
         """Send a run's terminal event (and what goes with it) until the broker has it."""

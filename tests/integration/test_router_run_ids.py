@@ -1,0 +1,79 @@
+"""A run id two goals' clients sent: the router refuses the second goal's request with a
+failure of its own (its client is answered), in flight and after the first run ended,
+across a restart; the first goal's run is routed and ends once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import pytest
+
+from local.platform import Launcher
+from streams.events import RequestReceived, WorkflowFailed, terminal_event_id
+from streams.kafka import EventConsumer, EventProducer
+
+pytestmark = pytest.mark.broker
+
+
+def _request(goal: str, run: str) -> RequestReceived:
+    return RequestReceived(
+        source="sdk",
+        run_id=run,
+        goal_id=goal,
+        user_id=f"u-{goal}",
+        message="why does my python code raise KeyError",
+        context={"specialty": "code"},
+    )
+
+
+async def test_a_second_goals_request_under_a_used_run_id_gets_a_failure(settings, tmp_path):
+    run = str(uuid.uuid4())
+    # No spawner: g1's request waits for an agent, then fails (no_agent) after 4 s.
+    env = {"ORCH_ROUTER_POLICY": "static", "ORCH_SPAWN_TIMEOUT": "4"}
+    launcher = Launcher(tmp_path, settings=settings, data_dir=tmp_path, env=env, stop_timeout=20)
+    router = launcher.start("router")
+    failed = EventConsumer(settings, [WorkflowFailed.topic], group_id=None)
+    try:
+        async with EventProducer(settings) as producer, failed:
+            ends: dict[str, list[WorkflowFailed]] = {}
+            deliveries = failed.__aiter__()
+
+            async def ended(goal: str) -> WorkflowFailed:
+                while not ends.get(goal):
+                    delivery = await anext(deliveries)
+                    event = delivery.event
+                    if isinstance(event, WorkflowFailed) and event.run_id == run:
+                        ends.setdefault(str(event.goal_id), []).append(event)
+                return ends[goal][0]
+
+            await producer.send(_request("g1", run))
+            await asyncio.sleep(0.5)
+            await producer.send(_request("g2", run))  # while g1's run waits for its agent
+            refused = await asyncio.wait_for(ended("g2"), 60)
+            assert refused.reason == "invalid" and "run id" in refused.detail
+            assert refused.event_id != terminal_event_id(run)
+            own = await asyncio.wait_for(ended("g1"), 60)
+            assert own.reason == "no_agent" and own.event_id == terminal_event_id(run)
+
+            launcher.restart(router)  # what it knows of the run id comes back
+            await producer.send(_request("g3", run))  # after g1's run ended: was dropped
+            await producer.send(_request("g1", run))  # redelivered: answered already
+            third = await asyncio.wait_for(ended("g3"), 90)
+            assert third.reason == "invalid" and third.event_id not in {
+                refused.event_id,
+                own.event_id,
+            }
+            # g1's run is not routed again (no second no_agent): for 6 s more, nothing but
+            # copies of what was sent (a redelivered request refused again, by the same id).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended("nobody"), 6)
+            ids = {goal: {e.event_id for e in events} for goal, events in ends.items()}
+            assert ids == {
+                "g1": {own.event_id},
+                "g2": {refused.event_id},
+                "g3": {third.event_id},
+            }
+    finally:
+        launcher.stop_all()
