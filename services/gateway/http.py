@@ -26,7 +26,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiokafka.errors import KafkaError
@@ -69,6 +69,8 @@ _NO_KEY = (
     "(create one with `orchestrator keys create --goal G --user U`)"
 )
 _FEEDBACK_WAIT_S = 15.0
+
+T = TypeVar("T")
 
 
 class Backend(Protocol):
@@ -328,13 +330,22 @@ class GatewayApp:
         except TimeoutError:
             left = self.in_flight
             self._abort.set()
-            await asyncio.wait_for(self._idle.wait(), 1.0)
+            try:
+                await asyncio.wait_for(self._idle.wait(), 1.0)
+            except TimeoutError:
+                # A stop goes on whatever a request still waits for: its connection closes.
+                log.warning("gateway stopping: %d requests did not end", self.in_flight)
         await asyncio.sleep(max(0.0, min(linger, deadline - loop.time())))
         if self.on_drain is not None:
             self.on_drain()
         return left
 
-    async def _until_answered(self, work: Awaitable[Answer]) -> Answer:
+    async def _until_answered(
+        self, work: Awaitable[T], lost: str = "the answer came; the run goes on in the platform"
+    ) -> T:
+        """What ``work`` returns, unless the drain gives up on it first: then 503 (``lost``
+        says what did not come). Every wait of a route goes through here, so that a drain
+        ends within its grace whatever the routes wait for."""
         task = asyncio.ensure_future(work)
         abort = asyncio.ensure_future(self._abort.wait())
         try:
@@ -345,7 +356,7 @@ class GatewayApp:
             task.cancel()
             raise _Refusal(
                 503,
-                "this gateway stopped before the answer came; the run goes on in the platform",
+                f"this gateway stopped before {lost}",
                 "unavailable",
                 "stopping",
                 {"Connection": "close"},
@@ -492,43 +503,51 @@ class GatewayApp:
         who = await self._identity(request)
         run_id, score, text = _feedback_fields(await self._json(request, who), who)
         with self._admitted(who):
-            goal = await self.backend.run_goal(run_id)
-            if goal is None:
-                raise _Refusal(404, f"unknown run {run_id!r}", "not_found", "unknown_run")
-            if goal != who.goal_id:
-                raise _Refusal(
-                    403,
-                    f"run {run_id!r} is not of goal {who.goal_id!r}, the key's goal",
-                    "permission_denied",
-                    "not_run_owner",
-                )
-            try:
-                verdict = await self.backend.feedback(
-                    run_id, user_id=who.user_id, score=score, text=text, timeout=_FEEDBACK_WAIT_S
-                )
-            except InvalidRequest as exc:
-                raise _invalid(str(exc)) from None
-            except UnknownRun as exc:
-                raise _Refusal(404, str(exc), "not_found", "unknown_run") from None
-            except NotRunOwner as exc:
-                raise _Refusal(403, str(exc), "permission_denied", "not_run_owner") from None
-            except RateLimited as exc:
-                raise _Refusal(429, str(exc), "rate_limit_exceeded", "feedback_rate") from None
-            except FeedbackRefused as exc:
-                raise _Refusal(422, str(exc), "feedback_refused", "refused") from None
-            except NoVerdict:
-                return web.json_response({"status": "pending", "run_id": run_id}, status=202)
-            except KafkaError as exc:
-                raise _kafka_refusal("feedback", exc) from None
-            return web.json_response(
-                {
-                    "accepted": True,
-                    "reason": verdict.reason,
-                    "improvement_id": verdict.improvement_id,
-                    "run_id": verdict.run_id,
-                    "event_id": verdict.feedback_id,
-                }
+            return await self._until_answered(
+                self._feedback(who, run_id, score, text),
+                "the feedback's verdict came; it may still be taken",
             )
+
+    async def _feedback(
+        self, who: Identity, run_id: str, score: int | None, text: str
+    ) -> web.Response:
+        goal = await self.backend.run_goal(run_id)
+        if goal is None:
+            raise _Refusal(404, f"unknown run {run_id!r}", "not_found", "unknown_run")
+        if goal != who.goal_id:
+            raise _Refusal(
+                403,
+                f"run {run_id!r} is not of goal {who.goal_id!r}, the key's goal",
+                "permission_denied",
+                "not_run_owner",
+            )
+        try:
+            verdict = await self.backend.feedback(
+                run_id, user_id=who.user_id, score=score, text=text, timeout=_FEEDBACK_WAIT_S
+            )
+        except InvalidRequest as exc:
+            raise _invalid(str(exc)) from None
+        except UnknownRun as exc:
+            raise _Refusal(404, str(exc), "not_found", "unknown_run") from None
+        except NotRunOwner as exc:
+            raise _Refusal(403, str(exc), "permission_denied", "not_run_owner") from None
+        except RateLimited as exc:
+            raise _Refusal(429, str(exc), "rate_limit_exceeded", "feedback_rate") from None
+        except FeedbackRefused as exc:
+            raise _Refusal(422, str(exc), "feedback_refused", "refused") from None
+        except NoVerdict:
+            return web.json_response({"status": "pending", "run_id": run_id}, status=202)
+        except KafkaError as exc:
+            raise _kafka_refusal("feedback", exc) from None
+        return web.json_response(
+            {
+                "accepted": True,
+                "reason": verdict.reason,
+                "improvement_id": verdict.improvement_id,
+                "run_id": verdict.run_id,
+                "event_id": verdict.feedback_id,
+            }
+        )
 
     async def health(self, _: web.Request) -> web.Response:
         status = 503 if self.draining else 200

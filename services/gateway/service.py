@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -84,6 +85,15 @@ class PlatformBackend:
         return self.clock.now()
 
 
+async def _each_of(*steps: Callable[[], Awaitable[None]]) -> None:
+    """Every step in turn; one that fails is logged and the next still runs."""
+    for step in steps:
+        try:
+            await step()
+        except Exception:
+            log.exception("gateway stop: %s failed", getattr(step, "__qualname__", step))
+
+
 def _close_connections(runner: web.AppRunner) -> None:
     # Each connection closes once its request is answered; idle ones close now.
     for connection in runner.server.connections if runner.server is not None else []:
@@ -114,16 +124,18 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     url_file: list[Path] = []
 
     async def close() -> None:
-        left = await gateway.drain(config.drain_s)
-        if left:
-            log.warning("gateway stopped with %d requests unanswered (503 sent)", left)
-        for path in url_file:
-            path.unlink(missing_ok=True)
-        await runner.cleanup()
-        await runs.stop()
-        await keys.stop()
-        await client.close()
-        log.info("gateway stopped")
+        try:
+            left = await gateway.drain(config.drain_s)
+            if left:
+                log.warning("gateway stopped with %d requests unanswered (503 sent)", left)
+        finally:
+            # Each step whatever became of the drain or the steps before it: a drain that
+            # raised once left the server, the views and the client open and the URL file in
+            # place (listed by `orchestrator status` for a gateway that was gone).
+            for path in url_file:
+                path.unlink(missing_ok=True)
+            await _each_of(runner.cleanup, runs.stop, keys.stop, client.close)
+            log.info("gateway stopped")
 
     try:
         await client.start()

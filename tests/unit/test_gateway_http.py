@@ -310,3 +310,34 @@ async def test_status_lists_the_gateways_that_answer(setup, tmp_path, monkeypatc
 
     assert announced_urls("gateway") == [live, "http://127.0.0.1:9/v1"]
     assert not left.exists() and not impostor.exists()
+
+
+async def test_a_feedback_waiting_for_its_verdict_does_not_hold_up_the_stop(setup) -> None:
+    """A feedback waits up to 15 s for its verdict; it once waited outside the stop's reach,
+    so the drain raised TimeoutError and the process skipped closing its server, views and
+    client."""
+    backend, gateway, http = setup
+    waiting = asyncio.Event()
+
+    async def run_goal(run_id: str) -> str:
+        return "g1"
+
+    async def feedback(run_id: str, **kwargs: Any) -> FeedbackDecided:
+        waiting.set()
+        await asyncio.sleep(15)  # the longest the route waits for a verdict
+        raise AssertionError("not answered")
+
+    backend.run_goal, backend.feedback = run_goal, feedback
+    pending = asyncio.create_task(
+        http.post("/v1/feedback", json={"run_id": "r1", "score": 4}, headers=AUTH)
+    )
+    await asyncio.wait_for(waiting.wait(), 2.0)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.wait_for(gateway.drain(0.2, linger=0.1), 5.0) == 1
+    assert loop.time() - started < 1.0
+    response = await asyncio.wait_for(pending, 2.0)
+    body = await response.json()
+    assert response.status == 503 and body["error"]["code"] == "stopping"
+    assert "verdict" in body["error"]["message"]
+    assert gateway.in_flight == 0
