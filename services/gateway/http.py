@@ -7,9 +7,9 @@ Statuses: 200 answer (a degraded one too: its tier is in ``x-orchestrator-tier``
 404 unknown run, 408 the body did not arrive in time, 413 body too large, 429 budget
 exceeded (``code`` names the limit, ``Retry-After`` says when it can pass), feedback rate
 or the key's (or its goal's, all its keys together) share of the in-flight requests,
-502 the LLM failed and no lower tier answered, 503 the gateway or platform cannot take
-the request now (in-flight limit, stopping, Kafka unreachable), 504 no answer before the
-deadline.
+502 the LLM failed and no lower tier answered (how, never the endpoint's own words),
+503 the gateway or platform cannot take the request now (in-flight limit, stopping, Kafka
+unreachable), 504 no answer before the deadline.
 Errors use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 Slow clients hold no slot for long: a request's body is read, within
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -161,7 +162,17 @@ def _failure(exc: RunFailed, now: datetime) -> _Refusal:
             429, f"budget exceeded ({limit}): {exc.detail}", "budget_exceeded", limit, headers
         )
     if isinstance(exc, LLMFailure):
-        return _Refusal(502, f"the LLM endpoint failed: {exc.detail}", "llm_failure", None, headers)
+        # The endpoint's own words are about the platform's account with its provider (an
+        # organization id, its usage against its limits): for the log, not for callers.
+        log.info("run %s: the LLM endpoint failed: %s", exc.run_id, exc.detail)
+        return _Refusal(
+            502,
+            f"the LLM endpoint failed{_llm_trouble(exc.detail)} and no lower tier may answer;"
+            " its run id, x-orchestrator-run-id, names the failure in the platform's log",
+            "llm_failure",
+            None,
+            headers,
+        )
     if exc.reason == "timeout":
         headers["x-should-retry"] = "false"
         return _Refusal(504, f"no answer in time: {exc.detail}", "timeout", "timeout", headers)
@@ -180,6 +191,26 @@ def _failure(exc: RunFailed, now: datetime) -> _Refusal:
         exc.reason,
         headers,
     )
+
+
+_HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
+# What the loader says of a failure that has no HTTP status (its own words, not the
+# endpoint's), as callers are told it.
+_TROUBLES = (
+    ("timed out", "it timed out"),
+    ("unreachable", "it is unreachable"),
+    ("no LLM endpoint is configured", "none is configured"),
+    ("calls are paused", "it failed repeatedly; calls are paused for a moment"),
+)
+
+
+def _llm_trouble(detail: str) -> str:
+    """What went wrong with the LLM endpoint, in the platform's words (" (status 429)"):
+    the status it answered last, or the kind of failure; never what the endpoint said."""
+    statuses = _HTTP_STATUS.findall(detail)
+    if statuses:
+        return f" (status {statuses[-1]})"
+    return next((f" ({said})" for found, said in _TROUBLES if found in detail), "")
 
 
 def _answer_headers(answer: Answer) -> dict[str, str]:

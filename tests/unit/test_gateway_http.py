@@ -96,9 +96,10 @@ async def test_each_failed_run_has_its_status_and_run_id(setup, error, status, c
     got, body, headers = await _post(http)
     assert got == status
     assert body["error"]["code"] == code
-    # What failed inside the platform stays in its log; the other reasons say their detail.
+    # What failed inside the platform, and what the LLM endpoint said, stay in the log;
+    # the other reasons say their detail.
     shown = error.detail in body["error"]["message"]
-    assert shown == (status != 500), body
+    assert shown == (status not in (500, 502)), body
     assert headers["x-orchestrator-run-id"] == "r1"
 
 
@@ -310,6 +311,45 @@ async def test_status_lists_the_gateways_that_answer(setup, tmp_path, monkeypatc
 
     assert announced_urls("gateway") == [live, "http://127.0.0.1:9/v1"]
     assert not left.exists() and not impostor.exists()
+
+
+@pytest.mark.parametrize(
+    ("detail", "said"),
+    [
+        (
+            "LLM endpoint answered HTTP 429: Error code: 429 - Rate limit reached for gpt-4o in"
+            " organization org-PLATFORMOWNER123 on tokens per min (TPM): Limit 30000, Used"
+            " 29950, Requested 900. Visit https://platform.openai.com/account/rate-limits",
+            "(status 429)",
+        ),
+        (
+            "the default agent failed too: LLM endpoint answered HTTP 404: The model"
+            " `ft:gpt-4o:org-PLATFORMOWNER123` does not exist",
+            "(status 404)",
+        ),
+        (
+            "LLM endpoint unreachable: Cannot connect to host llm.org-PLATFORMOWNER123.internal",
+            "(it is unreachable)",
+        ),
+    ],
+)
+async def test_what_the_llm_endpoint_said_stays_in_the_log(setup, caplog, detail, said) -> None:
+    """With ORCH_DEGRADED_ANSWERS=0 the endpoint's own error text (about the platform's
+    account with its provider: organization, usage, limits) once reached every caller."""
+    backend, _, http = setup
+    backend.outcome = LLMFailure("r7", "llm_failure", detail)
+    with caplog.at_level("INFO", logger="services.gateway.http"):
+        for stream in (False, True):
+            status, body, headers = await _post(http, {**BODY, "stream": stream})
+            assert status == 502 and body["error"]["type"] == "llm_failure"
+            assert headers["x-orchestrator-run-id"] == "r7"
+            message = body["error"]["message"]
+            assert message.startswith(f"the LLM endpoint failed {said}"), message
+            assert "x-orchestrator-run-id" in message
+            shown = json.dumps(body)
+            for private in ("PLATFORMOWNER", "29950", "30000", "rate-limits", "internal", "ft:"):
+                assert private not in shown, shown
+    assert detail in caplog.text  # the operator still finds it, by the run id
 
 
 async def test_a_feedback_waiting_for_its_verdict_does_not_hold_up_the_stop(setup) -> None:
