@@ -8,14 +8,16 @@ Statuses: 200 answer (a degraded one too: its tier is in ``x-orchestrator-tier``
 exceeded (``code`` names the limit, ``Retry-After`` says when it can pass), feedback rate
 or the key's (or its goal's, all its keys together) share of the in-flight requests,
 502 the LLM failed and no lower tier answered (how, never the endpoint's own words),
-503 the gateway or platform cannot take the request now (in-flight limit, stopping, Kafka
-unreachable), 504 no answer before the deadline.
+503 the gateway or platform cannot take the request now (in-flight limit, bytes of bodies
+coming, stopping, Kafka unreachable), 504 no answer before the deadline.
 Errors use OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
 
 Slow clients hold no slot for long: a request's body is read, within
 ``body_timeout_s``, before it takes one of the in-flight slots, and a connection must
 deliver a request's complete headers within ``header_timeout_s`` of opening (or of its
-previous answer) or it is closed (``build_runner``).
+previous answer) or it is closed (``build_runner``). Bodies being read are bounded too:
+per key and per goal (its share, as for slots) and, in bytes, per goal and for the whole
+gateway (``body_buffer_bytes``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -56,7 +58,16 @@ from streams.errors import (
     UnknownRun,
 )
 from streams.events import MAX_FEEDBACK_CHARS, MAX_RUN_ID_CHARS, FeedbackDecided
-from streams.http import BodyNotJson, BodyTimeout, BodyTooLarge, read_json, runner
+from streams.http import (
+    BodiesFull,
+    BodyBytes,
+    BodyNotJson,
+    BodyTimeout,
+    BodyTooLarge,
+    body_bytes,
+    read_json,
+    runner,
+)
 from streams.keys import Identity
 from streams.quotas import KeyShareFull, Slots, SlotsFull
 
@@ -239,6 +250,7 @@ class GatewayApp:
         max_in_flight_per_key: int | None = None,
         body_timeout_s: float = 10.0,
         header_timeout_s: float = 20.0,
+        body_buffer_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.backend = backend
         self.max_in_flight = max_in_flight
@@ -253,7 +265,15 @@ class GatewayApp:
         # The same share bounds each goal, all its keys together: a tenant holding several
         # keys of one goal cannot take every slot from the other goals either.
         self._goal_slots = Slots(sys.maxsize, self.max_in_flight_per_key)
-        self._receiving = Slots(sys.maxsize, self.max_in_flight_per_key)  # bodies still coming
+        # Bodies still coming: each key and each goal at most its share of them at once, and
+        # in bytes each goal its share of body_buffer_bytes, the gateway all of it.
+        self._receiving = Slots(sys.maxsize, self.max_in_flight_per_key)
+        self._receiving_goals = Slots(sys.maxsize, self.max_in_flight_per_key)
+        self._body_bytes = BodyBytes(
+            body_buffer_bytes,
+            body_buffer_bytes * self.max_in_flight_per_key // max(1, max_in_flight),
+            max_body,
+        )
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -281,6 +301,16 @@ class GatewayApp:
         """Per key id, its requests whose body is coming (no entry at zero)."""
         return self._receiving.held
 
+    @property
+    def receiving_by_goal(self) -> dict[str, int]:
+        """Per goal, its requests whose body is coming (no entry at zero)."""
+        return self._receiving_goals.held
+
+    @property
+    def body_bytes(self) -> int:
+        """The bytes the bodies still coming may hold, all goals together."""
+        return self._body_bytes.in_use
+
     # -- admission and stop --------------------------------------------------------
 
     def _refuse_while_draining(self) -> None:
@@ -296,9 +326,31 @@ class GatewayApp:
     def _key_share_refusal(self, what: str, count: int) -> _Refusal:
         return self._share_refusal(f"this API key has {count} requests {what}", "", "key")
 
-    def _goal_share_refusal(self, goal_id: str, count: int) -> _Refusal:
-        held = f"goal {goal_id!r} has {count} requests in flight"
+    def _goal_share_refusal(self, goal_id: str, count: int, what: str = "in flight") -> _Refusal:
+        held = f"goal {goal_id!r} has {count} requests {what}"
         return self._share_refusal(held, ", for all its keys together", "goal")
+
+    def _bodies_refusal(self, goal_id: str, full: BodiesFull) -> _Refusal:
+        if full.group is not None:
+            return _Refusal(
+                429,
+                f"goal {goal_id!r} has {full.held} bytes of request bodies still coming on this"
+                f" gateway, for all its keys together; with this one it would pass its share"
+                f" ({full.limit} bytes: ORCH_GATEWAY_KEY_SHARE of"
+                " ORCH_GATEWAY_BODY_BUFFER_BYTES); wait for one to end",
+                "rate_limit_exceeded",
+                "goal_in_flight",
+                {"Retry-After": "1"},
+            )
+        return _Refusal(
+            503,
+            f"this gateway has {full.held} bytes of request bodies still coming; with this one"
+            f" it would pass its limit ({full.limit} bytes, ORCH_GATEWAY_BODY_BUFFER_BYTES);"
+            " try again",
+            "unavailable",
+            "overloaded",
+            {"Retry-After": "1"},
+        )
 
     def _share_refusal(self, held: str, whose: str, code: str) -> _Refusal:
         return _Refusal(
@@ -410,15 +462,37 @@ class GatewayApp:
             raise _Refusal(401, _NO_KEY, "invalid_request_error", "invalid_api_key")
         return who
 
+    @contextmanager
+    def _receiving_body(self, request: web.Request, who: Identity) -> Iterator[None]:
+        """Room for ``who``'s body while it comes: 429 when the key or its goal has its
+        share of the bodies coming (in number, or the goal in bytes), 503 when the bodies
+        coming hold all the bytes the gateway gives them."""
+        size = body_bytes(request, self.max_body)
+        with ExitStack() as held:
+            try:
+                held.enter_context(self._receiving.taken(who.key_id))
+            except KeyShareFull as exc:
+                raise self._key_share_refusal("sending their body", exc.held) from None
+            try:
+                held.enter_context(self._receiving_goals.taken(who.goal_id))
+            except KeyShareFull as exc:
+                raise self._goal_share_refusal(
+                    who.goal_id, exc.held, "sending their body"
+                ) from None
+            try:
+                held.enter_context(self._body_bytes.taken(who.goal_id, size))
+            except BodiesFull as exc:
+                raise self._bodies_refusal(who.goal_id, exc) from None
+            yield
+
     async def _json(self, request: web.Request, who: Identity) -> Any:
         """The body, read before any slot is taken and within ``body_timeout_s`` (else
-        408 and the connection closes); a key has at most its share of such reads."""
+        408 and the connection closes); a key and a goal have at most their share of such
+        reads (:meth:`_receiving_body`)."""
         self._refuse_while_draining()
         try:
-            with self._receiving.taken(who.key_id):
+            with self._receiving_body(request, who):
                 return await read_json(request, self.body_timeout_s)
-        except KeyShareFull as exc:
-            raise self._key_share_refusal("sending their body", exc.held) from None
         except BodyTooLarge:
             raise _Refusal(
                 413,

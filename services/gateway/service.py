@@ -119,6 +119,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         max_in_flight_per_key=config.max_in_flight_per_key,
         body_timeout_s=config.body_timeout_s,
         header_timeout_s=config.header_timeout_s,
+        body_buffer_bytes=config.body_buffer_bytes,
     )
     runner = build_runner(gateway)
     url_file: list[Path] = []

@@ -49,9 +49,9 @@ class GatewaySettings(EnvSettings):
         "one slot), so one key cannot take every slot from the others; one more of its "
         "requests is answered 429 (`code: key_in_flight`, `Retry-After: 1`). The same share "
         "bounds one goal, all its keys together (`code: goal_in_flight`), so a tenant with "
-        "many keys cannot take every slot from the other goals either; and each key's "
-        "requests still sending their body. Raise it to 1 when a single goal is all that "
-        "uses the gateway. More than 0, at most 1.",
+        "many keys cannot take every slot from the other goals either; and each key's, and "
+        "each goal's, requests still sending their body. Raise it to 1 when a single goal "
+        "is all that uses the gateway. More than 0, at most 1.",
         read_by="gateway",
         gt=0.0,
         le=1.0,
@@ -98,6 +98,19 @@ class GatewaySettings(EnvSettings):
         "ORCH_GATEWAY_MAX_BODY_BYTES",
         1024 * 1024,
         "Largest request body; a larger one gets 413 before it is parsed. >= 1024.",
+        read_by="gateway",
+        ge=1024,
+    )
+    body_buffer_bytes: int = setting(
+        "ORCH_GATEWAY_BODY_BUFFER_BYTES",
+        64 * 1024 * 1024,
+        "Bytes of request bodies one process holds while they arrive, all keys together; a "
+        "body counts for its `Content-Length` (`ORCH_GATEWAY_MAX_BODY_BYTES` when chunked or "
+        "compressed) from before it is read until it is in. One more is answered 503 (`code: "
+        "overloaded`, `Retry-After: 1`); a goal, all its keys together, may hold its "
+        "`ORCH_GATEWAY_KEY_SHARE` of them (then 429, `code: goal_in_flight`), so slow "
+        "bodies of one tenant neither run the gateway out of memory nor fill it for the "
+        "others. At least `ORCH_GATEWAY_MAX_BODY_BYTES` is used. >= 1024.",
         read_by="gateway",
         ge=1024,
     )

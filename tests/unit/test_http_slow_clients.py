@@ -29,10 +29,18 @@ KEYS = {
     "orch_bbbbbbbbbbbbbbbb_victim-victim-victim-victim-": Identity(
         "bbbbbbbbbbbbbbbb", "goalB", "victim", "user"
     ),
+    # Another key of mallory's goal, and a third tenant's.
+    "orch_aaaaaaaaaaaaaaa2_mallory-mallory-mallory-mall": Identity(
+        "aaaaaaaaaaaaaaa2", "goalA", "mallory2", "user"
+    ),
+    "orch_cccccccccccccccc_carol-carol-carol-carol-caro": Identity(
+        "cccccccccccccccc", "goalC", "carol", "user"
+    ),
 }
-MALLORY, VICTIM = KEYS
+MALLORY, VICTIM, MALLORY_TOO, CAROL = KEYS
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
 PARTIAL_HEADERS = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-a: "
+SLOW_BODY = 1_000_000  # the Content-Length of _slow_body's requests
 
 
 class Platform(Scripted):
@@ -66,6 +74,7 @@ async def _serving(runner: web.AppRunner) -> AsyncIterator[str]:
 
 @asynccontextmanager
 async def _gateway(**options: Any) -> AsyncIterator[tuple[Platform, GatewayApp, str]]:
+    """A gateway over the scripted platform, listening on 127.0.0.1."""
     platform = Platform()
     gateway = GatewayApp(platform, timeout_s=5.0, **options)
     async with _serving(build_runner(gateway)) as url:
@@ -82,7 +91,7 @@ async def _slow_body(url: str, key: str, path: str = "/v1/chat/completions") -> 
     reader, writer = await _open(url)
     writer.write(
         f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
-        "Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{".encode()
+        f"Content-Type: application/json\r\nContent-Length: {SLOW_BODY}\r\n\r\n{{".encode()
     )
     await writer.drain()
     return reader, writer
@@ -220,6 +229,53 @@ async def test_one_key_sends_at_most_its_share_of_bodies_at_once() -> None:
             writer.close()
         await _until(lambda: gateway.receiving == {})
         assert (await _post(url, MALLORY))[0] == 200
+
+
+async def test_the_keys_of_one_goal_together_send_at_most_its_share_of_bodies() -> None:
+    """Bodies still coming were bounded per key only: a tenant with four keys of one goal
+    held 512 stalled megabyte bodies (RSS 56 -> 677 MiB) and would hold more with more keys."""
+    async with _gateway(max_in_flight=4, body_timeout_s=5.0) as (_, gateway, url):
+        slow = [await _slow_body(url, MALLORY) for _ in range(2)]  # the share: half of 4
+        await _until(lambda: gateway.receiving.get("aaaaaaaaaaaaaaaa") == 2)
+        # Another key of the same goal: the goal's share is taken.
+        status, body = await _post(url, MALLORY_TOO)
+        assert status == 429 and body["error"]["code"] == "goal_in_flight"
+        assert "sending their body" in body["error"]["message"]
+        assert (await _post(url, VICTIM))[0] == 200  # another goal is not held up
+        for _, writer in slow:
+            writer.close()
+        await _until(lambda: gateway.receiving == {})
+        assert (await _post(url, MALLORY_TOO))[0] == 200
+
+
+async def test_the_bytes_of_bodies_coming_are_bounded_per_goal_and_for_the_gateway() -> None:
+    # 2.5 MB for the gateway, half of it (the key share) for one goal: one slow megabyte
+    # body each for two goals, and no more.
+    async with _gateway(max_in_flight=8, body_buffer_bytes=2_500_000, body_timeout_s=5.0) as (
+        _,
+        gateway,
+        url,
+    ):
+        held = [await _slow_body(url, MALLORY)]
+        await _until(lambda: gateway.receiving.get("aaaaaaaaaaaaaaaa") == 1)
+        reader, writer = await _slow_body(url, MALLORY_TOO)  # the goal's second megabyte
+        assert (await _status_line(reader, 2.0)).startswith(b"HTTP/1.1 429")
+        assert b"goal_in_flight" in await asyncio.wait_for(reader.read(2000), 2.0)
+        writer.close()
+        held.append(await _slow_body(url, VICTIM))
+        await _until(lambda: gateway.receiving.get("bbbbbbbbbbbbbbbb") == 1)
+        reader, writer = await _slow_body(url, CAROL)  # within goalC's share, over the total
+        assert (await _status_line(reader, 2.0)).startswith(b"HTTP/1.1 503")
+        answer = await asyncio.wait_for(reader.read(2000), 2.0)
+        assert b"overloaded" in answer and b"ORCH_GATEWAY_BODY_BUFFER_BYTES" in answer
+        writer.close()
+        assert gateway.body_bytes == 2 * SLOW_BODY
+        # A small body still fits: what counts is what a body may hold, not how many.
+        assert (await _post(url, CAROL))[0] == 200
+        for _, writer in held:
+            writer.close()
+        await _until(lambda: gateway.receiving == {})
+        assert gateway.body_bytes == 0
 
 
 async def test_the_gateway_cuts_a_connection_that_never_finishes_its_headers() -> None:
