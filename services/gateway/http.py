@@ -17,7 +17,8 @@ Slow clients hold no slot for long: a request's body is read, within
 deliver a request's complete headers within ``header_timeout_s`` of opening (or of its
 previous answer) or it is closed (``build_runner``). Bodies being read are bounded too:
 per key and per goal (its share, as for slots) and, in bytes, per goal and for the whole
-gateway (``body_buffer_bytes``).
+gateway (``body_buffer_bytes``); and the server holds at most ``max_connections``
+connections, closing the one idle the longest to make room.
 """
 
 from __future__ import annotations
@@ -251,6 +252,7 @@ class GatewayApp:
         body_timeout_s: float = 10.0,
         header_timeout_s: float = 20.0,
         body_buffer_bytes: int = 64 * 1024 * 1024,
+        max_connections: int | None = None,
     ) -> None:
         self.backend = backend
         self.max_in_flight = max_in_flight
@@ -274,6 +276,7 @@ class GatewayApp:
             body_buffer_bytes * self.max_in_flight_per_key // max(1, max_in_flight),
             max_body,
         )
+        self.max_connections = max_connections  # None: streams.http.connection_limit's
         self.draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -724,5 +727,11 @@ def build_app(gateway: GatewayApp) -> web.Application:
 
 def build_runner(gateway: GatewayApp) -> web.AppRunner:
     """The server for ``gateway``'s app, closing connections whose headers do not finish
-    within ``header_timeout_s`` (:func:`streams.http.runner`)."""
-    return runner(build_app(gateway), gateway.header_timeout_s, shutdown_timeout=1.0)
+    within ``header_timeout_s`` and holding at most ``max_connections`` of them
+    (:func:`streams.http.runner`)."""
+    return runner(
+        build_app(gateway),
+        gateway.header_timeout_s,
+        max_connections=gateway.max_connections,
+        shutdown_timeout=1.0,
+    )

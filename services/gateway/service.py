@@ -23,6 +23,7 @@ from services.gateway.settings import GatewaySettings
 from streams.client import Answer, OrchestratorClient
 from streams.clock import Clock
 from streams.events import FeedbackDecided
+from streams.http import more_open_files
 from streams.keys import (
     CATCH_UP_INTERVAL_S,
     Identity,
@@ -102,6 +103,8 @@ def _close_connections(runner: web.AppRunner) -> None:
 
 async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
     config = GatewaySettings.from_env()
+    # Room for connections: the connection bound is taken from this limit (build_runner).
+    log.info("gateway open-file limit: %d", more_open_files())
     client = OrchestratorClient(ctx.settings, source=SOURCE, clock=ctx.clock)
     keys = KeyView(ctx.settings, operators=operators_from())
     runs = RunIndex(
@@ -120,6 +123,7 @@ async def main(ctx: ServiceContext, stop: asyncio.Event) -> None:
         body_timeout_s=config.body_timeout_s,
         header_timeout_s=config.header_timeout_s,
         body_buffer_bytes=config.body_buffer_bytes,
+        max_connections=config.connection_limit,
     )
     runner = build_runner(gateway)
     url_file: list[Path] = []

@@ -114,6 +114,20 @@ class GatewaySettings(EnvSettings):
         read_by="gateway",
         ge=1024,
     )
+    max_connections: int = setting(
+        "ORCH_GATEWAY_MAX_CONNECTIONS",
+        0,
+        "Connections one process holds at once, counted from before any key is checked; one "
+        "more closes the connection idle the longest (the new one when every other is "
+        "handling a request), so connections opened and left idle neither use up the "
+        "process's file descriptors nor shut other clients out. 0: 4096. Either way at most "
+        "what the open-file limit leaves once a quarter of it, at least 256, is kept for "
+        "Kafka, files and bursts of new connections (768 at `ulimit -n` 1024); the gateway "
+        "raises its open-file limit to the hard one (`ulimit -Hn`, at most 65536) as it "
+        "starts. >= 0.",
+        read_by="gateway",
+        ge=0,
+    )
     max_messages: int = setting(
         "ORCH_GATEWAY_MAX_MESSAGES",
         Limits.max_messages,
@@ -153,6 +167,11 @@ class GatewaySettings(EnvSettings):
     @property
     def max_in_flight_per_key(self) -> int:
         return max(1, int(self.max_in_flight * self.key_share))
+
+    @property
+    def connection_limit(self) -> int | None:
+        """``max_connections``, or None for the default (:func:`streams.http.connection_limit`)."""
+        return self.max_connections or None
 
     @property
     def limits(self) -> Limits:

@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from services.gateway.http import GatewayApp, build_runner
+from services.gateway.settings import GatewaySettings
 from services.improvement.http import build_app as build_improvement_app
 from services.improvement.http import build_runner as build_improvement_runner
 from streams.client import Answer
 from streams.keys import Identity
+from tests.unit.test_gateway_http import KEY as SCRIPTED_KEY
 from tests.unit.test_gateway_http import Scripted
 from tests.unit.test_improvement_feedback import _Sink
 
@@ -276,6 +282,139 @@ async def test_the_bytes_of_bodies_coming_are_bounded_per_goal_and_for_the_gatew
             writer.close()
         await _until(lambda: gateway.receiving == {})
         assert gateway.body_bytes == 0
+
+
+async def _idle_connections(url: str, count: int) -> list[Any]:
+    opened = [await _open(url) for _ in range(count)]
+    await asyncio.sleep(0.1)  # the server has taken them all
+    return opened
+
+
+async def _cut(connection: Any) -> bool:
+    """Whether the server closed ``connection`` (it sent nothing on it)."""
+    reader, _ = connection
+    try:
+        return bool(await asyncio.wait_for(reader.read(1), 0.5) == b"")
+    except TimeoutError:
+        return False
+
+
+async def test_connections_left_idle_make_room_for_new_ones() -> None:
+    """Connections were not bounded: 300 idle ones, without any key, used up a process's 256
+    file descriptors and another tenant's request timed out."""
+    async with _gateway(max_connections=4) as (_, _, url):
+        idle = await _idle_connections(url, 10)
+        # The longest idle ones were closed to keep to 4; the newest stay open.
+        assert [await _cut(c) for c in idle] == [True] * 6 + [False] * 4
+        assert (await _post(url, VICTIM))[0] == 200
+        assert await _cut(idle[6])  # the longest idle made room for that one
+        for _, writer in idle:
+            writer.close()
+
+
+async def test_a_connection_handling_a_request_is_never_cut() -> None:
+    async with _gateway(max_connections=2) as (platform, _, url):
+        platform.release.clear()
+        asked = [asyncio.create_task(_post(url, key)) for key in (VICTIM, CAROL)]
+        for _ in asked:
+            await asyncio.wait_for(platform.entered.acquire(), 2.0)
+        # Both connections are busy: a new one is closed at once, and theirs stay.
+        late = await _idle_connections(url, 3)
+        assert [await _cut(c) for c in late] == [True] * 3
+        platform.release.set()
+        assert [s for s, _ in await asyncio.gather(*asked)] == [200, 200]
+        assert (await _post(url, VICTIM))[0] == 200
+
+
+_SERVER = """
+import asyncio, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+from aiohttp import web
+from services.gateway.http import GatewayApp, build_runner
+from tests.unit.test_gateway_http import Scripted
+
+async def main():
+    runner = build_runner(GatewayApp(Scripted()))  # the defaults: bounds from the fd limit
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    print(runner.addresses[0][1], flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_idle_connections_do_not_use_up_the_file_descriptors() -> None:
+    """The reviewer's case: at 256 open files, 300 idle connections; the other tenant is
+    answered, and the log has no flood of "Too many open files" (17,781 lines in 10 s)."""
+    server = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _SERVER,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        assert server.stdout is not None
+        port = int(await asyncio.wait_for(server.stdout.readline(), 30.0))
+        url = f"http://127.0.0.1:{port}"
+        idle = await _idle_connections(url, 300)
+        await asyncio.sleep(0.5)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert (await asyncio.wait_for(_post(url, SCRIPTED_KEY), 5.0))[0] == 200
+        assert loop.time() - started < 2.0
+        for _, writer in idle:
+            writer.close()
+    finally:
+        server.kill()
+        _, errors = await server.communicate()
+    log = errors.decode()
+    assert "Too many open files" not in log, log[-2000:]
+    assert log.count("connections open, this server's limit") == 1, log[-2000:]
+
+
+def test_accept_failures_are_logged_once_per_interval(caplog) -> None:
+    build_runner(GatewayApp(Platform()))  # the servers' log filter is in place
+    with caplog.at_level("ERROR", logger="asyncio"):
+        for _ in range(1000):  # what asyncio logs per connection waiting, out of descriptors
+            logging.getLogger("asyncio").error(
+                "socket.accept() out of system resource\nsocket: <fd=6>",
+                exc_info=OSError(24, "Too many open files"),
+            )
+    assert len(caplog.records) == 1
+
+
+def test_the_connection_bound_keeps_file_descriptors_for_the_rest() -> None:
+    from streams.http import connection_limit
+
+    assert connection_limit(fds=1024) == 768  # a quarter kept for Kafka, files, bursts
+    assert connection_limit(fds=256) == 64  # at least 256 kept, or three quarters
+    assert connection_limit(fds=20000) == 4096  # the default bound
+    assert connection_limit(50, fds=1024) == 50
+    assert connection_limit(10_000, fds=1024) == 768  # never past what the limit leaves
+    assert GatewaySettings.from_env({}).connection_limit is None  # the default
+    assert GatewaySettings.from_env({"ORCH_GATEWAY_MAX_CONNECTIONS": "50"}).connection_limit == 50
+
+
+def test_the_gateway_raises_its_open_file_limit_to_the_hard_one() -> None:
+    script = (
+        "import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1024));"
+        "from streams.http import connection_limit, more_open_files;"
+        "print(more_open_files(), resource.getrlimit(resource.RLIMIT_NOFILE)[0],"
+        " connection_limit())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=Path(__file__).parents[2],
+        check=True,
+    )
+    assert done.stdout.split() == ["1024", "1024", "768"]
 
 
 async def test_the_gateway_cuts_a_connection_that_never_finishes_its_headers() -> None:
