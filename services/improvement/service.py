@@ -663,9 +663,17 @@ class ImprovementService:
             )
         return run
 
-    def check_rate(self, goal_id: str | None, user_id: str, feedback_id: str, at: datetime) -> None:
+    def check_rate(
+        self, goal_id: str | None, user_id: str, feedback_id: str, now: datetime
+    ) -> None:
+        """Refuse (RateLimited) a user's feedback past the limit in the window before ``now``.
+
+        ``now`` is this service's clock, never the feedback's own ``occurred_at``: that is the
+        sender's choice, and feedback stamped an hour ahead (or spread over the past and the
+        future) found no feedback in its window and passed the limit every time.
+        """
         window = timedelta(seconds=self.config.feedback_window_s)
-        since = at - window
+        since = now - window
         recent = self.state.feedback_count(goal_id, user_id, since, excluding=feedback_id)
         if recent >= self.config.feedback_limit:
             raise RateLimited(
@@ -811,6 +819,7 @@ class ImprovementService:
         (Slack answers at once) nothing is kept for the verdict. ``event_id``: derived
         from the request (Slack's signature), so one sent again is decided once.
         """
+        now = self.ctx.clock.now()
         event = feedback_event(
             run_id,
             user_id=user_id,
@@ -818,11 +827,11 @@ class ImprovementService:
             text=text,
             channel=channel,
             source=SOURCE,
-            at=self.ctx.clock.now(),
+            at=now,
             event_id=event_id,
         )
         run = await self.check_owner(run_id, user_id, goal_id)
-        self.check_rate(run.goal_id, user_id, event.event_id, event.occurred_at)
+        self.check_rate(run.goal_id, user_id, event.event_id, now)
         event = event.model_copy(update={"goal_id": run.goal_id})
         if wait:
             await self._send_awaited(event)
@@ -929,26 +938,29 @@ class ImprovementService:
         return _named(event)
 
     async def on_feedback(self, event: FeedbackReceived, delivery: Delivery) -> list[Event]:
+        if self.state.feedback_decided(event.event_id) or event.event_id in self._deciding:
+            # Decided already: read again after a crash, or a signed Slack command sent
+            # again to another instance. No second verdict, no second paid call. Only a
+            # verdict read from the log counts (and this process's own decisions under
+            # way): a snapshot taken while the first was decided holds no verdict for it.
+            # Before the checks: the rate is this service's clock's (check_rate), so one
+            # read again later could be refused where the verdict on the log accepted it.
+            log.info("feedback %s was decided already", event.event_id)
+            return []
+        now = self.ctx.clock.now()
         try:
             run = await self.check_owner(event.run_id, event.user_id, event.goal_id)
-            self.check_rate(run.goal_id, event.user_id, event.event_id, event.occurred_at)
+            self.check_rate(run.goal_id, event.user_id, event.event_id, now)
         except FeedbackRefused as exc:
             log.warning("feedback %s refused: %s", event.event_id, exc)
             return [
                 self._verdict(event, False, str(exc), error_type=type(exc).__name__),
                 self._dead_letter(event, delivery, str(exc), type(exc).__name__),
             ]
-        if self.state.feedback_decided(event.event_id) or event.event_id in self._deciding:
-            # Decided already: read again after a crash, or a signed Slack command sent
-            # again to another instance. No second verdict, no second paid call. Only a
-            # verdict read from the log counts (and this process's own decisions under
-            # way): a snapshot taken while the first was decided holds no verdict for it.
-            log.info("feedback %s was decided already", event.event_id)
-            return []
         self._deciding[event.event_id] = None
         while len(self._deciding) > 10_000:
             self._deciding.popitem(last=False)
-        self.state.note_feedback(run.goal_id, event.user_id, event.event_id, event.occurred_at)
+        self.state.note_feedback(run.goal_id, event.user_id, event.event_id, now)
         specialty = run.workflow_id
         if not wants_improvement(event.score, event.text) or not specialty or not run.goal_id:
             return [self._verdict(event, True, "recorded; it asks for no change", run.goal_id)]

@@ -17,6 +17,10 @@ today's is read) and the feedback times only those within two rate windows of th
 Names that repeat run
 after run (users, goals, specialties, agents, versions) are interned, so a run holds
 references, not copies, and a snapshot writes each once.
+
+An event's own ``occurred_at`` is its sender's choice: a verdict's time counts no further
+ahead than this service's clock (plus a minute's skew,
+:func:`~services.improvement.stamps.not_ahead`) when it is folded.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from sys import intern
 from typing import Any, NamedTuple
 
 from services.improvement.patterns import PatternLearner, PatternSettings
+from services.improvement.stamps import not_ahead
 from services.improvement.versions import WorkflowLedger
 from streams.clock import Clock
 from streams.config import BudgetSettings
@@ -251,6 +256,7 @@ class ImprovementState:
             _MAX_RUNS_PER_GOAL if max_runs_per_goal is None else max_runs_per_goal,
         )
         self.feedback_window_s = feedback_window_s
+        self.clock = clock
         # run_id -> the run; a run restored from a snapshot stays the row it was saved as
         # (a tuple of RunInfo's fields) until it is looked at: most never are again.
         self.runs = self._table.runs
@@ -260,8 +266,9 @@ class ImprovementState:
         self.dirty_flows: set[str] = set()
         self.keys = KeyRegistry()
         self.spend = GoalSpend()
-        # who (goal and user, see rater) -> feedback_id -> when its verdict was given, for the
-        # per-user rate limit; in the order of their latest feedback
+        # who (goal and user, see rater) -> feedback_id -> when it was decided (this service's
+        # clock, never the feedback's own stamp), for the per-user rate limit; in the order of
+        # their latest feedback
         self.feedback: dict[str, OrderedDict[str, datetime]] = {}
         # (specialty, instruction) -> goals whose canary of it beat their baseline
         self.wins: dict[tuple[str, str], set[str]] = {}
@@ -292,11 +299,11 @@ class ImprovementState:
     def note_feedback(
         self, goal_id: str | None, user_id: str, feedback_id: str, at: datetime
     ) -> None:
-        """An accepted feedback of ``user_id`` of ``goal_id`` at ``at``. Times older than two
-        rate windows before it are dropped, the user's and those of users whose latest
-        feedback is that old (users are kept in the order of their latest): a rate check
-        looks one window back from its own feedback's time, which may lag the latest a
-        little."""
+        """An accepted feedback of ``user_id`` of ``goal_id``, decided at ``at`` (this
+        service's clock, not the feedback's stamp). Times older than two rate windows before
+        it are dropped, the user's and those of users whose latest feedback is that old
+        (users are kept in the order of their latest): a rate check looks one window back
+        from the clock, which may lag the latest a little."""
         user_id = rater(goal_id, user_id)
         seen = self.feedback.pop(user_id, None) or OrderedDict()
         self.feedback[user_id] = seen  # the latest user to give feedback
@@ -349,9 +356,8 @@ class ImprovementState:
             # same feedback against the user's rate as the live service did.
             counted = event.accepted or event.error_type == "FeedbackRefused"
             if event.user_id is not None and counted:
-                self.note_feedback(
-                    event.goal_id, event.user_id, event.feedback_id, event.occurred_at
-                )
+                at = not_ahead(event.occurred_at, self.clock.now())
+                self.note_feedback(event.goal_id, event.user_id, event.feedback_id, at)
             return
         if isinstance(event, ImprovementAvailable):
             if event.kind == "goal_win" and event.goal_id is not None:

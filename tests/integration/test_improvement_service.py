@@ -9,6 +9,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -367,6 +368,33 @@ async def test_feedback_is_rate_limited_per_user(settings: KafkaSettings, tmp_pa
         accepted = [e for e in sent if verdicts[e.event_id].accepted]
         limited = [verdicts[e.event_id] for e in sent if not verdicts[e.event_id].accepted]
         assert len(accepted) == 2 and len(limited) == 2
+        assert {v.error_type for v in limited} == {"RateLimited"}  # type: ignore[attr-defined]
+
+
+async def test_feedback_stamped_ahead_or_behind_is_rate_limited_all_the_same(
+    settings: KafkaSettings, tmp_path: Path
+):
+    # The window was counted back from each feedback's own occurred_at: a sender stamping
+    # its feedback hours apart (or in year 8999) found every window empty, and passed.
+    config = ImprovementConfig(http_port=None, feedback_limit=2, feedback_window_s=3600)
+    async with _platform(settings, tmp_path, None, config=config) as platform:
+        await platform.run("r1", "Summarise this paper", meta={"quality": "0.7"})
+        await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 1)
+        now = SystemClock().now()
+        stamps = [now + timedelta(hours=h) for h in (-5, -2, 2, 5)]
+        stamps.append(datetime(8999, 1, 1, tzinfo=UTC))
+        sent = [
+            FeedbackReceived(
+                source="sdk", run_id="r1", user_id="u1", score=4, text=f"ok {i}", occurred_at=at
+            )
+            for i, at in enumerate(stamps)
+        ]
+        for event in sent:
+            await platform.producer.send(event)
+        await platform.until(lambda: len(platform.of(FeedbackDecided)) == len(sent))
+        verdicts = {e.feedback_id: e for e in platform.of(FeedbackDecided)}  # type: ignore[attr-defined]
+        limited = [verdicts[e.event_id] for e in sent if not verdicts[e.event_id].accepted]
+        assert len(limited) == len(sent) - 2
         assert {v.error_type for v in limited} == {"RateLimited"}  # type: ignore[attr-defined]
 
 
