@@ -18,9 +18,10 @@ Names that repeat run
 after run (users, goals, specialties, agents, versions) are interned, so a run holds
 references, not copies, and a snapshot writes each once.
 
-An event's own ``occurred_at`` is its sender's choice: a verdict's time counts no further
-ahead than this service's clock (plus a minute's skew,
-:func:`~services.improvement.stamps.not_ahead`) when it is folded.
+An event's own ``occurred_at`` is its sender's choice: a cost's day and a verdict's time
+count no further ahead than this service's clock (plus a minute's skew,
+:func:`~services.improvement.stamps.not_ahead`) when they are folded, and a goal's cost
+limit is the last update read from the log, whatever its stamp.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, NamedTuple
 from services.improvement.patterns import PatternLearner, PatternSettings
 from services.improvement.stamps import not_ahead
 from services.improvement.versions import WorkflowLedger
-from streams.clock import Clock
+from streams.clock import Clock, SystemClock
 from streams.config import BudgetSettings
 from streams.events import (
     ApiKeyIssued,
@@ -265,7 +266,7 @@ class ImprovementState:
         self.dirty_signatures: set[str] = set()
         self.dirty_flows: set[str] = set()
         self.keys = KeyRegistry()
-        self.spend = GoalSpend()
+        self.spend = GoalSpend(clock=clock)
         # who (goal and user, see rater) -> feedback_id -> when it was decided (this service's
         # clock, never the feedback's own stamp), for the per-user rate limit; in the order of
         # their latest feedback
@@ -506,7 +507,7 @@ class ImprovementState:
         flows = {w: WorkflowLedger.from_dump(w, raw) for w, raw in data["flows"]}
         keys = KeyRegistry()
         keys.restore(data["keys"])
-        spend = GoalSpend(self.spend.default_limit)
+        spend = GoalSpend(self.spend.default_limit, clock=self.clock)
         spend.restore(data["spend"])
         feedback = {user: OrderedDict(seen) for user, seen in data["feedback"]}
         for user in list(feedback)[: max(0, len(feedback) - _MAX_FEEDBACK_USERS)]:
@@ -579,9 +580,16 @@ class GoalSpend:
 
     The budget service is the authority; this copy only keeps the platform's own
     calls (the judge, prompt rewrites) from spending what a goal no longer has.
+
+    A cost or refusal counts for the UTC day of its stamp, but of no stamp further ahead
+    than ``clock`` (plus a minute): one stamped in year 8999 made its day the latest seen,
+    and no cost of today was counted again. A goal's limit is its last update read from
+    the log (the order the budget applies them in), not the one stamped latest: one stamped
+    in year 8999 stayed the limit for good.
     """
 
-    def __init__(self, default_limit: float | None = None) -> None:
+    def __init__(self, default_limit: float | None = None, *, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or SystemClock()
         self.default_limit: float = (
             default_limit if default_limit is not None else BudgetSettings.read("max_daily_cost")
         )
@@ -600,16 +608,21 @@ class GoalSpend:
             self._seen[event.event_id] = None
             if len(self._seen) > 100_000:
                 self._seen.popitem(last=False)
-            if self._current(event.occurred_at.date()):
-                day = (event.goal_id, event.occurred_at.date())
-                self._spent[day] = self._spent.get(day, 0.0) + event.cost_usd
+            day = self._day(event.occurred_at)
+            if self._current(day):
+                self._spent[event.goal_id, day] = self.spent(event.goal_id, day) + event.cost_usd
         elif isinstance(event, BudgetUpdateRequested) and event.max_daily_cost is not None:
-            known = self._limits.get(event.goal_id)
-            if known is None or known[0] <= event.occurred_at:  # the latest update wins
-                self._limits[event.goal_id] = (event.occurred_at, event.max_daily_cost)
+            # The last one read wins: a goal's updates are one partition's (keyed by goal),
+            # read in the order the budget applied them. Its stamp is only kept.
+            self._limits[event.goal_id] = (event.occurred_at, event.max_daily_cost)
         elif isinstance(event, BudgetExceeded) and event.limit == "max_daily_cost":
-            if self._current(event.occurred_at.date()):
-                self._exceeded.add((event.goal_id, event.occurred_at.date()))
+            day = self._day(event.occurred_at)
+            if self._current(day):
+                self._exceeded.add((event.goal_id, day))
+
+    def _day(self, stamp: datetime) -> date:
+        """The UTC day a cost or refusal stamped ``stamp`` counts for."""
+        return not_ahead(stamp, self.clock.now()).date()
 
     def _current(self, day: date) -> bool:
         """Whether ``day`` is among the last ``_SPEND_DAYS`` UTC days seen (only today's is

@@ -268,9 +268,10 @@ def test_a_snapshot_of_runs_restores_within_the_caps_and_without_failed_runs_mes
 
 def test_goal_spend_keeps_the_last_two_days_and_still_counts_today():
     clock = FakeClock()
-    spend = GoalSpend(1.0)
+    start = clock.now()
+    spend = GoalSpend(1.0, clock=clock)
     for day in range(365):
-        at = clock.now() + timedelta(days=day)
+        clock.set(at := start + timedelta(days=day))
         for goal in ("g1", "g2"):
             spend.apply(
                 LlmCallCompleted(source="t", goal_id=goal, model="m", cost_usd=0.4, occurred_at=at)
@@ -287,21 +288,19 @@ def test_goal_spend_keeps_the_last_two_days_and_still_counts_today():
             )
     dumped = spend.dump()
     assert len(dumped["spent"]) == 4 and len(dumped["exceeded"]) == 4
-    last = clock.now() + timedelta(days=364)
+    last = clock.now()
     assert spend.spent("g1", last.date()) == pytest.approx(0.4)
     assert not spend.allows("g1", last, 0.0)  # today's refusal is still read
-    late = LlmCallCompleted(
-        source="t", goal_id="g1", model="m", cost_usd=9, occurred_at=clock.now()
-    )
+    late = LlmCallCompleted(source="t", goal_id="g1", model="m", cost_usd=9, occurred_at=start)
     spend.apply(late)  # a day long gone: not kept
     assert len(spend.dump()["spent"]) == 4
     # A snapshot of before, with every day, restores with the last two.
-    old = GoalSpend(1.0)
+    old = GoalSpend(1.0, clock=clock)
     old.restore(
         {
             **dumped,
             "exceeded": [],
-            "spent": [(("g1", (clock.now() + timedelta(days=d)).date()), 1.0) for d in range(30)],
+            "spent": [(("g1", (start + timedelta(days=d)).date()), 1.0) for d in range(30)],
         }
     )
     assert len(old.dump()["spent"]) == 2

@@ -1,16 +1,23 @@
 """A sender's clock does not defeat the improvement service's limits: the feedback rate is
-counted by the service's clock, and a verdict stamped far ahead counts as made now; a
-restart folding the same log reaches the same decisions."""
+counted by the service's clock, a goal's cost limit is the last update on the log, and a
+cost or verdict stamped far ahead counts as made now; a restart folding the same log
+reaches the same decisions."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from services.improvement.patterns import PatternSettings
 from services.improvement.service import ImprovementService
+from services.improvement.state import GoalSpend, ImprovementState
+from streams.clock import FakeClock
 from streams.events import (
+    BudgetExceeded,
+    BudgetUpdateRequested,
     Event,
     FeedbackDecided,
     FeedbackReceived,
+    LlmCallCompleted,
 )
 from tests.unit.test_improvement_commands import _delivery, _routed, _service
 
@@ -90,3 +97,47 @@ async def test_a_verdict_stamped_far_ahead_neither_locks_its_user_out_nor_forget
     assert not _verdict(await _decide(service, _feedback(now))).accepted  # u1 within the hour
     service.ctx.clock.advance(3600 + 120)
     assert _verdict(await _decide(service, _feedback(now))).accepted
+
+
+def test_a_goals_cost_limit_is_the_last_update_read_whatever_its_stamp():
+    # The update stamped latest won: one stamped in year 8999 stayed the limit for good,
+    # and one stamped in the past was ignored although the budget applied it.
+    now = datetime.now(UTC)
+    spend = GoalSpend(1.0)
+
+    def update(usd: float, at: datetime) -> None:
+        spend.apply(BudgetUpdateRequested(source="cli", goal_id="g1", max_daily_cost=usd,
+                                          user_id="admin", occurred_at=at))  # fmt: skip
+
+    update(0.0, FAR_AHEAD)
+    assert spend.limit("g1") == 0.0
+    update(5.0, now)
+    assert spend.limit("g1") == 5.0
+    update(2.0, datetime(2000, 1, 1, tzinfo=UTC))
+    assert spend.limit("g1") == 2.0
+    # A snapshot's limit, then what the tail says after it.
+    restored = GoalSpend(1.0)
+    restored.restore(spend.dump())
+    assert restored.limit("g1") == 2.0
+    spend = restored
+    update(3.0, now - timedelta(days=1))
+    assert spend.limit("g1") == 3.0
+
+
+def test_a_cost_or_refusal_stamped_far_ahead_does_not_stop_todays_spend_counting():
+    # A cost stamped in year 8999 made its day the latest seen: no cost of today counted
+    # any more, and the copy let the platform's calls spend what the goal no longer had.
+    clock = FakeClock()
+    state = ImprovementState(PatternSettings(), clock)
+    state.spend.default_limit = 1.0
+    spend = state.spend
+    for at in (FAR_AHEAD, clock.now()):
+        state.apply(LlmCallCompleted(source="loader", goal_id="g1", model="m", cost_usd=0.45,
+                                     occurred_at=at))  # fmt: skip
+    assert spend.spent("g1", clock.now().date()) == 0.9
+    assert not spend.allows("g1", clock.now(), 0.2)
+    state.apply(BudgetExceeded(source="budget", goal_id="g2", limit="max_daily_cost", current=1,
+                               maximum=1, occurred_at=FAR_AHEAD))  # fmt: skip
+    assert not spend.allows("g2", clock.now(), 0.0)  # counted for today
+    clock.advance(2 * 86400)
+    assert spend.allows("g1", clock.now(), 0.2) and spend.allows("g2", clock.now(), 0.0)
