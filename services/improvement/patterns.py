@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar, NamedTuple
 
+from services.improvement.stamps import not_ahead
 from streams.clock import Clock
 from streams.events import (
     MAX_AUTOMATION_TTL_SECONDS,
@@ -337,15 +338,18 @@ class PatternLearner:
         goal_id = event.goal_id
         if goal_id is None:
             return
+        # A decision stamped far ahead (year 8999) was never lapsed: its pattern was never
+        # forgotten. It counts from no later than the clock (and a minute's skew).
+        at = not_ahead(event.occurred_at, self.clock.now())
         if isinstance(event, PatternDiscovered):
             pattern = self._get(goal_id, event.signature, event.specialty, event.example_message)
             pattern.discovered = True
-            self._decide(pattern, event.occurred_at)
+            self._decide(pattern, at)
         elif isinstance(event, AutomationCreated):
             if event.automation_id == automation_id(event.signature, event.kind, goal_id):
                 pattern = self._get(goal_id, event.signature, event.specialty)
                 pattern.automated.add(event.kind)
-                self._decide(pattern, event.occurred_at)
+                self._decide(pattern, at)
 
     # -- snapshots -------------------------------------------------------------
     def dump(self) -> list[tuple[Any, ...]]:

@@ -1,13 +1,13 @@
 """A sender's clock does not defeat the improvement service's limits: the feedback rate is
 counted by the service's clock, a goal's cost limit is the last update on the log, and a
-cost or verdict stamped far ahead counts as made now; a restart folding the same log
-reaches the same decisions."""
+cost, verdict or pattern decision stamped far ahead counts as made now; a restart folding
+the same log reaches the same decisions."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from services.improvement.patterns import PatternSettings
+from services.improvement.patterns import PatternLearner, PatternSettings
 from services.improvement.service import ImprovementService
 from services.improvement.state import GoalSpend, ImprovementState
 from streams.clock import FakeClock
@@ -18,6 +18,7 @@ from streams.events import (
     FeedbackDecided,
     FeedbackReceived,
     LlmCallCompleted,
+    PatternDiscovered,
 )
 from tests.unit.test_improvement_commands import _delivery, _routed, _service
 
@@ -141,3 +142,17 @@ def test_a_cost_or_refusal_stamped_far_ahead_does_not_stop_todays_spend_counting
     assert not spend.allows("g2", clock.now(), 0.0)  # counted for today
     clock.advance(2 * 86400)
     assert spend.allows("g1", clock.now(), 0.2) and spend.allows("g2", clock.now(), 0.0)
+
+
+def test_a_pattern_decision_stamped_far_ahead_lapses_like_any_other():
+    # Its decision time was its stamp: a pattern decided in year 8999 never lapsed, and
+    # was never forgotten.
+    clock = FakeClock()
+    learner = PatternLearner(PatternSettings(window_s=3600, ttl_seconds=7200), clock)
+    learner.learn(
+        PatternDiscovered(source="improvement", goal_id="g1", signature="sig", specialty="code",
+                          occurrences=3, example_message="hi", occurred_at=FAR_AHEAD)
+    )  # fmt: skip
+    assert learner.sweep() == 0 and len(learner) == 1
+    clock.advance(7200 + 61)
+    assert learner.sweep() == 1 and len(learner) == 0
