@@ -197,7 +197,7 @@ class ModelSpec:
     base_url: str | None = None
 
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}$")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}")
 
 
 def parse_models(text: str) -> tuple[ModelSpec, ...]:
@@ -247,7 +247,7 @@ def parse_models(text: str) -> tuple[ModelSpec, ...]:
             items.append((name.strip(), pair, url.strip() if at else None))
     specs: list[ModelSpec] = []
     for label, cost, url in items:
-        if not _MODEL_NAME.match(label):
+        if not _MODEL_NAME.fullmatch(label):
             raise ValueError(f"{where}: {label!r} is not a model name")
         if any(s.name == label for s in specs):
             raise ValueError(f"{where}: {label!r} is listed twice")
