@@ -73,7 +73,7 @@ async def read_hops(
     codec = default_codec()
     consumer = AIOKafkaConsumer(
         *(settings.topic(s) for s, _ in STEPS),
-        bootstrap_servers=settings.bootstrap,
+        **settings.client_args(),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from streams.config import kafka_client_args
+
 __all__ = ["OFFSETS_TOPIC", "Ends", "commits_by_group", "per_answer", "record_counts"]
 
 OFFSETS_TOPIC = "__consumer_offsets"
@@ -39,7 +41,7 @@ class Ends:
 
 def _consumer(bootstrap: str) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, exclude_internal_topics=False, enable_auto_commit=False
+        **kafka_client_args(bootstrap), exclude_internal_topics=False, enable_auto_commit=False
     )
 
 

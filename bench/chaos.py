@@ -44,6 +44,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # 
 from rich.table import Table  # noqa: E402
 
 from local.platform import Instance, Launcher  # noqa: E402
+from streams.config import broker_env  # noqa: E402
 from streams.events import (  # noqa: E402
     AgentRetired,
     AgentSpawned,
@@ -674,6 +675,17 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two adjacent free ports found")
 
 
+_BROKER_VARS = frozenset(
+    {
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "KAFKA_SECURITY_PROTOCOL",
+        "KAFKA_SASL_MECHANISM",
+        "KAFKA_SASL_USERNAME",
+        "KAFKA_SASL_PASSWORD",
+    }
+)
+
+
 class OwnBroker:
     """A KRaft broker for this run only: its own port and data dir, via local.localkafka."""
 
@@ -681,9 +693,13 @@ class OwnBroker:
         self.data_dir = data_dir
         self.port = _free_port_pair()
         self.bootstrap = f"127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+        self.env = {k: v for k, v in os.environ.items() if k not in _BROKER_VARS}
         self.env.update({"ORCH_DATA_DIR": str(data_dir), "ORCH_KAFKA_PORT": str(self.port)})
         self.starts = 0
+
+    def client_env(self) -> dict[str, str]:
+        """The variables that send a process to this broker, its credentials included."""
+        return broker_env(self.bootstrap, data_dir=self.data_dir)
 
     def _launcher(self, command: str, timeout: float = 120.0) -> None:
         argv = [sys.executable, "-m", "local.localkafka", command, "--timeout", str(timeout)]
@@ -955,7 +971,7 @@ async def read_log(settings: Any, timeout: float = 180.0) -> tuple[list[Event], 
 
     codec = default_codec()
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
+        **settings.client_args(),
         enable_auto_commit=False,
         isolation_level="read_committed",
         fetch_max_wait_ms=50,
@@ -1103,13 +1119,15 @@ async def run_chaos(cfg: ChaosConfig, console: Console) -> dict[str, Any]:
             console.print(f"starting the bench's own broker on {broker.bootstrap} ...")
             await asyncio.to_thread(broker.up)
             bootstrap = broker.bootstrap
+            # This process's own clients (topics, traffic, the ledger's reads) too.
+            os.environ.update(broker.client_env())
         else:
             bootstrap = await asyncio.to_thread(ensure_broker)
         settings = KafkaSettings(bootstrap, f"chaos{uuid.uuid4().hex[:8]}.")
         await create_topics(bootstrap, prefix=settings.prefix)
         env = {
-            **{k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"},
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            **{k: v for k, v in os.environ.items() if k not in _BROKER_VARS},
+            **settings.env(),
             "ORCH_TOPIC_PREFIX": settings.prefix,
             "ORCH_DATA_DIR": str(run_dir),
             "OPENAI_BASE_URL": llm.base_url,

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 
+from streams.config import kafka_client_args
 from streams.kafka import KafkaSettings  # noqa: E402
 
 
@@ -52,13 +53,13 @@ async def trial(
     bootstrap: str, topics: list[str], wait_ms: int, records: int, idle_s: float
 ) -> dict[str, float]:
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
+        **kafka_client_args(bootstrap),
         fetch_max_wait_ms=wait_ms,
         fetch_min_bytes=1,
         auto_offset_reset="latest",
         enable_auto_commit=False,
     )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks="all")
+    producer = AIOKafkaProducer(**kafka_client_args(bootstrap), linger_ms=0, acks="all")
     await consumer.start()
     await producer.start()
     try:
@@ -102,7 +103,7 @@ async def run(args: argparse.Namespace) -> dict[int, list[dict[str, float]]]:
     bootstrap = KafkaSettings.from_env().bootstrap
     prefix = f"bench-fetch-wait-{uuid.uuid4().hex[:6]}"
     topics = [f"{prefix}-{i}" for i in range(6)]
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_client_args(bootstrap))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(t, 4, 1) for t in topics])

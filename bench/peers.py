@@ -827,7 +827,7 @@ async def run_platform(fake_url: str, workdir: Path, shared_broker: bool, progre
             f"[platform] starting the bench's own broker on {broker.bootstrap}", force=True
         )
         await asyncio.to_thread(broker.up)
-        os.environ["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
+        os.environ.update(broker.client_env())
     port = _free_port()
     env = {
         "OPENAI_BASE_URL": fake_url,
@@ -899,7 +899,8 @@ async def run_platform(fake_url: str, workdir: Path, shared_broker: bool, progre
             yield System("platform", target, procs, notes, hops)
     finally:
         if broker is not None:
-            os.environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+            for name in broker.client_env():
+                os.environ.pop(name, None)
             await asyncio.to_thread(broker.down)
 
 

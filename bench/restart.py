@@ -157,7 +157,7 @@ async def produce(settings: KafkaSettings, requests: int, fold: Fold | None = No
     ``fold`` as a model; seconds taken."""
     history = _History()
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.bootstrap, linger_ms=20, max_batch_size=256 * 1024, acks=1
+        **settings.client_args(), linger_ms=20, max_batch_size=256 * 1024, acks=1
     )
     await producer.start()
     started = time.perf_counter()
@@ -237,7 +237,7 @@ def run_child(service: str, settings: KafkaSettings, use_snapshot: bool) -> dict
     argv = [sys.executable, "-m", "bench.restart", "--child", service, "--prefix", settings.prefix]
     if use_snapshot:
         argv.append("--use-snapshot")
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap}
+    env = {**os.environ, **settings.env()}
     started, wall = time.perf_counter(), time.time()
     proc = subprocess.Popen(
         argv,

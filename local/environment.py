@@ -56,8 +56,13 @@ COMMON = Vars(
             # TLS trust: which CAs to accept is not a secret.
             "SSL_CERT_FILE",
             "SSL_CERT_DIR",
-            # The broker every service talks to (local/localkafka.py reads it).
+            # The broker every service talks to (local/localkafka.py reads it), and how
+            # they authenticate to it: every service needs the broker's credentials.
             "KAFKA_BOOTSTRAP_SERVERS",
+            "KAFKA_SECURITY_PROTOCOL",
+            "KAFKA_SASL_MECHANISM",
+            "KAFKA_SASL_USERNAME",
+            "KAFKA_SASL_PASSWORD",
         }
     ),
     # LC_* locale, PYTHON* interpreter settings, ORCH_* platform settings.

@@ -10,7 +10,10 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -30,20 +33,37 @@ from local.environment import service_env
 from streams.config import (
     DEFAULT_KAFKA_PORT,
     ROOT,
+    BrokerAuthMissing,
     BrokerSettings,
     DataDirUnsafe,
     bootstrap_servers,
     data_root,
+    kafka_auth,
     kafka_port,
+    local_credentials_path,
     private_files,
 )
 
 INFRA = ROOT / "infra" / "kafka"
+CLIENT_USER = "orchestrator"
+CLIENT_MECHANISM = "SCRAM-SHA-512"
+# SCRAM's PBKDF2 rounds: each client connection pays them once (about 4 ms at 8192 here).
+SCRAM_ITERATIONS = 8192
 DEFAULT_PORT = DEFAULT_KAFKA_PORT
 JAVA_HINT = "install OpenJDK 17+: apt-get install openjdk-17-jre-headless"
 MVN_HINT = "install Maven: apt-get install maven"
 
 T = TypeVar("T")
+
+
+class _ClearPasswordNotice(logging.Filter):
+    # The launcher's probes of its own broker use the broker's PLAIN login (drawn at each
+    # start, valid on this broker alone); aiokafka's warning about it is noise here.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "password in the clear" not in record.getMessage()
+
+
+logging.getLogger("aiokafka.conn").addFilter(_ClearPasswordNotice())
 
 
 class LocalKafkaError(RuntimeError):
@@ -94,10 +114,11 @@ def _tcp_open(bootstrap: str, timeout: float = 1.0) -> bool:
     return False
 
 
-async def _metadata_brokers(bootstrap: str, wait_s: float) -> int:
+async def _metadata_brokers(bootstrap: str, wait_s: float, auth: dict[str, Any]) -> int:
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap,
         client_id="localkafka-probe",
+        **auth,
         request_timeout_ms=max(1000, int(wait_s * 1000)),
     )
     try:
@@ -112,10 +133,16 @@ async def _metadata_brokers(bootstrap: str, wait_s: float) -> int:
             await admin.close()
 
 
-def kafka_answers(bootstrap: str, timeout: float = 5.0) -> bool:
-    """True when a Kafka metadata request to `bootstrap` lists at least one broker."""
+def kafka_answers(bootstrap: str, timeout: float = 5.0, auth: dict[str, Any] | None = None) -> bool:
+    """True when a Kafka metadata request to `bootstrap`, authenticated as this process is
+    (or with `auth`), lists at least one broker."""
+    if auth is None:
+        try:
+            auth = kafka_auth()
+        except BrokerAuthMissing:
+            return False
     # The TCP check first keeps aiokafka from logging connection errors while polling.
-    return _tcp_open(bootstrap) and _run_sync(_metadata_brokers(bootstrap, timeout)) > 0
+    return _tcp_open(bootstrap) and _run_sync(_metadata_brokers(bootstrap, timeout, auth)) > 0
 
 
 def _cmdline(pid: int) -> str:
@@ -233,13 +260,104 @@ def _cluster_id() -> str:
     return cid
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by this user alone, replacing it whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    partial.replace(path)
+
+
 def render_properties(port: int) -> Path:
-    """Write server.properties for `port` (controller on port + 1) into the data dir."""
+    """Write server.properties for `port` (controller on port + 1) into the data dir, with
+    fresh passwords for the broker's own connections."""
     template = Template((INFRA / "server.properties").read_text())
-    text = template.substitute(PORT=port, CONTROLLER_PORT=port + 1, LOG_DIR=_log_dir())
-    _props_path().parent.mkdir(parents=True, exist_ok=True)
-    _props_path().write_text(text)
+    text = template.substitute(
+        PORT=port,
+        CONTROLLER_PORT=port + 1,
+        LOG_DIR=_log_dir(),
+        BROKER_PASSWORD=secrets.token_urlsafe(32),
+        CONTROLLER_PASSWORD=secrets.token_urlsafe(32),
+    )
+    _write_private(_props_path(), text)
     return _props_path()
+
+
+_BROKER_PASSWORD = re.compile(
+    r'^listener\.name\.client\.plain\.sasl\.jaas\.config=.*password="([^"]+)"'
+)
+
+
+def _broker_auth() -> dict[str, Any]:
+    """The broker's own credentials, from the properties it runs with: the launcher's
+    probes and its one administrative call (adding the clients' SCRAM user)."""
+    with contextlib.suppress(FileNotFoundError):
+        for line in _props_path().read_text().splitlines():
+            found = _BROKER_PASSWORD.match(line)
+            if found:
+                return {
+                    "security_protocol": "SASL_PLAINTEXT",
+                    "sasl_mechanism": "PLAIN",
+                    "sasl_plain_username": "broker",
+                    "sasl_plain_password": found.group(1),
+                }
+    raise LocalKafkaError(
+        f"the running broker's {_props_path()} has no credentials: it was started by an"
+        " older version that asked none; run `orchestrator down` (or `python -m"
+        " local.localkafka down`), then start it again"
+    )
+
+
+def _add_client_user(java: str, libs: Path, bootstrap: str) -> None:
+    """Give the clients a SCRAM user of their own, once per data dir.
+
+    The password goes through files of this user's alone, never a command line (which any
+    local user can read in /proc). It is written as pending first and only published to
+    clients once the broker has the user, so an interrupted start repeats the same call."""
+    final = local_credentials_path()
+    if final.exists():
+        return
+    pending = final.with_name("client.pending.json")
+    try:
+        password = str(json.loads(pending.read_text())["password"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        password = secrets.token_urlsafe(32)
+        _write_private(pending, json.dumps({"password": password}))
+    auth = _broker_auth()
+    admin = _kafka_dir() / "admin.properties"
+    scram = _kafka_dir() / "scram.properties"
+    _write_private(
+        admin,
+        "security.protocol=SASL_PLAINTEXT\nsasl.mechanism=PLAIN\n"
+        "sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required"
+        f' username="broker" password="{auth["sasl_plain_password"]}";\n',
+    )
+    _write_private(scram, f"{CLIENT_MECHANISM}=iterations={SCRAM_ITERATIONS},password={password}\n")
+    cmd = [
+        java, "-cp", f"{libs}/*",
+        f"-Dlog4j2.configurationFile={INFRA / 'log4j2.properties'}",
+        "kafka.admin.ConfigCommand", "--bootstrap-server", bootstrap,
+        "--command-config", str(admin), "--alter", "--add-config-file", str(scram),
+        "--entity-type", "users", "--entity-name", CLIENT_USER,
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env=service_env("kafka"), timeout=120
+        )
+    finally:
+        admin.unlink(missing_ok=True)
+        scram.unlink(missing_ok=True)
+    if done.returncode != 0:
+        output = "\n".join(
+            line for line in (done.stdout + done.stderr).splitlines() if " INFO " not in line
+        )
+        raise LocalKafkaError(f"adding the clients' SCRAM user failed:\n{output[-2000:]}")
+    credentials = {"mechanism": CLIENT_MECHANISM, "username": CLIENT_USER, "password": password}
+    _write_private(final, json.dumps(credentials))
+    pending.unlink(missing_ok=True)
 
 
 def _format_storage(java: str, libs: Path, props: Path) -> None:
@@ -291,7 +409,8 @@ def _wait_ready(
                 f"Kafka broker (pid {pid}) exited during start; last lines of "
                 f"{_broker_log()}:\n{_tail(_broker_log())}"
             )
-        if kafka_answers(bootstrap, timeout=min(5.0, max(1.0, deadline - time.monotonic()))):
+        wait = min(5.0, max(1.0, deadline - time.monotonic()))
+        if kafka_answers(bootstrap, timeout=wait, auth=_broker_auth()):
             return
         if time.monotonic() >= deadline:
             _stop_pid(pid, 10.0)
@@ -304,6 +423,10 @@ def _wait_ready(
 
 
 def _wait_external(bootstrap: str, timeout: float) -> str:
+    try:
+        kafka_auth()  # credentials asked for but incomplete: say so now, not after the wait
+    except BrokerAuthMissing as exc:
+        raise LocalKafkaError(str(exc)) from None
     deadline = time.monotonic() + timeout
     while not kafka_answers(bootstrap, timeout=min(5.0, max(1.0, deadline - time.monotonic()))):
         if time.monotonic() >= deadline:
@@ -335,19 +458,27 @@ def ensure_broker(timeout: float = 90.0) -> str:
                     "run `python -m local.localkafka down` first or unset ORCH_KAFKA_PORT"
                 )
             _wait_ready(bootstrap, pid, timeout)
+            if not local_credentials_path().exists():
+                _add_client_user(_java(), _ensure_jars(), bootstrap)
             return bootstrap
         _pid_path().unlink(missing_ok=True)
         _check_port_free(port)
         _check_port_free(port + 1)
-        java = shutil.which("java")
-        if java is None:
-            raise LocalKafkaError(f"java not found; {JAVA_HINT}")
+        java = _java()
         libs = _ensure_jars()
         props = render_properties(port)
         _format_storage(java, libs, props)
         proc = _spawn(java, libs, props)
         _wait_ready(bootstrap, proc.pid, timeout, proc)
+        _add_client_user(java, libs, bootstrap)
         return bootstrap
+
+
+def _java() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise LocalKafkaError(f"java not found; {JAVA_HINT}")
+    return java
 
 
 def _stop_pid(pid: int, timeout: float) -> None:

@@ -330,7 +330,7 @@ class Launcher:
         self.log_dir = log_dir
         self.environ = dict(os.environ if environ is None else environ)
         if settings is not None:
-            self.environ["KAFKA_BOOTSTRAP_SERVERS"] = settings.bootstrap
+            self.environ.update(settings.env())
             self.environ["ORCH_TOPIC_PREFIX"] = settings.prefix
         if data_dir is not None:
             self.environ["ORCH_DATA_DIR"] = str(data_dir)

@@ -9,9 +9,10 @@ docs/configuration.md.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import field_validator
 
@@ -19,6 +20,7 @@ from streams.settings import EnvSettings, setting
 from streams.workflows import MAX_PROMPT_CHARS
 
 __all__ = [
+    "BrokerAuthMissing",
     "BrokerSettings",
     "BudgetSettings",
     "DEFAULT_KAFKA_PORT",
@@ -29,13 +31,19 @@ __all__ = [
     "ProcessSettings",
     "ROOT",
     "bootstrap_servers",
+    "broker_env",
     "data_root",
+    "kafka_auth",
+    "kafka_client_args",
     "kafka_port",
+    "local_credentials_path",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
 """The project's checkout (where ``.local/`` lives unless ``ORCH_DATA_DIR`` says otherwise)."""
 DEFAULT_KAFKA_PORT = 9092
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class BrokerSettings(EnvSettings):
@@ -56,6 +64,38 @@ class BrokerSettings(EnvSettings):
         read_by="as above, when `KAFKA_BOOTSTRAP_SERVERS` is unset",
         ge=1,
         le=65535,
+    )
+    security_protocol: str = setting(
+        "KAFKA_SECURITY_PROTOCOL",
+        "",
+        "How to reach the cluster `KAFKA_BOOTSTRAP_SERVERS` names: `PLAINTEXT` or "
+        "`SASL_PLAINTEXT` (TLS is not supported yet). Empty means `SASL_PLAINTEXT` when "
+        "`KAFKA_SASL_USERNAME` is set, else `PLAINTEXT`. Read with `KAFKA_BOOTSTRAP_SERVERS` "
+        "only: the local broker asks for the SCRAM-SHA-512 login `local.localkafka` keeps in "
+        "`<ORCH_DATA_DIR>/kafka/client.json` (`orchestrator kafka-env` prints it as these "
+        "variables, for a program of one's own).",
+        read_by="every service, CLI, SDK, `local.localkafka`, `streams.topics`",
+    )
+    sasl_mechanism: str = setting(
+        "KAFKA_SASL_MECHANISM",
+        "SCRAM-SHA-512",
+        "`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (case ignored), with `SASL_PLAINTEXT`. "
+        "SCRAM never sends the password and checks that the broker knows it too; `PLAIN` "
+        "sends it as it is to whoever answers on the address.",
+        read_by="as above",
+    )
+    sasl_username: str | None = setting(
+        "KAFKA_SASL_USERNAME",
+        None,
+        "The user this process authenticates as on `KAFKA_BOOTSTRAP_SERVERS`.",
+        read_by="as above",
+    )
+    sasl_password: str | None = setting(
+        "KAFKA_SASL_PASSWORD",
+        None,
+        "Its password. Required with `KAFKA_SASL_USERNAME`.",
+        read_by="as above",
+        shown="unset",
     )
     kafka_libs: Path | None = setting(
         "ORCH_KAFKA_LIBS",
@@ -122,6 +162,27 @@ class BrokerSettings(EnvSettings):
         read_by="router, loader, budget, improvement",
         ge=10,
     )
+
+    @field_validator("security_protocol")
+    @classmethod
+    def _protocol(cls, value: str) -> str:
+        chosen = value.strip().upper()
+        if chosen and chosen not in SECURITY_PROTOCOLS:
+            raise ValueError(
+                "KAFKA_SECURITY_PROTOCOL must be PLAINTEXT or SASL_PLAINTEXT (TLS is not"
+                f" supported yet), got {value!r}"
+            )
+        return chosen
+
+    @field_validator("sasl_mechanism")
+    @classmethod
+    def _mechanism(cls, value: str) -> str:
+        chosen = value.strip().upper() or "SCRAM-SHA-512"
+        if chosen not in SASL_MECHANISMS:
+            raise ValueError(
+                f"KAFKA_SASL_MECHANISM must be one of {', '.join(SASL_MECHANISMS)}, got {value!r}"
+            )
+        return chosen
 
     @property
     def bootstrap(self) -> str:
@@ -231,6 +292,82 @@ def bootstrap_servers() -> str:
     return external or f"127.0.0.1:{kafka_port()}"
 
 
+class BrokerAuthMissing(RuntimeError):
+    """No credentials to reach the broker with: the local one was never started here, or
+    ``KAFKA_SASL_USERNAME`` came without its password."""
+
+
+def local_credentials_path(data_dir: Path | None = None) -> Path:
+    """Where the local broker's launcher keeps the clients' SCRAM credentials (0600)."""
+    return (data_dir or data_root()) / "kafka" / "client.json"
+
+
+def kafka_auth(data_dir: Path | None = None) -> dict[str, Any]:
+    """aiokafka's keyword arguments that authenticate this process to the broker.
+
+    The local broker asks every client for the SCRAM credentials its launcher wrote in the
+    data dir (so another local user, who cannot read that 0700 directory, cannot read or
+    write the topics; and a process that took the port while the broker was down cannot
+    pass for it: SCRAM checks that the broker knows the password, never sending it).
+    ``KAFKA_BOOTSTRAP_SERVERS`` is reached as ``KAFKA_SECURITY_PROTOCOL`` and
+    ``KAFKA_SASL_*`` say. With ``data_dir``, the local broker of that data dir."""
+    broker = BrokerSettings.from_env()
+    if broker.external and data_dir is None:
+        protocol = broker.security_protocol or (
+            "SASL_PLAINTEXT" if broker.sasl_username else "PLAINTEXT"
+        )
+        if protocol == "PLAINTEXT":
+            return {"security_protocol": "PLAINTEXT"}
+        if not broker.sasl_username or broker.sasl_password is None:
+            raise BrokerAuthMissing(
+                "KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT needs KAFKA_SASL_USERNAME and"
+                " KAFKA_SASL_PASSWORD"
+            )
+        return _sasl(broker.sasl_mechanism, broker.sasl_username, broker.sasl_password)
+    path = local_credentials_path(data_dir)
+    try:
+        found = json.loads(path.read_text())
+        return _sasl(str(found["mechanism"]), str(found["username"]), str(found["password"]))
+    except FileNotFoundError:
+        raise BrokerAuthMissing(
+            f"no credentials for the local broker in {path}: start it first (`orchestrator"
+            " up` or `python -m local.localkafka up`)"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        why = f"unreadable credentials for the local broker in {path}: {exc}"
+        raise BrokerAuthMissing(why) from None
+
+
+def _sasl(mechanism: str, username: str, password: str) -> dict[str, Any]:
+    return {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": mechanism,
+        "sasl_plain_username": username,
+        "sasl_plain_password": password,
+    }
+
+
+def broker_env(bootstrap: str | None = None, data_dir: Path | None = None) -> dict[str, str]:
+    """The variables that send a child process to this process's broker, as this process
+    authenticates to it (a child given another data dir would not find the local broker's
+    credentials in it); with ``data_dir``, to the local broker of that data dir."""
+    auth = kafka_auth(data_dir)
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap or bootstrap_servers(),
+        "KAFKA_SECURITY_PROTOCOL": auth["security_protocol"],
+    }
+    if "sasl_mechanism" in auth:
+        env["KAFKA_SASL_MECHANISM"] = auth["sasl_mechanism"]
+        env["KAFKA_SASL_USERNAME"] = auth["sasl_plain_username"]
+        env["KAFKA_SASL_PASSWORD"] = auth["sasl_plain_password"]
+    return env
+
+
+def kafka_client_args(bootstrap: str | None = None) -> dict[str, Any]:
+    """``bootstrap_servers`` and the authentication of an aiokafka client of the broker."""
+    return {"bootstrap_servers": bootstrap or bootstrap_servers(), **kafka_auth()}
+
+
 class OperatorSettings(EnvSettings):
     title: ClassVar[str] = "Operators"
 
@@ -247,8 +384,9 @@ class OperatorSettings(EnvSettings):
     operator_user: str = setting(
         "ORCH_OPERATOR_USER",
         "operator",
-        "The user the CLI's `budget set`, `rollback`, `improve approve` and the SDK's "
-        "`set_budget` send as, unless told otherwise (`--as`, `--user`, `user_id=`).",
+        "The user the CLI's `budget set`, `rollback`, `improve approve`, `improve promote` "
+        "and the SDK's `set_budget` send as, unless told otherwise (`--as`, `--user`, "
+        "`user_id=`).",
         read_by="CLI, SDK",
     )
 
@@ -392,8 +530,9 @@ class BudgetSettings(EnvSettings):
         5.0,
         "How long a router may use an admission token after its grant; a task admitted with "
         "one starts by then or not at all, and the token's slot comes back `ORCH_LLM_TIMEOUT` "
-        "plus 30 s later if it was never used nor given back. > 0.",
-        read_by="budget",
+        "plus 30 s later if it was never used nor given back. > 0. The router holds a "
+        "token to no more than this after its grant, whatever the grant's stamp says.",
+        read_by="budget, router",
         gt=0,
     )
     admission_token_bytes: int = setting(

@@ -17,7 +17,7 @@ from faust.serializers import codecs
 from faust.types import AppT, Message
 
 from streams.codec import EventCodec, default_codec
-from streams.config import BrokerSettings, data_root
+from streams.config import BrokerSettings, data_root, kafka_auth
 from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 from streams.kafka import KafkaSettings, dead_letter
@@ -334,6 +334,13 @@ def create_app(
         "broker_session_timeout": 10.0,
         "broker_heartbeat_interval": 1.0,
     }
+    auth = kafka_auth()
+    if "sasl_mechanism" in auth:
+        defaults["broker_credentials"] = faust.SASLCredentials(
+            username=auth["sasl_plain_username"],
+            password=auth["sasl_plain_password"],
+            mechanism=auth["sasl_mechanism"],
+        )
     defaults.update(conf)
     return faust.App(settings.prefix + name, **defaults)
 

@@ -24,7 +24,7 @@ from aiokafka import (
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from streams.codec import EventCodec, default_codec
-from streams.config import BrokerSettings
+from streams.config import BrokerSettings, broker_env, kafka_client_args
 from streams.errors import DecodeError
 from streams.events import DeadLetter, Event
 
@@ -56,6 +56,14 @@ class KafkaSettings:
         """The broker and prefix :class:`~streams.config.BrokerSettings` name."""
         broker = BrokerSettings.from_env()
         return cls(broker.bootstrap, broker.prefix)
+
+    def env(self) -> dict[str, str]:
+        """Variables that send a child process to this broker, credentials included."""
+        return broker_env(self.bootstrap)
+
+    def client_args(self) -> dict[str, Any]:
+        """``bootstrap_servers`` and the credentials of an aiokafka client of this broker."""
+        return kafka_client_args(self.bootstrap)
 
     def topic(self, name: str) -> str:
         return self.prefix + name
@@ -133,7 +141,7 @@ class EventProducer(AsyncLifecycle):
         self.settings = settings
         self.codec = codec or default_codec()
         self._producer = AIOKafkaProducer(
-            bootstrap_servers=settings.bootstrap,
+            **settings.client_args(),
             client_id=client_id,
             **{**_PRODUCER_DEFAULTS, **overrides},
         )
@@ -330,9 +338,7 @@ class EventConsumer(AsyncLifecycle):
         opts = {**_CONSUMER_DEFAULTS, **overrides}
         if from_end:
             opts["auto_offset_reset"] = "latest"
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap, group_id=group_id, **opts
-        )
+        self._consumer = AIOKafkaConsumer(**settings.client_args(), group_id=group_id, **opts)
         self.dead_lettered = 0
         self.tracker = OffsetTracker()
         self.drain_s = 5.0

@@ -159,7 +159,7 @@ async def read_topics_to_end(
     """Every decodable event now in ``topics``, read from the beginning, outside any group."""
     codec = default_codec()
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap, enable_auto_commit=False, fetch_max_wait_ms=50
+        **settings.client_args(), enable_auto_commit=False, fetch_max_wait_ms=50
     )
     await consumer.start()
     out: list[Event] = []

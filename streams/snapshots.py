@@ -309,7 +309,7 @@ class SnapshotStore:
         await self._ensure_topic()
         if self._producer is None:
             self._producer = AIOKafkaProducer(
-                bootstrap_servers=self.settings.bootstrap, acks="all", linger_ms=5
+                **self.settings.client_args(), acks="all", linger_ms=5
             )
             await self._producer.start()
         producer = self._producer
@@ -360,7 +360,7 @@ class SnapshotStore:
     async def _reader(self) -> tuple[AIOKafkaConsumer, TopicPartition]:
         """A started consumer assigned the topic's one partition (the caller stops it)."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.bootstrap,
+            **self.settings.client_args(),
             enable_auto_commit=False,
             fetch_max_wait_ms=50,
             max_partition_fetch_bytes=4 * self.chunk_bytes,

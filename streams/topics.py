@@ -15,7 +15,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from streams import events as ev
-from streams.config import BrokerSettings
+from streams.config import BrokerSettings, kafka_client_args
 
 __all__ = [
     "CATALOG",
@@ -184,7 +184,7 @@ async def delete_prefixed_topics(bootstrap: str, prefix: str) -> list[str]:
     """
     if not prefix:
         raise ValueError("refusing to delete every topic: give a non-empty prefix")
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    admin = AIOKafkaAdminClient(**kafka_client_args(bootstrap), request_timeout_ms=30000)
     await admin.start()
     try:
         names = [t for t in await admin.list_topics() if t.startswith(prefix)]
@@ -217,7 +217,7 @@ async def create_compacted_topics(bootstrap: str, partitions: dict[str, int]) ->
 
 
 async def _ensure(bootstrap: str, topics: list[NewTopic]) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    admin = AIOKafkaAdminClient(**kafka_client_args(bootstrap), request_timeout_ms=30000)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

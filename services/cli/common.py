@@ -18,6 +18,7 @@ from rich.segment import Segment
 
 from local.localkafka import kafka_answers
 from streams.client import OrchestratorClient
+from streams.config import BrokerAuthMissing, kafka_auth
 from streams.errors import OrchestratorError
 from streams.events import validate_identifier
 from streams.kafka import KafkaSettings
@@ -137,6 +138,10 @@ def kafka_settings() -> KafkaSettings:
 def require_kafka(settings: KafkaSettings, *, as_json: bool) -> None:
     # The registry and budget readers would leave half-started clients behind (and
     # their warnings) on a broker that is not there; one cheap probe first.
+    try:
+        kafka_auth()
+    except BrokerAuthMissing as exc:
+        fail(str(exc), as_json=as_json)
     if not kafka_answers(settings.bootstrap, timeout=3.0):
         _unreachable(settings, "", as_json=as_json)
 

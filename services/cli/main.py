@@ -11,7 +11,7 @@ from services.cli.analytics import metrics, sql
 from services.cli.bench import bench_app
 from services.cli.common import fail
 from services.cli.demo import demo_command
-from services.cli.platform import agents, down, service, status, up
+from services.cli.platform import agents, down, kafka_env, service, status, up
 from services.cli.requests import ask, improve
 from services.cli.workflows import workflows_app
 from streams.config import DataDirUnsafe, private_files
@@ -40,6 +40,7 @@ def _setup() -> None:
 # Each module holds the commands of one purpose; --help lists them in this order.
 for command in (up, down, status, service, ask, improve, agents, sql, metrics):
     app.command()(command)
+app.command("kafka-env")(kafka_env)
 app.command("demo")(demo_command)
 app.add_typer(budget_app, name="budget")
 app.add_typer(keys_app, name="keys")

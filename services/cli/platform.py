@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import sys
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -45,7 +46,7 @@ from services.cli.supervisor import (
     stop_recorded,
     supervisor_pid,
 )
-from streams.config import BrokerSettings
+from streams.config import BrokerAuthMissing, BrokerSettings, broker_env
 from streams.kafka import KafkaSettings
 from streams.registry import RegistryView
 from streams.topics import create_topics
@@ -227,6 +228,20 @@ def status(as_json: JsonOpt = False) -> None:
         _print_status(result)
     if not result.broker_answers:
         raise typer.Exit(EXIT_FAILED)
+
+
+def kafka_env(as_json: JsonOpt = False) -> None:
+    """Print the variables that send another program to this platform's broker, its login
+    included (`eval "$(orchestrator kafka-env)"`)."""
+    try:
+        env = broker_env()
+    except BrokerAuthMissing as exc:
+        fail(str(exc), as_json=as_json)
+    if as_json:
+        print_json(env)
+        return
+    for name, value in env.items():
+        print(f"export {name}={shlex.quote(value)}")
 
 
 def _print_status(result: PlatformStatus) -> None:

@@ -165,8 +165,8 @@ async def _lag(
 
 async def _fill_from_kafka(settings: KafkaSettings, status: PlatformStatus, timeout: float) -> None:
     catalog_topics = {settings.topic(spec.name) for spec in CATALOG}
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=5000)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+    admin = AIOKafkaAdminClient(**settings.client_args(), request_timeout_ms=5000)
+    consumer = AIOKafkaConsumer(**settings.client_args(), enable_auto_commit=False)
     async with asyncio.timeout(timeout):
         await admin.start()
         try:
@@ -243,7 +243,7 @@ def _fill_http(status: PlatformStatus) -> None:
 
 
 async def _await_members(settings: KafkaSettings, groups: list[str], timeout: float) -> list[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap, request_timeout_ms=5000)
+    admin = AIOKafkaAdminClient(**settings.client_args(), request_timeout_ms=5000)
     await admin.start()
     try:
         loop = asyncio.get_running_loop()

@@ -37,12 +37,17 @@ def outage_platform(
     broker = OwnBroker(tmp_path_factory.mktemp("own-broker"))
     broker.up()
     try:
-        running = _running(broker.bootstrap, fake_llm, tmp_path_factory, dict.fromkeys(SERVICES, 1))
-        platform = next(running)
-        try:
-            yield platform, broker
-        finally:
-            next(running, None)
+        with pytest.MonkeyPatch.context() as env:
+            # This process's clients log in to that broker (its login is in its data dir).
+            for name, value in broker.client_env().items():
+                env.setenv(name, value)
+            instances = dict.fromkeys(SERVICES, 1)
+            running = _running(broker.bootstrap, fake_llm, tmp_path_factory, instances)
+            platform = next(running)
+            try:
+                yield platform, broker
+            finally:
+                next(running, None)
     finally:
         broker.down()
 

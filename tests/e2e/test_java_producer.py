@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -70,8 +71,10 @@ async def _ask(platform: Platform, jar: Path, *args: str) -> tuple[int, dict[str
     """Run the example; its exit status and the event it printed (its last stdout line)."""
     argv = ["java", "-jar", str(jar), "--bootstrap", platform.settings.bootstrap]
     argv += ["--prefix", platform.settings.prefix, "--schemas", str(ROOT / "schemas"), *args]
+    # The broker's login, as `orchestrator kafka-env` gives it to a program of one's own.
+    env = {**os.environ, **platform.settings.env()}
     done = await asyncio.to_thread(
-        subprocess.run, argv, capture_output=True, text=True, encoding="utf-8", timeout=120
+        subprocess.run, argv, capture_output=True, text=True, encoding="utf-8", timeout=120, env=env
     )
     lines = done.stdout.strip().splitlines()
     assert lines, f"exit {done.returncode}, nothing printed\n{done.stderr}"

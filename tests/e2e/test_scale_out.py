@@ -34,7 +34,7 @@ async def client(scaled_platform) -> AsyncIterator[OrchestratorClient]:
 
 async def _members(platform, *services: str) -> dict[str, int]:
     """Members of each service's group once the group is settled (0 while it rebalances)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=platform.settings.bootstrap)
+    admin = AIOKafkaAdminClient(**platform.settings.client_args())
     await admin.start()
     try:
         groups = [group_id(platform.settings, s) for s in services]

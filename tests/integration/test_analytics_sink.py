@@ -139,8 +139,8 @@ class Offsets:
 
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
-        self.admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap)
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap)
+        self.admin = AIOKafkaAdminClient(**settings.client_args())
+        self.consumer = AIOKafkaConsumer(**settings.client_args())
         self.parts = [
             TopicPartition(settings.topic(spec.name), p)
             for spec in CATALOG

@@ -15,7 +15,7 @@ async def test_counts_records_and_commits_of_the_prefix_only(settings: KafkaSett
     before = await record_counts(settings.bootstrap, settings.prefix)
     assert before.by_topic()["request_received"] == 0
 
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    producer = AIOKafkaProducer(**settings.client_args())
     await producer.start()
     try:
         for i in range(7):
@@ -28,7 +28,7 @@ async def test_counts_records_and_commits_of_the_prefix_only(settings: KafkaSett
     parts = [TopicPartition(topic, 0)]
     for group, commits in ((settings.prefix + "orchestrator.router", 3), ("elsewhere.g", 1)):
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap, group_id=group, enable_auto_commit=False
+            **settings.client_args(), group_id=group, enable_auto_commit=False
         )
         await consumer.start()
         try:

@@ -67,7 +67,7 @@ def _start(
     env = {
         **os.environ,
         **extra,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap,
+        **settings.env(),
         "ORCH_TOPIC_PREFIX": settings.prefix,
         "ORCH_DATA_DIR": str(data),
         "PYTHONUNBUFFERED": "1",

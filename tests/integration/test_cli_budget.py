@@ -28,7 +28,7 @@ _WAIT = timedelta(seconds=300)  # no task may time out while the test looks
 def _env(settings: KafkaSettings, data: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "KAFKA_"))}
     return env | {
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap,
+        **settings.env(),
         "ORCH_TOPIC_PREFIX": settings.prefix,
         "ORCH_DATA_DIR": str(data),
         "ORCH_BUDGET_REPORT_SECONDS": "0.2",

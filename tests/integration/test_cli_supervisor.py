@@ -57,7 +57,7 @@ def cli_env(tmp_path: Path, settings: KafkaSettings) -> Iterator[dict[str, str]]
         (probe.parent / name / "__main__.py").write_text(_STAND_IN_MAIN)
     env = {
         **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap,
+        **settings.env(),
         "ORCH_TOPIC_PREFIX": settings.prefix,
         "ORCH_DATA_DIR": str(tmp_path / "data"),
         "ORCH_SERVICES_PACKAGE": package,

@@ -36,7 +36,7 @@ T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
 async def _cli(settings: KafkaSettings, *args: str) -> tuple[int, Any, str]:
     """Run the CLI; its exit code, its stdout as JSON when it is JSON (else text), its stderr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "KAFKA_"))}
-    env |= {"KAFKA_BOOTSTRAP_SERVERS": settings.bootstrap, "ORCH_TOPIC_PREFIX": settings.prefix}
+    env |= {**settings.env(), "ORCH_TOPIC_PREFIX": settings.prefix}
     env["COLUMNS"] = "200"
     done = await asyncio.to_thread(
         subprocess.run,

@@ -60,7 +60,7 @@ async def test_helpers_to_plain_aiokafka_consumer_keeps_values_and_key_order(set
 
     consumer = AIOKafkaConsumer(
         settings.topic("task_requested"),
-        bootstrap_servers=settings.bootstrap,
+        **settings.client_args(),
         group_id=f"plain-{uuid.uuid4().hex[:6]}",
         auto_offset_reset="earliest",
     )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from streams.config import broker_env
+
 pytestmark = pytest.mark.broker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +65,7 @@ _STUBBORN = textwrap.dedent(
 def _run(kafka_bootstrap: str, grace: str, script: str = _STUCK) -> tuple[int, str]:
     env = {
         **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        **broker_env(kafka_bootstrap),
         "ORCH_STOP_GRACE_SECONDS": grace,
         "PYTHONUNBUFFERED": "1",
     }

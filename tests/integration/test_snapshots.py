@@ -113,7 +113,7 @@ async def _write(
     settings: KafkaSettings, records: list[tuple[str, bytes]], age_s: float = 0.0
 ) -> list[int]:
     """Records on the router's snapshot topic, stamped ``age_s`` in the past."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap)
+    producer = AIOKafkaProducer(**settings.client_args())
     await producer.start()
     stamp = int((time.time() - age_s) * 1000)
     try:
@@ -301,7 +301,7 @@ async def test_a_snapshot_that_would_inflate_past_the_limit_is_skipped(
 async def _live_keys(settings: KafkaSettings) -> set[str]:
     """Keys of the router's snapshot topic whose latest record is not a tombstone."""
     topic = settings.topic(snapshot_topic("router"))
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**settings.client_args(), enable_auto_commit=False)
     await consumer.start()
     try:
         tp = TopicPartition(topic, 0)

@@ -15,6 +15,7 @@ from services.budget.state import BudgetState
 from services.spawner import service as spawner
 from services.spawner.design import agent_id_for
 from streams.clock import SystemClock
+from streams.config import broker_env
 from streams.events import (
     SPAWN_APPROVAL_SECONDS,
     AgentSpawned,
@@ -95,8 +96,11 @@ async def _spawn(
 
 
 @pytest.fixture
-def no_llm(monkeypatch: Any, tmp_path: Any) -> None:
+def no_llm(monkeypatch: Any, tmp_path: Any, kafka_bootstrap: str) -> None:
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)  # template prompts: no LLM call
+    # The spawner's store goes to tmp_path; the broker stays the session's, with its login.
+    for name, value in broker_env(kafka_bootstrap).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
 
 
@@ -166,9 +170,7 @@ async def test_an_agent_is_kept_on_its_goals_partition(
     assert [e.change for e in notices] == ["spawned"]
     (agent,) = {e.agent_id for e in spawned}
     changelog = settings.topic(f"{spawner.APP_NAME}-registry-changelog")
-    consumer = AIOKafkaConsumer(
-        changelog, bootstrap_servers=settings.bootstrap, auto_offset_reset="earliest"
-    )
+    consumer = AIOKafkaConsumer(changelog, **settings.client_args(), auto_offset_reset="earliest")
     await consumer.start()
     try:
         written = {}

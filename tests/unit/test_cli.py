@@ -256,3 +256,30 @@ def test_service_order_is_the_documented_one() -> None:
         "improvement",
         "gateway",
     )
+
+
+def test_kafka_env_gives_another_program_the_brokers_login(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("ORCH_KAFKA_PORT", raising=False)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    missing = invoke("kafka-env")
+    assert missing.exit_code == 1
+    assert "no credentials for the local broker" in missing.output
+    (tmp_path / "kafka").mkdir()
+    creds = {"mechanism": "SCRAM-SHA-512", "username": "orchestrator", "password": "a'b $c"}
+    (tmp_path / "kafka" / "client.json").write_text(json.dumps(creds))
+    shown = invoke("kafka-env")
+    assert shown.exit_code == 0, shown.output
+    # Quoted for the shell: a password is never run as a command.
+    assert "export KAFKA_SASL_PASSWORD='a'\"'\"'b $c'" in shown.output.splitlines()
+    as_json = json.loads(invoke("kafka-env", "--json").output)
+    assert as_json == {
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9092",
+        "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "KAFKA_SASL_USERNAME": "orchestrator",
+        "KAFKA_SASL_PASSWORD": "a'b $c",
+    }

@@ -6,6 +6,7 @@ its own in test_settings.py; these tests hold the real classes to them.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
@@ -14,11 +15,15 @@ import pytest
 
 from services.budget.state import BudgetDefaults
 from streams.config import (
+    BrokerAuthMissing,
     BrokerSettings,
     BudgetSettings,
     DataDirUnsafe,
     ProcessSettings,
     bootstrap_servers,
+    broker_env,
+    kafka_auth,
+    kafka_client_args,
     private_files,
 )
 
@@ -157,3 +162,79 @@ def test_the_cli_and_a_service_refuse_another_users_data_dir(tmp_path: Path) -> 
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert broker.returncode == 1 and "belongs to another user" in broker.stderr
+
+
+def _clear_broker_vars(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "KAFKA_SECURITY_PROTOCOL",
+        "KAFKA_SASL_MECHANISM",
+        "KAFKA_SASL_USERNAME",
+        "KAFKA_SASL_PASSWORD",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_the_local_broker_is_reached_with_its_data_dirs_credentials_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _clear_broker_vars(monkeypatch)
+    monkeypatch.delenv("ORCH_KAFKA_PORT", raising=False)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    # Variables meant for an external cluster do not replace the local broker's credentials.
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
+    with pytest.raises(BrokerAuthMissing, match=r"no credentials for the local broker.*up"):
+        kafka_auth()
+    (tmp_path / "kafka").mkdir()
+    creds = {"mechanism": "SCRAM-SHA-512", "username": "orchestrator", "password": "s3cret"}
+    (tmp_path / "kafka" / "client.json").write_text(json.dumps(creds))
+    assert kafka_client_args() == {
+        "bootstrap_servers": "127.0.0.1:9092",
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "orchestrator",
+        "sasl_plain_password": "s3cret",
+    }
+    # A child given another data dir is sent to this broker with these credentials.
+    env = broker_env()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "elsewhere"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert kafka_auth()["sasl_plain_password"] == "s3cret"
+    assert env["KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    # A named data dir's broker is reached with that data dir's login, whatever the variables.
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "another")
+    assert kafka_auth(tmp_path)["sasl_plain_password"] == "s3cret"
+    (tmp_path / "kafka" / "client.json").write_text("{not json")
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS")
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    with pytest.raises(BrokerAuthMissing, match="unreadable credentials"):
+        kafka_auth()  # ...but a corrupt file is refused, never read as "no password"
+
+
+def test_an_external_clusters_credentials_come_from_the_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _clear_broker_vars(monkeypatch)
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "k:1")
+    assert kafka_auth() == {"security_protocol": "PLAINTEXT"}
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "svc")
+    with pytest.raises(BrokerAuthMissing, match="KAFKA_SASL_PASSWORD"):
+        kafka_auth()
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "pw")
+    monkeypatch.setenv("KAFKA_SASL_MECHANISM", "scram-sha-256")
+    assert kafka_auth() == {
+        "security_protocol": "SASL_PLAINTEXT",
+        "sasl_mechanism": "SCRAM-SHA-256",
+        "sasl_plain_username": "svc",
+        "sasl_plain_password": "pw",
+    }
+    for name, value, message in (
+        ("KAFKA_SECURITY_PROTOCOL", "SSL", "TLS is not supported yet"),
+        ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT; rm -rf", "PLAINTEXT or SASL_PLAINTEXT"),
+        ("KAFKA_SASL_MECHANISM", "GSSAPI", "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
+    ):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValueError, match=message):
+            kafka_auth()
+        monkeypatch.delenv(name)

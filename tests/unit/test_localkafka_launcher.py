@@ -59,9 +59,35 @@ def test_bootstrap_servers_follows_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_rendered_properties_use_the_ports_and_data_dir(isolated: Path) -> None:
     text = localkafka.render_properties(19092).read_text()
     assert "${" not in text
-    assert "listeners=PLAINTEXT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093" in text
+    assert "listeners=CLIENT://127.0.0.1:19092,CONTROLLER://127.0.0.1:19093" in text
     assert "controller.quorum.voters=1@127.0.0.1:19093" in text
     assert f"log.dirs={isolated / 'kafka' / 'data'}" in text
+
+
+def test_every_listener_asks_for_credentials(isolated: Path) -> None:
+    path = localkafka.render_properties(19092)
+    text = path.read_text()
+    props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#")
+    assert (
+        props["listener.security.protocol.map"] == "CONTROLLER:SASL_PLAINTEXT,CLIENT:SASL_PLAINTEXT"
+    )
+    assert "PLAINTEXT://" not in text.replace("SASL_PLAINTEXT", "")
+    # The broker's own passwords: long, drawn afresh at each render, readable by the owner only.
+    first = localkafka._broker_auth()["sasl_plain_password"]
+    assert len(first) >= 40
+    assert path.stat().st_mode & 0o077 == 0
+    localkafka.render_properties(19092)
+    assert localkafka._broker_auth()["sasl_plain_password"] != first
+
+
+def test_a_broker_started_before_authentication_is_named(isolated: Path) -> None:
+    old = (
+        "listeners=PLAINTEXT://127.0.0.1:19092\nadvertised.listeners=PLAINTEXT://127.0.0.1:19092\n"
+    )
+    (isolated / "kafka").mkdir(parents=True, exist_ok=True)
+    (isolated / "kafka" / "server.properties").write_text(old)
+    with pytest.raises(LocalKafkaError, match="older version.*orchestrator down"):
+        localkafka._broker_auth()
 
 
 def test_port_taken_by_something_else_is_named(free_port: int) -> None:

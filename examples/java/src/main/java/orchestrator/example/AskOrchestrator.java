@@ -46,7 +46,10 @@ public final class AskOrchestrator {
           + "defaults: --bootstrap $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092,"
           + " --prefix $ORCH_TOPIC_PREFIX or none,\n"
           + "          --schemas $ORCH_SCHEMA_DIR or ./schemas, --goal g1, --user u1,"
-          + " --timeout 60";
+          + " --timeout 60\n"
+          + "login: $KAFKA_SECURITY_PROTOCOL, $KAFKA_SASL_MECHANISM, $KAFKA_SASL_USERNAME,"
+          + " $KAFKA_SASL_PASSWORD\n"
+          + "       (the local broker's: eval \"$(orchestrator kafka-env)\")";
 
   private AskOrchestrator() {}
 
@@ -141,8 +144,38 @@ public final class AskOrchestrator {
     }
   }
 
-  private static Properties consumerConfig(Options opts) {
+  /** The broker's login, from the variables `orchestrator kafka-env` prints. */
+  private static Properties login() {
     Properties p = new Properties();
+    String user = System.getenv("KAFKA_SASL_USERNAME");
+    String protocol =
+        Options.envOr("KAFKA_SECURITY_PROTOCOL", user == null ? "PLAINTEXT" : "SASL_PLAINTEXT");
+    p.put("security.protocol", protocol);
+    if (protocol.startsWith("SASL")) {
+      String mechanism = Options.envOr("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512");
+      String module =
+          mechanism.equals("PLAIN")
+              ? "org.apache.kafka.common.security.plain.PlainLoginModule"
+              : "org.apache.kafka.common.security.scram.ScramLoginModule";
+      p.put("sasl.mechanism", mechanism);
+      p.put(
+          "sasl.jaas.config",
+          module
+              + " required username=\""
+              + jaasQuoted(Options.envOr("KAFKA_SASL_USERNAME", ""))
+              + "\" password=\""
+              + jaasQuoted(Options.envOr("KAFKA_SASL_PASSWORD", ""))
+              + "\";");
+    }
+    return p;
+  }
+
+  private static String jaasQuoted(String value) {
+    return value.replace("\\", "\\\\").replace("\"", "\\\"");
+  }
+
+  private static Properties consumerConfig(Options opts) {
+    Properties p = login();
     p.put(ConsumerConfig.BOOTSTRAP_SERVERS_CONFIG, opts.bootstrap);
     p.put(ConsumerConfig.KEY_DESERIALIZER_CLASS_CONFIG, ByteArrayDeserializer.class.getName());
     p.put(ConsumerConfig.VALUE_DESERIALIZER_CLASS_CONFIG, ByteArrayDeserializer.class.getName());
@@ -153,7 +186,7 @@ public final class AskOrchestrator {
   }
 
   private static Properties producerConfig(Options opts) {
-    Properties p = new Properties();
+    Properties p = login();
     p.put(ProducerConfig.BOOTSTRAP_SERVERS_CONFIG, opts.bootstrap);
     p.put(ProducerConfig.KEY_SERIALIZER_CLASS_CONFIG, StringSerializer.class.getName());
     p.put(ProducerConfig.VALUE_SERIALIZER_CLASS_CONFIG, ByteArraySerializer.class.getName());
