@@ -18,8 +18,8 @@ Names that repeat run
 after run (users, goals, specialties, agents, versions) are interned, so a run holds
 references, not copies, and a snapshot writes each once.
 
-An event's own ``occurred_at`` is its sender's choice: a cost's day and a verdict's time
-count no further ahead than this service's clock (plus a minute's skew,
+An event's own ``occurred_at`` is its sender's choice: a cost's day, a verdict's time and
+a run's end count no further ahead than this service's clock (plus a minute's skew,
 :func:`~services.improvement.stamps.not_ahead`) when they are folded, and a goal's cost
 limit is the last update read from the log, whatever its stamp.
 """
@@ -408,12 +408,12 @@ class ImprovementState:
                 run.judge_probability = event.judge_probability
         elif isinstance(event, WorkflowCompleted):
             run.specialty, run.agent_id = _shared(event.specialty), _shared(event.agent_id)
-            run.completed_at = event.occurred_at
+            run.completed_at = self._ended(event)
             run.version_label = _shared(event.meta.get("workflow_version"))
             run.version_flow = _shared(event.meta.get("workflow_id") or event.specialty)
             run.platform_label = _shared(event.meta.get("platform_version"))
         elif isinstance(event, WorkflowFailed):
-            run.failed_at = event.occurred_at
+            run.failed_at = self._ended(event)
             run.specialty = run.specialty or _shared(event.specialty)
             run.agent_id = run.agent_id or _shared(event.agent_id)
             if event.reason not in _AGENTS_FAILURES and run.completed_at is None:
@@ -428,6 +428,14 @@ class ImprovementState:
             if event.method != "unjudged":
                 run.quality = event.quality
         self._join(run)
+
+    def _ended(self, event: WorkflowCompleted | WorkflowFailed) -> datetime:
+        """When a run ended, for its pattern's window and outcomes and its canary's samples."""
+        # Its stamp (the loader's, the router's, the budget's), but no later than the clock
+        # plus a minute: one stamped in year 8999 stayed in the window for good, was always
+        # the most recent outcome (a failure kept its pattern from any automation) and a run
+        # of every later canary. Kept as the run's, so a snapshot restores what was counted.
+        return not_ahead(event.occurred_at, self.clock.now())
 
     def _join(self, run: RunInfo) -> None:
         ended = run.completed_at or run.failed_at

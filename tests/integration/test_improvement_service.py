@@ -41,6 +41,7 @@ from streams.events import (
     SpendRequested,
     WorkflowAssessed,
     WorkflowCompleted,
+    WorkflowFailed,
     WorkflowVersionSaved,
 )
 from streams.kafka import EventConsumer, EventProducer, KafkaSettings
@@ -556,6 +557,37 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
     rows = await list_versions(platform.settings, "g1/code")
     assert {r["version"]: r["status"] for r in rows}[2] == "base"
     assert rows[-1]["change_source"] == "user" and rows[-1]["user_id"] == "operator"
+
+
+async def test_a_failure_stamped_far_ahead_does_not_keep_a_pattern_from_its_automations(
+    platform: Platform,
+):
+    # A pattern's last outcomes were its latest by their stamps: a failure stamped in year
+    # 8999 stayed the latest for good, and however well its runs went the pattern never
+    # earned an automation.
+    message, far = "Convert this csv of invoices to json", datetime(8999, 1, 1, tzinfo=UTC)
+    failed = {"source": "t", "run_id": "f0", "goal_id": "g1", "user_id": "u1"}
+    await platform.producer.send(RequestReceived(**failed, message=message))
+    await platform.producer.send(
+        WorkflowFailed(**failed, reason="llm_failure", detail="the endpoint was down",
+                       agent_id="a1", specialty="code", occurred_at=far)
+    )  # fmt: skip
+    # It counts as ended when read, plus a minute: runs ended by a loader two minutes ahead
+    # come after it once read after it, so they are sent until the pattern earns its own
+    # (far fewer than the 200 outcomes a pattern keeps, past which the failure is dropped).
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30.0
+    i = 0
+    while len(platform.of(AutomationCreated)) < 2:
+        assert loop.time() < deadline and i < 50, f"no automation after {i} good runs"
+        ahead = SystemClock().now() + timedelta(minutes=2)
+        await platform.run(f"ok{i}", message, meta={"quality": "0.9"}, occurred_at=ahead)
+        i += 1
+        await asyncio.sleep(0.1)
+    assert {(e.kind, e.goal_id) for e in platform.of(AutomationCreated)} == {  # type: ignore[attr-defined]
+        ("response_cache", "g1"),
+        ("direct_route", "g1"),
+    }
 
 
 async def test_two_instances_share_the_work_and_decide_once(

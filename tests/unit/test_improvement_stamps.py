@@ -1,7 +1,7 @@
 """A sender's clock does not defeat the improvement service's limits: the feedback rate is
 counted by the service's clock, a goal's cost limit is the last update on the log, and a
-cost, verdict or pattern decision stamped far ahead counts as made now; a restart folding
-the same log reaches the same decisions."""
+cost, verdict, pattern decision or run stamped far ahead counts as made now; a restart
+folding the same log reaches the same decisions."""
 
 from __future__ import annotations
 
@@ -12,14 +12,22 @@ from services.improvement.service import ImprovementService
 from services.improvement.state import GoalSpend, ImprovementState
 from streams.clock import FakeClock
 from streams.events import (
+    AutomationCreated,
     BudgetExceeded,
     BudgetUpdateRequested,
     Event,
     FeedbackDecided,
     FeedbackReceived,
+    ImprovementApplied,
     LlmCallCompleted,
     PatternDiscovered,
+    RequestReceived,
+    WorkflowAssessed,
+    WorkflowCompleted,
+    WorkflowFailed,
+    WorkflowVersionSaved,
 )
+from streams.signatures import signature_of
 from tests.unit.test_improvement_commands import _delivery, _routed, _service
 
 FAR_AHEAD = datetime(8999, 1, 1, tzinfo=UTC)
@@ -156,3 +164,83 @@ def test_a_pattern_decision_stamped_far_ahead_lapses_like_any_other():
     assert learner.sweep() == 0 and len(learner) == 1
     clock.advance(7200 + 61)
     assert learner.sweep() == 1 and len(learner) == 0
+
+
+MESSAGE = "tell me about alpha"
+SIGNATURE = signature_of(MESSAGE, "code")
+
+
+def _run(
+    run_id: str, at: datetime, *, quality: float = 0.9, failed: bool = False, version: str = "1"
+) -> list[Event]:
+    """A run of goal g1 asking MESSAGE, ended (stamped ``at``) and assessed."""
+    common = {"source": "test", "run_id": run_id, "goal_id": "g1", "user_id": "u1"}
+    asked = RequestReceived(**common, message=MESSAGE)
+    done = {**common, "agent_id": "a1", "specialty": "code"}
+    if failed:
+        return [asked, WorkflowFailed(**done, reason="llm_failure", detail="down", occurred_at=at)]
+    return [
+        asked,
+        WorkflowCompleted(
+            **done, text="an answer", meta={"workflow_version": version}, occurred_at=at
+        ),
+        WorkflowAssessed(**done, quality=quality, method="world"),
+    ]
+
+
+def _fold(state: ImprovementState, events: list[Event]) -> None:
+    for event in events:
+        state.apply(event)
+
+
+def test_a_run_stamped_far_ahead_leaves_the_pattern_window_like_any_other():
+    # A run's end was its stamp: one stamped in year 8999 stayed in its pattern's window for
+    # good, so two runs a day later (or any time) made a pattern of three.
+    clock = FakeClock()
+    state = ImprovementState(PatternSettings(window_s=3600), clock)
+    _fold(state, _run("r0", FAR_AHEAD))
+    assert state.learner.occurrences(SIGNATURE, "g1") == 1
+    clock.advance(2 * 3600)
+    assert state.learner.occurrences(SIGNATURE, "g1") == 0
+    for i in (1, 2):
+        _fold(state, _run(f"r{i}", clock.now()))
+    assert state.learner.occurrences(SIGNATURE, "g1") == 2
+    assert state.learner.earned(SIGNATURE) == []  # two runs in the window: no pattern
+
+
+def test_a_failure_stamped_far_ahead_is_not_the_most_recent_outcome_for_good():
+    # The last outcomes of a pattern are its latest by end time: a failure stamped in year
+    # 8999 stayed the latest, and the pattern never earned an automation however well it ran.
+    clock = FakeClock()
+    state = ImprovementState(PatternSettings(), clock)
+    _fold(state, _run("r0", FAR_AHEAD, failed=True))
+    clock.advance(120)
+    for i in range(1, 6):
+        _fold(state, _run(f"r{i}", clock.now(), quality=0.9))
+        clock.advance(1)
+    earned = state.learner.earned(SIGNATURE)
+    kinds = {e.kind for e in earned if isinstance(e, AutomationCreated)}
+    assert kinds == {"response_cache", "direct_route"}
+
+
+def _canary(at: datetime) -> list[Event]:
+    """Version 2 of workflow ``code`` on half the runs, started (stamped) at ``at``."""
+    return [
+        WorkflowVersionSaved(source="improvement", workflow_id="code", version=2, parent_version=1,
+                             changes={"system_prompt": "Be careful.", "improvement_id": "imp1"},
+                             occurred_at=at),
+        ImprovementApplied(source="improvement", improvement_id="imp1", workflow_id="code",
+                           version=2, traffic_share=0.5, occurred_at=at),
+    ]  # fmt: skip
+
+
+def test_a_run_stamped_far_ahead_is_no_run_of_every_later_canary():
+    # A base run stamped in year 8999, ended before any canary, counted as one of the base's
+    # runs since every canary started.
+    clock = FakeClock()
+    state = ImprovementState(PatternSettings(), clock)
+    _fold(state, _run("old", FAR_AHEAD, quality=0.1))
+    clock.advance(120)
+    _fold(state, _canary(clock.now()))
+    _fold(state, _run("base", clock.now(), quality=0.8) + _run("new", clock.now(), version="2"))
+    assert state.flow("code").samples() == ([0.9], [0.8])

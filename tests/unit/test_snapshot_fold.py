@@ -323,6 +323,7 @@ def test_improvement_state_stops_growing_with_history(monkeypatch: pytest.Monkey
     window holds all of it; a signature keeps its latest run times, not every run)."""
     monkeypatch.setattr(improvement_state, "_MAX_RUNS", 500)
     service = _improvement()
+    service.ctx.clock.set(T0 + timedelta(hours=2))  # past the history's 6000 runs a second apart
     sizes = []
     for first in (0, 2000, 4000):
         for e in _repeating(first, 2000):
