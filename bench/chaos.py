@@ -44,7 +44,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # 
 from rich.table import Table  # noqa: E402
 
 from local.platform import Instance, Launcher  # noqa: E402
-from streams.config import broker_env  # noqa: E402
+from streams.config import BROKER_VARIABLES, broker_env  # noqa: E402
 from streams.events import (  # noqa: E402
     AgentRetired,
     AgentSpawned,
@@ -675,15 +675,7 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two adjacent free ports found")
 
 
-_BROKER_VARS = frozenset(
-    {
-        "KAFKA_BOOTSTRAP_SERVERS",
-        "KAFKA_SECURITY_PROTOCOL",
-        "KAFKA_SASL_MECHANISM",
-        "KAFKA_SASL_USERNAME",
-        "KAFKA_SASL_PASSWORD",
-    }
-)
+_BROKER_VARS = frozenset(BROKER_VARIABLES)
 
 
 class OwnBroker:

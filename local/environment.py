@@ -62,7 +62,9 @@ COMMON = Vars(
             "KAFKA_SECURITY_PROTOCOL",
             "KAFKA_SASL_MECHANISM",
             "KAFKA_SASL_USERNAME",
-            "KAFKA_SASL_PASSWORD",
+            "KAFKA_SSL_CAFILE",
+            "KAFKA_SSL_CERTFILE",
+            "KAFKA_SSL_KEYFILE",
         }
     ),
     # LC_* locale, PYTHON* interpreter settings, ORCH_* platform settings.
@@ -75,6 +77,9 @@ _PROXIES = frozenset(
 )
 
 GRANTS: Mapping[str, Vars] = {
+    # The broker's passwords: every platform service logs in, the broker itself and the
+    # fake LLM do not (the local broker's clients read theirs from the data dir instead).
+    "kafka-login": Vars(names=frozenset({"KAFKA_SASL_PASSWORD", "KAFKA_SSL_KEY_PASSWORD"})),
     # The LLM endpoint and its key, the model settings, and the HTTP proxies to reach it.
     # The judge's sample and rule are common: the router decides which runs are judged.
     "llm": Vars(names=_PROXIES | {"ORCH_JUDGE_MODEL"}, prefixes=("OPENAI_", "ORCH_LLM_")),
@@ -112,13 +117,13 @@ GRANTS: Mapping[str, Vars] = {
 }
 
 SERVICE_GRANTS: Mapping[str, frozenset[str]] = {
-    "analytics": frozenset({"clickhouse"}),
-    "budget": frozenset({"prices"}),  # worst-case holds; never the LLM key
-    "spawner": frozenset({"llm"}),  # writes a new agent's prompt
-    "loader": frozenset({"llm"}),  # answers
-    "router": frozenset({"prices"}),  # chooses a model with the specialty
-    "improvement": frozenset({"llm", "slack"}),  # the judge and prompt rewrites; /improve
-    "gateway": frozenset(),  # HTTP in front of the SDK: no LLM key, no ClickHouse
+    "analytics": frozenset({"clickhouse", "kafka-login"}),
+    "budget": frozenset({"prices", "kafka-login"}),  # worst-case holds; never the LLM key
+    "spawner": frozenset({"llm", "kafka-login"}),  # writes a new agent's prompt
+    "loader": frozenset({"llm", "kafka-login"}),  # answers
+    "router": frozenset({"prices", "kafka-login"}),  # chooses a model with the specialty
+    "improvement": frozenset({"llm", "slack", "kafka-login"}),  # judge, rewrites; /improve
+    "gateway": frozenset({"kafka-login"}),  # HTTP before the SDK: no LLM key, no ClickHouse
     "fake-llm": frozenset(),
     # The local broker, its storage tool and the Maven fetch of its jars: none of the
     # platform's secrets (the broker outlives the CLI that started it).

@@ -10,7 +10,6 @@ import contextlib
 import errno
 import fcntl
 import json
-import logging
 import os
 import re
 import secrets
@@ -54,16 +53,6 @@ JAVA_HINT = "install OpenJDK 17+: apt-get install openjdk-17-jre-headless"
 MVN_HINT = "install Maven: apt-get install maven"
 
 T = TypeVar("T")
-
-
-class _ClearPasswordNotice(logging.Filter):
-    # The launcher's probes of its own broker use the broker's PLAIN login (drawn at each
-    # start, valid on this broker alone); aiokafka's warning about it is noise here.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "password in the clear" not in record.getMessage()
-
-
-logging.getLogger("aiokafka.conn").addFilter(_ClearPasswordNotice())
 
 
 class LocalKafkaError(RuntimeError):
@@ -311,21 +300,65 @@ def _broker_auth() -> dict[str, Any]:
     )
 
 
-def _add_client_user(java: str, libs: Path, bootstrap: str) -> None:
-    """Give the clients a SCRAM user of their own, once per data dir.
+def _listening_inodes(port: int) -> set[str]:
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                # local address "IP:PORT" in hex, state 0A = LISTEN, the socket's inode
+                if len(fields) > 9 and fields[3] == "0A":
+                    if int(fields[1].rpartition(":")[2], 16) == port:
+                        inodes.add(fields[9])
+    return inodes
 
-    The password goes through files of this user's alone, never a command line (which any
-    local user can read in /proc). It is written as pending first and only published to
-    clients once the broker has the user, so an interrupted start repeats the same call."""
-    final = local_credentials_path()
-    if final.exists():
-        return
-    pending = final.with_name("client.pending.json")
+
+def _held_by(pid: int, port: int) -> bool:
+    """Whether the socket listening on ``port`` is process ``pid``'s (Linux /proc).
+
+    While it is, nobody else can listen there (another user cannot share a port), so what
+    is sent to the port goes to that process and to no one who took it a moment before."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return False
     try:
-        password = str(json.loads(pending.read_text())["password"])
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        password = secrets.token_urlsafe(32)
-        _write_private(pending, json.dumps({"password": password}))
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return True
+    return False
+
+
+def _add_client_user(java: str, libs: Path, bootstrap: str, pid: int, timeout: float) -> None:
+    """Give the clients their SCRAM user on a data dir formatted before the broker asked
+    for logins (a new one has it from its format).
+
+    The only call made with the broker's own PLAIN login, which goes to the port as it
+    is: only once the socket listening there is the broker's (a process that took the
+    port during the start would have been handed it). The clients' password goes through
+    0600 files, never a command line."""
+    if local_credentials_path().exists():
+        return
+    port = int(bootstrap.rpartition(":")[2])
+    deadline = time.monotonic() + timeout
+    while not _held_by(pid, port):
+        if not _is_our_broker(pid):
+            raise LocalKafkaError(
+                f"Kafka broker (pid {pid}) exited during start:\n{_tail(_broker_log())}"
+            )
+        if time.monotonic() >= deadline:
+            raise LocalKafkaError(
+                f"cannot tell that port {port} is our broker's (pid {pid}): the data dir's"
+                " broker predates logins and needs one call with the broker's own password"
+                " to get one; it is sent only to a listening socket /proc shows as the"
+                " broker's"
+            )
+        time.sleep(0.2)
+    password = _pending_password()
     auth = _broker_auth()
     admin = _kafka_dir() / "admin.properties"
     scram = _kafka_dir() / "scram.properties"
@@ -344,9 +377,13 @@ def _add_client_user(java: str, libs: Path, bootstrap: str) -> None:
         "--entity-type", "users", "--entity-name", CLIENT_USER,
     ]  # fmt: skip
     try:
-        done = subprocess.run(
-            cmd, capture_output=True, text=True, env=service_env("kafka"), timeout=120
-        )
+        while True:
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, env=service_env("kafka"), timeout=120
+            )
+            if done.returncode == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(1.0)  # the broker may still be loading its metadata
     finally:
         admin.unlink(missing_ok=True)
         scram.unlink(missing_ok=True)
@@ -355,22 +392,64 @@ def _add_client_user(java: str, libs: Path, bootstrap: str) -> None:
             line for line in (done.stdout + done.stderr).splitlines() if " INFO " not in line
         )
         raise LocalKafkaError(f"adding the clients' SCRAM user failed:\n{output[-2000:]}")
+    _publish_credentials(password)
+
+
+def _pending_password() -> str:
+    """The clients' password before the broker has their user (drawn once, kept 0600)."""
+    pending = local_credentials_path().with_name("client.pending.json")
+    try:
+        return str(json.loads(pending.read_text())["password"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        password = secrets.token_urlsafe(32)
+        _write_private(pending, json.dumps({"password": password}))
+        return password
+
+
+def _publish_credentials(password: str) -> None:
+    """Clients may log in: the broker has the user (the pending file goes)."""
     credentials = {"mechanism": CLIENT_MECHANISM, "username": CLIENT_USER, "password": password}
-    _write_private(final, json.dumps(credentials))
-    pending.unlink(missing_ok=True)
+    _write_private(local_credentials_path(), json.dumps(credentials))
+    local_credentials_path().with_name("client.pending.json").unlink(missing_ok=True)
+
+
+def _java_with_args(java: str, libs: Path, args: list[str], **run: Any) -> Any:
+    """Run ``java -cp libs/* @file`` with ``args`` in a 0600 file: a secret among them is
+    not on the command line, which every local user can read in /proc."""
+    argfile = _kafka_dir() / "java-args.txt"
+    _write_private(argfile, "\n".join(f'"{a}"' for a in args) + "\n")
+    try:
+        return subprocess.run(
+            [java, "-cp", f"{libs}/*", f"@{argfile}"],
+            capture_output=True,
+            text=True,
+            env=service_env("kafka"),
+            **run,
+        )
+    finally:
+        argfile.unlink(missing_ok=True)
 
 
 def _format_storage(java: str, libs: Path, props: Path) -> None:
+    """Format a new data dir, the clients' SCRAM user in its metadata from the start."""
     if (_log_dir() / "meta.properties").exists():
         return
-    cmd = [
-        java, "-cp", f"{libs}/*", "kafka.tools.StorageTool", "format",
-        "-t", _cluster_id(), "-c", str(props), "--ignore-formatted",
+    password = _pending_password()
+    scram = (
+        f"{CLIENT_MECHANISM}=[name={CLIENT_USER},iterations={SCRAM_ITERATIONS},password={password}]"
+    )
+    args = [
+        f"-Dlog4j2.configurationFile={INFRA / 'log4j2.properties'}",
+        "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props),
+        "--ignore-formatted", "--add-scram", scram,
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env=service_env("kafka"))
+    done = _java_with_args(java, libs, args)
     if done.returncode != 0:
         output = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-        raise LocalKafkaError(f"kafka StorageTool format failed:\n{output}")
+        raise LocalKafkaError(
+            f"kafka StorageTool format failed:\n{output.replace(password, '***')}"
+        )
+    _publish_credentials(password)
 
 
 def _spawn(java: str, libs: Path, props: Path) -> subprocess.Popen[bytes]:
@@ -410,7 +489,9 @@ def _wait_ready(
                 f"{_broker_log()}:\n{_tail(_broker_log())}"
             )
         wait = min(5.0, max(1.0, deadline - time.monotonic()))
-        if kafka_answers(bootstrap, timeout=wait, auth=_broker_auth()):
+        # The clients' SCRAM login: it sends no password, so a process that took the port
+        # while the broker starts learns nothing (and cannot pass for the broker).
+        if kafka_answers(bootstrap, timeout=wait, auth=kafka_auth(data_root())):
             return
         if time.monotonic() >= deadline:
             _stop_pid(pid, 10.0)
@@ -457,9 +538,9 @@ def ensure_broker(timeout: float = 90.0) -> str:
                     f"our broker already runs on port {running}, not {port}; "
                     "run `python -m local.localkafka down` first or unset ORCH_KAFKA_PORT"
                 )
+            _broker_auth()  # a broker started before logins is named, not talked to
+            _add_client_user(_java(), _ensure_jars(), bootstrap, pid, timeout)
             _wait_ready(bootstrap, pid, timeout)
-            if not local_credentials_path().exists():
-                _add_client_user(_java(), _ensure_jars(), bootstrap)
             return bootstrap
         _pid_path().unlink(missing_ok=True)
         _check_port_free(port)
@@ -469,8 +550,8 @@ def ensure_broker(timeout: float = 90.0) -> str:
         props = render_properties(port)
         _format_storage(java, libs, props)
         proc = _spawn(java, libs, props)
+        _add_client_user(java, libs, bootstrap, proc.pid, timeout)
         _wait_ready(bootstrap, proc.pid, timeout, proc)
-        _add_client_user(java, libs, bootstrap)
         return bootstrap
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import ssl
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -20,6 +21,7 @@ from streams.settings import EnvSettings, setting
 from streams.workflows import MAX_PROMPT_CHARS
 
 __all__ = [
+    "BROKER_VARIABLES",
     "BrokerAuthMissing",
     "BrokerSettings",
     "BudgetSettings",
@@ -42,7 +44,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 """The project's checkout (where ``.local/`` lives unless ``ORCH_DATA_DIR`` says otherwise)."""
 DEFAULT_KAFKA_PORT = 9092
-SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SASL_PLAINTEXT", "SSL", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
@@ -68,9 +70,11 @@ class BrokerSettings(EnvSettings):
     security_protocol: str = setting(
         "KAFKA_SECURITY_PROTOCOL",
         "",
-        "How to reach the cluster `KAFKA_BOOTSTRAP_SERVERS` names: `PLAINTEXT` or "
-        "`SASL_PLAINTEXT` (TLS is not supported yet). Empty means `SASL_PLAINTEXT` when "
-        "`KAFKA_SASL_USERNAME` is set, else `PLAINTEXT`. Read with `KAFKA_BOOTSTRAP_SERVERS` "
+        "How to reach the cluster `KAFKA_BOOTSTRAP_SERVERS` names: `PLAINTEXT`, "
+        "`SASL_PLAINTEXT`, `SSL` (TLS; with `KAFKA_SSL_CERTFILE`, a client certificate is "
+        "the login) or `SASL_SSL` (a SASL login inside TLS, what managed clusters ask for). "
+        "Empty means `SASL_PLAINTEXT` when `KAFKA_SASL_USERNAME` is set, else `PLAINTEXT`. "
+        "TLS always checks the broker's certificate and name. Read with `KAFKA_BOOTSTRAP_SERVERS` "
         "only: the local broker asks for the SCRAM-SHA-512 login `local.localkafka` keeps in "
         "`<ORCH_DATA_DIR>/kafka/client.json` (`orchestrator kafka-env` prints it as these "
         "variables, for a program of one's own).",
@@ -79,7 +83,7 @@ class BrokerSettings(EnvSettings):
     sasl_mechanism: str = setting(
         "KAFKA_SASL_MECHANISM",
         "SCRAM-SHA-512",
-        "`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (case ignored), with `SASL_PLAINTEXT`. "
+        "`PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (case ignored), with `SASL_*`. "
         "SCRAM never sends the password and checks that the broker knows it too; `PLAIN` "
         "sends it as it is to whoever answers on the address.",
         read_by="as above",
@@ -94,6 +98,36 @@ class BrokerSettings(EnvSettings):
         "KAFKA_SASL_PASSWORD",
         None,
         "Its password. Required with `KAFKA_SASL_USERNAME`.",
+        read_by="as above",
+        shown="unset",
+    )
+    ssl_cafile: Path | None = setting(
+        "KAFKA_SSL_CAFILE",
+        None,
+        "With `SSL`/`SASL_SSL`: a PEM file of the certificate authorities the broker's "
+        "certificate must chain to. Unset: the system's trusted authorities.",
+        read_by="as above",
+        shown="unset",
+    )
+    ssl_certfile: Path | None = setting(
+        "KAFKA_SSL_CERTFILE",
+        None,
+        "With `SSL`/`SASL_SSL`: this process's certificate (PEM, its chain after it), for a "
+        "broker that asks clients for one. Needs `KAFKA_SSL_KEYFILE`.",
+        read_by="as above",
+        shown="unset",
+    )
+    ssl_keyfile: Path | None = setting(
+        "KAFKA_SSL_KEYFILE",
+        None,
+        "The private key of `KAFKA_SSL_CERTFILE` (PEM).",
+        read_by="as above",
+        shown="unset",
+    )
+    ssl_key_password: str | None = setting(
+        "KAFKA_SSL_KEY_PASSWORD",
+        None,
+        "The password of `KAFKA_SSL_KEYFILE`, when it is encrypted.",
         read_by="as above",
         shown="unset",
     )
@@ -169,8 +203,8 @@ class BrokerSettings(EnvSettings):
         chosen = value.strip().upper()
         if chosen and chosen not in SECURITY_PROTOCOLS:
             raise ValueError(
-                "KAFKA_SECURITY_PROTOCOL must be PLAINTEXT or SASL_PLAINTEXT (TLS is not"
-                f" supported yet), got {value!r}"
+                "KAFKA_SECURITY_PROTOCOL must be PLAINTEXT, SASL_PLAINTEXT, SSL or SASL_SSL,"
+                f" got {value!r}"
             )
         return chosen
 
@@ -292,6 +326,20 @@ def bootstrap_servers() -> str:
     return external or f"127.0.0.1:{kafka_port()}"
 
 
+BROKER_VARIABLES = (
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "KAFKA_SECURITY_PROTOCOL",
+    "KAFKA_SASL_MECHANISM",
+    "KAFKA_SASL_USERNAME",
+    "KAFKA_SASL_PASSWORD",
+    "KAFKA_SSL_CAFILE",
+    "KAFKA_SSL_CERTFILE",
+    "KAFKA_SSL_KEYFILE",
+    "KAFKA_SSL_KEY_PASSWORD",
+)
+"""The variables that say which cluster a process uses and how it logs in."""
+
+
 class BrokerAuthMissing(RuntimeError):
     """No credentials to reach the broker with: the local one was never started here, or
     ``KAFKA_SASL_USERNAME`` came without its password."""
@@ -313,17 +361,7 @@ def kafka_auth(data_dir: Path | None = None) -> dict[str, Any]:
     ``KAFKA_SASL_*`` say. With ``data_dir``, the local broker of that data dir."""
     broker = BrokerSettings.from_env()
     if broker.external and data_dir is None:
-        protocol = broker.security_protocol or (
-            "SASL_PLAINTEXT" if broker.sasl_username else "PLAINTEXT"
-        )
-        if protocol == "PLAINTEXT":
-            return {"security_protocol": "PLAINTEXT"}
-        if not broker.sasl_username or broker.sasl_password is None:
-            raise BrokerAuthMissing(
-                "KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT needs KAFKA_SASL_USERNAME and"
-                " KAFKA_SASL_PASSWORD"
-            )
-        return _sasl(broker.sasl_mechanism, broker.sasl_username, broker.sasl_password)
+        return _external_auth(broker)
     path = local_credentials_path(data_dir)
     try:
         found = json.loads(path.read_text())
@@ -336,6 +374,43 @@ def kafka_auth(data_dir: Path | None = None) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         why = f"unreadable credentials for the local broker in {path}: {exc}"
         raise BrokerAuthMissing(why) from None
+
+
+def _external_auth(broker: BrokerSettings) -> dict[str, Any]:
+    protocol = broker.security_protocol or (
+        "SASL_PLAINTEXT" if broker.sasl_username else "PLAINTEXT"
+    )
+    out: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.startswith("SASL_"):
+        if not broker.sasl_username or broker.sasl_password is None:
+            raise BrokerAuthMissing(
+                f"KAFKA_SECURITY_PROTOCOL={protocol} needs KAFKA_SASL_USERNAME and"
+                " KAFKA_SASL_PASSWORD"
+            )
+        out |= _sasl(broker.sasl_mechanism, broker.sasl_username, broker.sasl_password)
+        out["security_protocol"] = protocol
+    if protocol.endswith("SSL"):
+        out["ssl_context"] = _tls_context(broker)
+    return out
+
+
+def _tls_context(broker: BrokerSettings) -> ssl.SSLContext:
+    """TLS that checks the broker's certificate and name; a client certificate if given."""
+    if (broker.ssl_certfile is None) != (broker.ssl_keyfile is None):
+        raise BrokerAuthMissing("KAFKA_SSL_CERTFILE and KAFKA_SSL_KEYFILE go together")
+    try:
+        context = ssl.create_default_context(
+            cafile=str(broker.ssl_cafile) if broker.ssl_cafile else None
+        )
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if broker.ssl_certfile is not None and broker.ssl_keyfile is not None:
+            context.load_cert_chain(
+                str(broker.ssl_certfile), str(broker.ssl_keyfile), broker.ssl_key_password
+            )
+    except (OSError, ssl.SSLError) as exc:
+        # The message names the file, never the key's password.
+        raise BrokerAuthMissing(f"the TLS files of KAFKA_SSL_* cannot be used: {exc}") from None
+    return context
 
 
 def _sasl(mechanism: str, username: str, password: str) -> dict[str, Any]:
@@ -360,7 +435,20 @@ def broker_env(bootstrap: str | None = None, data_dir: Path | None = None) -> di
         env["KAFKA_SASL_MECHANISM"] = auth["sasl_mechanism"]
         env["KAFKA_SASL_USERNAME"] = auth["sasl_plain_username"]
         env["KAFKA_SASL_PASSWORD"] = auth["sasl_plain_password"]
+    if "ssl_context" in auth:
+        # The files, as this process was given them (a context cannot travel).
+        for name in _TLS_VARS:
+            if os.environ.get(name):
+                env[name] = os.environ[name]
     return env
+
+
+_TLS_VARS = (
+    "KAFKA_SSL_CAFILE",
+    "KAFKA_SSL_CERTFILE",
+    "KAFKA_SSL_KEYFILE",
+    "KAFKA_SSL_KEY_PASSWORD",
+)
 
 
 def kafka_client_args(bootstrap: str | None = None) -> dict[str, Any]:

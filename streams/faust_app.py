@@ -340,7 +340,10 @@ def create_app(
             username=auth["sasl_plain_username"],
             password=auth["sasl_plain_password"],
             mechanism=auth["sasl_mechanism"],
+            ssl_context=auth.get("ssl_context"),  # SASL_SSL with one
         )
+    elif "ssl_context" in auth:
+        defaults["broker_credentials"] = faust.SSLCredentials(auth["ssl_context"])
     defaults.update(conf)
     return faust.App(settings.prefix + name, **defaults)
 

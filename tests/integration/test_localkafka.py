@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
@@ -16,9 +15,8 @@ from typing import Any
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
 
-from local.localkafka import broker_status, ensure_broker
+from local.localkafka import broker_status, ensure_broker, kafka_answers
 from streams.config import kafka_auth, kafka_client_args
 
 pytestmark = pytest.mark.broker
@@ -67,16 +65,7 @@ def _free_port_pair() -> int:
 
 
 async def _answers(bootstrap: str, **auth: Any) -> bool:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000, **auth)
-    try:
-        async with asyncio.timeout(8):
-            await admin.start()
-            return bool((await admin.describe_cluster())["brokers"])
-    except (KafkaError, OSError, TimeoutError):
-        return False
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
+    return await asyncio.to_thread(kafka_answers, bootstrap, 8.0, auth)
 
 
 @pytest.fixture
@@ -136,3 +125,23 @@ async def test_the_local_broker_lets_in_only_whoever_reads_the_data_dir(
     assert renewed["password"] != creds["password"]
     assert await _answers(bootstrap, **kafka_auth(data))
     assert not await _answers(bootstrap, **scram, **user, sasl_plain_password=creds["password"])
+    # The same with the broker stopped (a data dir formatted before logins, started anew).
+    launcher = [sys.executable, "-m", "local.localkafka"]
+    down = await asyncio.to_thread(
+        subprocess.run, [*launcher, "down"], env=env, capture_output=True
+    )
+    assert down.returncode == 0
+    (data / "kafka" / "client.json").unlink()
+    up = await asyncio.to_thread(
+        subprocess.run, [*launcher, "up"], env=env, capture_output=True, text=True
+    )
+    assert up.returncode == 0, up.stderr
+    third = json.loads((data / "kafka" / "client.json").read_text())
+    assert third["password"] not in (creds["password"], renewed["password"])
+    assert await _answers(bootstrap, **kafka_auth(data))
+    assert not (data / "kafka" / "client.pending.json").exists()
+    assert not [
+        p.name
+        for p in (data / "kafka").iterdir()
+        if "args" in p.name or p.suffix == ".properties" and p.name != "server.properties"
+    ]

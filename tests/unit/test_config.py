@@ -15,6 +15,7 @@ import pytest
 
 from services.budget.state import BudgetDefaults
 from streams.config import (
+    BROKER_VARIABLES,
     BrokerAuthMissing,
     BrokerSettings,
     BudgetSettings,
@@ -165,13 +166,7 @@ def test_the_cli_and_a_service_refuse_another_users_data_dir(tmp_path: Path) -> 
 
 
 def _clear_broker_vars(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "KAFKA_BOOTSTRAP_SERVERS",
-        "KAFKA_SECURITY_PROTOCOL",
-        "KAFKA_SASL_MECHANISM",
-        "KAFKA_SASL_USERNAME",
-        "KAFKA_SASL_PASSWORD",
-    ):
+    for name in BROKER_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -230,8 +225,8 @@ def test_an_external_clusters_credentials_come_from_the_variables(
         "sasl_plain_password": "pw",
     }
     for name, value, message in (
-        ("KAFKA_SECURITY_PROTOCOL", "SSL", "TLS is not supported yet"),
-        ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT; rm -rf", "PLAINTEXT or SASL_PLAINTEXT"),
+        ("KAFKA_SECURITY_PROTOCOL", "TLS", "PLAINTEXT, SASL_PLAINTEXT, SSL or SASL_SSL"),
+        ("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT; rm -rf", "PLAINTEXT, SASL_PLAINTEXT"),
         ("KAFKA_SASL_MECHANISM", "GSSAPI", "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512"),
     ):
         monkeypatch.setenv(name, value)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,3 +126,80 @@ def test_stop_never_kills_a_process_that_is_not_our_broker(
     assert stop_broker(timeout=1) is False
     assert foreign_process.poll() is None
     assert not pid_file.exists()
+
+
+class _Squatter:
+    """Listens on a port the way a local user could while the broker starts, and keeps
+    every byte sent to it."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen()
+        self.sock.settimeout(0.2)
+        self.received = b""
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.settimeout(0.5)
+            with conn, contextlib.suppress(OSError):
+                while chunk := conn.recv(65536):
+                    self.received += chunk
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_a_process_that_took_the_port_is_never_sent_a_password(
+    isolated: Path,
+    free_port: int,
+    foreign_process: subprocess.Popen[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Our broker is starting (its process lives) but another user's process has the port.
+    def ours(pid: int) -> bool:
+        return pid == foreign_process.pid and foreign_process.poll() is None
+
+    monkeypatch.setattr(localkafka, "_is_our_broker", ours)
+    localkafka.render_properties(free_port)
+    broker_password = localkafka._broker_auth()["sasl_plain_password"]
+    squatter = _Squatter(free_port)
+    try:
+        # A data dir from before logins: its one call with the broker's PLAIN login waits
+        # for the port to be the broker's, which it never is here.
+        with pytest.raises(LocalKafkaError, match=f"cannot tell that port {free_port}"):
+            localkafka._add_client_user(
+                "java", isolated, f"127.0.0.1:{free_port}", foreign_process.pid, timeout=1.0
+            )
+        assert squatter.connections == 0
+        # The readiness probe logs in with SCRAM: a user name and a nonce, no password.
+        creds = {"mechanism": "SCRAM-SHA-512", "username": "orchestrator", "password": "pw-xyz"}
+        (isolated / "kafka" / "client.json").write_text(json.dumps(creds))
+        with pytest.raises(LocalKafkaError, match="did not answer"):
+            localkafka._wait_ready(f"127.0.0.1:{free_port}", foreign_process.pid, timeout=2.0)
+    finally:
+        squatter.close()
+    assert squatter.connections >= 1
+    assert broker_password.encode() not in squatter.received
+    assert b"pw-xyz" not in squatter.received
+
+
+def test_a_listening_socket_is_told_apart_by_its_owner(free_port: int) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", free_port))
+        listener.listen()
+        assert localkafka._held_by(os.getpid(), free_port)
+        assert not localkafka._held_by(os.getpid(), free_port + 1)
+    assert not localkafka._held_by(os.getpid(), free_port)

@@ -148,5 +148,28 @@ def test_the_table_matches_what_each_service_reads(service: str) -> None:
         # Prices and models without the endpoint: a service that holds a call's worst
         # case, or chooses a model.
         "prices": "LLMSettings" in code and "create_llm(" not in code,
+        # Every platform service is a Kafka client.
+        "kafka-login": True,
     }
     assert {grant for grant, used in reads.items() if used} == grants_of(service)
+
+
+def test_the_brokers_passwords_reach_the_services_alone() -> None:
+    environ = {
+        "PATH": "/usr/bin",
+        "KAFKA_BOOTSTRAP_SERVERS": "k:9093",
+        "KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "KAFKA_SASL_USERNAME": "svc",
+        "KAFKA_SASL_PASSWORD": "s3cret",
+        "KAFKA_SSL_CAFILE": "/etc/ca.pem",
+        "KAFKA_SSL_KEY_PASSWORD": "k3y",
+    }
+    for service in SERVICE_ORDER:
+        env = service_env(service, environ)
+        assert env["KAFKA_SASL_PASSWORD"] == "s3cret", service
+        assert env["KAFKA_SSL_KEY_PASSWORD"] == "k3y", service
+        assert env["KAFKA_SSL_CAFILE"] == "/etc/ca.pem", service
+    for other in ("kafka", "fake-llm", "an-unknown-program"):
+        env = service_env(other, environ)
+        assert "KAFKA_SASL_PASSWORD" not in env and "KAFKA_SSL_KEY_PASSWORD" not in env, other
+        assert env["KAFKA_SASL_USERNAME"] == "svc"
