@@ -161,8 +161,9 @@ COMMAND_TOPICS = (ImprovementAvailable.topic, RollbackRequested.topic)
 # 5: proposals waiting for review (a version 4 snapshot holds none: its writer kept none,
 # so one made while an older instance ran is lost; its feedback can be given again), the
 # last paid cost of each goal's platform calls and the feedback ids with a verdict (a
-# version 4 one: none known).
-SNAPSHOT_VERSION = 5
+# version 4 one: none known). 6: a workflow's canary starts stamped ahead, with the time
+# each counts from (a version 5 one: bounded by the restore's clock, as if read then).
+SNAPSHOT_VERSION = 6
 _NS = uuid.UUID("7d2e4b1a-3c5f-4a6e-8b9d-0e1f2a3b4c5d")
 # The kinds of improvement_available the platform proposes; the single writer saves no other.
 _KINDS = ("instructions", "approved", "goal_win")
@@ -243,11 +244,17 @@ def _from_v3(data: dict[str, Any]) -> dict[str, Any]:
 def _from_v4(data: dict[str, Any]) -> dict[str, Any]:
     """What version 5 added, none known: a version 4 snapshot holds none of it."""
     state = {"pending": [], "decided": [], **data["state"]}
-    return {"last_cost": [], **data, "state": state}
+    return _from_v5({"last_cost": [], **data, "state": state})
+
+
+def _from_v5(data: dict[str, Any]) -> dict[str, Any]:
+    """As it is: a workflow's dump without its canary starts is read as one of version 5
+    (WorkflowLedger.from_dump bounds them by the restore's clock)."""
+    return data
 
 
 # Older snapshot versions still read, with the way from each to the current one.
-_UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3, 4: _from_v4}
+_UPGRADES = {1: _from_v1, 2: _from_v2, 3: _from_v3, 4: _from_v4, 5: _from_v5}
 
 
 class _ViewBehind(TimeoutError):

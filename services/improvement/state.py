@@ -383,7 +383,7 @@ class ImprovementState:
                 # Waiting no more once saved (not once approved: the writer may skip an
                 # approval, a canary being measured, and the proposal must stay).
                 self.pending.pop(str(event.changes.get("improvement_id", "")))
-            if self.flow(event.workflow_id).apply(event):
+            if self.flow(event.workflow_id).apply(event, self.clock.now()):
                 self.dirty_flows.add(event.workflow_id)
             return
         if not isinstance(
@@ -512,7 +512,8 @@ class ImprovementState:
             table.keep(row[0], _lean(row), row[_GOAL])
         learner = PatternLearner(self.learner.settings, self.learner.clock)
         learner.restore(data["patterns"])
-        flows = {w: WorkflowLedger.from_dump(w, raw) for w, raw in data["flows"]}
+        now = self.clock.now()
+        flows = {w: WorkflowLedger.from_dump(w, raw, now) for w, raw in data["flows"]}
         keys = KeyRegistry()
         keys.restore(data["keys"])
         spend = GoalSpend(self.spend.default_limit, clock=self.clock)

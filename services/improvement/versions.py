@@ -15,6 +15,13 @@ served by the base since the canary started (Welch's t-test, one-sided):
 The test is repeated as runs arrive, which raises the real false-rollback rate
 above alpha; that errs on the safe side, as the parent is known to work.
 
+A canary's start and its runs' ends are stamped by their senders: each counts no later
+than this service's clock when it read it, plus a minute
+(:func:`~services.improvement.stamps.not_ahead`). A start stamped in year 8999 with
+nothing after it on its topic counted no run at all, and the canary was never judged.
+The start's bound is this ledger's alone (kept in its snapshot): the order of the events,
+and so what serves, stays the log's, as every reader (the loader, the CLI) folds it.
+
 A rollback (automatic or ``rollback_requested``) emits ``improvement_rolled_back``,
 a ``workflow_version_saved`` that records it (a new version number whose
 ``changes`` name ``rollback_from``/``rollback_to``; it carries no prompt), and
@@ -31,6 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar, Literal, NamedTuple
 
+from services.improvement.stamps import not_ahead
 from services.improvement.stats import mean, welch
 from streams.events import (
     Event,
@@ -177,6 +185,31 @@ class WorkflowLedger(VersionLedger):
     def __init__(self, workflow_id: str) -> None:
         super().__init__(workflow_id)
         self._observations: OrderedDict[str, _Observation] = OrderedDict()
+        # improvement_applied starting a canary, stamped further ahead than this service's
+        # clock (plus a minute) when it read it -> the time it counts from instead
+        self._starts: dict[str, datetime] = {}
+
+    def apply(self, event: Event, now: datetime | None = None) -> bool:
+        """Fold a version event in; False when already known (our own, read back).
+
+        ``now``: this service's clock as it reads ``event``. A canary's start stamped
+        further ahead than that (plus a minute) counts from no later than it, for good: the
+        bound is fixed when the start is read (a bound moving with the clock would count no
+        run ever), and kept in the snapshot, so a restart counts the runs the live service
+        did. Where it falls among the other events stays its stamp's (see the module).
+        """
+        if not super().apply(event):
+            return False
+        if now is not None and isinstance(event, ImprovementApplied) and event.traffic_share < 1:
+            start = not_ahead(event.occurred_at, now)
+            if start < event.occurred_at:
+                self._starts[event.event_id] = start
+        return True
+
+    def _ordered(self) -> list[tuple[datetime, Event]]:
+        """The fold's order, every reader's; only the time a canary counts from may be
+        earlier here (see :meth:`apply`)."""
+        return [(min(at, self._starts.get(e.event_id, at)), e) for at, e in super()._ordered()]
 
     def observe(self, run_id: str, label: str, quality: float, at: datetime) -> None:
         """A run this workflow served: its version label and assessed quality."""
@@ -189,13 +222,24 @@ class WorkflowLedger(VersionLedger):
         return {
             "events": [e.model_dump(mode="json") for e in self._events.values()],
             "observations": [(run, *o) for run, o in self._observations.items()],
+            "starts": list(self._starts.items()),
         }
 
     @classmethod
-    def from_dump(cls, workflow_id: str, data: dict[str, Any]) -> WorkflowLedger:
+    def from_dump(
+        cls, workflow_id: str, data: dict[str, Any], now: datetime | None = None
+    ) -> WorkflowLedger:
+        """A :meth:`dump` read back. A dump without the canary starts' bounds (snapshot
+        version 5) bounds them by ``now``, the restore's clock, as if read now."""
         ledger = cls(workflow_id)
+        starts = data.get("starts")
         for raw in data["events"]:
-            ledger.apply(event_class(raw["event_type"]).model_validate(raw))
+            event = event_class(raw["event_type"]).model_validate(raw)
+            ledger.apply(event, now if starts is None else None)
+        for event_id, start in starts or ():
+            if not isinstance(start, datetime):
+                raise ValueError(f"canary start {event_id!r} counts from {start!r}")
+            ledger._starts[str(event_id)] = start
         for run, *observed in data["observations"]:
             ledger._observations[run] = _Observation._make(observed)
         return ledger

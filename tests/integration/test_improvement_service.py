@@ -590,6 +590,48 @@ async def test_a_failure_stamped_far_ahead_does_not_keep_a_pattern_from_its_auto
     }
 
 
+async def test_a_canary_started_with_a_stamp_far_ahead_is_still_judged(platform: Platform):
+    # A canary counted the runs since its start's stamp: one stamped in year 8999 (a writer
+    # whose clock is wrong), with nothing after it on its topic, counted none of them and
+    # was never rolled back nor promoted.
+    flow, far = "g1/code", datetime(8999, 1, 1, tzinfo=UTC)
+    changes = {"instructions": "Answer in one line.", "improvement_id": "imp-ahead"}
+    await platform.producer.send(
+        WorkflowVersionSaved(source="improvement", goal_id="g1", workflow_id=flow, version=2,
+                             parent_version=1, changes=changes, occurred_at=far)
+    )  # fmt: skip
+    await platform.producer.send(
+        ImprovementApplied(source="improvement", improvement_id="imp-ahead", workflow_id=flow,
+                           version=2, traffic_share=0.5, occurred_at=far)
+    )  # fmt: skip
+    # The start counts from the service's clock when it read it, plus a minute: runs ended
+    # by a loader two minutes ahead count once read after it, so pairs are sent until then.
+    rng = random.Random(9)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30.0
+    i = 0
+    while not platform.of(ImprovementRolledBack):
+        assert loop.time() < deadline, f"never judged after {i} pairs of runs"
+        ahead = SystemClock().now() + timedelta(minutes=2)
+        for version, q in (("2", 0.3), ("1", 0.8)):
+            quality = f"{q + rng.uniform(-0.05, 0.05):.3f}"
+            meta = {"quality": quality, "workflow_version": version, "workflow_id": flow}
+            await platform.run(f"v{version}-{i}", f"task {i}", meta=meta, occurred_at=ahead)
+        i += 1
+        await asyncio.sleep(0.1)
+    (rolled,) = platform.of(ImprovementRolledBack)
+    assert isinstance(rolled, ImprovementRolledBack) and rolled.workflow_id == flow
+    assert (rolled.from_version, rolled.to_version) == (2, 1) and "p=" in rolled.reason
+    # The CLI's reader, folding by the log alone, sees the same rollback.
+    await platform.until(lambda: len(platform.of(WorkflowVersionSaved)) == 2)
+    rows = await list_versions(platform.settings, flow)
+    assert [(r["version"], r["status"]) for r in rows] == [
+        (1, "base"),
+        (2, "rolled_back"),
+        (3, "rollback_record"),
+    ]
+
+
 async def test_two_instances_share_the_work_and_decide_once(
     settings: KafkaSettings, tmp_path: Path
 ):

@@ -260,7 +260,7 @@ def test_waiting_proposals_are_bounded_per_goal_and_survive_a_snapshot(
 def test_a_version_4_snapshot_reads_with_nothing_waiting() -> None:
     from services.improvement.service import _UPGRADES, SNAPSHOT_VERSION  # noqa: PLC2701
 
-    assert SNAPSHOT_VERSION == 5
+    assert SNAPSHOT_VERSION == 6
     state = ImprovementState(PatternSettings(), FakeClock())
     state.apply(_waiting(1))
     dumped = state.dump()

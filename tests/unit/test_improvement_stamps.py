@@ -1,15 +1,17 @@
 """A sender's clock does not defeat the improvement service's limits: the feedback rate is
 counted by the service's clock, a goal's cost limit is the last update on the log, and a
-cost, verdict, pattern decision or run stamped far ahead counts as made now; a restart
-folding the same log reaches the same decisions."""
+cost, verdict, pattern decision, run or canary start stamped far ahead counts as made now;
+a restart folding the same log reaches the same decisions."""
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
 
 from services.improvement.patterns import PatternLearner, PatternSettings
 from services.improvement.service import ImprovementService
 from services.improvement.state import GoalSpend, ImprovementState
+from services.improvement.versions import CanaryPolicy
 from streams.clock import FakeClock
 from streams.events import (
     AutomationCreated,
@@ -28,6 +30,7 @@ from streams.events import (
     WorkflowVersionSaved,
 )
 from streams.signatures import signature_of
+from streams.versions import VersionLedger
 from tests.unit.test_improvement_commands import _delivery, _routed, _service
 
 FAR_AHEAD = datetime(8999, 1, 1, tzinfo=UTC)
@@ -244,3 +247,65 @@ def test_a_run_stamped_far_ahead_is_no_run_of_every_later_canary():
     _fold(state, _canary(clock.now()))
     _fold(state, _run("base", clock.now(), quality=0.8) + _run("new", clock.now(), version="2"))
     assert state.flow("code").samples() == ([0.9], [0.8])
+
+
+POLICY = CanaryPolicy(share=0.5, min_runs=10, promote_runs=20, max_runs=200)
+
+
+def test_a_canary_started_far_ahead_is_judged_and_a_restart_judges_it_alike():
+    # A canary counted runs since its start's stamp: one stamped in year 8999, with nothing
+    # after it on its topic, counted none, and was never rolled back nor promoted.
+    clock = FakeClock()
+    state = ImprovementState(PatternSettings(), clock)
+    started = _canary(FAR_AHEAD)
+    _fold(state, started)
+    clock.advance(61)  # it counts from the clock when read, plus a minute
+    rng = random.Random(3)
+    runs: list[Event] = []
+    for i in range(12):
+        runs += _run(f"c{i}", clock.now(), version="2", quality=0.3 + rng.uniform(-0.05, 0.05))
+        runs += _run(f"b{i}", clock.now(), version="1", quality=0.8 + rng.uniform(-0.05, 0.05))
+        clock.advance(1)
+    cut = len(runs) // 2
+    _fold(state, runs[:cut])
+    snapshot = state.dump()
+    _fold(state, runs[cut:])
+    ledger = state.flow("code")
+    canary, control = ledger.samples()
+    assert len(canary) == len(control) == 12
+    verdict, decided = ledger.evaluate(clock.now(), POLICY)
+    assert verdict is not None and verdict.action == "rollback"
+    # A restart an hour later, from the snapshot and the tail, counts the same runs: the
+    # start's bound is the one the live service read it with, not the restart's clock.
+    again = ImprovementState(PatternSettings(), FakeClock(clock.now() + timedelta(hours=1)))
+    again.restore(snapshot)
+    _fold(again, runs[cut:])
+    assert again.flow("code").samples() == (canary, control)
+    assert again.flow("code").evaluate(clock.now(), POLICY)[1] == decided
+    # What serves is every reader's: the CLI's fold (no clock) agrees before and after.
+    cli = VersionLedger("code")
+    for event in started:
+        cli.apply(event)
+    assert (cli.state.base, cli.state.canary) == (ledger.state.base, ledger.state.canary) == (1, 2)
+    for event in decided:
+        cli.apply(event)
+        state.apply(event)
+        again.apply(event)
+    for each in (cli, state.flow("code"), again.flow("code")):
+        assert (each.state.base, each.state.canary, each.state.share) == (1, None, 0.0)
+
+
+def test_a_version_5_snapshot_bounds_a_canary_start_far_ahead_by_the_restore_clock():
+    clock = FakeClock()
+    state = ImprovementState(PatternSettings(), clock)
+    _fold(state, _canary(FAR_AHEAD))
+    dumped = state.dump()
+    for _, ledger in dumped["flows"]:
+        del ledger["starts"]  # what version 5 wrote
+    clock.advance(3600)
+    again = ImprovementState(PatternSettings(), clock)
+    again.restore(dumped)
+    since = clock.now() + timedelta(seconds=60)
+    assert again.flow("code").state.canary_since == since
+    _fold(again, _run("new", since, version="2") + _run("base", since, quality=0.8))
+    assert again.flow("code").samples() == ([0.9], [0.8])
