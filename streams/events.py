@@ -78,7 +78,9 @@ __all__ = [
     "SPAWN_APPROVAL_SECONDS",
     "SPAWN_WRITE_SECONDS",
     "MAX_DAILY_COST_USD",
+    "is_run_id_refusal",
     "new_event_id",
+    "run_id_refusal_id",
     "terminal_event_id",
     "validate_identifier",
     "validate_message",
@@ -137,6 +139,32 @@ def terminal_event_id(run_id: str) -> str:
     analytics) keeps one outcome per run.
     """
     return str(uuid.uuid5(_TERMINAL_NS, f"{run_id}:terminal"))
+
+
+# The router's namespace, where these ids were first derived: refusals already on the log
+# are still recognised.
+_RUN_ID_TAKEN_NS = uuid.UUID("c2d9e4f1-7a3b-4c5d-8e6f-a1b2c3d4e5f6")
+
+
+def run_id_refusal_id(goal_id: str, run_id: str) -> str:
+    """The id of the ``workflow_failed`` (reason ``invalid``) with which the router refuses
+    ``goal_id``'s request under a run id another goal's request used.
+
+    By goal and run (neither holds a NUL): never the run's :func:`terminal_event_id`, nor
+    another goal's refusal's, and the same for every copy of the request.
+    """
+    return str(uuid.uuid5(_RUN_ID_TAKEN_NS, f"run id taken\x00{goal_id}\x00{run_id}"))
+
+
+def is_run_id_refusal(event: Event) -> bool:
+    """Whether ``event`` is such a refusal: the refused goal's own failure, not the end of
+    the run its run id names (another goal's). A reader that folds terminal events by run
+    id skips it; only the refused goal's client waits for it."""
+    return (
+        isinstance(event, WorkflowFailed)
+        and event.reason == "invalid"  # before the hash: most failures are not refusals
+        and event.event_id == run_id_refusal_id(event.goal_id, event.run_id)
+    )
 
 
 def _utcnow() -> datetime:

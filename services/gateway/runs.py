@@ -6,14 +6,15 @@ user asked it. The index reads the terminal topics outside any group, from
 ``lookback`` before the gateway started, and keeps at most ``capacity`` runs, at most
 ``per_goal`` of one goal: a goal's runs push out only its own older runs, and past
 ``capacity`` the goal holding the most loses its oldest, so one key's flood of requests
-never makes another goal's feedback 404.
+never makes another goal's feedback 404. The router's refusal of a request under a run id
+another goal used names that run id but is no run of the refused goal: it is skipped.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from streams.events import Event, WorkflowCompleted, WorkflowFailed
+from streams.events import Event, WorkflowCompleted, WorkflowFailed, is_run_id_refusal
 from streams.kafka import BACKGROUND_FETCH, KafkaSettings
 from streams.quotas import PerGoal
 from streams.views import TopicView
@@ -54,7 +55,10 @@ class RunIndex:
         return self._goals.get(run_id)
 
     def _apply(self, event: Event) -> None:
-        if isinstance(event, WorkflowCompleted | WorkflowFailed):
+        # A refusal read as the run's latest end handed the run to the refused goal: the
+        # run's own goal got 403 on feedback about it, the refused goal's key passed
+        # the gateway's check.
+        if isinstance(event, WorkflowCompleted | WorkflowFailed) and not is_run_id_refusal(event):
             self.note(event.run_id, event.goal_id)
 
     async def start(self, now: datetime) -> None:

@@ -21,7 +21,9 @@ references, not copies, and a snapshot writes each once.
 An event's own ``occurred_at`` is its sender's choice: a cost's day, a verdict's time and
 a run's end count no further ahead than this service's clock (plus a minute's skew,
 :func:`~services.improvement.stamps.not_ahead`) when they are folded, and a goal's cost
-limit is the last update read from the log, whatever its stamp.
+limit is the last update read from the log, whatever its stamp. A request's run id is its
+sender's choice too: the router's refusal of a request under one another goal used is no
+event of that run, and is not folded.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from streams.events import (
     WorkflowCompleted,
     WorkflowFailed,
     WorkflowVersionSaved,
+    is_run_id_refusal,
 )
 from streams.keys import KeyRegistry
 from streams.quotas import Tally
@@ -390,6 +393,11 @@ class ImprovementState:
             event,
             RequestReceived | RouteDecided | WorkflowCompleted | WorkflowFailed | WorkflowAssessed,
         ):
+            return
+        if is_run_id_refusal(event):
+            # The router's refusal of another goal's request under this run id: no end of
+            # this run (its later completion never counted as its pattern's outcome), and
+            # read first, it made the run the refused goal's (and feedback on it theirs).
             return
         run = self._run(event.run_id, _shared(event.goal_id))
         # The first owner, goal and message seen stay the run's: every event of a run

@@ -52,6 +52,8 @@ from streams.events import (
     WorkflowAssessed,
     WorkflowCompleted,
     WorkflowFailed,
+    is_run_id_refusal,
+    run_id_refusal_id,
     terminal_event_id,
 )
 from streams.judging import JudgeRule, judge_draw
@@ -78,21 +80,6 @@ E = TypeVar("E", TaskRequested, SpawnRequested)
 def _id(run_id: str, what: str) -> str:
     """An id derived from the run: a request routed again after a crash sends the same ids."""
     return str(uuid.uuid5(_NS, f"{run_id}:{what}"))
-
-
-def _refusal_id(goal_id: str, run_id: str) -> str:
-    """The id of the failure that refuses ``goal_id``'s request under a run id another goal
-    used: by goal and run (neither holds a NUL), so it is never the run's own terminal
-    event id, nor another goal's refusal's."""
-    return str(uuid.uuid5(_NS, f"run id taken\x00{goal_id}\x00{run_id}"))
-
-
-def _is_refusal(event: Event) -> bool:
-    return (
-        isinstance(event, WorkflowFailed)
-        and event.goal_id is not None
-        and event.event_id == _refusal_id(event.goal_id, event.run_id)
-    )
 
 
 # Bump when what Router.dump writes or what Router.learn folds changes: older snapshots
@@ -386,7 +373,7 @@ class Router:
 
     # -- knowledge -----------------------------------------------------------
     def learn(self, event: Event) -> None:
-        if _is_refusal(event):
+        if is_run_id_refusal(event):
             # Not the outcome of the run its id names (another goal's): nothing of that run
             # (its wait, its agent's load, its cached answer) ends with it.
             return
@@ -832,7 +819,7 @@ class Router:
     def _refused(self, request: RequestReceived) -> WorkflowFailed:
         return WorkflowFailed.caused_by(
             request,
-            event_id=_refusal_id(request.goal_id, request.run_id),
+            event_id=run_id_refusal_id(request.goal_id, request.run_id),
             source=SOURCE,
             reason="invalid",
             detail=(

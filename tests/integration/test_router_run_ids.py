@@ -1,16 +1,19 @@
 """A run id two goals' clients sent: the router refuses the second goal's request with a
 failure of its own (its client is answered), in flight and after the first run ended,
-across a restart; the first goal's run is routed and ends once."""
+across a restart; the first goal's run is routed and ends once, and stays its goal's for
+the gateway reading the terminal topics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from local.platform import Launcher
+from services.gateway.runs import RunIndex
 from streams.events import RequestReceived, WorkflowFailed, terminal_event_id
 from streams.kafka import EventConsumer, EventProducer
 
@@ -75,5 +78,16 @@ async def test_a_second_goals_request_under_a_used_run_id_gets_a_failure(setting
                 "g2": {refused.event_id},
                 "g3": {third.event_id},
             }
+
+        # The gateway reads both refusals and g1's end under the run id: the run is g1's
+        # (a refusal read last once made it the refused goal's, and g1's feedback a 403).
+        index = RunIndex(settings, lookback=timedelta(hours=1), source="test")
+        await index.start(datetime.now(UTC))
+        try:
+            assert index._view is not None  # noqa: SLF001
+            await asyncio.wait_for(index._view.ready.wait(), 60)  # noqa: SLF001
+            assert index.goal_of(run) == "g1"
+        finally:
+            await index.stop()
     finally:
         launcher.stop_all()
