@@ -14,6 +14,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
+from aiokafka.errors import KafkaError
 from aiokafka.protocol.admin import (
     DescribeGroupsRequest_v0,
     DescribeGroupsRequest_v1,
@@ -249,7 +250,14 @@ async def _await_members(settings: KafkaSettings, groups: list[str], timeout: fl
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            members = {g.group: g.members for g in await describe_groups(admin, groups)}
+            try:
+                members = {g.group: g.members for g in await describe_groups(admin, groups)}
+            except KafkaError as exc:
+                # A new broker has no group coordinator until its offsets topic exists.
+                if not exc.retriable or loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.25)
+                continue
             missing = [g for g in groups if not members.get(g)]
             if not missing or loop.time() >= deadline:
                 return missing
