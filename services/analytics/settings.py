@@ -12,6 +12,8 @@ from streams.settings import EnvSettings, setting
 __all__ = ["AnalyticsSettings", "QueryLimits", "SinkConfig"]
 
 _MB = 1024 * 1024
+# Rows in a block of the SQL surface's queries (ClickHouse's default is 65,409).
+_BLOCK_ROWS = 8192
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class QueryLimits:
             # number of rows (SELECT arrayJoin(range(3000000)) came back whole): the
             # query stops one row past the limit, and the check above then throws.
             "limit": self.max_result_rows + 1,
+            # An answer leaves the engine a block at a time, and a block of rows that
+            # functions build (one constant string, repeated) renders far larger than it
+            # counts: 8,192 rows a block rather than 65,409 bound what one block renders.
+            "max_block_size": _BLOCK_ROWS,
             "max_threads": self.max_threads,
             # Days and times in UTC, as the budget's days are, whatever the host's zone:
             # today() means the same day everywhere, and the host's zone is not shown.

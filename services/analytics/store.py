@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import shutil
 import tempfile
@@ -10,7 +12,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from services.analytics import _ingest
@@ -19,7 +21,7 @@ from streams.codec import EventCodec, default_codec
 from streams.config import ROOT, data_root
 from streams.errors import DecodeError, StoreError
 from streams.events import Event
-from streams.sql import QueryResult, SqlSource
+from streams.sql import QueryResult, SqlSource, quote_string
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -55,6 +57,10 @@ _ROW_ERRORS = frozenset(
 _AVRO_EXCEPTION = 748
 # A refused part this small is inserted row by row rather than halved again.
 _ONE_BY_ONE = 8
+# An answer is read from ClickHouse this many bytes at a time (and, on Linux, its pipe
+# holds as much); how long the pipe may stay open once the query that wrote it is over.
+_ANSWER_CHUNK = 1024 * 1024
+_PIPE_GRACE_S = 5.0
 T = TypeVar("T")
 
 
@@ -556,20 +562,37 @@ class ClickHouseStore:
     def text_limited(
         self, sql: str, clickhouse_format: str | None, *, parsing: bool = False
     ) -> str:
-        """:meth:`query_limited` rendered by ClickHouse; ``None``: its default, TabSeparated."""
+        """:meth:`query_limited` rendered by ClickHouse; ``None``: its default, TabSeparated.
+
+        An answer is read while ClickHouse renders it, block by block, and kept only while
+        it is within ``limits.max_result_bytes``: a larger one is refused
+        (``ORCH_SQL_MAX_RESULT_MB``) without being held whole anywhere. ClickHouse's own
+        ``max_result_bytes`` counts blocks as they are in memory, where one constant
+        string counts once however many rows render it.
+        """
+        if parsing:
+            # The parser's dump of a checked statement: its size follows the statement's.
+            def parse(client: Client) -> str:
+                data = client.raw_query(_clean(sql), fmt=clickhouse_format)
+                return data.decode("utf-8", errors="replace")
+
+            return self._limited_call(True, parse)
+        limit = self.limits.max_result_bytes
+        fmt = clickhouse_format or "TabSeparated"
 
         def run(client: Client) -> str:
-            data = client.raw_query(_clean(sql), fmt=clickhouse_format)
-            if not parsing and len(data) > self.limits.max_result_bytes:
-                # ClickHouse checks max_result_bytes between blocks, and one block can be
-                # larger: the rendered answer is held to the limit here.
-                raise StoreError(
-                    f"the result is {len(data):,} bytes, over the {self.limits.max_result_bytes:,}"
-                    " a result may have (ORCH_SQL_MAX_RESULT_MB) (TOO_MANY_ROWS_OR_BYTES)"
-                )
-            return data.decode("utf-8", errors="replace")
+            if self.embedded:
+                answer = _render_into_pipe(client, _clean(sql), fmt, limit)
+            else:
+                # A server renders into the HTTP response as it goes; past the limit the
+                # response is closed unread, and the server cancels the query.
+                with client.raw_stream(_clean(sql), fmt=fmt) as stream:
+                    answer = _Answer.read(cast("IO[bytes]", stream), limit)
+            if answer.size > limit:
+                raise StoreError(answer.refusal())
+            return answer.text()
 
-        return self._limited_call(parsing, run)
+        return self._limited_call(False, run)
 
     def count(self) -> int:
         result = self.query(f"SELECT count() FROM {TABLE} FINAL")
@@ -606,6 +629,90 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class _Answer:
+    """An answer as ClickHouse renders it: kept while within ``limit`` bytes, then only counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.whole = True  # False: reading stopped past the limit, so ``size`` is a floor
+        self._parts: list[bytes] = []
+
+    @classmethod
+    def read(cls, stream: IO[bytes], limit: int) -> _Answer:
+        """Read ``stream`` to its end, or to just past ``limit``."""
+        answer = cls(limit)
+        while chunk := stream.read(_ANSWER_CHUNK):
+            answer.add(chunk)
+            if answer.size > limit:
+                answer.whole = False
+                break
+        return answer
+
+    def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size <= self.limit:
+            self._parts.append(chunk)
+        else:
+            self._parts.clear()
+
+    def text(self) -> str:
+        data = b"".join(self._parts)
+        self._parts = []
+        return data.decode("utf-8", errors="replace")
+
+    def refusal(self) -> str:
+        size = f"{self.size:,} bytes" if self.whole else "larger"
+        return (
+            f"the result is {size}, over the {self.limit:,} a result may have"
+            " (ORCH_SQL_MAX_RESULT_MB) (TOO_MANY_ROWS_OR_BYTES)"
+        )
+
+
+def _render_into_pipe(client: Client, sql: str, clickhouse_format: str, limit: int) -> _Answer:
+    """Run ``sql`` on the embedded engine with its answer written into a pipe read here.
+
+    chdb keeps a query's whole rendering in one buffer and copies it again before Python
+    sees its size; written ``INTO OUTFILE``, the answer leaves the engine block by block,
+    as clickhouse-client's would, in the same format (one JSON document, one table).
+    The reader reads to the end, so the engine is never left writing into a full pipe,
+    and keeps no more than ``limit`` bytes.
+    """
+    read_fd, write_fd = os.pipe()
+    answer = _Answer(limit)
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        try:
+            with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+                while chunk := pipe.read(_ANSWER_CHUNK):
+                    answer.add(chunk)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's thread
+            failed.append(exc)
+
+    reader = threading.Thread(target=drain, name="sql-answer", daemon=True)
+    reader.start()
+    try:
+        if (grow := getattr(fcntl, "F_SETPIPE_SZ", None)) is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(write_fd, grow, _ANSWER_CHUNK)
+        # The statement is the guard's, which has no INTO OUTFILE, FORMAT or SETTINGS.
+        target = quote_string(f"/dev/fd/{write_fd}")
+        stray = client.raw_query(
+            f"{sql}\nINTO OUTFILE {target} TRUNCATE FORMAT {clickhouse_format}"
+        )
+    finally:
+        os.close(write_fd)  # the engine has closed its own end: the reader sees the end
+        reader.join(_PIPE_GRACE_S)
+    if reader.is_alive():
+        raise StoreError("ClickHouse left the answer's pipe open after the query")
+    if failed:
+        raise StoreError(f"cannot read the answer: {failed[0]}")
+    if stray:
+        raise StoreError("ClickHouse answered outside the answer's pipe")
+    return answer
 
 
 def _sorting_key(client: Client, table: str) -> str | None:
