@@ -77,8 +77,8 @@ _PROXIES = frozenset(
 )
 
 GRANTS: Mapping[str, Vars] = {
-    # The broker's passwords: every platform service logs in, the broker itself and the
-    # fake LLM do not (the local broker's clients read theirs from the data dir instead).
+    # The broker's passwords: every service logs in (a service of one's own too); the
+    # broker itself and the fake LLM do not.
     "kafka-login": Vars(names=frozenset({"KAFKA_SASL_PASSWORD", "KAFKA_SSL_KEY_PASSWORD"})),
     # The LLM endpoint and its key, the model settings, and the HTTP proxies to reach it.
     # The judge's sample and rule are common: the router decides which runs are judged.
@@ -133,8 +133,9 @@ SERVICE_GRANTS: Mapping[str, frozenset[str]] = {
 
 
 def grants_of(service: str) -> frozenset[str]:
-    """The grants of ``service``; none for a process the table does not list."""
-    return SERVICE_GRANTS.get(service, frozenset())
+    """The grants of ``service``; for a process the table does not list (a service of
+    one's own under `ORCH_SERVICES_PACKAGE`), the broker's login alone."""
+    return SERVICE_GRANTS.get(service, frozenset({"kafka-login"}))
 
 
 def service_env(service: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -169,7 +169,10 @@ def test_the_brokers_passwords_reach_the_services_alone() -> None:
         assert env["KAFKA_SASL_PASSWORD"] == "s3cret", service
         assert env["KAFKA_SSL_KEY_PASSWORD"] == "k3y", service
         assert env["KAFKA_SSL_CAFILE"] == "/etc/ca.pem", service
-    for other in ("kafka", "fake-llm", "an-unknown-program"):
+    # A service of one's own (ORCH_SERVICES_PACKAGE) is a Kafka client too.
+    assert service_env("my-own-service", environ)["KAFKA_SASL_PASSWORD"] == "s3cret"
+    assert grants_of("my-own-service") == {"kafka-login"}
+    for other in ("kafka", "fake-llm"):
         env = service_env(other, environ)
         assert "KAFKA_SASL_PASSWORD" not in env and "KAFKA_SSL_KEY_PASSWORD" not in env, other
         assert env["KAFKA_SASL_USERNAME"] == "svc"
