@@ -84,8 +84,10 @@ def body_bytes(request: web.BaseRequest, largest: int) -> int:
     body taken): its Content-Length when it is sent as it is, else ``largest`` (a chunked or
     compressed body does not say how large it will be once read)."""
     length = request.content_length
-    coding = request.headers.get("Content-Encoding", "").strip().lower()
-    if length is None or coding not in ("", "identity"):
+    # Every Content-Encoding header: aiohttp decodes by the last one, so reading the first
+    # alone charged `identity, gzip` at its compressed length while it inflated to `largest`.
+    codings = [c.strip().lower() for c in request.headers.getall("Content-Encoding", [])]
+    if length is None or any(c not in ("", "identity") for c in codings):
         return largest
     return max(0, min(length, largest))
 

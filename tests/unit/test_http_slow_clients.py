@@ -17,12 +17,15 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
 from services.gateway.http import GatewayApp, build_runner
 from services.gateway.settings import GatewaySettings
 from services.improvement.http import build_app as build_improvement_app
 from services.improvement.http import build_runner as build_improvement_runner
 from streams.client import Answer
+from streams.http import body_bytes
 from streams.keys import Identity
 from tests.unit.test_gateway_http import KEY as SCRIPTED_KEY
 from tests.unit.test_gateway_http import Scripted
@@ -490,3 +493,19 @@ async def test_a_feedback_body_that_never_comes_gets_408() -> None:
         writer.close()
         assert line.startswith(b"HTTP/1.1 408")
         assert (await _post(url, owner, {"run_id": "r1", "score": 4}, "/improve"))[0] == 200
+
+
+def test_a_body_is_charged_for_what_any_of_its_encodings_may_inflate_it_to() -> None:
+    def charged(*codings: str, length: str = "1052") -> int:
+        headers = CIMultiDict([("Content-Length", length)])
+        for coding in codings:
+            headers.add("Content-Encoding", coding)
+        return body_bytes(make_mocked_request("POST", "/", headers=headers), 1 << 20)
+
+    assert charged() == 1052
+    assert charged("identity") == 1052
+    assert charged("gzip") == 1 << 20
+    # Two headers: aiohttp inflates by the last one, whatever the first says.
+    assert charged("identity", "gzip") == 1 << 20
+    assert charged("gzip", "identity") == 1 << 20
+    assert charged("identity, gzip") == 1 << 20
