@@ -97,6 +97,12 @@ class Platform:
             assert loop.time() < deadline, f"timed out; saw {[e.event_type for e in self.seen]}"
             await asyncio.sleep(0.05)
 
+    async def each(self, kind: type[Event], count: int = 1) -> list[Event]:
+        """The events of one kind once ``count`` have come. Each kind is its own topic,
+        read apart from the others: one seen says nothing of another's arrival."""
+        await self.until(lambda: len(self.of(kind)) >= count)
+        return self.of(kind)
+
     async def run(
         self, run_id: str, message: str, *, user: str = "u1", goal: str = "g1", **done: object
     ) -> None:
@@ -228,7 +234,7 @@ async def test_assessments_patterns_and_automations(platform: Platform):
     }
     assert (assessed["k1"].quality, assessed["k1"].method) == (0.3, "heuristic")
     await platform.until(lambda: len(platform.of(AutomationCreated)) == 2)
-    (found,) = platform.of(PatternDiscovered)
+    (found,) = await platform.each(PatternDiscovered)
     assert isinstance(found, PatternDiscovered) and found.occurrences == 3
     autos = platform.of(AutomationCreated)
     assert {(a.kind, a.agent_id, a.signature) for a in autos} == {  # type: ignore[attr-defined]
@@ -298,9 +304,9 @@ async def test_feedback_ownership_http_and_slack(platform: Platform):
             assert resp.status == 401
 
     await platform.until(lambda: len(platform.of(ImprovementApplied)) == 1)
-    sent = {(e.channel, e.user_id) for e in platform.of(FeedbackReceived)}  # type: ignore[attr-defined]
+    sent = {(e.channel, e.user_id) for e in await platform.each(FeedbackReceived, 3)}  # type: ignore[attr-defined]
     assert sent == {("sdk", "u2"), ("http", "u1"), ("slack", "slack:U123")}
-    (available,) = platform.of(ImprovementAvailable)
+    (available,) = await platform.each(ImprovementAvailable)
     assert isinstance(available, ImprovementAvailable)
     # Without an LLM only named adjustments apply: the platform's words, never the user's.
     assert (available.workflow_id, available.run_id, available.kind) == (
@@ -309,7 +315,7 @@ async def test_feedback_ownership_http_and_slack(platform: Platform):
         "instructions",
     )
     assert available.proposal == ADJUSTMENTS["examples"]
-    (saved,) = platform.of(WorkflowVersionSaved)
+    (saved,) = await platform.each(WorkflowVersionSaved)
     assert isinstance(saved, WorkflowVersionSaved)
     assert (saved.version, saved.parent_version, saved.change_source) == (2, 1, "user")
     assert saved.changes["instructions"] == ADJUSTMENTS["examples"]
@@ -487,7 +493,7 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
     await platform.until(lambda: len(platform.of(ImprovementAvailable)) == 1)
     (waiting,) = platform.of(ImprovementAvailable)
     assert isinstance(waiting, ImprovementAvailable) and waiting.kind == "review"
-    (told,) = platform.of(FeedbackDecided)
+    (told,) = await platform.each(FeedbackDecided)
     assert "waits for an operator's approval" in told.reason  # type: ignore[attr-defined]
     await asyncio.sleep(0.5)
     assert platform.of(WorkflowVersionSaved) == []
@@ -495,12 +501,13 @@ async def test_canary_rolled_back_automatically_then_manual_rollback(platform_ll
         PromotionRequested(source="t", user_id="operator", improvement_id=waiting.improvement_id)
     )
     await platform.until(lambda: len(platform.of(ImprovementApplied)) == 1)
-    (approved,) = platform.of(PromotionDecided)
+    (approved,) = await platform.each(PromotionDecided)
     assert isinstance(approved, PromotionDecided) and approved.accepted
     assert approved.workflow_id == "g1/code"
-    (saved,) = platform.of(WorkflowVersionSaved)
+    (saved,) = await platform.each(WorkflowVersionSaved)
     assert isinstance(saved, WorkflowVersionSaved) and saved.workflow_id == "g1/code"
     assert saved.changes["instructions"] == "Always include a runnable example and a test."
+    await platform.until(lambda: len(platform.of(LlmCallCompleted)) >= 2)
     rewrite = [e for e in platform.of(LlmCallCompleted) if e.purpose == "improvement"]  # type: ignore[attr-defined]
     assert [e.goal_id for e in rewrite] == ["g1"]
 
