@@ -26,6 +26,7 @@ from streams.errors import (
     BudgetExceededError,
     InvalidRequest,
     LLMFailure,
+    NotOperator,
     NoVerdict,
     RunFailed,
     RunRejected,
@@ -394,6 +395,14 @@ class OrchestratorClient(AsyncLifecycle):
         return key, event
 
     async def revoke_key(self, key_id: str, *, user_id: str | None = None) -> ApiKeyRevoked:
+        """Revoke a key for good. A key id never issued is refused (``InvalidRequest``): a
+        mistyped id reported as revoked left the real key working. Revoking again is allowed
+        and changes nothing."""
+        keys = KeyRegistry()
+        for issued in await read_topics_to_end(self.settings, KEY_TOPICS):
+            keys.apply(issued)
+        if not keys.known(key_id):
+            raise InvalidRequest(f"key {key_id!r} was never issued (see `orchestrator keys list`)")
         event = ApiKeyRevoked(source=self.source, key_id=key_id, user_id=user_id)
         await self._producer.send(event)
         return event
@@ -426,5 +435,16 @@ class OrchestratorClient(AsyncLifecycle):
             )
         except ValidationError as exc:
             raise invalid_request(exc) from None
+        # The budget service checks it again where it applies the change; asked here too, a
+        # refusal is told to the one who asked instead of reaching only the dead letters.
+        if user_id not in operators_from():
+            keys = KeyRegistry()
+            for issued in await read_topics_to_end(self.settings, KEY_TOPICS):
+                keys.apply(issued)
+            if not keys.is_operator(user_id):
+                raise NotOperator(
+                    f"changing goal {goal_id}'s budget needs an operator; {user_id!r} is not one"
+                    " (ORCH_OPERATORS or an operator key)"
+                )
         await self._producer.send(event)
         return event

@@ -27,7 +27,7 @@ from services.cli.common import (
 )
 from streams.budgets import read_budget
 from streams.client import OrchestratorClient, invalid_request
-from streams.errors import InvalidRequest
+from streams.errors import InvalidRequest, NotOperator
 from streams.events import (
     ApiKeyIssued,
     ApiKeyRevoked,
@@ -94,8 +94,15 @@ def keys_list(as_json: JsonOpt = False) -> None:
     if as_json:
         print_json(rows)
         return
+    out.print(keys_table(rows))
+
+
+def keys_table(rows: list[dict[str, object]]) -> Table:
+    """``keys list`` as a table."""
     table = Table(title=f"API keys ({len(rows)})")
-    for column in ("key id", "goal", "user", "role", "label", "created", "revoked"):
+    # The id is what `keys revoke` takes: never cut short, whatever the terminal's width.
+    table.add_column("key id", no_wrap=True, min_width=16)
+    for column in ("goal", "user", "role", "label", "created", "revoked"):
         table.add_column(column)
     for r in rows:
         table.add_row(
@@ -112,7 +119,7 @@ def keys_list(as_json: JsonOpt = False) -> None:
                 )
             )
         )
-    out.print(table)
+    return table
 
 
 @keys_app.command("revoke")
@@ -128,7 +135,10 @@ def keys_revoke(
     async def send(client: OrchestratorClient) -> ApiKeyRevoked:
         return await client.revoke_key(key_id)
 
-    run(with_client(settings, send), settings, as_json=as_json)
+    try:
+        run(with_client(settings, send), settings, as_json=as_json)
+    except InvalidRequest as exc:
+        fail(str(exc), EXIT_INVALID, as_json=as_json, error_type="InvalidRequest")
     if as_json:
         print_json({"revoked": True, "key_id": key_id})
     else:
@@ -185,7 +195,9 @@ def budget_set(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Change a goal's limits (sent as an event; the budget service applies it)."""
+    """Change a goal's limits (sent as an event; the budget service applies it).
+
+    Exit 0 sent, 1 refused (the user is not an operator), 2 invalid."""
     given = {
         "max_agents": max_agents,
         "max_concurrent": max_concurrent,
@@ -218,7 +230,10 @@ def budget_set(
         asked: dict[str, Any] = dict(limits)
         return await client.set_budget(goal, user_id=as_user, **asked)
 
-    event = run(with_client(settings, send), settings, as_json=as_json)
+    try:
+        event = run(with_client(settings, send), settings, as_json=as_json)
+    except NotOperator as exc:
+        fail(str(exc), as_json=as_json, error_type="NotOperator")
     if as_json:
         print_json({"sent": True, "event_id": event.event_id, "goal_id": goal, **limits})
     else:

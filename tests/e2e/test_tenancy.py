@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import time
 
 import pytest
 
 from local.fake_openai import Usage
-from streams.errors import NotRunOwner, UnknownRun
+from streams.errors import NotOperator, NotRunOwner, UnknownRun
+from streams.events import BudgetUpdateRequested
+from streams.kafka import EventProducer
 from streams.llm import default_answer
 from streams.workflows import ADJUSTMENTS_HEADER
-from tests.e2e.test_self_improvement import _wait_for
+from tests.e2e.conftest import events_until
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +45,7 @@ class _Recorder:
 
 
 # Events on a topic that match, waiting for them a while (the platform works in the background).
-_until = functools.partial(_wait_for, timeout=30.0)
+_until = functools.partial(events_until, timeout=30.0)
 
 
 async def test_feedback_of_one_goal_never_reaches_another(platform, client):
@@ -52,7 +55,7 @@ async def test_feedback_of_one_goal_never_reaches_another(platform, client):
         goal_a, goal_b = "tenant-a", "tenant-b"
         first = await client.ask("How do I rotate nginx logs weekly?", goal_id=goal_a, user_id="ua")
         assert first.degradation_tier == "llm"
-        await _until(platform, "workflow_assessed", lambda e: e.run_id == first.run_id)
+        assert await _until(platform, "workflow_assessed", lambda e: e.run_id == first.run_id)
 
         # Someone else's feedback, and feedback on a run nobody made: typed refusals.
         with pytest.raises(NotRunOwner):
@@ -80,7 +83,18 @@ async def test_feedback_of_one_goal_never_reaches_another(platform, client):
         # goal A's change serve every goal, B's runs included.
         again = await client.approve(verdict.improvement_id, user_id="operator")
         assert again.accepted and "already approved" in again.reason
-        await asyncio.sleep(1.0)  # the loader folds the new version in from the log
+        # The loader folds the new version in from the log, a moment after it is there:
+        # goal A is asked (other messages) until a run of it is served version 2.
+        deadline = time.monotonic() + 30
+        for probe in itertools.count():
+            served = await client.ask(
+                f"How do I rotate nginx logs, probe {probe}?", goal_id=goal_a, user_id="ua"
+            )
+            (done,) = await platform.events("workflow_completed", run_id=served.run_id)
+            if done.meta.get("workflow_version") == "2":
+                break
+            assert time.monotonic() < deadline, "no run of goal A was served its version 2"
+            await asyncio.sleep(0.2)
 
         # Different messages, so that every run calls the LLM (no cached answers): with a
         # 50% canary, 14 runs of goal A all missing it would happen once in 16,384 tries.
@@ -93,14 +107,11 @@ async def test_feedback_of_one_goal_never_reaches_another(platform, client):
         adjusted = [p for p in seen if ADJUSTMENTS_HEADER in p]
         # Goal A's canary serves its runs' share; goal B's runs never carry A's change.
         assert adjusted and all(INSTRUCTION in p for p in adjusted)
-        b_completed = [
-            (await platform.events("workflow_completed", run_id=r.run_id))[0] for r in b_runs
-        ]
+        completed = {e.run_id: e for e in await platform.events("workflow_completed")}
+        b_completed = [completed[r.run_id] for r in b_runs]
         assert all(e.meta.get("workflow_id") == first.specialty for e in b_completed)
         assert all(e.meta.get("workflow_version") == "1" for e in b_completed)
-        a_completed = [
-            (await platform.events("workflow_completed", run_id=r.run_id))[0] for r in a_runs
-        ]
+        a_completed = [completed[r.run_id] for r in a_runs]
         assert {e.meta.get("workflow_id") for e in a_completed} == {workflow}
         # Every LLM call labelled with A's version 2 had A's instruction, and only those.
         assert len(adjusted) == sum(e.meta.get("workflow_version") == "2" for e in a_completed)
@@ -152,7 +163,15 @@ async def test_only_an_operator_changes_a_budget(platform, client):
     assert await _until(platform, "budget_reported", lambda e: e.goal_id == goal)
     before = await read_budget(platform.settings, goal)
     assert before is not None
-    refused = await client.set_budget(goal, user_id="mallory", max_concurrent=77)
+    # The SDK (and so the CLI) tells the one who asks ...
+    with pytest.raises(NotOperator, match="mallory"):
+        await client.set_budget(goal, user_id="mallory", max_concurrent=77)
+    # ... and the budget service checks again whoever produced the change.
+    refused = BudgetUpdateRequested(
+        source="e2e", goal_id=goal, user_id="mallory", max_concurrent=77
+    )
+    async with EventProducer(platform.settings) as producer:
+        await producer.send(refused)
     letters = await _until(
         platform, "dead_letter", lambda e: e.error_type == "NotOperator" and goal in e.reason
     )
@@ -160,7 +179,6 @@ async def test_only_an_operator_changes_a_budget(platform, client):
     assert (await read_budget(platform.settings, goal) or {})["max_concurrent"] == before[
         "max_concurrent"
     ]
-    assert refused.user_id == "mallory"
 
     # An operator key makes its holder an operator for the service that acts, too.
     await client.create_key("ops", "ops-bob", "operator")

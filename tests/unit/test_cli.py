@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from local.platform import SERVICE_ORDER
 from services.cli import main as cli
+from services.cli.admin import keys_table
 from services.cli.supervisor import restart_delay
 from streams.client import Answer, OrchestratorClient
 from streams.errors import BudgetExceededError, RunTimeout
 from streams.events import MAX_MESSAGE_BYTES
+from streams.keys import KeyRegistry, mint_key
 
 runner = CliRunner()
 
@@ -283,3 +287,21 @@ def test_kafka_env_gives_another_program_the_brokers_login(
         "KAFKA_SASL_USERNAME": "orchestrator",
         "KAFKA_SASL_PASSWORD": "a'b $c",
     }
+
+
+def test_keys_list_never_cuts_a_key_id_on_a_narrow_terminal():
+    """``keys revoke`` takes the id: an 80-column table that cut it short left no way to
+    read it but ``--json``."""
+    keys = KeyRegistry()
+    _, issued = mint_key(
+        "a-goal-with-a-rather-long-name",
+        "a-user-with-a-rather-long-name",
+        "user",
+        source="t",
+        label="the key of the nightly batch job, rotated every month",
+    )
+    keys.apply(issued)
+    for width in (80, 60):
+        buffer = io.StringIO()
+        Console(file=buffer, width=width, color_system=None).print(keys_table(keys.listing()))
+        assert issued.key_id in buffer.getvalue(), buffer.getvalue()
