@@ -182,7 +182,10 @@ def _await_services(settings: KafkaSettings, names: list[str], timeout: float) -
 
 def _on_started(state: dict[str, Any], settings: KafkaSettings) -> None:
     _print_running(state, settings)
-    out.print("supervising; Ctrl-C stops everything")
+    out.print(
+        "supervising; Ctrl-C stops the services (the local broker keeps running:"
+        " `orchestrator down` stops it)"
+    )
 
 
 def _llm_configured() -> bool:

@@ -268,8 +268,8 @@ def rollback(
 ) -> None:
     """Serve an earlier version of a workflow to everyone again (operators only).
 
-    Exit 0 rolled back, 1 refused (not an operator, or no such version), 2 invalid,
-    3 no outcome in time.
+    Exit 0 rolled back, 1 refused by the improvement service (not an operator), 2 invalid
+    (a malformed name, or a version the workflow does not have), 3 no outcome in time.
     """
     workflow = _workflow_id(workflow, as_json)
     user = as_user or OperatorSettings.read("operator_user")
