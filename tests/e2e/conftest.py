@@ -12,8 +12,9 @@ import os
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,6 +180,31 @@ async def client(platform: Platform) -> AsyncIterator[OrchestratorClient]:
         yield c
 
 
+async def events_until(
+    platform: Platform,
+    topic: str,
+    keep: Callable[[Any], bool] = lambda e: True,
+    *,
+    count: int = 1,
+    timeout: float = 30.0,
+) -> list:
+    """The events on ``topic`` that ``keep`` selects, once there are ``count`` of them.
+
+    Each kind of event is its own topic, read apart from the others: an answer says that
+    the events which caused it are on the log, not that any other kind has arrived (an
+    assessment, a grant, a dead letter, a cost sent beside it). What a test reads of such a
+    kind it waits for, up to ``timeout`` (generous: a loaded 2-core CI machine is slow).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in await platform.events(topic) if keep(e)]
+        if len(found) >= count:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(found)} of {count} {topic} events in {timeout:g} s")
+        await asyncio.sleep(0.2)
+
+
 async def budget_shows(platform: Platform, goal: str, **expected: object) -> dict:
     """The goal's budget once its report shows ``expected`` (it follows a change within
     ORCH_BUDGET_REPORT_SECONDS)."""
@@ -201,5 +227,12 @@ async def set_budget(
     return await budget_shows(platform, goal, **limits)
 
 
-__all__ = ["EventConsumer", "Platform", "budget_shows", "running_platform", "set_budget"]
+__all__ = [
+    "EventConsumer",
+    "Platform",
+    "budget_shows",
+    "events_until",
+    "running_platform",
+    "set_budget",
+]
 running_platform = _running

@@ -10,6 +10,7 @@ import pytest
 from local.fake_openai import Usage
 from streams.llm import default_answer
 from streams.signatures import signature_of
+from tests.e2e.conftest import events_until
 
 pytestmark = pytest.mark.e2e
 
@@ -20,37 +21,38 @@ def _good_answers(body: dict) -> tuple[str, Usage, dict[str, str]]:
     return text, Usage(prompt_tokens=40, completion_tokens=20), {"quality": "0.9"}
 
 
-async def _wait_for(platform, topic: str, predicate, timeout: float = 20.0) -> list:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [e for e in await platform.events(topic) if predicate(e)]
-        if found or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.3)
-
-
 async def test_a_recurring_request_is_answered_from_cache_at_no_llm_cost(platform, client):
     platform.llm.responder = _good_answers
     try:
         goal, message = "g-auto", "How do I reset my account password?"
         first = [await client.ask(message, goal_id=goal, user_id="u1") for _ in range(3)]
         assert all(a.degradation_tier == "llm" and a.cost_usd > 0 for a in first)
-        assessed = await _wait_for(
+        assessed = await events_until(
             platform, "workflow_assessed", lambda e: e.run_id == first[-1].run_id
         )
-        assert assessed and assessed[0].method == "world" and assessed[0].quality == 0.9
-        patterns = await _wait_for(
-            platform, "pattern_discovered", lambda e: e.specialty == first[0].specialty
+        assert assessed[0].method == "world" and assessed[0].quality == 0.9
+        patterns = await events_until(
+            platform,
+            "pattern_discovered",
+            lambda e: e.goal_id == goal and e.specialty == first[0].specialty,
         )
         assert len(patterns) == 1 and patterns[0].occurrences >= 3
-        caches = await _wait_for(
-            platform, "automation_created", lambda e: e.kind == "response_cache"
+        caches = await events_until(
+            platform,
+            "automation_created",
+            lambda e: e.goal_id == goal and e.kind == "response_cache",
         )
         assert len(caches) == 1
-        await asyncio.sleep(0.5)  # the router folds the automation in from the log
 
-        llm_calls_before = platform.llm.requests
-        cached = await client.ask(message, goal_id=goal, user_id="u1")
+        # The router folds the automation in from the log, a moment after it is there:
+        # asked again until it answers from the cache (each miss is one more LLM answer).
+        deadline = time.monotonic() + 30
+        while True:
+            llm_calls_before = platform.llm.requests
+            cached = await client.ask(message, goal_id=goal, user_id="u1")
+            if cached.degradation_tier != "llm" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
         assert cached.degradation_tier == "automation_cache"
         assert cached.cost_usd == 0
         assert cached.text == first[0].text
@@ -69,10 +71,10 @@ async def test_a_cached_answer_is_served_only_to_the_goal_it_was_computed_for(pl
         first = [await client.ask(message, goal_id=goal_a, user_id="u1") for _ in range(3)]
         assert all(a.degradation_tier == "llm" for a in first)
         signature = signature_of(message, first[0].specialty)
-        caches = await _wait_for(
+        caches = await events_until(
             platform,
             "automation_created",
-            lambda e: e.kind == "response_cache" and e.signature == signature,
+            lambda e: (e.goal_id, e.kind, e.signature) == (goal_a, "response_cache", signature),
         )
         assert len(caches) == 1
         a_runs = {a.run_id for a in first}
