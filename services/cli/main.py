@@ -23,6 +23,7 @@ app = typer.Typer(
     help="Self-improving LLM agent orchestrator on Kafka.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",
 )
 
 

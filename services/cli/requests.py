@@ -139,7 +139,7 @@ def improve(
     run_id: Annotated[
         str,
         typer.Argument(
-            help="The run the feedback is about (or `approve` or `promote`, see below)."
+            help="The run the feedback is about (or `approve` or `promote`: see the text above)."
         ),
     ],
     text: Annotated[str, typer.Argument(help="What should be better (or the improvement id).")],
