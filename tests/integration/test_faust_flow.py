@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -11,6 +12,7 @@ from streams.codec import default_codec
 from streams.events import DeadLetter, RouteDecided, TaskRequested
 from streams.faust_app import FAUST_FETCHER_TIMEOUT_S, create_app, event_topic, start_app
 from streams.kafka import EventConsumer, EventProducer
+from tests.integration.waiting import until
 
 pytestmark = pytest.mark.broker
 
@@ -69,12 +71,18 @@ async def test_faust_agent_updates_a_table_in_key_order(settings):
         inputs = {(settings.topic("task_requested"), p) for p in range(4)}
         assert inputs <= asked
         assert not any(topic == seen.changelog_topic_name for topic, _ in asked)
+
         # ... so the changelog's records, written by the agent and fetched, do not hold the
-        # next fetch back (a held-back fetch cost every input up to 0.1 s).
-        untaken = [r for tp, r in list(fetcher._records.items()) if tp not in fetcher._orch_asked]
-        assert untaken, "the table's changelog records should sit fetched and untaken"
-        await asyncio.sleep(0.05)  # the fetch loop has looked again since they came
-        assert all(r.calculate_backoff() == 0 for r in untaken)
+        # next fetch back (a held-back fetch cost every input up to 0.1 s). The fetch loop
+        # runs in Faust's consumer thread: what it fetched and did are waited for, not slept.
+        def untaken() -> list[Any]:
+            held = list(fetcher._records.items())
+            return [r for tp, r in held if tp not in fetcher._orch_asked]
+
+        await until(lambda: bool(untaken()), "the changelog's records fetched and untaken")
+        # Their back-off is gone once the loop has looked again (not merely outlived).
+        await until(lambda: all(r._backoff == 0 for r in untaken()), "their back-off dropped")
+        assert all(r.calculate_backoff() == 0 for r in untaken())
         # ... and, idle, looks again once a second like ours, not five times.
         assert fetcher._fetcher_timeout == FAUST_FETCHER_TIMEOUT_S == 1.0
         async with EventConsumer(settings, ["task_requested"], group_id=None) as ours:
@@ -87,11 +95,15 @@ async def test_faust_agent_updates_a_table_in_key_order(settings):
     # The garbage value and the two misplaced events went to dead_letter with their
     # reasons; the agent kept going and never saw them (seq 999 is in no goal's list).
     letters = []
-    async with EventConsumer(settings, ["dead_letter"], group_id=None) as dead:
+
+    async def three() -> None:
         async for delivery in dead:
             letters.append(delivery.event)
             if len(letters) == 3:
-                break
+                return
+
+    async with EventConsumer(settings, ["dead_letter"], group_id=None) as dead:
+        await asyncio.wait_for(three(), 30)
     assert all(isinstance(letter, DeadLetter) for letter in letters)
     assert {letter.original_topic for letter in letters} == {"task_requested"}
     assert {letter.source for letter in letters} == {"faust-test"}
