@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
 from services.budget.state import BudgetState
@@ -24,7 +24,8 @@ from streams.events import (
     SpawnApproved,
     SpawnDenied,
 )
-from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+from streams.kafka import EventProducer, KafkaSettings
+from streams.registry import read_topics_to_end
 from streams.runtime import ServiceContext
 from streams.topics import PARTITIONS, partition_for
 from tests.unit.test_budget_state import DEFAULTS, _spawn_req
@@ -52,20 +53,13 @@ class NoticeFailsOnce(EventProducer):
         await super().send_many(events)
 
 
-async def _read(settings: KafkaSettings, topics: list[str]) -> list[Any]:
-    view = EventConsumer(settings, topics, group_id=None, source="test")
-    await view.start()
-    out: list[Any] = []
-    try:
-        for _ in range(4):
-            for records in (await view.raw.getmany(timeout_ms=500)).values():
-                for record in records:
-                    decoded = await view.decode(record)
-                    if decoded is not None:
-                        out.append(decoded.event)
-    finally:
-        await view.stop()
-    return out
+async def _read(
+    settings: KafkaSettings,
+) -> tuple[list[GoalAgentsChanged], list[AgentSpawned]]:
+    """The notices and the agents on their topics now, each topic read to its end."""
+    seen = await read_topics_to_end(settings, [AgentSpawned.topic, GoalAgentsChanged.topic])
+    notices = [e for e in seen if isinstance(e, GoalAgentsChanged)]
+    return notices, [e for e in seen if isinstance(e, AgentSpawned)]
 
 
 async def _spawn(
@@ -76,23 +70,21 @@ async def _spawn(
     stop = asyncio.Event()
     ctx = ServiceContext("spawner", settings, SystemClock(), producer)
     task = asyncio.create_task(spawner.main(ctx, stop))
-    notices: list[GoalAgentsChanged] = []
-    spawned: list[AgentSpawned] = []
     try:
         async with EventProducer(settings) as client:
             await client.send(approval)
-        for _ in range(60):
-            await asyncio.sleep(1)
-            seen = await _read(settings, [AgentSpawned.topic, GoalAgentsChanged.topic])
-            notices = [e for e in seen if isinstance(e, GoalAgentsChanged)]
-            spawned = [e for e in seen if isinstance(e, AgentSpawned)]
-            if notices:
-                break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not (await _read(settings))[0]:
+            assert loop.time() < deadline, "no notice from the spawner"
+            assert not task.done(), task
+            await asyncio.sleep(0.25)
     finally:
         stop.set()
         await asyncio.wait_for(task, 60)
         await producer.stop()
-    return notices, spawned
+    # Read again once the spawner has stopped: all it sent, whichever topic it went to.
+    return await _read(settings)
 
 
 @pytest.fixture
@@ -170,12 +162,23 @@ async def test_an_agent_is_kept_on_its_goals_partition(
     assert [e.change for e in notices] == ["spawned"]
     (agent,) = {e.agent_id for e in spawned}
     changelog = settings.topic(f"{spawner.APP_NAME}-registry-changelog")
-    consumer = AIOKafkaConsumer(changelog, **settings.client_args(), auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(**settings.client_args(), enable_auto_commit=False)
     await consumer.start()
     try:
+        # The spawner has stopped: every partition read up to its end, however slowly.
+        await consumer._client.force_metadata_update()  # noqa: SLF001
+        found = consumer.partitions_for_topic(changelog)
+        assert found, f"no changelog {changelog}"
+        parts = [TopicPartition(changelog, p) for p in sorted(found)]
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
         written = {}
-        for _ in range(10):
-            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while [tp for tp in parts if await consumer.position(tp) < ends[tp]]:
+            assert loop.time() < deadline, "the registry's changelog not read to its end"
+            for tp, records in (await consumer.getmany(timeout_ms=200)).items():
                 for record in records:
                     written[record.key] = tp.partition
     finally:
