@@ -10,6 +10,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,58 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def _start_broker(
+    root: Path, certs: Path, java: str, classpath: str
+) -> tuple[subprocess.Popen[bytes], list[int], Path]:
+    """The broker on three free ports, once it says it started. A port found free is
+    closed before the broker binds it, and another process may take it meanwhile: the
+    broker then exits, and is started again on other ports."""
+    log4j = f"-Dlog4j2.configurationFile={localkafka.INFRA / 'log4j2.properties'}"
+    scram = f"SCRAM-SHA-512=[name={_USER},password={_PASSWORD}]"
+    for attempt in range(5):
+        run = root / f"run{attempt}"
+        run.mkdir()
+        ports = _free_ports(3)
+        ssl_port, sasl_port, controller = ports
+        props = run / "server.properties"
+        props.write_text(
+            _PROPERTIES.format(
+                ssl=ssl_port,
+                sasl_ssl=sasl_port,
+                controller=controller,
+                certs=certs,
+                password=_STORE_PASSWORD,
+                logs=run / "logs",
+            )
+        )
+        done = subprocess.run(
+            [java, "-cp", classpath, log4j, "kafka.tools.StorageTool", "format", "-t",
+             "tls-test-cluster-0001", "-c", str(props), "--add-scram", scram],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        log_path = run / "broker.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [java, "-Xmx384m", "-cp", classpath, log4j, "kafka.Kafka", str(props)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if "Kafka Server started" in log_path.read_text(errors="replace"):
+                return proc, ports, log_path
+            time.sleep(0.2)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"the TLS broker did not start:\n{log_path.read_text()[-3000:]}")
+        if "Address already in use" not in log_path.read_text(errors="replace"):
+            pytest.fail(f"the TLS broker exited:\n{log_path.read_text()[-3000:]}")
+    pytest.fail("the TLS broker found a port of its taken five times")
+
+
 _PROPERTIES = """\
 process.roles=broker,controller
 node.id=1
@@ -116,42 +169,15 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, A
         "pkcs12", "-export", "-in", "broker.pem", "-inkey", "broker.key", "-out", "broker.p12",
         "-passout", f"pass:{_STORE_PASSWORD}", cwd=certs,
     )  # fmt: skip
-    ssl_port, sasl_port, controller = _free_ports(3)
-    props = root / "server.properties"
-    props.write_text(
-        _PROPERTIES.format(
-            ssl=ssl_port,
-            sasl_ssl=sasl_port,
-            controller=controller,
-            certs=certs,
-            password=_STORE_PASSWORD,
-            logs=root / "logs",
-        )
-    )
     libs = localkafka._ensure_jars()
-    classpath = f"{libs}/*"
-    log4j = f"-Dlog4j2.configurationFile={localkafka.INFRA / 'log4j2.properties'}"
-    scram = f"SCRAM-SHA-512=[name={_USER},password={_PASSWORD}]"
-    done = subprocess.run(
-        [java, "-cp", classpath, log4j, "kafka.tools.StorageTool", "format", "-t",
-         "tls-test-cluster-0001", "-c", str(props), "--add-scram", scram],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    with open(root / "broker.log", "wb") as log:
-        proc = subprocess.Popen(
-            [java, "-Xmx384m", "-cp", classpath, log4j, "kafka.Kafka", str(props)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc, (ssl_port, sasl_port, _), log_path = _start_broker(root, certs, java, f"{libs}/*")
     try:
         yield {
             "certs": certs,
             "ssl": f"127.0.0.1:{ssl_port}",
             "sasl_ssl": f"127.0.0.1:{sasl_port}",
             "proc": proc,
-            "log": root / "broker.log",
+            "log": log_path,
         }
     finally:
         proc.terminate()
@@ -271,10 +297,12 @@ async def test_scram_inside_tls_reaches_the_cluster_and_faust_uses_it_too(
         KAFKA_SSL_CAFILE=certs / "ca.pem",
     )
     await _ready(tls_broker, "sasl_ssl")
-    settings = KafkaSettings(tls_broker["sasl_ssl"], f"tls{uuid.uuid4().hex[:6]}.")
-    await _round_trip(settings)
+    await _round_trip(KafkaSettings(tls_broker["sasl_ssl"], f"tls{uuid.uuid4().hex[:6]}."))
 
-    # A Faust app (the budget's and spawner's kind) on the same login.
+    # A Faust app (the budget's and spawner's kind) on the same login. Topics of its own:
+    # the round trip's are being deleted, and a name being deleted counts as taken until
+    # it is gone (created again then, it vanished under the app: "not found in metadata").
+    settings = KafkaSettings(tls_broker["sasl_ssl"], f"tls{uuid.uuid4().hex[:6]}.")
     await create_topics(settings.bootstrap, prefix=settings.prefix)
     app = create_app(f"tls-{uuid.uuid4().hex[:6]}", settings)
     seen: asyncio.Queue[str] = asyncio.Queue()
