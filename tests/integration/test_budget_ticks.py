@@ -10,7 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
+from services.budget.service import APP_NAME
 from streams.events import TaskRequested, WorkflowFailed, terminal_event_id
 from streams.kafka import EventProducer, KafkaSettings
 from tests.integration.test_budget_crash import _admissions, _failures, _start, waiting_task
@@ -20,6 +23,31 @@ pytestmark = pytest.mark.broker
 
 def _task(run: str, deadline_s: float) -> TaskRequested:
     return waiting_task("g-moved", run, deadline_s)
+
+
+async def _all_committed(settings: KafkaSettings, data: Path) -> None:
+    """Until the budget's group has committed every task sent so far: each was read and
+    handled, its record written first (Faust flushes the table's writes before it commits)."""
+    topic = settings.topic(TaskRequested.topic)
+    admin = AIOKafkaAdminClient(**settings.client_args())
+    consumer = AIOKafkaConsumer(**settings.client_args())
+    await admin.start()
+    await consumer.start()
+    try:
+        await consumer._client.force_metadata_update()  # noqa: SLF001
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        ends = await consumer.end_offsets(parts)
+        deadline = time.monotonic() + 60
+        while True:
+            done = await admin.list_consumer_group_offsets(settings.prefix + APP_NAME)
+            behind = [tp for tp in parts if (done[tp].offset if tp in done else 0) < ends[tp]]
+            if not behind:
+                return
+            assert time.monotonic() < deadline, (behind, (data / "budget.log").read_text())
+            await asyncio.sleep(0.2)
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 def _stop(budget: subprocess.Popen[bytes]) -> None:
@@ -48,9 +76,11 @@ async def test_a_waiting_task_times_out_on_the_instance_that_recovered_its_goal(
             while not await _admissions(settings, running.run_id):
                 assert time.monotonic() < deadline, (tmp_path / "budget.log").read_text()
                 await asyncio.sleep(0.5)
-            waiting = _task("r-waiting", 20)
+            # Due soon: its wait is most of the test's time. 10 s still leaves the first
+            # instance, caught up already, far more than it needs to read and queue it.
+            waiting = _task("r-waiting", 10)
             await producer.send(waiting)
-        await asyncio.sleep(3)  # read, queued and committed
+        await _all_committed(settings, tmp_path)  # read, queued and committed
     finally:
         _stop(first)
     assert await _failures(settings, waiting.run_id) == []
@@ -60,7 +90,7 @@ async def test_a_waiting_task_times_out_on_the_instance_that_recovered_its_goal(
         found: list[WorkflowFailed] = []
         deadline = time.monotonic() + 90
         while not found and time.monotonic() < deadline:
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.5)
             found = await _failures(settings, waiting.run_id)
         assert found, (tmp_path / "budget.log").read_text()[-3000:]
     finally:
