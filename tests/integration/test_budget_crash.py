@@ -108,7 +108,7 @@ async def _sent_by_the_next_instance(
         found: list[E] = []
         deadline = time.monotonic() + 90
         while not found and time.monotonic() < deadline:
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.5)
             found = await found_by()
         assert found, (data / "budget.log").read_text()[-3000:]
         return found
