@@ -89,7 +89,9 @@ def _probe_status(env: dict[str, str]) -> dict[str, Any]:
     return dict(probe)
 
 
-def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 20.0) -> Any:
+def _wait_for(what: str, probe: Callable[[], Any], timeout: float = 60.0) -> Any:
+    # Generous: a probe killed by SIGKILL stays in its group for the 10 s session timeout
+    # before the restarted one is let in, and each probe here is a CLI process start.
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
