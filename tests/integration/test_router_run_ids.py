@@ -33,8 +33,8 @@ def _request(goal: str, run: str) -> RequestReceived:
 
 async def test_a_second_goals_request_under_a_used_run_id_gets_a_failure(settings, tmp_path):
     run = str(uuid.uuid4())
-    # No spawner: g1's request waits for an agent, then fails (no_agent) after 4 s.
-    env = {"ORCH_ROUTER_POLICY": "static", "ORCH_SPAWN_TIMEOUT": "4"}
+    # No spawner: g1's request waits for an agent, then fails (no_agent) after 3 s.
+    env = {"ORCH_ROUTER_POLICY": "static", "ORCH_SPAWN_TIMEOUT": "3"}
     launcher = Launcher(tmp_path, settings=settings, data_dir=tmp_path, env=env, stop_timeout=20)
     router = launcher.start("router")
     failed = EventConsumer(settings, [WorkflowFailed.topic], group_id=None)
@@ -68,10 +68,11 @@ async def test_a_second_goals_request_under_a_used_run_id_gets_a_failure(setting
                 refused.event_id,
                 own.event_id,
             }
-            # g1's run is not routed again (no second no_agent): for 6 s more, nothing but
-            # copies of what was sent (a redelivered request refused again, by the same id).
+            # g1's run is not routed again (no second no_agent): for 5 s more, the spawn
+            # timeout and 2 s besides, nothing but copies of what was sent (a redelivered
+            # request refused again, by the same id).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended("nobody"), 6)
+                await asyncio.wait_for(ended("nobody"), 5)
             ids = {goal: {e.event_id for e in events} for goal, events in ends.items()}
             assert ids == {
                 "g1": {own.event_id},
