@@ -36,6 +36,8 @@ async def _all_committed(settings: KafkaSettings, data: Path) -> None:
     try:
         await consumer._client.force_metadata_update()  # noqa: SLF001
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        consumer.assign(parts)  # an unassigned consumer's first end_offsets is slow
+        consumer.pause(*parts)
         ends = await consumer.end_offsets(parts)
         deadline = time.monotonic() + 60
         while True:
