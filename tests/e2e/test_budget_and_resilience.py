@@ -15,7 +15,7 @@ from streams.clock import OffsetFileClock
 from streams.errors import BudgetExceededError, RunRejected
 from streams.events import AgentRetired, DeadLetter, LlmCallCompleted
 from streams.llm import PriceTable
-from tests.e2e.conftest import budget_shows, set_budget
+from tests.e2e.conftest import Platform, budget_shows, events_until, set_budget
 
 pytestmark = pytest.mark.e2e
 
@@ -163,12 +163,12 @@ async def test_llm_down_answers_from_a_lower_tier_and_says_so(platform, client):
 
 
 async def test_bad_bytes_go_to_dead_letter_and_the_router_keeps_serving(platform, client):
-    await client._producer.send_raw("request_received", b"\x00\x01 not an event", key=b"junk")
+    junk = b"\x00\x01 not an event"
+    await client._producer.send_raw("request_received", junk, key=b"junk")
     answer = await client.ask("still there?", goal_id="g-dead", user_id="u1")
     assert answer.text
-    letters = [
-        e for e in await platform.events("dead_letter") if e.payload == b"\x00\x01 not an event"
-    ]
+    # The junk went to another partition than the ask: its letter may come after the answer.
+    letters = await events_until(platform, "dead_letter", lambda e: e.payload == junk)
     assert len(letters) == 1 and isinstance(letters[0], DeadLetter)
     assert letters[0].source == "router" and "C3 01" in letters[0].reason
 
@@ -198,7 +198,9 @@ async def test_loader_killed_mid_request_still_ends_in_exactly_one_terminal_even
         *await platform.events("workflow_completed", run_id=answer.run_id),
         *await platform.events("workflow_failed", run_id=answer.run_id),
     ]
-    assert len(terminals) == 1
+    # One terminal event id: a task replayed after the kill sends the same id again, and
+    # every reader takes the two records for one (docs/architecture.md, at-least-once).
+    assert len({t.event_id for t in terminals}) == 1, terminals
 
 
 async def test_daily_cost_stops_a_goal_and_the_next_utc_day_reopens_it(platform, client):
@@ -250,9 +252,16 @@ async def test_daily_cost_stops_a_goal_and_the_next_utc_day_reopens_it(platform,
         platform.move_clock(-86400)
 
 
+def _stop_loader(platform: Platform) -> None:
+    """A clean stop (SIGTERM): the loader leaves its group at once, so the next one need not
+    wait out a killed one's session (6 s) before it is given the tasks."""
+    for instance in platform.instances_of("loader"):
+        platform.stop(instance)
+
+
 async def test_an_agent_idle_24_hours_is_retired_and_revived_without_a_new_spawn(platform):
     # This test's loader and client read the moved clock too (deadlines stay consistent).
-    platform.kill("loader")
+    _stop_loader(platform)
     platform.start_service("loader", ORCH_CLOCK_FILE=str(platform.clock_file))
     goal = "g-idle"
     moved = OrchestratorClient(
@@ -288,6 +297,6 @@ async def test_an_agent_idle_24_hours_is_retired_and_revived_without_a_new_spawn
             # The revival is a live agent again (the report follows within a moment).
             await budget_shows(platform, goal, agents=1)
     finally:
-        platform.kill("loader")
+        _stop_loader(platform)
         platform.move_clock(-moved_by)
         platform.start_service("loader")
