@@ -8,6 +8,7 @@ sources, so reruns skip Maven. Missing Java or Maven fails the test: CI has both
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
@@ -44,12 +45,20 @@ def java_example() -> Path:
     for tool in ("java", "mvn"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} not found: the Java example needs a JDK 17+ and Maven")
+    BUILD.mkdir(parents=True, exist_ok=True)
+    # The build dir is the checkout's, not this run's: another run of the suite in the same
+    # checkout waits here rather than build into the same target dir at the same time.
+    with open(BUILD / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _built()
+
+
+def _built() -> Path:
     jar = BUILD / "target" / "ask-orchestrator.jar"
     stamp = BUILD / "sources.sha256"
     wanted = _sources_hash()
     if jar.is_file() and stamp.is_file() and stamp.read_text() == wanted:
         return jar
-    BUILD.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     done = subprocess.run(
         ["mvn", "-B", "-q", "-f", str(EXAMPLE / "pom.xml"), "package"]
