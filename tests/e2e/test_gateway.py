@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -20,29 +19,46 @@ from streams.client import OrchestratorClient
 pytestmark = pytest.mark.e2e
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _announced(platform, pid: int) -> str | None:
+    """The base URL the gateway process ``pid`` announced, if it has (a file per port in the
+    platform's data dir: the URL, then the pid)."""
+    for path in (platform.data_dir / "run" / "gateway-urls").glob("*.url"):
+        try:
+            url, announcer, *_ = path.read_text().split("\n")
+        except (OSError, ValueError):  # gone meanwhile, or still being written
+            continue
+        if announcer == str(pid):
+            return url
+    return None
 
 
 async def _start_gateway(platform, **env: str):
-    """A gateway process on a free port; returns (process, base URL) once it answers."""
-    port = _free_port()
-    proc = platform.start_service("gateway", ORCH_GATEWAY_PORT=str(port), **env)
-    root = f"http://127.0.0.1:{port}"
+    """A gateway process on a port it binds itself (port 0: a port picked here and bound
+    there could be taken in between); returns (process, base URL) once it answers."""
+    proc = platform.start_service("gateway", ORCH_GATEWAY_PORT="0", **env)
     deadline = time.monotonic() + 60
     async with aiohttp.ClientSession() as http:
         while True:
             assert proc.poll() is None, platform.logs("gateway")[-3000:]
+            url = _announced(platform, proc.pid)
             try:
-                async with http.get(f"{root}/health") as response:
-                    if response.status == 200:
-                        return proc, f"{root}/v1"
+                if url is not None:
+                    async with http.get(f"{url.removesuffix('/v1')}/health") as response:
+                        if response.status == 200:
+                            return proc, url
             except aiohttp.ClientConnectionError:
                 pass
             assert time.monotonic() < deadline, "gateway did not answer in 60 s"
             await asyncio.sleep(0.2)
+
+
+async def _in_flight(url: str) -> int:
+    """Requests the gateway at ``url`` counts in flight (its /health says)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{url.removesuffix('/v1')}/health") as response,
+    ):
+        return int((await response.json())["in_flight"])
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +297,11 @@ async def test_past_the_in_flight_limit_a_gateway_answers_503(platform, client):
         platform.llm.configure(latency_ms=1500)
         try:
             first = asyncio.create_task(_post(url, "/chat/completions", CHAT, key))
-            await asyncio.sleep(0.5)
+            # Once the gateway counts it in flight (it is there for the LLM's 1.5 s).
+            deadline = time.monotonic() + 10
+            while await _in_flight(url) < 1:
+                assert not first.done() and time.monotonic() < deadline, "never in flight"
+                await asyncio.sleep(0.05)
             status, out, headers = await _post(url, "/chat/completions", CHAT, key)
             assert status == 503 and out["error"]["code"] == "overloaded"
             assert headers["Retry-After"] == "1"
@@ -323,8 +343,9 @@ async def test_a_gateway_stopped_mid_traffic_answers_or_refuses_every_request(pl
     request is checked in the platform: every request that reached it was answered once."""
     goal = "gw-failover"
     key = await _key(client, goal)
-    proc_a, url_a = await _start_gateway(platform)
-    proc_b, url_b = await _start_gateway(platform)
+    (proc_a, url_a), (proc_b, url_b) = await asyncio.gather(
+        _start_gateway(platform), _start_gateway(platform)
+    )
     outcomes: Counter[str] = Counter()
     t0 = [time.monotonic()]  # then: when A got its SIGTERM
     cut: dict[int, str] = {}  # request -> where and when its connection was cut
