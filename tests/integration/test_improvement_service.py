@@ -44,7 +44,7 @@ from streams.events import (
     WorkflowFailed,
     WorkflowVersionSaved,
 )
-from streams.kafka import EventConsumer, EventProducer, KafkaSettings
+from streams.kafka import BACKGROUND_FETCH, EventConsumer, EventProducer, KafkaSettings
 from streams.keys import mint_key
 from streams.llm import InMemoryLLM
 from streams.runtime import run_service
@@ -153,6 +153,14 @@ def _start(
     return Instance(task, stop, port_file)
 
 
+# The service's view of the log fetches in batches: the broker holds each of its fetches up
+# to ORCH_BACKGROUND_FETCH_MAX_WAIT_MS (500 ms) for 64 KB that a test's few events never
+# make, so every step through the view (a run known, a proposal read back, a canary's runs)
+# waited about half a second. It is a latency setting (any value >= 0 is allowed), no
+# part of a decision: the services these tests start use 100 ms.
+VIEW_FETCH_WAIT_MS = 100
+
+
 @asynccontextmanager
 async def _platform(
     settings: KafkaSettings,
@@ -160,6 +168,24 @@ async def _platform(
     llm: InMemoryLLM | None,
     instances: int = 1,
     config: ImprovementConfig | None = None,
+) -> AsyncIterator[Platform]:
+    # Read when each instance starts its view (BACKGROUND_FETCH is the services' own dict).
+    before = BACKGROUND_FETCH["fetch_max_wait_ms"]
+    BACKGROUND_FETCH["fetch_max_wait_ms"] = VIEW_FETCH_WAIT_MS
+    try:
+        async with _serving(settings, tmp_path, llm, instances, config) as plat:
+            yield plat
+    finally:
+        BACKGROUND_FETCH["fetch_max_wait_ms"] = before
+
+
+@asynccontextmanager
+async def _serving(
+    settings: KafkaSettings,
+    tmp_path: Path,
+    llm: InMemoryLLM | None,
+    instances: int,
+    config: ImprovementConfig | None,
 ) -> AsyncIterator[Platform]:
     started = [_start(settings, tmp_path / f"port{i}", llm, config) for i in range(instances)]
     watcher = EventConsumer(settings, OUTPUTS, group_id=None, source="test")
