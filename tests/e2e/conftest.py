@@ -175,6 +175,21 @@ def _running(
 
 
 @pytest.fixture
+def prompt_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For the tests that run bench.learning, whose platforms inherit this environment.
+
+    A simulated user's feedback waits for its verdict, and the verdict for the improvement
+    service's view of the run, a batched reader whose fetch the broker may hold for
+    ORCH_BACKGROUND_FETCH_MAX_WAIT_MS (500 ms by default): with requests sent one at a time,
+    half a second per feedback was about half of these tests' time. At 50 ms the view reads
+    the same records in more, smaller fetches, and the runs learn as well: final reward
+    0.858 for test_learning's learned run at both settings, 0.689-0.703 (500 ms) and 0.689
+    (50 ms) for test_models'.
+    """
+    monkeypatch.setenv("ORCH_BACKGROUND_FETCH_MAX_WAIT_MS", "50")
+
+
+@pytest.fixture
 async def client(platform: Platform) -> AsyncIterator[OrchestratorClient]:
     async with OrchestratorClient(platform.settings, source="e2e") as c:
         yield c

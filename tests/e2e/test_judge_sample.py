@@ -10,7 +10,7 @@ import pytest
 
 from bench.learning import RunSpec, run_learning
 
-pytestmark = [pytest.mark.e2e, pytest.mark.broker]
+pytestmark = [pytest.mark.e2e, pytest.mark.broker, pytest.mark.usefixtures("prompt_views")]
 
 WORLD = Path(__file__).resolve().parents[2] / "bench" / "worlds" / "support-desk.json"
 REQUESTS = 120

@@ -9,7 +9,7 @@ import pytest
 
 from bench.learning import RunSpec, run_learning
 
-pytestmark = [pytest.mark.e2e, pytest.mark.broker]
+pytestmark = [pytest.mark.e2e, pytest.mark.broker, pytest.mark.usefixtures("prompt_views")]
 
 WORLD = Path(__file__).resolve().parents[2] / "bench" / "worlds" / "support-desk-two-models.json"
 REQUESTS = 240
