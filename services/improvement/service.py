@@ -1566,11 +1566,12 @@ class ImprovementService:
         self._view = view
         self._commands = commands
         tasks: list[asyncio.Task[None]] = []
+        reading: list[asyncio.Task[None]] = []  # the view and what snapshots it
         runner: web.AppRunner | None = None
         try:
             await view.start()
-            tasks.append(asyncio.create_task(view.wait(), name="improvement-view"))
-            tasks.append(asyncio.create_task(snapshots.run(view), name="improvement-snapshots"))
+            reading.append(asyncio.create_task(view.wait(), name="improvement-view"))
+            reading.append(asyncio.create_task(snapshots.run(view), name="improvement-snapshots"))
             await asyncio.wait_for(view.ready.wait(), 120)
             log.info(
                 "improvement caught up: %d runs, %d workflows",
@@ -1583,13 +1584,17 @@ class ImprovementService:
             tasks.append(asyncio.create_task(commands.run(self.handle_command)))
             tasks.append(asyncio.create_task(self._evaluate_forever()))
             runner = await self._serve_http()
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            done, _ = await asyncio.wait(tasks + reading, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # The work first, while the view still reads: a handler finishing on a stop may
+            # wait for what only the view brings (the budget's decision on a judge's hold),
+            # and with the view stopped first it waited out the drain instead.
+            for group in (tasks, reading):
+                for task in group:
+                    task.cancel()
+                await asyncio.gather(*group, return_exceptions=True)
             if runner is not None:
                 await runner.cleanup()
                 if self.config.port_file is not None:  # nobody serves on it any more

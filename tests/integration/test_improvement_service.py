@@ -86,6 +86,7 @@ class Platform:
     seen: list[Event] = field(default_factory=list)
     spend_asked: list[SpendRequested] = field(default_factory=list)
     broke_goals: set[str] = field(default_factory=set)  # goals whose holds are refused
+    budget_delay_s: float = 0.0  # how long the budget takes to decide a hold
 
     def of(self, kind: type[Event]) -> list[Event]:
         return [e for e in self.seen if isinstance(e, kind)]
@@ -212,6 +213,7 @@ async def _serving(
                     asked = d.event
                     assert isinstance(asked, SpendRequested)
                     plat.spend_asked.append(asked)
+                    await asyncio.sleep(plat.budget_delay_s)
                     await producer.send(
                         SpendDecided(
                             source="budget",
@@ -707,3 +709,24 @@ async def test_two_instances_share_the_work_and_decide_once(
             await platform.run(f"m{i}", "Draft a polite reminder email", goal=f"goal{i % 4}")
         await platform.until(lambda: len(platform.of(WorkflowAssessed)) == 32, timeout=45)
         await platform.until(lambda: len(platform.of(PatternDiscovered)) == 8)
+
+
+async def test_a_stop_lets_a_judged_run_finish_with_the_budgets_late_decision(
+    platform_llm: Platform,
+):
+    """A stop while a judge's hold waits for the budget: the view that brings the decision
+    is stopped after the work, so the run is judged and paid before the service leaves
+    (the view stopped first, the hold waited out the drain and the run was left undone)."""
+    platform = platform_llm
+    platform.budget_delay_s = 2.0
+    await platform.run("s0", "Parse ISO dates in python")
+    await platform.until(lambda: len(platform.spend_asked) == 1)
+    (instance,) = platform.instances
+    instance.stop.set()
+    await asyncio.wait_for(instance.task, 30)
+    (judged,) = await platform.each(WorkflowAssessed)
+    assert isinstance(judged, WorkflowAssessed)
+    assert (judged.run_id, judged.method) == ("s0", "judge")
+    (call,) = await platform.each(LlmCallCompleted)
+    assert isinstance(call, LlmCallCompleted)
+    assert (call.purpose, call.goal_id, call.ok) == ("judge", "g1", True)
