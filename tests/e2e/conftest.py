@@ -170,10 +170,6 @@ def _running(
             print(f"---- {name} log ----\n{plat.logs(name)[-3000:]}")
         raise
     finally:
-        # Killed, not stopped: the tests are over, and a stopping improvement service with
-        # judge calls in flight (every answer is judged here) waits out their spend
-        # decisions, 5 s, though its view that would read them has stopped.
-        plat.kill("improvement")
         plat.stop_all()
         asyncio.run(delete_prefixed_topics(kafka_bootstrap, settings.prefix))
 
