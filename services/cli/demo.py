@@ -150,14 +150,15 @@ def _plot(watch: _Watch, path: Path) -> Path:
             ends, [statistics.fmean(o.cost_usd for o in w) * 1000 for w in windows], "o-", c=colour
         )
     oracle = _means(watch.oracle, watch.window)
-    top.plot(ends[: len(oracle)], oracle[: len(ends)], "k--")
+    # Marked points too: a run of one window has one point, which a bare dashed line hides.
+    top.plot(ends[: len(oracle)], oracle[: len(ends)], "kx--")
     names = ["learned routing", "static keyword routing", "oracle"]
     if watch.strong_reward:
         strong = _means(watch.strong_reward, watch.window)
-        top.plot(ends[: len(strong)], strong[: len(ends)], "--", c="tab:gray")
+        top.plot(ends[: len(strong)], strong[: len(ends)], "x--", c="tab:gray")
         names.append(f"always {watch.world.strongest_model()}")
         cost = [c * 1000 for c in _means(watch.strong_cost, watch.window)]
-        bottom.plot(ends[: len(cost)], cost[: len(ends)], "--", c="tab:gray")
+        bottom.plot(ends[: len(cost)], cost[: len(ends)], "x--", c="tab:gray")
     top.legend(names, loc="lower right")
     weighed = f" - {watch.cost_weight:g} x cost" if watch.cost_weight else ""
     top.set_ylabel(f"mean reward (quality{weighed}) per {watch.window} requests")

@@ -76,3 +76,33 @@ def test_the_picture_draws_the_strong_model_on_both_panels(
     assert drawn["bottom"][2] == pytest.approx(
         [statistics.fmean(lines.strong_cost[i : i + 25]) * 1000 for i in range(0, 100, 25)]
     )
+
+
+def test_with_one_window_every_line_in_the_legend_shows_a_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short demo has one window: a line of one point is drawn only through its marker,
+    and the legend named an oracle that was nowhere on the picture."""
+    world = World.load(TWO_MODELS)
+    lines = baselines(world, 25, seed=1)
+    watch = _Watch(world, 25, 25, lines.oracle, lines.strong_reward, lines.strong_cost)
+    for i in range(25):
+        watch.see("learned", _outcome(i, 0.7, 0.001), 0)
+        watch.see("static", _outcome(i, 0.5, 0.002), 0)
+    seen: dict[str, list[tuple[int, str]]] = {}
+    save = Figure.savefig
+
+    def looking(fig: Figure, *args: Any, **kwargs: Any) -> None:
+        top, bottom = fig.axes[:2]
+        for name, axis in (("top", top), ("bottom", bottom)):
+            seen[name] = [
+                (len(line.get_xdata()), str(line.get_marker())) for line in axis.get_lines()
+            ]
+        save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", looking)
+    _plot(watch, tmp_path / "demo.png")
+    # learned, static, oracle, strong model: one point each, each with a marker.
+    assert len(seen["top"]) == 4 and len(seen["bottom"]) == 3
+    for points, marker in seen["top"] + seen["bottom"]:
+        assert points == 1 and marker not in ("None", "", " "), seen
