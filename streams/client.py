@@ -444,7 +444,8 @@ class OrchestratorClient(AsyncLifecycle):
             if not keys.is_operator(user_id):
                 raise NotOperator(
                     f"changing goal {goal_id}'s budget needs an operator; {user_id!r} is not one"
-                    " (ORCH_OPERATORS or an operator key)"
+                    " (not in ORCH_OPERATORS here, which should be the budget service's, and"
+                    " holding no operator key)"
                 )
         await self._producer.send(event)
         return event

@@ -465,8 +465,10 @@ class OperatorSettings(EnvSettings):
         "Comma-separated users trusted as operators without a key (budget changes, rollbacks, "
         "approving an improvement for every goal). `operator` is the local CLI's identity; on a "
         "shared cluster set it empty and give operators keys (`orchestrator keys create --role "
-        "operator`). Set but empty means none.",
-        read_by="improvement, budget",
+        "operator`). Set but empty means none. The CLI and SDK read it too, to refuse before "
+        "sending what the services would refuse (`budget set` by someone else, a user key "
+        "named like an operator): give them the value the services have.",
+        read_by="improvement, budget, CLI, SDK",
         blank="keep",
     )
     operator_user: str = setting(
