@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +18,7 @@ from streams.events import (
     WorkflowCompleted,
 )
 from streams.llm import InMemoryLLM, LLMUnavailable
+from tests.integration.waiting import until
 from tests.samples import GivenUpLLM
 
 
@@ -215,7 +215,11 @@ async def test_a_judge_call_given_up_on_at_the_timeout_is_counted_when_it_ends(o
     out = await service.assess(_done("an answer"))
     assert [e.method for e in out if isinstance(e, WorkflowAssessed)] == ["heuristic"]
     assert not [e for e in out if isinstance(e, LlmCallCompleted)]  # nothing yet
-    await asyncio.sleep(0.5)
+    await until(
+        lambda: any(isinstance(e, LlmCallCompleted) for e in budget.sent),
+        "the judge call's late report",
+        10.0,
+    )
     (late,) = [e for e in budget.sent if isinstance(e, LlmCallCompleted)]
     (hold,) = [e for e in budget.sent if isinstance(e, SpendRequested)]
     assert late.purpose == "judge" and late.ok and late.cost_usd > 0

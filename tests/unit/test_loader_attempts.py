@@ -32,6 +32,7 @@ from streams.llm import (
     worst_case_usd,
 )
 from streams.runtime import ServiceContext
+from tests.integration.waiting import until
 from tests.samples import GivenUpLLM
 
 PRICES = PriceTable({}, ModelPrice(1.0, 2.0))
@@ -276,6 +277,13 @@ async def test_the_answer_goes_out_only_once_the_broker_has_its_cost():
     assert kinds.index(LlmCallCompleted) < kinds.index(WorkflowCompleted)
 
 
+def _late_reports(broker: _Broker, ok: bool = True) -> int:
+    """How many call reports with ``ok`` the broker has: a call given up on at the
+    timeout reports once it ends, a moment after the run's answer (polled for, not slept
+    for: the moment can be long on a loaded machine)."""
+    return sum(1 for e in broker.acked if isinstance(e, LlmCallCompleted) and e.ok is ok)
+
+
 def llm_tokens(llm: InMemoryLLM) -> int:
     from streams.llm import _estimate_prompt
 
@@ -293,7 +301,7 @@ async def test_a_call_given_up_on_at_the_timeout_is_counted_when_it_answers():
     assert answer.degradation_tier in ("keyword", "static_fallback")
     assert answer.meta["cost_pending"] == "true"
     assert [e.ok for e in broker.acked if isinstance(e, LlmCallCompleted)] == [False]
-    await asyncio.sleep(0.5)
+    await until(lambda: _late_reports(broker) > 0, "the late call's report", 10.0)
     late = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.ok]
     (started,) = [e for e in broker.acked if isinstance(e, WorkflowStarted)]
     assert len(late) == 1 and late[0].cost_usd > 0
@@ -312,7 +320,7 @@ async def test_a_call_that_never_settles_is_counted_at_its_worst_case():
     llm = GivenUpLLM(PRICES, outcome="unsettled")
     loader, broker = _loader(llm)
     await loader.handle(_task())
-    await asyncio.sleep(0.5)
+    await until(lambda: _late_reports(broker) > 0, "the unsettled call's report", 10.0)
     (late,) = [e for e in broker.acked if isinstance(e, LlmCallCompleted) and e.ok]
     assert late.cost_usd == worst_case_usd(PRICES, "gpt-4o-mini", llm.calls[0].messages, 512)
     assert "worst case" in (late.error or "")
@@ -326,7 +334,7 @@ async def test_a_call_given_up_on_that_then_fails_says_so_under_the_answers_cost
     loader, broker = _loader(llm)
     await loader.handle(_task())
     (answer,) = [e for e in broker.acked if isinstance(e, WorkflowCompleted)]
-    await asyncio.sleep(0.5)
+    await until(lambda: _late_reports(broker, ok=False) > 1, "the failed call's report", 10.0)
     reports = [e for e in broker.acked if isinstance(e, LlmCallCompleted)]
     assert len(reports) == 2 and not any(r.ok or r.cost_usd for r in reports)
     assert reports[-1].event_id == answer.meta["cost_id"]

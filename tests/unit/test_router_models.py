@@ -26,6 +26,7 @@ from streams.events import (
     WorkflowAssessed,
 )
 from streams.llm import LLMSettings, parse_models, worst_case_usd
+from tests.integration.waiting import until
 from tests.samples import GivenUpLLM, RecordingProducer
 
 MODELS = "cheap=0.15/0.6, strong=2.5/10"
@@ -157,7 +158,8 @@ async def test_the_router_spawns_and_reuses_an_agent_of_the_chosen_model(monkeyp
         )
     )
     routing = asyncio.create_task(router.handle(_request(clock, "r1"), None))  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)
+    await until(lambda: bool(producer.of(RouteDecided)), "the route's decision", 10.0)
+    await asyncio.sleep(0.05)  # and time to send more than it should
     (spawn,) = producer.of(SpawnRequested)
     (decided,) = producer.of(RouteDecided)
     assert spawn.model == "cheap" and decided.model == "cheap"
@@ -227,7 +229,7 @@ async def test_a_prompt_call_given_up_on_at_the_timeout_is_counted_when_it_ends(
     late = late_prompt_report(ctx, settings, approved)  # type: ignore[arg-type]
     design = await design_agent("code", "fix it", llm, late=late)
     assert design.prompt_source == "template" and design.error  # the template served
-    await asyncio.sleep(0.5)
+    await until(lambda: bool(producer.of(LlmCallCompleted)), "the prompt call's report", 10.0)
     (report,) = producer.of(LlmCallCompleted)
     assert report.purpose == "spawn_prompt" and report.ok and report.cost_usd > 0
     if outcome == "unsettled":

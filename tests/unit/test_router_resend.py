@@ -23,6 +23,7 @@ from streams.events import (
     TaskRequested,
     WorkflowFailed,
 )
+from tests.integration.waiting import until
 from tests.samples import RecordingProducer
 
 
@@ -113,7 +114,8 @@ async def test_an_outcome_ends_the_sending_too(monkeypatch):
 async def test_a_spawn_request_is_sent_again_while_requests_wait_for_it(monkeypatch):
     router, producer, clock = _router(monkeypatch)
     routing = asyncio.create_task(router.handle(_request(clock), None))  # type: ignore[arg-type]
-    await asyncio.sleep(0.01)
+    await until(lambda: bool(producer.of(SpawnRequested)), "the spawn request", 10.0)
+    await asyncio.sleep(0.01)  # and time to send more than it should
     [spawn] = producer.of(SpawnRequested)
     assert spawn.context == {}  # the request's context goes only to its own task
     clock.advance(5.5)

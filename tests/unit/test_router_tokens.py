@@ -29,6 +29,7 @@ from streams.events import (
 )
 from streams.kafka import EventProducer, KafkaSettings
 from streams.llm import ModelPrice, PriceTable
+from tests.integration.waiting import until
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 # $1 / $2 per million tokens, no system prompt, 100 tokens out, no floor: a task's worst
@@ -329,7 +330,8 @@ async def test_a_task_admitted_with_a_token_reaches_the_budget_before_its_admiss
     clock.advance(1)
     producer.hold = TaskRequested  # the broker has not acknowledged the task yet
     routing = asyncio.create_task(router.handle(_request(clock, "r2"), None))  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)
+    await until(lambda: bool(producer.log), "the task's delivery", 10.0)
+    await asyncio.sleep(0.05)  # and time to send more than it should
     assert not routing.done()
     assert producer.of(TaskAdmitted) == []  # the loader is not told before the budget is
     assert [kind for kind, _ in producer.log] == ["deliver"]
