@@ -17,6 +17,7 @@ import pytest
 
 from services.analytics.query_server import QueryServer
 from services.analytics.store import ClickHouseStore
+from streams.errors import StoreError
 from streams.sql import RemoteQueries
 
 
@@ -115,6 +116,8 @@ def test_a_client_that_stops_or_trickles_is_cut_off_and_holds_no_thread(
 ) -> None:
     # Silent: the 0.5 s read timeout closes it. Trickling a byte every 0.2 s never trips
     # that timeout: the whole request's deadline (three times it) ends the connection.
+    # Without that deadline it is never cut: 10 s is that "never", with room for a loaded
+    # machine to be slow by seconds.
     quick = QueryServer(server._store, info_file=tmp_path / "q.json", client_timeout=0.5).start()
     try:
         host, port = quick.url.removeprefix("http://").split(":")
@@ -122,7 +125,7 @@ def test_a_client_that_stops_or_trickles_is_cut_off_and_holds_no_thread(
             sock.sendall(b"POST /query HTTP/1.1\r\nHost: x\r\nX-a: ")  # no token, never done
             started, closed = time.monotonic(), False
             sock.settimeout(0.2)
-            while not closed and time.monotonic() - started < 4.0:
+            while not closed and time.monotonic() - started < 10.0:
                 try:
                     if trickle:
                         sock.sendall(b"a")
@@ -131,7 +134,7 @@ def test_a_client_that_stops_or_trickles_is_cut_off_and_holds_no_thread(
                     continue
                 except OSError:
                     closed = True
-            assert closed and time.monotonic() - started < 3.0
+            assert closed
     finally:
         quick.close()
 
@@ -151,11 +154,25 @@ def test_connections_past_the_cap_are_refused_and_the_server_still_answers(
     finally:
         for sock in held:
             sock.close()
-    time.sleep(0.3)  # the held connections' threads end and give their places back
     try:
-        assert RemoteQueries(info_file=capped.info_file).text("SELECT 1 AS n", "csv") == '"n"\n1\n'
+        # The held connections' threads end and give their places back: polled, as a
+        # thread may be slow to see its connection closed on a loaded machine.
+        assert _answered_within(capped, 10.0) == '"n"\n1\n'
     finally:
         capped.close()
+
+
+def _answered_within(server: QueryServer, seconds: float) -> str:
+    """The answer to ``SELECT 1``, asked again while the server refuses it (503) for up
+    to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return RemoteQueries(info_file=server.info_file).text("SELECT 1 AS n", "csv")
+        except StoreError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def test_the_token_file_is_the_owners_alone_even_over_a_file_left_behind(
