@@ -243,19 +243,21 @@ async def test_a_stop_answers_what_is_in_flight_and_refuses_what_comes_after(set
     await backend.entered.acquire()
     closed_at: list[float] = []
     gateway.on_drain = lambda: closed_at.append(asyncio.get_running_loop().time())
-    drained = asyncio.create_task(gateway.drain(5.0, linger=0.3))
+    drained = asyncio.create_task(gateway.drain(5.0, linger=1.0))
     await asyncio.sleep(0.05)
     status, body, headers = await _post(http)
     assert status == 503 and body["error"]["code"] == "stopping"
     assert headers["Connection"] == "close"
+    # The linger counts from the end of the last request in flight, which is after this
+    # (not from when the client has read the answer: a loaded machine may be late there).
+    released = asyncio.get_running_loop().time()
     backend.release.set()
     status, _, headers = await held
     # The answer in flight comes, and tells the client not to reuse the connection.
     assert status == 200 and headers["Connection"] == "close"
-    answered = asyncio.get_running_loop().time()
     assert not closed_at  # idle connections stay for the linger, answering 503
     assert await drained == 0
-    assert closed_at and closed_at[0] - answered >= 0.25
+    assert closed_at and closed_at[0] - released >= 0.9
 
 
 async def test_what_outlives_the_drain_gets_503_not_silence(setup) -> None:
@@ -374,8 +376,8 @@ async def test_a_feedback_waiting_for_its_verdict_does_not_hold_up_the_stop(setu
     await asyncio.wait_for(waiting.wait(), 2.0)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    assert await asyncio.wait_for(gateway.drain(0.2, linger=0.1), 5.0) == 1
-    assert loop.time() - started < 1.0
+    assert await asyncio.wait_for(gateway.drain(0.2, linger=0.1), 10.0) == 1
+    assert loop.time() - started < 5.0  # ~0.3 s; not the feedback's 15 s
     response = await asyncio.wait_for(pending, 2.0)
     body = await response.json()
     assert response.status == 503 and body["error"]["code"] == "stopping"
