@@ -50,8 +50,7 @@ from streams.events import (
     WorkflowFailed,
 )
 from streams.kafka import AsyncLifecycle, EventConsumer, EventProducer, KafkaSettings
-from streams.keys import KEY_TOPICS, KeyRegistry, mint_key, operators_from
-from streams.registry import read_topics_to_end
+from streams.keys import mint_key, operators_from, read_keys
 
 __all__ = ["Answer", "OrchestratorClient", "feedback_event", "invalid_request"]
 
@@ -378,9 +377,7 @@ class OrchestratorClient(AsyncLifecycle):
             key, event = mint_key(goal_id, user_id, role, source=self.source, label=label)
         except ValidationError as exc:
             raise invalid_request(exc) from None
-        keys = KeyRegistry()
-        for issued in await read_topics_to_end(self.settings, KEY_TOPICS):
-            keys.apply(issued)
+        keys = await read_keys(self.settings)
         if role == "user" and (user_id in operators_from() or keys.is_operator(user_id)):
             raise InvalidRequest(
                 f"user {user_id!r} is an operator (ORCH_OPERATORS or an operator key), and an"
@@ -398,9 +395,7 @@ class OrchestratorClient(AsyncLifecycle):
         """Revoke a key for good. A key id never issued is refused (``InvalidRequest``): a
         mistyped id reported as revoked left the real key working. Revoking again is allowed
         and changes nothing."""
-        keys = KeyRegistry()
-        for issued in await read_topics_to_end(self.settings, KEY_TOPICS):
-            keys.apply(issued)
+        keys = await read_keys(self.settings)
         if not keys.known(key_id):
             raise InvalidRequest(f"key {key_id!r} was never issued (see `orchestrator keys list`)")
         event = ApiKeyRevoked(source=self.source, key_id=key_id, user_id=user_id)
@@ -438,10 +433,7 @@ class OrchestratorClient(AsyncLifecycle):
         # The budget service checks it again where it applies the change; asked here too, a
         # refusal is told to the one who asked instead of reaching only the dead letters.
         if user_id not in operators_from():
-            keys = KeyRegistry()
-            for issued in await read_topics_to_end(self.settings, KEY_TOPICS):
-                keys.apply(issued)
-            if not keys.is_operator(user_id):
+            if not (await read_keys(self.settings)).is_operator(user_id):
                 raise NotOperator(
                     f"changing goal {goal_id}'s budget needs an operator; {user_id!r} is not one"
                     " (not in ORCH_OPERATORS here, which should be the budget service's, and"

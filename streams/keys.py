@@ -22,6 +22,7 @@ from typing import Any
 from streams.config import OperatorSettings
 from streams.events import ApiKeyIssued, ApiKeyRevoked, Event, Role
 from streams.kafka import KafkaSettings
+from streams.registry import read_topics_to_end
 from streams.views import TopicView
 
 __all__ = [
@@ -213,6 +214,15 @@ def _identity(issued: ApiKeyIssued) -> Identity:
 
 
 DEFAULT_OPERATORS: str = OperatorSettings.model_fields["operators"].default
+
+
+async def read_keys(settings: KafkaSettings) -> KeyRegistry:
+    """Every key issued and revoked until now, read from the key topics (a one-off read;
+    a service that checks keys all along keeps a :class:`KeyView`)."""
+    keys = KeyRegistry()
+    for event in await read_topics_to_end(settings, KEY_TOPICS):
+        keys.apply(event)
+    return keys
 
 
 def operators_from(text: str | None = None) -> frozenset[str]:

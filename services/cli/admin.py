@@ -34,8 +34,7 @@ from streams.events import (
     BudgetUpdateRequested,
     Role,
 )
-from streams.keys import KeyRegistry
-from streams.registry import read_topics_to_end
+from streams.keys import read_keys
 
 __all__ = ["budget_app", "keys_app"]
 
@@ -84,13 +83,7 @@ def keys_list(as_json: JsonOpt = False) -> None:
     settings = kafka_settings()
     require_kafka(settings, as_json=as_json)
 
-    async def load() -> KeyRegistry:
-        registry = KeyRegistry()
-        for event in await read_topics_to_end(settings, (ApiKeyIssued.topic, ApiKeyRevoked.topic)):
-            registry.apply(event)
-        return registry
-
-    rows = run(load(), settings, as_json=as_json).listing()
+    rows = run(read_keys(settings), settings, as_json=as_json).listing()
     if as_json:
         print_json(rows)
         return

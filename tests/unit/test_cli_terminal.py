@@ -149,7 +149,7 @@ def test_keys_list_shows_a_labels_control_characters(monkeypatch: pytest.MonkeyP
     async def read(settings: Any, topics: Any) -> list[ev.Event]:
         return [issued]
 
-    monkeypatch.setattr(admin, "read_topics_to_end", read)
+    monkeypatch.setattr("streams.keys.read_topics_to_end", read)  # what `keys list` reads
     result = invoke("keys", "list")
     assert result.exit_code == 0, result.output
     assert_shown(result.stdout)
