@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench.peers import (
+    keep_only_logs,
     latency_summary,
     max_sustained,
     next_rate,
@@ -162,3 +165,25 @@ def test_hops_are_the_spans_between_a_runs_steps_in_the_window() -> None:
     assert rows[2]["by"] == "budget"
     assert hop_summary(runs, since_ms=10_000, until_ms=20_000) == []
     assert "task_requested -> task_admitted" in "\n".join(render_hops(rows))
+
+
+def test_a_finished_run_keeps_the_logs_and_drops_the_systems_state(tmp_path: Path) -> None:
+    files = {
+        "fake_llm.log": True,
+        "litellm.log": True,
+        "litellm.yaml": True,
+        "broker/kafka/broker.log": True,
+        "broker/kafka/server.properties": True,
+        "broker/kafka/data/x.events-0/00000000000000000000.log": False,
+        "broker/kafka/data/__consumer_offsets-1/00000000000000000000.index": False,
+        "data/router.log": True,
+        "data/clickhouse/store/part.bin": False,
+        "data/clickhouse-ingest/batch.avro": False,
+        "data/faust/budget/v1/tables/x": False,
+    }
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    keep_only_logs(tmp_path)
+    assert {name: (tmp_path / name).exists() for name in files} == files
+    assert not (tmp_path / "broker/kafka/data").exists()
