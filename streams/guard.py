@@ -156,6 +156,11 @@ class GuardVerdict:
     ok: bool
     reason: str
 
+    @property
+    def why(self) -> str:
+        """The reason without its leading "refused: ", for a text that says so itself."""
+        return self.reason.removeprefix("refused: ")
+
 
 _OK = GuardVerdict(True, "ok")
 _ROLE = "refused: changes the agent's role or overrides its prompt"

@@ -929,7 +929,7 @@ class ImprovementService:
                     return _named(event)  # nothing usable from the model: these still apply
                 verdict = guard_instruction(instruction)
                 if not verdict.ok:
-                    raise FeedbackRefused(f"the change it asks for was refused: {verdict.reason}")
+                    raise FeedbackRefused(f"the change it asks for was refused: {verdict.why}")
                 if copies_text(instruction, event.text):
                     # The model handed the user's words back: saved, they would be the
                     # user's text in the prompt verbatim, which the guard alone cannot vet.
@@ -1286,7 +1286,7 @@ class ImprovementService:
         for line in split_instructions(event.proposal):
             verdict = guard_instruction(line)
             if not verdict.ok:
-                return f"instruction refused: {verdict.reason}"
+                return f"instruction refused: {verdict.why}"
         return None
 
     def _changes(self, event: ImprovementAvailable) -> dict[str, str] | str:
