@@ -43,6 +43,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from bench._console import console as bench_console  # noqa: E402
 from local.platform import Instance, Launcher  # noqa: E402
 from streams.config import BROKER_VARIABLES, broker_env  # noqa: E402
 from streams.events import (  # noqa: E402
@@ -1430,12 +1431,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for name in ("aiokafka", "kafka"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+    console = bench_console(stderr=True)
     report = asyncio.run(run_chaos(cfg, console))
     if args.json:
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
     else:
-        print_report(report, Console(width=None if sys.stdout.isatty() else 140))
+        print_report(report, bench_console())
     return 0 if report["ok"] else 1
 
 

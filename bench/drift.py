@@ -33,8 +33,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
+
+from bench._console import console as bench_console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(results)
         sys.stdout.write(json.dumps({"runs": results, "summary": summary}, indent=2) + "\n")
     else:
-        Console(width=240).print(_table(results))
+        bench_console().print(_table(results))
     return 0
 
 

@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from bench._console import console as bench_console
 from local.world import World
 from services.router.policy import Features, GoalPolicies, LearnedPolicy, features_of
 from streams.config import ROOT
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     files = sorted((ROOT / "bench" / "worlds").glob("*.json"))
     worlds = [World.load(p) for p in files if "two-models" not in Path(p).name]
     worlds += [World.random(s) for s in args.random]
-    console = Console(stderr=True)
+    console = bench_console(stderr=True)
     table = Table(
         title=(
             f"a new goal after {args.goals} goals learned {args.requests} requests each: its"

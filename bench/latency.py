@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from bench._console import console as bench_console
 
 # Runs as `python bench/latency.py` too (as `make bench` used to), not only with -m.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -30,8 +31,7 @@ from bench._records import commits_by_group, per_answer, record_counts  # noqa: 
 from bench.llm_baseline import measure_direct  # noqa: E402
 from streams.client import OrchestratorClient  # noqa: E402
 
-# A pipe or a log file gets a table wide enough to keep its columns on one line.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
+console = bench_console(stderr=True)
 
 # (message, specialty the static keyword policy gives it); every goal asks all of them.
 KINDS = (

@@ -63,6 +63,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bench._console import console as bench_console
 from local.fake_openai import FakeOpenAIServer, Responder, parse_model_latencies
 from local.localkafka import ensure_broker
 from local.platform import Launcher, available_services
@@ -955,7 +956,7 @@ def _progress(console: Console | None) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
-        console=console or Console(stderr=True),
+        console=console or bench_console(stderr=True),
     )
 
 
@@ -985,7 +986,7 @@ def print_report(
     result: dict[str, Any], console: Console | None = None, *, curve: bool = True
 ) -> None:
     """The learning curve (unless ``curve`` is false) and the summary, as tables."""
-    out = console or Console()
+    out = console or bench_console()
     runs = result["runs"]
     if curve:
         out.print(_curve_table(result))
@@ -1370,7 +1371,7 @@ def main(argv: list[str] | None = None) -> int:
             " (python -m bench.priced --hide-truth is the offline counterpart)"
         )
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    console = Console(stderr=args.json)
+    console = bench_console(stderr=args.json)
     results = []
     for world in _worlds(args.worlds, args.random, args.random_models):
         if args.offline:

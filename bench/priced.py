@@ -34,9 +34,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
+from bench._console import console as bench_console
 from local.world import Request, World
 from services.improvement.assess import judge_messages
 from services.router.policy import (
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             sys.stdout.write(json.dumps(judged, indent=2) + "\n")
         else:
-            Console().print(_judge_table(judged))
+            bench_console().print(_judge_table(judged))
         return 0
     results = [
         priced_world(world, args.requests, args.seed, args.cost_weight)
@@ -592,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
     else:
-        console = Console()
+        console = bench_console()
         console.print(_table(results))
         console.print(_curve_table(results))
     met = [ok for r in results for ok in r["targets"].values() if ok is not None]
