@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import timedelta
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 import typer
 from aiokafka.errors import KafkaError
@@ -46,6 +46,7 @@ EXIT_INVALID = 2
 EXIT_TIMEOUT = 3
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 # -- what reaches the terminal ----------------------------------------------------------
@@ -97,8 +98,29 @@ def _console(*, stderr: bool) -> Console:
     return console
 
 
-out = _console(stderr=False)
-err = _console(stderr=True)
+def _on_a_new_console(
+    method: Callable[Concatenate[Console, P], T],
+) -> Callable[Concatenate[_Output, P], T]:
+    def call(self: _Output, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return method(_console(stderr=self.stderr), *args, **kwargs)
+
+    return call
+
+
+class _Output:
+    """stdout or stderr, printed to through a rich Console made for that print. A Console
+    settles its width and colours (COLUMNS, NO_COLOR, FORCE_COLOR, TERM, whether it writes
+    to a terminal) when it is made: one made at import kept those of the output the CLI
+    had then, not of the one it prints to (CliRunner's, a file stdout went to since)."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self.stderr = stderr
+
+    print = _on_a_new_console(Console.print)
+
+
+out = _Output(stderr=False)
+err = _Output(stderr=True)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON only.")]
 
