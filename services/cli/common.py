@@ -35,6 +35,7 @@ __all__ = [
     "out",
     "parse_duration",
     "print_json",
+    "refused",
     "require_kafka",
     "run",
     "visible",
@@ -139,6 +140,15 @@ def fail(message: str, code: int = EXIT_FAILED, *, as_json: bool = False, **extr
     else:
         err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+_SAYS_REFUSED = re.compile(r"\s*refused\b", re.IGNORECASE)
+
+
+def refused(reason: str) -> str:
+    """``reason`` as a refusal: with "refused: " before it, unless it begins with the word
+    itself (the guards' reasons do: "refused: asks for secrets ...")."""
+    return reason if _SAYS_REFUSED.match(reason) else f"refused: {reason}"
 
 
 def run(coro: Coroutine[Any, Any, T], settings: KafkaSettings, *, as_json: bool = False) -> T:

@@ -20,6 +20,7 @@ from services.cli.common import (
     kafka_settings,
     out,
     print_json,
+    refused,
     run,
     with_client,
 )
@@ -206,7 +207,7 @@ def _decided(coro: Coroutine[Any, Any, T], settings: KafkaSettings, as_json: boo
     try:
         return run(coro, settings, as_json=as_json)
     except Refused as exc:
-        fail(f"refused: {exc}", EXIT_FAILED, as_json=as_json, error_type=type(exc).__name__)
+        fail(refused(str(exc)), EXIT_FAILED, as_json=as_json, error_type=type(exc).__name__)
     except NoVerdict as exc:
         fail(str(exc), EXIT_TIMEOUT, as_json=as_json)
 

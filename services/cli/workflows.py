@@ -24,6 +24,7 @@ from services.cli.common import (
     out,
     parse_duration,
     print_json,
+    refused,
     require_kafka,
     run,
 )
@@ -289,7 +290,7 @@ def rollback(
         fail(str(exc), EXIT_TIMEOUT, as_json=as_json)
     if isinstance(outcome, DeadLetter):
         fail(
-            f"refused: {outcome.reason}",
+            refused(outcome.reason),
             as_json=as_json,
             error_type=outcome.error_type,
             event_id=asked.event_id,
