@@ -21,7 +21,11 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PLATFORM = ("router", "budget", "spawner", "loader", "improvement", "analytics")
 # The file refuses to render without these, so every validation here sets them.
-REQUIRED = {"CLICKHOUSE_USER": "ch-user-for-tests", "CLICKHOUSE_PASSWORD": "ch-pass-for-tests"}
+REQUIRED = {
+    "CLICKHOUSE_USER": "ch-user-for-tests",
+    "CLICKHOUSE_PASSWORD": "ch-pass-for-tests",
+    "KAFKA_SASL_PASSWORD": "kafka-pass-for-tests",
+}
 _SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|CREDENTIAL", re.IGNORECASE)
 
 
