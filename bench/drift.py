@@ -35,10 +35,9 @@ from typing import Any
 
 from rich.table import Table
 
-from bench._console import console as bench_console
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._console import console as bench_console  # noqa: E402
 from bench.priced import DEFAULT_JUDGE_RULE, JUDGE_RULES, simulate_priced  # noqa: E402
 from local.world import World  # noqa: E402
 from services.router.policy import LearnedPolicy, features_of  # noqa: E402

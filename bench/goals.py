@@ -34,10 +34,12 @@ from pathlib import Path
 
 from rich.table import Table
 
-from bench._console import console as bench_console
-from local.world import World
-from services.router.policy import Features, GoalPolicies, LearnedPolicy, features_of
-from streams.config import ROOT
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._console import console as bench_console  # noqa: E402
+from local.world import World  # noqa: E402
+from services.router.policy import Features, GoalPolicies, LearnedPolicy, features_of  # noqa: E402
+from streams.config import ROOT  # noqa: E402
 
 MODES = ("alone", "promoted", "promoted, 1 liar", "shared, 1 liar")
 _FIRST = 100

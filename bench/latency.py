@@ -21,11 +21,10 @@ import openai
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench._console import console as bench_console
-
 # Runs as `python bench/latency.py` too (as `make bench` used to), not only with -m.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._console import console as bench_console  # noqa: E402
 from bench._platform import SERVICES, BenchPlatform, parse_instances  # noqa: E402
 from bench._records import commits_by_group, per_answer, record_counts  # noqa: E402
 from bench.llm_baseline import measure_direct  # noqa: E402

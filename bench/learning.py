@@ -63,17 +63,19 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench._console import console as bench_console
-from local.fake_openai import FakeOpenAIServer, Responder, parse_model_latencies
-from local.localkafka import ensure_broker
-from local.platform import Launcher, available_services
-from local.world import Request, World
-from services.router.policy import LearnedPolicy, Policy, StaticPolicy, features_of
-from streams.budgets import read_budget
-from streams.client import OrchestratorClient
-from streams.config import ROOT, JudgeSettings, data_root
-from streams.errors import NoVerdict, OrchestratorError, Refused
-from streams.events import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._console import console as bench_console  # noqa: E402
+from local.fake_openai import FakeOpenAIServer, Responder, parse_model_latencies  # noqa: E402
+from local.localkafka import ensure_broker  # noqa: E402
+from local.platform import Launcher, available_services  # noqa: E402
+from local.world import Request, World  # noqa: E402
+from services.router.policy import LearnedPolicy, Policy, StaticPolicy, features_of  # noqa: E402
+from streams.budgets import read_budget  # noqa: E402
+from streams.client import OrchestratorClient  # noqa: E402
+from streams.config import ROOT, JudgeSettings, data_root  # noqa: E402
+from streams.errors import NoVerdict, OrchestratorError, Refused  # noqa: E402
+from streams.events import (  # noqa: E402
     AutomationCreated,
     Event,
     LlmCallCompleted,
@@ -81,11 +83,11 @@ from streams.events import (
     WorkflowAssessed,
     WorkflowCompleted,
 )
-from streams.judging import JUDGE_RULES, judged
-from streams.kafka import KafkaSettings
-from streams.signatures import signature_of
-from streams.topics import create_topics, delete_prefixed_topics
-from streams.views import TopicView
+from streams.judging import JUDGE_RULES, judged  # noqa: E402
+from streams.kafka import KafkaSettings  # noqa: E402
+from streams.signatures import signature_of  # noqa: E402
+from streams.topics import create_topics, delete_prefixed_topics  # noqa: E402
+from streams.views import TopicView  # noqa: E402
 
 log = logging.getLogger(__name__)
 __all__ = [

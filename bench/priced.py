@@ -32,14 +32,17 @@ import random
 import statistics
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from bench._console import console as bench_console
-from local.world import Request, World
-from services.improvement.assess import judge_messages
-from services.router.policy import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._console import console as bench_console  # noqa: E402
+from local.world import Request, World  # noqa: E402
+from services.improvement.assess import judge_messages  # noqa: E402
+from services.router.policy import (  # noqa: E402
     Features,
     LearnedPolicy,
     Policy,
@@ -48,9 +51,9 @@ from services.router.policy import (
     features_of,
     split_arm,
 )
-from streams.config import ROOT
-from streams.judging import DEFAULT_JUDGE_RULE, JUDGE_RULES, JudgeRule
-from streams.llm import estimate_tokens
+from streams.config import ROOT  # noqa: E402
+from streams.judging import DEFAULT_JUDGE_RULE, JUDGE_RULES, JudgeRule  # noqa: E402
+from streams.llm import estimate_tokens  # noqa: E402
 
 __all__ = [
     "DEFAULT_JUDGE_RULE",
