@@ -64,7 +64,7 @@ class Hammer:
                 self.surface.query(HEAVY)
                 outcome = "answered"
             except QueryRefused as err:
-                raise SystemExit(f"the guard refused the heavy query: {err}") from err
+                raise SystemExit(f"the heavy query was {err}") from err
             except StoreError as err:
                 text = str(err)
                 outcome = text[text.rfind("(") + 1 : text.rfind(")")] if "(" in text else text

@@ -4,11 +4,12 @@ The settings classes read ORCH_*, KAFKA_*, OPENAI_*, CLICKHOUSE_* and SLACK_* va
 a developer's ORCH_LLM_MODELS made 160 tests fail at once, ORCH_ROUTER_POLICY=static or
 ORCH_OPERATORS others. A test that wants one sets it with ``monkeypatch`` (after this).
 
-Two things are read once, when a module is imported, so they are settled here, before
-the test modules are: the CLI's rich consoles take their width and colours from COLUMNS,
-FORCE_COLOR and the like (COLUMNS=20 wrapped the answers the CLI tests look for), and the
-embedded ClickHouse its time zone from TZ (in a zone east of UTC, the trusted reader's
-today() was the next day while the guarded surface's, in UTC, was not).
+The terminal's variables are cleared too: the CLI's consoles take their width and colours
+from COLUMNS, FORCE_COLOR and the like when they print (COLUMNS=20 wrapped the answers the
+CLI tests look for). The time zone is read once, when a module is imported, so it is
+settled here, before the test modules are: the embedded ClickHouse takes it from TZ (in a
+zone east of UTC, the trusted reader's today() was the next day while the guarded
+surface's, in UTC, was not).
 """
 
 from __future__ import annotations
