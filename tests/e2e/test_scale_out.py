@@ -72,8 +72,19 @@ def _ask(client: OrchestratorClient, i: int, timeout: float = 30.0):
     return client.ask(message, goal_id=GOALS[i % len(GOALS)], user_id=f"u{i % 5}", timeout=timeout)
 
 
+def _at_least(platform, wanted: dict[str, int]) -> dict[str, int]:
+    """Start what is missing of ``wanted`` instances (a test before may have stopped some),
+    so each test runs alone or in any order; returns ``wanted``."""
+    for name, n in wanted.items():
+        for _ in range(n - len(platform.instances_of(name))):
+            platform.start_service(name)
+    return wanted
+
+
 async def test_two_instances_per_group_answer_a_burst_exactly_once(scaled_platform, client):
-    await _await_members(scaled_platform, {"router": 2, "budget": 2, "loader": 2})
+    await _await_members(
+        scaled_platform, _at_least(scaled_platform, {"router": 2, "budget": 2, "loader": 2})
+    )
     # One ask per (goal, kind) first: these spawn the agents the burst reuses.
     await asyncio.gather(*(_ask(client, i) for i in range(len(GOALS) * len(KINDS))))
     answers = await asyncio.gather(*(_ask(client, i) for i in range(80)))
@@ -87,7 +98,7 @@ async def test_two_instances_per_group_answer_a_burst_exactly_once(scaled_platfo
 async def test_stopping_one_loader_and_one_router_mid_traffic_loses_no_request(
     scaled_platform, client
 ):
-    await _await_members(scaled_platform, {"router": 2, "loader": 2})
+    await _await_members(scaled_platform, _at_least(scaled_platform, {"router": 2, "loader": 2}))
     await asyncio.gather(*(_ask(client, i) for i in range(len(GOALS) * len(KINDS))))
     loop = asyncio.get_running_loop()
     rate, total, stop_after = 25.0, 175, 2.0
