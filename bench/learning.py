@@ -49,7 +49,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -844,6 +844,7 @@ def run_learning(
     judge_sample: float | None = None,
     judge_rule: str | None = None,
     model_latency_ms: dict[str, float] | None = None,
+    outcomes_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run the whole platform once per run spec on the world's requests; see :func:`summarize`.
 
@@ -931,6 +932,8 @@ def run_learning(
             outputs = [asyncio.run(one(spec)) for spec in specs]
     served_judge_calls = sum(out.pop("judge_calls_served") for out in outputs)
     results = {spec.name: out for spec, out in zip(specs, outputs, strict=True)}
+    if outcomes_dir is not None:
+        _write_outcomes(outcomes_dir, world, sample, seed, results)
     result = summarize(
         world,
         sample,
@@ -950,6 +953,24 @@ def run_learning(
         "judge_calls_served": served_judge_calls,
     }
     return result
+
+
+def _write_outcomes(
+    where: Path, world: World, sample: list[Request], seed: int, results: dict[str, Any]
+) -> None:
+    """Every request's outcome, a JSON line each, one file per world, seed and run: what a
+    post-mortem needs (beside the outcome, the message and what always-strong scores it)."""
+    where.mkdir(parents=True, exist_ok=True)
+    for name, out in results.items():
+        path = where / f"{world.name}-seed{seed}-{name}.jsonl"
+        with path.open("w") as file:
+            for o in out["outcomes"]:
+                request = sample[o.index]
+                row = {**asdict(o), "message": request.message}
+                if world.models:
+                    arm = world.strong_arm(request, seed, request_index=o.index)
+                    row["strong_quality"], row["strong_usd"] = arm.quality, arm.cost_usd
+                file.write(json.dumps(row) + "\n")
 
 
 def _progress(console: Console | None) -> Progress:
@@ -1335,6 +1356,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="machine-readable results only")
     parser.add_argument("--save", type=Path, help="also write the full results as JSON here")
+    parser.add_argument(
+        "--outcomes",
+        type=Path,
+        metavar="DIR",
+        help="also write every request's outcome, a JSON line each, to DIR (a file per world,"
+        " seed and run)",
+    )
     args = parser.parse_args(argv)
     try:
         slow = parse_model_latencies(args.slow_model or "")
@@ -1391,6 +1419,7 @@ def main(argv: list[str] | None = None) -> int:
                 judge_sample=args.judge_sample,
                 judge_rule=args.judge_rule,
                 model_latency_ms=slow or None,
+                outcomes_dir=args.outcomes,
             )
             if not args.json:
                 print_report(result, console)

@@ -45,6 +45,11 @@ _ANSWER_TAG = re.compile(
 )
 # What services/improvement/assess.py (judge_messages) sends to its judge.
 _JUDGE_SYSTEM = "You grade answers"
+# The improvement service asking for one instruction from a user's feedback.
+_INSTRUCTION_SYSTEM = "You turn user feedback"
+_SCORE_LINE = re.compile(r"^Score: ([1-5])/5$", re.MULTILINE)
+# What the world's LLM writes from a poor rating: a style instruction, as a model would.
+_INSTRUCTION = "Answer the question directly and check each step before you reply."
 _JUDGE_REQUEST = "Request:\n"
 _JUDGE_ANSWER = "\n\nAnswer:\n"
 _JUDGE_COMPLETION_TOKENS = 2
@@ -922,6 +927,11 @@ class World:
                     )
                     grade = _JUDGE_UNSURE if graded is None else str(graded)
                 return grade, Usage(prompt_tokens, _JUDGE_COMPLETION_TOKENS), {}
+            if any(s.lstrip().startswith(_INSTRUCTION_SYSTEM) for s in systems):
+                # A rating of 3 or more asks for nothing; a poorer one for more care.
+                rated = _SCORE_LINE.search(user)
+                text = _INSTRUCTION if rated is None or int(rated.group(1)) <= 2 else "NONE"
+                return text, Usage(prompt_tokens, estimate_tokens(text)), {}
             spawn = _SPAWN_LINE.search(user)
             if spawn is not None:
                 # The spawner asks for a system prompt: keep the specialty readable in it.

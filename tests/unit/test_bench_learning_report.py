@@ -70,3 +70,25 @@ def test_each_way_of_answering_gets_its_own_cost_latency_and_reward():
     print_report(result, Console(file=buffer, width=120))
     text = buffer.getvalue()
     assert "response cache" in text and "direct route" in text and "policy" in text
+
+
+def test_outcomes_are_written_a_line_each_with_always_strong_beside(tmp_path):
+    import json
+
+    from bench.learning import _write_outcomes
+    from local.world import World
+    from streams.config import ROOT
+
+    world = World.load(ROOT / "bench/worlds/support-desk-two-models.json")
+    sample = world.sample_requests(3, seed=2)
+    outcomes = [_outcome(i, "", 0.001, 10.0, 0.5) for i in (2, 0)]
+    _write_outcomes(tmp_path, world, sample, 2, {"learned": {"outcomes": outcomes}})
+    lines = (tmp_path / f"{world.name}-seed2-learned.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["index"] for r in rows] == [2, 0]
+    for row in rows:
+        request = sample[row["index"]]
+        strong = world.strong_arm(request, 2, request_index=row["index"])
+        assert row["message"] == request.message
+        assert (row["strong_quality"], row["strong_usd"]) == (strong.quality, strong.cost_usd)
+        assert row["reward"] == 0.5 and row["cost_usd"] == 0.001

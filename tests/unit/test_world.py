@@ -783,3 +783,20 @@ def test_random_drift_worlds_change_a_best_specialty(seed: int):
 def test_random_worlds_take_zero_or_two_models():
     with pytest.raises(ValueError, match="models"):
         World.random(1, models=1)
+
+
+def test_the_responder_writes_an_instruction_from_a_poor_rating_only():
+    """The improvement service's request for an instruction is not an agent's answer: a poor
+    rating gets a style instruction the guard accepts, a good one NONE, and neither the
+    agent prompt a spawn gets (its user message has a "Specialty:" line too)."""
+    from services.improvement.instructions import instruction_messages
+    from streams.guard import guard_instruction
+
+    respond = World.load(TWO_MODELS).responder()
+    for score in (1, 2, None):
+        text, usage, extra = respond({"messages": instruction_messages("code", score, "")})
+        assert guard_instruction(text).ok and not text.startswith("You are") and extra == {}
+        assert usage is not None and usage.completion_tokens > 0
+    for score in (3, 5):
+        text, _, extra = respond({"messages": instruction_messages("code", score, "great")})
+        assert text == "NONE" and extra == {}
