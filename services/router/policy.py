@@ -13,6 +13,7 @@ exploration is explicit and the bonus deterministic, so propensities are exact.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 import random
@@ -45,6 +46,11 @@ _STOP = frozenset(
     " please can could would should how what why when do does from at by as about".split()
 )
 _DIGITS = re.compile(r"^\d+$")
+_WORDS = re.compile(r"[a-z0-9_]+")
+# A request's form among its features (``Features.as_list``), and as a key of the policy's
+# statistics: no word has this character (words are [a-z0-9_]).
+_FORM = "~"
+_FORM_CHARS = 16
 # Content words a request brings to the policy: far more than any real question has.
 MAX_FEATURE_WORDS = 64
 # Outcomes of its own on a word past which a goal's policy no longer asks what other goals
@@ -72,24 +78,36 @@ _MIN_SPREAD = 0.05
 class Features:
     words: frozenset[str]
     keyword_guess: str
+    # The request's form: a digest of all its words in order, numbers left out, so that
+    # "refund order 12" and "refund order 57" share it (see ``LearnedPolicy.estimate``).
+    # None for features logged before forms were learned.
+    form: str | None = None
 
     def as_list(self) -> list[str]:
-        return [f"kw:{self.keyword_guess}", *sorted(self.words)]
+        form = [f"{_FORM}{self.form}"] if self.form else []
+        return [f"kw:{self.keyword_guess}", *form, *sorted(self.words)]
 
     @classmethod
     def from_list(cls, items: list[str]) -> Features:
         guess = next((i[3:] for i in items if i.startswith("kw:")), "general")
-        return cls(frozenset(i for i in items if not i.startswith("kw:")), guess)
+        form = next((i[len(_FORM) :] for i in items if i.startswith(_FORM)), None)
+        words = frozenset(i for i in items if not i.startswith(("kw:", _FORM)))
+        # Read from a topic: a form is a digest, never more than its length.
+        return cls(words, guess, form[:_FORM_CHARS] if form else None)
 
 
 def features_of(message: str) -> Features:
-    """The message's content words (its first :data:`MAX_FEATURE_WORDS` distinct ones) and
-    its keyword guess. A request's features are kept until its outcome teaches the policy,
-    and each word is a statistic per arm: a 32 KB message of distinct words made 5,000."""
-    content = (w for w in tokens_in_order(message) if w not in _STOP and not _DIGITS.match(w))
+    """The message's content words (its first :data:`MAX_FEATURE_WORDS` distinct ones), its
+    keyword guess and its form. A request's features are kept until its outcome teaches
+    the policy, and each word is a statistic per arm: a 32 KB message of distinct words
+    made 5,000; its form is one more statistic per arm, whatever its length."""
+    tokens = tokens_in_order(message)
+    content = (w for w in tokens if w not in _STOP and not _DIGITS.match(w))
     words = frozenset(itertools.islice(content, MAX_FEATURE_WORDS))
     guess, _ = classify(message)
-    return Features(words, guess)
+    form = " ".join(w for w in _WORDS.findall(message.lower()) if not _DIGITS.match(w))
+    digest = hashlib.blake2b(form.encode(), digest_size=_FORM_CHARS // 2).hexdigest()
+    return Features(words, guess, digest if form else None)
 
 
 def arm_name(specialty: str, model: str | None) -> str:
@@ -187,6 +205,10 @@ class _Stat:
     # Learned before a change was detected on its word: still the estimate, but the next
     # outcome replaces it, and the choice tries the arm again (see ``choose``).
     stale: bool = False
+    # The policy's count of changes: for a word, when one was last detected on it; for a
+    # request form, when its outcomes started (a form older than a change on one of its
+    # words is not believed, and its next outcome starts it over).
+    epoch: int = 0
 
 
 class _WordStats:
@@ -300,6 +322,9 @@ class LearnedPolicy:
     change_slack: float = 0.5
     change_min: float = 20.0
     probe: float = 0.3
+    # How many outcomes the words' estimate weighs as, against those of the request's own
+    # form (see ``estimate``); 0 leaves forms out.
+    form_weight: float = RouterSettings.model_fields["form_weight"].default
     changes: int = 0
     rng: random.Random = field(default_factory=random.Random)
     updates: int = 0
@@ -397,6 +422,7 @@ class LearnedPolicy:
         # and asking costs the request path (docs/performance.md).
         agreed = self.commons if self.updates < _YOUNG else None
         parts, costs = [], []
+        changed = 0  # the latest change detected on one of the words, with this arm
         for i, w in enumerate(features.words):
             if i == _SHARED_WORDS:
                 # Each ask reads up to nine other goals' statistics: a request's first words
@@ -405,6 +431,7 @@ class LearnedPolicy:
             st = self._word.get((w, arm))
             if st is not None:
                 self._fresh(st)
+                changed = max(changed, st.epoch)
             # What several other goals learned of the word (see GoalPolicies) stands in for
             # the arm's mean where this goal has learned little of it itself.
             shared = (
@@ -425,6 +452,16 @@ class LearnedPolicy:
             value, cost = arm_mean, arm_cost
         else:
             value, cost = sum(parts) / len(parts), sum(costs) / len(costs)
+        form = self._word.get((_FORM + features.form, arm)) if features.form else None
+        if form is not None and self.form_weight > 0 and form.epoch >= changed:
+            # Requests of this very form: their own outcomes, shrunk toward what the words
+            # say. Words shared by several kinds of request ("ticket", "describe") pull the
+            # words' mean toward arms good at other kinds; a form's outcomes do not. A
+            # change detected since on one of its words (by a request of any form that
+            # shares it) leaves them out until they start over.
+            self._fresh(form)
+            value = (form.total + self.form_weight * value) / (form.n + self.form_weight)
+            cost = (form.cost + self.form_weight * cost) / (form.n + self.form_weight)
         seen = base.n if base else 0.0
         prior = self.keyword_prior / (1.0 + seen / 10.0)
         return (
@@ -496,7 +533,10 @@ class LearnedPolicy:
             "updates": self.updates,
             "arms": [[a, s.n, s.total, s.cost] for a, s in self._arm.items()],
             "words": [
-                [w, a, s.n, s.total, s.cost, s.squares, s.up, s.down, int(s.stale), int(new)]
+                [
+                    *(w, a, s.n, s.total, s.cost, s.squares, s.up, s.down),
+                    *(int(s.stale), int(new), s.epoch),
+                ]
                 for (w, a), s, new in self._word.rows()
             ],
             "changes": self.changes,
@@ -514,7 +554,9 @@ class LearnedPolicy:
             # statistics are on probation: those learned from one outcome at most are.
             cost, squares, up, down, stale = (*map(float, more[:5]), 0.0, 0.0, 0.0, 0.0, 0.0)[:5]
             new = bool(more[5]) if len(more) > 5 else float(n) < 1.5
-            st = _Stat(float(n), float(total), cost, 0, squares, up, down, bool(stale))
+            # Older snapshots hold no epochs: as if no change had been detected.
+            epoch = int(more[6]) if len(more) > 6 else 0
+            st = _Stat(float(n), float(total), cost, 0, squares, up, down, bool(stale), epoch)
             words.put((str(word), str(arm)), st, new)
         updates, changes = int(data["updates"]), int(data.get("changes", 0))
         for st in (*arms.values(), *words.values()):
@@ -536,17 +578,25 @@ class LearnedPolicy:
         st.n += 1
         st.total += reward
         st.cost += cost
-        stats = [self._fresh(self._word.touch((w, arm))) for w in features.words]
+        # The request's form is learned as its words are (and forgotten with them).
+        keys = [*features.words, *([_FORM + features.form] if features.form else [])]
+        stats = [self._fresh(self._word.touch((w, arm))) for w in keys]
         # Every word's detector sees the outcome (a list, not a generator that stops early),
         # unless it is a user's own score: two scores of 1 from one user on the goal's
         # common words once made the goal forget what 1,500 outcomes taught it.
         surprised = [self._surprised(ws, reward) for ws in stats] if detect else []
         if any(surprised):
             # Words of one request come together: the change is the request's kind's, so
-            # what every arm learned on all of its words is stale.
+            # what every arm learned on all of its words (and its form) is stale.
             self.changes += 1
-            for w in features.words:
+            for w in keys:
                 self._make_stale(w)
+        if features.form:
+            form = stats[-1]
+            if form.n == 0 or any(ws.epoch > form.epoch for ws in stats[:-1]):
+                # New, or a change was detected on one of its words since it started: its
+                # outcomes start (over) now.
+                form.stale, form.epoch = form.n > 0, self.changes
         for ws in stats:
             if ws.stale:
                 ws.n = ws.total = ws.cost = ws.squares = ws.up = ws.down = 0.0
@@ -576,6 +626,7 @@ class LearnedPolicy:
             if st is not None:
                 st.stale = True
                 st.up = st.down = 0.0
+                st.epoch = self.changes
 
 
 class GoalPolicies:
@@ -851,6 +902,7 @@ def make_policy(
             epsilon0=settings.epsilon,
             half_life=settings.half_life,
             change_threshold=settings.change_threshold,
+            form_weight=settings.form_weight,
             max_word_stats=settings.max_word_stats,
         )
     raise ValueError(f"ORCH_ROUTER_POLICY must be learned or static, got {chosen!r}")

@@ -66,6 +66,18 @@ class RouterSettings(EnvSettings):
         read_by="router",
         ge=0,
     )
+    form_weight: float = setting(
+        "ORCH_ROUTER_FORM_WEIGHT",
+        2.0,
+        "How many outcomes the learned policy's estimate from a request's words counts as "
+        "against the outcomes of earlier requests of the same form (the same words in the "
+        "same order, numbers aside): the form's own outcomes take over as they come, so "
+        "words that several kinds of request share no longer pull it toward choices that "
+        'serve the other kinds. 0 leaves forms out. Measured in docs/performance.md, "Request '
+        'forms". >= 0.',
+        read_by="router",
+        ge=0,
+    )
     max_word_stats: int = setting(
         "ORCH_ROUTER_MAX_WORD_STATS",
         200_000,

@@ -140,12 +140,13 @@ def test_goals_past_the_cap_leave_least_recently_taught_first() -> None:
     goals.update("a", words, "research", 0.9)  # a taught again: b is now the oldest
     goals.update("d", words, "research", 0.9)
     assert "b" not in goals and all(g in goals for g in ("a", "c", "d"))
-    assert len(goals) == 3 and goals.word_stats == 9  # b's three words went with it
+    # Three words and the request's form a goal: b's went with it.
+    assert len(goals) == 3 and goals.word_stats == 12
     assert goals.version("b") == 1  # starts again from blank
     # A restore holds a smaller cap too, keeping the most recently taught.
     small = GoalPolicies(LearnedPolicy(rng=random.Random(1)), max_goals=2, max_word_stats=1_000)
     small.restore(goals.dump())
-    assert len(small) == 2 and "d" in small and "a" in small and small.word_stats == 6
+    assert len(small) == 2 and "d" in small and "a" in small and small.word_stats == 8
 
 
 def _promoting(promote: int = 3) -> GoalPolicies:
