@@ -422,6 +422,16 @@ class LearnedPolicy:
         # and asking costs the request path (docs/performance.md).
         agreed = self.commons if self.updates < _YOUNG else None
         parts, costs = [], []
+        # The same specialty on the platform's other models: what they learned of a word is
+        # where this arm's own few outcomes on it are shrunk to (a specialty that serves a
+        # kind of request on one model is likely to serve it on another), and stands in for
+        # a word this arm has not answered yet.
+        specialty, model = split_arm(arm)
+        kin = (
+            [a for a in self._arm if a != arm and split_arm(a)[0] == specialty]
+            if model is not None
+            else []
+        )
         changed = 0  # the latest change detected on one of the words, with this arm
         for i, w in enumerate(features.words):
             if i == _SHARED_WORDS:
@@ -439,12 +449,16 @@ class LearnedPolicy:
                 if agreed is not None and (st is None or st.n < _OWN_ENOUGH)
                 else None
             )
+            if shared is None and kin:
+                # Else what the specialty learned of the word on the other models.
+                shared = self._kin_mean(w, kin, arm_mean)
             if st is None:
                 if shared is not None:
                     parts.append(shared)
                     costs.append(arm_cost)
                 continue
-            # Few observations lean on the arm's overall mean.
+            # Few observations lean on the arm's overall mean (or on what other goals agree
+            # on, or what the specialty learned of the word on other models).
             mean = arm_mean if shared is None else shared
             parts.append((st.total + self.shrink * mean) / (st.n + self.shrink))
             costs.append((st.cost + self.shrink * arm_cost) / (st.n + self.shrink))
@@ -470,6 +484,19 @@ class LearnedPolicy:
             + (prior if split_arm(arm)[0] == features.keyword_guess else 0.0)
             + self._optimism(features, arm)
         )
+
+    def _kin_mean(self, word: str, kin: list[str], prior: float) -> float | None:
+        """What ``kin`` (arms of one specialty on other models) learned of ``word``, shrunk
+        toward ``prior`` like an arm's own; None if none of them learned it (or only before
+        a change detected on it)."""
+        n = total = 0.0
+        for other in kin:
+            st = self._word.get((word, other))
+            if st is not None and not st.stale:
+                self._fresh(st)
+                n += st.n
+                total += st.total
+        return (total + self.shrink * prior) / (n + self.shrink) if n > 0 else None
 
     def known(self, features: Features, arm: str) -> float:
         """How much the policy knows of ``arm`` on these words: the mean over the words of

@@ -269,3 +269,23 @@ def test_a_policy_with_a_half_life_follows_a_change_one_that_never_forgets_does_
     assert again.estimate(features, "research") == pytest.approx(
         policy.estimate(features, "research")
     )
+
+
+def test_a_specialty_learned_on_one_model_informs_it_on_another() -> None:
+    """What writing@large learned of a request's words is where writing@small starts on
+    them (and code@small from what code@large learned), not the small arms' overall mean."""
+    from services.router.policy import LearnedPolicy, features_of
+
+    policy = LearnedPolicy(rng=random.Random(1), form_weight=0.0)
+    essay = features_of("polish the essay draft")
+    other = features_of("unrelated words entirely")
+    for _ in range(20):
+        policy.update(essay, "writing@large", 0.9, 0.002)
+        policy.update(essay, "code@large", 0.2, 0.002)
+    for _ in range(10):  # the small arms' own outcomes, on other words, alike
+        policy.update(other, "writing@small", 0.5, 0.0001)
+        policy.update(other, "code@small", 0.5, 0.0001)
+    writing = policy.estimate(essay, "writing@small")
+    code = policy.estimate(essay, "code@small")
+    assert writing > code + 0.3
+    assert policy.choose(essay, ["writing@small", "code@small"]).scores["writing@small"] > 0.7
