@@ -520,14 +520,15 @@ async def _policy_updates(
 ) -> int | None:
     """How many answers the router's policy has learned from: one more request's decision
     carries ``policy_version`` = 1 + updates (a moment after the last signal, so the
-    router's view has read it). None when the probe's decision is not the learned policy's."""
+    router's view has read it; a cached answer's decision, policy ``automation``, carries
+    it too). None when the probe's decision is not the learned policy's."""
     await asyncio.sleep(2.0)
     try:
         answer = await client.ask(request.message, goal_id=_GOAL, user_id="probe", timeout=60)
     except OrchestratorError:
         return None
     decided = await tracker.view.wait_for(lambda: tracker.decided.get(answer.run_id), 10.0)
-    if decided is None or decided.policy != "learned":
+    if decided is None or decided.policy not in ("learned", "automation"):
         return None
     return decided.policy_version - 1
 

@@ -393,8 +393,8 @@ class Router:
         if isinstance(event, RouteDecided):
             if event.goal_id:
                 self._owners.claim(event.run_id, event.goal_id)
-            # Automation-served runs teach the policy too: the policy chose their
-            # specialty, and a cached answer scores what that specialty answered.
+            # A direct route's answer teaches the policy like any (the policy chose its arm);
+            # a cached answer's decision says policy "automation" and teaches nothing.
             run = self._signals(event.run_id, event.goal_id)
             if not run.done:
                 # A later decision of the run (a secondary agent served it) replaces the first.
@@ -648,7 +648,12 @@ class Router:
             signature=signature_of(request.message, specialty),
             occurred_at=self.ctx.clock.now(),
         )
-        if hit is not None:
+        if hit is not None and hit.cached is not None:
+            # The answer is the cache's, not the chosen arm's: an earlier answer, kept for
+            # being good, at no cost, maybe another model's. Learned from, it would show
+            # the arm better and cheaper than it is, so it teaches nothing (nor replays).
+            decision = decision.model_copy(update={"action": "automation", "policy": "automation"})
+        elif hit is not None:
             decision = decision.model_copy(update={"action": "automation"})
         return specialty, (best[2] if best else None), decision, hit
 

@@ -655,3 +655,29 @@ def test_an_automation_stamped_a_few_seconds_ahead_keeps_its_whole_ttl():
     _cached_for(auto, T0 + timedelta(seconds=5), ttl=60)
     assert auto.lookup(MSG, CS, T0 + timedelta(seconds=64), "g") is not None
     assert auto.lookup(MSG, CS, T0 + timedelta(seconds=65), "g") is None
+
+
+def test_a_cached_answer_teaches_the_policy_nothing() -> None:
+    """A cached answer is an earlier one, kept for being good, at no cost, maybe another
+    model's: learned from, it would make the chosen arm look better and cheaper than it is.
+    Its decision says so (policy "automation") and the router learns nothing from it; an
+    answer the LLM gave the same request teaches as before."""
+    ctx = SimpleNamespace(producer=None, clock=FakeClock(T0))
+    router = Router(ctx, policy=make_policy("learned", seed=1))  # type: ignore[arg-type]
+    router.arms = [CS]
+    router.learn(_automation("response_cache"))
+
+    def serve(run: str) -> RouteDecided:
+        request = RequestReceived(source="sdk", run_id=run, goal_id="g", user_id="u", message=MSG)
+        _, _, decision, hit = router.choose(request)
+        router.learn(decision)
+        if hit is None or hit.cached is None:
+            router.learn(_answer(run))
+        router.learn(_assessed(run))
+        return decision
+
+    first = serve("a1")  # no answer kept yet: the LLM answers, and the policy learns it
+    assert first.policy == "learned" and router.policy.version("g") == 2
+    again = serve("a2")  # the same request: the cache answers it
+    assert again.action == "automation" and again.policy == "automation"
+    assert router.policy.version("g") == 2
