@@ -18,6 +18,7 @@ __all__ = [
     "PROFILES",
     "Profile",
     "tokens_in_order",
+    "all_tokens",
     "asked_specialty",
     "classify",
     "default_prompt",
@@ -138,6 +139,11 @@ def is_specialty_name(name: str) -> bool:
 
 def tokens(text: str) -> set[str]:
     return set(_WORD.findall(text.lower()))
+
+
+def all_tokens(text: str) -> list[str]:
+    """Every token of ``text`` in order, repeats kept."""
+    return _WORD.findall(text.lower())
 
 
 def tokens_in_order(text: str) -> list[str]:

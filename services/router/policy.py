@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from services.router.settings import RouterSettings
 from streams.quotas import Largest
-from streams.specialties import classify, tokens_in_order
+from streams.specialties import all_tokens, classify, tokens_in_order
 
 __all__ = [
     "Choice",
@@ -46,7 +46,6 @@ _STOP = frozenset(
     " please can could would should how what why when do does from at by as about".split()
 )
 _DIGITS = re.compile(r"^\d+$")
-_WORDS = re.compile(r"[a-z0-9_]+")
 # A request's form among its features (``Features.as_list``), and as a key of the policy's
 # statistics: no word has this character (words are [a-z0-9_]).
 _FORM = "~"
@@ -101,11 +100,10 @@ def features_of(message: str) -> Features:
     keyword guess and its form. A request's features are kept until its outcome teaches
     the policy, and each word is a statistic per arm: a 32 KB message of distinct words
     made 5,000; its form is one more statistic per arm, whatever its length."""
-    tokens = tokens_in_order(message)
-    content = (w for w in tokens if w not in _STOP and not _DIGITS.match(w))
+    content = (w for w in tokens_in_order(message) if w not in _STOP and not _DIGITS.match(w))
     words = frozenset(itertools.islice(content, MAX_FEATURE_WORDS))
     guess, _ = classify(message)
-    form = " ".join(w for w in _WORDS.findall(message.lower()) if not _DIGITS.match(w))
+    form = " ".join(w for w in all_tokens(message) if not _DIGITS.match(w))
     digest = hashlib.blake2b(form.encode(), digest_size=_FORM_CHARS // 2).hexdigest()
     return Features(words, guess, digest if form else None)
 
