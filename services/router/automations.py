@@ -443,8 +443,15 @@ class Automations:
         registry: RegistryView | None = None,
         *,
         context: Mapping[str, str] | None = None,
+        at_least: float | None = None,
     ) -> AutomationHit | None:
         """The automation that serves this request of ``goal_id`` in ``specialty`` now, if any.
+
+        ``at_least``: the reward a fresh answer of the chosen arm is expected to give (its
+        quality less the goal's price of its cost). A cached answer costs nothing, so its
+        reward is its quality; one below ``at_least`` is not served, and the request goes
+        to the LLM (or a direct route) instead: the cache saves money only where the goal
+        would rather have the old answer than pay for a new one.
 
         A cache hit first: only an answer computed for ``goal_id`` itself, for the same
         message with the same ``context`` (the caller's system message and earlier turns
@@ -464,7 +471,11 @@ class Automations:
         cache = self._automations.get(cache_key)
         if cache is not None and cache.goal_id == goal_id and now < self._expires[cache_key]:
             kept = self._answers.get(goal_id, exact_key(message, specialty, context))
-            if kept is not None and kept.answer.goal_id == goal_id:
+            if (
+                kept is not None
+                and kept.answer.goal_id == goal_id
+                and (at_least is None or kept.quality >= at_least)
+            ):
                 return AutomationHit(cache, specialty, kept.answer)
         # The goal's own route; else one without a goal, whose agent's goal decides.
         for route_key in (("direct_route", goal_id, sig), ("direct_route", None, sig)):

@@ -410,6 +410,20 @@ class LearnedPolicy:
         return quality, cost
 
     def estimate(self, features: Features, arm: str, cost_weight: float = 0.0) -> float:
+        """What the policy ranks ``arm`` by: :meth:`expected`, plus a small prior for the
+        keyword guess's specialty (fading as the arm is tried) and the optimism bonus."""
+        base = self._arm.get(arm)
+        seen = self._fresh(base).n if base is not None else 0.0
+        prior = self.keyword_prior / (1.0 + seen / 10.0)
+        return (
+            self.expected(features, arm, cost_weight)
+            + (prior if split_arm(arm)[0] == features.keyword_guess else 0.0)
+            + self._optimism(features, arm)
+        )
+
+    def expected(self, features: Features, arm: str, cost_weight: float = 0.0) -> float:
+        """The reward ``arm`` is expected to give on this request (its estimated quality
+        minus ``cost_weight`` times its estimated cost), with no bonus for what is unknown."""
         base = self._arm.get(arm)
         if base is not None:
             self._fresh(base)
@@ -474,14 +488,7 @@ class LearnedPolicy:
             self._fresh(form)
             value = (form.total + self.form_weight * value) / (form.n + self.form_weight)
             cost = (form.cost + self.form_weight * cost) / (form.n + self.form_weight)
-        seen = base.n if base else 0.0
-        prior = self.keyword_prior / (1.0 + seen / 10.0)
-        return (
-            value
-            - cost_weight * cost
-            + (prior if split_arm(arm)[0] == features.keyword_guess else 0.0)
-            + self._optimism(features, arm)
-        )
+        return value - cost_weight * cost
 
     def _kin_mean(self, word: str, kin: list[str], prior: float) -> float | None:
         """What ``kin`` (arms of one specialty on other models) learned of ``word``, shrunk
@@ -810,6 +817,16 @@ class GoalPolicies:
             if isinstance(policy, LearnedPolicy)
             else 0.0
         )
+
+    def expected(
+        self, goal: str, features: Features, arm: str, cost_weight: float = 0.0
+    ) -> float | None:
+        """The goal's learned policy's expected reward of ``arm`` on these features (see
+        :meth:`LearnedPolicy.expected`); None when the policy does not learn."""
+        policy = self.of(goal)
+        if isinstance(policy, LearnedPolicy):
+            return policy.expected(features, arm, cost_weight)
+        return None
 
     def known(self, goal: str, features: Features, arm: str) -> float:
         policy = self.of(goal)

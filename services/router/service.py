@@ -568,6 +568,7 @@ class Router:
         model: str | None = None  # any of the specialty's agents; a new one on the default
         busy: dict[str, int] = {}  # models left out of the choice, with their answers in flight
         judge: float | None = None  # the chance the judge grades it (None: the sample)
+        fresh: float | None = None  # the chosen arm's expected reward (a learned policy)
         if asked:
             specialty, probability, policy, version = asked, 1.0, "forced", 0
             arm_scores: dict[str, float] = {asked: 1.0}
@@ -579,11 +580,13 @@ class Router:
             probability = choice.probability
             policy, version = self.policy.name, self.policy.version(request.goal_id)
             arm_scores = choice.scores
+            fresh = self.policy.expected(request.goal_id, features, choice.specialty, weight)
             known = self.policy.known(request.goal_id, features, choice.specialty)
             rule = self.judge_of(request.goal_id)
             _, judge = rule.decide(known, judge_draw(request.run_id), choice.explored)
         # An automation only serves the specialty the policy chose: it saves cost,
-        # it never overrides what the policy learned about quality.
+        # it never overrides what the policy learned about quality. A cached answer is
+        # served only if it is worth at least what a fresh one is expected to give.
         hit = (
             None
             if asked
@@ -594,6 +597,7 @@ class Router:
                 request.goal_id,
                 self.registry,
                 context=request.context,
+                at_least=fresh,
             )
         )
         candidates = [

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from services.gateway.chat import parse_chat
 from services.router.automations import Automations, CachedAnswer
-from services.router.policy import make_policy
+from services.router.policy import features_of, make_policy
 from services.router.service import Router
 from streams.clock import FakeClock
 from streams.events import (
@@ -681,3 +681,52 @@ def test_a_cached_answer_teaches_the_policy_nothing() -> None:
     again = serve("a2")  # the same request: the cache answers it
     assert again.action == "automation" and again.policy == "automation"
     assert router.policy.version("g") == 2
+
+
+def test_a_cached_answer_is_served_only_when_worth_what_a_fresh_one_is_expected_to_give():
+    """A cached answer costs nothing, so its reward is its quality. It is served when that is
+    at least what the chosen arm is expected to give fresh (quality less the goal's price
+    of its cost): a mediocre old answer is not handed out where the policy expects a much
+    better one, unless the goal would rather save the money."""
+    ctx = SimpleNamespace(producer=None, clock=FakeClock(T0))
+    router = Router(ctx, policy=make_policy("learned", seed=1))  # type: ignore[arg-type]
+    router.arms = [CS]
+    router.learn(_automation("response_cache"))
+
+    def serve(run: str, quality: float) -> RouteDecided:
+        request = RequestReceived(source="sdk", run_id=run, goal_id="g", user_id="u", message=MSG)
+        _, _, decision, hit = router.choose(request)
+        router.learn(decision)
+        if hit is None or hit.cached is None:
+            router.learn(_answer(run, text=f"answer {run}"))
+            router.learn(_assessed(run, quality))
+        return decision
+
+    assert serve("a1", 0.7).policy == "learned"  # cached: good enough (>= 0.6)
+    # The policy learns from other runs that this arm answers these words at 0.95, for 1 cent.
+    features = features_of(MSG)
+    for _ in range(20):
+        router.policy.update("g", features, CS, 0.95, 0.01)
+    expected = router.policy.expected("g", features, CS)
+    assert expected is not None and expected > 0.9
+    # Quality only: the 0.7 answer is worth less than a fresh one, so the LLM answers.
+    assert serve("a2", 0.97).policy == "learned"
+    # That fresh 0.97 is now the best kept, and worth more than a fresh one: served.
+    assert serve("a3", 0.5).policy == "automation"
+
+    # A goal paying 30 quality per USD: a fresh answer is expected at 0.95 - 0.3 = 0.65, so
+    # even a 0.7 cached answer is the better deal.
+    ctx2 = SimpleNamespace(producer=None, clock=FakeClock(T0))
+    priced = Router(ctx2, policy=make_policy("learned", seed=1))  # type: ignore[arg-type]
+    priced.arms = [CS]
+    priced.cost_weights["g"] = 30.0
+    priced.learn(_automation("response_cache"))
+    for _ in range(20):
+        priced.policy.update("g", features, CS, 0.95, 0.01)
+    request = RequestReceived(source="sdk", run_id="b1", goal_id="g", user_id="u", message=MSG)
+    _, _, decision, _ = priced.choose(request)
+    priced.learn(decision)
+    priced.learn(_answer("b1"))
+    priced.learn(_assessed("b1", 0.7))
+    again = RequestReceived(source="sdk", run_id="b2", goal_id="g", user_id="u", message=MSG)
+    assert priced.choose(again)[2].policy == "automation"

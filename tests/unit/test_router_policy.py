@@ -161,3 +161,19 @@ def test_a_snapshot_from_before_the_limit_puts_words_seen_once_on_probation():
     assert len(policy._word) == 1_000
     assert ("often", "research") in policy._word
     assert ("once", "research") not in policy._word  # the oldest on probation left
+
+
+def test_expected_is_the_estimate_without_its_bonus_for_the_unknown() -> None:
+    """``expected`` is what an arm's answer is worth as far as is known (what the router
+    weighs a cached answer against); ``estimate`` adds the optimism that makes the policy
+    try what it has seen little of, which fades as the arm is tried."""
+    policy = LearnedPolicy(rng=random.Random(1))
+    features = features_of("refund my order 12")
+    fresh_gap = policy.estimate(features, "billing") - policy.expected(features, "billing")
+    assert fresh_gap > 0.05
+    for _ in range(200):
+        policy.update(features, "billing", 0.8, 0.001)
+    assert abs(policy.expected(features, "billing") - 0.8) < 0.02
+    assert abs(policy.expected(features, "billing", cost_weight=100.0) - 0.7) < 0.02
+    tried_gap = policy.estimate(features, "billing") - policy.expected(features, "billing")
+    assert 0 < tried_gap < fresh_gap / 3
